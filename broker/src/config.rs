@@ -1,0 +1,537 @@
+//! The TOML configuration: parsed with unknown keys refused, then validated once into typed,
+//! ready-to-use values (compiled selection expressions, parsed URLs, durations).
+//!
+//! Every key has a working default; `switchboard serve` with no file runs [`DEMO_CONFIG`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::selection::SelectionExpression;
+
+/// The embedded demo: echo on `$default`, rooms on join/leave/publish, no backend needed.
+pub const DEMO_CONFIG: &str = include_str!("demo.toml");
+
+/// Why a configuration was refused. Every message names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Syntax(String),
+    #[error("invalid config: `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The file as written. Serialized back by `check-config` to show the effective values.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawConfig {
+    pub server: RawServer,
+    pub management: RawManagement,
+    pub api: RawApi,
+    pub limits: RawLimits,
+    pub routes: std::collections::BTreeMap<String, RawRoute>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawServer {
+    /// Clients connect to `ws://LISTEN/{stage}`.
+    pub listen: String,
+    /// Shard threads; 0 = one per CPU core.
+    pub shards: usize,
+    pub data_dir: PathBuf,
+    /// Connections beyond this get 503 at the upgrade.
+    pub max_connections: usize,
+    /// This node's id, encoded in every connectionId (distinct per node when scaled out).
+    pub node_id: u16,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            shards: 0,
+            data_dir: "./data".into(),
+            max_connections: 100_000,
+            node_id: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawManagement {
+    pub listen: String,
+    /// Bearer tokens; required when `listen` is not a loopback address.
+    pub tokens: Vec<String>,
+}
+
+impl Default for RawManagement {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9090".into(),
+            tokens: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawApi {
+    pub stage: String,
+    pub route_selection_expression: String,
+    /// Reported as `requestContext.apiId`.
+    pub id: String,
+}
+
+impl Default for RawApi {
+    fn default() -> Self {
+        Self {
+            stage: "dev".into(),
+            route_selection_expression: "$request.body.action".into(),
+            id: "switchboard".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_frame_bytes: usize,
+    pub max_message_bytes: usize,
+    pub idle_timeout_secs: u64,
+    pub max_connection_secs: u64,
+    pub handshake_timeout_secs: u64,
+    pub outbound_queue_frames: usize,
+    pub outbound_queue_bytes: usize,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 32 * 1024,
+            max_message_bytes: 128 * 1024,
+            idle_timeout_secs: 600,
+            max_connection_secs: 7200,
+            handshake_timeout_secs: 10,
+            outbound_queue_frames: 1024,
+            outbound_queue_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub integration: RawIntegration,
+    /// Send the integration's response body back to the client. Default: true for
+    /// `mock` and `echo` (the response is their point), false for `http`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawIntegration {
+    Http {
+        url: String,
+        #[serde(default = "default_timeout_ms")]
+        timeout_ms: u64,
+    },
+    Mock {
+        #[serde(default)]
+        body: String,
+    },
+    Echo {},
+}
+
+fn default_timeout_ms() -> u64 {
+    29_000
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub management: ManagementConfig,
+    pub api: ApiConfig,
+    pub limits: Limits,
+    pub routes: RouteTable,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Resolved: never 0.
+    pub shards: usize,
+    pub data_dir: PathBuf,
+    pub max_connections: usize,
+    pub node_id: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct ManagementConfig {
+    pub listen: SocketAddr,
+    pub tokens: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub stage: String,
+    pub route_selector: SelectionExpression,
+    pub id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_frame_bytes: usize,
+    pub max_message_bytes: usize,
+    pub idle_timeout: Duration,
+    pub max_connection_duration: Duration,
+    pub handshake_timeout: Duration,
+    pub outbound_queue_frames: usize,
+    pub outbound_queue_bytes: usize,
+}
+
+/// The configured routes, by route key.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    routes: HashMap<String, Route>,
+}
+
+impl RouteTable {
+    pub fn get(&self, key: &str) -> Option<&Route> {
+        self.routes.get(key)
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.routes.keys().map(String::as_str)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub key: String,
+    pub integration: Integration,
+    pub response: bool,
+}
+
+/// A route's integration, ready to run.
+#[derive(Debug, Clone)]
+pub enum Integration {
+    Http { url: reqwest::Url, timeout: Duration },
+    Mock { body: String },
+    Echo,
+}
+
+impl Integration {
+    /// The metric label for this integration kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Http { .. } => "http",
+            Self::Mock { .. } => "mock",
+            Self::Echo => "echo",
+        }
+    }
+}
+
+pub const CONNECT_ROUTE: &str = "$connect";
+pub const DISCONNECT_ROUTE: &str = "$disconnect";
+pub const DEFAULT_ROUTE: &str = "$default";
+
+impl RawConfig {
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// The configuration with every default filled in, as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// Validates everything and compiles the ready-to-use form.
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        Ok(Config {
+            server: self.server.validate()?,
+            management: self.management.validate()?,
+            api: self.api.validate()?,
+            limits: self.limits.validate()?,
+            routes: validate_routes(&self.routes)?,
+        })
+    }
+}
+
+fn parse_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse()
+        .map_err(|_| invalid(key, format!("`{text}` is not an IP:port address")))
+}
+
+impl RawServer {
+    fn validate(&self) -> Result<ServerConfig, ConfigError> {
+        if self.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        let shards = match self.shards {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n if n > 1024 => return Err(invalid("server.shards", "at most 1024")),
+            n => n,
+        };
+        Ok(ServerConfig {
+            listen: parse_addr("server.listen", &self.listen)?,
+            shards,
+            data_dir: self.data_dir.clone(),
+            max_connections: self.max_connections,
+            node_id: self.node_id,
+        })
+    }
+}
+
+impl RawManagement {
+    fn validate(&self) -> Result<ManagementConfig, ConfigError> {
+        let listen = parse_addr("management.listen", &self.listen)?;
+        if !listen.ip().is_loopback() && self.tokens.is_empty() {
+            return Err(invalid(
+                "management.tokens",
+                "required when management.listen is not a loopback address",
+            ));
+        }
+        if self.tokens.iter().any(|t| t.trim().is_empty()) {
+            return Err(invalid("management.tokens", "tokens must not be empty"));
+        }
+        Ok(ManagementConfig {
+            listen,
+            tokens: self.tokens.clone(),
+        })
+    }
+}
+
+impl RawApi {
+    fn validate(&self) -> Result<ApiConfig, ConfigError> {
+        let url_safe = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if !url_safe(&self.stage) {
+            return Err(invalid(
+                "api.stage",
+                "must be non-empty and use only letters, digits, `-` and `_`",
+            ));
+        }
+        let route_selector = SelectionExpression::parse(&self.route_selection_expression)
+            .map_err(|e| invalid("api.route_selection_expression", e.to_string()))?;
+        Ok(ApiConfig {
+            stage: self.stage.clone(),
+            route_selector,
+            id: self.id.clone(),
+        })
+    }
+}
+
+impl RawLimits {
+    fn validate(&self) -> Result<Limits, ConfigError> {
+        let positive = |key: &str, value: u64| {
+            if value == 0 {
+                Err(invalid(format!("limits.{key}"), "must be greater than 0"))
+            } else {
+                Ok(value)
+            }
+        };
+        positive("max_frame_bytes", self.max_frame_bytes as u64)?;
+        positive("outbound_queue_frames", self.outbound_queue_frames as u64)?;
+        positive("outbound_queue_bytes", self.outbound_queue_bytes as u64)?;
+        if self.max_message_bytes < self.max_frame_bytes {
+            return Err(invalid(
+                "limits.max_message_bytes",
+                "must be at least limits.max_frame_bytes",
+            ));
+        }
+        Ok(Limits {
+            max_frame_bytes: self.max_frame_bytes,
+            max_message_bytes: self.max_message_bytes,
+            idle_timeout: Duration::from_secs(positive("idle_timeout_secs", self.idle_timeout_secs)?),
+            max_connection_duration: Duration::from_secs(positive(
+                "max_connection_secs",
+                self.max_connection_secs,
+            )?),
+            handshake_timeout: Duration::from_secs(positive(
+                "handshake_timeout_secs",
+                self.handshake_timeout_secs,
+            )?),
+            outbound_queue_frames: self.outbound_queue_frames,
+            outbound_queue_bytes: self.outbound_queue_bytes,
+        })
+    }
+}
+
+fn validate_routes(
+    raw: &std::collections::BTreeMap<String, RawRoute>,
+) -> Result<RouteTable, ConfigError> {
+    let mut routes = HashMap::new();
+    for (key, route) in raw {
+        let path = format!("routes.\"{key}\"");
+        if key.is_empty() {
+            return Err(invalid(path, "route keys must not be empty"));
+        }
+        if key.starts_with('$') && ![CONNECT_ROUTE, DISCONNECT_ROUTE, DEFAULT_ROUTE].contains(&key.as_str()) {
+            return Err(invalid(
+                path,
+                "only $connect, $disconnect and $default may start with `$`",
+            ));
+        }
+        let integration = validate_integration(&path, &route.integration)?;
+        let response = route
+            .response
+            .unwrap_or(!matches!(integration, Integration::Http { .. }));
+        routes.insert(
+            key.clone(),
+            Route {
+                key: key.clone(),
+                integration,
+                response,
+            },
+        );
+    }
+    Ok(RouteTable { routes })
+}
+
+fn validate_integration(path: &str, raw: &RawIntegration) -> Result<Integration, ConfigError> {
+    Ok(match raw {
+        RawIntegration::Http { url, timeout_ms } => {
+            let parsed = reqwest::Url::parse(url)
+                .map_err(|e| invalid(format!("{path}.integration.url"), format!("`{url}`: {e}")))?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err(invalid(
+                    format!("{path}.integration.url"),
+                    "must be an http:// or https:// URL",
+                ));
+            }
+            if *timeout_ms == 0 {
+                return Err(invalid(
+                    format!("{path}.integration.timeout_ms"),
+                    "must be greater than 0",
+                ));
+            }
+            Integration::Http {
+                url: parsed,
+                timeout: Duration::from_millis(*timeout_ms),
+            }
+        }
+        RawIntegration::Mock { body } => Integration::Mock { body: body.clone() },
+        RawIntegration::Echo {} => Integration::Echo,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(text: &str) -> String {
+        RawConfig::parse(text)
+            .and_then(|raw| raw.validate())
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn demo_config_is_valid() {
+        let config = RawConfig::parse(DEMO_CONFIG).unwrap().validate().unwrap();
+        assert!(config.routes.get(DEFAULT_ROUTE).is_some());
+    }
+
+    #[test]
+    fn empty_file_gets_every_default() {
+        let config = RawConfig::parse("").unwrap().validate().unwrap();
+        assert_eq!(config.server.listen.port(), 8080);
+        assert_eq!(config.management.listen.port(), 9090);
+        assert_eq!(config.api.stage, "dev");
+        assert_eq!(config.limits.max_frame_bytes, 32768);
+        assert!(config.server.shards >= 1);
+    }
+
+    #[test]
+    fn design_example_parses() {
+        let text = r#"
+[server]
+listen = "127.0.0.1:8080"
+shards = 0
+data_dir = "./data"
+[management]
+listen = "127.0.0.1:9090"
+[api]
+stage = "dev"
+route_selection_expression = "$request.body.action"
+[limits]
+max_frame_bytes = 32768
+max_message_bytes = 131072
+idle_timeout_secs = 600
+max_connection_secs = 7200
+outbound_queue_frames = 1024
+[routes."$connect"]
+integration = { type = "http", url = "http://127.0.0.1:3000/connect", timeout_ms = 29000 }
+[routes.sendMessage]
+integration = { type = "http", url = "http://127.0.0.1:3000/message" }
+response = true
+"#;
+        let config = RawConfig::parse(text).unwrap().validate().unwrap();
+        assert!(config.routes.get("sendMessage").unwrap().response);
+        assert!(!config.routes.get("$connect").unwrap().response);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        assert!(error_of("[server]\nlisten_addr = \"x\"").contains("listen_addr"));
+        assert!(error_of("[bogus]\n").contains("bogus"));
+        let err = error_of("[routes.a]\nintegration = { type = \"http\", url = \"http://x\", extra = 1 }");
+        assert!(err.contains("extra"), "{err}");
+        let err = error_of("[routes.a]\nintegration = { type = \"carrier_pigeon\" }");
+        assert!(err.contains("carrier_pigeon"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        assert!(error_of("[server]\nlisten = \"nowhere\"").contains("server.listen"));
+        assert!(error_of("[api]\nroute_selection_expression = \"${x\"")
+            .contains("api.route_selection_expression"));
+        assert!(error_of("[api]\nstage = \"a/b\"").contains("api.stage"));
+        assert!(error_of("[limits]\nmax_frame_bytes = 0").contains("limits.max_frame_bytes"));
+        assert!(error_of("[limits]\nmax_frame_bytes = 10\nmax_message_bytes = 5")
+            .contains("limits.max_message_bytes"));
+        assert!(error_of("[management]\nlisten = \"0.0.0.0:9090\"").contains("management.tokens"));
+        let err = error_of("[routes.a]\nintegration = { type = \"http\", url = \"ftp://x\" }");
+        assert!(err.contains("routes.\"a\".integration.url"), "{err}");
+        assert!(error_of("[routes.\"$weird\"]\nintegration = { type = \"echo\" }").contains("$weird"));
+        assert!(error_of("[limits]\nidle_timeout_secs = -1").contains("idle_timeout_secs"));
+    }
+
+    #[test]
+    fn check_config_output_round_trips() {
+        let raw = RawConfig::parse(DEMO_CONFIG).unwrap();
+        let again = RawConfig::parse(&raw.to_toml()).unwrap();
+        assert_eq!(again.to_toml(), raw.to_toml());
+    }
+}

@@ -1,0 +1,478 @@
+//! The WebSocket wire format (RFC 6455), sans-IO.
+//!
+//! Outbound: a message is encoded into one complete frame ([`Bytes`]) exactly once and the
+//! same bytes are queued to every recipient; nothing is re-encoded per connection.
+//!
+//! Inbound: [`MessageDecoder`] turns whatever bytes a read returned into whole messages,
+//! enforcing the frame and message size limits and UTF-8 validity as it goes. It keeps
+//! bytes only while a frame or a fragmented message is incomplete, so an idle connection
+//! holds no buffer at all.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Frame opcodes a server sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opcode {
+    Text = 0x1,
+    Binary = 0x2,
+    Close = 0x8,
+    Ping = 0x9,
+    Pong = 0xA,
+}
+
+/// Close codes the gateway uses.
+pub mod close_code {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const NO_STATUS: u16 = 1005;
+    pub const ABNORMAL: u16 = 1006;
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    pub const POLICY_VIOLATION: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+}
+
+/// Encodes one unmasked, final server frame.
+pub fn encode(opcode: Opcode, payload: &[u8]) -> Bytes {
+    let mut frame = BytesMut::with_capacity(header_len(payload.len()) + payload.len());
+    frame.put_u8(0x80 | opcode as u8);
+    match payload.len() {
+        len @ 0..=125 => frame.put_u8(len as u8),
+        len @ 126..=0xFFFF => {
+            frame.put_u8(126);
+            frame.put_u16(len as u16);
+        }
+        len => {
+            frame.put_u8(127);
+            frame.put_u64(len as u64);
+        }
+    }
+    frame.put_slice(payload);
+    frame.freeze()
+}
+
+/// A text frame if `payload` is UTF-8, else a binary one (the `@connections` rule).
+pub fn encode_data(payload: &[u8]) -> Bytes {
+    if std::str::from_utf8(payload).is_ok() {
+        encode(Opcode::Text, payload)
+    } else {
+        encode(Opcode::Binary, payload)
+    }
+}
+
+/// A close frame with `code` and a reason cut to fit a control frame.
+pub fn encode_close(code: u16, reason: &str) -> Bytes {
+    let mut payload = Vec::with_capacity(2 + reason.len().min(123));
+    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(truncate_utf8(reason, 123).as_bytes());
+    encode(Opcode::Close, &payload)
+}
+
+fn header_len(payload_len: usize) -> usize {
+    match payload_len {
+        0..=125 => 2,
+        126..=0xFFFF => 4,
+        _ => 10,
+    }
+}
+
+fn truncate_utf8(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// A complete message from the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    Text(String),
+    Binary(Vec<u8>),
+    Ping(Vec<u8>),
+    Pong,
+    /// The client's close frame: its code (if any) and reason.
+    Close(Option<u16>, String),
+}
+
+/// Why the decoder gave up; each maps to the close code the client gets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("frame of {size} bytes exceeds max_frame_bytes ({limit})")]
+    FrameTooLarge { size: u64, limit: usize },
+    #[error("message of {size} bytes exceeds max_message_bytes ({limit})")]
+    MessageTooLarge { size: usize, limit: usize },
+    #[error("text message is not valid UTF-8")]
+    InvalidUtf8,
+    #[error("protocol violation: {0}")]
+    Violation(&'static str),
+}
+
+impl ProtocolError {
+    pub fn close_code(&self) -> u16 {
+        match self {
+            Self::FrameTooLarge { .. } | Self::MessageTooLarge { .. } => close_code::TOO_BIG,
+            Self::InvalidUtf8 => close_code::INVALID_PAYLOAD,
+            Self::Violation(_) => close_code::PROTOCOL_ERROR,
+        }
+    }
+}
+
+/// Reassembles client messages from raw bytes.
+#[derive(Debug)]
+pub struct MessageDecoder {
+    max_frame_bytes: usize,
+    max_message_bytes: usize,
+    /// Bytes of a frame that has not fully arrived. Empty (no allocation) when idle.
+    pending: Vec<u8>,
+    /// A fragmented data message in progress: its opcode and the payload so far.
+    fragments: Option<(u8, Vec<u8>)>,
+}
+
+struct FrameHeader {
+    fin: bool,
+    opcode: u8,
+    mask: [u8; 4],
+    header_len: usize,
+    payload_len: usize,
+}
+
+impl MessageDecoder {
+    pub fn new(max_frame_bytes: usize, max_message_bytes: usize) -> Self {
+        Self {
+            max_frame_bytes,
+            max_message_bytes,
+            pending: Vec::new(),
+            fragments: None,
+        }
+    }
+
+    /// Feeds bytes read from the socket; complete messages are appended to `out`.
+    /// After an error the connection must be closed with [`ProtocolError::close_code`].
+    pub fn decode(&mut self, input: &[u8], out: &mut Vec<Incoming>) -> Result<(), ProtocolError> {
+        if self.pending.is_empty() {
+            let used = self.decode_frames(input, out)?;
+            self.pending.extend_from_slice(&input[used..]);
+        } else {
+            let mut buffer = std::mem::take(&mut self.pending);
+            buffer.extend_from_slice(input);
+            let used = self.decode_frames(&buffer, out)?;
+            buffer.drain(..used);
+            if buffer.is_empty() {
+                buffer = Vec::new(); // give the memory back while idle
+            }
+            self.pending = buffer;
+        }
+        Ok(())
+    }
+
+    /// Decodes every complete frame at the start of `input`; returns the bytes consumed.
+    fn decode_frames(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<Incoming>,
+    ) -> Result<usize, ProtocolError> {
+        let mut used = 0;
+        while let Some(header) = self.parse_header(&input[used..])? {
+            let total = header.header_len + header.payload_len;
+            if input.len() - used < total {
+                break;
+            }
+            let start = used + header.header_len;
+            let mut payload = input[start..start + header.payload_len].to_vec();
+            unmask(&mut payload, header.mask);
+            used += total;
+            if let Some(message) = self.accept_frame(&header, payload)? {
+                let closing = matches!(message, Incoming::Close(..));
+                out.push(message);
+                if closing {
+                    return Ok(input.len());
+                }
+            }
+        }
+        Ok(used)
+    }
+
+    fn parse_header(&self, input: &[u8]) -> Result<Option<FrameHeader>, ProtocolError> {
+        let [first, second, ..] = *input else {
+            return Ok(None);
+        };
+        if first & 0x70 != 0 {
+            return Err(ProtocolError::Violation("reserved bits set"));
+        }
+        if second & 0x80 == 0 {
+            return Err(ProtocolError::Violation("client frames must be masked"));
+        }
+        let (len, mut header_len) = match second & 0x7F {
+            126 => match input.get(2..4) {
+                Some(b) => (u64::from(u16::from_be_bytes([b[0], b[1]])), 4),
+                None => return Ok(None),
+            },
+            127 => match input.get(2..10) {
+                Some(b) => {
+                    let mut raw = [0u8; 8];
+                    raw.copy_from_slice(b);
+                    (u64::from_be_bytes(raw), 10)
+                }
+                None => return Ok(None),
+            },
+            small => (u64::from(small), 2),
+        };
+        let opcode = first & 0x0F;
+        let fin = first & 0x80 != 0;
+        if opcode >= 0x8 && (len > 125 || !fin) {
+            return Err(ProtocolError::Violation("invalid control frame"));
+        }
+        if len > self.max_frame_bytes as u64 {
+            return Err(ProtocolError::FrameTooLarge {
+                size: len,
+                limit: self.max_frame_bytes,
+            });
+        }
+        let Some(mask) = input.get(header_len..header_len + 4) else {
+            return Ok(None);
+        };
+        let mask = [mask[0], mask[1], mask[2], mask[3]];
+        header_len += 4;
+        Ok(Some(FrameHeader {
+            fin,
+            opcode,
+            mask,
+            header_len,
+            payload_len: len as usize,
+        }))
+    }
+
+    fn accept_frame(
+        &mut self,
+        header: &FrameHeader,
+        payload: Vec<u8>,
+    ) -> Result<Option<Incoming>, ProtocolError> {
+        match header.opcode {
+            0x0 => {
+                let Some((_, buffer)) = self.fragments.as_mut() else {
+                    return Err(ProtocolError::Violation("continuation without a message"));
+                };
+                self.check_message_size(buffer.len() + payload.len())?;
+                buffer.extend_from_slice(&payload);
+                if !header.fin {
+                    return Ok(None);
+                }
+                let (opcode, buffer) = self.fragments.take().unwrap_or_default();
+                data_message(opcode, buffer).map(Some)
+            }
+            0x1 | 0x2 => {
+                if self.fragments.is_some() {
+                    return Err(ProtocolError::Violation("new message inside a fragmented one"));
+                }
+                self.check_message_size(payload.len())?;
+                if header.fin {
+                    data_message(header.opcode, payload).map(Some)
+                } else {
+                    self.fragments = Some((header.opcode, payload));
+                    Ok(None)
+                }
+            }
+            0x8 => close_message(&payload).map(Some),
+            0x9 => Ok(Some(Incoming::Ping(payload))),
+            0xA => Ok(Some(Incoming::Pong)),
+            _ => Err(ProtocolError::Violation("unknown opcode")),
+        }
+    }
+
+    fn check_message_size(&self, size: usize) -> Result<(), ProtocolError> {
+        if size > self.max_message_bytes {
+            return Err(ProtocolError::MessageTooLarge {
+                size,
+                limit: self.max_message_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn data_message(opcode: u8, payload: Vec<u8>) -> Result<Incoming, ProtocolError> {
+    if opcode == 0x1 {
+        String::from_utf8(payload)
+            .map(Incoming::Text)
+            .map_err(|_| ProtocolError::InvalidUtf8)
+    } else {
+        Ok(Incoming::Binary(payload))
+    }
+}
+
+fn close_message(payload: &[u8]) -> Result<Incoming, ProtocolError> {
+    match payload {
+        [] => Ok(Incoming::Close(None, String::new())),
+        [_] => Err(ProtocolError::Violation("close frame with a 1-byte payload")),
+        [hi, lo, reason @ ..] => {
+            let reason = std::str::from_utf8(reason).map_err(|_| ProtocolError::InvalidUtf8)?;
+            Ok(Incoming::Close(
+                Some(u16::from_be_bytes([*hi, *lo])),
+                reason.to_owned(),
+            ))
+        }
+    }
+}
+
+fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    let word = u32::from_ne_bytes(mask);
+    let mut chunks = payload.chunks_exact_mut(4);
+    for chunk in &mut chunks {
+        let value = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]) ^ word;
+        chunk.copy_from_slice(&value.to_ne_bytes());
+    }
+    for (i, byte) in chunks.into_remainder().iter_mut().enumerate() {
+        *byte ^= mask[i];
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Encodes a masked client frame, as a browser would send it.
+    pub(crate) fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let mut frame = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        match payload.len() {
+            len @ 0..=125 => frame.push(0x80 | len as u8),
+            len @ 126..=0xFFFF => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            len => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        frame
+    }
+
+    fn decode_all(bytes: &[u8]) -> Result<Vec<Incoming>, ProtocolError> {
+        let mut decoder = MessageDecoder::new(1 << 16, 1 << 17);
+        let mut out = Vec::new();
+        decoder.decode(bytes, &mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn encodes_each_length_form() {
+        assert_eq!(&encode(Opcode::Text, b"hi")[..], b"\x81\x02hi");
+        let medium = encode(Opcode::Binary, &[0; 200]);
+        assert_eq!(&medium[..4], &[0x82, 126, 0, 200]);
+        let large = encode(Opcode::Binary, &[0; 70_000]);
+        assert_eq!(&large[..2], &[0x82, 127]);
+        assert_eq!(large.len(), 70_010);
+    }
+
+    #[test]
+    fn decodes_text_binary_and_control() {
+        let mut bytes = client_frame(true, 1, b"hello");
+        bytes.extend(client_frame(true, 2, &[1, 2, 3]));
+        bytes.extend(client_frame(true, 9, b"p"));
+        bytes.extend(client_frame(true, 8, &[0x03, 0xe8, b'b', b'y', b'e']));
+        assert_eq!(
+            decode_all(&bytes).unwrap(),
+            vec![
+                Incoming::Text("hello".into()),
+                Incoming::Binary(vec![1, 2, 3]),
+                Incoming::Ping(b"p".to_vec()),
+                Incoming::Close(Some(1000), "bye".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn reassembles_fragments_with_interleaved_ping() {
+        let mut bytes = client_frame(false, 1, b"hel");
+        bytes.extend(client_frame(true, 9, b""));
+        bytes.extend(client_frame(true, 0, b"lo"));
+        assert_eq!(
+            decode_all(&bytes).unwrap(),
+            vec![Incoming::Ping(vec![]), Incoming::Text("hello".into())]
+        );
+    }
+
+    #[test]
+    fn limits_and_violations_map_to_close_codes() {
+        let mut decoder = MessageDecoder::new(10, 15);
+        let err = decoder
+            .decode(&client_frame(true, 1, &[b'a'; 11]), &mut Vec::new())
+            .unwrap_err();
+        assert_eq!(err.close_code(), close_code::TOO_BIG);
+
+        let mut decoder = MessageDecoder::new(10, 15);
+        let mut bytes = client_frame(false, 1, &[b'a'; 10]);
+        bytes.extend(client_frame(true, 0, &[b'a'; 10]));
+        let err = decoder.decode(&bytes, &mut Vec::new()).unwrap_err();
+        assert!(matches!(err, ProtocolError::MessageTooLarge { size: 20, .. }));
+
+        let err = decode_all(&client_frame(true, 1, &[0xff, 0xfe])).unwrap_err();
+        assert_eq!(err.close_code(), close_code::INVALID_PAYLOAD);
+
+        let unmasked = [0x81, 0x01, b'a'];
+        assert_eq!(
+            decode_all(&unmasked).unwrap_err().close_code(),
+            close_code::PROTOCOL_ERROR
+        );
+        let err = decode_all(&client_frame(true, 0, b"x")).unwrap_err();
+        assert_eq!(err.close_code(), close_code::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn oversize_frame_is_refused_from_its_header_alone() {
+        let mut decoder = MessageDecoder::new(100, 100);
+        let frame = client_frame(true, 2, &[0; 1000]);
+        let err = decoder.decode(&frame[..8], &mut Vec::new()).unwrap_err();
+        assert!(matches!(err, ProtocolError::FrameTooLarge { size: 1000, .. }));
+    }
+
+    #[test]
+    fn idle_decoder_holds_no_buffer() {
+        let mut decoder = MessageDecoder::new(1000, 1000);
+        let frame = client_frame(true, 1, b"split across reads");
+        let mut out = Vec::new();
+        decoder.decode(&frame[..5], &mut out).unwrap();
+        assert!(decoder.pending.capacity() > 0);
+        decoder.decode(&frame[5..], &mut out).unwrap();
+        assert_eq!(decoder.pending.capacity(), 0);
+        assert_eq!(out, vec![Incoming::Text("split across reads".into())]);
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(chunks in proptest::collection::vec(
+            proptest::collection::vec(any::<u8>(), 0..64), 0..8)) {
+            let mut decoder = MessageDecoder::new(128, 256);
+            let mut out = Vec::new();
+            for chunk in chunks {
+                if decoder.decode(&chunk, &mut out).is_err() {
+                    break;
+                }
+            }
+        }
+
+        #[test]
+        fn any_split_yields_the_same_messages(
+            texts in proptest::collection::vec("[a-z\u{e9}\u{4e16}]{0,200}", 1..5),
+            split in any::<prop::sample::Index>(),
+        ) {
+            let bytes: Vec<u8> = texts
+                .iter()
+                .flat_map(|t| client_frame(true, 1, t.as_bytes()))
+                .collect();
+            let at = split.index(bytes.len() + 1);
+            let mut decoder = MessageDecoder::new(1 << 16, 1 << 16);
+            let mut out = Vec::new();
+            decoder.decode(&bytes[..at], &mut out).unwrap();
+            decoder.decode(&bytes[at..], &mut out).unwrap();
+            let expected: Vec<Incoming> =
+                texts.into_iter().map(Incoming::Text).collect();
+            prop_assert_eq!(out, expected);
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Everything Switchboard keeps on disk, behind one API so the engine (sled today) can be
+//! swapped without touching the gateway.
+//!
+//! * [`Storage`] opens the data directory, refusing a locked or corrupt one with a clear
+//!   error, and hands out the node epoch that makes connectionIds unique across restarts.
+//! * [`ConnectionRecord`]s are written off the hot path by a [`RecordWriter`] thread in
+//!   batches; records still present at start belong to connections a crash cut.
+
+mod error;
+mod records;
+
+pub use error::StorageError;
+pub use records::{ConnectionRecord, RecordWriter};
+
+use std::path::{Path, PathBuf};
+
+const META_TREE: &str = "meta";
+const CONNECTIONS_TREE: &str = "connections";
+const EPOCH_KEY: &[u8] = b"epoch";
+
+/// The opened data directory.
+pub struct Storage {
+    /// Where the database lives, for error messages.
+    dir: PathBuf,
+    /// Node metadata (the epoch counter).
+    meta: sled::Tree,
+    /// connectionId → rkyv-encoded [`ConnectionRecord`] for every open connection.
+    connections: sled::Tree,
+    /// Kept so [`Storage::flush`] covers every tree.
+    db: sled::Db,
+}
+
+impl Storage {
+    /// Opens (or creates) the database under `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StorageError> {
+        std::fs::create_dir_all(dir).map_err(|source| StorageError::Io {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(Some(200))
+            .open()
+            .map_err(|e| StorageError::from_sled(dir, e))?;
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .map_err(|e| StorageError::from_sled(dir, e))
+        };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            meta: tree(META_TREE)?,
+            connections: tree(CONNECTIONS_TREE)?,
+            db,
+        })
+    }
+
+    /// Increments and returns the node epoch, durably, so ids minted in this run never
+    /// collide with those of an earlier one.
+    pub fn next_epoch(&self) -> Result<u32, StorageError> {
+        let updated = self
+            .meta
+            .update_and_fetch(EPOCH_KEY, |old| {
+                let previous = old
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map_or(0, u32::from_be_bytes);
+                Some(previous.wrapping_add(1).to_be_bytes().to_vec())
+            })
+            .map_err(|e| self.sled_error(e))?;
+        self.flush()?;
+        let bytes = updated.ok_or_else(|| StorageError::Corrupt {
+            dir: self.dir.clone(),
+            detail: "epoch counter vanished".into(),
+        })?;
+        let bytes = <[u8; 4]>::try_from(bytes.as_ref()).map_err(|_| StorageError::Corrupt {
+            dir: self.dir.clone(),
+            detail: "epoch counter has the wrong size".into(),
+        })?;
+        Ok(u32::from_be_bytes(bytes))
+    }
+
+    /// Removes and returns the records of connections a previous run left open (it did
+    /// not shut down cleanly). The caller reports each to `$disconnect`.
+    pub fn take_orphaned_connections(&self) -> Result<Vec<ConnectionRecord>, StorageError> {
+        let mut orphans = Vec::new();
+        for entry in self.connections.iter() {
+            let (key, value) = entry.map_err(|e| self.sled_error(e))?;
+            match ConnectionRecord::decode(&value) {
+                Ok(record) => orphans.push(record),
+                Err(detail) => tracing::warn!(
+                    key = %String::from_utf8_lossy(&key),
+                    %detail,
+                    "dropping an unreadable connection record"
+                ),
+            }
+        }
+        self.connections.clear().map_err(|e| self.sled_error(e))?;
+        self.flush()?;
+        Ok(orphans)
+    }
+
+    /// Every connection record currently stored (connections open in this run).
+    pub fn connection_records(&self) -> Result<Vec<ConnectionRecord>, StorageError> {
+        self.connections
+            .iter()
+            .values()
+            .map(|v| {
+                let v = v.map_err(|e| self.sled_error(e))?;
+                ConnectionRecord::decode(&v).map_err(|detail| StorageError::Corrupt {
+                    dir: self.dir.clone(),
+                    detail,
+                })
+            })
+            .collect()
+    }
+
+    /// Starts the background thread that applies connection record writes in batches.
+    pub fn record_writer(&self) -> RecordWriter {
+        RecordWriter::spawn(self.connections.clone(), self.dir.clone())
+    }
+
+    /// Makes everything written so far durable.
+    pub fn flush(&self) -> Result<(), StorageError> {
+        self.db.flush().map_err(|e| self.sled_error(e))?;
+        Ok(())
+    }
+
+    fn sled_error(&self, e: sled::Error) -> StorageError {
+        StorageError::from_sled(&self.dir, e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_increases_across_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Storage::open(dir.path()).unwrap().next_epoch().unwrap();
+        let second = Storage::open(dir.path()).unwrap().next_epoch().unwrap();
+        assert_eq!(second, first + 1);
+    }
+
+    #[test]
+    fn second_open_of_same_dir_is_refused_as_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = Storage::open(dir.path()).unwrap();
+        // sled's lock is per process through flock; a second handle in the same
+        // process shares the lock, so exercise the error mapping through a child in
+        // the broker's integration tests instead. Here: the mapping itself.
+        let err = StorageError::from_sled(
+            dir.path(),
+            sled::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                "could not acquire lock",
+            )),
+        );
+        assert!(matches!(err, StorageError::Locked { .. }), "{err}");
+    }
+
+    #[test]
+    fn orphans_are_returned_once_then_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let writer = storage.record_writer();
+        let record = ConnectionRecord {
+            connection_id: "abc".into(),
+            connected_at_ms: 1,
+            last_active_at_ms: 2,
+            source_ip: "127.0.0.1".into(),
+            user_agent: "test".into(),
+        };
+        writer.upsert(record.clone());
+        writer.close();
+        drop(storage);
+
+        let storage = Storage::open(dir.path()).unwrap();
+        assert_eq!(storage.take_orphaned_connections().unwrap(), vec![record]);
+        assert!(storage.take_orphaned_connections().unwrap().is_empty());
+    }
+}

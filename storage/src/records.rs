@@ -1,0 +1,118 @@
+//! Connection records: one per open connection, so that a crash can be reconciled at the
+//! next start (`$disconnect` for every connection it cut).
+//!
+//! Shards never touch sled: they hand record changes to a [`RecordWriter`], whose thread
+//! applies them as one sled batch per wake-up.
+
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+/// Most changes folded into one sled batch.
+const MAX_BATCH: usize = 4096;
+
+/// What is stored for an open connection (rkyv-encoded).
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct ConnectionRecord {
+    pub connection_id: String,
+    /// Epoch milliseconds of the handshake.
+    pub connected_at_ms: u64,
+    /// Epoch milliseconds of the last frame in either direction, as of the last write.
+    pub last_active_at_ms: u64,
+    pub source_ip: String,
+    pub user_agent: String,
+}
+
+impl ConnectionRecord {
+    fn encode(&self) -> Vec<u8> {
+        rkyv::to_bytes::<rkyv::rancor::Error>(self)
+            .map(|bytes| bytes.to_vec())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, String> {
+        // sled values carry no alignment guarantee; rkyv needs one.
+        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+        aligned.extend_from_slice(bytes);
+        rkyv::from_bytes::<Self, rkyv::rancor::Error>(&aligned).map_err(|e| e.to_string())
+    }
+}
+
+enum Change {
+    Upsert(ConnectionRecord),
+    Remove(String),
+}
+
+/// Handle to the batching writer thread. Cloning is cheap; [`RecordWriter::close`] drains
+/// every pending change and flushes.
+#[derive(Clone)]
+pub struct RecordWriter {
+    changes: Sender<Change>,
+    thread: std::sync::Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl RecordWriter {
+    pub(crate) fn spawn(tree: sled::Tree, dir: PathBuf) -> Self {
+        // Unbounded on purpose: each connection sends at most one upsert and one remove,
+        // so the backlog is bounded by the connection limit, and a shard never blocks.
+        let (changes, receiver) = crossbeam_channel::unbounded();
+        let thread = std::thread::Builder::new()
+            .name("switchboard-records".into())
+            .spawn(move || write_batches(&tree, &receiver, &dir))
+            .ok();
+        Self {
+            changes,
+            thread: std::sync::Arc::new(std::sync::Mutex::new(thread)),
+        }
+    }
+
+    /// Records an open connection.
+    pub fn upsert(&self, record: ConnectionRecord) {
+        let _ = self.changes.send(Change::Upsert(record));
+    }
+
+    /// Forgets a connection that has closed and been reported to `$disconnect`.
+    pub fn remove(&self, connection_id: String) {
+        let _ = self.changes.send(Change::Remove(connection_id));
+    }
+
+    /// Stops the writer after it has applied and flushed everything sent so far.
+    pub fn close(self) {
+        let RecordWriter { changes, thread } = self;
+        drop(changes);
+        let handle = thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(handle) = handle {
+            // Other clones may still hold senders; the thread exits once all are gone.
+            let _ = handle.join();
+        }
+    }
+}
+
+fn write_batches(tree: &sled::Tree, changes: &Receiver<Change>, dir: &std::path::Path) {
+    loop {
+        let first = match changes.recv_timeout(Duration::from_millis(500)) {
+            Ok(change) => change,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let mut batch = sled::Batch::default();
+        let mut count = 0;
+        for change in std::iter::once(first).chain(changes.try_iter().take(MAX_BATCH - 1)) {
+            match change {
+                Change::Upsert(record) => {
+                    batch.insert(record.connection_id.as_bytes(), record.encode())
+                }
+                Change::Remove(id) => batch.remove(id.as_bytes()),
+            }
+            count += 1;
+        }
+        if let Err(error) = tree.apply_batch(batch) {
+            tracing::error!(dir = %dir.display(), %error, count, "connection record batch failed");
+        }
+    }
+    if let Err(error) = tree.flush() {
+        tracing::error!(dir = %dir.display(), %error, "final connection record flush failed");
+    }
+}
