@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -212,11 +213,11 @@ pub struct Limits {
 /// The configured routes, by route key.
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
-    routes: HashMap<String, Route>,
+    routes: HashMap<String, Arc<Route>>,
 }
 
 impl RouteTable {
-    pub fn get(&self, key: &str) -> Option<&Route> {
+    pub fn get(&self, key: &str) -> Option<&Arc<Route>> {
         self.routes.get(key)
     }
 
@@ -235,8 +236,13 @@ pub struct Route {
 /// A route's integration, ready to run.
 #[derive(Debug, Clone)]
 pub enum Integration {
-    Http { url: reqwest::Url, timeout: Duration },
-    Mock { body: String },
+    Http {
+        url: reqwest::Url,
+        timeout: Duration,
+    },
+    Mock {
+        body: String,
+    },
     Echo,
 }
 
@@ -373,7 +379,10 @@ impl RawLimits {
         Ok(Limits {
             max_frame_bytes: self.max_frame_bytes,
             max_message_bytes: self.max_message_bytes,
-            idle_timeout: Duration::from_secs(positive("idle_timeout_secs", self.idle_timeout_secs)?),
+            idle_timeout: Duration::from_secs(positive(
+                "idle_timeout_secs",
+                self.idle_timeout_secs,
+            )?),
             max_connection_duration: Duration::from_secs(positive(
                 "max_connection_secs",
                 self.max_connection_secs,
@@ -397,7 +406,9 @@ fn validate_routes(
         if key.is_empty() {
             return Err(invalid(path, "route keys must not be empty"));
         }
-        if key.starts_with('$') && ![CONNECT_ROUTE, DISCONNECT_ROUTE, DEFAULT_ROUTE].contains(&key.as_str()) {
+        if key.starts_with('$')
+            && ![CONNECT_ROUTE, DISCONNECT_ROUTE, DEFAULT_ROUTE].contains(&key.as_str())
+        {
             return Err(invalid(
                 path,
                 "only $connect, $disconnect and $default may start with `$`",
@@ -409,11 +420,11 @@ fn validate_routes(
             .unwrap_or(!matches!(integration, Integration::Http { .. }));
         routes.insert(
             key.clone(),
-            Route {
+            Arc::new(Route {
                 key: key.clone(),
                 integration,
                 response,
-            },
+            }),
         );
     }
     Ok(RouteTable { routes })
@@ -506,7 +517,9 @@ response = true
     fn unknown_keys_are_named() {
         assert!(error_of("[server]\nlisten_addr = \"x\"").contains("listen_addr"));
         assert!(error_of("[bogus]\n").contains("bogus"));
-        let err = error_of("[routes.a]\nintegration = { type = \"http\", url = \"http://x\", extra = 1 }");
+        let err = error_of(
+            "[routes.a]\nintegration = { type = \"http\", url = \"http://x\", extra = 1 }",
+        );
         assert!(err.contains("extra"), "{err}");
         let err = error_of("[routes.a]\nintegration = { type = \"carrier_pigeon\" }");
         assert!(err.contains("carrier_pigeon"), "{err}");
@@ -515,16 +528,22 @@ response = true
     #[test]
     fn bad_values_are_named() {
         assert!(error_of("[server]\nlisten = \"nowhere\"").contains("server.listen"));
-        assert!(error_of("[api]\nroute_selection_expression = \"${x\"")
-            .contains("api.route_selection_expression"));
+        assert!(
+            error_of("[api]\nroute_selection_expression = \"${x\"")
+                .contains("api.route_selection_expression")
+        );
         assert!(error_of("[api]\nstage = \"a/b\"").contains("api.stage"));
         assert!(error_of("[limits]\nmax_frame_bytes = 0").contains("limits.max_frame_bytes"));
-        assert!(error_of("[limits]\nmax_frame_bytes = 10\nmax_message_bytes = 5")
-            .contains("limits.max_message_bytes"));
+        assert!(
+            error_of("[limits]\nmax_frame_bytes = 10\nmax_message_bytes = 5")
+                .contains("limits.max_message_bytes")
+        );
         assert!(error_of("[management]\nlisten = \"0.0.0.0:9090\"").contains("management.tokens"));
         let err = error_of("[routes.a]\nintegration = { type = \"http\", url = \"ftp://x\" }");
         assert!(err.contains("routes.\"a\".integration.url"), "{err}");
-        assert!(error_of("[routes.\"$weird\"]\nintegration = { type = \"echo\" }").contains("$weird"));
+        assert!(
+            error_of("[routes.\"$weird\"]\nintegration = { type = \"echo\" }").contains("$weird")
+        );
         assert!(error_of("[limits]\nidle_timeout_secs = -1").contains("idle_timeout_secs"));
     }
 

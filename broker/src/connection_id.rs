@@ -64,9 +64,7 @@ impl FromStr for ConnectionId {
             node: u16::from_be_bytes([bytes[0], bytes[1]]),
             shard: u16::from_be_bytes([bytes[2], bytes[3]]),
             epoch: u32::from_be_bytes(field(4..8).try_into().map_err(|_| InvalidConnectionId)?),
-            sequence: u64::from_be_bytes(
-                field(8..16).try_into().map_err(|_| InvalidConnectionId)?,
-            ),
+            sequence: u64::from_be_bytes(field(8..16).try_into().map_err(|_| InvalidConnectionId)?),
         })
     }
 }
@@ -128,7 +126,10 @@ mod tests {
         let b = minter.connection_id().to_string();
         assert_ne!(a, b);
         assert_eq!(a.len(), 22);
-        assert!(a.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        );
     }
 
     #[test]
@@ -140,8 +141,17 @@ mod tests {
 
     #[test]
     fn garbage_is_rejected() {
-        for text in ["", "abc", "!!!!!!!!!!!!!!!!!!!!!!", "AAAAAAAAAAAAAAAAAAAAAAAAAAAA"] {
-            assert_eq!(text.parse::<ConnectionId>(), Err(InvalidConnectionId), "{text}");
+        for text in [
+            "",
+            "abc",
+            "!!!!!!!!!!!!!!!!!!!!!!",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ] {
+            assert_eq!(
+                text.parse::<ConnectionId>(),
+                Err(InvalidConnectionId),
+                "{text}"
+            );
         }
     }
 

@@ -250,11 +250,13 @@ impl MessageDecoder {
     ) -> Result<Option<Incoming>, ProtocolError> {
         match header.opcode {
             0x0 => {
-                let Some((_, buffer)) = self.fragments.as_mut() else {
+                let Some(so_far) = self.fragments.as_ref().map(|(_, b)| b.len()) else {
                     return Err(ProtocolError::Violation("continuation without a message"));
                 };
-                self.check_message_size(buffer.len() + payload.len())?;
-                buffer.extend_from_slice(&payload);
+                self.check_message_size(so_far + payload.len())?;
+                if let Some((_, buffer)) = self.fragments.as_mut() {
+                    buffer.extend_from_slice(&payload);
+                }
                 if !header.fin {
                     return Ok(None);
                 }
@@ -263,7 +265,9 @@ impl MessageDecoder {
             }
             0x1 | 0x2 => {
                 if self.fragments.is_some() {
-                    return Err(ProtocolError::Violation("new message inside a fragmented one"));
+                    return Err(ProtocolError::Violation(
+                        "new message inside a fragmented one",
+                    ));
                 }
                 self.check_message_size(payload.len())?;
                 if header.fin {
@@ -304,7 +308,9 @@ fn data_message(opcode: u8, payload: Vec<u8>) -> Result<Incoming, ProtocolError>
 fn close_message(payload: &[u8]) -> Result<Incoming, ProtocolError> {
     match payload {
         [] => Ok(Incoming::Close(None, String::new())),
-        [_] => Err(ProtocolError::Violation("close frame with a 1-byte payload")),
+        [_] => Err(ProtocolError::Violation(
+            "close frame with a 1-byte payload",
+        )),
         [hi, lo, reason @ ..] => {
             let reason = std::str::from_utf8(reason).map_err(|_| ProtocolError::InvalidUtf8)?;
             Ok(Incoming::Close(
@@ -409,7 +415,10 @@ pub(crate) mod tests {
         let mut bytes = client_frame(false, 1, &[b'a'; 10]);
         bytes.extend(client_frame(true, 0, &[b'a'; 10]));
         let err = decoder.decode(&bytes, &mut Vec::new()).unwrap_err();
-        assert!(matches!(err, ProtocolError::MessageTooLarge { size: 20, .. }));
+        assert!(matches!(
+            err,
+            ProtocolError::MessageTooLarge { size: 20, .. }
+        ));
 
         let err = decode_all(&client_frame(true, 1, &[0xff, 0xfe])).unwrap_err();
         assert_eq!(err.close_code(), close_code::INVALID_PAYLOAD);
@@ -428,7 +437,10 @@ pub(crate) mod tests {
         let mut decoder = MessageDecoder::new(100, 100);
         let frame = client_frame(true, 2, &[0; 1000]);
         let err = decoder.decode(&frame[..8], &mut Vec::new()).unwrap_err();
-        assert!(matches!(err, ProtocolError::FrameTooLarge { size: 1000, .. }));
+        assert!(matches!(
+            err,
+            ProtocolError::FrameTooLarge { size: 1000, .. }
+        ));
     }
 
     #[test]

@@ -1,1 +1,33 @@
+//! Switchboard: a self-hosted WebSocket API gateway and fan-out broker, wire-compatible
+//! with Amazon API Gateway's WebSocket APIs.
+//!
+//! The library is the whole gateway; the `switchboard` binary only parses the command
+//! line, binds [`Listeners`] and calls [`serve`] with a shutdown token wired to signals.
+//!
+//! Map of the crate, edges to core:
+//! * [`server`] binds sockets and starts [`shard`]s (one thread each) and the
+//!   [`management`] API; [`session`] runs one connection; [`dispatch`] runs routes.
+//! * Pure logic: [`config`], [`selection`], [`connection_id`], [`frame`], [`event`],
+//!   [`integration`]'s reply parsing, [`outbound`], [`disconnect`].
 
+pub mod clock;
+pub mod config;
+pub mod connection;
+pub mod connection_id;
+pub mod disconnect;
+pub mod dispatch;
+pub mod event;
+pub mod frame;
+pub mod gateway;
+pub mod handshake;
+pub mod integration;
+pub mod management;
+pub mod metrics;
+pub mod outbound;
+pub mod selection;
+pub mod server;
+pub mod session;
+pub mod shard;
+
+pub use config::{Config, ConfigError, RawConfig};
+pub use server::{Listeners, ServeError, serve};

@@ -1,1 +1,154 @@
-fn main(){}
+//! The `switchboard` command: parse the CLI, load the config, bind, run until a signal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use switchboard::{Listeners, RawConfig};
+use tokio_util::sync::CancellationToken;
+
+/// `EX_USAGE`: the configuration is wrong.
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "switchboard",
+    version,
+    about = "Self-hosted WebSocket API gateway and fan-out broker"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (with no --config: the embedded demo).
+    Serve {
+        /// TOML config file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file and print the effective configuration.
+    CheckConfig {
+        /// TOML config file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Serve { config } => {
+            let raw = match config.as_deref().map(RawConfig::load) {
+                None => RawConfig::parse(switchboard::config::DEMO_CONFIG),
+                Some(loaded) => loaded,
+            };
+            let config = match raw.and_then(|raw| raw.validate()) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("switchboard: {error}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("switchboard: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    let raw = match RawConfig::load(file) {
+        Ok(raw) => raw,
+        Err(error) => {
+            eprintln!("switchboard: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match raw.validate() {
+        Ok(config) => {
+            print!("{}", raw.to_toml());
+            println!(
+                "# config OK: {} shard(s), stage `{}`",
+                config.server.shards, config.api.stage
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("switchboard: {error}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(config: switchboard::Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("switchboard-management")
+        .enable_all()
+        .build()
+        .context("cannot start the management runtime")?;
+    runtime.block_on(async {
+        let listeners = Listeners::bind(&config).with_context(|| {
+            format!(
+                "cannot listen on {} (server.listen) or {} (management.listen)",
+                config.server.listen, config.management.listen
+            )
+        })?;
+        tracing::info!(
+            gateway = %format!("ws://{}/{}", listeners.gateway_addr(), config.api.stage),
+            management = %format!("http://{}/{}/@connections", listeners.management_addr(), config.api.stage),
+            "listening"
+        );
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        switchboard::serve(config, listeners, shutdown).await?;
+        Ok(())
+    })
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::error!(%error, "cannot watch SIGTERM");
+                return;
+            }
+        };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

@@ -217,13 +217,19 @@ mod tests {
         assert_eq!(eval("$request.body.action", json!({"other": 1})), None);
         assert_eq!(eval("$request.body.action", json!({"action": null})), None);
         assert_eq!(eval("$request.body.action", json!([1, 2])), None);
-        assert_eq!(eval("${request.body.a}-${request.body.b}", json!({"a": "x"})), None);
+        assert_eq!(
+            eval("${request.body.a}-${request.body.b}", json!({"a": "x"})),
+            None
+        );
     }
 
     #[test]
     fn values_are_not_re_evaluated() {
         assert_eq!(
-            eval("$request.body.action", json!({"action": "$request.body.x", "x": "no"})),
+            eval(
+                "$request.body.action",
+                json!({"action": "$request.body.x", "x": "no"})
+            ),
             Some("$request.body.x".into())
         );
     }

@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 /// Why the data directory could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error(
-        "data dir {dir} is locked by another process (is another switchboard running on it?)"
-    )]
+    #[error("data dir {dir} is locked by another process (is another switchboard running on it?)")]
     Locked { dir: PathBuf },
     #[error("data dir {dir} is corrupt: {detail}; move it aside to start fresh")]
     Corrupt { dir: PathBuf, detail: String },

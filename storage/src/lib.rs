@@ -78,27 +78,10 @@ impl Storage {
         Ok(u32::from_be_bytes(bytes))
     }
 
-    /// Removes and returns the records of connections a previous run left open (it did
-    /// not shut down cleanly). The caller reports each to `$disconnect`.
-    pub fn take_orphaned_connections(&self) -> Result<Vec<ConnectionRecord>, StorageError> {
-        let mut orphans = Vec::new();
-        for entry in self.connections.iter() {
-            let (key, value) = entry.map_err(|e| self.sled_error(e))?;
-            match ConnectionRecord::decode(&value) {
-                Ok(record) => orphans.push(record),
-                Err(detail) => tracing::warn!(
-                    key = %String::from_utf8_lossy(&key),
-                    %detail,
-                    "dropping an unreadable connection record"
-                ),
-            }
-        }
-        self.connections.clear().map_err(|e| self.sled_error(e))?;
-        self.flush()?;
-        Ok(orphans)
-    }
-
-    /// Every connection record currently stored (connections open in this run).
+    /// Every connection record stored. Read at start, before any connection is accepted,
+    /// these are the connections a previous run left open (it did not shut down cleanly):
+    /// the caller reports each to `$disconnect`, then removes it through the
+    /// [`RecordWriter`], so a second crash in between loses none.
     pub fn connection_records(&self) -> Result<Vec<ConnectionRecord>, StorageError> {
         self.connections
             .iter()
@@ -159,7 +142,7 @@ mod tests {
     }
 
     #[test]
-    fn orphans_are_returned_once_then_gone() {
+    fn records_survive_reopen_until_removed() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path()).unwrap();
         let writer = storage.record_writer();
@@ -175,7 +158,10 @@ mod tests {
         drop(storage);
 
         let storage = Storage::open(dir.path()).unwrap();
-        assert_eq!(storage.take_orphaned_connections().unwrap(), vec![record]);
-        assert!(storage.take_orphaned_connections().unwrap().is_empty());
+        assert_eq!(storage.connection_records().unwrap(), vec![record.clone()]);
+        let writer = storage.record_writer();
+        writer.remove(record.connection_id);
+        writer.close();
+        assert!(storage.connection_records().unwrap().is_empty());
     }
 }

@@ -4,11 +4,8 @@
 //! Shards never touch sled: they hand record changes to a [`RecordWriter`], whose thread
 //! applies them as one sled batch per wake-up.
 
+use crossbeam_channel::{Receiver, Sender};
 use std::path::PathBuf;
-use std::thread::JoinHandle;
-use std::time::Duration;
-
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 /// Most changes folded into one sled batch.
 const MAX_BATCH: usize = 4096;
@@ -43,6 +40,8 @@ impl ConnectionRecord {
 enum Change {
     Upsert(ConnectionRecord),
     Remove(String),
+    /// Apply everything before this, flush, answer, and stop.
+    Close(Sender<()>),
 }
 
 /// Handle to the batching writer thread. Cloning is cheap; [`RecordWriter::close`] drains
@@ -50,7 +49,6 @@ enum Change {
 #[derive(Clone)]
 pub struct RecordWriter {
     changes: Sender<Change>,
-    thread: std::sync::Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
 }
 
 impl RecordWriter {
@@ -58,14 +56,13 @@ impl RecordWriter {
         // Unbounded on purpose: each connection sends at most one upsert and one remove,
         // so the backlog is bounded by the connection limit, and a shard never blocks.
         let (changes, receiver) = crossbeam_channel::unbounded();
-        let thread = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("switchboard-records".into())
-            .spawn(move || write_batches(&tree, &receiver, &dir))
-            .ok();
-        Self {
-            changes,
-            thread: std::sync::Arc::new(std::sync::Mutex::new(thread)),
+            .spawn(move || write_batches(&tree, &receiver, &dir));
+        if let Err(error) = spawned {
+            tracing::error!(%error, "cannot start the connection record writer");
         }
+        Self { changes }
     }
 
     /// Records an open connection.
@@ -78,24 +75,22 @@ impl RecordWriter {
         let _ = self.changes.send(Change::Remove(connection_id));
     }
 
-    /// Stops the writer after it has applied and flushed everything sent so far.
-    pub fn close(self) {
-        let RecordWriter { changes, thread } = self;
-        drop(changes);
-        let handle = thread.lock().ok().and_then(|mut t| t.take());
-        if let Some(handle) = handle {
-            // Other clones may still hold senders; the thread exits once all are gone.
-            let _ = handle.join();
+    /// Stops the writer after it has applied and flushed everything sent so far; later
+    /// changes are dropped. Blocks until the flush is done.
+    pub fn close(&self) {
+        let (done, finished) = crossbeam_channel::bounded(1);
+        if self.changes.send(Change::Close(done)).is_ok() {
+            let _ = finished.recv();
         }
     }
 }
 
 fn write_batches(tree: &sled::Tree, changes: &Receiver<Change>, dir: &std::path::Path) {
-    loop {
-        let first = match changes.recv_timeout(Duration::from_millis(500)) {
+    let mut closed_by = None;
+    while closed_by.is_none() {
+        let first = match changes.recv() {
             Ok(change) => change,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => break,
+            Err(_) => break,
         };
         let mut batch = sled::Batch::default();
         let mut count = 0;
@@ -105,6 +100,10 @@ fn write_batches(tree: &sled::Tree, changes: &Receiver<Change>, dir: &std::path:
                     batch.insert(record.connection_id.as_bytes(), record.encode())
                 }
                 Change::Remove(id) => batch.remove(id.as_bytes()),
+                Change::Close(done) => {
+                    closed_by = Some(done);
+                    break;
+                }
             }
             count += 1;
         }
@@ -114,5 +113,8 @@ fn write_batches(tree: &sled::Tree, changes: &Receiver<Change>, dir: &std::path:
     }
     if let Err(error) = tree.flush() {
         tracing::error!(dir = %dir.display(), %error, "final connection record flush failed");
+    }
+    if let Some(done) = closed_by {
+        let _ = done.send(());
     }
 }

@@ -1,0 +1,145 @@
+//! The shard-owned state of one open connection: what pushes write to and what
+//! `GET @connections` reads. Only its shard touches it (`Rc`, `Cell`, `RefCell`: no locks).
+
+use std::cell::{Cell, RefCell};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::clock;
+use crate::connection_id::ConnectionId;
+use crate::disconnect::DisconnectReason;
+use crate::event::ConnectionFacts;
+use crate::metrics::Metrics;
+use crate::outbound::OutboundQueue;
+
+/// The connection is closed or closing: the push was not delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gone;
+
+/// What `GET @connections/{id}` reports.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub connected_at_ms: u64,
+    pub last_active_at_ms: u64,
+    pub source_ip: String,
+    pub user_agent: String,
+}
+
+pub struct Connection {
+    pub id: ConnectionId,
+    pub facts: ConnectionFacts,
+    /// Encoded frames waiting for the socket.
+    outbound: RefCell<OutboundQueue>,
+    /// Wakes the session: frames were queued, a close was requested, or an in-flight
+    /// integration finished.
+    wake: Notify,
+    /// Monotonic time of the last frame in either direction, for the idle timeout.
+    last_active: Cell<Instant>,
+    /// The same moment as wall-clock epoch milliseconds, for `lastActiveAt`.
+    last_active_ms: Cell<u64>,
+    /// Set by `DELETE @connections` or an overflow; the session closes with it.
+    close_request: RefCell<Option<DisconnectReason>>,
+    /// No more pushes are accepted once the session has begun closing.
+    closing: Cell<bool>,
+    /// Integration calls running for this connection's messages.
+    in_flight: Cell<usize>,
+}
+
+impl Connection {
+    pub fn new(id: ConnectionId, facts: ConnectionFacts, queue: OutboundQueue) -> Self {
+        Self {
+            id,
+            last_active: Cell::new(Instant::now()),
+            last_active_ms: Cell::new(facts.connected_at_ms),
+            facts,
+            outbound: RefCell::new(queue),
+            wake: Notify::new(),
+            close_request: RefCell::new(None),
+            closing: Cell::new(false),
+            in_flight: Cell::new(0),
+        }
+    }
+
+    /// Queues an encoded frame. A connection that cannot take it is closed as a slow
+    /// consumer and the push reports [`Gone`].
+    pub fn push(&self, frame: Bytes, metrics: &Metrics) -> Result<(), Gone> {
+        if self.closing.get() || self.close_request.borrow().is_some() {
+            return Err(Gone);
+        }
+        if self.outbound.borrow_mut().push(frame).is_err() {
+            metrics.slow_consumer_disconnects.inc();
+            self.request_close(DisconnectReason::SlowConsumer);
+            return Err(Gone);
+        }
+        metrics.messages_sent.inc();
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Asks the session to close with `reason` (the first request wins).
+    pub fn request_close(&self, reason: DisconnectReason) {
+        let mut request = self.close_request.borrow_mut();
+        if request.is_none() && !self.closing.get() {
+            *request = Some(reason);
+            self.wake.notify_one();
+        }
+    }
+
+    pub(crate) fn take_close_request(&self) -> Option<DisconnectReason> {
+        self.close_request.borrow_mut().take()
+    }
+
+    pub(crate) fn begin_closing(&self) {
+        self.closing.set(true);
+    }
+
+    pub(crate) fn outbound(&self) -> &RefCell<OutboundQueue> {
+        &self.outbound
+    }
+
+    pub(crate) async fn woken(&self) {
+        self.wake.notified().await;
+    }
+
+    pub(crate) fn touch(&self) {
+        self.last_active.set(Instant::now());
+        self.last_active_ms.set(clock::now_ms());
+    }
+
+    pub(crate) fn last_active(&self) -> Instant {
+        self.last_active.get()
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.get()
+    }
+
+    /// Counts an integration call for the duration of the returned guard.
+    pub(crate) fn start_call(self: &std::rc::Rc<Self>) -> InFlightCall {
+        self.in_flight.set(self.in_flight.get() + 1);
+        InFlightCall(self.clone())
+    }
+
+    pub fn info(&self) -> ConnectionInfo {
+        ConnectionInfo {
+            connected_at_ms: self.facts.connected_at_ms,
+            last_active_at_ms: self.last_active_ms.get(),
+            source_ip: self.facts.source_ip.clone(),
+            user_agent: self.facts.user_agent.clone(),
+        }
+    }
+}
+
+/// Marks one integration call in flight; dropping it lets the session read again.
+pub(crate) struct InFlightCall(std::rc::Rc<Connection>);
+
+impl Drop for InFlightCall {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .set(self.0.in_flight.get().saturating_sub(1));
+        self.0.wake.notify_one();
+    }
+}

@@ -1,0 +1,83 @@
+//! Why a connection ended: decides the close code the client gets, the
+//! `disconnectStatusCode` / `disconnectReason` of the `$disconnect` event, and the metric
+//! label, in one place.
+
+use crate::frame::{ProtocolError, close_code};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DisconnectReason {
+    /// The client sent a close frame (with this code, if any).
+    ClientClosed(Option<u16>, String),
+    /// The TCP connection dropped without a close frame.
+    ConnectionLost,
+    /// `DELETE @connections/{id}`.
+    Deleted,
+    IdleTimeout,
+    MaxDuration,
+    /// The client broke a limit or the protocol.
+    BadFrame(ProtocolError),
+    ServerShutdown,
+    /// The outbound queue overflowed.
+    SlowConsumer,
+    /// A crash cut the connection; reported at the next start.
+    GatewayRestarted,
+}
+
+impl DisconnectReason {
+    /// The close code sent to the client and reported as `disconnectStatusCode`.
+    pub fn status_code(&self) -> u16 {
+        match self {
+            Self::ClientClosed(code, _) => code.unwrap_or(close_code::NO_STATUS),
+            Self::ConnectionLost | Self::GatewayRestarted => close_code::ABNORMAL,
+            Self::Deleted => close_code::NORMAL,
+            Self::IdleTimeout | Self::MaxDuration | Self::ServerShutdown => close_code::GOING_AWAY,
+            Self::BadFrame(error) => error.close_code(),
+            Self::SlowConsumer => close_code::POLICY_VIOLATION,
+        }
+    }
+
+    /// The `reason` label of `switchboard_disconnects_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::ClientClosed(..) => "client_closed",
+            Self::ConnectionLost => "connection_lost",
+            Self::Deleted => "deleted",
+            Self::IdleTimeout => "idle_timeout",
+            Self::MaxDuration => "max_duration",
+            Self::BadFrame(ProtocolError::FrameTooLarge { .. }) => "frame_too_large",
+            Self::BadFrame(ProtocolError::MessageTooLarge { .. }) => "message_too_large",
+            Self::BadFrame(ProtocolError::InvalidUtf8) => "invalid_utf8",
+            Self::BadFrame(ProtocolError::Violation(_)) => "protocol_error",
+            Self::ServerShutdown => "server_shutdown",
+            Self::SlowConsumer => "slow_consumer",
+            Self::GatewayRestarted => "gateway_restarted",
+        }
+    }
+
+    /// `disconnectReason` in the `$disconnect` event, and the close frame's reason.
+    pub fn description(&self) -> String {
+        match self {
+            Self::ClientClosed(_, reason) if !reason.is_empty() => {
+                format!("client closed: {reason}")
+            }
+            Self::ClientClosed(..) => "client closed".into(),
+            Self::ConnectionLost => "connection lost".into(),
+            Self::Deleted => "connection deleted via @connections".into(),
+            Self::IdleTimeout => "idle timeout".into(),
+            Self::MaxDuration => "max connection duration reached".into(),
+            Self::BadFrame(error) => error.to_string(),
+            Self::ServerShutdown => "server shutdown".into(),
+            Self::SlowConsumer => "slow consumer".into(),
+            Self::GatewayRestarted => "gateway restarted".into(),
+        }
+    }
+
+    /// Whether the gateway sends a close frame (it does not echo a close it received
+    /// after the socket is gone).
+    pub fn server_initiated(&self) -> bool {
+        !matches!(
+            self,
+            Self::ConnectionLost | Self::GatewayRestarted | Self::ClientClosed(..)
+        )
+    }
+}

@@ -1,0 +1,266 @@
+//! Routing: which route a frame selects, and running that route's integration for
+//! `$connect`, messages and `$disconnect`.
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use crate::clock;
+use crate::config::{CONNECT_ROUTE, DEFAULT_ROUTE, DISCONNECT_ROUTE, Integration, Route};
+use crate::connection::Connection;
+use crate::disconnect::DisconnectReason;
+use crate::event::{
+    self, ApiFacts, ConnectionFacts, EventKind, EventStamp, HandshakeRequest, MessageBody,
+};
+use crate::frame::{self, Incoming, Opcode};
+use crate::gateway::Gateway;
+use crate::integration::{BackendReply, HttpIntegration, IntegrationError};
+use crate::shard::Shard;
+
+/// What `$connect` decided.
+pub enum ConnectOutcome {
+    Accept {
+        protocol: Option<String>,
+    },
+    /// Answer the handshake with `status`; `result` labels the metric.
+    Reject {
+        status: u16,
+        body: Bytes,
+        result: &'static str,
+    },
+}
+
+fn api_facts(gateway: &Gateway) -> ApiFacts<'_> {
+    ApiFacts {
+        stage: &gateway.config.api.stage,
+        api_id: &gateway.config.api.id,
+    }
+}
+
+/// Runs an `http` integration with timing and error metrics.
+async fn call_backend(
+    gateway: &Gateway,
+    http: &HttpIntegration,
+    route: &Route,
+    event: Vec<u8>,
+) -> Result<BackendReply, IntegrationError> {
+    let Integration::Http { url, timeout } = &route.integration else {
+        unreachable!("call_backend is only used for http integrations");
+    };
+    let started = Instant::now();
+    let result = http.call(url, *timeout, event).await;
+    gateway
+        .metrics
+        .integration_duration
+        .with_label_values(&[route.key.as_str(), "http"])
+        .observe(started.elapsed().as_secs_f64());
+    let error_kind = match &result {
+        Ok(reply) if !reply.is_success() => Some("status"),
+        Ok(_) => None,
+        Err(error) => Some(error.kind()),
+    };
+    if let Some(kind) = error_kind {
+        gateway
+            .metrics
+            .integration_errors
+            .with_label_values(&[route.key.as_str(), kind])
+            .inc();
+    }
+    result
+}
+
+/// Runs the `$connect` route: 2xx accepts, any other status is passed to the client
+/// verbatim, a backend that cannot be reached is a 502. No route accepts.
+pub async fn run_connect(
+    shard: &Rc<Shard>,
+    facts: &ConnectionFacts,
+    request: &HandshakeRequest,
+) -> ConnectOutcome {
+    let gateway = &shard.gateway;
+    let Some(route) = gateway.config.routes.get(CONNECT_ROUTE) else {
+        return ConnectOutcome::Accept { protocol: None };
+    };
+    if !matches!(route.integration, Integration::Http { .. }) {
+        return ConnectOutcome::Accept { protocol: None };
+    }
+    let request_id = shard.ids.borrow_mut().request_id();
+    let stamp = EventStamp {
+        request_id: &request_id,
+        now_ms: clock::now_ms(),
+    };
+    let event = event::build(
+        api_facts(gateway),
+        facts,
+        stamp,
+        EventKind::Connect(request),
+    );
+    match call_backend(gateway, &shard.http, route, event).await {
+        Ok(reply) if reply.is_success() => ConnectOutcome::Accept {
+            protocol: reply.header("sec-websocket-protocol").map(str::to_owned),
+        },
+        Ok(reply) => ConnectOutcome::Reject {
+            status: if (100..600).contains(&reply.status) && reply.status >= 300 {
+                reply.status
+            } else {
+                502
+            },
+            body: reply.body.unwrap_or_default(),
+            result: "rejected",
+        },
+        Err(error) => {
+            tracing::warn!(connection_id = %facts.connection_id, %error, "$connect integration failed");
+            ConnectOutcome::Reject {
+                status: 502,
+                body: Bytes::from_static(b"Bad Gateway"),
+                result: "backend_error",
+            }
+        }
+    }
+}
+
+/// Selects the route for a text or binary message and runs it.
+pub fn route_message(shard: &Rc<Shard>, connection: &Rc<Connection>, message: Incoming) {
+    let gateway = &shard.gateway;
+    let routes = &gateway.config.routes;
+    let selected = match &message {
+        Incoming::Text(text) => gateway
+            .config
+            .api
+            .route_selector
+            .evaluate_frame(text.as_bytes())
+            .and_then(|key| routes.get(&key)),
+        _ => None,
+    };
+    let Some(route) = selected.or_else(|| routes.get(DEFAULT_ROUTE)).cloned() else {
+        let request_id = shard.ids.borrow_mut().request_id();
+        send_error(shard, connection, "Forbidden", &request_id);
+        return;
+    };
+    gateway
+        .metrics
+        .messages_received
+        .with_label_values(&[route.key.as_str()])
+        .inc();
+    let metrics = &gateway.metrics;
+    match &route.integration {
+        Integration::Echo => {
+            let frame = match &message {
+                Incoming::Text(text) => frame::encode(Opcode::Text, text.as_bytes()),
+                Incoming::Binary(bytes) => frame::encode(Opcode::Binary, bytes),
+                _ => return,
+            };
+            let _ = connection.push(frame, metrics);
+        }
+        Integration::Mock { body } => {
+            if route.response {
+                let _ = connection.push(frame::encode(Opcode::Text, body.as_bytes()), metrics);
+            }
+        }
+        Integration::Http { .. } => {
+            let call = call_message_route(shard.clone(), connection.clone(), route, message);
+            shard.tasks.spawn_local(call);
+        }
+    }
+}
+
+async fn call_message_route(
+    shard: Rc<Shard>,
+    connection: Rc<Connection>,
+    route: std::sync::Arc<Route>,
+    message: Incoming,
+) {
+    let _in_flight = connection.start_call();
+    let (request_id, message_id) = {
+        let mut ids = shard.ids.borrow_mut();
+        (ids.request_id(), ids.request_id())
+    };
+    let body = match &message {
+        Incoming::Text(text) => MessageBody::Text(text),
+        Incoming::Binary(bytes) => MessageBody::Binary(bytes),
+        _ => return,
+    };
+    let stamp = EventStamp {
+        request_id: &request_id,
+        now_ms: clock::now_ms(),
+    };
+    let kind = EventKind::Message {
+        route_key: &route.key,
+        message_id: &message_id,
+        body,
+    };
+    let event = event::build(api_facts(&shard.gateway), &connection.facts, stamp, kind);
+    match call_backend(&shard.gateway, &shard.http, &route, event).await {
+        Ok(reply) if reply.is_success() => {
+            if let Some(body) = reply.body.filter(|_| route.response) {
+                let _ = connection.push(frame::encode_data(&body), &shard.gateway.metrics);
+            }
+        }
+        Ok(reply) => {
+            tracing::debug!(route = %route.key, status = reply.status, "backend answered with an error");
+            send_error(&shard, &connection, "Internal server error", &request_id);
+        }
+        Err(error) => {
+            tracing::warn!(route = %route.key, %error, "integration failed");
+            send_error(&shard, &connection, "Internal server error", &request_id);
+        }
+    }
+}
+
+/// Sends the AWS-style error frame; the connection stays open.
+fn send_error(shard: &Shard, connection: &Connection, message: &str, request_id: &str) {
+    let body = serde_json::json!({
+        "message": message,
+        "connectionId": connection.facts.connection_id,
+        "requestId": request_id,
+    });
+    let frame = frame::encode(Opcode::Text, body.to_string().as_bytes());
+    let _ = connection.push(frame, &shard.gateway.metrics);
+}
+
+/// Reports a closed connection to `$disconnect` (tracked, so shutdown waits for it) and
+/// forgets its record once reported.
+pub fn fire_disconnect(shard: &Rc<Shard>, facts: ConnectionFacts, reason: DisconnectReason) {
+    shard
+        .gateway
+        .metrics
+        .disconnects
+        .with_label_values(&[reason.label()])
+        .inc();
+    let request_id = shard.ids.borrow_mut().request_id();
+    let shard_for_task = shard.clone();
+    shard.tasks.spawn_local(async move {
+        let shard = shard_for_task;
+        report_disconnect(&shard.gateway, &shard.http, &facts, &request_id, &reason).await;
+        shard.gateway.records.remove(facts.connection_id);
+    });
+}
+
+/// Calls the `$disconnect` route, if it has a backend, for one closed connection.
+pub async fn report_disconnect(
+    gateway: &Gateway,
+    http: &HttpIntegration,
+    facts: &ConnectionFacts,
+    request_id: &str,
+    reason: &DisconnectReason,
+) {
+    let Some(route) = gateway.config.routes.get(DISCONNECT_ROUTE) else {
+        return;
+    };
+    if !matches!(route.integration, Integration::Http { .. }) {
+        return;
+    }
+    let description = reason.description();
+    let kind = EventKind::Disconnect {
+        status_code: reason.status_code(),
+        reason: &description,
+    };
+    let stamp = EventStamp {
+        request_id,
+        now_ms: clock::now_ms(),
+    };
+    let event = event::build(api_facts(gateway), facts, stamp, kind);
+    if let Err(error) = call_backend(gateway, http, route, event).await {
+        tracing::warn!(connection_id = %facts.connection_id, %error, "$disconnect integration failed");
+    }
+}

@@ -1,0 +1,21 @@
+//! State shared by every shard and the management API: fixed at start, read-only after
+//! (atomics inside the metrics aside).
+
+use std::sync::Arc;
+
+use switchboard_storage::RecordWriter;
+use tokio::sync::Semaphore;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+pub struct Gateway {
+    pub config: Config,
+    pub metrics: Metrics,
+    /// Batched writes of connection records.
+    pub records: RecordWriter,
+    /// This run's node epoch, part of every connectionId.
+    pub epoch: u32,
+    /// One permit per open (or opening) connection: `server.max_connections`.
+    pub connection_permits: Arc<Semaphore>,
+}

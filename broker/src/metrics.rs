@@ -1,0 +1,139 @@
+//! Every Prometheus metric the gateway exports, defined once with its help text.
+//!
+//! Labels stay low-cardinality: route keys (configured routes only), integration kinds,
+//! results and reasons from fixed sets. Never a connectionId or a room name.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+/// The gateway's metrics and the registry that exports them.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Connections currently open (after a successful `$connect`).
+    pub connections_active: IntGauge,
+    /// Handshakes by result: accepted, rejected (by `$connect`), not_found, over_capacity,
+    /// bad_request, backend_error.
+    pub connections_total: IntCounterVec,
+    /// Inbound messages by the route they were dispatched to.
+    pub messages_received: IntCounterVec,
+    /// Frames queued to clients (responses, pushes, error frames).
+    pub messages_sent: IntCounter,
+    /// Backend round-trip time by route and integration kind.
+    pub integration_duration: HistogramVec,
+    /// Failed integration calls by route and kind (timeout, unreachable, status).
+    pub integration_errors: IntCounterVec,
+    /// Closed connections by the reason `$disconnect` reports.
+    pub disconnects: IntCounterVec,
+    /// Connections closed because they could not keep up with their outbound queue.
+    pub slow_consumer_disconnects: IntCounter,
+    /// Bytes written to clients per vectored write: how well writes coalesce.
+    pub write_batch_bytes: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let metrics = Self {
+            connections_active: IntGauge::new(
+                "switchboard_connections_active",
+                "WebSocket connections currently open",
+            )
+            .unwrap_or_else(|_| unreachable!("static metric definition")),
+            connections_total: counter_vec(
+                "switchboard_connections_total",
+                "WebSocket handshakes by result",
+                &["result"],
+            ),
+            messages_received: counter_vec(
+                "switchboard_messages_received_total",
+                "Inbound messages by route",
+                &["route"],
+            ),
+            messages_sent: IntCounter::new(
+                "switchboard_messages_sent_total",
+                "Frames queued to clients",
+            )
+            .unwrap_or_else(|_| unreachable!("static metric definition")),
+            integration_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "switchboard_integration_duration_seconds",
+                    "Backend integration latency",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0,
+                ]),
+                &["route", "integration"],
+            )
+            .unwrap_or_else(|_| unreachable!("static metric definition")),
+            integration_errors: counter_vec(
+                "switchboard_integration_errors_total",
+                "Failed integration calls by route and kind",
+                &["route", "kind"],
+            ),
+            disconnects: counter_vec(
+                "switchboard_disconnects_total",
+                "Closed connections by reason",
+                &["reason"],
+            ),
+            slow_consumer_disconnects: IntCounter::new(
+                "switchboard_slow_consumer_disconnects_total",
+                "Connections closed because their outbound queue overflowed",
+            )
+            .unwrap_or_else(|_| unreachable!("static metric definition")),
+            write_batch_bytes: Histogram::with_opts(
+                HistogramOpts::new(
+                    "switchboard_write_batch_bytes",
+                    "Bytes per vectored socket write to a client",
+                )
+                .buckets(prometheus::exponential_buckets(64.0, 4.0, 9).unwrap_or_default()),
+            )
+            .unwrap_or_else(|_| unreachable!("static metric definition")),
+            registry,
+        };
+        metrics.register_all();
+        metrics
+    }
+
+    fn register_all(&self) {
+        let collectors: [Box<dyn prometheus::core::Collector>; 9] = [
+            Box::new(self.connections_active.clone()),
+            Box::new(self.connections_total.clone()),
+            Box::new(self.messages_received.clone()),
+            Box::new(self.messages_sent.clone()),
+            Box::new(self.integration_duration.clone()),
+            Box::new(self.integration_errors.clone()),
+            Box::new(self.disconnects.clone()),
+            Box::new(self.slow_consumer_disconnects.clone()),
+            Box::new(self.write_batch_bytes.clone()),
+        ];
+        for collector in collectors {
+            if let Err(error) = self.registry.register(collector) {
+                tracing::error!(%error, "metric registration failed");
+            }
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(%error, "metric encoding failed");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|_| unreachable!("static metric definition"))
+}

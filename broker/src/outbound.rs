@@ -1,0 +1,124 @@
+//! A connection's bounded queue of encoded frames waiting to be written.
+//!
+//! Frames are refcounted [`Bytes`] shared by every recipient of a broadcast. The writer
+//! drains the queue with vectored writes, so whatever piled up while the socket was busy
+//! leaves in one system call. Overflow rule: a push that would exceed either bound is
+//! refused, and the caller disconnects the connection as a slow consumer.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use bytes::{Buf, Bytes};
+
+/// Most frames handed to one vectored write (Linux accepts up to 1024 iovecs).
+pub const MAX_IOVECS: usize = 64;
+
+/// The push would exceed the queue's bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueFull;
+
+#[derive(Debug)]
+pub struct OutboundQueue {
+    frames: VecDeque<Bytes>,
+    queued_bytes: usize,
+    max_frames: usize,
+    max_bytes: usize,
+}
+
+impl OutboundQueue {
+    pub fn new(max_frames: usize, max_bytes: usize) -> Self {
+        Self {
+            frames: VecDeque::new(),
+            queued_bytes: 0,
+            max_frames,
+            max_bytes,
+        }
+    }
+
+    /// Queues `frame`, or refuses it if a bound would be exceeded.
+    pub fn push(&mut self, frame: Bytes) -> Result<(), QueueFull> {
+        if self.frames.len() >= self.max_frames || self.queued_bytes + frame.len() > self.max_bytes
+        {
+            return Err(QueueFull);
+        }
+        self.queued_bytes += frame.len();
+        self.frames.push_back(frame);
+        Ok(())
+    }
+
+    /// Queues a frame regardless of the bounds (a close frame must always get out).
+    pub fn push_unbounded(&mut self, frame: Bytes) {
+        self.queued_bytes += frame.len();
+        self.frames.push_back(frame);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// Fills `slices` with the front of the queue; returns how many were filled.
+    pub fn io_slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
+        let mut filled = 0;
+        for (slot, frame) in slices.iter_mut().zip(&self.frames) {
+            *slot = IoSlice::new(frame);
+            filled += 1;
+        }
+        filled
+    }
+
+    /// Drops `written` bytes from the front (a partial frame keeps its tail).
+    pub fn consume(&mut self, mut written: usize) {
+        self.queued_bytes -= written.min(self.queued_bytes);
+        while written > 0 {
+            let Some(front) = self.frames.front_mut() else {
+                break;
+            };
+            if written >= front.len() {
+                written -= front.len();
+                self.frames.pop_front();
+            } else {
+                front.advance(written);
+                written = 0;
+            }
+        }
+        if self.frames.is_empty() {
+            // An idle connection keeps no queue allocation.
+            self.frames = VecDeque::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_refuse_overflow() {
+        let mut queue = OutboundQueue::new(2, 10);
+        assert!(queue.push(Bytes::from_static(b"aaaa")).is_ok());
+        assert!(queue.push(Bytes::from_static(b"bbbbbbb")).is_err());
+        assert!(queue.push(Bytes::from_static(b"bb")).is_ok());
+        assert_eq!(queue.push(Bytes::from_static(b"c")), Err(QueueFull));
+        queue.push_unbounded(Bytes::from_static(b"close"));
+        assert_eq!(queue.queued_bytes(), 11);
+    }
+
+    #[test]
+    fn partial_writes_keep_the_tail() {
+        let mut queue = OutboundQueue::new(10, 100);
+        queue.push(Bytes::from_static(b"hello")).unwrap();
+        queue.push(Bytes::from_static(b"world")).unwrap();
+        queue.consume(7);
+        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+        let n = queue.io_slices(&mut slices);
+        assert_eq!(n, 1);
+        assert_eq!(&*slices[0], b"rld");
+        queue.consume(3);
+        assert!(queue.is_empty());
+        assert_eq!(queue.queued_bytes(), 0);
+    }
+}

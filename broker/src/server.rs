@@ -1,0 +1,199 @@
+//! Wiring: bind the sockets, open storage, start the shards and the management API, and
+//! stop them all in order on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use switchboard_storage::{ConnectionRecord, Storage, StorageError};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::connection_id::IdMinter;
+use crate::disconnect::DisconnectReason;
+use crate::dispatch;
+use crate::event::ConnectionFacts;
+use crate::gateway::Gateway;
+use crate::integration::HttpIntegration;
+use crate::management::{self, ApiState};
+use crate::metrics::Metrics;
+use crate::shard::{self, ShardHandle};
+
+/// Pending connections the kernel queues per listening socket.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Why the gateway could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("cannot start {what}: {source}")]
+    Start {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The bound sockets: one SO_REUSEPORT listener per shard for clients, one for the
+/// management API. Bound before [`serve`] so callers (and tests, with port 0) know the
+/// addresses.
+pub struct Listeners {
+    gateway: Vec<std::net::TcpListener>,
+    management: std::net::TcpListener,
+}
+
+impl Listeners {
+    /// Binds `server.listen` once per shard and `management.listen`.
+    pub fn bind(config: &Config) -> std::io::Result<Self> {
+        let first = reuseport_listener(config.server.listen)?;
+        let address = first.local_addr()?;
+        let mut gateway = vec![first];
+        for _ in 1..config.server.shards {
+            gateway.push(reuseport_listener(address)?);
+        }
+        let management = std::net::TcpListener::bind(config.management.listen)?;
+        management.set_nonblocking(true)?;
+        Ok(Self {
+            gateway,
+            management,
+        })
+    }
+
+    /// Where clients connect.
+    pub fn gateway_addr(&self) -> SocketAddr {
+        self.gateway[0]
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Where the management API listens.
+    pub fn management_addr(&self) -> SocketAddr {
+        self.management
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+}
+
+fn reuseport_listener(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Runs the gateway until `shutdown` is cancelled, then closes every connection with 1001,
+/// fires `$disconnect` for each, flushes storage and returns.
+pub async fn serve(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let storage = Storage::open(&config.server.data_dir)?;
+    let epoch = storage.next_epoch()?;
+    let orphans = storage.connection_records()?;
+    let records = storage.record_writer();
+    let gateway = Arc::new(Gateway {
+        connection_permits: Arc::new(Semaphore::new(config.server.max_connections)),
+        config,
+        metrics: Metrics::new(),
+        records,
+        epoch,
+    });
+    let orphan_report = tokio::spawn(report_orphans(gateway.clone(), orphans));
+
+    let mut handles: Vec<ShardHandle> = Vec::new();
+    let mut threads = Vec::new();
+    for (index, listener) in listeners.gateway.into_iter().enumerate() {
+        let (handle, thread) =
+            shard::spawn(index as u16, listener, gateway.clone(), shutdown.clone()).map_err(
+                |source| ServeError::Start {
+                    what: "shard thread",
+                    source,
+                },
+            )?;
+        handles.push(handle);
+        threads.push(thread);
+    }
+    tracing::info!(
+        shards = handles.len(),
+        epoch,
+        stage = %gateway.config.api.stage,
+        "gateway started"
+    );
+
+    let management = tokio::net::TcpListener::from_std(listeners.management).map_err(|source| {
+        ServeError::Start {
+            what: "management listener",
+            source,
+        }
+    })?;
+    let app = management::router(ApiState {
+        gateway: gateway.clone(),
+        shards: handles.into(),
+    });
+    let stop = shutdown.clone();
+    let served = axum::serve(management, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+    if let Err(error) = served {
+        tracing::error!(%error, "management API failed");
+        shutdown.cancel();
+    }
+
+    // Shards close their connections and wait (bounded) for `$disconnect` calls.
+    let joined = tokio::task::spawn_blocking(move || {
+        for thread in threads {
+            let _ = thread.join();
+        }
+    });
+    let _ = joined.await;
+    // Unreported orphans keep their records and are reported at the next start.
+    orphan_report.abort();
+    let _ = orphan_report.await;
+    let records = gateway.records.clone();
+    let _ = tokio::task::spawn_blocking(move || records.close()).await;
+    storage.flush()?;
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+/// Reports connections a crash cut (records left by the previous run) to `$disconnect`.
+async fn report_orphans(gateway: Arc<Gateway>, orphans: Vec<ConnectionRecord>) {
+    if orphans.is_empty() {
+        return;
+    }
+    tracing::info!(
+        count = orphans.len(),
+        "reporting connections cut by an unclean stop"
+    );
+    let http = HttpIntegration::new();
+    let shards = gateway.config.server.shards as u16;
+    let mut ids = IdMinter::new(gateway.config.server.node_id, shards, gateway.epoch);
+    let domain_name = gateway.config.server.listen.to_string();
+    for record in orphans {
+        let facts = ConnectionFacts {
+            connection_id: record.connection_id,
+            connected_at_ms: record.connected_at_ms,
+            source_ip: record.source_ip,
+            user_agent: record.user_agent,
+            domain_name: domain_name.clone(),
+        };
+        let reason = DisconnectReason::GatewayRestarted;
+        gateway
+            .metrics
+            .disconnects
+            .with_label_values(&[reason.label()])
+            .inc();
+        dispatch::report_disconnect(&gateway, &http, &facts, &ids.request_id(), &reason).await;
+        gateway.records.remove(facts.connection_id);
+    }
+}

@@ -1,0 +1,332 @@
+//! One client connection from the first byte to `$disconnect`: handshake (with the
+//! `$connect` route), then one task that reads frames, writes queued frames and keeps the
+//! timers, and finally the `$disconnect` route, exactly once.
+//!
+//! An idle connection holds no read or write buffer: reads go into the shard's scratch
+//! buffer and only an incomplete frame is kept; the outbound queue is empty.
+
+use std::cell::RefCell;
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::clock;
+use crate::connection::Connection;
+use crate::disconnect::DisconnectReason;
+use crate::dispatch::{self, ConnectOutcome};
+use crate::event::ConnectionFacts;
+use crate::frame::{self, Incoming, MessageDecoder, Opcode, close_code};
+use crate::handshake::{self, ReadError};
+use crate::outbound::{MAX_IOVECS, OutboundQueue};
+use crate::shard::Shard;
+
+/// Size of the per-shard read buffer every connection on the shard borrows.
+const SCRATCH_BYTES: usize = 64 * 1024;
+/// Integration calls one connection may have running; past it, its frames wait in the
+/// kernel's socket buffer (backpressure to the client).
+const MAX_IN_FLIGHT: usize = 32;
+/// How long a closing connection gets to take its last frames and the close frame.
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH_BYTES]);
+}
+
+/// Runs a connection accepted by `shard`.
+pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
+    let gateway = shard.gateway.clone();
+    let metrics = &gateway.metrics;
+    let _ = stream.set_nodelay(true);
+    let limits = &gateway.config.limits;
+    let upgrade = match handshake::read_upgrade(
+        &mut stream,
+        &gateway.config.api.stage,
+        limits.handshake_timeout,
+    )
+    .await
+    {
+        Ok(upgrade) => upgrade,
+        Err(ReadError::Rejected(rejection)) => {
+            metrics
+                .connections_total
+                .with_label_values(&[rejection.label()])
+                .inc();
+            let body = rejection.to_string();
+            handshake::respond_and_close(
+                &mut stream,
+                &handshake::error_response(rejection.status(), body.as_bytes()),
+            )
+            .await;
+            return;
+        }
+        Err(error) => {
+            tracing::debug!(%peer, %error, "handshake abandoned");
+            return;
+        }
+    };
+    let Ok(_permit) = gateway.connection_permits.clone().try_acquire_owned() else {
+        metrics
+            .connections_total
+            .with_label_values(&["over_capacity"])
+            .inc();
+        let response = handshake::error_response(503, b"connection limit reached");
+        handshake::respond_and_close(&mut stream, &response).await;
+        return;
+    };
+
+    let id = shard.ids.borrow_mut().connection_id();
+    let facts = ConnectionFacts {
+        connection_id: id.to_string(),
+        connected_at_ms: clock::now_ms(),
+        source_ip: peer.ip().to_string(),
+        user_agent: upgrade.user_agent.clone(),
+        domain_name: upgrade.host.clone(),
+    };
+
+    let protocol = match dispatch::run_connect(&shard, &facts, &upgrade.request).await {
+        ConnectOutcome::Accept { protocol } => protocol,
+        ConnectOutcome::Reject {
+            status,
+            body,
+            result,
+        } => {
+            metrics.connections_total.with_label_values(&[result]).inc();
+            handshake::respond_and_close(&mut stream, &handshake::error_response(status, &body))
+                .await;
+            return;
+        }
+    };
+    let response = handshake::switching_protocols(&upgrade.key, protocol.as_deref());
+    if stream.write_all(&response).await.is_err() {
+        // The client left before the 101; `$connect` succeeded, so `$disconnect` is owed.
+        dispatch::fire_disconnect(&shard, facts, DisconnectReason::ConnectionLost);
+        return;
+    }
+    metrics
+        .connections_total
+        .with_label_values(&["accepted"])
+        .inc();
+    metrics.connections_active.inc();
+
+    let connection = Rc::new(Connection::new(
+        id,
+        facts,
+        OutboundQueue::new(limits.outbound_queue_frames, limits.outbound_queue_bytes),
+    ));
+    gateway
+        .records
+        .upsert(switchboard_storage::ConnectionRecord {
+            connection_id: connection.facts.connection_id.clone(),
+            connected_at_ms: connection.facts.connected_at_ms,
+            last_active_at_ms: connection.facts.connected_at_ms,
+            source_ip: connection.facts.source_ip.clone(),
+            user_agent: connection.facts.user_agent.clone(),
+        });
+    shard.register(connection.clone());
+    let mut decoder = MessageDecoder::new(limits.max_frame_bytes, limits.max_message_bytes);
+    let reason = serve(
+        &shard,
+        &mut stream,
+        &connection,
+        &mut decoder,
+        &upgrade.leftover,
+    )
+    .await;
+    let reason = close(&mut stream, &connection, reason).await;
+
+    shard.unregister(id);
+    metrics.connections_active.dec();
+    tracing::debug!(
+        connection_id = %connection.facts.connection_id,
+        %peer,
+        reason = %reason.description(),
+        "connection closed"
+    );
+    let facts = connection.facts.clone();
+    dispatch::fire_disconnect(&shard, facts, reason);
+}
+
+/// Reads, dispatches and writes until the connection must end; returns why.
+async fn serve(
+    shard: &Rc<Shard>,
+    stream: &mut TcpStream,
+    connection: &Rc<Connection>,
+    decoder: &mut MessageDecoder,
+    leftover: &[u8],
+) -> DisconnectReason {
+    let limits = &shard.gateway.config.limits;
+    let max_deadline = Instant::now() + limits.max_connection_duration;
+    let mut incoming = Vec::new();
+    if let Err(error) = decoder.decode(leftover, &mut incoming) {
+        return DisconnectReason::BadFrame(error);
+    }
+    loop {
+        for message in incoming.drain(..) {
+            if let Some(reason) = handle_incoming(shard, connection, message) {
+                return reason;
+            }
+        }
+        if let Some(reason) = connection.take_close_request() {
+            return reason;
+        }
+        let pending = match flush(stream, connection, shard) {
+            Ok(pending) => pending,
+            Err(_) => return DisconnectReason::ConnectionLost,
+        };
+        let idle_deadline = Instant::from_std(connection.last_active()) + limits.idle_timeout;
+        let can_read = connection.in_flight() < MAX_IN_FLIGHT;
+        tokio::select! {
+            biased;
+            _ = shard.shutdown.cancelled() => return DisconnectReason::ServerShutdown,
+            _ = connection.woken() => {}
+            ready = stream.writable(), if pending => {
+                if ready.is_err() {
+                    return DisconnectReason::ConnectionLost;
+                }
+            }
+            ready = stream.readable(), if can_read => {
+                if ready.is_err() {
+                    return DisconnectReason::ConnectionLost;
+                }
+                match read_frames(stream, decoder, &mut incoming) {
+                    Ok(true) => connection.touch(),
+                    Ok(false) => {}
+                    Err(reason) => return reason,
+                }
+            }
+            _ = tokio::time::sleep_until(idle_deadline) => {
+                if connection.last_active().elapsed() >= limits.idle_timeout {
+                    return DisconnectReason::IdleTimeout;
+                }
+            }
+            _ = tokio::time::sleep_until(max_deadline) => return DisconnectReason::MaxDuration,
+        }
+    }
+}
+
+/// Acts on one client message; `Some` ends the connection.
+fn handle_incoming(
+    shard: &Rc<Shard>,
+    connection: &Rc<Connection>,
+    message: Incoming,
+) -> Option<DisconnectReason> {
+    match message {
+        Incoming::Text(_) | Incoming::Binary(_) => {
+            dispatch::route_message(shard, connection, message)
+        }
+        Incoming::Ping(payload) => {
+            let _ = connection.push(
+                frame::encode(Opcode::Pong, &payload),
+                &shard.gateway.metrics,
+            );
+        }
+        Incoming::Pong => {}
+        Incoming::Close(code, reason) => return Some(DisconnectReason::ClientClosed(code, reason)),
+    }
+    None
+}
+
+/// Reads what the socket has into the shard's scratch buffer and decodes it.
+/// `Ok(true)` if bytes arrived, `Ok(false)` on a spurious wake-up.
+fn read_frames(
+    stream: &TcpStream,
+    decoder: &mut MessageDecoder,
+    incoming: &mut Vec<Incoming>,
+) -> Result<bool, DisconnectReason> {
+    SCRATCH.with_borrow_mut(|scratch| match stream.try_read(scratch) {
+        Ok(0) => Err(DisconnectReason::ConnectionLost),
+        Ok(n) => decoder
+            .decode(&scratch[..n], incoming)
+            .map(|()| true)
+            .map_err(DisconnectReason::BadFrame),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        Err(_) => Err(DisconnectReason::ConnectionLost),
+    })
+}
+
+/// Writes as much of the outbound queue as the socket takes without waiting, one
+/// vectored write per batch. Returns whether bytes remain queued.
+fn flush(stream: &TcpStream, connection: &Connection, shard: &Shard) -> std::io::Result<bool> {
+    let mut queue = connection.outbound().borrow_mut();
+    let mut wrote = false;
+    loop {
+        if queue.is_empty() {
+            if wrote {
+                connection.touch();
+            }
+            return Ok(false);
+        }
+        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+        let count = queue.io_slices(&mut slices);
+        match stream.try_write_vectored(&slices[..count]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(written) => {
+                shard
+                    .gateway
+                    .metrics
+                    .write_batch_bytes
+                    .observe(written as f64);
+                queue.consume(written);
+                wrote = true;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sends the close frame `reason` calls for (after whatever is already queued), gives the
+/// socket a moment to take it, and shuts the connection down.
+async fn close(
+    stream: &mut TcpStream,
+    connection: &Connection,
+    reason: DisconnectReason,
+) -> DisconnectReason {
+    connection.begin_closing();
+    if reason == DisconnectReason::ConnectionLost {
+        return reason;
+    }
+    let close_frame = match &reason {
+        DisconnectReason::ClientClosed(code, _) => {
+            frame::encode_close(code.unwrap_or(close_code::NORMAL), "")
+        }
+        other => frame::encode_close(other.status_code(), &other.description()),
+    };
+    let mut queue = connection.outbound().borrow_mut();
+    if reason == DisconnectReason::SlowConsumer {
+        // Whatever it did not read is abandoned; only the verdict goes out.
+        *queue = OutboundQueue::new(1, close_frame.len());
+    }
+    queue.push_unbounded(close_frame);
+    drop(queue);
+    let deadline = Instant::now() + CLOSE_FLUSH;
+    loop {
+        let mut queue = connection.outbound().borrow_mut();
+        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+        let count = queue.io_slices(&mut slices);
+        if count == 0 {
+            break;
+        }
+        match stream.try_write_vectored(&slices[..count]) {
+            Ok(0) => break,
+            Ok(written) => queue.consume(written),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                drop(queue);
+                if tokio::time::timeout_at(deadline, stream.writable())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let _ = tokio::time::timeout_at(deadline, stream.shutdown()).await;
+    reason
+}
