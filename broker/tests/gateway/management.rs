@@ -1,0 +1,238 @@
+//! The `@connections` API in AWS's wire format, `/health` and `/metrics`.
+
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn post_get_delete_round_trip() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&config_with(&backend, "")).await;
+    let (mut ws, id) = gateway.connect_with_id(&backend).await;
+    let client = http();
+    let url = gateway.api_url(&format!("/@connections/{id}"));
+
+    let response = client.post(&url).body("pushed text").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(next_text(&mut ws).await, "pushed text");
+
+    let response = client
+        .post(&url)
+        .body(vec![0xffu8, 0xfe])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        next_message(&mut ws).await,
+        Message::binary(vec![0xffu8, 0xfe])
+    );
+
+    let response = client.get(&url).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let status: serde_json::Value =
+        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert!(status["connectedAt"].as_str().unwrap().ends_with('Z'));
+    assert!(status["lastActiveAt"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(status["identity"]["sourceIp"], "127.0.0.1");
+    assert!(status["identity"]["userAgent"].is_string());
+
+    let response = client.delete(&url).send().await.unwrap();
+    assert_eq!(response.status(), 204);
+    assert_eq!(close_code(&mut ws).await, 1000);
+    let event = backend.wait_for("/disconnect", |_| true).await;
+    assert_eq!(event["requestContext"]["connectionId"], id.as_str());
+
+    let response = client.post(&url).body("late").send().await.unwrap();
+    assert_eq!(response.status(), 410);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn percent_encoded_ids_are_decoded() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&config_with(&backend, "")).await;
+    let (mut ws, id) = gateway.connect_with_id(&backend).await;
+    // SDKs percent-encode every character outside the unreserved set.
+    let encoded: String = id
+        .chars()
+        .map(|c| {
+            if c == '-' || c == '_' {
+                format!("%{:02X}", c as u8)
+            } else {
+                c.to_string()
+            }
+        })
+        .collect();
+    let url = gateway.api_url(&format!("/@connections/{encoded}"));
+    let response = http()
+        .post(&url)
+        .body("via encoded id")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(next_text(&mut ws).await, "via encoded id");
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_ids_are_gone_with_the_aws_error_shape() {
+    let gateway = TestGateway::start("").await;
+    let client = http();
+    for id in ["nonsense", "abc%3D", "AAAAAAAAAAAAAAAAAAAAAA"] {
+        for method in [
+            reqwest::Method::POST,
+            reqwest::Method::GET,
+            reqwest::Method::DELETE,
+        ] {
+            let url = gateway.api_url(&format!("/@connections/{id}"));
+            let response = client.request(method.clone(), &url).send().await.unwrap();
+            assert_eq!(response.status(), 410, "{method} {id}");
+            assert_eq!(response.headers()["x-amzn-errortype"], "GoneException");
+            let body: serde_json::Value =
+                serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+            assert!(body["message"].as_str().unwrap().contains("gone"));
+        }
+    }
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn oversize_push_is_413_and_the_connection_is_unharmed() {
+    let backend = Backend::start().await;
+    let config = config_with(
+        &backend,
+        "[limits]\nmax_frame_bytes = 1024\nmax_message_bytes = 2048",
+    );
+    let gateway = TestGateway::start(&config).await;
+    let (mut ws, id) = gateway.connect_with_id(&backend).await;
+    let url = gateway.api_url(&format!("/@connections/{id}"));
+    let response = http()
+        .post(&url)
+        .body(vec![b'x'; 2049])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    assert_eq!(
+        response.headers()["x-amzn-errortype"],
+        "PayloadTooLargeException"
+    );
+    let response = http()
+        .post(&url)
+        .body(vec![b'y'; 2048])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(next_text(&mut ws).await, "y".repeat(2048));
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_stage_is_404() {
+    let gateway = TestGateway::start("").await;
+    let url = format!("http://{}/prod/@connections/abc", gateway.api_addr);
+    let response = http().post(&url).body("x").send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_guard_the_api() {
+    let backend = Backend::start().await;
+    let config = config_with(&backend, "[management]\ntokens = [\"s3cret\"]");
+    let gateway = TestGateway::start(&config).await;
+    let (mut ws, id) = gateway.connect_with_id(&backend).await;
+    let url = gateway.api_url(&format!("/@connections/{id}"));
+    let client = http();
+    assert_eq!(
+        client.post(&url).body("x").send().await.unwrap().status(),
+        403
+    );
+    let wrong = client
+        .post(&url)
+        .bearer_auth("nope")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 403);
+    let right = client
+        .post(&url)
+        .bearer_auth("s3cret")
+        .body("ok")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right.status(), 200);
+    assert_eq!(next_text(&mut ws).await, "ok");
+    let sigv4 = "AWS4-HMAC-SHA256 Credential=s3cret/20261125/us-east-1/execute-api/aws4_request, SignedHeaders=host, Signature=0";
+    let signed = client
+        .get(&url)
+        .header("Authorization", sigv4)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status(), 200);
+    let health = client
+        .get(format!("http://{}/health", gateway.api_addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200, "health needs no token");
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_metrics() {
+    let backend = Backend::start().await;
+    let config = config_with(
+        &backend,
+        &format!(
+            "[routes.talk]\nintegration = {{ type = \"http\", url = \"{}/reply\" }}\nresponse = true\n[routes.\"$default\"]\nintegration = {{ type = \"echo\" }}",
+            backend.url
+        ),
+    );
+    let gateway = TestGateway::start(&config).await;
+    let client = http();
+    let health = client
+        .get(format!("http://{}/health", gateway.api_addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+
+    let mut ws = gateway.connect().await;
+    send_text(&mut ws, r#"{"action":"talk"}"#).await;
+    next_text(&mut ws).await;
+    send_text(&mut ws, "echo me").await;
+    next_text(&mut ws).await;
+    assert_eq!(
+        handshake_status(&format!("ws://{}/nope", gateway.ws_addr)).await,
+        404
+    );
+
+    let text = client
+        .get(format!("http://{}/metrics", gateway.api_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for expected in [
+        "switchboard_connections_active 1",
+        "switchboard_connections_total{result=\"accepted\"} 1",
+        "switchboard_connections_total{result=\"not_found\"} 1",
+        "switchboard_messages_received_total{route=\"talk\"} 1",
+        "switchboard_messages_received_total{route=\"$default\"} 1",
+        "switchboard_messages_sent_total 2",
+        "switchboard_integration_duration_seconds_count{integration=\"http\",route=\"talk\"} 1",
+    ] {
+        assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
+    }
+    drop(ws);
+    gateway.stop().await;
+}

@@ -1,0 +1,398 @@
+//! Shared setup for the gateway's integration tests: the real gateway on port 0 with sled
+//! in a temp dir, a real HTTP backend (axum) that records every event it receives, real
+//! WebSocket clients, and a raw-socket client for frames no well-behaved library sends.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use switchboard::{Listeners, RawConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+pub(crate) type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A gateway running in this process.
+pub(crate) struct TestGateway {
+    pub(crate) ws_addr: SocketAddr,
+    pub(crate) api_addr: SocketAddr,
+    pub(crate) stage: String,
+    shutdown: CancellationToken,
+    served: Option<tokio::task::JoinHandle<Result<(), switchboard::ServeError>>>,
+    /// Keeps the data dir alive as long as the gateway (and for a restart on it).
+    pub(crate) data_dir: Arc<tempfile::TempDir>,
+}
+
+impl TestGateway {
+    /// Starts a gateway with `config` (TOML) on ephemeral ports and 2 shards.
+    pub(crate) async fn start(config: &str) -> Self {
+        Self::start_in(config, Arc::new(tempfile::tempdir().unwrap())).await
+    }
+
+    /// Starts a gateway on an existing data dir.
+    pub(crate) async fn start_in(config: &str, data_dir: Arc<tempfile::TempDir>) -> Self {
+        let mut raw = RawConfig::parse(config).expect("test config parses");
+        raw.server.listen = "127.0.0.1:0".into();
+        raw.management.listen = "127.0.0.1:0".into();
+        if raw.server.shards == 0 {
+            raw.server.shards = 2;
+        }
+        raw.server.data_dir = data_dir.path().to_path_buf();
+        let config = raw.validate().expect("test config is valid");
+        let listeners = Listeners::bind(&config).unwrap();
+        let shutdown = CancellationToken::new();
+        let ws_addr = listeners.gateway_addr();
+        let api_addr = listeners.management_addr();
+        let stage = config.api.stage.clone();
+        let served = tokio::spawn(switchboard::serve(config, listeners, shutdown.clone()));
+        Self {
+            ws_addr,
+            api_addr,
+            stage,
+            shutdown,
+            served: Some(served),
+            data_dir,
+        }
+    }
+
+    pub(crate) fn ws_url(&self) -> String {
+        format!("ws://{}/{}", self.ws_addr, self.stage)
+    }
+
+    pub(crate) fn api_url(&self, path: &str) -> String {
+        format!("http://{}/{}{}", self.api_addr, self.stage, path)
+    }
+
+    pub(crate) async fn connect(&self) -> Ws {
+        let (ws, _) = tokio_tungstenite::connect_async(self.ws_url())
+            .await
+            .unwrap();
+        ws
+    }
+
+    /// Connects and learns the connectionId from the echo/`whoami` route's answer.
+    pub(crate) async fn connect_with_id(&self, backend: &Backend) -> (Ws, String) {
+        let ws = self.connect().await;
+        let event = backend.wait_for("/connect-log", |_| true).await;
+        (ws, connection_id(&event))
+    }
+
+    /// Stops the gateway gracefully and waits for it.
+    pub(crate) async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(served) = self.served.take() {
+            tokio::time::timeout(Duration::from_secs(15), served)
+                .await
+                .expect("gateway stops within 15 s")
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub(crate) fn connection_id(event: &Value) -> String {
+    event["requestContext"]["connectionId"]
+        .as_str()
+        .expect("event has a connectionId")
+        .to_owned()
+}
+
+/// A real HTTP backend that records every event it gets, by path.
+#[derive(Clone)]
+pub(crate) struct Backend {
+    pub(crate) url: String,
+    events: Arc<Mutex<Vec<(String, Value)>>>,
+    arrived: Arc<Notify>,
+}
+
+impl Backend {
+    /// Paths:
+    /// * `/ok`, `/connect-log`, `/disconnect`: 200, empty body;
+    /// * `/reply`: a Lambda-proxy answer whose body is `reply:` + the event's body;
+    /// * `/status/{code}`: a Lambda-proxy answer with that statusCode;
+    /// * `/http-status/{code}`: a plain HTTP answer with that status;
+    /// * `/protocol`: accepts and picks the sub-protocol `chat`;
+    /// * `/slow`: answers after 3 s.
+    pub(crate) async fn start() -> Self {
+        let backend = Self {
+            url: String::new(),
+            events: Arc::default(),
+            arrived: Arc::default(),
+        };
+        let app = Router::new()
+            .route("/{*path}", axum::routing::post(record))
+            .with_state(backend.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { url, ..backend }
+    }
+
+    /// Waits for an event on `path` that satisfies `predicate`.
+    pub(crate) async fn wait_for(&self, path: &str, predicate: impl Fn(&Value) -> bool) -> Value {
+        let found = tokio::time::timeout(WAIT, async {
+            loop {
+                let arrived = self.arrived.notified();
+                if let Some(event) = self.find(path, &predicate) {
+                    return event;
+                }
+                arrived.await;
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("no matching event on {path} within {WAIT:?}"))
+    }
+
+    fn find(&self, path: &str, predicate: &impl Fn(&Value) -> bool) -> Option<Value> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(p, e)| p == path && predicate(e))
+            .map(|(_, e)| e.clone())
+    }
+
+    /// Every event received on `path` so far.
+    pub(crate) fn events(&self, path: &str) -> Vec<Value> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+}
+
+async fn record(
+    State(backend): State<Backend>,
+    Path(path): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let path = format!("/{path}");
+    backend
+        .events
+        .lock()
+        .unwrap()
+        .push((path.clone(), event.clone()));
+    backend.arrived.notify_waiters();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["reply"] => {
+            let body = format!("reply:{}", event["body"].as_str().unwrap_or_default());
+            axum::Json(json!({"statusCode": 200, "body": body})).into_response()
+        }
+        ["status", code] => {
+            let code: u16 = code.parse().unwrap();
+            axum::Json(json!({"statusCode": code, "body": "denied by backend"})).into_response()
+        }
+        ["http-status", code] => {
+            let code = StatusCode::from_u16(code.parse().unwrap()).unwrap();
+            (code, "plain failure").into_response()
+        }
+        ["protocol"] => axum::Json(json!({
+            "statusCode": 200,
+            "headers": {"Sec-WebSocket-Protocol": "chat"}
+        }))
+        .into_response(),
+        ["slow"] => {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            StatusCode::OK.into_response()
+        }
+        _ => StatusCode::OK.into_response(),
+    }
+}
+
+/// A URL on which nothing listens.
+pub(crate) async fn dead_url() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    format!("http://{addr}/gone")
+}
+
+/// Reads the next data or close message, failing after 10 s.
+pub(crate) async fn next_message(ws: &mut Ws) -> Message {
+    loop {
+        let message = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a message within 10 s")
+            .expect("stream not ended")
+            .expect("no protocol error");
+        if !matches!(message, Message::Ping(_) | Message::Pong(_)) {
+            return message;
+        }
+    }
+}
+
+pub(crate) async fn next_text(ws: &mut Ws) -> String {
+    match next_message(ws).await {
+        Message::Text(text) => text.to_string(),
+        other => panic!("expected a text frame, got {other:?}"),
+    }
+}
+
+pub(crate) async fn next_json(ws: &mut Ws) -> Value {
+    serde_json::from_str(&next_text(ws).await).unwrap()
+}
+
+/// Waits for the server's close frame and returns its code.
+pub(crate) async fn close_code(ws: &mut Ws) -> u16 {
+    match next_message(ws).await {
+        Message::Close(Some(frame)) => frame.code.into(),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
+pub(crate) async fn send_text(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text)).await.unwrap();
+}
+
+/// A management API client.
+pub(crate) fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+/// A WebSocket client on a bare socket, for frames a library would refuse to send.
+pub(crate) struct RawClient {
+    pub(crate) stream: TcpStream,
+}
+
+impl RawClient {
+    pub(crate) async fn connect(gateway: &TestGateway) -> Self {
+        let mut stream = TcpStream::connect(gateway.ws_addr).await.unwrap();
+        let request = format!(
+            "GET /{} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            gateway.stage
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let head = read_head(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        Self { stream }
+    }
+
+    /// Sends one masked frame.
+    pub(crate) async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
+        let mask = [1u8, 2, 3, 4];
+        let mut frame = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        match payload.len() {
+            len @ 0..=125 => frame.push(0x80 | len as u8),
+            len @ 126..=0xFFFF => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            len => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        // The server may close mid-write on an oversize frame; that is the point.
+        let _ = self.stream.write_all(&frame).await;
+    }
+
+    /// Reads frames until a close frame; returns its code.
+    pub(crate) async fn close_code(&mut self) -> u16 {
+        let mut buffer = Vec::new();
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some(code) = find_close(&buffer) {
+                    return code;
+                }
+                let mut chunk = [0u8; 4096];
+                let n = self.stream.read(&mut chunk).await.unwrap_or(0);
+                assert!(n > 0, "connection ended without a close frame");
+                buffer.extend_from_slice(&chunk[..n]);
+            }
+        })
+        .await
+        .expect("a close frame within 10 s")
+    }
+}
+
+/// Scans unmasked server frames for a close frame.
+fn find_close(mut buffer: &[u8]) -> Option<u16> {
+    while buffer.len() >= 2 {
+        let opcode = buffer[0] & 0x0F;
+        let (len, header) = match buffer[1] & 0x7F {
+            126 if buffer.len() >= 4 => {
+                (usize::from(u16::from_be_bytes([buffer[2], buffer[3]])), 4)
+            }
+            127 if buffer.len() >= 10 => (
+                u64::from_be_bytes(buffer[2..10].try_into().ok()?) as usize,
+                10,
+            ),
+            126 | 127 => return None,
+            small => (usize::from(small), 2),
+        };
+        if buffer.len() < header + len {
+            return None;
+        }
+        if opcode == 0x8 {
+            return Some(u16::from_be_bytes([buffer[header], buffer[header + 1]]));
+        }
+        buffer = &buffer[header + len..];
+    }
+    None
+}
+
+/// Reads an HTTP response head (status line and headers).
+pub(crate) async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, stream.read(&mut byte))
+            .await
+            .expect("a response within 10 s")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// The HTTP status a handshake to `url` is answered with.
+pub(crate) async fn handshake_status(url: &str) -> u16 {
+    match tokio_tungstenite::connect_async(url).await {
+        Ok(_) => 101,
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("handshake failed without an HTTP status: {other}"),
+    }
+}
+
+/// A config with every route pointed at `backend`, plus `extra` TOML.
+pub(crate) fn config_with(backend: &Backend, extra: &str) -> String {
+    format!(
+        r#"
+[routes."$connect"]
+integration = {{ type = "http", url = "{url}/connect-log" }}
+[routes."$disconnect"]
+integration = {{ type = "http", url = "{url}/disconnect" }}
+{extra}
+"#,
+        url = backend.url
+    )
+}
