@@ -1,1 +1,69 @@
-fn main() {}
+//! Hot paths of the gateway core: route selection on a typical frame, building the event
+//! JSON a backend receives, and encoding an outbound frame once.
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use std::hint::black_box;
+use switchboard::event::{self, ApiFacts, ConnectionFacts, EventKind, EventStamp, MessageBody};
+use switchboard::frame::{self, Opcode};
+use switchboard::selection::SelectionExpression;
+
+/// A typical ~200-byte chat frame.
+const FRAME: &str = r#"{"action":"sendMessage","room":"lobby","message":{"text":"hello everyone, this is a fairly typical chat message body","sentAt":1764053068123},"meta":{"kind":"chat","client":"web/1.4.2"}}"#;
+
+fn route_selection(c: &mut Criterion) {
+    let mut group = c.benchmark_group("route_selection");
+    group.throughput(Throughput::Bytes(FRAME.len() as u64));
+    let simple = SelectionExpression::parse("$request.body.action").unwrap();
+    group.bench_function("action_200B", |b| {
+        b.iter(|| simple.evaluate_frame(black_box(FRAME.as_bytes())))
+    });
+    let template =
+        SelectionExpression::parse("${request.body.meta.kind}-${request.body.action}").unwrap();
+    group.bench_function("template_200B", |b| {
+        b.iter(|| template.evaluate_frame(black_box(FRAME.as_bytes())))
+    });
+    group.finish();
+}
+
+fn event_json(c: &mut Criterion) {
+    let facts = ConnectionFacts {
+        connection_id: "AAEAAgAAAAMAAAAAAAAABA".into(),
+        connected_at_ms: 1_764_053_000_000,
+        source_ip: "127.0.0.1".into(),
+        user_agent: "Mozilla/5.0 (X11; Linux x86_64)".into(),
+        domain_name: "ws.example.com".into(),
+    };
+    let api = ApiFacts {
+        stage: "dev",
+        api_id: "switchboard",
+    };
+    c.bench_function("event_json/message_200B", |b| {
+        b.iter(|| {
+            let stamp = EventStamp {
+                request_id: "AAAAAQEAAAAAAAAB",
+                now_ms: 1_764_053_068_123,
+            };
+            let kind = EventKind::Message {
+                route_key: "sendMessage",
+                message_id: "AAAAAQEAAAAAAAAC",
+                body: MessageBody::Text(black_box(FRAME)),
+            };
+            event::build(api, &facts, stamp, kind)
+        })
+    });
+}
+
+fn frame_encode(c: &mut Criterion) {
+    let mut group = c.benchmark_group("frame_encode");
+    for size in [128usize, 4096] {
+        let payload = vec![b'x'; size];
+        group.throughput(Throughput::Bytes(size as u64));
+        group.bench_function(format!("text_{size}B"), |b| {
+            b.iter(|| frame::encode(Opcode::Text, black_box(&payload)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, route_selection, event_json, frame_encode);
+criterion_main!(benches);

@@ -22,6 +22,7 @@ use crate::dispatch::{self, ConnectOutcome};
 use crate::event::ConnectionFacts;
 use crate::frame::{self, Incoming, MessageDecoder, Opcode, close_code};
 use crate::handshake::{self, ReadError};
+use crate::metrics::Metrics;
 use crate::outbound::{MAX_IOVECS, OutboundQueue};
 use crate::shard::Shard;
 
@@ -137,7 +138,7 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
         &upgrade.leftover,
     )
     .await;
-    let reason = close(&mut stream, &connection, reason).await;
+    let reason = close(&mut stream, &connection, metrics, reason).await;
 
     shard.unregister(id);
     metrics.connections_active.dec();
@@ -174,7 +175,7 @@ async fn serve(
         if let Some(reason) = connection.take_close_request() {
             return reason;
         }
-        let pending = match flush(stream, connection, shard) {
+        let pending = match flush(stream, connection, &shard.gateway.metrics) {
             Ok(pending) => pending,
             Err(_) => return DisconnectReason::ConnectionLost,
         };
@@ -251,7 +252,7 @@ fn read_frames(
 
 /// Writes as much of the outbound queue as the socket takes without waiting, one
 /// vectored write per batch. Returns whether bytes remain queued.
-fn flush(stream: &TcpStream, connection: &Connection, shard: &Shard) -> std::io::Result<bool> {
+fn flush(stream: &TcpStream, connection: &Connection, metrics: &Metrics) -> std::io::Result<bool> {
     let mut queue = connection.outbound().borrow_mut();
     let mut wrote = false;
     loop {
@@ -266,11 +267,7 @@ fn flush(stream: &TcpStream, connection: &Connection, shard: &Shard) -> std::io:
         match stream.try_write_vectored(&slices[..count]) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(written) => {
-                shard
-                    .gateway
-                    .metrics
-                    .write_batch_bytes
-                    .observe(written as f64);
+                metrics.write_batch_bytes.observe(written as f64);
                 queue.consume(written);
                 wrote = true;
             }
@@ -285,6 +282,7 @@ fn flush(stream: &TcpStream, connection: &Connection, shard: &Shard) -> std::io:
 async fn close(
     stream: &mut TcpStream,
     connection: &Connection,
+    metrics: &Metrics,
     reason: DisconnectReason,
 ) -> DisconnectReason {
     connection.begin_closing();
@@ -297,34 +295,21 @@ async fn close(
         }
         other => frame::encode_close(other.status_code(), &other.description()),
     };
-    let mut queue = connection.outbound().borrow_mut();
-    if reason == DisconnectReason::SlowConsumer {
-        // Whatever it did not read is abandoned; only the verdict goes out.
-        *queue = OutboundQueue::new(1, close_frame.len());
-    }
-    queue.push_unbounded(close_frame);
-    drop(queue);
-    let deadline = Instant::now() + CLOSE_FLUSH;
-    loop {
+    {
         let mut queue = connection.outbound().borrow_mut();
-        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-        let count = queue.io_slices(&mut slices);
-        if count == 0 {
-            break;
+        if reason == DisconnectReason::SlowConsumer {
+            // Whatever it did not read is abandoned; only the verdict goes out.
+            *queue = OutboundQueue::new(1, close_frame.len());
         }
-        match stream.try_write_vectored(&slices[..count]) {
-            Ok(0) => break,
-            Ok(written) => queue.consume(written),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                drop(queue);
-                if tokio::time::timeout_at(deadline, stream.writable())
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-            Err(_) => break,
+        queue.push_unbounded(close_frame);
+    }
+    let deadline = Instant::now() + CLOSE_FLUSH;
+    while let Ok(true) = flush(stream, connection, metrics) {
+        if tokio::time::timeout_at(deadline, stream.writable())
+            .await
+            .is_err()
+        {
+            break;
         }
     }
     let _ = tokio::time::timeout_at(deadline, stream.shutdown()).await;

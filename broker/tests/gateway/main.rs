@@ -4,5 +4,6 @@
 mod disconnects;
 mod handshake;
 mod management;
+mod process;
 mod routing;
 mod support;

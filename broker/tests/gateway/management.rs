@@ -236,3 +236,79 @@ async fn health_and_metrics() {
     drop(ws);
     gateway.stop().await;
 }
+
+/// boto3's own client against the gateway. Runs wherever python3 has boto3; `.ci/run`
+/// installs it and sets SWITCHBOARD_REQUIRE_BOTO3=1 so CI never skips it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boto3_apigatewaymanagementapi_client_works() {
+    let has_boto3 = std::process::Command::new("python3")
+        .args(["-c", "import boto3"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_boto3 {
+        assert!(
+            std::env::var_os("SWITCHBOARD_REQUIRE_BOTO3").is_none(),
+            "boto3 is required (SWITCHBOARD_REQUIRE_BOTO3 is set) but python3 cannot import it"
+        );
+        eprintln!("skipping: python3 with boto3 not found (pip install boto3)");
+        return;
+    }
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&config_with(&backend, "")).await;
+    let (mut ws, id) = gateway.connect_with_id(&backend).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/boto3_client.py");
+    let endpoint = gateway.api_url("");
+    let output = tokio::process::Command::new("python3")
+        .args([script, &endpoint, &id])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "boto3 script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout.lines().count(), 5, "{stdout}");
+    assert_eq!(next_text(&mut ws).await, "hello from boto3");
+    assert_eq!(close_code(&mut ws).await, 1000);
+    gateway.stop().await;
+}
+
+/// The exact requests botocore sends (captured from boto3 1.43), for machines without it.
+#[tokio::test]
+async fn botocore_wire_requests_are_understood() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&config_with(&backend, "")).await;
+    let (mut ws, id) = gateway.connect_with_id(&backend).await;
+    let url = gateway.api_url(&format!("/@connections/{id}"));
+    let sigv4 = "AWS4-HMAC-SHA256 Credential=x/20261125/us-east-1/execute-api/aws4_request, SignedHeaders=host;x-amz-date, Signature=34e1a47e";
+    let client = http();
+    let post = client
+        .post(&url)
+        .header("Authorization", sigv4)
+        .header("X-Amz-Date", "20261125T070509Z")
+        .header("amz-sdk-request", "attempt=1")
+        .header("Accept-Encoding", "identity")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 200);
+    assert_eq!(next_text(&mut ws).await, "hello");
+    let get = client
+        .get(&url)
+        .header("Authorization", sigv4)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), 200);
+    let delete = client
+        .delete(&url)
+        .header("Authorization", sigv4)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delete.status(), 204);
+    gateway.stop().await;
+}

@@ -1,0 +1,313 @@
+//! The `switchboard` binary as an operator runs it: CLI, config errors, signals, crashes
+//! (SIGKILL) and data-dir problems.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+/// A gateway process with its addresses, read from its startup log line.
+struct GatewayProcess {
+    child: Child,
+    ws_url: String,
+    api_url: String,
+    stderr: std::sync::mpsc::Receiver<String>,
+}
+
+impl GatewayProcess {
+    #[expect(
+        clippy::zombie_processes,
+        reason = "Drop kills and waits for the child"
+    )]
+    fn start(config_path: &Path, extra_args: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .args(extra_args)
+            .args(["serve", "--config"])
+            .arg(config_path)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (lines, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = lines.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let line = receiver
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("the gateway logs its addresses at start");
+            if let (Some(ws), Some(api)) = (field(&line, "ws://"), field(&line, "http://")) {
+                return Self {
+                    child,
+                    ws_url: ws,
+                    api_url: api.trim_end_matches("/@connections").to_owned(),
+                    stderr: receiver,
+                };
+            }
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([name, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; returns its code and how long it took.
+    fn wait(&mut self, limit: Duration) -> (Option<i32>, Duration) {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code(), started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        panic!("gateway still running after {limit:?}");
+    }
+
+    fn logged(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The URL in a log field that starts with `scheme`, without ANSI colour codes.
+fn field(line: &str, scheme: &str) -> Option<String> {
+    let start = line.find(scheme)?;
+    let url: String = line[start..]
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '"' && *c != '\u{1b}')
+        .collect();
+    Some(url)
+}
+
+fn write_config(dir: &Path, body: &str) -> std::path::PathBuf {
+    let path = dir.join("switchboard.toml");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshards = 2\ndata_dir = \"{}\"\n[management]\nlisten = \"127.0.0.1:0\"\n{body}",
+        dir.join("data").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn help_and_version() {
+    let help = run(&["--help"]);
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        text.contains("serve") && text.contains("check-config"),
+        "{text}"
+    );
+    let version = run(&["--version"]);
+    assert!(String::from_utf8_lossy(&version.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn check_config_prints_the_effective_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        "[routes.\"$default\"]\nintegration = { type = \"echo\" }\n",
+    );
+    let output = run(&["check-config", path.to_str().unwrap()]);
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("max_frame_bytes = 32768"),
+        "defaults are shown: {text}"
+    );
+    assert!(text.contains("config OK"));
+}
+
+#[test]
+fn bad_config_refuses_to_start_and_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[server]\nlisen = \"x\"\n", "lisen"),
+        ("[limits]\nmax_frame_bytes = \"big\"\n", "max_frame_bytes"),
+        (
+            "[api]\nroute_selection_expression = \"$context.x\"\n",
+            "api.route_selection_expression",
+        ),
+        ("[routes.a]\nintegration = { type = \"http\" }\n", "url"),
+    ];
+    for (body, key) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, body).unwrap();
+        for args in [
+            vec!["check-config", path.to_str().unwrap()],
+            vec!["serve", "--config", path.to_str().unwrap()],
+        ] {
+            let output = run(&args);
+            assert_eq!(output.status.code(), Some(64), "{args:?} with {body}");
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(stderr.contains(key), "{key} named in: {stderr}");
+        }
+    }
+    let missing = run(&["serve", "--config", "/nonexistent/switchboard.toml"]);
+    assert_eq!(missing.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/switchboard.toml"));
+}
+
+#[test]
+fn second_process_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "");
+    let _first = GatewayProcess::start(&path, &[]);
+    let second = run(&["serve", "--config", path.to_str().unwrap()]);
+    assert_eq!(second.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("locked"), "{stderr}");
+}
+
+#[test]
+fn corrupt_data_dir_is_a_clear_error_not_a_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("conf"),
+        b"\x00garbage that is not a sled config\xff",
+    )
+    .unwrap();
+    std::fs::write(data.join("db"), vec![0xA5u8; 8192]).unwrap();
+    let output = run(&["serve", "--config", path.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("data dir"), "{stderr}");
+    assert_eq!(
+        std::fs::read(data.join("db")).unwrap(),
+        vec![0xA5u8; 8192],
+        "left untouched"
+    );
+}
+
+#[test]
+fn json_log_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "");
+    let mut gateway = GatewayProcess::start(&path, &["--log-format", "json"]);
+    gateway.signal("-TERM");
+    gateway.wait(Duration::from_secs(10));
+    let lines = gateway.logged();
+    assert!(!lines.is_empty());
+    for line in lines {
+        serde_json::from_str::<serde_json::Value>(&line)
+            .unwrap_or_else(|_| panic!("not JSON: {line}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_clients_reports_and_exits_zero() {
+    let backend = Backend::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &config_with(&backend, ""));
+    let mut gateway = GatewayProcess::start(&path, &[]);
+    let (mut ws, _) = tokio_tungstenite::connect_async(&gateway.ws_url)
+        .await
+        .unwrap();
+    let id = connection_id(&backend.wait_for("/connect-log", |_| true).await);
+    gateway.signal("-TERM");
+    assert_eq!(close_code(&mut ws).await, 1001);
+    let (code, took) = tokio::task::block_in_place(|| gateway.wait(Duration::from_secs(12)));
+    assert_eq!(code, Some(0));
+    assert!(
+        took < Duration::from_secs(10),
+        "exits within 10 s, took {took:?}"
+    );
+    let event = backend
+        .wait_for("/disconnect", |e| connection_id(e) == id)
+        .await;
+    assert_eq!(
+        event["requestContext"]["disconnectReason"],
+        "server shutdown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_then_restart_reports_cut_connections() {
+    let backend = Backend::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &config_with(&backend, ""));
+    let mut gateway = GatewayProcess::start(&path, &[]);
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(
+            tokio_tungstenite::connect_async(&gateway.ws_url)
+                .await
+                .unwrap()
+                .0,
+        );
+    }
+    while backend.events("/connect-log").len() < 3 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ids: Vec<String> = backend
+        .events("/connect-log")
+        .iter()
+        .map(connection_id)
+        .collect();
+    // Records are written in batches off the hot path; give the batch a moment to land.
+    let api = gateway.api_url.clone();
+    for id in &ids {
+        let status = http()
+            .get(format!("{api}/@connections/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gateway.child.kill().unwrap();
+    gateway.child.wait().unwrap();
+    assert!(
+        backend.events("/disconnect").is_empty(),
+        "a SIGKILL reports nothing"
+    );
+
+    let mut restarted = GatewayProcess::start(&path, &[]);
+    for id in &ids {
+        let event = backend
+            .wait_for("/disconnect", |e| &connection_id(e) == id)
+            .await;
+        assert_eq!(
+            event["requestContext"]["disconnectReason"],
+            "gateway restarted"
+        );
+        assert_eq!(event["requestContext"]["disconnectStatusCode"], 1006);
+    }
+    restarted.signal("-TERM");
+    let (code, _) = tokio::task::block_in_place(|| restarted.wait(Duration::from_secs(12)));
+    assert_eq!(code, Some(0));
+    // Reported once: a third start finds nothing left to report.
+    let third = GatewayProcess::start(&path, &[]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(backend.events("/disconnect").len(), ids.len());
+    drop(third);
+}
