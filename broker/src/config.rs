@@ -121,6 +121,8 @@ pub struct RawLimits {
     pub handshake_timeout_secs: u64,
     pub outbound_queue_frames: usize,
     pub outbound_queue_bytes: usize,
+    /// Most connectionIds one bulk `POST @connections` may name (more: 413).
+    pub max_bulk_connection_ids: usize,
 }
 
 impl Default for RawLimits {
@@ -133,6 +135,7 @@ impl Default for RawLimits {
             handshake_timeout_secs: 10,
             outbound_queue_frames: 1024,
             outbound_queue_bytes: 4 * 1024 * 1024,
+            max_bulk_connection_ids: 100_000,
         }
     }
 }
@@ -160,6 +163,20 @@ pub enum RawIntegration {
         body: String,
     },
     Echo {},
+    RoomJoin {
+        room: String,
+    },
+    RoomLeave {
+        room: String,
+    },
+    RoomPublish {
+        room: String,
+        /// What to send; default: the whole frame.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<String>,
+        #[serde(default)]
+        exclude_sender: bool,
+    },
 }
 
 fn default_timeout_ms() -> u64 {
@@ -208,6 +225,7 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     pub outbound_queue_frames: usize,
     pub outbound_queue_bytes: usize,
+    pub max_bulk_connection_ids: usize,
 }
 
 /// The configured routes, by route key.
@@ -244,6 +262,18 @@ pub enum Integration {
         body: String,
     },
     Echo,
+    /// Built-in room operations: the room (and payload) come from the frame.
+    RoomJoin {
+        room: SelectionExpression,
+    },
+    RoomLeave {
+        room: SelectionExpression,
+    },
+    RoomPublish {
+        room: SelectionExpression,
+        data: Option<SelectionExpression>,
+        exclude_sender: bool,
+    },
 }
 
 impl Integration {
@@ -253,6 +283,9 @@ impl Integration {
             Self::Http { .. } => "http",
             Self::Mock { .. } => "mock",
             Self::Echo => "echo",
+            Self::RoomJoin { .. } => "room_join",
+            Self::RoomLeave { .. } => "room_leave",
+            Self::RoomPublish { .. } => "room_publish",
         }
     }
 }
@@ -370,6 +403,10 @@ impl RawLimits {
         positive("max_frame_bytes", self.max_frame_bytes as u64)?;
         positive("outbound_queue_frames", self.outbound_queue_frames as u64)?;
         positive("outbound_queue_bytes", self.outbound_queue_bytes as u64)?;
+        positive(
+            "max_bulk_connection_ids",
+            self.max_bulk_connection_ids as u64,
+        )?;
         if self.max_message_bytes < self.max_frame_bytes {
             return Err(invalid(
                 "limits.max_message_bytes",
@@ -393,6 +430,7 @@ impl RawLimits {
             )?),
             outbound_queue_frames: self.outbound_queue_frames,
             outbound_queue_bytes: self.outbound_queue_bytes,
+            max_bulk_connection_ids: self.max_bulk_connection_ids,
         })
     }
 }
@@ -415,9 +453,10 @@ fn validate_routes(
             ));
         }
         let integration = validate_integration(&path, &route.integration)?;
-        let response = route
-            .response
-            .unwrap_or(!matches!(integration, Integration::Http { .. }));
+        let response = route.response.unwrap_or(matches!(
+            integration,
+            Integration::Mock { .. } | Integration::Echo
+        ));
         routes.insert(
             key.clone(),
             Arc::new(Route {
@@ -454,7 +493,30 @@ fn validate_integration(path: &str, raw: &RawIntegration) -> Result<Integration,
         }
         RawIntegration::Mock { body } => Integration::Mock { body: body.clone() },
         RawIntegration::Echo {} => Integration::Echo,
+        RawIntegration::RoomJoin { room } => Integration::RoomJoin {
+            room: expression(path, "room", room)?,
+        },
+        RawIntegration::RoomLeave { room } => Integration::RoomLeave {
+            room: expression(path, "room", room)?,
+        },
+        RawIntegration::RoomPublish {
+            room,
+            data,
+            exclude_sender,
+        } => Integration::RoomPublish {
+            room: expression(path, "room", room)?,
+            data: data
+                .as_deref()
+                .map(|d| expression(path, "data", d))
+                .transpose()?,
+            exclude_sender: *exclude_sender,
+        },
     })
+}
+
+fn expression(path: &str, key: &str, source: &str) -> Result<SelectionExpression, ConfigError> {
+    SelectionExpression::parse(source)
+        .map_err(|e| invalid(format!("{path}.integration.{key}"), e.to_string()))
 }
 
 #[cfg(test)]
@@ -545,6 +607,10 @@ response = true
             error_of("[routes.\"$weird\"]\nintegration = { type = \"echo\" }").contains("$weird")
         );
         assert!(error_of("[limits]\nidle_timeout_secs = -1").contains("idle_timeout_secs"));
+        let err = error_of("[routes.j]\nintegration = { type = \"room_join\", room = \"${x\" }");
+        assert!(err.contains("routes.\"j\".integration.room"), "{err}");
+        let err = error_of("[routes.j]\nintegration = { type = \"room_join\" }");
+        assert!(err.contains("room"), "{err}");
     }
 
     #[test]

@@ -62,9 +62,16 @@ impl Connection {
         }
     }
 
-    /// Queues an encoded frame. A connection that cannot take it is closed as a slow
-    /// consumer and the push reports [`Gone`].
+    /// Queues an encoded frame and counts it as sent.
     pub fn push(&self, frame: Bytes, metrics: &Metrics) -> Result<(), Gone> {
+        self.enqueue(frame, metrics)?;
+        metrics.messages_sent.inc();
+        Ok(())
+    }
+
+    /// Queues an encoded frame; the caller counts it (fan-out counts once per batch). A
+    /// connection that cannot take it is closed as a slow consumer and reports [`Gone`].
+    pub fn enqueue(&self, frame: Bytes, metrics: &Metrics) -> Result<(), Gone> {
         if self.closing.get() || self.close_request.borrow().is_some() {
             return Err(Gone);
         }
@@ -73,7 +80,6 @@ impl Connection {
             self.request_close(DisconnectReason::SlowConsumer);
             return Err(Gone);
         }
-        metrics.messages_sent.inc();
         self.wake.notify_one();
         Ok(())
     }

@@ -5,6 +5,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use serde_json::Value;
 
 use crate::clock;
 use crate::config::{CONNECT_ROUTE, DEFAULT_ROUTE, DISCONNECT_ROUTE, Integration, Route};
@@ -16,6 +17,8 @@ use crate::event::{
 use crate::frame::{self, Incoming, Opcode};
 use crate::gateway::Gateway;
 use crate::integration::{BackendReply, HttpIntegration, IntegrationError};
+use crate::rooms::RoomName;
+use crate::selection::SelectionExpression;
 use crate::shard::Shard;
 
 /// What `$connect` decided.
@@ -123,15 +126,17 @@ pub async fn run_connect(
 pub fn route_message(shard: &Rc<Shard>, connection: &Rc<Connection>, message: Incoming) {
     let gateway = &shard.gateway;
     let routes = &gateway.config.routes;
-    let selected = match &message {
-        Incoming::Text(text) => gateway
-            .config
-            .api
-            .route_selector
-            .evaluate_frame(text.as_bytes())
-            .and_then(|key| routes.get(&key)),
-        _ => None,
+    // Parsed once: route selection and room expressions read the same body.
+    let body = match &message {
+        Incoming::Text(text) => serde_json::from_str::<Value>(text).unwrap_or(Value::Null),
+        _ => Value::Null,
     };
+    let selected = gateway
+        .config
+        .api
+        .route_selector
+        .evaluate(&body)
+        .and_then(|key| routes.get(key.as_ref()));
     let Some(route) = selected.or_else(|| routes.get(DEFAULT_ROUTE)).cloned() else {
         let request_id = shard.ids.borrow_mut().request_id();
         send_error(shard, connection, "Forbidden", &request_id);
@@ -161,7 +166,62 @@ pub fn route_message(shard: &Rc<Shard>, connection: &Rc<Connection>, message: In
             let call = call_message_route(shard.clone(), connection.clone(), route, message);
             shard.tasks.spawn_local(call);
         }
+        Integration::RoomJoin { room } => {
+            if let Some(room) = select_room(shard, connection, room, &body) {
+                shard.join(connection, &room);
+            }
+        }
+        Integration::RoomLeave { room } => {
+            if let Some(room) = select_room(shard, connection, room, &body) {
+                shard.leave(connection, &room);
+            }
+        }
+        Integration::RoomPublish {
+            room,
+            data,
+            exclude_sender,
+        } => {
+            let Some(room) = select_room(shard, connection, room, &body) else {
+                return;
+            };
+            let frame = match (data, &message) {
+                (Some(data), _) => match data.evaluate(&body) {
+                    Some(payload) => frame::encode(Opcode::Text, payload.as_bytes()),
+                    None => {
+                        let request_id = shard.ids.borrow_mut().request_id();
+                        let reason = format!("Bad request: {} selected no data", data.source());
+                        send_error(shard, connection, &reason, &request_id);
+                        return;
+                    }
+                },
+                (None, Incoming::Text(text)) => frame::encode(Opcode::Text, text.as_bytes()),
+                (None, Incoming::Binary(bytes)) => frame::encode(Opcode::Binary, bytes),
+                (None, _) => return,
+            };
+            let exclude = exclude_sender.then_some(connection.id);
+            shard.publish(room, frame, exclude);
+        }
     }
+}
+
+/// Evaluates a room expression; on a missing or invalid name the client gets an error
+/// frame and `None` comes back.
+fn select_room(
+    shard: &Shard,
+    connection: &Connection,
+    expression: &SelectionExpression,
+    body: &Value,
+) -> Option<RoomName> {
+    let problem = match expression.evaluate(body) {
+        None => format!("Bad request: {} selected no room", expression.source()),
+        Some(name) => match RoomName::parse(&name) {
+            Ok(room) => return Some(room),
+            Err(error) => format!("Bad request: invalid room name: {error}"),
+        },
+    };
+    let request_id = shard.ids.borrow_mut().request_id();
+    send_error(shard, connection, &problem, &request_id);
+    None
 }
 
 async fn call_message_route(

@@ -8,6 +8,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::shard::ShardHandle;
 
 pub struct Gateway {
     pub config: Config,
@@ -18,4 +19,6 @@ pub struct Gateway {
     pub epoch: u32,
     /// One permit per open (or opening) connection: `server.max_connections`.
     pub connection_permits: Arc<Semaphore>,
+    /// Every shard, by index: where a connectionId's shard number points.
+    pub shards: Arc<[ShardHandle]>,
 }

@@ -8,7 +8,8 @@
 //! * [`server`] binds sockets and starts [`shard`]s (one thread each) and the
 //!   [`management`] API; [`session`] runs one connection; [`dispatch`] runs routes.
 //! * Pure logic: [`config`], [`selection`], [`connection_id`], [`frame`], [`event`],
-//!   [`integration`]'s reply parsing, [`outbound`], [`disconnect`].
+//!   [`integration`]'s reply parsing, [`outbound`], [`disconnect`], [`rooms`], the
+//!   [`fanout`] planner.
 
 pub mod clock;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod connection_id;
 pub mod disconnect;
 pub mod dispatch;
 pub mod event;
+pub mod fanout;
 pub mod frame;
 pub mod gateway;
 pub mod handshake;
@@ -24,6 +26,7 @@ pub mod integration;
 pub mod management;
 pub mod metrics;
 pub mod outbound;
+pub mod rooms;
 pub mod selection;
 pub mod server;
 pub mod session;

@@ -9,24 +9,28 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
+use axum::extract::Query;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post, put};
+use base64::Engine;
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::clock;
 use crate::connection_id::ConnectionId;
+use crate::fanout::{self, FanoutPlan};
 use crate::frame;
 use crate::gateway::Gateway;
+use crate::rooms::RoomName;
 use crate::shard::ShardHandle;
 
 /// What every handler needs.
 #[derive(Clone)]
 pub struct ApiState {
     pub gateway: Arc<Gateway>,
-    pub shards: Arc<[ShardHandle]>,
 }
 
 /// Every way a management request can fail.
@@ -36,6 +40,8 @@ pub enum ApiError {
     Gone(String),
     #[error("payload exceeds limits.max_message_bytes ({limit} bytes)")]
     PayloadTooLarge { limit: usize },
+    #[error("{count} connectionIds exceed limits.max_bulk_connection_ids ({limit})")]
+    TooManyIds { count: usize, limit: usize },
     #[error("{0}")]
     BadRequest(String),
     #[error("no such stage: {0}")]
@@ -48,7 +54,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, error_type) = match &self {
             Self::Gone(_) => (StatusCode::GONE, "GoneException"),
-            Self::PayloadTooLarge { .. } => {
+            Self::PayloadTooLarge { .. } | Self::TooManyIds { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLargeException")
             }
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequestException"),
@@ -72,6 +78,12 @@ pub fn router(state: ApiState) -> Router {
             get(get_connection)
                 .post(post_to_connection)
                 .delete(delete_connection),
+        )
+        .route("/{stage}/@connections", post(post_bulk))
+        .route("/{stage}/@rooms/{room}", get(get_room).post(post_to_room))
+        .route(
+            "/{stage}/@rooms/{room}/connections/{id}",
+            put(put_room_member).delete(delete_room_member),
         )
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
@@ -142,9 +154,186 @@ impl ApiState {
         if id.node != self.gateway.config.server.node_id || id.epoch != self.gateway.epoch {
             return Err(gone());
         }
-        let shard = self.shards.get(usize::from(id.shard)).ok_or_else(gone)?;
+        let shard = self
+            .gateway
+            .shards
+            .get(usize::from(id.shard))
+            .ok_or_else(gone)?;
         Ok((id, shard))
     }
+
+    fn shards(&self) -> &[ShardHandle] {
+        &self.gateway.shards
+    }
+}
+
+fn room_name(text: &str) -> Result<RoomName, ApiError> {
+    RoomName::parse(text)
+        .map_err(|e| ApiError::BadRequest(format!("invalid room name `{text}`: {e}")))
+}
+
+/// `POST @connections`: one message to many connectionIds.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BulkRequest {
+    #[serde(rename = "connectionIds")]
+    pub connection_ids: Vec<String>,
+    /// Sent as a text frame.
+    #[serde(default)]
+    pub data: Option<String>,
+    /// Decoded and sent as a binary frame.
+    #[serde(default)]
+    pub data_base64: Option<String>,
+}
+
+impl BulkRequest {
+    /// Parses and checks a bulk body; returns the request and its encoded frame.
+    pub fn parse(
+        body: &[u8],
+        max_ids: usize,
+        max_message: usize,
+    ) -> Result<(Self, Bytes), ApiError> {
+        let request: Self = serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("malformed bulk request: {e}")))?;
+        if request.connection_ids.len() > max_ids {
+            return Err(ApiError::TooManyIds {
+                count: request.connection_ids.len(),
+                limit: max_ids,
+            });
+        }
+        let frame = match (&request.data, &request.data_base64) {
+            (Some(text), None) => {
+                check_size(text.len(), max_message)?;
+                frame::encode(frame::Opcode::Text, text.as_bytes())
+            }
+            (None, Some(encoded)) => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(encoded)
+                    .map_err(|e| ApiError::BadRequest(format!("data_base64 is not base64: {e}")))?;
+                check_size(bytes.len(), max_message)?;
+                frame::encode(frame::Opcode::Binary, &bytes)
+            }
+            _ => {
+                return Err(ApiError::BadRequest(
+                    "exactly one of `data` and `data_base64` is required".into(),
+                ));
+            }
+        };
+        Ok((request, frame))
+    }
+}
+
+fn check_size(size: usize, limit: usize) -> Result<(), ApiError> {
+    if size > limit {
+        Err(ApiError::PayloadTooLarge { limit })
+    } else {
+        Ok(())
+    }
+}
+
+async fn post_bulk(
+    State(state): State<ApiState>,
+    Path(stage): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    state.check_stage(&stage)?;
+    let limits = &state.gateway.config.limits;
+    // Room for the ids (quoted, comma-separated) and a base64 payload.
+    let body_limit = limits.max_bulk_connection_ids * 40 + limits.max_message_bytes * 2 + 1024;
+    let body = read_body(body, body_limit).await?;
+    let (request, frame) = BulkRequest::parse(
+        &body,
+        limits.max_bulk_connection_ids,
+        limits.max_message_bytes,
+    )?;
+    let config = &state.gateway.config;
+    let plan = FanoutPlan::for_ids(
+        &request.connection_ids,
+        config.server.node_id,
+        state.gateway.epoch,
+        state.shards().len(),
+    );
+    let delivery = fanout::send_bulk(state.shards(), plan, &frame).await;
+    let gone: Vec<&str> = delivery
+        .gone
+        .iter()
+        .filter_map(|&index| {
+            request
+                .connection_ids
+                .get(index as usize)
+                .map(String::as_str)
+        })
+        .collect();
+    Ok(axum::Json(json!({"delivered": delivery.delivered, "gone": gone})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct RoomPublishParams {
+    exclude: Option<String>,
+}
+
+async fn post_to_room(
+    State(state): State<ApiState>,
+    Path((stage, room)): Path<(String, String)>,
+    Query(params): Query<RoomPublishParams>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    state.check_stage(&stage)?;
+    let room = room_name(&room)?;
+    let exclude = params
+        .exclude
+        .map(|id| {
+            id.parse::<ConnectionId>()
+                .map_err(|_| ApiError::BadRequest(format!("exclude: `{id}` is not a connectionId")))
+        })
+        .transpose()?;
+    let payload = read_body(body, state.gateway.config.limits.max_message_bytes).await?;
+    let frame = frame::encode_data(&payload);
+    let delivered = fanout::broadcast(state.shards(), &room, &frame, exclude).await;
+    Ok(axum::Json(json!({"delivered": delivered})).into_response())
+}
+
+async fn get_room(
+    State(state): State<ApiState>,
+    Path((stage, room)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    state.check_stage(&stage)?;
+    let room = room_name(&room)?;
+    let members = fanout::room_members(state.shards(), &room).await;
+    Ok(axum::Json(json!({
+        "room": room.as_str(),
+        "count": members.len(),
+        "connectionIds": members,
+    }))
+    .into_response())
+}
+
+async fn put_room_member(
+    State(state): State<ApiState>,
+    Path((stage, room, id)): Path<(String, String, String)>,
+) -> Result<StatusCode, ApiError> {
+    state.check_stage(&stage)?;
+    let room = room_name(&room)?;
+    let (connection_id, shard) = state.locate(&id)?;
+    shard
+        .join(connection_id, room)
+        .await
+        .map_err(|_| ApiError::Gone(id))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn delete_room_member(
+    State(state): State<ApiState>,
+    Path((stage, room, id)): Path<(String, String, String)>,
+) -> Result<StatusCode, ApiError> {
+    state.check_stage(&stage)?;
+    let room = room_name(&room)?;
+    let (connection_id, shard) = state.locate(&id)?;
+    shard
+        .leave(connection_id, room)
+        .await
+        .map_err(|_| ApiError::Gone(id))?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn post_to_connection(

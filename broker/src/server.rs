@@ -18,7 +18,7 @@ use crate::gateway::Gateway;
 use crate::integration::HttpIntegration;
 use crate::management::{self, ApiState};
 use crate::metrics::Metrics;
-use crate::shard::{self, ShardHandle};
+use crate::shard;
 
 /// Pending connections the kernel queues per listening socket.
 const LISTEN_BACKLOG: i32 = 4096;
@@ -100,31 +100,36 @@ pub async fn serve(
     let storage = Storage::open(&config.server.data_dir)?;
     let epoch = storage.next_epoch()?;
     let orphans = storage.connection_records()?;
+    storage.clear_room_memberships()?;
     let records = storage.record_writer();
+    let (handles, inboxes) = shard::channels(listeners.gateway.len());
     let gateway = Arc::new(Gateway {
         connection_permits: Arc::new(Semaphore::new(config.server.max_connections)),
         config,
         metrics: Metrics::new(),
         records,
         epoch,
+        shards: handles.into(),
     });
     let orphan_report = tokio::spawn(report_orphans(gateway.clone(), orphans));
 
-    let mut handles: Vec<ShardHandle> = Vec::new();
     let mut threads = Vec::new();
-    for (index, listener) in listeners.gateway.into_iter().enumerate() {
-        let (handle, thread) =
-            shard::spawn(index as u16, listener, gateway.clone(), shutdown.clone()).map_err(
-                |source| ServeError::Start {
-                    what: "shard thread",
-                    source,
-                },
-            )?;
-        handles.push(handle);
+    for (index, (listener, inbox)) in listeners.gateway.into_iter().zip(inboxes).enumerate() {
+        let thread = shard::spawn(
+            index as u16,
+            listener,
+            inbox,
+            gateway.clone(),
+            shutdown.clone(),
+        )
+        .map_err(|source| ServeError::Start {
+            what: "shard thread",
+            source,
+        })?;
         threads.push(thread);
     }
     tracing::info!(
-        shards = handles.len(),
+        shards = threads.len(),
         epoch,
         stage = %gateway.config.api.stage,
         "gateway started"
@@ -138,7 +143,6 @@ pub async fn serve(
     })?;
     let app = management::router(ApiState {
         gateway: gateway.clone(),
-        shards: handles.into(),
     });
     let stop = shutdown.clone();
     let served = axum::serve(management, app)

@@ -140,7 +140,7 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
     .await;
     let reason = close(&mut stream, &connection, metrics, reason).await;
 
-    shard.unregister(id);
+    shard.unregister(&connection);
     metrics.connections_active.dec();
     tracing::debug!(
         connection_id = %connection.facts.connection_id,

@@ -20,8 +20,10 @@ use tokio_util::task::TaskTracker;
 use crate::connection::{Connection, ConnectionInfo, Gone};
 use crate::connection_id::{ConnectionId, IdMinter};
 use crate::disconnect::DisconnectReason;
+use crate::fanout::Delivery;
 use crate::gateway::Gateway;
 use crate::integration::HttpIntegration;
+use crate::rooms::{RoomIndex, RoomName};
 use crate::session;
 
 /// Commands waiting for a shard beyond this make the sender wait (backpressure on the
@@ -48,12 +50,53 @@ enum ShardCommand {
         sequence: u64,
         reply: oneshot::Sender<Result<ConnectionInfo, Gone>>,
     },
+    /// Send `frame` to the local members of `room`; answer how many got it.
+    Broadcast {
+        room: RoomName,
+        frame: Bytes,
+        exclude: Option<ConnectionId>,
+        reply: Option<oneshot::Sender<usize>>,
+    },
+    /// Send `frame` to each (sequence, request index) target; answer which were gone.
+    SendMany {
+        targets: Vec<(u64, u32)>,
+        frame: Bytes,
+        reply: oneshot::Sender<Delivery>,
+    },
+    Join {
+        sequence: u64,
+        room: RoomName,
+        reply: oneshot::Sender<Result<(), Gone>>,
+    },
+    Leave {
+        sequence: u64,
+        room: RoomName,
+        reply: oneshot::Sender<Result<(), Gone>>,
+    },
+    ListRoom {
+        room: RoomName,
+        reply: oneshot::Sender<Vec<String>>,
+    },
 }
 
 /// How other threads talk to a shard.
 #[derive(Clone)]
 pub struct ShardHandle {
     commands: mpsc::Sender<ShardCommand>,
+}
+
+/// The receiving end of a shard's commands, handed to [`spawn`].
+pub struct ShardInbox(mpsc::Receiver<ShardCommand>);
+
+/// Creates the command channels of `count` shards, before any shard runs, so every shard
+/// (and the management API) can reach every other from the start.
+pub fn channels(count: usize) -> (Vec<ShardHandle>, Vec<ShardInbox>) {
+    (0..count)
+        .map(|_| {
+            let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
+            (ShardHandle { commands }, ShardInbox(receiver))
+        })
+        .unzip()
 }
 
 impl ShardHandle {
@@ -93,6 +136,71 @@ impl ShardHandle {
         })
         .await
     }
+
+    /// Adds connection `id` to `room`.
+    pub async fn join(&self, id: ConnectionId, room: RoomName) -> Result<(), Gone> {
+        self.ask(|reply| ShardCommand::Join {
+            sequence: id.sequence,
+            room,
+            reply,
+        })
+        .await
+    }
+
+    /// Removes connection `id` from `room`.
+    pub async fn leave(&self, id: ConnectionId, room: RoomName) -> Result<(), Gone> {
+        self.ask(|reply| ShardCommand::Leave {
+            sequence: id.sequence,
+            room,
+            reply,
+        })
+        .await
+    }
+
+    /// Queues a broadcast to the shard's members of `room`. Errs if the shard has stopped.
+    pub async fn broadcast(
+        &self,
+        room: RoomName,
+        frame: Bytes,
+        exclude: Option<ConnectionId>,
+        reply: Option<oneshot::Sender<usize>>,
+    ) -> Result<(), Gone> {
+        let command = ShardCommand::Broadcast {
+            room,
+            frame,
+            exclude,
+            reply,
+        };
+        self.commands.send(command).await.map_err(|_| Gone)
+    }
+
+    /// Queues a bulk send; on failure the targets come back (all gone).
+    pub async fn send_many(
+        &self,
+        targets: Vec<(u64, u32)>,
+        frame: Bytes,
+        reply: oneshot::Sender<Delivery>,
+    ) -> Result<(), Vec<(u64, u32)>> {
+        let command = ShardCommand::SendMany {
+            targets,
+            frame,
+            reply,
+        };
+        self.commands.send(command).await.map_err(|e| match e.0 {
+            ShardCommand::SendMany { targets, .. } => targets,
+            _ => Vec::new(),
+        })
+    }
+
+    /// Asks for the shard's members of `room`.
+    pub async fn list_room(
+        &self,
+        room: RoomName,
+        reply: oneshot::Sender<Vec<String>>,
+    ) -> Result<(), Gone> {
+        let command = ShardCommand::ListRoom { room, reply };
+        self.commands.send(command).await.map_err(|_| Gone)
+    }
 }
 
 /// The shard's own state, shared by its tasks through `Rc`.
@@ -102,6 +210,8 @@ pub struct Shard {
     pub ids: RefCell<IdMinter>,
     /// Open connections by sequence number (the rest of the id is the shard's own).
     connections: RefCell<HashMap<u64, Rc<Connection>>>,
+    /// Which local connections are in which room.
+    rooms: RefCell<RoomIndex<Rc<Connection>>>,
     pub http: HttpIntegration,
     /// Every session and every `$disconnect` call, so shutdown can wait for them.
     pub tasks: TaskTracker,
@@ -115,8 +225,105 @@ impl Shard {
             .insert(connection.id.sequence, connection);
     }
 
-    pub fn unregister(&self, id: ConnectionId) {
-        self.connections.borrow_mut().remove(&id.sequence);
+    /// Forgets a closed connection and its room memberships.
+    pub fn unregister(&self, connection: &Connection) {
+        self.connections
+            .borrow_mut()
+            .remove(&connection.id.sequence);
+        let left = self.rooms.borrow_mut().leave_all(connection.id.sequence);
+        for room in left {
+            let id = connection.facts.connection_id.clone();
+            self.gateway.records.leave(room.as_str().to_owned(), id);
+        }
+    }
+
+    /// Adds a local connection to `room` (idempotent).
+    pub fn join(&self, connection: &Rc<Connection>, room: &RoomName) {
+        let joined = self
+            .rooms
+            .borrow_mut()
+            .join(room, connection.id.sequence, connection.clone());
+        if joined {
+            let id = connection.facts.connection_id.clone();
+            self.gateway.records.join(room.as_str().to_owned(), id);
+        }
+    }
+
+    /// Removes a local connection from `room` (idempotent).
+    pub fn leave(&self, connection: &Connection, room: &RoomName) {
+        if self.rooms.borrow_mut().leave(room, connection.id.sequence) {
+            let id = connection.facts.connection_id.clone();
+            self.gateway.records.leave(room.as_str().to_owned(), id);
+        }
+    }
+
+    /// Queues `frame` to every local member of `room` but `exclude`; returns the count.
+    pub fn broadcast_local(
+        &self,
+        room: &RoomName,
+        frame: &Bytes,
+        exclude: Option<ConnectionId>,
+    ) -> usize {
+        let skip = exclude
+            .filter(|id| id.shard == self.index)
+            .map(|id| id.sequence);
+        let rooms = self.rooms.borrow();
+        let mut delivered = 0;
+        for (sequence, connection) in rooms.members(room) {
+            if Some(sequence) != skip
+                && connection
+                    .enqueue(frame.clone(), &self.gateway.metrics)
+                    .is_ok()
+            {
+                delivered += 1;
+            }
+        }
+        self.gateway.metrics.messages_sent.inc_by(delivered as u64);
+        delivered
+    }
+
+    /// Publishes to `room` on every shard: this one directly, the others by command.
+    pub fn publish(self: &Rc<Self>, room: RoomName, frame: Bytes, exclude: Option<ConnectionId>) {
+        self.broadcast_local(&room, &frame, exclude);
+        let others: Vec<ShardHandle> = self
+            .gateway
+            .shards
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| *index != usize::from(self.index))
+            .map(|(_, handle)| handle.clone())
+            .collect();
+        if others.is_empty() {
+            return;
+        }
+        // Sent from a task: a full command queue makes this publish wait, not the shard.
+        self.tasks.spawn_local(async move {
+            for shard in others {
+                let _ = shard
+                    .broadcast(room.clone(), frame.clone(), exclude, None)
+                    .await;
+            }
+        });
+    }
+
+    fn send_many(&self, targets: Vec<(u64, u32)>, frame: &Bytes) -> Delivery {
+        let connections = self.connections.borrow();
+        let mut delivery = Delivery::default();
+        for (sequence, index) in targets {
+            let queued = connections
+                .get(&sequence)
+                .is_some_and(|c| c.enqueue(frame.clone(), &self.gateway.metrics).is_ok());
+            if queued {
+                delivery.delivered += 1;
+            } else {
+                delivery.gone.push(index);
+            }
+        }
+        self.gateway
+            .metrics
+            .messages_sent
+            .inc_by(delivery.delivered as u64);
+        delivery
     }
 
     fn connection(&self, sequence: u64) -> Result<Rc<Connection>, Gone> {
@@ -148,6 +355,47 @@ impl Shard {
             ShardCommand::Describe { sequence, reply } => {
                 let _ = reply.send(self.connection(sequence).map(|c| c.info()));
             }
+            ShardCommand::Broadcast {
+                room,
+                frame,
+                exclude,
+                reply,
+            } => {
+                let delivered = self.broadcast_local(&room, &frame, exclude);
+                if let Some(reply) = reply {
+                    let _ = reply.send(delivered);
+                }
+            }
+            ShardCommand::SendMany {
+                targets,
+                frame,
+                reply,
+            } => {
+                let _ = reply.send(self.send_many(targets, &frame));
+            }
+            ShardCommand::Join {
+                sequence,
+                room,
+                reply,
+            } => {
+                let _ = reply.send(self.connection(sequence).map(|c| self.join(&c, &room)));
+            }
+            ShardCommand::Leave {
+                sequence,
+                room,
+                reply,
+            } => {
+                let _ = reply.send(self.connection(sequence).map(|c| self.leave(&c, &room)));
+            }
+            ShardCommand::ListRoom { room, reply } => {
+                let members = self
+                    .rooms
+                    .borrow()
+                    .members(&room)
+                    .map(|(_, c)| c.facts.connection_id.clone())
+                    .collect();
+                let _ = reply.send(members);
+            }
         }
     }
 }
@@ -156,10 +404,10 @@ impl Shard {
 pub fn spawn(
     index: u16,
     listener: std::net::TcpListener,
+    inbox: ShardInbox,
     gateway: Arc<Gateway>,
     shutdown: CancellationToken,
-) -> std::io::Result<(ShardHandle, std::thread::JoinHandle<()>)> {
-    let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -178,14 +426,15 @@ pub fn spawn(
                     )),
                     gateway,
                     connections: RefCell::new(HashMap::new()),
+                    rooms: RefCell::new(RoomIndex::default()),
                     http: HttpIntegration::new(),
                     tasks: TaskTracker::new(),
                     shutdown,
                 });
-                run(shard, listener, receiver).await;
+                run(shard, listener, inbox.0).await;
             });
         })?;
-    Ok((ShardHandle { commands }, thread))
+    Ok(thread)
 }
 
 async fn run(

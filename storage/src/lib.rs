@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 const META_TREE: &str = "meta";
 const CONNECTIONS_TREE: &str = "connections";
+const ROOMS_TREE: &str = "rooms";
 const EPOCH_KEY: &[u8] = b"epoch";
 
 /// The opened data directory.
@@ -26,6 +27,8 @@ pub struct Storage {
     meta: sled::Tree,
     /// connectionId → rkyv-encoded [`ConnectionRecord`] for every open connection.
     connections: sled::Tree,
+    /// `room NUL connectionId` → empty, for every room membership.
+    rooms: sled::Tree,
     /// Kept so [`Storage::flush`] covers every tree.
     db: sled::Db,
 }
@@ -50,6 +53,7 @@ impl Storage {
             dir: dir.to_path_buf(),
             meta: tree(META_TREE)?,
             connections: tree(CONNECTIONS_TREE)?,
+            rooms: tree(ROOMS_TREE)?,
             db,
         })
     }
@@ -96,9 +100,32 @@ impl Storage {
             .collect()
     }
 
-    /// Starts the background thread that applies connection record writes in batches.
+    /// Starts the background thread that applies record and membership writes in batches.
     pub fn record_writer(&self) -> RecordWriter {
-        RecordWriter::spawn(self.connections.clone(), self.dir.clone())
+        let trees = records::Trees {
+            connections: self.connections.clone(),
+            rooms: self.rooms.clone(),
+        };
+        RecordWriter::spawn(trees, self.dir.clone())
+    }
+
+    /// The connectionIds recorded as members of `room`.
+    pub fn room_members(&self, room: &str) -> Result<Vec<String>, StorageError> {
+        let prefix = records::membership_key(room, "");
+        self.rooms
+            .scan_prefix(&prefix)
+            .keys()
+            .map(|key| {
+                let key = key.map_err(|e| self.sled_error(e))?;
+                Ok(String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
+            })
+            .collect()
+    }
+
+    /// Forgets every room membership. Called at start: memberships belong to connections,
+    /// and no connection outlives the process that held it.
+    pub fn clear_room_memberships(&self) -> Result<(), StorageError> {
+        self.rooms.clear().map_err(|e| self.sled_error(e))
     }
 
     /// Makes everything written so far durable.
@@ -122,6 +149,21 @@ mod tests {
         let first = Storage::open(dir.path()).unwrap().next_epoch().unwrap();
         let second = Storage::open(dir.path()).unwrap().next_epoch().unwrap();
         assert_eq!(second, first + 1);
+    }
+
+    #[test]
+    fn memberships_are_persisted_and_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let writer = storage.record_writer();
+        writer.join("room".into(), "a".into());
+        writer.join("room".into(), "b".into());
+        writer.join("roomy".into(), "c".into());
+        writer.leave("room".into(), "a".into());
+        writer.close();
+        assert_eq!(storage.room_members("room").unwrap(), vec!["b".to_owned()]);
+        storage.clear_room_memberships().unwrap();
+        assert!(storage.room_members("roomy").unwrap().is_empty());
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Connection records: one per open connection, so that a crash can be reconciled at the
-//! next start (`$disconnect` for every connection it cut).
+//! Connection records (one per open connection, so that a crash can be reconciled at the
+//! next start: `$disconnect` for every connection it cut) and room memberships.
 //!
 //! Shards never touch sled: they hand record changes to a [`RecordWriter`], whose thread
 //! applies them as one sled batch per wake-up.
@@ -40,6 +40,14 @@ impl ConnectionRecord {
 enum Change {
     Upsert(ConnectionRecord),
     Remove(String),
+    Join {
+        room: String,
+        connection_id: String,
+    },
+    Leave {
+        room: String,
+        connection_id: String,
+    },
     /// Apply everything before this, flush, answer, and stop.
     Close(Sender<()>),
 }
@@ -52,13 +60,13 @@ pub struct RecordWriter {
 }
 
 impl RecordWriter {
-    pub(crate) fn spawn(tree: sled::Tree, dir: PathBuf) -> Self {
+    pub(crate) fn spawn(trees: Trees, dir: PathBuf) -> Self {
         // Unbounded on purpose: each connection sends at most one upsert and one remove,
         // so the backlog is bounded by the connection limit, and a shard never blocks.
         let (changes, receiver) = crossbeam_channel::unbounded();
         let spawned = std::thread::Builder::new()
             .name("switchboard-records".into())
-            .spawn(move || write_batches(&tree, &receiver, &dir));
+            .spawn(move || write_batches(&trees, &receiver, &dir));
         if let Err(error) = spawned {
             tracing::error!(%error, "cannot start the connection record writer");
         }
@@ -75,6 +83,22 @@ impl RecordWriter {
         let _ = self.changes.send(Change::Remove(connection_id));
     }
 
+    /// Records that `connection_id` is in `room`.
+    pub fn join(&self, room: String, connection_id: String) {
+        let _ = self.changes.send(Change::Join {
+            room,
+            connection_id,
+        });
+    }
+
+    /// Records that `connection_id` left `room` (or disconnected).
+    pub fn leave(&self, room: String, connection_id: String) {
+        let _ = self.changes.send(Change::Leave {
+            room,
+            connection_id,
+        });
+    }
+
     /// Stops the writer after it has applied and flushed everything sent so far; later
     /// changes are dropped. Blocks until the flush is done.
     pub fn close(&self) {
@@ -85,7 +109,22 @@ impl RecordWriter {
     }
 }
 
-fn write_batches(tree: &sled::Tree, changes: &Receiver<Change>, dir: &std::path::Path) {
+/// The trees the writer applies changes to.
+pub(crate) struct Trees {
+    pub(crate) connections: sled::Tree,
+    pub(crate) rooms: sled::Tree,
+}
+
+/// `room NUL connectionId`: members of a room are one prefix scan.
+pub(crate) fn membership_key(room: &str, connection_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(room.len() + 1 + connection_id.len());
+    key.extend_from_slice(room.as_bytes());
+    key.push(0);
+    key.extend_from_slice(connection_id.as_bytes());
+    key
+}
+
+fn write_batches(trees: &Trees, changes: &Receiver<Change>, dir: &std::path::Path) {
     let mut closed_by = None;
     while closed_by.is_none() {
         let first = match changes.recv() {
@@ -93,6 +132,7 @@ fn write_batches(tree: &sled::Tree, changes: &Receiver<Change>, dir: &std::path:
             Err(_) => break,
         };
         let mut batch = sled::Batch::default();
+        let mut rooms = sled::Batch::default();
         let mut count = 0;
         for change in std::iter::once(first).chain(changes.try_iter().take(MAX_BATCH - 1)) {
             match change {
@@ -100,6 +140,14 @@ fn write_batches(tree: &sled::Tree, changes: &Receiver<Change>, dir: &std::path:
                     batch.insert(record.connection_id.as_bytes(), record.encode())
                 }
                 Change::Remove(id) => batch.remove(id.as_bytes()),
+                Change::Join {
+                    room,
+                    connection_id,
+                } => rooms.insert(membership_key(&room, &connection_id), &[]),
+                Change::Leave {
+                    room,
+                    connection_id,
+                } => rooms.remove(membership_key(&room, &connection_id)),
                 Change::Close(done) => {
                     closed_by = Some(done);
                     break;
@@ -107,11 +155,15 @@ fn write_batches(tree: &sled::Tree, changes: &Receiver<Change>, dir: &std::path:
             }
             count += 1;
         }
-        if let Err(error) = tree.apply_batch(batch) {
-            tracing::error!(dir = %dir.display(), %error, count, "connection record batch failed");
+        let applied = trees
+            .connections
+            .apply_batch(batch)
+            .and_then(|()| trees.rooms.apply_batch(rooms));
+        if let Err(error) = applied {
+            tracing::error!(dir = %dir.display(), %error, count, "record batch failed");
         }
     }
-    if let Err(error) = tree.flush() {
+    if let Err(error) = trees.connections.flush() {
         tracing::error!(dir = %dir.display(), %error, "final connection record flush failed");
     }
     if let Some(done) = closed_by {

@@ -1,0 +1,155 @@
+//! Fan-out: one message to many connections, encoded once.
+//!
+//! A room broadcast is one command per shard; a bulk push is planned here (ids decoded and
+//! split by owning shard, without touching any connection) and then sent as one command
+//! per shard. Every recipient gets a refcounted clone of the same frame.
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::connection_id::ConnectionId;
+use crate::rooms::RoomName;
+use crate::shard::ShardHandle;
+
+/// A bulk push split by shard. Indices refer to the request's `connectionIds`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct FanoutPlan {
+    /// For each shard: (sequence number, request index) of its targets.
+    pub per_shard: Vec<Vec<(u64, u32)>>,
+    /// Ids this node could not have issued (or issued in an earlier run): gone.
+    pub invalid: Vec<u32>,
+}
+
+impl FanoutPlan {
+    /// Splits `ids` by shard. `node` and `epoch` identify the ids this run issued.
+    pub fn for_ids<S: AsRef<str>>(ids: &[S], node: u16, epoch: u32, shards: usize) -> Self {
+        let mut plan = Self {
+            per_shard: vec![Vec::new(); shards],
+            invalid: Vec::new(),
+        };
+        for (index, text) in ids.iter().enumerate() {
+            let index = index as u32;
+            let target = text
+                .as_ref()
+                .parse::<ConnectionId>()
+                .ok()
+                .filter(|id| id.node == node && id.epoch == epoch)
+                .and_then(|id| Some((id.sequence, plan.per_shard.get_mut(usize::from(id.shard))?)));
+            match target {
+                Some((sequence, targets)) => targets.push((sequence, index)),
+                None => plan.invalid.push(index),
+            }
+        }
+        plan
+    }
+}
+
+/// What a fan-out achieved.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Delivery {
+    /// Frames queued to open connections.
+    pub delivered: usize,
+    /// Request indices whose connection was gone.
+    pub gone: Vec<u32>,
+}
+
+/// Sends `frame` to every member of `room` on every shard; returns how many got it.
+/// All shards work in parallel: every command is sent before any answer is awaited.
+pub async fn broadcast(
+    shards: &[ShardHandle],
+    room: &RoomName,
+    frame: &Bytes,
+    exclude: Option<ConnectionId>,
+) -> usize {
+    let mut answers = Vec::with_capacity(shards.len());
+    for shard in shards {
+        let (reply, answer) = oneshot::channel();
+        if shard
+            .broadcast(room.clone(), frame.clone(), exclude, Some(reply))
+            .await
+            .is_ok()
+        {
+            answers.push(answer);
+        }
+    }
+    let mut delivered = 0;
+    for answer in answers {
+        delivered += answer.await.unwrap_or(0);
+    }
+    delivered
+}
+
+/// Sends `frame` to every target of `plan`.
+pub async fn send_bulk(shards: &[ShardHandle], plan: FanoutPlan, frame: &Bytes) -> Delivery {
+    let mut delivery = Delivery {
+        delivered: 0,
+        gone: plan.invalid,
+    };
+    let mut answers = Vec::with_capacity(shards.len());
+    for (shard, targets) in shards.iter().zip(plan.per_shard) {
+        if targets.is_empty() {
+            continue;
+        }
+        let (reply, answer) = oneshot::channel();
+        match shard.send_many(targets, frame.clone(), reply).await {
+            Ok(()) => answers.push(answer),
+            Err(targets) => delivery
+                .gone
+                .extend(targets.into_iter().map(|(_, index)| index)),
+        }
+    }
+    for answer in answers {
+        if let Ok(result) = answer.await {
+            delivery.delivered += result.delivered;
+            delivery.gone.extend(result.gone);
+        }
+    }
+    delivery.gone.sort_unstable();
+    delivery
+}
+
+/// Room membership, gathered from every shard.
+pub async fn room_members(shards: &[ShardHandle], room: &RoomName) -> Vec<String> {
+    let mut answers = Vec::with_capacity(shards.len());
+    for shard in shards {
+        let (reply, answer) = oneshot::channel();
+        if shard.list_room(room.clone(), reply).await.is_ok() {
+            answers.push(answer);
+        }
+    }
+    let mut members = Vec::new();
+    for answer in answers {
+        members.extend(answer.await.unwrap_or_default());
+    }
+    members
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(shard: u16, sequence: u64, epoch: u32) -> String {
+        ConnectionId {
+            node: 0,
+            shard,
+            epoch,
+            sequence,
+        }
+        .to_string()
+    }
+
+    #[test]
+    fn splits_by_shard_and_flags_foreign_ids() {
+        let ids = vec![
+            id(0, 1, 7),
+            id(1, 2, 7),
+            "garbage".to_owned(),
+            id(0, 3, 6),
+            id(5, 4, 7),
+            id(1, 5, 7),
+        ];
+        let plan = FanoutPlan::for_ids(&ids, 0, 7, 2);
+        assert_eq!(plan.per_shard, vec![vec![(1, 0)], vec![(2, 1), (5, 5)]]);
+        assert_eq!(plan.invalid, vec![2, 3, 4]);
+    }
+}

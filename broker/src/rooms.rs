@@ -1,0 +1,197 @@
+//! Rooms: validated room names and the shard-local index of who is in which room.
+//!
+//! Each shard keeps its own [`RoomIndex`] over its own connections, so a broadcast is one
+//! message per shard and each shard walks only its local members. Pure code.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+/// Longest room name accepted.
+pub const MAX_ROOM_NAME: usize = 128;
+
+/// A room name: 1–128 characters from `A-Z a-z 0-9 _ - . : @ /`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RoomName(Arc<str>);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidRoomName {
+    #[error("room name is empty")]
+    Empty,
+    #[error("room name is longer than {MAX_ROOM_NAME} characters")]
+    TooLong,
+    #[error("room name may only use letters, digits and _ - . : @ /")]
+    BadCharacter,
+}
+
+impl RoomName {
+    pub fn parse(text: &str) -> Result<Self, InvalidRoomName> {
+        if text.is_empty() {
+            return Err(InvalidRoomName::Empty);
+        }
+        if text.len() > MAX_ROOM_NAME {
+            return Err(InvalidRoomName::TooLong);
+        }
+        let allowed = |b: u8| b.is_ascii_alphanumeric() || b"_-.:@/".contains(&b);
+        if !text.bytes().all(allowed) {
+            return Err(InvalidRoomName::BadCharacter);
+        }
+        Ok(Self(text.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RoomName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Room membership of one shard's connections, keyed by connection sequence number. Each
+/// membership holds a `V` (the shard stores its connection handle there, so a broadcast
+/// walks straight to the queues without a second lookup).
+#[derive(Debug)]
+pub struct RoomIndex<V> {
+    rooms: HashMap<RoomName, HashMap<u64, V>>,
+    memberships: HashMap<u64, Vec<RoomName>>,
+}
+
+impl<V> Default for RoomIndex<V> {
+    fn default() -> Self {
+        Self {
+            rooms: HashMap::new(),
+            memberships: HashMap::new(),
+        }
+    }
+}
+
+impl<V> RoomIndex<V> {
+    /// Adds `member` to `room`; false if it was already there.
+    pub fn join(&mut self, room: &RoomName, member: u64, value: V) -> bool {
+        let members = self.rooms.entry(room.clone()).or_default();
+        if members.contains_key(&member) {
+            return false;
+        }
+        members.insert(member, value);
+        self.memberships
+            .entry(member)
+            .or_default()
+            .push(room.clone());
+        true
+    }
+
+    /// Removes `member` from `room`; false if it was not there.
+    pub fn leave(&mut self, room: &RoomName, member: u64) -> bool {
+        let Some(members) = self.rooms.get_mut(room) else {
+            return false;
+        };
+        if members.remove(&member).is_none() {
+            return false;
+        }
+        if members.is_empty() {
+            self.rooms.remove(room);
+        }
+        if let Some(rooms) = self.memberships.get_mut(&member) {
+            rooms.retain(|r| r != room);
+            if rooms.is_empty() {
+                self.memberships.remove(&member);
+            }
+        }
+        true
+    }
+
+    /// Removes `member` from every room (it disconnected); returns the rooms it left.
+    pub fn leave_all(&mut self, member: u64) -> Vec<RoomName> {
+        let rooms = self.memberships.remove(&member).unwrap_or_default();
+        for room in &rooms {
+            if let Some(members) = self.rooms.get_mut(room) {
+                members.remove(&member);
+                if members.is_empty() {
+                    self.rooms.remove(room);
+                }
+            }
+        }
+        rooms
+    }
+
+    /// The local members of `room` and their values (none for an unknown room).
+    pub fn members(&self, room: &RoomName) -> impl Iterator<Item = (u64, &V)> + '_ {
+        self.rooms
+            .get(room)
+            .into_iter()
+            .flat_map(|members| members.iter().map(|(id, v)| (*id, v)))
+    }
+
+    pub fn count(&self, room: &RoomName) -> usize {
+        self.rooms.get(room).map_or(0, HashMap::len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn room(name: &str) -> RoomName {
+        RoomName::parse(name).unwrap()
+    }
+
+    #[test]
+    fn names_are_validated() {
+        assert!(RoomName::parse("lobby").is_ok());
+        assert!(RoomName::parse("ticker:BTC-USD/1m@eu.west_2").is_ok());
+        assert_eq!(RoomName::parse(""), Err(InvalidRoomName::Empty));
+        assert_eq!(
+            RoomName::parse(&"a".repeat(129)),
+            Err(InvalidRoomName::TooLong)
+        );
+        assert_eq!(RoomName::parse("a b"), Err(InvalidRoomName::BadCharacter));
+        assert_eq!(RoomName::parse("é"), Err(InvalidRoomName::BadCharacter));
+    }
+
+    #[test]
+    fn join_leave_and_leave_all() {
+        let mut index = RoomIndex::default();
+        assert!(index.join(&room("a"), 1, ()));
+        assert!(!index.join(&room("a"), 1, ()));
+        index.join(&room("a"), 2, ());
+        index.join(&room("b"), 1, ());
+        assert_eq!(index.count(&room("a")), 2);
+        assert!(index.leave(&room("a"), 2));
+        assert!(!index.leave(&room("a"), 2));
+        let mut left = index.leave_all(1);
+        left.sort();
+        assert_eq!(left, vec![room("a"), room("b")]);
+        assert_eq!(index.count(&room("a")), 0);
+        assert!(index.rooms.is_empty() && index.memberships.is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn index_matches_a_naive_model(ops in proptest::collection::vec((0u8..3, 0u64..5, 0usize..3), 0..200)) {
+            let names = [room("x"), room("y"), room("z")];
+            let mut index = RoomIndex::default();
+            let mut model: std::collections::HashSet<(usize, u64)> = Default::default();
+            for (op, member, r) in ops {
+                match op {
+                    0 => { prop_assert_eq!(index.join(&names[r], member, ()), model.insert((r, member))); }
+                    1 => { prop_assert_eq!(index.leave(&names[r], member), model.remove(&(r, member))); }
+                    _ => {
+                        index.leave_all(member);
+                        model.retain(|(_, m)| *m != member);
+                    }
+                }
+            }
+            for (r, name) in names.iter().enumerate() {
+                let mut got: Vec<u64> = index.members(name).map(|(m, _)| m).collect();
+                got.sort();
+                let mut want: Vec<u64> = model.iter().filter(|(mr, _)| *mr == r).map(|(_, m)| *m).collect();
+                want.sort();
+                prop_assert_eq!(got, want);
+            }
+        }
+    }
+}
