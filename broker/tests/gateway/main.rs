@@ -5,5 +5,6 @@ mod disconnects;
 mod handshake;
 mod management;
 mod process;
+mod rooms;
 mod routing;
 mod support;
