@@ -45,11 +45,19 @@ pub struct Connection {
     closing: Cell<bool>,
     /// Integration calls running for this connection's messages.
     in_flight: Cell<usize>,
+    /// When `limits.max_connection_secs` runs out.
+    expires_at: Instant,
 }
 
 impl Connection {
-    pub fn new(id: ConnectionId, facts: ConnectionFacts, queue: OutboundQueue) -> Self {
+    pub fn new(
+        id: ConnectionId,
+        facts: ConnectionFacts,
+        queue: OutboundQueue,
+        expires_at: Instant,
+    ) -> Self {
         Self {
+            expires_at,
             id,
             last_active: Cell::new(Instant::now()),
             last_active_ms: Cell::new(facts.connected_at_ms),
@@ -114,8 +122,19 @@ impl Connection {
         self.last_active_ms.set(clock::now_ms());
     }
 
-    pub(crate) fn last_active(&self) -> Instant {
-        self.last_active.get()
+    /// Why this connection should be closed at `now`, if a time limit has run out.
+    pub(crate) fn expired(
+        &self,
+        now: Instant,
+        idle_timeout: std::time::Duration,
+    ) -> Option<DisconnectReason> {
+        if now >= self.expires_at {
+            Some(DisconnectReason::MaxDuration)
+        } else if now.saturating_duration_since(self.last_active.get()) >= idle_timeout {
+            Some(DisconnectReason::IdleTimeout)
+        } else {
+            None
+        }
     }
 
     pub(crate) fn in_flight(&self) -> usize {

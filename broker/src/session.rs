@@ -40,85 +40,19 @@ thread_local! {
 
 /// Runs a connection accepted by `shard`.
 pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
-    let gateway = shard.gateway.clone();
-    let metrics = &gateway.metrics;
     let _ = stream.set_nodelay(true);
+    // Boxed so the handshake's state (request headers, `$connect` call) is freed before
+    // the connection settles in for hours: an idle connection keeps only what it needs.
+    let Some(accepted) = Box::pin(handshake(&shard, &mut stream, peer)).await else {
+        return;
+    };
+    let Accepted {
+        connection,
+        leftover,
+        permit: _permit,
+    } = accepted;
+    let gateway = shard.gateway.clone();
     let limits = &gateway.config.limits;
-    let upgrade = match handshake::read_upgrade(
-        &mut stream,
-        &gateway.config.api.stage,
-        limits.handshake_timeout,
-    )
-    .await
-    {
-        Ok(upgrade) => upgrade,
-        Err(ReadError::Rejected(rejection)) => {
-            metrics
-                .connections_total
-                .with_label_values(&[rejection.label()])
-                .inc();
-            let body = rejection.to_string();
-            handshake::respond_and_close(
-                &mut stream,
-                &handshake::error_response(rejection.status(), body.as_bytes()),
-            )
-            .await;
-            return;
-        }
-        Err(error) => {
-            tracing::debug!(%peer, %error, "handshake abandoned");
-            return;
-        }
-    };
-    let Ok(_permit) = gateway.connection_permits.clone().try_acquire_owned() else {
-        metrics
-            .connections_total
-            .with_label_values(&["over_capacity"])
-            .inc();
-        let response = handshake::error_response(503, b"connection limit reached");
-        handshake::respond_and_close(&mut stream, &response).await;
-        return;
-    };
-
-    let id = shard.ids.borrow_mut().connection_id();
-    let facts = ConnectionFacts {
-        connection_id: id.to_string(),
-        connected_at_ms: clock::now_ms(),
-        source_ip: peer.ip().to_string(),
-        user_agent: upgrade.user_agent.clone(),
-        domain_name: upgrade.host.clone(),
-    };
-
-    let protocol = match dispatch::run_connect(&shard, &facts, &upgrade.request).await {
-        ConnectOutcome::Accept { protocol } => protocol,
-        ConnectOutcome::Reject {
-            status,
-            body,
-            result,
-        } => {
-            metrics.connections_total.with_label_values(&[result]).inc();
-            handshake::respond_and_close(&mut stream, &handshake::error_response(status, &body))
-                .await;
-            return;
-        }
-    };
-    let response = handshake::switching_protocols(&upgrade.key, protocol.as_deref());
-    if stream.write_all(&response).await.is_err() {
-        // The client left before the 101; `$connect` succeeded, so `$disconnect` is owed.
-        dispatch::fire_disconnect(&shard, facts, DisconnectReason::ConnectionLost);
-        return;
-    }
-    metrics
-        .connections_total
-        .with_label_values(&["accepted"])
-        .inc();
-    metrics.connections_active.inc();
-
-    let connection = Rc::new(Connection::new(
-        id,
-        facts,
-        OutboundQueue::new(limits.outbound_queue_frames, limits.outbound_queue_bytes),
-    ));
     gateway
         .records
         .upsert(switchboard_storage::ConnectionRecord {
@@ -129,19 +63,16 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
             user_agent: connection.facts.user_agent.clone(),
         });
     shard.register(connection.clone());
+    if shard.shutdown.is_cancelled() {
+        // Registered after the shutdown sweep: close like everyone else.
+        connection.request_close(DisconnectReason::ServerShutdown);
+    }
     let mut decoder = MessageDecoder::new(limits.max_frame_bytes, limits.max_message_bytes);
-    let reason = serve(
-        &shard,
-        &mut stream,
-        &connection,
-        &mut decoder,
-        &upgrade.leftover,
-    )
-    .await;
-    let reason = close(&mut stream, &connection, metrics, reason).await;
+    let reason = serve(&shard, &mut stream, &connection, &mut decoder, leftover).await;
+    let reason = close(&mut stream, &connection, &gateway.metrics, reason).await;
 
     shard.unregister(&connection);
-    metrics.connections_active.dec();
+    gateway.metrics.connections_active.dec();
     tracing::debug!(
         connection_id = %connection.facts.connection_id,
         %peer,
@@ -152,20 +83,109 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
     dispatch::fire_disconnect(&shard, facts, reason);
 }
 
-/// Reads, dispatches and writes until the connection must end; returns why.
+/// A connection that passed `$connect` and got its 101.
+struct Accepted {
+    connection: Rc<Connection>,
+    /// Bytes the client sent right after its request head.
+    leftover: Vec<u8>,
+    /// Its slot under `server.max_connections`, held for the connection's life.
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Reads the upgrade request, admits the connection, runs `$connect` and answers.
+async fn handshake(
+    shard: &Rc<Shard>,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+) -> Option<Accepted> {
+    let gateway = &shard.gateway;
+    let metrics = &gateway.metrics;
+    let limits = &gateway.config.limits;
+    let upgrade =
+        match handshake::read_upgrade(stream, &gateway.config.api.stage, limits.handshake_timeout)
+            .await
+        {
+            Ok(upgrade) => upgrade,
+            Err(ReadError::Rejected(rejection)) => {
+                metrics
+                    .connections_total
+                    .with_label_values(&[rejection.label()])
+                    .inc();
+                let body = rejection.to_string();
+                let response = handshake::error_response(rejection.status(), body.as_bytes());
+                handshake::respond_and_close(stream, &response).await;
+                return None;
+            }
+            Err(error) => {
+                tracing::debug!(%peer, %error, "handshake abandoned");
+                return None;
+            }
+        };
+    let Ok(permit) = gateway.connection_permits.clone().try_acquire_owned() else {
+        metrics
+            .connections_total
+            .with_label_values(&["over_capacity"])
+            .inc();
+        let response = handshake::error_response(503, b"connection limit reached");
+        handshake::respond_and_close(stream, &response).await;
+        return None;
+    };
+
+    let id = shard.ids.borrow_mut().connection_id();
+    let facts = ConnectionFacts {
+        connection_id: id.to_string(),
+        connected_at_ms: clock::now_ms(),
+        source_ip: peer.ip().to_string(),
+        user_agent: upgrade.user_agent,
+        domain_name: upgrade.host,
+    };
+    let protocol = match dispatch::run_connect(shard, &facts, &upgrade.request).await {
+        ConnectOutcome::Accept { protocol } => protocol,
+        ConnectOutcome::Reject {
+            status,
+            body,
+            result,
+        } => {
+            metrics.connections_total.with_label_values(&[result]).inc();
+            handshake::respond_and_close(stream, &handshake::error_response(status, &body)).await;
+            return None;
+        }
+    };
+    let response = handshake::switching_protocols(&upgrade.key, protocol.as_deref());
+    if stream.write_all(&response).await.is_err() {
+        // The client left before the 101; `$connect` succeeded, so `$disconnect` is owed.
+        dispatch::fire_disconnect(shard, facts, DisconnectReason::ConnectionLost);
+        return None;
+    }
+    metrics
+        .connections_total
+        .with_label_values(&["accepted"])
+        .inc();
+    metrics.connections_active.inc();
+    tracing::debug!(connection_id = %facts.connection_id, %peer, "connected");
+    let queue = OutboundQueue::new(limits.outbound_queue_frames, limits.outbound_queue_bytes);
+    let expires_at = std::time::Instant::now() + limits.max_connection_duration;
+    Some(Accepted {
+        connection: Rc::new(Connection::new(id, facts, queue, expires_at)),
+        leftover: upgrade.leftover,
+        permit,
+    })
+}
+
+/// Reads, dispatches and writes until the connection must end; returns why. Timers and
+/// shutdown are not polled here: the shard's sweep asks the connection to close.
 async fn serve(
     shard: &Rc<Shard>,
     stream: &mut TcpStream,
     connection: &Rc<Connection>,
     decoder: &mut MessageDecoder,
-    leftover: &[u8],
+    leftover: Vec<u8>,
 ) -> DisconnectReason {
-    let limits = &shard.gateway.config.limits;
-    let max_deadline = Instant::now() + limits.max_connection_duration;
     let mut incoming = Vec::new();
-    if let Err(error) = decoder.decode(leftover, &mut incoming) {
+    if let Err(error) = decoder.decode(&leftover, &mut incoming) {
         return DisconnectReason::BadFrame(error);
     }
+    drop(leftover);
     loop {
         for message in incoming.drain(..) {
             if let Some(reason) = handle_incoming(shard, connection, message) {
@@ -179,11 +199,9 @@ async fn serve(
             Ok(pending) => pending,
             Err(_) => return DisconnectReason::ConnectionLost,
         };
-        let idle_deadline = Instant::from_std(connection.last_active()) + limits.idle_timeout;
         let can_read = connection.in_flight() < MAX_IN_FLIGHT;
         tokio::select! {
             biased;
-            _ = shard.shutdown.cancelled() => return DisconnectReason::ServerShutdown,
             _ = connection.woken() => {}
             ready = stream.writable(), if pending => {
                 if ready.is_err() {
@@ -200,12 +218,6 @@ async fn serve(
                     Err(reason) => return reason,
                 }
             }
-            _ = tokio::time::sleep_until(idle_deadline) => {
-                if connection.last_active().elapsed() >= limits.idle_timeout {
-                    return DisconnectReason::IdleTimeout;
-                }
-            }
-            _ = tokio::time::sleep_until(max_deadline) => return DisconnectReason::MaxDuration,
         }
     }
 }

@@ -29,6 +29,10 @@ use crate::session;
 /// Commands waiting for a shard beyond this make the sender wait (backpressure on the
 /// management API, never unbounded memory).
 const COMMAND_QUEUE: usize = 4096;
+/// How often a shard checks its connections' idle and age limits. Sessions poll no timers
+/// of their own, which keeps a wake-up (one per fan-out batch) cheap and an idle
+/// connection small.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 /// How long shutdown waits for sessions to close and `$disconnect` calls to finish;
 /// what remains is reported as "gateway restarted" at the next start.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
@@ -326,6 +330,24 @@ impl Shard {
         delivery
     }
 
+    /// Asks every connection past its idle timeout or maximum age to close.
+    fn expire_connections(&self) {
+        let now = std::time::Instant::now();
+        let idle_timeout = self.gateway.config.limits.idle_timeout;
+        for connection in self.connections.borrow().values() {
+            if let Some(reason) = connection.expired(now, idle_timeout) {
+                connection.request_close(reason);
+            }
+        }
+    }
+
+    /// Asks every connection to close for shutdown.
+    fn close_all(&self) {
+        for connection in self.connections.borrow().values() {
+            connection.request_close(DisconnectReason::ServerShutdown);
+        }
+    }
+
     fn connection(&self, sequence: u64) -> Result<Rc<Connection>, Gone> {
         self.connections
             .borrow()
@@ -458,6 +480,18 @@ async fn run(
         }
     };
     let command_task = tokio::task::spawn_local(command_loop);
+    let sweep = {
+        let shard = shard.clone();
+        async move {
+            let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                shard.expire_connections();
+            }
+        }
+    };
+    let sweep_task = tokio::task::spawn_local(sweep);
     loop {
         tokio::select! {
             _ = shard.shutdown.cancelled() => break,
@@ -474,7 +508,9 @@ async fn run(
         }
     }
     drop(listener);
-    // Sessions see the same cancellation, close with 1001 and fire `$disconnect`.
+    sweep_task.abort();
+    // Sessions close with 1001 and fire `$disconnect`; the tracker waits for both.
+    shard.close_all();
     shard.tasks.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, shard.tasks.wait())
         .await

@@ -1,19 +1,190 @@
 //! `switchboard-loadgen`: load generator and measurement tool for Switchboard.
 //!
-//! Scenarios (connect, fanout, bulk) arrive with the fan-out work; this binary reserves the
-//! name and command-line shape.
+//! Loopback only, bounded in count and time. Prints a human table, or JSON with `--json`.
 
-use clap::Parser;
+mod client;
+mod scenario;
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::client::Target;
+use crate::scenario::{Delivery, Endpoints, FanoutArgs};
 
 #[derive(Parser)]
 #[command(
     name = "switchboard-loadgen",
     version,
-    about = "Load generator for Switchboard"
+    about = "Load generator for Switchboard (loopback only)"
 )]
-struct Cli {}
+struct Cli {
+    /// Gateway WebSocket URL.
+    #[arg(long, global = true, default_value = "ws://127.0.0.1:8080/dev")]
+    url: String,
+    /// Management API base URL, with the stage.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:9090/dev")]
+    api: String,
+    /// Spread client connections over 127.0.0.1 … 127.0.0.N (each adds ~28,000 ports).
+    #[arg(long, global = true, default_value_t = 1)]
+    source_addrs: u8,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Ramp C connections, hold them idle, report connect rate and server RSS.
+    Connect {
+        #[arg(long, short = 'c', default_value_t = 1000)]
+        connections: usize,
+        /// Seconds to hold the connections before measuring and closing.
+        #[arg(long, default_value_t = 5)]
+        hold_secs: u64,
+        /// Measure this process's RSS before and after (the gateway's PID).
+        #[arg(long)]
+        server_pid: Option<u32>,
+    },
+    /// C connections join a room; publish M messages with `POST /@rooms/{room}`.
+    Fanout(FanoutOptions),
+    /// The same through bulk `POST /@connections` naming every member.
+    Bulk(FanoutOptions),
+}
+
+#[derive(Args, Clone)]
+struct FanoutOptions {
+    #[arg(long, short = 'c', default_value_t = 1000)]
+    connections: usize,
+    /// Messages to publish.
+    #[arg(long, short = 'm', default_value_t = 1000)]
+    messages: usize,
+    /// Payload bytes (at least 30: sequence and timestamp).
+    #[arg(long, short = 'p', default_value_t = 128)]
+    payload: usize,
+    /// Messages per second; omit to publish as fast as the window allows.
+    #[arg(long)]
+    rate: Option<u32>,
+    /// Publishing requests in flight at once.
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+    #[arg(long, default_value = "loadgen")]
+    room: String,
+    /// Seconds to wait for stragglers after the last publish.
+    #[arg(long, default_value_t = 5)]
+    drain_secs: u64,
+    /// Hard limit on the whole run.
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+}
 
 fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    anyhow::bail!("no scenarios yet: connect, fanout and bulk arrive with the fan-out work")
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let endpoints = Endpoints {
+        ws: Target::parse(&cli.url)?,
+        api: cli.api.trim_end_matches('/').to_owned(),
+        source_addrs: cli.source_addrs,
+    };
+    if !endpoints.ws.addr.ip().is_loopback() {
+        bail!("switchboard-loadgen only targets loopback addresses (127.0.0.0/8, ::1)");
+    }
+    let needed = match &cli.scenario {
+        Scenario::Connect { connections, .. } => *connections,
+        Scenario::Fanout(o) | Scenario::Bulk(o) => o.connections,
+    };
+    raise_open_files(needed)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(async {
+        match cli.scenario {
+            Scenario::Connect {
+                connections,
+                hold_secs,
+                server_pid,
+            } => {
+                let hold = Duration::from_secs(hold_secs);
+                let report = scenario::connect(&endpoints, connections, hold, server_pid).await;
+                output(&report, cli.json)
+            }
+            Scenario::Fanout(options) => {
+                let report =
+                    scenario::fanout(&endpoints, &options.into_args(Delivery::Room)).await?;
+                output(&report, cli.json)
+            }
+            Scenario::Bulk(options) => {
+                let report =
+                    scenario::fanout(&endpoints, &options.into_args(Delivery::Bulk)).await?;
+                output(&report, cli.json)
+            }
+        }
+    })
+}
+
+impl FanoutOptions {
+    fn into_args(self, delivery: Delivery) -> FanoutArgs {
+        FanoutArgs {
+            connections: self.connections,
+            messages: self.messages,
+            payload: self.payload.max(30),
+            rate: self.rate,
+            window: self.window,
+            room: self.room,
+            delivery,
+            drain: Duration::from_secs(self.drain_secs),
+            timeout: Duration::from_secs(self.timeout_secs),
+        }
+    }
+}
+
+/// Raises RLIMIT_NOFILE to its hard limit, and says so when `connections` will not fit.
+fn raise_open_files(connections: usize) -> anyhow::Result<()> {
+    let limit = rlimit::increase_nofile_limit(u64::MAX).context("cannot raise RLIMIT_NOFILE")?;
+    let needed = connections as u64 + 64;
+    if needed > limit {
+        bail!(
+            "{connections} connections need ~{needed} open files but RLIMIT_NOFILE is {limit} (its hard limit); \
+             run several loadgen processes, or raise the hard limit (ulimit -Hn, systemd LimitNOFILE)"
+        );
+    }
+    if connections > 1000 {
+        eprintln!("RLIMIT_NOFILE raised to {limit}");
+    }
+    Ok(())
+}
+
+fn output(report: &impl Serialize, json: bool) -> anyhow::Result<()> {
+    let value = serde_json::to_value(report)?;
+    if json {
+        println!("{value}");
+        return Ok(());
+    }
+    print_table("", &value);
+    Ok(())
+}
+
+fn print_table(prefix: &str, value: &serde_json::Value) {
+    match value {
+        serde_json::Value::Object(fields) => {
+            for (key, field) in fields {
+                let name = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                print_table(&name, field);
+            }
+        }
+        serde_json::Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() => println!("{prefix:<28} {f:>14.3}"),
+            _ => println!("{prefix:<28} {n:>14}"),
+        },
+        other => println!("{prefix:<28} {:>14}", other.to_string().trim_matches('"')),
+    }
 }

@@ -1,0 +1,482 @@
+//! The scenarios: `connect` (ramp and hold idle connections), `fanout` (room broadcasts via
+//! `POST /@rooms/{room}`) and `bulk` (the same through bulk `POST /@connections`).
+//!
+//! Every run is bounded: publishing stops after the message count, waiting for stragglers
+//! after `--drain-secs`, and the whole run after `--timeout-secs`.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+
+use crate::client::{ServerFrame, Target, WsClient};
+
+/// Connections opened at once while ramping.
+const RAMP_CONCURRENCY: usize = 128;
+/// Bytes at the start of every payload: sequence (10) and send time in ns (20).
+const STAMP_LEN: usize = 30;
+
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+fn now_ns() -> u64 {
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Where the gateway is and how to reach it.
+#[derive(Debug, Clone)]
+pub(crate) struct Endpoints {
+    pub(crate) ws: Target,
+    /// `http://HOST:PORT/{stage}`.
+    pub(crate) api: String,
+    /// Client connections come from 127.0.0.1 … 127.0.0.N.
+    pub(crate) source_addrs: u8,
+}
+
+impl Endpoints {
+    fn source(&self, index: usize) -> IpAddr {
+        let last = 1 + (index % usize::from(self.source_addrs.max(1))) as u8;
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+    }
+}
+
+/// Opens `count` connections, `RAMP_CONCURRENCY` at a time; returns them and the failures.
+async fn ramp(endpoints: &Endpoints, count: usize) -> (Vec<WsClient>, usize) {
+    let permits = Arc::new(Semaphore::new(RAMP_CONCURRENCY));
+    let mut tasks = Vec::with_capacity(count);
+    for index in 0..count {
+        let permit = permits.clone().acquire_owned().await;
+        let target = endpoints.ws.clone();
+        let source = endpoints.source(index);
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            WsClient::connect(&target, source).await
+        }));
+    }
+    let mut clients = Vec::with_capacity(count);
+    let mut failed = 0;
+    for task in tasks {
+        match task.await {
+            Ok(Ok(client)) => clients.push(client),
+            Ok(Err(error)) => {
+                if failed == 0 {
+                    eprintln!("connect failed: {error:#}");
+                }
+                failed += 1;
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    (clients, failed)
+}
+
+/// Resident set size of `pid` in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct ConnectReport {
+    pub(crate) requested: usize,
+    pub(crate) connected: usize,
+    pub(crate) failed: usize,
+    pub(crate) connect_secs: f64,
+    pub(crate) connects_per_sec: f64,
+    pub(crate) held_secs: u64,
+    pub(crate) server_rss_before_kib: Option<u64>,
+    pub(crate) server_rss_after_kib: Option<u64>,
+    pub(crate) rss_per_connection_kib: Option<f64>,
+}
+
+pub(crate) async fn connect(
+    endpoints: &Endpoints,
+    count: usize,
+    hold: Duration,
+    server_pid: Option<u32>,
+) -> ConnectReport {
+    let before = server_pid.and_then(rss_kib);
+    let started = Instant::now();
+    let (clients, failed) = ramp(endpoints, count).await;
+    let connect_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(hold).await;
+    let after = server_pid.and_then(rss_kib);
+    let per_connection = match (before, after) {
+        (Some(b), Some(a)) if !clients.is_empty() => {
+            Some(a.saturating_sub(b) as f64 / clients.len() as f64)
+        }
+        _ => None,
+    };
+    let report = ConnectReport {
+        requested: count,
+        connected: clients.len(),
+        failed,
+        connect_secs,
+        connects_per_sec: clients.len() as f64 / connect_secs.max(1e-9),
+        held_secs: hold.as_secs(),
+        server_rss_before_kib: before,
+        server_rss_after_kib: after,
+        rss_per_connection_kib: per_connection,
+    };
+    drop(clients);
+    report
+}
+
+/// How a fan-out run publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Delivery {
+    /// `POST /{stage}/@rooms/{room}`.
+    Room,
+    /// `POST /{stage}/@connections` with every member's id.
+    Bulk,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct FanoutArgs {
+    pub(crate) connections: usize,
+    pub(crate) messages: usize,
+    pub(crate) payload: usize,
+    /// Messages per second; `None` = as fast as `window` allows.
+    pub(crate) rate: Option<u32>,
+    pub(crate) window: usize,
+    pub(crate) room: String,
+    pub(crate) delivery: Delivery,
+    pub(crate) drain: Duration,
+    pub(crate) timeout: Duration,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct FanoutReport {
+    pub(crate) delivery: Delivery,
+    pub(crate) connections: usize,
+    pub(crate) messages: usize,
+    pub(crate) payload_bytes: usize,
+    pub(crate) rate: Option<u32>,
+    pub(crate) expected: u64,
+    pub(crate) delivered: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) out_of_order: u64,
+    pub(crate) closed_by_server: usize,
+    pub(crate) publish_errors: usize,
+    pub(crate) publish_secs: f64,
+    pub(crate) deliveries_per_sec: f64,
+    pub(crate) latency_ms: Percentiles,
+    /// Round trip of each publishing HTTP request, as the publisher saw it.
+    pub(crate) request_ms: Percentiles,
+    pub(crate) verdict: &'static str,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct Percentiles {
+    pub(crate) p50: f64,
+    pub(crate) p99: f64,
+    pub(crate) p999: f64,
+    pub(crate) max: f64,
+}
+
+impl Percentiles {
+    fn of(histogram: &Histogram<u64>) -> Self {
+        let ms = |us: u64| us as f64 / 1000.0;
+        Self {
+            p50: ms(histogram.value_at_quantile(0.5)),
+            p99: ms(histogram.value_at_quantile(0.99)),
+            p999: ms(histogram.value_at_quantile(0.999)),
+            max: ms(histogram.max()),
+        }
+    }
+}
+
+/// What every subscriber adds to.
+#[derive(Default)]
+struct Tally {
+    delivered: AtomicU64,
+    duplicates: AtomicU64,
+    out_of_order: AtomicU64,
+    closed: AtomicUsize,
+    last_delivery_ns: AtomicU64,
+}
+
+fn histogram() -> Histogram<u64> {
+    // Microseconds, up to 10 minutes, 3 significant figures.
+    Histogram::new_with_bounds(1, 600_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+}
+
+pub(crate) async fn fanout(endpoints: &Endpoints, args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.window.max(1))
+        .tcp_nodelay(true)
+        .build()?;
+    let (mut clients, failed) = ramp(endpoints, args.connections).await;
+    if failed > 0 {
+        bail!("{failed} of {} connections failed", args.connections);
+    }
+    let join = json!({"action": "join", "room": args.room}).to_string();
+    for client in &mut clients {
+        client.send_text(&join).await?;
+    }
+    let members =
+        wait_for_members(&http, endpoints, &args.room, args.connections, args.timeout).await?;
+
+    let tally = Arc::new(Tally::default());
+    let latencies = Arc::new(Mutex::new(histogram()));
+    let deadline = Instant::now() + args.timeout;
+    let subscribers: Vec<_> = clients
+        .into_iter()
+        .map(|client| {
+            let tally = tally.clone();
+            let latencies = latencies.clone();
+            tokio::spawn(subscribe(client, args.messages, tally, latencies, deadline))
+        })
+        .collect();
+
+    let published_at = Instant::now();
+    let first_publish_ns = now_ns();
+    let (publish_errors, requests) = publish(&http, endpoints, args, &members).await;
+    let publish_secs = published_at.elapsed().as_secs_f64();
+    let drain_deadline = (Instant::now() + args.drain).min(deadline);
+    for subscriber in subscribers {
+        let remaining = drain_deadline.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(remaining, subscriber).await.is_err() {
+            // Stragglers are counted as undelivered; their tasks end at the deadline.
+        }
+    }
+
+    let expected = (args.connections * args.messages) as u64;
+    let delivered = tally.delivered.load(Ordering::Relaxed);
+    let span_ns = tally
+        .last_delivery_ns
+        .load(Ordering::Relaxed)
+        .saturating_sub(first_publish_ns)
+        .max(1);
+    let closed = tally.closed.load(Ordering::Relaxed);
+    let duplicates = tally.duplicates.load(Ordering::Relaxed);
+    let out_of_order = tally.out_of_order.load(Ordering::Relaxed);
+    let verdict = if publish_errors > 0 {
+        "PUBLISHER FAILED"
+    } else if closed > 0 {
+        "DROPPED"
+    } else if duplicates > 0 || out_of_order > 0 {
+        "LOST"
+    } else if delivered < expected {
+        "BACKLOG"
+    } else {
+        "ok"
+    };
+    let latency = {
+        let histogram = latencies
+            .lock()
+            .map_err(|_| anyhow::anyhow!("latency histogram poisoned"))?;
+        Percentiles::of(&histogram)
+    };
+    Ok(FanoutReport {
+        delivery: args.delivery,
+        connections: args.connections,
+        messages: args.messages,
+        payload_bytes: args.payload,
+        rate: args.rate,
+        expected,
+        delivered,
+        duplicates,
+        out_of_order,
+        closed_by_server: closed,
+        publish_errors,
+        publish_secs,
+        deliveries_per_sec: delivered as f64 / (span_ns as f64 / 1e9),
+        latency_ms: latency,
+        request_ms: Percentiles::of(&requests),
+        verdict,
+    })
+}
+
+/// Polls `GET /@rooms/{room}` until it lists `count` members; returns their ids.
+async fn wait_for_members(
+    http: &reqwest::Client,
+    endpoints: &Endpoints,
+    room: &str,
+    count: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<String>> {
+    let url = format!("{}/@rooms/{room}", endpoints.api);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let body = http.get(&url).send().await?.bytes().await?;
+        let listing: Value = serde_json::from_slice(&body).context("GET @rooms answer")?;
+        if listing["count"].as_u64() == Some(count as u64) {
+            let ids = listing["connectionIds"]
+                .as_array()
+                .map(|ids| {
+                    ids.iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            return Ok(ids);
+        }
+        if Instant::now() > deadline {
+            bail!("room {room} has {} of {count} members", listing["count"]);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn payload(seq: usize, size: usize) -> String {
+    let mut text = format!("{seq:010}{:020}", now_ns());
+    text.extend(std::iter::repeat_n('x', size.saturating_sub(STAMP_LEN)));
+    text
+}
+
+/// Publishes every message; returns the failed requests and the request round trips.
+async fn publish(
+    http: &reqwest::Client,
+    endpoints: &Endpoints,
+    args: &FanoutArgs,
+    members: &[String],
+) -> (usize, Histogram<u64>) {
+    let window = Arc::new(Semaphore::new(args.window.max(1)));
+    let requests = Arc::new(Mutex::new(histogram()));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let members: Arc<[String]> = members.into();
+    let mut ticker = args
+        .rate
+        .map(|rate| tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1)))));
+    let mut inflight = Vec::new();
+    for seq in 0..args.messages {
+        if let Some(ticker) = ticker.as_mut() {
+            ticker.tick().await;
+        }
+        let Ok(permit) = window.clone().acquire_owned().await else {
+            break;
+        };
+        let request = match args.delivery {
+            Delivery::Room => http
+                .post(format!("{}/@rooms/{}", endpoints.api, args.room))
+                .body(payload(seq, args.payload)),
+            Delivery::Bulk => {
+                let body = json!({"connectionIds": &*members, "data": payload(seq, args.payload)});
+                http.post(format!("{}/@connections", endpoints.api))
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+            }
+        };
+        let requests = requests.clone();
+        let failures = failures.clone();
+        inflight.push(tokio::spawn(async move {
+            let _permit = permit;
+            let started = Instant::now();
+            let ok = match request.send().await {
+                Ok(response) => response.status().is_success() && response.bytes().await.is_ok(),
+                Err(_) => false,
+            };
+            if !ok {
+                failures.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Ok(mut histogram) = requests.lock() {
+                let _ = histogram.record(started.elapsed().as_micros() as u64);
+            }
+        }));
+        // Publishing order matters (the gateway keeps per-publisher order only for
+        // requests it has received): with a window of 1 each waits for the previous.
+        if args.window <= 1 {
+            if let Some(last) = inflight.pop() {
+                let _ = last.await;
+            }
+        }
+    }
+    for task in inflight {
+        let _ = task.await;
+    }
+    let histogram = requests
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|_| histogram());
+    (failures.load(Ordering::Relaxed), histogram)
+}
+
+/// Reads until every message arrived, the server closed, or the deadline passed.
+async fn subscribe(
+    mut client: WsClient,
+    messages: usize,
+    tally: Arc<Tally>,
+    latencies: Arc<Mutex<Histogram<u64>>>,
+    deadline: Instant,
+) {
+    let mut next_seq = 0usize;
+    let mut received = 0usize;
+    let mut samples: Vec<u64> = Vec::with_capacity(64);
+    let deadline = tokio::time::Instant::from_std(deadline);
+    while received < messages {
+        let read = client.read_frames(|frame| {
+            let ServerFrame::Data(payload) = frame else {
+                return;
+            };
+            let Some((seq, sent_ns)) = parse_stamp(payload) else {
+                return;
+            };
+            let now = now_ns();
+            samples.push(now.saturating_sub(sent_ns) / 1000);
+            received += 1;
+            if seq == next_seq {
+                next_seq += 1;
+            } else if seq < next_seq {
+                tally.duplicates.fetch_add(1, Ordering::Relaxed);
+            } else {
+                tally.out_of_order.fetch_add(1, Ordering::Relaxed);
+                next_seq = seq + 1;
+            }
+        });
+        let open = match tokio::time::timeout_at(deadline, read).await {
+            Ok(Ok(open)) => open,
+            Ok(Err(_)) => false,
+            Err(_) => break,
+        };
+        if !samples.is_empty() {
+            tally
+                .delivered
+                .fetch_add(samples.len() as u64, Ordering::Relaxed);
+            tally
+                .last_delivery_ns
+                .fetch_max(now_ns(), Ordering::Relaxed);
+            if let Ok(mut histogram) = latencies.lock() {
+                for sample in samples.drain(..) {
+                    let _ = histogram.record(sample.max(1));
+                }
+            }
+        }
+        if !open {
+            tally.closed.fetch_add(1, Ordering::Relaxed);
+            break;
+        }
+    }
+}
+
+fn parse_stamp(payload: &[u8]) -> Option<(usize, u64)> {
+    let text = std::str::from_utf8(payload.get(..STAMP_LEN)?).ok()?;
+    Some((text[..10].parse().ok()?, text[10..].parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_stamp_round_trips() {
+        let text = payload(42, 128);
+        assert_eq!(text.len(), 128);
+        let (seq, ns) = parse_stamp(text.as_bytes()).unwrap();
+        assert_eq!(seq, 42);
+        assert!(ns <= now_ns());
+    }
+}
