@@ -2,10 +2,12 @@
 //! `GET @connections` reads. Only its shard touches it (`Rc`, `Cell`, `RefCell`: no locks).
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 
 use crate::clock;
 use crate::connection_id::ConnectionId;
@@ -32,9 +34,12 @@ pub struct Connection {
     pub facts: ConnectionFacts,
     /// Encoded frames waiting for the socket.
     outbound: RefCell<OutboundQueue>,
-    /// Wakes the session: frames were queued, a close was requested, or an in-flight
-    /// integration finished.
-    wake: Notify,
+    /// Set when the session has something to do: frames were queued, a close was
+    /// requested, or an in-flight integration finished.
+    signaled: Cell<bool>,
+    /// The session task, while it waits. A plain cell, not `tokio::sync::Notify`: this is
+    /// touched once per recipient per broadcast, only ever from the owning shard.
+    waker: Cell<Option<Waker>>,
     /// Monotonic time of the last frame in either direction, for the idle timeout.
     last_active: Cell<Instant>,
     /// The same moment as wall-clock epoch milliseconds, for `lastActiveAt`.
@@ -63,7 +68,8 @@ impl Connection {
             last_active_ms: Cell::new(facts.connected_at_ms),
             facts,
             outbound: RefCell::new(queue),
-            wake: Notify::new(),
+            signaled: Cell::new(false),
+            waker: Cell::new(None),
             close_request: RefCell::new(None),
             closing: Cell::new(false),
             in_flight: Cell::new(0),
@@ -88,7 +94,7 @@ impl Connection {
             self.request_close(DisconnectReason::SlowConsumer);
             return Err(Gone);
         }
-        self.wake.notify_one();
+        self.wake();
         Ok(())
     }
 
@@ -97,7 +103,7 @@ impl Connection {
         let mut request = self.close_request.borrow_mut();
         if request.is_none() && !self.closing.get() {
             *request = Some(reason);
-            self.wake.notify_one();
+            self.wake();
         }
     }
 
@@ -113,8 +119,26 @@ impl Connection {
         &self.outbound
     }
 
-    pub(crate) async fn woken(&self) {
-        self.wake.notified().await;
+    fn wake(&self) {
+        self.signaled.set(true);
+        // Woken by reference and kept: the task's waker does not change between waits.
+        if let Some(waker) = self.waker.take() {
+            waker.wake_by_ref();
+            self.waker.set(Some(waker));
+        }
+    }
+
+    /// Resolves once [`Connection::wake`] has been called since the last time it resolved.
+    pub(crate) fn woken(&self) -> Woken<'_> {
+        Woken(self)
+    }
+
+    /// Gives back the outbound queue's memory if it is empty (called by the shard's sweep,
+    /// so busy connections keep their allocation and idle ones shed it).
+    pub(crate) fn shrink_idle_queue(&self) {
+        if let Ok(mut queue) = self.outbound.try_borrow_mut() {
+            queue.shrink_if_empty();
+        }
     }
 
     pub(crate) fn touch(&self) {
@@ -157,6 +181,26 @@ impl Connection {
     }
 }
 
+/// See [`Connection::woken`].
+pub(crate) struct Woken<'a>(&'a Connection);
+
+impl Future for Woken<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let connection = self.0;
+        if connection.signaled.replace(false) {
+            return Poll::Ready(());
+        }
+        let waker = match connection.waker.take() {
+            Some(waker) if waker.will_wake(cx.waker()) => waker,
+            _ => cx.waker().clone(),
+        };
+        connection.waker.set(Some(waker));
+        Poll::Pending
+    }
+}
+
 /// Marks one integration call in flight; dropping it lets the session read again.
 pub(crate) struct InFlightCall(std::rc::Rc<Connection>);
 
@@ -165,6 +209,6 @@ impl Drop for InFlightCall {
         self.0
             .in_flight
             .set(self.0.in_flight.get().saturating_sub(1));
-        self.0.wake.notify_one();
+        self.0.wake();
     }
 }

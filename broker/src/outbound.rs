@@ -85,8 +85,11 @@ impl OutboundQueue {
                 written = 0;
             }
         }
-        if self.frames.is_empty() {
-            // An idle connection keeps no queue allocation.
+    }
+
+    /// Frees the queue's allocation if nothing is queued: an idle connection holds none.
+    pub fn shrink_if_empty(&mut self) {
+        if self.frames.is_empty() && self.frames.capacity() > 0 {
             self.frames = VecDeque::new();
         }
     }

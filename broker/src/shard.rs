@@ -330,7 +330,8 @@ impl Shard {
         delivery
     }
 
-    /// Asks every connection past its idle timeout or maximum age to close.
+    /// Asks every connection past its idle timeout or maximum age to close, and lets idle
+    /// ones give back their queue memory.
     fn expire_connections(&self) {
         let now = std::time::Instant::now();
         let idle_timeout = self.gateway.config.limits.idle_timeout;
@@ -338,6 +339,7 @@ impl Shard {
             if let Some(reason) = connection.expired(now, idle_timeout) {
                 connection.request_close(reason);
             }
+            connection.shrink_idle_queue();
         }
     }
 

@@ -3,6 +3,7 @@
 //! Loopback only, bounded in count and time. Prints a human table, or JSON with `--json`.
 
 mod client;
+mod publisher;
 mod scenario;
 
 use std::time::Duration;

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 use crate::client::{ServerFrame, Target, WsClient};
+use crate::publisher::Pipeline;
 
 /// Connections opened at once while ramping.
 const RAMP_CONCURRENCY: usize = 128;
@@ -214,11 +215,11 @@ fn histogram() -> Histogram<u64> {
         .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
 }
 
-pub(crate) async fn fanout(endpoints: &Endpoints, args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.window.max(1))
-        .tcp_nodelay(true)
-        .build()?;
+pub(crate) async fn fanout(
+    endpoints: &Endpoints,
+    args: &FanoutArgs,
+) -> anyhow::Result<FanoutReport> {
+    let http = reqwest::Client::new();
     let (mut clients, failed) = ramp(endpoints, args.connections).await;
     if failed > 0 {
         bail!("{failed} of {} connections failed", args.connections);
@@ -244,7 +245,7 @@ pub(crate) async fn fanout(endpoints: &Endpoints, args: &FanoutArgs) -> anyhow::
 
     let published_at = Instant::now();
     let first_publish_ns = now_ns();
-    let (publish_errors, requests) = publish(&http, endpoints, args, &members).await;
+    let (publish_errors, requests) = publish(endpoints, args, &members).await?;
     let publish_secs = published_at.elapsed().as_secs_f64();
     let drain_deadline = (Instant::now() + args.drain).min(deadline);
     for subscriber in subscribers {
@@ -338,71 +339,52 @@ fn payload(seq: usize, size: usize) -> String {
     text
 }
 
-/// Publishes every message; returns the failed requests and the request round trips.
+/// Publishes every message over one pipelined connection; returns the failed requests and
+/// the request round trips.
 async fn publish(
-    http: &reqwest::Client,
     endpoints: &Endpoints,
     args: &FanoutArgs,
     members: &[String],
-) -> (usize, Histogram<u64>) {
-    let window = Arc::new(Semaphore::new(args.window.max(1)));
-    let requests = Arc::new(Mutex::new(histogram()));
-    let failures = Arc::new(AtomicUsize::new(0));
-    let members: Arc<[String]> = members.into();
+) -> anyhow::Result<(usize, Histogram<u64>)> {
+    let mut pipeline = Pipeline::connect(&endpoints.api, args.window).await?;
+    let stage_path = endpoints
+        .api
+        .trim_start_matches("http://")
+        .split_once('/')
+        .map_or(String::new(), |(_, path)| format!("/{path}"));
     let mut ticker = args
         .rate
         .map(|rate| tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1)))));
-    let mut inflight = Vec::new();
     for seq in 0..args.messages {
         if let Some(ticker) = ticker.as_mut() {
             ticker.tick().await;
         }
-        let Ok(permit) = window.clone().acquire_owned().await else {
-            break;
-        };
-        let request = match args.delivery {
-            Delivery::Room => http
-                .post(format!("{}/@rooms/{}", endpoints.api, args.room))
-                .body(payload(seq, args.payload)),
+        match args.delivery {
+            Delivery::Room => {
+                let path = format!("{stage_path}/@rooms/{}", args.room);
+                pipeline
+                    .post(
+                        &path,
+                        "application/octet-stream",
+                        payload(seq, args.payload).as_bytes(),
+                    )
+                    .await?;
+            }
             Delivery::Bulk => {
-                let body = json!({"connectionIds": &*members, "data": payload(seq, args.payload)});
-                http.post(format!("{}/@connections", endpoints.api))
-                    .header("content-type", "application/json")
-                    .body(body.to_string())
-            }
-        };
-        let requests = requests.clone();
-        let failures = failures.clone();
-        inflight.push(tokio::spawn(async move {
-            let _permit = permit;
-            let started = Instant::now();
-            let ok = match request.send().await {
-                Ok(response) => response.status().is_success() && response.bytes().await.is_ok(),
-                Err(_) => false,
-            };
-            if !ok {
-                failures.fetch_add(1, Ordering::Relaxed);
-            }
-            if let Ok(mut histogram) = requests.lock() {
-                let _ = histogram.record(started.elapsed().as_micros() as u64);
-            }
-        }));
-        // Publishing order matters (the gateway keeps per-publisher order only for
-        // requests it has received): with a window of 1 each waits for the previous.
-        if args.window <= 1 {
-            if let Some(last) = inflight.pop() {
-                let _ = last.await;
+                let body = json!({"connectionIds": members, "data": payload(seq, args.payload)});
+                let path = format!("{stage_path}/@connections");
+                pipeline
+                    .post(&path, "application/json", body.to_string().as_bytes())
+                    .await?;
             }
         }
     }
-    for task in inflight {
-        let _ = task.await;
+    let outcome = pipeline.finish(args.messages).await?;
+    let mut requests = histogram();
+    for us in outcome.round_trips_us {
+        let _ = requests.record(us.max(1));
     }
-    let histogram = requests
-        .lock()
-        .map(|h| h.clone())
-        .unwrap_or_else(|_| histogram());
-    (failures.load(Ordering::Relaxed), histogram)
+    Ok((outcome.failures, requests))
 }
 
 /// Reads until every message arrived, the server closed, or the deadline passed.
