@@ -7,14 +7,17 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
+use std::io::IoSlice;
+
 use bytes::Bytes;
+use tokio::net::TcpStream;
 
 use crate::clock;
 use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
 use crate::event::ConnectionFacts;
 use crate::metrics::Metrics;
-use crate::outbound::OutboundQueue;
+use crate::outbound::{MAX_IOVECS, OutboundQueue};
 
 /// The connection is closed or closing: the push was not delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +34,11 @@ pub struct ConnectionInfo {
 
 pub struct Connection {
     pub id: ConnectionId,
+    /// The socket. Shared by the session (reads, its own replies) and the shard's fan-out
+    /// write pass; both run on the shard's thread, never at once.
+    stream: TcpStream,
+    /// Queued on the shard's list for its next write pass.
+    dirty: Cell<bool>,
     pub facts: ConnectionFacts,
     /// Encoded frames waiting for the socket.
     outbound: RefCell<OutboundQueue>,
@@ -58,10 +66,13 @@ impl Connection {
     pub fn new(
         id: ConnectionId,
         facts: ConnectionFacts,
+        stream: TcpStream,
         queue: OutboundQueue,
         expires_at: Instant,
     ) -> Self {
         Self {
+            stream,
+            dirty: Cell::new(false),
             expires_at,
             id,
             last_active: Cell::new(Instant::now()),
@@ -76,15 +87,18 @@ impl Connection {
         }
     }
 
-    /// Queues an encoded frame and counts it as sent.
+    /// Queues an encoded frame, counts it as sent and wakes the session to write it (the
+    /// path for a connection's own replies).
     pub fn push(&self, frame: Bytes, metrics: &Metrics) -> Result<(), Gone> {
         self.enqueue(frame, metrics)?;
         metrics.messages_sent.inc();
+        self.wake();
         Ok(())
     }
 
-    /// Queues an encoded frame; the caller counts it (fan-out counts once per batch). A
-    /// connection that cannot take it is closed as a slow consumer and reports [`Gone`].
+    /// Queues an encoded frame without waking anyone: the caller (the shard's fan-out)
+    /// writes it, and counts it, in batches. A connection that cannot take it is closed as a
+    /// slow consumer and reports [`Gone`].
     pub fn enqueue(&self, frame: Bytes, metrics: &Metrics) -> Result<(), Gone> {
         if self.closing.get() || self.close_request.borrow().is_some() {
             return Err(Gone);
@@ -94,8 +108,46 @@ impl Connection {
             self.request_close(DisconnectReason::SlowConsumer);
             return Err(Gone);
         }
-        self.wake();
         Ok(())
+    }
+
+    /// Marks the connection as having frames for the shard's next write pass; false if it
+    /// was marked already.
+    pub(crate) fn mark_dirty(&self) -> bool {
+        !self.dirty.replace(true)
+    }
+
+    /// Writes as much of the outbound queue as the socket takes without waiting, one
+    /// vectored write per batch of frames. Returns whether bytes remain queued.
+    pub(crate) fn flush(&self, metrics: &Metrics) -> std::io::Result<bool> {
+        self.dirty.set(false);
+        let mut queue = self.outbound.borrow_mut();
+        let mut wrote = false;
+        loop {
+            if queue.is_empty() {
+                if wrote {
+                    self.touch();
+                }
+                return Ok(false);
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let count = queue.io_slices(&mut slices);
+            match self.stream.try_write_vectored(&slices[..count]) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(written) => {
+                    metrics.write_batch_bytes.observe(written as f64);
+                    queue.consume(written);
+                    wrote = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The connection's socket.
+    pub(crate) fn stream(&self) -> &TcpStream {
+        &self.stream
     }
 
     /// Asks the session to close with `reason` (the first request wins).
@@ -119,7 +171,7 @@ impl Connection {
         &self.outbound
     }
 
-    fn wake(&self) {
+    pub(crate) fn wake(&self) {
         self.signaled.set(true);
         // Woken by reference and kept: the task's waker does not change between waits.
         if let Some(waker) = self.waker.take() {

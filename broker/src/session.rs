@@ -6,7 +6,6 @@
 //! buffer and only an incomplete frame is kept; the outbound queue is empty.
 
 use std::cell::RefCell;
-use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
@@ -17,13 +16,14 @@ use tokio::time::Instant;
 
 use crate::clock;
 use crate::connection::Connection;
+use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
 use crate::dispatch::{self, ConnectOutcome};
 use crate::event::ConnectionFacts;
 use crate::frame::{self, Incoming, MessageDecoder, Opcode, close_code};
 use crate::handshake::{self, ReadError};
 use crate::metrics::Metrics;
-use crate::outbound::{MAX_IOVECS, OutboundQueue};
+use crate::outbound::OutboundQueue;
 use crate::shard::Shard;
 
 /// Size of the per-shard read buffer every connection on the shard borrows.
@@ -47,12 +47,16 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
         return;
     };
     let Accepted {
-        connection,
+        id,
+        facts,
         leftover,
         permit: _permit,
     } = accepted;
     let gateway = shard.gateway.clone();
     let limits = &gateway.config.limits;
+    let queue = OutboundQueue::new(limits.outbound_queue_frames, limits.outbound_queue_bytes);
+    let expires_at = std::time::Instant::now() + limits.max_connection_duration;
+    let connection = Rc::new(Connection::new(id, facts, stream, queue, expires_at));
     gateway
         .records
         .upsert(switchboard_storage::ConnectionRecord {
@@ -68,8 +72,8 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
         connection.request_close(DisconnectReason::ServerShutdown);
     }
     let mut decoder = MessageDecoder::new(limits.max_frame_bytes, limits.max_message_bytes);
-    let reason = serve(&shard, &mut stream, &connection, &mut decoder, leftover).await;
-    let reason = close(&mut stream, &connection, &gateway.metrics, reason).await;
+    let reason = serve(&shard, &connection, &mut decoder, leftover).await;
+    let reason = close(&connection, &gateway.metrics, reason).await;
 
     shard.unregister(&connection);
     gateway.metrics.connections_active.dec();
@@ -85,7 +89,8 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
 
 /// A connection that passed `$connect` and got its 101.
 struct Accepted {
-    connection: Rc<Connection>,
+    id: ConnectionId,
+    facts: ConnectionFacts,
     /// Bytes the client sent right after its request head.
     leftover: Vec<u8>,
     /// Its slot under `server.max_connections`, held for the connection's life.
@@ -163,10 +168,9 @@ async fn handshake(
         .inc();
     metrics.connections_active.inc();
     tracing::debug!(connection_id = %facts.connection_id, %peer, "connected");
-    let queue = OutboundQueue::new(limits.outbound_queue_frames, limits.outbound_queue_bytes);
-    let expires_at = std::time::Instant::now() + limits.max_connection_duration;
     Some(Accepted {
-        connection: Rc::new(Connection::new(id, facts, queue, expires_at)),
+        id,
+        facts,
         leftover: upgrade.leftover,
         permit,
     })
@@ -176,7 +180,6 @@ async fn handshake(
 /// shutdown are not polled here: the shard's sweep asks the connection to close.
 async fn serve(
     shard: &Rc<Shard>,
-    stream: &mut TcpStream,
     connection: &Rc<Connection>,
     decoder: &mut MessageDecoder,
     leftover: Vec<u8>,
@@ -186,6 +189,7 @@ async fn serve(
         return DisconnectReason::BadFrame(error);
     }
     drop(leftover);
+    let stream = connection.stream();
     loop {
         for message in incoming.drain(..) {
             if let Some(reason) = handle_incoming(shard, connection, message) {
@@ -195,7 +199,7 @@ async fn serve(
         if let Some(reason) = connection.take_close_request() {
             return reason;
         }
-        let pending = match flush(stream, connection, &shard.gateway.metrics) {
+        let pending = match connection.flush(&shard.gateway.metrics) {
             Ok(pending) => pending,
             Err(_) => return DisconnectReason::ConnectionLost,
         };
@@ -262,37 +266,9 @@ fn read_frames(
     })
 }
 
-/// Writes as much of the outbound queue as the socket takes without waiting, one
-/// vectored write per batch. Returns whether bytes remain queued.
-fn flush(stream: &TcpStream, connection: &Connection, metrics: &Metrics) -> std::io::Result<bool> {
-    let mut queue = connection.outbound().borrow_mut();
-    let mut wrote = false;
-    loop {
-        if queue.is_empty() {
-            if wrote {
-                connection.touch();
-            }
-            return Ok(false);
-        }
-        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-        let count = queue.io_slices(&mut slices);
-        match stream.try_write_vectored(&slices[..count]) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(written) => {
-                metrics.write_batch_bytes.observe(written as f64);
-                queue.consume(written);
-                wrote = true;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 /// Sends the close frame `reason` calls for (after whatever is already queued), gives the
 /// socket a moment to take it, and shuts the connection down.
 async fn close(
-    stream: &mut TcpStream,
     connection: &Connection,
     metrics: &Metrics,
     reason: DisconnectReason,
@@ -316,7 +292,8 @@ async fn close(
         queue.push_unbounded(close_frame);
     }
     let deadline = Instant::now() + CLOSE_FLUSH;
-    while let Ok(true) = flush(stream, connection, metrics) {
+    let stream = connection.stream();
+    while let Ok(true) = connection.flush(metrics) {
         if tokio::time::timeout_at(deadline, stream.writable())
             .await
             .is_err()
@@ -324,6 +301,8 @@ async fn close(
             break;
         }
     }
-    let _ = tokio::time::timeout_at(deadline, stream.shutdown()).await;
+    // Other holders of the connection (an in-flight integration call) may keep the socket
+    // open a little longer; the FIN goes out now.
+    let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
     reason
 }

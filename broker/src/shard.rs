@@ -7,7 +7,7 @@
 //! connectionId names.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +29,10 @@ use crate::session;
 /// Commands waiting for a shard beyond this make the sender wait (backpressure on the
 /// management API, never unbounded memory).
 const COMMAND_QUEUE: usize = 4096;
+/// Connections written per write pass before the shard looks at its commands again.
+const WRITE_PASS_BUDGET: usize = 128;
+/// Commands applied per turn before writing.
+const COMMANDS_PER_TURN: usize = 256;
 /// How often a shard checks its connections' idle and age limits. Sessions poll no timers
 /// of their own, which keeps a wake-up (one per fan-out batch) cheap and an idle
 /// connection small.
@@ -216,6 +220,8 @@ pub struct Shard {
     connections: RefCell<HashMap<u64, Rc<Connection>>>,
     /// Which local connections are in which room.
     rooms: RefCell<RoomIndex<Rc<Connection>>>,
+    /// Connections with frames queued by fan-out, waiting for the next write pass.
+    dirty: RefCell<VecDeque<Rc<Connection>>>,
     pub http: HttpIntegration,
     /// Every session and every `$disconnect` call, so shutdown can wait for them.
     pub tasks: TaskTracker,
@@ -274,11 +280,7 @@ impl Shard {
         let rooms = self.rooms.borrow();
         let mut delivered = 0;
         for (sequence, connection) in rooms.members(room) {
-            if Some(sequence) != skip
-                && connection
-                    .enqueue(frame.clone(), &self.gateway.metrics)
-                    .is_ok()
-            {
+            if Some(sequence) != skip && self.enqueue(connection, frame) {
                 delivered += 1;
             }
         }
@@ -286,28 +288,49 @@ impl Shard {
         delivered
     }
 
-    /// Publishes to `room` on every shard: this one directly, the others by command.
+    /// Publishes to `room` on every shard, this one included: each applies it in its
+    /// command loop, which also runs the write passes.
     pub fn publish(self: &Rc<Self>, room: RoomName, frame: Bytes, exclude: Option<ConnectionId>) {
-        self.broadcast_local(&room, &frame, exclude);
-        let others: Vec<ShardHandle> = self
-            .gateway
-            .shards
-            .iter()
-            .enumerate()
-            .filter(|(index, _)| *index != usize::from(self.index))
-            .map(|(_, handle)| handle.clone())
-            .collect();
-        if others.is_empty() {
-            return;
-        }
+        let shards = self.gateway.shards.clone();
         // Sent from a task: a full command queue makes this publish wait, not the shard.
         self.tasks.spawn_local(async move {
-            for shard in others {
+            for shard in shards.iter() {
                 let _ = shard
                     .broadcast(room.clone(), frame.clone(), exclude, None)
                     .await;
             }
         });
+    }
+
+    /// Queues `frame` for a fan-out recipient and puts it on the write-pass list.
+    fn enqueue(&self, connection: &Rc<Connection>, frame: &Bytes) -> bool {
+        if connection
+            .enqueue(frame.clone(), &self.gateway.metrics)
+            .is_err()
+        {
+            return false;
+        }
+        if connection.mark_dirty() {
+            self.dirty.borrow_mut().push_back(connection.clone());
+        }
+        true
+    }
+
+    /// Writes the queues of up to `budget` connections on the write-pass list, each in one
+    /// vectored write of everything queued for it. Returns whether more are waiting.
+    fn write_pass(&self, budget: usize) -> bool {
+        for _ in 0..budget {
+            let Some(connection) = self.dirty.borrow_mut().pop_front() else {
+                return false;
+            };
+            match connection.flush(&self.gateway.metrics) {
+                Ok(false) => {}
+                // The socket is full: the session waits for it and writes the rest.
+                Ok(true) => connection.wake(),
+                Err(_) => connection.request_close(DisconnectReason::ConnectionLost),
+            }
+        }
+        !self.dirty.borrow().is_empty()
     }
 
     fn send_many(&self, targets: Vec<(u64, u32)>, frame: &Bytes) -> Delivery {
@@ -316,7 +339,7 @@ impl Shard {
         for (sequence, index) in targets {
             let queued = connections
                 .get(&sequence)
-                .is_some_and(|c| c.enqueue(frame.clone(), &self.gateway.metrics).is_ok());
+                .is_some_and(|c| self.enqueue(c, frame));
             if queued {
                 delivery.delivered += 1;
             } else {
@@ -451,6 +474,7 @@ pub fn spawn(
                     gateway,
                     connections: RefCell::new(HashMap::new()),
                     rooms: RefCell::new(RoomIndex::default()),
+                    dirty: RefCell::new(VecDeque::new()),
                     http: HttpIntegration::new(),
                     tasks: TaskTracker::new(),
                     shutdown,
@@ -461,10 +485,34 @@ pub fn spawn(
     Ok(thread)
 }
 
+/// Applies commands and runs the fan-out write passes, interleaved: a pass writes a bounded
+/// number of connections, then commands that arrived meanwhile are applied (their frames
+/// join the writes still to come), then sessions get a turn. A publisher waiting for
+/// `{"delivered": N}` is answered within one bounded pass, and frames that pile up while
+/// the shard writes leave together, in one write per connection.
+async fn run_commands(shard: Rc<Shard>, mut commands: mpsc::Receiver<ShardCommand>) {
+    loop {
+        for _ in 0..COMMANDS_PER_TURN {
+            match commands.try_recv() {
+                Ok(command) => shard.apply(command),
+                Err(_) => break,
+            }
+        }
+        if shard.write_pass(WRITE_PASS_BUDGET) || !commands.is_empty() {
+            tokio::task::yield_now().await;
+            continue;
+        }
+        match commands.recv().await {
+            Some(command) => shard.apply(command),
+            None => return,
+        }
+    }
+}
+
 async fn run(
     shard: Rc<Shard>,
     listener: std::net::TcpListener,
-    mut commands: mpsc::Receiver<ShardCommand>,
+    commands: mpsc::Receiver<ShardCommand>,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(listener) => listener,
@@ -473,15 +521,7 @@ async fn run(
             return;
         }
     };
-    let command_loop = {
-        let shard = shard.clone();
-        async move {
-            while let Some(command) = commands.recv().await {
-                shard.apply(command);
-            }
-        }
-    };
-    let command_task = tokio::task::spawn_local(command_loop);
+    let command_task = tokio::task::spawn_local(run_commands(shard.clone(), commands));
     let sweep = {
         let shard = shard.clone();
         async move {
