@@ -1,0 +1,485 @@
+//! Durable queues: per queue an append-only log of entries with u64 offsets, consumer
+//! groups with committed offsets, retention by count and age.
+//!
+//! Appends from every shard go through one [`QueueLog`] writer thread that applies them
+//! to sled in batches and flushes according to the [`FsyncPolicy`] (group commit); an
+//! append is answered with its offset only after the flush that covers it, so an ack
+//! never runs ahead of the disk.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use crate::StorageError;
+
+/// Most appends folded into one sled batch.
+const MAX_BATCH: usize = 8192;
+/// How often the writer trims queues past their retention.
+const TRIM_INTERVAL: Duration = Duration::from_secs(1);
+
+/// When appended entries are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Every batch the writer takes is flushed before its appends are answered.
+    Always,
+    /// Flush at most every `interval`; appends are answered after the flush that covers
+    /// them (larger groups, higher ack latency).
+    Batch { interval: Duration },
+    /// Answer once applied; sled flushes in the background. A crash may lose acked entries.
+    Never,
+}
+
+/// Retention of one queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Retention {
+    pub max_messages: Option<u64>,
+    pub max_age: Option<Duration>,
+}
+
+/// A stored entry.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct QueueEntry {
+    pub offset: u64,
+    /// Epoch milliseconds when it was appended.
+    pub appended_at_ms: u64,
+    /// The event JSON, as a backend would receive it.
+    pub payload: Vec<u8>,
+}
+
+impl QueueEntry {
+    fn encode(&self) -> Vec<u8> {
+        rkyv::to_bytes::<rkyv::rancor::Error>(self)
+            .map(|bytes| bytes.to_vec())
+            .unwrap_or_default()
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+        aligned.extend_from_slice(bytes);
+        rkyv::from_bytes::<Self, rkyv::rancor::Error>(&aligned).map_err(|e| e.to_string())
+    }
+}
+
+/// Called with the offset once the entry is durable (or with the error).
+pub type AppendDone = Box<dyn FnOnce(Result<u64, StorageError>) + Send>;
+
+/// Called after every flush with the queue and its next offset (wakes long-polls).
+pub type Appended = Arc<dyn Fn(&str, u64) + Send + Sync>;
+
+/// What the writer reports after each batch, for metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct FlushReport {
+    pub entries: usize,
+    pub flush: Duration,
+}
+
+/// Called after each batch flush (metrics).
+pub type OnFlush = Arc<dyn Fn(FlushReport) + Send + Sync>;
+
+enum Request {
+    Append {
+        queue: Arc<str>,
+        payload: Vec<u8>,
+        done: AppendDone,
+    },
+    Close(Sender<()>),
+}
+
+/// One queue's trees.
+#[derive(Clone)]
+struct QueueTrees {
+    /// offset (big-endian) → rkyv [`QueueEntry`].
+    entries: sled::Tree,
+    retention: Retention,
+}
+
+/// The queue log: reads from any thread, appends through the writer thread.
+#[derive(Clone)]
+pub struct QueueLog {
+    queues: Arc<HashMap<Arc<str>, QueueTrees>>,
+    /// `queue NUL group` → committed offset (the next one to read).
+    groups: sled::Tree,
+    requests: Sender<Request>,
+    dir: PathBuf,
+}
+
+impl QueueLog {
+    pub(crate) fn open(
+        db: &sled::Db,
+        dir: PathBuf,
+        queues: &[(String, Retention)],
+        policy: FsyncPolicy,
+        appended: Appended,
+        on_flush: OnFlush,
+    ) -> Result<Self, StorageError> {
+        let sled_error = |e| StorageError::from_sled(&dir, e);
+        let mut trees = HashMap::new();
+        let mut next_offsets = HashMap::new();
+        for (name, retention) in queues {
+            let entries = db.open_tree(format!("queue/{name}")).map_err(sled_error)?;
+            let next = match entries.last().map_err(sled_error)? {
+                Some((key, _)) => offset_of(&key) + 1,
+                None => 0,
+            };
+            let name: Arc<str> = name.as_str().into();
+            next_offsets.insert(name.clone(), next);
+            trees.insert(
+                name,
+                QueueTrees {
+                    entries,
+                    retention: *retention,
+                },
+            );
+        }
+        let groups = db.open_tree("queue-groups").map_err(sled_error)?;
+        let queues = Arc::new(trees);
+        let (requests, receiver) = crossbeam_channel::unbounded();
+        let writer = Writer {
+            db: db.clone(),
+            queues: queues.clone(),
+            next_offsets,
+            policy,
+            appended,
+            on_flush,
+            dir: dir.clone(),
+        };
+        std::thread::Builder::new()
+            .name("switchboard-queue-log".into())
+            .spawn(move || writer.run(&receiver))
+            .map_err(|source| StorageError::Io {
+                dir: dir.clone(),
+                source,
+            })?;
+        Ok(Self {
+            queues,
+            groups,
+            requests,
+            dir,
+        })
+    }
+
+    pub fn has_queue(&self, queue: &str) -> bool {
+        self.queues.contains_key(queue)
+    }
+
+    /// Appends `payload` to `queue`; `done` gets its offset once durable.
+    pub fn append(&self, queue: Arc<str>, payload: Vec<u8>, done: AppendDone) {
+        let request = Request::Append {
+            queue,
+            payload,
+            done,
+        };
+        if let Err(crossbeam_channel::SendError(Request::Append { done, .. })) =
+            self.requests.send(request)
+        {
+            done(Err(StorageError::Engine {
+                dir: self.dir.clone(),
+                detail: "the queue log is closed".into(),
+            }));
+        }
+    }
+
+    /// Up to `max` entries of `queue` from `from` on, in offset order.
+    pub fn read(&self, queue: &str, from: u64, max: usize) -> Result<Vec<QueueEntry>, StorageError> {
+        let Some(trees) = self.queues.get(queue) else {
+            return Ok(Vec::new());
+        };
+        trees
+            .entries
+            .range(from.to_be_bytes()..)
+            .values()
+            .take(max)
+            .map(|value| {
+                let value = value.map_err(|e| StorageError::from_sled(&self.dir, e))?;
+                QueueEntry::decode(&value).map_err(|detail| StorageError::Corrupt {
+                    dir: self.dir.clone(),
+                    detail: format!("queue {queue}: {detail}"),
+                })
+            })
+            .collect()
+    }
+
+    /// The oldest retained offset and the next offset to be assigned.
+    pub fn bounds(&self, queue: &str) -> Result<(u64, u64), StorageError> {
+        let Some(trees) = self.queues.get(queue) else {
+            return Ok((0, 0));
+        };
+        let sled_error = |e| StorageError::from_sled(&self.dir, e);
+        let first = trees.entries.first().map_err(sled_error)?;
+        let last = trees.entries.last().map_err(sled_error)?;
+        Ok(match (first, last) {
+            (Some((first, _)), Some((last, _))) => (offset_of(&first), offset_of(&last) + 1),
+            _ => {
+                // Empty (or fully trimmed): the next offset survives in the group counter.
+                let next = self.read_offset(&next_key(queue))?.unwrap_or(0);
+                (next, next)
+            }
+        })
+    }
+
+    /// The committed offset of `group` on `queue` (0 if it never committed).
+    pub fn committed(&self, queue: &str, group: &str) -> Result<u64, StorageError> {
+        Ok(self.read_offset(&group_key(queue, group))?.unwrap_or(0))
+    }
+
+    /// Commits `offset` (the next to read) for `group`, durably. Never moves backwards.
+    pub fn commit(&self, queue: &str, group: &str, offset: u64) -> Result<u64, StorageError> {
+        let key = group_key(queue, group);
+        let stored = self
+            .groups
+            .update_and_fetch(&key, |old| {
+                let old = old.and_then(decode_offset).unwrap_or(0);
+                Some(old.max(offset).to_be_bytes().to_vec())
+            })
+            .map_err(|e| StorageError::from_sled(&self.dir, e))?;
+        self.groups
+            .flush()
+            .map_err(|e| StorageError::from_sled(&self.dir, e))?;
+        Ok(stored.as_deref().and_then(decode_offset).unwrap_or(offset))
+    }
+
+    /// Every group that has committed on `queue`, with its offset.
+    pub fn groups(&self, queue: &str) -> Result<Vec<(String, u64)>, StorageError> {
+        let prefix = group_key(queue, "");
+        self.groups
+            .scan_prefix(&prefix)
+            .map(|item| {
+                let (key, value) = item.map_err(|e| StorageError::from_sled(&self.dir, e))?;
+                let group = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+                Ok((group, decode_offset(&value).unwrap_or(0)))
+            })
+            .filter(|g| !matches!(g, Ok((name, _)) if name.is_empty()))
+            .collect()
+    }
+
+    fn read_offset(&self, key: &[u8]) -> Result<Option<u64>, StorageError> {
+        Ok(self
+            .groups
+            .get(key)
+            .map_err(|e| StorageError::from_sled(&self.dir, e))?
+            .as_deref()
+            .and_then(decode_offset))
+    }
+
+    /// Stops the writer after it has written and flushed every append sent so far.
+    pub fn close(&self) {
+        let (done, finished) = crossbeam_channel::bounded(1);
+        if self.requests.send(Request::Close(done)).is_ok() {
+            let _ = finished.recv();
+        }
+    }
+}
+
+fn group_key(queue: &str, group: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(queue.len() + group.len() + 1);
+    key.extend_from_slice(queue.as_bytes());
+    key.push(0);
+    key.extend_from_slice(group.as_bytes());
+    key
+}
+
+/// Where the next offset of a fully trimmed queue is remembered (an empty group name,
+/// which the API never accepts).
+fn next_key(queue: &str) -> Vec<u8> {
+    group_key(queue, "")
+}
+
+fn offset_of(key: &[u8]) -> u64 {
+    decode_offset(key).unwrap_or(0)
+}
+
+fn decode_offset(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The writer thread's state.
+struct Writer {
+    db: sled::Db,
+    queues: Arc<HashMap<Arc<str>, QueueTrees>>,
+    next_offsets: HashMap<Arc<str>, u64>,
+    policy: FsyncPolicy,
+    appended: Appended,
+    on_flush: OnFlush,
+    dir: PathBuf,
+}
+
+impl Writer {
+    fn run(mut self, requests: &Receiver<Request>) {
+        let mut waiting: Vec<(AppendDone, u64)> = Vec::new();
+        let mut last_flush = Instant::now();
+        let mut last_trim = Instant::now();
+        let mut unflushed = 0usize;
+        loop {
+            let timeout = match (self.policy, waiting.is_empty()) {
+                (FsyncPolicy::Batch { interval }, false) => {
+                    interval.saturating_sub(last_flush.elapsed())
+                }
+                _ => TRIM_INTERVAL,
+            };
+            let first = match requests.recv_timeout(timeout) {
+                Ok(request) => Some(request),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut closing = None;
+            let batch: Vec<Request> = first
+                .into_iter()
+                .chain(requests.try_iter().take(MAX_BATCH))
+                .collect();
+            let mut appends = Vec::with_capacity(batch.len());
+            for request in batch {
+                match request {
+                    Request::Append {
+                        queue,
+                        payload,
+                        done,
+                    } => appends.push((queue, payload, done)),
+                    Request::Close(done) => closing = Some(done),
+                }
+            }
+            unflushed += appends.len();
+            waiting.extend(self.write(appends));
+            let flush_due = match self.policy {
+                FsyncPolicy::Always => !waiting.is_empty(),
+                FsyncPolicy::Batch { interval } => last_flush.elapsed() >= interval,
+                FsyncPolicy::Never => false,
+            };
+            if flush_due || (closing.is_some() && self.policy != FsyncPolicy::Never) {
+                self.flush(&mut waiting, unflushed);
+                unflushed = 0;
+                last_flush = Instant::now();
+            } else if self.policy == FsyncPolicy::Never {
+                self.answer(&mut waiting);
+            }
+            if last_trim.elapsed() >= TRIM_INTERVAL {
+                self.trim();
+                last_trim = Instant::now();
+            }
+            if let Some(done) = closing {
+                let _ = self.db.flush();
+                self.answer(&mut waiting);
+                let _ = done.send(());
+                return;
+            }
+        }
+        let _ = self.db.flush();
+    }
+
+    /// Assigns offsets and applies one sled batch per queue; returns who waits for what.
+    fn write(&mut self, appends: Vec<(Arc<str>, Vec<u8>, AppendDone)>) -> Vec<(AppendDone, u64)> {
+        let mut batches: HashMap<Arc<str>, sled::Batch> = HashMap::new();
+        let mut pending = Vec::with_capacity(appends.len());
+        let now = now_ms();
+        for (queue, payload, done) in appends {
+            let Some(next) = self.next_offsets.get_mut(&queue) else {
+                done(Err(StorageError::Engine {
+                    dir: self.dir.clone(),
+                    detail: format!("no queue named {queue}"),
+                }));
+                continue;
+            };
+            let entry = QueueEntry {
+                offset: *next,
+                appended_at_ms: now,
+                payload,
+            };
+            *next += 1;
+            batches
+                .entry(queue)
+                .or_default()
+                .insert(&entry.offset.to_be_bytes(), entry.encode());
+            pending.push((done, entry.offset));
+        }
+        for (queue, batch) in batches {
+            let applied = self
+                .queues
+                .get(&queue)
+                .map(|trees| trees.entries.apply_batch(batch));
+            if let Some(Err(error)) = applied {
+                tracing::error!(%queue, %error, "queue append failed");
+            }
+        }
+        pending
+    }
+
+    fn flush(&self, waiting: &mut Vec<(AppendDone, u64)>, entries: usize) {
+        let started = Instant::now();
+        let result = self.db.flush();
+        (self.on_flush)(FlushReport {
+            entries,
+            flush: started.elapsed(),
+        });
+        match result {
+            Ok(_) => self.answer(waiting),
+            Err(error) => {
+                let error = StorageError::from_sled(&self.dir, error);
+                tracing::error!(%error, "queue flush failed; appends are not acknowledged");
+                for (done, _) in waiting.drain(..) {
+                    done(Err(StorageError::Engine {
+                        dir: self.dir.clone(),
+                        detail: error.to_string(),
+                    }));
+                }
+            }
+        }
+    }
+
+    fn answer(&self, waiting: &mut Vec<(AppendDone, u64)>) {
+        for (done, offset) in waiting.drain(..) {
+            done(Ok(offset));
+        }
+        for (queue, next) in &self.next_offsets {
+            (self.appended)(queue, *next);
+        }
+    }
+
+    /// Drops entries past each queue's retention; remembers the next offset of a queue
+    /// that becomes empty so offsets never repeat.
+    fn trim(&self) {
+        let now = now_ms();
+        for (name, trees) in self.queues.iter() {
+            let next = self.next_offsets.get(name).copied().unwrap_or(0);
+            let mut keep_from = 0u64;
+            if let Some(max) = trees.retention.max_messages {
+                keep_from = keep_from.max(next.saturating_sub(max));
+            }
+            if let Some(max_age) = trees.retention.max_age {
+                let cutoff = now.saturating_sub(max_age.as_millis() as u64);
+                for value in trees.entries.iter().values().flatten() {
+                    match QueueEntry::decode(&value) {
+                        Ok(entry) if entry.appended_at_ms < cutoff => {
+                            keep_from = keep_from.max(entry.offset + 1);
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            if keep_from == 0 {
+                continue;
+            }
+            let mut batch = sled::Batch::default();
+            let mut removed = 0;
+            for key in trees.entries.range(..keep_from.to_be_bytes()).keys().flatten() {
+                batch.remove(key);
+                removed += 1;
+            }
+            if removed > 0 {
+                let _ = trees.entries.apply_batch(batch);
+                let _ = self
+                    .db
+                    .open_tree("queue-groups")
+                    .and_then(|g| g.insert(next_key(name), &next.to_be_bytes()));
+                tracing::debug!(queue = %name, removed, "trimmed queue");
+            }
+        }
+    }
+}
