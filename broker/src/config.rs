@@ -46,7 +46,37 @@ pub struct RawConfig {
     pub management: RawManagement,
     pub api: RawApi,
     pub limits: RawLimits,
+    pub storage: RawStorage,
+    pub queues: std::collections::BTreeMap<String, RawQueue>,
     pub routes: std::collections::BTreeMap<String, RawRoute>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawStorage {
+    /// When queue appends are flushed to disk: "always" (every write batch), "batch"
+    /// (at most every flush_interval_ms), "never" (sled's background flush).
+    pub fsync: String,
+    pub flush_interval_ms: u64,
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        Self {
+            fsync: "batch".into(),
+            flush_interval_ms: 2,
+        }
+    }
+}
+
+/// Retention of one durable queue; absent keys keep everything.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawQueue {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_messages: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_age_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -177,6 +207,13 @@ pub enum RawIntegration {
         #[serde(default)]
         exclude_sender: bool,
     },
+    Queue {
+        queue: String,
+        #[serde(default)]
+        ack: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deliver_to: Option<String>,
+    },
 }
 
 fn default_timeout_ms() -> u64 {
@@ -191,6 +228,22 @@ pub struct Config {
     pub api: ApiConfig,
     pub limits: Limits,
     pub routes: RouteTable,
+    pub storage: StorageConfig,
+    /// Every durable queue: declared under `[queues]` or named by a `queue` route.
+    pub queues: Vec<QueueConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub fsync: switchboard_storage::FsyncPolicy,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub name: String,
+    pub retention: switchboard_storage::Retention,
+    /// Push delivery target, from the route(s) that append to it.
+    pub deliver_to: Option<reqwest::Url>,
 }
 
 #[derive(Debug, Clone)]
@@ -274,6 +327,8 @@ pub enum Integration {
         data: Option<SelectionExpression>,
         exclude_sender: bool,
     },
+    /// Append the MESSAGE event to a durable queue.
+    Queue { queue: Arc<str>, ack: bool },
 }
 
 impl Integration {
@@ -286,6 +341,7 @@ impl Integration {
             Self::RoomJoin { .. } => "room_join",
             Self::RoomLeave { .. } => "room_leave",
             Self::RoomPublish { .. } => "room_publish",
+            Self::Queue { .. } => "queue",
         }
     }
 }
@@ -320,7 +376,49 @@ impl RawConfig {
             api: self.api.validate()?,
             limits: self.limits.validate()?,
             routes: validate_routes(&self.routes)?,
+            storage: self.storage.validate()?,
+            queues: self.validate_queues()?,
         })
+    }
+
+    fn validate_queues(&self) -> Result<Vec<QueueConfig>, ConfigError> {
+        let mut queues: std::collections::BTreeMap<String, QueueConfig> = self
+            .queues
+            .iter()
+            .map(|(name, raw)| {
+                check_queue_name(&format!("queues.{name}"), name)?;
+                if raw.max_messages == Some(0) || raw.max_age_secs == Some(0) {
+                    return Err(invalid(format!("queues.{name}"), "retention limits must be greater than 0"));
+                }
+                let retention = switchboard_storage::Retention {
+                    max_messages: raw.max_messages,
+                    max_age: raw.max_age_secs.map(Duration::from_secs),
+                };
+                Ok((name.clone(), QueueConfig { name: name.clone(), retention, deliver_to: None }))
+            })
+            .collect::<Result<_, _>>()?;
+        for (key, route) in &self.routes {
+            let RawIntegration::Queue { queue, deliver_to, .. } = &route.integration else {
+                continue;
+            };
+            let path = format!("routes.\"{key}\".integration");
+            let entry = queues.entry(queue.clone()).or_insert_with(|| QueueConfig {
+                name: queue.clone(),
+                retention: Default::default(),
+                deliver_to: None,
+            });
+            if let Some(url) = deliver_to {
+                let url = parse_http_url(&format!("{path}.deliver_to"), url)?;
+                if entry.deliver_to.as_ref().is_some_and(|other| *other != url) {
+                    return Err(invalid(
+                        format!("{path}.deliver_to"),
+                        format!("queue `{queue}` already delivers to another URL"),
+                    ));
+                }
+                entry.deliver_to = Some(url);
+            }
+        }
+        Ok(queues.into_values().collect())
     }
 }
 
@@ -389,6 +487,53 @@ impl RawApi {
             id: self.id.clone(),
         })
     }
+}
+
+impl RawStorage {
+    fn validate(&self) -> Result<StorageConfig, ConfigError> {
+        use switchboard_storage::FsyncPolicy;
+        let fsync = match self.fsync.as_str() {
+            "always" => FsyncPolicy::Always,
+            "never" => FsyncPolicy::Never,
+            "batch" if self.flush_interval_ms == 0 => {
+                return Err(invalid("storage.flush_interval_ms", "must be greater than 0"));
+            }
+            "batch" => FsyncPolicy::Batch {
+                interval: Duration::from_millis(self.flush_interval_ms),
+            },
+            other => {
+                return Err(invalid(
+                    "storage.fsync",
+                    format!("`{other}` is not one of \"always\", \"batch\", \"never\""),
+                ));
+            }
+        };
+        Ok(StorageConfig { fsync })
+    }
+}
+
+/// Queue names: 1–64 characters from `A-Z a-z 0-9 _ - .`.
+pub fn is_valid_queue_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+fn check_queue_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    if is_valid_queue_name(name) {
+        Ok(())
+    } else {
+        Err(invalid(key, "queue names are 1-64 characters from A-Z a-z 0-9 _ - ."))
+    }
+}
+
+fn parse_http_url(key: &str, url: &str) -> Result<reqwest::Url, ConfigError> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| invalid(key, format!("`{url}`: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(invalid(key, "must be an http:// or https:// URL"));
+    }
+    Ok(parsed)
 }
 
 impl RawLimits {
@@ -511,6 +656,13 @@ fn validate_integration(path: &str, raw: &RawIntegration) -> Result<Integration,
                 .transpose()?,
             exclude_sender: *exclude_sender,
         },
+        RawIntegration::Queue { queue, ack, .. } => {
+            check_queue_name(&format!("{path}.integration.queue"), queue)?;
+            Integration::Queue {
+                queue: queue.as_str().into(),
+                ack: *ack,
+            }
+        }
     })
 }
 
@@ -611,6 +763,11 @@ response = true
         assert!(err.contains("routes.\"j\".integration.room"), "{err}");
         let err = error_of("[routes.j]\nintegration = { type = \"room_join\" }");
         assert!(err.contains("room"), "{err}");
+        assert!(error_of("[storage]\nfsync = \"sometimes\"").contains("storage.fsync"));
+        assert!(error_of("[queues.\"a b\"]\n").contains("queues.a b"));
+        let err = error_of("[routes.q]\nintegration = { type = \"queue\", queue = \"x\", deliver_to = \"nope\" }");
+        assert!(err.contains("deliver_to"), "{err}");
+        assert!(error_of("[queues.x]\nmax_messages = 0").contains("queues.x"));
     }
 
     #[test]

@@ -166,6 +166,9 @@ pub fn route_message(shard: &Rc<Shard>, connection: &Rc<Connection>, message: In
             let call = call_message_route(shard.clone(), connection.clone(), route, message);
             shard.tasks.spawn_local(call);
         }
+        Integration::Queue { queue, ack } => {
+            append_to_queue(shard, connection, &route.key, &message, queue, *ack);
+        }
         Integration::RoomJoin { room } => {
             if let Some(room) = select_room(shard, connection, room, &body) {
                 shard.join(connection, &room);
@@ -231,25 +234,12 @@ async fn call_message_route(
     message: Incoming,
 ) {
     let _in_flight = connection.start_call();
-    let (request_id, message_id) = {
-        let mut ids = shard.ids.borrow_mut();
-        (ids.request_id(), ids.request_id())
+    let Some(MessageEvent {
+        request_id, event, ..
+    }) = message_event(&shard, &connection, &route.key, &message)
+    else {
+        return;
     };
-    let body = match &message {
-        Incoming::Text(text) => MessageBody::Text(text),
-        Incoming::Binary(bytes) => MessageBody::Binary(bytes),
-        _ => return,
-    };
-    let stamp = EventStamp {
-        request_id: &request_id,
-        now_ms: clock::now_ms(),
-    };
-    let kind = EventKind::Message {
-        route_key: &route.key,
-        message_id: &message_id,
-        body,
-    };
-    let event = event::build(api_facts(&shard.gateway), &connection.facts, stamp, kind);
     match call_backend(&shard.gateway, &shard.http, &route, event).await {
         Ok(reply) if reply.is_success() => {
             if let Some(body) = reply.body.filter(|_| route.response) {
@@ -265,6 +255,102 @@ async fn call_message_route(
             send_error(&shard, &connection, "Internal server error", &request_id);
         }
     }
+}
+
+/// A MESSAGE event, serialized, with the ids it carries.
+struct MessageEvent {
+    request_id: String,
+    message_id: String,
+    event: Vec<u8>,
+}
+
+/// Builds the MESSAGE event a backend (or a queue) receives for `message`.
+fn message_event(
+    shard: &Shard,
+    connection: &Connection,
+    route_key: &str,
+    message: &Incoming,
+) -> Option<MessageEvent> {
+    let body = match message {
+        Incoming::Text(text) => MessageBody::Text(text),
+        Incoming::Binary(bytes) => MessageBody::Binary(bytes),
+        _ => return None,
+    };
+    let (request_id, message_id) = {
+        let mut ids = shard.ids.borrow_mut();
+        (ids.request_id(), ids.request_id())
+    };
+    let stamp = EventStamp {
+        request_id: &request_id,
+        now_ms: clock::now_ms(),
+    };
+    let kind = EventKind::Message {
+        route_key,
+        message_id: &message_id,
+        body,
+    };
+    let event = event::build(api_facts(&shard.gateway), &connection.facts, stamp, kind);
+    Some(MessageEvent {
+        request_id,
+        message_id,
+        event,
+    })
+}
+
+/// Appends the MESSAGE event to `queue`; with `ack`, the client gets
+/// `{"type": "ack", "messageId": ...}` once the entry is durable. The log's writer answers
+/// appends in the order it received them, so acks keep the order of the frames.
+fn append_to_queue(
+    shard: &Rc<Shard>,
+    connection: &Rc<Connection>,
+    route_key: &str,
+    message: &Incoming,
+    queue: &std::sync::Arc<str>,
+    ack: bool,
+) {
+    let Some(MessageEvent {
+        request_id,
+        message_id,
+        event,
+    }) = message_event(shard, connection, route_key, message)
+    else {
+        return;
+    };
+    let (done, appended) = tokio::sync::oneshot::channel();
+    shard.gateway.queues.log.append(
+        queue.clone(),
+        event,
+        Box::new(move |result| {
+            let _ = done.send(result);
+        }),
+    );
+    let shard_for_task = shard.clone();
+    let connection = connection.clone();
+    let queue = queue.clone();
+    shard.tasks.spawn_local(async move {
+        let shard = shard_for_task;
+        let _in_flight = connection.start_call();
+        match appended.await {
+            Ok(Ok(_offset)) => {
+                shard
+                    .gateway
+                    .metrics
+                    .queue_appended
+                    .with_label_values(&[&*queue])
+                    .inc();
+                if ack {
+                    let body = serde_json::json!({"type": "ack", "messageId": message_id});
+                    let frame = frame::encode(Opcode::Text, body.to_string().as_bytes());
+                    let _ = connection.push(frame, &shard.gateway.metrics);
+                }
+            }
+            Ok(Err(error)) => {
+                tracing::error!(%queue, %error, "queue append failed");
+                send_error(&shard, &connection, "Internal server error", &request_id);
+            }
+            Err(_) => send_error(&shard, &connection, "Internal server error", &request_id),
+        }
+    });
 }
 
 /// Sends the AWS-style error frame; the connection stays open.

@@ -8,6 +8,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::queues::QueueHub;
 use crate::shard::ShardHandle;
 
 pub struct Gateway {
@@ -21,4 +22,6 @@ pub struct Gateway {
     pub connection_permits: Arc<Semaphore>,
     /// Every shard, by index: where a connectionId's shard number points.
     pub shards: Arc<[ShardHandle]>,
+    /// The durable queues.
+    pub queues: Arc<QueueHub>,
 }

@@ -26,6 +26,7 @@ pub mod integration;
 pub mod management;
 pub mod metrics;
 pub mod outbound;
+pub mod queues;
 pub mod rooms;
 pub mod selection;
 pub mod server;

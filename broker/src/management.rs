@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::Query;
+use axum::extract::{Query, RawQuery};
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use base64::Engine;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::clock;
 use crate::connection_id::ConnectionId;
@@ -46,6 +46,10 @@ pub enum ApiError {
     BadRequest(String),
     #[error("no such stage: {0}")]
     UnknownStage(String),
+    #[error("no such queue: {0}")]
+    UnknownQueue(String),
+    #[error("storage failed: {0}")]
+    Storage(#[from] switchboard_storage::StorageError),
     #[error("missing or invalid credentials")]
     Unauthorized,
 }
@@ -58,7 +62,10 @@ impl IntoResponse for ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLargeException")
             }
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequestException"),
-            Self::UnknownStage(_) => (StatusCode::NOT_FOUND, "NotFoundException"),
+            Self::UnknownStage(_) | Self::UnknownQueue(_) => {
+                (StatusCode::NOT_FOUND, "NotFoundException")
+            }
+            Self::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerErrorException"),
             Self::Unauthorized => (StatusCode::FORBIDDEN, "ForbiddenException"),
         };
         let mut response =
@@ -85,6 +92,8 @@ pub fn router(state: ApiState) -> Router {
             "/{stage}/@rooms/{room}/connections/{id}",
             put(put_room_member).delete(delete_room_member),
         )
+        .route("/{stage}/@queues/{queue}/messages", get(get_queue_messages))
+        .route("/{stage}/@queues/{queue}/commit", post(post_queue_commit))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(authenticated)
@@ -131,6 +140,7 @@ fn presented_token(authorization: &str) -> Option<&str> {
 }
 
 async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
+    state.gateway.queues.update_gauges(&state.gateway.metrics);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.gateway.metrics.render(),
@@ -393,6 +403,140 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
             ApiError::BadRequest(format!("cannot read request body: {error}"))
         }
     })
+}
+
+/// Most messages one pull may ask for.
+const MAX_PULL: usize = 1000;
+/// Longest long-poll.
+const MAX_WAIT_MS: u64 = 30_000;
+
+/// The pull's query parameters, parsed by hand so every mistake gets a JSON 400.
+#[derive(Debug, Default)]
+struct PullParams {
+    group: Option<String>,
+    max: Option<String>,
+    wait_ms: Option<String>,
+}
+
+impl PullParams {
+    fn parse(query: Option<&str>) -> Result<Self, ApiError> {
+        let mut params = Self::default();
+        for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+            let slot = match key.as_ref() {
+                "group" => &mut params.group,
+                "max" => &mut params.max,
+                "wait_ms" => &mut params.wait_ms,
+                other => {
+                    return Err(ApiError::BadRequest(format!(
+                        "unknown parameter `{other}` (expected group, max, wait_ms)"
+                    )));
+                }
+            };
+            *slot = Some(value.into_owned());
+        }
+        Ok(params)
+    }
+}
+
+fn check_group(group: Option<&str>) -> Result<&str, ApiError> {
+    let group = group.ok_or_else(|| ApiError::BadRequest("`group` is required".into()))?;
+    if crate::config::is_valid_queue_name(group) {
+        Ok(group)
+    } else {
+        Err(ApiError::BadRequest(
+            "`group` must be 1-64 characters from A-Z a-z 0-9 _ - .".into(),
+        ))
+    }
+}
+
+fn number_param(name: &str, value: Option<&str>, default: u64, max: u64) -> Result<u64, ApiError> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    match value.parse::<u64>() {
+        Ok(n) if n <= max => Ok(n),
+        _ => Err(ApiError::BadRequest(format!(
+            "`{name}` must be an integer from 0 to {max}"
+        ))),
+    }
+}
+
+impl ApiState {
+    fn check_queue(&self, queue: &str) -> Result<(), ApiError> {
+        if self.gateway.queues.log.has_queue(queue) {
+            Ok(())
+        } else {
+            Err(ApiError::UnknownQueue(queue.to_owned()))
+        }
+    }
+}
+
+/// `GET @queues/{queue}/messages?group=G&max=N&wait_ms=W`: entries from the group's
+/// committed offset on; waits up to W ms for one when there are none.
+async fn get_queue_messages(
+    State(state): State<ApiState>,
+    Path((stage, queue)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    state.check_stage(&stage)?;
+    state.check_queue(&queue)?;
+    let params = PullParams::parse(query.as_deref())?;
+    let group = check_group(params.group.as_deref())?;
+    let max = number_param("max", params.max.as_deref(), 100, MAX_PULL as u64)?.max(1) as usize;
+    let wait = number_param("wait_ms", params.wait_ms.as_deref(), 0, MAX_WAIT_MS)?;
+    let log = &state.gateway.queues.log;
+    let (first, _) = log.bounds(&queue)?;
+    let from = log.committed(&queue, group)?.max(first);
+    let mut entries = log.read(&queue, from, max)?;
+    if entries.is_empty() && wait > 0 {
+        if let Some(mut next) = state.gateway.queues.watch(&queue) {
+            let arrived = next.wait_for(|next| *next > from);
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(wait), arrived).await;
+        }
+        entries = log.read(&queue, from, max)?;
+    }
+    let next = entries.last().map_or(from, |e| e.offset + 1);
+    let messages: Vec<Value> = entries
+        .iter()
+        .map(|entry| {
+            let event: Value = serde_json::from_slice(&entry.payload).unwrap_or(Value::Null);
+            json!({"offset": entry.offset, "event": event})
+        })
+        .collect();
+    Ok(axum::Json(json!({"messages": messages, "next": next})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommitRequest {
+    group: String,
+    offset: u64,
+}
+
+/// `POST @queues/{queue}/commit` with `{"group", "offset"}` (the next offset to read).
+async fn post_queue_commit(
+    State(state): State<ApiState>,
+    Path((stage, queue)): Path<(String, String)>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    state.check_stage(&stage)?;
+    state.check_queue(&queue)?;
+    let body = read_body(body, 4096).await?;
+    let request: CommitRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("malformed commit request: {e}")))?;
+    let group = check_group(Some(&request.group))?.to_owned();
+    let log = state.gateway.queues.log.clone();
+    let (_, next) = log.bounds(&queue)?;
+    if request.offset > next {
+        return Err(ApiError::BadRequest(format!(
+            "offset {} is past the end of queue {queue} (next offset {next})",
+            request.offset
+        )));
+    }
+    let committed = tokio::task::spawn_blocking(move || log.commit(&queue, &group, request.offset))
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("commit interrupted: {e}")))??;
+    Ok(axum::Json(json!({"group": request.group, "offset": committed})).into_response())
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! results and reasons from fixed sets. Never a connectionId or a room name.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
@@ -31,6 +31,18 @@ pub struct Metrics {
     pub slow_consumer_disconnects: IntCounter,
     /// Bytes written to clients per vectored write: how well writes coalesce.
     pub write_batch_bytes: Histogram,
+    /// Entries appended (and acknowledged durable) per queue.
+    pub queue_appended: IntCounterVec,
+    /// Entries retained per queue (updated at scrape time).
+    pub queue_depth: IntGaugeVec,
+    /// Entries a consumer group has not committed yet (updated at scrape time).
+    pub queue_consumer_lag: IntGaugeVec,
+    /// Push deliveries by queue and result (ok, error).
+    pub queue_delivery_attempts: IntCounterVec,
+    /// Time of each queue log flush (fsync).
+    pub storage_flush_duration: Histogram,
+    /// Entries per queue log flush (group commit size).
+    pub queue_flush_batch_size: Histogram,
 }
 
 impl Metrics {
@@ -92,6 +104,42 @@ impl Metrics {
                 .buckets(prometheus::exponential_buckets(64.0, 4.0, 9).unwrap_or_default()),
             )
             .unwrap_or_else(|_| unreachable!("static metric definition")),
+            queue_appended: counter_vec(
+                "switchboard_queue_appended_total",
+                "Entries appended to durable queues",
+                &["queue"],
+            ),
+            queue_depth: gauge_vec(
+                "switchboard_queue_depth",
+                "Entries retained in each durable queue",
+                &["queue"],
+            ),
+            queue_consumer_lag: gauge_vec(
+                "switchboard_queue_consumer_lag",
+                "Entries a consumer group has not committed",
+                &["queue", "group"],
+            ),
+            queue_delivery_attempts: counter_vec(
+                "switchboard_queue_delivery_attempts_total",
+                "Push delivery attempts by result",
+                &["queue", "result"],
+            ),
+            storage_flush_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "switchboard_storage_flush_duration_seconds",
+                    "Duration of each queue log flush",
+                )
+                .buckets(prometheus::exponential_buckets(0.0001, 2.5, 12).unwrap_or_default()),
+            )
+            .unwrap_or_else(|_| unreachable!("static metric definition")),
+            queue_flush_batch_size: Histogram::with_opts(
+                HistogramOpts::new(
+                    "switchboard_queue_flush_batch_size",
+                    "Entries made durable per queue log flush",
+                )
+                .buckets(prometheus::exponential_buckets(1.0, 4.0, 9).unwrap_or_default()),
+            )
+            .unwrap_or_else(|_| unreachable!("static metric definition")),
             registry,
         };
         metrics.register_all();
@@ -99,7 +147,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 9] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
             Box::new(self.connections_active.clone()),
             Box::new(self.connections_total.clone()),
             Box::new(self.messages_received.clone()),
@@ -109,6 +157,12 @@ impl Metrics {
             Box::new(self.disconnects.clone()),
             Box::new(self.slow_consumer_disconnects.clone()),
             Box::new(self.write_batch_bytes.clone()),
+            Box::new(self.queue_appended.clone()),
+            Box::new(self.queue_depth.clone()),
+            Box::new(self.queue_consumer_lag.clone()),
+            Box::new(self.queue_delivery_attempts.clone()),
+            Box::new(self.storage_flush_duration.clone()),
+            Box::new(self.queue_flush_batch_size.clone()),
         ];
         for collector in collectors {
             if let Err(error) = self.registry.register(collector) {
@@ -131,6 +185,11 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels)
+        .unwrap_or_else(|_| unreachable!("static metric definition"))
 }
 
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {

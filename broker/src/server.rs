@@ -18,6 +18,7 @@ use crate::gateway::Gateway;
 use crate::integration::HttpIntegration;
 use crate::management::{self, ApiState};
 use crate::metrics::Metrics;
+use crate::queues::{self, QueueHub};
 use crate::shard;
 
 /// Pending connections the kernel queues per listening socket.
@@ -103,14 +104,37 @@ pub async fn serve(
     storage.clear_room_memberships()?;
     let records = storage.record_writer();
     let (handles, inboxes) = shard::channels(listeners.gateway.len());
+    let metrics = Metrics::new();
+    let queues = Arc::new(QueueHub::open(
+        &storage,
+        &config.queues,
+        config.storage.fsync,
+        &metrics,
+    )?);
     let gateway = Arc::new(Gateway {
         connection_permits: Arc::new(Semaphore::new(config.server.max_connections)),
         config,
-        metrics: Metrics::new(),
+        metrics,
         records,
         epoch,
         shards: handles.into(),
+        queues,
     });
+    let deliverers: Vec<_> = gateway
+        .config
+        .queues
+        .iter()
+        .filter_map(|queue| {
+            let url = queue.deliver_to.clone()?;
+            Some(tokio::spawn(queues::deliver(
+                gateway.queues.clone(),
+                queue.name.clone(),
+                url,
+                gateway.metrics.clone(),
+                shutdown.clone(),
+            )))
+        })
+        .collect();
     let orphan_report = tokio::spawn(report_orphans(gateway.clone(), orphans));
 
     let mut threads = Vec::new();
@@ -163,8 +187,16 @@ pub async fn serve(
     // Unreported orphans keep their records and are reported at the next start.
     orphan_report.abort();
     let _ = orphan_report.await;
+    for deliverer in deliverers {
+        let _ = deliverer.await;
+    }
     let records = gateway.records.clone();
-    let _ = tokio::task::spawn_blocking(move || records.close()).await;
+    let queue_log = gateway.queues.log.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        records.close();
+        queue_log.close();
+    })
+    .await;
     storage.flush()?;
     tracing::info!("gateway stopped");
     Ok(())
