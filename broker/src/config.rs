@@ -328,7 +328,10 @@ pub enum Integration {
         exclude_sender: bool,
     },
     /// Append the MESSAGE event to a durable queue.
-    Queue { queue: Arc<str>, ack: bool },
+    Queue {
+        queue: Arc<str>,
+        ack: bool,
+    },
 }
 
 impl Integration {
@@ -388,17 +391,30 @@ impl RawConfig {
             .map(|(name, raw)| {
                 check_queue_name(&format!("queues.{name}"), name)?;
                 if raw.max_messages == Some(0) || raw.max_age_secs == Some(0) {
-                    return Err(invalid(format!("queues.{name}"), "retention limits must be greater than 0"));
+                    return Err(invalid(
+                        format!("queues.{name}"),
+                        "retention limits must be greater than 0",
+                    ));
                 }
                 let retention = switchboard_storage::Retention {
                     max_messages: raw.max_messages,
                     max_age: raw.max_age_secs.map(Duration::from_secs),
                 };
-                Ok((name.clone(), QueueConfig { name: name.clone(), retention, deliver_to: None }))
+                Ok((
+                    name.clone(),
+                    QueueConfig {
+                        name: name.clone(),
+                        retention,
+                        deliver_to: None,
+                    },
+                ))
             })
             .collect::<Result<_, _>>()?;
         for (key, route) in &self.routes {
-            let RawIntegration::Queue { queue, deliver_to, .. } = &route.integration else {
+            let RawIntegration::Queue {
+                queue, deliver_to, ..
+            } = &route.integration
+            else {
                 continue;
             };
             let path = format!("routes.\"{key}\".integration");
@@ -496,7 +512,10 @@ impl RawStorage {
             "always" => FsyncPolicy::Always,
             "never" => FsyncPolicy::Never,
             "batch" if self.flush_interval_ms == 0 => {
-                return Err(invalid("storage.flush_interval_ms", "must be greater than 0"));
+                return Err(invalid(
+                    "storage.flush_interval_ms",
+                    "must be greater than 0",
+                ));
             }
             "batch" => FsyncPolicy::Batch {
                 interval: Duration::from_millis(self.flush_interval_ms),
@@ -524,7 +543,10 @@ fn check_queue_name(key: &str, name: &str) -> Result<(), ConfigError> {
     if is_valid_queue_name(name) {
         Ok(())
     } else {
-        Err(invalid(key, "queue names are 1-64 characters from A-Z a-z 0-9 _ - ."))
+        Err(invalid(
+            key,
+            "queue names are 1-64 characters from A-Z a-z 0-9 _ - .",
+        ))
     }
 }
 
@@ -765,7 +787,9 @@ response = true
         assert!(err.contains("room"), "{err}");
         assert!(error_of("[storage]\nfsync = \"sometimes\"").contains("storage.fsync"));
         assert!(error_of("[queues.\"a b\"]\n").contains("queues.a b"));
-        let err = error_of("[routes.q]\nintegration = { type = \"queue\", queue = \"x\", deliver_to = \"nope\" }");
+        let err = error_of(
+            "[routes.q]\nintegration = { type = \"queue\", queue = \"x\", deliver_to = \"nope\" }",
+        );
         assert!(err.contains("deliver_to"), "{err}");
         assert!(error_of("[queues.x]\nmax_messages = 0").contains("queues.x"));
     }

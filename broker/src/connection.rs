@@ -111,6 +111,12 @@ impl Connection {
         Ok(())
     }
 
+    /// Whether the outbound queue is less than half full: the session handles more of the
+    /// client's messages only then, so its own replies never overflow the queue.
+    pub(crate) fn has_room_for_replies(&self) -> bool {
+        self.outbound.borrow().is_under_half()
+    }
+
     /// Marks the connection as having frames for the shard's next write pass; false if it
     /// was marked already.
     pub(crate) fn mark_dirty(&self) -> bool {

@@ -163,8 +163,14 @@ pub fn route_message(shard: &Rc<Shard>, connection: &Rc<Connection>, message: In
             }
         }
         Integration::Http { .. } => {
+            // Counted from now, not from when the task first runs, so a burst of frames
+            // cannot start more calls than the limit.
+            let in_flight = connection.start_call();
             let call = call_message_route(shard.clone(), connection.clone(), route, message);
-            shard.tasks.spawn_local(call);
+            shard.tasks.spawn_local(async move {
+                let _in_flight = in_flight;
+                call.await;
+            });
         }
         Integration::Queue { queue, ack } => {
             append_to_queue(shard, connection, &route.key, &message, queue, *ack);
@@ -233,7 +239,6 @@ async fn call_message_route(
     route: std::sync::Arc<Route>,
     message: Incoming,
 ) {
-    let _in_flight = connection.start_call();
     let Some(MessageEvent {
         request_id, event, ..
     }) = message_event(&shard, &connection, &route.key, &message)
@@ -325,11 +330,12 @@ fn append_to_queue(
         }),
     );
     let shard_for_task = shard.clone();
+    let in_flight = connection.start_call();
     let connection = connection.clone();
     let queue = queue.clone();
     shard.tasks.spawn_local(async move {
         let shard = shard_for_task;
-        let _in_flight = connection.start_call();
+        let _in_flight = in_flight;
         match appended.await {
             Ok(Ok(_offset)) => {
                 shard

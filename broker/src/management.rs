@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Query, RawQuery};
 use axum::extract::{Path, Request, State};
+use axum::extract::{Query, RawQuery};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -65,7 +65,10 @@ impl IntoResponse for ApiError {
             Self::UnknownStage(_) | Self::UnknownQueue(_) => {
                 (StatusCode::NOT_FOUND, "NotFoundException")
             }
-            Self::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerErrorException"),
+            Self::Storage(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalServerErrorException",
+            ),
             Self::Unauthorized => (StatusCode::FORBIDDEN, "ForbiddenException"),
         };
         let mut response =

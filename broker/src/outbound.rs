@@ -52,6 +52,11 @@ impl OutboundQueue {
         self.frames.push_back(frame);
     }
 
+    /// Less than half of either bound is used.
+    pub fn is_under_half(&self) -> bool {
+        self.frames.len() < self.max_frames.div_ceil(2) && self.queued_bytes < self.max_bytes / 2
+    }
+
     pub fn is_empty(&self) -> bool {
         self.frames.is_empty()
     }

@@ -6,6 +6,7 @@
 //! buffer and only an incomplete frame is kept; the outbound queue is empty.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
@@ -189,9 +190,15 @@ async fn serve(
         return DisconnectReason::BadFrame(error);
     }
     drop(leftover);
+    // Decoded messages wait here while the connection has too much work outstanding: its
+    // replies then back up into the client's socket instead of overflowing its queue.
+    let mut waiting: VecDeque<Incoming> = incoming.drain(..).collect();
     let stream = connection.stream();
     loop {
-        for message in incoming.drain(..) {
+        while connection.in_flight() < MAX_IN_FLIGHT && connection.has_room_for_replies() {
+            let Some(message) = waiting.pop_front() else {
+                break;
+            };
             if let Some(reason) = handle_incoming(shard, connection, message) {
                 return reason;
             }
@@ -203,7 +210,7 @@ async fn serve(
             Ok(pending) => pending,
             Err(_) => return DisconnectReason::ConnectionLost,
         };
-        let can_read = connection.in_flight() < MAX_IN_FLIGHT;
+        let can_read = waiting.is_empty() && connection.in_flight() < MAX_IN_FLIGHT;
         tokio::select! {
             biased;
             _ = connection.woken() => {}
@@ -221,6 +228,7 @@ async fn serve(
                     Ok(false) => {}
                     Err(reason) => return reason,
                 }
+                waiting.extend(incoming.drain(..));
             }
         }
     }

@@ -14,7 +14,7 @@ mod records;
 
 pub use error::StorageError;
 pub use queue::{
-    Appended, AppendDone, FlushReport, FsyncPolicy, OnFlush, QueueEntry, QueueLog, Retention,
+    AppendDone, Appended, FlushReport, FsyncPolicy, OnFlush, QueueEntry, QueueLog, Retention,
 };
 pub use records::{ConnectionRecord, RecordWriter};
 
@@ -124,7 +124,14 @@ impl Storage {
         appended: Appended,
         on_flush: OnFlush,
     ) -> Result<QueueLog, StorageError> {
-        QueueLog::open(&self.db, self.dir.clone(), queues, policy, appended, on_flush)
+        QueueLog::open(
+            &self.db,
+            self.dir.clone(),
+            queues,
+            policy,
+            appended,
+            on_flush,
+        )
     }
 
     /// The connectionIds recorded as members of `room`.
@@ -226,7 +233,11 @@ mod tests {
             assert_eq!(read.len(), 2);
             assert_eq!(read[1].payload, b"b");
             assert_eq!(log.commit("q", "g", start + 1).unwrap(), start + 1);
-            assert_eq!(log.commit("q", "g", 0).unwrap(), start + 1, "never backwards");
+            assert_eq!(
+                log.commit("q", "g", 0).unwrap(),
+                start + 1,
+                "never backwards"
+            );
             log.close();
         }
         let storage = Storage::open(dir.path()).unwrap();

@@ -183,7 +183,12 @@ impl QueueLog {
     }
 
     /// Up to `max` entries of `queue` from `from` on, in offset order.
-    pub fn read(&self, queue: &str, from: u64, max: usize) -> Result<Vec<QueueEntry>, StorageError> {
+    pub fn read(
+        &self,
+        queue: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<QueueEntry>, StorageError> {
         let Some(trees) = self.queues.get(queue) else {
             return Ok(Vec::new());
         };
@@ -468,7 +473,12 @@ impl Writer {
             }
             let mut batch = sled::Batch::default();
             let mut removed = 0;
-            for key in trees.entries.range(..keep_from.to_be_bytes()).keys().flatten() {
+            for key in trees
+                .entries
+                .range(..keep_from.to_be_bytes())
+                .keys()
+                .flatten()
+            {
                 batch.remove(key);
                 removed += 1;
             }

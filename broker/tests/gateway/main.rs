@@ -5,6 +5,7 @@ mod disconnects;
 mod handshake;
 mod management;
 mod process;
+mod queues;
 mod rooms;
 mod routing;
 mod support;

@@ -311,3 +311,156 @@ async fn kill_9_then_restart_reports_cut_connections() {
     assert_eq!(backend.events("/disconnect").len(), ids.len());
     drop(third);
 }
+
+/// Every page of `queue` for `group` from offset 0, committing as it goes.
+async fn pull_all(api: &str, queue: &str, group: &str) -> Vec<serde_json::Value> {
+    let mut all = Vec::new();
+    loop {
+        let url = format!("{api}/@queues/{queue}/messages?group={group}&max=1000");
+        let body = http().get(url).send().await.unwrap().bytes().await.unwrap();
+        let page: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let messages = page["messages"].as_array().unwrap().clone();
+        if messages.is_empty() {
+            return all;
+        }
+        let commit = serde_json::json!({"group": group, "offset": page["next"]}).to_string();
+        let url = format!("{api}/@queues/{queue}/commit");
+        assert_eq!(
+            http().post(url).body(commit).send().await.unwrap().status(),
+            200
+        );
+        all.extend(messages);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_stream_loses_no_acked_message() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let backend = Backend::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let routes = format!(
+        "[storage]\nfsync = \"batch\"\nflush_interval_ms = 2\n{}\n[routes.order]\nintegration = {{ type = \"queue\", queue = \"orders\", ack = true, deliver_to = \"{}/ok\" }}\n",
+        config_with(&backend, ""),
+        backend.url
+    );
+    let path = write_config(dir.path(), &routes);
+    let mut gateway = GatewayProcess::start(&path, &[]);
+    let (ws, _) = tokio_tungstenite::connect_async(&gateway.ws_url)
+        .await
+        .unwrap();
+    let cut_id = connection_id(&backend.wait_for("/connect-log", |_| true).await);
+    let (mut sink, mut stream) = ws.split();
+    let sender = tokio::spawn(async move {
+        for seq in 0..100_000u64 {
+            let frame = serde_json::json!({"action": "order", "seq": seq}).to_string();
+            if sink.send(Message::text(frame)).await.is_err() {
+                return;
+            }
+            if seq % 64 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    let mut acked = Vec::new();
+    while acked.len() < 500 {
+        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let ack: serde_json::Value = serde_json::from_str(&text).unwrap();
+                acked.push(ack["messageId"].as_str().unwrap().to_owned());
+            }
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+    let api = gateway.api_url.clone();
+    let committed = serde_json::json!({"group": "kept", "offset": 100}).to_string();
+    let url = format!("{api}/@queues/orders/commit");
+    assert_eq!(
+        http()
+            .post(url)
+            .body(committed)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Keep reading acks until the very moment of the kill.
+    let reader = tokio::spawn(async move {
+        let mut late = Vec::new();
+        while let Some(Ok(Message::Text(text))) = stream.next().await {
+            let ack: serde_json::Value = serde_json::from_str(&text).unwrap();
+            late.push(ack["messageId"].as_str().unwrap().to_owned());
+        }
+        late
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gateway.child.kill().unwrap(); // SIGKILL
+    gateway.child.wait().unwrap();
+    acked.extend(reader.await.unwrap());
+    sender.abort();
+
+    let restarted = GatewayProcess::start(&path, &[]);
+    let log = pull_all(&restarted.api_url, "orders", "verify").await;
+    let ids: Vec<&str> = log
+        .iter()
+        .map(|m| m["event"]["requestContext"]["messageId"].as_str().unwrap())
+        .collect();
+    let unique: std::collections::HashSet<&str> = ids.iter().copied().collect();
+    assert_eq!(unique.len(), ids.len(), "no entry appears twice in the log");
+    for id in &acked {
+        assert!(
+            unique.contains(id.as_str()),
+            "acked message {id} survived the crash"
+        );
+    }
+    let offsets: Vec<u64> = log.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    assert_eq!(
+        offsets,
+        (0..log.len() as u64).collect::<Vec<_>>(),
+        "dense offsets"
+    );
+
+    let url = format!(
+        "{}/@queues/orders/messages?group=kept&max=1",
+        restarted.api_url
+    );
+    let page: serde_json::Value =
+        serde_json::from_slice(&http().get(url).send().await.unwrap().bytes().await.unwrap())
+            .unwrap();
+    assert_eq!(
+        page["messages"][0]["offset"], 100,
+        "the committed offset held"
+    );
+
+    // Push delivery resumes and catches up with everything in the log.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let pushed: std::collections::HashSet<String> = backend
+            .events("/ok")
+            .iter()
+            .map(|e| {
+                e["requestContext"]["messageId"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect();
+        if unique.iter().all(|id| pushed.contains(*id)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "push delivery resumed after the crash"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let event = backend
+        .wait_for("/disconnect", |e| connection_id(e) == cut_id)
+        .await;
+    assert_eq!(
+        event["requestContext"]["disconnectReason"],
+        "gateway restarted"
+    );
+}

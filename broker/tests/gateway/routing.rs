@@ -198,3 +198,22 @@ async fn slow_backend_does_not_delay_other_connections() {
     assert!(started.elapsed() < Duration::from_secs(2));
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn a_burst_of_frames_is_answered_in_full_not_cut_as_a_slow_consumer() {
+    let config = "[limits]\noutbound_queue_frames = 16\n[routes.\"$default\"]\nintegration = { type = \"echo\" }";
+    let gateway = TestGateway::start(config).await;
+    let mut ws = gateway.connect().await;
+    // Queued in one go, read only afterwards: replies back up into the socket buffers and
+    // the gateway reads more only as they drain.
+    for seq in 0..3000 {
+        ws.feed(Message::text(format!("burst {seq}")))
+            .await
+            .unwrap();
+    }
+    ws.flush().await.unwrap();
+    for seq in 0..3000 {
+        assert_eq!(next_text(&mut ws).await, format!("burst {seq}"));
+    }
+    gateway.stop().await;
+}

@@ -130,6 +130,7 @@ impl Backend {
     /// * `/status/{code}`: a Lambda-proxy answer with that statusCode;
     /// * `/http-status/{code}`: a plain HTTP answer with that status;
     /// * `/protocol`: accepts and picks the sub-protocol `chat`;
+    /// * `/fail-first/{n}`: 503 for the first n requests, then 200;
     /// * `/slow`: answers after 3 s.
     pub(crate) async fn start() -> Self {
         let backend = Self {
@@ -214,6 +215,15 @@ async fn record(
             "headers": {"Sec-WebSocket-Protocol": "chat"}
         }))
         .into_response(),
+        ["fail-first", count] => {
+            // Fails the first `count` requests on this path, then succeeds.
+            let seen = backend.events(&path).len();
+            if seen <= count.parse::<usize>().unwrap() {
+                StatusCode::SERVICE_UNAVAILABLE.into_response()
+            } else {
+                StatusCode::OK.into_response()
+            }
+        }
         ["slow"] => {
             tokio::time::sleep(Duration::from_secs(3)).await;
             StatusCode::OK.into_response()
