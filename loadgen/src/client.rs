@@ -6,7 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 /// Where to connect: `ws://HOST:PORT/PATH`.
 #[derive(Debug, Clone)]
@@ -32,7 +33,8 @@ impl Target {
 }
 
 pub(crate) struct WsClient {
-    stream: TcpStream,
+    reader: OwnedReadHalf,
+    writer: Option<FrameWriter>,
     buffer: Vec<u8>,
     /// Bytes of `buffer` that hold data.
     filled: usize,
@@ -61,8 +63,10 @@ impl WsClient {
             target.path, target.addr
         );
         stream.write_all(request.as_bytes()).await?;
+        let (reader, writer) = stream.into_split();
         let mut client = Self {
-            stream,
+            reader,
+            writer: Some(FrameWriter(writer)),
             buffer: vec![0; 4096],
             filled: 0,
         };
@@ -85,25 +89,15 @@ impl WsClient {
 
     /// Sends one masked text frame.
     pub(crate) async fn send_text(&mut self, text: &str) -> anyhow::Result<()> {
-        let payload = text.as_bytes();
-        let mask = [0x5a, 0x11, 0xc3, 0x7e];
-        let mut frame = Vec::with_capacity(payload.len() + 14);
-        frame.push(0x81);
-        match payload.len() {
-            len @ 0..=125 => frame.push(0x80 | len as u8),
-            len @ 126..=0xFFFF => {
-                frame.push(0x80 | 126);
-                frame.extend_from_slice(&(len as u16).to_be_bytes());
-            }
-            len => {
-                frame.push(0x80 | 127);
-                frame.extend_from_slice(&(len as u64).to_be_bytes());
-            }
+        match self.writer.as_mut() {
+            Some(writer) => writer.send_text(text).await,
+            None => bail!("the writer was taken"),
         }
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        self.stream.write_all(&frame).await?;
-        Ok(())
+    }
+
+    /// Takes the sending half, so one task can send while another reads.
+    pub(crate) fn take_writer(&mut self) -> Option<FrameWriter> {
+        self.writer.take()
     }
 
     /// Reads more bytes; calls `on_frame` for every complete frame. Returns false once the
@@ -144,7 +138,7 @@ impl WsClient {
         if self.filled == self.buffer.len() {
             self.buffer.resize(self.buffer.len() * 2, 0);
         }
-        let n = self.stream.read(&mut self.buffer[self.filled..]).await?;
+        let n = self.reader.read(&mut self.buffer[self.filled..]).await?;
         self.filled += n;
         Ok(n)
     }
@@ -173,4 +167,49 @@ fn parse_header(input: &[u8]) -> Option<(usize, usize)> {
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The sending half of a client connection.
+pub(crate) struct FrameWriter(OwnedWriteHalf);
+
+impl FrameWriter {
+    /// Sends one masked text frame.
+    pub(crate) async fn send_text(&mut self, text: &str) -> anyhow::Result<()> {
+        let mut frame = Vec::with_capacity(text.len() + 14);
+        encode_masked(text, &mut frame);
+        self.0.write_all(&frame).await?;
+        Ok(())
+    }
+
+    /// Sends several masked text frames in one write.
+    pub(crate) async fn send_texts(&mut self, texts: &[String]) -> anyhow::Result<()> {
+        let mut frames = Vec::with_capacity(texts.iter().map(|t| t.len() + 14).sum());
+        for text in texts {
+            encode_masked(text, &mut frames);
+        }
+        self.0.write_all(&frames).await?;
+        Ok(())
+    }
+}
+
+/// Appends `text` as one masked client text frame to `frame`.
+fn encode_masked(text: &str, frame: &mut Vec<u8>) {
+    {
+        let payload = text.as_bytes();
+        let mask = [0x5a, 0x11, 0xc3, 0x7e];
+        frame.push(0x81);
+        match payload.len() {
+            len @ 0..=125 => frame.push(0x80 | len as u8),
+            len @ 126..=0xFFFF => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            len => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    }
 }

@@ -55,6 +55,24 @@ enum Scenario {
     Fanout(FanoutOptions),
     /// The same through bulk `POST /@connections` naming every member.
     Bulk(FanoutOptions),
+    /// C connections send M frames to a `queue` route with `ack = true`; time each ack.
+    Queue {
+        #[arg(long, short = 'c', default_value_t = 10)]
+        connections: usize,
+        #[arg(long, short = 'm', default_value_t = 100_000)]
+        messages: usize,
+        /// Frame bytes (JSON, padded).
+        #[arg(long, short = 'p', default_value_t = 200)]
+        payload: usize,
+        /// Frames per second over all connections; omit to send as fast as possible.
+        #[arg(long)]
+        rate: Option<u32>,
+        /// The `action` whose route appends to a queue with `ack = true`.
+        #[arg(long, default_value = "enqueue")]
+        action: String,
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u64,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -95,7 +113,7 @@ fn main() -> anyhow::Result<()> {
         bail!("switchboard-loadgen only targets loopback addresses (127.0.0.0/8, ::1)");
     }
     let needed = match &cli.scenario {
-        Scenario::Connect { connections, .. } => *connections,
+        Scenario::Connect { connections, .. } | Scenario::Queue { connections, .. } => *connections,
         Scenario::Fanout(o) | Scenario::Bulk(o) => o.connections,
     };
     raise_open_files(needed)?;
@@ -118,6 +136,24 @@ fn main() -> anyhow::Result<()> {
                 let report =
                     scenario::fanout(&endpoints, &options.into_args(Delivery::Room)).await?;
                 output(&report, cli.json)
+            }
+            Scenario::Queue {
+                connections,
+                messages,
+                payload,
+                rate,
+                action,
+                timeout_secs,
+            } => {
+                let args = scenario::QueueArgs {
+                    connections,
+                    messages,
+                    payload,
+                    rate,
+                    action,
+                    timeout: Duration::from_secs(timeout_secs),
+                };
+                output(&scenario::queue(&endpoints, &args).await?, cli.json)
             }
             Scenario::Bulk(options) => {
                 let report =

@@ -20,6 +20,8 @@ use crate::publisher::Pipeline;
 
 /// Connections opened at once while ramping.
 const RAMP_CONCURRENCY: usize = 128;
+/// Frames a max-rate queue sender writes per system call.
+const SEND_GROUP: usize = 16;
 /// Bytes at the start of every payload: sequence (10) and send time in ns (20).
 const STAMP_LEN: usize = 30;
 
@@ -461,4 +463,151 @@ mod tests {
         assert_eq!(seq, 42);
         assert!(ns <= now_ns());
     }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct QueueArgs {
+    pub(crate) connections: usize,
+    pub(crate) messages: usize,
+    pub(crate) payload: usize,
+    /// Frames per second over all connections; `None` = as fast as acks come back.
+    pub(crate) rate: Option<u32>,
+    /// The route (`action`) whose integration is a `queue` with `ack = true`.
+    pub(crate) action: String,
+    pub(crate) timeout: Duration,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct QueueReport {
+    pub(crate) connections: usize,
+    pub(crate) messages: usize,
+    pub(crate) frame_bytes: usize,
+    pub(crate) rate: Option<u32>,
+    pub(crate) acked: u64,
+    pub(crate) errors: u64,
+    pub(crate) secs: f64,
+    pub(crate) acks_per_sec: f64,
+    /// From sending a frame to reading its ack.
+    pub(crate) ack_latency_ms: Percentiles,
+    pub(crate) verdict: &'static str,
+}
+
+/// Frames go to a queue route with `ack = true`; every ack is matched to its frame (acks
+/// come back in frame order) to time frame → durable → ack.
+pub(crate) async fn queue(endpoints: &Endpoints, args: &QueueArgs) -> anyhow::Result<QueueReport> {
+    let (clients, failed) = ramp(endpoints, args.connections).await;
+    if failed > 0 {
+        bail!("{failed} of {} connections failed", args.connections);
+    }
+    let per_connection = args.messages.div_ceil(args.connections.max(1));
+    let interval = args
+        .rate
+        .map(|rate| Duration::from_secs_f64(args.connections as f64 / f64::from(rate.max(1))));
+    let latencies = Arc::new(Mutex::new(histogram()));
+    let acked = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let deadline = tokio::time::Instant::now() + args.timeout;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for mut client in clients {
+        let Some(mut writer) = client.take_writer() else {
+            continue;
+        };
+        let (sent_at, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+        let frame_base = json!({"action": args.action, "seq": 0, "pad": ""})
+            .to_string()
+            .len();
+        let pad = "x".repeat(args.payload.saturating_sub(frame_base + 6));
+        let action = args.action.clone();
+        // The writer goes to the reader when done: dropping it would half-close the socket,
+        // which the gateway rightly takes as the client leaving.
+        let (handover, writer_back) = tokio::sync::oneshot::channel();
+        tasks.push(tokio::spawn(async move {
+            let mut ticker = interval.map(tokio::time::interval);
+            // At a fixed rate every frame leaves on its tick; at max rate frames leave in
+            // groups of SEND_GROUP per write, so the client's syscalls do not bound the run.
+            let group = if ticker.is_some() { 1 } else { SEND_GROUP };
+            let mut seq = 0;
+            while seq < per_connection {
+                if let Some(ticker) = ticker.as_mut() {
+                    ticker.tick().await;
+                }
+                let count = group.min(per_connection - seq);
+                let frames: Vec<String> = (seq..seq + count)
+                    .map(|s| json!({"action": action, "seq": s, "pad": pad}).to_string())
+                    .collect();
+                let now = Instant::now();
+                for _ in 0..count {
+                    let _ = sent_at.send(now);
+                }
+                if writer.send_texts(&frames).await.is_err() {
+                    break;
+                }
+                seq += count;
+            }
+            let _ = handover.send(writer);
+        }));
+        let (latencies, acked, errors) = (latencies.clone(), acked.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let _writer = writer_back;
+            let mut received = 0;
+            let mut samples = Vec::with_capacity(64);
+            while received < per_connection {
+                let read = client.read_frames(|frame| {
+                    if let ServerFrame::Data(payload) = frame {
+                        received += 1;
+                        let is_ack = payload.starts_with(br#"{"messageId""#)
+                            || payload.starts_with(br#"{"type":"ack""#);
+                        match sent_rx.try_recv() {
+                            Ok(sent) if is_ack => samples.push(sent.elapsed().as_micros() as u64),
+                            _ => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                });
+                match tokio::time::timeout_at(deadline, read).await {
+                    Ok(Ok(true)) => {}
+                    _ => break,
+                }
+                acked.fetch_add(samples.len() as u64, Ordering::Relaxed);
+                if let Ok(mut histogram) = latencies.lock() {
+                    for sample in samples.drain(..) {
+                        let _ = histogram.record(sample.max(1));
+                    }
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let acked = acked.load(Ordering::Relaxed);
+    let errors = errors.load(Ordering::Relaxed);
+    let expected = (per_connection * args.connections) as u64;
+    let latency = {
+        let histogram = latencies
+            .lock()
+            .map_err(|_| anyhow::anyhow!("latency histogram poisoned"))?;
+        Percentiles::of(&histogram)
+    };
+    Ok(QueueReport {
+        connections: args.connections,
+        messages: expected as usize,
+        frame_bytes: args.payload,
+        rate: args.rate,
+        acked,
+        errors,
+        secs,
+        acks_per_sec: acked as f64 / secs.max(1e-9),
+        ack_latency_ms: latency,
+        verdict: if errors > 0 {
+            "ERRORS"
+        } else if acked < expected {
+            "INCOMPLETE"
+        } else {
+            "ok"
+        },
+    })
 }

@@ -49,7 +49,15 @@ pub struct QueueEntry {
     pub payload: Vec<u8>,
 }
 
-impl QueueEntry {
+/// The entries of one queue written by one batch, stored as one sled value under the
+/// first entry's offset. One insert per batch instead of one per entry: sled copies a leaf
+/// on every insert, so per-entry keys made the copy, not the disk, the bottleneck.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct Segment {
+    entries: Vec<QueueEntry>,
+}
+
+impl Segment {
     fn encode(&self) -> Vec<u8> {
         rkyv::to_bytes::<rkyv::rancor::Error>(self)
             .map(|bytes| bytes.to_vec())
@@ -60,6 +68,11 @@ impl QueueEntry {
         let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
         aligned.extend_from_slice(bytes);
         rkyv::from_bytes::<Self, rkyv::rancor::Error>(&aligned).map_err(|e| e.to_string())
+    }
+
+    /// The offset after this segment's last entry.
+    fn end(&self) -> Option<u64> {
+        self.entries.last().map(|e| e.offset + 1)
     }
 }
 
@@ -91,7 +104,7 @@ enum Request {
 /// One queue's trees.
 #[derive(Clone)]
 struct QueueTrees {
-    /// offset (big-endian) → rkyv [`QueueEntry`].
+    /// first offset (big-endian) → rkyv [`Segment`].
     entries: sled::Tree,
     retention: Retention,
 }
@@ -121,7 +134,10 @@ impl QueueLog {
         for (name, retention) in queues {
             let entries = db.open_tree(format!("queue/{name}")).map_err(sled_error)?;
             let next = match entries.last().map_err(sled_error)? {
-                Some((key, _)) => offset_of(&key) + 1,
+                Some((key, value)) => Segment::decode(&value)
+                    .ok()
+                    .and_then(|segment| segment.end())
+                    .unwrap_or(offset_of(&key) + 1),
                 None => 0,
             };
             let name: Arc<str> = name.as_str().into();
@@ -192,19 +208,32 @@ impl QueueLog {
         let Some(trees) = self.queues.get(queue) else {
             return Ok(Vec::new());
         };
-        trees
+        // Start at the segment that holds `from`: the last one keyed at or before it.
+        let start = trees
             .entries
-            .range(from.to_be_bytes()..)
-            .values()
-            .take(max)
-            .map(|value| {
-                let value = value.map_err(|e| StorageError::from_sled(&self.dir, e))?;
-                QueueEntry::decode(&value).map_err(|detail| StorageError::Corrupt {
-                    dir: self.dir.clone(),
-                    detail: format!("queue {queue}: {detail}"),
-                })
-            })
-            .collect()
+            .range(..=from.to_be_bytes())
+            .next_back()
+            .transpose()
+            .map_err(|e| StorageError::from_sled(&self.dir, e))?
+            .map_or(from, |(key, _)| offset_of(&key));
+        let mut entries = Vec::new();
+        for value in trees.entries.range(start.to_be_bytes()..).values() {
+            let value = value.map_err(|e| StorageError::from_sled(&self.dir, e))?;
+            let segment = self.decode(queue, &value)?;
+            entries.extend(segment.entries.into_iter().filter(|e| e.offset >= from));
+            if entries.len() >= max {
+                entries.truncate(max);
+                break;
+            }
+        }
+        Ok(entries)
+    }
+
+    fn decode(&self, queue: &str, value: &[u8]) -> Result<Segment, StorageError> {
+        Segment::decode(value).map_err(|detail| StorageError::Corrupt {
+            dir: self.dir.clone(),
+            detail: format!("queue {queue}: {detail}"),
+        })
     }
 
     /// The oldest retained offset and the next offset to be assigned.
@@ -216,7 +245,10 @@ impl QueueLog {
         let first = trees.entries.first().map_err(sled_error)?;
         let last = trees.entries.last().map_err(sled_error)?;
         Ok(match (first, last) {
-            (Some((first, _)), Some((last, _))) => (offset_of(&first), offset_of(&last) + 1),
+            (Some((first, _)), Some((last, value))) => {
+                let end = self.decode(queue, &value)?.end();
+                (offset_of(&first), end.unwrap_or(offset_of(&last) + 1))
+            }
             _ => {
                 // Empty (or fully trimmed): the next offset survives in the group counter.
                 let next = self.read_offset(&next_key(queue))?.unwrap_or(0);
@@ -372,6 +404,8 @@ impl Writer {
             if let Some(done) = closing {
                 let _ = self.db.flush();
                 self.answer(&mut waiting);
+                // Release the database before answering, so the caller may reopen it.
+                drop(self);
                 let _ = done.send(());
                 return;
             }
@@ -381,7 +415,7 @@ impl Writer {
 
     /// Assigns offsets and applies one sled batch per queue; returns who waits for what.
     fn write(&mut self, appends: Vec<(Arc<str>, Vec<u8>, AppendDone)>) -> Vec<(AppendDone, u64)> {
-        let mut batches: HashMap<Arc<str>, sled::Batch> = HashMap::new();
+        let mut segments: HashMap<Arc<str>, Segment> = HashMap::new();
         let mut pending = Vec::with_capacity(appends.len());
         let now = now_ms();
         for (queue, payload, done) in appends {
@@ -398,18 +432,24 @@ impl Writer {
                 payload,
             };
             *next += 1;
-            batches
-                .entry(queue)
-                .or_default()
-                .insert(&entry.offset.to_be_bytes(), entry.encode());
             pending.push((done, entry.offset));
+            segments
+                .entry(queue)
+                .or_insert_with(|| Segment {
+                    entries: Vec::new(),
+                })
+                .entries
+                .push(entry);
         }
-        for (queue, batch) in batches {
-            let applied = self
+        for (queue, segment) in segments {
+            let Some(first) = segment.entries.first().map(|e| e.offset) else {
+                continue;
+            };
+            let inserted = self
                 .queues
                 .get(&queue)
-                .map(|trees| trees.entries.apply_batch(batch));
-            if let Some(Err(error)) = applied {
+                .map(|trees| trees.entries.insert(first.to_be_bytes(), segment.encode()));
+            if let Some(Err(error)) = inserted {
                 tracing::error!(%queue, %error, "queue append failed");
             }
         }
@@ -447,40 +487,58 @@ impl Writer {
         }
     }
 
-    /// Drops entries past each queue's retention; remembers the next offset of a queue
-    /// that becomes empty so offsets never repeat.
+    /// Drops segments wholly past each queue's retention (a segment goes when its newest
+    /// entry does); remembers the next offset of a queue that becomes empty so offsets
+    /// never repeat.
     fn trim(&self) {
         let now = now_ms();
         for (name, trees) in self.queues.iter() {
             let next = self.next_offsets.get(name).copied().unwrap_or(0);
-            let mut keep_from = 0u64;
-            if let Some(max) = trees.retention.max_messages {
-                keep_from = keep_from.max(next.saturating_sub(max));
-            }
-            if let Some(max_age) = trees.retention.max_age {
-                let cutoff = now.saturating_sub(max_age.as_millis() as u64);
-                for value in trees.entries.iter().values().flatten() {
-                    match QueueEntry::decode(&value) {
-                        Ok(entry) if entry.appended_at_ms < cutoff => {
-                            keep_from = keep_from.max(entry.offset + 1);
-                        }
-                        _ => break,
-                    }
-                }
-            }
-            if keep_from == 0 {
-                continue;
-            }
+            let keep_from = trees
+                .retention
+                .max_messages
+                .map_or(0, |max| next.saturating_sub(max));
+            let cutoff = trees
+                .retention
+                .max_age
+                .map(|age| now.saturating_sub(age.as_millis() as u64));
             let mut batch = sled::Batch::default();
             let mut removed = 0;
-            for key in trees
-                .entries
-                .range(..keep_from.to_be_bytes())
-                .keys()
-                .flatten()
-            {
-                batch.remove(key);
-                removed += 1;
+            for item in trees.entries.iter() {
+                let Ok((key, value)) = item else {
+                    break;
+                };
+                let Ok(segment) = Segment::decode(&value) else {
+                    break;
+                };
+                let too_old = cutoff.is_some_and(|cutoff| {
+                    segment
+                        .entries
+                        .last()
+                        .is_some_and(|e| e.appended_at_ms < cutoff)
+                });
+                let too_many = segment.end().is_some_and(|end| end <= keep_from);
+                if too_old || too_many {
+                    batch.remove(key);
+                    removed += 1;
+                    continue;
+                }
+                // The segment that straddles a limit keeps only its retained entries.
+                let kept: Vec<QueueEntry> = segment
+                    .entries
+                    .into_iter()
+                    .filter(|e| {
+                        e.offset >= keep_from && cutoff.is_none_or(|c| e.appended_at_ms >= c)
+                    })
+                    .collect();
+                if let Some(first) = kept.first().map(|e| e.offset) {
+                    if first != offset_of(&key) {
+                        batch.remove(key);
+                        batch.insert(&first.to_be_bytes(), Segment { entries: kept }.encode());
+                        removed += 1;
+                    }
+                }
+                break;
             }
             if removed > 0 {
                 let _ = trees.entries.apply_batch(batch);
@@ -488,7 +546,7 @@ impl Writer {
                     .db
                     .open_tree("queue-groups")
                     .and_then(|g| g.insert(next_key(name), &next.to_be_bytes()));
-                tracing::debug!(queue = %name, removed, "trimmed queue");
+                tracing::debug!(queue = %name, removed, "trimmed queue segments");
             }
         }
     }

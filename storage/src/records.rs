@@ -66,7 +66,7 @@ impl RecordWriter {
         let (changes, receiver) = crossbeam_channel::unbounded();
         let spawned = std::thread::Builder::new()
             .name("switchboard-records".into())
-            .spawn(move || write_batches(&trees, &receiver, &dir));
+            .spawn(move || write_batches(trees, &receiver, &dir));
         if let Err(error) = spawned {
             tracing::error!(%error, "cannot start the connection record writer");
         }
@@ -124,7 +124,7 @@ pub(crate) fn membership_key(room: &str, connection_id: &str) -> Vec<u8> {
     key
 }
 
-fn write_batches(trees: &Trees, changes: &Receiver<Change>, dir: &std::path::Path) {
+fn write_batches(trees: Trees, changes: &Receiver<Change>, dir: &std::path::Path) {
     let mut closed_by = None;
     while closed_by.is_none() {
         let first = match changes.recv() {
@@ -166,6 +166,8 @@ fn write_batches(trees: &Trees, changes: &Receiver<Change>, dir: &std::path::Pat
     if let Err(error) = trees.connections.flush() {
         tracing::error!(dir = %dir.display(), %error, "final connection record flush failed");
     }
+    // Release the database before answering, so the caller may reopen it.
+    drop(trees);
     if let Some(done) = closed_by {
         let _ = done.send(());
     }
