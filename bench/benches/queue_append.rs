@@ -16,7 +16,12 @@ fn append(c: &mut Criterion) {
     group.sample_size(20);
     let policies = [
         ("always", FsyncPolicy::Always),
-        ("batch_2ms", FsyncPolicy::Batch { interval: Duration::from_millis(2) }),
+        (
+            "batch_2ms",
+            FsyncPolicy::Batch {
+                interval: Duration::from_millis(2),
+            },
+        ),
         ("never", FsyncPolicy::Never),
     ];
     for (name, policy) in policies {

@@ -35,20 +35,37 @@ pub mod close_code {
 /// Encodes one unmasked, final server frame.
 pub fn encode(opcode: Opcode, payload: &[u8]) -> Bytes {
     let mut frame = BytesMut::with_capacity(header_len(payload.len()) + payload.len());
-    frame.put_u8(0x80 | opcode as u8);
-    match payload.len() {
-        len @ 0..=125 => frame.put_u8(len as u8),
-        len @ 126..=0xFFFF => {
-            frame.put_u8(126);
+    put_header(&mut frame, 0x80 | opcode as u8, 0, payload.len());
+    frame.put_slice(payload);
+    frame.freeze()
+}
+
+/// Encodes one frame the way a client must send it: masked with `mask`, FIN as given,
+/// any opcode. The gateway never sends these; tests and Rust clients do.
+pub fn encode_masked(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut frame = BytesMut::with_capacity(header_len(payload.len()) + 4 + payload.len());
+    put_header(&mut frame, u8::from(fin) << 7 | opcode, 0x80, payload.len());
+    frame.put_slice(&mask);
+    let start = frame.len();
+    frame.put_slice(payload);
+    unmask(&mut frame[start..], mask); // masking and unmasking are the same XOR
+    frame.to_vec()
+}
+
+/// The first byte, then the length in its shortest form, with `mask_bit` set for clients.
+fn put_header(frame: &mut BytesMut, first: u8, mask_bit: u8, len: usize) {
+    frame.put_u8(first);
+    match len {
+        0..=125 => frame.put_u8(mask_bit | len as u8),
+        126..=0xFFFF => {
+            frame.put_u8(mask_bit | 126);
             frame.put_u16(len as u16);
         }
-        len => {
-            frame.put_u8(127);
+        _ => {
+            frame.put_u8(mask_bit | 127);
             frame.put_u64(len as u64);
         }
     }
-    frame.put_slice(payload);
-    frame.freeze()
 }
 
 /// A text frame if `payload` is UTF-8, else a binary one (the `@connections` rule).
@@ -340,22 +357,7 @@ pub(crate) mod tests {
 
     /// Encodes a masked client frame, as a browser would send it.
     pub(crate) fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [0x37, 0xfa, 0x21, 0x3d];
-        let mut frame = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        match payload.len() {
-            len @ 0..=125 => frame.push(0x80 | len as u8),
-            len @ 126..=0xFFFF => {
-                frame.push(0x80 | 126);
-                frame.extend_from_slice(&(len as u16).to_be_bytes());
-            }
-            len => {
-                frame.push(0x80 | 127);
-                frame.extend_from_slice(&(len as u64).to_be_bytes());
-            }
-        }
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        frame
+        encode_masked(fin, opcode, payload, [0x37, 0xfa, 0x21, 0x3d])
     }
 
     fn decode_all(bytes: &[u8]) -> Result<Vec<Incoming>, ProtocolError> {

@@ -323,29 +323,37 @@ async fn get_room(
 
 async fn put_room_member(
     State(state): State<ApiState>,
-    Path((stage, room, id)): Path<(String, String, String)>,
+    Path(path): Path<(String, String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    state.check_stage(&stage)?;
-    let room = room_name(&room)?;
-    let (connection_id, shard) = state.locate(&id)?;
-    shard
-        .join(connection_id, room)
-        .await
-        .map_err(|_| ApiError::Gone(id))?;
-    Ok(StatusCode::NO_CONTENT)
+    change_membership(&state, path, Membership::Join).await
 }
 
 async fn delete_room_member(
     State(state): State<ApiState>,
-    Path((stage, room, id)): Path<(String, String, String)>,
+    Path(path): Path<(String, String, String)>,
+) -> Result<StatusCode, ApiError> {
+    change_membership(&state, path, Membership::Leave).await
+}
+
+enum Membership {
+    Join,
+    Leave,
+}
+
+/// `PUT|DELETE @rooms/{room}/connections/{id}`, on the shard that owns the connection.
+async fn change_membership(
+    state: &ApiState,
+    (stage, room, id): (String, String, String),
+    change: Membership,
 ) -> Result<StatusCode, ApiError> {
     state.check_stage(&stage)?;
     let room = room_name(&room)?;
     let (connection_id, shard) = state.locate(&id)?;
-    shard
-        .leave(connection_id, room)
-        .await
-        .map_err(|_| ApiError::Gone(id))?;
+    let changed = match change {
+        Membership::Join => shard.join(connection_id, room).await,
+        Membership::Leave => shard.leave(connection_id, room).await,
+    };
+    changed.map_err(|_| ApiError::Gone(id))?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -214,14 +214,7 @@ async fn health_and_metrics() {
         404
     );
 
-    let text = client
-        .get(format!("http://{}/metrics", gateway.api_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gateway.metrics().await;
     for expected in [
         "switchboard_connections_active 1",
         "switchboard_connections_total{result=\"accepted\"} 1",

@@ -185,14 +185,7 @@ async fn push_delivery_survives_a_failing_backend_in_order() {
             .iter()
             .all(|e| e["body"].as_str().unwrap().contains("\"seq\":0"))
     );
-    let metrics = http()
-        .get(format!("http://{}/metrics", gateway.api_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gateway.metrics().await;
     for expected in [
         "switchboard_queue_delivery_attempts_total{queue=\"orders\",result=\"error\"} 4",
         "switchboard_queue_delivery_attempts_total{queue=\"orders\",result=\"ok\"} 10",

@@ -411,14 +411,7 @@ async fn stalled_client_is_disconnected_while_others_get_everything() {
         .await;
     assert_eq!(event["requestContext"]["disconnectReason"], "slow consumer");
     assert_eq!(event["requestContext"]["disconnectStatusCode"], 1008);
-    let metrics = http()
-        .get(format!("http://{}/metrics", gateway.api_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gateway.metrics().await;
     assert!(
         metrics.contains("switchboard_slow_consumer_disconnects_total 1"),
         "{metrics}"

@@ -89,6 +89,18 @@ impl TestGateway {
         (ws, connection_id(&event))
     }
 
+    /// The Prometheus exposition from `/metrics`.
+    pub(crate) async fn metrics(&self) -> String {
+        http()
+            .get(format!("http://{}/metrics", self.api_addr))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Stops the gateway gracefully and waits for it.
     pub(crate) async fn stop(mut self) {
         self.shutdown.cancel();
@@ -303,21 +315,7 @@ impl RawClient {
 
     /// Sends one masked frame.
     pub(crate) async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
-        let mask = [1u8, 2, 3, 4];
-        let mut frame = vec![(if fin { 0x80 } else { 0 }) | opcode];
-        match payload.len() {
-            len @ 0..=125 => frame.push(0x80 | len as u8),
-            len @ 126..=0xFFFF => {
-                frame.push(0x80 | 126);
-                frame.extend_from_slice(&(len as u16).to_be_bytes());
-            }
-            len => {
-                frame.push(0x80 | 127);
-                frame.extend_from_slice(&(len as u64).to_be_bytes());
-            }
-        }
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        let frame = switchboard::frame::encode_masked(fin, opcode, payload, [1, 2, 3, 4]);
         // The server may close mid-write on an oversize frame; that is the point.
         let _ = self.stream.write_all(&frame).await;
     }
