@@ -26,7 +26,7 @@ fn room_broadcast(c: &mut Criterion) {
             RefCell::new(OutboundQueue::new(1 << 20, 1 << 30)),
         );
     }
-    let frame = frame::encode(Opcode::Text, &[b'x'; 128]);
+    let frame = std::rc::Rc::new(frame::encode(Opcode::Text, &[b'x'; 128]));
     let mut group = c.benchmark_group("fanout");
     group.throughput(Throughput::Elements(MEMBERS as u64));
     // What a shard does per recipient of a broadcast: walk the room index, push a

@@ -4,6 +4,7 @@
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
@@ -17,7 +18,7 @@ use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
 use crate::event::ConnectionFacts;
 use crate::metrics::Metrics;
-use crate::outbound::{MAX_IOVECS, OutboundQueue};
+use crate::outbound::{MAX_IOVECS, OutboundQueue, SharedFrame};
 
 /// The connection is closed or closing: the push was not delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +91,7 @@ impl Connection {
     /// Queues an encoded frame, counts it as sent and wakes the session to write it (the
     /// path for a connection's own replies).
     pub fn push(&self, frame: Bytes, metrics: &Metrics) -> Result<(), Gone> {
-        self.enqueue(frame, metrics)?;
+        self.enqueue(Rc::new(frame), metrics)?;
         metrics.messages_sent.inc();
         self.wake();
         Ok(())
@@ -99,7 +100,7 @@ impl Connection {
     /// Queues an encoded frame without waking anyone: the caller (the shard's fan-out)
     /// writes it, and counts it, in batches. A connection that cannot take it is closed as a
     /// slow consumer and reports [`Gone`].
-    pub fn enqueue(&self, frame: Bytes, metrics: &Metrics) -> Result<(), Gone> {
+    pub fn enqueue(&self, frame: SharedFrame, metrics: &Metrics) -> Result<(), Gone> {
         if self.closing.get() || self.close_request.borrow().is_some() {
             return Err(Gone);
         }

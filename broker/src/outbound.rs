@@ -1,14 +1,33 @@
 //! A connection's bounded queue of encoded frames waiting to be written.
 //!
-//! Frames are refcounted [`Bytes`] shared by every recipient of a broadcast. The writer
-//! drains the queue with vectored writes, so whatever piled up while the socket was busy
-//! leaves in one system call. Overflow rule: a push that would exceed either bound is
-//! refused, and the caller disconnects the connection as a slow consumer.
+//! Frames are [`SharedFrame`]s: one encoded frame shared by every recipient of a
+//! broadcast on a shard through a non-atomic `Rc` (a queue never leaves its shard, so no
+//! recipient pays for an atomic refcount). The writer drains the queue with vectored
+//! writes, so whatever piled up while the socket was busy leaves in one system call.
+//! Overflow rule: a push that would exceed either bound is refused, and the caller
+//! disconnects the connection as a slow consumer.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::rc::Rc;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
+
+/// An encoded frame as queued: shared within one shard.
+pub type SharedFrame = Rc<Bytes>;
+
+/// A queued frame and how much of it the socket has taken.
+#[derive(Debug)]
+struct Queued {
+    frame: SharedFrame,
+    written: usize,
+}
+
+impl Queued {
+    fn remaining(&self) -> &[u8] {
+        &self.frame[self.written..]
+    }
+}
 
 /// Most frames handed to one vectored write (Linux accepts up to 1024 iovecs).
 pub const MAX_IOVECS: usize = 64;
@@ -19,7 +38,7 @@ pub struct QueueFull;
 
 #[derive(Debug)]
 pub struct OutboundQueue {
-    frames: VecDeque<Bytes>,
+    frames: VecDeque<Queued>,
     queued_bytes: usize,
     max_frames: usize,
     max_bytes: usize,
@@ -36,20 +55,19 @@ impl OutboundQueue {
     }
 
     /// Queues `frame`, or refuses it if a bound would be exceeded.
-    pub fn push(&mut self, frame: Bytes) -> Result<(), QueueFull> {
+    pub fn push(&mut self, frame: SharedFrame) -> Result<(), QueueFull> {
         if self.frames.len() >= self.max_frames || self.queued_bytes + frame.len() > self.max_bytes
         {
             return Err(QueueFull);
         }
-        self.queued_bytes += frame.len();
-        self.frames.push_back(frame);
+        self.push_unbounded(frame);
         Ok(())
     }
 
     /// Queues a frame regardless of the bounds (a close frame must always get out).
-    pub fn push_unbounded(&mut self, frame: Bytes) {
+    pub fn push_unbounded(&mut self, frame: SharedFrame) {
         self.queued_bytes += frame.len();
-        self.frames.push_back(frame);
+        self.frames.push_back(Queued { frame, written: 0 });
     }
 
     /// Less than half of either bound is used.
@@ -68,8 +86,8 @@ impl OutboundQueue {
     /// Fills `slices` with the front of the queue; returns how many were filled.
     pub fn io_slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
         let mut filled = 0;
-        for (slot, frame) in slices.iter_mut().zip(&self.frames) {
-            *slot = IoSlice::new(frame);
+        for (slot, queued) in slices.iter_mut().zip(&self.frames) {
+            *slot = IoSlice::new(queued.remaining());
             filled += 1;
         }
         filled
@@ -82,11 +100,12 @@ impl OutboundQueue {
             let Some(front) = self.frames.front_mut() else {
                 break;
             };
-            if written >= front.len() {
-                written -= front.len();
+            let remaining = front.remaining().len();
+            if written >= remaining {
+                written -= remaining;
                 self.frames.pop_front();
             } else {
-                front.advance(written);
+                front.written += written;
                 written = 0;
             }
         }
@@ -104,22 +123,26 @@ impl OutboundQueue {
 mod tests {
     use super::*;
 
+    fn frame(bytes: &'static [u8]) -> SharedFrame {
+        Rc::new(Bytes::from_static(bytes))
+    }
+
     #[test]
     fn bounds_refuse_overflow() {
         let mut queue = OutboundQueue::new(2, 10);
-        assert!(queue.push(Bytes::from_static(b"aaaa")).is_ok());
-        assert!(queue.push(Bytes::from_static(b"bbbbbbb")).is_err());
-        assert!(queue.push(Bytes::from_static(b"bb")).is_ok());
-        assert_eq!(queue.push(Bytes::from_static(b"c")), Err(QueueFull));
-        queue.push_unbounded(Bytes::from_static(b"close"));
+        assert!(queue.push(frame(b"aaaa")).is_ok());
+        assert!(queue.push(frame(b"bbbbbbb")).is_err());
+        assert!(queue.push(frame(b"bb")).is_ok());
+        assert_eq!(queue.push(frame(b"c")), Err(QueueFull));
+        queue.push_unbounded(frame(b"close"));
         assert_eq!(queue.queued_bytes(), 11);
     }
 
     #[test]
     fn partial_writes_keep_the_tail() {
         let mut queue = OutboundQueue::new(10, 100);
-        queue.push(Bytes::from_static(b"hello")).unwrap();
-        queue.push(Bytes::from_static(b"world")).unwrap();
+        queue.push(frame(b"hello")).unwrap();
+        queue.push(frame(b"world")).unwrap();
         queue.consume(7);
         let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
         let n = queue.io_slices(&mut slices);

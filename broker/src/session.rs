@@ -297,7 +297,7 @@ async fn close(
             // Whatever it did not read is abandoned; only the verdict goes out.
             *queue = OutboundQueue::new(1, close_frame.len());
         }
-        queue.push_unbounded(close_frame);
+        queue.push_unbounded(Rc::new(close_frame));
     }
     let deadline = Instant::now() + CLOSE_FLUSH;
     let stream = connection.stream();

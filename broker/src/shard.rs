@@ -23,6 +23,7 @@ use crate::disconnect::DisconnectReason;
 use crate::fanout::Delivery;
 use crate::gateway::Gateway;
 use crate::integration::HttpIntegration;
+use crate::outbound::SharedFrame;
 use crate::rooms::{RoomIndex, RoomName};
 use crate::session;
 
@@ -271,7 +272,7 @@ impl Shard {
     pub fn broadcast_local(
         &self,
         room: &RoomName,
-        frame: &Bytes,
+        frame: &SharedFrame,
         exclude: Option<ConnectionId>,
     ) -> usize {
         let skip = exclude
@@ -303,7 +304,7 @@ impl Shard {
     }
 
     /// Queues `frame` for a fan-out recipient and puts it on the write-pass list.
-    fn enqueue(&self, connection: &Rc<Connection>, frame: &Bytes) -> bool {
+    fn enqueue(&self, connection: &Rc<Connection>, frame: &SharedFrame) -> bool {
         if connection
             .enqueue(frame.clone(), &self.gateway.metrics)
             .is_err()
@@ -333,7 +334,7 @@ impl Shard {
         !self.dirty.borrow().is_empty()
     }
 
-    fn send_many(&self, targets: Vec<(u64, u32)>, frame: &Bytes) -> Delivery {
+    fn send_many(&self, targets: Vec<(u64, u32)>, frame: &SharedFrame) -> Delivery {
         let connections = self.connections.borrow();
         let mut delivery = Delivery::default();
         for (sequence, index) in targets {
@@ -408,7 +409,7 @@ impl Shard {
                 exclude,
                 reply,
             } => {
-                let delivered = self.broadcast_local(&room, &shard_local(&frame), exclude);
+                let delivered = self.broadcast_local(&room, &Rc::new(frame), exclude);
                 if let Some(reply) = reply {
                     let _ = reply.send(delivered);
                 }
@@ -418,7 +419,7 @@ impl Shard {
                 frame,
                 reply,
             } => {
-                let _ = reply.send(self.send_many(targets, &shard_local(&frame)));
+                let _ = reply.send(self.send_many(targets, &Rc::new(frame)));
             }
             ShardCommand::Join {
                 sequence,
@@ -445,14 +446,6 @@ impl Shard {
             }
         }
     }
-}
-
-/// This shard's own copy of a frame that arrived from another thread. Every recipient
-/// clones it (a refcount increment) and every write drops it: with one copy per shard
-/// those atomics stay in this core's cache instead of bouncing between shards. The frame
-/// is still encoded once; a copy per shard costs one memcpy per broadcast.
-fn shard_local(frame: &Bytes) -> Bytes {
-    Bytes::copy_from_slice(frame)
 }
 
 /// Starts shard `index` on its own thread, accepting on `listener`.
