@@ -20,6 +20,8 @@ struct GatewayProcess {
     ws_url: String,
     api_url: String,
     stderr: std::sync::mpsc::Receiver<String>,
+    /// Lines read while waiting for the addresses.
+    startup_lines: Vec<String>,
 }
 
 impl GatewayProcess {
@@ -45,16 +47,19 @@ impl GatewayProcess {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(10);
+        let mut startup_lines = Vec::new();
         loop {
             let line = receiver
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("the gateway logs its addresses at start");
+            startup_lines.push(line.clone());
             if let (Some(ws), Some(api)) = (field(&line, "ws://"), field(&line, "http://")) {
                 return Self {
                     child,
                     ws_url: ws,
                     api_url: api.trim_end_matches("/@connections").to_owned(),
                     stderr: receiver,
+                    startup_lines,
                 };
             }
         }
@@ -81,8 +86,14 @@ impl GatewayProcess {
         panic!("gateway still running after {limit:?}");
     }
 
+    /// Everything the process wrote to stderr; call after it exited (waits for the pipe's
+    /// end, so no line is missed).
     fn logged(&self) -> Vec<String> {
-        self.stderr.try_iter().collect()
+        let mut lines = self.startup_lines.clone();
+        while let Ok(line) = self.stderr.recv_timeout(Duration::from_secs(5)) {
+            lines.push(line);
+        }
+        lines
     }
 }
 
@@ -215,7 +226,10 @@ fn json_log_format() {
     gateway.signal("-TERM");
     gateway.wait(Duration::from_secs(10));
     let lines = gateway.logged();
-    assert!(!lines.is_empty());
+    assert!(
+        lines.len() >= 3,
+        "start, listening and stop are logged: {lines:?}"
+    );
     for line in lines {
         serde_json::from_str::<serde_json::Value>(&line)
             .unwrap_or_else(|_| panic!("not JSON: {line}"));
