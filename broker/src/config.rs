@@ -84,7 +84,7 @@ pub struct RawQueue {
 pub struct RawServer {
     /// Clients connect to `ws://LISTEN/{stage}`.
     pub listen: String,
-    /// Shard threads; 0 = one per CPU core.
+    /// Shard threads; 0 = one per CPU core but one (at least one).
     pub shards: usize,
     pub data_dir: PathBuf,
     /// Connections beyond this get 503 at the upgrade.
@@ -449,7 +449,7 @@ impl RawServer {
             return Err(invalid("server.max_connections", "must be at least 1"));
         }
         let shards = match self.shards {
-            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            0 => default_shards(std::thread::available_parallelism().map_or(1, usize::from)),
             n if n > 1024 => return Err(invalid("server.shards", "at most 1024")),
             n => n,
         };
@@ -461,6 +461,13 @@ impl RawServer {
             node_id: self.node_id,
         })
     }
+}
+
+/// `server.shards = 0`: one shard per core but one, at least one. The spare core runs the
+/// management API, the storage writers and the kernel's network work; measured on 2 cores
+/// shared with the client, one shard delivered 1.9× what two did (docs/PERFORMANCE.md).
+pub fn default_shards(cores: usize) -> usize {
+    cores.saturating_sub(1).max(1)
 }
 
 impl RawManagement {
@@ -747,6 +754,13 @@ response = true
         let config = RawConfig::parse(text).unwrap().validate().unwrap();
         assert!(config.routes.get("sendMessage").unwrap().response);
         assert!(!config.routes.get("$connect").unwrap().response);
+    }
+
+    #[test]
+    fn default_shards_leave_a_core_spare() {
+        assert_eq!(default_shards(1), 1);
+        assert_eq!(default_shards(2), 1);
+        assert_eq!(default_shards(16), 15);
     }
 
     #[test]
