@@ -322,13 +322,13 @@ fn append_to_queue(
         return;
     };
     let (done, appended) = tokio::sync::oneshot::channel();
-    shard.gateway.queues.log.append(
+    shard.append_to_queue((
         queue.clone(),
         event,
         Box::new(move |result| {
             let _ = done.send(result);
         }),
-    );
+    ));
     let shard_for_task = shard.clone();
     let in_flight = connection.start_call();
     let connection = connection.clone();

@@ -223,6 +223,8 @@ pub struct Shard {
     rooms: RefCell<RoomIndex<Rc<Connection>>>,
     /// Connections with frames queued by fan-out, waiting for the next write pass.
     dirty: RefCell<VecDeque<Rc<Connection>>>,
+    /// Queue appends made during this scheduler turn, handed to the writer together.
+    pending_appends: RefCell<Vec<switchboard_storage::Append>>,
     pub http: HttpIntegration,
     /// Every session and every `$disconnect` call, so shutdown can wait for them.
     pub tasks: TaskTracker,
@@ -301,6 +303,21 @@ impl Shard {
                     .await;
             }
         });
+    }
+
+    /// Appends to a durable queue. Appends made while the shard handles one batch of frames
+    /// reach the writer thread as one hand-off: one wake-up for many messages.
+    pub fn append_to_queue(self: &Rc<Self>, append: switchboard_storage::Append) {
+        let mut pending = self.pending_appends.borrow_mut();
+        pending.push(append);
+        if pending.len() == 1 {
+            // Runs after the tasks already scheduled: everything appended this turn.
+            let shard = self.clone();
+            self.tasks.spawn_local(async move {
+                let appends = std::mem::take(&mut *shard.pending_appends.borrow_mut());
+                shard.gateway.queues.log.append_many(appends);
+            });
+        }
     }
 
     /// Queues `frame` for a fan-out recipient and puts it on the write-pass list.
@@ -476,6 +493,7 @@ pub fn spawn(
                     connections: RefCell::new(HashMap::new()),
                     rooms: RefCell::new(RoomIndex::default()),
                     dirty: RefCell::new(VecDeque::new()),
+                    pending_appends: RefCell::new(Vec::new()),
                     http: HttpIntegration::new(),
                     tasks: TaskTracker::new(),
                     shutdown,

@@ -14,7 +14,8 @@ mod records;
 
 pub use error::StorageError;
 pub use queue::{
-    AppendDone, Appended, FlushReport, FsyncPolicy, OnFlush, QueueEntry, QueueLog, Retention,
+    Append, AppendDone, Appended, FlushReport, FsyncPolicy, OnFlush, QueueEntry, QueueLog,
+    Retention,
 };
 pub use records::{ConnectionRecord, RecordWriter};
 

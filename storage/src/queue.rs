@@ -92,12 +92,12 @@ pub struct FlushReport {
 /// Called after each batch flush (metrics).
 pub type OnFlush = Arc<dyn Fn(FlushReport) + Send + Sync>;
 
+/// One append: the queue, the payload, and who to tell.
+pub type Append = (Arc<str>, Vec<u8>, AppendDone);
+
 enum Request {
-    Append {
-        queue: Arc<str>,
-        payload: Vec<u8>,
-        done: AppendDone,
-    },
+    /// Appends in order; one request (one wake-up of the writer) for many.
+    Append(Vec<Append>),
     Close(Sender<()>),
 }
 
@@ -183,18 +183,20 @@ impl QueueLog {
 
     /// Appends `payload` to `queue`; `done` gets its offset once durable.
     pub fn append(&self, queue: Arc<str>, payload: Vec<u8>, done: AppendDone) {
-        let request = Request::Append {
-            queue,
-            payload,
-            done,
-        };
-        if let Err(crossbeam_channel::SendError(Request::Append { done, .. })) =
-            self.requests.send(request)
+        self.append_many(vec![(queue, payload, done)]);
+    }
+
+    /// Appends several entries, in order, with one hand-off to the writer thread.
+    pub fn append_many(&self, appends: Vec<Append>) {
+        if let Err(crossbeam_channel::SendError(Request::Append(appends))) =
+            self.requests.send(Request::Append(appends))
         {
-            done(Err(StorageError::Engine {
-                dir: self.dir.clone(),
-                detail: "the queue log is closed".into(),
-            }));
+            for (_, _, done) in appends {
+                done(Err(StorageError::Engine {
+                    dir: self.dir.clone(),
+                    detail: "the queue log is closed".into(),
+                }));
+            }
         }
     }
 
@@ -375,11 +377,7 @@ impl Writer {
             let mut appends = Vec::with_capacity(batch.len());
             for request in batch {
                 match request {
-                    Request::Append {
-                        queue,
-                        payload,
-                        done,
-                    } => appends.push((queue, payload, done)),
+                    Request::Append(more) => appends.extend(more),
                     Request::Close(done) => closing = Some(done),
                 }
             }
@@ -414,7 +412,7 @@ impl Writer {
     }
 
     /// Assigns offsets and applies one sled batch per queue; returns who waits for what.
-    fn write(&mut self, appends: Vec<(Arc<str>, Vec<u8>, AppendDone)>) -> Vec<(AppendDone, u64)> {
+    fn write(&mut self, appends: Vec<Append>) -> Vec<(AppendDone, u64)> {
         let mut segments: HashMap<Arc<str>, Segment> = HashMap::new();
         let mut pending = Vec::with_capacity(appends.len());
         let now = now_ms();
