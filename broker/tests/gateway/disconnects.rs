@@ -239,14 +239,7 @@ async fn shutdown_closes_with_1001_and_reports_every_connection() {
         let ws = gateway.connect().await;
         clients.push(ws);
     }
-    while backend.events("/connect-log").len() < 5 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let ids: Vec<String> = backend
-        .events("/connect-log")
-        .iter()
-        .map(connection_id)
-        .collect();
+    let ids = backend.connected_ids(5).await;
     let stopping = tokio::spawn(gateway.stop());
     for ws in &mut clients {
         assert_eq!(close_code(ws).await, 1001);
@@ -297,14 +290,7 @@ async fn connections_spread_over_shards_and_all_receive_pushes() {
     for _ in 0..40 {
         clients.push(gateway.connect().await);
     }
-    while backend.events("/connect-log").len() < 40 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let ids: Vec<String> = backend
-        .events("/connect-log")
-        .iter()
-        .map(connection_id)
-        .collect();
+    let ids = backend.connected_ids(40).await;
     let shards: std::collections::HashSet<u16> = ids
         .iter()
         .map(|id| {

@@ -278,14 +278,7 @@ async fn kill_9_then_restart_reports_cut_connections() {
                 .0,
         );
     }
-    while backend.events("/connect-log").len() < 3 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let ids: Vec<String> = backend
-        .events("/connect-log")
-        .iter()
-        .map(connection_id)
-        .collect();
+    let ids = backend.connected_ids(3).await;
     // Records are written in batches off the hot path; give the batch a moment to land.
     let api = gateway.api_url.clone();
     for id in &ids {

@@ -58,6 +58,16 @@ async fn send_orders(ws: &mut Ws, range: std::ops::Range<usize>) -> Vec<String> 
     acks
 }
 
+/// The offsets of a pulled page's messages.
+fn offsets(page: &Value) -> Vec<u64> {
+    page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect()
+}
+
 fn seq_of(message: &Value) -> u64 {
     let body: Value = serde_json::from_str(message["event"]["body"].as_str().unwrap()).unwrap();
     body["seq"].as_u64().unwrap()
@@ -216,12 +226,7 @@ async fn commits_and_entries_survive_a_restart() {
 
     let gateway = TestGateway::start_in(&config, data_dir).await;
     let (_, page) = pull(&gateway, "orders", "group=g").await;
-    let offsets: Vec<u64> = page["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["offset"].as_u64().unwrap())
-        .collect();
+    let offsets = offsets(&page);
     assert_eq!(offsets, vec![3, 4]);
     let mut ws = gateway.connect().await;
     send_orders(&mut ws, 5..6).await;
@@ -242,12 +247,7 @@ async fn retention_trims_old_entries() {
     tokio::time::sleep(Duration::from_millis(1300)).await;
     send_orders(&mut ws, 10..11).await;
     let (_, page) = pull(&gateway, "orders", "group=late").await;
-    let offsets: Vec<u64> = page["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["offset"].as_u64().unwrap())
-        .collect();
+    let offsets = offsets(&page);
     assert!(
         offsets.len() <= 4 && offsets.first() >= Some(&7),
         "{offsets:?}"

@@ -183,6 +183,23 @@ impl Backend {
             .map(|(_, e)| e.clone())
     }
 
+    /// The connectionIds of the first `count` `$connect` events on `/connect-log`, waiting
+    /// (bounded) until that many arrived.
+    pub(crate) async fn connected_ids(&self, count: usize) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.events("/connect-log").len() < count {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{count} connects within {WAIT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.events("/connect-log")
+            .iter()
+            .map(connection_id)
+            .collect()
+    }
+
     /// Every event received on `path` so far.
     pub(crate) fn events(&self, path: &str) -> Vec<Value> {
         self.events
