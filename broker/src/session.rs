@@ -210,6 +210,12 @@ async fn serve(
             Ok(pending) => pending,
             Err(_) => return DisconnectReason::ConnectionLost,
         };
+        let can_take_work =
+            connection.in_flight() < MAX_IN_FLIGHT && connection.has_room_for_replies();
+        if !waiting.is_empty() && can_take_work {
+            // The flush made room: carry on with the waiting messages.
+            continue;
+        }
         let can_read = waiting.is_empty() && connection.in_flight() < MAX_IN_FLIGHT;
         tokio::select! {
             biased;
