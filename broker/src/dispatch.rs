@@ -321,28 +321,20 @@ fn append_to_queue(
     else {
         return;
     };
-    let (done, appended) = tokio::sync::oneshot::channel();
-    shard.append_to_queue((
-        queue.clone(),
-        event,
-        Box::new(move |result| {
-            let _ = done.send(result);
-        }),
-    ));
-    let shard_for_task = shard.clone();
     let in_flight = connection.start_call();
+    let done_shard = shard.clone();
     let connection = connection.clone();
-    let queue = queue.clone();
-    shard.tasks.spawn_local(async move {
-        let shard = shard_for_task;
+    let done_queue = queue.clone();
+    let done = Box::new(move |result: Result<u64, String>| {
         let _in_flight = in_flight;
-        match appended.await {
-            Ok(Ok(_offset)) => {
+        let shard = done_shard;
+        match result {
+            Ok(_offset) => {
                 shard
                     .gateway
                     .metrics
                     .queue_appended
-                    .with_label_values(&[&*queue])
+                    .with_label_values(&[&*done_queue])
                     .inc();
                 if ack {
                     let body = serde_json::json!({"type": "ack", "messageId": message_id});
@@ -350,13 +342,13 @@ fn append_to_queue(
                     let _ = connection.push(frame, &shard.gateway.metrics);
                 }
             }
-            Ok(Err(error)) => {
-                tracing::error!(%queue, %error, "queue append failed");
+            Err(error) => {
+                tracing::error!(queue = %done_queue, %error, "queue append failed");
                 send_error(&shard, &connection, "Internal server error", &request_id);
             }
-            Err(_) => send_error(&shard, &connection, "Internal server error", &request_id),
         }
     });
+    shard.append_to_queue(queue.clone(), event, done);
 }
 
 /// Sends the AWS-style error frame; the connection stays open.

@@ -224,7 +224,7 @@ pub struct Shard {
     /// Connections with frames queued by fan-out, waiting for the next write pass.
     dirty: RefCell<VecDeque<Rc<Connection>>>,
     /// Queue appends made during this scheduler turn, handed to the writer together.
-    pending_appends: RefCell<Vec<switchboard_storage::Append>>,
+    pending_appends: RefCell<Vec<PendingAppend>>,
     pub http: HttpIntegration,
     /// Every session and every `$disconnect` call, so shutdown can wait for them.
     pub tasks: TaskTracker,
@@ -305,17 +305,24 @@ impl Shard {
         });
     }
 
-    /// Appends to a durable queue. Appends made while the shard handles one batch of frames
-    /// reach the writer thread as one hand-off: one wake-up for many messages.
-    pub fn append_to_queue(self: &Rc<Self>, append: switchboard_storage::Append) {
+    /// Appends to a durable queue; `done` runs on this shard once the entry is durable.
+    /// Appends made during one scheduler turn reach the writer thread as one hand-off, and
+    /// their completions come back as one wake-up: their acks then leave together, one
+    /// write per connection instead of one per ack.
+    pub fn append_to_queue(
+        self: &Rc<Self>,
+        queue: std::sync::Arc<str>,
+        payload: Vec<u8>,
+        done: QueueAppendDone,
+    ) {
         let mut pending = self.pending_appends.borrow_mut();
-        pending.push(append);
+        pending.push((queue, payload, done));
         if pending.len() == 1 {
             // Runs after the tasks already scheduled: everything appended this turn.
             let shard = self.clone();
             self.tasks.spawn_local(async move {
-                let appends = std::mem::take(&mut *shard.pending_appends.borrow_mut());
-                shard.gateway.queues.log.append_many(appends);
+                let batch = std::mem::take(&mut *shard.pending_appends.borrow_mut());
+                append_batch(&shard, batch).await;
             });
         }
     }
@@ -502,6 +509,55 @@ pub fn spawn(
             });
         })?;
     Ok(thread)
+}
+
+/// Called on the shard with an append's offset, or why it failed.
+pub type QueueAppendDone = Box<dyn FnOnce(Result<u64, String>)>;
+
+/// An append waiting for the end of the turn: queue, event JSON, completion.
+type PendingAppend = (std::sync::Arc<str>, Vec<u8>, QueueAppendDone);
+
+/// Hands a turn's appends to the queue log and runs their completions, in order, once the
+/// last of them is durable.
+async fn append_batch(shard: &Shard, batch: Vec<PendingAppend>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    let count = batch.len();
+    // Filled by the writer thread, read here after the last one: no lock per entry.
+    let results: Arc<Vec<OnceLock<Result<u64, String>>>> =
+        Arc::new((0..count).map(|_| OnceLock::new()).collect());
+    let remaining = Arc::new(AtomicUsize::new(count));
+    let (all_done, finished) = oneshot::channel::<()>();
+    let all_done = Arc::new(Mutex::new(Some(all_done)));
+    let mut appends: Vec<switchboard_storage::Append> = Vec::with_capacity(count);
+    let mut completions = Vec::with_capacity(count);
+    for (index, (queue, payload, done)) in batch.into_iter().enumerate() {
+        completions.push(done);
+        let (results, remaining, all_done) = (results.clone(), remaining.clone(), all_done.clone());
+        appends.push((
+            queue,
+            payload,
+            Box::new(move |result| {
+                let _ = results[index].set(result.map_err(|e| e.to_string()));
+                if remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    let sender = all_done.lock().ok().and_then(|mut s| s.take());
+                    if let Some(sender) = sender {
+                        let _ = sender.send(());
+                    }
+                }
+            }),
+        ));
+    }
+    shard.gateway.queues.log.append_many(appends);
+    let _ = finished.await;
+    for (index, done) in completions.into_iter().enumerate() {
+        let result = results[index]
+            .get()
+            .cloned()
+            .unwrap_or_else(|| Err("the queue log stopped".into()));
+        done(result);
+    }
 }
 
 /// Applies commands and runs the fan-out write passes, interleaved: a pass writes a bounded
