@@ -126,31 +126,43 @@ fn run(config: switchboard::Config) -> anyhow::Result<()> {
                 config.server.listen, config.management.listen
             )
         })?;
+        // Signal handlers first: a SIGTERM that arrives once we have said we are listening
+        // must shut down gracefully, not kill the process.
+        let signals = ShutdownSignals::install().context("cannot install signal handlers")?;
         tracing::info!(
             gateway = %format!("ws://{}/{}", listeners.gateway_addr(), config.api.stage),
             management = %format!("http://{}/{}/@connections", listeners.management_addr(), config.api.stage),
             "listening"
         );
         let shutdown = CancellationToken::new();
-        tokio::spawn(stop_on_signal(shutdown.clone()));
+        tokio::spawn(signals.stop(shutdown.clone()));
         switchboard::serve(config, listeners, shutdown).await?;
         Ok(())
     })
 }
 
-async fn stop_on_signal(shutdown: CancellationToken) {
-    let mut terminate =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(error) => {
-                tracing::error!(%error, "cannot watch SIGTERM");
-                return;
-            }
-        };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+/// SIGTERM and SIGINT, registered before the gateway announces itself.
+struct ShutdownSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
     }
-    tracing::info!("shutting down");
-    shutdown.cancel();
+
+    /// Cancels `shutdown` at the first signal.
+    async fn stop(mut self, shutdown: CancellationToken) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+        tracing::info!("shutting down");
+        shutdown.cancel();
+    }
 }

@@ -223,8 +223,10 @@ fn json_log_format() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), "");
     let mut gateway = GatewayProcess::start(&path, &["--log-format", "json"]);
+    // Right after "listening": a SIGTERM this early still shuts down gracefully.
     gateway.signal("-TERM");
-    gateway.wait(Duration::from_secs(10));
+    let (code, _) = gateway.wait(Duration::from_secs(10));
+    assert_eq!(code, Some(0));
     let lines = gateway.logged();
     assert!(
         lines.len() >= 3,
