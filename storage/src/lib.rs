@@ -270,6 +270,35 @@ mod tests {
     }
 
     #[test]
+    fn a_queue_emptied_by_retention_keeps_its_offsets_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            max_messages: None,
+            max_age: Some(std::time::Duration::from_millis(1)),
+        };
+        {
+            let storage = Storage::open(dir.path()).unwrap();
+            let log = open_log(&storage, FsyncPolicy::Always, retention);
+            for i in 0..3u8 {
+                append_wait(&log, &[i]);
+            }
+            // The writer trims once a second, idle or not: everything ages out.
+            std::thread::sleep(std::time::Duration::from_millis(2500));
+            assert_eq!(log.bounds("q").unwrap(), (3, 3), "emptied by retention");
+            log.close();
+        }
+        let storage = Storage::open(dir.path()).unwrap();
+        let log = open_log(&storage, FsyncPolicy::Always, Retention::default());
+        assert_eq!(
+            log.bounds("q").unwrap(),
+            (3, 3),
+            "offsets continue after reopening"
+        );
+        assert_eq!(append_wait(&log, b"z"), 3);
+        log.close();
+    }
+
+    #[test]
     fn second_open_of_same_dir_is_refused_as_locked() {
         let dir = tempfile::tempdir().unwrap();
         let _held = Storage::open(dir.path()).unwrap();

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -101,12 +102,14 @@ enum Request {
     Close(Sender<()>),
 }
 
-/// One queue's trees.
-#[derive(Clone)]
+/// One queue's state.
 struct QueueTrees {
     /// first offset (big-endian) → rkyv [`Segment`].
     entries: sled::Tree,
     retention: Retention,
+    /// The next offset to assign. Stored by the writer thread after each batch is applied,
+    /// so readers learn a queue's end without decoding its last segment.
+    next: AtomicU64,
 }
 
 /// The queue log: reads from any thread, appends through the writer thread.
@@ -129,34 +132,39 @@ impl QueueLog {
         on_flush: OnFlush,
     ) -> Result<Self, StorageError> {
         let sled_error = |e| StorageError::from_sled(&dir, e);
+        let groups = db.open_tree("queue-groups").map_err(sled_error)?;
         let mut trees = HashMap::new();
-        let mut next_offsets = HashMap::new();
         for (name, retention) in queues {
             let entries = db.open_tree(format!("queue/{name}")).map_err(sled_error)?;
-            let next = match entries.last().map_err(sled_error)? {
+            let after_last = match entries.last().map_err(sled_error)? {
                 Some((key, value)) => Segment::decode(&value)
                     .ok()
                     .and_then(|segment| segment.end())
                     .unwrap_or(offset_of(&key) + 1),
                 None => 0,
             };
-            let name: Arc<str> = name.as_str().into();
-            next_offsets.insert(name.clone(), next);
+            // A queue that retention emptied remembers its next offset in the groups tree.
+            let remembered = groups
+                .get(next_key(name))
+                .map_err(sled_error)?
+                .as_deref()
+                .and_then(decode_offset)
+                .unwrap_or(0);
             trees.insert(
-                name,
+                Arc::<str>::from(name.as_str()),
                 QueueTrees {
                     entries,
                     retention: *retention,
+                    next: AtomicU64::new(after_last.max(remembered)),
                 },
             );
         }
-        let groups = db.open_tree("queue-groups").map_err(sled_error)?;
         let queues = Arc::new(trees);
         let (requests, receiver) = crossbeam_channel::unbounded();
         let writer = Writer {
             db: db.clone(),
             queues: queues.clone(),
-            next_offsets,
+            groups: groups.clone(),
             policy,
             appended,
             on_flush,
@@ -243,20 +251,13 @@ impl QueueLog {
         let Some(trees) = self.queues.get(queue) else {
             return Ok((0, 0));
         };
-        let sled_error = |e| StorageError::from_sled(&self.dir, e);
-        let first = trees.entries.first().map_err(sled_error)?;
-        let last = trees.entries.last().map_err(sled_error)?;
-        Ok(match (first, last) {
-            (Some((first, _)), Some((last, value))) => {
-                let end = self.decode(queue, &value)?.end();
-                (offset_of(&first), end.unwrap_or(offset_of(&last) + 1))
-            }
-            _ => {
-                // Empty (or fully trimmed): the next offset survives in the group counter.
-                let next = self.read_offset(&next_key(queue))?.unwrap_or(0);
-                (next, next)
-            }
-        })
+        let next = trees.next.load(Ordering::Acquire);
+        let first = trees
+            .entries
+            .first()
+            .map_err(|e| StorageError::from_sled(&self.dir, e))?
+            .map_or(next, |(key, _)| offset_of(&key));
+        Ok((first, next))
     }
 
     /// The committed offset of `group` on `queue` (0 if it never committed).
@@ -340,11 +341,16 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// One queue's share of a write batch: its segment and, in arrival order, each entry's
+/// (arrival index, completion).
+type QueueBatch = (Segment, Vec<(usize, AppendDone)>);
+
 /// The writer thread's state.
 struct Writer {
     db: sled::Db,
     queues: Arc<HashMap<Arc<str>, QueueTrees>>,
-    next_offsets: HashMap<Arc<str>, u64>,
+    /// Where a trimmed-empty queue's next offset is remembered.
+    groups: sled::Tree,
     policy: FsyncPolicy,
     appended: Appended,
     on_flush: OnFlush,
@@ -411,47 +417,76 @@ impl Writer {
         let _ = self.db.flush();
     }
 
-    /// Assigns offsets and applies one sled batch per queue; returns who waits for what.
+    /// Assigns offsets and stores one segment per queue; returns who waits for what. A
+    /// queue whose segment cannot be stored answers its appends with the error and keeps
+    /// its offsets for the next batch.
     fn write(&mut self, appends: Vec<Append>) -> Vec<(AppendDone, u64)> {
-        let mut segments: HashMap<Arc<str>, Segment> = HashMap::new();
-        let mut pending = Vec::with_capacity(appends.len());
+        let mut batches: HashMap<Arc<str>, QueueBatch> = HashMap::new();
         let now = now_ms();
-        for (queue, payload, done) in appends {
-            let Some(next) = self.next_offsets.get_mut(&queue) else {
+        for (arrival, (queue, payload, done)) in appends.into_iter().enumerate() {
+            let Some(trees) = self.queues.get(&queue) else {
                 done(Err(StorageError::Engine {
                     dir: self.dir.clone(),
                     detail: format!("no queue named {queue}"),
                 }));
                 continue;
             };
-            let entry = QueueEntry {
-                offset: *next,
+            let (segment, waiting) = batches.entry(queue).or_insert_with(|| {
+                (
+                    Segment {
+                        entries: Vec::new(),
+                    },
+                    Vec::new(),
+                )
+            });
+            // Only this thread assigns offsets; readers see the new end once it is stored.
+            let offset = segment
+                .end()
+                .unwrap_or_else(|| trees.next.load(Ordering::Acquire));
+            segment.entries.push(QueueEntry {
+                offset,
                 appended_at_ms: now,
                 payload,
-            };
-            *next += 1;
-            pending.push((done, entry.offset));
-            segments
-                .entry(queue)
-                .or_insert_with(|| Segment {
-                    entries: Vec::new(),
-                })
-                .entries
-                .push(entry);
+            });
+            waiting.push((arrival, done));
         }
-        for (queue, segment) in segments {
-            let Some(first) = segment.entries.first().map(|e| e.offset) else {
+        let mut pending = Vec::new();
+        for (queue, (segment, waiting)) in batches {
+            let (Some(trees), Some(first), Some(end)) = (
+                self.queues.get(&queue),
+                segment.entries.first().map(|e| e.offset),
+                segment.end(),
+            ) else {
                 continue;
             };
-            let inserted = self
-                .queues
-                .get(&queue)
-                .map(|trees| trees.entries.insert(first.to_be_bytes(), segment.encode()));
-            if let Some(Err(error)) = inserted {
-                tracing::error!(%queue, %error, "queue append failed");
+            match trees.entries.insert(first.to_be_bytes(), segment.encode()) {
+                Ok(_) => {
+                    trees.next.store(end, Ordering::Release);
+                    pending.extend(
+                        waiting
+                            .into_iter()
+                            .zip(first..end)
+                            .map(|((arrival, done), offset)| (arrival, done, offset)),
+                    );
+                }
+                Err(error) => {
+                    let error = StorageError::from_sled(&self.dir, error);
+                    tracing::error!(%queue, %error, "queue append failed");
+                    for (_, done) in waiting {
+                        done(Err(StorageError::Engine {
+                            dir: self.dir.clone(),
+                            detail: error.to_string(),
+                        }));
+                    }
+                }
             }
         }
+        // Answered in the order the appends arrived, whatever their queues.
+        pending.sort_unstable_by_key(|(arrival, _, _)| *arrival);
         pending
+            .into_iter()
+            .map(|(_, done, offset)| (done, offset))
+            .collect()
     }
 
     fn flush(&self, waiting: &mut Vec<(AppendDone, u64)>, entries: usize) {
@@ -480,8 +515,8 @@ impl Writer {
         for (done, offset) in waiting.drain(..) {
             done(Ok(offset));
         }
-        for (queue, next) in &self.next_offsets {
-            (self.appended)(queue, *next);
+        for (queue, trees) in self.queues.iter() {
+            (self.appended)(queue, trees.next.load(Ordering::Acquire));
         }
     }
 
@@ -491,7 +526,7 @@ impl Writer {
     fn trim(&self) {
         let now = now_ms();
         for (name, trees) in self.queues.iter() {
-            let next = self.next_offsets.get(name).copied().unwrap_or(0);
+            let next = trees.next.load(Ordering::Acquire);
             let keep_from = trees
                 .retention
                 .max_messages
@@ -540,10 +575,7 @@ impl Writer {
             }
             if removed > 0 {
                 let _ = trees.entries.apply_batch(batch);
-                let _ = self
-                    .db
-                    .open_tree("queue-groups")
-                    .and_then(|g| g.insert(next_key(name), &next.to_be_bytes()));
+                let _ = self.groups.insert(next_key(name), &next.to_be_bytes());
                 tracing::debug!(queue = %name, removed, "trimmed queue segments");
             }
         }
