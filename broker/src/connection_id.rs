@@ -101,16 +101,18 @@ impl IdMinter {
         }
     }
 
-    /// A unique id in the style of AWS's `requestId` / `messageId` (16 URL-safe chars).
+    /// A unique id in the style of AWS's `requestId` / `messageId` (22 URL-safe chars):
+    /// the same layout as a connectionId, from a separate counter.
     pub fn request_id(&mut self) -> String {
-        let counter = self.next_request;
+        let sequence = self.next_request;
         self.next_request += 1;
-        let mut bytes = [0u8; 12];
-        bytes[0..4].copy_from_slice(&self.epoch.to_be_bytes());
-        bytes[4] = self.node as u8;
-        bytes[5] = self.shard as u8;
-        bytes[6..12].copy_from_slice(&counter.to_be_bytes()[2..8]);
-        URL_SAFE_NO_PAD.encode(bytes)
+        let id = ConnectionId {
+            node: self.node,
+            shard: self.shard,
+            epoch: self.epoch,
+            sequence,
+        };
+        URL_SAFE_NO_PAD.encode(id.to_bytes())
     }
 }
 
@@ -159,6 +161,15 @@ mod tests {
     fn request_ids_are_distinct() {
         let mut minter = IdMinter::new(0, 1, 7);
         assert_ne!(minter.request_id(), minter.request_id());
+        // Shards and nodes past 255 must not alias lower ones.
+        assert_ne!(
+            IdMinter::new(0, 0, 7).request_id(),
+            IdMinter::new(0, 256, 7).request_id()
+        );
+        assert_ne!(
+            IdMinter::new(1, 0, 7).request_id(),
+            IdMinter::new(257, 0, 7).request_id()
+        );
     }
 
     proptest! {
