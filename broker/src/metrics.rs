@@ -96,14 +96,11 @@ impl Metrics {
                 "Connections closed because their outbound queue overflowed",
             )
             .unwrap_or_else(|_| unreachable!("static metric definition")),
-            write_batch_bytes: Histogram::with_opts(
-                HistogramOpts::new(
-                    "switchboard_write_batch_bytes",
-                    "Bytes per vectored socket write to a client",
-                )
-                .buckets(prometheus::exponential_buckets(64.0, 4.0, 9).unwrap_or_default()),
-            )
-            .unwrap_or_else(|_| unreachable!("static metric definition")),
+            write_batch_bytes: histogram(
+                "switchboard_write_batch_bytes",
+                "Bytes per vectored socket write to a client",
+                prometheus::exponential_buckets(64.0, 4.0, 9),
+            ),
             queue_appended: counter_vec(
                 "switchboard_queue_appended_total",
                 "Entries appended to durable queues",
@@ -124,22 +121,16 @@ impl Metrics {
                 "Push delivery attempts by result",
                 &["queue", "result"],
             ),
-            storage_flush_duration: Histogram::with_opts(
-                HistogramOpts::new(
-                    "switchboard_storage_flush_duration_seconds",
-                    "Duration of each queue log flush",
-                )
-                .buckets(prometheus::exponential_buckets(0.0001, 2.5, 12).unwrap_or_default()),
-            )
-            .unwrap_or_else(|_| unreachable!("static metric definition")),
-            queue_flush_batch_size: Histogram::with_opts(
-                HistogramOpts::new(
-                    "switchboard_queue_flush_batch_size",
-                    "Entries made durable per queue log flush",
-                )
-                .buckets(prometheus::exponential_buckets(1.0, 4.0, 9).unwrap_or_default()),
-            )
-            .unwrap_or_else(|_| unreachable!("static metric definition")),
+            storage_flush_duration: histogram(
+                "switchboard_storage_flush_duration_seconds",
+                "Duration of each queue log flush",
+                prometheus::exponential_buckets(0.0001, 2.5, 12),
+            ),
+            queue_flush_batch_size: histogram(
+                "switchboard_queue_flush_batch_size",
+                "Entries made durable per queue log flush",
+                prometheus::exponential_buckets(1.0, 4.0, 9),
+            ),
             registry,
         };
         metrics.register_all();
@@ -185,6 +176,11 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+fn histogram(name: &str, help: &str, buckets: prometheus::Result<Vec<f64>>) -> Histogram {
+    let opts = HistogramOpts::new(name, help).buckets(buckets.unwrap_or_default());
+    Histogram::with_opts(opts).unwrap_or_else(|_| unreachable!("static metric definition"))
 }
 
 fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
