@@ -69,14 +69,39 @@ impl Default for RawStorage {
     }
 }
 
-/// Retention of one durable queue; absent keys keep everything.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// Retention of one durable queue. Bytes and age are bounded by default, so no client
+/// can fill the disk through a queue route; `max_messages` is unbounded unless set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawQueue {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_messages: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_age_secs: Option<u64>,
+    /// Stored bytes kept (oldest segments go first).
+    pub max_bytes: u64,
+    pub max_age_secs: u64,
+}
+
+impl Default for RawQueue {
+    fn default() -> Self {
+        Self {
+            max_messages: None,
+            max_bytes: 1 << 30,
+            max_age_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+impl RawQueue {
+    fn retention(&self, key: &str) -> Result<switchboard_storage::Retention, ConfigError> {
+        if self.max_messages == Some(0) || self.max_bytes == 0 || self.max_age_secs == 0 {
+            return Err(invalid(key, "retention limits must be greater than 0"));
+        }
+        Ok(switchboard_storage::Retention {
+            max_messages: self.max_messages,
+            max_bytes: Some(self.max_bytes),
+            max_age: Some(Duration::from_secs(self.max_age_secs)),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,6 +116,9 @@ pub struct RawServer {
     pub max_connections: usize,
     /// This node's id, encoded in every connectionId (distinct per node when scaled out).
     pub node_id: u16,
+    /// File descriptors kept back from client sockets, so the management API, backend
+    /// calls, storage and the 503 answer still work when clients hold every other one.
+    pub fd_reserve: usize,
 }
 
 impl Default for RawServer {
@@ -101,6 +129,7 @@ impl Default for RawServer {
             data_dir: "./data".into(),
             max_connections: 100_000,
             node_id: 0,
+            fd_reserve: 1024,
         }
     }
 }
@@ -111,6 +140,16 @@ pub struct RawManagement {
     pub listen: String,
     /// Bearer tokens; required when `listen` is not a loopback address.
     pub tokens: Vec<String>,
+    /// Whether `/metrics` is served without a token. Default: only on a loopback listener.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_metrics: Option<bool>,
+    /// Concurrent management connections; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// A request whose headers have not arrived within this is dropped (slowloris); a
+    /// kept-alive connection must send its next request within it too (idle timeout).
+    pub header_timeout_secs: u64,
+    /// A request body that has not fully arrived within this is answered 408.
+    pub body_timeout_secs: u64,
 }
 
 impl Default for RawManagement {
@@ -118,6 +157,10 @@ impl Default for RawManagement {
         Self {
             listen: "127.0.0.1:9090".into(),
             tokens: Vec::new(),
+            public_metrics: None,
+            max_connections: 256,
+            header_timeout_secs: 30,
+            body_timeout_secs: 30,
         }
     }
 }
@@ -153,6 +196,30 @@ pub struct RawLimits {
     pub outbound_queue_bytes: usize,
     /// Most connectionIds one bulk `POST @connections` may name (more: 413).
     pub max_bulk_connection_ids: usize,
+    /// Per connection, inbound messages per second (token bucket; 0 = unlimited)...
+    pub messages_per_sec: u32,
+    /// ...and how many may come at once.
+    pub message_burst: u32,
+    /// Per connection, inbound bytes per second (token bucket; 0 = unlimited)...
+    pub bytes_per_sec: u64,
+    /// ...and how many may come at once.
+    pub bytes_burst: u64,
+    /// A connection held back by its rate limit for this long without a break is closed
+    /// with 1008.
+    pub throttle_disconnect_secs: u64,
+    /// Rooms one connection may be in at once.
+    pub max_rooms_per_connection: usize,
+    /// Open (or opening) connections from one client address (0 = unlimited).
+    pub max_connections_per_ip: usize,
+    /// New connections per second from one client address (token bucket; 0 = unlimited)...
+    pub connects_per_sec_per_ip: u32,
+    /// ...and how many may come at once.
+    pub connect_burst_per_ip: u32,
+    /// IPv6 clients are counted by this prefix (one subscriber usually holds a /64).
+    pub ipv6_prefix_len: u8,
+    /// Bytes all outbound queues together may hold; past it the biggest queues are cut
+    /// (1013) and new connections get 503 until usage is back under 90%.
+    pub outbound_memory_bytes: usize,
 }
 
 impl Default for RawLimits {
@@ -166,6 +233,17 @@ impl Default for RawLimits {
             outbound_queue_frames: 1024,
             outbound_queue_bytes: 4 * 1024 * 1024,
             max_bulk_connection_ids: 100_000,
+            messages_per_sec: 100,
+            message_burst: 200,
+            bytes_per_sec: 1 << 20,
+            bytes_burst: 2 << 20,
+            throttle_disconnect_secs: 10,
+            max_rooms_per_connection: 100,
+            max_connections_per_ip: 1000,
+            connects_per_sec_per_ip: 100,
+            connect_burst_per_ip: 500,
+            ipv6_prefix_len: 64,
+            outbound_memory_bytes: 256 << 20,
         }
     }
 }
@@ -206,6 +284,9 @@ pub enum RawIntegration {
         data: Option<String>,
         #[serde(default)]
         exclude_sender: bool,
+        /// Only members of the room may publish to it.
+        #[serde(default = "yes")]
+        members_only: bool,
     },
     Queue {
         queue: String,
@@ -218,6 +299,10 @@ pub enum RawIntegration {
 
 fn default_timeout_ms() -> u64 {
     29_000
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A validated configuration.
@@ -254,12 +339,19 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub max_connections: usize,
     pub node_id: u16,
+    pub fd_reserve: usize,
 }
 
 #[derive(Debug, Clone)]
 pub struct ManagementConfig {
     pub listen: SocketAddr,
     pub tokens: Vec<String>,
+    /// `/metrics` needs no token.
+    pub public_metrics: bool,
+    pub max_connections: usize,
+    /// Also the keep-alive idle timeout: the next request's headers must come within it.
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -279,6 +371,19 @@ pub struct Limits {
     pub outbound_queue_frames: usize,
     pub outbound_queue_bytes: usize,
     pub max_bulk_connection_ids: usize,
+    /// Per-connection inbound budget.
+    pub inbound: InboundRate,
+    pub throttle_disconnect: Duration,
+    pub max_rooms_per_connection: usize,
+    pub per_ip: crate::limits::PerIpLimits,
+    pub outbound_memory_bytes: usize,
+}
+
+/// The per-connection token buckets; `None`: that dimension is unlimited.
+#[derive(Debug, Clone, Copy)]
+pub struct InboundRate {
+    pub messages: Option<crate::limits::Rate>,
+    pub bytes: Option<crate::limits::Rate>,
 }
 
 /// The configured routes, by route key.
@@ -326,6 +431,7 @@ pub enum Integration {
         room: SelectionExpression,
         data: Option<SelectionExpression>,
         exclude_sender: bool,
+        members_only: bool,
     },
     /// Append the MESSAGE event to a durable queue.
     Queue {
@@ -390,16 +496,7 @@ impl RawConfig {
             .iter()
             .map(|(name, raw)| {
                 check_queue_name(&format!("queues.{name}"), name)?;
-                if raw.max_messages == Some(0) || raw.max_age_secs == Some(0) {
-                    return Err(invalid(
-                        format!("queues.{name}"),
-                        "retention limits must be greater than 0",
-                    ));
-                }
-                let retention = switchboard_storage::Retention {
-                    max_messages: raw.max_messages,
-                    max_age: raw.max_age_secs.map(Duration::from_secs),
-                };
+                let retention = raw.retention(&format!("queues.{name}"))?;
                 Ok((
                     name.clone(),
                     QueueConfig {
@@ -420,7 +517,7 @@ impl RawConfig {
             let path = format!("routes.\"{key}\".integration");
             let entry = queues.entry(queue.clone()).or_insert_with(|| QueueConfig {
                 name: queue.clone(),
-                retention: Default::default(),
+                retention: RawQueue::default().retention("queues").unwrap_or_default(),
                 deliver_to: None,
             });
             if let Some(url) = deliver_to {
@@ -459,6 +556,7 @@ impl RawServer {
             data_dir: self.data_dir.clone(),
             max_connections: self.max_connections,
             node_id: self.node_id,
+            fd_reserve: self.fd_reserve,
         })
     }
 }
@@ -482,9 +580,30 @@ impl RawManagement {
         if self.tokens.iter().any(|t| t.trim().is_empty()) {
             return Err(invalid("management.tokens", "tokens must not be empty"));
         }
+        let positive = |key: &str, value: u64| {
+            if value == 0 {
+                Err(invalid(
+                    format!("management.{key}"),
+                    "must be greater than 0",
+                ))
+            } else {
+                Ok(value)
+            }
+        };
+        positive("max_connections", self.max_connections as u64)?;
         Ok(ManagementConfig {
             listen,
             tokens: self.tokens.clone(),
+            public_metrics: self.public_metrics.unwrap_or(listen.ip().is_loopback()),
+            max_connections: self.max_connections,
+            header_timeout: Duration::from_secs(positive(
+                "header_timeout_secs",
+                self.header_timeout_secs,
+            )?),
+            body_timeout: Duration::from_secs(positive(
+                "body_timeout_secs",
+                self.body_timeout_secs,
+            )?),
         })
     }
 }
@@ -581,6 +700,14 @@ impl RawLimits {
             "max_bulk_connection_ids",
             self.max_bulk_connection_ids as u64,
         )?;
+        positive(
+            "max_rooms_per_connection",
+            self.max_rooms_per_connection as u64,
+        )?;
+        positive("outbound_memory_bytes", self.outbound_memory_bytes as u64)?;
+        if self.ipv6_prefix_len == 0 || self.ipv6_prefix_len > 128 {
+            return Err(invalid("limits.ipv6_prefix_len", "must be from 1 to 128"));
+        }
         if self.max_message_bytes < self.max_frame_bytes {
             return Err(invalid(
                 "limits.max_message_bytes",
@@ -605,8 +732,50 @@ impl RawLimits {
             outbound_queue_frames: self.outbound_queue_frames,
             outbound_queue_bytes: self.outbound_queue_bytes,
             max_bulk_connection_ids: self.max_bulk_connection_ids,
+            inbound: InboundRate {
+                messages: rate(
+                    "message_burst",
+                    u64::from(self.messages_per_sec),
+                    u64::from(self.message_burst),
+                )?,
+                bytes: rate("bytes_burst", self.bytes_per_sec, self.bytes_burst)?,
+            },
+            throttle_disconnect: Duration::from_secs(positive(
+                "throttle_disconnect_secs",
+                self.throttle_disconnect_secs,
+            )?),
+            max_rooms_per_connection: self.max_rooms_per_connection,
+            per_ip: crate::limits::PerIpLimits {
+                max_connections: self.max_connections_per_ip,
+                connects: rate(
+                    "connect_burst_per_ip",
+                    u64::from(self.connects_per_sec_per_ip),
+                    u64::from(self.connect_burst_per_ip),
+                )?,
+                ipv6_prefix_len: self.ipv6_prefix_len,
+            },
+            outbound_memory_bytes: self.outbound_memory_bytes,
         })
     }
+}
+
+/// A token bucket from its `*_per_sec` and `*_burst` keys: `None` when the rate is 0
+/// (unlimited); a burst must hold at least one second's worth.
+fn rate(
+    burst_key: &str,
+    per_sec: u64,
+    burst: u64,
+) -> Result<Option<crate::limits::Rate>, ConfigError> {
+    if per_sec == 0 {
+        return Ok(None);
+    }
+    if burst < per_sec {
+        return Err(invalid(
+            format!("limits.{burst_key}"),
+            "must be at least the per-second rate",
+        ));
+    }
+    Ok(Some(crate::limits::Rate { per_sec, burst }))
 }
 
 fn validate_routes(
@@ -677,6 +846,7 @@ fn validate_integration(path: &str, raw: &RawIntegration) -> Result<Integration,
             room,
             data,
             exclude_sender,
+            members_only,
         } => Integration::RoomPublish {
             room: expression(path, "room", room)?,
             data: data
@@ -684,6 +854,7 @@ fn validate_integration(path: &str, raw: &RawIntegration) -> Result<Integration,
                 .map(|d| expression(path, "data", d))
                 .transpose()?,
             exclude_sender: *exclude_sender,
+            members_only: *members_only,
         },
         RawIntegration::Queue { queue, ack, .. } => {
             check_queue_name(&format!("{path}.integration.queue"), queue)?;

@@ -112,6 +112,13 @@ impl Connection {
         Ok(())
     }
 
+    /// Bytes waiting in the outbound queue.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.outbound
+            .try_borrow()
+            .map_or(0, |queue| queue.queued_bytes())
+    }
+
     /// Whether the outbound queue is less than half full: the session handles more of the
     /// client's messages only then, so its own replies never overflow the queue.
     pub(crate) fn has_room_for_replies(&self) -> bool {

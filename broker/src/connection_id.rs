@@ -2,16 +2,29 @@
 //!
 //! A connectionId is opaque to users (22 URL-safe characters) but encodes the node, the
 //! shard that owns the connection, the node's epoch (bumped at every start, so ids never
-//! repeat across restarts) and a per-shard sequence number. A push therefore reaches its
-//! connection with no lookup table: decode, send to the shard, done.
+//! repeat across restarts) and a 64-bit key the shard files the connection under. A push
+//! therefore reaches its connection with no lookup table: decode, send to the shard, done.
+//!
+//! The key is the shard's counter passed through a keyed permutation (a Feistel network
+//! over SipHash with a key drawn at start), so ids do not betray their neighbours:
+//! applications that let clients address each other by connectionId rely on that, as
+//! they do on AWS. A permutation never repeats, so keys stay unique without a check.
+//! Request ids live in their own space: the shard field carries [`REQUEST_ID_MARK`], which
+//! no shard number has, and their key comes from a permutation with another key.
 
 use std::fmt;
 use std::str::FromStr;
+
+use std::hash::{BuildHasher, Hasher};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 const ID_BYTES: usize = 16;
+/// Set in a request id's shard field; shard numbers stay below it (at most 1024 shards).
+pub const REQUEST_ID_MARK: u16 = 0x8000;
+/// Feistel rounds: four make a keyed permutation indistinguishable from a random one.
+const FEISTEL_ROUNDS: u32 = 4;
 
 /// Identifies one connection for its whole life and beyond.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -19,6 +32,7 @@ pub struct ConnectionId {
     pub node: u16,
     pub shard: u16,
     pub epoch: u32,
+    /// The shard's key for the connection: its sequence number, permuted (unguessable).
     pub sequence: u64,
 }
 
@@ -69,6 +83,34 @@ impl FromStr for ConnectionId {
     }
 }
 
+/// A keyed permutation of `u64`: a balanced Feistel network whose round function is
+/// SipHash keyed at random (std's `RandomState`, seeded from the OS per process).
+#[derive(Debug, Clone)]
+pub struct Scrambler {
+    key: std::collections::hash_map::RandomState,
+}
+
+impl Scrambler {
+    /// A permutation with a fresh random key.
+    pub fn random() -> Self {
+        Self {
+            key: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    /// Maps `value` to its image; distinct inputs give distinct outputs.
+    pub fn permute(&self, value: u64) -> u64 {
+        let (mut left, mut right) = ((value >> 32) as u32, value as u32);
+        for round in 0..FEISTEL_ROUNDS {
+            let mut hasher = self.key.build_hasher();
+            hasher.write_u32(round);
+            hasher.write_u32(right);
+            (left, right) = (right, left ^ hasher.finish() as u32);
+        }
+        (u64::from(left) << 32) | u64::from(right)
+    }
+}
+
 /// Mints connectionIds and request ids for one shard. Not shared: each shard owns one.
 #[derive(Debug)]
 pub struct IdMinter {
@@ -77,6 +119,8 @@ pub struct IdMinter {
     epoch: u32,
     next_connection: u64,
     next_request: u64,
+    connections: Scrambler,
+    requests: Scrambler,
 }
 
 impl IdMinter {
@@ -87,11 +131,13 @@ impl IdMinter {
             epoch,
             next_connection: 1,
             next_request: 1,
+            connections: Scrambler::random(),
+            requests: Scrambler::random(),
         }
     }
 
     pub fn connection_id(&mut self) -> ConnectionId {
-        let sequence = self.next_connection;
+        let sequence = self.connections.permute(self.next_connection);
         self.next_connection += 1;
         ConnectionId {
             node: self.node,
@@ -101,14 +147,14 @@ impl IdMinter {
         }
     }
 
-    /// A unique id in the style of AWS's `requestId` / `messageId` (22 URL-safe chars):
-    /// the same layout as a connectionId, from a separate counter.
+    /// A unique id in the style of AWS's `requestId` / `messageId` (22 URL-safe chars).
+    /// Never equal to a connectionId: its shard field carries [`REQUEST_ID_MARK`].
     pub fn request_id(&mut self) -> String {
-        let sequence = self.next_request;
+        let sequence = self.requests.permute(self.next_request);
         self.next_request += 1;
         let id = ConnectionId {
             node: self.node,
-            shard: self.shard,
+            shard: self.shard | REQUEST_ID_MARK,
             epoch: self.epoch,
             sequence,
         };
@@ -172,7 +218,31 @@ mod tests {
         );
     }
 
+    #[test]
+    fn consecutive_ids_look_unrelated() {
+        let mut minter = IdMinter::new(0, 0, 1);
+        let first = minter.connection_id();
+        let second = minter.connection_id();
+        // The shard-local keys share no structure: about half their bits differ.
+        let differing = (first.sequence ^ second.sequence).count_ones();
+        assert!((12..=52).contains(&differing), "{differing} bits differ");
+        assert_ne!(first.to_string(), "AAAAAAAAAAEAAAAAAAAAAQ");
+    }
+
+    #[test]
+    fn request_ids_never_parse_as_a_shard() {
+        let mut minter = IdMinter::new(0, 3, 7);
+        let id: ConnectionId = minter.request_id().parse().unwrap();
+        assert_eq!(id.shard, 3 | REQUEST_ID_MARK);
+    }
+
     proptest! {
+        #[test]
+        fn permutation_is_injective(a: u64, b: u64) {
+            let scrambler = Scrambler::random();
+            prop_assert_eq!(scrambler.permute(a) == scrambler.permute(b), a == b);
+        }
+
         #[test]
         fn round_trips(node: u16, shard: u16, epoch: u32, sequence: u64) {
             let id = ConnectionId { node, shard, epoch, sequence };

@@ -19,6 +19,11 @@ pub enum DisconnectReason {
     ServerShutdown,
     /// The outbound queue overflowed.
     SlowConsumer,
+    /// The client stayed over its inbound rate limit (`limits.throttle_disconnect_secs`).
+    RateLimited,
+    /// The outbound memory budget ran out and this connection held one of the biggest
+    /// queues.
+    Overloaded,
     /// A crash cut the connection; reported at the next start.
     GatewayRestarted,
 }
@@ -32,7 +37,8 @@ impl DisconnectReason {
             Self::Deleted => close_code::NORMAL,
             Self::IdleTimeout | Self::MaxDuration | Self::ServerShutdown => close_code::GOING_AWAY,
             Self::BadFrame(error) => error.close_code(),
-            Self::SlowConsumer => close_code::POLICY_VIOLATION,
+            Self::SlowConsumer | Self::RateLimited => close_code::POLICY_VIOLATION,
+            Self::Overloaded => close_code::TRY_AGAIN_LATER,
         }
     }
 
@@ -50,6 +56,8 @@ impl DisconnectReason {
             Self::BadFrame(ProtocolError::Violation(_)) => "protocol_error",
             Self::ServerShutdown => "server_shutdown",
             Self::SlowConsumer => "slow_consumer",
+            Self::RateLimited => "rate_limited",
+            Self::Overloaded => "overloaded",
             Self::GatewayRestarted => "gateway_restarted",
         }
     }
@@ -68,6 +76,8 @@ impl DisconnectReason {
             Self::BadFrame(error) => error.to_string(),
             Self::ServerShutdown => "server shutdown".into(),
             Self::SlowConsumer => "slow consumer".into(),
+            Self::RateLimited => "rate limit exceeded".into(),
+            Self::Overloaded => "server overloaded".into(),
             Self::GatewayRestarted => "gateway restarted".into(),
         }
     }

@@ -131,11 +131,14 @@ pub fn route_message(shard: &Rc<Shard>, connection: &Rc<Connection>, message: In
         Incoming::Text(text) => serde_json::from_str::<Value>(text).unwrap_or(Value::Null),
         _ => Value::Null,
     };
+    // `$connect` and `$disconnect` are the gateway's to call: a frame naming them goes to
+    // `$default`, as on AWS.
     let selected = gateway
         .config
         .api
         .route_selector
         .evaluate(&body)
+        .filter(|key| !is_reserved_route(key))
         .and_then(|key| routes.get(key.as_ref()));
     let Some(route) = selected.or_else(|| routes.get(DEFAULT_ROUTE)).cloned() else {
         let request_id = shard.ids.borrow_mut().request_id();
@@ -177,7 +180,15 @@ pub fn route_message(shard: &Rc<Shard>, connection: &Rc<Connection>, message: In
         }
         Integration::RoomJoin { room } => {
             if let Some(room) = select_room(shard, connection, room, &body) {
-                shard.join(connection, &room);
+                if let Err(refused) = shard.join(connection, &room) {
+                    let request_id = shard.ids.borrow_mut().request_id();
+                    send_error(
+                        shard,
+                        connection,
+                        &format!("Limit exceeded: {refused}"),
+                        &request_id,
+                    );
+                }
             }
         }
         Integration::RoomLeave { room } => {
@@ -189,6 +200,7 @@ pub fn route_message(shard: &Rc<Shard>, connection: &Rc<Connection>, message: In
             room,
             data,
             exclude_sender,
+            members_only,
         } => {
             let Some(room) = select_room(shard, connection, room, &body) else {
                 return;
@@ -207,10 +219,22 @@ pub fn route_message(shard: &Rc<Shard>, connection: &Rc<Connection>, message: In
                 (None, Incoming::Binary(bytes)) => frame::encode(Opcode::Binary, bytes),
                 (None, _) => return,
             };
+            if *members_only && !shard.is_member(connection, &room) {
+                metrics.refused.with_label_values(&["not_a_member"]).inc();
+                let request_id = shard.ids.borrow_mut().request_id();
+                let reason = format!("Forbidden: not a member of room {room}");
+                send_error(shard, connection, &reason, &request_id);
+                return;
+            }
             let exclude = exclude_sender.then_some(connection.id);
-            shard.publish(room, frame, exclude);
+            shard.publish(connection, room, frame, exclude);
         }
     }
+}
+
+/// Route keys only the gateway selects.
+fn is_reserved_route(key: &str) -> bool {
+    key == CONNECT_ROUTE || key == DISCONNECT_ROUTE
 }
 
 /// Evaluates a room expression; on a missing or invalid name the client gets an error

@@ -21,13 +21,18 @@ pub struct FanoutPlan {
 }
 
 impl FanoutPlan {
-    /// Splits `ids` by shard. `node` and `epoch` identify the ids this run issued.
+    /// Splits `ids` by shard. `node` and `epoch` identify the ids this run issued. An id
+    /// named twice is planned once (one delivery, and at most one `gone` entry).
     pub fn for_ids<S: AsRef<str>>(ids: &[S], node: u16, epoch: u32, shards: usize) -> Self {
         let mut plan = Self {
             per_shard: vec![Vec::new(); shards],
             invalid: Vec::new(),
         };
+        let mut seen = std::collections::HashSet::with_capacity(ids.len());
         for (index, text) in ids.iter().enumerate() {
+            if !seen.insert(text.as_ref()) {
+                continue;
+            }
             let index = index as u32;
             let target = text
                 .as_ref()
@@ -151,5 +156,19 @@ mod tests {
         let plan = FanoutPlan::for_ids(&ids, 0, 7, 2);
         assert_eq!(plan.per_shard, vec![vec![(1, 0)], vec![(2, 1), (5, 5)]]);
         assert_eq!(plan.invalid, vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn duplicates_are_planned_once() {
+        let ids = vec![
+            id(0, 1, 7),
+            id(0, 1, 7),
+            "x".to_owned(),
+            "x".to_owned(),
+            id(0, 1, 7),
+        ];
+        let plan = FanoutPlan::for_ids(&ids, 0, 7, 1);
+        assert_eq!(plan.per_shard, vec![vec![(1, 0)]]);
+        assert_eq!(plan.invalid, vec![2]);
     }
 }

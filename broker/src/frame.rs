@@ -30,6 +30,14 @@ pub mod close_code {
     pub const INVALID_PAYLOAD: u16 = 1007;
     pub const POLICY_VIOLATION: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+
+    /// Whether a peer may send `code` in a close frame (RFC 6455 7.4 and the IANA
+    /// registry): 1005, 1006 and 1015 are for reporting only, and 1004, 1016-2999 are
+    /// reserved or unassigned. 3000-4999 belong to libraries and applications.
+    pub fn is_valid_on_the_wire(code: u16) -> bool {
+        matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+    }
 }
 
 /// Encodes one unmasked, final server frame.
@@ -142,8 +150,48 @@ pub struct MessageDecoder {
     max_message_bytes: usize,
     /// Bytes of a frame that has not fully arrived. Empty (no allocation) when idle.
     pending: Vec<u8>,
-    /// A fragmented data message in progress: its opcode and the payload so far.
-    fragments: Option<(u8, Vec<u8>)>,
+    /// A fragmented data message in progress.
+    fragments: Option<Fragmented>,
+}
+
+/// A data message whose first frames have arrived.
+#[derive(Debug)]
+struct Fragmented {
+    opcode: u8,
+    payload: Vec<u8>,
+    /// How much of a text payload is known to be valid UTF-8: each fragment is checked as
+    /// it arrives, so a bad byte closes the connection at once, not at the last fragment.
+    checked: usize,
+}
+
+impl Fragmented {
+    fn new(opcode: u8, payload: Vec<u8>) -> Result<Self, ProtocolError> {
+        let mut fragmented = Self {
+            opcode,
+            payload,
+            checked: 0,
+        };
+        fragmented.check_utf8()?;
+        Ok(fragmented)
+    }
+
+    fn append(&mut self, more: &[u8]) -> Result<(), ProtocolError> {
+        self.payload.extend_from_slice(more);
+        self.check_utf8()
+    }
+
+    /// Fails on an invalid sequence; a character cut at the end may still complete.
+    fn check_utf8(&mut self) -> Result<(), ProtocolError> {
+        if self.opcode != 0x1 {
+            return Ok(());
+        }
+        match std::str::from_utf8(&self.payload[self.checked..]) {
+            Ok(_) => self.checked = self.payload.len(),
+            Err(error) if error.error_len().is_some() => return Err(ProtocolError::InvalidUtf8),
+            Err(error) => self.checked += error.valid_up_to(),
+        }
+        Ok(())
+    }
 }
 
 struct FrameHeader {
@@ -267,18 +315,20 @@ impl MessageDecoder {
     ) -> Result<Option<Incoming>, ProtocolError> {
         match header.opcode {
             0x0 => {
-                let Some(so_far) = self.fragments.as_ref().map(|(_, b)| b.len()) else {
+                let Some(so_far) = self.fragments.as_ref().map(|f| f.payload.len()) else {
                     return Err(ProtocolError::Violation("continuation without a message"));
                 };
                 self.check_message_size(so_far + payload.len())?;
-                if let Some((_, buffer)) = self.fragments.as_mut() {
-                    buffer.extend_from_slice(&payload);
+                if let Some(fragmented) = self.fragments.as_mut() {
+                    fragmented.append(&payload)?;
                 }
                 if !header.fin {
                     return Ok(None);
                 }
-                let (opcode, buffer) = self.fragments.take().unwrap_or_default();
-                data_message(opcode, buffer).map(Some)
+                match self.fragments.take() {
+                    Some(done) => data_message(done.opcode, done.payload).map(Some),
+                    None => Ok(None),
+                }
             }
             0x1 | 0x2 => {
                 if self.fragments.is_some() {
@@ -290,7 +340,7 @@ impl MessageDecoder {
                 if header.fin {
                     data_message(header.opcode, payload).map(Some)
                 } else {
-                    self.fragments = Some((header.opcode, payload));
+                    self.fragments = Some(Fragmented::new(header.opcode, payload)?);
                     Ok(None)
                 }
             }
@@ -329,11 +379,12 @@ fn close_message(payload: &[u8]) -> Result<Incoming, ProtocolError> {
             "close frame with a 1-byte payload",
         )),
         [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !close_code::is_valid_on_the_wire(code) {
+                return Err(ProtocolError::Violation("invalid close code"));
+            }
             let reason = std::str::from_utf8(reason).map_err(|_| ProtocolError::InvalidUtf8)?;
-            Ok(Incoming::Close(
-                Some(u16::from_be_bytes([*hi, *lo])),
-                reason.to_owned(),
-            ))
+            Ok(Incoming::Close(Some(code), reason.to_owned()))
         }
     }
 }
@@ -432,6 +483,38 @@ pub(crate) mod tests {
         );
         let err = decode_all(&client_frame(true, 0, b"x")).unwrap_err();
         assert_eq!(err.close_code(), close_code::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn invalid_utf8_in_a_fragment_fails_before_the_last_one() {
+        let mut decoder = MessageDecoder::new(100, 1000);
+        let mut out = Vec::new();
+        // "é" split across fragments is fine...
+        let mut bytes = client_frame(false, 1, &[b'a', 0xc3]);
+        bytes.extend(client_frame(false, 0, &[0xa9]));
+        decoder.decode(&bytes, &mut out).unwrap();
+        // ...a byte that can never be UTF-8 fails at once, with the message unfinished.
+        let err = decoder
+            .decode(&client_frame(false, 0, &[0xff]), &mut out)
+            .unwrap_err();
+        assert_eq!(err, ProtocolError::InvalidUtf8);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn invalid_close_codes_are_protocol_errors() {
+        for code in [
+            0u16, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000,
+        ] {
+            let err = decode_all(&client_frame(true, 8, &code.to_be_bytes())).unwrap_err();
+            assert_eq!(err.close_code(), close_code::PROTOCOL_ERROR, "{code}");
+        }
+        for code in [
+            1000u16, 1001, 1002, 1003, 1007, 1011, 1013, 3000, 3999, 4000, 4999,
+        ] {
+            let closed = decode_all(&client_frame(true, 8, &code.to_be_bytes())).unwrap();
+            assert_eq!(closed, vec![Incoming::Close(Some(code), String::new())]);
+        }
     }
 
     #[test]

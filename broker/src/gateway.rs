@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use switchboard_storage::RecordWriter;
-use tokio::sync::Semaphore;
 
 use crate::config::Config;
+use crate::limits::{Admission, OutboundBudget};
 use crate::metrics::Metrics;
 use crate::queues::QueueHub;
 use crate::shard::ShardHandle;
@@ -18,8 +18,10 @@ pub struct Gateway {
     pub records: RecordWriter,
     /// This run's node epoch, part of every connectionId.
     pub epoch: u32,
-    /// One permit per open (or opening) connection: `server.max_connections`.
-    pub connection_permits: Arc<Semaphore>,
+    /// The gate every accepted socket passes: capacity, per-address limits, overload.
+    pub admission: Arc<Admission>,
+    /// The memory budget of all outbound queues together.
+    pub outbound_budget: Arc<OutboundBudget>,
     /// Every shard, by index: where a connectionId's shard number points.
     pub shards: Arc<[ShardHandle]>,
     /// The durable queues.

@@ -44,12 +44,22 @@ pub enum HandshakeRejection {
     NotWebSocket,
     #[error("unsupported Sec-WebSocket-Version (13 is required)")]
     UnsupportedVersion,
+    #[error("HTTP/1.1 is required")]
+    OldHttp,
+    #[error("missing Host header")]
+    MissingHost,
+    #[error("Sec-WebSocket-Key must be 16 bytes in base64")]
+    BadKey,
 }
 
 impl HandshakeRejection {
     pub fn status(&self) -> u16 {
         match self {
-            Self::Malformed | Self::NotWebSocket => 400,
+            Self::Malformed
+            | Self::NotWebSocket
+            | Self::OldHttp
+            | Self::MissingHost
+            | Self::BadKey => 400,
             Self::TooLarge => 431,
             Self::MethodNotAllowed => 405,
             Self::UnknownPath(_) => 404,
@@ -90,6 +100,9 @@ pub fn parse_upgrade(
     if parsed.method != Some("GET") {
         return Err(HandshakeRejection::MethodNotAllowed);
     }
+    if parsed.version != Some(1) {
+        return Err(HandshakeRejection::OldHttp);
+    }
     let headers: Vec<(String, String)> = parsed
         .headers
         .iter()
@@ -119,7 +132,13 @@ pub fn parse_upgrade(
         .filter(|k| !k.is_empty())
         .ok_or(HandshakeRejection::NotWebSocket)?
         .to_owned();
-    let host = find("host").unwrap_or_default().to_owned();
+    if !is_valid_key(&key) {
+        return Err(HandshakeRejection::BadKey);
+    }
+    let host = find("host")
+        .filter(|h| !h.is_empty())
+        .ok_or(HandshakeRejection::MissingHost)?
+        .to_owned();
     let user_agent = find("user-agent").unwrap_or_default().to_owned();
     let query = form_urlencoded::parse(query.as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
@@ -131,6 +150,15 @@ pub fn parse_upgrade(
         user_agent,
         leftover: buffer[head_len..].to_vec(),
     }))
+}
+
+/// RFC 6455 4.2.1: the key is a base64-encoded 16-byte nonce.
+fn is_valid_key(key: &str) -> bool {
+    let mut nonce = [0u8; 18];
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD
+            .decode_slice(key, &mut nonce)
+            .is_ok_and(|len| len == 16)
 }
 
 /// Why no upgrade request could be read at all.
@@ -218,6 +246,20 @@ fn is_header_safe(value: &str) -> bool {
         .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
 }
 
+/// Answers a socket refused before its request was read: writes `response`, closes the
+/// write side and discards what the client sends for a moment, so the kernel does not
+/// reset the connection (and the answer with it) over unread request bytes.
+pub async fn refuse_and_close(mut stream: TcpStream, response: &[u8]) {
+    const LINGER: Duration = Duration::from_secs(1);
+    let linger = async {
+        let _ = stream.write_all(response).await;
+        let _ = stream.shutdown().await;
+        let mut sink = [0u8; 1024];
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    };
+    let _ = tokio::time::timeout(LINGER, linger).await;
+}
+
 /// Writes `response` and closes the write side.
 pub async fn respond_and_close(stream: &mut TcpStream, response: &[u8]) {
     let _ = stream.write_all(response).await;
@@ -285,6 +327,19 @@ mod tests {
             parse_upgrade(old.as_bytes(), "dev").unwrap_err().status(),
             426
         );
+        for (from, to) in [
+            ("HTTP/1.1", "HTTP/1.0"),
+            ("Host: localhost:8080\r\n", ""),
+            ("dGhlIHNhbXBsZSBub25jZQ==", "not base64 at all!!!!!!!"),
+            ("dGhlIHNhbXBsZSBub25jZQ==", "c2hvcnQ="),
+        ] {
+            let bad = REQUEST.replace(from, to);
+            assert_eq!(
+                parse_upgrade(bad.as_bytes(), "dev").unwrap_err().status(),
+                400,
+                "{from} -> {to}"
+            );
+        }
         let post = REQUEST.replace("GET", "POST");
         assert_eq!(
             parse_upgrade(post.as_bytes(), "dev").unwrap_err().status(),

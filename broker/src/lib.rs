@@ -7,6 +7,8 @@
 //! Map of the crate, edges to core:
 //! * [`server`] binds sockets and starts [`shard`]s (one thread each) and the
 //!   [`management`] API; [`session`] runs one connection; [`dispatch`] runs routes.
+//! * [`limits`]: who may connect and how much they may do (admission, rate limits, the
+//!   outbound memory budget).
 //! * Pure logic: [`config`], [`selection`], [`connection_id`], [`frame`], [`event`],
 //!   [`integration`]'s reply parsing, [`outbound`], [`disconnect`], [`rooms`], the
 //!   [`fanout`] planner.
@@ -23,6 +25,7 @@ pub mod frame;
 pub mod gateway;
 pub mod handshake;
 pub mod integration;
+pub mod limits;
 pub mod management;
 pub mod metrics;
 pub mod outbound;

@@ -113,6 +113,11 @@ fn init_logging(format: LogFormat) {
 }
 
 fn run(config: switchboard::Config) -> anyhow::Result<()> {
+    // Each client holds a file descriptor: take the whole hard limit (capacity then keeps
+    // `server.fd_reserve` of it back for everything else).
+    if let Err(error) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(%error, "cannot raise the open-files limit");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("switchboard-management")

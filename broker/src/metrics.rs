@@ -14,8 +14,9 @@ pub struct Metrics {
     registry: Registry,
     /// Connections currently open (after a successful `$connect`).
     pub connections_active: IntGauge,
-    /// Handshakes by result: accepted, rejected (by `$connect`), not_found, over_capacity,
-    /// bad_request, backend_error.
+    /// Handshakes by result: accepted, rejected (by `$connect`), not_found, bad_request,
+    /// backend_error, and the admission refusals over_capacity, overloaded, ip_limit,
+    /// ip_rate.
     pub connections_total: IntCounterVec,
     /// Inbound messages by the route they were dispatched to.
     pub messages_received: IntCounterVec,
@@ -31,6 +32,20 @@ pub struct Metrics {
     pub slow_consumer_disconnects: IntCounter,
     /// Bytes written to clients per vectored write: how well writes coalesce.
     pub write_batch_bytes: Histogram,
+    /// Client messages held back by their connection's inbound rate limit.
+    pub inbound_throttled: IntCounter,
+    /// Connections closed for staying over their inbound rate limit.
+    pub rate_limited: IntCounter,
+    /// Connections cut because the outbound memory budget ran out.
+    pub overload_disconnects: IntCounter,
+    /// Bytes queued to clients across all connections (as of the last sweep).
+    pub outbound_queued_bytes: IntGauge,
+    /// 1 while the outbound memory budget is exceeded and new connections are refused.
+    pub overloaded: IntGauge,
+    /// Client sockets open, handshakes included (updated at scrape time).
+    pub open_sockets: IntGauge,
+    /// Client requests refused by a limit, by reason (rooms_per_connection, not_a_member).
+    pub refused: IntCounterVec,
     /// Entries appended (and acknowledged durable) per queue.
     pub queue_appended: IntCounterVec,
     /// Entries retained per queue (updated at scrape time).
@@ -101,6 +116,35 @@ impl Metrics {
                 "Bytes per vectored socket write to a client",
                 prometheus::exponential_buckets(64.0, 4.0, 9),
             ),
+            inbound_throttled: counter(
+                "switchboard_inbound_throttled_total",
+                "Client messages held back by the connection's inbound rate limit",
+            ),
+            rate_limited: counter(
+                "switchboard_rate_limited_disconnects_total",
+                "Connections closed for staying over their inbound rate limit",
+            ),
+            overload_disconnects: counter(
+                "switchboard_overload_disconnects_total",
+                "Connections cut because the outbound memory budget ran out",
+            ),
+            outbound_queued_bytes: gauge(
+                "switchboard_outbound_queued_bytes",
+                "Bytes queued to clients across all connections",
+            ),
+            overloaded: gauge(
+                "switchboard_overloaded",
+                "1 while the outbound memory budget is exceeded and new connections are refused",
+            ),
+            open_sockets: gauge(
+                "switchboard_open_sockets",
+                "Client sockets open, handshakes included",
+            ),
+            refused: counter_vec(
+                "switchboard_refused_total",
+                "Client requests refused by a limit, by reason",
+                &["reason"],
+            ),
             queue_appended: counter_vec(
                 "switchboard_queue_appended_total",
                 "Entries appended to durable queues",
@@ -138,7 +182,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 15] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 22] = [
             Box::new(self.connections_active.clone()),
             Box::new(self.connections_total.clone()),
             Box::new(self.messages_received.clone()),
@@ -148,6 +192,13 @@ impl Metrics {
             Box::new(self.disconnects.clone()),
             Box::new(self.slow_consumer_disconnects.clone()),
             Box::new(self.write_batch_bytes.clone()),
+            Box::new(self.inbound_throttled.clone()),
+            Box::new(self.rate_limited.clone()),
+            Box::new(self.overload_disconnects.clone()),
+            Box::new(self.outbound_queued_bytes.clone()),
+            Box::new(self.overloaded.clone()),
+            Box::new(self.open_sockets.clone()),
+            Box::new(self.refused.clone()),
             Box::new(self.queue_appended.clone()),
             Box::new(self.queue_depth.clone()),
             Box::new(self.queue_consumer_lag.clone()),
@@ -181,6 +232,14 @@ impl Default for Metrics {
 fn histogram(name: &str, help: &str, buckets: prometheus::Result<Vec<f64>>) -> Histogram {
     let opts = HistogramOpts::new(name, help).buckets(buckets.unwrap_or_default());
     Histogram::with_opts(opts).unwrap_or_else(|_| unreachable!("static metric definition"))
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).unwrap_or_else(|_| unreachable!("static metric definition"))
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).unwrap_or_else(|_| unreachable!("static metric definition"))
 }
 
 fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {

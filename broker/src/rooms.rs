@@ -125,6 +125,28 @@ impl<V> RoomIndex<V> {
             .flat_map(|members| members.iter().map(|(id, v)| (*id, v)))
     }
 
+    /// How many rooms `member` is in.
+    pub fn room_count(&self, member: u64) -> usize {
+        self.memberships.get(&member).map_or(0, Vec::len)
+    }
+
+    pub fn is_member(&self, room: &RoomName, member: u64) -> bool {
+        self.rooms
+            .get(room)
+            .is_some_and(|members| members.contains_key(&member))
+    }
+
+    /// Gives back the index's spare capacity once it has shrunk to a quarter of it (after
+    /// a burst of rooms or members has gone).
+    pub fn shrink(&mut self) {
+        if self.rooms.capacity() > 4 * self.rooms.len().max(16) {
+            self.rooms.shrink_to_fit();
+        }
+        if self.memberships.capacity() > 4 * self.memberships.len().max(16) {
+            self.memberships.shrink_to_fit();
+        }
+    }
+
     pub fn count(&self, room: &RoomName) -> usize {
         self.rooms.get(room).map_or(0, HashMap::len)
     }
@@ -160,6 +182,8 @@ mod tests {
         index.join(&room("a"), 2, ());
         index.join(&room("b"), 1, ());
         assert_eq!(index.count(&room("a")), 2);
+        assert_eq!(index.room_count(1), 2);
+        assert!(index.is_member(&room("b"), 1) && !index.is_member(&room("b"), 2));
         assert!(index.leave(&room("a"), 2));
         assert!(!index.leave(&room("a"), 2));
         let mut left = index.leave_all(1);

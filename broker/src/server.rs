@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use switchboard_storage::{ConnectionRecord, Storage, StorageError};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -16,6 +15,7 @@ use crate::dispatch;
 use crate::event::ConnectionFacts;
 use crate::gateway::Gateway;
 use crate::integration::HttpIntegration;
+use crate::limits::{Admission, OutboundBudget};
 use crate::management::{self, ApiState};
 use crate::metrics::Metrics;
 use crate::queues::{self, QueueHub};
@@ -29,6 +29,11 @@ const LISTEN_BACKLOG: i32 = 4096;
 pub enum ServeError {
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(
+        "the open-files limit ({open_files}) leaves no room for clients after server.fd_reserve \
+         ({reserve}); raise the limit (ulimit -n, systemd LimitNOFILE) or lower the reserve"
+    )]
+    NoFileDescriptors { open_files: u64, reserve: usize },
     #[error("cannot start {what}: {source}")]
     Start {
         what: &'static str,
@@ -104,6 +109,7 @@ pub async fn serve(
     storage.clear_room_memberships()?;
     let records = storage.record_writer();
     let (handles, inboxes) = shard::channels(listeners.gateway.len());
+    let admission = admission(&config, listeners.gateway.len())?;
     let metrics = Metrics::new();
     let queues = Arc::new(QueueHub::open(
         &storage,
@@ -112,7 +118,8 @@ pub async fn serve(
         &metrics,
     )?);
     let gateway = Arc::new(Gateway {
-        connection_permits: Arc::new(Semaphore::new(config.server.max_connections)),
+        outbound_budget: admission.1,
+        admission: admission.0,
         config,
         metrics,
         records,
@@ -168,14 +175,13 @@ pub async fn serve(
     let app = management::router(ApiState {
         gateway: gateway.clone(),
     });
-    let stop = shutdown.clone();
-    let served = axum::serve(management, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
-    if let Err(error) = served {
-        tracing::error!(%error, "management API failed");
-        shutdown.cancel();
-    }
+    management::listener::serve(
+        management,
+        app,
+        &gateway.config.management,
+        shutdown.clone(),
+    )
+    .await;
 
     // Shards close their connections and wait (bounded) for `$disconnect` calls.
     let joined = tokio::task::spawn_blocking(move || {
@@ -200,6 +206,37 @@ pub async fn serve(
     storage.flush()?;
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// The admission gate and the outbound budget it consults. Capacity is
+/// `server.max_connections`, capped by the open-files limit less `server.fd_reserve`.
+fn admission(
+    config: &Config,
+    shards: usize,
+) -> Result<(Arc<Admission>, Arc<OutboundBudget>), ServeError> {
+    let open_files = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(u64::MAX, |(soft, _)| soft);
+    let reserve = config.server.fd_reserve;
+    let capacity = Admission::capacity_for(config.server.max_connections, open_files, reserve);
+    if capacity == 0 {
+        return Err(ServeError::NoFileDescriptors {
+            open_files,
+            reserve,
+        });
+    }
+    if capacity < config.server.max_connections {
+        tracing::warn!(
+            capacity,
+            open_files,
+            fd_reserve = reserve,
+            "the open-files limit caps connections below server.max_connections"
+        );
+    }
+    let budget = Arc::new(OutboundBudget::new(
+        config.limits.outbound_memory_bytes,
+        shards,
+    ));
+    let admission = Admission::new(capacity, config.limits.per_ip, budget.clone());
+    Ok((Arc::new(admission), budget))
 }
 
 /// Reports connections a crash cut (records left by the previous run) to `$disconnect`.

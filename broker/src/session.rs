@@ -23,6 +23,7 @@ use crate::dispatch::{self, ConnectOutcome};
 use crate::event::ConnectionFacts;
 use crate::frame::{self, Incoming, MessageDecoder, Opcode, close_code};
 use crate::handshake::{self, ReadError};
+use crate::limits::{AdmissionTicket, InboundLimiter};
 use crate::metrics::Metrics;
 use crate::outbound::OutboundQueue;
 use crate::shard::Shard;
@@ -39,8 +40,15 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH_BYTES]);
 }
 
-/// Runs a connection accepted by `shard`.
-pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
+/// Runs a connection accepted by `shard` and admitted under `ticket`, which it holds
+/// until the socket closes.
+pub async fn run(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    ticket: AdmissionTicket,
+) {
+    let _ticket = ticket;
     let _ = stream.set_nodelay(true);
     // Boxed so the handshake's state (request headers, `$connect` call) is freed before
     // the connection settles in for hours: an idle connection keeps only what it needs.
@@ -51,7 +59,6 @@ pub async fn run(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
         id,
         facts,
         leftover,
-        permit: _permit,
     } = accepted;
     let gateway = shard.gateway.clone();
     let limits = &gateway.config.limits;
@@ -94,8 +101,6 @@ struct Accepted {
     facts: ConnectionFacts,
     /// Bytes the client sent right after its request head.
     leftover: Vec<u8>,
-    /// Its slot under `server.max_connections`, held for the connection's life.
-    permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Reads the upgrade request, admits the connection, runs `$connect` and answers.
@@ -127,16 +132,6 @@ async fn handshake(
                 return None;
             }
         };
-    let Ok(permit) = gateway.connection_permits.clone().try_acquire_owned() else {
-        metrics
-            .connections_total
-            .with_label_values(&["over_capacity"])
-            .inc();
-        let response = handshake::error_response(503, b"connection limit reached");
-        handshake::respond_and_close(stream, &response).await;
-        return None;
-    };
-
     let id = shard.ids.borrow_mut().connection_id();
     let facts = ConnectionFacts {
         connection_id: id.to_string(),
@@ -173,29 +168,53 @@ async fn handshake(
         id,
         facts,
         leftover: upgrade.leftover,
-        permit,
     })
 }
 
 /// Reads, dispatches and writes until the connection must end; returns why. Timers and
 /// shutdown are not polled here: the shard's sweep asks the connection to close.
+///
+/// Every message a client sends passes its rate limit before it causes any work; while
+/// the limit holds a message back, nothing more is read from the socket (the client's
+/// sends back up into TCP), and a client that stays behind for
+/// `limits.throttle_disconnect_secs` is closed with 1008.
 async fn serve(
     shard: &Rc<Shard>,
     connection: &Rc<Connection>,
     decoder: &mut MessageDecoder,
     leftover: Vec<u8>,
 ) -> DisconnectReason {
+    let limits = &shard.gateway.config.limits;
     let mut incoming = Vec::new();
     if let Err(error) = decoder.decode(&leftover, &mut incoming) {
         return DisconnectReason::BadFrame(error);
     }
     drop(leftover);
-    // Decoded messages wait here while the connection has too much work outstanding: its
-    // replies then back up into the client's socket instead of overflowing its queue.
+    // Decoded messages wait here while the connection has too much work outstanding (its
+    // replies then back up into the client's socket instead of overflowing its queue) or
+    // while its rate limit holds them back.
     let mut waiting: VecDeque<Incoming> = incoming.drain(..).collect();
+    let mut limiter = InboundLimiter::new(
+        limits.inbound.messages,
+        limits.inbound.bytes,
+        Instant::now().into_std(),
+    );
+    let mut throttle = Throttle::default();
     let stream = connection.stream();
     loop {
-        while connection.in_flight() < MAX_IN_FLIGHT && connection.has_room_for_replies() {
+        while throttle.until.is_none() && can_take_work(connection) {
+            let Some(message) = waiting.front() else {
+                break;
+            };
+            let now = Instant::now();
+            if let Err(wait) = limiter.admit(message_cost(message), now.into_std()) {
+                if throttle.held_back_since(now) >= limits.throttle_disconnect {
+                    shard.gateway.metrics.rate_limited.inc();
+                    return DisconnectReason::RateLimited;
+                }
+                throttle.until = Some(now + wait);
+                break;
+            }
             let Some(message) = waiting.pop_front() else {
                 break;
             };
@@ -210,13 +229,15 @@ async fn serve(
             Ok(pending) => pending,
             Err(_) => return DisconnectReason::ConnectionLost,
         };
-        let can_take_work =
-            connection.in_flight() < MAX_IN_FLIGHT && connection.has_room_for_replies();
-        if !waiting.is_empty() && can_take_work {
+        if !waiting.is_empty() && throttle.until.is_none() && can_take_work(connection) {
             // The flush made room: carry on with the waiting messages.
             continue;
         }
         let can_read = waiting.is_empty() && connection.in_flight() < MAX_IN_FLIGHT;
+        if can_read && !throttle.client_ahead {
+            // Caught up with everything the client sent: it is not over its limit.
+            throttle.since = None;
+        }
         tokio::select! {
             biased;
             _ = connection.woken() => {}
@@ -225,17 +246,62 @@ async fn serve(
                     return DisconnectReason::ConnectionLost;
                 }
             }
+            _ = throttle.elapsed(), if throttle.until.is_some() => {
+                throttle.until = None;
+            }
             ready = stream.readable(), if can_read => {
                 if ready.is_err() {
                     return DisconnectReason::ConnectionLost;
                 }
                 match read_frames(stream, decoder, &mut incoming) {
-                    Ok(true) => connection.touch(),
-                    Ok(false) => {}
+                    Ok(ReadOutcome::Nothing) => {}
+                    Ok(ReadOutcome::Read { filled_buffer }) => {
+                        connection.touch();
+                        throttle.client_ahead = filled_buffer;
+                    }
                     Err(reason) => return reason,
                 }
                 waiting.extend(incoming.drain(..));
             }
+        }
+    }
+}
+
+/// Whether the connection may start work for another message: few enough integration
+/// calls running, and room in its outbound queue for their replies.
+fn can_take_work(connection: &Connection) -> bool {
+    connection.in_flight() < MAX_IN_FLIGHT && connection.has_room_for_replies()
+}
+
+/// What a message costs against the inbound limits: one message and its payload bytes.
+fn message_cost(message: &Incoming) -> usize {
+    match message {
+        Incoming::Text(text) => text.len(),
+        Incoming::Binary(bytes) | Incoming::Ping(bytes) => bytes.len(),
+        Incoming::Pong | Incoming::Close(..) => 0,
+    }
+}
+
+/// A connection's rate-limit state in the session loop.
+#[derive(Debug, Default)]
+struct Throttle {
+    /// When the message at the head of the queue may go.
+    until: Option<Instant>,
+    /// Since when the client has been held back without ever being caught up with.
+    since: Option<Instant>,
+    /// The last read filled the whole buffer: the kernel likely holds more.
+    client_ahead: bool,
+}
+
+impl Throttle {
+    /// Marks the client as held back now; returns for how long it has been, unbroken.
+    fn held_back_since(&mut self, now: Instant) -> std::time::Duration {
+        now.saturating_duration_since(*self.since.get_or_insert(now))
+    }
+
+    async fn elapsed(&self) {
+        if let Some(until) = self.until {
+            tokio::time::sleep_until(until).await;
         }
     }
 }
@@ -262,20 +328,31 @@ fn handle_incoming(
     None
 }
 
+/// What one read from the socket brought.
+enum ReadOutcome {
+    /// A spurious wake-up.
+    Nothing,
+    Read {
+        /// The read filled the scratch buffer: more is probably waiting in the kernel.
+        filled_buffer: bool,
+    },
+}
+
 /// Reads what the socket has into the shard's scratch buffer and decodes it.
-/// `Ok(true)` if bytes arrived, `Ok(false)` on a spurious wake-up.
 fn read_frames(
     stream: &TcpStream,
     decoder: &mut MessageDecoder,
     incoming: &mut Vec<Incoming>,
-) -> Result<bool, DisconnectReason> {
+) -> Result<ReadOutcome, DisconnectReason> {
     SCRATCH.with_borrow_mut(|scratch| match stream.try_read(scratch) {
         Ok(0) => Err(DisconnectReason::ConnectionLost),
         Ok(n) => decoder
             .decode(&scratch[..n], incoming)
-            .map(|()| true)
+            .map(|()| ReadOutcome::Read {
+                filled_buffer: n == scratch.len(),
+            })
             .map_err(DisconnectReason::BadFrame),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(ReadOutcome::Nothing),
         Err(_) => Err(DisconnectReason::ConnectionLost),
     })
 }
@@ -299,7 +376,10 @@ async fn close(
     };
     {
         let mut queue = connection.outbound().borrow_mut();
-        if reason == DisconnectReason::SlowConsumer {
+        if matches!(
+            reason,
+            DisconnectReason::SlowConsumer | DisconnectReason::Overloaded
+        ) {
             // Whatever it did not read is abandoned; only the verdict goes out.
             *queue = OutboundQueue::new(1, close_frame.len());
         }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -22,7 +22,9 @@ use crate::connection_id::{ConnectionId, IdMinter};
 use crate::disconnect::DisconnectReason;
 use crate::fanout::Delivery;
 use crate::gateway::Gateway;
+use crate::handshake;
 use crate::integration::HttpIntegration;
+use crate::limits::Refusal;
 use crate::outbound::SharedFrame;
 use crate::rooms::{RoomIndex, RoomName};
 use crate::session;
@@ -43,6 +45,14 @@ const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 /// Pause after a failed accept (EMFILE and friends) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// Refused sockets being answered at once; past this a refused socket is closed with no
+/// answer, so a flood of refusals cannot itself use up descriptors.
+const MAX_REFUSALS_ANSWERING: usize = 64;
+
+/// A room join refused by `limits.max_rooms_per_connection`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("connection is already in {0} rooms (limits.max_rooms_per_connection)")]
+pub struct TooManyRooms(pub usize);
 
 /// Work sent to a shard from outside its thread.
 enum ShardCommand {
@@ -75,7 +85,7 @@ enum ShardCommand {
     Join {
         sequence: u64,
         room: RoomName,
-        reply: oneshot::Sender<Result<(), Gone>>,
+        reply: oneshot::Sender<Result<Result<(), TooManyRooms>, Gone>>,
     },
     Leave {
         sequence: u64,
@@ -146,8 +156,12 @@ impl ShardHandle {
         .await
     }
 
-    /// Adds connection `id` to `room`.
-    pub async fn join(&self, id: ConnectionId, room: RoomName) -> Result<(), Gone> {
+    /// Adds connection `id` to `room`, unless it is in too many rooms already.
+    pub async fn join(
+        &self,
+        id: ConnectionId,
+        room: RoomName,
+    ) -> Result<Result<(), TooManyRooms>, Gone> {
         self.ask(|reply| ShardCommand::Join {
             sequence: id.sequence,
             room,
@@ -223,6 +237,11 @@ pub struct Shard {
     rooms: RefCell<RoomIndex<Rc<Connection>>>,
     /// Connections with frames queued by fan-out, waiting for the next write pass.
     dirty: RefCell<VecDeque<Rc<Connection>>>,
+    /// Wakes the command loop to run a write pass for fan-out queued from a session (a
+    /// client's publish), which arrives without a command.
+    write_needed: Notify,
+    /// Refused sockets being answered right now.
+    refusals_answering: std::cell::Cell<usize>,
     /// Queue appends made during this scheduler turn, handed to the writer together.
     pending_appends: RefCell<Vec<PendingAppend>>,
     pub http: HttpIntegration,
@@ -250,16 +269,30 @@ impl Shard {
         }
     }
 
-    /// Adds a local connection to `room` (idempotent).
-    pub fn join(&self, connection: &Rc<Connection>, room: &RoomName) {
-        let joined = self
-            .rooms
-            .borrow_mut()
-            .join(room, connection.id.sequence, connection.clone());
-        if joined {
+    /// Adds a local connection to `room` (idempotent), unless that would put it in more
+    /// than `limits.max_rooms_per_connection` rooms.
+    pub fn join(&self, connection: &Rc<Connection>, room: &RoomName) -> Result<(), TooManyRooms> {
+        let limit = self.gateway.config.limits.max_rooms_per_connection;
+        let mut rooms = self.rooms.borrow_mut();
+        let sequence = connection.id.sequence;
+        if rooms.room_count(sequence) >= limit && !rooms.is_member(room, sequence) {
+            self.gateway
+                .metrics
+                .refused
+                .with_label_values(&["rooms_per_connection"])
+                .inc();
+            return Err(TooManyRooms(limit));
+        }
+        if rooms.join(room, sequence, connection.clone()) {
             let id = connection.facts.connection_id.clone();
             self.gateway.records.join(room.as_str().to_owned(), id);
         }
+        Ok(())
+    }
+
+    /// Whether a local connection is in `room`.
+    pub fn is_member(&self, connection: &Connection, room: &RoomName) -> bool {
+        self.rooms.borrow().is_member(room, connection.id.sequence)
     }
 
     /// Removes a local connection from `room` (idempotent).
@@ -291,18 +324,40 @@ impl Shard {
         delivered
     }
 
-    /// Publishes to `room` on every shard, this one included: each applies it in its
-    /// command loop, which also runs the write passes.
-    pub fn publish(self: &Rc<Self>, room: RoomName, frame: Bytes, exclude: Option<ConnectionId>) {
-        let shards = self.gateway.shards.clone();
-        // Sent from a task: a full command queue makes this publish wait, not the shard.
-        self.tasks.spawn_local(async move {
-            for shard in shards.iter() {
-                let _ = shard
-                    .broadcast(room.clone(), frame.clone(), exclude, None)
-                    .await;
-            }
-        });
+    /// A client's publish to `room`: queued to this shard's members at once (the command
+    /// loop writes them in its next pass), and sent to every other shard as a command.
+    /// Those sends count as the publisher's work in flight, so a client that publishes
+    /// faster than the shards take its messages stops being read (backpressure), instead
+    /// of piling up tasks.
+    pub fn publish(
+        self: &Rc<Self>,
+        publisher: &Rc<Connection>,
+        room: RoomName,
+        frame: Bytes,
+        exclude: Option<ConnectionId>,
+    ) {
+        let others: Vec<ShardHandle> = self
+            .gateway
+            .shards
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| *index != usize::from(self.index))
+            .map(|(_, shard)| shard.clone())
+            .collect();
+        if !others.is_empty() {
+            let in_flight = publisher.start_call();
+            let (room, frame) = (room.clone(), frame.clone());
+            self.tasks.spawn_local(async move {
+                let _in_flight = in_flight;
+                for shard in others {
+                    let _ = shard
+                        .broadcast(room.clone(), frame.clone(), exclude, None)
+                        .await;
+                }
+            });
+        }
+        self.broadcast_local(&room, &Rc::new(frame), exclude);
+        self.write_needed.notify_one();
     }
 
     /// Appends to a durable queue; `done` runs on this shard once the entry is durable.
@@ -378,17 +433,64 @@ impl Shard {
         delivery
     }
 
-    /// Asks every connection past its idle timeout or maximum age to close, and lets idle
-    /// ones give back their queue memory.
-    fn expire_connections(&self) {
+    /// The periodic sweep: asks every connection past its idle timeout or maximum age to
+    /// close, lets idle ones give back their queue memory, and reports what the shard's
+    /// queues hold to the outbound budget, cutting the biggest if the budget is exceeded.
+    fn sweep(&self) {
         let now = std::time::Instant::now();
         let idle_timeout = self.gateway.config.limits.idle_timeout;
+        let mut queued = 0;
         for connection in self.connections.borrow().values() {
             if let Some(reason) = connection.expired(now, idle_timeout) {
                 connection.request_close(reason);
             }
             connection.shrink_idle_queue();
+            queued += connection.queued_bytes();
         }
+        self.rooms.borrow_mut().shrink();
+        let mut connections = self.connections.borrow_mut();
+        if connections.capacity() > 4 * connections.len().max(64) {
+            connections.shrink_to_fit();
+        }
+        drop(connections);
+        let budget = &self.gateway.outbound_budget;
+        let shed = budget.report(usize::from(self.index), queued);
+        if shed > 0 {
+            self.cut_biggest_queues(shed);
+        }
+        let metrics = &self.gateway.metrics;
+        metrics.outbound_queued_bytes.set(budget.used() as i64);
+        metrics.overloaded.set(i64::from(budget.is_over()));
+        if self.index == 0 {
+            self.gateway.admission.forget_idle_addresses(now);
+        }
+    }
+
+    /// Closes the connections with the most bytes queued until `bytes` are shed: under
+    /// memory pressure the clients that read least go first.
+    fn cut_biggest_queues(&self, bytes: usize) {
+        let mut by_size: Vec<(usize, Rc<Connection>)> = self
+            .connections
+            .borrow()
+            .values()
+            .map(|c| (c.queued_bytes(), c.clone()))
+            .filter(|(queued, _)| *queued > 0)
+            .collect();
+        by_size.sort_unstable_by_key(|(queued, _)| std::cmp::Reverse(*queued));
+        let mut shed = 0;
+        for (queued, connection) in by_size {
+            if shed >= bytes {
+                break;
+            }
+            connection.request_close(DisconnectReason::Overloaded);
+            self.gateway.metrics.overload_disconnects.inc();
+            shed += queued;
+        }
+        tracing::warn!(
+            shard = self.index,
+            shed,
+            "outbound memory budget exceeded; cut the biggest queues"
+        );
     }
 
     /// Asks every connection to close for shutdown.
@@ -500,6 +602,8 @@ pub fn spawn(
                     connections: RefCell::new(HashMap::new()),
                     rooms: RefCell::new(RoomIndex::default()),
                     dirty: RefCell::new(VecDeque::new()),
+                    write_needed: Notify::new(),
+                    refusals_answering: std::cell::Cell::new(0),
                     pending_appends: RefCell::new(Vec::new()),
                     http: HttpIntegration::new(),
                     tasks: TaskTracker::new(),
@@ -577,11 +681,38 @@ async fn run_commands(shard: Rc<Shard>, mut commands: mpsc::Receiver<ShardComman
             tokio::task::yield_now().await;
             continue;
         }
-        match commands.recv().await {
-            Some(command) => shard.apply(command),
-            None => return,
+        tokio::select! {
+            command = commands.recv() => match command {
+                Some(command) => shard.apply(command),
+                None => return,
+            },
+            _ = shard.write_needed.notified() => {}
         }
     }
+}
+
+/// Answers a socket the admission gate turned away (503 or 429) without reading its
+/// request, unless too many are being answered already.
+fn refuse(shard: &Rc<Shard>, stream: tokio::net::TcpStream, refusal: Refusal) {
+    shard
+        .gateway
+        .metrics
+        .connections_total
+        .with_label_values(&[refusal.label()])
+        .inc();
+    let answering = shard.refusals_answering.get();
+    if answering >= MAX_REFUSALS_ANSWERING {
+        return; // dropped: the socket closes now
+    }
+    shard.refusals_answering.set(answering + 1);
+    let shard = shard.clone();
+    shard.clone().tasks.spawn_local(async move {
+        let response = handshake::error_response(refusal.status(), refusal.to_string().as_bytes());
+        handshake::refuse_and_close(stream, &response).await;
+        shard
+            .refusals_answering
+            .set(shard.refusals_answering.get().saturating_sub(1));
+    });
 }
 
 async fn run(
@@ -604,7 +735,7 @@ async fn run(
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                shard.expire_connections();
+                shard.sweep();
             }
         }
     };
@@ -614,8 +745,13 @@ async fn run(
             _ = shard.shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let session = session::run(shard.clone(), stream, peer);
-                    shard.tasks.spawn_local(session);
+                    match shard.gateway.admission.admit(peer.ip(), std::time::Instant::now()) {
+                        Ok(ticket) => {
+                            let session = session::run(shard.clone(), stream, peer, ticket);
+                            shard.tasks.spawn_local(session);
+                        }
+                        Err(refusal) => refuse(&shard, stream, refusal),
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(shard = shard.index, %error, "accept failed; backing off");

@@ -59,7 +59,7 @@ impl WsClient {
         let mut stream = socket.connect(target.addr).await?;
         stream.set_nodelay(true)?;
         let request = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: c3dpdGNoYm9hcmQtbG9hZGdlbg==\r\nSec-WebSocket-Version: 13\r\nUser-Agent: switchboard-loadgen\r\n\r\n",
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: c3dpdGNoYm9hcmQtbG9hZA==\r\nSec-WebSocket-Version: 13\r\nUser-Agent: switchboard-loadgen\r\n\r\n",
             target.path, target.addr
         );
         stream.write_all(request.as_bytes()).await?;

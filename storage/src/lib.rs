@@ -255,7 +255,7 @@ mod tests {
         let storage = Storage::open(dir.path()).unwrap();
         let retention = Retention {
             max_messages: Some(2),
-            max_age: None,
+            ..Retention::default()
         };
         let log = open_log(&storage, FsyncPolicy::Always, retention);
         for i in 0..5u8 {
@@ -270,11 +270,35 @@ mod tests {
     }
 
     #[test]
+    fn retention_trims_by_stored_bytes_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let retention = Retention {
+            max_bytes: Some(10_000),
+            ..Retention::default()
+        };
+        let log = open_log(&storage, FsyncPolicy::Always, retention);
+        for _ in 0..20 {
+            append_wait(&log, &[7u8; 1000]);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1200));
+        append_wait(&log, b"x"); // the writer trims after its next batch
+        let (first, next) = log.bounds("q").unwrap();
+        assert_eq!(next, 21);
+        let kept = log.read("q", first, 100).unwrap();
+        let kept_bytes: usize = kept.iter().map(|e| e.payload.len()).sum();
+        assert!(kept_bytes <= 10_000, "kept {kept_bytes} bytes");
+        assert!(first >= 10, "the oldest went first, first = {first}");
+        assert_eq!(kept.last().unwrap().offset, 20, "the newest stays");
+        log.close();
+    }
+
+    #[test]
     fn a_queue_emptied_by_retention_keeps_its_offsets_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let retention = Retention {
-            max_messages: None,
             max_age: Some(std::time::Duration::from_millis(1)),
+            ..Retention::default()
         };
         {
             let storage = Storage::open(dir.path()).unwrap();

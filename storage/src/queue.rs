@@ -1,5 +1,5 @@
 //! Durable queues: per queue an append-only log of entries with u64 offsets, consumer
-//! groups with committed offsets, retention by count and age.
+//! groups with committed offsets, retention by count, stored bytes and age.
 //!
 //! Appends from every shard go through one [`QueueLog`] writer thread that applies them
 //! to sled in batches and flushes according to the [`FsyncPolicy`] (group commit); an
@@ -37,7 +37,19 @@ pub enum FsyncPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Retention {
     pub max_messages: Option<u64>,
+    /// Stored bytes (encoded segments); the oldest segments go first.
+    pub max_bytes: Option<u64>,
     pub max_age: Option<Duration>,
+}
+
+/// Bytes of every stored segment of a queue (one scan, at open).
+fn stored_bytes(entries: &sled::Tree) -> u64 {
+    entries
+        .iter()
+        .values()
+        .filter_map(Result::ok)
+        .map(|value| value.len() as u64)
+        .sum()
 }
 
 /// A stored entry.
@@ -110,6 +122,8 @@ struct QueueTrees {
     /// The next offset to assign. Stored by the writer thread after each batch is applied,
     /// so readers learn a queue's end without decoding its last segment.
     next: AtomicU64,
+    /// Bytes of stored segments, kept by the writer for retention by size.
+    stored_bytes: AtomicU64,
 }
 
 /// The queue log: reads from any thread, appends through the writer thread.
@@ -150,12 +164,14 @@ impl QueueLog {
                 .as_deref()
                 .and_then(decode_offset)
                 .unwrap_or(0);
+            let stored = stored_bytes(&entries);
             trees.insert(
                 Arc::<str>::from(name.as_str()),
                 QueueTrees {
                     entries,
                     retention: *retention,
                     next: AtomicU64::new(after_last.max(remembered)),
+                    stored_bytes: AtomicU64::new(stored),
                 },
             );
         }
@@ -459,9 +475,12 @@ impl Writer {
             ) else {
                 continue;
             };
-            match trees.entries.insert(first.to_be_bytes(), segment.encode()) {
+            let encoded = segment.encode();
+            let size = encoded.len() as u64;
+            match trees.entries.insert(first.to_be_bytes(), encoded) {
                 Ok(_) => {
                     trees.next.store(end, Ordering::Release);
+                    trees.stored_bytes.fetch_add(size, Ordering::Relaxed);
                     pending.extend(
                         waiting
                             .into_iter()
@@ -535,8 +554,14 @@ impl Writer {
                 .retention
                 .max_age
                 .map(|age| now.saturating_sub(age.as_millis() as u64));
+            let stored = trees.stored_bytes.load(Ordering::Relaxed);
+            let mut excess_bytes = trees
+                .retention
+                .max_bytes
+                .map_or(0, |max| stored.saturating_sub(max));
             let mut batch = sled::Batch::default();
             let mut removed = 0;
+            let mut freed = 0u64;
             for item in trees.entries.iter() {
                 let Ok((key, value)) = item else {
                     break;
@@ -551,9 +576,12 @@ impl Writer {
                         .is_some_and(|e| e.appended_at_ms < cutoff)
                 });
                 let too_many = segment.end().is_some_and(|end| end <= keep_from);
-                if too_old || too_many {
+                let too_big = excess_bytes > 0;
+                if too_old || too_many || too_big {
                     batch.remove(key);
                     removed += 1;
+                    freed += value.len() as u64;
+                    excess_bytes = excess_bytes.saturating_sub(value.len() as u64);
                     continue;
                 }
                 // The segment that straddles a limit keeps only its retained entries.
@@ -566,8 +594,10 @@ impl Writer {
                     .collect();
                 if let Some(first) = kept.first().map(|e| e.offset) {
                     if first != offset_of(&key) {
+                        let rewritten = Segment { entries: kept }.encode();
+                        freed += (value.len() as u64).saturating_sub(rewritten.len() as u64);
                         batch.remove(key);
-                        batch.insert(&first.to_be_bytes(), Segment { entries: kept }.encode());
+                        batch.insert(&first.to_be_bytes(), rewritten);
                         removed += 1;
                     }
                 }
@@ -575,6 +605,9 @@ impl Writer {
             }
             if removed > 0 {
                 let _ = trees.entries.apply_batch(batch);
+                trees
+                    .stored_bytes
+                    .fetch_sub(freed.min(stored), Ordering::Relaxed);
                 let _ = self.groups.insert(next_key(name), &next.to_be_bytes());
                 tracing::debug!(queue = %name, removed, "trimmed queue segments");
             }

@@ -201,7 +201,8 @@ async fn slow_backend_does_not_delay_other_connections() {
 
 #[tokio::test]
 async fn a_burst_of_frames_is_answered_in_full_not_cut_as_a_slow_consumer() {
-    let config = "[limits]\noutbound_queue_frames = 16\n[routes.\"$default\"]\nintegration = { type = \"echo\" }";
+    // Rate limits off: this is about replies backing up, not about how fast a client may send.
+    let config = "[limits]\noutbound_queue_frames = 16\nmessages_per_sec = 0\nbytes_per_sec = 0\n[routes.\"$default\"]\nintegration = { type = \"echo\" }";
     let gateway = TestGateway::start(config).await;
     let mut ws = gateway.connect().await;
     // Queued in one go, read only afterwards: replies back up into the socket buffers and

@@ -4,6 +4,9 @@
 //! Handlers decode the connectionId, send one command to the owning shard and translate
 //! the answer; every failure goes through [`ApiError`], the one place that decides status
 //! codes and the AWS error shape (`x-amzn-ErrorType`) SDKs turn into exceptions.
+//! [`listener`] serves the routes with a connection cap and slowloris timeouts.
+
+pub mod listener;
 
 use std::sync::Arc;
 
@@ -52,6 +55,10 @@ pub enum ApiError {
     Storage(#[from] switchboard_storage::StorageError),
     #[error("missing or invalid credentials")]
     Unauthorized,
+    #[error("request body not received within {0:?}")]
+    BodyTimeout(std::time::Duration),
+    #[error("{0}")]
+    LimitExceeded(String),
 }
 
 impl IntoResponse for ApiError {
@@ -70,6 +77,8 @@ impl IntoResponse for ApiError {
                 "InternalServerErrorException",
             ),
             Self::Unauthorized => (StatusCode::FORBIDDEN, "ForbiddenException"),
+            Self::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "RequestTimeoutException"),
+            Self::LimitExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "LimitExceededException"),
         };
         let mut response =
             (status, axum::Json(json!({ "message": self.to_string() }))).into_response();
@@ -96,15 +105,23 @@ pub fn router(state: ApiState) -> Router {
             put(put_room_member).delete(delete_room_member),
         )
         .route("/{stage}/@queues/{queue}/messages", get(get_queue_messages))
-        .route("/{stage}/@queues/{queue}/commit", post(post_queue_commit))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+        .route("/{stage}/@queues/{queue}/commit", post(post_queue_commit));
+    // `/metrics` tells an attacker how the gateway is doing: protected unless configured
+    // public (the default only on a loopback listener).
+    let (authenticated, public) = if state.gateway.config.management.public_metrics {
+        (authenticated, Router::new().route("/metrics", get(metrics)))
+    } else {
+        (authenticated.route("/metrics", get(metrics)), Router::new())
+    };
+    let authenticated =
+        authenticated.route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(authenticated)
+        .merge(public)
         .route(
             "/health",
             get(|| async { axum::Json(json!({"status": "ok"})) }),
         )
-        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -126,9 +143,21 @@ async fn authenticate(
         .and_then(|v| v.to_str().ok())
         .and_then(presented_token);
     match presented {
-        Some(token) if tokens.iter().any(|t| t == token) => Ok(next.run(request).await),
+        Some(token) if is_known_token(tokens, token) => Ok(next.run(request).await),
         _ => Err(ApiError::Unauthorized),
     }
+}
+
+/// Compares `presented` with every token in constant time (no early exit on the first
+/// differing byte, nor on the first match), so response timing does not leak a token.
+fn is_known_token(tokens: &[String], presented: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    tokens
+        .iter()
+        .fold(subtle::Choice::from(0), |found, token| {
+            found | token.as_bytes().ct_eq(presented.as_bytes())
+        })
+        .into()
 }
 
 fn presented_token(authorization: &str) -> Option<&str> {
@@ -253,7 +282,7 @@ async fn post_bulk(
     let limits = &state.gateway.config.limits;
     // Room for the ids (quoted, comma-separated) and a base64 payload.
     let body_limit = limits.max_bulk_connection_ids * 40 + limits.max_message_bytes * 2 + 1024;
-    let body = read_body(body, body_limit).await?;
+    let body = state.read_body(body, body_limit).await?;
     let (request, frame) = BulkRequest::parse(
         &body,
         limits.max_bulk_connection_ids,
@@ -300,7 +329,9 @@ async fn post_to_room(
                 .map_err(|_| ApiError::BadRequest(format!("exclude: `{id}` is not a connectionId")))
         })
         .transpose()?;
-    let payload = read_body(body, state.gateway.config.limits.max_message_bytes).await?;
+    let payload = state
+        .read_body(body, state.gateway.config.limits.max_message_bytes)
+        .await?;
     let frame = frame::encode_data(&payload);
     let delivered = fanout::broadcast(state.shards(), &room, &frame, exclude).await;
     Ok(axum::Json(json!({"delivered": delivered})).into_response())
@@ -349,11 +380,17 @@ async fn change_membership(
     state.check_stage(&stage)?;
     let room = room_name(&room)?;
     let (connection_id, shard) = state.locate(&id)?;
-    let changed = match change {
-        Membership::Join => shard.join(connection_id, room).await,
-        Membership::Leave => shard.leave(connection_id, room).await,
-    };
-    changed.map_err(|_| ApiError::Gone(id))?;
+    match change {
+        Membership::Join => shard
+            .join(connection_id, room)
+            .await
+            .map_err(|_| ApiError::Gone(id))?
+            .map_err(|refused| ApiError::LimitExceeded(refused.to_string()))?,
+        Membership::Leave => shard
+            .leave(connection_id, room)
+            .await
+            .map_err(|_| ApiError::Gone(id))?,
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -363,7 +400,9 @@ async fn post_to_connection(
     body: Body,
 ) -> Result<StatusCode, ApiError> {
     state.check_stage(&stage)?;
-    let payload = read_body(body, state.gateway.config.limits.max_message_bytes).await?;
+    let payload = state
+        .read_body(body, state.gateway.config.limits.max_message_bytes)
+        .await?;
     let (connection_id, shard) = state.locate(&id)?;
     shard
         .send(connection_id, frame::encode_data(&payload))
@@ -401,6 +440,16 @@ async fn delete_connection(
         .await
         .map_err(|_| ApiError::Gone(id))?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+impl ApiState {
+    /// Reads a request body of at most `limit` bytes within `management.body_timeout_secs`.
+    async fn read_body(&self, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+        let timeout = self.gateway.config.management.body_timeout;
+        tokio::time::timeout(timeout, read_body(body, limit))
+            .await
+            .map_err(|_| ApiError::BodyTimeout(timeout))?
+    }
 }
 
 /// Reads a request body of at most `limit` bytes.
@@ -532,7 +581,7 @@ async fn post_queue_commit(
 ) -> Result<Response, ApiError> {
     state.check_stage(&stage)?;
     state.check_queue(&queue)?;
-    let body = read_body(body, 4096).await?;
+    let body = state.read_body(body, 4096).await?;
     let request: CommitRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("malformed commit request: {e}")))?;
     let group = check_group(Some(&request.group))?.to_owned();
@@ -552,7 +601,16 @@ async fn post_queue_commit(
 
 #[cfg(test)]
 mod tests {
-    use super::presented_token;
+    use super::{is_known_token, presented_token};
+
+    #[test]
+    fn tokens_compare_whole() {
+        let tokens = vec!["secret-one".to_owned(), "secret-two".to_owned()];
+        assert!(is_known_token(&tokens, "secret-two"));
+        assert!(!is_known_token(&tokens, "secret-tw"));
+        assert!(!is_known_token(&tokens, "secret-two!"));
+        assert!(!is_known_token(&[], ""));
+    }
 
     #[test]
     fn tokens_from_bearer_and_sigv4() {
