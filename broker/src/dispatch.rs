@@ -400,7 +400,7 @@ pub fn fire_disconnect(shard: &Rc<Shard>, facts: ConnectionFacts, reason: Discon
     shard.tasks.spawn_local(async move {
         let shard = shard_for_task;
         report_disconnect(&shard.gateway, &shard.http, &facts, &request_id, &reason).await;
-        shard.gateway.records.remove(facts.connection_id);
+        shard.record(|changes| changes.remove(facts.connection_id));
     });
 }
 

@@ -267,6 +267,9 @@ async fn report_orphans(gateway: Arc<Gateway>, orphans: Vec<ConnectionRecord>) {
             .with_label_values(&[reason.label()])
             .inc();
         dispatch::report_disconnect(&gateway, &http, &facts, &ids.request_id(), &reason).await;
-        gateway.records.remove(facts.connection_id);
+        let mut changes = switchboard_storage::RecordChanges::default();
+        changes.remove(facts.connection_id);
+        let records = gateway.records.clone();
+        let _ = tokio::task::spawn_blocking(move || records.apply(changes)).await;
     }
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use switchboard_storage::RecordChanges;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -237,9 +238,11 @@ pub struct Shard {
     rooms: RefCell<RoomIndex<Rc<Connection>>>,
     /// Connections with frames queued by fan-out, waiting for the next write pass.
     dirty: RefCell<VecDeque<Rc<Connection>>>,
-    /// Wakes the command loop to run a write pass for fan-out queued from a session (a
-    /// client's publish), which arrives without a command.
-    write_needed: Notify,
+    /// Wakes the command loop for work that arrives without a command: fan-out queued
+    /// from a session (a client's publish) to write, record changes to hand off.
+    work_needed: Notify,
+    /// Connection and membership changes made since the last hand-off to the writer.
+    records: RefCell<RecordChanges>,
     /// Refused sockets being answered right now.
     refusals_answering: std::cell::Cell<usize>,
     /// Queue appends made during this scheduler turn, handed to the writer together.
@@ -263,9 +266,31 @@ impl Shard {
             .borrow_mut()
             .remove(&connection.id.sequence);
         let left = self.rooms.borrow_mut().leave_all(connection.id.sequence);
-        for room in left {
-            let id = connection.facts.connection_id.clone();
-            self.gateway.records.leave(room.as_str().to_owned(), id);
+        let id = &connection.facts.connection_id;
+        self.record(|changes| {
+            for room in left {
+                changes.leave(room.as_str(), id);
+            }
+        });
+    }
+
+    /// Notes connection or membership changes; the command loop hands them to the record
+    /// writer in its next turn.
+    pub fn record(&self, change: impl FnOnce(&mut RecordChanges)) {
+        change(&mut self.records.borrow_mut());
+        self.work_needed.notify_one();
+    }
+
+    /// Offers the changes noted so far to the record writer; if it is behind, they stay
+    /// (coalescing with later ones) for the next turn or sweep.
+    fn hand_off_records(&self) {
+        if self.records.borrow().is_empty() {
+            return;
+        }
+        let changes = std::mem::take(&mut *self.records.borrow_mut());
+        if let Err(mut unsent) = self.gateway.records.try_apply(changes) {
+            unsent.absorb(std::mem::take(&mut *self.records.borrow_mut()));
+            *self.records.borrow_mut() = unsent;
         }
     }
 
@@ -284,8 +309,7 @@ impl Shard {
             return Err(TooManyRooms(limit));
         }
         if rooms.join(room, sequence, connection.clone()) {
-            let id = connection.facts.connection_id.clone();
-            self.gateway.records.join(room.as_str().to_owned(), id);
+            self.record(|changes| changes.join(room.as_str(), &connection.facts.connection_id));
         }
         Ok(())
     }
@@ -298,8 +322,7 @@ impl Shard {
     /// Removes a local connection from `room` (idempotent).
     pub fn leave(&self, connection: &Connection, room: &RoomName) {
         if self.rooms.borrow_mut().leave(room, connection.id.sequence) {
-            let id = connection.facts.connection_id.clone();
-            self.gateway.records.leave(room.as_str().to_owned(), id);
+            self.record(|changes| changes.leave(room.as_str(), &connection.facts.connection_id));
         }
     }
 
@@ -357,7 +380,7 @@ impl Shard {
             });
         }
         self.broadcast_local(&room, &Rc::new(frame), exclude);
-        self.write_needed.notify_one();
+        self.work_needed.notify_one();
     }
 
     /// Appends to a durable queue; `done` runs on this shard once the entry is durable.
@@ -447,6 +470,7 @@ impl Shard {
             connection.shrink_idle_queue();
             queued += connection.queued_bytes();
         }
+        self.hand_off_records();
         self.rooms.borrow_mut().shrink();
         let mut connections = self.connections.borrow_mut();
         if connections.capacity() > 4 * connections.len().max(64) {
@@ -602,7 +626,8 @@ pub fn spawn(
                     connections: RefCell::new(HashMap::new()),
                     rooms: RefCell::new(RoomIndex::default()),
                     dirty: RefCell::new(VecDeque::new()),
-                    write_needed: Notify::new(),
+                    work_needed: Notify::new(),
+                    records: RefCell::new(RecordChanges::default()),
                     refusals_answering: std::cell::Cell::new(0),
                     pending_appends: RefCell::new(Vec::new()),
                     http: HttpIntegration::new(),
@@ -677,6 +702,7 @@ async fn run_commands(shard: Rc<Shard>, mut commands: mpsc::Receiver<ShardComman
                 Err(_) => break,
             }
         }
+        shard.hand_off_records();
         if shard.write_pass(WRITE_PASS_BUDGET) || !commands.is_empty() {
             tokio::task::yield_now().await;
             continue;
@@ -686,7 +712,7 @@ async fn run_commands(shard: Rc<Shard>, mut commands: mpsc::Receiver<ShardComman
                 Some(command) => shard.apply(command),
                 None => return,
             },
-            _ = shard.write_needed.notified() => {}
+            _ = shard.work_needed.notified() => {}
         }
     }
 }
@@ -775,5 +801,9 @@ async fn run(
         );
     }
     command_task.abort();
+    // What the sessions and `$disconnect` calls changed last; waiting for the writer is
+    // fine now that the shard has nothing else to do.
+    let changes = std::mem::take(&mut *shard.records.borrow_mut());
+    shard.gateway.records.apply(changes);
     tracing::debug!(shard = shard.index, "shard stopped");
 }

@@ -17,7 +17,7 @@ pub use queue::{
     Append, AppendDone, Appended, FlushReport, FsyncPolicy, OnFlush, QueueEntry, QueueLog,
     Retention,
 };
-pub use records::{ConnectionRecord, RecordWriter};
+pub use records::{ConnectionRecord, RecordChanges, RecordWriter};
 
 use std::path::{Path, PathBuf};
 
@@ -182,10 +182,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path()).unwrap();
         let writer = storage.record_writer();
-        writer.join("room".into(), "a".into());
-        writer.join("room".into(), "b".into());
-        writer.join("roomy".into(), "c".into());
-        writer.leave("room".into(), "a".into());
+        let mut changes = RecordChanges::default();
+        changes.join("room", "a");
+        changes.join("room", "b");
+        changes.join("roomy", "c");
+        writer.apply(changes);
+        let mut changes = RecordChanges::default();
+        changes.leave("room", "a");
+        writer.apply(changes);
         writer.close();
         assert_eq!(storage.room_members("room").unwrap(), vec!["b".to_owned()]);
         storage.clear_room_memberships().unwrap();
@@ -351,14 +355,18 @@ mod tests {
             source_ip: "127.0.0.1".into(),
             user_agent: "test".into(),
         };
-        writer.upsert(record.clone());
+        let mut changes = RecordChanges::default();
+        changes.upsert(record.clone());
+        writer.apply(changes);
         writer.close();
         drop(storage);
 
         let storage = Storage::open(dir.path()).unwrap();
         assert_eq!(storage.connection_records().unwrap(), vec![record.clone()]);
         let writer = storage.record_writer();
-        writer.remove(record.connection_id);
+        let mut changes = RecordChanges::default();
+        changes.remove(record.connection_id);
+        writer.apply(changes);
         writer.close();
         assert!(storage.connection_records().unwrap().is_empty());
     }

@@ -1,14 +1,18 @@
 //! Connection records (one per open connection, so that a crash can be reconciled at the
 //! next start: `$disconnect` for every connection it cut) and room memberships.
 //!
-//! Shards never touch sled: they hand record changes to a [`RecordWriter`], whose thread
-//! applies them as one sled batch per wake-up.
+//! Shards never touch sled: they collect changes in a [`RecordChanges`] (coalesced by key)
+//! and hand them to a [`RecordWriter`], whose thread applies what it has been handed as one
+//! sled batch per wake-up. The hand-off channel is bounded; a shard whose hand-off finds
+//! it full keeps coalescing and offers again later.
 
-use crossbeam_channel::{Receiver, Sender};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
-/// Most changes folded into one sled batch.
-const MAX_BATCH: usize = 4096;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+/// Most hand-offs folded into one sled batch.
+const MAX_BATCH: usize = 64;
 
 /// What is stored for an open connection (rkyv-encoded).
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -37,73 +41,101 @@ impl ConnectionRecord {
     }
 }
 
-enum Change {
-    Upsert(ConnectionRecord),
-    Remove(String),
-    Join {
-        room: String,
-        connection_id: String,
-    },
-    Leave {
-        room: String,
-        connection_id: String,
-    },
+/// Record changes not yet handed to the writer, coalesced by key: the last change to a
+/// connection or a membership wins. Its size is bounded by the state it describes (open
+/// connections, their rooms, connections closed since the last hand-off), never by how
+/// often a client toggles a room, so a writer that falls behind costs no unbounded memory.
+#[derive(Debug, Default)]
+pub struct RecordChanges {
+    /// connectionId → the record to store, or `None` to remove it.
+    connections: HashMap<String, Option<ConnectionRecord>>,
+    /// membership key → joined (true) or left (false).
+    memberships: HashMap<Vec<u8>, bool>,
+}
+
+impl RecordChanges {
+    /// Records an open connection.
+    pub fn upsert(&mut self, record: ConnectionRecord) {
+        self.connections
+            .insert(record.connection_id.clone(), Some(record));
+    }
+
+    /// Forgets a connection that has closed and been reported to `$disconnect`.
+    pub fn remove(&mut self, connection_id: String) {
+        self.connections.insert(connection_id, None);
+    }
+
+    /// Records that `connection_id` is in `room`.
+    pub fn join(&mut self, room: &str, connection_id: &str) {
+        self.memberships
+            .insert(membership_key(room, connection_id), true);
+    }
+
+    /// Records that `connection_id` left `room` (or disconnected).
+    pub fn leave(&mut self, room: &str, connection_id: &str) {
+        self.memberships
+            .insert(membership_key(room, connection_id), false);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.connections.is_empty() && self.memberships.is_empty()
+    }
+
+    /// Folds `newer` in; its changes win.
+    pub fn absorb(&mut self, newer: RecordChanges) {
+        self.connections.extend(newer.connections);
+        self.memberships.extend(newer.memberships);
+    }
+}
+
+enum Request {
+    Apply(RecordChanges),
     /// Apply everything before this, flush, answer, and stop.
     Close(Sender<()>),
 }
+
+/// Hand-offs waiting for the writer. Full: the sender keeps coalescing (see
+/// [`RecordWriter::try_apply`]).
+const QUEUED_HANDOFFS: usize = 64;
 
 /// Handle to the batching writer thread. Cloning is cheap; [`RecordWriter::close`] drains
 /// every pending change and flushes.
 #[derive(Clone)]
 pub struct RecordWriter {
-    changes: Sender<Change>,
+    requests: Sender<Request>,
 }
 
 impl RecordWriter {
     pub(crate) fn spawn(trees: Trees, dir: PathBuf) -> Self {
-        // Unbounded on purpose: each connection sends at most one upsert and one remove,
-        // so the backlog is bounded by the connection limit, and a shard never blocks.
-        let (changes, receiver) = crossbeam_channel::unbounded();
+        let (requests, receiver) = crossbeam_channel::bounded(QUEUED_HANDOFFS);
         let spawned = std::thread::Builder::new()
             .name("switchboard-records".into())
             .spawn(move || write_batches(trees, &receiver, &dir));
         if let Err(error) = spawned {
             tracing::error!(%error, "cannot start the connection record writer");
         }
-        Self { changes }
+        Self { requests }
     }
 
-    /// Records an open connection.
-    pub fn upsert(&self, record: ConnectionRecord) {
-        let _ = self.changes.send(Change::Upsert(record));
+    /// Hands `changes` to the writer without waiting; if it is behind, they come back to
+    /// be coalesced with later ones and offered again.
+    pub fn try_apply(&self, changes: RecordChanges) -> Result<(), RecordChanges> {
+        match self.requests.try_send(Request::Apply(changes)) {
+            Err(TrySendError::Full(Request::Apply(changes))) => Err(changes),
+            _ => Ok(()),
+        }
     }
 
-    /// Forgets a connection that has closed and been reported to `$disconnect`.
-    pub fn remove(&self, connection_id: String) {
-        let _ = self.changes.send(Change::Remove(connection_id));
-    }
-
-    /// Records that `connection_id` is in `room`.
-    pub fn join(&self, room: String, connection_id: String) {
-        let _ = self.changes.send(Change::Join {
-            room,
-            connection_id,
-        });
-    }
-
-    /// Records that `connection_id` left `room` (or disconnected).
-    pub fn leave(&self, room: String, connection_id: String) {
-        let _ = self.changes.send(Change::Leave {
-            room,
-            connection_id,
-        });
+    /// Hands `changes` to the writer, waiting for room (threads that may block only).
+    pub fn apply(&self, changes: RecordChanges) {
+        let _ = self.requests.send(Request::Apply(changes));
     }
 
     /// Stops the writer after it has applied and flushed everything sent so far; later
     /// changes are dropped. Blocks until the flush is done.
     pub fn close(&self) {
         let (done, finished) = crossbeam_channel::bounded(1);
-        if self.changes.send(Change::Close(done)).is_ok() {
+        if self.requests.send(Request::Close(done)).is_ok() {
             let _ = finished.recv();
         }
     }
@@ -124,36 +156,39 @@ pub(crate) fn membership_key(room: &str, connection_id: &str) -> Vec<u8> {
     key
 }
 
-fn write_batches(trees: Trees, changes: &Receiver<Change>, dir: &std::path::Path) {
+fn write_batches(trees: Trees, requests: &Receiver<Request>, dir: &std::path::Path) {
     let mut closed_by = None;
     while closed_by.is_none() {
-        let first = match changes.recv() {
-            Ok(change) => change,
+        let first = match requests.recv() {
+            Ok(request) => request,
             Err(_) => break,
         };
         let mut batch = sled::Batch::default();
         let mut rooms = sled::Batch::default();
         let mut count = 0;
-        for change in std::iter::once(first).chain(changes.try_iter().take(MAX_BATCH - 1)) {
-            match change {
-                Change::Upsert(record) => {
-                    batch.insert(record.connection_id.as_bytes(), record.encode())
-                }
-                Change::Remove(id) => batch.remove(id.as_bytes()),
-                Change::Join {
-                    room,
-                    connection_id,
-                } => rooms.insert(membership_key(&room, &connection_id), &[]),
-                Change::Leave {
-                    room,
-                    connection_id,
-                } => rooms.remove(membership_key(&room, &connection_id)),
-                Change::Close(done) => {
+        for request in std::iter::once(first).chain(requests.try_iter().take(MAX_BATCH - 1)) {
+            let changes = match request {
+                Request::Apply(changes) => changes,
+                Request::Close(done) => {
                     closed_by = Some(done);
                     break;
                 }
+            };
+            for (id, record) in changes.connections {
+                match record {
+                    Some(record) => batch.insert(id.as_bytes(), record.encode()),
+                    None => batch.remove(id.as_bytes()),
+                }
+                count += 1;
             }
-            count += 1;
+            for (key, joined) in changes.memberships {
+                if joined {
+                    rooms.insert(key, &[]);
+                } else {
+                    rooms.remove(key);
+                }
+                count += 1;
+            }
         }
         let applied = trees
             .connections
@@ -170,5 +205,26 @@ fn write_batches(trees: Trees, changes: &Receiver<Change>, dir: &std::path::Path
     drop(trees);
     if let Some(done) = closed_by {
         let _ = done.send(());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_coalesce_by_key() {
+        let mut changes = RecordChanges::default();
+        for _ in 0..10_000 {
+            changes.join("room", "a");
+            changes.leave("room", "a");
+        }
+        changes.join("room", "b");
+        assert_eq!(changes.memberships.len(), 2);
+        assert_eq!(changes.memberships[&membership_key("room", "a")], false);
+        let mut newer = RecordChanges::default();
+        newer.join("room", "a");
+        changes.absorb(newer);
+        assert_eq!(changes.memberships[&membership_key("room", "a")], true);
     }
 }
