@@ -19,7 +19,7 @@ use crate::gateway::Gateway;
 use crate::integration::{BackendReply, HttpIntegration, IntegrationError};
 use crate::rooms::RoomName;
 use crate::selection::SelectionExpression;
-use crate::shard::Shard;
+use crate::shard::{AppendFailure, Shard};
 
 /// What `$connect` decided.
 pub enum ConnectOutcome {
@@ -349,7 +349,7 @@ fn append_to_queue(
     let done_shard = shard.clone();
     let connection = connection.clone();
     let done_queue = queue.clone();
-    let done = Box::new(move |result: Result<u64, String>| {
+    let done = Box::new(move |result: Result<u64, AppendFailure>| {
         let _in_flight = in_flight;
         let shard = done_shard;
         match result {
@@ -366,7 +366,14 @@ fn append_to_queue(
                     let _ = connection.push(frame, &shard.gateway.metrics);
                 }
             }
-            Err(error) => {
+            Err(AppendFailure::DiskFull) => {
+                // Logged by the storage writer once per failed write, not per message.
+                let reason = format!(
+                    "Service unavailable: queue {done_queue} is out of disk space; the message was not stored"
+                );
+                send_error(&shard, &connection, &reason, &request_id);
+            }
+            Err(AppendFailure::Storage(error)) => {
                 tracing::error!(queue = %done_queue, %error, "queue append failed");
                 send_error(&shard, &connection, "Internal server error", &request_id);
             }

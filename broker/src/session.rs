@@ -208,6 +208,7 @@ async fn serve(
             };
             let now = Instant::now();
             if let Err(wait) = limiter.admit(message_cost(message), now.into_std()) {
+                shard.gateway.metrics.inbound_throttled.inc();
                 if throttle.held_back_since(now) >= limits.throttle_disconnect {
                     shard.gateway.metrics.rate_limited.inc();
                     return DisconnectReason::RateLimited;

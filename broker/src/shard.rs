@@ -641,7 +641,25 @@ pub fn spawn(
 }
 
 /// Called on the shard with an append's offset, or why it failed.
-pub type QueueAppendDone = Box<dyn FnOnce(Result<u64, String>)>;
+pub type QueueAppendDone = Box<dyn FnOnce(Result<u64, AppendFailure>)>;
+
+/// Why a queue append was not stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendFailure {
+    /// The data dir's disk is full: the client is told so; the gateway carries on.
+    DiskFull,
+    /// Anything else the storage reported.
+    Storage(String),
+}
+
+impl From<switchboard_storage::StorageError> for AppendFailure {
+    fn from(error: switchboard_storage::StorageError) -> Self {
+        match error {
+            switchboard_storage::StorageError::DiskFull { .. } => Self::DiskFull,
+            other => Self::Storage(other.to_string()),
+        }
+    }
+}
 
 /// An append waiting for the end of the turn: queue, event JSON, completion.
 type PendingAppend = (std::sync::Arc<str>, Vec<u8>, QueueAppendDone);
@@ -654,7 +672,7 @@ async fn append_batch(shard: &Shard, batch: Vec<PendingAppend>) {
 
     let count = batch.len();
     // Filled by the writer thread, read here after the last one: no lock per entry.
-    let results: Arc<Vec<OnceLock<Result<u64, String>>>> =
+    let results: Arc<Vec<OnceLock<Result<u64, AppendFailure>>>> =
         Arc::new((0..count).map(|_| OnceLock::new()).collect());
     let remaining = Arc::new(AtomicUsize::new(count));
     let (all_done, finished) = oneshot::channel::<()>();
@@ -668,7 +686,7 @@ async fn append_batch(shard: &Shard, batch: Vec<PendingAppend>) {
             queue,
             payload,
             Box::new(move |result| {
-                let _ = results[index].set(result.map_err(|e| e.to_string()));
+                let _ = results[index].set(result.map_err(AppendFailure::from));
                 if remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
                     let sender = all_done.lock().ok().and_then(|mut s| s.take());
                     if let Some(sender) = sender {
@@ -684,7 +702,7 @@ async fn append_batch(shard: &Shard, batch: Vec<PendingAppend>) {
         let result = results[index]
             .get()
             .cloned()
-            .unwrap_or_else(|| Err("the queue log stopped".into()));
+            .unwrap_or_else(|| Err(AppendFailure::Storage("the queue log stopped".into())));
         done(result);
     }
 }

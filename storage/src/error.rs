@@ -15,6 +15,8 @@ pub enum StorageError {
         #[source]
         source: std::io::Error,
     },
+    #[error("data dir {dir}: no space left on the device")]
+    DiskFull { dir: PathBuf },
     #[error("data dir {dir}: {detail}")]
     Engine { dir: PathBuf, detail: String },
 }
@@ -24,6 +26,7 @@ impl StorageError {
         let dir = dir.to_path_buf();
         match error {
             sled::Error::Io(source) if is_lock_error(&source) => Self::Locked { dir },
+            sled::Error::Io(source) if is_disk_full(&source) => Self::DiskFull { dir },
             sled::Error::Io(source) => Self::Io { dir, source },
             sled::Error::Corruption { at, .. } => Self::Corrupt {
                 dir,
@@ -38,6 +41,31 @@ impl StorageError {
             },
         }
     }
+}
+
+impl StorageError {
+    /// The same failure, once more, for each append a failed write answers.
+    pub(crate) fn again(&self) -> Self {
+        match self {
+            Self::DiskFull { dir } => Self::DiskFull { dir: dir.clone() },
+            Self::Locked { dir }
+            | Self::Corrupt { dir, .. }
+            | Self::Io { dir, .. }
+            | Self::Engine { dir, .. } => Self::Engine {
+                dir: dir.clone(),
+                detail: self.to_string(),
+            },
+        }
+    }
+}
+
+fn is_disk_full(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::StorageFull
+            | std::io::ErrorKind::QuotaExceeded
+            | std::io::ErrorKind::FileTooLarge
+    )
 }
 
 fn is_lock_error(error: &std::io::Error) -> bool {

@@ -492,10 +492,7 @@ impl Writer {
                     let error = StorageError::from_sled(&self.dir, error);
                     tracing::error!(%queue, %error, "queue append failed");
                     for (_, done) in waiting {
-                        done(Err(StorageError::Engine {
-                            dir: self.dir.clone(),
-                            detail: error.to_string(),
-                        }));
+                        done(Err(error.again()));
                     }
                 }
             }
@@ -521,10 +518,7 @@ impl Writer {
                 let error = StorageError::from_sled(&self.dir, error);
                 tracing::error!(%error, "queue flush failed; appends are not acknowledged");
                 for (done, _) in waiting.drain(..) {
-                    done(Err(StorageError::Engine {
-                        dir: self.dir.clone(),
-                        detail: error.to_string(),
-                    }));
+                    done(Err(error.again()));
                 }
             }
         }

@@ -173,6 +173,8 @@ fn presented_token(authorization: &str) -> Option<&str> {
 
 async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
     state.gateway.queues.update_gauges(&state.gateway.metrics);
+    let open_sockets = state.gateway.admission.open();
+    state.gateway.metrics.open_sockets.set(open_sockets as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.gateway.metrics.render(),

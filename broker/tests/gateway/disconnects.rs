@@ -320,3 +320,19 @@ async fn connections_spread_over_shards_and_all_receive_pushes() {
     );
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn invalid_close_codes_are_answered_with_1002_not_echoed() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&config_with(&backend, "")).await;
+    for code in [0u16, 999, 1004, 1005, 1006, 1016, 1100, 2000, 2999] {
+        let mut client = RawClient::connect(&gateway).await;
+        let id = connection_id(&backend.wait_for("/connect-log", |_| true).await);
+        client.send_frame(true, 8, &code.to_be_bytes()).await;
+        assert_eq!(client.close_code().await, 1002, "close code {code}");
+        let (reported, _) = status_and_reason(&disconnect_event(&backend, &id).await);
+        assert_eq!(reported, 1002, "disconnectStatusCode for {code}");
+        backend.clear();
+    }
+    gateway.stop().await;
+}

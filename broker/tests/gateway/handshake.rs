@@ -171,3 +171,25 @@ async fn silent_client_is_dropped_after_the_handshake_timeout() {
     assert!(matches!(read, Ok(0) | Err(_)), "connection closed");
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn malformed_upgrades_get_400_not_101() {
+    let gateway = TestGateway::start("").await;
+    let valid = "GET /dev HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    for (from, to) in [
+        ("HTTP/1.1", "HTTP/1.0"),
+        ("Host: x\r\n", ""),
+        ("dGhlIHNhbXBsZSBub25jZQ==", "***not-base64-at-all***"),
+        ("dGhlIHNhbXBsZSBub25jZQ==", "dG9vIHNob3J0"),
+    ] {
+        let mut stream = TcpStream::connect(gateway.ws_addr).await.unwrap();
+        let request = valid.replace(from, to);
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let head = read_head(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 400"), "{from} -> {to}: {head}");
+    }
+    let mut stream = TcpStream::connect(gateway.ws_addr).await.unwrap();
+    stream.write_all(valid.as_bytes()).await.unwrap();
+    assert!(read_head(&mut stream).await.starts_with("HTTP/1.1 101"));
+    gateway.stop().await;
+}

@@ -1,6 +1,8 @@
 //! Integration tests: the real gateway on port 0, real WebSocket clients, a real HTTP
 //! backend, real sled in a temp dir. One test binary, one module per concern.
 
+mod attacks;
+mod binary;
 mod disconnects;
 mod handshake;
 mod management;

@@ -305,3 +305,63 @@ async fn botocore_wire_requests_are_understood() {
     assert_eq!(delete.status(), 204);
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_need_a_token_off_loopback_or_when_configured() {
+    let backend = Backend::start().await;
+    let config = config_with(
+        &backend,
+        "[management]\ntokens = [\"s3cret\"]\npublic_metrics = false",
+    );
+    let gateway = TestGateway::start(&config).await;
+    let url = format!("http://{}/metrics", gateway.api_addr);
+    let client = http();
+    assert_eq!(client.get(&url).send().await.unwrap().status(), 403);
+    let authorized = client.get(&url).bearer_auth("s3cret").send().await.unwrap();
+    assert_eq!(authorized.status(), 200);
+    gateway.stop().await;
+    // On loopback with no setting, /metrics stays open for a local Prometheus.
+    let gateway = TestGateway::start(&config_with(
+        &backend,
+        "[management]\ntokens = [\"s3cret\"]",
+    ))
+    .await;
+    let url = format!("http://{}/metrics", gateway.api_addr);
+    assert_eq!(http().get(&url).send().await.unwrap().status(), 200);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn connection_ids_do_not_betray_their_neighbours() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&config_with(
+        &backend,
+        "[server]\nshards = 1\n[routes.canned]\nintegration = { type = \"http\", url = \"BACKEND/status/500\" }\nresponse = true",
+    )
+    .replace("BACKEND", &backend.url))
+    .await;
+    let (mut first, a) = gateway.connect_with_id(&backend).await;
+    let _second = gateway.connect().await;
+    let ids = backend.connected_ids(2).await;
+    let b = ids[1].clone();
+    assert_ne!(a, "AAAAAAAAAAEAAAAAAAAAAQ");
+    // The shard-local halves differ in about half their characters, not just the last.
+    let differing = a[11..]
+        .chars()
+        .zip(b[11..].chars())
+        .filter(|(x, y)| x != y)
+        .count();
+    assert!(differing >= 5, "{a} vs {b}");
+    // A requestId (here from an error frame) is never a connectionId of this gateway.
+    send_text(&mut first, r#"{"action":"canned"}"#).await;
+    let error = next_json(&mut first).await;
+    let request_id = error["requestId"].as_str().unwrap();
+    let status = http()
+        .get(gateway.api_url(&format!("/@connections/{request_id}")))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 410);
+    gateway.stop().await;
+}

@@ -214,6 +214,17 @@ async fn bulk_push_reports_delivered_and_gone() {
     assert_eq!(next_text(&mut a).await, "bulk text");
     assert_eq!(next_text(&mut b).await, "bulk text");
 
+    // An id named twice is sent once; a gone id named twice is reported once.
+    let twice = json!([a_id, a_id, c_id, c_id]);
+    let (status, body) = http()
+        .post(&url)
+        .json_body(&json!({"connectionIds": twice, "data": "once"}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["delivered"], 1);
+    assert_eq!(body["gone"], json!([c_id]));
+    assert_eq!(next_text(&mut a).await, "once");
+
     let binary = json!({"connectionIds": [a_id], "data_base64": "AAEC/w=="});
     let (status, body) = http().post(&url).json_body(&binary).await;
     assert_eq!((status, body["delivered"].clone()), (200, json!(1)));

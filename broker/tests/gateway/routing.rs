@@ -218,3 +218,23 @@ async fn a_burst_of_frames_is_answered_in_full_not_cut_as_a_slow_consumer() {
     }
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn frames_cannot_select_the_connect_or_disconnect_routes() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&chat_config(&backend)).await;
+    let (mut ws, _) = gateway.connect_with_id(&backend).await;
+    for action in ["$connect", "$disconnect"] {
+        let frame = format!(r#"{{"action":"{action}"}}"#);
+        send_text(&mut ws, &frame).await;
+        assert_eq!(next_text(&mut ws).await, frame, "went to $default (echo)");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        backend.events("/connect-log").len(),
+        1,
+        "only the handshake"
+    );
+    assert!(backend.events("/disconnect").is_empty());
+    gateway.stop().await;
+}

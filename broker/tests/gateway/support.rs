@@ -200,6 +200,11 @@ impl Backend {
             .collect()
     }
 
+    /// Forgets every event received so far.
+    pub(crate) fn clear(&self) {
+        self.events.lock().unwrap().clear();
+    }
+
     /// Every event received on `path` so far.
     pub(crate) fn events(&self, path: &str) -> Vec<Value> {
         self.events
@@ -420,4 +425,18 @@ integration = {{ type = "http", url = "{url}/disconnect" }}
 "#,
         url = backend.url
     )
+}
+
+/// The value of metric `name` in a Prometheus exposition, summed over its label sets;
+/// `name` may include labels (`x_total{result="ok"}`) to pick one.
+pub(crate) fn metric_value(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+        .filter(|(key, _)| {
+            *key == name || (key.starts_with(name) && key[name.len()..].starts_with('{'))
+        })
+        .filter_map(|(_, value)| value.parse::<f64>().ok())
+        .sum()
 }
