@@ -23,10 +23,6 @@ pub(crate) struct GatewayProcess {
 }
 
 impl GatewayProcess {
-    #[expect(
-        clippy::zombie_processes,
-        reason = "Drop kills and waits for the child"
-    )]
     pub(crate) fn start(config_path: &Path, extra_args: &[&str]) -> Self {
         let mut command = Command::new(BIN);
         command
@@ -48,6 +44,10 @@ impl GatewayProcess {
         Self::launch(command)
     }
 
+    #[expect(
+        clippy::zombie_processes,
+        reason = "Drop kills and waits for the child"
+    )]
     fn launch(mut command: Command) -> Self {
         let mut child = command
             .env("RUST_LOG", "info")
