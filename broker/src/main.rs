@@ -8,11 +8,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use switchboard::{Listeners, RawConfig};
 use tokio_util::sync::CancellationToken;
 
-/// mimalloc gives freed memory back to the OS within milliseconds (glibc's malloc keeps
-/// it in per-thread arenas): after a flood of connections or rooms ends, RSS comes back
-/// down (docs/SECURITY.md has the measurement).
+/// jemalloc with a background purging thread gives freed memory back to the OS within
+/// about a second (`.cargo/config.toml` sets its decay); glibc's malloc keeps it in
+/// per-thread arenas. After a flood of connections or rooms ends, RSS comes back down
+/// (docs/SECURITY.md has the measurement).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// `EX_USAGE`: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
