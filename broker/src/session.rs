@@ -186,9 +186,11 @@ async fn serve(
 ) -> DisconnectReason {
     let limits = &shard.gateway.config.limits;
     let mut incoming = Vec::new();
-    if let Err(error) = decoder.decode(&leftover, &mut incoming) {
-        return DisconnectReason::BadFrame(error);
-    }
+    // A protocol error ends the connection once the messages before it have been handled.
+    let mut broken = decoder
+        .decode(&leftover, &mut incoming)
+        .err()
+        .map(DisconnectReason::BadFrame);
     drop(leftover);
     // Decoded messages wait here while the connection has too much work outstanding (its
     // replies then back up into the client's socket instead of overflowing its queue) or
@@ -234,6 +236,11 @@ async fn serve(
             // The flush made room: carry on with the waiting messages.
             continue;
         }
+        if waiting.is_empty() {
+            if let Some(reason) = broken.take() {
+                return reason;
+            }
+        }
         let can_read = waiting.is_empty() && connection.in_flight() < MAX_IN_FLIGHT;
         if can_read && !throttle.client_ahead {
             // Caught up with everything the client sent: it is not over its limit.
@@ -260,6 +267,7 @@ async fn serve(
                         connection.touch();
                         throttle.client_ahead = filled_buffer;
                     }
+                    Err(reason @ DisconnectReason::BadFrame(_)) => broken = Some(reason),
                     Err(reason) => return reason,
                 }
                 waiting.extend(incoming.drain(..));
