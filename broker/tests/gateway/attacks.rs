@@ -434,13 +434,14 @@ async fn a_descriptor_reserve_keeps_the_api_and_the_503_working() {
 async fn clients_that_never_read_are_cut_by_the_memory_budget_and_memory_comes_back() {
     let dir = tempfile::tempdir().unwrap();
     let limits =
-        "outbound_memory_bytes = 16777216\nbytes_per_sec = 33554432\nbytes_burst = 33554432";
+        "outbound_memory_bytes = 8388608\nbytes_per_sec = 33554432\nbytes_burst = 33554432";
     let gateway = start(&dir, limits, "");
     let mut bystander = ws_client(&gateway).await;
     echo(&mut bystander, "warm").await;
     let baseline = gateway.rss_bytes();
 
-    // 24 clients each ask for 3 MB of echoes and never read: more than the 16 MiB budget.
+    // 24 clients ask for echoes and never read: each queue fills to half its 4 MiB before
+    // the gateway stops reading that client, far more than the 8 MiB budget.
     let payload = "e".repeat(30_000);
     let frame = masked_text(&payload);
     let mut clients = Vec::new();
@@ -454,8 +455,8 @@ async fn clients_that_never_read_are_cut_by_the_memory_budget_and_memory_comes_b
             flood(
                 &mut client.stream,
                 &frame,
-                Duration::from_secs(3),
-                Duration::from_millis(500),
+                Duration::from_secs(8),
+                Duration::from_secs(1),
             )
             .await;
             client
@@ -466,7 +467,7 @@ async fn clients_that_never_read_are_cut_by_the_memory_budget_and_memory_comes_b
         attackers.push(flooding.await.unwrap());
     }
     eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(15),
         "the budget cuts the biggest queues",
         async || {
             gateway
