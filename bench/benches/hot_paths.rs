@@ -1,10 +1,12 @@
 //! Hot paths of the gateway core: route selection on a typical frame, building the event
-//! JSON a backend receives, and encoding an outbound frame once.
+//! JSON a backend receives, encoding an outbound frame once, and the per-message inbound
+//! rate-limit check every client frame passes.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
 use switchboard::event::{self, ApiFacts, ConnectionFacts, EventKind, EventStamp, MessageBody};
 use switchboard::frame::{self, Opcode};
+use switchboard::limits::{InboundLimiter, Rate};
 use switchboard::selection::SelectionExpression;
 
 /// A typical ~200-byte chat frame.
@@ -65,5 +67,27 @@ fn frame_encode(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, route_selection, event_json, frame_encode);
+fn inbound_limit(c: &mut Criterion) {
+    // Limits high enough never to hold a message back: the cost of the check itself.
+    let messages = Rate {
+        per_sec: u64::MAX / 4,
+        burst: u64::MAX / 4,
+    };
+    let bytes = messages;
+    let mut limiter = InboundLimiter::new(Some(messages), Some(bytes), std::time::Instant::now());
+    c.bench_function("inbound_limit/admit_200B", |b| {
+        b.iter(|| {
+            let now = std::time::Instant::now();
+            limiter.admit(black_box(FRAME.len()), now)
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    route_selection,
+    event_json,
+    frame_encode,
+    inbound_limit
+);
 criterion_main!(benches);

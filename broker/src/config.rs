@@ -980,6 +980,44 @@ response = true
     }
 
     #[test]
+    fn queues_keep_a_bounded_size_and_age_by_default() {
+        let text = "[routes.q]\nintegration = { type = \"queue\", queue = \"orders\" }\n[queues.audit]\nmax_messages = 5";
+        let config = RawConfig::parse(text).unwrap().validate().unwrap();
+        for queue in &config.queues {
+            assert_eq!(queue.retention.max_bytes, Some(1 << 30), "{}", queue.name);
+            assert_eq!(
+                queue.retention.max_age,
+                Some(Duration::from_secs(7 * 24 * 3600)),
+                "{}",
+                queue.name
+            );
+        }
+        assert_eq!(config.queues.len(), 2);
+        assert!(error_of("[queues.x]\nmax_bytes = 0").contains("queues.x"));
+    }
+
+    #[test]
+    fn limits_are_on_by_default_and_zero_turns_a_rate_off() {
+        let config = RawConfig::parse("").unwrap().validate().unwrap();
+        let limits = &config.limits;
+        assert_eq!(limits.inbound.messages.map(|r| r.per_sec), Some(100));
+        assert_eq!(limits.inbound.bytes.map(|r| r.burst), Some(2 << 20));
+        assert_eq!(limits.per_ip.max_connections, 1000);
+        assert!(limits.per_ip.connects.is_some());
+        assert!(config.management.public_metrics, "loopback listener");
+        let off = RawConfig::parse("[limits]\nmessages_per_sec = 0\nconnects_per_sec_per_ip = 0")
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert!(off.limits.inbound.messages.is_none() && off.limits.per_ip.connects.is_none());
+        assert!(
+            error_of("[limits]\nmessages_per_sec = 10\nmessage_burst = 5")
+                .contains("limits.message_burst")
+        );
+        assert!(error_of("[limits]\nipv6_prefix_len = 0").contains("limits.ipv6_prefix_len"));
+    }
+
+    #[test]
     fn check_config_output_round_trips() {
         let raw = RawConfig::parse(DEMO_CONFIG).unwrap();
         let again = RawConfig::parse(&raw.to_toml()).unwrap();

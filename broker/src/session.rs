@@ -196,34 +196,11 @@ async fn serve(
     // replies then back up into the client's socket instead of overflowing its queue) or
     // while its rate limit holds them back.
     let mut waiting: VecDeque<Incoming> = incoming.drain(..).collect();
-    let mut limiter = InboundLimiter::new(
-        limits.inbound.messages,
-        limits.inbound.bytes,
-        Instant::now().into_std(),
-    );
-    let mut throttle = Throttle::default();
+    let mut throttle = Throttle::new(limits);
     let stream = connection.stream();
     loop {
-        while throttle.until.is_none() && can_take_work(connection) {
-            let Some(message) = waiting.front() else {
-                break;
-            };
-            let now = Instant::now();
-            if let Err(wait) = limiter.admit(message_cost(message), now.into_std()) {
-                shard.gateway.metrics.inbound_throttled.inc();
-                if throttle.held_back_since(now) >= limits.throttle_disconnect {
-                    shard.gateway.metrics.rate_limited.inc();
-                    return DisconnectReason::RateLimited;
-                }
-                throttle.until = Some(now + wait);
-                break;
-            }
-            let Some(message) = waiting.pop_front() else {
-                break;
-            };
-            if let Some(reason) = handle_incoming(shard, connection, message) {
-                return reason;
-            }
+        if let Err(reason) = handle_waiting(shard, connection, &mut waiting, &mut throttle) {
+            return reason;
         }
         if let Some(reason) = connection.take_close_request() {
             return reason;
@@ -276,6 +253,42 @@ async fn serve(
     }
 }
 
+/// Handles waiting messages while the connection may take work and its rate limit lets
+/// them through; `Err` ends the connection.
+fn handle_waiting(
+    shard: &Rc<Shard>,
+    connection: &Rc<Connection>,
+    waiting: &mut VecDeque<Incoming>,
+    throttle: &mut Throttle,
+) -> Result<(), DisconnectReason> {
+    let metrics = &shard.gateway.metrics;
+    while throttle.until.is_none() && can_take_work(connection) {
+        let Some(message) = waiting.front() else {
+            break;
+        };
+        let now = Instant::now();
+        if let Err(wait) = throttle
+            .limiter
+            .admit(message_cost(message), now.into_std())
+        {
+            metrics.inbound_throttled.inc();
+            if throttle.held_back_since(now) >= throttle.disconnect_after {
+                metrics.rate_limited.inc();
+                return Err(DisconnectReason::RateLimited);
+            }
+            throttle.until = Some(now + wait);
+            break;
+        }
+        if let Some(reason) = waiting
+            .pop_front()
+            .and_then(|message| handle_incoming(shard, connection, message))
+        {
+            return Err(reason);
+        }
+    }
+    Ok(())
+}
+
 /// Whether the connection may start work for another message: few enough integration
 /// calls running, and room in its outbound queue for their replies.
 fn can_take_work(connection: &Connection) -> bool {
@@ -292,8 +305,11 @@ fn message_cost(message: &Incoming) -> usize {
 }
 
 /// A connection's rate-limit state in the session loop.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Throttle {
+    limiter: InboundLimiter,
+    /// `limits.throttle_disconnect_secs`.
+    disconnect_after: std::time::Duration,
     /// When the message at the head of the queue may go.
     until: Option<Instant>,
     /// Since when the client has been held back without ever being caught up with.
@@ -303,6 +319,17 @@ struct Throttle {
 }
 
 impl Throttle {
+    fn new(limits: &crate::config::Limits) -> Self {
+        let now = std::time::Instant::now();
+        Self {
+            limiter: InboundLimiter::new(limits.inbound.messages, limits.inbound.bytes, now),
+            disconnect_after: limits.throttle_disconnect,
+            until: None,
+            since: None,
+            client_ahead: false,
+        }
+    }
+
     /// Marks the client as held back now; returns for how long it has been, unbroken.
     fn held_back_since(&mut self, now: Instant) -> std::time::Duration {
         now.saturating_duration_since(*self.since.get_or_insert(now))
