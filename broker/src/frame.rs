@@ -239,7 +239,8 @@ impl MessageDecoder {
     ) -> Result<usize, ProtocolError> {
         let mut used = 0;
         while let Some(header) = self.parse_header(&input[used..])? {
-            let total = header.header_len + header.payload_len;
+            // Saturating: with limits near usize::MAX a claimed 64-bit length must not wrap.
+            let total = header.header_len.saturating_add(header.payload_len);
             if input.len() - used < total {
                 break;
             }
@@ -483,6 +484,14 @@ pub(crate) mod tests {
         );
         let err = decode_all(&client_frame(true, 0, b"x")).unwrap_err();
         assert_eq!(err.close_code(), close_code::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn a_huge_claimed_length_under_huge_limits_waits_instead_of_overflowing() {
+        // Found by the frame_decoder fuzz target with limits no config can set.
+        let mut decoder = MessageDecoder::new(usize::MAX, usize::MAX);
+        let header = [0x82, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4];
+        assert_eq!(decoder.decode(&header, &mut Vec::new()), Ok(()));
     }
 
     #[test]
