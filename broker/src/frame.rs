@@ -490,7 +490,9 @@ pub(crate) mod tests {
     fn a_huge_claimed_length_under_huge_limits_waits_instead_of_overflowing() {
         // Found by the frame_decoder fuzz target with limits no config can set.
         let mut decoder = MessageDecoder::new(usize::MAX, usize::MAX);
-        let header = [0x82, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4];
+        let header = [
+            0x82, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4,
+        ];
         assert_eq!(decoder.decode(&header, &mut Vec::new()), Ok(()));
     }
 

@@ -219,9 +219,19 @@ async fn serve(
             }
         }
         let can_read = waiting.is_empty() && connection.in_flight() < MAX_IN_FLIGHT;
-        if can_read && !throttle.client_ahead {
-            // Caught up with everything the client sent: it is not over its limit.
-            throttle.since = None;
+        if can_read && throttle.since.is_some() {
+            // Everything read so far is handled: if the socket holds nothing more, the
+            // client is not ahead of its limit any longer.
+            match read_frames(stream, decoder, &mut incoming) {
+                Ok(ReadOutcome::Nothing) => throttle.since = None,
+                Ok(ReadOutcome::Read) => connection.touch(),
+                Err(reason @ DisconnectReason::BadFrame(_)) => broken = Some(reason),
+                Err(reason) => return reason,
+            }
+            if !incoming.is_empty() || broken.is_some() {
+                waiting.extend(incoming.drain(..));
+                continue;
+            }
         }
         tokio::select! {
             biased;
@@ -240,10 +250,7 @@ async fn serve(
                 }
                 match read_frames(stream, decoder, &mut incoming) {
                     Ok(ReadOutcome::Nothing) => {}
-                    Ok(ReadOutcome::Read { filled_buffer }) => {
-                        connection.touch();
-                        throttle.client_ahead = filled_buffer;
-                    }
+                    Ok(ReadOutcome::Read) => connection.touch(),
                     Err(reason @ DisconnectReason::BadFrame(_)) => broken = Some(reason),
                     Err(reason) => return reason,
                 }
@@ -314,8 +321,6 @@ struct Throttle {
     until: Option<Instant>,
     /// Since when the client has been held back without ever being caught up with.
     since: Option<Instant>,
-    /// The last read filled the whole buffer: the kernel likely holds more.
-    client_ahead: bool,
 }
 
 impl Throttle {
@@ -326,7 +331,6 @@ impl Throttle {
             disconnect_after: limits.throttle_disconnect,
             until: None,
             since: None,
-            client_ahead: false,
         }
     }
 
@@ -366,12 +370,9 @@ fn handle_incoming(
 
 /// What one read from the socket brought.
 enum ReadOutcome {
-    /// A spurious wake-up.
+    /// Nothing was waiting (a spurious wake-up, or a check).
     Nothing,
-    Read {
-        /// The read filled the scratch buffer: more is probably waiting in the kernel.
-        filled_buffer: bool,
-    },
+    Read,
 }
 
 /// Reads what the socket has into the shard's scratch buffer and decodes it.
@@ -384,9 +385,7 @@ fn read_frames(
         Ok(0) => Err(DisconnectReason::ConnectionLost),
         Ok(n) => decoder
             .decode(&scratch[..n], incoming)
-            .map(|()| ReadOutcome::Read {
-                filled_buffer: n == scratch.len(),
-            })
+            .map(|()| ReadOutcome::Read)
             .map_err(DisconnectReason::BadFrame),
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(ReadOutcome::Nothing),
         Err(_) => Err(DisconnectReason::ConnectionLost),
