@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::selection::SelectionExpression;
+use crate::transport::TlsEndpoint;
 
 /// The embedded demo: echo on `$default`, rooms on join/leave/publish, no backend needed.
 pub const DEMO_CONFIG: &str = include_str!("demo.toml");
@@ -119,6 +120,31 @@ pub struct RawServer {
     /// File descriptors kept back from client sockets, so the management API, backend
     /// calls, storage and the 503 answer still work when clients hold every other one.
     pub fd_reserve: usize,
+    /// `wss://` on `listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawTls>,
+}
+
+/// A listener's certificate and key (PEM files); reloaded on SIGHUP.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key: PKCS#8, RSA or EC.
+    pub key: PathBuf,
+}
+
+impl RawTls {
+    fn load(&self, table: &str) -> Result<TlsEndpoint, ConfigError> {
+        TlsEndpoint::load(&self.cert, &self.key).map_err(|error| {
+            let key = match error {
+                crate::transport::TlsError::Key { .. } => "key",
+                _ => "cert",
+            };
+            invalid(format!("{table}.{key}"), error.to_string())
+        })
+    }
 }
 
 impl Default for RawServer {
@@ -130,6 +156,7 @@ impl Default for RawServer {
             max_connections: 100_000,
             node_id: 0,
             fd_reserve: 1024,
+            tls: None,
         }
     }
 }
@@ -150,6 +177,9 @@ pub struct RawManagement {
     pub header_timeout_secs: u64,
     /// A request body that has not fully arrived within this is answered 408.
     pub body_timeout_secs: u64,
+    /// `https://` on `listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawTls>,
 }
 
 impl Default for RawManagement {
@@ -161,6 +191,7 @@ impl Default for RawManagement {
             max_connections: 256,
             header_timeout_secs: 30,
             body_timeout_secs: 30,
+            tls: None,
         }
     }
 }
@@ -340,6 +371,7 @@ pub struct ServerConfig {
     pub max_connections: usize,
     pub node_id: u16,
     pub fd_reserve: usize,
+    pub tls: Option<TlsEndpoint>,
 }
 
 #[derive(Debug, Clone)]
@@ -352,6 +384,7 @@ pub struct ManagementConfig {
     /// Also the keep-alive idle timeout: the next request's headers must come within it.
     pub header_timeout: Duration,
     pub body_timeout: Duration,
+    pub tls: Option<TlsEndpoint>,
 }
 
 #[derive(Debug, Clone)]
@@ -557,6 +590,11 @@ impl RawServer {
             max_connections: self.max_connections,
             node_id: self.node_id,
             fd_reserve: self.fd_reserve,
+            tls: self
+                .tls
+                .as_ref()
+                .map(|tls| tls.load("server.tls"))
+                .transpose()?,
         })
     }
 }
@@ -604,6 +642,11 @@ impl RawManagement {
                 "body_timeout_secs",
                 self.body_timeout_secs,
             )?),
+            tls: self
+                .tls
+                .as_ref()
+                .map(|tls| tls.load("management.tls"))
+                .transpose()?,
         })
     }
 }

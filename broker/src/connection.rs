@@ -11,7 +11,6 @@ use std::time::Instant;
 use std::io::IoSlice;
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
 
 use crate::clock;
 use crate::connection_id::ConnectionId;
@@ -19,6 +18,7 @@ use crate::disconnect::DisconnectReason;
 use crate::event::ConnectionFacts;
 use crate::metrics::Metrics;
 use crate::outbound::{MAX_IOVECS, OutboundQueue, SharedFrame};
+use crate::transport::Socket;
 
 /// The connection is closed or closing: the push was not delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,9 +35,9 @@ pub struct ConnectionInfo {
 
 pub struct Connection {
     pub id: ConnectionId,
-    /// The socket. Shared by the session (reads, its own replies) and the shard's fan-out
-    /// write pass; both run on the shard's thread, never at once.
-    stream: TcpStream,
+    /// The socket (TCP or TLS). Shared by the session (reads, its own replies) and the
+    /// shard's fan-out write pass; both run on the shard's thread, never at once.
+    stream: Socket,
     /// Queued on the shard's list for its next write pass.
     dirty: Cell<bool>,
     pub facts: ConnectionFacts,
@@ -67,7 +67,7 @@ impl Connection {
     pub fn new(
         id: ConnectionId,
         facts: ConnectionFacts,
-        stream: TcpStream,
+        stream: Socket,
         queue: OutboundQueue,
         expires_at: Instant,
     ) -> Self {
@@ -142,7 +142,8 @@ impl Connection {
                 if wrote {
                     self.touch();
                 }
-                return Ok(false);
+                // TLS may still hold records the socket had no room for.
+                return self.stream.flush_pending();
             }
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let count = queue.io_slices(&mut slices);
@@ -160,7 +161,7 @@ impl Connection {
     }
 
     /// The connection's socket.
-    pub(crate) fn stream(&self) -> &TcpStream {
+    pub(crate) fn stream(&self) -> &Socket {
         &self.stream
     }
 

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use base64::Engine;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::event::HandshakeRequest;
@@ -173,8 +173,8 @@ pub enum ReadError {
 }
 
 /// Reads the request head within `timeout`.
-pub async fn read_upgrade(
-    stream: &mut TcpStream,
+pub async fn read_upgrade<S: AsyncRead + Unpin>(
+    stream: &mut S,
     stage: &str,
     timeout: Duration,
 ) -> Result<UpgradeRequest, ReadError> {
@@ -261,7 +261,7 @@ pub async fn refuse_and_close(mut stream: TcpStream, response: &[u8]) {
 }
 
 /// Writes `response` and closes the write side.
-pub async fn respond_and_close(stream: &mut TcpStream, response: &[u8]) {
+pub async fn respond_and_close<S: AsyncWrite + Unpin>(stream: &mut S, response: &[u8]) {
     let _ = stream.write_all(response).await;
     let _ = stream.shutdown().await;
 }

@@ -35,6 +35,7 @@ pub mod selection;
 pub mod server;
 pub mod session;
 pub mod shard;
+pub mod transport;
 
 pub use config::{Config, ConfigError, RawConfig};
 pub use server::{Listeners, ServeError, serve};

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use switchboard::transport::TlsEndpoint;
 use switchboard::{Listeners, RawConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -142,15 +143,53 @@ fn run(config: switchboard::Config) -> anyhow::Result<()> {
         // must shut down gracefully, not kill the process.
         let signals = ShutdownSignals::install().context("cannot install signal handlers")?;
         tracing::info!(
-            gateway = %format!("ws://{}/{}", listeners.gateway_addr(), config.api.stage),
-            management = %format!("http://{}/{}/@connections", listeners.management_addr(), config.api.stage),
+            gateway = %format!(
+                "{}://{}/{}",
+                if config.server.tls.is_some() { "wss" } else { "ws" },
+                listeners.gateway_addr(),
+                config.api.stage
+            ),
+            management = %format!(
+                "{}://{}/{}/@connections",
+                if config.management.tls.is_some() { "https" } else { "http" },
+                listeners.management_addr(),
+                config.api.stage
+            ),
             "listening"
         );
         let shutdown = CancellationToken::new();
+        let endpoints: Vec<TlsEndpoint> = [&config.server.tls, &config.management.tls]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        if !endpoints.is_empty() {
+            let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .context("cannot install the SIGHUP handler")?;
+            tokio::spawn(reload_certificates_on_hangup(hangups, endpoints));
+        }
         tokio::spawn(signals.stop(shutdown.clone()));
         switchboard::serve(config, listeners, shutdown).await?;
         Ok(())
     })
+}
+
+/// Reloads every listener's certificate files at each SIGHUP (certbot renewals): new
+/// connections get the new certificate, open ones are not touched.
+async fn reload_certificates_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    endpoints: Vec<TlsEndpoint>,
+) {
+    while hangups.recv().await.is_some() {
+        for endpoint in &endpoints {
+            match endpoint.reload() {
+                Ok(()) => tracing::info!(?endpoint, "certificate reloaded"),
+                Err(error) => {
+                    tracing::error!(%error, "certificate reload failed; keeping the old one")
+                }
+            }
+        }
+    }
 }
 
 /// SIGTERM and SIGINT, registered before the gateway announces itself.

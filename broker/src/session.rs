@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -27,6 +27,7 @@ use crate::limits::{AdmissionTicket, InboundLimiter};
 use crate::metrics::Metrics;
 use crate::outbound::OutboundQueue;
 use crate::shard::Shard;
+use crate::transport::{Socket, TlsSocket};
 
 /// Size of the per-shard read buffer every connection on the shard borrows.
 const SCRATCH_BYTES: usize = 64 * 1024;
@@ -42,17 +43,10 @@ thread_local! {
 
 /// Runs a connection accepted by `shard` and admitted under `ticket`, which it holds
 /// until the socket closes.
-pub async fn run(
-    shard: Rc<Shard>,
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    ticket: AdmissionTicket,
-) {
+pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, ticket: AdmissionTicket) {
     let _ticket = ticket;
     let _ = stream.set_nodelay(true);
-    // Boxed so the handshake's state (request headers, `$connect` call) is freed before
-    // the connection settles in for hours: an idle connection keeps only what it needs.
-    let Some(accepted) = Box::pin(handshake(&shard, &mut stream, peer)).await else {
+    let Some((socket, accepted)) = open(&shard, stream, peer).await else {
         return;
     };
     let Accepted {
@@ -64,7 +58,7 @@ pub async fn run(
     let limits = &gateway.config.limits;
     let queue = OutboundQueue::new(limits.outbound_queue_frames, limits.outbound_queue_bytes);
     let expires_at = std::time::Instant::now() + limits.max_connection_duration;
-    let connection = Rc::new(Connection::new(id, facts, stream, queue, expires_at));
+    let connection = Rc::new(Connection::new(id, facts, socket, queue, expires_at));
     shard.record(|changes| {
         changes.upsert(switchboard_storage::ConnectionRecord {
             connection_id: connection.facts.connection_id.clone(),
@@ -95,6 +89,38 @@ pub async fn run(
     dispatch::fire_disconnect(&shard, facts, reason);
 }
 
+/// The TLS handshake (with `server.tls`), then the WebSocket handshake. Boxed so their
+/// state (request headers, `$connect` call) is freed before the connection settles in for
+/// hours: an idle connection keeps only what it needs.
+async fn open(
+    shard: &Rc<Shard>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<(Socket, Accepted)> {
+    let Some(tls) = shard.gateway.config.server.tls.as_ref() else {
+        let accepted = Box::pin(handshake(shard, &mut stream, peer)).await?;
+        return Some((Socket::Plain(stream), accepted));
+    };
+    let timeout = shard.gateway.config.limits.handshake_timeout;
+    let mut stream = match tokio::time::timeout(timeout, tls.acceptor().accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "TLS handshake failed");
+            shard
+                .gateway
+                .metrics
+                .connections_total
+                .with_label_values(&["tls_error"])
+                .inc();
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let accepted = Box::pin(handshake(shard, &mut stream, peer)).await?;
+    let (tcp, tls) = stream.into_inner();
+    Some((Socket::Tls(Box::new(TlsSocket::new(tcp, tls))), accepted))
+}
+
 /// A connection that passed `$connect` and got its 101.
 struct Accepted {
     id: ConnectionId,
@@ -104,9 +130,9 @@ struct Accepted {
 }
 
 /// Reads the upgrade request, admits the connection, runs `$connect` and answers.
-async fn handshake(
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     shard: &Rc<Shard>,
-    stream: &mut TcpStream,
+    stream: &mut S,
     peer: SocketAddr,
 ) -> Option<Accepted> {
     let gateway = &shard.gateway;
@@ -377,7 +403,7 @@ enum ReadOutcome {
 
 /// Reads what the socket has into the shard's scratch buffer and decodes it.
 fn read_frames(
-    stream: &TcpStream,
+    stream: &Socket,
     decoder: &mut MessageDecoder,
     incoming: &mut Vec<Incoming>,
 ) -> Result<ReadOutcome, DisconnectReason> {
@@ -432,6 +458,6 @@ async fn close(
     }
     // Other holders of the connection (an in-flight integration call) may keep the socket
     // open a little longer; the FIN goes out now.
-    let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+    stream.shutdown_write();
     reason
 }

@@ -5,7 +5,8 @@
 //! sockets forever and share the process's file-descriptor table with the gateway. Here
 //! each connection needs one of `management.max_connections` permits before it is
 //! accepted (the rest wait in the kernel's backlog), and a connection whose next request's
-//! headers do not arrive within `management.header_timeout_secs` is closed.
+//! headers do not arrive within `management.header_timeout_secs` is closed. With
+//! `management.tls` the TLS handshake runs in the connection's task, under the same timeout.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,18 +58,17 @@ pub async fn serve(
                 }
             },
         };
-        let service = TowerToHyperService::new(app.clone());
-        let connection = http.serve_connection(TokioIo::new(stream), service);
-        let stop = shutdown.clone();
+        let (http, app, stop) = (http.clone(), app.clone(), shutdown.clone());
+        let tls = config.tls.clone();
+        let handshake_timeout = config.header_timeout;
         connections.spawn(async move {
             let _permit = permit;
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = stop.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
+            let Some(tls) = tls else {
+                return serve_connection(&http, TokioIo::new(stream), app, stop).await;
+            };
+            let accepted = tokio::time::timeout(handshake_timeout, tls.acceptor().accept(stream));
+            if let Ok(Ok(stream)) = accepted.await {
+                serve_connection(&http, TokioIo::new(stream), app, stop).await;
             }
         });
     }
@@ -81,5 +81,26 @@ pub async fn serve(
         tracing::warn!(
             "management requests still running after {SHUTDOWN_GRACE:?}; abandoning them"
         );
+    }
+}
+
+/// Serves one connection's requests until it closes, or until shutdown lets the request in
+/// progress finish.
+async fn serve_connection<I>(
+    http: &hyper::server::conn::http1::Builder,
+    io: I,
+    app: Router,
+    stop: CancellationToken,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let connection = http.serve_connection(io, TowerToHyperService::new(app));
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
     }
 }

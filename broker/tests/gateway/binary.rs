@@ -69,7 +69,9 @@ impl GatewayProcess {
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .expect("the gateway logs its addresses at start");
             startup_lines.push(line.clone());
-            if let (Some(ws), Some(api)) = (field(&line, "ws://"), field(&line, "http://")) {
+            let ws = field(&line, "ws://").or_else(|| field(&line, "wss://"));
+            let api = field(&line, "http://").or_else(|| field(&line, "https://"));
+            if let (Some(ws), Some(api)) = (ws, api) {
                 return Self {
                     child,
                     ws_url: ws,
@@ -83,13 +85,13 @@ impl GatewayProcess {
 
     /// `host:port` of the WebSocket listener.
     pub(crate) fn ws_addr(&self) -> std::net::SocketAddr {
-        let rest = self.ws_url.trim_start_matches("ws://");
+        let rest = self.ws_url.split("://").nth(1).unwrap();
         rest.split('/').next().unwrap().parse().unwrap()
     }
 
     /// `host:port` of the management API.
     pub(crate) fn api_addr(&self) -> std::net::SocketAddr {
-        let rest = self.api_url.trim_start_matches("http://");
+        let rest = self.api_url.split("://").nth(1).unwrap();
         rest.split('/').next().unwrap().parse().unwrap()
     }
 

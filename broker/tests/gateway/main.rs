@@ -11,3 +11,4 @@ mod queues;
 mod rooms;
 mod routing;
 mod support;
+mod tls;

@@ -1,0 +1,188 @@
+//! `wss://` and `https://`: a test CA made with rcgen, clients that trust only it, and a
+//! certificate swapped under live connections with SIGHUP.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::binary::*;
+
+/// A test certificate authority and a server certificate it issued for localhost.
+struct TestPki {
+    ca: CertificateDer<'static>,
+    /// The server certificate (DER), to tell which one a client was shown.
+    leaf: CertificateDer<'static>,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl TestPki {
+    fn new(name: &str) -> Self {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf_params =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .unwrap();
+        let leaf = leaf_params.signed_by(&leaf_key, &ca).unwrap();
+        Self {
+            ca: ca.der().clone(),
+            leaf: leaf.der().clone(),
+            cert_pem: leaf.pem(),
+            key_pem: leaf_key.serialize_pem(),
+        }
+    }
+
+    /// Writes the certificate and key where a config points.
+    fn install(&self, cert: &Path, key: &Path) {
+        std::fs::write(cert, &self.cert_pem).unwrap();
+        std::fs::write(key, &self.key_pem).unwrap();
+    }
+
+    fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(config)
+    }
+}
+
+type TlsWs = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// A `wss://` client trusting `pki`'s CA; returns it and the certificate it was shown.
+async fn wss_client(pki: &TestPki, addr: std::net::SocketAddr) -> (TlsWs, CertificateDer<'static>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let connector = TlsConnector::from(pki.client_config());
+    let name = ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let shown = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let (ws, _) = tokio_tungstenite::client_async("wss://localhost/dev", tls)
+        .await
+        .unwrap();
+    (ws, shown)
+}
+
+async fn tls_echo(ws: &mut TlsWs, text: &str) {
+    use futures_util::{SinkExt, StreamExt};
+    ws.send(tokio_tungstenite::tungstenite::Message::text(text))
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.into_text().unwrap().as_str(), text);
+}
+
+fn tls_config(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let body = "[routes.\"$default\"]\nintegration = { type = \"echo\" }\n[limits]\nmessages_per_sec = 0\nbytes_per_sec = 0\n";
+    let path = write_config(dir, body);
+    let tls = format!(
+        "[server.tls]\ncert = \"{c}\"\nkey = \"{k}\"\n[management.tls]\ncert = \"{c}\"\nkey = \"{k}\"\n",
+        c = cert.display(),
+        k = key.display()
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{text}{tls}")).unwrap();
+    (path, cert, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_and_https_serve_clients_that_trust_the_ca_and_reload_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, cert, key) = tls_config(dir.path());
+    let first = TestPki::new("first");
+    first.install(&cert, &key);
+    let gateway = GatewayProcess::start(&config, &[]);
+    assert!(gateway.ws_url.starts_with("wss://"), "{}", gateway.ws_url);
+    let addr = gateway.ws_addr();
+
+    let (mut early, shown) = wss_client(&first, addr).await;
+    assert_eq!(shown, first.leaf);
+    tls_echo(&mut early, "over tls").await;
+    // A frame near the size limit crosses several TLS records both ways.
+    let big = "x".repeat(30_000);
+    tls_echo(&mut early, &big).await;
+
+    // HTTPS on the management API, with a client that trusts only the test CA.
+    let https = reqwest::Client::builder()
+        .use_preconfigured_tls((*first.client_config()).clone())
+        .build()
+        .unwrap();
+    let health = https
+        .get(format!(
+            "https://localhost:{}/health",
+            gateway.api_addr().port()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+
+    // A renewed certificate (another CA, even) is picked up on SIGHUP by new connections;
+    // the connection made before keeps working.
+    let second = TestPki::new("second");
+    second.install(&cert, &key);
+    gateway.signal("-HUP");
+    let mut renewed = None;
+    for _ in 0..50 {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let connector = TlsConnector::from(second.client_config());
+        let name = ServerName::try_from("localhost").unwrap();
+        if let Ok(tls) = connector.connect(name, tcp).await {
+            renewed = Some(tls.get_ref().1.peer_certificates().unwrap()[0].clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        renewed,
+        Some(second.leaf.clone()),
+        "the new certificate is served"
+    );
+    let (mut late, _) = wss_client(&second, addr).await;
+    tls_echo(&mut late, "after the reload").await;
+    tls_echo(&mut early, "the old connection stays").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_clients_and_bad_certificates_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, cert, key) = tls_config(dir.path());
+    let pki = TestPki::new("only");
+    pki.install(&cert, &key);
+    let gateway = GatewayProcess::start(&config, &[]);
+    // A plain ws:// handshake gets no 101.
+    let plain = format!("ws://{}/dev", gateway.ws_addr());
+    assert!(tokio_tungstenite::connect_async(plain).await.is_err());
+    let (mut ws, _) = wss_client(&pki, gateway.ws_addr()).await;
+    tls_echo(&mut ws, "still fine").await;
+    drop(gateway);
+
+    // A key that does not match the certificate refuses to start, naming the key.
+    let other = TestPki::new("other");
+    std::fs::write(&key, &other.key_pem).unwrap();
+    let output = run(&["check-config", config.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("server.tls.key"), "{stderr}");
+    std::fs::write(&cert, "not a certificate").unwrap();
+    let output = run(&["check-config", config.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("server.tls.cert"));
+}
