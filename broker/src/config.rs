@@ -165,8 +165,11 @@ impl Default for RawServer {
 #[serde(default, deny_unknown_fields)]
 pub struct RawManagement {
     pub listen: String,
-    /// Bearer tokens; required when `listen` is not a loopback address.
+    /// Bearer tokens; tokens or `aws_keys` are required when `listen` is not loopback.
     pub tokens: Vec<String>,
+    /// Key pairs whose AWS Signature V4 (service `execute-api`) the API accepts.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub aws_keys: Vec<RawAwsKey>,
     /// Whether `/metrics` is served without a token. Default: only on a loopback listener.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_metrics: Option<bool>,
@@ -182,11 +185,20 @@ pub struct RawManagement {
     pub tls: Option<RawTls>,
 }
 
+/// `[[management.aws_keys]]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAwsKey {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
 impl Default for RawManagement {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9090".into(),
             tokens: Vec::new(),
+            aws_keys: Vec::new(),
             public_metrics: None,
             max_connections: 256,
             header_timeout_secs: 30,
@@ -378,6 +390,7 @@ pub struct ServerConfig {
 pub struct ManagementConfig {
     pub listen: SocketAddr,
     pub tokens: Vec<String>,
+    pub aws_keys: Vec<crate::auth::sigv4::AwsKey>,
     /// `/metrics` needs no token.
     pub public_metrics: bool,
     pub max_connections: usize,
@@ -609,10 +622,20 @@ pub fn default_shards(cores: usize) -> usize {
 impl RawManagement {
     fn validate(&self) -> Result<ManagementConfig, ConfigError> {
         let listen = parse_addr("management.listen", &self.listen)?;
-        if !listen.ip().is_loopback() && self.tokens.is_empty() {
+        if !listen.ip().is_loopback() && self.tokens.is_empty() && self.aws_keys.is_empty() {
             return Err(invalid(
                 "management.tokens",
-                "required when management.listen is not a loopback address",
+                "tokens or aws_keys are required when management.listen is not a loopback address",
+            ));
+        }
+        if self
+            .aws_keys
+            .iter()
+            .any(|k| k.access_key_id.trim().is_empty() || k.secret_access_key.is_empty())
+        {
+            return Err(invalid(
+                "management.aws_keys",
+                "access_key_id and secret_access_key must not be empty",
             ));
         }
         if self.tokens.iter().any(|t| t.trim().is_empty()) {
@@ -632,6 +655,14 @@ impl RawManagement {
         Ok(ManagementConfig {
             listen,
             tokens: self.tokens.clone(),
+            aws_keys: self
+                .aws_keys
+                .iter()
+                .map(|k| crate::auth::sigv4::AwsKey {
+                    access_key_id: k.access_key_id.clone(),
+                    secret_access_key: k.secret_access_key.clone(),
+                })
+                .collect(),
             public_metrics: self.public_metrics.unwrap_or(listen.ip().is_loopback()),
             max_connections: self.max_connections,
             header_timeout: Duration::from_secs(positive(

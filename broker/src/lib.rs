@@ -13,6 +13,7 @@
 //!   [`integration`]'s reply parsing, [`outbound`], [`disconnect`], [`rooms`], the
 //!   [`fanout`] planner.
 
+pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod connection;

@@ -14,7 +14,7 @@ use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
 use axum::extract::{Query, RawQuery};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -22,6 +22,7 @@ use base64::Engine;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::auth::{self, sigv4};
 use crate::clock;
 use crate::connection_id::ConnectionId;
 use crate::fanout::{self, FanoutPlan};
@@ -59,6 +60,8 @@ pub enum ApiError {
     BodyTimeout(std::time::Duration),
     #[error("{0}")]
     LimitExceeded(String),
+    #[error("{0}")]
+    Signature(sigv4::SigV4Error),
 }
 
 impl IntoResponse for ApiError {
@@ -79,6 +82,7 @@ impl IntoResponse for ApiError {
             Self::Unauthorized => (StatusCode::FORBIDDEN, "ForbiddenException"),
             Self::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "RequestTimeoutException"),
             Self::LimitExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "LimitExceededException"),
+            Self::Signature(error) => (StatusCode::FORBIDDEN, error.error_type()),
         };
         let mut response =
             (status, axum::Json(json!({ "message": self.to_string() }))).into_response();
@@ -125,50 +129,52 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// With `management.tokens` set, a request needs `Authorization: Bearer TOKEN`, or an AWS
-/// SigV4 header whose access key id is a token (so SDK clients can authenticate with the
-/// token as their access key; the signature itself is not checked).
+/// With `management.tokens` or `management.aws_keys` set, a request needs
+/// `Authorization: Bearer TOKEN` or an AWS Signature V4 that verifies against one of the
+/// keys (the body is read first: the signature covers its hash). With neither set (the
+/// loopback-only default) every request is let through.
 async fn authenticate(
     State(state): State<ApiState>,
-    headers: HeaderMap,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let tokens = &state.gateway.config.management.tokens;
-    if tokens.is_empty() {
+    let management = &state.gateway.config.management;
+    if management.tokens.is_empty() && management.aws_keys.is_empty() {
         return Ok(next.run(request).await);
     }
-    let presented = headers
+    let authorization = request
+        .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(presented_token);
-    match presented {
-        Some(token) if is_known_token(tokens, token) => Ok(next.run(request).await),
-        _ => Err(ApiError::Unauthorized),
-    }
-}
-
-/// Compares `presented` with every token in constant time (no early exit on the first
-/// differing byte, nor on the first match), so response timing does not leak a token.
-fn is_known_token(tokens: &[String], presented: &str) -> bool {
-    use subtle::ConstantTimeEq;
-    tokens
-        .iter()
-        .fold(subtle::Choice::from(0), |found, token| {
-            found | token.as_bytes().ct_eq(presented.as_bytes())
-        })
-        .into()
-}
-
-fn presented_token(authorization: &str) -> Option<&str> {
+        .unwrap_or_default()
+        .to_owned();
     if let Some(token) = authorization.strip_prefix("Bearer ") {
-        return Some(token.trim());
+        return if auth::is_known_token(&management.tokens, token.trim()) {
+            Ok(next.run(request).await)
+        } else {
+            Err(ApiError::Unauthorized)
+        };
     }
-    let credential = authorization
-        .strip_prefix("AWS4-HMAC-SHA256 ")?
-        .split(',')
-        .find_map(|part| part.trim().strip_prefix("Credential="))?;
-    credential.split('/').next()
+    let Some(signature) = sigv4::Authorization::parse(&authorization) else {
+        return Err(ApiError::Unauthorized);
+    };
+    let signature = signature.map_err(ApiError::Signature)?;
+    let (parts, body) = request.into_parts();
+    let body = state.read_body(body, state.largest_body()).await?;
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let received = sigv4::ReceivedRequest {
+        method: parts.method.as_str(),
+        path_and_query,
+        headers: parts
+            .headers
+            .iter()
+            .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)))
+            .collect(),
+        body: &body,
+    };
+    let now = std::time::SystemTime::now();
+    sigv4::verify(&signature, &received, &management.aws_keys, now).map_err(ApiError::Signature)?;
+    Ok(next.run(Request::from_parts(parts, Body::from(body))).await)
 }
 
 async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
@@ -282,9 +288,7 @@ async fn post_bulk(
 ) -> Result<Response, ApiError> {
     state.check_stage(&stage)?;
     let limits = &state.gateway.config.limits;
-    // Room for the ids (quoted, comma-separated) and a base64 payload.
-    let body_limit = limits.max_bulk_connection_ids * 40 + limits.max_message_bytes * 2 + 1024;
-    let body = state.read_body(body, body_limit).await?;
+    let body = state.read_body(body, state.largest_body()).await?;
     let (request, frame) = BulkRequest::parse(
         &body,
         limits.max_bulk_connection_ids,
@@ -445,6 +449,13 @@ async fn delete_connection(
 }
 
 impl ApiState {
+    /// The largest body any route takes: a bulk request, with room for its ids (quoted,
+    /// comma-separated) and a base64 payload.
+    fn largest_body(&self) -> usize {
+        let limits = &self.gateway.config.limits;
+        limits.max_bulk_connection_ids * 40 + limits.max_message_bytes * 2 + 1024
+    }
+
     /// Reads a request body of at most `limit` bytes within `management.body_timeout_secs`.
     async fn read_body(&self, body: Body, limit: usize) -> Result<Bytes, ApiError> {
         let timeout = self.gateway.config.management.body_timeout;
@@ -599,30 +610,4 @@ async fn post_queue_commit(
         .await
         .map_err(|e| ApiError::BadRequest(format!("commit interrupted: {e}")))??;
     Ok(axum::Json(json!({"group": request.group, "offset": committed})).into_response())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{is_known_token, presented_token};
-
-    #[test]
-    fn tokens_compare_whole() {
-        let tokens = vec!["secret-one".to_owned(), "secret-two".to_owned()];
-        assert!(is_known_token(&tokens, "secret-two"));
-        assert!(!is_known_token(&tokens, "secret-tw"));
-        assert!(!is_known_token(&tokens, "secret-two!"));
-        assert!(!is_known_token(&[], ""));
-    }
-
-    #[test]
-    fn tokens_from_bearer_and_sigv4() {
-        assert_eq!(presented_token("Bearer abc"), Some("abc"));
-        assert_eq!(
-            presented_token(
-                "AWS4-HMAC-SHA256 Credential=tok/20261125/us-east-1/execute-api/aws4_request, SignedHeaders=host, Signature=x"
-            ),
-            Some("tok")
-        );
-        assert_eq!(presented_token("Basic xyz"), None);
-    }
 }

@@ -168,6 +168,7 @@ async fn tokens_guard_the_api() {
         .unwrap();
     assert_eq!(right.status(), 200);
     assert_eq!(next_text(&mut ws).await, "ok");
+    // A token is no access key: an unverifiable signature naming it is refused.
     let sigv4 = "AWS4-HMAC-SHA256 Credential=s3cret/20261125/us-east-1/execute-api/aws4_request, SignedHeaders=host, Signature=0";
     let signed = client
         .get(&url)
@@ -175,7 +176,11 @@ async fn tokens_guard_the_api() {
         .send()
         .await
         .unwrap();
-    assert_eq!(signed.status(), 200);
+    assert_eq!(signed.status(), 403);
+    assert_eq!(
+        signed.headers()["x-amzn-ErrorType"],
+        "UnrecognizedClientException"
+    );
     let health = client
         .get(format!("http://{}/health", gateway.api_addr))
         .send()
@@ -363,5 +368,112 @@ async fn connection_ids_do_not_betray_their_neighbours() {
         .unwrap()
         .status();
     assert_eq!(status, 410);
+    gateway.stop().await;
+}
+
+const AWS_KEYS: &str = "[[management.aws_keys]]\naccess_key_id = \"AKIDSWITCHBOARD\"\nsecret_access_key = \"c2VjcmV0LWtleS1mb3ItdGVzdHM\"\n";
+
+/// boto3 signing with the right and a wrong secret, and an id that needs percent-encoding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boto3_signatures_are_verified() {
+    let has_boto3 = std::process::Command::new("python3")
+        .args(["-c", "import boto3"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_boto3 {
+        assert!(
+            std::env::var_os("SWITCHBOARD_REQUIRE_BOTO3").is_none(),
+            "boto3 is required (SWITCHBOARD_REQUIRE_BOTO3 is set) but python3 cannot import it"
+        );
+        return;
+    }
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&config_with(&backend, AWS_KEYS)).await;
+    let (mut ws, id) = gateway.connect_with_id(&backend).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/boto3_signatures.py");
+    let output = tokio::process::Command::new("python3")
+        .args([
+            script,
+            &gateway.api_url(""),
+            &id,
+            "AKIDSWITCHBOARD",
+            "c2VjcmV0LWtleS1mb3ItdGVzdHM",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "boto3 script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout.lines().count(), 3, "{stdout}");
+    assert_eq!(next_text(&mut ws).await, "signed by boto3");
+    gateway.stop().await;
+}
+
+/// A signature made with the right secret but a clock 10 minutes off is refused, and so is
+/// an unsigned request; the same signature made now is accepted.
+#[tokio::test]
+async fn signatures_outside_the_clock_window_are_refused() {
+    use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&config_with(&backend, AWS_KEYS)).await;
+    let (mut ws, id) = gateway.connect_with_id(&backend).await;
+    let path = format!("/{}/@connections/{id}", gateway.stage);
+    let host = gateway.api_addr.to_string();
+    let signed = |at: std::time::SystemTime| {
+        let identity = aws_credential_types::Credentials::new(
+            "AKIDSWITCHBOARD",
+            "c2VjcmV0LWtleS1mb3ItdGVzdHM",
+            None,
+            None,
+            "test",
+        )
+        .into();
+        let params = aws_sigv4::sign::v4::SigningParams::builder()
+            .identity(&identity)
+            .region("us-east-1")
+            .name("execute-api")
+            .time(at)
+            .settings(SigningSettings::default())
+            .build()
+            .unwrap()
+            .into();
+        let headers = [("host", host.as_str())];
+        let request = SignableRequest::new(
+            "POST",
+            path.as_str(),
+            headers.into_iter(),
+            SignableBody::Bytes(b"timely"),
+        )
+        .unwrap();
+        let (instructions, _) = sign(request, &params).unwrap().into_parts();
+        instructions
+            .headers()
+            .map(|(n, v)| (n.to_owned(), v.to_owned()))
+            .collect::<Vec<_>>()
+    };
+    let send = async |headers: Vec<(String, String)>| {
+        let mut request = http()
+            .post(gateway.api_url(&format!("/@connections/{id}")))
+            .body("timely");
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        request.send().await.unwrap()
+    };
+    let late = std::time::SystemTime::now() - std::time::Duration::from_secs(600);
+    let refused = send(signed(late)).await;
+    assert_eq!(refused.status(), 403);
+    assert_eq!(
+        refused.headers()["x-amzn-ErrorType"],
+        "InvalidSignatureException"
+    );
+    assert_eq!(send(Vec::new()).await.status(), 403);
+    let accepted = send(signed(std::time::SystemTime::now())).await;
+    assert_eq!(accepted.status(), 200);
+    assert_eq!(next_text(&mut ws).await, "timely");
     gateway.stop().await;
 }

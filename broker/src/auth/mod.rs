@@ -1,0 +1,30 @@
+//! Who may call the management API: bearer tokens and AWS Signature V4, each checked in
+//! constant time. (Who may connect as a client is the `limits` module's admission gate.)
+
+pub mod sigv4;
+
+/// Compares `presented` with every token in constant time (no early exit on the first
+/// differing byte, nor on the first match), so response timing does not leak a token.
+pub fn is_known_token(tokens: &[String], presented: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    tokens
+        .iter()
+        .fold(subtle::Choice::from(0), |found, token| {
+            found | token.as_bytes().ct_eq(presented.as_bytes())
+        })
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_known_token;
+
+    #[test]
+    fn tokens_compare_whole() {
+        let tokens = vec!["secret-one".to_owned(), "secret-two".to_owned()];
+        assert!(is_known_token(&tokens, "secret-two"));
+        assert!(!is_known_token(&tokens, "secret-tw"));
+        assert!(!is_known_token(&tokens, "secret-two!"));
+        assert!(!is_known_token(&[], ""));
+    }
+}
