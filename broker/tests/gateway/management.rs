@@ -477,3 +477,42 @@ async fn signatures_outside_the_clock_window_are_refused() {
     assert_eq!(next_text(&mut ws).await, "timely");
     gateway.stop().await;
 }
+
+/// The AWS JS SDK v3 signing the same way. `.ci/run` installs the SDK into a cache directory
+/// and points SWITCHBOARD_AWS_JS_SDK at it (with SWITCHBOARD_REQUIRE_AWS_JS=1, so CI never
+/// skips this); elsewhere the test runs when that variable is set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_js_sdk_v3_signatures_are_verified() {
+    let Some(sdk) = std::env::var_os("SWITCHBOARD_AWS_JS_SDK") else {
+        assert!(
+            std::env::var_os("SWITCHBOARD_REQUIRE_AWS_JS").is_none(),
+            "SWITCHBOARD_REQUIRE_AWS_JS is set but SWITCHBOARD_AWS_JS_SDK is not"
+        );
+        return;
+    };
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&config_with(&backend, AWS_KEYS)).await;
+    let (mut ws, id) = gateway.connect_with_id(&backend).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/aws_js_sdk.mjs");
+    let output = tokio::process::Command::new("node")
+        .env("NODE_PATH", std::path::Path::new(&sdk).join("node_modules"))
+        .args([
+            script,
+            &gateway.api_url(""),
+            &id,
+            "AKIDSWITCHBOARD",
+            "c2VjcmV0LWtleS1mb3ItdGVzdHM",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "AWS JS SDK script failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout.lines().count(), 3, "{stdout}");
+    assert_eq!(next_text(&mut ws).await, "signed by the js sdk");
+    gateway.stop().await;
+}
