@@ -34,6 +34,7 @@ fn event_json(c: &mut Criterion) {
         source_ip: "127.0.0.1".into(),
         user_agent: "Mozilla/5.0 (X11; Linux x86_64)".into(),
         domain_name: "ws.example.com".into(),
+        authorizer: None,
     };
     let api = ApiFacts {
         stage: "dev",

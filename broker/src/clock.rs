@@ -1,18 +1,14 @@
 //! Wall-clock time in the formats AWS puts on the wire.
 
-use std::sync::LazyLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use time::OffsetDateTime;
 use time::format_description::{BorrowedFormatItem, well_known::Rfc3339};
 
-/// `requestTime`'s format: `25/Nov/2026:06:44:28 +0000`.
-static REQUEST_TIME: LazyLock<Vec<BorrowedFormatItem<'static>>> = LazyLock::new(|| {
-    time::format_description::parse(
-        "[day]/[month repr:short]/[year]:[hour]:[minute]:[second] +0000",
-    )
-    .unwrap_or_default()
-});
+/// `requestTime`'s format: `25/Nov/2026:06:44:28 +0000`, checked at compile time.
+const REQUEST_TIME: &[BorrowedFormatItem<'static>] = time::macros::format_description!(
+    "[day]/[month repr:short]/[year]:[hour]:[minute]:[second] +0000"
+);
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -28,7 +24,7 @@ fn datetime(epoch_ms: u64) -> OffsetDateTime {
 
 /// `dd/MMM/yyyy:HH:mm:ss +0000`, as in `requestContext.requestTime`.
 pub fn request_time(epoch_ms: u64) -> String {
-    datetime(epoch_ms).format(&REQUEST_TIME).unwrap_or_default()
+    datetime(epoch_ms).format(REQUEST_TIME).unwrap_or_default()
 }
 
 /// ISO-8601 (RFC 3339, UTC), as in the `GET @connections` response.

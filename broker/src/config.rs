@@ -50,6 +50,103 @@ pub struct RawConfig {
     pub storage: RawStorage,
     pub queues: std::collections::BTreeMap<String, RawQueue>,
     pub routes: std::collections::BTreeMap<String, RawRoute>,
+    /// Runs on every upgrade request before the `$connect` integration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authorizer: Option<RawAuthorizer>,
+}
+
+/// `[authorizer]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuthorizer {
+    /// "jwt" or "api_key".
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// "query:NAME", "header:NAME" (a "Bearer " prefix is stripped) or "protocol".
+    #[serde(default = "default_token_source")]
+    pub token: String,
+    /// jwt, HS256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// jwt, RS256 or ES256: a PEM public key file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<PathBuf>,
+    /// jwt: a JWKS file or URL (not supported yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// jwt: clock skew allowed on exp/nbf.
+    #[serde(default = "default_leeway_secs")]
+    pub leeway_secs: u64,
+    /// api_key: the accepted keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
+}
+
+fn default_token_source() -> String {
+    "header:Authorization".into()
+}
+
+fn default_leeway_secs() -> u64 {
+    60
+}
+
+impl RawAuthorizer {
+    fn validate(&self) -> Result<crate::auth::authorizer::Authorizer, ConfigError> {
+        use crate::auth::authorizer::{Authorizer, Check, TokenSource, jwt_check};
+        let source = TokenSource::parse(&self.token).ok_or_else(|| {
+            invalid(
+                "authorizer.token",
+                "must be \"query:NAME\", \"header:NAME\" or \"protocol\"",
+            )
+        })?;
+        let check = match self.kind.as_str() {
+            "jwt" => {
+                if self.jwks.is_some() {
+                    return Err(invalid(
+                        "authorizer.jwks",
+                        "JWKS is not supported yet; use public_key (PEM) or secret",
+                    ));
+                }
+                let pem = self
+                    .public_key
+                    .as_ref()
+                    .map(|path| {
+                        std::fs::read(path).map_err(|e| {
+                            invalid("authorizer.public_key", format!("{}: {e}", path.display()))
+                        })
+                    })
+                    .transpose()?;
+                jwt_check(
+                    self.secret.as_deref(),
+                    pem.as_deref(),
+                    self.issuer.as_deref(),
+                    self.audience.as_deref(),
+                    self.leeway_secs,
+                )
+                .map_err(|reason| invalid("authorizer", reason))?
+            }
+            "api_key" if self.keys.is_empty() || self.keys.iter().any(String::is_empty) => {
+                return Err(invalid(
+                    "authorizer.keys",
+                    "at least one non-empty key is required",
+                ));
+            }
+            "api_key" => Check::ApiKeys(self.keys.clone()),
+            other => {
+                return Err(invalid(
+                    "authorizer.type",
+                    format!(
+                        "`{other}` is not one of \"jwt\", \"api_key\" (\"http\" is not supported yet)"
+                    ),
+                ));
+            }
+        };
+        Ok(Authorizer { source, check })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -123,6 +220,10 @@ pub struct RawServer {
     /// `wss://` on `listen`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<RawTls>,
+    /// Browser origins allowed to connect (the `Origin` header); empty: any. A request
+    /// without `Origin` (not a browser) is not checked.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allowed_origins: Vec<String>,
 }
 
 /// A listener's certificate and key (PEM files); reloaded on SIGHUP.
@@ -157,6 +258,7 @@ impl Default for RawServer {
             node_id: 0,
             fd_reserve: 1024,
             tls: None,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -359,6 +461,7 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Every durable queue: declared under `[queues]` or named by a `queue` route.
     pub queues: Vec<QueueConfig>,
+    pub authorizer: Option<crate::auth::authorizer::Authorizer>,
 }
 
 #[derive(Debug, Clone)]
@@ -384,6 +487,7 @@ pub struct ServerConfig {
     pub node_id: u16,
     pub fd_reserve: usize,
     pub tls: Option<TlsEndpoint>,
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -533,6 +637,11 @@ impl RawConfig {
             routes: validate_routes(&self.routes)?,
             storage: self.storage.validate()?,
             queues: self.validate_queues()?,
+            authorizer: self
+                .authorizer
+                .as_ref()
+                .map(RawAuthorizer::validate)
+                .transpose()?,
         })
     }
 
@@ -608,6 +717,7 @@ impl RawServer {
                 .as_ref()
                 .map(|tls| tls.load("server.tls"))
                 .transpose()?,
+            allowed_origins: self.allowed_origins.clone(),
         })
     }
 }

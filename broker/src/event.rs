@@ -19,6 +19,9 @@ pub struct ConnectionFacts {
     pub user_agent: String,
     /// The `Host` the client connected to.
     pub domain_name: String,
+    /// What the `$connect` authorizer passed on (a JSON object), as
+    /// `requestContext.authorizer`.
+    pub authorizer: Option<std::sync::Arc<serde_json::value::RawValue>>,
 }
 
 /// Facts about the API, fixed by the config.
@@ -102,6 +105,8 @@ struct RequestContext<'a> {
     connection_id: &'a str,
     api_id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
+    authorizer: Option<&'a serde_json::value::RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     disconnect_status_code: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     disconnect_reason: Option<&'a str>,
@@ -165,6 +170,7 @@ pub fn build(
             domain_name: &facts.domain_name,
             connection_id: &facts.connection_id,
             api_id: api.api_id,
+            authorizer: facts.authorizer.as_deref(),
             disconnect_status_code: None,
             disconnect_reason: None,
         },
@@ -219,6 +225,7 @@ mod tests {
             source_ip: "127.0.0.1".into(),
             user_agent: "ua".into(),
             domain_name: "localhost:8080".into(),
+            authorizer: None,
         }
     }
 

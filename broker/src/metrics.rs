@@ -46,6 +46,8 @@ pub struct Metrics {
     pub open_sockets: IntGauge,
     /// Client requests refused by a limit, by reason (rooms_per_connection, not_a_member).
     pub refused: IntCounterVec,
+    /// `$connect` authorizer verdicts: allowed, missing, malformed, denied.
+    pub authorizer_results: IntCounterVec,
     /// Entries appended (and acknowledged durable) per queue.
     pub queue_appended: IntCounterVec,
     /// Entries retained per queue (updated at scrape time).
@@ -145,6 +147,11 @@ impl Metrics {
                 "Client requests refused by a limit, by reason",
                 &["reason"],
             ),
+            authorizer_results: counter_vec(
+                "switchboard_authorizer_total",
+                "$connect authorizer verdicts by result",
+                &["result"],
+            ),
             queue_appended: counter_vec(
                 "switchboard_queue_appended_total",
                 "Entries appended to durable queues",
@@ -182,7 +189,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 22] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 23] = [
             Box::new(self.connections_active.clone()),
             Box::new(self.connections_total.clone()),
             Box::new(self.messages_received.clone()),
@@ -199,6 +206,7 @@ impl Metrics {
             Box::new(self.overloaded.clone()),
             Box::new(self.open_sockets.clone()),
             Box::new(self.refused.clone()),
+            Box::new(self.authorizer_results.clone()),
             Box::new(self.queue_appended.clone()),
             Box::new(self.queue_depth.clone()),
             Box::new(self.queue_consumer_lag.clone()),

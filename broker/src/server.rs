@@ -259,6 +259,7 @@ async fn report_orphans(gateway: Arc<Gateway>, orphans: Vec<ConnectionRecord>) {
             source_ip: record.source_ip,
             user_agent: record.user_agent,
             domain_name: domain_name.clone(),
+            authorizer: None,
         };
         let reason = DisconnectReason::GatewayRestarted;
         gateway

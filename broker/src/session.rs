@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::auth::authorizer::Verdict;
 use crate::clock;
 use crate::connection::Connection;
 use crate::connection_id::ConnectionId;
@@ -158,6 +159,15 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 return None;
             }
         };
+    let authorizer = match admit_request(gateway, &upgrade.request) {
+        Ok(context) => context,
+        Err((status, body, result)) => {
+            metrics.connections_total.with_label_values(&[result]).inc();
+            let response = handshake::error_response(status, body.as_bytes());
+            handshake::respond_and_close(stream, &response).await;
+            return None;
+        }
+    };
     let id = shard.ids.borrow_mut().connection_id();
     let facts = ConnectionFacts {
         connection_id: id.to_string(),
@@ -165,6 +175,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         source_ip: peer.ip().to_string(),
         user_agent: upgrade.user_agent,
         domain_name: upgrade.host,
+        authorizer,
     };
     let protocol = match dispatch::run_connect(shard, &facts, &upgrade.request).await {
         ConnectOutcome::Accept { protocol } => protocol,
@@ -195,6 +206,50 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         facts,
         leftover: upgrade.leftover,
     })
+}
+
+/// The checks an upgrade request passes before any backend is called: the browser origin
+/// allow-list (`server.allowed_origins`) and the `[authorizer]`. `Ok` carries the
+/// authorizer's context; `Err` the status, body and metric label of the refusal.
+fn admit_request(
+    gateway: &crate::gateway::Gateway,
+    request: &crate::event::HandshakeRequest,
+) -> Result<Option<std::sync::Arc<serde_json::value::RawValue>>, (u16, String, &'static str)> {
+    let config = &gateway.config;
+    let origin = request
+        .headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("origin"))
+        .map(|(_, value)| value.as_str());
+    if let Some(origin) = origin {
+        let allowed = &config.server.allowed_origins;
+        if !allowed.is_empty()
+            && !allowed
+                .iter()
+                .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+        {
+            return Err((
+                403,
+                format!("origin {origin} is not allowed"),
+                "origin_denied",
+            ));
+        }
+    }
+    let Some(authorizer) = &config.authorizer else {
+        return Ok(None);
+    };
+    let verdict = authorizer.authorize(request);
+    gateway
+        .metrics
+        .authorizer_results
+        .with_label_values(&[verdict.label()])
+        .inc();
+    match verdict {
+        Verdict::Allowed(context) => Ok(Some(context)),
+        Verdict::Missing => Err((401, "Unauthorized: no token".into(), "unauthorized")),
+        Verdict::Malformed(why) => Err((401, format!("Unauthorized: {why}"), "unauthorized")),
+        Verdict::Denied(why) => Err((403, format!("Forbidden: {why}"), "forbidden")),
+    }
 }
 
 /// Reads, dispatches and writes until the connection must end; returns why. Timers and

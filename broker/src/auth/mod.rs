@@ -1,6 +1,8 @@
-//! Who may call the management API: bearer tokens and AWS Signature V4, each checked in
-//! constant time. (Who may connect as a client is the `limits` module's admission gate.)
+//! Who may do what: [`authorizer`] decides who may connect (before `$connect`'s backend),
+//! bearer tokens and [`sigv4`] who may call the management API; secrets are compared in
+//! constant time. (How much a client may do is the `limits` module's.)
 
+pub mod authorizer;
 pub mod sigv4;
 
 /// Compares `presented` with every token in constant time (no early exit on the first

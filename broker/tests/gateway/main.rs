@@ -2,6 +2,7 @@
 //! backend, real sled in a temp dir. One test binary, one module per concern.
 
 mod attacks;
+mod authorizers;
 mod binary;
 mod disconnects;
 mod handshake;
