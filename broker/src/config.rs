@@ -84,6 +84,27 @@ pub struct RawAuthorizer {
     /// api_key: the accepted keys.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keys: Vec<String>,
+    /// http: where the REQUEST event is POSTed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// http: what identifies a caller (cache key); each must be present, else 401.
+    /// Default: the `token` source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identity_sources: Vec<String>,
+    /// http: how long an answer is reused for the same identity (0: never).
+    #[serde(default = "default_cache_ttl_secs")]
+    pub cache_ttl_secs: u64,
+    /// http: the backend's time to answer.
+    #[serde(default = "default_authorizer_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_cache_ttl_secs() -> u64 {
+    300
+}
+
+fn default_authorizer_timeout_ms() -> u64 {
+    10_000
 }
 
 fn default_token_source() -> String {
@@ -136,12 +157,43 @@ impl RawAuthorizer {
                 ));
             }
             "api_key" => Check::ApiKeys(self.keys.clone()),
+            "http" => {
+                let url = self
+                    .url
+                    .as_deref()
+                    .ok_or_else(|| invalid("authorizer.url", "required for type \"http\""))?;
+                let sources = if self.identity_sources.is_empty() {
+                    vec![self.token.clone()]
+                } else {
+                    self.identity_sources.clone()
+                };
+                let identity_sources = sources
+                    .iter()
+                    .map(|text| {
+                        TokenSource::parse(text).ok_or_else(|| {
+                            invalid(
+                                "authorizer.identity_sources",
+                                format!("`{text}` is not \"query:NAME\", \"header:NAME\" or \"protocol\""),
+                            )
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+                if self.timeout_ms == 0 {
+                    return Err(invalid("authorizer.timeout_ms", "must be greater than 0"));
+                }
+                Check::Http {
+                    url: parse_http_url("authorizer.url", url)?,
+                    timeout: Duration::from_millis(self.timeout_ms),
+                    identity_sources,
+                    cache: Arc::new(crate::auth::authorizer::VerdictCache::new(
+                        Duration::from_secs(self.cache_ttl_secs),
+                    )),
+                }
+            }
             other => {
                 return Err(invalid(
                     "authorizer.type",
-                    format!(
-                        "`{other}` is not one of \"jwt\", \"api_key\" (\"http\" is not supported yet)"
-                    ),
+                    format!("`{other}` is not one of \"jwt\", \"http\", \"api_key\""),
                 ));
             }
         };

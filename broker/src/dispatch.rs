@@ -122,6 +122,58 @@ pub async fn run_connect(
     }
 }
 
+/// Asks an `http` authorizer's backend about an upgrade request: POSTs AWS's REQUEST
+/// authorizer event (the CONNECT event's headers, query and requestContext, plus `type`
+/// and `methodArn`) and reads the answer. `None`: the backend failed or answered nonsense.
+pub async fn ask_authorizer(
+    shard: &Rc<Shard>,
+    authorizer: &crate::auth::authorizer::Authorizer,
+    facts: &ConnectionFacts,
+    request: &HandshakeRequest,
+) -> Option<crate::auth::authorizer::Verdict> {
+    let crate::auth::authorizer::Check::Http { url, timeout, .. } = &authorizer.check else {
+        return None;
+    };
+    let gateway = &shard.gateway;
+    let request_id = shard.ids.borrow_mut().request_id();
+    let stamp = EventStamp {
+        request_id: &request_id,
+        now_ms: clock::now_ms(),
+    };
+    let connect = event::build(
+        api_facts(gateway),
+        facts,
+        stamp,
+        EventKind::Connect(request),
+    );
+    let mut event: serde_json::Map<String, Value> = serde_json::from_slice(&connect).ok()?;
+    event.insert("type".into(), Value::from("REQUEST"));
+    let arn = format!(
+        "arn:aws:execute-api:local:000000000000:{}/{}/{CONNECT_ROUTE}",
+        gateway.config.api.id, gateway.config.api.stage
+    );
+    event.insert("methodArn".into(), Value::from(arn));
+    event.insert("stageVariables".into(), Value::Object(Default::default()));
+    let body = serde_json::to_vec(&event).ok()?;
+    let started = Instant::now();
+    let reply = shard.http.call(url, *timeout, body).await;
+    gateway
+        .metrics
+        .integration_duration
+        .with_label_values(&["$authorizer", "http"])
+        .observe(started.elapsed().as_secs_f64());
+    match reply {
+        Ok(reply) => crate::auth::authorizer::verdict_from_reply(
+            reply.status,
+            reply.body.as_deref().unwrap_or_default(),
+        ),
+        Err(error) => {
+            tracing::warn!(connection_id = %facts.connection_id, %error, "authorizer call failed");
+            None
+        }
+    }
+}
+
 /// Selects the route for a text or binary message and runs it.
 pub fn route_message(shard: &Rc<Shard>, connection: &Rc<Connection>, message: Incoming) {
     let gateway = &shard.gateway;

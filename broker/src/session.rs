@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::auth::authorizer::Verdict;
+use crate::auth::authorizer::{Decision, Verdict};
 use crate::clock;
 use crate::connection::Connection;
 use crate::connection_id::ConnectionId;
@@ -159,7 +159,16 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 return None;
             }
         };
-    let authorizer = match admit_request(gateway, &upgrade.request) {
+    let id = shard.ids.borrow_mut().connection_id();
+    let mut facts = ConnectionFacts {
+        connection_id: id.to_string(),
+        connected_at_ms: clock::now_ms(),
+        source_ip: peer.ip().to_string(),
+        user_agent: upgrade.user_agent,
+        domain_name: upgrade.host,
+        authorizer: None,
+    };
+    facts.authorizer = match admit_request(shard, &facts, &upgrade.request).await {
         Ok(context) => context,
         Err((status, body, result)) => {
             metrics.connections_total.with_label_values(&[result]).inc();
@@ -167,15 +176,6 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             handshake::respond_and_close(stream, &response).await;
             return None;
         }
-    };
-    let id = shard.ids.borrow_mut().connection_id();
-    let facts = ConnectionFacts {
-        connection_id: id.to_string(),
-        connected_at_ms: clock::now_ms(),
-        source_ip: peer.ip().to_string(),
-        user_agent: upgrade.user_agent,
-        domain_name: upgrade.host,
-        authorizer,
     };
     let protocol = match dispatch::run_connect(shard, &facts, &upgrade.request).await {
         ConnectOutcome::Accept { protocol } => protocol,
@@ -211,10 +211,12 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
 /// The checks an upgrade request passes before any backend is called: the browser origin
 /// allow-list (`server.allowed_origins`) and the `[authorizer]`. `Ok` carries the
 /// authorizer's context; `Err` the status, body and metric label of the refusal.
-fn admit_request(
-    gateway: &crate::gateway::Gateway,
+async fn admit_request(
+    shard: &Rc<Shard>,
+    facts: &ConnectionFacts,
     request: &crate::event::HandshakeRequest,
 ) -> Result<Option<std::sync::Arc<serde_json::value::RawValue>>, (u16, String, &'static str)> {
+    let gateway = &shard.gateway;
     let config = &gateway.config;
     let origin = request
         .headers
@@ -238,7 +240,29 @@ fn admit_request(
     let Some(authorizer) = &config.authorizer else {
         return Ok(None);
     };
-    let verdict = authorizer.authorize(request);
+    let verdict = match authorizer.decide(request, std::time::Instant::now()) {
+        Decision::Done(verdict) => verdict,
+        Decision::AskBackend { identity } => {
+            match dispatch::ask_authorizer(shard, authorizer, facts, request).await {
+                Some(verdict) => {
+                    authorizer.cache_verdict(identity, &verdict);
+                    verdict
+                }
+                None => {
+                    gateway
+                        .metrics
+                        .authorizer_results
+                        .with_label_values(&["error"])
+                        .inc();
+                    return Err((
+                        502,
+                        "Bad Gateway: the authorizer failed".into(),
+                        "backend_error",
+                    ));
+                }
+            }
+        }
+    };
     gateway
         .metrics
         .authorizer_results

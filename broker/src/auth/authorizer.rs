@@ -3,8 +3,12 @@
 //! as `requestContext.authorizer`, as AWS passes an authorizer's context.
 //!
 //! Verdicts: no token or an unreadable one is 401, a token that does not verify is 403.
+//! The `http` authorizer (AWS's Lambda REQUEST authorizer) asks a backend; its answers are
+//! cached per identity for a TTL ([`VerdictCache`]), and parsed by [`verdict_from_reply`].
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -99,6 +103,118 @@ pub enum Check {
     },
     /// One of these keys, compared in constant time.
     ApiKeys(Vec<String>),
+    /// A backend decides (a Lambda REQUEST authorizer): every identity source must be in
+    /// the request; the answer is cached per identity for `cache_ttl`.
+    Http {
+        url: reqwest::Url,
+        timeout: Duration,
+        identity_sources: Vec<TokenSource>,
+        cache: Arc<VerdictCache>,
+    },
+}
+
+/// What [`Authorizer::decide`] found.
+pub enum Decision {
+    Done(Verdict),
+    /// Ask the backend; `identity` keys the cache.
+    AskBackend {
+        identity: String,
+    },
+}
+
+/// Verdicts of an `http` authorizer by identity, each kept for the TTL. Bounded: when full,
+/// expired entries go, and if none had expired the whole cache is dropped (a flood of
+/// distinct identities costs backend calls, never memory).
+#[derive(Debug)]
+pub struct VerdictCache {
+    ttl: Duration,
+    entries: Mutex<HashMap<String, (Instant, Verdict)>>,
+}
+
+/// Most identities cached at once.
+const CACHE_ENTRIES: usize = 10_000;
+
+impl VerdictCache {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn get(&self, identity: &str, now: Instant) -> Option<Verdict> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries
+            .get(identity)
+            .filter(|(expires, _)| *expires > now)
+            .map(|(_, verdict)| verdict.clone())
+    }
+
+    /// Remembers an allow or a deny (not a missing token or a backend failure).
+    pub fn put(&self, identity: String, verdict: &Verdict, now: Instant) {
+        if self.ttl.is_zero() || !matches!(verdict, Verdict::Allowed(_) | Verdict::Denied(_)) {
+            return;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= CACHE_ENTRIES {
+            entries.retain(|_, (expires, _)| *expires > now);
+            if entries.len() >= CACHE_ENTRIES {
+                entries.clear();
+            }
+        }
+        entries.insert(identity, (now + self.ttl, verdict.clone()));
+    }
+}
+
+/// Reads an authorizer backend's answer: an IAM policy (`principalId`, `policyDocument`
+/// whose statements must all `Allow` `execute-api:Invoke`, optional `context`) or the
+/// simple form (`isAuthorized`, `context`). HTTP 401 and 403 pass through; anything else
+/// unreadable is `None` (a backend failure).
+pub fn verdict_from_reply(status: u16, body: &[u8]) -> Option<Verdict> {
+    match status {
+        401 => {
+            return Some(Verdict::Malformed(
+                "the authorizer answered Unauthorized".into(),
+            ));
+        }
+        403 => return Some(Verdict::Denied("the authorizer denied the request".into())),
+        200..=299 => {}
+        _ => return None,
+    }
+    let answer: Map<String, Value> = serde_json::from_slice(body).ok()?;
+    let allowed = match (answer.get("isAuthorized"), answer.get("policyDocument")) {
+        (Some(Value::Bool(allowed)), _) => *allowed,
+        (_, Some(policy)) => policy_allows(policy)?,
+        _ => return None,
+    };
+    if !allowed {
+        return Some(Verdict::Denied("the authorizer denied the request".into()));
+    }
+    let mut context = match answer.get("context") {
+        Some(Value::Object(context)) => context.clone(),
+        _ => Map::new(),
+    };
+    if let Some(principal) = answer.get("principalId") {
+        context.insert("principalId".into(), principal.clone());
+    }
+    Some(self::context(&Value::Object(context)))
+}
+
+/// Whether a policy document allows: at least one statement, every one an `Allow`.
+fn policy_allows(policy: &Value) -> Option<bool> {
+    let statements = match policy.get("Statement")? {
+        Value::Array(statements) => statements.clone(),
+        single @ Value::Object(_) => vec![single.clone()],
+        _ => return None,
+    };
+    if statements.is_empty() {
+        return Some(false);
+    }
+    Some(
+        statements
+            .iter()
+            .all(|statement| statement.get("Effect").and_then(Value::as_str) == Some("Allow")),
+    )
 }
 
 /// A configured `[authorizer]`, ready to run.
@@ -113,6 +229,7 @@ impl std::fmt::Debug for Authorizer {
         let kind = match self.check {
             Check::Jwt { .. } => "jwt",
             Check::ApiKeys(_) => "api_key",
+            Check::Http { .. } => "http",
         };
         f.debug_struct("Authorizer")
             .field("type", &kind)
@@ -160,14 +277,51 @@ pub fn jwt_check(
 }
 
 impl Authorizer {
-    /// Decides on an upgrade request.
-    pub fn authorize(&self, request: &HandshakeRequest) -> Verdict {
+    /// Decides on an upgrade request, or says the backend must be asked.
+    pub fn decide(&self, request: &HandshakeRequest, now: Instant) -> Decision {
+        if let Check::Http {
+            identity_sources,
+            cache,
+            ..
+        } = &self.check
+        {
+            let mut identity = String::new();
+            for source in identity_sources {
+                let Some(value) = source.find(request) else {
+                    return Decision::Done(Verdict::Missing);
+                };
+                identity.push_str(value);
+                identity.push('\n');
+            }
+            return match cache.get(&identity, now) {
+                Some(verdict) => Decision::Done(verdict),
+                None => Decision::AskBackend { identity },
+            };
+        }
         let Some(token) = self.source.find(request) else {
-            return Verdict::Missing;
+            return Decision::Done(Verdict::Missing);
         };
-        match &self.check {
+        Decision::Done(match &self.check {
             Check::Jwt { key, validation } => check_jwt(token, key, validation),
             Check::ApiKeys(keys) => check_api_key(token, keys),
+            Check::Http { .. } => Verdict::Missing,
+        })
+    }
+
+    /// Remembers a backend's answer for `identity` (http authorizers).
+    pub fn cache_verdict(&self, identity: String, verdict: &Verdict) {
+        if let Check::Http { cache, .. } = &self.check {
+            cache.put(identity, verdict, Instant::now());
+        }
+    }
+
+    /// Decides without a backend (jwt and api_key authorizers).
+    pub fn authorize(&self, request: &HandshakeRequest) -> Verdict {
+        match self.decide(request, Instant::now()) {
+            Decision::Done(verdict) => verdict,
+            Decision::AskBackend { .. } => {
+                Verdict::Denied("this authorizer needs its backend".into())
+            }
         }
     }
 }
@@ -336,6 +490,67 @@ mod tests {
             authorizer.authorize(&request(&[], &[])),
             Verdict::Missing
         ));
+    }
+
+    #[test]
+    fn backend_answers_become_verdicts() {
+        let policy = |effect: &str| {
+            serde_json::json!({
+                "principalId": "carol",
+                "policyDocument": {"Version": "2012-10-17", "Statement": [
+                    {"Action": "execute-api:Invoke", "Effect": effect, "Resource": "*"}
+                ]},
+                "context": {"tier": "pro"}
+            })
+            .to_string()
+        };
+        let Some(Verdict::Allowed(context)) = verdict_from_reply(200, policy("Allow").as_bytes())
+        else {
+            panic!("an Allow policy allows");
+        };
+        let context: Value = serde_json::from_str(context.get()).unwrap();
+        assert_eq!(
+            context,
+            serde_json::json!({"principalId": "carol", "tier": "pro"})
+        );
+        assert_eq!(
+            verdict_from_reply(200, policy("Deny").as_bytes())
+                .unwrap()
+                .status(),
+            403
+        );
+        assert_eq!(
+            verdict_from_reply(200, br#"{"isAuthorized": false}"#)
+                .unwrap()
+                .status(),
+            403
+        );
+        assert!(matches!(
+            verdict_from_reply(200, br#"{"isAuthorized": true}"#),
+            Some(Verdict::Allowed(_))
+        ));
+        assert_eq!(verdict_from_reply(401, b"").unwrap().status(), 401);
+        assert!(verdict_from_reply(500, b"").is_none());
+        assert!(verdict_from_reply(200, b"not json").is_none());
+        assert!(verdict_from_reply(200, br#"{"principalId": "x"}"#).is_none());
+    }
+
+    #[test]
+    fn the_cache_keeps_verdicts_for_their_ttl_and_stays_bounded() {
+        let cache = VerdictCache::new(Duration::from_secs(10));
+        let now = Instant::now();
+        cache.put("a".into(), &Verdict::Denied("no".into()), now);
+        cache.put("b".into(), &Verdict::Missing, now);
+        assert!(cache.get("a", now + Duration::from_secs(9)).is_some());
+        assert!(cache.get("a", now + Duration::from_secs(11)).is_none());
+        assert!(
+            cache.get("b", now).is_none(),
+            "a missing token is not cached"
+        );
+        for i in 0..CACHE_ENTRIES + 10 {
+            cache.put(format!("id-{i}"), &Verdict::Denied("no".into()), now);
+        }
+        assert!(cache.entries.lock().unwrap().len() <= CACHE_ENTRIES);
     }
 
     #[test]

@@ -210,3 +210,71 @@ async fn api_keys_and_the_origin_allow_list() {
     );
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn http_authorizer_asks_the_backend_once_per_identity() {
+    let backend = Backend::start().await;
+    let config = format!(
+        "[authorizer]\ntype = \"http\"\nurl = \"{}/authorize\"\nidentity_sources = [\"header:Authorization\"]\ncache_ttl_secs = 300",
+        backend.url
+    );
+    let gateway = gateway_with(&backend, &config).await;
+    let url = gateway.ws_url();
+    let with = |authorization: Option<&str>| {
+        let mut request = url.as_str().into_client_request().unwrap();
+        if let Some(value) = authorization {
+            request
+                .headers_mut()
+                .insert("Authorization", value.parse().unwrap());
+        }
+        request
+    };
+    let status = async |request| match tokio_tungstenite::connect_async(request).await {
+        Ok(_) => 101,
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("{other}"),
+    };
+    assert_eq!(status(with(Some("Bearer good"))).await, 101);
+    assert_eq!(
+        status(with(Some("Bearer good"))).await,
+        101,
+        "from the cache"
+    );
+    assert_eq!(status(with(Some("Bearer bad"))).await, 403);
+    assert_eq!(
+        status(with(Some("Bearer bad"))).await,
+        403,
+        "denials are cached too"
+    );
+    assert_eq!(status(with(Some("Bearer other"))).await, 401);
+    assert_eq!(status(with(None)).await, 401, "a missing identity source");
+    let asked = backend.events("/authorize");
+    assert_eq!(asked.len(), 3, "one call per identity: good, bad, other");
+    assert_eq!(asked[0]["type"], "REQUEST");
+    assert!(
+        asked[0]["methodArn"]
+            .as_str()
+            .unwrap()
+            .ends_with("/dev/$connect")
+    );
+    assert_eq!(asked[0]["requestContext"]["eventType"], "CONNECT");
+    let connect = backend.wait_for("/connect-log", |_| true).await;
+    assert_eq!(
+        connect["requestContext"]["authorizer"],
+        json!({"principalId": "carol", "tier": "pro"})
+    );
+    gateway.stop().await;
+
+    // A backend that cannot be reached is a 502, never an accept.
+    let config = format!(
+        "[authorizer]\ntype = \"http\"\nurl = \"{}\"",
+        dead_url().await
+    );
+    let gateway = gateway_with(&backend, &config).await;
+    let mut request = gateway.ws_url().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("Authorization", "Bearer good".parse().unwrap());
+    assert_eq!(status(request).await, 502);
+    gateway.stop().await;
+}

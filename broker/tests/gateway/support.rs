@@ -143,7 +143,8 @@ impl Backend {
     /// * `/http-status/{code}`: a plain HTTP answer with that status;
     /// * `/protocol`: accepts and picks the sub-protocol `chat`;
     /// * `/fail-first/{n}`: 503 for the first n requests, then 200;
-    /// * `/slow`: answers after 3 s.
+    /// * `/slow`: answers after 3 s;
+    /// * `/authorize`: an IAM policy allowing `Bearer good`, denying `Bearer bad`, else 401.
     pub(crate) async fn start() -> Self {
         let backend = Self {
             url: String::new(),
@@ -257,6 +258,28 @@ async fn record(
             } else {
                 StatusCode::OK.into_response()
             }
+        }
+        ["authorize"] => {
+            // A Lambda REQUEST authorizer: an IAM policy from the Authorization header.
+            let authorization = event["headers"].as_object().and_then(|headers| {
+                headers
+                    .iter()
+                    .find(|(name, _)| name.eq_ignore_ascii_case("authorization"))
+                    .and_then(|(_, value)| value.as_str())
+            });
+            let effect = match authorization {
+                Some("Bearer good") => "Allow",
+                Some("Bearer bad") => "Deny",
+                _ => return StatusCode::UNAUTHORIZED.into_response(),
+            };
+            axum::Json(json!({
+                "principalId": "carol",
+                "policyDocument": {"Version": "2012-10-17", "Statement": [
+                    {"Action": "execute-api:Invoke", "Effect": effect, "Resource": event["methodArn"]}
+                ]},
+                "context": {"tier": "pro"}
+            }))
+            .into_response()
         }
         ["slow"] => {
             tokio::time::sleep(Duration::from_secs(3)).await;
