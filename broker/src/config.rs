@@ -71,7 +71,7 @@ pub struct RawAuthorizer {
     /// jwt, RS256 or ES256: a PEM public key file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key: Option<PathBuf>,
-    /// jwt: a JWKS file or URL (not supported yet).
+    /// jwt: a JWKS file or http(s) URL, reloaded every 10 minutes (keys picked by `kid`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwks: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -125,13 +125,37 @@ impl RawAuthorizer {
             )
         })?;
         let check = match self.kind.as_str() {
-            "jwt" => {
-                if self.jwks.is_some() {
+            "jwt" if self.jwks.is_some() => {
+                if self.secret.is_some() || self.public_key.is_some() {
                     return Err(invalid(
                         "authorizer.jwks",
-                        "JWKS is not supported yet; use public_key (PEM) or secret",
+                        "use one of `secret`, `public_key` and `jwks`",
                     ));
                 }
+                let text = self.jwks.as_deref().unwrap_or_default();
+                let source = match reqwest::Url::parse(text) {
+                    Ok(url) if matches!(url.scheme(), "http" | "https") => {
+                        crate::auth::authorizer::JwksSource::Url(url)
+                    }
+                    _ => crate::auth::authorizer::JwksSource::File(text.into()),
+                };
+                let keys = crate::auth::authorizer::JwksKeys::open(source)
+                    .map_err(|reason| invalid("authorizer.jwks", reason))?;
+                let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+                validation.leeway = self.leeway_secs;
+                if let Some(issuer) = &self.issuer {
+                    validation.set_issuer(&[issuer]);
+                }
+                match &self.audience {
+                    Some(audience) => validation.set_audience(&[audience]),
+                    None => validation.validate_aud = false,
+                }
+                Check::Jwks {
+                    keys: Arc::new(keys),
+                    validation: Box::new(validation),
+                }
+            }
+            "jwt" => {
                 let pem = self
                     .public_key
                     .as_ref()

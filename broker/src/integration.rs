@@ -69,6 +69,26 @@ impl HttpIntegration {
         Self { client }
     }
 
+    /// GETs `url` (a JWKS document, say) within `timeout`; the body of a 2xx answer.
+    pub async fn fetch(
+        &self,
+        url: &reqwest::Url,
+        timeout: Duration,
+    ) -> Result<Bytes, IntegrationError> {
+        let response = self
+            .client
+            .get(url.clone())
+            .timeout(timeout)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|e| IntegrationError::Unreachable(e.to_string()))?;
+        response
+            .bytes()
+            .await
+            .map_err(|e| IntegrationError::Unreachable(e.to_string()))
+    }
+
     /// POSTs the event JSON to `url` and reads the reply.
     pub async fn call(
         &self,

@@ -143,6 +143,15 @@ pub async fn serve(
         })
         .collect();
     let orphan_report = tokio::spawn(report_orphans(gateway.clone(), orphans));
+    if let Some(crate::auth::authorizer::Check::Jwks { keys, .. }) =
+        gateway.config.authorizer.as_ref().map(|a| &a.check)
+    {
+        tokio::spawn(crate::auth::authorizer::refresh_jwks(
+            keys.clone(),
+            HttpIntegration::new(),
+            shutdown.clone(),
+        ));
+    }
 
     let mut threads = Vec::new();
     for (index, (listener, inbox)) in listeners.gateway.into_iter().zip(inboxes).enumerate() {

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -99,6 +100,12 @@ pub enum Check {
     /// A signed JWT: the key, and what must hold (algorithm, expiry, issuer, audience).
     Jwt {
         key: DecodingKey,
+        validation: Box<Validation>,
+    },
+    /// A signed JWT whose key is picked by `kid` from a JSON Web Key Set (RS256/ES256),
+    /// reloaded periodically ([`refresh_jwks`]).
+    Jwks {
+        keys: Arc<JwksKeys>,
         validation: Box<Validation>,
     },
     /// One of these keys, compared in constant time.
@@ -227,7 +234,7 @@ pub struct Authorizer {
 impl std::fmt::Debug for Authorizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match self.check {
-            Check::Jwt { .. } => "jwt",
+            Check::Jwt { .. } | Check::Jwks { .. } => "jwt",
             Check::ApiKeys(_) => "api_key",
             Check::Http { .. } => "http",
         };
@@ -303,6 +310,7 @@ impl Authorizer {
         };
         Decision::Done(match &self.check {
             Check::Jwt { key, validation } => check_jwt(token, key, validation),
+            Check::Jwks { keys, validation } => check_jwks(token, keys, validation),
             Check::ApiKeys(keys) => check_api_key(token, keys),
             Check::Http { .. } => Verdict::Missing,
         })
@@ -343,6 +351,114 @@ fn check_jwt(token: &str, key: &DecodingKey, validation: &Validation) -> Verdict
             _ => Verdict::Denied(error.to_string()),
         },
     }
+}
+
+/// Where a key set comes from, and the set as last loaded.
+#[derive(Debug)]
+pub struct JwksKeys {
+    pub source: JwksSource,
+    current: std::sync::RwLock<Arc<JwkSet>>,
+}
+
+/// A JWKS file, or an http(s) URL.
+#[derive(Debug, Clone)]
+pub enum JwksSource {
+    File(std::path::PathBuf),
+    Url(reqwest::Url),
+}
+
+/// How often a key set is loaded again (key rotation).
+pub const JWKS_REFRESH: Duration = Duration::from_secs(600);
+
+impl JwksKeys {
+    /// A file is read now (errors are the config's); a URL is fetched once the gateway runs.
+    pub fn open(source: JwksSource) -> Result<Self, String> {
+        let initial = match &source {
+            JwksSource::File(path) => {
+                let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                parse_jwks(&text)?
+            }
+            JwksSource::Url(_) => JwkSet { keys: Vec::new() },
+        };
+        Ok(Self {
+            source,
+            current: std::sync::RwLock::new(Arc::new(initial)),
+        })
+    }
+
+    fn current(&self) -> Arc<JwkSet> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the key set with a freshly loaded one.
+    pub fn replace(&self, text: &[u8]) -> Result<usize, String> {
+        let set = parse_jwks(text)?;
+        let count = set.keys.len();
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(set);
+        Ok(count)
+    }
+}
+
+fn parse_jwks(text: &[u8]) -> Result<JwkSet, String> {
+    serde_json::from_slice(text).map_err(|e| format!("not a JSON Web Key Set: {e}"))
+}
+
+/// Loads `keys` now and every [`JWKS_REFRESH`] until `stop`; a failed load keeps the
+/// previous set (and is logged).
+pub async fn refresh_jwks(
+    keys: Arc<JwksKeys>,
+    http: crate::integration::HttpIntegration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let loaded = match &keys.source {
+            JwksSource::File(path) => std::fs::read(path).map_err(|e| e.to_string()),
+            JwksSource::Url(url) => http
+                .fetch(url, Duration::from_secs(10))
+                .await
+                .map(|body| body.to_vec())
+                .map_err(|e| e.to_string()),
+        };
+        match loaded.and_then(|text| keys.replace(&text)) {
+            Ok(count) => tracing::debug!(count, "JWKS loaded"),
+            Err(error) => tracing::error!(%error, "JWKS load failed; keeping the previous keys"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(JWKS_REFRESH) => {}
+        }
+    }
+}
+
+/// Checks a token against the key its header names: RS256 or ES256 only, so a key set
+/// can never be used as an HMAC secret.
+fn check_jwks(token: &str, keys: &JwksKeys, template: &Validation) -> Verdict {
+    let header = match jsonwebtoken::decode_header(token) {
+        Ok(header) => header,
+        Err(error) => return Verdict::Malformed(error.to_string()),
+    };
+    if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
+        return Verdict::Denied(format!("algorithm {:?} is not accepted", header.alg));
+    }
+    let set = keys.current();
+    let jwk = match &header.kid {
+        Some(kid) => set.find(kid),
+        None if set.keys.len() == 1 => set.keys.first(),
+        None => None,
+    };
+    let Some(jwk) = jwk else {
+        return Verdict::Denied("no key with that kid".into());
+    };
+    let key = match DecodingKey::from_jwk(jwk) {
+        Ok(key) => key,
+        Err(error) => return Verdict::Denied(format!("unusable key: {error}")),
+    };
+    let mut validation = template.clone();
+    validation.algorithms = vec![header.alg];
+    check_jwt(token, &key, &validation)
 }
 
 fn check_api_key(token: &str, keys: &[String]) -> Verdict {

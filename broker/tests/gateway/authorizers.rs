@@ -278,3 +278,81 @@ async fn http_authorizer_asks_the_backend_once_per_identity() {
     assert_eq!(status(request).await, 502);
     gateway.stop().await;
 }
+
+/// The public half of `key` (ECDSA P-256) as a JSON Web Key named `kid`.
+fn ec_jwk(key: &rcgen::KeyPair, kid: &str) -> Value {
+    use base64::Engine;
+    let raw = key.public_key_raw();
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    json!({"kty": "EC", "crv": "P-256", "x": b64(&raw[1..33]), "y": b64(&raw[33..65]), "kid": kid, "alg": "ES256", "use": "sig"})
+}
+
+fn es256(key: &rcgen::KeyPair, kid: Option<&str>, claims: &Value) -> String {
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = kid.map(str::to_owned);
+    let signing = EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
+    jsonwebtoken::encode(&header, claims, &signing).unwrap()
+}
+
+#[tokio::test]
+async fn jwks_from_a_url_picks_the_key_by_kid() {
+    let backend = Backend::start().await;
+    let current = rcgen::KeyPair::generate().unwrap();
+    let jwks = json!({"keys": [ec_jwk(&current, "k1")]});
+    let app = axum::Router::new().route(
+        "/jwks",
+        axum::routing::get(move || {
+            let jwks = jwks.clone();
+            async move { axum::Json(jwks) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let jwks_url = format!("http://{}/jwks", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let config =
+        format!("[authorizer]\ntype = \"jwt\"\ntoken = \"query:token\"\njwks = \"{jwks_url}\"");
+    let gateway = gateway_with(&backend, &config).await;
+    let url = |token: &str| format!("{}?token={token}", gateway.ws_url());
+    let claims = json!({"sub": "dave", "exp": now() + 60});
+    let good = es256(&current, Some("k1"), &claims);
+    // The key set is fetched once the gateway runs.
+    let mut status = 0;
+    for _ in 0..50 {
+        status = handshake_status(&url(&good)).await;
+        if status == 101 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 101);
+    let stranger = rcgen::KeyPair::generate().unwrap();
+    assert_eq!(
+        handshake_status(&url(&es256(&stranger, Some("k1"), &claims))).await,
+        403
+    );
+    assert_eq!(
+        handshake_status(&url(&es256(&current, Some("k2"), &claims))).await,
+        403
+    );
+    assert_eq!(
+        handshake_status(&url(&hs256(claims.clone(), "k1"))).await,
+        403,
+        "no HMAC with a key set"
+    );
+    gateway.stop().await;
+
+    // The same from a file.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, json!({"keys": [ec_jwk(&current, "k1")]}).to_string()).unwrap();
+    let config = format!(
+        "[authorizer]\ntype = \"jwt\"\ntoken = \"query:token\"\njwks = \"{}\"",
+        file.display()
+    );
+    let gateway = gateway_with(&backend, &config).await;
+    assert_eq!(
+        handshake_status(&format!("{}?token={good}", gateway.ws_url())).await,
+        101
+    );
+    gateway.stop().await;
+}
