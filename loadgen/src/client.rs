@@ -3,37 +3,65 @@
 //! must cost as little as possible per delivery.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpSocket;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-/// Where to connect: `ws://HOST:PORT/PATH`.
-#[derive(Debug, Clone)]
+/// Where to connect: `ws://IP:PORT/PATH` or `wss://IP:PORT/PATH`.
+#[derive(Clone)]
 pub(crate) struct Target {
     pub(crate) addr: SocketAddr,
     pub(crate) path: String,
+    /// For `wss://`: the client TLS config (trusting `--ca`).
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Target {
-    pub(crate) fn parse(url: &str) -> anyhow::Result<Self> {
-        let rest = url
-            .strip_prefix("ws://")
-            .context("only ws:// URLs are supported")?;
+    /// `ca`: a PEM file of certificates to trust for `wss://`.
+    pub(crate) fn parse(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let (rest, secure) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+            (Some(rest), _) => (rest, false),
+            (_, Some(rest)) => (rest, true),
+            _ => bail!("only ws:// and wss:// URLs are supported"),
+        };
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
         let addr = authority
             .parse()
             .with_context(|| format!("`{authority}` is not an IP:port"))?;
+        let tls = match (secure, ca) {
+            (false, _) => None,
+            (true, None) => bail!("wss:// needs --ca FILE (the certificate to trust)"),
+            (true, Some(ca)) => Some(client_config(ca)?),
+        };
         Ok(Self {
             addr,
             path: format!("/{path}"),
+            tls,
         })
     }
 }
 
+fn client_config(ca: &std::path::Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("{}", ca.display()))? {
+        roots.add(cert?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+type Reader = Box<dyn AsyncRead + Unpin + Send>;
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+
 pub(crate) struct WsClient {
-    reader: OwnedReadHalf,
+    reader: Reader,
     writer: Option<FrameWriter>,
     buffer: Vec<u8>,
     /// Bytes of `buffer` that hold data.
@@ -56,14 +84,29 @@ impl WsClient {
             TcpSocket::new_v6()?
         };
         socket.bind(SocketAddr::new(source, 0))?;
-        let mut stream = socket.connect(target.addr).await?;
+        let stream = socket.connect(target.addr).await?;
         stream.set_nodelay(true)?;
         let request = format!(
             "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: c3dpdGNoYm9hcmQtbG9hZA==\r\nSec-WebSocket-Version: 13\r\nUser-Agent: switchboard-loadgen\r\n\r\n",
             target.path, target.addr
         );
-        stream.write_all(request.as_bytes()).await?;
-        let (reader, writer) = stream.into_split();
+        let (reader, mut writer): (Reader, Writer) = match &target.tls {
+            None => {
+                let (reader, writer) = stream.into_split();
+                (Box::new(reader), Box::new(writer))
+            }
+            Some(config) => {
+                let name = rustls::pki_types::ServerName::from(target.addr.ip());
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name, stream)
+                    .await?;
+                let (reader, writer) = tokio::io::split(tls);
+                (Box::new(reader), Box::new(writer))
+            }
+        };
+        writer.write_all(request.as_bytes()).await?;
+        // TLS buffers what it is given: push the records out (a no-op on plain TCP).
+        writer.flush().await?;
         let mut client = Self {
             reader,
             writer: Some(FrameWriter(writer)),
@@ -170,7 +213,7 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// The sending half of a client connection.
-pub(crate) struct FrameWriter(OwnedWriteHalf);
+pub(crate) struct FrameWriter(Writer);
 
 impl FrameWriter {
     /// Sends one masked text frame.
@@ -178,6 +221,7 @@ impl FrameWriter {
         let mut frame = Vec::with_capacity(text.len() + 14);
         encode_masked(text, &mut frame);
         self.0.write_all(&frame).await?;
+        self.0.flush().await?;
         Ok(())
     }
 
@@ -188,6 +232,7 @@ impl FrameWriter {
             encode_masked(text, &mut frames);
         }
         self.0.write_all(&frames).await?;
+        self.0.flush().await?;
         Ok(())
     }
 }

@@ -28,6 +28,9 @@ struct Cli {
     /// Management API base URL, with the stage.
     #[arg(long, global = true, default_value = "http://127.0.0.1:9090/dev")]
     api: String,
+    /// PEM certificate(s) to trust for a wss:// --url.
+    #[arg(long, global = true)]
+    ca: Option<std::path::PathBuf>,
     /// Spread client connections over 127.0.0.1 … 127.0.0.N (each adds ~28,000 ports).
     #[arg(long, global = true, default_value_t = 1)]
     source_addrs: u8,
@@ -105,7 +108,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let endpoints = Endpoints {
-        ws: Target::parse(&cli.url)?,
+        ws: Target::parse(&cli.url, cli.ca.as_deref())?,
         api: cli.api.trim_end_matches('/').to_owned(),
         source_addrs: cli.source_addrs,
     };

@@ -32,7 +32,7 @@ fn now_ns() -> u64 {
 }
 
 /// Where the gateway is and how to reach it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Endpoints {
     pub(crate) ws: Target,
     /// `http://HOST:PORT/{stage}`.
