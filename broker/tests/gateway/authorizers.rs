@@ -61,9 +61,9 @@ async fn jwt_authorizer_decides_before_the_backend_and_passes_the_claims_on() {
         ("not-a-jwt".to_owned(), 401),
     ];
     for (token, status) in refused {
-        assert_eq!(handshake_status(&url(&token)).await, status, "{token}");
+        assert_eq!(request_status(&url(&token)).await, status, "{token}");
     }
-    assert_eq!(handshake_status(&gateway.ws_url()).await, 401, "no token");
+    assert_eq!(request_status(&gateway.ws_url()).await, 401, "no token");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         backend.events("/connect-log").is_empty(),
@@ -175,26 +175,21 @@ async fn api_keys_and_the_origin_allow_list() {
         }
         request
     };
-    let status = async |request| match tokio_tungstenite::connect_async(request).await {
-        Ok(_) => 101,
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
-        Err(other) => panic!("{other}"),
-    };
     assert_eq!(
-        status(with(Some("key-two"), Some("https://app.example.com"))).await,
+        request_status(with(Some("key-two"), Some("https://app.example.com"))).await,
         101
     );
     assert_eq!(
-        status(with(Some("key-two"), None)).await,
+        request_status(with(Some("key-two"), None)).await,
         101,
         "no Origin: not a browser"
     );
     assert_eq!(
-        status(with(Some("key-two"), Some("https://evil.example"))).await,
+        request_status(with(Some("key-two"), Some("https://evil.example"))).await,
         403
     );
-    assert_eq!(status(with(Some("key-three"), None)).await, 403);
-    assert_eq!(status(with(None, None)).await, 401);
+    assert_eq!(request_status(with(Some("key-three"), None)).await, 403);
+    assert_eq!(request_status(with(None, None)).await, 401);
     let connect = backend.wait_for("/connect-log", |_| true).await;
     assert_eq!(
         connect["requestContext"]["authorizer"],
@@ -229,25 +224,24 @@ async fn http_authorizer_asks_the_backend_once_per_identity() {
         }
         request
     };
-    let status = async |request| match tokio_tungstenite::connect_async(request).await {
-        Ok(_) => 101,
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
-        Err(other) => panic!("{other}"),
-    };
-    assert_eq!(status(with(Some("Bearer good"))).await, 101);
+    assert_eq!(request_status(with(Some("Bearer good"))).await, 101);
     assert_eq!(
-        status(with(Some("Bearer good"))).await,
+        request_status(with(Some("Bearer good"))).await,
         101,
         "from the cache"
     );
-    assert_eq!(status(with(Some("Bearer bad"))).await, 403);
+    assert_eq!(request_status(with(Some("Bearer bad"))).await, 403);
     assert_eq!(
-        status(with(Some("Bearer bad"))).await,
+        request_status(with(Some("Bearer bad"))).await,
         403,
         "denials are cached too"
     );
-    assert_eq!(status(with(Some("Bearer other"))).await, 401);
-    assert_eq!(status(with(None)).await, 401, "a missing identity source");
+    assert_eq!(request_status(with(Some("Bearer other"))).await, 401);
+    assert_eq!(
+        request_status(with(None)).await,
+        401,
+        "a missing identity source"
+    );
     let asked = backend.events("/authorize");
     assert_eq!(asked.len(), 3, "one call per identity: good, bad, other");
     assert_eq!(asked[0]["type"], "REQUEST");
@@ -275,7 +269,7 @@ async fn http_authorizer_asks_the_backend_once_per_identity() {
     request
         .headers_mut()
         .insert("Authorization", "Bearer good".parse().unwrap());
-    assert_eq!(status(request).await, 502);
+    assert_eq!(request_status(request).await, 502);
     gateway.stop().await;
 }
 
@@ -318,7 +312,7 @@ async fn jwks_from_a_url_picks_the_key_by_kid() {
     // The key set is fetched once the gateway runs.
     let mut status = 0;
     for _ in 0..50 {
-        status = handshake_status(&url(&good)).await;
+        status = request_status(&url(&good)).await;
         if status == 101 {
             break;
         }
@@ -327,15 +321,15 @@ async fn jwks_from_a_url_picks_the_key_by_kid() {
     assert_eq!(status, 101);
     let stranger = rcgen::KeyPair::generate().unwrap();
     assert_eq!(
-        handshake_status(&url(&es256(&stranger, Some("k1"), &claims))).await,
+        request_status(&url(&es256(&stranger, Some("k1"), &claims))).await,
         403
     );
     assert_eq!(
-        handshake_status(&url(&es256(&current, Some("k2"), &claims))).await,
+        request_status(&url(&es256(&current, Some("k2"), &claims))).await,
         403
     );
     assert_eq!(
-        handshake_status(&url(&hs256(claims.clone(), "k1"))).await,
+        request_status(&url(&hs256(claims.clone(), "k1"))).await,
         403,
         "no HMAC with a key set"
     );
@@ -351,7 +345,7 @@ async fn jwks_from_a_url_picks_the_key_by_kid() {
     );
     let gateway = gateway_with(&backend, &config).await;
     assert_eq!(
-        handshake_status(&format!("{}?token={good}", gateway.ws_url())).await,
+        request_status(&format!("{}?token={good}", gateway.ws_url())).await,
         101
     );
     gateway.stop().await;

@@ -14,7 +14,7 @@ fn connect_route(url: &str) -> String {
 #[tokio::test]
 async fn no_connect_route_accepts() {
     let gateway = TestGateway::start("").await;
-    assert_eq!(handshake_status(&gateway.ws_url()).await, 101);
+    assert_eq!(request_status(&gateway.ws_url()).await, 101);
     gateway.stop().await;
 }
 
@@ -22,9 +22,9 @@ async fn no_connect_route_accepts() {
 async fn unknown_stage_path_is_404_before_upgrading() {
     let gateway = TestGateway::start("").await;
     let url = format!("ws://{}/prod", gateway.ws_addr);
-    assert_eq!(handshake_status(&url).await, 404);
+    assert_eq!(request_status(&url).await, 404);
     let url = format!("ws://{}/", gateway.ws_addr);
-    assert_eq!(handshake_status(&url).await, 404);
+    assert_eq!(request_status(&url).await, 404);
     gateway.stop().await;
 }
 
@@ -46,12 +46,12 @@ async fn backend_status_is_passed_through_verbatim() {
     for code in [401u16, 403, 301, 501] {
         let config = connect_route(&format!("{}/status/{code}", backend.url));
         let gateway = TestGateway::start(&config).await;
-        assert_eq!(handshake_status(&gateway.ws_url()).await, code);
+        assert_eq!(request_status(&gateway.ws_url()).await, code);
         gateway.stop().await;
     }
     let config = connect_route(&format!("{}/http-status/403", backend.url));
     let gateway = TestGateway::start(&config).await;
-    assert_eq!(handshake_status(&gateway.ws_url()).await, 403);
+    assert_eq!(request_status(&gateway.ws_url()).await, 403);
     gateway.stop().await;
 }
 
@@ -59,7 +59,7 @@ async fn backend_status_is_passed_through_verbatim() {
 async fn unreachable_backend_is_502() {
     let config = connect_route(&dead_url().await);
     let gateway = TestGateway::start(&config).await;
-    assert_eq!(handshake_status(&gateway.ws_url()).await, 502);
+    assert_eq!(request_status(&gateway.ws_url()).await, 502);
     gateway.stop().await;
 }
 
@@ -141,12 +141,12 @@ async fn connection_limit_answers_503() {
     let gateway = TestGateway::start("[server]\nmax_connections = 2").await;
     let _a = gateway.connect().await;
     let _b = gateway.connect().await;
-    assert_eq!(handshake_status(&gateway.ws_url()).await, 503);
+    assert_eq!(request_status(&gateway.ws_url()).await, 503);
     drop(_a);
     // The freed slot becomes available once the gateway has seen the close.
     let mut admitted = false;
     for _ in 0..50 {
-        if handshake_status(&gateway.ws_url()).await == 101 {
+        if request_status(&gateway.ws_url()).await == 101 {
             admitted = true;
             break;
         }

@@ -215,7 +215,7 @@ async fn health_and_metrics() {
     send_text(&mut ws, "echo me").await;
     next_text(&mut ws).await;
     assert_eq!(
-        handshake_status(&format!("ws://{}/nope", gateway.ws_addr)).await,
+        request_status(&format!("ws://{}/nope", gateway.ws_addr)).await,
         404
     );
 
@@ -387,30 +387,8 @@ async fn boto3_signatures_are_verified() {
         );
         return;
     }
-    let backend = Backend::start().await;
-    let gateway = TestGateway::start(&config_with(&backend, AWS_KEYS)).await;
-    let (mut ws, id) = gateway.connect_with_id(&backend).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/boto3_signatures.py");
-    let output = tokio::process::Command::new("python3")
-        .args([
-            script,
-            &gateway.api_url(""),
-            &id,
-            "AKIDSWITCHBOARD",
-            "c2VjcmV0LWtleS1mb3ItdGVzdHM",
-        ])
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "boto3 script failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(stdout.lines().count(), 3, "{stdout}");
-    assert_eq!(next_text(&mut ws).await, "signed by boto3");
-    gateway.stop().await;
+    sdk_signs("python3", script, None, "signed by boto3").await;
 }
 
 /// A signature made with the right secret but a clock 10 minutes off is refused, and so is
@@ -490,12 +468,36 @@ async fn aws_js_sdk_v3_signatures_are_verified() {
         );
         return;
     };
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/aws_js_sdk.mjs");
+    let modules = std::path::Path::new(&sdk)
+        .join("node_modules")
+        .into_os_string();
+    sdk_signs(
+        "node",
+        script,
+        Some(("NODE_PATH", modules)),
+        "signed by the js sdk",
+    )
+    .await;
+}
+
+/// Runs an SDK script (`program script ENDPOINT CONNECTION_ID KEY SECRET`) that signs with
+/// the test key pair; checks it succeeded and printed its three lines, and that the client
+/// got `expected`.
+async fn sdk_signs(
+    program: &str,
+    script: &str,
+    env: Option<(&str, std::ffi::OsString)>,
+    expected: &str,
+) {
     let backend = Backend::start().await;
     let gateway = TestGateway::start(&config_with(&backend, AWS_KEYS)).await;
     let (mut ws, id) = gateway.connect_with_id(&backend).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/aws_js_sdk.mjs");
-    let output = tokio::process::Command::new("node")
-        .env("NODE_PATH", std::path::Path::new(&sdk).join("node_modules"))
+    let mut command = tokio::process::Command::new(program);
+    if let Some((name, value)) = env {
+        command.env(name, value);
+    }
+    let output = command
         .args([
             script,
             &gateway.api_url(""),
@@ -509,10 +511,10 @@ async fn aws_js_sdk_v3_signatures_are_verified() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
-        "AWS JS SDK script failed:\n{stdout}\n{}",
+        "{script} failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(stdout.lines().count(), 3, "{stdout}");
-    assert_eq!(next_text(&mut ws).await, "signed by the js sdk");
+    assert_eq!(next_text(&mut ws).await, expected);
     gateway.stop().await;
 }

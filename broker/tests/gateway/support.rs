@@ -427,9 +427,11 @@ pub(crate) async fn read_head(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&head).into_owned()
 }
 
-/// The HTTP status a handshake to `url` is answered with.
-pub(crate) async fn handshake_status(url: &str) -> u16 {
-    match tokio_tungstenite::connect_async(url).await {
+/// The HTTP status a handshake request (a URL, or a request with headers) is answered with.
+pub(crate) async fn request_status(
+    request: impl tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
+) -> u16 {
+    match tokio_tungstenite::connect_async(request).await {
         Ok(_) => 101,
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
         Err(other) => panic!("handshake failed without an HTTP status: {other}"),
