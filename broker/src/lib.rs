@@ -7,8 +7,10 @@
 //! Map of the crate, edges to core:
 //! * [`server`] binds sockets and starts [`shard`]s (one thread each) and the
 //!   [`management`] API; [`session`] runs one connection; [`dispatch`] runs routes.
-//! * [`limits`]: who may connect and how much they may do (admission, rate limits, the
-//!   outbound memory budget).
+//! * [`limits`]: how much a client may do (admission, rate limits, the outbound memory
+//!   budget); [`auth`]: who may connect (`$connect` authorizers) and who may call the
+//!   management API (tokens, SigV4).
+//! * [`transport`]: plain TCP or TLS under one socket type, so sessions do not care.
 //! * Pure logic: [`config`], [`selection`], [`connection_id`], [`frame`], [`event`],
 //!   [`integration`]'s reply parsing, [`outbound`], [`disconnect`], [`rooms`], the
 //!   [`fanout`] planner.

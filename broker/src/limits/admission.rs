@@ -97,10 +97,6 @@ impl Admission {
         max_connections.min(usable)
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// Sockets open now (connections and handshakes).
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
