@@ -73,6 +73,21 @@ async fn call_backend(
     result
 }
 
+/// The CONNECT event for an upgrade request, with a fresh request id.
+fn connect_event(shard: &Shard, facts: &ConnectionFacts, request: &HandshakeRequest) -> Vec<u8> {
+    let request_id = shard.ids.borrow_mut().request_id();
+    let stamp = EventStamp {
+        request_id: &request_id,
+        now_ms: clock::now_ms(),
+    };
+    event::build(
+        api_facts(&shard.gateway),
+        facts,
+        stamp,
+        EventKind::Connect(request),
+    )
+}
+
 /// Runs the `$connect` route: 2xx accepts, any other status is passed to the client
 /// verbatim, a backend that cannot be reached is a 502. No route accepts.
 pub async fn run_connect(
@@ -87,17 +102,7 @@ pub async fn run_connect(
     if !matches!(route.integration, Integration::Http { .. }) {
         return ConnectOutcome::Accept { protocol: None };
     }
-    let request_id = shard.ids.borrow_mut().request_id();
-    let stamp = EventStamp {
-        request_id: &request_id,
-        now_ms: clock::now_ms(),
-    };
-    let event = event::build(
-        api_facts(gateway),
-        facts,
-        stamp,
-        EventKind::Connect(request),
-    );
+    let event = connect_event(shard, facts, request);
     match call_backend(gateway, &shard.http, route, event).await {
         Ok(reply) if reply.is_success() => ConnectOutcome::Accept {
             protocol: reply.header("sec-websocket-protocol").map(str::to_owned),
@@ -135,17 +140,7 @@ pub async fn ask_authorizer(
         return None;
     };
     let gateway = &shard.gateway;
-    let request_id = shard.ids.borrow_mut().request_id();
-    let stamp = EventStamp {
-        request_id: &request_id,
-        now_ms: clock::now_ms(),
-    };
-    let connect = event::build(
-        api_facts(gateway),
-        facts,
-        stamp,
-        EventKind::Connect(request),
-    );
+    let connect = connect_event(shard, facts, request);
     let mut event: serde_json::Map<String, Value> = serde_json::from_slice(&connect).ok()?;
     event.insert("type".into(), Value::from("REQUEST"));
     let arn = format!(
