@@ -53,6 +53,9 @@ pub struct RawConfig {
     /// Runs on every upgrade request before the `$connect` integration.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authorizer: Option<RawAuthorizer>,
+    /// Scale-out over NATS; absent: one node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::RawCluster>,
 }
 
 /// `[authorizer]`.
@@ -538,6 +541,7 @@ pub struct Config {
     /// Every durable queue: declared under `[queues]` or named by a `queue` route.
     pub queues: Vec<QueueConfig>,
     pub authorizer: Option<crate::auth::authorizer::Authorizer>,
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -717,6 +721,11 @@ impl RawConfig {
                 .authorizer
                 .as_ref()
                 .map(RawAuthorizer::validate)
+                .transpose()?,
+            cluster: self
+                .cluster
+                .as_ref()
+                .map(crate::cluster::RawCluster::validate)
                 .transpose()?,
         })
     }

@@ -26,6 +26,9 @@ pub enum DisconnectReason {
     Overloaded,
     /// A crash cut the connection; reported at the next start.
     GatewayRestarted,
+    /// Cluster mode: the node holding the connection died or was cut off from the
+    /// cluster; reported by a surviving node.
+    NodeLost,
 }
 
 impl DisconnectReason {
@@ -34,6 +37,7 @@ impl DisconnectReason {
         match self {
             Self::ClientClosed(code, _) => code.unwrap_or(close_code::NO_STATUS),
             Self::ConnectionLost | Self::GatewayRestarted => close_code::ABNORMAL,
+            Self::NodeLost => close_code::TRY_AGAIN_LATER,
             Self::Deleted => close_code::NORMAL,
             Self::IdleTimeout | Self::MaxDuration | Self::ServerShutdown => close_code::GOING_AWAY,
             Self::BadFrame(error) => error.close_code(),
@@ -59,6 +63,7 @@ impl DisconnectReason {
             Self::RateLimited => "rate_limited",
             Self::Overloaded => "overloaded",
             Self::GatewayRestarted => "gateway_restarted",
+            Self::NodeLost => "node_lost",
         }
     }
 
@@ -79,6 +84,7 @@ impl DisconnectReason {
             Self::RateLimited => "rate limit exceeded".into(),
             Self::Overloaded => "server overloaded".into(),
             Self::GatewayRestarted => "gateway restarted".into(),
+            Self::NodeLost => "node lost".into(),
         }
     }
 

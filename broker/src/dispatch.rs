@@ -441,8 +441,19 @@ fn send_error(shard: &Shard, connection: &Connection, message: &str, request_id:
 }
 
 /// Reports a closed connection to `$disconnect` (tracked, so shutdown waits for it) and
-/// forgets its record once reported.
+/// forgets its record once reported. A connection closed because its node was declared
+/// lost has been reported by the node that took over: it is only forgotten.
 pub fn fire_disconnect(shard: &Rc<Shard>, facts: ConnectionFacts, reason: DisconnectReason) {
+    let forget = |shard: &Shard, connection_id: String| {
+        if let Some(cluster) = &shard.gateway.cluster {
+            cluster.mirror_closed(&connection_id);
+        }
+        shard.record(|changes| changes.remove(connection_id));
+    };
+    if reason == DisconnectReason::NodeLost {
+        forget(shard, facts.connection_id);
+        return;
+    }
     shard
         .gateway
         .metrics
@@ -454,7 +465,7 @@ pub fn fire_disconnect(shard: &Rc<Shard>, facts: ConnectionFacts, reason: Discon
     shard.tasks.spawn_local(async move {
         let shard = shard_for_task;
         report_disconnect(&shard.gateway, &shard.http, &facts, &request_id, &reason).await;
-        shard.record(|changes| changes.remove(facts.connection_id));
+        forget(&shard, facts.connection_id);
     });
 }
 

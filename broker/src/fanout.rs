@@ -18,15 +18,25 @@ pub struct FanoutPlan {
     pub per_shard: Vec<Vec<(u64, u32)>>,
     /// Ids this node could not have issued (or issued in an earlier run): gone.
     pub invalid: Vec<u32>,
+    /// Cluster mode: ids of other nodes, by node, for one request each.
+    pub remote: std::collections::BTreeMap<u16, Vec<u32>>,
 }
 
 impl FanoutPlan {
-    /// Splits `ids` by shard. `node` and `epoch` identify the ids this run issued. An id
+    /// Splits `ids` by shard. `node` and `epoch` identify the ids this run issued; with
+    /// `clustered`, ids of other nodes are grouped by node instead of being gone. An id
     /// named twice is planned once (one delivery, and at most one `gone` entry).
-    pub fn for_ids<S: AsRef<str>>(ids: &[S], node: u16, epoch: u32, shards: usize) -> Self {
+    pub fn for_ids<S: AsRef<str>>(
+        ids: &[S],
+        node: u16,
+        epoch: u32,
+        shards: usize,
+        clustered: bool,
+    ) -> Self {
         let mut plan = Self {
             per_shard: vec![Vec::new(); shards],
             invalid: Vec::new(),
+            remote: std::collections::BTreeMap::new(),
         };
         let mut seen = std::collections::HashSet::with_capacity(ids.len());
         for (index, text) in ids.iter().enumerate() {
@@ -34,10 +44,12 @@ impl FanoutPlan {
                 continue;
             }
             let index = index as u32;
-            let target = text
-                .as_ref()
-                .parse::<ConnectionId>()
-                .ok()
+            let parsed = text.as_ref().parse::<ConnectionId>().ok();
+            if let Some(other) = parsed.filter(|id| clustered && id.node != node) {
+                plan.remote.entry(other.node).or_default().push(index);
+                continue;
+            }
+            let target = parsed
                 .filter(|id| id.node == node && id.epoch == epoch)
                 .and_then(|id| Some((id.sequence, plan.per_shard.get_mut(usize::from(id.shard))?)));
             match target {
@@ -153,9 +165,28 @@ mod tests {
             id(5, 4, 7),
             id(1, 5, 7),
         ];
-        let plan = FanoutPlan::for_ids(&ids, 0, 7, 2);
+        let plan = FanoutPlan::for_ids(&ids, 0, 7, 2, false);
         assert_eq!(plan.per_shard, vec![vec![(1, 0)], vec![(2, 1), (5, 5)]]);
         assert_eq!(plan.invalid, vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn clustered_plans_group_other_nodes_ids_by_node() {
+        let other = |node: u16, sequence: u64| {
+            ConnectionId {
+                node,
+                shard: 0,
+                epoch: 1,
+                sequence,
+            }
+            .to_string()
+        };
+        let ids = vec![id(0, 1, 7), other(2, 5), other(3, 6), other(2, 7)];
+        let plan = FanoutPlan::for_ids(&ids, 0, 7, 1, true);
+        assert_eq!(plan.per_shard, vec![vec![(1, 0)]]);
+        assert_eq!(plan.remote.get(&2), Some(&vec![1, 3]));
+        assert_eq!(plan.remote.get(&3), Some(&vec![2]));
+        assert!(plan.invalid.is_empty());
     }
 
     #[test]
@@ -167,7 +198,7 @@ mod tests {
             "x".to_owned(),
             id(0, 1, 7),
         ];
-        let plan = FanoutPlan::for_ids(&ids, 0, 7, 1);
+        let plan = FanoutPlan::for_ids(&ids, 0, 7, 1, false);
         assert_eq!(plan.per_shard, vec![vec![(1, 0)]]);
         assert_eq!(plan.invalid, vec![2]);
     }

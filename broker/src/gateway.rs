@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use switchboard_storage::RecordWriter;
 
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::limits::{Admission, OutboundBudget};
 use crate::metrics::Metrics;
@@ -24,6 +25,8 @@ pub struct Gateway {
     pub outbound_budget: Arc<OutboundBudget>,
     /// Every shard, by index: where a connectionId's shard number points.
     pub shards: Arc<[ShardHandle]>,
-    /// The durable queues.
+    /// The durable queues (the local log; in cluster mode, JetStream's streams instead).
     pub queues: Arc<QueueHub>,
+    /// This node's membership of a cluster; `None`: a single node.
+    pub cluster: Option<Arc<Cluster>>,
 }

@@ -11,12 +11,14 @@
 //!   budget); [`auth`]: who may connect (`$connect` authorizers) and who may call the
 //!   management API (tokens, SigV4).
 //! * [`transport`]: plain TCP or TLS under one socket type, so sessions do not care.
+//! * [`cluster`]: several nodes as one API over NATS (absent without `[cluster]`).
 //! * Pure logic: [`config`], [`selection`], [`connection_id`], [`frame`], [`event`],
 //!   [`integration`]'s reply parsing, [`outbound`], [`disconnect`], [`rooms`], the
 //!   [`fanout`] planner.
 
 pub mod auth;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod connection_id;

@@ -60,6 +60,23 @@ pub struct Metrics {
     pub storage_flush_duration: Histogram,
     /// Entries per queue log flush (group commit size).
     pub queue_flush_batch_size: Histogram,
+    /// Cluster mode: 1 while the node's NATS connection is up.
+    pub cluster_nats_connected: IntGauge,
+    /// Cluster mode: nodes whose heartbeat this node sees, itself included.
+    pub cluster_nodes_live: IntGauge,
+    /// Cluster mode: round trip of a call to another node, by op (send, get, delete,
+    /// join, leave, bulk, broadcast, list).
+    pub cluster_request_duration: HistogramVec,
+    /// Cluster mode: calls to other nodes that failed, by op and kind (timeout,
+    /// no_responders, nats).
+    pub cluster_request_errors: IntCounterVec,
+    /// Cluster mode: messages this node sent over NATS, by kind (push, bulk, broadcast,
+    /// queue, mirror).
+    pub cluster_forwarded: IntCounterVec,
+    /// Cluster mode: rooms this node is subscribed to (it has local members).
+    pub cluster_room_interest: IntGauge,
+    /// Cluster mode: lost nodes whose connections this node reported to `$disconnect`.
+    pub cluster_takeovers: IntCounter,
 }
 
 impl Metrics {
@@ -182,6 +199,44 @@ impl Metrics {
                 "Entries made durable per queue log flush",
                 prometheus::exponential_buckets(1.0, 4.0, 9),
             ),
+            cluster_nats_connected: gauge(
+                "switchboard_cluster_nats_connected",
+                "1 while the node's NATS connection is up (cluster mode)",
+            ),
+            cluster_nodes_live: gauge(
+                "switchboard_cluster_nodes_live",
+                "Nodes with a live heartbeat, this one included (cluster mode)",
+            ),
+            cluster_request_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "switchboard_cluster_request_duration_seconds",
+                    "Round trip of a call to another node, by op",
+                )
+                .buckets(vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0,
+                ]),
+                &["op"],
+            )
+            .unwrap_or_else(|_| unreachable!("static metric definition")),
+            cluster_request_errors: counter_vec(
+                "switchboard_cluster_request_errors_total",
+                "Calls to other nodes that failed, by op and kind",
+                &["op", "kind"],
+            ),
+            cluster_forwarded: counter_vec(
+                "switchboard_cluster_forwarded_total",
+                "Messages sent over NATS, by kind",
+                &["kind"],
+            ),
+            cluster_room_interest: gauge(
+                "switchboard_cluster_room_interest",
+                "Rooms this node subscribes to because it has local members",
+            ),
+            cluster_takeovers: counter(
+                "switchboard_cluster_node_takeovers_total",
+                "Lost nodes whose connections this node reported to $disconnect",
+            ),
             registry,
         };
         metrics.register_all();
@@ -189,7 +244,7 @@ impl Metrics {
     }
 
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 23] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 30] = [
             Box::new(self.connections_active.clone()),
             Box::new(self.connections_total.clone()),
             Box::new(self.messages_received.clone()),
@@ -213,6 +268,13 @@ impl Metrics {
             Box::new(self.queue_delivery_attempts.clone()),
             Box::new(self.storage_flush_duration.clone()),
             Box::new(self.queue_flush_batch_size.clone()),
+            Box::new(self.cluster_nats_connected.clone()),
+            Box::new(self.cluster_nodes_live.clone()),
+            Box::new(self.cluster_request_duration.clone()),
+            Box::new(self.cluster_request_errors.clone()),
+            Box::new(self.cluster_forwarded.clone()),
+            Box::new(self.cluster_room_interest.clone()),
+            Box::new(self.cluster_takeovers.clone()),
         ];
         for collector in collectors {
             if let Err(error) = self.registry.register(collector) {

@@ -153,7 +153,7 @@ pub async fn deliver(
 }
 
 /// Retries one entry until a 2xx; false if shutdown came first.
-async fn deliver_one(
+pub(crate) async fn deliver_one(
     http: &crate::integration::HttpIntegration,
     queue: &str,
     url: &reqwest::Url,

@@ -8,6 +8,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use switchboard_storage::{ConnectionRecord, Storage, StorageError};
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::connection_id::IdMinter;
 use crate::disconnect::DisconnectReason;
@@ -34,6 +35,8 @@ pub enum ServeError {
          ({reserve}); raise the limit (ulimit -n, systemd LimitNOFILE) or lower the reserve"
     )]
     NoFileDescriptors { open_files: u64, reserve: usize },
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("cannot start {what}: {source}")]
     Start {
         what: &'static str,
@@ -117,6 +120,32 @@ pub async fn serve(
         config.storage.fsync,
         &metrics,
     )?);
+    let shards: Arc<[shard::ShardHandle]> = handles.into();
+    let cluster = match &config.cluster {
+        Some(cluster_config) => {
+            let node = crate::cluster::registry::NodeIdentity {
+                node_id: config.server.node_id,
+                epoch,
+                instance: storage.instance_id()?,
+            };
+            let cluster = Cluster::join(
+                cluster_config,
+                node,
+                &config.api.stage,
+                &config.queues,
+                shards.clone(),
+                metrics.clone(),
+            )
+            .await?;
+            tracing::info!(
+                node_id = config.server.node_id,
+                nats = %cluster_config.nats_urls.join(","),
+                "joined the cluster"
+            );
+            Some(cluster)
+        }
+        None => None,
+    };
     let gateway = Arc::new(Gateway {
         outbound_budget: admission.1,
         admission: admission.0,
@@ -124,13 +153,16 @@ pub async fn serve(
         metrics,
         records,
         epoch,
-        shards: handles.into(),
+        shards,
         queues,
+        cluster,
     });
-    let deliverers: Vec<_> = gateway
+    let local_queues = gateway.cluster.is_none();
+    let mut deliverers: Vec<_> = gateway
         .config
         .queues
         .iter()
+        .filter(|_| local_queues)
         .filter_map(|queue| {
             let url = queue.deliver_to.clone()?;
             Some(tokio::spawn(queues::deliver(
@@ -142,6 +174,7 @@ pub async fn serve(
             )))
         })
         .collect();
+    deliverers.extend(Cluster::run(&gateway, &shutdown));
     let orphan_report = tokio::spawn(report_orphans(gateway.clone(), orphans));
     if let Some(crate::auth::authorizer::Check::Jwks { keys, .. }) =
         gateway.config.authorizer.as_ref().map(|a| &a.check)
@@ -205,6 +238,9 @@ pub async fn serve(
     for deliverer in deliverers {
         let _ = deliverer.await;
     }
+    if let Some(cluster) = &gateway.cluster {
+        cluster.leave().await;
+    }
     let records = gateway.records.clone();
     let queue_log = gateway.queues.log.clone();
     let _ = tokio::task::spawn_blocking(move || {
@@ -250,6 +286,7 @@ fn admission(
 
 /// Reports connections a crash cut (records left by the previous run) to `$disconnect`.
 async fn report_orphans(gateway: Arc<Gateway>, orphans: Vec<ConnectionRecord>) {
+    let orphans = crate::cluster::registry::recover_previous_run(&gateway, orphans).await;
     if orphans.is_empty() {
         return;
     }

@@ -60,15 +60,17 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, ticket: 
     let queue = OutboundQueue::new(limits.outbound_queue_frames, limits.outbound_queue_bytes);
     let expires_at = std::time::Instant::now() + limits.max_connection_duration;
     let connection = Rc::new(Connection::new(id, facts, socket, queue, expires_at));
-    shard.record(|changes| {
-        changes.upsert(switchboard_storage::ConnectionRecord {
-            connection_id: connection.facts.connection_id.clone(),
-            connected_at_ms: connection.facts.connected_at_ms,
-            last_active_at_ms: connection.facts.connected_at_ms,
-            source_ip: connection.facts.source_ip.clone(),
-            user_agent: connection.facts.user_agent.clone(),
-        })
-    });
+    let record = switchboard_storage::ConnectionRecord {
+        connection_id: connection.facts.connection_id.clone(),
+        connected_at_ms: connection.facts.connected_at_ms,
+        last_active_at_ms: connection.facts.connected_at_ms,
+        source_ip: connection.facts.source_ip.clone(),
+        user_agent: connection.facts.user_agent.clone(),
+    };
+    if let Some(cluster) = &gateway.cluster {
+        cluster.mirror_opened(record.clone().into());
+    }
+    shard.record(|changes| changes.upsert(record));
     shard.register(connection.clone());
     if shard.shutdown.is_cancelled() {
         // Registered after the shutdown sweep: close like everyone else.

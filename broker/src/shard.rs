@@ -97,6 +97,8 @@ enum ShardCommand {
         room: RoomName,
         reply: oneshot::Sender<Vec<String>>,
     },
+    /// Close every connection for `reason`.
+    CloseAll { reason: DisconnectReason },
 }
 
 /// How other threads talk to a shard.
@@ -216,6 +218,11 @@ impl ShardHandle {
         })
     }
 
+    /// Closes every connection of the shard for `reason`.
+    pub async fn close_all(&self, reason: DisconnectReason) {
+        let _ = self.commands.send(ShardCommand::CloseAll { reason }).await;
+    }
+
     /// Asks for the shard's members of `room`.
     pub async fn list_room(
         &self,
@@ -266,12 +273,32 @@ impl Shard {
             .borrow_mut()
             .remove(&connection.id.sequence);
         let left = self.rooms.borrow_mut().leave_all(connection.id.sequence);
+        for room in &left {
+            self.note_if_emptied(room);
+        }
         let id = &connection.facts.connection_id;
         self.record(|changes| {
             for room in left {
                 changes.leave(room.as_str(), id);
             }
         });
+    }
+
+    /// Cluster mode: the node's interest in `room` follows its shards' members.
+    fn note_if_first(&self, room: &RoomName) {
+        if let Some(cluster) = &self.gateway.cluster {
+            if self.rooms.borrow().count(room) == 1 {
+                cluster.room_gained(room);
+            }
+        }
+    }
+
+    fn note_if_emptied(&self, room: &RoomName) {
+        if let Some(cluster) = &self.gateway.cluster {
+            if self.rooms.borrow().count(room) == 0 {
+                cluster.room_lost(room);
+            }
+        }
     }
 
     /// Notes connection or membership changes; the command loop hands them to the record
@@ -309,6 +336,8 @@ impl Shard {
             return Err(TooManyRooms(limit));
         }
         if rooms.join(room, sequence, connection.clone()) {
+            drop(rooms);
+            self.note_if_first(room);
             self.record(|changes| changes.join(room.as_str(), &connection.facts.connection_id));
         }
         Ok(())
@@ -321,7 +350,9 @@ impl Shard {
 
     /// Removes a local connection from `room` (idempotent).
     pub fn leave(&self, connection: &Connection, room: &RoomName) {
-        if self.rooms.borrow_mut().leave(room, connection.id.sequence) {
+        let left = self.rooms.borrow_mut().leave(room, connection.id.sequence);
+        if left {
+            self.note_if_emptied(room);
             self.record(|changes| changes.leave(room.as_str(), &connection.facts.connection_id));
         }
     }
@@ -334,7 +365,7 @@ impl Shard {
         exclude: Option<ConnectionId>,
     ) -> usize {
         let skip = exclude
-            .filter(|id| id.shard == self.index)
+            .filter(|id| self.owns(id))
             .map(|id| id.sequence);
         let rooms = self.rooms.borrow();
         let mut delivered = 0;
@@ -347,11 +378,18 @@ impl Shard {
         delivered
     }
 
+    /// Whether `id` names a connection of this shard (node, run and shard match).
+    fn owns(&self, id: &ConnectionId) -> bool {
+        id.shard == self.index
+            && id.node == self.gateway.config.server.node_id
+            && id.epoch == self.gateway.epoch
+    }
+
     /// A client's publish to `room`: queued to this shard's members at once (the command
-    /// loop writes them in its next pass), and sent to every other shard as a command.
-    /// Those sends count as the publisher's work in flight, so a client that publishes
-    /// faster than the shards take its messages stops being read (backpressure), instead
-    /// of piling up tasks.
+    /// loop writes them in its next pass), and sent to every other shard as a command,
+    /// and in cluster mode to the other nodes. Those sends count as the publisher's work
+    /// in flight, so a client that publishes faster than the shards (and NATS) take its
+    /// messages stops being read (backpressure), instead of piling up tasks.
     pub fn publish(
         self: &Rc<Self>,
         publisher: &Rc<Connection>,
@@ -367,7 +405,8 @@ impl Shard {
             .filter(|(index, _)| *index != usize::from(self.index))
             .map(|(_, shard)| shard.clone())
             .collect();
-        if !others.is_empty() {
+        let cluster = self.gateway.cluster.clone();
+        if !others.is_empty() || cluster.is_some() {
             let in_flight = publisher.start_call();
             let (room, frame) = (room.clone(), frame.clone());
             self.tasks.spawn_local(async move {
@@ -376,6 +415,9 @@ impl Shard {
                     let _ = shard
                         .broadcast(room.clone(), frame.clone(), exclude, None)
                         .await;
+                }
+                if let Some(cluster) = cluster {
+                    cluster.publish_room(&room, frame, exclude).await;
                 }
             });
         }
@@ -400,7 +442,10 @@ impl Shard {
             let shard = self.clone();
             self.tasks.spawn_local(async move {
                 let batch = std::mem::take(&mut *shard.pending_appends.borrow_mut());
-                append_batch(&shard, batch).await;
+                match shard.gateway.cluster.clone() {
+                    Some(cluster) => append_batch_to_jetstream(&cluster, batch).await,
+                    None => append_batch(&shard, batch).await,
+                }
             });
         }
     }
@@ -585,6 +630,11 @@ impl Shard {
             } => {
                 let _ = reply.send(self.connection(sequence).map(|c| self.leave(&c, &room)));
             }
+            ShardCommand::CloseAll { reason } => {
+                for connection in self.connections.borrow().values() {
+                    connection.request_close(reason.clone());
+                }
+            }
             ShardCommand::ListRoom { room, reply } => {
                 let members = self
                     .rooms
@@ -704,6 +754,21 @@ async fn append_batch(shard: &Shard, batch: Vec<PendingAppend>) {
             .cloned()
             .unwrap_or_else(|| Err(AppendFailure::Storage("the queue log stopped".into())));
         done(result);
+    }
+}
+
+/// Cluster mode: publishes a turn's appends to JetStream together and runs their
+/// completions, in order, as their acks come back.
+async fn append_batch_to_jetstream(cluster: &crate::cluster::Cluster, batch: Vec<PendingAppend>) {
+    let appends = batch
+        .iter()
+        .map(|(queue, payload, _)| cluster.append(queue, payload.clone()));
+    let results = futures_util::future::join_all(appends).await;
+    for ((queue, _, done), result) in batch.into_iter().zip(results) {
+        done(result.map_err(|error| {
+            tracing::error!(%queue, %error, "queue append not stored by JetStream");
+            AppendFailure::Storage(error.to_string())
+        }));
     }
 }
 

@@ -25,6 +25,7 @@ const META_TREE: &str = "meta";
 const CONNECTIONS_TREE: &str = "connections";
 const ROOMS_TREE: &str = "rooms";
 const EPOCH_KEY: &[u8] = b"epoch";
+const INSTANCE_KEY: &[u8] = b"instance";
 
 /// The opened data directory.
 pub struct Storage {
@@ -87,6 +88,27 @@ impl Storage {
             detail: "epoch counter has the wrong size".into(),
         })?;
         Ok(u32::from_be_bytes(bytes))
+    }
+
+    /// This data directory's id: random, drawn the first time and kept. Tells a restart of
+    /// a node (same data dir) from another process that claims the same node id.
+    pub fn instance_id(&self) -> Result<String, StorageError> {
+        if let Some(existing) = self.meta.get(INSTANCE_KEY).map_err(|e| self.sled_error(e))? {
+            return Ok(String::from_utf8_lossy(&existing).into_owned());
+        }
+        let fresh = random_id();
+        let stored = self
+            .meta
+            .compare_and_swap(INSTANCE_KEY, None as Option<&[u8]>, Some(fresh.as_bytes()))
+            .map_err(|e| self.sled_error(e))?;
+        self.flush()?;
+        Ok(match stored {
+            Ok(()) => fresh,
+            Err(race) => race
+                .current
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+                .unwrap_or(fresh),
+        })
     }
 
     /// Every connection record stored. Read at start, before any connection is accepted,
@@ -370,4 +392,19 @@ mod tests {
         writer.close();
         assert!(storage.connection_records().unwrap().is_empty());
     }
+}
+
+/// 128 random bits as hex, from the standard library's per-process random hash keys.
+fn random_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let half = || {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        hasher.finish()
+    };
+    format!("{:016x}{:016x}", half(), half())
 }

@@ -23,6 +23,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::auth::{self, sigv4};
+use crate::cluster::Cluster;
+use crate::cluster::remote::{Op, RemoteError, Reply};
 use crate::clock;
 use crate::connection_id::ConnectionId;
 use crate::fanout::{self, FanoutPlan};
@@ -62,6 +64,9 @@ pub enum ApiError {
     LimitExceeded(String),
     #[error("{0}")]
     Signature(sigv4::SigV4Error),
+    /// Cluster mode: this node cannot reach the cluster right now.
+    #[error("cluster unavailable: {0}")]
+    ClusterUnavailable(String),
 }
 
 impl IntoResponse for ApiError {
@@ -83,6 +88,9 @@ impl IntoResponse for ApiError {
             Self::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "RequestTimeoutException"),
             Self::LimitExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "LimitExceededException"),
             Self::Signature(error) => (StatusCode::FORBIDDEN, error.error_type()),
+            Self::ClusterUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableException")
+            }
         };
         let mut response =
             (status, axum::Json(json!({ "message": self.to_string() }))).into_response();
@@ -122,11 +130,21 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .merge(authenticated)
         .merge(public)
-        .route(
-            "/health",
-            get(|| async { axum::Json(json!({"status": "ok"})) }),
-        )
+        .route("/health", get(health))
         .with_state(state)
+}
+
+/// `{"status": "ok"}`, or 503 `{"status": "degraded", "reason": …}` while this node's
+/// cluster delivery is broken (it still serves its own clients).
+async fn health(State(state): State<ApiState>) -> Response {
+    match state.gateway.cluster.as_ref().and_then(|c| c.degraded()) {
+        None => axum::Json(json!({"status": "ok"})).into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "degraded", "reason": reason})),
+        )
+            .into_response(),
+    }
 }
 
 /// With `management.tokens` or `management.aws_keys` set, a request needs
@@ -196,12 +214,19 @@ impl ApiState {
         }
     }
 
-    /// The connection's id and the shard that owns it; ids this node could not have
-    /// issued are gone, like closed ones.
-    fn locate(&self, text: &str) -> Result<(ConnectionId, &ShardHandle), ApiError> {
+    /// Where the connection lives: a local shard, or (cluster mode) another node. Ids
+    /// no node of this gateway could have issued are gone, like closed ones.
+    fn locate(&self, text: &str) -> Result<Target<'_>, ApiError> {
         let gone = || ApiError::Gone(text.to_owned());
         let id: ConnectionId = text.parse().map_err(|_| gone())?;
-        if id.node != self.gateway.config.server.node_id || id.epoch != self.gateway.epoch {
+        if id.node != self.gateway.config.server.node_id {
+            let cluster = self.gateway.cluster.as_deref().ok_or_else(gone)?;
+            if let Some(reason) = cluster.degraded() {
+                return Err(ApiError::ClusterUnavailable(reason));
+            }
+            return Ok(Target::Remote(id.node, cluster));
+        }
+        if id.epoch != self.gateway.epoch {
             return Err(gone());
         }
         let shard = self
@@ -209,11 +234,39 @@ impl ApiState {
             .shards
             .get(usize::from(id.shard))
             .ok_or_else(gone)?;
-        Ok((id, shard))
+        Ok(Target::Local(id, shard))
     }
 
     fn shards(&self) -> &[ShardHandle] {
         &self.gateway.shards
+    }
+}
+
+/// Where a connection lives.
+enum Target<'a> {
+    Local(ConnectionId, &'a ShardHandle),
+    /// Cluster mode: on this node.
+    Remote(u16, &'a Cluster),
+}
+
+/// A remote node's answer as the API's: 410 when the node did not answer in time (see
+/// docs/CLUSTER.md for why), its own error otherwise.
+fn remote_outcome(id: &str, outcome: Result<Reply, RemoteError>) -> Result<Reply, ApiError> {
+    let reply = match outcome {
+        Ok(reply) => reply,
+        Err(RemoteError::Unreachable { .. }) => return Err(ApiError::Gone(id.to_owned())),
+        Err(RemoteError::Nats(reason)) => return Err(ApiError::ClusterUnavailable(reason)),
+    };
+    let text = || String::from_utf8_lossy(&reply.body).into_owned();
+    match reply.status {
+        200..=299 => Ok(reply),
+        410 => Err(ApiError::Gone(id.to_owned())),
+        429 => Err(ApiError::LimitExceeded(text())),
+        400 => Err(ApiError::BadRequest(text())),
+        status => Err(ApiError::ClusterUnavailable(format!(
+            "node answered {status}: {}",
+            text()
+        ))),
     }
 }
 
@@ -295,13 +348,30 @@ async fn post_bulk(
         limits.max_message_bytes,
     )?;
     let config = &state.gateway.config;
-    let plan = FanoutPlan::for_ids(
+    let cluster = state.gateway.cluster.as_deref();
+    let mut plan = FanoutPlan::for_ids(
         &request.connection_ids,
         config.server.node_id,
         state.gateway.epoch,
         state.shards().len(),
+        cluster.is_some(),
     );
-    let delivery = fanout::send_bulk(state.shards(), plan, &frame).await;
+    let remote_ids = std::mem::take(&mut plan.remote);
+    let remote = async {
+        match cluster {
+            Some(cluster) if !remote_ids.is_empty() => {
+                cluster
+                    .send_bulk(&remote_ids, &request.connection_ids, &frame)
+                    .await
+            }
+            _ => fanout::Delivery::default(),
+        }
+    };
+    let (mut delivery, remote) =
+        futures_util::join!(fanout::send_bulk(state.shards(), plan, &frame), remote);
+    delivery.delivered += remote.delivered;
+    delivery.gone.extend(remote.gone);
+    delivery.gone.sort_unstable();
     let gone: Vec<&str> = delivery
         .gone
         .iter()
@@ -339,8 +409,17 @@ async fn post_to_room(
         .read_body(body, state.gateway.config.limits.max_message_bytes)
         .await?;
     let frame = frame::encode_data(&payload);
-    let delivered = fanout::broadcast(state.shards(), &room, &frame, exclude).await;
-    Ok(axum::Json(json!({"delivered": delivered})).into_response())
+    let remote = async {
+        match &state.gateway.cluster {
+            Some(cluster) => cluster.broadcast_room(&room, frame.clone(), exclude).await,
+            None => 0,
+        }
+    };
+    let (local, remote) = futures_util::join!(
+        fanout::broadcast(state.shards(), &room, &frame, exclude),
+        remote
+    );
+    Ok(axum::Json(json!({"delivered": local + remote})).into_response())
 }
 
 async fn get_room(
@@ -349,7 +428,15 @@ async fn get_room(
 ) -> Result<Response, ApiError> {
     state.check_stage(&stage)?;
     let room = room_name(&room)?;
-    let members = fanout::room_members(state.shards(), &room).await;
+    let remote = async {
+        match &state.gateway.cluster {
+            Some(cluster) => cluster.list_room(&room).await,
+            None => Vec::new(),
+        }
+    };
+    let (mut members, remote) =
+        futures_util::join!(fanout::room_members(state.shards(), &room), remote);
+    members.extend(remote);
     Ok(axum::Json(json!({
         "room": room.as_str(),
         "count": members.len(),
@@ -385,7 +472,20 @@ async fn change_membership(
 ) -> Result<StatusCode, ApiError> {
     state.check_stage(&stage)?;
     let room = room_name(&room)?;
-    let (connection_id, shard) = state.locate(&id)?;
+    let (connection_id, shard) = match state.locate(&id)? {
+        Target::Local(connection_id, shard) => (connection_id, shard),
+        Target::Remote(node, cluster) => {
+            let op = match change {
+                Membership::Join => Op::Join,
+                Membership::Leave => Op::Leave,
+            };
+            let outcome = cluster
+                .call(node, op, &id, Some(room.as_str()), Bytes::new())
+                .await;
+            remote_outcome(&id, outcome)?;
+            return Ok(StatusCode::NO_CONTENT);
+        }
+    };
     match change {
         Membership::Join => shard
             .join(connection_id, room)
@@ -409,11 +509,17 @@ async fn post_to_connection(
     let payload = state
         .read_body(body, state.gateway.config.limits.max_message_bytes)
         .await?;
-    let (connection_id, shard) = state.locate(&id)?;
-    shard
-        .send(connection_id, frame::encode_data(&payload))
-        .await
-        .map_err(|_| ApiError::Gone(id))?;
+    let frame = frame::encode_data(&payload);
+    match state.locate(&id)? {
+        Target::Local(connection_id, shard) => shard
+            .send(connection_id, frame)
+            .await
+            .map_err(|_| ApiError::Gone(id))?,
+        Target::Remote(node, cluster) => {
+            let outcome = cluster.call(node, Op::Send, &id, None, frame).await;
+            remote_outcome(&id, outcome)?;
+        }
+    }
     Ok(StatusCode::OK)
 }
 
@@ -422,7 +528,20 @@ async fn get_connection(
     Path((stage, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     state.check_stage(&stage)?;
-    let (connection_id, shard) = state.locate(&id)?;
+    let (connection_id, shard) = match state.locate(&id)? {
+        Target::Local(connection_id, shard) => (connection_id, shard),
+        Target::Remote(node, cluster) => {
+            let outcome = cluster
+                .call(node, Op::Describe, &id, None, Bytes::new())
+                .await;
+            let reply = remote_outcome(&id, outcome)?;
+            return Ok((
+                [(header::CONTENT_TYPE, "application/json")],
+                reply.body,
+            )
+                .into_response());
+        }
+    };
     let info = shard
         .describe(connection_id)
         .await
@@ -440,11 +559,18 @@ async fn delete_connection(
     Path((stage, id)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     state.check_stage(&stage)?;
-    let (connection_id, shard) = state.locate(&id)?;
-    shard
-        .disconnect(connection_id)
-        .await
-        .map_err(|_| ApiError::Gone(id))?;
+    match state.locate(&id)? {
+        Target::Local(connection_id, shard) => shard
+            .disconnect(connection_id)
+            .await
+            .map_err(|_| ApiError::Gone(id))?,
+        Target::Remote(node, cluster) => {
+            let outcome = cluster
+                .call(node, Op::Disconnect, &id, None, Bytes::new())
+                .await;
+            remote_outcome(&id, outcome)?;
+        }
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -557,6 +683,22 @@ async fn get_queue_messages(
     let group = check_group(params.group.as_deref())?;
     let max = number_param("max", params.max.as_deref(), 100, MAX_PULL as u64)?.max(1) as usize;
     let wait = number_param("wait_ms", params.wait_ms.as_deref(), 0, MAX_WAIT_MS)?;
+    if let Some(cluster) = &state.gateway.cluster {
+        let wait = std::time::Duration::from_millis(wait);
+        let (first, _) = cluster.queue_bounds(&queue).await.map_err(cluster_queue_error)?;
+        let from = cluster
+            .committed(&queue, group)
+            .await
+            .map_err(cluster_queue_error)?
+            .max(first);
+        let entries = cluster
+            .read_queue(&queue, from, max, wait)
+            .await
+            .map_err(cluster_queue_error)?;
+        let next = entries.last().map_or(from, |e| e.offset + 1);
+        let messages = entries.iter().map(|e| (e.offset, &e.payload[..]));
+        return Ok(pull_response(messages, next));
+    }
     let log = &state.gateway.queues.log;
     let (first, _) = log.bounds(&queue)?;
     let from = log.committed(&queue, group)?.max(first);
@@ -569,14 +711,26 @@ async fn get_queue_messages(
         entries = log.read(&queue, from, max)?;
     }
     let next = entries.last().map_or(from, |e| e.offset + 1);
+    let messages = entries.iter().map(|e| (e.offset, &e.payload[..]));
+    Ok(pull_response(messages, next))
+}
+
+/// The pull's answer: `{"messages": [{"offset", "event"}], "next"}`.
+fn pull_response<'a>(entries: impl Iterator<Item = (u64, &'a [u8])>, next: u64) -> Response {
     let messages: Vec<Value> = entries
-        .iter()
-        .map(|entry| {
-            let event: Value = serde_json::from_slice(&entry.payload).unwrap_or(Value::Null);
-            json!({"offset": entry.offset, "event": event})
+        .map(|(offset, payload)| {
+            let event: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
+            json!({"offset": offset, "event": event})
         })
         .collect();
-    Ok(axum::Json(json!({"messages": messages, "next": next})).into_response())
+    axum::Json(json!({"messages": messages, "next": next})).into_response()
+}
+
+fn cluster_queue_error(error: crate::cluster::queues::QueueError) -> ApiError {
+    match error {
+        crate::cluster::queues::QueueError::Unknown(queue) => ApiError::UnknownQueue(queue),
+        other => ApiError::ClusterUnavailable(other.to_string()),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -584,6 +738,15 @@ async fn get_queue_messages(
 struct CommitRequest {
     group: String,
     offset: u64,
+}
+
+fn check_commit_offset(offset: u64, next: u64, queue: &str) -> Result<(), ApiError> {
+    if offset > next {
+        return Err(ApiError::BadRequest(format!(
+            "offset {offset} is past the end of queue {queue} (next offset {next})"
+        )));
+    }
+    Ok(())
 }
 
 /// `POST @queues/{queue}/commit` with `{"group", "offset"}` (the next offset to read).
@@ -598,14 +761,18 @@ async fn post_queue_commit(
     let request: CommitRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("malformed commit request: {e}")))?;
     let group = check_group(Some(&request.group))?.to_owned();
+    if let Some(cluster) = &state.gateway.cluster {
+        let (_, next) = cluster.queue_bounds(&queue).await.map_err(cluster_queue_error)?;
+        check_commit_offset(request.offset, next, &queue)?;
+        let committed = cluster
+            .commit(&queue, &group, request.offset)
+            .await
+            .map_err(cluster_queue_error)?;
+        return Ok(axum::Json(json!({"group": request.group, "offset": committed})).into_response());
+    }
     let log = state.gateway.queues.log.clone();
     let (_, next) = log.bounds(&queue)?;
-    if request.offset > next {
-        return Err(ApiError::BadRequest(format!(
-            "offset {} is past the end of queue {queue} (next offset {next})",
-            request.offset
-        )));
-    }
+    check_commit_offset(request.offset, next, &queue)?;
     let committed = tokio::task::spawn_blocking(move || log.commit(&queue, &group, request.offset))
         .await
         .map_err(|e| ApiError::BadRequest(format!("commit interrupted: {e}")))??;

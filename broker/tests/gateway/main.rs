@@ -4,9 +4,11 @@
 mod attacks;
 mod authorizers;
 mod binary;
+mod cluster;
 mod disconnects;
 mod handshake;
 mod management;
+mod nats;
 mod process;
 mod queues;
 mod rooms;

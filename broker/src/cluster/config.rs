@@ -1,0 +1,153 @@
+//! `[cluster]`: where NATS is and how patient the node is with the others.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+
+/// One URL or several (any server of the NATS cluster; the client learns the rest).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum NatsUrls {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `[cluster]` as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub nats_url: NatsUrls,
+    /// A NATS `.creds` file (JWT and NKey seed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<PathBuf>,
+    /// A NATS auth token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// A PEM CA file to verify NATS servers' TLS certificates (`tls://` URLs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// How long a call to another node may take before it counts as unreachable (410).
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// How long a room broadcast or listing waits for the other nodes' answers.
+    #[serde(default = "default_gather_wait_ms")]
+    pub gather_wait_ms: u64,
+    /// How often the node renews its registration.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// A node not heard from for this long is lost: its connections are reported to
+    /// `$disconnect` by a surviving node.
+    #[serde(default = "default_node_timeout_ms")]
+    pub node_timeout_ms: u64,
+    /// JetStream replicas of the queue streams; 0: as many as the NATS cluster has
+    /// servers, at most 3.
+    #[serde(default)]
+    pub replicas: usize,
+    /// Connection records are mirrored to NATS in batches this often.
+    #[serde(default = "default_mirror_interval_ms")]
+    pub mirror_interval_ms: u64,
+}
+
+fn default_request_timeout_ms() -> u64 {
+    1000
+}
+
+fn default_gather_wait_ms() -> u64 {
+    100
+}
+
+fn default_heartbeat_ms() -> u64 {
+    1000
+}
+
+fn default_node_timeout_ms() -> u64 {
+    5000
+}
+
+fn default_mirror_interval_ms() -> u64 {
+    50
+}
+
+/// `[cluster]`, validated.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub nats_urls: Vec<String>,
+    pub credentials: Option<PathBuf>,
+    pub token: Option<String>,
+    pub tls_ca: Option<PathBuf>,
+    pub request_timeout: Duration,
+    pub gather_wait: Duration,
+    pub heartbeat: Duration,
+    pub node_timeout: Duration,
+    pub replicas: usize,
+    pub mirror_interval: Duration,
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: format!("cluster.{key}"),
+        reason: reason.into(),
+    }
+}
+
+fn millis(key: &str, value: u64, range: std::ops::RangeInclusive<u64>) -> Result<Duration, ConfigError> {
+    if range.contains(&value) {
+        Ok(Duration::from_millis(value))
+    } else {
+        Err(invalid(
+            key,
+            format!("must be from {} to {} ms", range.start(), range.end()),
+        ))
+    }
+}
+
+impl RawCluster {
+    pub fn validate(&self) -> Result<ClusterConfig, ConfigError> {
+        let nats_urls = match &self.nats_url {
+            NatsUrls::One(url) => vec![url.clone()],
+            NatsUrls::Many(urls) => urls.clone(),
+        };
+        if nats_urls.is_empty() {
+            return Err(invalid("nats_url", "names no server"));
+        }
+        for url in &nats_urls {
+            url.parse::<async_nats::ServerAddr>()
+                .map_err(|e| invalid("nats_url", format!("`{url}` is not a NATS URL: {e}")))?;
+        }
+        for (key, path) in [("credentials", &self.credentials), ("tls_ca", &self.tls_ca)] {
+            if let Some(path) = path.as_ref().filter(|p| !p.is_file()) {
+                return Err(invalid(key, format!("{} is not a readable file", path.display())));
+            }
+        }
+        if self.credentials.is_some() && self.token.is_some() {
+            return Err(invalid("token", "give either credentials or token, not both"));
+        }
+        let heartbeat = millis("heartbeat_ms", self.heartbeat_ms, 100..=60_000)?;
+        let node_timeout = millis("node_timeout_ms", self.node_timeout_ms, 500..=600_000)?;
+        if node_timeout < heartbeat * 3 {
+            return Err(invalid(
+                "node_timeout_ms",
+                "must be at least three heartbeats (cluster.heartbeat_ms), or one late \
+                 heartbeat would declare a live node lost",
+            ));
+        }
+        if self.replicas > 5 {
+            return Err(invalid("replicas", "JetStream allows at most 5"));
+        }
+        Ok(ClusterConfig {
+            nats_urls,
+            credentials: self.credentials.clone(),
+            token: self.token.clone(),
+            tls_ca: self.tls_ca.clone(),
+            request_timeout: millis("request_timeout_ms", self.request_timeout_ms, 10..=60_000)?,
+            gather_wait: millis("gather_wait_ms", self.gather_wait_ms, 1..=10_000)?,
+            heartbeat,
+            node_timeout,
+            replicas: self.replicas,
+            mirror_interval: millis("mirror_interval_ms", self.mirror_interval_ms, 1..=10_000)?,
+        })
+    }
+}

@@ -1,0 +1,230 @@
+//! Rooms across nodes, interest-based: a node subscribes to a room's subject only while
+//! one of its shards has a member in it, so a broadcast is one NATS message per
+//! interested node and none to the others. Each receiving node fans out with the local,
+//! encode-once path: the frame crosses NATS already encoded.
+//!
+//! Counting members cluster-wide (`{"delivered": N}`, `GET @rooms`) is a scatter-gather:
+//! the request carries a reply inbox and the node takes the answers that arrive within
+//! `cluster.gather_wait_ms`, or stops early once every other live node has answered.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::Cluster;
+use crate::connection_id::ConnectionId;
+use crate::fanout;
+use crate::rooms::RoomName;
+
+const OP: &str = "Sb-Op";
+const EXCLUDE: &str = "Sb-Exclude";
+const BROADCAST: &str = "broadcast";
+const LIST: &str = "list";
+
+/// The rooms this node subscribes to, with how many local shards have members in each.
+pub struct Interest {
+    runtime: tokio::runtime::Handle,
+    rooms: Mutex<HashMap<RoomName, RoomSubscription>>,
+}
+
+struct RoomSubscription {
+    shards: usize,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Interest {
+    pub fn new(runtime: tokio::runtime::Handle) -> Self {
+        Self {
+            runtime,
+            rooms: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Rooms subscribed to.
+    pub fn count(&self) -> usize {
+        self.rooms.lock().map_or(0, |rooms| rooms.len())
+    }
+}
+
+impl Cluster {
+    /// A shard got its first member in `room`: the node subscribes unless another shard
+    /// has done so already. Called from shard threads; never blocks on NATS.
+    pub fn room_gained(self: &Arc<Self>, room: &RoomName) {
+        let Ok(mut rooms) = self.interest.rooms.lock() else {
+            return;
+        };
+        if let Some(subscription) = rooms.get_mut(room) {
+            subscription.shards += 1;
+            return;
+        }
+        let task = self
+            .interest
+            .runtime
+            .spawn(serve_room(self.clone(), room.clone()));
+        rooms.insert(room.clone(), RoomSubscription { shards: 1, task });
+        self.metrics().cluster_room_interest.set(rooms.len() as i64);
+    }
+
+    /// A shard lost its last member of `room`: the node unsubscribes once no shard has one.
+    pub fn room_lost(&self, room: &RoomName) {
+        let Ok(mut rooms) = self.interest.rooms.lock() else {
+            return;
+        };
+        let Some(subscription) = rooms.get_mut(room) else {
+            return;
+        };
+        subscription.shards -= 1;
+        if subscription.shards == 0 {
+            if let Some(subscription) = rooms.remove(room) {
+                subscription.task.abort();
+            }
+            self.metrics().cluster_room_interest.set(rooms.len() as i64);
+        }
+    }
+
+    /// Sends `frame` to the members of `room` on the other nodes, without waiting for
+    /// counts (a client's `room_publish`).
+    pub async fn publish_room(&self, room: &RoomName, frame: Bytes, exclude: Option<ConnectionId>) {
+        let headers = room_headers(BROADCAST, exclude);
+        self.metrics()
+            .cluster_forwarded
+            .with_label_values(&["broadcast"])
+            .inc();
+        let subject = self.subjects.room(room.as_str());
+        if let Err(error) = self.client.publish_with_headers(subject, headers, frame).await {
+            tracing::warn!(%error, "room broadcast not forwarded to other nodes");
+        }
+    }
+
+    /// Sends `frame` to the members of `room` on the other nodes; returns how many got it
+    /// (as counted by the nodes that answered in time).
+    pub async fn broadcast_room(
+        &self,
+        room: &RoomName,
+        frame: Bytes,
+        exclude: Option<ConnectionId>,
+    ) -> usize {
+        self.metrics()
+            .cluster_forwarded
+            .with_label_values(&["broadcast"])
+            .inc();
+        let headers = room_headers(BROADCAST, exclude);
+        self.gather(room, "broadcast", headers, frame)
+            .await
+            .iter()
+            .filter_map(|answer| std::str::from_utf8(answer).ok()?.parse::<usize>().ok())
+            .sum()
+    }
+
+    /// The members of `room` on the other nodes.
+    pub async fn list_room(&self, room: &RoomName) -> Vec<String> {
+        let headers = room_headers(LIST, None);
+        self.gather(room, "list", headers, Bytes::new())
+            .await
+            .iter()
+            .filter_map(|answer| serde_json::from_slice::<Vec<String>>(answer).ok())
+            .flatten()
+            .collect()
+    }
+
+    /// Publishes a request on the room's subject and collects answers for
+    /// `cluster.gather_wait_ms`, or until every other live node has answered.
+    async fn gather(
+        &self,
+        room: &RoomName,
+        label: &'static str,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Vec<Bytes> {
+        let started = Instant::now();
+        let inbox = self.client.new_inbox();
+        let Ok(mut answers) = self.client.subscribe(inbox.clone()).await else {
+            return Vec::new();
+        };
+        let subject = self.subjects.room(room.as_str());
+        if let Err(error) = self
+            .client
+            .publish_with_reply_and_headers(subject, inbox, headers, payload)
+            .await
+        {
+            tracing::warn!(%error, "room request not sent to other nodes");
+            return Vec::new();
+        }
+        let peers = self.registry.live_peers();
+        let mut collected = Vec::new();
+        let deadline = tokio::time::sleep(self.config.gather_wait);
+        tokio::pin!(deadline);
+        while collected.len() < peers {
+            tokio::select! {
+                _ = &mut deadline => break,
+                answer = answers.next() => match answer {
+                    Some(answer) => collected.push(answer.payload),
+                    None => break,
+                },
+            }
+        }
+        let _ = answers.unsubscribe().await;
+        self.metrics()
+            .cluster_request_duration
+            .with_label_values(&[label])
+            .observe(started.elapsed().as_secs_f64());
+        collected
+    }
+}
+
+fn room_headers(op: &str, exclude: Option<ConnectionId>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(OP, op);
+    if let Some(exclude) = exclude {
+        headers.insert(EXCLUDE, exclude.to_string().as_str());
+    }
+    headers
+}
+
+/// Serves one room's subject while the node has members in it: broadcasts are handed to
+/// every local shard in arrival order; requests with a reply inbox get this node's count
+/// or member list.
+async fn serve_room(cluster: Arc<Cluster>, room: RoomName) {
+    let subject = cluster.subjects.room(room.as_str());
+    let mut messages = match cluster.client.subscribe(subject).await {
+        Ok(subscriber) => subscriber,
+        Err(error) => {
+            tracing::error!(%room, %error, "cannot subscribe to room");
+            return;
+        }
+    };
+    while let Some(message) = messages.next().await {
+        let headers = message.headers.as_ref();
+        let op = headers.and_then(|h| h.get(OP)).map(|v| v.as_str());
+        let exclude = headers
+            .and_then(|h| h.get(EXCLUDE))
+            .and_then(|v| v.as_str().parse::<ConnectionId>().ok());
+        let answer = match (op, message.reply.is_some()) {
+            (Some(BROADCAST), false) => {
+                for shard in cluster.shards().iter() {
+                    let _ = shard
+                        .broadcast(room.clone(), message.payload.clone(), exclude, None)
+                        .await;
+                }
+                continue;
+            }
+            (Some(BROADCAST), true) => {
+                let delivered =
+                    fanout::broadcast(cluster.shards(), &room, &message.payload, exclude).await;
+                Bytes::from(delivered.to_string())
+            }
+            (Some(LIST), true) => {
+                let members = fanout::room_members(cluster.shards(), &room).await;
+                Bytes::from(serde_json::to_vec(&members).unwrap_or_default())
+            }
+            _ => continue,
+        };
+        if let Some(reply) = message.reply {
+            let _ = cluster.client.publish(reply, answer).await;
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Cluster mode: several nodes behind a load balancer serve one API, coordinated through
+//! NATS (JetStream for what must survive a node).
+//!
+//! [`Cluster`] is the seam: the rest of the gateway asks it to reach another node (a push,
+//! a room broadcast, a queue append) and tells it what changes locally (room interest,
+//! connection records). Underneath, one module per duty:
+//! * [`subjects`]: every NATS subject, stream and bucket name, in one place.
+//! * [`remote`]: `@connections` calls for connections on other nodes, as NATS requests.
+//! * [`interest`]: a node subscribes to a room's subject only while it has local members.
+//! * [`registry`]: node registration (unique `server.node_id`), heartbeats, and the
+//!   takeover that reports a lost node's connections to `$disconnect`, once.
+//! * [`mirror`]: connection records copied to a JetStream stream, batched.
+//! * [`queues`]: durable queues as JetStream streams.
+//!
+//! Without `[cluster]` none of this runs and the gateway is one node, as before.
+
+pub mod config;
+pub mod interest;
+pub mod mirror;
+pub mod queues;
+pub mod registry;
+pub mod remote;
+pub mod subjects;
+
+use std::sync::{Arc, Mutex};
+
+use async_nats::jetstream;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{ClusterConfig, RawCluster};
+
+use crate::gateway::Gateway;
+use crate::metrics::Metrics;
+use crate::shard::ShardHandle;
+use subjects::Subjects;
+
+/// Why the node could not join the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot reach NATS at {urls}: {reason}")]
+    Connect { urls: String, reason: String },
+    #[error(
+        "server.node_id {node_id} is held by a live node (started {since}); every node of a \
+         cluster needs its own server.node_id"
+    )]
+    DuplicateNodeId { node_id: u16, since: String },
+    #[error("JetStream is not available on the NATS server ({0}); start nats-server with -js")]
+    JetStream(String),
+    #[error("cluster setup failed: {0}")]
+    Setup(String),
+}
+
+impl ClusterError {
+    fn setup(error: impl std::fmt::Display) -> Self {
+        Self::Setup(error.to_string())
+    }
+}
+
+/// This node's membership of the cluster.
+pub struct Cluster {
+    pub node_id: u16,
+    pub config: ClusterConfig,
+    pub subjects: Subjects,
+    pub client: async_nats::Client,
+    pub jetstream: jetstream::Context,
+    /// Every local shard, for calls that arrive from other nodes.
+    shards: Arc<[ShardHandle]>,
+    metrics: Metrics,
+    /// Why cluster delivery is broken right now, if it is (reported by `/health`).
+    degraded: Arc<Mutex<Option<String>>>,
+    pub interest: interest::Interest,
+    pub mirror: mirror::Mirror,
+    pub registry: registry::Registry,
+    pub queues: queues::ClusterQueues,
+}
+
+impl Cluster {
+    /// Connects to NATS, sets up the streams and buckets, and registers the node: refused
+    /// if a live node holds `node_id` already.
+    pub async fn join(
+        config: &ClusterConfig,
+        node: registry::NodeIdentity,
+        stage: &str,
+        queues: &[crate::config::QueueConfig],
+        shards: Arc<[ShardHandle]>,
+        metrics: Metrics,
+    ) -> Result<Arc<Self>, ClusterError> {
+        let node_id = node.node_id;
+        let degraded = Arc::new(Mutex::new(None));
+        let client = connect(config, node_id, degraded.clone(), metrics.clone()).await?;
+        let jetstream = jetstream::new(client.clone());
+        let subjects = Subjects::new(stage);
+        let replicas = replicas(config, &client);
+        let registry =
+            registry::Registry::open(&jetstream, &subjects, config, node, replicas).await?;
+        let mirror = mirror::Mirror::open(&jetstream, &subjects, replicas).await?;
+        let queues = queues::ClusterQueues::open(&jetstream, &subjects, queues, replicas).await?;
+        metrics.cluster_nats_connected.set(1);
+        Ok(Arc::new(Self {
+            node_id,
+            config: config.clone(),
+            interest: interest::Interest::new(tokio::runtime::Handle::current()),
+            subjects,
+            client,
+            jetstream,
+            shards,
+            metrics,
+            degraded,
+            mirror,
+            registry,
+            queues,
+        }))
+    }
+
+    /// Starts the node's background work: answering other nodes, heartbeats and lost-node
+    /// takeovers, the record mirror, the queue deliverers. Each stops at `shutdown`.
+    pub fn run(
+        gateway: &Arc<Gateway>,
+        shutdown: &CancellationToken,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let Some(cluster) = gateway.cluster.clone() else {
+            return Vec::new();
+        };
+        let mut tasks = vec![
+            tokio::spawn(remote::serve(cluster.clone(), shutdown.clone())),
+            tokio::spawn(mirror::flush_loop(cluster.clone(), shutdown.clone())),
+            tokio::spawn(registry::heartbeat_loop(
+                gateway.clone(),
+                shutdown.clone(),
+            )),
+            tokio::spawn(registry::watch_loop(gateway.clone(), shutdown.clone())),
+        ];
+        tasks.extend(queues::start_deliverers(gateway, shutdown));
+        tasks
+    }
+
+    /// Why cluster delivery is broken, if it is.
+    pub fn degraded(&self) -> Option<String> {
+        self.degraded
+            .lock()
+            .ok()
+            .and_then(|reason| reason.clone())
+    }
+
+    fn set_degraded(&self, reason: Option<String>) {
+        set_degraded(&self.degraded, reason);
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn shards(&self) -> &Arc<[ShardHandle]> {
+        &self.shards
+    }
+
+    /// Leaves the cluster at a clean stop: this run's mirrored records go (the node
+    /// reported its connections itself; any it could not report stay in its local records
+    /// for its next start) and so does its registration, so no takeover follows.
+    pub async fn leave(&self) {
+        let records = self
+            .subjects
+            .mirror_incarnation(self.node_id, self.registry.epoch());
+        self.forget_mirrored(records).await;
+        self.registry.deregister().await;
+        let _ = self.client.flush().await;
+    }
+}
+
+fn set_degraded(slot: &Mutex<Option<String>>, reason: Option<String>) {
+    if let Ok(mut slot) = slot.lock() {
+        *slot = reason;
+    }
+}
+
+/// Connects with reconnection forever: a node that loses NATS keeps serving its local
+/// clients and comes back by itself; the connection state drives `/health` and a gauge.
+async fn connect(
+    config: &ClusterConfig,
+    node_id: u16,
+    degraded: Arc<Mutex<Option<String>>>,
+    metrics: Metrics,
+) -> Result<async_nats::Client, ClusterError> {
+    let urls = config.nats_urls.join(", ");
+    let connect_error = |reason: String| ClusterError::Connect {
+        urls: urls.clone(),
+        reason,
+    };
+    let mut options = match &config.credentials {
+        Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|e| connect_error(format!("cluster.credentials: {e}")))?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    if let Some(token) = &config.token {
+        options = options.token(token.clone());
+    }
+    if let Some(ca) = &config.tls_ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    let on_event = move |event: async_nats::Event| {
+        let degraded = degraded.clone();
+        let metrics = metrics.clone();
+        async move {
+            match event {
+                async_nats::Event::Connected => {
+                    tracing::info!("NATS connection (re)established");
+                    metrics.cluster_nats_connected.set(1);
+                    set_degraded(&degraded, None);
+                }
+                async_nats::Event::Disconnected => {
+                    tracing::error!(
+                        "NATS connection lost: cross-node calls fail until it is back; \
+                         reconnecting"
+                    );
+                    metrics.cluster_nats_connected.set(0);
+                    set_degraded(
+                        &degraded,
+                        Some("NATS connection lost; reconnecting".into()),
+                    );
+                }
+                other => tracing::warn!(event = %other, "NATS client event"),
+            }
+        }
+    };
+    let addresses: Vec<async_nats::ServerAddr> = config
+        .nats_urls
+        .iter()
+        .filter_map(|url| url.parse().ok())
+        .collect();
+    options
+        .name(format!("switchboard-node-{node_id}"))
+        .no_echo()
+        .connection_timeout(std::time::Duration::from_secs(5))
+        .request_timeout(Some(config.request_timeout))
+        .max_reconnects(None)
+        .reconnect_delay_callback(|attempts| {
+            std::time::Duration::from_millis((100 * attempts as u64).min(2000))
+        })
+        .event_callback(on_event)
+        .connect(addresses)
+        .await
+        .map_err(|e| connect_error(e.to_string()))
+}
+
+/// JetStream replicas: as configured, or as many servers as the NATS cluster has (at most
+/// three).
+fn replicas(config: &ClusterConfig, client: &async_nats::Client) -> usize {
+    if config.replicas > 0 {
+        return config.replicas;
+    }
+    let servers = client.server_info().connect_urls.len().max(1);
+    servers.min(3)
+}

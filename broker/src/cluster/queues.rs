@@ -1,0 +1,359 @@
+//! Durable queues in cluster mode: one JetStream stream per queue (replicated over the
+//! NATS cluster's servers), so an acked message survives the node that took it, and any
+//! node can serve the pull API or run the push delivery.
+//!
+//! The contract is the local log's: an entry's offset is its stream sequence less one;
+//! a group's committed offset (the next to read, never moving backwards) lives in the
+//! `sb_{stage}_offsets` key-value bucket. Push delivery is a durable JetStream consumer
+//! that allows one unacknowledged message: every node pulls from it, so exactly one
+//! delivers at a time, in order, and when that node dies the message is redelivered to
+//! another after its ack wait.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer, kv, stream};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::subjects::{Subjects, hex};
+use super::{Cluster, ClusterError};
+use crate::config::QueueConfig;
+use crate::gateway::Gateway;
+
+/// The push consumer's name on every queue stream.
+const PUSH_CONSUMER: &str = "switchboard-push";
+/// How long a delivering node may hold a message before another node gets it; renewed
+/// while the node is still retrying.
+const PUSH_ACK_WAIT: Duration = Duration::from_secs(60);
+/// How often a retrying deliverer tells JetStream it is still working on its message.
+const PROGRESS_EVERY: Duration = Duration::from_secs(15);
+/// How long one pull for the next message to push waits before asking again.
+const PUSH_PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// Longest wait for an entry known to be in the stream.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An entry read from a queue stream.
+#[derive(Debug, Clone)]
+pub struct StreamEntry {
+    pub offset: u64,
+    pub payload: Bytes,
+}
+
+/// Why a cluster queue operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("no such queue: {0}")]
+    Unknown(String),
+    #[error("JetStream: {0}")]
+    JetStream(String),
+}
+
+fn jetstream_error(error: impl std::fmt::Display) -> QueueError {
+    QueueError::JetStream(error.to_string())
+}
+
+/// Every queue's stream and the committed offsets.
+pub struct ClusterQueues {
+    streams: HashMap<String, stream::Stream>,
+    offsets: kv::Store,
+}
+
+impl ClusterQueues {
+    pub async fn open(
+        jetstream: &jetstream::Context,
+        subjects: &Subjects,
+        queues: &[QueueConfig],
+        replicas: usize,
+    ) -> Result<Self, ClusterError> {
+        let mut streams = HashMap::new();
+        for queue in queues {
+            let limit = |value: Option<u64>| value.map_or(-1, |v| v.min(i64::MAX as u64) as i64);
+            let config = stream::Config {
+                name: subjects.queue_stream(&queue.name),
+                subjects: vec![subjects.queue(&queue.name)],
+                max_messages: limit(queue.retention.max_messages),
+                max_bytes: limit(queue.retention.max_bytes),
+                max_age: queue.retention.max_age.unwrap_or_default(),
+                num_replicas: replicas,
+                allow_direct: true,
+                ..Default::default()
+            };
+            let stream = jetstream
+                .create_or_update_stream(config)
+                .await
+                .map_err(|e| ClusterError::JetStream(format!("queue {}: {e}", queue.name)))?;
+            let _ = stream;
+            let stream = jetstream
+                .get_stream(subjects.queue_stream(&queue.name))
+                .await
+                .map_err(|e| ClusterError::JetStream(format!("queue {}: {e}", queue.name)))?;
+            streams.insert(queue.name.clone(), stream);
+        }
+        let bucket = subjects.offsets_bucket();
+        let offsets = match jetstream.get_key_value(&bucket).await {
+            Ok(store) => store,
+            Err(_) => jetstream
+                .create_key_value(kv::Config {
+                    bucket,
+                    history: 1,
+                    num_replicas: replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| ClusterError::JetStream(e.to_string()))?,
+        };
+        Ok(Self { streams, offsets })
+    }
+
+    fn stream(&self, queue: &str) -> Result<&stream::Stream, QueueError> {
+        self.streams
+            .get(queue)
+            .ok_or_else(|| QueueError::Unknown(queue.to_owned()))
+    }
+}
+
+fn offset_key(queue: &str, group: &str) -> String {
+    format!("{}.{}", hex(queue), hex(group))
+}
+
+impl Cluster {
+    /// Appends an event to `queue`; returns its offset once JetStream has stored it (on
+    /// every replica's quorum).
+    pub async fn append(&self, queue: &str, payload: Vec<u8>) -> Result<u64, QueueError> {
+        let ack = self
+            .jetstream
+            .publish(self.subjects.queue(queue), Bytes::from(payload))
+            .await
+            .map_err(jetstream_error)?
+            .await
+            .map_err(jetstream_error)?;
+        self.metrics()
+            .cluster_forwarded
+            .with_label_values(&["queue"])
+            .inc();
+        Ok(ack.sequence.saturating_sub(1))
+    }
+
+    /// The first retained offset and the next offset to be written.
+    pub async fn queue_bounds(&self, queue: &str) -> Result<(u64, u64), QueueError> {
+        let info = self
+            .queues
+            .stream(queue)?
+            .get_info()
+            .await
+            .map_err(jetstream_error)?;
+        let next = info.state.last_sequence;
+        let first = info.state.first_sequence.saturating_sub(1).min(next);
+        Ok((first, next))
+    }
+
+    /// `group`'s committed offset (0 if it never committed).
+    pub async fn committed(&self, queue: &str, group: &str) -> Result<u64, QueueError> {
+        let value = self
+            .queues
+            .offsets
+            .get(offset_key(queue, group))
+            .await
+            .map_err(jetstream_error)?;
+        Ok(value
+            .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// Commits `offset` for `group`; never moves backwards. Returns the stored offset.
+    pub async fn commit(&self, queue: &str, group: &str, offset: u64) -> Result<u64, QueueError> {
+        let key = offset_key(queue, group);
+        let store = &self.queues.offsets;
+        loop {
+            let current = store.entry(key.clone()).await.map_err(jetstream_error)?;
+            let (stored, revision) = match &current {
+                Some(entry) if entry.operation == kv::Operation::Put => (
+                    std::str::from_utf8(&entry.value)
+                        .ok()
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0),
+                    Some(entry.revision),
+                ),
+                Some(entry) => (0, Some(entry.revision)),
+                None => (0, None),
+            };
+            if stored >= offset {
+                return Ok(stored);
+            }
+            let value = Bytes::from(offset.to_string());
+            let written = match revision {
+                Some(revision) => store.update(&key, value, revision).await.is_ok(),
+                None => store.create(&key, value).await.is_ok(),
+            };
+            if written {
+                return Ok(offset);
+            }
+            // Another node committed meanwhile: read again.
+        }
+    }
+
+    /// Up to `max` entries from offset `from`; waits up to `wait` for one if there are
+    /// none.
+    pub async fn read_queue(
+        &self,
+        queue: &str,
+        from: u64,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<StreamEntry>, QueueError> {
+        let (_, next) = self.queue_bounds(queue).await?;
+        if next <= from && wait.is_zero() {
+            return Ok(Vec::new());
+        }
+        let consumer = self
+            .queues
+            .stream(queue)?
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from + 1,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(jetstream_error)?;
+        let mut messages = consumer.messages().await.map_err(jetstream_error)?;
+        let first_wait = if next > from { READ_TIMEOUT } else { wait };
+        let mut entries = Vec::new();
+        let mut timeout = first_wait;
+        while entries.len() < max {
+            let Ok(Some(message)) = tokio::time::timeout(timeout, messages.next()).await else {
+                break;
+            };
+            let message = message.map_err(jetstream_error)?;
+            let Ok(info) = message.info() else {
+                break;
+            };
+            let (sequence, pending) = (info.stream_sequence, info.pending);
+            entries.push(StreamEntry {
+                offset: sequence.saturating_sub(1),
+                payload: message.payload.clone(),
+            });
+            if pending == 0 {
+                break;
+            }
+            timeout = READ_TIMEOUT;
+        }
+        Ok(entries)
+    }
+}
+
+/// Starts a push deliverer on this node for every queue with `deliver_to`.
+pub fn start_deliverers(
+    gateway: &Arc<Gateway>,
+    shutdown: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let Some(cluster) = gateway.cluster.clone() else {
+        return Vec::new();
+    };
+    gateway
+        .config
+        .queues
+        .iter()
+        .filter_map(|queue| {
+            let url = queue.deliver_to.clone()?;
+            Some(tokio::spawn(deliver(
+                cluster.clone(),
+                queue.name.clone(),
+                url,
+                gateway.metrics.clone(),
+                shutdown.clone(),
+            )))
+        })
+        .collect()
+}
+
+/// Pulls `queue`'s push consumer one message at a time and POSTs each to `url` until a
+/// 2xx, then acks it. Every node runs this; the consumer's single unacked message makes
+/// them take turns, in order.
+async fn deliver(
+    cluster: Arc<Cluster>,
+    queue: String,
+    url: reqwest::Url,
+    metrics: crate::metrics::Metrics,
+    shutdown: CancellationToken,
+) {
+    let http = crate::integration::HttpIntegration::new();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let consumer = match push_consumer(&cluster, &queue).await {
+            Ok(consumer) => consumer,
+            Err(error) => {
+                tracing::warn!(%queue, %error, "push consumer unavailable; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        loop {
+            let batch = consumer
+                .fetch()
+                .max_messages(1)
+                .expires(PUSH_PULL_EXPIRES)
+                .messages();
+            let mut batch = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                batch = batch => match batch {
+                    Ok(batch) => batch,
+                    Err(_) => break,
+                },
+            };
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                message = batch.next() => message,
+            };
+            let Some(Ok(message)) = message else {
+                continue;
+            };
+            let payload = message.payload.to_vec();
+            let progress = async {
+                loop {
+                    tokio::time::sleep(PROGRESS_EVERY).await;
+                    let _ = message.ack_with(AckKind::Progress).await;
+                }
+            };
+            let delivered = tokio::select! {
+                delivered = crate::queues::deliver_one(&http, &queue, &url, payload, &metrics, &shutdown) => delivered,
+                _ = progress => false,
+            };
+            if !delivered {
+                return;
+            }
+            if let Err(error) = message.double_ack().await {
+                tracing::warn!(%queue, %error, "push delivery ack failed; it may be delivered again");
+            }
+        }
+    }
+}
+
+async fn push_consumer(
+    cluster: &Cluster,
+    queue: &str,
+) -> Result<consumer::Consumer<consumer::pull::Config>, QueueError> {
+    cluster
+        .queues
+        .stream(queue)?
+        .get_or_create_consumer(
+            PUSH_CONSUMER,
+            consumer::pull::Config {
+                durable_name: Some(PUSH_CONSUMER.into()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: PUSH_ACK_WAIT,
+                max_ack_pending: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(jetstream_error)
+}

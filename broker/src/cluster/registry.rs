@@ -1,0 +1,595 @@
+//! Who is in the cluster: node registrations in a JetStream key-value bucket, renewed by a
+//! heartbeat, and the takeover that reports a lost node's connections to `$disconnect`
+//! exactly once cluster-wide.
+//!
+//! Keys of the `sb_{stage}_nodes` bucket:
+//! * `node.{id}`: the live registration of node `id` (its data dir's instance id, epoch,
+//!   start time), rewritten every `cluster.heartbeat_ms` with an expected revision, so two
+//!   processes can never both hold one node id.
+//! * `claim.{id}.{epoch}`: the node running the takeover of that incarnation (created
+//!   atomically: one winner).
+//! * `lost.{id}.{epoch}`: that incarnation's connections have been reported; a node that
+//!   restarts on the same data dir reads it and does not report them a second time.
+//!
+//! Liveness is judged on this node's own clock (when did I last see `node.{id}` change),
+//! never by comparing clocks across machines, and only after this node has itself been
+//! connected to NATS for a full `cluster.node_timeout_ms` (a node that was cut off from
+//! NATS does not declare everyone else dead when it comes back).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::mirror::MirrorRecord;
+use super::subjects::Subjects;
+use super::{ClusterConfig, ClusterError};
+use crate::clock;
+use crate::connection_id::IdMinter;
+use crate::disconnect::DisconnectReason;
+use crate::dispatch;
+use crate::event::ConnectionFacts;
+use crate::gateway::Gateway;
+use crate::integration::HttpIntegration;
+use switchboard_storage::ConnectionRecord;
+
+/// Who this process is.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    pub node_id: u16,
+    /// This run's epoch (in every connectionId it issues).
+    pub epoch: u32,
+    /// The data dir's random id: tells a restart of this node from another process that
+    /// was given the same `server.node_id` by mistake.
+    pub instance: String,
+}
+
+/// What `node.{id}` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Registration {
+    instance: String,
+    epoch: u32,
+    started_ms: u64,
+}
+
+/// Another node as this one sees it.
+#[derive(Debug, Clone)]
+struct Peer {
+    registration: Registration,
+    revision: u64,
+    last_seen: Instant,
+}
+
+/// The registry bucket, this node's registration and its view of the others.
+pub struct Registry {
+    store: kv::Store,
+    node: NodeIdentity,
+    registration: Registration,
+    /// Revision of `node.{id}` as last written by this node.
+    revision: AtomicU64,
+    /// The incarnation of this node that ran before this one on the same data dir, if its
+    /// registration was still there at start (it crashed).
+    previous: Option<Registration>,
+    peers: Mutex<HashMap<u16, Peer>>,
+    /// Peers whose takeover this node is running.
+    taking_over: Mutex<HashSet<u16>>,
+}
+
+fn node_key(node: u16) -> String {
+    format!("node.{node}")
+}
+
+fn claim_key(node: u16, epoch: u32) -> String {
+    format!("claim.{node}.{epoch}")
+}
+
+fn lost_key(node: u16, epoch: u32) -> String {
+    format!("lost.{node}.{epoch}")
+}
+
+fn setup(error: impl std::fmt::Display) -> ClusterError {
+    ClusterError::setup(error)
+}
+
+impl Registry {
+    /// Opens the bucket and registers this node; a live node with the same id and another
+    /// data dir makes this fail with [`ClusterError::DuplicateNodeId`].
+    pub async fn open(
+        jetstream: &jetstream::Context,
+        subjects: &Subjects,
+        config: &ClusterConfig,
+        node: NodeIdentity,
+        replicas: usize,
+    ) -> Result<Self, ClusterError> {
+        let bucket = subjects.registry_bucket();
+        let store = match jetstream.get_key_value(&bucket).await {
+            Ok(store) => store,
+            Err(_) => jetstream
+                .create_key_value(kv::Config {
+                    bucket: bucket.clone(),
+                    history: 1,
+                    num_replicas: replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| ClusterError::JetStream(e.to_string()))?,
+        };
+        let registration = Registration {
+            instance: node.instance.clone(),
+            epoch: node.epoch,
+            started_ms: clock::now_ms(),
+        };
+        let key = node_key(node.node_id);
+        let existing = store.entry(&key).await.map_err(setup)?;
+        let mut previous = None;
+        let expected = match existing {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                let holder: Option<Registration> = serde_json::from_slice(&entry.value).ok();
+                match holder {
+                    Some(holder) if holder.instance == node.instance => previous = Some(holder),
+                    Some(holder) => wait_until_stale(&store, &key, &entry, &holder, config, node.node_id).await?,
+                    None => {}
+                }
+                Some(entry.revision)
+            }
+            Some(entry) => Some(entry.revision),
+            None => None,
+        };
+        let value = Bytes::from(serde_json::to_vec(&registration).map_err(setup)?);
+        let written = match expected {
+            Some(revision) => store.update(&key, value, revision).await.map_err(|e| e.to_string()),
+            None => store.create(&key, value).await.map_err(|e| e.to_string()),
+        };
+        let revision = written.map_err(|_| ClusterError::DuplicateNodeId {
+            node_id: node.node_id,
+            since: "just now".into(),
+        })?;
+        Ok(Self {
+            store,
+            node,
+            registration,
+            revision: AtomicU64::new(revision),
+            previous,
+            peers: Mutex::new(HashMap::new()),
+            taking_over: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn epoch(&self) -> u32 {
+        self.node.epoch
+    }
+
+    /// Other nodes with a live heartbeat.
+    pub fn live_peers(&self) -> usize {
+        self.peers.lock().map_or(0, |peers| peers.len())
+    }
+
+    /// Renews the registration. `Err(true)`: another process or a takeover replaced it.
+    async fn renew(&self) -> Result<(), bool> {
+        let value = Bytes::from(serde_json::to_vec(&self.registration).unwrap_or_default());
+        let key = node_key(self.node.node_id);
+        match self
+            .store
+            .update(&key, value.clone(), self.revision.load(Ordering::Acquire))
+            .await
+        {
+            Ok(revision) => {
+                self.revision.store(revision, Ordering::Release);
+                Ok(())
+            }
+            Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                // Declared lost while cut off (the takeover deleted the key): register again.
+                match self.store.create(&key, value).await {
+                    Ok(revision) => {
+                        self.revision.store(revision, Ordering::Release);
+                        Err(true)
+                    }
+                    Err(_) => Err(true),
+                }
+            }
+            Err(_) => Err(false),
+        }
+    }
+
+    /// Removes this node's registration (clean stop).
+    pub async fn deregister(&self) {
+        let key = node_key(self.node.node_id);
+        let revision = self.revision.load(Ordering::Acquire);
+        if let Err(error) = self.store.delete_expect_revision(&key, Some(revision)).await {
+            tracing::warn!(%error, "cannot remove this node's registration");
+        }
+    }
+
+    fn saw(&self, node: u16, registration: Registration, revision: u64) {
+        if let Ok(mut peers) = self.peers.lock() {
+            peers.insert(
+                node,
+                Peer {
+                    registration,
+                    revision,
+                    last_seen: Instant::now(),
+                },
+            );
+        }
+    }
+
+    fn forget(&self, node: u16) {
+        if let Ok(mut peers) = self.peers.lock() {
+            peers.remove(&node);
+        }
+    }
+
+    /// Starts every peer's clock afresh (after this node's own NATS outage).
+    fn refresh_all(&self) {
+        if let Ok(mut peers) = self.peers.lock() {
+            let now = Instant::now();
+            for peer in peers.values_mut() {
+                peer.last_seen = now;
+            }
+        }
+    }
+
+    /// Peers not heard from for `timeout` and not being taken over yet.
+    fn lapsed(&self, timeout: Duration) -> Vec<(u16, Peer)> {
+        let Ok(peers) = self.peers.lock() else {
+            return Vec::new();
+        };
+        let Ok(mut taking_over) = self.taking_over.lock() else {
+            return Vec::new();
+        };
+        peers
+            .iter()
+            .filter(|(_, peer)| peer.last_seen.elapsed() >= timeout)
+            .filter(|(node, _)| taking_over.insert(**node))
+            .map(|(node, peer)| (*node, peer.clone()))
+            .collect()
+    }
+
+    fn takeover_finished(&self, node: u16) {
+        if let Ok(mut taking_over) = self.taking_over.lock() {
+            taking_over.remove(&node);
+        }
+    }
+
+    /// Claims the takeover of `node`'s incarnation `epoch`; false if another live node has
+    /// it or it is done.
+    async fn claim(&self, node: u16, epoch: u32) -> bool {
+        if self.is_reported(node, epoch).await {
+            return false;
+        }
+        let me = Bytes::from(self.node.node_id.to_string());
+        let key = claim_key(node, epoch);
+        if self.store.create(&key, me.clone()).await.is_ok() {
+            return true;
+        }
+        // Claimed before: take it over only if the claimer is gone too.
+        let Ok(Some(entry)) = self.store.entry(&key).await else {
+            return false;
+        };
+        let claimer = std::str::from_utf8(&entry.value)
+            .ok()
+            .and_then(|s| s.parse::<u16>().ok());
+        let claimer_alive = claimer.is_some_and(|c| {
+            c == self.node.node_id || self.peers.lock().is_ok_and(|p| p.contains_key(&c))
+        });
+        !claimer_alive && self.store.update(&key, me, entry.revision).await.is_ok()
+    }
+
+    /// Whether `node`'s incarnation `epoch` has been reported by a takeover.
+    async fn is_reported(&self, node: u16, epoch: u32) -> bool {
+        matches!(self.store.get(lost_key(node, epoch)).await, Ok(Some(_)))
+    }
+
+    /// Marks `node`'s incarnation `epoch` reported, and drops its claim and (if still the
+    /// one judged lost) its registration.
+    async fn finish(&self, node: u16, epoch: u32, registration_revision: Option<u64>) {
+        let _ = self.store.put(lost_key(node, epoch), Bytes::new()).await;
+        if let Some(revision) = registration_revision {
+            let _ = self
+                .store
+                .delete_expect_revision(node_key(node), Some(revision))
+                .await;
+        }
+        let _ = self.store.delete(claim_key(node, epoch)).await;
+    }
+}
+
+/// A registration held by another data dir: refuse if it is renewed within the node
+/// timeout (a live node), take it if it is not (a dead one nobody cleaned up yet).
+async fn wait_until_stale(
+    store: &kv::Store,
+    key: &str,
+    entry: &kv::Entry,
+    holder: &Registration,
+    config: &ClusterConfig,
+    node_id: u16,
+) -> Result<(), ClusterError> {
+    tracing::info!(
+        node_id,
+        "server.node_id is registered by another data dir; checking whether that node is alive"
+    );
+    let deadline = Instant::now() + config.node_timeout;
+    while Instant::now() < deadline {
+        tokio::time::sleep(config.heartbeat / 2).await;
+        let current = store.entry(key).await.map_err(setup)?;
+        if current.is_some_and(|c| c.revision != entry.revision) {
+            return Err(ClusterError::DuplicateNodeId {
+                node_id,
+                since: clock::iso8601(holder.started_ms),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Renews this node's registration every `cluster.heartbeat_ms`. If a takeover declared
+/// this node lost while it was cut off from NATS, its connections have been reported
+/// gone: it closes them (without a second `$disconnect`) and registers again.
+pub async fn heartbeat_loop(gateway: Arc<Gateway>, shutdown: CancellationToken) {
+    let Some(cluster) = gateway.cluster.clone() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(cluster.config.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(true) = cluster.registry.renew().await {
+            tracing::error!(
+                "this node was declared lost while cut off from NATS and its connections \
+                 were reported to $disconnect; closing them so clients reconnect"
+            );
+            cluster.set_degraded(None);
+            for shard in gateway.shards.iter() {
+                shard.close_all(DisconnectReason::NodeLost).await;
+            }
+        }
+    }
+}
+
+/// Follows the other nodes' registrations and takes over the ones that lapse.
+pub async fn watch_loop(gateway: Arc<Gateway>, shutdown: CancellationToken) {
+    let Some(cluster) = gateway.cluster.clone() else {
+        return;
+    };
+    let timeout = cluster.config.node_timeout;
+    let mut tick = tokio::time::interval(cluster.config.heartbeat);
+    let mut connected_since: Option<Instant> = None;
+    let mut watch = None;
+    loop {
+        if watch.is_none() {
+            watch = cluster.registry.store.watch_with_history("node.*").await.ok();
+        }
+        let next = async {
+            match watch.as_mut() {
+                Some(watch) => watch.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            entry = next => match entry {
+                Some(Ok(entry)) => observe(&cluster.registry, entry),
+                _ => watch = None,
+            },
+            _ = tick.tick() => {
+                let connected = cluster.client.connection_state()
+                    == async_nats::connection::State::Connected;
+                match (connected, connected_since) {
+                    (false, _) => connected_since = None,
+                    (true, None) => {
+                        connected_since = Some(Instant::now());
+                        cluster.registry.refresh_all();
+                    }
+                    (true, Some(since)) if since.elapsed() >= timeout => {
+                        for (node, peer) in cluster.registry.lapsed(timeout) {
+                            tokio::spawn(take_over(
+                                gateway.clone(),
+                                node,
+                                peer.registration,
+                                peer.revision,
+                            ));
+                        }
+                    }
+                    _ => {}
+                }
+                let live = cluster.registry.live_peers() + 1;
+                cluster.metrics().cluster_nodes_live.set(live as i64);
+            }
+        }
+    }
+}
+
+fn observe(registry: &Registry, entry: kv::Entry) {
+    let Some(node) = entry
+        .key
+        .strip_prefix("node.")
+        .and_then(|n| n.parse::<u16>().ok())
+    else {
+        return;
+    };
+    if node == registry.node.node_id {
+        return;
+    }
+    match entry.operation {
+        kv::Operation::Put => match serde_json::from_slice(&entry.value) {
+            Ok(registration) => registry.saw(node, registration, entry.revision),
+            Err(_) => registry.forget(node),
+        },
+        kv::Operation::Delete | kv::Operation::Purge => registry.forget(node),
+    }
+}
+
+/// Reports every connection lost node `node` (incarnation `registration`) held to
+/// `$disconnect` with reason "node lost", once cluster-wide: the claim decides which node
+/// does it.
+async fn take_over(gateway: Arc<Gateway>, node: u16, registration: Registration, revision: u64) {
+    let Some(cluster) = gateway.cluster.clone() else {
+        return;
+    };
+    let epoch = registration.epoch;
+    if !cluster.registry.claim(node, epoch).await {
+        cluster.registry.forget(node);
+        cluster.registry.takeover_finished(node);
+        return;
+    }
+    let records = match cluster.mirrored_records(cluster.subjects.mirror_node(node)).await {
+        Ok(records) => records,
+        Err(error) => {
+            tracing::error!(node, %error, "cannot read a lost node's connections; will retry");
+            cluster.registry.takeover_finished(node);
+            return;
+        }
+    };
+    tracing::warn!(
+        node,
+        epoch,
+        connections = records.len(),
+        "node lost; reporting its connections to $disconnect"
+    );
+    report_lost(&gateway, records).await;
+    cluster.registry.finish(node, epoch, Some(revision)).await;
+    cluster.metrics().cluster_takeovers.inc();
+    cluster.registry.forget(node);
+    cluster.registry.takeover_finished(node);
+}
+
+/// Calls `$disconnect` for each record, removing each from the mirror once reported (a
+/// takeover cut short resumes with the rest).
+async fn report_lost(gateway: &Gateway, records: Vec<(String, MirrorRecord)>) {
+    let Some(cluster) = gateway.cluster.as_ref() else {
+        return;
+    };
+    let http = HttpIntegration::new();
+    let shards = gateway.config.server.shards as u16;
+    let mut ids = IdMinter::new(gateway.config.server.node_id, shards, gateway.epoch);
+    let domain_name = gateway.config.server.listen.to_string();
+    let reason = DisconnectReason::NodeLost;
+    for (subject, record) in records {
+        let facts = ConnectionFacts {
+            connection_id: record.connection_id,
+            connected_at_ms: record.connected_at_ms,
+            source_ip: record.source_ip,
+            user_agent: record.user_agent,
+            domain_name: domain_name.clone(),
+            authorizer: None,
+        };
+        gateway
+            .metrics
+            .disconnects
+            .with_label_values(&[reason.label()])
+            .inc();
+        dispatch::report_disconnect(gateway, &http, &facts, &ids.request_id(), &reason).await;
+        cluster.forget_mirrored(subject).await;
+    }
+}
+
+/// Cluster mode's crash recovery, run at start before the local orphan report: if this
+/// data dir's previous run crashed while registered, its connections (the mirror's and
+/// the local records the mirror had not received yet) are reported here as "node lost",
+/// unless a surviving node claimed them first. Local records of a run that was reported
+/// already are dropped. Returns the records still to be reported the usual way (those of
+/// runs that stopped cleanly but left sessions behind).
+pub async fn recover_previous_run(
+    gateway: &Gateway,
+    orphans: Vec<ConnectionRecord>,
+) -> Vec<ConnectionRecord> {
+    let Some(cluster) = gateway.cluster.as_ref() else {
+        return orphans;
+    };
+    let node = cluster.node_id;
+    let mut remaining = Vec::new();
+    let mut previous_run = Vec::new();
+    let previous_epoch = cluster.registry.previous.as_ref().map(|r| r.epoch);
+    let previous_run_ids: Vec<String>;
+    for record in orphans {
+        if Some(epoch_of(&record.connection_id)) == previous_epoch {
+            previous_run.push(record);
+        } else {
+            remaining.push(record);
+        }
+    }
+    previous_run_ids = previous_run.iter().map(|r| r.connection_id.clone()).collect();
+    if let Some(epoch) = previous_epoch {
+        if cluster.registry.claim(node, epoch).await {
+            let filter = cluster.subjects.mirror_incarnation(node, epoch);
+            let mut records = cluster.mirrored_records(filter).await.unwrap_or_default();
+            let mirrored: HashSet<String> =
+                records.iter().map(|(_, r)| r.connection_id.clone()).collect();
+            records.extend(
+                previous_run
+                    .into_iter()
+                    .filter(|r| !mirrored.contains(&r.connection_id))
+                    .map(|r| {
+                        let subject = cluster.subjects.mirror_record(node, epoch, &r.connection_id);
+                        (subject, MirrorRecord::from(r))
+                    }),
+            );
+            tracing::info!(
+                connections = records.len(),
+                "reporting connections cut by this node's crash"
+            );
+            report_lost(gateway, records).await;
+            cluster.registry.finish(node, epoch, None).await;
+        }
+    }
+    let mut unreported = Vec::new();
+    let mut reported_elsewhere = previous_run_ids;
+    let mut reported_epochs: HashMap<u32, bool> = HashMap::new();
+    for record in remaining {
+        let epoch = epoch_of(&record.connection_id);
+        let reported = match reported_epochs.get(&epoch) {
+            Some(reported) => *reported,
+            None => {
+                let reported = cluster.registry.is_reported(node, epoch).await;
+                reported_epochs.insert(epoch, reported);
+                reported
+            }
+        };
+        if reported {
+            reported_elsewhere.push(record.connection_id);
+        } else {
+            unreported.push(record);
+        }
+    }
+    forget_local_records(gateway, reported_elsewhere).await;
+    unreported
+}
+
+/// Removes local connection records whose connections have been reported.
+async fn forget_local_records(gateway: &Gateway, connection_ids: Vec<String>) {
+    if connection_ids.is_empty() {
+        return;
+    }
+    let mut changes = switchboard_storage::RecordChanges::default();
+    for id in connection_ids {
+        changes.remove(id);
+    }
+    let records = gateway.records.clone();
+    let _ = tokio::task::spawn_blocking(move || records.apply(changes)).await;
+}
+
+fn epoch_of(connection_id: &str) -> u32 {
+    connection_id
+        .parse::<crate::connection_id::ConnectionId>()
+        .map_or(0, |id| id.epoch)
+}
+
+impl From<ConnectionRecord> for MirrorRecord {
+    fn from(record: ConnectionRecord) -> Self {
+        Self {
+            connection_id: record.connection_id,
+            connected_at_ms: record.connected_at_ms,
+            source_ip: record.source_ip,
+            user_agent: record.user_agent,
+        }
+    }
+}

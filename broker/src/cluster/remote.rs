@@ -1,0 +1,331 @@
+//! `@connections` calls for connections on other nodes: one NATS request to the owning
+//! node (`sb.{stage}.node.{id}`), which runs it on its shard and answers with a status.
+//!
+//! The operation and its arguments travel in headers (`Sb-Op`, `Sb-Id`, `Sb-Room`), the
+//! payload as it is: a push's frame is encoded once, on the node that received the POST,
+//! and written as-is by the owning node. A bulk push is one request per node, carrying
+//! every id of that node.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_nats::HeaderMap;
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::Cluster;
+use crate::clock;
+use crate::connection_id::ConnectionId;
+use crate::fanout::{self, FanoutPlan};
+use crate::rooms::RoomName;
+
+/// Requests a node works on at once; more wait (NATS buffers them).
+const MAX_CONCURRENT_REQUESTS: usize = 4096;
+
+const OP: &str = "Sb-Op";
+const ID: &str = "Sb-Id";
+const ROOM: &str = "Sb-Room";
+const STATUS: &str = "Sb-Status";
+
+/// What a remote call asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Send,
+    Describe,
+    Disconnect,
+    Join,
+    Leave,
+    Bulk,
+}
+
+impl Op {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Send => "send",
+            Self::Describe => "get",
+            Self::Disconnect => "delete",
+            Self::Join => "join",
+            Self::Leave => "leave",
+            Self::Bulk => "bulk",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        [
+            Self::Send,
+            Self::Describe,
+            Self::Disconnect,
+            Self::Join,
+            Self::Leave,
+            Self::Bulk,
+        ]
+        .into_iter()
+        .find(|op| op.label() == text)
+    }
+}
+
+/// The owning node's answer: an HTTP-like status and a body.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Bytes,
+}
+
+/// Why a remote call got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// No node listens for that id (it is gone), or it did not answer in time.
+    #[error("node {node} did not answer within cluster.request_timeout_ms")]
+    Unreachable { node: u16 },
+    /// NATS itself is down on this side.
+    #[error("cluster unavailable: {0}")]
+    Nats(String),
+}
+
+impl Cluster {
+    /// Calls `op` on the node that owns `id`.
+    pub async fn call(
+        &self,
+        node: u16,
+        op: Op,
+        id: &str,
+        room: Option<&str>,
+        payload: Bytes,
+    ) -> Result<Reply, RemoteError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(OP, op.label());
+        headers.insert(ID, id);
+        if let Some(room) = room {
+            headers.insert(ROOM, room);
+        }
+        self.request(node, op.label(), headers, payload).await
+    }
+
+    /// A request to node `node`, timed and counted under `label`.
+    async fn request(
+        &self,
+        node: u16,
+        label: &'static str,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<Reply, RemoteError> {
+        let metrics = self.metrics();
+        let started = Instant::now();
+        let request = async_nats::client::Request::new()
+            .headers(headers)
+            .payload(payload)
+            .timeout(Some(self.config.request_timeout));
+        let answer = self.client.send_request(self.subjects.node(node), request).await;
+        metrics
+            .cluster_forwarded
+            .with_label_values(&[if label == "bulk" { "bulk" } else { "push" }])
+            .inc();
+        match answer {
+            Ok(message) => {
+                metrics
+                    .cluster_request_duration
+                    .with_label_values(&[label])
+                    .observe(started.elapsed().as_secs_f64());
+                let status = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(STATUS))
+                    .and_then(|v| v.as_str().parse().ok())
+                    .unwrap_or(500);
+                Ok(Reply {
+                    status,
+                    body: message.payload,
+                })
+            }
+            Err(error) => {
+                use async_nats::RequestErrorKind;
+                let (kind, result) = match error.kind() {
+                    RequestErrorKind::TimedOut => ("timeout", RemoteError::Unreachable { node }),
+                    RequestErrorKind::NoResponders => {
+                        ("no_responders", RemoteError::Unreachable { node })
+                    }
+                    _ => ("nats", RemoteError::Nats(error.to_string())),
+                };
+                metrics
+                    .cluster_request_errors
+                    .with_label_values(&[label, kind])
+                    .inc();
+                Err(result)
+            }
+        }
+    }
+
+    /// Sends `frame` to other nodes' ids (`remote`: request indices by node), one request
+    /// per node. Returns how many were delivered and the request indices that were gone
+    /// (or whose node did not answer).
+    pub async fn send_bulk(
+        &self,
+        remote: &std::collections::BTreeMap<u16, Vec<u32>>,
+        ids: &[String],
+        frame: &Bytes,
+    ) -> fanout::Delivery {
+        let calls = remote.iter().map(|(node, indices)| {
+            let targets: Vec<&str> = indices.iter().map(|&i| ids[i as usize].as_str()).collect();
+            let mut body = BytesMut::new();
+            let list = serde_json::to_vec(&targets).unwrap_or_default();
+            body.put_u32(list.len() as u32);
+            body.put_slice(&list);
+            body.put_slice(frame);
+            let mut headers = HeaderMap::new();
+            headers.insert(OP, Op::Bulk.label());
+            async move {
+                let reply = self.request(*node, "bulk", headers, body.freeze()).await;
+                (indices, reply)
+            }
+        });
+        let mut delivery = fanout::Delivery::default();
+        for (indices, reply) in futures_util::future::join_all(calls).await {
+            match reply.ok().and_then(|r| serde_json::from_slice::<BulkAnswer>(&r.body).ok()) {
+                Some(answer) => {
+                    delivery.delivered += answer.delivered;
+                    delivery
+                        .gone
+                        .extend(answer.gone.iter().filter_map(|&p| indices.get(p).copied()));
+                }
+                None => delivery.gone.extend(indices.iter().copied()),
+            }
+        }
+        delivery
+    }
+}
+
+/// A node's answer to a bulk request: positions in the list it was sent.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct BulkAnswer {
+    delivered: usize,
+    gone: Vec<usize>,
+}
+
+/// Answers requests for this node's connections until `shutdown`.
+pub async fn serve(cluster: Arc<Cluster>, shutdown: CancellationToken) {
+    let subject = cluster.subjects.node(cluster.node_id);
+    let mut requests = match cluster.client.subscribe(subject).await {
+        Ok(subscriber) => subscriber,
+        Err(error) => {
+            tracing::error!(%error, "cannot subscribe to this node's request subject");
+            return;
+        }
+    };
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REQUESTS));
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            message = requests.next() => match message {
+                Some(message) => message,
+                None => break,
+            },
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let Some(reply_to) = message.reply.clone() else {
+                return;
+            };
+            let (status, body) = answer(&cluster, &message).await;
+            let mut headers = HeaderMap::new();
+            headers.insert(STATUS, status.to_string().as_str());
+            let _ = cluster
+                .client
+                .publish_with_headers(reply_to, headers, body)
+                .await;
+        });
+    }
+    let _ = requests.unsubscribe().await;
+}
+
+fn header<'a>(message: &'a async_nats::Message, name: &str) -> Option<&'a str> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str())
+}
+
+/// Runs one request on the shard that owns its connection.
+async fn answer(cluster: &Cluster, message: &async_nats::Message) -> (u16, Bytes) {
+    const GONE: (u16, Bytes) = (410, Bytes::new());
+    let Some(op) = header(message, OP).and_then(Op::parse) else {
+        return (400, Bytes::from_static(b"unknown op"));
+    };
+    if op == Op::Bulk {
+        return bulk(cluster, &message.payload).await;
+    }
+    let Some((id, shard)) = header(message, ID).and_then(|text| cluster.locate(text)) else {
+        return GONE;
+    };
+    let room = header(message, ROOM).and_then(|r| RoomName::parse(r).ok());
+    match (op, room) {
+        (Op::Send, _) => match shard.send(id, message.payload.clone()).await {
+            Ok(()) => (200, Bytes::new()),
+            Err(_) => GONE,
+        },
+        (Op::Disconnect, _) => match shard.disconnect(id).await {
+            Ok(()) => (204, Bytes::new()),
+            Err(_) => GONE,
+        },
+        (Op::Describe, _) => match shard.describe(id).await {
+            Ok(info) => {
+                let body = serde_json::json!({
+                    "connectedAt": clock::iso8601(info.connected_at_ms),
+                    "identity": {"sourceIp": info.source_ip, "userAgent": info.user_agent},
+                    "lastActiveAt": clock::iso8601(info.last_active_at_ms),
+                });
+                (200, Bytes::from(body.to_string()))
+            }
+            Err(_) => GONE,
+        },
+        (Op::Join, Some(room)) => match shard.join(id, room).await {
+            Ok(Ok(())) => (204, Bytes::new()),
+            Ok(Err(refused)) => (429, Bytes::from(refused.to_string())),
+            Err(_) => GONE,
+        },
+        (Op::Leave, Some(room)) => match shard.leave(id, room).await {
+            Ok(()) => (204, Bytes::new()),
+            Err(_) => GONE,
+        },
+        _ => (400, Bytes::from_static(b"missing or invalid room")),
+    }
+}
+
+/// A bulk request: `[u32 length][JSON list of ids][frame]`.
+async fn bulk(cluster: &Cluster, body: &Bytes) -> (u16, Bytes) {
+    let malformed = (400, Bytes::from_static(b"malformed bulk request"));
+    let Some(length) = body.get(..4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    else {
+        return malformed;
+    };
+    let Some(list) = body.get(4..4 + length) else {
+        return malformed;
+    };
+    let Ok(ids) = serde_json::from_slice::<Vec<String>>(list) else {
+        return malformed;
+    };
+    let frame = body.slice(4 + length..);
+    let plan = FanoutPlan::for_ids(&ids, cluster.node_id, cluster.registry.epoch(), cluster.shards().len(), false);
+    let delivery = fanout::send_bulk(cluster.shards(), plan, &frame).await;
+    let answer = BulkAnswer {
+        delivered: delivery.delivered,
+        gone: delivery.gone.iter().map(|&i| i as usize).collect(),
+    };
+    (200, Bytes::from(serde_json::to_vec(&answer).unwrap_or_default()))
+}
+
+impl Cluster {
+    /// The local shard of a connectionId this node issued in this run.
+    fn locate(&self, text: &str) -> Option<(ConnectionId, &crate::shard::ShardHandle)> {
+        let id: ConnectionId = text.parse().ok()?;
+        if id.node != self.node_id || id.epoch != self.registry.epoch() {
+            return None;
+        }
+        Some((id, self.shards().get(usize::from(id.shard))?))
+    }
+}

@@ -1,0 +1,668 @@
+//! Cluster mode as users run it: three `switchboard` processes on one real nats-server
+//! (or a three-server JetStream cluster), real clients on every node, a real backend.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::binary::GatewayProcess;
+use crate::nats::{self, NatsServer};
+use crate::support::*;
+
+/// Cluster timings short enough for tests.
+const CLUSTER_TIMINGS: &str = "heartbeat_ms = 200\nnode_timeout_ms = 1500\nrequest_timeout_ms = 500\ngather_wait_ms = 300\nmirror_interval_ms = 20\n";
+
+/// One node's data dir and config file.
+struct NodeFiles {
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+fn node_files(node_id: u16, nats_urls: &[String], backend: &Backend, extra: &str) -> NodeFiles {
+    let dir = tempfile::tempdir().unwrap();
+    let urls = nats_urls
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+shards = 2
+node_id = {node_id}
+data_dir = "{data}"
+[management]
+listen = "127.0.0.1:0"
+[cluster]
+nats_url = [{urls}]
+{CLUSTER_TIMINGS}
+[routes.join]
+integration = {{ type = "room_join", room = "$request.body.room" }}
+[routes.publish]
+integration = {{ type = "room_publish", room = "$request.body.room", data = "$request.body.data", exclude_sender = true }}
+{routes}"#,
+        data = dir.path().join("data").display(),
+        routes = config_with(backend, extra),
+    );
+    let config = dir.path().join("switchboard.toml");
+    std::fs::write(&config, text).unwrap();
+    NodeFiles { _dir: dir, config }
+}
+
+/// Three nodes (ids 1, 2, 3) on `nats_urls`, with their files.
+fn start_nodes(
+    nats_urls: &[String],
+    backend: &Backend,
+    extra: &str,
+) -> (Vec<GatewayProcess>, Vec<NodeFiles>) {
+    let files: Vec<NodeFiles> = (1..=3)
+        .map(|id| node_files(id, nats_urls, backend, extra))
+        .collect();
+    let nodes = files
+        .iter()
+        .map(|f| GatewayProcess::start(&f.config, &[]))
+        .collect();
+    (nodes, files)
+}
+
+/// Connects a client to `node` and returns it with its connectionId (from `$connect`).
+async fn connect(node: &GatewayProcess, backend: &Backend) -> (Ws, String) {
+    let before = backend.events("/connect-log").len();
+    let (ws, _) = tokio_tungstenite::connect_async(&node.ws_url).await.unwrap();
+    let ids = backend.connected_ids(before + 1).await;
+    (ws, ids[before].clone())
+}
+
+/// Asserts that `ws` receives no data frame within `quiet`.
+async fn assert_silent(ws: &mut Ws, quiet: Duration) {
+    if let Ok(Some(Ok(message))) = tokio::time::timeout(quiet, ws.next()).await {
+        assert!(
+            matches!(message, Message::Ping(_) | Message::Pong(_)),
+            "unexpected extra message: {message:?}"
+        );
+    }
+}
+
+async fn join(ws: &mut Ws, room: &str) {
+    send_text(ws, &json!({"action": "join", "room": room}).to_string()).await;
+}
+
+/// Waits until `GET /@rooms/{room}` through `node` counts `count` members.
+async fn wait_for_members(node: &GatewayProcess, room: &str, count: usize) -> Value {
+    let url = format!("{}/@rooms/{room}", node.api_url);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let listing: Value = http().get(&url).send().await.unwrap().json().await.unwrap();
+        if listing["count"] == count {
+            return listing;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "room {room} reached {count} members: {listing}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_status_and_delete_reach_a_connection_on_another_node() {
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let (nodes, _files) = start_nodes(&[server.url()], &backend, "");
+    let (mut client, id) = connect(&nodes[2], &backend).await;
+
+    let post = http()
+        .post(format!("{}/@connections/{id}", nodes[0].api_url))
+        .body("hello from node 1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 200);
+    assert_eq!(next_text(&mut client).await, "hello from node 1");
+
+    let status = http()
+        .get(format!("{}/@connections/{id}", nodes[1].api_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status.status(), 200);
+    let status: Value = status.json().await.unwrap();
+    assert_eq!(status["identity"]["sourceIp"], "127.0.0.1");
+    assert!(status["connectedAt"].as_str().unwrap().ends_with('Z'));
+
+    let delete = http()
+        .delete(format!("{}/@connections/{id}", nodes[0].api_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delete.status(), 204);
+    assert_eq!(close_code(&mut client).await, 1000);
+    backend
+        .wait_for("/disconnect", |e| connection_id(e) == id)
+        .await;
+
+    // Gone everywhere, and the error is the AWS one SDKs understand.
+    for node in &nodes {
+        let gone = http()
+            .post(format!("{}/@connections/{id}", node.api_url))
+            .body("late")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(gone.status(), 410, "through {}", node.api_url);
+        assert_eq!(gone.headers()["x-amzn-ErrorType"], "GoneException");
+    }
+    // An id of a node that does not exist: nobody answers, 410 within the timeout.
+    let started = std::time::Instant::now();
+    let foreign = id.replace(&id[..3], "AAk");
+    let answer = http()
+        .post(format!("{}/@connections/{foreign}", nodes[0].api_url))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 410);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_on_three_nodes_gets_each_broadcast_once_through_any_node() {
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let (nodes, _files) = start_nodes(&[server.url()], &backend, "");
+    let mut members = Vec::new();
+    for node in &nodes {
+        for _ in 0..2 {
+            let (mut ws, id) = connect(node, &backend).await;
+            join(&mut ws, "lobby").await;
+            members.push((ws, id));
+        }
+    }
+    // Not a member: must get nothing.
+    let (mut outsider, _) = connect(&nodes[1], &backend).await;
+    let listing = wait_for_members(&nodes[0], "lobby", 6).await;
+    let mut listed: Vec<String> = listing["connectionIds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    listed.sort();
+    let mut expected: Vec<String> = members.iter().map(|(_, id)| id.clone()).collect();
+    expected.sort();
+    assert_eq!(listed, expected);
+
+    for (round, node) in nodes.iter().enumerate() {
+        let text = format!("broadcast {round}");
+        let answer: Value = http()
+            .post(format!("{}/@rooms/lobby", node.api_url))
+            .body(text.clone())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["delivered"], 6, "through node {}", round + 1);
+        for (ws, _) in &mut members {
+            assert_eq!(next_text(ws).await, text);
+        }
+    }
+
+    // `exclude` names a member on another node than the one that takes the POST.
+    let excluded = members[4].1.clone();
+    let answer: Value = http()
+        .post(format!("{}/@rooms/lobby?exclude={excluded}", nodes[0].api_url))
+        .body("all but one")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["delivered"], 5);
+    for (index, (ws, _)) in members.iter_mut().enumerate() {
+        if index != 4 {
+            assert_eq!(next_text(ws).await, "all but one");
+        }
+    }
+
+    // A client's room_publish on node 2 reaches every other member once, cluster-wide.
+    let publish = json!({"action": "publish", "room": "lobby", "data": "from a client"});
+    send_text(&mut members[2].0, &publish.to_string()).await;
+    for (index, (ws, _)) in members.iter_mut().enumerate() {
+        if index != 2 {
+            assert_eq!(next_text(ws).await, "from a client");
+        }
+    }
+    for (ws, _) in &mut members {
+        assert_silent(ws, Duration::from_millis(300)).await;
+    }
+    assert_silent(&mut outsider, Duration::from_millis(100)).await;
+
+    // Membership of a connection on node 3 changed through node 1.
+    let (mut late, late_id) = connect(&nodes[2], &backend).await;
+    let put = http()
+        .put(format!("{}/@rooms/lobby/connections/{late_id}", nodes[0].api_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 204);
+    wait_for_members(&nodes[1], "lobby", 7).await;
+    let answer: Value = http()
+        .post(format!("{}/@rooms/lobby", nodes[1].api_url))
+        .body("seven")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["delivered"], 7);
+    assert_eq!(next_text(&mut late).await, "seven");
+    let delete = http()
+        .delete(format!("{}/@rooms/lobby/connections/{late_id}", nodes[1].api_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delete.status(), 204);
+    wait_for_members(&nodes[0], "lobby", 6).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_costs_one_nats_message_per_interested_node() {
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let (nodes, _files) = start_nodes(&[server.url()], &backend, "");
+    // Members on nodes 2 and 3 only; the POST goes to node 1.
+    let mut members = Vec::new();
+    for node in &nodes[1..] {
+        let (mut ws, _) = connect(node, &backend).await;
+        join(&mut ws, "ticker").await;
+        members.push(ws);
+    }
+    wait_for_members(&nodes[0], "ticker", 2).await;
+    let before = server.varz("out_msgs").await;
+    const BROADCASTS: u64 = 20;
+    for _ in 0..BROADCASTS {
+        let answer: Value = http()
+            .post(format!("{}/@rooms/ticker", nodes[0].api_url))
+            .body("tick")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["delivered"], 2);
+    }
+    let sent = server.varz("out_msgs").await - before;
+    // Per broadcast: one copy to each of the two interested nodes and their two counts
+    // back, plus heartbeats and mirror traffic meanwhile (a few per second).
+    let per_broadcast = sent as f64 / BROADCASTS as f64;
+    assert!(
+        per_broadcast < 6.0,
+        "{per_broadcast} NATS messages out per broadcast"
+    );
+    for ws in &mut members {
+        for _ in 0..BROADCASTS {
+            assert_eq!(next_text(ws).await, "tick");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_push_spans_nodes_with_one_request_per_node() {
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let (nodes, _files) = start_nodes(&[server.url()], &backend, "");
+    let mut clients = Vec::new();
+    for node in &nodes {
+        for _ in 0..3 {
+            clients.push(connect(node, &backend).await);
+        }
+    }
+    // One client on node 3 leaves: its id is gone.
+    let (mut leaving, gone_id) = clients.remove(8);
+    leaving.close(None).await.unwrap();
+    backend
+        .wait_for("/disconnect", |e| connection_id(e) == gone_id)
+        .await;
+    let mut ids: Vec<String> = clients.iter().map(|(_, id)| id.clone()).collect();
+    ids.push(gone_id.clone());
+    ids.push("not-an-id".into());
+    let before = nodes[0].metric("switchboard_cluster_forwarded_total{kind=\"bulk\"}").await;
+    let answer: Value = http()
+        .post(format!("{}/@connections", nodes[0].api_url))
+        .json(&json!({"connectionIds": ids, "data": "to all"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["delivered"], 8);
+    assert_eq!(answer["gone"], json!([gone_id, "not-an-id"]));
+    let after = nodes[0].metric("switchboard_cluster_forwarded_total{kind=\"bulk\"}").await;
+    assert_eq!(after - before, 2.0, "one request to each other node");
+    for (ws, _) in &mut clients {
+        assert_eq!(next_text(ws).await, "to all");
+        assert_silent(ws, Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_is_reported_once_and_the_others_carry_on() {
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let (mut nodes, files) = start_nodes(&[server.url()], &backend, "");
+    let (mut survivor, survivor_id) = connect(&nodes[0], &backend).await;
+    let mut doomed = Vec::new();
+    for _ in 0..5 {
+        doomed.push(connect(&nodes[2], &backend).await);
+    }
+    // Let the mirror catch up (it batches every 20 ms here).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    nodes[2].child.kill().unwrap(); // SIGKILL
+    nodes[2].child.wait().unwrap();
+    for (ws, _) in &mut doomed {
+        let cut = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+        assert!(
+            matches!(cut, Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_))))),
+            "client of the killed node is cut: {cut:?}"
+        );
+    }
+    for (_, id) in &doomed {
+        let event = backend
+            .wait_for("/disconnect", |e| connection_id(e) == *id)
+            .await;
+        assert_eq!(event["requestContext"]["disconnectReason"], "node lost");
+    }
+    // The others keep working: a push through node 2 to node 1's client.
+    let post = http()
+        .post(format!("{}/@connections/{survivor_id}", nodes[1].api_url))
+        .body("still here")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 200);
+    assert_eq!(next_text(&mut survivor).await, "still here");
+    // Pushes to the dead node's connections: 410.
+    let dead = http()
+        .post(format!("{}/@connections/{}", nodes[0].api_url, doomed[0].1))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dead.status(), 410);
+
+    // The node comes back on its old data dir: nothing is reported twice.
+    let restarted = GatewayProcess::start(&files[2].config, &[]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (_, id) in &doomed {
+        let reports = backend
+            .events("/disconnect")
+            .iter()
+            .filter(|e| connection_id(e) == *id)
+            .count();
+        assert_eq!(reports, 1, "{id} reported once");
+    }
+    let takeovers = nodes[0].metric("switchboard_cluster_node_takeovers_total").await
+        + nodes[1].metric("switchboard_cluster_node_takeovers_total").await;
+    assert_eq!(takeovers, 1.0);
+    // And the restarted node serves again.
+    let (mut again, again_id) = connect(&restarted, &backend).await;
+    let post = http()
+        .post(format!("{}/@connections/{again_id}", nodes[0].api_url))
+        .body("welcome back")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 200);
+    assert_eq!(next_text(&mut again).await, "welcome back");
+    drop(files);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_reports_its_own_crash_once() {
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let files = node_files(7, &[server.url()], &backend, "");
+    let mut node = GatewayProcess::start(&files.config, &[]);
+    let mut cut = Vec::new();
+    for _ in 0..3 {
+        cut.push(connect(&node, &backend).await.1);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    node.child.kill().unwrap();
+    node.child.wait().unwrap();
+    // Back before any other node could notice (there is none): it reports them itself.
+    let restarted = GatewayProcess::start(&files.config, &[]);
+    for id in &cut {
+        let event = backend
+            .wait_for("/disconnect", |e| connection_id(e) == *id)
+            .await;
+        assert_eq!(event["requestContext"]["disconnectReason"], "node lost");
+    }
+    drop(restarted);
+    let again = GatewayProcess::start(&files.config, &[]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(backend.events("/disconnect").len(), 3, "no second report");
+    drop(again);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_node_id_refuses_to_start() {
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let first = node_files(4, &[server.url()], &backend, "");
+    let _running = GatewayProcess::start(&first.config, &[]);
+    let second = node_files(4, &[server.url()], &backend, "");
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(crate::binary::BIN)
+            .args(["serve", "--config"])
+            .arg(&second.config)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("server.node_id 4 is held by a live node"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_degrades_health_then_service_resumes_by_itself() {
+    let Some(binary) = nats::binary() else { return };
+    let mut server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let (nodes, _files) = start_nodes(&[server.url()], &backend, "");
+    let (mut client, id) = connect(&nodes[1], &backend).await;
+    let (mut member, _) = connect(&nodes[2], &backend).await;
+    join(&mut member, "news").await;
+    wait_for_members(&nodes[0], "news", 1).await;
+
+    server.kill();
+    let health_url = format!("{}/health", nodes[0].api_url.trim_end_matches("/dev"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let degraded = loop {
+        let response = http().get(&health_url).send().await.unwrap();
+        if response.status() == 503 {
+            break response.json::<Value>().await.unwrap();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "health turns degraded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(degraded["status"], "degraded");
+    assert!(degraded["reason"].as_str().unwrap().contains("NATS"));
+    assert_eq!(nodes[0].metric("switchboard_cluster_nats_connected").await, 0.0);
+    // Cross-node calls fail loudly meanwhile; local clients are still served.
+    let post = http()
+        .post(format!("{}/@connections/{id}", nodes[0].api_url))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 503);
+    let local = http()
+        .post(format!("{}/@connections/{id}", nodes[1].api_url))
+        .body("local")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(local.status(), 200);
+    assert_eq!(next_text(&mut client).await, "local");
+
+    server.restart();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let healthy = http().get(&health_url).send().await.unwrap().status() == 200;
+        let pushed = http()
+            .post(format!("{}/@connections/{id}", nodes[0].api_url))
+            .body("after the restart")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200;
+        if healthy && pushed {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "service resumes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(next_text(&mut client).await, "after the restart");
+    // Room interest was re-established too.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer: Value = http()
+            .post(format!("{}/@rooms/news", nodes[0].api_url))
+            .body("headline")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if answer["delivered"] == 1 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "room reachable again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(next_text(&mut member).await, "headline");
+    // No node was declared lost by the outage.
+    for node in &nodes {
+        assert_eq!(node.metric("switchboard_cluster_node_takeovers_total").await, 0.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_queue_messages_survive_a_node_kill_on_a_replicated_jetstream() {
+    let Some(binary) = nats::binary() else { return };
+    let servers = nats::start_cluster(&binary).await;
+    let urls: Vec<String> = servers.iter().map(NatsServer::url).collect();
+    let backend = Backend::start().await;
+    let queue_route = format!(
+        "[routes.order]\nintegration = {{ type = \"queue\", queue = \"orders\", ack = true, deliver_to = \"{}/delivered\" }}\n",
+        backend.url
+    );
+    let (mut nodes, _files) = start_nodes(&urls, &backend, &queue_route);
+    let (mut client, _) = connect(&nodes[2], &backend).await;
+    const ORDERS: usize = 200;
+    for seq in 0..ORDERS {
+        send_text(&mut client, &json!({"action": "order", "seq": seq}).to_string()).await;
+    }
+    let mut acked = Vec::new();
+    while acked.len() < ORDERS {
+        let ack = next_json(&mut client).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        acked.push(ack["messageId"].as_str().unwrap().to_owned());
+    }
+    nodes[2].child.kill().unwrap();
+    nodes[2].child.wait().unwrap();
+
+    // Every acked message is readable through another node, in order.
+    let url = format!("{}/@queues/orders/messages?group=audit&max=1000", nodes[0].api_url);
+    let pulled: Value = http().get(&url).send().await.unwrap().json().await.unwrap();
+    let messages = pulled["messages"].as_array().unwrap();
+    let ids: Vec<&str> = messages
+        .iter()
+        .map(|m| m["event"]["requestContext"]["messageId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, acked.iter().map(String::as_str).collect::<Vec<_>>());
+    let offsets: Vec<u64> = messages.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    assert_eq!(offsets, (0..ORDERS as u64).collect::<Vec<_>>());
+    assert_eq!(pulled["next"], ORDERS);
+    // Committing through one node is seen through another.
+    let commit = http()
+        .post(format!("{}/@queues/orders/commit", nodes[1].api_url))
+        .json(&json!({"group": "audit", "offset": 150}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(commit.status(), 200);
+    let rest: Value = http().get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(rest["messages"].as_array().unwrap().len(), ORDERS - 150);
+    // Past the end: a clear 400.
+    let past = http()
+        .post(format!("{}/@queues/orders/commit", nodes[1].api_url))
+        .json(&json!({"group": "audit", "offset": 10_000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(past.status(), 400);
+
+    // The push deliverer (one at a time cluster-wide) delivers every message, in order.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while backend.events("/delivered").len() < ORDERS {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {ORDERS} pushed",
+            backend.events("/delivered").len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let delivered: Vec<String> = backend
+        .events("/delivered")
+        .iter()
+        .map(|e| e["requestContext"]["messageId"].as_str().unwrap().to_owned())
+        .collect();
+    let mut first_seen = Vec::new();
+    for id in &delivered {
+        if !first_seen.contains(id) {
+            first_seen.push(id.clone());
+        }
+    }
+    assert_eq!(first_seen, acked, "pushed in order");
+
+    // One NATS server of the three dies: the replicated queue still serves reads.
+    drop(servers.into_iter().next());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let response = http().get(&url).send().await.unwrap();
+        if response.status() == 200 {
+            let body: Value = response.json().await.unwrap();
+            if body["messages"].as_array().is_some_and(|m| m.len() == ORDERS - 150) {
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "queue readable after a NATS server died");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

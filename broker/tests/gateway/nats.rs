@@ -1,0 +1,189 @@
+//! Real nats-server processes for the cluster tests: one server, or a three-server
+//! JetStream cluster, on free loopback ports, with their stores in temp dirs.
+//!
+//! The binary comes from `SWITCHBOARD_NATS_SERVER`, the venv `.ci/run` installs
+//! (`~/.cache/switchboard-nats-venv`), or `PATH`. Without one the cluster tests are
+//! skipped, unless `SWITCHBOARD_REQUIRE_NATS=1` (CI) makes that a failure.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The nats-server binary, if there is one.
+pub(crate) fn binary() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("SWITCHBOARD_NATS_SERVER").map(PathBuf::from),
+        std::env::var_os("HOME")
+            .map(|home| PathBuf::from(home).join(".cache/switchboard-nats-venv/bin/nats-server")),
+    ];
+    let found = candidates.into_iter().flatten().find(|path| path.is_file());
+    let found = found.or_else(|| {
+        let status = Command::new("nats-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status();
+        status
+            .is_ok_and(|s| s.success())
+            .then(|| PathBuf::from("nats-server"))
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var("SWITCHBOARD_REQUIRE_NATS").is_err(),
+            "SWITCHBOARD_REQUIRE_NATS is set but no nats-server was found"
+        );
+        eprintln!("skipped: no nats-server (bash .ci/run installs one)");
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One nats-server process, restartable on the same port and store.
+pub(crate) struct NatsServer {
+    binary: PathBuf,
+    args: Vec<String>,
+    pub(crate) port: u16,
+    pub(crate) monitor_port: u16,
+    child: Option<Child>,
+    _store: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// A single JetStream server.
+    pub(crate) fn start(binary: &PathBuf) -> Self {
+        Self::launch(binary, Vec::new())
+    }
+
+    fn launch(binary: &PathBuf, extra: Vec<String>) -> Self {
+        let store = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let monitor_port = free_port();
+        let mut args = vec![
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "-m".into(),
+            monitor_port.to_string(),
+            "-js".into(),
+            "-sd".into(),
+            store.path().display().to_string(),
+        ];
+        args.extend(extra);
+        let mut server = Self {
+            binary: binary.clone(),
+            args,
+            port,
+            monitor_port,
+            child: None,
+            _store: store,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(&self.binary)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server listens within 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL).
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and store.
+    pub(crate) fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// A counter from the server's own monitoring endpoint (`/varz`), e.g. `out_msgs`.
+    pub(crate) async fn varz(&self, field: &str) -> u64 {
+        let url = format!("http://127.0.0.1:{}/varz", self.monitor_port);
+        let varz: serde_json::Value = crate::support::http()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        varz[field].as_u64().unwrap_or(0)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Three servers in one JetStream cluster, once it has elected a meta leader.
+pub(crate) async fn start_cluster(binary: &PathBuf) -> Vec<NatsServer> {
+    let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let route_urls = routes
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let servers: Vec<NatsServer> = routes
+        .iter()
+        .enumerate()
+        .map(|(index, port)| {
+            NatsServer::launch(
+                binary,
+                vec![
+                    "--name".into(),
+                    format!("sb-test-{index}"),
+                    "--cluster_name".into(),
+                    "sb-test".into(),
+                    "--cluster".into(),
+                    format!("nats://127.0.0.1:{port}"),
+                    "--routes".into(),
+                    route_urls.clone(),
+                ],
+            )
+        })
+        .collect();
+    // JetStream needs a meta leader before streams can be created.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let url = format!("http://127.0.0.1:{}/jsz", servers[0].monitor_port);
+    loop {
+        let jsz: serde_json::Value = match crate::support::http().get(&url).send().await {
+            Ok(response) => response.json().await.unwrap_or_default(),
+            Err(_) => serde_json::Value::Null,
+        };
+        let leader = jsz["meta_cluster"]["leader"].as_str().unwrap_or_default();
+        let peers = jsz["meta_cluster"]["cluster_size"].as_u64().unwrap_or(0);
+        if !leader.is_empty() && peers == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "JetStream cluster has a leader within 30 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    servers
+}
