@@ -284,9 +284,13 @@ fn admission(
     Ok((Arc::new(admission), budget))
 }
 
-/// Reports connections a crash cut (records left by the previous run) to `$disconnect`.
+/// Reports connections a crash cut (records left by the previous run) to `$disconnect`;
+/// in cluster mode through the cluster's recovery, which other nodes may have run first.
 async fn report_orphans(gateway: Arc<Gateway>, orphans: Vec<ConnectionRecord>) {
-    let orphans = crate::cluster::registry::recover_previous_run(&gateway, orphans).await;
+    if gateway.cluster.is_some() {
+        crate::cluster::registry::recover_previous_runs(&gateway, orphans).await;
+        return;
+    }
     if orphans.is_empty() {
         return;
     }

@@ -364,9 +364,7 @@ impl Shard {
         frame: &SharedFrame,
         exclude: Option<ConnectionId>,
     ) -> usize {
-        let skip = exclude
-            .filter(|id| self.owns(id))
-            .map(|id| id.sequence);
+        let skip = exclude.filter(|id| self.owns(id)).map(|id| id.sequence);
         let rooms = self.rooms.borrow();
         let mut delivered = 0;
         for (sequence, connection) in rooms.members(room) {

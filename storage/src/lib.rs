@@ -93,7 +93,11 @@ impl Storage {
     /// This data directory's id: random, drawn the first time and kept. Tells a restart of
     /// a node (same data dir) from another process that claims the same node id.
     pub fn instance_id(&self) -> Result<String, StorageError> {
-        if let Some(existing) = self.meta.get(INSTANCE_KEY).map_err(|e| self.sled_error(e))? {
+        if let Some(existing) = self
+            .meta
+            .get(INSTANCE_KEY)
+            .map_err(|e| self.sled_error(e))?
+        {
             return Ok(String::from_utf8_lossy(&existing).into_owned());
         }
         let fresh = random_id();

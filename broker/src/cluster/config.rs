@@ -93,7 +93,11 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-fn millis(key: &str, value: u64, range: std::ops::RangeInclusive<u64>) -> Result<Duration, ConfigError> {
+fn millis(
+    key: &str,
+    value: u64,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<Duration, ConfigError> {
     if range.contains(&value) {
         Ok(Duration::from_millis(value))
     } else {
@@ -119,11 +123,17 @@ impl RawCluster {
         }
         for (key, path) in [("credentials", &self.credentials), ("tls_ca", &self.tls_ca)] {
             if let Some(path) = path.as_ref().filter(|p| !p.is_file()) {
-                return Err(invalid(key, format!("{} is not a readable file", path.display())));
+                return Err(invalid(
+                    key,
+                    format!("{} is not a readable file", path.display()),
+                ));
             }
         }
         if self.credentials.is_some() && self.token.is_some() {
-            return Err(invalid("token", "give either credentials or token, not both"));
+            return Err(invalid(
+                "token",
+                "give either credentials or token, not both",
+            ));
         }
         let heartbeat = millis("heartbeat_ms", self.heartbeat_ms, 100..=60_000)?;
         let node_timeout = millis("node_timeout_ms", self.node_timeout_ms, 500..=600_000)?;

@@ -95,7 +95,11 @@ impl Cluster {
             .with_label_values(&["broadcast"])
             .inc();
         let subject = self.subjects.room(room.as_str());
-        if let Err(error) = self.client.publish_with_headers(subject, headers, frame).await {
+        if let Err(error) = self
+            .client
+            .publish_with_headers(subject, headers, frame)
+            .await
+        {
             tracing::warn!(%error, "room broadcast not forwarded to other nodes");
         }
     }

@@ -93,7 +93,8 @@ impl Mirror {
 impl Cluster {
     /// Notes a new connection for the mirror.
     pub fn mirror_opened(&self, record: MirrorRecord) {
-        self.mirror.note(&record.connection_id.clone(), Some(record));
+        self.mirror
+            .note(&record.connection_id.clone(), Some(record));
     }
 
     /// Notes a closed (and reported) connection for the mirror.

@@ -34,6 +34,9 @@ use crate::metrics::Metrics;
 use crate::shard::ShardHandle;
 use subjects::Subjects;
 
+/// How long joining retries while JetStream settles (leader elections at a cold start).
+const SETUP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Why the node could not join the cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -91,10 +94,29 @@ impl Cluster {
         let jetstream = jetstream::new(client.clone());
         let subjects = Subjects::new(stage);
         let replicas = replicas(config, &client);
-        let registry =
-            registry::Registry::open(&jetstream, &subjects, config, node, replicas).await?;
-        let mirror = mirror::Mirror::open(&jetstream, &subjects, replicas).await?;
-        let queues = queues::ClusterQueues::open(&jetstream, &subjects, queues, replicas).await?;
+        // A JetStream cluster that is still electing leaders (or replicating a bucket
+        // another node just created) answers "no responders" for a moment: retry.
+        let deadline = std::time::Instant::now() + SETUP_PATIENCE;
+        let (registry, mirror, queues) = loop {
+            let setup = async {
+                let registry =
+                    registry::Registry::open(&jetstream, &subjects, config, node.clone(), replicas)
+                        .await?;
+                let mirror = mirror::Mirror::open(&jetstream, &subjects, replicas).await?;
+                let queues =
+                    queues::ClusterQueues::open(&jetstream, &subjects, queues, replicas).await?;
+                Ok::<_, ClusterError>((registry, mirror, queues))
+            };
+            match setup.await {
+                Ok(done) => break done,
+                Err(error @ ClusterError::DuplicateNodeId { .. }) => return Err(error),
+                Err(error) if std::time::Instant::now() >= deadline => return Err(error),
+                Err(error) => {
+                    tracing::info!(%error, "JetStream not ready yet; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
+            }
+        };
         metrics.cluster_nats_connected.set(1);
         Ok(Arc::new(Self {
             node_id,
@@ -124,10 +146,7 @@ impl Cluster {
         let mut tasks = vec![
             tokio::spawn(remote::serve(cluster.clone(), shutdown.clone())),
             tokio::spawn(mirror::flush_loop(cluster.clone(), shutdown.clone())),
-            tokio::spawn(registry::heartbeat_loop(
-                gateway.clone(),
-                shutdown.clone(),
-            )),
+            tokio::spawn(registry::heartbeat_loop(gateway.clone(), shutdown.clone())),
             tokio::spawn(registry::watch_loop(gateway.clone(), shutdown.clone())),
         ];
         tasks.extend(queues::start_deliverers(gateway, shutdown));
@@ -136,10 +155,7 @@ impl Cluster {
 
     /// Why cluster delivery is broken, if it is.
     pub fn degraded(&self) -> Option<String> {
-        self.degraded
-            .lock()
-            .ok()
-            .and_then(|reason| reason.clone())
+        self.degraded.lock().ok().and_then(|reason| reason.clone())
     }
 
     fn set_degraded(&self, reason: Option<String>) {
@@ -214,10 +230,7 @@ async fn connect(
                          reconnecting"
                     );
                     metrics.cluster_nats_connected.set(0);
-                    set_degraded(
-                        &degraded,
-                        Some("NATS connection lost; reconnecting".into()),
-                    );
+                    set_degraded(&degraded, Some("NATS connection lost; reconnecting".into()));
                 }
                 other => tracing::warn!(event = %other, "NATS client event"),
             }

@@ -25,11 +25,12 @@ use crate::gateway::Gateway;
 
 /// The push consumer's name on every queue stream.
 const PUSH_CONSUMER: &str = "switchboard-push";
-/// How long a delivering node may hold a message before another node gets it; renewed
-/// while the node is still retrying.
-const PUSH_ACK_WAIT: Duration = Duration::from_secs(60);
-/// How often a retrying deliverer tells JetStream it is still working on its message.
-const PROGRESS_EVERY: Duration = Duration::from_secs(15);
+/// How long a delivering node may hold a message without a word before another node gets
+/// it: how soon delivery resumes after the delivering node dies.
+const PUSH_ACK_WAIT: Duration = Duration::from_secs(5);
+/// How often a deliverer tells JetStream it is still working on its message (a POST may
+/// take up to its 30 s timeout, and retries take longer).
+const PROGRESS_EVERY: Duration = Duration::from_millis(1500);
 /// How long one pull for the next message to push waits before asking again.
 const PUSH_PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// Longest wait for an entry known to be in the stream.
@@ -323,6 +324,7 @@ async fn deliver(
                     let _ = message.ack_with(AckKind::Progress).await;
                 }
             };
+            // `progress` never ends: the select ends with the delivery.
             let delivered = tokio::select! {
                 delivered = crate::queues::deliver_one(&http, &queue, &url, payload, &metrics, &shutdown) => delivered,
                 _ = progress => false,

@@ -39,6 +39,17 @@ use crate::gateway::Gateway;
 use crate::integration::HttpIntegration;
 use switchboard_storage::ConnectionRecord;
 
+/// What a heartbeat found.
+enum Renewal {
+    Renewed,
+    /// NATS did not take it (the connection is down): tried again next beat.
+    Failed,
+    /// A takeover declared this node lost while it was cut off.
+    DeclaredLost,
+    /// Another process holds this node id now.
+    Taken,
+}
+
 /// Who this process is.
 #[derive(Debug, Clone)]
 pub struct NodeIdentity {
@@ -133,7 +144,10 @@ impl Registry {
                 let holder: Option<Registration> = serde_json::from_slice(&entry.value).ok();
                 match holder {
                     Some(holder) if holder.instance == node.instance => previous = Some(holder),
-                    Some(holder) => wait_until_stale(&store, &key, &entry, &holder, config, node.node_id).await?,
+                    Some(holder) => {
+                        wait_until_stale(&store, &key, &entry, &holder, config, node.node_id)
+                            .await?
+                    }
                     None => {}
                 }
                 Some(entry.revision)
@@ -143,7 +157,10 @@ impl Registry {
         };
         let value = Bytes::from(serde_json::to_vec(&registration).map_err(setup)?);
         let written = match expected {
-            Some(revision) => store.update(&key, value, revision).await.map_err(|e| e.to_string()),
+            Some(revision) => store
+                .update(&key, value, revision)
+                .await
+                .map_err(|e| e.to_string()),
             None => store.create(&key, value).await.map_err(|e| e.to_string()),
         };
         let revision = written.map_err(|_| ClusterError::DuplicateNodeId {
@@ -170,30 +187,38 @@ impl Registry {
         self.peers.lock().map_or(0, |peers| peers.len())
     }
 
-    /// Renews the registration. `Err(true)`: another process or a takeover replaced it.
-    async fn renew(&self) -> Result<(), bool> {
+    /// Renews the registration.
+    async fn renew(&self) -> Renewal {
         let value = Bytes::from(serde_json::to_vec(&self.registration).unwrap_or_default());
         let key = node_key(self.node.node_id);
-        match self
-            .store
-            .update(&key, value.clone(), self.revision.load(Ordering::Acquire))
-            .await
-        {
+        let expected = self.revision.load(Ordering::Acquire);
+        match self.store.update(&key, value.clone(), expected).await {
             Ok(revision) => {
                 self.revision.store(revision, Ordering::Release);
-                Ok(())
+                Renewal::Renewed
             }
             Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                // Declared lost while cut off (the takeover deleted the key): register again.
-                match self.store.create(&key, value).await {
-                    Ok(revision) => {
-                        self.revision.store(revision, Ordering::Release);
-                        Err(true)
-                    }
-                    Err(_) => Err(true),
+                let holder = self.store.entry(&key).await.ok().flatten();
+                let taken = holder.as_ref().is_some_and(|entry| {
+                    entry.operation == kv::Operation::Put
+                        && serde_json::from_slice::<Registration>(&entry.value)
+                            .is_ok_and(|r| r.instance != self.node.instance)
+                });
+                if taken {
+                    return Renewal::Taken;
                 }
+                // Declared lost while cut off (the takeover deleted the key): register
+                // again.
+                let created = match holder {
+                    Some(entry) => self.store.update(&key, value, entry.revision).await.ok(),
+                    None => self.store.create(&key, value).await.ok(),
+                };
+                if let Some(revision) = created {
+                    self.revision.store(revision, Ordering::Release);
+                }
+                Renewal::DeclaredLost
             }
-            Err(_) => Err(false),
+            Err(_) => Renewal::Failed,
         }
     }
 
@@ -201,7 +226,11 @@ impl Registry {
     pub async fn deregister(&self) {
         let key = node_key(self.node.node_id);
         let revision = self.revision.load(Ordering::Acquire);
-        if let Err(error) = self.store.delete_expect_revision(&key, Some(revision)).await {
+        if let Err(error) = self
+            .store
+            .delete_expect_revision(&key, Some(revision))
+            .await
+        {
             tracing::warn!(%error, "cannot remove this node's registration");
         }
     }
@@ -268,7 +297,8 @@ impl Registry {
         if self.store.create(&key, me.clone()).await.is_ok() {
             return true;
         }
-        // Claimed before: take it over only if the claimer is gone too.
+        // Claimed before: take it over if the claimer is gone too, or is this node (a
+        // claim of an earlier run of this node, cut short: this run finishes it).
         let Ok(Some(entry)) = self.store.entry(&key).await else {
             return false;
         };
@@ -276,7 +306,7 @@ impl Registry {
             .ok()
             .and_then(|s| s.parse::<u16>().ok());
         let claimer_alive = claimer.is_some_and(|c| {
-            c == self.node.node_id || self.peers.lock().is_ok_and(|p| p.contains_key(&c))
+            c != self.node.node_id && self.peers.lock().is_ok_and(|p| p.contains_key(&c))
         });
         !claimer_alive && self.store.update(&key, me, entry.revision).await.is_ok()
     }
@@ -342,14 +372,25 @@ pub async fn heartbeat_loop(gateway: Arc<Gateway>, shutdown: CancellationToken) 
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(true) = cluster.registry.renew().await {
-            tracing::error!(
-                "this node was declared lost while cut off from NATS and its connections \
-                 were reported to $disconnect; closing them so clients reconnect"
-            );
-            cluster.set_degraded(None);
-            for shard in gateway.shards.iter() {
-                shard.close_all(DisconnectReason::NodeLost).await;
+        match cluster.registry.renew().await {
+            Renewal::Renewed | Renewal::Failed => {}
+            Renewal::DeclaredLost => {
+                tracing::error!(
+                    "this node was declared lost while cut off from NATS and its connections \
+                     were reported to $disconnect; closing them so clients reconnect"
+                );
+                for shard in gateway.shards.iter() {
+                    shard.close_all(DisconnectReason::NodeLost).await;
+                }
+            }
+            Renewal::Taken => {
+                let reason = format!(
+                    "server.node_id {} was taken by another process while this node was not \
+                     heard from; stop one of them",
+                    cluster.node_id
+                );
+                tracing::error!("{reason}");
+                cluster.set_degraded(Some(reason));
             }
         }
     }
@@ -366,7 +407,12 @@ pub async fn watch_loop(gateway: Arc<Gateway>, shutdown: CancellationToken) {
     let mut watch = None;
     loop {
         if watch.is_none() {
-            watch = cluster.registry.store.watch_with_history("node.*").await.ok();
+            watch = cluster
+                .registry
+                .store
+                .watch_with_history("node.*")
+                .await
+                .ok();
         }
         let next = async {
             match watch.as_mut() {
@@ -441,7 +487,10 @@ async fn take_over(gateway: Arc<Gateway>, node: u16, registration: Registration,
         cluster.registry.takeover_finished(node);
         return;
     }
-    let records = match cluster.mirrored_records(cluster.subjects.mirror_node(node)).await {
+    let records = match cluster
+        .mirrored_records(cluster.subjects.mirror_node(node))
+        .await
+    {
         Ok(records) => records,
         Err(error) => {
             tracing::error!(node, %error, "cannot read a lost node's connections; will retry");
@@ -492,76 +541,62 @@ async fn report_lost(gateway: &Gateway, records: Vec<(String, MirrorRecord)>) {
     }
 }
 
-/// Cluster mode's crash recovery, run at start before the local orphan report: if this
-/// data dir's previous run crashed while registered, its connections (the mirror's and
-/// the local records the mirror had not received yet) are reported here as "node lost",
-/// unless a surviving node claimed them first. Local records of a run that was reported
-/// already are dropped. Returns the records still to be reported the usual way (those of
-/// runs that stopped cleanly but left sessions behind).
-pub async fn recover_previous_run(
-    gateway: &Gateway,
-    orphans: Vec<ConnectionRecord>,
-) -> Vec<ConnectionRecord> {
+/// Cluster mode's crash recovery, run at start before any orphan is reported the
+/// single-node way. Connections that earlier runs of this data dir left behind (in the
+/// local records and in the mirror) are reported as "node lost", one incarnation at a
+/// time and under that incarnation's claim, so they are reported once even when a
+/// surviving node noticed the crash too: an incarnation marked reported is only
+/// forgotten locally; one a live survivor is reporting right now is left to it.
+pub async fn recover_previous_runs(gateway: &Gateway, orphans: Vec<ConnectionRecord>) {
     let Some(cluster) = gateway.cluster.as_ref() else {
-        return orphans;
+        return;
     };
     let node = cluster.node_id;
-    let mut remaining = Vec::new();
-    let mut previous_run = Vec::new();
-    let previous_epoch = cluster.registry.previous.as_ref().map(|r| r.epoch);
-    let previous_run_ids: Vec<String>;
-    for record in orphans {
-        if Some(epoch_of(&record.connection_id)) == previous_epoch {
-            previous_run.push(record);
-        } else {
-            remaining.push(record);
-        }
+    let mut by_epoch: std::collections::BTreeMap<u32, Vec<ConnectionRecord>> =
+        std::collections::BTreeMap::new();
+    if let Some(previous) = &cluster.registry.previous {
+        by_epoch.entry(previous.epoch).or_default();
     }
-    previous_run_ids = previous_run.iter().map(|r| r.connection_id.clone()).collect();
-    if let Some(epoch) = previous_epoch {
+    for record in orphans {
+        by_epoch
+            .entry(epoch_of(&record.connection_id))
+            .or_default()
+            .push(record);
+    }
+    for (epoch, local) in by_epoch {
+        let local_ids: Vec<String> = local.iter().map(|r| r.connection_id.clone()).collect();
         if cluster.registry.claim(node, epoch).await {
             let filter = cluster.subjects.mirror_incarnation(node, epoch);
             let mut records = cluster.mirrored_records(filter).await.unwrap_or_default();
-            let mirrored: HashSet<String> =
-                records.iter().map(|(_, r)| r.connection_id.clone()).collect();
+            let mirrored: HashSet<String> = records
+                .iter()
+                .map(|(_, r)| r.connection_id.clone())
+                .collect();
             records.extend(
-                previous_run
+                local
                     .into_iter()
                     .filter(|r| !mirrored.contains(&r.connection_id))
                     .map(|r| {
-                        let subject = cluster.subjects.mirror_record(node, epoch, &r.connection_id);
+                        let subject = cluster
+                            .subjects
+                            .mirror_record(node, epoch, &r.connection_id);
                         (subject, MirrorRecord::from(r))
                     }),
             );
             tracing::info!(
+                epoch,
                 connections = records.len(),
-                "reporting connections cut by this node's crash"
+                "reporting connections cut when this node stopped uncleanly"
             );
             report_lost(gateway, records).await;
+            forget_local_records(gateway, local_ids).await;
             cluster.registry.finish(node, epoch, None).await;
-        }
-    }
-    let mut unreported = Vec::new();
-    let mut reported_elsewhere = previous_run_ids;
-    let mut reported_epochs: HashMap<u32, bool> = HashMap::new();
-    for record in remaining {
-        let epoch = epoch_of(&record.connection_id);
-        let reported = match reported_epochs.get(&epoch) {
-            Some(reported) => *reported,
-            None => {
-                let reported = cluster.registry.is_reported(node, epoch).await;
-                reported_epochs.insert(epoch, reported);
-                reported
-            }
-        };
-        if reported {
-            reported_elsewhere.push(record.connection_id);
+            cluster.metrics().cluster_takeovers.inc();
         } else {
-            unreported.push(record);
+            // Reported already, or being reported by a live survivor.
+            forget_local_records(gateway, local_ids).await;
         }
     }
-    forget_local_records(gateway, reported_elsewhere).await;
-    unreported
 }
 
 /// Removes local connection records whose connections have been reported.

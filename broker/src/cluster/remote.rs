@@ -116,7 +116,10 @@ impl Cluster {
             .headers(headers)
             .payload(payload)
             .timeout(Some(self.config.request_timeout));
-        let answer = self.client.send_request(self.subjects.node(node), request).await;
+        let answer = self
+            .client
+            .send_request(self.subjects.node(node), request)
+            .await;
         metrics
             .cluster_forwarded
             .with_label_values(&[if label == "bulk" { "bulk" } else { "push" }])
@@ -181,7 +184,10 @@ impl Cluster {
         });
         let mut delivery = fanout::Delivery::default();
         for (indices, reply) in futures_util::future::join_all(calls).await {
-            match reply.ok().and_then(|r| serde_json::from_slice::<BulkAnswer>(&r.body).ok()) {
+            match reply
+                .ok()
+                .and_then(|r| serde_json::from_slice::<BulkAnswer>(&r.body).ok())
+            {
                 Some(answer) => {
                     delivery.delivered += answer.delivered;
                     delivery
@@ -299,7 +305,9 @@ async fn answer(cluster: &Cluster, message: &async_nats::Message) -> (u16, Bytes
 /// A bulk request: `[u32 length][JSON list of ids][frame]`.
 async fn bulk(cluster: &Cluster, body: &Bytes) -> (u16, Bytes) {
     let malformed = (400, Bytes::from_static(b"malformed bulk request"));
-    let Some(length) = body.get(..4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    let Some(length) = body
+        .get(..4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
     else {
         return malformed;
     };
@@ -310,13 +318,22 @@ async fn bulk(cluster: &Cluster, body: &Bytes) -> (u16, Bytes) {
         return malformed;
     };
     let frame = body.slice(4 + length..);
-    let plan = FanoutPlan::for_ids(&ids, cluster.node_id, cluster.registry.epoch(), cluster.shards().len(), false);
+    let plan = FanoutPlan::for_ids(
+        &ids,
+        cluster.node_id,
+        cluster.registry.epoch(),
+        cluster.shards().len(),
+        false,
+    );
     let delivery = fanout::send_bulk(cluster.shards(), plan, &frame).await;
     let answer = BulkAnswer {
         delivered: delivery.delivered,
         gone: delivery.gone.iter().map(|&i| i as usize).collect(),
     };
-    (200, Bytes::from(serde_json::to_vec(&answer).unwrap_or_default()))
+    (
+        200,
+        Bytes::from(serde_json::to_vec(&answer).unwrap_or_default()),
+    )
 }
 
 impl Cluster {

@@ -76,10 +76,11 @@ impl Subjects {
 /// Lower-case hex of `text`'s bytes: a valid subject token and key for any name.
 pub fn hex(text: &str) -> String {
     use std::fmt::Write;
-    text.bytes().fold(String::with_capacity(text.len() * 2), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
+    text.bytes()
+        .fold(String::with_capacity(text.len() * 2), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
 }
 
 #[cfg(test)]

@@ -23,9 +23,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::auth::{self, sigv4};
+use crate::clock;
 use crate::cluster::Cluster;
 use crate::cluster::remote::{Op, RemoteError, Reply};
-use crate::clock;
 use crate::connection_id::ConnectionId;
 use crate::fanout::{self, FanoutPlan};
 use crate::frame;
@@ -88,9 +88,10 @@ impl IntoResponse for ApiError {
             Self::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "RequestTimeoutException"),
             Self::LimitExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "LimitExceededException"),
             Self::Signature(error) => (StatusCode::FORBIDDEN, error.error_type()),
-            Self::ClusterUnavailable(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableException")
-            }
+            Self::ClusterUnavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailableException",
+            ),
         };
         let mut response =
             (status, axum::Json(json!({ "message": self.to_string() }))).into_response();
@@ -535,11 +536,7 @@ async fn get_connection(
                 .call(node, Op::Describe, &id, None, Bytes::new())
                 .await;
             let reply = remote_outcome(&id, outcome)?;
-            return Ok((
-                [(header::CONTENT_TYPE, "application/json")],
-                reply.body,
-            )
-                .into_response());
+            return Ok(([(header::CONTENT_TYPE, "application/json")], reply.body).into_response());
         }
     };
     let info = shard
@@ -685,7 +682,10 @@ async fn get_queue_messages(
     let wait = number_param("wait_ms", params.wait_ms.as_deref(), 0, MAX_WAIT_MS)?;
     if let Some(cluster) = &state.gateway.cluster {
         let wait = std::time::Duration::from_millis(wait);
-        let (first, _) = cluster.queue_bounds(&queue).await.map_err(cluster_queue_error)?;
+        let (first, _) = cluster
+            .queue_bounds(&queue)
+            .await
+            .map_err(cluster_queue_error)?;
         let from = cluster
             .committed(&queue, group)
             .await
@@ -762,13 +762,18 @@ async fn post_queue_commit(
         .map_err(|e| ApiError::BadRequest(format!("malformed commit request: {e}")))?;
     let group = check_group(Some(&request.group))?.to_owned();
     if let Some(cluster) = &state.gateway.cluster {
-        let (_, next) = cluster.queue_bounds(&queue).await.map_err(cluster_queue_error)?;
+        let (_, next) = cluster
+            .queue_bounds(&queue)
+            .await
+            .map_err(cluster_queue_error)?;
         check_commit_offset(request.offset, next, &queue)?;
         let committed = cluster
             .commit(&queue, &group, request.offset)
             .await
             .map_err(cluster_queue_error)?;
-        return Ok(axum::Json(json!({"group": request.group, "offset": committed})).into_response());
+        return Ok(
+            axum::Json(json!({"group": request.group, "offset": committed})).into_response(),
+        );
     }
     let log = state.gateway.queues.log.clone();
     let (_, next) = log.bounds(&queue)?;

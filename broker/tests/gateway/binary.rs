@@ -163,6 +163,12 @@ impl Drop for GatewayProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            // A failing test shows what the gateway said.
+            for line in self.logged() {
+                eprintln!("[gateway {}] {line}", self.child.id());
+            }
+        }
     }
 }
 

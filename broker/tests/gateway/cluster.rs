@@ -13,7 +13,7 @@ use crate::nats::{self, NatsServer};
 use crate::support::*;
 
 /// Cluster timings short enough for tests.
-const CLUSTER_TIMINGS: &str = "heartbeat_ms = 200\nnode_timeout_ms = 1500\nrequest_timeout_ms = 500\ngather_wait_ms = 300\nmirror_interval_ms = 20\n";
+const CLUSTER_TIMINGS: &str = "heartbeat_ms = 250\nnode_timeout_ms = 3000\nrequest_timeout_ms = 500\ngather_wait_ms = 300\nmirror_interval_ms = 20\n";
 
 /// One node's data dir and config file.
 struct NodeFiles {
@@ -71,7 +71,9 @@ fn start_nodes(
 /// Connects a client to `node` and returns it with its connectionId (from `$connect`).
 async fn connect(node: &GatewayProcess, backend: &Backend) -> (Ws, String) {
     let before = backend.events("/connect-log").len();
-    let (ws, _) = tokio_tungstenite::connect_async(&node.ws_url).await.unwrap();
+    let (ws, _) = tokio_tungstenite::connect_async(&node.ws_url)
+        .await
+        .unwrap();
     let ids = backend.connected_ids(before + 1).await;
     (ws, ids[before].clone())
 }
@@ -217,7 +219,10 @@ async fn a_room_on_three_nodes_gets_each_broadcast_once_through_any_node() {
     // `exclude` names a member on another node than the one that takes the POST.
     let excluded = members[4].1.clone();
     let answer: Value = http()
-        .post(format!("{}/@rooms/lobby?exclude={excluded}", nodes[0].api_url))
+        .post(format!(
+            "{}/@rooms/lobby?exclude={excluded}",
+            nodes[0].api_url
+        ))
         .body("all but one")
         .send()
         .await
@@ -248,7 +253,10 @@ async fn a_room_on_three_nodes_gets_each_broadcast_once_through_any_node() {
     // Membership of a connection on node 3 changed through node 1.
     let (mut late, late_id) = connect(&nodes[2], &backend).await;
     let put = http()
-        .put(format!("{}/@rooms/lobby/connections/{late_id}", nodes[0].api_url))
+        .put(format!(
+            "{}/@rooms/lobby/connections/{late_id}",
+            nodes[0].api_url
+        ))
         .send()
         .await
         .unwrap();
@@ -266,7 +274,10 @@ async fn a_room_on_three_nodes_gets_each_broadcast_once_through_any_node() {
     assert_eq!(answer["delivered"], 7);
     assert_eq!(next_text(&mut late).await, "seven");
     let delete = http()
-        .delete(format!("{}/@rooms/lobby/connections/{late_id}", nodes[1].api_url))
+        .delete(format!(
+            "{}/@rooms/lobby/connections/{late_id}",
+            nodes[1].api_url
+        ))
         .send()
         .await
         .unwrap();
@@ -338,7 +349,9 @@ async fn bulk_push_spans_nodes_with_one_request_per_node() {
     let mut ids: Vec<String> = clients.iter().map(|(_, id)| id.clone()).collect();
     ids.push(gone_id.clone());
     ids.push("not-an-id".into());
-    let before = nodes[0].metric("switchboard_cluster_forwarded_total{kind=\"bulk\"}").await;
+    let before = nodes[0]
+        .metric("switchboard_cluster_forwarded_total{kind=\"bulk\"}")
+        .await;
     let answer: Value = http()
         .post(format!("{}/@connections", nodes[0].api_url))
         .json(&json!({"connectionIds": ids, "data": "to all"}))
@@ -350,7 +363,9 @@ async fn bulk_push_spans_nodes_with_one_request_per_node() {
         .unwrap();
     assert_eq!(answer["delivered"], 8);
     assert_eq!(answer["gone"], json!([gone_id, "not-an-id"]));
-    let after = nodes[0].metric("switchboard_cluster_forwarded_total{kind=\"bulk\"}").await;
+    let after = nodes[0]
+        .metric("switchboard_cluster_forwarded_total{kind=\"bulk\"}")
+        .await;
     assert_eq!(after - before, 2.0, "one request to each other node");
     for (ws, _) in &mut clients {
         assert_eq!(next_text(ws).await, "to all");
@@ -416,8 +431,12 @@ async fn a_killed_node_is_reported_once_and_the_others_carry_on() {
             .count();
         assert_eq!(reports, 1, "{id} reported once");
     }
-    let takeovers = nodes[0].metric("switchboard_cluster_node_takeovers_total").await
-        + nodes[1].metric("switchboard_cluster_node_takeovers_total").await;
+    let takeovers = nodes[0]
+        .metric("switchboard_cluster_node_takeovers_total")
+        .await
+        + nodes[1]
+            .metric("switchboard_cluster_node_takeovers_total")
+            .await;
     assert_eq!(takeovers, 1.0);
     // And the restarted node serves again.
     let (mut again, again_id) = connect(&restarted, &backend).await;
@@ -439,10 +458,11 @@ async fn a_restarted_node_reports_its_own_crash_once() {
     let backend = Backend::start().await;
     let files = node_files(7, &[server.url()], &backend, "");
     let mut node = GatewayProcess::start(&files.config, &[]);
-    let mut cut = Vec::new();
+    let mut clients = Vec::new();
     for _ in 0..3 {
-        cut.push(connect(&node, &backend).await.1);
+        clients.push(connect(&node, &backend).await);
     }
+    let cut: Vec<String> = clients.iter().map(|(_, id)| id.clone()).collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     node.child.kill().unwrap();
     node.child.wait().unwrap();
@@ -454,7 +474,19 @@ async fn a_restarted_node_reports_its_own_crash_once() {
             .await;
         assert_eq!(event["requestContext"]["disconnectReason"], "node lost");
     }
+    // Once the node has marked its crash reported, another crash and restart report
+    // nothing again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while restarted
+        .metric("switchboard_cluster_node_takeovers_total")
+        .await
+        < 1.0
+    {
+        assert!(tokio::time::Instant::now() < deadline, "recovery finishes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     drop(restarted);
+    drop(clients);
     let again = GatewayProcess::start(&files.config, &[]);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(backend.events("/disconnect").len(), 3, "no second report");
@@ -469,17 +501,10 @@ async fn a_duplicate_node_id_refuses_to_start() {
     let first = node_files(4, &[server.url()], &backend, "");
     let _running = GatewayProcess::start(&first.config, &[]);
     let second = node_files(4, &[server.url()], &backend, "");
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(crate::binary::BIN)
-            .args(["serve", "--config"])
-            .arg(&second.config)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let mut duplicate = GatewayProcess::start(&second.config, &[]);
+    let (code, _) = duplicate.wait(Duration::from_secs(20));
+    assert_ne!(code, Some(0));
+    let stderr = duplicate.logged().join("\n");
     assert!(
         stderr.contains("server.node_id 4 is held by a live node"),
         "{stderr}"
@@ -505,12 +530,18 @@ async fn nats_restart_degrades_health_then_service_resumes_by_itself() {
         if response.status() == 503 {
             break response.json::<Value>().await.unwrap();
         }
-        assert!(tokio::time::Instant::now() < deadline, "health turns degraded");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health turns degraded"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(degraded["status"], "degraded");
     assert!(degraded["reason"].as_str().unwrap().contains("NATS"));
-    assert_eq!(nodes[0].metric("switchboard_cluster_nats_connected").await, 0.0);
+    assert_eq!(
+        nodes[0].metric("switchboard_cluster_nats_connected").await,
+        0.0
+    );
     // Cross-node calls fail loudly meanwhile; local clients are still served.
     let post = http()
         .post(format!("{}/@connections/{id}", nodes[0].api_url))
@@ -562,13 +593,20 @@ async fn nats_restart_degrades_health_then_service_resumes_by_itself() {
         if answer["delivered"] == 1 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "room reachable again");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "room reachable again"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(next_text(&mut member).await, "headline");
     // No node was declared lost by the outage.
     for node in &nodes {
-        assert_eq!(node.metric("switchboard_cluster_node_takeovers_total").await, 0.0);
+        assert_eq!(
+            node.metric("switchboard_cluster_node_takeovers_total")
+                .await,
+            0.0
+        );
     }
 }
 
@@ -586,7 +624,11 @@ async fn acked_queue_messages_survive_a_node_kill_on_a_replicated_jetstream() {
     let (mut client, _) = connect(&nodes[2], &backend).await;
     const ORDERS: usize = 200;
     for seq in 0..ORDERS {
-        send_text(&mut client, &json!({"action": "order", "seq": seq}).to_string()).await;
+        send_text(
+            &mut client,
+            &json!({"action": "order", "seq": seq}).to_string(),
+        )
+        .await;
     }
     let mut acked = Vec::new();
     while acked.len() < ORDERS {
@@ -598,7 +640,10 @@ async fn acked_queue_messages_survive_a_node_kill_on_a_replicated_jetstream() {
     nodes[2].child.wait().unwrap();
 
     // Every acked message is readable through another node, in order.
-    let url = format!("{}/@queues/orders/messages?group=audit&max=1000", nodes[0].api_url);
+    let url = format!(
+        "{}/@queues/orders/messages?group=audit&max=1000",
+        nodes[0].api_url
+    );
     let pulled: Value = http().get(&url).send().await.unwrap().json().await.unwrap();
     let messages = pulled["messages"].as_array().unwrap();
     let ids: Vec<&str> = messages
@@ -606,7 +651,10 @@ async fn acked_queue_messages_survive_a_node_kill_on_a_replicated_jetstream() {
         .map(|m| m["event"]["requestContext"]["messageId"].as_str().unwrap())
         .collect();
     assert_eq!(ids, acked.iter().map(String::as_str).collect::<Vec<_>>());
-    let offsets: Vec<u64> = messages.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    let offsets: Vec<u64> = messages
+        .iter()
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect();
     assert_eq!(offsets, (0..ORDERS as u64).collect::<Vec<_>>());
     assert_eq!(pulled["next"], ORDERS);
     // Committing through one node is seen through another.
@@ -628,8 +676,9 @@ async fn acked_queue_messages_survive_a_node_kill_on_a_replicated_jetstream() {
         .unwrap();
     assert_eq!(past.status(), 400);
 
-    // The push deliverer (one at a time cluster-wide) delivers every message, in order.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    // The push deliverer (one at a time cluster-wide) delivers every message, in order;
+    // one the killed node was delivering goes to another node after the ack wait (5 s).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
     while backend.events("/delivered").len() < ORDERS {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -641,7 +690,12 @@ async fn acked_queue_messages_survive_a_node_kill_on_a_replicated_jetstream() {
     let delivered: Vec<String> = backend
         .events("/delivered")
         .iter()
-        .map(|e| e["requestContext"]["messageId"].as_str().unwrap().to_owned())
+        .map(|e| {
+            e["requestContext"]["messageId"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
         .collect();
     let mut first_seen = Vec::new();
     for id in &delivered {
@@ -652,17 +706,24 @@ async fn acked_queue_messages_survive_a_node_kill_on_a_replicated_jetstream() {
     assert_eq!(first_seen, acked, "pushed in order");
 
     // One NATS server of the three dies: the replicated queue still serves reads.
-    drop(servers.into_iter().next());
+    let mut servers = servers;
+    drop(servers.remove(0));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let response = http().get(&url).send().await.unwrap();
-        if response.status() == 200 {
-            let body: Value = response.json().await.unwrap();
-            if body["messages"].as_array().is_some_and(|m| m.len() == ORDERS - 150) {
-                break;
-            }
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        if status == 200
+            && body["messages"]
+                .as_array()
+                .is_some_and(|m| m.len() == ORDERS - 150)
+        {
+            break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "queue readable after a NATS server died");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "queue readable after a NATS server died: {status} {body}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -5,7 +5,7 @@
 //! (`~/.cache/switchboard-nats-venv`), or `PATH`. Without one the cluster tests are
 //! skipped, unless `SWITCHBOARD_REQUIRE_NATS=1` (CI) makes that a failure.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -56,11 +56,11 @@ pub(crate) struct NatsServer {
 
 impl NatsServer {
     /// A single JetStream server.
-    pub(crate) fn start(binary: &PathBuf) -> Self {
+    pub(crate) fn start(binary: &Path) -> Self {
         Self::launch(binary, Vec::new())
     }
 
-    fn launch(binary: &PathBuf, extra: Vec<String>) -> Self {
+    fn launch(binary: &Path, extra: Vec<String>) -> Self {
         let store = tempfile::tempdir().unwrap();
         let port = free_port();
         let monitor_port = free_port();
@@ -77,7 +77,7 @@ impl NatsServer {
         ];
         args.extend(extra);
         let mut server = Self {
-            binary: binary.clone(),
+            binary: binary.to_path_buf(),
             args,
             port,
             monitor_port,
@@ -143,7 +143,7 @@ impl Drop for NatsServer {
 }
 
 /// Three servers in one JetStream cluster, once it has elected a meta leader.
-pub(crate) async fn start_cluster(binary: &PathBuf) -> Vec<NatsServer> {
+pub(crate) async fn start_cluster(binary: &Path) -> Vec<NatsServer> {
     let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let route_urls = routes
         .iter()
@@ -182,7 +182,10 @@ pub(crate) async fn start_cluster(binary: &PathBuf) -> Vec<NatsServer> {
         if !leader.is_empty() && peers == 3 {
             break;
         }
-        assert!(Instant::now() < deadline, "JetStream cluster has a leader within 30 s");
+        assert!(
+            Instant::now() < deadline,
+            "JetStream cluster has a leader within 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     servers
