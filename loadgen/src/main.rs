@@ -22,9 +22,15 @@ use crate::scenario::{Delivery, Endpoints, FanoutArgs};
     about = "Load generator for Switchboard (loopback only)"
 )]
 struct Cli {
-    /// Gateway WebSocket URL.
-    #[arg(long, global = true, default_value = "ws://127.0.0.1:8080/dev")]
-    url: String,
+    /// Gateway WebSocket URL; several, comma-separated, spread the clients over them
+    /// round-robin (the nodes of a cluster).
+    #[arg(
+        long,
+        global = true,
+        default_value = "ws://127.0.0.1:8080/dev",
+        value_delimiter = ','
+    )]
+    url: Vec<String>,
     /// Management API base URL, with the stage.
     #[arg(long, global = true, default_value = "http://127.0.0.1:9090/dev")]
     api: String,
@@ -58,6 +64,8 @@ enum Scenario {
     Fanout(FanoutOptions),
     /// The same through bulk `POST /@connections` naming every member.
     Bulk(FanoutOptions),
+    /// The same through one `POST /@connections/{id}` per member and message.
+    Push(FanoutOptions),
     /// C connections send M frames to a `queue` route with `ack = true`; time each ack.
     Queue {
         #[arg(long, short = 'c', default_value_t = 10)]
@@ -108,16 +116,20 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let endpoints = Endpoints {
-        ws: Target::parse(&cli.url, cli.ca.as_deref())?,
+        ws: cli
+            .url
+            .iter()
+            .map(|url| Target::parse(url, cli.ca.as_deref()))
+            .collect::<anyhow::Result<_>>()?,
         api: cli.api.trim_end_matches('/').to_owned(),
         source_addrs: cli.source_addrs,
     };
-    if !endpoints.ws.addr.ip().is_loopback() {
+    if endpoints.ws.iter().any(|t| !t.addr.ip().is_loopback()) {
         bail!("switchboard-loadgen only targets loopback addresses (127.0.0.0/8, ::1)");
     }
     let needed = match &cli.scenario {
         Scenario::Connect { connections, .. } | Scenario::Queue { connections, .. } => *connections,
-        Scenario::Fanout(o) | Scenario::Bulk(o) => o.connections,
+        Scenario::Fanout(o) | Scenario::Bulk(o) | Scenario::Push(o) => o.connections,
     };
     raise_open_files(needed)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -161,6 +173,11 @@ fn main() -> anyhow::Result<()> {
             Scenario::Bulk(options) => {
                 let report =
                     scenario::fanout(&endpoints, &options.into_args(Delivery::Bulk)).await?;
+                output(&report, cli.json)
+            }
+            Scenario::Push(options) => {
+                let report =
+                    scenario::fanout(&endpoints, &options.into_args(Delivery::Push)).await?;
                 output(&report, cli.json)
             }
         }

@@ -1,5 +1,6 @@
 //! The scenarios: `connect` (ramp and hold idle connections), `fanout` (room broadcasts via
-//! `POST /@rooms/{room}`) and `bulk` (the same through bulk `POST /@connections`).
+//! `POST /@rooms/{room}`), `bulk` (the same through bulk `POST /@connections`) and `push`
+//! (one `POST /@connections/{id}` per member and message).
 //!
 //! Every run is bounded: publishing stops after the message count, waiting for stragglers
 //! after `--drain-secs`, and the whole run after `--timeout-secs`.
@@ -34,7 +35,8 @@ fn now_ns() -> u64 {
 /// Where the gateway is and how to reach it.
 #[derive(Clone)]
 pub(crate) struct Endpoints {
-    pub(crate) ws: Target,
+    /// Clients are spread over these round-robin (the nodes of a cluster).
+    pub(crate) ws: Vec<Target>,
     /// `http://HOST:PORT/{stage}`.
     pub(crate) api: String,
     /// Client connections come from 127.0.0.1 … 127.0.0.N.
@@ -54,7 +56,7 @@ async fn ramp(endpoints: &Endpoints, count: usize) -> (Vec<WsClient>, usize) {
     let mut tasks = Vec::with_capacity(count);
     for index in 0..count {
         let permit = permits.clone().acquire_owned().await;
-        let target = endpoints.ws.clone();
+        let target = endpoints.ws[index % endpoints.ws.len()].clone();
         let source = endpoints.source(index);
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
@@ -144,6 +146,8 @@ pub(crate) enum Delivery {
     Room,
     /// `POST /{stage}/@connections` with every member's id.
     Bulk,
+    /// `POST /{stage}/@connections/{id}` to each member.
+    Push,
 }
 
 #[derive(Debug, Clone)]
@@ -379,9 +383,22 @@ async fn publish(
                     .post(&path, "application/json", body.to_string().as_bytes())
                     .await?;
             }
+            Delivery::Push => {
+                let body = payload(seq, args.payload);
+                for member in members {
+                    let path = format!("{stage_path}/@connections/{member}");
+                    pipeline
+                        .post(&path, "application/octet-stream", body.as_bytes())
+                        .await?;
+                }
+            }
         }
     }
-    let outcome = pipeline.finish(args.messages).await?;
+    let requests_sent = match args.delivery {
+        Delivery::Push => args.messages * members.len(),
+        Delivery::Room | Delivery::Bulk => args.messages,
+    };
+    let outcome = pipeline.finish(requests_sent).await?;
     let mut requests = histogram();
     for us in outcome.round_trips_us {
         let _ = requests.record(us.max(1));
