@@ -78,6 +78,18 @@ pub async fn broadcast(
     frame: &Bytes,
     exclude: Option<ConnectionId>,
 ) -> usize {
+    start_broadcast(shards, room, frame, exclude).await.total().await
+}
+
+/// Queues a broadcast on every shard, in order; the answer counts the deliveries once the
+/// shards have them. Callers that relay broadcasts queue the next one without waiting for
+/// the count of this one.
+pub async fn start_broadcast(
+    shards: &[ShardHandle],
+    room: &RoomName,
+    frame: &Bytes,
+    exclude: Option<ConnectionId>,
+) -> BroadcastCount {
     let mut answers = Vec::with_capacity(shards.len());
     for shard in shards {
         let (reply, answer) = oneshot::channel();
@@ -89,11 +101,21 @@ pub async fn broadcast(
             answers.push(answer);
         }
     }
-    let mut delivered = 0;
-    for answer in answers {
-        delivered += answer.await.unwrap_or(0);
+    BroadcastCount(answers)
+}
+
+/// The shards' answers to a broadcast.
+pub struct BroadcastCount(Vec<oneshot::Receiver<usize>>);
+
+impl BroadcastCount {
+    /// How many members the broadcast was queued to.
+    pub async fn total(self) -> usize {
+        let mut delivered = 0;
+        for answer in self.0 {
+            delivered += answer.await.unwrap_or(0);
+        }
+        delivered
     }
-    delivered
 }
 
 /// Sends `frame` to every target of `plan`.

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
@@ -29,6 +29,96 @@ const LIST: &str = "list";
 pub struct Interest {
     runtime: tokio::runtime::Handle,
     rooms: Mutex<HashMap<RoomName, RoomSubscription>>,
+    /// Answers to this node's counts and listings, on one subscription.
+    pub gathers: Arc<Gathers>,
+}
+
+/// Every gather's answers arrive on one wildcard subscription (`{prefix}.{n}`) and are
+/// routed to the gather waiting for them: no subscribe and unsubscribe per broadcast.
+pub struct Gathers {
+    prefix: String,
+    next: std::sync::atomic::AtomicU64,
+    waiting: Mutex<HashMap<u64, tokio::sync::mpsc::UnboundedSender<async_nats::Message>>>,
+}
+
+/// A gather's reply subject; dropping it stops routing answers to it.
+pub struct GatherInbox {
+    pub subject: String,
+    id: u64,
+    gathers: Arc<Gathers>,
+}
+
+impl Drop for GatherInbox {
+    fn drop(&mut self) {
+        if let Ok(mut waiting) = self.gathers.waiting.lock() {
+            waiting.remove(&self.id);
+        }
+    }
+}
+
+impl Gathers {
+    fn new(prefix: String) -> Self {
+        Self {
+            prefix,
+            next: std::sync::atomic::AtomicU64::new(0),
+            waiting: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A reply subject and the answers that will arrive on it.
+    fn open(
+        self: &Arc<Self>,
+    ) -> (
+        GatherInbox,
+        tokio::sync::mpsc::UnboundedReceiver<async_nats::Message>,
+    ) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        if let Ok(mut waiting) = self.waiting.lock() {
+            waiting.insert(id, sender);
+        }
+        let inbox = GatherInbox {
+            subject: format!("{}.{id}", self.prefix),
+            id,
+            gathers: self.clone(),
+        };
+        (inbox, receiver)
+    }
+
+    fn route(&self, message: async_nats::Message) {
+        let id = message
+            .subject
+            .rsplit('.')
+            .next()
+            .and_then(|n| n.parse::<u64>().ok());
+        let Some(id) = id else { return };
+        if let Ok(waiting) = self.waiting.lock() {
+            if let Some(sender) = waiting.get(&id) {
+                let _ = sender.send(message);
+            }
+        }
+    }
+}
+
+/// Routes gather answers until the subscription ends (at shutdown).
+pub async fn route_gathers(cluster: Arc<Cluster>, shutdown: tokio_util::sync::CancellationToken) {
+    let subject = format!("{}.*", cluster.interest.gathers.prefix);
+    let mut answers = match cluster.client.subscribe(subject).await {
+        Ok(subscriber) => subscriber,
+        Err(error) => {
+            tracing::error!(%error, "cannot subscribe to gather answers");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            answer = answers.next() => match answer {
+                Some(answer) => cluster.interest.gathers.route(answer),
+                None => break,
+            },
+        }
+    }
 }
 
 struct RoomSubscription {
@@ -37,10 +127,12 @@ struct RoomSubscription {
 }
 
 impl Interest {
-    pub fn new(runtime: tokio::runtime::Handle) -> Self {
+    /// `inbox`: a subject prefix unique to this node, for gather answers.
+    pub fn new(runtime: tokio::runtime::Handle, inbox: String) -> Self {
         Self {
             runtime,
             rooms: Mutex::new(HashMap::new()),
+            gathers: Arc::new(Gathers::new(inbox)),
         }
     }
 
@@ -145,14 +237,11 @@ impl Cluster {
         payload: Bytes,
     ) -> Vec<Bytes> {
         let started = Instant::now();
-        let inbox = self.client.new_inbox();
-        let Ok(mut answers) = self.client.subscribe(inbox.clone()).await else {
-            return Vec::new();
-        };
+        let (inbox, mut answers) = self.interest.gathers.open();
         let subject = self.subjects.room(room.as_str());
         if let Err(error) = self
             .client
-            .publish_with_reply_and_headers(subject, inbox, headers, payload)
+            .publish_with_reply_and_headers(subject, inbox.subject.clone(), headers, payload)
             .await
         {
             tracing::warn!(%error, "room request not sent to other nodes");
@@ -165,13 +254,15 @@ impl Cluster {
         while collected.len() < peers {
             tokio::select! {
                 _ = &mut deadline => break,
-                answer = answers.next() => match answer {
+                answer = answers.recv() => match answer {
+                    // No node has members: NATS says so at once.
+                    Some(answer) if answer.status == Some(StatusCode::NO_RESPONDERS) => break,
                     Some(answer) => collected.push(answer.payload),
                     None => break,
                 },
             }
         }
-        let _ = answers.unsubscribe().await;
+        drop(inbox);
         self.metrics()
             .cluster_request_duration
             .with_label_values(&[label])
@@ -217,9 +308,19 @@ async fn serve_room(cluster: Arc<Cluster>, room: RoomName) {
                 continue;
             }
             (Some(BROADCAST), true) => {
-                let delivered =
-                    fanout::broadcast(cluster.shards(), &room, &message.payload, exclude).await;
-                Bytes::from(delivered.to_string())
+                // Queued in order now; counted and answered while the next one is queued.
+                let count =
+                    fanout::start_broadcast(cluster.shards(), &room, &message.payload, exclude)
+                        .await;
+                let (cluster, reply) = (cluster.clone(), message.reply);
+                tokio::spawn(async move {
+                    let delivered = count.total().await;
+                    if let Some(reply) = reply {
+                        let answer = Bytes::from(delivered.to_string());
+                        let _ = cluster.client.publish(reply, answer).await;
+                    }
+                });
+                continue;
             }
             (Some(LIST), true) => {
                 let members = fanout::room_members(cluster.shards(), &room).await;

@@ -121,7 +121,7 @@ impl Cluster {
         Ok(Arc::new(Self {
             node_id,
             config: config.clone(),
-            interest: interest::Interest::new(tokio::runtime::Handle::current()),
+            interest: interest::Interest::new(tokio::runtime::Handle::current(), client.new_inbox()),
             subjects,
             client,
             jetstream,
@@ -145,6 +145,7 @@ impl Cluster {
         };
         let mut tasks = vec![
             tokio::spawn(remote::serve(cluster.clone(), shutdown.clone())),
+            tokio::spawn(interest::route_gathers(cluster.clone(), shutdown.clone())),
             tokio::spawn(mirror::flush_loop(cluster.clone(), shutdown.clone())),
             tokio::spawn(registry::heartbeat_loop(gateway.clone(), shutdown.clone())),
             tokio::spawn(registry::watch_loop(gateway.clone(), shutdown.clone())),
