@@ -6,7 +6,8 @@
 #   NATS_SERVER=~/.cache/switchboard-nats-venv/bin/nats-server bash bench/scripts/cluster.sh
 #
 # Env: ROOM (members, 5000), MESSAGES (fan-out messages, 400), RATE (fixed fan-out rate, 50),
-# PUSHES (5000), QUEUE_MESSAGES (50000). Results go to stdout (JSON lines).
+# PUSHES (5000), QUEUE_MESSAGES (50000), CLUSTER_EXTRA (more [cluster] keys), ONLY (run only
+# the cases whose name contains it). Results go to stdout (JSON lines).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -60,7 +61,10 @@ wait_http() {
   echo "not up: $1" >&2; exit 1
 }
 
-run() { echo "{\"case\": \"$1\", \"result\": $("$L" --json "${@:2}")}"; }
+run() {
+  case "$1" in *"${ONLY:-}"*) ;; *) return 0 ;; esac
+  echo "{\"case\": \"$1\", \"result\": $("$L" --json "${@:2}")}"
+}
 
 stop_all() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -83,8 +87,9 @@ stop_all
 "$NATS_SERVER" -a 127.0.0.1 -p 14222 -m 18222 -js -sd "$work/nats" 2>"$work/nats.log" &
 pids+=($!)
 sleep 0.5
-cluster='[cluster]
-nats_url = "nats://127.0.0.1:14222"'
+cluster="[cluster]
+nats_url = \"nats://127.0.0.1:14222\"
+${CLUSTER_EXTRA:-}"
 for id in 1 2 3; do node "$id" "$((id - 1))" "$cluster"; done
 for id in 1 2 3; do wait_http "http://127.0.0.1:$((19089 + id))"; done
 nodes=ws://127.0.0.1:18080/dev,ws://127.0.0.1:18081/dev,ws://127.0.0.1:18082/dev

@@ -78,7 +78,10 @@ pub async fn broadcast(
     frame: &Bytes,
     exclude: Option<ConnectionId>,
 ) -> usize {
-    start_broadcast(shards, room, frame, exclude).await.total().await
+    start_broadcast(shards, room, frame, exclude)
+        .await
+        .total()
+        .await
 }
 
 /// Queues a broadcast on every shard, in order; the answer counts the deliveries once the

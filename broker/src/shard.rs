@@ -273,8 +273,10 @@ impl Shard {
             .borrow_mut()
             .remove(&connection.id.sequence);
         let left = self.rooms.borrow_mut().leave_all(connection.id.sequence);
-        for room in &left {
-            self.note_if_emptied(room);
+        if let Some(cluster) = &self.gateway.cluster {
+            for room in &left {
+                cluster.member_left(room);
+            }
         }
         let id = &connection.facts.connection_id;
         self.record(|changes| {
@@ -282,23 +284,6 @@ impl Shard {
                 changes.leave(room.as_str(), id);
             }
         });
-    }
-
-    /// Cluster mode: the node's interest in `room` follows its shards' members.
-    fn note_if_first(&self, room: &RoomName) {
-        if let Some(cluster) = &self.gateway.cluster {
-            if self.rooms.borrow().count(room) == 1 {
-                cluster.room_gained(room);
-            }
-        }
-    }
-
-    fn note_if_emptied(&self, room: &RoomName) {
-        if let Some(cluster) = &self.gateway.cluster {
-            if self.rooms.borrow().count(room) == 0 {
-                cluster.room_lost(room);
-            }
-        }
     }
 
     /// Notes connection or membership changes; the command loop hands them to the record
@@ -336,8 +321,9 @@ impl Shard {
             return Err(TooManyRooms(limit));
         }
         if rooms.join(room, sequence, connection.clone()) {
-            drop(rooms);
-            self.note_if_first(room);
+            if let Some(cluster) = &self.gateway.cluster {
+                cluster.member_joined(room);
+            }
             self.record(|changes| changes.join(room.as_str(), &connection.facts.connection_id));
         }
         Ok(())
@@ -352,7 +338,9 @@ impl Shard {
     pub fn leave(&self, connection: &Connection, room: &RoomName) {
         let left = self.rooms.borrow_mut().leave(room, connection.id.sequence);
         if left {
-            self.note_if_emptied(room);
+            if let Some(cluster) = &self.gateway.cluster {
+                cluster.member_left(room);
+            }
             self.record(|changes| changes.leave(room.as_str(), &connection.facts.connection_id));
         }
     }

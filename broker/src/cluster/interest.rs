@@ -25,7 +25,7 @@ const EXCLUDE: &str = "Sb-Exclude";
 const BROADCAST: &str = "broadcast";
 const LIST: &str = "list";
 
-/// The rooms this node subscribes to, with how many local shards have members in each.
+/// The rooms this node subscribes to, with how many local members each has.
 pub struct Interest {
     runtime: tokio::runtime::Handle,
     rooms: Mutex<HashMap<RoomName, RoomSubscription>>,
@@ -122,7 +122,8 @@ pub async fn route_gathers(cluster: Arc<Cluster>, shutdown: tokio_util::sync::Ca
 }
 
 struct RoomSubscription {
-    shards: usize,
+    /// Local members, all shards together.
+    members: usize,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -140,37 +141,47 @@ impl Interest {
     pub fn count(&self) -> usize {
         self.rooms.lock().map_or(0, |rooms| rooms.len())
     }
+
+    /// Local members of `room`.
+    fn members(&self, room: &RoomName) -> usize {
+        self.rooms
+            .lock()
+            .ok()
+            .and_then(|rooms| rooms.get(room).map(|r| r.members))
+            .unwrap_or(0)
+    }
 }
 
 impl Cluster {
-    /// A shard got its first member in `room`: the node subscribes unless another shard
-    /// has done so already. Called from shard threads; never blocks on NATS.
-    pub fn room_gained(self: &Arc<Self>, room: &RoomName) {
+    /// A local connection joined `room`: with the node's first member, the node
+    /// subscribes to the room. Called from shard threads; never blocks on NATS.
+    pub fn member_joined(self: &Arc<Self>, room: &RoomName) {
         let Ok(mut rooms) = self.interest.rooms.lock() else {
             return;
         };
         if let Some(subscription) = rooms.get_mut(room) {
-            subscription.shards += 1;
+            subscription.members += 1;
             return;
         }
         let task = self
             .interest
             .runtime
             .spawn(serve_room(self.clone(), room.clone()));
-        rooms.insert(room.clone(), RoomSubscription { shards: 1, task });
+        rooms.insert(room.clone(), RoomSubscription { members: 1, task });
         self.metrics().cluster_room_interest.set(rooms.len() as i64);
     }
 
-    /// A shard lost its last member of `room`: the node unsubscribes once no shard has one.
-    pub fn room_lost(&self, room: &RoomName) {
+    /// A local connection left `room`: with the node's last member gone, the node
+    /// unsubscribes.
+    pub fn member_left(&self, room: &RoomName) {
         let Ok(mut rooms) = self.interest.rooms.lock() else {
             return;
         };
         let Some(subscription) = rooms.get_mut(room) else {
             return;
         };
-        subscription.shards -= 1;
-        if subscription.shards == 0 {
+        subscription.members -= 1;
+        if subscription.members == 0 {
             if let Some(subscription) = rooms.remove(room) {
                 subscription.task.abort();
             }
@@ -307,8 +318,20 @@ async fn serve_room(cluster: Arc<Cluster>, room: RoomName) {
                 }
                 continue;
             }
+            (Some(BROADCAST), true) if exclude.is_none_or(|id| id.node != cluster.node_id) => {
+                // No local member excluded: the count is the node's member count, answered
+                // at once; the frame is queued to the shards in order.
+                let delivered = cluster.interest.members(&room);
+                for shard in cluster.shards().iter() {
+                    let _ = shard
+                        .broadcast(room.clone(), message.payload.clone(), exclude, None)
+                        .await;
+                }
+                Bytes::from(delivered.to_string())
+            }
             (Some(BROADCAST), true) => {
-                // Queued in order now; counted and answered while the next one is queued.
+                // A local member may be excluded: the shards count. Queued in order now;
+                // counted and answered while the next one is queued.
                 let count =
                     fanout::start_broadcast(cluster.shards(), &room, &message.payload, exclude)
                         .await;

@@ -121,7 +121,10 @@ impl Cluster {
         Ok(Arc::new(Self {
             node_id,
             config: config.clone(),
-            interest: interest::Interest::new(tokio::runtime::Handle::current(), client.new_inbox()),
+            interest: interest::Interest::new(
+                tokio::runtime::Handle::current(),
+                client.new_inbox(),
+            ),
             subjects,
             client,
             jetstream,

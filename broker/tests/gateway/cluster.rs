@@ -52,8 +52,29 @@ integration = {{ type = "room_publish", room = "$request.body.room", data = "$re
     NodeFiles { _dir: dir, config }
 }
 
+/// Starts a node and waits until it has joined the cluster (its management API, which
+/// starts after the join, answers `/health`).
+async fn start_node(files: &NodeFiles) -> GatewayProcess {
+    let node = GatewayProcess::start(&files.config, &[]);
+    let url = format!("http://{}/health", node.api_addr());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !http()
+        .get(&url)
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node joins within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node
+}
+
 /// Three nodes (ids 1, 2, 3) on `nats_urls`, with their files.
-fn start_nodes(
+async fn start_nodes(
     nats_urls: &[String],
     backend: &Backend,
     extra: &str,
@@ -61,10 +82,10 @@ fn start_nodes(
     let files: Vec<NodeFiles> = (1..=3)
         .map(|id| node_files(id, nats_urls, backend, extra))
         .collect();
-    let nodes = files
-        .iter()
-        .map(|f| GatewayProcess::start(&f.config, &[]))
-        .collect();
+    let mut nodes = Vec::new();
+    for file in &files {
+        nodes.push(start_node(file).await);
+    }
     (nodes, files)
 }
 
@@ -114,7 +135,7 @@ async fn push_status_and_delete_reach_a_connection_on_another_node() {
     let Some(binary) = nats::binary() else { return };
     let server = NatsServer::start(&binary);
     let backend = Backend::start().await;
-    let (nodes, _files) = start_nodes(&[server.url()], &backend, "");
+    let (nodes, _files) = start_nodes(&[server.url()], &backend, "").await;
     let (mut client, id) = connect(&nodes[2], &backend).await;
 
     let post = http()
@@ -176,7 +197,7 @@ async fn a_room_on_three_nodes_gets_each_broadcast_once_through_any_node() {
     let Some(binary) = nats::binary() else { return };
     let server = NatsServer::start(&binary);
     let backend = Backend::start().await;
-    let (nodes, _files) = start_nodes(&[server.url()], &backend, "");
+    let (nodes, _files) = start_nodes(&[server.url()], &backend, "").await;
     let mut members = Vec::new();
     for node in &nodes {
         for _ in 0..2 {
@@ -290,7 +311,7 @@ async fn a_broadcast_costs_one_nats_message_per_interested_node() {
     let Some(binary) = nats::binary() else { return };
     let server = NatsServer::start(&binary);
     let backend = Backend::start().await;
-    let (nodes, _files) = start_nodes(&[server.url()], &backend, "");
+    let (nodes, _files) = start_nodes(&[server.url()], &backend, "").await;
     // Members on nodes 2 and 3 only; the POST goes to node 1.
     let mut members = Vec::new();
     for node in &nodes[1..] {
@@ -333,7 +354,7 @@ async fn bulk_push_spans_nodes_with_one_request_per_node() {
     let Some(binary) = nats::binary() else { return };
     let server = NatsServer::start(&binary);
     let backend = Backend::start().await;
-    let (nodes, _files) = start_nodes(&[server.url()], &backend, "");
+    let (nodes, _files) = start_nodes(&[server.url()], &backend, "").await;
     let mut clients = Vec::new();
     for node in &nodes {
         for _ in 0..3 {
@@ -378,7 +399,7 @@ async fn a_killed_node_is_reported_once_and_the_others_carry_on() {
     let Some(binary) = nats::binary() else { return };
     let server = NatsServer::start(&binary);
     let backend = Backend::start().await;
-    let (mut nodes, files) = start_nodes(&[server.url()], &backend, "");
+    let (mut nodes, files) = start_nodes(&[server.url()], &backend, "").await;
     let (mut survivor, survivor_id) = connect(&nodes[0], &backend).await;
     let mut doomed = Vec::new();
     for _ in 0..5 {
@@ -421,8 +442,8 @@ async fn a_killed_node_is_reported_once_and_the_others_carry_on() {
     assert_eq!(dead.status(), 410);
 
     // The node comes back on its old data dir: nothing is reported twice.
-    let restarted = GatewayProcess::start(&files[2].config, &[]);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let restarted = start_node(&files[2]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     for (_, id) in &doomed {
         let reports = backend
             .events("/disconnect")
@@ -457,7 +478,7 @@ async fn a_restarted_node_reports_its_own_crash_once() {
     let server = NatsServer::start(&binary);
     let backend = Backend::start().await;
     let files = node_files(7, &[server.url()], &backend, "");
-    let mut node = GatewayProcess::start(&files.config, &[]);
+    let mut node = start_node(&files).await;
     let mut clients = Vec::new();
     for _ in 0..3 {
         clients.push(connect(&node, &backend).await);
@@ -487,7 +508,7 @@ async fn a_restarted_node_reports_its_own_crash_once() {
     }
     drop(restarted);
     drop(clients);
-    let again = GatewayProcess::start(&files.config, &[]);
+    let again = start_node(&files).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(backend.events("/disconnect").len(), 3, "no second report");
     drop(again);
@@ -499,7 +520,7 @@ async fn a_duplicate_node_id_refuses_to_start() {
     let server = NatsServer::start(&binary);
     let backend = Backend::start().await;
     let first = node_files(4, &[server.url()], &backend, "");
-    let _running = GatewayProcess::start(&first.config, &[]);
+    let _running = start_node(&first).await;
     let second = node_files(4, &[server.url()], &backend, "");
     let mut duplicate = GatewayProcess::start(&second.config, &[]);
     let (code, _) = duplicate.wait(Duration::from_secs(20));
@@ -516,7 +537,7 @@ async fn nats_restart_degrades_health_then_service_resumes_by_itself() {
     let Some(binary) = nats::binary() else { return };
     let mut server = NatsServer::start(&binary);
     let backend = Backend::start().await;
-    let (nodes, _files) = start_nodes(&[server.url()], &backend, "");
+    let (nodes, _files) = start_nodes(&[server.url()], &backend, "").await;
     let (mut client, id) = connect(&nodes[1], &backend).await;
     let (mut member, _) = connect(&nodes[2], &backend).await;
     join(&mut member, "news").await;
@@ -620,7 +641,7 @@ async fn acked_queue_messages_survive_a_node_kill_on_a_replicated_jetstream() {
         "[routes.order]\nintegration = {{ type = \"queue\", queue = \"orders\", ack = true, deliver_to = \"{}/delivered\" }}\n",
         backend.url
     );
-    let (mut nodes, _files) = start_nodes(&urls, &backend, &queue_route);
+    let (mut nodes, _files) = start_nodes(&urls, &backend, &queue_route).await;
     let (mut client, _) = connect(&nodes[2], &backend).await;
     const ORDERS: usize = 200;
     for seq in 0..ORDERS {
