@@ -97,14 +97,39 @@ varz() { curl -s http://127.0.0.1:18222/varz | python3 -c "import json,sys; d=js
 
 run push-local-in-cluster push -c 1 -m "$PUSHES" --rate 1000 --url ws://127.0.0.1:18080/dev --api http://127.0.0.1:19090/dev
 run push-cross-node push -c 1 -m "$PUSHES" --rate 1000 --url ws://127.0.0.1:18081/dev --api http://127.0.0.1:19090/dev
-# NATS's own counters over a run, less a control run that connects and joins the same
-# members but publishes nothing (connection records, membership listings): what is left
-# is the broadcasts' traffic.
-read -r in0 out0 < <(varz)
-run room-three-nodes-control fanout -c "$ROOM" -m 0 --url "$nodes" --api http://127.0.0.1:19090/dev >/dev/null
-read -r in1 out1 < <(varz)
 run room-three-nodes-max fanout -c "$ROOM" -m "$MESSAGES" --url "$nodes" --api http://127.0.0.1:19090/dev
-read -r in2 out2 < <(varz)
-echo "{\"case\": \"nats-per-broadcast\", \"broadcasts\": $MESSAGES, \"in_msgs\": $(( (in2 - in1) - (in1 - in0) )), \"out_msgs\": $(( (out2 - out1) - (out1 - out0) ))}"
-run room-three-nodes-fixed fanout -c "$ROOM" -m "$((RATE * 10))" --rate "$RATE" --url "$nodes" --api http://127.0.0.1:19090/dev
+# NATS messages per broadcast, from NATS's own /varz counters: sampled over 4 s while the
+# fixed-rate run publishes (node 1's broadcast counter tells when), less the idle cluster's
+# own traffic (heartbeats) over 4 s measured first.
+sample_nats() {
+  python3 - "$1" <<'PY'
+import json, re, sys, time, urllib.request
+def varz():
+    d = json.load(urllib.request.urlopen("http://127.0.0.1:18222/varz"))
+    return d["in_msgs"], d["out_msgs"], time.time()
+def broadcasts():
+    text = urllib.request.urlopen("http://127.0.0.1:19090/metrics").read().decode()
+    m = re.search(r'switchboard_cluster_forwarded_total\{kind="broadcast"\} (\d+)', text)
+    return int(m.group(1)) if m else 0
+idle_in0, idle_out0, t0 = varz(); time.sleep(4); idle_in1, idle_out1, t1 = varz()
+idle_in, idle_out = (idle_in1 - idle_in0) / (t1 - t0), (idle_out1 - idle_out0) / (t1 - t0)
+open(sys.argv[1], "w").write("ready")
+start = broadcasts()
+while broadcasts() - start < 2 * 50: time.sleep(0.05)  # publishing has begun
+b0 = broadcasts(); in0, out0, t0 = varz(); time.sleep(4); b1 = broadcasts(); in1, out1, t1 = varz()
+n = b1 - b0; dt = t1 - t0
+print(json.dumps({"case": "nats-per-broadcast", "broadcasts": n,
+    "in_per_broadcast": round((in1 - in0 - idle_in * dt) / n, 2),
+    "out_per_broadcast": round((out1 - out0 - idle_out * dt) / n, 2),
+    "idle_in_per_sec": round(idle_in, 1), "idle_out_per_sec": round(idle_out, 1)}))
+PY
+}
+case room-three-nodes-fixed in *"${ONLY:-}"*)
+  sample_nats "$work/sampler-ready" &
+  sampler=$!
+  while [ ! -e "$work/sampler-ready" ]; do sleep 0.1; done
+  run room-three-nodes-fixed fanout -c "$ROOM" -m "$((RATE * 10))" --rate "$RATE" --url "$nodes" --api http://127.0.0.1:19090/dev
+  wait "$sampler"
+  ;;
+esac
 run queue-jetstream queue -c 10 -m "$QUEUE_MESSAGES" --url ws://127.0.0.1:18080/dev --api http://127.0.0.1:19090/dev
