@@ -68,7 +68,7 @@ fn bulk_request(c: &mut Criterion) {
             || body.clone().into_bytes(),
             |body| {
                 let (request, frame) = BulkRequest::parse(&body, 100_000, 1 << 17).unwrap();
-                let plan = FanoutPlan::for_ids(&request.connection_ids, 0, 1, 2);
+                let plan = FanoutPlan::for_ids(&request.connection_ids, 0, 1, 2, false);
                 black_box((plan, frame))
             },
             BatchSize::SmallInput,

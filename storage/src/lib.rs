@@ -191,9 +191,38 @@ impl Storage {
     }
 }
 
+/// 128 random bits as hex, from the standard library's per-process random hash keys.
+fn random_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let half = || {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        hasher.finish()
+    };
+    format!("{:016x}{:016x}", half(), half())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_instance_id_is_drawn_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Storage::open(dir.path()).unwrap().instance_id().unwrap();
+        assert_eq!(first.len(), 32);
+        let again = Storage::open(dir.path()).unwrap().instance_id().unwrap();
+        assert_eq!(first, again);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(
+            Storage::open(other.path()).unwrap().instance_id().unwrap(),
+            first
+        );
+    }
 
     #[test]
     fn epoch_increases_across_opens() {
@@ -396,19 +425,4 @@ mod tests {
         writer.close();
         assert!(storage.connection_records().unwrap().is_empty());
     }
-}
-
-/// 128 random bits as hex, from the standard library's per-process random hash keys.
-fn random_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let half = || {
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
-        );
-        hasher.finish()
-    };
-    format!("{:016x}{:016x}", half(), half())
 }

@@ -161,3 +161,64 @@ impl RawCluster {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ClusterConfig, ConfigError> {
+        toml::from_str::<RawCluster>(text)
+            .map_err(|e| ConfigError::Syntax(e.to_string()))?
+            .validate()
+    }
+
+    fn refused_key(text: &str) -> String {
+        match parse(text) {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn one_url_or_several_with_working_defaults() {
+        let one = parse(r#"nats_url = "nats://127.0.0.1:4222""#).unwrap();
+        assert_eq!(one.nats_urls, vec!["nats://127.0.0.1:4222"]);
+        assert_eq!(one.request_timeout, Duration::from_secs(1));
+        assert_eq!(one.node_timeout, Duration::from_secs(5));
+        let many = parse(r#"nats_url = ["nats://a:4222", "tls://b:4222"]"#).unwrap();
+        assert_eq!(many.nats_urls.len(), 2);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        assert_eq!(refused_key("nats_url = []"), "cluster.nats_url");
+        assert_eq!(
+            refused_key(r#"nats_url = "http://x:1""#),
+            "cluster.nats_url"
+        );
+        assert_eq!(
+            refused_key("nats_url = \"nats://x:1\"\nheartbeat_ms = 1000\nnode_timeout_ms = 2000"),
+            "cluster.node_timeout_ms"
+        );
+        assert_eq!(
+            refused_key("nats_url = \"nats://x:1\"\ncredentials = \"/nonexistent.creds\""),
+            "cluster.credentials"
+        );
+        assert_eq!(
+            refused_key("nats_url = \"nats://x:1\"\nrequest_timeout_ms = 0"),
+            "cluster.request_timeout_ms"
+        );
+        assert_eq!(
+            refused_key("nats_url = \"nats://x:1\"\nreplicas = 7"),
+            "cluster.replicas"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(matches!(
+            parse("nats_url = \"nats://x:1\"\nnats_urls = []"),
+            Err(ConfigError::Syntax(_))
+        ));
+    }
+}

@@ -532,6 +532,40 @@ async fn a_duplicate_node_id_refuses_to_start() {
     );
 }
 
+/// A node's config with `line` added to its `[cluster]` table.
+fn with_cluster_key(files: &NodeFiles, line: &str) {
+    let text = std::fs::read_to_string(&files.config).unwrap();
+    let text = text.replace("[cluster]\n", &format!("[cluster]\n{line}\n"));
+    std::fs::write(&files.config, text).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_credentials_are_used_and_a_wrong_one_is_a_clear_refusal() {
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start_with_token(&binary, "s3cret");
+    let backend = Backend::start().await;
+    let good = node_files(1, &[server.url()], &backend, "");
+    with_cluster_key(&good, "token = \"s3cret\"");
+    let node = start_node(&good).await;
+    let (mut client, id) = connect(&node, &backend).await;
+    let post = http()
+        .post(format!("{}/@connections/{id}", node.api_url))
+        .body("authenticated")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 200);
+    assert_eq!(next_text(&mut client).await, "authenticated");
+
+    let bad = node_files(2, &[server.url()], &backend, "");
+    with_cluster_key(&bad, "token = \"wrong\"");
+    let mut refused = GatewayProcess::start(&bad.config, &[]);
+    let (code, _) = refused.wait(Duration::from_secs(20));
+    assert_ne!(code, Some(0));
+    let log = refused.logged().join("\n");
+    assert!(log.contains("cannot reach NATS at"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_restart_degrades_health_then_service_resumes_by_itself() {
     let Some(binary) = nats::binary() else { return };

@@ -60,6 +60,11 @@ impl NatsServer {
         Self::launch(binary, Vec::new())
     }
 
+    /// A single JetStream server that requires `token`.
+    pub(crate) fn start_with_token(binary: &Path, token: &str) -> Self {
+        Self::launch(binary, vec!["--auth".into(), token.into()])
+    }
+
     fn launch(binary: &Path, extra: Vec<String>) -> Self {
         let store = tempfile::tempdir().unwrap();
         let port = free_port();
