@@ -469,6 +469,54 @@ pub fn fire_disconnect(shard: &Rc<Shard>, facts: ConnectionFacts, reason: Discon
     });
 }
 
+/// Reports connections that ended without their session to `$disconnect`: those a crash
+/// cut (found in the records at the next start) and, in cluster mode, those a lost node
+/// held.
+pub struct OrphanReporter<'a> {
+    gateway: &'a Gateway,
+    http: HttpIntegration,
+    ids: crate::connection_id::IdMinter,
+    domain_name: String,
+    reason: DisconnectReason,
+}
+
+impl<'a> OrphanReporter<'a> {
+    pub fn new(gateway: &'a Gateway, reason: DisconnectReason) -> Self {
+        let server = &gateway.config.server;
+        Self {
+            gateway,
+            http: HttpIntegration::new(),
+            ids: crate::connection_id::IdMinter::new(
+                server.node_id,
+                server.shards as u16,
+                gateway.epoch,
+            ),
+            domain_name: server.listen.to_string(),
+            reason,
+        }
+    }
+
+    /// Calls `$disconnect` for the connection of `record` (and counts it).
+    pub async fn report(&mut self, record: switchboard_storage::ConnectionRecord) {
+        let facts = ConnectionFacts {
+            connection_id: record.connection_id,
+            connected_at_ms: record.connected_at_ms,
+            source_ip: record.source_ip,
+            user_agent: record.user_agent,
+            domain_name: self.domain_name.clone(),
+            authorizer: None,
+        };
+        let reason = &self.reason;
+        self.gateway
+            .metrics
+            .disconnects
+            .with_label_values(&[reason.label()])
+            .inc();
+        let request_id = self.ids.request_id();
+        report_disconnect(self.gateway, &self.http, &facts, &request_id, reason).await;
+    }
+}
+
 /// Calls the `$disconnect` route, if it has a backend, for one closed connection.
 pub async fn report_disconnect(
     gateway: &Gateway,

@@ -10,10 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::connection_id::IdMinter;
 use crate::disconnect::DisconnectReason;
 use crate::dispatch;
-use crate::event::ConnectionFacts;
 use crate::gateway::Gateway;
 use crate::integration::HttpIntegration;
 use crate::limits::{Admission, OutboundBudget};
@@ -298,28 +296,12 @@ async fn report_orphans(gateway: Arc<Gateway>, orphans: Vec<ConnectionRecord>) {
         count = orphans.len(),
         "reporting connections cut by an unclean stop"
     );
-    let http = HttpIntegration::new();
-    let shards = gateway.config.server.shards as u16;
-    let mut ids = IdMinter::new(gateway.config.server.node_id, shards, gateway.epoch);
-    let domain_name = gateway.config.server.listen.to_string();
+    let mut reporter = dispatch::OrphanReporter::new(&gateway, DisconnectReason::GatewayRestarted);
     for record in orphans {
-        let facts = ConnectionFacts {
-            connection_id: record.connection_id,
-            connected_at_ms: record.connected_at_ms,
-            source_ip: record.source_ip,
-            user_agent: record.user_agent,
-            domain_name: domain_name.clone(),
-            authorizer: None,
-        };
-        let reason = DisconnectReason::GatewayRestarted;
-        gateway
-            .metrics
-            .disconnects
-            .with_label_values(&[reason.label()])
-            .inc();
-        dispatch::report_disconnect(&gateway, &http, &facts, &ids.request_id(), &reason).await;
+        let connection_id = record.connection_id.clone();
+        reporter.report(record).await;
         let mut changes = switchboard_storage::RecordChanges::default();
-        changes.remove(facts.connection_id);
+        changes.remove(connection_id);
         let records = gateway.records.clone();
         let _ = tokio::task::spawn_blocking(move || records.apply(changes)).await;
     }

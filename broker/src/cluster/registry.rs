@@ -31,12 +31,9 @@ use super::mirror::MirrorRecord;
 use super::subjects::Subjects;
 use super::{ClusterConfig, ClusterError};
 use crate::clock;
-use crate::connection_id::IdMinter;
 use crate::disconnect::DisconnectReason;
 use crate::dispatch;
-use crate::event::ConnectionFacts;
 use crate::gateway::Gateway;
-use crate::integration::HttpIntegration;
 use switchboard_storage::ConnectionRecord;
 
 /// What a heartbeat found.
@@ -517,26 +514,9 @@ async fn report_lost(gateway: &Gateway, records: Vec<(String, MirrorRecord)>) {
     let Some(cluster) = gateway.cluster.as_ref() else {
         return;
     };
-    let http = HttpIntegration::new();
-    let shards = gateway.config.server.shards as u16;
-    let mut ids = IdMinter::new(gateway.config.server.node_id, shards, gateway.epoch);
-    let domain_name = gateway.config.server.listen.to_string();
-    let reason = DisconnectReason::NodeLost;
+    let mut reporter = dispatch::OrphanReporter::new(gateway, DisconnectReason::NodeLost);
     for (subject, record) in records {
-        let facts = ConnectionFacts {
-            connection_id: record.connection_id,
-            connected_at_ms: record.connected_at_ms,
-            source_ip: record.source_ip,
-            user_agent: record.user_agent,
-            domain_name: domain_name.clone(),
-            authorizer: None,
-        };
-        gateway
-            .metrics
-            .disconnects
-            .with_label_values(&[reason.label()])
-            .inc();
-        dispatch::report_disconnect(gateway, &http, &facts, &ids.request_id(), &reason).await;
+        reporter.report(record.into()).await;
         cluster.forget_mirrored(subject).await;
     }
 }
@@ -616,6 +596,18 @@ fn epoch_of(connection_id: &str) -> u32 {
     connection_id
         .parse::<crate::connection_id::ConnectionId>()
         .map_or(0, |id| id.epoch)
+}
+
+impl From<MirrorRecord> for ConnectionRecord {
+    fn from(record: MirrorRecord) -> Self {
+        Self {
+            connection_id: record.connection_id,
+            connected_at_ms: record.connected_at_ms,
+            last_active_at_ms: record.connected_at_ms,
+            source_ip: record.source_ip,
+            user_agent: record.user_agent,
+        }
+    }
 }
 
 impl From<ConnectionRecord> for MirrorRecord {

@@ -99,6 +99,16 @@ async fn connect(node: &GatewayProcess, backend: &Backend) -> (Ws, String) {
     (ws, ids[before].clone())
 }
 
+/// `POST url` with `body`.
+async fn post_body(url: String, body: impl Into<reqwest::Body>) -> reqwest::Response {
+    http().post(url).body(body).send().await.unwrap()
+}
+
+/// `POST url` with `body`, answered with JSON.
+async fn post_for_json(url: String, body: impl Into<reqwest::Body>) -> Value {
+    post_body(url, body).await.json().await.unwrap()
+}
+
 /// Asserts that `ws` receives no data frame within `quiet`.
 async fn assert_silent(ws: &mut Ws, quiet: Duration) {
     if let Ok(Some(Ok(message))) = tokio::time::timeout(quiet, ws.next()).await {
@@ -138,12 +148,11 @@ async fn push_status_and_delete_reach_a_connection_on_another_node() {
     let (nodes, _files) = start_nodes(&[server.url()], &backend, "").await;
     let (mut client, id) = connect(&nodes[2], &backend).await;
 
-    let post = http()
-        .post(format!("{}/@connections/{id}", nodes[0].api_url))
-        .body("hello from node 1")
-        .send()
-        .await
-        .unwrap();
+    let post = post_body(
+        format!("{}/@connections/{id}", nodes[0].api_url),
+        "hello from node 1",
+    )
+    .await;
     assert_eq!(post.status(), 200);
     assert_eq!(next_text(&mut client).await, "hello from node 1");
 
@@ -170,24 +179,14 @@ async fn push_status_and_delete_reach_a_connection_on_another_node() {
 
     // Gone everywhere, and the error is the AWS one SDKs understand.
     for node in &nodes {
-        let gone = http()
-            .post(format!("{}/@connections/{id}", node.api_url))
-            .body("late")
-            .send()
-            .await
-            .unwrap();
+        let gone = post_body(format!("{}/@connections/{id}", node.api_url), "late").await;
         assert_eq!(gone.status(), 410, "through {}", node.api_url);
         assert_eq!(gone.headers()["x-amzn-ErrorType"], "GoneException");
     }
     // An id of a node that does not exist: nobody answers, 410 within the timeout.
     let started = std::time::Instant::now();
     let foreign = id.replace(&id[..3], "AAk");
-    let answer = http()
-        .post(format!("{}/@connections/{foreign}", nodes[0].api_url))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let answer = post_body(format!("{}/@connections/{foreign}", nodes[0].api_url), "x").await;
     assert_eq!(answer.status(), 410);
     assert!(started.elapsed() < Duration::from_secs(5));
 }
@@ -222,15 +221,8 @@ async fn a_room_on_three_nodes_gets_each_broadcast_once_through_any_node() {
 
     for (round, node) in nodes.iter().enumerate() {
         let text = format!("broadcast {round}");
-        let answer: Value = http()
-            .post(format!("{}/@rooms/lobby", node.api_url))
-            .body(text.clone())
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let answer: Value =
+            post_for_json(format!("{}/@rooms/lobby", node.api_url), text.clone()).await;
         assert_eq!(answer["delivered"], 6, "through node {}", round + 1);
         for (ws, _) in &mut members {
             assert_eq!(next_text(ws).await, text);
@@ -239,18 +231,11 @@ async fn a_room_on_three_nodes_gets_each_broadcast_once_through_any_node() {
 
     // `exclude` names a member on another node than the one that takes the POST.
     let excluded = members[4].1.clone();
-    let answer: Value = http()
-        .post(format!(
-            "{}/@rooms/lobby?exclude={excluded}",
-            nodes[0].api_url
-        ))
-        .body("all but one")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer: Value = post_for_json(
+        format!("{}/@rooms/lobby?exclude={excluded}", nodes[0].api_url),
+        "all but one",
+    )
+    .await;
     assert_eq!(answer["delivered"], 5);
     for (index, (ws, _)) in members.iter_mut().enumerate() {
         if index != 4 {
@@ -283,15 +268,7 @@ async fn a_room_on_three_nodes_gets_each_broadcast_once_through_any_node() {
         .unwrap();
     assert_eq!(put.status(), 204);
     wait_for_members(&nodes[1], "lobby", 7).await;
-    let answer: Value = http()
-        .post(format!("{}/@rooms/lobby", nodes[1].api_url))
-        .body("seven")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer: Value = post_for_json(format!("{}/@rooms/lobby", nodes[1].api_url), "seven").await;
     assert_eq!(answer["delivered"], 7);
     assert_eq!(next_text(&mut late).await, "seven");
     let delete = http()
@@ -323,15 +300,8 @@ async fn a_broadcast_costs_one_nats_message_per_interested_node() {
     let before = server.varz("out_msgs").await;
     const BROADCASTS: u64 = 20;
     for _ in 0..BROADCASTS {
-        let answer: Value = http()
-            .post(format!("{}/@rooms/ticker", nodes[0].api_url))
-            .body("tick")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let answer: Value =
+            post_for_json(format!("{}/@rooms/ticker", nodes[0].api_url), "tick").await;
         assert_eq!(answer["delivered"], 2);
     }
     let sent = server.varz("out_msgs").await - before;
@@ -424,21 +394,19 @@ async fn a_killed_node_is_reported_once_and_the_others_carry_on() {
         assert_eq!(event["requestContext"]["disconnectReason"], "node lost");
     }
     // The others keep working: a push through node 2 to node 1's client.
-    let post = http()
-        .post(format!("{}/@connections/{survivor_id}", nodes[1].api_url))
-        .body("still here")
-        .send()
-        .await
-        .unwrap();
+    let post = post_body(
+        format!("{}/@connections/{survivor_id}", nodes[1].api_url),
+        "still here",
+    )
+    .await;
     assert_eq!(post.status(), 200);
     assert_eq!(next_text(&mut survivor).await, "still here");
     // Pushes to the dead node's connections: 410.
-    let dead = http()
-        .post(format!("{}/@connections/{}", nodes[0].api_url, doomed[0].1))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let dead = post_body(
+        format!("{}/@connections/{}", nodes[0].api_url, doomed[0].1),
+        "x",
+    )
+    .await;
     assert_eq!(dead.status(), 410);
 
     // The node comes back on its old data dir: nothing is reported twice.
@@ -461,12 +429,11 @@ async fn a_killed_node_is_reported_once_and_the_others_carry_on() {
     assert_eq!(takeovers, 1.0);
     // And the restarted node serves again.
     let (mut again, again_id) = connect(&restarted, &backend).await;
-    let post = http()
-        .post(format!("{}/@connections/{again_id}", nodes[0].api_url))
-        .body("welcome back")
-        .send()
-        .await
-        .unwrap();
+    let post = post_body(
+        format!("{}/@connections/{again_id}", nodes[0].api_url),
+        "welcome back",
+    )
+    .await;
     assert_eq!(post.status(), 200);
     assert_eq!(next_text(&mut again).await, "welcome back");
     drop(files);
@@ -548,12 +515,11 @@ async fn nats_credentials_are_used_and_a_wrong_one_is_a_clear_refusal() {
     with_cluster_key(&good, "token = \"s3cret\"");
     let node = start_node(&good).await;
     let (mut client, id) = connect(&node, &backend).await;
-    let post = http()
-        .post(format!("{}/@connections/{id}", node.api_url))
-        .body("authenticated")
-        .send()
-        .await
-        .unwrap();
+    let post = post_body(
+        format!("{}/@connections/{id}", node.api_url),
+        "authenticated",
+    )
+    .await;
     assert_eq!(post.status(), 200);
     assert_eq!(next_text(&mut client).await, "authenticated");
 
@@ -598,19 +564,9 @@ async fn nats_restart_degrades_health_then_service_resumes_by_itself() {
         0.0
     );
     // Cross-node calls fail loudly meanwhile; local clients are still served.
-    let post = http()
-        .post(format!("{}/@connections/{id}", nodes[0].api_url))
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let post = post_body(format!("{}/@connections/{id}", nodes[0].api_url), "x").await;
     assert_eq!(post.status(), 503);
-    let local = http()
-        .post(format!("{}/@connections/{id}", nodes[1].api_url))
-        .body("local")
-        .send()
-        .await
-        .unwrap();
+    let local = post_body(format!("{}/@connections/{id}", nodes[1].api_url), "local").await;
     assert_eq!(local.status(), 200);
     assert_eq!(next_text(&mut client).await, "local");
 
@@ -618,13 +574,12 @@ async fn nats_restart_degrades_health_then_service_resumes_by_itself() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         let healthy = http().get(&health_url).send().await.unwrap().status() == 200;
-        let pushed = http()
-            .post(format!("{}/@connections/{id}", nodes[0].api_url))
-            .body("after the restart")
-            .send()
-            .await
-            .unwrap()
-            .status()
+        let pushed = post_body(
+            format!("{}/@connections/{id}", nodes[0].api_url),
+            "after the restart",
+        )
+        .await
+        .status()
             == 200;
         if healthy && pushed {
             break;
@@ -636,15 +591,8 @@ async fn nats_restart_degrades_health_then_service_resumes_by_itself() {
     // Room interest was re-established too.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let answer: Value = http()
-            .post(format!("{}/@rooms/news", nodes[0].api_url))
-            .body("headline")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let answer: Value =
+            post_for_json(format!("{}/@rooms/news", nodes[0].api_url), "headline").await;
         if answer["delivered"] == 1 {
             break;
         }
