@@ -1151,6 +1151,97 @@ mod tests {
             .to_string()
     }
 
+    /// A config that sets every key, optional ones included (parsed, not validated: the
+    /// files it names need not exist).
+    const EVERY_KEY: &str = r#"
+[server]
+allowed_origins = ["https://app.example"]
+[server.tls]
+cert = "c.pem"
+key = "k.pem"
+[management]
+public_metrics = true
+[[management.aws_keys]]
+access_key_id = "AKID"
+secret_access_key = "secret"
+[management.tls]
+cert = "c.pem"
+key = "k.pem"
+[queues.q]
+max_messages = 5
+[routes.a]
+integration = { type = "http", url = "http://x/" }
+response = true
+[routes.b]
+integration = { type = "mock", body = "hi" }
+[routes.c]
+integration = { type = "room_publish", room = "r", data = "$request.body.d" }
+[routes.d]
+integration = { type = "queue", queue = "q", deliver_to = "http://x/" }
+[authorizer]
+type = "http"
+secret = "s"
+public_key = "p.pem"
+jwks = "j.json"
+issuer = "i"
+audience = "a"
+keys = ["k"]
+url = "http://x/"
+identity_sources = ["header:A"]
+[cluster]
+nats_url = "nats://x:4222"
+credentials = "c.creds"
+token = "t"
+tls_ca = "ca.pem"
+"#;
+
+    /// Dotted key paths of a TOML table; queue and route names become NAME and KEY.
+    fn key_paths(prefix: &str, table: &toml::Table, out: &mut std::collections::BTreeSet<String>) {
+        for (key, value) in table {
+            let key = match prefix {
+                "queues" => "NAME",
+                "routes" => "KEY",
+                _ => key.as_str(),
+            };
+            let path = if prefix.is_empty() {
+                key.to_owned()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            match value {
+                toml::Value::Table(inner) => key_paths(&path, inner, out),
+                toml::Value::Array(items)
+                    if items.iter().all(toml::Value::is_table) && !items.is_empty() =>
+                {
+                    for item in items {
+                        if let toml::Value::Table(inner) = item {
+                            key_paths(&path, inner, out);
+                        }
+                    }
+                }
+                _ => {
+                    out.insert(path);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_config_key_is_in_the_reference() {
+        let raw = RawConfig::parse(EVERY_KEY).unwrap();
+        let written: toml::Table = toml::from_str(&raw.to_toml()).unwrap();
+        let mut code = std::collections::BTreeSet::new();
+        key_paths("", &written, &mut code);
+        let reference: std::collections::BTreeSet<String> = include_str!("../../docs/REFERENCE.md")
+            .lines()
+            .filter_map(|line| line.strip_prefix("| `"))
+            .filter_map(|rest| rest.split('`').next())
+            .filter(|name| name.contains('.') && !name.starts_with('/'))
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(code, reference);
+    }
+
     #[test]
     fn demo_config_is_valid() {
         let config = RawConfig::parse(DEMO_CONFIG).unwrap().validate().unwrap();

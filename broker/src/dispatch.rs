@@ -209,6 +209,9 @@ pub fn route_message(shard: &Rc<Shard>, connection: &Rc<Connection>, message: In
         }
         Integration::Mock { body } => {
             if route.response {
+                // `$context.connectionId` in a mock body is the caller's id (as in an API
+                // Gateway mapping template): the demo's `whoami`.
+                let body = body.replace("$context.connectionId", &connection.facts.connection_id);
                 let _ = connection.push(frame::encode(Opcode::Text, body.as_bytes()), metrics);
             }
         }
@@ -317,13 +320,16 @@ async fn call_message_route(
         return;
     };
     match call_backend(&shard.gateway, &shard.http, &route, event).await {
-        Ok(reply) if reply.is_success() => {
+        Ok(reply) if reply.invoked() => {
+            if !reply.is_success() {
+                tracing::debug!(route = %route.key, status = reply.status, "backend returned a non-2xx statusCode");
+            }
             if let Some(body) = reply.body.filter(|_| route.response) {
                 let _ = connection.push(frame::encode_data(&body), &shard.gateway.metrics);
             }
         }
         Ok(reply) => {
-            tracing::debug!(route = %route.key, status = reply.status, "backend answered with an error");
+            tracing::debug!(route = %route.key, status = reply.http_status, "backend answered with an HTTP error");
             send_error(&shard, &connection, "Internal server error", &request_id);
         }
         Err(error) => {

@@ -13,6 +13,8 @@ use serde_json::Value;
 pub struct BackendReply {
     /// `statusCode` from a Lambda-proxy-shaped body, else the HTTP status.
     pub status: u16,
+    /// The HTTP status itself: not 2xx means the invocation failed, whatever the body.
+    pub http_status: u16,
     /// Lambda-proxy `headers`, names lower-cased.
     pub headers: HashMap<String, String>,
     /// The body to hand back to the client, if any.
@@ -22,6 +24,13 @@ pub struct BackendReply {
 impl BackendReply {
     pub fn is_success(&self) -> bool {
         (200..300).contains(&self.status)
+    }
+
+    /// Whether the backend was invoked: it answered with a 2xx HTTP status. A Lambda-proxy
+    /// answer with another `statusCode` is still an invocation that returned a body (on
+    /// AWS the client gets that body; the error frame is for failed invocations).
+    pub fn invoked(&self) -> bool {
+        (200..300).contains(&self.http_status)
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -139,6 +148,7 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 pub fn parse_reply(http_status: u16, body: Bytes) -> BackendReply {
     let plain = |body: Bytes| BackendReply {
         status: http_status,
+        http_status,
         headers: HashMap::new(),
         body: (!body.is_empty()).then_some(body),
     };
@@ -173,6 +183,7 @@ pub fn parse_reply(http_status: u16, body: Bytes) -> BackendReply {
     };
     BackendReply {
         status,
+        http_status,
         headers,
         body: body.filter(|b| !b.is_empty()),
     }

@@ -46,6 +46,8 @@ enum Command {
         /// TOML config file.
         file: PathBuf,
     },
+    /// Print the embedded demo config (what `serve` runs without --config).
+    DemoConfig,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -59,6 +61,10 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
+        Command::DemoConfig => {
+            print!("{}", switchboard::config::DEMO_CONFIG);
+            ExitCode::SUCCESS
+        }
         Command::Serve { config } => {
             let raw = match config.as_deref().map(RawConfig::load) {
                 None => RawConfig::parse(switchboard::config::DEMO_CONFIG),
@@ -92,6 +98,10 @@ fn check_config(file: &std::path::Path) -> ExitCode {
     };
     match raw.validate() {
         Ok(config) => {
+            if let Some(problem) = data_dir_problem(&config.server.data_dir) {
+                eprintln!("switchboard: invalid config: `server.data_dir`: {problem}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             print!("{}", raw.to_toml());
             println!(
                 "# config OK: {} shard(s), stage `{}`",
@@ -103,6 +113,26 @@ fn check_config(file: &std::path::Path) -> ExitCode {
             eprintln!("switchboard: {error}");
             ExitCode::from(EXIT_CONFIG)
         }
+    }
+}
+
+/// Why the gateway could not use `dir` as its data dir, if it could not: it must be a
+/// directory it can write to, or creatable under one.
+fn data_dir_problem(dir: &std::path::Path) -> Option<String> {
+    let existing = dir.ancestors().find(|path| path.exists())?;
+    if !existing.is_dir() {
+        return Some(format!(
+            "{} exists but is not a directory",
+            existing.display()
+        ));
+    }
+    let probe = existing.join(".switchboard-write-check");
+    match std::fs::write(&probe, b"") {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&probe);
+            None
+        }
+        Err(error) => Some(format!("{} is not writable: {error}", existing.display())),
     }
 }
 
@@ -133,30 +163,10 @@ fn run(config: switchboard::Config) -> anyhow::Result<()> {
         .build()
         .context("cannot start the management runtime")?;
     runtime.block_on(async {
-        let listeners = Listeners::bind(&config).with_context(|| {
-            format!(
-                "cannot listen on {} (server.listen) or {} (management.listen)",
-                config.server.listen, config.management.listen
-            )
-        })?;
-        // Signal handlers first: a SIGTERM that arrives once we have said we are listening
-        // must shut down gracefully, not kill the process.
+        let listeners = Listeners::bind(&config)?;
+        // Signal handlers first: a SIGTERM that arrives once the gateway has said it is
+        // listening must shut down gracefully, not kill the process.
         let signals = ShutdownSignals::install().context("cannot install signal handlers")?;
-        tracing::info!(
-            gateway = %format!(
-                "{}://{}/{}",
-                if config.server.tls.is_some() { "wss" } else { "ws" },
-                listeners.gateway_addr(),
-                config.api.stage
-            ),
-            management = %format!(
-                "{}://{}/{}/@connections",
-                if config.management.tls.is_some() { "https" } else { "http" },
-                listeners.management_addr(),
-                config.api.stage
-            ),
-            "listening"
-        );
         let shutdown = CancellationToken::new();
         let endpoints: Vec<TlsEndpoint> = [&config.server.tls, &config.management.tls]
             .into_iter()

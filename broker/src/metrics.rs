@@ -60,6 +60,12 @@ pub struct Metrics {
     pub storage_flush_duration: Histogram,
     /// Entries per queue log flush (group commit size).
     pub queue_flush_batch_size: Histogram,
+    /// Time from a broadcast or bulk request to its frame being queued to every recipient
+    /// (cluster mode: with the other nodes' counts), by kind (room, bulk).
+    pub fanout_duration: HistogramVec,
+    /// Sockets the admission gate lets in at most (`server.max_connections`, capped by
+    /// the open-files limit less `server.fd_reserve`).
+    pub connection_capacity: IntGauge,
     /// Cluster mode: 1 while the node's NATS connection is up.
     pub cluster_nats_connected: IntGauge,
     /// Cluster mode: nodes whose heartbeat this node sees, itself included.
@@ -199,6 +205,22 @@ impl Metrics {
                 "Entries made durable per queue log flush",
                 prometheus::exponential_buckets(1.0, 4.0, 9),
             ),
+            fanout_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "switchboard_fanout_duration_seconds",
+                    "Time to queue a broadcast or bulk push to every recipient, by kind",
+                )
+                .buckets(vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0,
+                ]),
+                &["kind"],
+            )
+            .unwrap_or_else(|_| unreachable!("static metric definition")),
+            connection_capacity: gauge(
+                "switchboard_connection_capacity",
+                "Client sockets the gateway admits at most (max_connections capped by the open-files limit)",
+            ),
             cluster_nats_connected: gauge(
                 "switchboard_cluster_nats_connected",
                 "1 while the node's NATS connection is up (cluster mode)",
@@ -240,11 +262,60 @@ impl Metrics {
             registry,
         };
         metrics.register_all();
+        metrics.initialize_known_labels();
         metrics
     }
 
+    /// Creates the series of every fixed label value at zero, so that dashboards and
+    /// alerts find them (and cluster metrics read the same on every node) before the first
+    /// event.
+    fn initialize_known_labels(&self) {
+        const OPS: [&str; 8] = [
+            "send",
+            "get",
+            "delete",
+            "join",
+            "leave",
+            "bulk",
+            "broadcast",
+            "list",
+        ];
+        for op in OPS {
+            let _ = self.cluster_request_duration.with_label_values(&[op]);
+            for kind in ["timeout", "no_responders", "nats"] {
+                let _ = self.cluster_request_errors.with_label_values(&[op, kind]);
+            }
+        }
+        for kind in ["push", "bulk", "broadcast", "queue", "mirror"] {
+            let _ = self.cluster_forwarded.with_label_values(&[kind]);
+        }
+        for kind in ["room", "bulk"] {
+            let _ = self.fanout_duration.with_label_values(&[kind]);
+        }
+        for reason in ["rooms_per_connection", "not_a_member"] {
+            let _ = self.refused.with_label_values(&[reason]);
+        }
+    }
+
     fn register_all(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 30] = [
+        for collector in self.collectors() {
+            if let Err(error) = self.registry.register(collector) {
+                tracing::error!(%error, "metric registration failed");
+            }
+        }
+    }
+
+    /// Every metric family's name, exported or not yet (a labelled family shows in
+    /// `/metrics` only once it has a series).
+    pub fn names(&self) -> Vec<String> {
+        self.collectors()
+            .iter()
+            .flat_map(|collector| collector.desc().into_iter().map(|d| d.fq_name.clone()))
+            .collect()
+    }
+
+    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 32] {
+        [
             Box::new(self.connections_active.clone()),
             Box::new(self.connections_total.clone()),
             Box::new(self.messages_received.clone()),
@@ -268,6 +339,8 @@ impl Metrics {
             Box::new(self.queue_delivery_attempts.clone()),
             Box::new(self.storage_flush_duration.clone()),
             Box::new(self.queue_flush_batch_size.clone()),
+            Box::new(self.fanout_duration.clone()),
+            Box::new(self.connection_capacity.clone()),
             Box::new(self.cluster_nats_connected.clone()),
             Box::new(self.cluster_nodes_live.clone()),
             Box::new(self.cluster_request_duration.clone()),
@@ -275,12 +348,7 @@ impl Metrics {
             Box::new(self.cluster_forwarded.clone()),
             Box::new(self.cluster_room_interest.clone()),
             Box::new(self.cluster_takeovers.clone()),
-        ];
-        for collector in collectors {
-            if let Err(error) = self.registry.register(collector) {
-                tracing::error!(%error, "metric registration failed");
-            }
-        }
+        ]
     }
 
     /// The Prometheus text exposition of every metric.
@@ -320,4 +388,27 @@ fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
 fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     IntCounterVec::new(Opts::new(name, help), labels)
         .unwrap_or_else(|_| unreachable!("static metric definition"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The backticked names in the first column of a docs/REFERENCE.md table whose
+    /// names start with `prefix`.
+    pub(crate) fn reference_names(prefix: &str) -> std::collections::BTreeSet<String> {
+        include_str!("../../docs/REFERENCE.md")
+            .lines()
+            .filter_map(|line| line.strip_prefix("| `"))
+            .filter_map(|rest| rest.split('`').next())
+            .filter(|name| name.starts_with(prefix))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn every_metric_is_in_the_reference() {
+        let code: std::collections::BTreeSet<String> = Metrics::new().names().into_iter().collect();
+        assert_eq!(code, reference_names("switchboard_"));
+    }
 }

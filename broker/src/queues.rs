@@ -18,6 +18,8 @@ pub const PUSH_GROUP: &str = "switchboard.push";
 const DELIVERY_READ: usize = 64;
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// At most one warning per queue this often while deliveries keep failing.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(30);
 /// A delivery attempt that takes longer than this counts as failed.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -162,11 +164,26 @@ pub(crate) async fn deliver_one(
     shutdown: &CancellationToken,
 ) -> bool {
     let mut backoff = BACKOFF_START;
+    let mut failures = 0u64;
+    let mut last_logged: Option<std::time::Instant> = None;
     loop {
-        let delivered = matches!(
-            http.call(url, DELIVERY_TIMEOUT, payload.clone()).await,
-            Ok(reply) if reply.is_success()
-        );
+        let outcome = http.call(url, DELIVERY_TIMEOUT, payload.clone()).await;
+        let delivered = matches!(&outcome, Ok(reply) if reply.is_success());
+        if !delivered {
+            failures += 1;
+            // The first failure and then one line per interval: a backend that is down
+            // for an hour is reported, not logged thousands of times.
+            if last_logged.is_none_or(|at| at.elapsed() >= FAILURE_LOG_INTERVAL) {
+                let problem = match &outcome {
+                    Ok(reply) => format!("answered {}", reply.http_status),
+                    Err(error) => error.to_string(),
+                };
+                tracing::warn!(%queue, %url, failures, %problem, "push delivery failing; retrying with backoff");
+                last_logged = Some(std::time::Instant::now());
+            }
+        } else if failures > 0 {
+            tracing::info!(%queue, failures, "push delivery recovered");
+        }
         let result = if delivered { "ok" } else { "error" };
         metrics
             .queue_delivery_attempts
@@ -176,7 +193,6 @@ pub(crate) async fn deliver_one(
             return true;
         }
         let pause = with_jitter(backoff);
-        tracing::debug!(%queue, ?pause, "push delivery failed; retrying");
         tokio::select! {
             _ = shutdown.cancelled() => return false,
             _ = tokio::time::sleep(pause) => {}

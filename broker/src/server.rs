@@ -35,11 +35,17 @@ pub enum ServeError {
     NoFileDescriptors { open_files: u64, reserve: usize },
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
-    #[error("cannot start {what}: {source}")]
+    /// The OS error is part of the message (printed once).
+    #[error("cannot listen on {address} ({key}): {reason}")]
+    Bind {
+        key: &'static str,
+        address: SocketAddr,
+        reason: std::io::Error,
+    },
+    #[error("cannot start {what}: {reason}")]
     Start {
         what: &'static str,
-        #[source]
-        source: std::io::Error,
+        reason: std::io::Error,
     },
 }
 
@@ -52,16 +58,29 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Binds `server.listen` once per shard and `management.listen`.
-    pub fn bind(config: &Config) -> std::io::Result<Self> {
-        let first = reuseport_listener(config.server.listen)?;
-        let address = first.local_addr()?;
+    /// Binds `server.listen` once per shard and `management.listen`; an error names the
+    /// listener that failed.
+    pub fn bind(config: &Config) -> Result<Self, ServeError> {
+        let failed = |key, address| {
+            move |reason| ServeError::Bind {
+                key,
+                address,
+                reason,
+            }
+        };
+        let gateway_failed = failed("server.listen", config.server.listen);
+        let first = reuseport_listener(config.server.listen).map_err(gateway_failed)?;
+        let address = first.local_addr().map_err(gateway_failed)?;
         let mut gateway = vec![first];
         for _ in 1..config.server.shards {
-            gateway.push(reuseport_listener(address)?);
+            gateway.push(reuseport_listener(address).map_err(gateway_failed)?);
         }
-        let management = std::net::TcpListener::bind(config.management.listen)?;
-        management.set_nonblocking(true)?;
+        let management_failed = failed("management.listen", config.management.listen);
+        let management =
+            std::net::TcpListener::bind(config.management.listen).map_err(management_failed)?;
+        management
+            .set_nonblocking(true)
+            .map_err(management_failed)?;
         Ok(Self {
             gateway,
             management,
@@ -104,6 +123,7 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    let addresses = (listeners.gateway_addr(), listeners.management_addr());
     let storage = Storage::open(&config.server.data_dir)?;
     let epoch = storage.next_epoch()?;
     let orphans = storage.connection_records()?;
@@ -112,6 +132,9 @@ pub async fn serve(
     let (handles, inboxes) = shard::channels(listeners.gateway.len());
     let admission = admission(&config, listeners.gateway.len())?;
     let metrics = Metrics::new();
+    metrics
+        .connection_capacity
+        .set(admission.0.capacity() as i64);
     let queues = Arc::new(QueueHub::open(
         &storage,
         &config.queues,
@@ -193,9 +216,9 @@ pub async fn serve(
             gateway.clone(),
             shutdown.clone(),
         )
-        .map_err(|source| ServeError::Start {
+        .map_err(|reason| ServeError::Start {
             what: "shard thread",
-            source,
+            reason,
         })?;
         threads.push(thread);
     }
@@ -206,12 +229,13 @@ pub async fn serve(
         "gateway started"
     );
 
-    let management = tokio::net::TcpListener::from_std(listeners.management).map_err(|source| {
+    let management = tokio::net::TcpListener::from_std(listeners.management).map_err(|reason| {
         ServeError::Start {
             what: "management listener",
-            source,
+            reason,
         }
     })?;
+    log_listening(&gateway.config, addresses);
     let app = management::router(ApiState {
         gateway: gateway.clone(),
     });
@@ -249,6 +273,27 @@ pub async fn serve(
     storage.flush()?;
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// Says where the gateway serves, once it does (storage open, cluster joined, shards
+/// accepting): scripts and tests wait for this line.
+fn log_listening(config: &Config, (gateway, management): (SocketAddr, SocketAddr)) {
+    let scheme = |tls: bool, secure: &'static str, plain: &'static str| {
+        if tls { secure } else { plain }
+    };
+    tracing::info!(
+        gateway = %format!(
+            "{}://{gateway}/{}",
+            scheme(config.server.tls.is_some(), "wss", "ws"),
+            config.api.stage
+        ),
+        management = %format!(
+            "{}://{management}/{}/@connections",
+            scheme(config.management.tls.is_some(), "https", "http"),
+            config.api.stage
+        ),
+        "listening"
+    );
 }
 
 /// The admission gate and the outbound budget it consults. Capacity is

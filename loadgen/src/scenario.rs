@@ -502,6 +502,10 @@ pub(crate) struct QueueReport {
     pub(crate) rate: Option<u32>,
     pub(crate) acked: u64,
     pub(crate) errors: u64,
+    /// The first frame that was not an ack (the gateway's error frame says why), and
+    /// what a run that fell short saw.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) first_error: Option<String>,
     pub(crate) secs: f64,
     pub(crate) acks_per_sec: f64,
     /// From sending a frame to reading its ack.
@@ -517,12 +521,14 @@ pub(crate) async fn queue(endpoints: &Endpoints, args: &QueueArgs) -> anyhow::Re
         bail!("{failed} of {} connections failed", args.connections);
     }
     let per_connection = args.messages.div_ceil(args.connections.max(1));
+    let args_timeout = args.timeout;
     let interval = args
         .rate
         .map(|rate| Duration::from_secs_f64(args.connections as f64 / f64::from(rate.max(1))));
     let latencies = Arc::new(Mutex::new(histogram()));
     let acked = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    let first_error: Arc<OnceLock<String>> = Arc::new(OnceLock::new());
     let deadline = tokio::time::Instant::now() + args.timeout;
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -565,6 +571,7 @@ pub(crate) async fn queue(endpoints: &Endpoints, args: &QueueArgs) -> anyhow::Re
             let _ = handover.send(writer);
         }));
         let (latencies, acked, errors) = (latencies.clone(), acked.clone(), errors.clone());
+        let first_error = first_error.clone();
         tasks.push(tokio::spawn(async move {
             let _writer = writer_back;
             let mut received = 0;
@@ -579,13 +586,27 @@ pub(crate) async fn queue(endpoints: &Endpoints, args: &QueueArgs) -> anyhow::Re
                             Ok(sent) if is_ack => samples.push(sent.elapsed().as_micros() as u64),
                             _ => {
                                 errors.fetch_add(1, Ordering::Relaxed);
+                                let text = String::from_utf8_lossy(payload);
+                                let _ = first_error.set(text.chars().take(300).collect());
                             }
                         }
                     }
                 });
                 match tokio::time::timeout_at(deadline, read).await {
                     Ok(Ok(true)) => {}
-                    _ => break,
+                    Ok(Ok(false)) => {
+                        let _ = first_error.set("the gateway closed the connection".into());
+                        break;
+                    }
+                    Ok(Err(error)) => {
+                        let _ = first_error.set(format!("connection failed: {error:#}"));
+                        break;
+                    }
+                    Err(_) => {
+                        let _ = first_error
+                            .set(format!("no ack within --timeout-secs ({:?})", args_timeout));
+                        break;
+                    }
                 }
                 acked.fetch_add(samples.len() as u64, Ordering::Relaxed);
                 if let Ok(mut histogram) = latencies.lock() {
@@ -616,6 +637,7 @@ pub(crate) async fn queue(endpoints: &Endpoints, args: &QueueArgs) -> anyhow::Re
         rate: args.rate,
         acked,
         errors,
+        first_error: first_error.get().cloned(),
         secs,
         acks_per_sec: acked as f64 / secs.max(1e-9),
         ack_latency_ms: latency,

@@ -9,12 +9,14 @@ pub enum StorageError {
     Locked { dir: PathBuf },
     #[error("data dir {dir} is corrupt: {detail}; move it aside to start fresh")]
     Corrupt { dir: PathBuf, detail: String },
-    #[error("data dir {dir}: {source}")]
+    /// The OS error is part of the message (printed once).
+    #[error("data dir {dir}: {reason}")]
     Io {
         dir: PathBuf,
-        #[source]
-        source: std::io::Error,
+        reason: std::io::Error,
     },
+    #[error("data dir {dir} exists but is not a directory")]
+    NotADirectory { dir: PathBuf },
     #[error("data dir {dir}: no space left on the device")]
     DiskFull { dir: PathBuf },
     #[error("data dir {dir}: {detail}")]
@@ -27,7 +29,7 @@ impl StorageError {
         match error {
             sled::Error::Io(source) if is_lock_error(&source) => Self::Locked { dir },
             sled::Error::Io(source) if is_disk_full(&source) => Self::DiskFull { dir },
-            sled::Error::Io(source) => Self::Io { dir, source },
+            sled::Error::Io(reason) => Self::Io { dir, reason },
             sled::Error::Corruption { at, .. } => Self::Corrupt {
                 dir,
                 detail: match at {
@@ -51,6 +53,7 @@ impl StorageError {
             Self::Locked { dir }
             | Self::Corrupt { dir, .. }
             | Self::Io { dir, .. }
+            | Self::NotADirectory { dir }
             | Self::Engine { dir, .. } => Self::Engine {
                 dir: dir.clone(),
                 detail: self.to_string(),

@@ -44,9 +44,14 @@ pub struct Storage {
 impl Storage {
     /// Opens (or creates) the database under `dir`.
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
-        std::fs::create_dir_all(dir).map_err(|source| StorageError::Io {
+        if dir.exists() && !dir.is_dir() {
+            return Err(StorageError::NotADirectory {
+                dir: dir.to_path_buf(),
+            });
+        }
+        std::fs::create_dir_all(dir).map_err(|reason| StorageError::Io {
             dir: dir.to_path_buf(),
-            source,
+            reason,
         })?;
         let db = sled::Config::new()
             .path(dir)

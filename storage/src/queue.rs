@@ -189,9 +189,9 @@ impl QueueLog {
         std::thread::Builder::new()
             .name("switchboard-queue-log".into())
             .spawn(move || writer.run(&receiver))
-            .map_err(|source| StorageError::Io {
+            .map_err(|reason| StorageError::Io {
                 dir: dir.clone(),
-                source,
+                reason,
             })?;
         Ok(Self {
             queues,

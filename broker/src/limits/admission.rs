@@ -89,6 +89,11 @@ impl Admission {
         }
     }
 
+    /// The most sockets open at once.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// The capacity from `server.max_connections`, the open-files limit and the reserve.
     pub fn capacity_for(max_connections: usize, open_files: u64, fd_reserve: usize) -> usize {
         let usable = usize::try_from(open_files)

@@ -241,6 +241,14 @@ impl ApiState {
     fn shards(&self) -> &[ShardHandle] {
         &self.gateway.shards
     }
+
+    fn observe_fanout(&self, kind: &str, started: std::time::Instant) {
+        self.gateway
+            .metrics
+            .fanout_duration
+            .with_label_values(&[kind])
+            .observe(started.elapsed().as_secs_f64());
+    }
 }
 
 /// Where a connection lives.
@@ -348,6 +356,7 @@ async fn post_bulk(
         limits.max_bulk_connection_ids,
         limits.max_message_bytes,
     )?;
+    let started = std::time::Instant::now();
     let config = &state.gateway.config;
     let cluster = state.gateway.cluster.as_deref();
     let mut plan = FanoutPlan::for_ids(
@@ -373,6 +382,7 @@ async fn post_bulk(
     delivery.delivered += remote.delivered;
     delivery.gone.extend(remote.gone);
     delivery.gone.sort_unstable();
+    state.observe_fanout("bulk", started);
     let gone: Vec<&str> = delivery
         .gone
         .iter()
@@ -409,6 +419,7 @@ async fn post_to_room(
     let payload = state
         .read_body(body, state.gateway.config.limits.max_message_bytes)
         .await?;
+    let started = std::time::Instant::now();
     let frame = frame::encode_data(&payload);
     let remote = async {
         match &state.gateway.cluster {
@@ -420,6 +431,7 @@ async fn post_to_room(
         fanout::broadcast(state.shards(), &room, &frame, exclude),
         remote
     );
+    state.observe_fanout("room", started);
     Ok(axum::Json(json!({"delivered": local + remote})).into_response())
 }
 
@@ -645,14 +657,21 @@ fn check_group(group: Option<&str>) -> Result<&str, ApiError> {
     }
 }
 
-fn number_param(name: &str, value: Option<&str>, default: u64, max: u64) -> Result<u64, ApiError> {
+fn number_param(
+    name: &str,
+    value: Option<&str>,
+    default: u64,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<u64, ApiError> {
     let Some(value) = value else {
         return Ok(default);
     };
     match value.parse::<u64>() {
-        Ok(n) if n <= max => Ok(n),
+        Ok(n) if range.contains(&n) => Ok(n),
         _ => Err(ApiError::BadRequest(format!(
-            "`{name}` must be an integer from 0 to {max}"
+            "`{name}` must be an integer from {} to {}",
+            range.start(),
+            range.end()
         ))),
     }
 }
@@ -678,8 +697,8 @@ async fn get_queue_messages(
     state.check_queue(&queue)?;
     let params = PullParams::parse(query.as_deref())?;
     let group = check_group(params.group.as_deref())?;
-    let max = number_param("max", params.max.as_deref(), 100, MAX_PULL as u64)?.max(1) as usize;
-    let wait = number_param("wait_ms", params.wait_ms.as_deref(), 0, MAX_WAIT_MS)?;
+    let max = number_param("max", params.max.as_deref(), 100, 1..=MAX_PULL as u64)? as usize;
+    let wait = number_param("wait_ms", params.wait_ms.as_deref(), 0, 0..=MAX_WAIT_MS)?;
     if let Some(cluster) = &state.gateway.cluster {
         let wait = std::time::Duration::from_millis(wait);
         let (first, _) = cluster
@@ -782,4 +801,27 @@ async fn post_queue_commit(
         .await
         .map_err(|e| ApiError::BadRequest(format!("commit interrupted: {e}")))??;
     Ok(axum::Json(json!({"group": request.group, "offset": committed})).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn every_endpoint_is_in_the_reference() {
+        let code: BTreeSet<&str> = include_str!("mod.rs")
+            .split(".route(")
+            .skip(1)
+            .filter_map(|rest| rest.trim_start().strip_prefix('"')?.split('"').next())
+            .filter(|path| path.starts_with('/'))
+            .collect();
+        let documented: BTreeSet<&str> = include_str!("../../../docs/REFERENCE.md")
+            .lines()
+            .filter(|line| line.starts_with("| `"))
+            .filter_map(|line| line.split('|').nth(2))
+            .map(|cell| cell.trim().trim_matches('`'))
+            .filter(|path| path.starts_with('/'))
+            .collect();
+        assert_eq!(code, documented);
+    }
 }

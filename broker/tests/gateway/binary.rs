@@ -12,6 +12,30 @@ pub(crate) fn run(args: &[&str]) -> std::process::Output {
     Command::new(BIN).args(args).output().unwrap()
 }
 
+/// Runs `switchboard serve --config CONFIG`, expecting it to refuse to start: its exit code
+/// and stderr, or a panic if it is still running after `limit`.
+pub(crate) fn refused_start(config_path: &Path, limit: Duration) -> (Option<i32>, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut stderr = String::new();
+            let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr);
+            return (status.code(), stderr);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the gateway was expected to refuse to start, but it still runs after {limit:?}");
+}
+
 /// A gateway process with its addresses, read from its startup log line.
 pub(crate) struct GatewayProcess {
     pub(crate) child: Child,

@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::binary::GatewayProcess;
+use crate::binary::{GatewayProcess, refused_start};
 use crate::nats::{self, NatsServer};
 use crate::support::*;
 
@@ -489,10 +489,12 @@ async fn a_duplicate_node_id_refuses_to_start() {
     let first = node_files(4, &[server.url()], &backend, "");
     let _running = start_node(&first).await;
     let second = node_files(4, &[server.url()], &backend, "");
-    let mut duplicate = GatewayProcess::start(&second.config, &[]);
-    let (code, _) = duplicate.wait(Duration::from_secs(20));
+    let config = second.config.clone();
+    let (code, stderr) =
+        tokio::task::spawn_blocking(move || refused_start(&config, Duration::from_secs(20)))
+            .await
+            .unwrap();
     assert_ne!(code, Some(0));
-    let stderr = duplicate.logged().join("\n");
     assert!(
         stderr.contains("server.node_id 4 is held by a live node"),
         "{stderr}"
@@ -525,10 +527,12 @@ async fn nats_credentials_are_used_and_a_wrong_one_is_a_clear_refusal() {
 
     let bad = node_files(2, &[server.url()], &backend, "");
     with_cluster_key(&bad, "token = \"wrong\"");
-    let mut refused = GatewayProcess::start(&bad.config, &[]);
-    let (code, _) = refused.wait(Duration::from_secs(20));
+    let config = bad.config.clone();
+    let (code, log) =
+        tokio::task::spawn_blocking(move || refused_start(&config, Duration::from_secs(20)))
+            .await
+            .unwrap();
     assert_ne!(code, Some(0));
-    let log = refused.logged().join("\n");
     assert!(log.contains("cannot reach NATS at"), "{log}");
 }
 

@@ -349,7 +349,7 @@ async fn connection_ids_do_not_betray_their_neighbours() {
     let backend = Backend::start().await;
     let gateway = TestGateway::start(&config_with(
         &backend,
-        "[server]\nshards = 1\n[routes.canned]\nintegration = { type = \"http\", url = \"BACKEND/status/500\" }\nresponse = true",
+        "[server]\nshards = 1\n[routes.canned]\nintegration = { type = \"http\", url = \"BACKEND/http-status/500\" }\nresponse = true",
     )
     .replace("BACKEND", &backend.url))
     .await;

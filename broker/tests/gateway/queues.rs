@@ -267,6 +267,7 @@ async fn bad_requests_get_clear_errors() {
         "group=",
         "group=a%20b",
         "group=g&max=abc",
+        "group=g&max=0",
         "group=g&max=-1",
         "group=g&wait_ms=999999",
         "group=g&colour=red",

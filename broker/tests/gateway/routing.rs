@@ -168,7 +168,12 @@ async fn backend_failures_become_error_frames_and_the_connection_stays() {
     );
     let gateway = TestGateway::start(&config).await;
     let mut ws = gateway.connect().await;
-    for action in ["broken", "rejects", "down", "slow"] {
+    // A Lambda-proxy answer with a non-2xx statusCode is a completed invocation: as on AWS,
+    // the client gets its body.
+    send_text(&mut ws, r#"{"action":"rejects"}"#).await;
+    assert_eq!(next_text(&mut ws).await, "denied by backend");
+    // Failed invocations (HTTP error, unreachable, timeout) get the error frame.
+    for action in ["broken", "down", "slow"] {
         let started = std::time::Instant::now();
         send_text(&mut ws, &format!(r#"{{"action":"{action}"}}"#)).await;
         let error = next_json(&mut ws).await;
