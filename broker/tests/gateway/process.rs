@@ -375,3 +375,134 @@ fn every_example_config_is_valid() {
     }
     assert!(checked >= 2);
 }
+
+fn config_file(dir: &std::path::Path, server: &str, management_listen: &str) -> std::path::PathBuf {
+    let path = dir.join("switchboard.toml");
+    let text = format!("[server]\n{server}\n[management]\nlisten = \"{management_listen}\"\n");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn a_busy_port_is_named_once_and_nothing_claims_to_listen() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_addr = busy.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cases = [
+        (
+            format!(
+                "listen = \"{busy_addr}\"\ndata_dir = \"{}\"",
+                data.display()
+            ),
+            "127.0.0.1:0".to_owned(),
+            "server.listen",
+        ),
+        (
+            format!(
+                "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"",
+                data.display()
+            ),
+            busy_addr.to_string(),
+            "management.listen",
+        ),
+    ];
+    for (server, management, key) in cases {
+        let path = config_file(dir.path(), &server, &management);
+        let (code, stderr) = refused_start(&path, Duration::from_secs(20));
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!("cannot listen on {busy_addr} ({key})")),
+            "{stderr}"
+        );
+        assert_eq!(stderr.matches("in use").count(), 1, "said once: {stderr}");
+        assert!(!stderr.contains("listening"), "{stderr}");
+        let other = if key == "server.listen" {
+            "management.listen"
+        } else {
+            "server.listen"
+        };
+        assert!(
+            !stderr.contains(other),
+            "only the busy listener is named: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_data_dir_that_is_a_file_is_a_clear_error_for_serve_and_check_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let path = config_file(
+        dir.path(),
+        &format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"",
+            file.display()
+        ),
+        "127.0.0.1:0",
+    );
+    let (code, stderr) = refused_start(&path, Duration::from_secs(20));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        stderr.matches("exists but is not a directory").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(!stderr.contains("os error 17"), "{stderr}");
+    assert!(!stderr.contains("listening"), "{stderr}");
+
+    let output = run(&["check-config", path.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("`server.data_dir`"), "{stderr}");
+    assert!(stderr.contains("not a directory"), "{stderr}");
+}
+
+#[test]
+fn demo_config_prints_the_embedded_demo() {
+    let output = run(&["demo-config"]);
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("[routes.whoami]") && text.contains("[routes.enqueue]"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("demo.toml");
+    std::fs::write(&path, text.as_bytes()).unwrap();
+    assert!(
+        run(&["check-config", path.to_str().unwrap()])
+            .status
+            .success()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_push_deliveries_are_logged_once_per_interval() {
+    use futures_util::SinkExt;
+    let dead = dead_url().await;
+    let dir = tempfile::tempdir().unwrap();
+    let routes = format!(
+        "[routes.order]\nintegration = {{ type = \"queue\", queue = \"orders\", ack = true, deliver_to = \"{dead}\" }}\n"
+    );
+    let path = write_config(dir.path(), &routes);
+    let mut gateway = GatewayProcess::start(&path, &[]);
+    let (mut ws, _) = tokio_tungstenite::connect_async(&gateway.ws_url)
+        .await
+        .unwrap();
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        r#"{"action":"order"}"#,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next_json(&mut ws).await["type"], "ack");
+    // Retries at 0.1, 0.2, 0.4, 0.8 s… several attempts fail within 2 s.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    gateway.signal("-TERM");
+    gateway.wait(Duration::from_secs(15));
+    let warnings: Vec<String> = gateway
+        .logged()
+        .into_iter()
+        .filter(|line| line.contains("push delivery failing"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("orders") && warnings[0].contains("failures=1"));
+}
