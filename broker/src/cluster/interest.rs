@@ -137,11 +137,6 @@ impl Interest {
         }
     }
 
-    /// Rooms subscribed to.
-    pub fn count(&self) -> usize {
-        self.rooms.lock().map_or(0, |rooms| rooms.len())
-    }
-
     /// Local members of `room`.
     fn members(&self, room: &RoomName) -> usize {
         self.rooms

@@ -83,6 +83,15 @@ pub fn hex(text: &str) -> String {
         })
 }
 
+/// The text `hex` encodes, if it is lower- or upper-case hex of UTF-8.
+pub fn unhex(hex: &str) -> Option<String> {
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    String::from_utf8(bytes).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,5 +102,14 @@ mod tests {
         assert_eq!(subjects.room("a.b>*"), "sb.dev.room.612e623e2a");
         assert_eq!(subjects.queue_stream("q.1"), "SB_dev_QUEUE_712e31");
         assert_eq!(subjects.node(7), "sb.dev.node.7");
+    }
+
+    #[test]
+    fn hex_round_trips_and_rejects_garbage() {
+        for name in ["audit", "a.b-c_d", "ü"] {
+            assert_eq!(unhex(&hex(name)).as_deref(), Some(name));
+        }
+        assert_eq!(unhex("6"), None);
+        assert_eq!(unhex("zz"), None);
     }
 }

@@ -197,7 +197,10 @@ async fn authenticate(
 }
 
 async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
-    state.gateway.queues.update_gauges(&state.gateway.metrics);
+    match &state.gateway.cluster {
+        Some(cluster) => cluster.update_queue_gauges().await,
+        None => state.gateway.queues.update_gauges(&state.gateway.metrics),
+    }
     let open_sockets = state.gateway.admission.open();
     state.gateway.metrics.open_sockets.set(open_sockets as i64);
     (

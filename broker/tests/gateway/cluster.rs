@@ -674,6 +674,15 @@ async fn acked_queue_messages_survive_a_node_kill_on_a_replicated_jetstream() {
     assert_eq!(commit.status(), 200);
     let rest: Value = http().get(&url).send().await.unwrap().json().await.unwrap();
     assert_eq!(rest["messages"].as_array().unwrap().len(), ORDERS - 150);
+    // Depth and lag gauges come from JetStream in cluster mode.
+    let lag = nodes[0]
+        .metric("switchboard_queue_consumer_lag{group=\"audit\",queue=\"orders\"}")
+        .await;
+    assert_eq!(lag, 50.0);
+    assert_eq!(
+        nodes[1].metric("switchboard_queue_depth").await,
+        ORDERS as f64
+    );
     // Past the end: a clear 400.
     let past = http()
         .post(format!("{}/@queues/orders/commit", nodes[1].api_url))
