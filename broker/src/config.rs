@@ -256,6 +256,12 @@ pub struct RawQueue {
     /// Stored bytes kept (oldest segments go first).
     pub max_bytes: u64,
     pub max_age_secs: u64,
+    /// `deliver_to` push: entries per POST (1: the event itself, AWS-like; more: a
+    /// `{"Records": [...]}` batch).
+    pub batch_size: usize,
+    /// `deliver_to` push: batches POSTed at once (1: strict order; more: order within a
+    /// batch only).
+    pub max_in_flight: usize,
 }
 
 impl Default for RawQueue {
@@ -264,11 +270,32 @@ impl Default for RawQueue {
             max_messages: None,
             max_bytes: 1 << 30,
             max_age_secs: 7 * 24 * 3600,
+            batch_size: 1,
+            max_in_flight: 1,
         }
     }
 }
 
 impl RawQueue {
+    fn push(&self, key: &str) -> Result<PushConfig, ConfigError> {
+        if !(1..=MAX_PUSH_BATCH).contains(&self.batch_size) {
+            return Err(invalid(
+                format!("{key}.batch_size"),
+                format!("must be from 1 to {MAX_PUSH_BATCH}"),
+            ));
+        }
+        if !(1..=MAX_PUSH_IN_FLIGHT).contains(&self.max_in_flight) {
+            return Err(invalid(
+                format!("{key}.max_in_flight"),
+                format!("must be from 1 to {MAX_PUSH_IN_FLIGHT}"),
+            ));
+        }
+        Ok(PushConfig {
+            batch_size: self.batch_size,
+            max_in_flight: self.max_in_flight,
+        })
+    }
+
     fn retention(&self, key: &str) -> Result<switchboard_storage::Retention, ConfigError> {
         if self.max_messages == Some(0) || self.max_bytes == 0 || self.max_age_secs == 0 {
             return Err(invalid(key, "retention limits must be greater than 0"));
@@ -555,6 +582,28 @@ pub struct QueueConfig {
     pub retention: switchboard_storage::Retention,
     /// Push delivery target, from the route(s) that append to it.
     pub deliver_to: Option<reqwest::Url>,
+    pub push: PushConfig,
+}
+
+/// Most entries in one push batch.
+const MAX_PUSH_BATCH: usize = 10_000;
+/// Most push batches in flight at once.
+const MAX_PUSH_IN_FLIGHT: usize = 64;
+
+/// How a queue's `deliver_to` push sends its entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PushConfig {
+    pub batch_size: usize,
+    pub max_in_flight: usize,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 1,
+            max_in_flight: 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -737,12 +786,14 @@ impl RawConfig {
             .map(|(name, raw)| {
                 check_queue_name(&format!("queues.{name}"), name)?;
                 let retention = raw.retention(&format!("queues.{name}"))?;
+                let push = raw.push(&format!("queues.{name}"))?;
                 Ok((
                     name.clone(),
                     QueueConfig {
                         name: name.clone(),
                         retention,
                         deliver_to: None,
+                        push,
                     },
                 ))
             })
@@ -759,6 +810,7 @@ impl RawConfig {
                 name: queue.clone(),
                 retention: RawQueue::default().retention("queues").unwrap_or_default(),
                 deliver_to: None,
+                push: PushConfig::default(),
             });
             if let Some(url) = deliver_to {
                 let url = parse_http_url(&format!("{path}.deliver_to"), url)?;
@@ -1240,6 +1292,23 @@ tls_ca = "ca.pem"
             .map(str::to_owned)
             .collect();
         assert_eq!(code, reference);
+    }
+
+    #[test]
+    fn push_batches_and_windows_are_bounded() {
+        let config = RawConfig::parse("[queues.q]\nbatch_size = 50\nmax_in_flight = 4")
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(
+            config.queues[0].push,
+            PushConfig {
+                batch_size: 50,
+                max_in_flight: 4
+            }
+        );
+        assert!(error_of("[queues.q]\nbatch_size = 0").contains("queues.q.batch_size"));
+        assert!(error_of("[queues.q]\nmax_in_flight = 65").contains("queues.q.max_in_flight"));
     }
 
     #[test]

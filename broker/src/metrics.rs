@@ -60,6 +60,8 @@ pub struct Metrics {
     pub storage_flush_duration: Histogram,
     /// Entries per queue log flush (group commit size).
     pub queue_flush_batch_size: Histogram,
+    /// Entries per `deliver_to` push request.
+    pub queue_push_batch_size: Histogram,
     /// Time from a broadcast or bulk request to its frame being queued to every recipient
     /// (cluster mode: with the other nodes' counts), by kind (room, bulk).
     pub fanout_duration: HistogramVec,
@@ -205,6 +207,11 @@ impl Metrics {
                 "Entries made durable per queue log flush",
                 prometheus::exponential_buckets(1.0, 4.0, 9),
             ),
+            queue_push_batch_size: histogram(
+                "switchboard_queue_push_batch_size",
+                "Entries per deliver_to push request",
+                prometheus::exponential_buckets(1.0, 4.0, 8),
+            ),
             fanout_duration: HistogramVec::new(
                 HistogramOpts::new(
                     "switchboard_fanout_duration_seconds",
@@ -314,7 +321,7 @@ impl Metrics {
             .collect()
     }
 
-    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 32] {
+    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 33] {
         [
             Box::new(self.connections_active.clone()),
             Box::new(self.connections_total.clone()),
@@ -339,6 +346,7 @@ impl Metrics {
             Box::new(self.queue_delivery_attempts.clone()),
             Box::new(self.storage_flush_duration.clone()),
             Box::new(self.queue_flush_batch_size.clone()),
+            Box::new(self.queue_push_batch_size.clone()),
             Box::new(self.fanout_duration.clone()),
             Box::new(self.connection_capacity.clone()),
             Box::new(self.cluster_nats_connected.clone()),

@@ -5,17 +5,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use switchboard_storage::{FlushReport, QueueLog, Storage, StorageError};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::QueueConfig;
+use crate::config::{PushConfig, QueueConfig};
 use crate::metrics::Metrics;
 
 /// The consumer group a push deliverer commits as.
 pub const PUSH_GROUP: &str = "switchboard.push";
-/// Entries a deliverer reads at a time (it still POSTs them one by one, in order).
-const DELIVERY_READ: usize = 64;
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// At most one warning per queue this often while deliveries keep failing.
@@ -100,13 +99,17 @@ impl QueueHub {
     }
 }
 
-/// POSTs every entry of `queue` to `url` in offset order, retrying each with exponential
-/// backoff and jitter until it gets a 2xx, committing as [`PUSH_GROUP`] after each. Starts
-/// from the committed offset, so it resumes where it stopped, across restarts.
+/// POSTs the entries of `queue` to `url`: `push.batch_size` per request (one entry: the
+/// event itself; more: `{"Records": [...]}`), up to `push.max_in_flight` requests at once,
+/// each retried with exponential backoff and jitter until it gets a 2xx. The push group's
+/// committed offset only moves past a batch once every batch before it was delivered, so a
+/// restart resumes at the first undelivered entry (entries of later batches delivered
+/// before a crash may be delivered again: at-least-once).
 pub async fn deliver(
     hub: Arc<QueueHub>,
     queue: String,
     url: reqwest::Url,
+    push: PushConfig,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
@@ -114,44 +117,74 @@ pub async fn deliver(
         return;
     };
     let http = crate::integration::HttpIntegration::new();
-    let mut position = match hub.log.committed(&queue, PUSH_GROUP) {
+    let mut next_read = match hub.log.committed(&queue, PUSH_GROUP) {
         Ok(offset) => offset,
         Err(error) => {
             tracing::error!(%queue, %error, "push deliverer cannot read its offset");
             return;
         }
     };
+    // Batches being delivered, answered in offset order with the offset after each.
+    let mut in_flight = futures_util::stream::FuturesOrdered::new();
     loop {
-        let (first, _) = hub.log.bounds(&queue).unwrap_or((position, position));
-        position = position.max(first);
-        let entries = match hub.log.read(&queue, position, DELIVERY_READ) {
-            Ok(entries) => entries,
-            Err(error) => {
-                tracing::error!(%queue, %error, "push deliverer cannot read the queue");
-                return;
-            }
-        };
-        if entries.is_empty() {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                changed = next_offset.wait_for(|next| *next > position) => {
-                    if changed.is_err() {
-                        return;
+        while in_flight.len() < push.max_in_flight {
+            let (first, _) = hub.log.bounds(&queue).unwrap_or((next_read, next_read));
+            next_read = next_read.max(first);
+            let entries = match hub.log.read(&queue, next_read, push.batch_size) {
+                Ok(entries) => entries,
+                Err(error) => {
+                    tracing::error!(%queue, %error, "push deliverer cannot read the queue");
+                    return;
+                }
+            };
+            let Some(last) = entries.last() else { break };
+            next_read = last.offset + 1;
+            let end = next_read;
+            metrics.queue_push_batch_size.observe(entries.len() as f64);
+            let body = push_body(entries.into_iter().map(|e| e.payload), push.batch_size);
+            let (http, queue, url, metrics, shutdown) = (&http, &queue, &url, &metrics, &shutdown);
+            in_flight.push_back(async move {
+                deliver_one(http, queue, url, body, metrics, shutdown)
+                    .await
+                    .then_some(end)
+            });
+        }
+        let window_full = in_flight.len() >= push.max_in_flight;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            delivered = in_flight.next(), if !in_flight.is_empty() => match delivered {
+                Some(Some(end)) => {
+                    if let Err(error) = hub.log.commit(&queue, PUSH_GROUP, end) {
+                        tracing::error!(%queue, %error, "push deliverer cannot commit");
                     }
                 }
-            }
-            continue;
-        }
-        for entry in entries {
-            if !deliver_one(&http, &queue, &url, entry.payload, &metrics, &shutdown).await {
-                return;
-            }
-            position = entry.offset + 1;
-            if let Err(error) = hub.log.commit(&queue, PUSH_GROUP, position) {
-                tracing::error!(%queue, %error, "push deliverer cannot commit");
+                _ => return,
+            },
+            changed = next_offset.wait_for(|next| *next > next_read), if !window_full => {
+                if changed.is_err() {
+                    return;
+                }
             }
         }
     }
+}
+
+/// The body of one push: the event itself with a batch size of 1 (what an AWS-style
+/// backend expects), else `{"Records": [event, ...]}` (as SQS hands batches to Lambda).
+pub(crate) fn push_body(events: impl Iterator<Item = Vec<u8>>, batch_size: usize) -> Vec<u8> {
+    let mut events = events.peekable();
+    if batch_size == 1 {
+        return events.next().unwrap_or_default();
+    }
+    let mut body = b"{\"Records\":[".to_vec();
+    while let Some(event) = events.next() {
+        body.extend_from_slice(&event);
+        if events.peek().is_some() {
+            body.push(b',');
+        }
+    }
+    body.extend_from_slice(b"]}");
+    body
 }
 
 /// Retries one entry until a 2xx; false if shutdown came first.
@@ -213,6 +246,17 @@ fn with_jitter(base: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_is_the_event_itself_or_records() {
+        let events = || vec![br#"{"a":1}"#.to_vec(), br#"{"b":2}"#.to_vec()].into_iter();
+        assert_eq!(push_body(events().take(1), 1), br#"{"a":1}"#.to_vec());
+        let batch: serde_json::Value = serde_json::from_slice(&push_body(events(), 10)).unwrap();
+        assert_eq!(batch, serde_json::json!({"Records": [{"a": 1}, {"b": 2}]}));
+        let one: serde_json::Value =
+            serde_json::from_slice(&push_body(events().take(1), 10)).unwrap();
+        assert_eq!(one, serde_json::json!({"Records": [{"a": 1}]}));
+    }
 
     #[test]
     fn jitter_stays_within_half_again() {

@@ -190,6 +190,7 @@ pub async fn serve(
                 gateway.queues.clone(),
                 queue.name.clone(),
                 url,
+                queue.push,
                 gateway.metrics.clone(),
                 shutdown.clone(),
             )))

@@ -743,14 +743,17 @@ async fn append_batch(shard: &Shard, batch: Vec<PendingAppend>) {
     }
 }
 
-/// Cluster mode: publishes a turn's appends to JetStream together and runs their
-/// completions, in order, as their acks come back.
+/// Cluster mode: publishes a turn's appends to JetStream in order and runs their
+/// completions, in order, once their acks are back.
 async fn append_batch_to_jetstream(cluster: &crate::cluster::Cluster, batch: Vec<PendingAppend>) {
-    let appends = batch
-        .iter()
-        .map(|(queue, payload, _)| cluster.append(queue, payload.clone()));
-    let results = futures_util::future::join_all(appends).await;
-    for ((queue, _, done), result) in batch.into_iter().zip(results) {
+    let mut appends = Vec::with_capacity(batch.len());
+    let mut completions = Vec::with_capacity(batch.len());
+    for (queue, payload, done) in batch {
+        appends.push((queue.clone(), payload));
+        completions.push((queue, done));
+    }
+    let results = cluster.append_all(appends).await;
+    for ((queue, done), result) in completions.into_iter().zip(results) {
         done(result.map_err(|error| {
             tracing::error!(%queue, %error, "queue append not stored by JetStream");
             AppendFailure::Storage(error.to_string())

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::subjects::{Subjects, hex, unhex};
 use super::{Cluster, ClusterError};
-use crate::config::QueueConfig;
+use crate::config::{PushConfig, QueueConfig};
 use crate::gateway::Gateway;
 
 /// The push consumer's name on every queue stream.
@@ -31,8 +31,17 @@ const PUSH_ACK_WAIT: Duration = Duration::from_secs(5);
 /// How often a deliverer tells JetStream it is still working on its message (a POST may
 /// take up to its 30 s timeout, and retries take longer).
 const PROGRESS_EVERY: Duration = Duration::from_millis(1500);
-/// How long one pull for the next message to push waits before asking again.
-const PUSH_PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How long one pull of the push stream lasts before the next (well below the pin
+/// timeout, so the pinned node keeps its pin).
+const PUSH_PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// The push consumer's priority group: the server pins one node's pull stream in it.
+const PUSH_GROUP_NAME: &str = "push";
+/// How long a pinned node may stop pulling before the pin moves to another node: past the
+/// ack wait, so the dead node's unacked messages are due for redelivery, first, to the
+/// new pinned node, and order holds.
+const PUSH_PIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a batch waits for more messages after its first.
+const BATCH_GATHER: Duration = Duration::from_millis(5);
 /// Longest wait for an entry known to be in the stream.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -60,6 +69,8 @@ fn jetstream_error(error: impl std::fmt::Display) -> QueueError {
 pub struct ClusterQueues {
     streams: HashMap<String, stream::Stream>,
     offsets: kv::Store,
+    /// Held while a batch of appends is published, so batches do not interleave.
+    publishing: tokio::sync::Mutex<()>,
 }
 
 impl ClusterQueues {
@@ -106,7 +117,11 @@ impl ClusterQueues {
                 .await
                 .map_err(|e| ClusterError::JetStream(e.to_string()))?,
         };
-        Ok(Self { streams, offsets })
+        Ok(Self {
+            streams,
+            offsets,
+            publishing: tokio::sync::Mutex::new(()),
+        })
     }
 
     fn stream(&self, queue: &str) -> Result<&stream::Stream, QueueError> {
@@ -121,21 +136,42 @@ fn offset_key(queue: &str, group: &str) -> String {
 }
 
 impl Cluster {
-    /// Appends an event to `queue`; returns its offset once JetStream has stored it (on
-    /// every replica's quorum).
-    pub async fn append(&self, queue: &str, payload: Vec<u8>) -> Result<u64, QueueError> {
-        let ack = self
-            .jetstream
-            .publish(self.subjects.queue(queue), Bytes::from(payload))
-            .await
-            .map_err(jetstream_error)?
-            .await
-            .map_err(jetstream_error)?;
+    /// Appends events (queue, payload) in order; each answer is the event's offset once
+    /// JetStream has stored it (on a quorum of replicas). The publishes leave one after
+    /// another, under one lock for the whole node, so a client's events are stored in the
+    /// order it sent them; their acks are awaited together.
+    pub async fn append_all(
+        &self,
+        appends: impl IntoIterator<Item = (Arc<str>, Vec<u8>)>,
+    ) -> Vec<Result<u64, QueueError>> {
+        let mut pending = Vec::new();
+        {
+            let _in_order = self.queues.publishing.lock().await;
+            for (queue, payload) in appends {
+                let sent = self
+                    .jetstream
+                    .publish(self.subjects.queue(&queue), Bytes::from(payload))
+                    .await
+                    .map_err(jetstream_error);
+                pending.push(sent);
+            }
+        }
         self.metrics()
             .cluster_forwarded
             .with_label_values(&["queue"])
-            .inc();
-        Ok(ack.sequence.saturating_sub(1))
+            .inc_by(pending.len() as u64);
+        let mut offsets = Vec::with_capacity(pending.len());
+        for sent in pending {
+            let stored = match sent {
+                Ok(ack) => ack
+                    .await
+                    .map(|ack| ack.sequence.saturating_sub(1))
+                    .map_err(jetstream_error),
+                Err(error) => Err(error),
+            };
+            offsets.push(stored);
+        }
+        offsets
     }
 
     /// The first retained offset and the next offset to be written.
@@ -308,6 +344,7 @@ pub fn start_deliverers(
                 cluster.clone(),
                 queue.name.clone(),
                 url,
+                queue.push,
                 gateway.metrics.clone(),
                 shutdown.clone(),
             )))
@@ -315,20 +352,24 @@ pub fn start_deliverers(
         .collect()
 }
 
-/// Pulls `queue`'s push consumer one message at a time and POSTs each to `url` until a
-/// 2xx, then acks it. Every node runs this; the consumer's single unacked message makes
-/// them take turns, in order.
+/// Pulls `queue`'s push consumer a batch at a time and POSTs each batch to `url` until a
+/// 2xx, then acks its messages. Every node runs this, but the consumer pins one node's pull
+/// stream (JetStream priority groups) and delivers only to it, so one node delivers at a
+/// time, in order; when it dies, the pin moves after [`PUSH_PIN_TIMEOUT`] and its unacked
+/// messages are redelivered first. At most `batch_size × max_in_flight` messages are
+/// unacknowledged at once.
 async fn deliver(
     cluster: Arc<Cluster>,
     queue: String,
     url: reqwest::Url,
+    push: PushConfig,
     metrics: crate::metrics::Metrics,
     shutdown: CancellationToken,
 ) {
     let http = crate::integration::HttpIntegration::new();
     let mut backoff = Duration::from_millis(100);
     loop {
-        let consumer = match push_consumer(&cluster, &queue).await {
+        let consumer = match push_consumer(&cluster, &queue, push).await {
             Ok(consumer) => consumer,
             Err(error) => {
                 tracing::warn!(%queue, %error, "push consumer unavailable; retrying");
@@ -340,44 +381,112 @@ async fn deliver(
                 continue;
             }
         };
-        backoff = Duration::from_millis(100);
-        loop {
-            let batch = consumer
-                .fetch()
-                .max_messages(1)
-                .expires(PUSH_PULL_EXPIRES)
-                .messages();
-            let mut batch = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                batch = batch => match batch {
-                    Ok(batch) => batch,
-                    Err(_) => break,
-                },
-            };
-            let message = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                message = batch.next() => message,
-            };
-            let Some(Ok(message)) = message else {
+        // One stream per run of this loop: the server pins one node's stream and delivers
+        // only to it; the others stand by until it stops pulling.
+        let mut messages = match consumer
+            .stream()
+            .group(PUSH_GROUP_NAME)
+            .max_messages_per_batch(push.batch_size)
+            .expires(PUSH_PULL_EXPIRES)
+            .messages()
+            .await
+        {
+            Ok(messages) => messages,
+            Err(error) => {
+                tracing::warn!(%queue, %error, "push stream unavailable; retrying");
+                tokio::time::sleep(backoff).await;
                 continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        let mut in_flight: std::collections::VecDeque<tokio::task::JoinHandle<()>> =
+            std::collections::VecDeque::new();
+        loop {
+            in_flight.retain(|task| !task.is_finished());
+            if in_flight.len() >= push.max_in_flight {
+                if let Some(oldest) = in_flight.pop_front() {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = oldest => {}
+                    }
+                }
+                continue;
+            }
+            let batch = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                batch = next_batch(&mut messages, push.batch_size) => batch,
             };
-            let payload = message.payload.to_vec();
-            let progress = async {
-                loop {
-                    tokio::time::sleep(PROGRESS_EVERY).await;
+            let Some(batch) = batch else {
+                break; // the stream failed: make it again
+            };
+            let delivery = PushBatch {
+                http: http.clone(),
+                queue: queue.clone(),
+                url: url.clone(),
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+            };
+            in_flight.push_back(tokio::spawn(delivery.run(batch, push.batch_size)));
+        }
+    }
+}
+
+/// The next batch from the pinned pull stream: the first message whenever it comes,
+/// then whatever follows within [`BATCH_GATHER`], up to `size`. `None` if the stream
+/// failed.
+async fn next_batch(
+    messages: &mut consumer::pull::Stream,
+    size: usize,
+) -> Option<Vec<jetstream::Message>> {
+    let first = messages.next().await?.ok()?;
+    let mut batch = vec![first];
+    while batch.len() < size {
+        match tokio::time::timeout(BATCH_GATHER, messages.next()).await {
+            Ok(Some(Ok(message))) => batch.push(message),
+            Ok(Some(Err(_)) | None) => return None,
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+/// One batch's delivery, on its own task.
+struct PushBatch {
+    http: crate::integration::HttpIntegration,
+    queue: String,
+    url: reqwest::Url,
+    metrics: crate::metrics::Metrics,
+    shutdown: CancellationToken,
+}
+
+impl PushBatch {
+    /// POSTs `messages` until a 2xx, telling JetStream meanwhile that they are being
+    /// worked on, then acks them.
+    async fn run(self, messages: Vec<jetstream::Message>, batch_size: usize) {
+        self.metrics
+            .queue_push_batch_size
+            .observe(messages.len() as f64);
+        let body =
+            crate::queues::push_body(messages.iter().map(|m| m.payload.to_vec()), batch_size);
+        let progress = async {
+            loop {
+                tokio::time::sleep(PROGRESS_EVERY).await;
+                for message in &messages {
                     let _ = message.ack_with(AckKind::Progress).await;
                 }
-            };
-            // `progress` never ends: the select ends with the delivery.
-            let delivered = tokio::select! {
-                delivered = crate::queues::deliver_one(&http, &queue, &url, payload, &metrics, &shutdown) => delivered,
-                _ = progress => false,
-            };
-            if !delivered {
-                return;
             }
+        };
+        // `progress` never ends: the select ends with the delivery.
+        let delivered = tokio::select! {
+            delivered = crate::queues::deliver_one(&self.http, &self.queue, &self.url, body, &self.metrics, &self.shutdown) => delivered,
+            _ = progress => false,
+        };
+        if !delivered {
+            return;
+        }
+        for message in &messages {
             if let Err(error) = message.double_ack().await {
-                tracing::warn!(%queue, %error, "push delivery ack failed; it may be delivered again");
+                tracing::warn!(queue = %self.queue, %error, "push delivery ack failed; it may be delivered again");
             }
         }
     }
@@ -386,20 +495,22 @@ async fn deliver(
 async fn push_consumer(
     cluster: &Cluster,
     queue: &str,
+    push: PushConfig,
 ) -> Result<consumer::Consumer<consumer::pull::Config>, QueueError> {
+    // Create or update: a changed batch size or window takes effect at the next start.
     cluster
         .queues
         .stream(queue)?
-        .get_or_create_consumer(
-            PUSH_CONSUMER,
-            consumer::pull::Config {
-                durable_name: Some(PUSH_CONSUMER.into()),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: PUSH_ACK_WAIT,
-                max_ack_pending: 1,
-                ..Default::default()
-            },
-        )
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(PUSH_CONSUMER.into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: PUSH_ACK_WAIT,
+            max_ack_pending: (push.batch_size * push.max_in_flight) as i64,
+            priority_policy: consumer::PriorityPolicy::PinnedClient,
+            priority_groups: vec![PUSH_GROUP_NAME.into()],
+            priority_timeout: PUSH_PIN_TIMEOUT,
+            ..Default::default()
+        })
         .await
         .map_err(jetstream_error)
 }

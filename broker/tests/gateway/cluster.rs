@@ -624,7 +624,7 @@ async fn acked_queue_messages_survive_a_node_kill_on_a_replicated_jetstream() {
     let urls: Vec<String> = servers.iter().map(NatsServer::url).collect();
     let backend = Backend::start().await;
     let queue_route = format!(
-        "[routes.order]\nintegration = {{ type = \"queue\", queue = \"orders\", ack = true, deliver_to = \"{}/delivered\" }}\n",
+        "[queues.orders]\nbatch_size = 20\n[routes.order]\nintegration = {{ type = \"queue\", queue = \"orders\", ack = true, deliver_to = \"{}/delivered\" }}\n",
         backend.url
     );
     let (mut nodes, _files) = start_nodes(&urls, &backend, &queue_route).await;
@@ -692,27 +692,36 @@ async fn acked_queue_messages_survive_a_node_kill_on_a_replicated_jetstream() {
         .unwrap();
     assert_eq!(past.status(), 400);
 
-    // The push deliverer (one at a time cluster-wide) delivers every message, in order;
-    // one the killed node was delivering goes to another node after the ack wait (5 s).
+    // The push deliverer (one batch of up to 20 at a time cluster-wide) delivers every
+    // message, in order; a batch the killed node was delivering goes to another node after
+    // the ack wait (5 s).
+    let delivered = || -> Vec<String> {
+        backend
+            .events("/delivered")
+            .iter()
+            .flat_map(|batch| batch["Records"].as_array().unwrap().clone())
+            .map(|e| {
+                e["requestContext"]["messageId"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
-    while backend.events("/delivered").len() < ORDERS {
+    loop {
+        let distinct: std::collections::HashSet<String> = delivered().into_iter().collect();
+        if distinct.len() >= ORDERS {
+            break;
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
             "{} of {ORDERS} pushed",
-            backend.events("/delivered").len()
+            distinct.len()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let delivered: Vec<String> = backend
-        .events("/delivered")
-        .iter()
-        .map(|e| {
-            e["requestContext"]["messageId"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let delivered = delivered();
     let mut first_seen = Vec::new();
     for id in &delivered {
         if !first_seen.contains(id) {

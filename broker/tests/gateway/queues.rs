@@ -213,6 +213,84 @@ async fn push_delivery_survives_a_failing_backend_in_order() {
     gateway.stop().await;
 }
 
+/// Waits until the push group has committed every entry of `orders`.
+async fn wait_until_pushed(gateway: &TestGateway) {
+    let caught_up = "switchboard_queue_consumer_lag{group=\"switchboard.push\",queue=\"orders\"} 0";
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !gateway.metrics().await.contains(caught_up) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "push delivery caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The order seqs of each batch a backend received on `path` (failed attempts included).
+fn batches(backend: &Backend, path: &str) -> Vec<Vec<u64>> {
+    backend
+        .events(path)
+        .iter()
+        .map(|batch| {
+            batch["Records"]
+                .as_array()
+                .expect("a batch is {\"Records\": [...]}")
+                .iter()
+                .map(|event| {
+                    let body: Value =
+                        serde_json::from_str(event["body"].as_str().unwrap()).unwrap();
+                    body["seq"].as_u64().unwrap()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn batched_push_with_a_window_delivers_every_entry_through_a_flaky_backend() {
+    let backend = Backend::start().await;
+    let route = format!(r#", deliver_to = "{}/flaky""#, backend.url);
+    let queues = "[queues.orders]\nbatch_size = 10\nmax_in_flight = 4\n";
+    let gateway = TestGateway::start(&queue_config(&route, queues)).await;
+    let mut ws = gateway.connect().await;
+    send_orders(&mut ws, 0..200).await;
+    wait_until_pushed(&gateway).await;
+    let batches = batches(&backend, "/flaky");
+    let mut seen = std::collections::BTreeSet::new();
+    for batch in &batches {
+        assert!(!batch.is_empty() && batch.len() <= 10, "{batch:?}");
+        assert!(
+            batch.windows(2).all(|pair| pair[1] == pair[0] + 1),
+            "a batch is consecutive: {batch:?}"
+        );
+        seen.extend(batch.iter().copied());
+    }
+    assert_eq!(seen, (0..200).collect());
+    assert!(batches.len() > 20, "some batches failed and were retried");
+    let metrics = gateway.metrics().await;
+    assert!(metrics.contains("switchboard_queue_push_batch_size_count"));
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn batched_push_with_one_in_flight_keeps_strict_order() {
+    let backend = Backend::start().await;
+    let route = format!(r#", deliver_to = "{}/flaky""#, backend.url);
+    let queues = "[queues.orders]\nbatch_size = 5\n";
+    let gateway = TestGateway::start(&queue_config(&route, queues)).await;
+    let mut ws = gateway.connect().await;
+    send_orders(&mut ws, 0..50).await;
+    wait_until_pushed(&gateway).await;
+    let mut first_seen = Vec::new();
+    for seq in batches(&backend, "/flaky").into_iter().flatten() {
+        if !first_seen.contains(&seq) {
+            first_seen.push(seq);
+        }
+    }
+    assert_eq!(first_seen, (0..50).collect::<Vec<_>>());
+    gateway.stop().await;
+}
+
 #[tokio::test]
 async fn commits_and_entries_survive_a_restart() {
     let config = queue_config("", "");

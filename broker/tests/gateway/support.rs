@@ -143,6 +143,7 @@ impl Backend {
     /// * `/http-status/{code}`: a plain HTTP answer with that status;
     /// * `/protocol`: accepts and picks the sub-protocol `chat`;
     /// * `/fail-first/{n}`: 503 for the first n requests, then 200;
+    /// * `/flaky`: 503 for every third request;
     /// * `/slow`: answers after 3 s;
     /// * `/authorize`: an IAM policy allowing `Bearer good`, denying `Bearer bad`, else 401.
     pub(crate) async fn start() -> Self {
@@ -280,6 +281,14 @@ async fn record(
                 "context": {"tier": "pro"}
             }))
             .into_response()
+        }
+        ["flaky"] => {
+            // Every third request fails: a backend that fails now and then.
+            if backend.events(&path).len() % 3 == 0 {
+                StatusCode::SERVICE_UNAVAILABLE.into_response()
+            } else {
+                StatusCode::OK.into_response()
+            }
         }
         ["slow"] => {
             tokio::time::sleep(Duration::from_secs(3)).await;
