@@ -212,18 +212,11 @@ impl Metrics {
                 "Entries per deliver_to push request",
                 prometheus::exponential_buckets(1.0, 4.0, 8),
             ),
-            fanout_duration: HistogramVec::new(
-                HistogramOpts::new(
-                    "switchboard_fanout_duration_seconds",
-                    "Time to queue a broadcast or bulk push to every recipient, by kind",
-                )
-                .buckets(vec![
-                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                    0.5, 1.0,
-                ]),
+            fanout_duration: fast_latency_vec(
+                "switchboard_fanout_duration_seconds",
+                "Time to queue a broadcast or bulk push to every recipient, by kind",
                 &["kind"],
-            )
-            .unwrap_or_else(|_| unreachable!("static metric definition")),
+            ),
             connection_capacity: gauge(
                 "switchboard_connection_capacity",
                 "Client sockets the gateway admits at most (max_connections capped by the open-files limit)",
@@ -236,18 +229,11 @@ impl Metrics {
                 "switchboard_cluster_nodes_live",
                 "Nodes with a live heartbeat, this one included (cluster mode)",
             ),
-            cluster_request_duration: HistogramVec::new(
-                HistogramOpts::new(
-                    "switchboard_cluster_request_duration_seconds",
-                    "Round trip of a call to another node, by op",
-                )
-                .buckets(vec![
-                    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                    0.5, 1.0,
-                ]),
+            cluster_request_duration: fast_latency_vec(
+                "switchboard_cluster_request_duration_seconds",
+                "Round trip of a call to another node, by op",
                 &["op"],
-            )
-            .unwrap_or_else(|_| unreachable!("static metric definition")),
+            ),
             cluster_request_errors: counter_vec(
                 "switchboard_cluster_request_errors_total",
                 "Calls to other nodes that failed, by op and kind",
@@ -378,6 +364,15 @@ impl Default for Metrics {
 fn histogram(name: &str, help: &str, buckets: prometheus::Result<Vec<f64>>) -> Histogram {
     let opts = HistogramOpts::new(name, help).buckets(buckets.unwrap_or_default());
     Histogram::with_opts(opts).unwrap_or_else(|_| unreachable!("static metric definition"))
+}
+
+/// A latency histogram for work measured in micro- to milliseconds (100 µs to 1 s).
+fn fast_latency_vec(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let buckets = vec![
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    ];
+    HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .unwrap_or_else(|_| unreachable!("static metric definition"))
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
