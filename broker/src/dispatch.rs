@@ -502,15 +502,20 @@ impl<'a> OrphanReporter<'a> {
         }
     }
 
-    /// Calls `$disconnect` for the connection of `record` (and counts it).
-    pub async fn report(&mut self, record: switchboard_storage::ConnectionRecord) {
+    /// Calls `$disconnect` for the connection of `record` (and counts it), with the
+    /// authorizer context when it was kept.
+    pub async fn report(
+        &mut self,
+        record: switchboard_storage::ConnectionRecord,
+        authorizer: Option<std::sync::Arc<serde_json::value::RawValue>>,
+    ) {
         let facts = ConnectionFacts {
             connection_id: record.connection_id,
             connected_at_ms: record.connected_at_ms,
             source_ip: record.source_ip,
             user_agent: record.user_agent,
             domain_name: self.domain_name.clone(),
-            authorizer: None,
+            authorizer,
         };
         let reason = &self.reason;
         self.gateway

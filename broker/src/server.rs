@@ -345,7 +345,7 @@ async fn report_orphans(gateway: Arc<Gateway>, orphans: Vec<ConnectionRecord>) {
     let mut reporter = dispatch::OrphanReporter::new(&gateway, DisconnectReason::GatewayRestarted);
     for record in orphans {
         let connection_id = record.connection_id.clone();
-        reporter.report(record).await;
+        reporter.report(record, None).await;
         let mut changes = switchboard_storage::RecordChanges::default();
         changes.remove(connection_id);
         let records = gateway.records.clone();

@@ -68,7 +68,7 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, ticket: 
         user_agent: connection.facts.user_agent.clone(),
     };
     if let Some(cluster) = &gateway.cluster {
-        cluster.mirror_opened(record.clone().into());
+        cluster.mirror_opened(crate::cluster::mirror::MirrorRecord::of(&connection.facts));
     }
     shard.record(|changes| changes.upsert(record));
     shard.register(connection.clone());

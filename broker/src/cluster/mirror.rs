@@ -34,6 +34,31 @@ pub struct MirrorRecord {
     pub connected_at_ms: u64,
     pub source_ip: String,
     pub user_agent: String,
+    /// What the `$connect` authorizer passed on (JSON text), so the takeover's
+    /// `$disconnect` event carries `requestContext.authorizer` like the node's own would.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorizer: Option<String>,
+}
+
+impl MirrorRecord {
+    /// The record of a connection as its session knows it.
+    pub fn of(facts: &crate::event::ConnectionFacts) -> Self {
+        Self {
+            connection_id: facts.connection_id.clone(),
+            connected_at_ms: facts.connected_at_ms,
+            source_ip: facts.source_ip.clone(),
+            user_agent: facts.user_agent.clone(),
+            authorizer: facts.authorizer.as_ref().map(|raw| raw.get().to_owned()),
+        }
+    }
+
+    /// The authorizer context, as events carry it.
+    pub fn authorizer_context(&self) -> Option<std::sync::Arc<serde_json::value::RawValue>> {
+        let text = self.authorizer.clone()?;
+        serde_json::value::RawValue::from_string(text)
+            .ok()
+            .map(Into::into)
+    }
 }
 
 /// The mirror stream and the changes not yet published.

@@ -516,7 +516,8 @@ async fn report_lost(gateway: &Gateway, records: Vec<(String, MirrorRecord)>) {
     };
     let mut reporter = dispatch::OrphanReporter::new(gateway, DisconnectReason::NodeLost);
     for (subject, record) in records {
-        reporter.report(record.into()).await;
+        let authorizer = record.authorizer_context();
+        reporter.report(record.into(), authorizer).await;
         cluster.forget_mirrored(subject).await;
     }
 }
@@ -617,6 +618,8 @@ impl From<ConnectionRecord> for MirrorRecord {
             connected_at_ms: record.connected_at_ms,
             source_ip: record.source_ip,
             user_agent: record.user_agent,
+            // The local records do not keep it.
+            authorizer: None,
         }
     }
 }

@@ -10,7 +10,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::support::*;
 
-const SECRET: &str = "hs256-test-secret";
+pub(crate) const SECRET: &str = "hs256-test-secret";
 
 fn now() -> u64 {
     std::time::SystemTime::now()
@@ -19,7 +19,7 @@ fn now() -> u64 {
         .as_secs()
 }
 
-fn hs256(claims: Value, secret: &str) -> String {
+pub(crate) fn hs256(claims: Value, secret: &str) -> String {
     jsonwebtoken::encode(
         &Header::default(),
         &claims,
@@ -28,7 +28,7 @@ fn hs256(claims: Value, secret: &str) -> String {
     .unwrap()
 }
 
-fn claims(audience: &str, expires_in: i64) -> Value {
+pub(crate) fn claims(audience: &str, expires_in: i64) -> Value {
     json!({
         "sub": "alice",
         "iss": "https://issuer.test",

@@ -752,3 +752,34 @@ async fn acked_queue_messages_survive_a_node_kill_on_a_replicated_jetstream() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_nodes_connections_are_reported_with_their_authorizer_context() {
+    use crate::authorizers::{SECRET, claims, hs256};
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let authorizer = format!(
+        "[authorizer]\ntype = \"jwt\"\ntoken = \"query:token\"\nsecret = \"{SECRET}\"\naudience = \"switchboard\"\n"
+    );
+    let survivor_files = node_files(1, &[server.url()], &backend, &authorizer);
+    let doomed_files = node_files(2, &[server.url()], &backend, &authorizer);
+    let _survivor = start_node(&survivor_files).await;
+    let mut doomed = start_node(&doomed_files).await;
+    let token = hs256(claims("switchboard", 600), SECRET);
+    let url = format!("{}?token={token}", doomed.ws_url);
+    let (_client, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let id = connection_id(&backend.wait_for("/connect-log", |_| true).await);
+    tokio::time::sleep(Duration::from_millis(300)).await; // the mirror batches every 20 ms
+    doomed.child.kill().unwrap();
+    doomed.child.wait().unwrap();
+    let event = backend
+        .wait_for("/disconnect", |e| connection_id(e) == id)
+        .await;
+    assert_eq!(event["requestContext"]["disconnectReason"], "node lost");
+    assert_eq!(event["requestContext"]["authorizer"]["plan"], "gold");
+    assert_eq!(
+        event["requestContext"]["authorizer"]["principalId"],
+        "alice"
+    );
+}
