@@ -251,6 +251,13 @@ impl Registry {
         }
     }
 
+    /// Starts `node`'s clock afresh: its takeover is someone else's for now.
+    fn postpone(&self, node: u16) {
+        if let Some(peer) = self.peers.lock().ok().as_mut().and_then(|p| p.get_mut(&node)) {
+            peer.last_seen = Instant::now();
+        }
+    }
+
     /// Starts every peer's clock afresh (after this node's own NATS outage).
     fn refresh_all(&self) {
         if let Ok(mut peers) = self.peers.lock() {
@@ -480,7 +487,10 @@ async fn take_over(gateway: Arc<Gateway>, node: u16, registration: Registration,
     };
     let epoch = registration.epoch;
     if !cluster.registry.claim(node, epoch).await {
-        cluster.registry.forget(node);
+        // Another live node is reporting it, or has: look again after another timeout.
+        // When that node finishes, it removes the registration and the watch forgets the
+        // peer; if it dies half-way, its claim is taken over then.
+        cluster.registry.postpone(node);
         cluster.registry.takeover_finished(node);
         return;
     }
