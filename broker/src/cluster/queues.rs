@@ -5,9 +5,10 @@
 //! The contract is the local log's: an entry's offset is its stream sequence less one;
 //! a group's committed offset (the next to read, never moving backwards) lives in the
 //! `sb_{stage}_offsets` key-value bucket. Push delivery is a durable JetStream consumer
-//! that allows one unacknowledged message: every node pulls from it, so exactly one
-//! delivers at a time, in order, and when that node dies the message is redelivered to
-//! another after its ack wait.
+//! with a pinned-client priority group: every node pulls from it, the server delivers to
+//! one node's pull stream only, so one node delivers at a time, in order, in batches of
+//! `batch_size` with up to `max_in_flight` at once; when that node dies its unacked
+//! messages go, first, to the node the pin moves to.
 
 use std::collections::HashMap;
 use std::sync::Arc;
