@@ -19,6 +19,9 @@ use tokio::task::JoinHandle;
 #[derive(Debug, Default)]
 pub(crate) struct Outcome {
     pub(crate) failures: usize,
+    /// The first failed response: its status line and the start of its body (the
+    /// gateway's JSON error says why).
+    pub(crate) first_failure: Option<String>,
     /// Round trip of every request, in microseconds.
     pub(crate) round_trips_us: Vec<u64>,
 }
@@ -105,6 +108,13 @@ async fn read_responses(
     let mut buffer = Vec::with_capacity(16 * 1024);
     loop {
         while let Some((status, length)) = parse_response(&buffer) {
+            if !(200..300).contains(&status) && outcome.first_failure.is_none() {
+                let response = String::from_utf8_lossy(&buffer[..length]);
+                let status_line = response.lines().next().unwrap_or_default().to_owned();
+                let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+                let body: String = body.chars().take(300).collect();
+                outcome.first_failure = Some(format!("{status_line}: {body}"));
+            }
             buffer.drain(..length);
             let started = sent_at.lock().ok().and_then(|mut s| s.pop_front());
             if let Some(started) = started {

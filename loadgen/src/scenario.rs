@@ -177,6 +177,9 @@ pub(crate) struct FanoutReport {
     pub(crate) out_of_order: u64,
     pub(crate) closed_by_server: usize,
     pub(crate) publish_errors: usize,
+    /// The first failed publish request and the gateway's answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) first_publish_error: Option<String>,
     pub(crate) publish_secs: f64,
     pub(crate) deliveries_per_sec: f64,
     pub(crate) latency_ms: Percentiles,
@@ -251,7 +254,8 @@ pub(crate) async fn fanout(
 
     let published_at = Instant::now();
     let first_publish_ns = now_ns();
-    let (publish_errors, requests) = publish(endpoints, args, &members).await?;
+    let (publish_errors, first_publish_error, requests) =
+        publish(endpoints, args, &members).await?;
     let publish_secs = published_at.elapsed().as_secs_f64();
     let drain_deadline = (Instant::now() + args.drain).min(deadline);
     for subscriber in subscribers {
@@ -300,6 +304,7 @@ pub(crate) async fn fanout(
         out_of_order,
         closed_by_server: closed,
         publish_errors,
+        first_publish_error,
         publish_secs,
         deliveries_per_sec: delivered as f64 / (span_ns as f64 / 1e9),
         latency_ms: latency,
@@ -345,13 +350,13 @@ fn payload(seq: usize, size: usize) -> String {
     text
 }
 
-/// Publishes every message over one pipelined connection; returns the failed requests and
-/// the request round trips.
+/// Publishes every message over one pipelined connection; returns the failed requests,
+/// the first failure's answer and the request round trips.
 async fn publish(
     endpoints: &Endpoints,
     args: &FanoutArgs,
     members: &[String],
-) -> anyhow::Result<(usize, Histogram<u64>)> {
+) -> anyhow::Result<(usize, Option<String>, Histogram<u64>)> {
     let mut pipeline = Pipeline::connect(&endpoints.api, args.window).await?;
     let stage_path = endpoints
         .api
@@ -403,7 +408,7 @@ async fn publish(
     for us in outcome.round_trips_us {
         let _ = requests.record(us.max(1));
     }
-    Ok((outcome.failures, requests))
+    Ok((outcome.failures, outcome.first_failure, requests))
 }
 
 /// Reads until every message arrived, the server closed, or the deadline passed.

@@ -253,7 +253,13 @@ impl Registry {
 
     /// Starts `node`'s clock afresh: its takeover is someone else's for now.
     fn postpone(&self, node: u16) {
-        if let Some(peer) = self.peers.lock().ok().as_mut().and_then(|p| p.get_mut(&node)) {
+        if let Some(peer) = self
+            .peers
+            .lock()
+            .ok()
+            .as_mut()
+            .and_then(|p| p.get_mut(&node))
+        {
             peer.last_seen = Instant::now();
         }
     }
