@@ -70,6 +70,21 @@ pub struct Delivery {
     pub gone: Vec<u32>,
 }
 
+/// Queues `frame` to the members of `room` on each of `shards`, in order, without waiting
+/// for counts (a client's publish, a broadcast relayed from another node).
+pub async fn relay<'a>(
+    shards: impl IntoIterator<Item = &'a ShardHandle>,
+    room: &RoomName,
+    frame: &Bytes,
+    exclude: Option<ConnectionId>,
+) {
+    for shard in shards {
+        let _ = shard
+            .broadcast(room.clone(), frame.clone(), exclude, None)
+            .await;
+    }
+}
+
 /// Sends `frame` to every member of `room` on every shard; returns how many got it.
 /// All shards work in parallel: every command is sent before any answer is awaited.
 pub async fn broadcast(

@@ -397,11 +397,7 @@ impl Shard {
             let (room, frame) = (room.clone(), frame.clone());
             self.tasks.spawn_local(async move {
                 let _in_flight = in_flight;
-                for shard in others {
-                    let _ = shard
-                        .broadcast(room.clone(), frame.clone(), exclude, None)
-                        .await;
-                }
+                crate::fanout::relay(&others, &room, &frame, exclude).await;
                 if let Some(cluster) = cluster {
                     cluster.publish_room(&room, frame, exclude).await;
                 }

@@ -306,22 +306,14 @@ async fn serve_room(cluster: Arc<Cluster>, room: RoomName) {
             .and_then(|v| v.as_str().parse::<ConnectionId>().ok());
         let answer = match (op, message.reply.is_some()) {
             (Some(BROADCAST), false) => {
-                for shard in cluster.shards().iter() {
-                    let _ = shard
-                        .broadcast(room.clone(), message.payload.clone(), exclude, None)
-                        .await;
-                }
+                fanout::relay(cluster.shards().iter(), &room, &message.payload, exclude).await;
                 continue;
             }
             (Some(BROADCAST), true) if exclude.is_none_or(|id| id.node != cluster.node_id) => {
                 // No local member excluded: the count is the node's member count, answered
                 // at once; the frame is queued to the shards in order.
                 let delivered = cluster.interest.members(&room);
-                for shard in cluster.shards().iter() {
-                    let _ = shard
-                        .broadcast(room.clone(), message.payload.clone(), exclude, None)
-                        .await;
-                }
+                fanout::relay(cluster.shards().iter(), &room, &message.payload, exclude).await;
                 Bytes::from(delivered.to_string())
             }
             (Some(BROADCAST), true) => {
