@@ -287,6 +287,7 @@ impl Cluster {
     /// Refreshes the queue depth and consumer lag gauges from JetStream (at scrape time).
     pub async fn update_queue_gauges(&self) {
         let metrics = self.metrics();
+        let offset_keys = self.offset_keys().await;
         for queue in self.queues.streams.keys() {
             let Ok((first, next)) = self.queue_bounds(queue).await else {
                 continue;
@@ -295,35 +296,29 @@ impl Cluster {
                 .queue_depth
                 .with_label_values(&[queue.as_str()])
                 .set((next - first) as i64);
-            for (group, committed) in self.committed_groups(queue).await {
-                metrics
-                    .queue_consumer_lag
-                    .with_label_values(&[queue.as_str(), group.as_str()])
-                    .set(next.saturating_sub(committed) as i64);
+            let prefix = format!("{}.", hex(queue));
+            let groups = offset_keys
+                .iter()
+                .filter_map(|key| key.strip_prefix(&prefix).and_then(unhex));
+            for group in groups {
+                if let Ok(committed) = self.committed(queue, &group).await {
+                    metrics
+                        .queue_consumer_lag
+                        .with_label_values(&[queue.as_str(), group.as_str()])
+                        .set(next.saturating_sub(committed) as i64);
+                }
             }
         }
     }
 
-    /// Every group that has committed on `queue`, with its offset.
-    async fn committed_groups(&self, queue: &str) -> Vec<(String, u64)> {
-        let prefix = format!("{}.", hex(queue));
+    /// Every key of the offsets bucket (`{hex queue}.{hex group}`), listed once per scrape.
+    async fn offset_keys(&self) -> Vec<String> {
         let Ok(keys) = self.queues.offsets.keys().await else {
             return Vec::new();
         };
-        let keys: Vec<String> = keys
-            .filter_map(|key| async move { key.ok() })
+        keys.filter_map(|key| async move { key.ok() })
             .collect()
-            .await;
-        let mut groups = Vec::new();
-        for key in keys {
-            let Some(group) = key.strip_prefix(&prefix).and_then(unhex) else {
-                continue;
-            };
-            if let Ok(committed) = self.committed(queue, &group).await {
-                groups.push((group, committed));
-            }
-        }
-        groups
+            .await
     }
 }
 
