@@ -238,10 +238,7 @@ async fn health_and_metrics() {
 /// Whether python3 can import boto3; where it cannot, the boto3 tests skip, except in CI
 /// (SWITCHBOARD_REQUIRE_BOTO3 set), where that is a failure.
 fn boto3_available() -> bool {
-    let has_boto3 = std::process::Command::new("python3")
-        .args(["-c", "import boto3"])
-        .status()
-        .is_ok_and(|s| s.success());
+    let has_boto3 = python_has("boto3");
     if !has_boto3 {
         assert!(
             std::env::var_os("SWITCHBOARD_REQUIRE_BOTO3").is_none(),

@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::binary::BIN;
+use crate::support::python_has;
 
 /// The fenced code blocks of the README's quickstart section, in order.
 fn quickstart_blocks() -> Vec<String> {
@@ -27,13 +28,6 @@ fn quickstart_blocks() -> Vec<String> {
                 .to_owned()
         })
         .collect()
-}
-
-fn python_has(module: &str) -> bool {
-    Command::new("python3")
-        .args(["-c", &format!("import {module}")])
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 fn bash(script: &str) -> String {

@@ -298,6 +298,14 @@ async fn record(
     }
 }
 
+/// Whether python3 can import `module`.
+pub(crate) fn python_has(module: &str) -> bool {
+    std::process::Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// A URL on which nothing listens.
 pub(crate) async fn dead_url() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
