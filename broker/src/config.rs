@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::selection::SelectionExpression;
 use crate::transport::TlsEndpoint;
+use crate::transport::webtransport::WebTransportConfig;
 
 /// The embedded demo: echo on `$default`, rooms on join/leave/publish, no backend needed.
 pub const DEMO_CONFIG: &str = include_str!("demo.toml");
@@ -330,6 +331,67 @@ pub struct RawServer {
     /// without `Origin` (not a browser) is not checked.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub allowed_origins: Vec<String>,
+    /// WebTransport (HTTP/3 over QUIC) beside WebSocket; off without this table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webtransport: Option<RawWebTransport>,
+}
+
+/// `[server.webtransport]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawWebTransport {
+    /// UDP address: clients open `https://LISTEN/{stage}`.
+    pub listen: String,
+    /// PEM certificate chain; without `cert` and `key`, a self-signed ECDSA P-256
+    /// certificate valid for under 14 days, renewed by the gateway.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// A session whose client is silent this long is lost (keep-alives every third).
+    pub quic_idle_timeout_secs: u64,
+}
+
+impl Default for RawWebTransport {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:4433".into(),
+            cert: None,
+            key: None,
+            quic_idle_timeout_secs: 30,
+        }
+    }
+}
+
+impl RawWebTransport {
+    fn validate(&self) -> Result<WebTransportConfig, ConfigError> {
+        use crate::transport::webtransport::ServedCertificate;
+        let certificate = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => ServedCertificate::from_files(cert.clone(), key.clone())
+                .map_err(|error| {
+                    let key = match error {
+                        crate::transport::TlsError::Key { .. } => "key",
+                        _ => "cert",
+                    };
+                    invalid(format!("server.webtransport.{key}"), error.to_string())
+                })?,
+            (None, None) => ServedCertificate::self_signed()
+                .map_err(|error| invalid("server.webtransport", error.to_string()))?,
+            (Some(_), None) => return Err(invalid("server.webtransport.key", "cert needs a key")),
+            (None, Some(_)) => return Err(invalid("server.webtransport.cert", "key needs a cert")),
+        };
+        if !(1..=600).contains(&self.quic_idle_timeout_secs) {
+            return Err(invalid(
+                "server.webtransport.quic_idle_timeout_secs",
+                "must be 1 to 600",
+            ));
+        }
+        Ok(WebTransportConfig {
+            listen: parse_addr("server.webtransport.listen", &self.listen)?,
+            certificate: std::sync::Arc::new(certificate),
+            quic_idle_timeout: Duration::from_secs(self.quic_idle_timeout_secs),
+        })
+    }
 }
 
 /// A listener's certificate and key (PEM files); reloaded on SIGHUP.
@@ -365,6 +427,7 @@ impl Default for RawServer {
             fd_reserve: 1024,
             tls: None,
             allowed_origins: Vec::new(),
+            webtransport: None,
         }
     }
 }
@@ -617,6 +680,7 @@ pub struct ServerConfig {
     pub fd_reserve: usize,
     pub tls: Option<TlsEndpoint>,
     pub allowed_origins: Vec<String>,
+    pub webtransport: Option<WebTransportConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -855,6 +919,11 @@ impl RawServer {
                 .map(|tls| tls.load("server.tls"))
                 .transpose()?,
             allowed_origins: self.allowed_origins.clone(),
+            webtransport: self
+                .webtransport
+                .as_ref()
+                .map(RawWebTransport::validate)
+                .transpose()?,
         })
     }
 }
@@ -1211,6 +1280,9 @@ allowed_origins = ["https://app.example"]
 [server.tls]
 cert = "c.pem"
 key = "k.pem"
+[server.webtransport]
+cert = "c.pem"
+key = "k.pem"
 [management]
 public_metrics = true
 [[management.aws_keys]]
@@ -1309,6 +1381,32 @@ tls_ca = "ca.pem"
         );
         assert!(error_of("[queues.q]\nbatch_size = 0").contains("queues.q.batch_size"));
         assert!(error_of("[queues.q]\nmax_in_flight = 65").contains("queues.q.max_in_flight"));
+    }
+
+    #[test]
+    fn webtransport_keys_are_checked() {
+        let config = RawConfig::parse("[server.webtransport]")
+            .unwrap()
+            .validate()
+            .unwrap();
+        let webtransport = config.server.webtransport.unwrap();
+        assert_eq!(webtransport.listen.port(), 4433);
+        assert!(webtransport.certificate.self_signed_hash().is_some());
+        assert!(
+            error_of("[server.webtransport]\ncert = \"c.pem\"").contains("server.webtransport.key")
+        );
+        assert!(
+            error_of("[server.webtransport]\ncert = \"/nonexistent.pem\"\nkey = \"k.pem\"")
+                .contains("server.webtransport.cert")
+        );
+        assert!(
+            error_of("[server.webtransport]\nquic_idle_timeout_secs = 0")
+                .contains("server.webtransport.quic_idle_timeout_secs")
+        );
+        assert!(
+            error_of("[server.webtransport]\nlisten = \"nope\"")
+                .contains("server.webtransport.listen")
+        );
     }
 
     #[test]

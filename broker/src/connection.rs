@@ -4,7 +4,6 @@
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
-use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
@@ -17,7 +16,7 @@ use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
 use crate::event::ConnectionFacts;
 use crate::metrics::Metrics;
-use crate::outbound::{MAX_IOVECS, OutboundQueue, SharedFrame};
+use crate::outbound::{self, MAX_IOVECS, OutboundQueue, SharedFrame};
 use crate::transport::Socket;
 
 /// The connection is closed or closing: the push was not delivered.
@@ -91,7 +90,7 @@ impl Connection {
     /// Queues an encoded frame, counts it as sent and wakes the session to write it (the
     /// path for a connection's own replies).
     pub fn push(&self, frame: Bytes, metrics: &Metrics) -> Result<(), Gone> {
-        self.enqueue(Rc::new(frame), metrics)?;
+        self.enqueue(outbound::shared(frame), metrics)?;
         metrics.messages_sent.inc();
         self.wake();
         Ok(())

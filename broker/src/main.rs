@@ -168,11 +168,20 @@ fn run(config: switchboard::Config) -> anyhow::Result<()> {
         // listening must shut down gracefully, not kill the process.
         let signals = ShutdownSignals::install().context("cannot install signal handlers")?;
         let shutdown = CancellationToken::new();
-        let endpoints: Vec<TlsEndpoint> = [&config.server.tls, &config.management.tls]
+        let mut endpoints: Vec<Reloadable> = [&config.server.tls, &config.management.tls]
             .into_iter()
             .flatten()
             .cloned()
+            .map(Reloadable::Tls)
             .collect();
+        if let Some(webtransport) = config
+            .server
+            .webtransport
+            .as_ref()
+            .filter(|w| w.certificate.self_signed_hash().is_none())
+        {
+            endpoints.push(Reloadable::WebTransport(webtransport.certificate.clone()));
+        }
         if !endpoints.is_empty() {
             let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
                 .context("cannot install the SIGHUP handler")?;
@@ -184,11 +193,27 @@ fn run(config: switchboard::Config) -> anyhow::Result<()> {
     })
 }
 
+/// A listener whose certificate files SIGHUP reloads.
+#[derive(Debug)]
+enum Reloadable {
+    Tls(TlsEndpoint),
+    WebTransport(std::sync::Arc<switchboard::transport::webtransport::ServedCertificate>),
+}
+
+impl Reloadable {
+    fn reload(&self) -> Result<(), switchboard::transport::TlsError> {
+        match self {
+            Self::Tls(endpoint) => endpoint.reload(),
+            Self::WebTransport(certificate) => certificate.reload(),
+        }
+    }
+}
+
 /// Reloads every listener's certificate files at each SIGHUP (certbot renewals): new
 /// connections get the new certificate, open ones are not touched.
 async fn reload_certificates_on_hangup(
     mut hangups: tokio::signal::unix::Signal,
-    endpoints: Vec<TlsEndpoint>,
+    endpoints: Vec<Reloadable>,
 ) {
     while hangups.recv().await.is_some() {
         for endpoint in &endpoints {

@@ -3,6 +3,8 @@
 //! Labels stay low-cardinality: route keys (configured routes only), integration kinds,
 //! results and reasons from fixed sets. Never a connectionId or a room name.
 
+use crate::outbound::Wire;
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -12,11 +14,12 @@ use prometheus::{
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    /// Connections currently open (after a successful `$connect`).
-    pub connections_active: IntGauge,
-    /// Handshakes by result: accepted, rejected (by `$connect`), not_found, bad_request,
-    /// backend_error, and the admission refusals over_capacity, overloaded, ip_limit,
-    /// ip_rate.
+    /// Connections currently open (after a successful `$connect`), by transport
+    /// (websocket, webtransport).
+    pub connections_active: IntGaugeVec,
+    /// Handshakes by result and transport: accepted, rejected (by `$connect`), not_found,
+    /// bad_request, backend_error, and the admission refusals over_capacity, overloaded,
+    /// ip_limit, ip_rate.
     pub connections_total: IntCounterVec,
     /// Inbound messages by the route they were dispatched to.
     pub messages_received: IntCounterVec,
@@ -91,15 +94,15 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let metrics = Self {
-            connections_active: IntGauge::new(
+            connections_active: gauge_vec(
                 "switchboard_connections_active",
-                "WebSocket connections currently open",
-            )
-            .unwrap_or_else(|_| unreachable!("static metric definition")),
+                "Client connections currently open, by transport",
+                &["transport"],
+            ),
             connections_total: counter_vec(
                 "switchboard_connections_total",
-                "WebSocket handshakes by result",
-                &["result"],
+                "Client handshakes by result and transport",
+                &["result", "transport"],
             ),
             messages_received: counter_vec(
                 "switchboard_messages_received_total",
@@ -287,6 +290,14 @@ impl Metrics {
         }
         for reason in ["rooms_per_connection", "not_a_member"] {
             let _ = self.refused.with_label_values(&[reason]);
+        }
+        for transport in [Wire::WebSocket, Wire::WebTransport] {
+            let _ = self
+                .connections_active
+                .with_label_values(&[transport.label()]);
+            let _ = self
+                .connections_total
+                .with_label_values(&["accepted", transport.label()]);
         }
     }
 

@@ -2,19 +2,69 @@
 //!
 //! Frames are [`SharedFrame`]s: one encoded frame shared by every recipient of a
 //! broadcast on a shard through a non-atomic `Rc` (a queue never leaves its shard, so no
-//! recipient pays for an atomic refcount). The writer drains the queue with vectored
+//! recipient pays for an atomic refcount). A frame is encoded for WebSocket; the first
+//! WebTransport recipient on a shard adds its WebTransport encoding, which the others
+//! share: once per transport, never once per member. The writer drains the queue with vectored
 //! writes, so whatever piled up while the socket was busy leaves in one system call.
 //! Overflow rule: a push that would exceed either bound is refused, and the caller
 //! disconnects the connection as a slow consumer.
 
+use std::cell::OnceCell;
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::rc::Rc;
 
 use bytes::Bytes;
 
+use crate::transport::webtransport::framing;
+
 /// An encoded frame as queued: shared within one shard.
-pub type SharedFrame = Rc<Bytes>;
+pub type SharedFrame = Rc<OutboundFrame>;
+
+/// Shares a WebSocket-encoded frame between the recipients on this shard.
+pub fn shared(websocket: Bytes) -> SharedFrame {
+    Rc::new(OutboundFrame {
+        websocket,
+        webtransport: OnceCell::new(),
+    })
+}
+
+/// The wire format a connection's client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    WebSocket,
+    WebTransport,
+}
+
+impl Wire {
+    /// The `transport` label of the connection metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::WebSocket => "websocket",
+            Self::WebTransport => "webtransport",
+        }
+    }
+}
+
+/// One message encoded for each transport that receives it.
+#[derive(Debug)]
+pub struct OutboundFrame {
+    websocket: Bytes,
+    /// Made from the WebSocket encoding at the first WebTransport recipient.
+    webtransport: OnceCell<Bytes>,
+}
+
+impl OutboundFrame {
+    /// The frame's bytes on `wire`.
+    pub fn bytes(&self, wire: Wire) -> &[u8] {
+        match wire {
+            Wire::WebSocket => &self.websocket,
+            Wire::WebTransport => self
+                .webtransport
+                .get_or_init(|| framing::from_websocket(&self.websocket)),
+        }
+    }
+}
 
 /// A queued frame and how much of it the socket has taken.
 #[derive(Debug)]
@@ -24,8 +74,8 @@ struct Queued {
 }
 
 impl Queued {
-    fn remaining(&self) -> &[u8] {
-        &self.frame[self.written..]
+    fn remaining(&self, wire: Wire) -> &[u8] {
+        &self.frame.bytes(wire)[self.written..]
     }
 }
 
@@ -38,6 +88,7 @@ pub struct QueueFull;
 
 #[derive(Debug)]
 pub struct OutboundQueue {
+    wire: Wire,
     frames: VecDeque<Queued>,
     queued_bytes: usize,
     max_frames: usize,
@@ -45,8 +96,9 @@ pub struct OutboundQueue {
 }
 
 impl OutboundQueue {
-    pub fn new(max_frames: usize, max_bytes: usize) -> Self {
+    pub fn new(wire: Wire, max_frames: usize, max_bytes: usize) -> Self {
         Self {
+            wire,
             frames: VecDeque::new(),
             queued_bytes: 0,
             max_frames,
@@ -56,8 +108,8 @@ impl OutboundQueue {
 
     /// Queues `frame`, or refuses it if a bound would be exceeded.
     pub fn push(&mut self, frame: SharedFrame) -> Result<(), QueueFull> {
-        if self.frames.len() >= self.max_frames || self.queued_bytes + frame.len() > self.max_bytes
-        {
+        let len = frame.bytes(self.wire).len();
+        if self.frames.len() >= self.max_frames || self.queued_bytes + len > self.max_bytes {
             return Err(QueueFull);
         }
         self.push_unbounded(frame);
@@ -66,8 +118,14 @@ impl OutboundQueue {
 
     /// Queues a frame regardless of the bounds (a close frame must always get out).
     pub fn push_unbounded(&mut self, frame: SharedFrame) {
-        self.queued_bytes += frame.len();
+        self.queued_bytes += frame.bytes(self.wire).len();
         self.frames.push_back(Queued { frame, written: 0 });
+    }
+
+    /// Drops every queued frame (a connection cut for not reading them).
+    pub fn clear(&mut self) {
+        self.frames = VecDeque::new();
+        self.queued_bytes = 0;
     }
 
     /// Less than half of either bound is used.
@@ -87,7 +145,7 @@ impl OutboundQueue {
     pub fn io_slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
         let mut filled = 0;
         for (slot, queued) in slices.iter_mut().zip(&self.frames) {
-            *slot = IoSlice::new(queued.remaining());
+            *slot = IoSlice::new(queued.remaining(self.wire));
             filled += 1;
         }
         filled
@@ -100,7 +158,7 @@ impl OutboundQueue {
             let Some(front) = self.frames.front_mut() else {
                 break;
             };
-            let remaining = front.remaining().len();
+            let remaining = front.remaining(self.wire).len();
             if written >= remaining {
                 written -= remaining;
                 self.frames.pop_front();
@@ -124,12 +182,12 @@ mod tests {
     use super::*;
 
     fn frame(bytes: &'static [u8]) -> SharedFrame {
-        Rc::new(Bytes::from_static(bytes))
+        shared(Bytes::from_static(bytes))
     }
 
     #[test]
     fn bounds_refuse_overflow() {
-        let mut queue = OutboundQueue::new(2, 10);
+        let mut queue = OutboundQueue::new(Wire::WebSocket, 2, 10);
         assert!(queue.push(frame(b"aaaa")).is_ok());
         assert!(queue.push(frame(b"bbbbbbb")).is_err());
         assert!(queue.push(frame(b"bb")).is_ok());
@@ -140,7 +198,7 @@ mod tests {
 
     #[test]
     fn partial_writes_keep_the_tail() {
-        let mut queue = OutboundQueue::new(10, 100);
+        let mut queue = OutboundQueue::new(Wire::WebSocket, 10, 100);
         queue.push(frame(b"hello")).unwrap();
         queue.push(frame(b"world")).unwrap();
         queue.consume(7);
@@ -151,5 +209,26 @@ mod tests {
         queue.consume(3);
         assert!(queue.is_empty());
         assert_eq!(queue.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn each_transport_gets_its_encoding_made_once() {
+        let frame = shared(crate::frame::encode(crate::frame::Opcode::Text, b"hi"));
+        let mut websocket = OutboundQueue::new(Wire::WebSocket, 10, 100);
+        let mut webtransport = OutboundQueue::new(Wire::WebTransport, 10, 100);
+        websocket.push(frame.clone()).unwrap();
+        webtransport.push(frame.clone()).unwrap();
+        webtransport.push(frame.clone()).unwrap();
+        assert_eq!(websocket.queued_bytes(), 4);
+        assert_eq!(webtransport.queued_bytes(), 14);
+        let first = frame.bytes(Wire::WebTransport).as_ptr();
+        assert_eq!(
+            frame.bytes(Wire::WebTransport).as_ptr(),
+            first,
+            "encoded once"
+        );
+        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+        assert_eq!(webtransport.io_slices(&mut slices), 2);
+        assert_eq!(&*slices[0], &[1, 0, 0, 0, 2, b'h', b'i']);
     }
 }

@@ -19,9 +19,12 @@ use crate::management::{self, ApiState};
 use crate::metrics::Metrics;
 use crate::queues::{self, QueueHub};
 use crate::shard;
+use crate::transport::webtransport;
 
 /// Pending connections the kernel queues per listening socket.
 const LISTEN_BACKLOG: i32 = 4096;
+/// How long shutdown waits for QUIC connections to finish closing.
+const ENDPOINT_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why the gateway could not run.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +58,8 @@ pub enum ServeError {
 pub struct Listeners {
     gateway: Vec<std::net::TcpListener>,
     management: std::net::TcpListener,
+    /// `server.webtransport.listen`, when WebTransport is on.
+    webtransport: Option<std::net::UdpSocket>,
 }
 
 impl Listeners {
@@ -81,10 +86,23 @@ impl Listeners {
         management
             .set_nonblocking(true)
             .map_err(management_failed)?;
+        let webtransport = match &config.server.webtransport {
+            Some(webtransport) => Some(
+                crate::transport::webtransport::bind(webtransport)
+                    .map_err(failed("server.webtransport.listen", webtransport.listen))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             gateway,
             management,
+            webtransport,
         })
+    }
+
+    /// Where WebTransport clients connect (UDP), when it is on.
+    pub fn webtransport_addr(&self) -> Option<SocketAddr> {
+        self.webtransport.as_ref()?.local_addr().ok()
     }
 
     /// Where clients connect.
@@ -124,6 +142,16 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let addresses = (listeners.gateway_addr(), listeners.management_addr());
+    let webtransport_addr = listeners.webtransport_addr();
+    // From here on the config names the bound addresses (port 0 resolved): what the
+    // discovery document and the demo page tell clients.
+    let mut config = config;
+    (config.server.listen, config.management.listen) = addresses;
+    if let (Some(webtransport), Some(address)) =
+        (&mut config.server.webtransport, webtransport_addr)
+    {
+        webtransport.listen = address;
+    }
     let storage = Storage::open(&config.server.data_dir)?;
     let epoch = storage.next_epoch()?;
     let orphans = storage.connection_records()?;
@@ -236,7 +264,16 @@ pub async fn serve(
             reason,
         }
     })?;
-    log_listening(&gateway.config, addresses);
+    let webtransport = match listeners.webtransport {
+        Some(socket) => webtransport::start(socket, &gateway, &shutdown).map_err(|reason| {
+            ServeError::Start {
+                what: "WebTransport endpoint",
+                reason,
+            }
+        })?,
+        None => None,
+    };
+    log_listening(&gateway.config, addresses, webtransport_addr);
     let app = management::router(ApiState {
         gateway: gateway.clone(),
     });
@@ -255,6 +292,10 @@ pub async fn serve(
         }
     });
     let _ = joined.await;
+    if let Some(endpoint) = webtransport {
+        endpoint.close(wtransport::VarInt::from_u32(0), b"server shutdown");
+        let _ = tokio::time::timeout(ENDPOINT_CLOSE_WAIT, endpoint.wait_idle()).await;
+    }
     // Unreported orphans keep their records and are reported at the next start.
     orphan_report.abort();
     let _ = orphan_report.await;
@@ -278,10 +319,20 @@ pub async fn serve(
 
 /// Says where the gateway serves, once it does (storage open, cluster joined, shards
 /// accepting): scripts and tests wait for this line.
-fn log_listening(config: &Config, (gateway, management): (SocketAddr, SocketAddr)) {
+fn log_listening(
+    config: &Config,
+    (gateway, management): (SocketAddr, SocketAddr),
+    webtransport: Option<SocketAddr>,
+) {
     let scheme = |tls: bool, secure: &'static str, plain: &'static str| {
         if tls { secure } else { plain }
     };
+    if let Some(address) = webtransport {
+        tracing::info!(
+            webtransport = %format!("https://{address}/{}", config.api.stage),
+            "WebTransport listening (UDP)"
+        );
+    }
     tracing::info!(
         gateway = %format!(
             "{}://{gateway}/{}",

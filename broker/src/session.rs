@@ -26,9 +26,10 @@ use crate::frame::{self, Incoming, MessageDecoder, Opcode, close_code};
 use crate::handshake::{self, ReadError};
 use crate::limits::{AdmissionTicket, InboundLimiter};
 use crate::metrics::Metrics;
-use crate::outbound::OutboundQueue;
+use crate::outbound::{self, OutboundQueue, Wire};
 use crate::shard::Shard;
-use crate::transport::{Socket, TlsSocket};
+use crate::transport::webtransport::framing::FrameDecoder;
+use crate::transport::{Decoder, Socket, TlsSocket, WebTransportSocket};
 
 /// Size of the per-shard read buffer every connection on the shard borrows.
 const SCRATCH_BYTES: usize = 64 * 1024;
@@ -42,14 +43,36 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH_BYTES]);
 }
 
-/// Runs a connection accepted by `shard` and admitted under `ticket`, which it holds
-/// until the socket closes.
+/// Runs a WebSocket connection accepted by `shard` and admitted under `ticket`, which it
+/// holds until the socket closes.
 pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, ticket: AdmissionTicket) {
     let _ticket = ticket;
     let _ = stream.set_nodelay(true);
     let Some((socket, accepted)) = open(&shard, stream, peer).await else {
         return;
     };
+    let limits = &shard.gateway.config.limits;
+    let decoder = MessageDecoder::new(limits.max_frame_bytes, limits.max_message_bytes);
+    live(shard, socket, accepted, Decoder::WebSocket(decoder)).await;
+}
+
+/// Runs a WebTransport session the endpoint accepted and admitted under `ticket`.
+pub async fn run_webtransport(
+    shard: Rc<Shard>,
+    incoming: wtransport::endpoint::IncomingSession,
+    ticket: AdmissionTicket,
+) {
+    let _ticket = ticket;
+    let Some((socket, accepted)) = Box::pin(open_webtransport(&shard, incoming)).await else {
+        return;
+    };
+    let decoder = FrameDecoder::new(shard.gateway.config.limits.max_message_bytes);
+    live(shard, socket, accepted, Decoder::WebTransport(decoder)).await;
+}
+
+/// A connection from `$connect` to `$disconnect`: registered with its shard, served until
+/// it must end, closed, and reported.
+async fn live(shard: Rc<Shard>, socket: Socket, accepted: Accepted, mut decoder: Decoder) {
     let Accepted {
         id,
         facts,
@@ -57,7 +80,12 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, ticket: 
     } = accepted;
     let gateway = shard.gateway.clone();
     let limits = &gateway.config.limits;
-    let queue = OutboundQueue::new(limits.outbound_queue_frames, limits.outbound_queue_bytes);
+    let wire = socket.wire();
+    let queue = OutboundQueue::new(
+        wire,
+        limits.outbound_queue_frames,
+        limits.outbound_queue_bytes,
+    );
     let expires_at = std::time::Instant::now() + limits.max_connection_duration;
     let connection = Rc::new(Connection::new(id, facts, socket, queue, expires_at));
     let record = switchboard_storage::ConnectionRecord {
@@ -76,15 +104,25 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, ticket: 
         // Registered after the shutdown sweep: close like everyone else.
         connection.request_close(DisconnectReason::ServerShutdown);
     }
-    let mut decoder = MessageDecoder::new(limits.max_frame_bytes, limits.max_message_bytes);
-    let reason = serve(&shard, &connection, &mut decoder, leftover).await;
+    let reason = match serve(&shard, &connection, &mut decoder, leftover).await {
+        DisconnectReason::ConnectionLost => match connection.stream() {
+            // QUIC knows more: the client may have closed the session with a code.
+            Socket::WebTransport(session) => session.end_reason().await,
+            _ => DisconnectReason::ConnectionLost,
+        },
+        reason => reason,
+    };
     let reason = close(&connection, &gateway.metrics, reason).await;
 
     shard.unregister(&connection);
-    gateway.metrics.connections_active.dec();
+    gateway
+        .metrics
+        .connections_active
+        .with_label_values(&[wire.label()])
+        .dec();
     tracing::debug!(
         connection_id = %connection.facts.connection_id,
-        %peer,
+        peer = %connection.facts.source_ip,
         reason = %reason.description(),
         "connection closed"
     );
@@ -109,12 +147,7 @@ async fn open(
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
             tracing::debug!(%peer, %error, "TLS handshake failed");
-            shard
-                .gateway
-                .metrics
-                .connections_total
-                .with_label_values(&["tls_error"])
-                .inc();
+            count_handshake(shard, "tls_error", Wire::WebSocket);
             return None;
         }
         Err(_) => return None,
@@ -132,6 +165,76 @@ struct Accepted {
     leftover: Vec<u8>,
 }
 
+/// Counts a handshake's outcome in `switchboard_connections_total`.
+fn count_handshake(shard: &Shard, result: &str, wire: Wire) {
+    shard
+        .gateway
+        .metrics
+        .connections_total
+        .with_label_values(&[result, wire.label()])
+        .inc();
+}
+
+/// A handshake `$connect` (or a check before it) refused: the status and body the client
+/// gets, and the metric label.
+struct Refused {
+    status: u16,
+    body: bytes::Bytes,
+    result: &'static str,
+}
+
+/// Mints the connection's id and runs what decides whether it may open: the origin
+/// allow-list, the authorizer and the `$connect` route. The same for every transport.
+async fn connect(
+    shard: &Rc<Shard>,
+    peer: SocketAddr,
+    user_agent: String,
+    domain_name: String,
+    request: &crate::event::HandshakeRequest,
+) -> Result<(ConnectionId, ConnectionFacts, Option<String>), Refused> {
+    let id = shard.ids.borrow_mut().connection_id();
+    let mut facts = ConnectionFacts {
+        connection_id: id.to_string(),
+        connected_at_ms: clock::now_ms(),
+        source_ip: peer.ip().to_string(),
+        user_agent,
+        domain_name,
+        authorizer: None,
+    };
+    facts.authorizer =
+        admit_request(shard, &facts, request)
+            .await
+            .map_err(|(status, body, result)| Refused {
+                status,
+                body: body.into(),
+                result,
+            })?;
+    match dispatch::run_connect(shard, &facts, request).await {
+        ConnectOutcome::Accept { protocol } => Ok((id, facts, protocol)),
+        ConnectOutcome::Reject {
+            status,
+            body,
+            result,
+        } => Err(Refused {
+            status,
+            body,
+            result,
+        }),
+    }
+}
+
+/// Counts an accepted connection.
+fn opened(shard: &Shard, facts: &ConnectionFacts, wire: Wire) {
+    count_handshake(shard, "accepted", wire);
+    shard
+        .gateway
+        .metrics
+        .connections_active
+        .with_label_values(&[wire.label()])
+        .inc();
+    tracing::debug!(connection_id = %facts.connection_id, transport = wire.label(), "connected");
+}
+
 /// Reads the upgrade request, admits the connection, runs `$connect` and answers.
 async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     shard: &Rc<Shard>,
@@ -139,7 +242,6 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     peer: SocketAddr,
 ) -> Option<Accepted> {
     let gateway = &shard.gateway;
-    let metrics = &gateway.metrics;
     let limits = &gateway.config.limits;
     let upgrade =
         match handshake::read_upgrade(stream, &gateway.config.api.stage, limits.handshake_timeout)
@@ -147,10 +249,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         {
             Ok(upgrade) => upgrade,
             Err(ReadError::Rejected(rejection)) => {
-                metrics
-                    .connections_total
-                    .with_label_values(&[rejection.label()])
-                    .inc();
+                count_handshake(shard, rejection.label(), Wire::WebSocket);
                 let body = rejection.to_string();
                 let response = handshake::error_response(rejection.status(), body.as_bytes());
                 handshake::respond_and_close(stream, &response).await;
@@ -161,33 +260,20 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 return None;
             }
         };
-    let id = shard.ids.borrow_mut().connection_id();
-    let mut facts = ConnectionFacts {
-        connection_id: id.to_string(),
-        connected_at_ms: clock::now_ms(),
-        source_ip: peer.ip().to_string(),
-        user_agent: upgrade.user_agent,
-        domain_name: upgrade.host,
-        authorizer: None,
-    };
-    facts.authorizer = match admit_request(shard, &facts, &upgrade.request).await {
-        Ok(context) => context,
-        Err((status, body, result)) => {
-            metrics.connections_total.with_label_values(&[result]).inc();
-            let response = handshake::error_response(status, body.as_bytes());
+    let connected = connect(
+        shard,
+        peer,
+        upgrade.user_agent,
+        upgrade.host,
+        &upgrade.request,
+    )
+    .await;
+    let (id, facts, protocol) = match connected {
+        Ok(connected) => connected,
+        Err(refused) => {
+            count_handshake(shard, refused.result, Wire::WebSocket);
+            let response = handshake::error_response(refused.status, &refused.body);
             handshake::respond_and_close(stream, &response).await;
-            return None;
-        }
-    };
-    let protocol = match dispatch::run_connect(shard, &facts, &upgrade.request).await {
-        ConnectOutcome::Accept { protocol } => protocol,
-        ConnectOutcome::Reject {
-            status,
-            body,
-            result,
-        } => {
-            metrics.connections_total.with_label_values(&[result]).inc();
-            handshake::respond_and_close(stream, &handshake::error_response(status, &body)).await;
             return None;
         }
     };
@@ -197,17 +283,94 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         dispatch::fire_disconnect(shard, facts, DisconnectReason::ConnectionLost);
         return None;
     }
-    metrics
-        .connections_total
-        .with_label_values(&["accepted"])
-        .inc();
-    metrics.connections_active.inc();
-    tracing::debug!(connection_id = %facts.connection_id, %peer, "connected");
+    opened(shard, &facts, Wire::WebSocket);
     Some(Accepted {
         id,
         facts,
         leftover: upgrade.leftover,
     })
+}
+
+/// The WebTransport handshake: QUIC and HTTP/3 up to the session request, the same checks
+/// and `$connect` as a WebSocket upgrade, then the client's bidirectional stream. Refusals
+/// answer 404 (wrong path), 429 (`$connect` said 429) or 403 (anything else `$connect`
+/// or the authorizer refused): the statuses WebTransport servers can send.
+async fn open_webtransport(
+    shard: &Rc<Shard>,
+    incoming: wtransport::endpoint::IncomingSession,
+) -> Option<(Socket, Accepted)> {
+    let gateway = &shard.gateway;
+    let timeout = gateway.config.limits.handshake_timeout;
+    let peer = incoming.remote_address();
+    let request = match tokio::time::timeout(timeout, incoming).await {
+        Ok(Ok(request)) => request,
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "WebTransport handshake failed");
+            count_handshake(shard, "tls_error", Wire::WebTransport);
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let (path, query) = request
+        .path()
+        .split_once('?')
+        .unwrap_or((request.path(), ""));
+    if path.strip_prefix('/').map(|p| p.trim_end_matches('/')) != Some(&gateway.config.api.stage) {
+        count_handshake(shard, "not_found", Wire::WebTransport);
+        request.not_found().await;
+        return None;
+    }
+    let handshake_request = crate::event::HandshakeRequest {
+        headers: webtransport_headers(&request),
+        query: form_urlencoded::parse(query.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect(),
+    };
+    let user_agent = request.user_agent().unwrap_or_default().to_owned();
+    let authority = request.authority().to_owned();
+    let (id, facts, _) = match connect(shard, peer, user_agent, authority, &handshake_request).await
+    {
+        Ok(connected) => connected,
+        Err(refused) => {
+            count_handshake(shard, refused.result, Wire::WebTransport);
+            match refused.status {
+                429 => request.too_many_requests().await,
+                _ => request.forbidden().await,
+            }
+            return None;
+        }
+    };
+    let stream = async {
+        let session = request.accept().await.ok()?;
+        let (send, recv) = session.accept_bi().await.ok()?;
+        Some(WebTransportSocket::new(session, send, recv))
+    };
+    let Ok(Some(socket)) = tokio::time::timeout(timeout, stream).await else {
+        // `$connect` succeeded, so `$disconnect` is owed.
+        dispatch::fire_disconnect(shard, facts, DisconnectReason::ConnectionLost);
+        return None;
+    };
+    opened(shard, &facts, Wire::WebTransport);
+    let accepted = Accepted {
+        id,
+        facts,
+        leftover: Vec::new(),
+    };
+    Some((Socket::WebTransport(Box::new(socket)), accepted))
+}
+
+/// The session request's headers as `$connect` sees them: the regular ones sorted by
+/// name, and the authority as `Host` (HTTP/3 carries it as `:authority`).
+fn webtransport_headers(request: &wtransport::endpoint::SessionRequest) -> Vec<(String, String)> {
+    let mut headers: Vec<(String, String)> = request
+        .headers()
+        .iter()
+        .filter(|(name, _)| !name.starts_with(':'))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    headers.push(("host".into(), request.authority().to_owned()));
+    headers.sort();
+    headers
 }
 
 /// The checks an upgrade request passes before any backend is called: the browser origin
@@ -288,7 +451,7 @@ async fn admit_request(
 async fn serve(
     shard: &Rc<Shard>,
     connection: &Rc<Connection>,
-    decoder: &mut MessageDecoder,
+    decoder: &mut Decoder,
     leftover: Vec<u8>,
 ) -> DisconnectReason {
     let limits = &shard.gateway.config.limits;
@@ -485,7 +648,7 @@ enum ReadOutcome {
 /// Reads what the socket has into the shard's scratch buffer and decodes it.
 fn read_frames(
     stream: &Socket,
-    decoder: &mut MessageDecoder,
+    decoder: &mut Decoder,
     incoming: &mut Vec<Incoming>,
 ) -> Result<ReadOutcome, DisconnectReason> {
     SCRATCH.with_borrow_mut(|scratch| match stream.try_read(scratch) {
@@ -510,6 +673,24 @@ async fn close(
     if reason == DisconnectReason::ConnectionLost {
         return reason;
     }
+    let stream = connection.stream();
+    let abandon_queue = matches!(
+        reason,
+        DisconnectReason::SlowConsumer | DisconnectReason::Overloaded
+    );
+    let deadline = Instant::now() + CLOSE_FLUSH;
+    if let Socket::WebTransport(session) = stream {
+        // The session's close carries the code and reason; queued messages go first.
+        if abandon_queue {
+            connection.outbound().borrow_mut().clear();
+        }
+        flush_until(connection, metrics, deadline).await;
+        let grace = deadline.saturating_duration_since(Instant::now());
+        session
+            .close(reason.status_code(), &reason.description(), grace)
+            .await;
+        return reason;
+    }
     let close_frame = match &reason {
         DisconnectReason::ClientClosed(code, _) => {
             frame::encode_close(code.unwrap_or(close_code::NORMAL), "")
@@ -518,16 +699,21 @@ async fn close(
     };
     {
         let mut queue = connection.outbound().borrow_mut();
-        if matches!(
-            reason,
-            DisconnectReason::SlowConsumer | DisconnectReason::Overloaded
-        ) {
+        if abandon_queue {
             // Whatever it did not read is abandoned; only the verdict goes out.
-            *queue = OutboundQueue::new(1, close_frame.len());
+            *queue = OutboundQueue::new(Wire::WebSocket, 1, close_frame.len());
         }
-        queue.push_unbounded(Rc::new(close_frame));
+        queue.push_unbounded(outbound::shared(close_frame));
     }
-    let deadline = Instant::now() + CLOSE_FLUSH;
+    flush_until(connection, metrics, deadline).await;
+    // Other holders of the connection (an in-flight integration call) may keep the socket
+    // open a little longer; the FIN goes out now.
+    stream.shutdown_write();
+    reason
+}
+
+/// Writes the outbound queue until it is empty or `deadline` passes.
+async fn flush_until(connection: &Connection, metrics: &Metrics, deadline: Instant) {
     let stream = connection.stream();
     while let Ok(true) = connection.flush(metrics) {
         if tokio::time::timeout_at(deadline, stream.writable())
@@ -537,8 +723,4 @@ async fn close(
             break;
         }
     }
-    // Other holders of the connection (an in-flight integration call) may keep the socket
-    // open a little longer; the FIN goes out now.
-    stream.shutdown_write();
-    reason
 }

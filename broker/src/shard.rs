@@ -26,7 +26,7 @@ use crate::gateway::Gateway;
 use crate::handshake;
 use crate::integration::HttpIntegration;
 use crate::limits::Refusal;
-use crate::outbound::SharedFrame;
+use crate::outbound::{self, SharedFrame, Wire};
 use crate::rooms::{RoomIndex, RoomName};
 use crate::session;
 
@@ -99,6 +99,11 @@ enum ShardCommand {
     },
     /// Close every connection for `reason`.
     CloseAll { reason: DisconnectReason },
+    /// Run a WebTransport session the endpoint accepted and admitted.
+    AdoptWebTransport {
+        incoming: Box<wtransport::endpoint::IncomingSession>,
+        ticket: crate::limits::AdmissionTicket,
+    },
 }
 
 /// How other threads talk to a shard.
@@ -221,6 +226,20 @@ impl ShardHandle {
     /// Closes every connection of the shard for `reason`.
     pub async fn close_all(&self, reason: DisconnectReason) {
         let _ = self.commands.send(ShardCommand::CloseAll { reason }).await;
+    }
+
+    /// Hands the shard an incoming WebTransport session to run (a stopped shard drops it,
+    /// which refuses it).
+    pub async fn adopt_webtransport(
+        &self,
+        incoming: wtransport::endpoint::IncomingSession,
+        ticket: crate::limits::AdmissionTicket,
+    ) {
+        let command = ShardCommand::AdoptWebTransport {
+            incoming: Box::new(incoming),
+            ticket,
+        };
+        let _ = self.commands.send(command).await;
     }
 
     /// Asks for the shard's members of `room`.
@@ -403,7 +422,7 @@ impl Shard {
                 }
             });
         }
-        self.broadcast_local(&room, &Rc::new(frame), exclude);
+        self.broadcast_local(&room, &outbound::shared(frame), exclude);
         self.work_needed.notify_one();
     }
 
@@ -559,7 +578,7 @@ impl Shard {
             .ok_or(Gone)
     }
 
-    fn apply(&self, command: ShardCommand) {
+    fn apply(self: &Rc<Self>, command: ShardCommand) {
         match command {
             ShardCommand::Send {
                 sequence,
@@ -586,7 +605,7 @@ impl Shard {
                 exclude,
                 reply,
             } => {
-                let delivered = self.broadcast_local(&room, &Rc::new(frame), exclude);
+                let delivered = self.broadcast_local(&room, &outbound::shared(frame), exclude);
                 if let Some(reply) = reply {
                     let _ = reply.send(delivered);
                 }
@@ -596,7 +615,7 @@ impl Shard {
                 frame,
                 reply,
             } => {
-                let _ = reply.send(self.send_many(targets, &Rc::new(frame)));
+                let _ = reply.send(self.send_many(targets, &outbound::shared(frame)));
             }
             ShardCommand::Join {
                 sequence,
@@ -616,6 +635,10 @@ impl Shard {
                 for connection in self.connections.borrow().values() {
                     connection.request_close(reason.clone());
                 }
+            }
+            ShardCommand::AdoptWebTransport { incoming, ticket } => {
+                let session = session::run_webtransport(self.clone(), *incoming, ticket);
+                self.tasks.spawn_local(session);
             }
             ShardCommand::ListRoom { room, reply } => {
                 let members = self
@@ -792,7 +815,7 @@ fn refuse(shard: &Rc<Shard>, stream: tokio::net::TcpStream, refusal: Refusal) {
         .gateway
         .metrics
         .connections_total
-        .with_label_values(&[refusal.label()])
+        .with_label_values(&[refusal.label(), Wire::WebSocket.label()])
         .inc();
     let answering = shard.refusals_answering.get();
     if answering >= MAX_REFUSALS_ANSWERING {

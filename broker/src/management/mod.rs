@@ -6,6 +6,7 @@
 //! codes and the AWS error shape (`x-amzn-ErrorType`) SDKs turn into exceptions.
 //! [`listener`] serves the routes with a connection cap and slowloris timeouts.
 
+pub mod demo;
 pub mod listener;
 
 use std::sync::Arc;
@@ -67,6 +68,8 @@ pub enum ApiError {
     /// Cluster mode: this node cannot reach the cluster right now.
     #[error("cluster unavailable: {0}")]
     ClusterUnavailable(String),
+    #[error("WebTransport is not enabled ([server.webtransport])")]
+    WebTransportDisabled,
 }
 
 impl IntoResponse for ApiError {
@@ -77,7 +80,7 @@ impl IntoResponse for ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLargeException")
             }
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequestException"),
-            Self::UnknownStage(_) | Self::UnknownQueue(_) => {
+            Self::UnknownStage(_) | Self::UnknownQueue(_) | Self::WebTransportDisabled => {
                 (StatusCode::NOT_FOUND, "NotFoundException")
             }
             Self::Storage(_) => (
@@ -132,6 +135,8 @@ pub fn router(state: ApiState) -> Router {
         .merge(authenticated)
         .merge(public)
         .route("/health", get(health))
+        .route("/{stage}/@webtransport", get(webtransport_discovery))
+        .route("/demo", get(demo::page))
         .with_state(state)
 }
 
@@ -146,6 +151,35 @@ async fn health(State(state): State<ApiState>) -> Response {
         )
             .into_response(),
     }
+}
+
+/// `GET /{stage}/@webtransport`: the session URL and, for a self-signed certificate, its
+/// hash: what a browser passes to `new WebTransport(url, {serverCertificateHashes})`. Public
+/// (browsers fetch it before connecting, from any origin); it holds nothing secret.
+async fn webtransport_discovery(
+    State(state): State<ApiState>,
+    Path(stage): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    state.check_stage(&stage)?;
+    let config = state
+        .gateway
+        .config
+        .server
+        .webtransport
+        .as_ref()
+        .ok_or(ApiError::WebTransportDisabled)?;
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let body = crate::transport::webtransport::discovery(config, host, &stage);
+    let mut response = axum::Json(body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    // A renewed certificate has a new hash: never cached.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
 }
 
 /// With `management.tokens` or `management.aws_keys` set, a request needs

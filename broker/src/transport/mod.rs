@@ -1,29 +1,64 @@
-//! What turns bytes on a socket into a connection's bytes and back: plain TCP or TLS.
+//! What turns bytes on the network into a connection's messages and back: WebSocket over
+//! plain TCP or TLS, or WebTransport over QUIC.
 //!
 //! Sessions, routing and fan-out see one [`Socket`] with readiness and non-blocking
-//! reads and vectored writes, whichever transport is underneath. Frames are still encoded
-//! once for all recipients; with TLS each connection encrypts its own copy as it writes.
+//! reads and vectored writes, and one [`Decoder`], whichever transport is underneath.
+//! Frames are still encoded once for all recipients (once per transport); with TLS or QUIC
+//! each connection encrypts its own copy as it writes.
 
 pub mod tls;
+pub mod webtransport;
 
 use std::io::IoSlice;
 
 use tokio::net::TcpStream;
 
+use crate::frame::{Incoming, MessageDecoder, ProtocolError};
+use crate::outbound::Wire;
+
 pub use tls::{TlsEndpoint, TlsError, TlsSocket};
+pub use webtransport::WebTransportSocket;
 
 /// A client connection's byte stream.
 pub enum Socket {
     Plain(TcpStream),
     Tls(Box<TlsSocket>),
+    WebTransport(Box<WebTransportSocket>),
+}
+
+/// Turns a connection's bytes into messages: WebSocket frames, or WebTransport's
+/// length-prefixed messages.
+#[derive(Debug)]
+pub enum Decoder {
+    WebSocket(MessageDecoder),
+    WebTransport(webtransport::framing::FrameDecoder),
+}
+
+impl Decoder {
+    /// Feeds bytes read from the socket; complete messages are appended to `out`.
+    pub fn decode(&mut self, input: &[u8], out: &mut Vec<Incoming>) -> Result<(), ProtocolError> {
+        match self {
+            Self::WebSocket(decoder) => decoder.decode(input, out),
+            Self::WebTransport(decoder) => decoder.decode(input, out),
+        }
+    }
 }
 
 impl Socket {
+    /// The wire format frames take on this socket.
+    pub fn wire(&self) -> Wire {
+        match self {
+            Self::Plain(_) | Self::Tls(_) => Wire::WebSocket,
+            Self::WebTransport(_) => Wire::WebTransport,
+        }
+    }
+
     /// Waits until [`Socket::try_read`] may return bytes (or the end).
     pub async fn readable(&self) -> std::io::Result<()> {
         match self {
             Self::Plain(tcp) => tcp.readable().await,
             Self::Tls(tls) => tls.readable().await,
+            Self::WebTransport(session) => session.readable().await,
         }
     }
 
@@ -32,6 +67,7 @@ impl Socket {
         match self {
             Self::Plain(tcp) => tcp.writable().await,
             Self::Tls(tls) => tls.tcp().writable().await,
+            Self::WebTransport(session) => session.writable().await,
         }
     }
 
@@ -40,6 +76,7 @@ impl Socket {
         match self {
             Self::Plain(tcp) => tcp.try_read(buffer),
             Self::Tls(tls) => tls.try_read(buffer),
+            Self::WebTransport(session) => session.try_read(buffer),
         }
     }
 
@@ -48,6 +85,7 @@ impl Socket {
         match self {
             Self::Plain(tcp) => tcp.try_write_vectored(slices),
             Self::Tls(tls) => tls.try_write_vectored(slices),
+            Self::WebTransport(session) => session.try_write_vectored(slices),
         }
     }
 
@@ -55,7 +93,7 @@ impl Socket {
     /// remain because the socket is full.
     pub fn flush_pending(&self) -> std::io::Result<bool> {
         match self {
-            Self::Plain(_) => Ok(false),
+            Self::Plain(_) | Self::WebTransport(_) => Ok(false),
             Self::Tls(tls) => tls.flush_pending(),
         }
     }
@@ -68,6 +106,7 @@ impl Socket {
                 tls.close_notify();
                 tls.tcp()
             }
+            Self::WebTransport(session) => return session.finish(),
         };
         let _ = socket2::SockRef::from(tcp).shutdown(std::net::Shutdown::Write);
     }

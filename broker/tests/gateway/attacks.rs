@@ -364,13 +364,15 @@ async fn silent_sockets_are_counted_per_address_and_answered_429_and_503() {
     assert!(read_head(&mut late).await.starts_with("HTTP/1.1 503"));
     assert!(
         gateway
-            .metric("switchboard_connections_total{result=\"over_capacity\"}")
+            .metric(
+                "switchboard_connections_total{result=\"over_capacity\",transport=\"websocket\"}"
+            )
             .await
             >= 1.0
     );
     assert!(
         gateway
-            .metric("switchboard_connections_total{result=\"ip_limit\"}")
+            .metric("switchboard_connections_total{result=\"ip_limit\",transport=\"websocket\"}")
             .await
             >= 30.0
     );

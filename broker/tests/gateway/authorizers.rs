@@ -199,7 +199,7 @@ async fn api_keys_and_the_origin_allow_list() {
     assert_eq!(
         metric_value(
             &metrics,
-            "switchboard_connections_total{result=\"origin_denied\"}"
+            "switchboard_connections_total{result=\"origin_denied\",transport=\"websocket\"}"
         ),
         1.0
     );

@@ -17,3 +17,4 @@ mod rooms;
 mod routing;
 mod support;
 mod tls;
+mod webtransport;

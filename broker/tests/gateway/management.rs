@@ -221,9 +221,9 @@ async fn health_and_metrics() {
 
     let text = gateway.metrics().await;
     for expected in [
-        "switchboard_connections_active 1",
-        "switchboard_connections_total{result=\"accepted\"} 1",
-        "switchboard_connections_total{result=\"not_found\"} 1",
+        "switchboard_connections_active{transport=\"websocket\"} 1",
+        "switchboard_connections_total{result=\"accepted\",transport=\"websocket\"} 1",
+        "switchboard_connections_total{result=\"not_found\",transport=\"websocket\"} 1",
         "switchboard_messages_received_total{route=\"talk\"} 1",
         "switchboard_messages_received_total{route=\"$default\"} 1",
         "switchboard_messages_sent_total 2",

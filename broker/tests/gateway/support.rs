@@ -28,6 +28,8 @@ const WAIT: Duration = Duration::from_secs(10);
 pub(crate) struct TestGateway {
     pub(crate) ws_addr: SocketAddr,
     pub(crate) api_addr: SocketAddr,
+    /// The WebTransport (UDP) address, with `[server.webtransport]`.
+    pub(crate) wt_addr: Option<SocketAddr>,
     pub(crate) stage: String,
     shutdown: CancellationToken,
     served: Option<tokio::task::JoinHandle<Result<(), switchboard::ServeError>>>,
@@ -46,6 +48,9 @@ impl TestGateway {
         let mut raw = RawConfig::parse(config).expect("test config parses");
         raw.server.listen = "127.0.0.1:0".into();
         raw.management.listen = "127.0.0.1:0".into();
+        if let Some(webtransport) = &mut raw.server.webtransport {
+            webtransport.listen = "127.0.0.1:0".into();
+        }
         if raw.server.shards == 0 {
             raw.server.shards = 2;
         }
@@ -55,11 +60,13 @@ impl TestGateway {
         let shutdown = CancellationToken::new();
         let ws_addr = listeners.gateway_addr();
         let api_addr = listeners.management_addr();
+        let wt_addr = listeners.webtransport_addr();
         let stage = config.api.stage.clone();
         let served = tokio::spawn(switchboard::serve(config, listeners, shutdown.clone()));
         Self {
             ws_addr,
             api_addr,
+            wt_addr,
             stage,
             shutdown,
             served: Some(served),

@@ -1,0 +1,54 @@
+//! `GET /demo`: a small chat page (plain HTML and JavaScript, no build step) that speaks the
+//! embedded demo's routes over WebSocket or WebTransport, so a newcomer can see both
+//! transports meet in one room from a browser.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::ApiState;
+use crate::transport::webtransport::host_without_port;
+
+const PAGE: &str = include_str!("demo.html");
+/// Where the page expects its settings.
+const SETTINGS_SLOT: &str = "/*SETTINGS*/null";
+
+/// The page, with where to connect filled in.
+pub async fn page(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    let config = &state.gateway.config;
+    let stage = &config.api.stage;
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(host_without_port);
+    let listen = config.server.listen;
+    let websocket_host = match host {
+        Some(name) if listen.ip().is_unspecified() => name.to_owned(),
+        _ if listen.is_ipv6() => format!("[{}]", listen.ip()),
+        _ => listen.ip().to_string(),
+    };
+    let scheme = if config.server.tls.is_some() {
+        "wss"
+    } else {
+        "ws"
+    };
+    let settings = json!({
+        "stage": stage,
+        "websocket": format!("{scheme}://{websocket_host}:{}/{stage}", listen.port()),
+        "webtransport": config
+            .server
+            .webtransport
+            .as_ref()
+            .map(|_| format!("/{stage}/@webtransport")),
+    });
+    // `</` cannot occur in the JSON of these settings unescaped into a script end tag:
+    // serde_json does not escape `/`, so escape `<` itself.
+    let settings = settings.to_string().replace('<', "\\u003c");
+    let mut response = PAGE.replace(SETTINGS_SLOT, &settings).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    response
+}

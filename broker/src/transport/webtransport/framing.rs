@@ -1,0 +1,181 @@
+//! The WebTransport message framing, a public contract: on the client's bidirectional
+//! stream every message in either direction is `[kind: 1 byte][length: 4 bytes big-endian]
+//! [payload]`, kind 1 = text (UTF-8), 2 = binary.
+//!
+//! Outbound frames are born as WebSocket frames (the gateway encodes a message once, before
+//! it knows who receives it); [`from_websocket`] rewrites one into this framing, once per
+//! frame per shard, however many WebTransport members receive it.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::frame::{Incoming, ProtocolError};
+
+/// Bytes before the payload: kind and length.
+pub const HEADER_BYTES: usize = 5;
+/// `kind` of a text message.
+pub const TEXT: u8 = 1;
+/// `kind` of a binary message.
+pub const BINARY: u8 = 2;
+
+/// Encodes one message.
+pub fn encode(kind: u8, payload: &[u8]) -> Bytes {
+    let mut frame = BytesMut::with_capacity(HEADER_BYTES + payload.len());
+    frame.put_u8(kind);
+    frame.put_u32(payload.len() as u32);
+    frame.put_slice(payload);
+    frame.freeze()
+}
+
+/// Rewrites a complete, unmasked server WebSocket data frame into this framing. Only text
+/// and binary frames reach a WebTransport session; anything that is not text goes as binary.
+pub fn from_websocket(frame: &[u8]) -> Bytes {
+    let opcode = frame.first().map_or(0, |first| first & 0x0F);
+    let payload_start = match frame.get(1).map(|second| second & 0x7F) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    };
+    let payload = frame.get(payload_start..).unwrap_or_default();
+    encode(if opcode == 0x1 { TEXT } else { BINARY }, payload)
+}
+
+/// Reassembles client messages from stream bytes, keeping bytes only while a message is
+/// incomplete (an idle session holds no buffer).
+#[derive(Debug)]
+pub struct FrameDecoder {
+    max_message_bytes: usize,
+    pending: Vec<u8>,
+}
+
+impl FrameDecoder {
+    pub fn new(max_message_bytes: usize) -> Self {
+        Self {
+            max_message_bytes,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Feeds bytes read from the stream; complete messages are appended to `out`. After an
+    /// error the session must be closed with [`ProtocolError::close_code`].
+    pub fn decode(&mut self, input: &[u8], out: &mut Vec<Incoming>) -> Result<(), ProtocolError> {
+        if self.pending.is_empty() {
+            let used = self.decode_messages(input, out)?;
+            self.pending.extend_from_slice(&input[used..]);
+        } else {
+            let mut buffer = std::mem::take(&mut self.pending);
+            buffer.extend_from_slice(input);
+            let used = self.decode_messages(&buffer, out)?;
+            buffer.drain(..used);
+            if buffer.is_empty() {
+                buffer = Vec::new(); // give the memory back while idle
+            }
+            self.pending = buffer;
+        }
+        Ok(())
+    }
+
+    /// Decodes every complete message at the start of `input`; returns the bytes used.
+    fn decode_messages(
+        &self,
+        input: &[u8],
+        out: &mut Vec<Incoming>,
+    ) -> Result<usize, ProtocolError> {
+        let mut used = 0;
+        while let Some(header) = input.get(used..used + HEADER_BYTES) {
+            let kind = header[0];
+            if kind != TEXT && kind != BINARY {
+                return Err(ProtocolError::Violation(
+                    "unknown WebTransport frame kind (1 = text, 2 = binary)",
+                ));
+            }
+            let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+            if length > self.max_message_bytes {
+                return Err(ProtocolError::MessageTooLarge {
+                    size: length,
+                    limit: self.max_message_bytes,
+                });
+            }
+            let start = used + HEADER_BYTES;
+            let Some(payload) = input.get(start..start + length) else {
+                break;
+            };
+            out.push(if kind == TEXT {
+                let text = std::str::from_utf8(payload).map_err(|_| ProtocolError::InvalidUtf8)?;
+                Incoming::Text(text.to_owned())
+            } else {
+                Incoming::Binary(payload.to_vec())
+            });
+            used = start + length;
+        }
+        Ok(used)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{self, Opcode};
+
+    fn decode_all(
+        decoder: &mut FrameDecoder,
+        bytes: &[u8],
+    ) -> Result<Vec<Incoming>, ProtocolError> {
+        let mut out = Vec::new();
+        decoder.decode(bytes, &mut out)?;
+        Ok(out)
+    }
+
+    #[test]
+    fn websocket_frames_of_every_length_form_become_the_same_message() {
+        for size in [0, 5, 125, 126, 65_535, 65_536, 200_000] {
+            let payload = vec![b'x'; size];
+            let text = from_websocket(&frame::encode(Opcode::Text, &payload));
+            assert_eq!(text, encode(TEXT, &payload), "text of {size} bytes");
+            let binary = from_websocket(&frame::encode(Opcode::Binary, &payload));
+            assert_eq!(binary[0], BINARY);
+            assert_eq!(&binary[HEADER_BYTES..], &payload[..]);
+        }
+    }
+
+    #[test]
+    fn messages_split_anywhere_are_reassembled() {
+        let mut wire = encode(TEXT, "héllo".as_bytes()).to_vec();
+        wire.extend_from_slice(&encode(BINARY, &[0, 159, 146, 150]));
+        for split in 0..=wire.len() {
+            let mut decoder = FrameDecoder::new(1024);
+            let mut out = decode_all(&mut decoder, &wire[..split]).unwrap();
+            out.extend(decode_all(&mut decoder, &wire[split..]).unwrap());
+            assert_eq!(
+                out,
+                vec![
+                    Incoming::Text("héllo".into()),
+                    Incoming::Binary(vec![0, 159, 146, 150])
+                ],
+                "split at {split}"
+            );
+            assert!(decoder.pending.capacity() == 0, "no buffer kept when idle");
+        }
+    }
+
+    #[test]
+    fn bad_frames_are_named() {
+        let mut decoder = FrameDecoder::new(16);
+        assert!(matches!(
+            decode_all(&mut decoder, &[7, 0, 0, 0, 0]),
+            Err(ProtocolError::Violation(_))
+        ));
+        let mut decoder = FrameDecoder::new(16);
+        assert_eq!(
+            decode_all(&mut decoder, &[TEXT, 0, 0, 0, 17]),
+            Err(ProtocolError::MessageTooLarge {
+                size: 17,
+                limit: 16
+            })
+        );
+        let mut decoder = FrameDecoder::new(16);
+        assert_eq!(
+            decode_all(&mut decoder, &encode(TEXT, &[0xff, 0xfe])),
+            Err(ProtocolError::InvalidUtf8)
+        );
+    }
+}

@@ -1,0 +1,185 @@
+//! WebTransport (HTTP/3 over QUIC, through `wtransport` on quinn): a second client
+//! transport, equal to WebSocket in everything a backend sees.
+//!
+//! One QUIC endpoint runs on the management runtime and only accepts; each incoming
+//! session passes the admission gate there and is handed, round robin, to a shard, which
+//! runs its handshake (`$connect`), its QUIC connection's driver and its session loop on
+//! its own thread, like a WebSocket connection's. The session URL is
+//! `https://HOST:PORT/{stage}?query`; the client opens one bidirectional stream and
+//! messages travel on it in the [`framing`] format.
+
+pub mod certificate;
+pub mod framing;
+pub mod socket;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use base64::Engine;
+use tokio_util::sync::CancellationToken;
+
+use crate::gateway::Gateway;
+use crate::outbound::Wire;
+
+pub use certificate::ServedCertificate;
+pub use socket::WebTransportSocket;
+
+/// How often the self-signed certificate's age is checked.
+const RENEWAL_CHECK: Duration = Duration::from_secs(3600);
+
+/// `[server.webtransport]`, validated.
+#[derive(Debug, Clone)]
+pub struct WebTransportConfig {
+    pub listen: SocketAddr,
+    /// The configured certificate, or a self-signed one.
+    pub certificate: Arc<ServedCertificate>,
+    /// A session that hears nothing from its client for this long is lost; the gateway
+    /// sends QUIC keep-alives every third of it.
+    pub quic_idle_timeout: Duration,
+}
+
+/// Binds the listener's UDP socket (before [`start`], so callers know the port).
+pub fn bind(config: &WebTransportConfig) -> std::io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(config.listen)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// The listener's QUIC endpoint.
+pub type Endpoint = Arc<wtransport::Endpoint<wtransport::endpoint::endpoint_side::Server>>;
+
+/// Starts the endpoint on `socket`: accepts sessions until `shutdown`, and keeps a
+/// self-signed certificate fresh. Must run inside the management runtime.
+pub fn start(
+    socket: std::net::UdpSocket,
+    gateway: &Arc<Gateway>,
+    shutdown: &CancellationToken,
+) -> std::io::Result<Option<Endpoint>> {
+    let Some(config) = &gateway.config.server.webtransport else {
+        return Ok(None);
+    };
+    let quic = wtransport::ServerConfig::builder()
+        .with_bind_socket(socket)
+        .with_custom_tls(config.certificate.tls_config())
+        .max_idle_timeout(Some(config.quic_idle_timeout))
+        .map_err(|_| {
+            std::io::Error::other("server.webtransport.quic_idle_timeout_secs is too large")
+        })?
+        .keep_alive_interval(Some(config.quic_idle_timeout / 3))
+        .build();
+    let endpoint = Arc::new(wtransport::Endpoint::server(quic)?);
+    tokio::spawn(accept_sessions(
+        endpoint.clone(),
+        gateway.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(renew_certificate(
+        config.certificate.clone(),
+        shutdown.clone(),
+    ));
+    Ok(Some(endpoint))
+}
+
+/// Admits each incoming session and hands it to the next shard.
+async fn accept_sessions(endpoint: Endpoint, gateway: Arc<Gateway>, shutdown: CancellationToken) {
+    let next = AtomicUsize::new(0);
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            incoming = endpoint.accept() => incoming,
+        };
+        let peer = incoming.remote_address();
+        let ticket = match gateway
+            .admission
+            .admit(peer.ip(), std::time::Instant::now())
+        {
+            Ok(ticket) => ticket,
+            Err(refusal) => {
+                gateway
+                    .metrics
+                    .connections_total
+                    .with_label_values(&[refusal.label(), Wire::WebTransport.label()])
+                    .inc();
+                incoming.refuse();
+                continue;
+            }
+        };
+        let shard = next.fetch_add(1, Ordering::Relaxed) % gateway.shards.len();
+        gateway.shards[shard]
+            .adopt_webtransport(incoming, ticket)
+            .await;
+    }
+}
+
+/// Replaces a self-signed certificate at half its life.
+async fn renew_certificate(certificate: Arc<ServedCertificate>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(RENEWAL_CHECK);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match certificate.renew_if_due(time::OffsetDateTime::now_utc()) {
+            Ok(true) => tracing::info!("WebTransport self-signed certificate renewed"),
+            Ok(false) => {}
+            Err(error) => tracing::error!(%error, "keeping the old WebTransport certificate"),
+        }
+    }
+}
+
+/// What a browser passes to `new WebTransport(url, {serverCertificateHashes})` (with each
+/// `value` decoded to bytes): the session URL for `stage`, and the self-signed
+/// certificate's hash. `host` is the name the client reached the management API by,
+/// used when the listener is bound to all interfaces.
+pub fn discovery(
+    config: &WebTransportConfig,
+    host: Option<&str>,
+    stage: &str,
+) -> serde_json::Value {
+    let address = config.listen;
+    let host = if address.ip().is_unspecified() {
+        host.map(host_without_port)
+            .unwrap_or("localhost")
+            .to_owned()
+    } else if address.is_ipv6() {
+        format!("[{}]", address.ip())
+    } else {
+        address.ip().to_string()
+    };
+    let url = format!("https://{host}:{}/{stage}", address.port());
+    match config.certificate.self_signed_hash() {
+        Some(hash) => serde_json::json!({
+            "url": url,
+            "serverCertificateHashes": [{
+                "algorithm": "sha-256",
+                "value": base64::engine::general_purpose::STANDARD.encode(hash),
+            }],
+        }),
+        None => serde_json::json!({ "url": url }),
+    }
+}
+
+/// `host:port` or `[v6]:port` without the port.
+pub fn host_without_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(':') => {
+            name
+        }
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_lose_their_port() {
+        assert_eq!(host_without_port("example.com:9090"), "example.com");
+        assert_eq!(host_without_port("example.com"), "example.com");
+        assert_eq!(host_without_port("[::1]:9090"), "[::1]");
+        assert_eq!(host_without_port("::1"), "::1");
+    }
+}

@@ -1,0 +1,534 @@
+//! WebTransport: a real `wtransport` client against the real gateway over QUIC on
+//! loopback. A session is a connection like any other: `$connect` with its query string,
+//! routes, acks, pushes, rooms shared with WebSocket clients, `DELETE`, and `$disconnect`
+//! exactly once however it ends (client close, bad frame, a client that vanishes).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::{Value, json};
+use wtransport::endpoint::endpoint_side::Client;
+use wtransport::error::{ConnectingError, ConnectionError};
+use wtransport::{ClientConfig, Endpoint, RecvStream, SendStream};
+
+use crate::support::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A gateway config with WebTransport on, the demo's room routes, a queue route and
+/// `$connect`/`$disconnect` recorded by `backend`; `webtransport` adds keys to
+/// `[server.webtransport]`.
+fn config(backend: &Backend, webtransport: &str) -> String {
+    config_with(
+        backend,
+        &format!(
+            r#"
+[server.webtransport]
+listen = "127.0.0.1:0"
+{webtransport}
+[api]
+route_selection_expression = "$request.body.action"
+[storage]
+fsync = "batch"
+flush_interval_ms = 2
+[routes.join]
+integration = {{ type = "room_join", room = "$request.body.room" }}
+[routes.publish]
+integration = {{ type = "room_publish", room = "$request.body.room", data = "$request.body.data" }}
+[routes.whoami]
+integration = {{ type = "mock", body = "{{\"connectionId\":\"$context.connectionId\"}}" }}
+response = true
+[routes.enqueue]
+integration = {{ type = "queue", queue = "jobs", ack = true }}
+[routes."$default"]
+integration = {{ type = "echo" }}
+"#
+        ),
+    )
+}
+
+/// The discovery document, as a browser fetches it.
+async fn discovery(gateway: &TestGateway) -> Value {
+    http()
+        .get(gateway.api_url("/@webtransport"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// A WebTransport client session and its message stream.
+struct WtClient {
+    session: wtransport::Connection,
+    send: SendStream,
+    recv: RecvStream,
+    received: Vec<u8>,
+    _endpoint: Endpoint<Client>,
+}
+
+impl WtClient {
+    /// Opens a session to `url` (with the query string) trusting the certificate hash the
+    /// discovery document names, and opens the message stream.
+    async fn connect(gateway: &TestGateway, query: &str) -> Result<Self, ConnectingError> {
+        let document = discovery(gateway).await;
+        Self::connect_to(document["url"].as_str().unwrap(), &document, query).await
+    }
+
+    async fn connect_to(url: &str, document: &Value, query: &str) -> Result<Self, ConnectingError> {
+        let hash = base64::engine::general_purpose::STANDARD
+            .decode(
+                document["serverCertificateHashes"][0]["value"]
+                    .as_str()
+                    .unwrap(),
+            )
+            .unwrap();
+        let config = ClientConfig::builder()
+            .with_bind_default()
+            .with_server_certificate_hashes([wtransport::tls::Sha256Digest::new(
+                hash.try_into().unwrap(),
+            )])
+            .build();
+        let endpoint = Endpoint::client(config).unwrap();
+        let session = endpoint.connect(format!("{url}{query}")).await?;
+        let (send, recv) = session.open_bi().await.unwrap().await.unwrap();
+        let mut client = Self {
+            session,
+            send,
+            recv,
+            received: Vec::new(),
+            _endpoint: endpoint,
+        };
+        // The stream reaches the gateway with its first bytes.
+        client.send.write_all(&[]).await.unwrap();
+        Ok(client)
+    }
+
+    async fn send_raw(&mut self, bytes: &[u8]) {
+        self.send.write_all(bytes).await.unwrap();
+    }
+
+    async fn send_text(&mut self, text: &str) {
+        self.send_raw(&frame(1, text.as_bytes())).await;
+    }
+
+    async fn send_json(&mut self, value: Value) {
+        self.send_text(&value.to_string()).await;
+    }
+
+    /// The next message: its kind and payload; `None` once the stream or session ended.
+    async fn next(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if self.received.len() >= 5 {
+                let length = u32::from_be_bytes(self.received[1..5].try_into().unwrap()) as usize;
+                if self.received.len() >= 5 + length {
+                    let kind = self.received[0];
+                    let payload = self.received[5..5 + length].to_vec();
+                    self.received.drain(..5 + length);
+                    return Some((kind, payload));
+                }
+            }
+            let mut buffer = [0; 4096];
+            let read = tokio::time::timeout(WAIT, self.recv.read(&mut buffer))
+                .await
+                .expect("a message within 10 s");
+            match read {
+                Ok(Some(n)) => self.received.extend_from_slice(&buffer[..n]),
+                _ => return None,
+            }
+        }
+    }
+
+    async fn next_text(&mut self) -> String {
+        let (kind, payload) = self.next().await.expect("a message");
+        assert_eq!(kind, 1, "a text message");
+        String::from_utf8(payload).unwrap()
+    }
+
+    async fn next_json(&mut self) -> Value {
+        serde_json::from_str(&self.next_text().await).unwrap()
+    }
+
+    /// How the gateway closed the session: its code and reason.
+    async fn closed(&self) -> (u64, String) {
+        let error = tokio::time::timeout(WAIT, self.session.closed())
+            .await
+            .expect("closed within 10 s");
+        match error {
+            ConnectionError::ApplicationClosed(close) => (
+                close.code().into_inner(),
+                String::from_utf8_lossy(close.reason()).into_owned(),
+            ),
+            other => panic!("closed by the gateway with a code, not {other:?}"),
+        }
+    }
+}
+
+fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut bytes = vec![kind];
+    bytes.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+/// The `$disconnect` event of `id`, after checking it came exactly once.
+async fn disconnect_of(backend: &Backend, id: &str) -> Value {
+    let event = backend
+        .wait_for("/disconnect", |e| connection_id(e) == id)
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let count = backend
+        .events("/disconnect")
+        .iter()
+        .filter(|e| connection_id(e) == id)
+        .count();
+    assert_eq!(count, 1, "$disconnect fires exactly once");
+    event
+}
+
+fn status_and_reason(event: &Value) -> (u64, String) {
+    let context = &event["requestContext"];
+    (
+        context["disconnectStatusCode"].as_u64().unwrap(),
+        context["disconnectReason"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn discovery_names_the_session_url_and_the_certificate_hash() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&config(&backend, "")).await;
+    let response = http()
+        .get(gateway.api_url("/@webtransport"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["access-control-allow-origin"], "*");
+    let document: Value = response.json().await.unwrap();
+    let wt_addr = gateway.wt_addr.unwrap();
+    assert_eq!(document["url"], format!("https://{wt_addr}/dev"));
+    let hash = &document["serverCertificateHashes"][0];
+    assert_eq!(hash["algorithm"], "sha-256");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(hash["value"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(bytes.len(), 32);
+
+    let wrong_stage = http()
+        .get(format!("http://{}/prod/@webtransport", gateway.api_addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_stage.status(), 404);
+    let without = TestGateway::start(&config_with(&backend, "")).await;
+    let disabled = http()
+        .get(without.api_url("/@webtransport"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(disabled.status(), 404);
+    assert!(
+        disabled
+            .text()
+            .await
+            .unwrap()
+            .contains("server.webtransport")
+    );
+}
+
+#[tokio::test]
+async fn a_session_is_a_connection_from_connect_to_disconnect() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&config(&backend, "")).await;
+    let mut client = WtClient::connect(&gateway, "?room=lobby&token=abc")
+        .await
+        .unwrap();
+    let connect = backend.wait_for("/connect-log", |_| true).await;
+    let id = connection_id(&connect);
+    assert_eq!(connect["requestContext"]["eventType"], "CONNECT");
+    assert_eq!(
+        connect["queryStringParameters"],
+        json!({"room": "lobby", "token": "abc"})
+    );
+    assert_eq!(
+        connect["requestContext"]["identity"]["sourceIp"],
+        "127.0.0.1"
+    );
+
+    // Routes: a mock answer, an echo of text and of binary.
+    client.send_json(json!({"action": "whoami"})).await;
+    assert_eq!(client.next_json().await["connectionId"], id);
+    client.send_text("not json").await;
+    assert_eq!(client.next_text().await, "not json");
+    client.send_raw(&frame(2, &[0, 1, 2, 255])).await;
+    assert_eq!(client.next().await, Some((2, vec![0, 1, 2, 255])));
+
+    // A durable queue's ack.
+    client
+        .send_json(json!({"action": "enqueue", "order": 1}))
+        .await;
+    let ack = client.next_json().await;
+    assert_eq!(ack["type"], "ack");
+
+    // @connections: push, status.
+    let pushed = http()
+        .post(gateway.api_url(&format!("/@connections/{id}")))
+        .body("pushed")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pushed.status(), 200);
+    assert_eq!(client.next_text().await, "pushed");
+    let status: Value = http()
+        .get(gateway.api_url(&format!("/@connections/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["identity"]["sourceIp"], "127.0.0.1");
+
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "switchboard_connections_active{transport=\"webtransport\"}"
+        ),
+        1.0
+    );
+
+    // DELETE: the client learns why, the backend hears once.
+    let deleted = http()
+        .delete(gateway.api_url(&format!("/@connections/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(
+        client.closed().await,
+        (1000, "connection deleted via @connections".into())
+    );
+    let event = disconnect_of(&backend, &id).await;
+    assert_eq!(
+        status_and_reason(&event),
+        (1000, "connection deleted via @connections".into())
+    );
+    let gone = http()
+        .post(gateway.api_url(&format!("/@connections/{id}")))
+        .body("late")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 410);
+}
+
+#[tokio::test]
+async fn websocket_and_webtransport_members_share_a_room() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&config(&backend, "")).await;
+    let mut quic = WtClient::connect(&gateway, "").await.unwrap();
+    let mut ws = gateway.connect().await;
+    for join in [
+        json!({"action": "join", "room": "mixed"}),
+        json!({"action": "whoami"}),
+    ] {
+        quic.send_json(join.clone()).await;
+        send_text(&mut ws, &join.to_string()).await;
+    }
+    let quic_id = quic.next_json().await["connectionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    next_json(&mut ws).await;
+
+    // A broadcast through the management API reaches both, counted once each.
+    let answer: Value = http()
+        .post(gateway.api_url("/@rooms/mixed"))
+        .body("to everyone")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["delivered"], 2);
+    assert_eq!(quic.next_text().await, "to everyone");
+    assert_eq!(next_text(&mut ws).await, "to everyone");
+
+    // Clients publish to each other across transports.
+    quic.send_json(json!({"action": "publish", "room": "mixed", "data": "from quic"}))
+        .await;
+    assert_eq!(next_text(&mut ws).await, "from quic");
+    assert_eq!(quic.next_text().await, "from quic");
+    send_text(
+        &mut ws,
+        &json!({"action": "publish", "room": "mixed", "data": "from tcp"}).to_string(),
+    )
+    .await;
+    assert_eq!(quic.next_text().await, "from tcp");
+    assert_eq!(next_text(&mut ws).await, "from tcp");
+
+    // Bulk to both.
+    let ws_id = backend.connected_ids(2).await;
+    let bulk: Value = http()
+        .post(gateway.api_url("/@connections"))
+        .json(&json!({"connectionIds": ws_id, "data": "bulk"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(bulk["delivered"], 2, "{bulk}");
+    assert_eq!(quic.next_text().await, "bulk");
+    assert_eq!(next_text(&mut ws).await, "bulk");
+
+    // The client's own close: its code and reason reach `$disconnect`.
+    quic.session
+        .close(wtransport::VarInt::from_u32(4000), b"bye");
+    let event = disconnect_of(&backend, &quic_id).await;
+    assert_eq!(
+        status_and_reason(&event),
+        (4000, "client closed: bye".into())
+    );
+    ws.close(None).await.unwrap();
+}
+
+#[tokio::test]
+async fn malformed_frames_close_the_session_with_a_reason() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&config(&backend, "")).await;
+    let mut bystander = WtClient::connect(&gateway, "").await.unwrap();
+    let cases: [(Vec<u8>, u64, &str); 3] = [
+        (frame(7, b"x"), 1002, "unknown WebTransport frame kind"),
+        (frame(1, &[0xff, 0xfe]), 1007, "not valid UTF-8"),
+        (vec![1, 0x7f, 0, 0, 0], 1009, "exceeds max_message_bytes"),
+    ];
+    for (bytes, code, reason) in cases {
+        backend.clear();
+        let mut client = WtClient::connect(&gateway, "").await.unwrap();
+        let id = connection_id(&backend.wait_for("/connect-log", |_| true).await);
+        client.send_raw(&bytes).await;
+        let (closed_code, closed_reason) = client.closed().await;
+        assert_eq!(closed_code, code, "{closed_reason}");
+        assert!(closed_reason.contains(reason), "{closed_reason}");
+        let event = disconnect_of(&backend, &id).await;
+        let (reported, description) = status_and_reason(&event);
+        assert_eq!(reported, code);
+        assert!(description.contains(reason), "{description}");
+    }
+    // Nothing else was hurt.
+    bystander.send_text("still here").await;
+    assert_eq!(bystander.next_text().await, "still here");
+}
+
+#[tokio::test]
+async fn sessions_the_gateway_refuses_are_refused_before_any_stream() {
+    let backend = Backend::start().await;
+    let config = format!(
+        r#"
+[server.webtransport]
+listen = "127.0.0.1:0"
+[routes."$connect"]
+integration = {{ type = "http", url = "{}/status/401" }}
+"#,
+        backend.url
+    );
+    let gateway = TestGateway::start(&config).await;
+    let refused = WtClient::connect(&gateway, "").await;
+    assert!(matches!(refused, Err(ConnectingError::SessionRejected)));
+    let document = discovery(&gateway).await;
+    let url = document["url"].as_str().unwrap().replace("/dev", "/prod");
+    let wrong_path = WtClient::connect_to(&url, &document, "").await;
+    assert!(matches!(wrong_path, Err(ConnectingError::SessionRejected)));
+    let metrics = gateway.metrics().await;
+    for result in ["rejected", "not_found"] {
+        let name = format!(
+            "switchboard_connections_total{{result=\"{result}\",transport=\"webtransport\"}}"
+        );
+        assert_eq!(metric_value(&metrics, &name), 1.0, "{name}");
+    }
+    assert!(backend.events("/disconnect").is_empty());
+}
+
+#[tokio::test]
+async fn a_client_that_vanishes_is_reported_once_when_quic_gives_up() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&config(&backend, "quic_idle_timeout_secs = 1")).await;
+    let relay = UdpRelay::start(gateway.wt_addr.unwrap()).await;
+    let document = discovery(&gateway).await;
+    let url = format!("https://{}/dev", relay.address);
+    let mut client = WtClient::connect_to(&url, &document, "").await.unwrap();
+    client.send_json(json!({"action": "whoami"})).await;
+    let id = client.next_json().await["connectionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Keep-alives hold an idle session open well past the idle timeout.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(backend.events("/disconnect").is_empty());
+    client.send_text("still alive").await;
+    assert_eq!(client.next_text().await, "still alive");
+
+    relay.cut();
+    let event = disconnect_of(&backend, &id).await;
+    assert_eq!(status_and_reason(&event), (1006, "connection lost".into()));
+    let gone = http()
+        .post(gateway.api_url(&format!("/@connections/{id}")))
+        .body("late")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 410);
+}
+
+/// A UDP relay between one client and the gateway that can go silent at once, as a
+/// client's network does when it vanishes (no close, no further packets).
+struct UdpRelay {
+    address: SocketAddr,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl UdpRelay {
+    async fn start(server: SocketAddr) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::net::UdpSocket;
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let back = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        back.connect(server).await.unwrap();
+        let address = front.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let client = Arc::new(std::sync::Mutex::new(None));
+        let (up_front, up_back, up_cut, up_client) =
+            (front.clone(), back.clone(), cut.clone(), client.clone());
+        tokio::spawn(async move {
+            let mut buffer = vec![0; 65_536];
+            while let Ok((n, from)) = up_front.recv_from(&mut buffer).await {
+                *up_client.lock().unwrap() = Some(from);
+                if !up_cut.load(Ordering::Relaxed) {
+                    let _ = up_back.send(&buffer[..n]).await;
+                }
+            }
+        });
+        let down_cut = cut.clone();
+        tokio::spawn(async move {
+            let mut buffer = vec![0; 65_536];
+            while let Ok(n) = back.recv(&mut buffer).await {
+                let to = *client.lock().unwrap();
+                if let (Some(to), false) = (to, down_cut.load(Ordering::Relaxed)) {
+                    let _ = front.send_to(&buffer[..n], to).await;
+                }
+            }
+        });
+        Self { address, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
