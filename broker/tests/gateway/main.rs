@@ -4,6 +4,7 @@
 mod attacks;
 mod authorizers;
 mod binary;
+mod browser;
 mod cluster;
 mod deploy;
 mod disconnects;
