@@ -1,6 +1,9 @@
-//! A lean WebSocket client for measurement: one socket, a small read buffer, frames parsed
-//! in place. Thousands of these share two cores with the server under test, so the client
-//! must cost as little as possible per delivery.
+//! A lean client for measurement: one socket (or one WebTransport stream), a small read
+//! buffer, frames parsed in place. Thousands of these share two cores with the server
+//! under test, so the client must cost as little as possible per delivery.
+//!
+//! Both transports carry the same messages; only the framing differs: WebSocket frames
+//! (masked from the client), or WebTransport's `[kind][length: 4 bytes BE][payload]`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -9,16 +12,69 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpSocket;
 
-/// Where to connect: `ws://IP:PORT/PATH` or `wss://IP:PORT/PATH`.
+/// Where to connect: `ws://IP:PORT/PATH`, `wss://IP:PORT/PATH`, or a WebTransport
+/// session URL `https://IP:PORT/PATH`.
 #[derive(Clone)]
 pub(crate) struct Target {
     pub(crate) addr: SocketAddr,
     pub(crate) path: String,
     /// For `wss://`: the client TLS config (trusting `--ca`).
     pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
+    /// For WebTransport: the certificate hashes to trust (from the discovery document).
+    pub(crate) webtransport: Option<Arc<Vec<[u8; 32]>>>,
+}
+
+/// A message's framing on the wire.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    WebSocket,
+    WebTransport,
 }
 
 impl Target {
+    /// The WebTransport session the gateway's `GET {api}/@webtransport` names.
+    pub(crate) async fn webtransport(api: &str) -> anyhow::Result<Self> {
+        use base64::Engine;
+        let discovery: serde_json::Value = reqwest::get(format!("{api}/@webtransport"))
+            .await?
+            .error_for_status()
+            .context("GET /@webtransport (is [server.webtransport] on?)")?
+            .json()
+            .await?;
+        let url = discovery["url"].as_str().context("discovery has no url")?;
+        let rest = url
+            .strip_prefix("https://")
+            .context("the session URL is not https://")?;
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let mut hashes = Vec::new();
+        for hash in discovery["serverCertificateHashes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(hash["value"].as_str().unwrap_or_default())?;
+            hashes.push(
+                bytes
+                    .try_into()
+                    .map_err(|_| anyhow::anyhow!("a certificate hash is not 32 bytes"))?,
+            );
+        }
+        if hashes.is_empty() {
+            bail!(
+                "the gateway serves a configured certificate; the load generator trusts only self-signed ones by hash"
+            );
+        }
+        Ok(Self {
+            addr: authority
+                .parse()
+                .with_context(|| format!("`{authority}` is not an IP:port"))?,
+            path: format!("/{path}"),
+            tls: None,
+            webtransport: Some(Arc::new(hashes)),
+        })
+    }
+
     /// `ca`: a PEM file of certificates to trust for `wss://`.
     pub(crate) fn parse(url: &str, ca: Option<&std::path::Path>) -> anyhow::Result<Self> {
         let (rest, secure) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
@@ -39,6 +95,7 @@ impl Target {
             addr,
             path: format!("/{path}"),
             tls,
+            webtransport: None,
         })
     }
 }
@@ -60,12 +117,18 @@ fn client_config(ca: &std::path::Path) -> anyhow::Result<Arc<rustls::ClientConfi
 type Reader = Box<dyn AsyncRead + Unpin + Send>;
 type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
-pub(crate) struct WsClient {
+pub(crate) struct Client {
+    wire: Wire,
     reader: Reader,
     writer: Option<FrameWriter>,
     buffer: Vec<u8>,
     /// Bytes of `buffer` that hold data.
     filled: usize,
+    /// A WebTransport client's endpoint and session, kept open as long as the client.
+    _session: Option<(
+        wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client>,
+        wtransport::Connection,
+    )>,
 }
 
 /// One frame from the server.
@@ -75,9 +138,46 @@ pub(crate) enum ServerFrame<'a> {
     Other,
 }
 
-impl WsClient {
-    /// Connects from `source` (any port) and completes the upgrade.
+impl Client {
+    /// Connects from `source` (any port) and completes the upgrade, or opens the
+    /// WebTransport session and its stream.
     pub(crate) async fn connect(target: &Target, source: IpAddr) -> anyhow::Result<Self> {
+        match &target.webtransport {
+            Some(hashes) => Self::connect_webtransport(target, hashes, source).await,
+            None => Self::connect_websocket(target, source).await,
+        }
+    }
+
+    async fn connect_webtransport(
+        target: &Target,
+        hashes: &[[u8; 32]],
+        source: IpAddr,
+    ) -> anyhow::Result<Self> {
+        let config = wtransport::ClientConfig::builder()
+            .with_bind_address(SocketAddr::new(source, 0))
+            .with_server_certificate_hashes(
+                hashes
+                    .iter()
+                    .map(|hash| wtransport::tls::Sha256Digest::new(*hash)),
+            )
+            .build();
+        let endpoint = wtransport::Endpoint::client(config)?;
+        let url = format!("https://{}{}", target.addr, target.path);
+        let session = endpoint.connect(url).await?;
+        let (mut send, recv) = session.open_bi().await?.await?;
+        // The stream reaches the gateway with its first bytes.
+        send.write_all(&[]).await?;
+        Ok(Self {
+            wire: Wire::WebTransport,
+            reader: Box::new(recv),
+            writer: Some(FrameWriter(Box::new(send), Wire::WebTransport)),
+            buffer: vec![0; 4096],
+            filled: 0,
+            _session: Some((endpoint, session)),
+        })
+    }
+
+    async fn connect_websocket(target: &Target, source: IpAddr) -> anyhow::Result<Self> {
         let socket = if target.addr.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
@@ -108,10 +208,12 @@ impl WsClient {
         // TLS buffers what it is given: push the records out (a no-op on plain TCP).
         writer.flush().await?;
         let mut client = Self {
+            wire: Wire::WebSocket,
             reader,
-            writer: Some(FrameWriter(writer)),
+            writer: Some(FrameWriter(writer, Wire::WebSocket)),
             buffer: vec![0; 4096],
             filled: 0,
+            _session: None,
         };
         let head_end = loop {
             if let Some(end) = find(&client.buffer[..client.filled], b"\r\n\r\n") {
@@ -130,7 +232,7 @@ impl WsClient {
         Ok(client)
     }
 
-    /// Sends one masked text frame.
+    /// Sends one text message.
     pub(crate) async fn send_text(&mut self, text: &str) -> anyhow::Result<()> {
         match self.writer.as_mut() {
             Some(writer) => writer.send_text(text).await,
@@ -154,7 +256,7 @@ impl WsClient {
         }
         let mut start = 0;
         let mut open = true;
-        while let Some((header, len)) = parse_header(&self.buffer[start..self.filled]) {
+        while let Some((header, len)) = parse_header(self.wire, &self.buffer[start..self.filled]) {
             let total = header + len;
             if self.filled - start < total {
                 if total > self.buffer.len() {
@@ -163,7 +265,12 @@ impl WsClient {
                 break;
             }
             let payload = &self.buffer[start + header..start + total];
-            match self.buffer[start] & 0x0F {
+            let opcode = match self.wire {
+                Wire::WebSocket => self.buffer[start] & 0x0F,
+                // Kinds 1 and 2 are text and binary, as WebSocket's opcodes.
+                Wire::WebTransport => self.buffer[start],
+            };
+            match opcode {
                 0x1 | 0x2 => on_frame(ServerFrame::Data(payload)),
                 0x8 => {
                     on_frame(ServerFrame::Close);
@@ -192,8 +299,12 @@ impl WsClient {
     }
 }
 
-/// (header length, payload length) of the unmasked frame at the start of `input`.
-fn parse_header(input: &[u8]) -> Option<(usize, usize)> {
+/// (header length, payload length) of the server frame at the start of `input`.
+fn parse_header(wire: Wire, input: &[u8]) -> Option<(usize, usize)> {
+    if wire == Wire::WebTransport {
+        let length: [u8; 4] = input.get(1..5)?.try_into().ok()?;
+        return Some((5, u32::from_be_bytes(length) as usize));
+    }
     let second = *input.get(1)?;
     match second & 0x7F {
         126 => Some((
@@ -213,23 +324,23 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// The sending half of a client connection.
-pub(crate) struct FrameWriter(Writer);
+pub(crate) struct FrameWriter(Writer, Wire);
 
 impl FrameWriter {
-    /// Sends one masked text frame.
+    /// Sends one text message.
     pub(crate) async fn send_text(&mut self, text: &str) -> anyhow::Result<()> {
         let mut frame = Vec::with_capacity(text.len() + 14);
-        encode_masked(text, &mut frame);
+        encode_text(self.1, text, &mut frame);
         self.0.write_all(&frame).await?;
         self.0.flush().await?;
         Ok(())
     }
 
-    /// Sends several masked text frames in one write.
+    /// Sends several text messages in one write.
     pub(crate) async fn send_texts(&mut self, texts: &[String]) -> anyhow::Result<()> {
         let mut frames = Vec::with_capacity(texts.iter().map(|t| t.len() + 14).sum());
         for text in texts {
-            encode_masked(text, &mut frames);
+            encode_text(self.1, text, &mut frames);
         }
         self.0.write_all(&frames).await?;
         self.0.flush().await?;
@@ -237,8 +348,15 @@ impl FrameWriter {
     }
 }
 
-/// Appends `text` as one masked client text frame to `frame`.
-fn encode_masked(text: &str, frame: &mut Vec<u8>) {
+/// Appends `text` as one client text message to `frame`: a masked WebSocket frame, or a
+/// WebTransport message.
+fn encode_text(wire: Wire, text: &str, frame: &mut Vec<u8>) {
+    if wire == Wire::WebTransport {
+        frame.push(1);
+        frame.extend_from_slice(&(text.len() as u32).to_be_bytes());
+        frame.extend_from_slice(text.as_bytes());
+        return;
+    }
     {
         let payload = text.as_bytes();
         let mask = [0x5a, 0x11, 0xc3, 0x7e];

@@ -43,8 +43,18 @@ struct Cli {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// Client transport: `websocket` (to --url), or `webtransport` (to the session URL and
+    /// certificate hash that `GET {api}/@webtransport` names).
+    #[arg(long, global = true, value_enum, default_value_t = Transport::Websocket)]
+    transport: Transport,
     #[command(subcommand)]
     scenario: Scenario,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Transport {
+    Websocket,
+    Webtransport,
 }
 
 #[derive(Subcommand)]
@@ -115,16 +125,25 @@ struct FanoutOptions {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let endpoints = Endpoints {
-        ws: cli
+    let api = cli.api.trim_end_matches('/').to_owned();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let targets = match cli.transport {
+        Transport::Websocket => cli
             .url
             .iter()
             .map(|url| Target::parse(url, cli.ca.as_deref()))
             .collect::<anyhow::Result<_>>()?,
-        api: cli.api.trim_end_matches('/').to_owned(),
+        Transport::Webtransport => vec![runtime.block_on(Target::webtransport(&api))?],
+    };
+    let endpoints = Endpoints {
+        targets,
+        api,
         source_addrs: cli.source_addrs,
     };
-    if endpoints.ws.iter().any(|t| !t.addr.ip().is_loopback()) {
+    if endpoints.targets.iter().any(|t| !t.addr.ip().is_loopback()) {
         bail!("switchboard-loadgen only targets loopback addresses (127.0.0.0/8, ::1)");
     }
     let needed = match &cli.scenario {
@@ -132,10 +151,6 @@ fn main() -> anyhow::Result<()> {
         Scenario::Fanout(o) | Scenario::Bulk(o) | Scenario::Push(o) => o.connections,
     };
     raise_open_files(needed)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
     runtime.block_on(async {
         match cli.scenario {
             Scenario::Connect {

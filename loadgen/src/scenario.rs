@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
-use crate::client::{ServerFrame, Target, WsClient};
+use crate::client::{Client, ServerFrame, Target};
 use crate::publisher::Pipeline;
 
 /// Connections opened at once while ramping.
@@ -36,7 +36,7 @@ fn now_ns() -> u64 {
 #[derive(Clone)]
 pub(crate) struct Endpoints {
     /// Clients are spread over these round-robin (the nodes of a cluster).
-    pub(crate) ws: Vec<Target>,
+    pub(crate) targets: Vec<Target>,
     /// `http://HOST:PORT/{stage}`.
     pub(crate) api: String,
     /// Client connections come from 127.0.0.1 … 127.0.0.N.
@@ -51,16 +51,16 @@ impl Endpoints {
 }
 
 /// Opens `count` connections, `RAMP_CONCURRENCY` at a time; returns them and the failures.
-async fn ramp(endpoints: &Endpoints, count: usize) -> (Vec<WsClient>, usize) {
+async fn ramp(endpoints: &Endpoints, count: usize) -> (Vec<Client>, usize) {
     let permits = Arc::new(Semaphore::new(RAMP_CONCURRENCY));
     let mut tasks = Vec::with_capacity(count);
     for index in 0..count {
         let permit = permits.clone().acquire_owned().await;
-        let target = endpoints.ws[index % endpoints.ws.len()].clone();
+        let target = endpoints.targets[index % endpoints.targets.len()].clone();
         let source = endpoints.source(index);
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
-            WsClient::connect(&target, source).await
+            Client::connect(&target, source).await
         }));
     }
     let mut clients = Vec::with_capacity(count);
@@ -413,7 +413,7 @@ async fn publish(
 
 /// Reads until every message arrived, the server closed, or the deadline passed.
 async fn subscribe(
-    mut client: WsClient,
+    mut client: Client,
     messages: usize,
     tally: Arc<Tally>,
     latencies: Arc<Mutex<Histogram<u64>>>,

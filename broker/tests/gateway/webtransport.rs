@@ -532,3 +532,46 @@ impl UdpRelay {
         self.cut.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+#[tokio::test]
+async fn a_session_that_stops_reading_is_cut_as_a_slow_consumer() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&format!(
+        "{}\n[limits]\noutbound_queue_bytes = 65536\n",
+        config(&backend, "")
+    ))
+    .await;
+    // Connected, then never read from: QUIC flow control and the send window fill, then
+    // the outbound queue.
+    let stalled = WtClient::connect(&gateway, "").await.unwrap();
+    let id = connection_id(&backend.wait_for("/connect-log", |_| true).await);
+    let mut reader = WtClient::connect(&gateway, "").await.unwrap();
+    let chunk = "x".repeat(30_000);
+    let mut refused = false;
+    for _ in 0..1000 {
+        let status = http()
+            .post(gateway.api_url(&format!("/@connections/{id}")))
+            .body(chunk.clone())
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == 410 {
+            refused = true;
+            break;
+        }
+        assert_eq!(status, 200);
+    }
+    assert!(refused, "the stalled session was never cut");
+    let event = disconnect_of(&backend, &id).await;
+    assert_eq!(status_and_reason(&event), (1008, "slow consumer".into()));
+    drop(stalled);
+    // The gateway and its other sessions are fine.
+    reader.send_text("after the cut").await;
+    assert_eq!(reader.next_text().await, "after the cut");
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "switchboard_slow_consumer_disconnects_total"),
+        1.0
+    );
+}

@@ -28,6 +28,17 @@ pub use socket::WebTransportSocket;
 
 /// How often the self-signed certificate's age is checked.
 const RENEWAL_CHECK: Duration = Duration::from_secs(3600);
+/// Bytes a session may have sent but not yet acknowledged (quinn would buffer 10 MB): what
+/// a client that stops reading makes the gateway hold beyond its outbound queue, like a TCP
+/// socket's send buffer.
+const SEND_WINDOW: u64 = 256 * 1024;
+/// Bytes a client may send ahead on its message stream before the gateway reads them; past
+/// it, its sends wait (backpressure, as TCP's receive window).
+const STREAM_RECEIVE_WINDOW: u32 = 256 * 1024;
+/// The same for all of a session's streams together.
+const RECEIVE_WINDOW: u32 = 1024 * 1024;
+/// Datagrams are not used, but browsers require datagram support of a WebTransport server.
+const DATAGRAM_BUFFER: usize = 16 * 1024;
 
 /// `[server.webtransport]`, validated.
 #[derive(Debug, Clone)]
@@ -62,12 +73,7 @@ pub fn start(
     };
     let quic = wtransport::ServerConfig::builder()
         .with_bind_socket(socket)
-        .with_custom_tls(config.certificate.tls_config())
-        .max_idle_timeout(Some(config.quic_idle_timeout))
-        .map_err(|_| {
-            std::io::Error::other("server.webtransport.quic_idle_timeout_secs is too large")
-        })?
-        .keep_alive_interval(Some(config.quic_idle_timeout / 3))
+        .with_custom_tls_and_transport(config.certificate.tls_config(), transport_config(config)?)
         .build();
     let endpoint = Arc::new(wtransport::Endpoint::server(quic)?);
     tokio::spawn(accept_sessions(
@@ -82,7 +88,30 @@ pub fn start(
     Ok(Some(endpoint))
 }
 
-/// Admits each incoming session and hands it to the next shard.
+/// What one session may make the gateway hold, and when a silent one is lost.
+fn transport_config(
+    config: &WebTransportConfig,
+) -> std::io::Result<wtransport::quinn::TransportConfig> {
+    use wtransport::quinn::{IdleTimeout, VarInt};
+    let idle = IdleTimeout::try_from(config.quic_idle_timeout).map_err(|_| {
+        std::io::Error::other("server.webtransport.quic_idle_timeout_secs is too large")
+    })?;
+    let mut transport = wtransport::quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(idle))
+        .keep_alive_interval(Some(config.quic_idle_timeout / 3))
+        .send_window(SEND_WINDOW)
+        .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
+        .receive_window(VarInt::from_u32(RECEIVE_WINDOW))
+        .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
+        // The HTTP/3 CONNECT stream and the message stream; HTTP/3's control stream and
+        // its two QPACK streams. A client gets no more streams to fill with data.
+        .max_concurrent_bidi_streams(VarInt::from_u32(2))
+        .max_concurrent_uni_streams(VarInt::from_u32(3));
+    Ok(transport)
+}
+
+/// Validates each incoming client's address, admits it and hands it to the next shard.
 async fn accept_sessions(endpoint: Endpoint, gateway: Arc<Gateway>, shutdown: CancellationToken) {
     let next = AtomicUsize::new(0);
     loop {
@@ -90,6 +119,12 @@ async fn accept_sessions(endpoint: Endpoint, gateway: Arc<Gateway>, shutdown: Ca
             _ = shutdown.cancelled() => return,
             incoming = endpoint.accept() => incoming,
         };
+        if !incoming.remote_address_validated() {
+            // A stateless Retry first: the client proves it owns its address before any
+            // state is kept or a per-address budget is charged (no spoofed sources).
+            incoming.retry();
+            continue;
+        }
         let peer = incoming.remote_address();
         let ticket = match gateway
             .admission
