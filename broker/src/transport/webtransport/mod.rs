@@ -26,6 +26,8 @@ use crate::outbound::Wire;
 pub use certificate::ServedCertificate;
 pub use socket::WebTransportSocket;
 
+/// Kernel receive and send buffer asked for the UDP socket.
+const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
 /// How often the self-signed certificate's age is checked.
 const RENEWAL_CHECK: Duration = Duration::from_secs(3600);
 /// Bytes a session may have sent but not yet acknowledged (quinn would buffer 10 MB): what
@@ -37,6 +39,9 @@ const SEND_WINDOW: u64 = 256 * 1024;
 const STREAM_RECEIVE_WINDOW: u32 = 256 * 1024;
 /// The same for all of a session's streams together.
 const RECEIVE_WINDOW: u32 = 1024 * 1024;
+/// Packets a client may receive before it must acknowledge (with the ACK frequency
+/// extension; QUIC's default is 2).
+const ACK_ELICITING_THRESHOLD: u32 = 10;
 /// Datagrams are not used, but browsers require datagram support of a WebTransport server.
 const DATAGRAM_BUFFER: usize = 16 * 1024;
 
@@ -51,11 +56,23 @@ pub struct WebTransportConfig {
     pub quic_idle_timeout: Duration,
 }
 
-/// Binds the listener's UDP socket (before [`start`], so callers know the port).
+/// Binds the listener's UDP socket (before [`start`], so callers know the port), with
+/// kernel buffers of [`SOCKET_BUFFER`]: every client's packets arrive on this one socket,
+/// and a burst (handshakes, acknowledgements during a fan-out) that overflows the default
+/// ~200 KiB is dropped and has to be retransmitted.
 pub fn bind(config: &WebTransportConfig) -> std::io::Result<std::net::UdpSocket> {
-    let socket = std::net::UdpSocket::bind(config.listen)?;
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(config.listen),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    // Capped by the kernel (net.core.rmem_max / wmem_max); a smaller buffer still works.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.bind(&config.listen.into())?;
     socket.set_nonblocking(true)?;
-    Ok(socket)
+    Ok(socket.into())
 }
 
 /// The listener's QUIC endpoint.
@@ -104,11 +121,22 @@ fn transport_config(
         .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
         .receive_window(VarInt::from_u32(RECEIVE_WINDOW))
         .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
+        .ack_frequency_config(Some(ack_frequency()))
         // The HTTP/3 CONNECT stream and the message stream; HTTP/3's control stream and
         // its two QPACK streams. A client gets no more streams to fill with data.
         .max_concurrent_bidi_streams(VarInt::from_u32(2))
         .max_concurrent_uni_streams(VarInt::from_u32(3));
     Ok(transport)
+}
+
+/// Asks clients that support the QUIC ACK frequency extension (quinn-based ones; browsers
+/// ignore it) to acknowledge every [`ACK_ELICITING_THRESHOLD`]-th packet instead of every
+/// second: each acknowledgement costs the gateway a datagram received, decrypted and handed
+/// to the connection's shard, which at fan-out rates was a large share of its work.
+fn ack_frequency() -> wtransport::quinn::AckFrequencyConfig {
+    let mut config = wtransport::quinn::AckFrequencyConfig::default();
+    config.ack_eliciting_threshold(wtransport::quinn::VarInt::from_u32(ACK_ELICITING_THRESHOLD));
+    config
 }
 
 /// Validates each incoming client's address, admits it and hands it to the next shard.
