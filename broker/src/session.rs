@@ -28,6 +28,7 @@ use crate::limits::{AdmissionTicket, InboundLimiter};
 use crate::metrics::Metrics;
 use crate::outbound::{self, OutboundQueue, Wire};
 use crate::shard::Shard;
+use crate::transport::webtransport::HandshakeSlot;
 use crate::transport::webtransport::framing::FrameDecoder;
 use crate::transport::{Decoder, Socket, TlsSocket, WebTransportSocket};
 
@@ -57,17 +58,20 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, ticket: 
 }
 
 /// Runs a WebTransport session the endpoint accepted and admitted under `ticket`.
+/// Runs a WebTransport session the endpoint accepted; its QUIC handshake counts under
+/// `handshake`, and the session is admitted once the handshake has proven its address.
 pub async fn run_webtransport(
     shard: Rc<Shard>,
     incoming: wtransport::endpoint::IncomingSession,
-    ticket: AdmissionTicket,
+    handshake: HandshakeSlot,
 ) {
-    let _ticket = ticket;
-    let Some((socket, accepted)) = Box::pin(open_webtransport(&shard, incoming)).await else {
+    let opened = Box::pin(open_webtransport(&shard, incoming, handshake)).await;
+    let Some((socket, accepted, ticket)) = opened else {
         return;
     };
     let decoder = FrameDecoder::new(shard.gateway.config.limits.max_message_bytes);
     live(shard, socket, accepted, Decoder::WebTransport(decoder)).await;
+    drop(ticket);
 }
 
 /// A connection from `$connect` to `$disconnect`: registered with its shard, served until
@@ -291,17 +295,22 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     })
 }
 
-/// The WebTransport handshake: QUIC and HTTP/3 up to the session request, the same checks
-/// and `$connect` as a WebSocket upgrade, then the client's bidirectional stream. Refusals
-/// answer 404 (wrong path), 429 (`$connect` said 429) or 403 (anything else `$connect`
-/// or the authorizer refused): the statuses WebTransport servers can send.
+/// The WebTransport handshake: QUIC and HTTP/3 up to the session request, the admission
+/// gate, the same checks and `$connect` as a WebSocket upgrade, then the client's
+/// bidirectional stream. Refusals answer 404 (wrong path), 429 (the admission gate, or
+/// `$connect` said 429) or 403 (anything else `$connect` or the authorizer refused): the
+/// statuses WebTransport servers can send.
 async fn open_webtransport(
     shard: &Rc<Shard>,
     incoming: wtransport::endpoint::IncomingSession,
-) -> Option<(Socket, Accepted)> {
+    handshake: HandshakeSlot,
+) -> Option<(Socket, Accepted, AdmissionTicket)> {
     let gateway = &shard.gateway;
     let timeout = gateway.config.limits.handshake_timeout;
-    let peer = incoming.remote_address();
+    // A dual-stack listener sees IPv4 clients as `::ffff:a.b.c.d`: limits and events
+    // must see them as the IPv4 addresses they are.
+    let address = incoming.remote_address();
+    let peer = SocketAddr::new(address.ip().to_canonical(), address.port());
     let request = match tokio::time::timeout(timeout, incoming).await {
         Ok(Ok(request)) => request,
         Ok(Err(error)) => {
@@ -309,7 +318,22 @@ async fn open_webtransport(
             count_handshake(shard, "tls_error", Wire::WebTransport);
             return None;
         }
-        Err(_) => return None,
+        Err(_) => {
+            tracing::debug!(%peer, "WebTransport handshake not completed in time");
+            return None;
+        }
+    };
+    drop(handshake);
+    let ticket = match gateway
+        .admission
+        .admit(peer.ip(), std::time::Instant::now())
+    {
+        Ok(ticket) => ticket,
+        Err(refusal) => {
+            count_handshake(shard, refusal.label(), Wire::WebTransport);
+            request.too_many_requests().await;
+            return None;
+        }
     };
     let (path, query) = request
         .path()
@@ -341,14 +365,21 @@ async fn open_webtransport(
         }
     };
     let stream = async {
-        let session = request.accept().await.ok()?;
-        let (send, recv) = session.accept_bi().await.ok()?;
-        Some(WebTransportSocket::new(session, send, recv))
+        let session = request.accept().await?;
+        let (send, recv) = session.accept_bi().await?;
+        Ok::<_, wtransport::error::ConnectionError>(WebTransportSocket::new(session, send, recv))
     };
-    let Ok(Some(socket)) = tokio::time::timeout(timeout, stream).await else {
-        // `$connect` succeeded, so `$disconnect` is owed.
-        dispatch::fire_disconnect(shard, facts, DisconnectReason::ConnectionLost);
-        return None;
+    let socket = match tokio::time::timeout(timeout, stream).await {
+        Ok(Ok(socket)) => socket,
+        failed => {
+            match failed {
+                Ok(Err(error)) => tracing::debug!(%peer, %error, "WebTransport session lost"),
+                _ => tracing::debug!(%peer, "no WebTransport stream opened in time"),
+            }
+            // `$connect` succeeded, so `$disconnect` is owed.
+            dispatch::fire_disconnect(shard, facts, DisconnectReason::ConnectionLost);
+            return None;
+        }
     };
     opened(shard, &facts, Wire::WebTransport);
     let accepted = Accepted {
@@ -356,7 +387,7 @@ async fn open_webtransport(
         facts,
         leftover: Vec::new(),
     };
-    Some((Socket::WebTransport(Box::new(socket)), accepted))
+    Some((Socket::WebTransport(Box::new(socket)), accepted, ticket))
 }
 
 /// The session request's headers as `$connect` sees them: the regular ones sorted by

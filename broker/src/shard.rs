@@ -29,6 +29,7 @@ use crate::limits::Refusal;
 use crate::outbound::{self, SharedFrame, Wire};
 use crate::rooms::{RoomIndex, RoomName};
 use crate::session;
+use crate::transport::webtransport::HandshakeSlot;
 
 /// Commands waiting for a shard beyond this make the sender wait (backpressure on the
 /// management API, never unbounded memory).
@@ -102,7 +103,7 @@ enum ShardCommand {
     /// Run a WebTransport session the endpoint accepted and admitted.
     AdoptWebTransport {
         incoming: Box<wtransport::endpoint::IncomingSession>,
-        ticket: crate::limits::AdmissionTicket,
+        handshake: HandshakeSlot,
     },
 }
 
@@ -233,11 +234,11 @@ impl ShardHandle {
     pub async fn adopt_webtransport(
         &self,
         incoming: wtransport::endpoint::IncomingSession,
-        ticket: crate::limits::AdmissionTicket,
+        handshake: HandshakeSlot,
     ) {
         let command = ShardCommand::AdoptWebTransport {
             incoming: Box::new(incoming),
-            ticket,
+            handshake,
         };
         let _ = self.commands.send(command).await;
     }
@@ -636,8 +637,11 @@ impl Shard {
                     connection.request_close(reason.clone());
                 }
             }
-            ShardCommand::AdoptWebTransport { incoming, ticket } => {
-                let session = session::run_webtransport(self.clone(), *incoming, ticket);
+            ShardCommand::AdoptWebTransport {
+                incoming,
+                handshake,
+            } => {
+                let session = session::run_webtransport(self.clone(), *incoming, handshake);
                 self.tasks.spawn_local(session);
             }
             ShardCommand::ListRoom { room, reply } => {

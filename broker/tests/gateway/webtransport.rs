@@ -575,3 +575,32 @@ async fn a_session_that_stops_reading_is_cut_as_a_slow_consumer() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn the_admission_gate_limits_sessions_per_address() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&format!(
+        "{}\n[limits]\nmax_connections_per_ip = 1\n",
+        config(&backend, "")
+    ))
+    .await;
+    let mut first = WtClient::connect(&gateway, "").await.unwrap();
+    let second = WtClient::connect(&gateway, "").await;
+    assert!(matches!(second, Err(ConnectingError::SessionRejected)));
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "switchboard_connections_total{result=\"ip_limit\",transport=\"webtransport\"}"
+        ),
+        1.0
+    );
+    // The first is untouched; once it leaves, its place is free again.
+    first.send_text("still here").await;
+    assert_eq!(first.next_text().await, "still here");
+    first.session.close(wtransport::VarInt::from_u32(1000), b"");
+    drop(first);
+    let id = connection_id(&backend.wait_for("/connect-log", |_| true).await);
+    disconnect_of(&backend, &id).await;
+    WtClient::connect(&gateway, "").await.unwrap();
+}

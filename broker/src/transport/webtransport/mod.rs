@@ -42,6 +42,12 @@ const RECEIVE_WINDOW: u32 = 1024 * 1024;
 /// Packets a client may receive before it must acknowledge (with the ACK frequency
 /// extension; QUIC's default is 2).
 const ACK_ELICITING_THRESHOLD: u32 = 10;
+/// QUIC handshakes in progress past which a new client must first prove its address with a
+/// stateless Retry (one more round trip; a flood of spoofed Initial packets then leaves no
+/// state behind).
+const RETRY_ABOVE: usize = 256;
+/// QUIC handshakes in progress past which new clients are refused.
+const MAX_HANDSHAKES: usize = 4096;
 /// Datagrams are not used, but browsers require datagram support of a WebTransport server.
 const DATAGRAM_BUFFER: usize = 16 * 1024;
 
@@ -139,40 +145,53 @@ fn ack_frequency() -> wtransport::quinn::AckFrequencyConfig {
     config
 }
 
-/// Validates each incoming client's address, admits it and hands it to the next shard.
+/// Hands each incoming session to the next shard. Under a flood of handshakes, clients
+/// first prove their address with a stateless Retry; past a hard cap they are refused.
 async fn accept_sessions(endpoint: Endpoint, gateway: Arc<Gateway>, shutdown: CancellationToken) {
     let next = AtomicUsize::new(0);
+    let handshakes = Arc::new(AtomicUsize::new(0));
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => return,
             incoming = endpoint.accept() => incoming,
         };
-        if !incoming.remote_address_validated() {
-            // A stateless Retry first: the client proves it owns its address before any
-            // state is kept or a per-address budget is charged (no spoofed sources).
+        let pending = handshakes.load(Ordering::Relaxed);
+        if pending >= RETRY_ABOVE && !incoming.remote_address_validated() {
             incoming.retry();
             continue;
         }
-        let peer = incoming.remote_address();
-        let ticket = match gateway
-            .admission
-            .admit(peer.ip(), std::time::Instant::now())
-        {
-            Ok(ticket) => ticket,
-            Err(refusal) => {
-                gateway
-                    .metrics
-                    .connections_total
-                    .with_label_values(&[refusal.label(), Wire::WebTransport.label()])
-                    .inc();
-                incoming.refuse();
-                continue;
-            }
-        };
+        if pending >= MAX_HANDSHAKES {
+            gateway
+                .metrics
+                .connections_total
+                .with_label_values(&["over_capacity", Wire::WebTransport.label()])
+                .inc();
+            incoming.refuse();
+            continue;
+        }
+        let slot = HandshakeSlot::take(&handshakes);
         let shard = next.fetch_add(1, Ordering::Relaxed) % gateway.shards.len();
         gateway.shards[shard]
-            .adopt_webtransport(incoming, ticket)
+            .adopt_webtransport(incoming, slot)
             .await;
+    }
+}
+
+/// One QUIC handshake in progress, counted until dropped. The admission gate (capacity,
+/// per-address limits) is passed only once the handshake has proven the client's address,
+/// so a spoofed source cannot spend another address's budget.
+pub struct HandshakeSlot(Arc<AtomicUsize>);
+
+impl HandshakeSlot {
+    fn take(handshakes: &Arc<AtomicUsize>) -> Self {
+        handshakes.fetch_add(1, Ordering::Relaxed);
+        Self(handshakes.clone())
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
