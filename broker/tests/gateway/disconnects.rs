@@ -10,35 +10,6 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::support::*;
 
-/// Waits for `id`'s `$disconnect`, then makes sure no second one follows.
-async fn disconnect_event(backend: &Backend, id: &str) -> serde_json::Value {
-    let event = backend
-        .wait_for("/disconnect", |e| connection_id(e) == id)
-        .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let count = backend
-        .events("/disconnect")
-        .iter()
-        .filter(|e| connection_id(e) == id)
-        .count();
-    assert_eq!(count, 1, "$disconnect fires exactly once");
-    assert_eq!(event["requestContext"]["eventType"], "DISCONNECT");
-    assert_eq!(event["requestContext"]["routeKey"], "$disconnect");
-    event
-}
-
-fn status_and_reason(event: &serde_json::Value) -> (u64, String) {
-    (
-        event["requestContext"]["disconnectStatusCode"]
-            .as_u64()
-            .unwrap(),
-        event["requestContext"]["disconnectReason"]
-            .as_str()
-            .unwrap()
-            .to_owned(),
-    )
-}
-
 #[tokio::test]
 async fn client_close_reports_its_code() {
     let backend = Backend::start().await;

@@ -174,29 +174,6 @@ fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
     bytes
 }
 
-/// The `$disconnect` event of `id`, after checking it came exactly once.
-async fn disconnect_of(backend: &Backend, id: &str) -> Value {
-    let event = backend
-        .wait_for("/disconnect", |e| connection_id(e) == id)
-        .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let count = backend
-        .events("/disconnect")
-        .iter()
-        .filter(|e| connection_id(e) == id)
-        .count();
-    assert_eq!(count, 1, "$disconnect fires exactly once");
-    event
-}
-
-fn status_and_reason(event: &Value) -> (u64, String) {
-    let context = &event["requestContext"];
-    (
-        context["disconnectStatusCode"].as_u64().unwrap(),
-        context["disconnectReason"].as_str().unwrap().to_owned(),
-    )
-}
-
 #[tokio::test]
 async fn discovery_names_the_session_url_and_the_certificate_hash() {
     let backend = Backend::start().await;
@@ -313,7 +290,7 @@ async fn a_session_is_a_connection_from_connect_to_disconnect() {
         client.closed().await,
         (1000, "connection deleted via @connections".into())
     );
-    let event = disconnect_of(&backend, &id).await;
+    let event = disconnect_event(&backend, &id).await;
     assert_eq!(
         status_and_reason(&event),
         (1000, "connection deleted via @connections".into())
@@ -391,7 +368,7 @@ async fn websocket_and_webtransport_members_share_a_room() {
     // The client's own close: its code and reason reach `$disconnect`.
     quic.session
         .close(wtransport::VarInt::from_u32(4000), b"bye");
-    let event = disconnect_of(&backend, &quic_id).await;
+    let event = disconnect_event(&backend, &quic_id).await;
     assert_eq!(
         status_and_reason(&event),
         (4000, "client closed: bye".into())
@@ -417,7 +394,7 @@ async fn malformed_frames_close_the_session_with_a_reason() {
         let (closed_code, closed_reason) = client.closed().await;
         assert_eq!(closed_code, code, "{closed_reason}");
         assert!(closed_reason.contains(reason), "{closed_reason}");
-        let event = disconnect_of(&backend, &id).await;
+        let event = disconnect_event(&backend, &id).await;
         let (reported, description) = status_and_reason(&event);
         assert_eq!(reported, code);
         assert!(description.contains(reason), "{description}");
@@ -476,7 +453,7 @@ async fn a_client_that_vanishes_is_reported_once_when_quic_gives_up() {
     assert_eq!(client.next_text().await, "still alive");
 
     relay.cut();
-    let event = disconnect_of(&backend, &id).await;
+    let event = disconnect_event(&backend, &id).await;
     assert_eq!(status_and_reason(&event), (1006, "connection lost".into()));
     let gone = http()
         .post(gateway.api_url(&format!("/@connections/{id}")))
@@ -563,7 +540,7 @@ async fn a_session_that_stops_reading_is_cut_as_a_slow_consumer() {
         assert_eq!(status, 200);
     }
     assert!(refused, "the stalled session was never cut");
-    let event = disconnect_of(&backend, &id).await;
+    let event = disconnect_event(&backend, &id).await;
     assert_eq!(status_and_reason(&event), (1008, "slow consumer".into()));
     drop(stalled);
     // The gateway and its other sessions are fine.
@@ -601,6 +578,41 @@ async fn the_admission_gate_limits_sessions_per_address() {
     first.session.close(wtransport::VarInt::from_u32(1000), b"");
     drop(first);
     let id = connection_id(&backend.wait_for("/connect-log", |_| true).await);
-    disconnect_of(&backend, &id).await;
+    disconnect_event(&backend, &id).await;
     WtClient::connect(&gateway, "").await.unwrap();
+}
+
+#[tokio::test]
+async fn the_authorizer_runs_on_the_session_request() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&config_with(
+        &backend,
+        r#"
+[server.webtransport]
+listen = "127.0.0.1:0"
+[authorizer]
+type = "api_key"
+token = "query:key"
+keys = ["first", "second"]
+"#,
+    ))
+    .await;
+    let missing = WtClient::connect(&gateway, "").await;
+    assert!(matches!(missing, Err(ConnectingError::SessionRejected)));
+    let wrong = WtClient::connect(&gateway, "?key=guess").await;
+    assert!(matches!(wrong, Err(ConnectingError::SessionRejected)));
+    assert!(backend.events("/connect-log").is_empty(), "no backend call");
+    let _client = WtClient::connect(&gateway, "?key=second").await.unwrap();
+    let connect = backend.wait_for("/connect-log", |_| true).await;
+    assert!(
+        connect["requestContext"]["authorizer"].is_object(),
+        "{connect}"
+    );
+    let metrics = gateway.metrics().await;
+    for (result, count) in [("unauthorized", 1.0), ("forbidden", 1.0)] {
+        let name = format!(
+            "switchboard_connections_total{{result=\"{result}\",transport=\"webtransport\"}}"
+        );
+        assert_eq!(metric_value(&metrics, &name), count, "{name}");
+    }
 }

@@ -257,6 +257,43 @@ pub fn host_without_port(host: &str) -> &str {
 mod tests {
     use super::*;
 
+    fn config(listen: &str, certificate: ServedCertificate) -> WebTransportConfig {
+        WebTransportConfig {
+            listen: listen.parse().unwrap(),
+            certificate: Arc::new(certificate),
+            quic_idle_timeout: Duration::from_secs(30),
+        }
+    }
+
+    #[test]
+    fn discovery_pins_only_a_self_signed_certificate() {
+        let pinned = discovery(
+            &config("127.0.0.1:4433", ServedCertificate::self_signed().unwrap()),
+            Some("127.0.0.1:9090"),
+            "dev",
+        );
+        assert_eq!(pinned["url"], "https://127.0.0.1:4433/dev");
+        assert_eq!(pinned["serverCertificateHashes"][0]["algorithm"], "sha-256");
+
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["gateway.example".into()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let configured = ServedCertificate::from_files(cert_path, key_path).unwrap();
+        let document = discovery(
+            &config("0.0.0.0:4433", configured),
+            Some("gateway.example:9090"),
+            "prod",
+        );
+        assert_eq!(
+            document,
+            serde_json::json!({"url": "https://gateway.example:4433/prod"})
+        );
+    }
+
     #[test]
     fn hosts_lose_their_port() {
         assert_eq!(host_without_port("example.com:9090"), "example.com");
