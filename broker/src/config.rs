@@ -601,6 +601,10 @@ pub enum RawIntegration {
         /// Only members of the room may publish to it.
         #[serde(default = "yes")]
         members_only: bool,
+        /// Latest-value-wins data: WebTransport members that asked for datagrams get it
+        /// as one (QUIC does not retransmit it).
+        #[serde(default)]
+        unreliable: bool,
     },
     Queue {
         queue: String,
@@ -775,6 +779,7 @@ pub enum Integration {
         data: Option<SelectionExpression>,
         exclude_sender: bool,
         members_only: bool,
+        unreliable: bool,
     },
     /// Append the MESSAGE event to a durable queue.
     Queue {
@@ -1237,6 +1242,7 @@ fn validate_integration(path: &str, raw: &RawIntegration) -> Result<Integration,
             data,
             exclude_sender,
             members_only,
+            unreliable,
         } => Integration::RoomPublish {
             room: expression(path, "room", room)?,
             data: data
@@ -1245,6 +1251,7 @@ fn validate_integration(path: &str, raw: &RawIntegration) -> Result<Integration,
                 .transpose()?,
             exclude_sender: *exclude_sender,
             members_only: *members_only,
+            unreliable: *unreliable,
         },
         RawIntegration::Queue { queue, ack, .. } => {
             check_queue_name(&format!("{path}.integration.queue"), queue)?;

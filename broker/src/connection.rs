@@ -111,6 +111,18 @@ impl Connection {
         Ok(())
     }
 
+    /// Sends `frame` as a datagram, past the queue, if the connection takes datagrams
+    /// (a WebTransport session that asked for them) and it fits in one.
+    pub(crate) fn send_datagram(&self, frame: &SharedFrame) -> bool {
+        if self.closing.get() {
+            return false;
+        }
+        match &self.stream {
+            Socket::WebTransport(session) => session.send_datagram(frame.datagram()),
+            _ => false,
+        }
+    }
+
     /// Bytes waiting in the outbound queue.
     pub(crate) fn queued_bytes(&self) -> usize {
         self.outbound

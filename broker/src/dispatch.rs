@@ -251,6 +251,7 @@ pub fn route_message(shard: &Rc<Shard>, connection: &Rc<Connection>, message: In
             data,
             exclude_sender,
             members_only,
+            unreliable,
         } => {
             let Some(room) = select_room(shard, connection, room, &body) else {
                 return;
@@ -276,8 +277,11 @@ pub fn route_message(shard: &Rc<Shard>, connection: &Rc<Connection>, message: In
                 send_error(shard, connection, &reason, &request_id);
                 return;
             }
-            let exclude = exclude_sender.then_some(connection.id);
-            shard.publish(connection, room, frame, exclude);
+            let delivery = crate::fanout::RoomDelivery {
+                exclude: exclude_sender.then_some(connection.id),
+                unreliable: *unreliable,
+            };
+            shard.publish(connection, room, frame, delivery);
         }
     }
 }

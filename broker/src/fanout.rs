@@ -61,6 +61,16 @@ impl FanoutPlan {
     }
 }
 
+/// How a room message reaches the members besides its frame: who is skipped, and whether
+/// it may be lost (sent as a QUIC datagram to WebTransport members that asked for them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoomDelivery {
+    pub exclude: Option<ConnectionId>,
+    /// Latest-value-wins data (a ticker): WebTransport sessions opened with
+    /// `?datagrams=1` get it as a datagram, which QUIC never retransmits.
+    pub unreliable: bool,
+}
+
 /// What a fan-out achieved.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Delivery {
@@ -76,11 +86,11 @@ pub async fn relay<'a>(
     shards: impl IntoIterator<Item = &'a ShardHandle>,
     room: &RoomName,
     frame: &Bytes,
-    exclude: Option<ConnectionId>,
+    delivery: RoomDelivery,
 ) {
     for shard in shards {
         let _ = shard
-            .broadcast(room.clone(), frame.clone(), exclude, None)
+            .broadcast(room.clone(), frame.clone(), delivery, None)
             .await;
     }
 }
@@ -91,9 +101,9 @@ pub async fn broadcast(
     shards: &[ShardHandle],
     room: &RoomName,
     frame: &Bytes,
-    exclude: Option<ConnectionId>,
+    delivery: RoomDelivery,
 ) -> usize {
-    start_broadcast(shards, room, frame, exclude)
+    start_broadcast(shards, room, frame, delivery)
         .await
         .total()
         .await
@@ -106,13 +116,13 @@ pub async fn start_broadcast(
     shards: &[ShardHandle],
     room: &RoomName,
     frame: &Bytes,
-    exclude: Option<ConnectionId>,
+    delivery: RoomDelivery,
 ) -> BroadcastCount {
     let mut answers = Vec::with_capacity(shards.len());
     for shard in shards {
         let (reply, answer) = oneshot::channel();
         if shard
-            .broadcast(room.clone(), frame.clone(), exclude, Some(reply))
+            .broadcast(room.clone(), frame.clone(), delivery, Some(reply))
             .await
             .is_ok()
         {

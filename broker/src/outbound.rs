@@ -26,6 +26,7 @@ pub fn shared(websocket: Bytes) -> SharedFrame {
     Rc::new(OutboundFrame {
         websocket,
         webtransport: OnceCell::new(),
+        datagram: OnceCell::new(),
     })
 }
 
@@ -52,6 +53,8 @@ pub struct OutboundFrame {
     websocket: Bytes,
     /// Made from the WebSocket encoding at the first WebTransport recipient.
     webtransport: OnceCell<Bytes>,
+    /// The same as a QUIC datagram, at the first recipient of one.
+    datagram: OnceCell<Bytes>,
 }
 
 impl OutboundFrame {
@@ -63,6 +66,12 @@ impl OutboundFrame {
                 .webtransport
                 .get_or_init(|| framing::from_websocket(&self.websocket)),
         }
+    }
+
+    /// The frame as a WebTransport datagram (`[kind][payload]`).
+    pub fn datagram(&self) -> &Bytes {
+        self.datagram
+            .get_or_init(|| framing::datagram_from_websocket(&self.websocket))
     }
 }
 

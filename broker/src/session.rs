@@ -350,6 +350,10 @@ async fn open_webtransport(
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect(),
     };
+    let datagrams = handshake_request
+        .query
+        .iter()
+        .any(|(name, value)| name == "datagrams" && value == "1");
     let user_agent = request.user_agent().unwrap_or_default().to_owned();
     let authority = request.authority().to_owned();
     let (id, facts, _) = match connect(shard, peer, user_agent, authority, &handshake_request).await
@@ -367,7 +371,9 @@ async fn open_webtransport(
     let stream = async {
         let session = request.accept().await?;
         let (send, recv) = session.accept_bi().await?;
-        Ok::<_, wtransport::error::ConnectionError>(WebTransportSocket::new(session, send, recv))
+        Ok::<_, wtransport::error::ConnectionError>(WebTransportSocket::new(
+            session, send, recv, datagrams,
+        ))
     };
     let socket = match tokio::time::timeout(timeout, stream).await {
         Ok(Ok(socket)) => socket,

@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::connection::{Connection, ConnectionInfo, Gone};
 use crate::connection_id::{ConnectionId, IdMinter};
 use crate::disconnect::DisconnectReason;
-use crate::fanout::Delivery;
+use crate::fanout::{Delivery, RoomDelivery};
 use crate::gateway::Gateway;
 use crate::handshake;
 use crate::integration::HttpIntegration;
@@ -75,7 +75,7 @@ enum ShardCommand {
     Broadcast {
         room: RoomName,
         frame: Bytes,
-        exclude: Option<ConnectionId>,
+        delivery: RoomDelivery,
         reply: Option<oneshot::Sender<usize>>,
     },
     /// Send `frame` to each (sequence, request index) target; answer which were gone.
@@ -194,13 +194,13 @@ impl ShardHandle {
         &self,
         room: RoomName,
         frame: Bytes,
-        exclude: Option<ConnectionId>,
+        delivery: RoomDelivery,
         reply: Option<oneshot::Sender<usize>>,
     ) -> Result<(), Gone> {
         let command = ShardCommand::Broadcast {
             room,
             frame,
-            exclude,
+            delivery,
             reply,
         };
         self.commands.send(command).await.map_err(|_| Gone)
@@ -365,18 +365,28 @@ impl Shard {
         }
     }
 
-    /// Queues `frame` to every local member of `room` but `exclude`; returns the count.
+    /// Queues `frame` to every local member of `room` but the excluded one; returns the
+    /// count. An unreliable message goes to the WebTransport members that asked for
+    /// datagrams as a datagram, at once (to the others, and whenever a datagram cannot be
+    /// sent, through their queue).
     pub fn broadcast_local(
         &self,
         room: &RoomName,
         frame: &SharedFrame,
-        exclude: Option<ConnectionId>,
+        delivery: RoomDelivery,
     ) -> usize {
-        let skip = exclude.filter(|id| self.owns(id)).map(|id| id.sequence);
+        let skip = delivery
+            .exclude
+            .filter(|id| self.owns(id))
+            .map(|id| id.sequence);
         let rooms = self.rooms.borrow();
         let mut delivered = 0;
         for (sequence, connection) in rooms.members(room) {
-            if Some(sequence) != skip && self.enqueue(connection, frame) {
+            if Some(sequence) == skip {
+                continue;
+            }
+            let sent = delivery.unreliable && connection.send_datagram(frame);
+            if sent || self.enqueue(connection, frame) {
                 delivered += 1;
             }
         }
@@ -401,7 +411,7 @@ impl Shard {
         publisher: &Rc<Connection>,
         room: RoomName,
         frame: Bytes,
-        exclude: Option<ConnectionId>,
+        delivery: RoomDelivery,
     ) {
         let others: Vec<ShardHandle> = self
             .gateway
@@ -417,13 +427,13 @@ impl Shard {
             let (room, frame) = (room.clone(), frame.clone());
             self.tasks.spawn_local(async move {
                 let _in_flight = in_flight;
-                crate::fanout::relay(&others, &room, &frame, exclude).await;
+                crate::fanout::relay(&others, &room, &frame, delivery).await;
                 if let Some(cluster) = cluster {
-                    cluster.publish_room(&room, frame, exclude).await;
+                    cluster.publish_room(&room, frame, delivery).await;
                 }
             });
         }
-        self.broadcast_local(&room, &outbound::shared(frame), exclude);
+        self.broadcast_local(&room, &outbound::shared(frame), delivery);
         self.work_needed.notify_one();
     }
 
@@ -603,10 +613,10 @@ impl Shard {
             ShardCommand::Broadcast {
                 room,
                 frame,
-                exclude,
+                delivery,
                 reply,
             } => {
-                let delivered = self.broadcast_local(&room, &outbound::shared(frame), exclude);
+                let delivered = self.broadcast_local(&room, &outbound::shared(frame), delivery);
                 if let Some(reply) = reply {
                     let _ = reply.send(delivered);
                 }

@@ -17,11 +17,13 @@ use futures_util::StreamExt;
 
 use super::Cluster;
 use crate::connection_id::ConnectionId;
-use crate::fanout;
+use crate::fanout::{self, RoomDelivery};
 use crate::rooms::RoomName;
 
 const OP: &str = "Sb-Op";
 const EXCLUDE: &str = "Sb-Exclude";
+/// Present on a broadcast that may be sent as datagrams (see `RoomDelivery::unreliable`).
+const UNRELIABLE: &str = "Sb-Unreliable";
 const BROADCAST: &str = "broadcast";
 const LIST: &str = "list";
 
@@ -186,8 +188,8 @@ impl Cluster {
 
     /// Sends `frame` to the members of `room` on the other nodes, without waiting for
     /// counts (a client's `room_publish`).
-    pub async fn publish_room(&self, room: &RoomName, frame: Bytes, exclude: Option<ConnectionId>) {
-        let headers = room_headers(BROADCAST, exclude);
+    pub async fn publish_room(&self, room: &RoomName, frame: Bytes, delivery: RoomDelivery) {
+        let headers = room_headers(BROADCAST, delivery);
         self.metrics()
             .cluster_forwarded
             .with_label_values(&["broadcast"])
@@ -208,13 +210,13 @@ impl Cluster {
         &self,
         room: &RoomName,
         frame: Bytes,
-        exclude: Option<ConnectionId>,
+        delivery: RoomDelivery,
     ) -> usize {
         self.metrics()
             .cluster_forwarded
             .with_label_values(&["broadcast"])
             .inc();
-        let headers = room_headers(BROADCAST, exclude);
+        let headers = room_headers(BROADCAST, delivery);
         self.gather(room, "broadcast", headers, frame)
             .await
             .iter()
@@ -224,7 +226,7 @@ impl Cluster {
 
     /// The members of `room` on the other nodes.
     pub async fn list_room(&self, room: &RoomName) -> Vec<String> {
-        let headers = room_headers(LIST, None);
+        let headers = room_headers(LIST, RoomDelivery::default());
         self.gather(room, "list", headers, Bytes::new())
             .await
             .iter()
@@ -277,11 +279,14 @@ impl Cluster {
     }
 }
 
-fn room_headers(op: &str, exclude: Option<ConnectionId>) -> HeaderMap {
+fn room_headers(op: &str, delivery: RoomDelivery) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert(OP, op);
-    if let Some(exclude) = exclude {
+    if let Some(exclude) = delivery.exclude {
         headers.insert(EXCLUDE, exclude.to_string().as_str());
+    }
+    if delivery.unreliable {
+        headers.insert(UNRELIABLE, "1");
     }
     headers
 }
@@ -301,26 +306,31 @@ async fn serve_room(cluster: Arc<Cluster>, room: RoomName) {
     while let Some(message) = messages.next().await {
         let headers = message.headers.as_ref();
         let op = headers.and_then(|h| h.get(OP)).map(|v| v.as_str());
-        let exclude = headers
-            .and_then(|h| h.get(EXCLUDE))
-            .and_then(|v| v.as_str().parse::<ConnectionId>().ok());
+        let delivery = RoomDelivery {
+            exclude: headers
+                .and_then(|h| h.get(EXCLUDE))
+                .and_then(|v| v.as_str().parse::<ConnectionId>().ok()),
+            unreliable: headers.is_some_and(|h| h.get(UNRELIABLE).is_some()),
+        };
         let answer = match (op, message.reply.is_some()) {
             (Some(BROADCAST), false) => {
-                fanout::relay(cluster.shards().iter(), &room, &message.payload, exclude).await;
+                fanout::relay(cluster.shards().iter(), &room, &message.payload, delivery).await;
                 continue;
             }
-            (Some(BROADCAST), true) if exclude.is_none_or(|id| id.node != cluster.node_id) => {
+            (Some(BROADCAST), true)
+                if delivery.exclude.is_none_or(|id| id.node != cluster.node_id) =>
+            {
                 // No local member excluded: the count is the node's member count, answered
                 // at once; the frame is queued to the shards in order.
                 let delivered = cluster.interest.members(&room);
-                fanout::relay(cluster.shards().iter(), &room, &message.payload, exclude).await;
+                fanout::relay(cluster.shards().iter(), &room, &message.payload, delivery).await;
                 Bytes::from(delivered.to_string())
             }
             (Some(BROADCAST), true) => {
                 // A local member may be excluded: the shards count. Queued in order now;
                 // counted and answered while the next one is queued.
                 let count =
-                    fanout::start_broadcast(cluster.shards(), &room, &message.payload, exclude)
+                    fanout::start_broadcast(cluster.shards(), &room, &message.payload, delivery)
                         .await;
                 let (cluster, reply) = (cluster.clone(), message.reply);
                 tokio::spawn(async move {

@@ -436,6 +436,8 @@ async fn post_bulk(
 #[derive(Debug, Deserialize)]
 struct RoomPublishParams {
     exclude: Option<String>,
+    /// `1` or `true`: WebTransport members that asked for datagrams get it as one.
+    unreliable: Option<String>,
 }
 
 async fn post_to_room(
@@ -453,6 +455,19 @@ async fn post_to_room(
                 .map_err(|_| ApiError::BadRequest(format!("exclude: `{id}` is not a connectionId")))
         })
         .transpose()?;
+    let unreliable = match params.unreliable.as_deref() {
+        None | Some("0" | "false") => false,
+        Some("1" | "true") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "unreliable: `{other}` is not 1, 0, true or false"
+            )));
+        }
+    };
+    let delivery = fanout::RoomDelivery {
+        exclude,
+        unreliable,
+    };
     let payload = state
         .read_body(body, state.gateway.config.limits.max_message_bytes)
         .await?;
@@ -460,12 +475,12 @@ async fn post_to_room(
     let frame = frame::encode_data(&payload);
     let remote = async {
         match &state.gateway.cluster {
-            Some(cluster) => cluster.broadcast_room(&room, frame.clone(), exclude).await,
+            Some(cluster) => cluster.broadcast_room(&room, frame.clone(), delivery).await,
             None => 0,
         }
     };
     let (local, remote) = futures_util::join!(
-        fanout::broadcast(state.shards(), &room, &frame, exclude),
+        fanout::broadcast(state.shards(), &room, &frame, delivery),
         remote
     );
     state.observe_fanout("room", started);

@@ -616,3 +616,50 @@ keys = ["first", "second"]
         assert_eq!(metric_value(&metrics, &name), count, "{name}");
     }
 }
+
+#[tokio::test]
+async fn unreliable_broadcasts_reach_sessions_that_asked_as_datagrams() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&config(&backend, "")).await;
+    let mut datagrams = WtClient::connect(&gateway, "?datagrams=1").await.unwrap();
+    let mut stream_only = WtClient::connect(&gateway, "").await.unwrap();
+    let mut ws = gateway.connect().await;
+    let join = json!({"action": "join", "room": "ticker"});
+    datagrams.send_json(join.clone()).await;
+    stream_only.send_json(join.clone()).await;
+    send_text(&mut ws, &join.to_string()).await;
+    for client in [&mut datagrams, &mut stream_only] {
+        client.send_json(json!({"action": "whoami"})).await;
+        client.next_json().await;
+    }
+    send_text(&mut ws, &json!({"action": "whoami"}).to_string()).await;
+    next_json(&mut ws).await;
+
+    let broadcast = |query: &'static str, body: String| {
+        let url = gateway.api_url(&format!("/@rooms/ticker{query}"));
+        async move { http().post(url).body(body).send().await.unwrap() }
+    };
+    let answer: Value = broadcast("?unreliable=1", "price 101".into())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["delivered"], 3);
+    let datagram = tokio::time::timeout(WAIT, datagrams.session.receive_datagram())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&datagram.payload()[..], b"\x01price 101");
+    assert_eq!(stream_only.next_text().await, "price 101");
+    assert_eq!(next_text(&mut ws).await, "price 101");
+
+    // Too big for a datagram, or not marked unreliable: the stream, in order.
+    let big = "x".repeat(4000);
+    broadcast("?unreliable=true", big.clone()).await;
+    broadcast("", "reliable".into()).await;
+    assert_eq!(datagrams.next_text().await, big);
+    assert_eq!(datagrams.next_text().await, "reliable");
+
+    let refused = broadcast("?unreliable=maybe", "x".into()).await;
+    assert_eq!(refused.status(), 400);
+}

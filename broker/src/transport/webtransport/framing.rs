@@ -29,6 +29,22 @@ pub fn encode(kind: u8, payload: &[u8]) -> Bytes {
 /// Rewrites a complete, unmasked server WebSocket data frame into this framing. Only text
 /// and binary frames reach a WebTransport session; anything that is not text goes as binary.
 pub fn from_websocket(frame: &[u8]) -> Bytes {
+    let (kind, payload) = websocket_message(frame);
+    encode(kind, payload)
+}
+
+/// Rewrites a server WebSocket data frame into a datagram: `[kind][payload]`, no length
+/// (the datagram is the message).
+pub fn datagram_from_websocket(frame: &[u8]) -> Bytes {
+    let (kind, payload) = websocket_message(frame);
+    let mut datagram = BytesMut::with_capacity(1 + payload.len());
+    datagram.put_u8(kind);
+    datagram.put_slice(payload);
+    datagram.freeze()
+}
+
+/// The kind and payload of a server WebSocket data frame.
+fn websocket_message(frame: &[u8]) -> (u8, &[u8]) {
     let opcode = frame.first().map_or(0, |first| first & 0x0F);
     let payload_start = match frame.get(1).map(|second| second & 0x7F) {
         Some(126) => 4,
@@ -36,7 +52,7 @@ pub fn from_websocket(frame: &[u8]) -> Bytes {
         _ => 2,
     };
     let payload = frame.get(payload_start..).unwrap_or_default();
-    encode(if opcode == 0x1 { TEXT } else { BINARY }, payload)
+    (if opcode == 0x1 { TEXT } else { BINARY }, payload)
 }
 
 /// Reassembles client messages from stream bytes, keeping bytes only while a message is
@@ -135,6 +151,14 @@ mod tests {
             assert_eq!(binary[0], BINARY);
             assert_eq!(&binary[HEADER_BYTES..], &payload[..]);
         }
+    }
+
+    #[test]
+    fn datagrams_carry_the_kind_and_the_payload() {
+        let text = datagram_from_websocket(&frame::encode(Opcode::Text, b"price 101"));
+        assert_eq!(&text[..], b"\x01price 101");
+        let binary = datagram_from_websocket(&frame::encode(Opcode::Binary, &[0, 255]));
+        assert_eq!(&binary[..], &[BINARY, 0, 255]);
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! runs its handshake (`$connect`), its QUIC connection's driver and its session loop on
 //! its own thread, like a WebSocket connection's. The session URL is
 //! `https://HOST:PORT/{stage}?query`; the client opens one bidirectional stream and
-//! messages travel on it in the [`framing`] format.
+//! messages travel on it in the [`framing`] format. Room messages marked unreliable go to
+//! sessions opened with `?datagrams=1` as QUIC datagrams instead.
 
 pub mod certificate;
 pub mod framing;
@@ -48,7 +49,8 @@ const ACK_ELICITING_THRESHOLD: u32 = 10;
 const RETRY_ABOVE: usize = 256;
 /// QUIC handshakes in progress past which new clients are refused.
 const MAX_HANDSHAKES: usize = 4096;
-/// Datagrams are not used, but browsers require datagram support of a WebTransport server.
+/// Datagrams a session may have received but not read (the gateway reads none: clients
+/// have nothing to send that way); sent ones carry unreliable room messages.
 const DATAGRAM_BUFFER: usize = 16 * 1024;
 
 /// `[server.webtransport]`, validated.

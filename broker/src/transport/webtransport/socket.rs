@@ -34,6 +34,8 @@ pub struct WebTransportSocket {
     received: RefCell<Option<Bytes>>,
     /// The client finished its side of the stream.
     finished: Cell<bool>,
+    /// The client asked for unreliable messages as datagrams (`?datagrams=1`).
+    datagrams: bool,
 }
 
 impl WebTransportSocket {
@@ -41,6 +43,7 @@ impl WebTransportSocket {
         session: wtransport::Connection,
         send: wtransport::SendStream,
         recv: wtransport::RecvStream,
+        datagrams: bool,
     ) -> Self {
         Self {
             session,
@@ -48,6 +51,7 @@ impl WebTransportSocket {
             recv: RefCell::new(recv),
             received: RefCell::new(None),
             finished: Cell::new(false),
+            datagrams,
         }
     }
 
@@ -136,6 +140,12 @@ impl WebTransportSocket {
     fn poll_write(&self, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<io::Result<usize>> {
         let mut send = self.send.borrow_mut();
         tokio::io::AsyncWrite::poll_write(std::pin::Pin::new(&mut *send), cx, bytes)
+    }
+
+    /// Sends `datagram` if the client asked for datagrams and it fits in one; false: it
+    /// must go through the stream.
+    pub fn send_datagram(&self, datagram: &Bytes) -> bool {
+        self.datagrams && self.session.send_datagram(datagram).is_ok()
     }
 
     /// Ends the stream in this direction: the client reads to its end.
