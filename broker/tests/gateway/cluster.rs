@@ -16,7 +16,7 @@ use crate::support::*;
 const CLUSTER_TIMINGS: &str = "heartbeat_ms = 250\nnode_timeout_ms = 3000\nrequest_timeout_ms = 500\ngather_wait_ms = 300\nmirror_interval_ms = 20\n";
 
 /// One node's data dir and config file.
-struct NodeFiles {
+pub(crate) struct NodeFiles {
     _dir: tempfile::TempDir,
     config: PathBuf,
 }
@@ -74,7 +74,7 @@ async fn start_node(files: &NodeFiles) -> GatewayProcess {
 }
 
 /// Three nodes (ids 1, 2, 3) on `nats_urls`, with their files.
-async fn start_nodes(
+pub(crate) async fn start_nodes(
     nats_urls: &[String],
     backend: &Backend,
     extra: &str,
@@ -124,7 +124,7 @@ async fn join(ws: &mut Ws, room: &str) {
 }
 
 /// Waits until `GET /@rooms/{room}` through `node` counts `count` members.
-async fn wait_for_members(node: &GatewayProcess, room: &str, count: usize) -> Value {
+pub(crate) async fn wait_for_members(node: &GatewayProcess, room: &str, count: usize) -> Value {
     let url = format!("{}/@rooms/{room}", node.api_url);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {

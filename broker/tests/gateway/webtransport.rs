@@ -663,3 +663,47 @@ async fn unreliable_broadcasts_reach_sessions_that_asked_as_datagrams() {
     let refused = broadcast("?unreliable=maybe", "x".into()).await;
     assert_eq!(refused.status(), 400);
 }
+
+#[tokio::test]
+async fn an_unreliable_broadcast_keeps_its_mark_across_cluster_nodes() {
+    let Some(binary) = crate::nats::binary() else {
+        return;
+    };
+    let server = crate::nats::NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let webtransport = "[server.webtransport]\nlisten = \"127.0.0.1:0\"\n";
+    let (nodes, _files) =
+        crate::cluster::start_nodes(&[server.url()], &backend, webtransport).await;
+    // A session on node 2 that takes datagrams; the broadcast goes through node 1.
+    let document: Value = http()
+        .get(format!("{}/@webtransport", nodes[1].api_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let url = document["url"].as_str().unwrap();
+    let mut client = WtClient::connect_to(url, &document, "?datagrams=1")
+        .await
+        .unwrap();
+    client
+        .send_json(json!({"action": "join", "room": "ticker"}))
+        .await;
+    crate::cluster::wait_for_members(&nodes[0], "ticker", 1).await;
+    let answer: Value = http()
+        .post(format!("{}/@rooms/ticker?unreliable=1", nodes[0].api_url))
+        .body("price 102")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["delivered"], 1);
+    let datagram = tokio::time::timeout(WAIT, client.session.receive_datagram())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&datagram.payload()[..], b"\x01price 102");
+}
