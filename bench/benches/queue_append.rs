@@ -31,6 +31,7 @@ fn append(c: &mut Criterion) {
             .open_queue_log(
                 &[("bench".to_owned(), Retention::default())],
                 policy,
+                false,
                 Arc::new(|_: &str, _: u64| {}),
                 Arc::new(|_: FlushReport| {}),
             )

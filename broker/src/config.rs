@@ -232,10 +232,13 @@ impl RawAuthorizer {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawStorage {
-    /// When queue appends are flushed to disk: "always" (every write batch), "batch"
-    /// (at most every flush_interval_ms), "never" (sled's background flush).
+    /// When queue appends are synced to disk: "always" (every write batch), "batch"
+    /// (at most every flush_interval_ms), "never" (the OS writes back when it likes).
     pub fsync: String,
     pub flush_interval_ms: u64,
+    /// A queue segment with a corrupt record in its middle is cut there (the records after
+    /// it are lost) instead of refusing to start.
+    pub repair: bool,
 }
 
 impl Default for RawStorage {
@@ -243,6 +246,7 @@ impl Default for RawStorage {
         Self {
             fsync: "batch".into(),
             flush_interval_ms: 2,
+            repair: false,
         }
     }
 }
@@ -641,6 +645,7 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct StorageConfig {
     pub fsync: switchboard_storage::FsyncPolicy,
+    pub repair: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -1048,7 +1053,10 @@ impl RawStorage {
                 ));
             }
         };
-        Ok(StorageConfig { fsync })
+        Ok(StorageConfig {
+            fsync,
+            repair: self.repair,
+        })
     }
 }
 

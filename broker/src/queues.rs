@@ -32,7 +32,7 @@ impl QueueHub {
     pub fn open(
         storage: &Storage,
         queues: &[QueueConfig],
-        policy: switchboard_storage::FsyncPolicy,
+        config: &crate::config::StorageConfig,
         metrics: &Metrics,
     ) -> Result<Self, StorageError> {
         let next_offsets: Arc<HashMap<String, watch::Sender<u64>>> = Arc::new(
@@ -64,7 +64,8 @@ impl QueueHub {
             .iter()
             .map(|q| (q.name.clone(), q.retention))
             .collect();
-        let log = storage.open_queue_log(&specs, policy, appended, on_flush)?;
+        let log =
+            storage.open_queue_log(&specs, config.fsync, config.repair, appended, on_flush)?;
         for queue in queues {
             let (_, next) = log.bounds(&queue.name)?;
             if let Some(sender) = next_offsets.get(&queue.name) {

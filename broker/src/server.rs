@@ -166,7 +166,7 @@ pub async fn serve(
     let queues = Arc::new(QueueHub::open(
         &storage,
         &config.queues,
-        config.storage.fsync,
+        &config.storage,
         &metrics,
     )?);
     let shards: Arc<[shard::ShardHandle]> = handles.into();

@@ -46,6 +46,16 @@ impl StorageError {
 }
 
 impl StorageError {
+    /// A file operation's failure: a full disk is named as such.
+    pub(crate) fn from_io(dir: &Path, reason: std::io::Error) -> Self {
+        let dir = dir.to_path_buf();
+        if is_disk_full(&reason) {
+            Self::DiskFull { dir }
+        } else {
+            Self::Io { dir, reason }
+        }
+    }
+
     /// The same failure, once more, for each append a failed write answers.
     pub(crate) fn again(&self) -> Self {
         match self {

@@ -5,17 +5,20 @@
 //!   error, and hands out the node epoch that makes connectionIds unique across restarts.
 //! * [`ConnectionRecord`]s are written off the hot path by a [`RecordWriter`] thread in
 //!   batches; records still present at start belong to connections a crash cut.
-//! * [`QueueLog`] holds the durable queues: append-only logs with offsets, consumer groups,
-//!   retention, and group commit with a configurable fsync policy.
+//! * [`QueueLog`] holds the durable queues: append-only segment files with offsets and
+//!   checksums, consumer groups, retention, and group commit with a configurable fsync
+//!   policy; torn writes are cut at start, corruption is refused.
 
 mod error;
+mod migrate;
 mod queue;
 mod records;
+mod segments;
 
 pub use error::StorageError;
 pub use queue::{
     Append, AppendDone, Appended, FlushReport, FsyncPolicy, OnFlush, QueueEntry, QueueLog,
-    Retention,
+    QueueRecovery, Retention,
 };
 pub use records::{ConnectionRecord, RecordChanges, RecordWriter};
 
@@ -147,12 +150,16 @@ impl Storage {
         RecordWriter::spawn(trees, self.dir.clone())
     }
 
-    /// Opens the durable queues and starts their writer thread. `appended` is told each
-    /// queue's next offset after every flush; `on_flush` gets each flush's size and time.
+    /// Opens the durable queues (under `queues/` in the data dir; queues of an earlier
+    /// version kept in sled are moved there first) and starts their writer thread.
+    /// `repair` cuts a corrupt segment at its first bad record instead of refusing to
+    /// open. `appended` is told each queue's next offset after every sync; `on_flush` gets
+    /// each sync's size and time.
     pub fn open_queue_log(
         &self,
         queues: &[(String, Retention)],
         policy: FsyncPolicy,
+        repair: bool,
         appended: Appended,
         on_flush: OnFlush,
     ) -> Result<QueueLog, StorageError> {
@@ -161,6 +168,7 @@ impl Storage {
             self.dir.clone(),
             queues,
             policy,
+            repair,
             appended,
             on_flush,
         )
@@ -261,6 +269,7 @@ mod tests {
             .open_queue_log(
                 &[("q".to_owned(), retention)],
                 policy,
+                false,
                 std::sync::Arc::new(|_: &str, _: u64| {}),
                 std::sync::Arc::new(|_: FlushReport| {}),
             )
@@ -383,6 +392,47 @@ mod tests {
             "offsets continue after reopening"
         );
         assert_eq!(append_wait(&log, b"z"), 3);
+        log.close();
+    }
+
+    #[test]
+    fn queues_kept_in_sled_by_an_earlier_version_move_to_segment_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries: Vec<QueueEntry> = (5..9)
+            .map(|offset| QueueEntry {
+                offset,
+                appended_at_ms: 1_000 + offset,
+                payload: format!("entry {offset}").into_bytes(),
+            })
+            .collect();
+        {
+            let storage = Storage::open(dir.path()).unwrap();
+            let tree = storage.db.open_tree("queue/q").unwrap();
+            tree.insert(5u64.to_be_bytes(), migrate::encode_legacy(&entries[..2]))
+                .unwrap();
+            tree.insert(7u64.to_be_bytes(), migrate::encode_legacy(&entries[2..]))
+                .unwrap();
+            storage.flush().unwrap();
+        }
+        let storage = Storage::open(dir.path()).unwrap();
+        let log = open_log(&storage, FsyncPolicy::Always, Retention::default());
+        assert_eq!(log.recovery().migrated, 4);
+        assert_eq!(log.bounds("q").unwrap(), (5, 9));
+        assert_eq!(log.read("q", 0, 10).unwrap(), entries);
+        assert_eq!(append_wait(&log, b"new"), 9);
+        log.close();
+        assert!(
+            !storage
+                .db
+                .tree_names()
+                .iter()
+                .any(|t| t.as_ref() == b"queue/q")
+        );
+        drop((log, storage));
+        let storage = Storage::open(dir.path()).unwrap();
+        let log = open_log(&storage, FsyncPolicy::Always, Retention::default());
+        assert_eq!(log.recovery().migrated, 0, "moved once");
+        assert_eq!(log.bounds("q").unwrap(), (5, 10));
         log.close();
     }
 

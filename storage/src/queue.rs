@@ -1,23 +1,30 @@
-//! Durable queues: per queue an append-only log of entries with u64 offsets, consumer
-//! groups with committed offsets, retention by count, stored bytes and age.
+//! Durable queues: per queue an append-only log of entries with u64 offsets (segment
+//! files, see [`crate::segments`]), consumer groups with committed offsets (sled),
+//! retention by count, stored bytes and age.
 //!
-//! Appends from every shard go through one [`QueueLog`] writer thread that applies them
-//! to sled in batches and flushes according to the [`FsyncPolicy`] (group commit); an
-//! append is answered with its offset only after the flush that covers it, so an ack
-//! never runs ahead of the disk.
+//! Appends from every shard go through one [`QueueLog`] writer thread that writes them in
+//! batches, one write per queue per batch, and makes them durable according to the
+//! [`FsyncPolicy`] (group commit); an append is answered with its offset only after the
+//! sync that covers it, so an ack never runs ahead of the disk, and readers see an entry
+//! only once it is durable. Reads use their own file handles and never wait for appends.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::StorageError;
+use crate::segments::{self, Recovery, Segments};
 
-/// Most appends folded into one sled batch.
+/// Most append requests folded into one write batch.
 const MAX_BATCH: usize = 8192;
+/// A segment file is closed and a new one started past this size.
+const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// The smallest segment (a queue with a small `max_bytes` rolls at a quarter of it).
+const MIN_SEGMENT_BYTES: u64 = 4096;
 /// How often the writer trims queues past their retention.
 const TRIM_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -37,56 +44,20 @@ pub enum FsyncPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Retention {
     pub max_messages: Option<u64>,
-    /// Stored bytes (encoded segments); the oldest segments go first.
+    /// Stored bytes; whole segments go, oldest first (a queue with this set rolls its
+    /// segments at a quarter of it).
     pub max_bytes: Option<u64>,
     pub max_age: Option<Duration>,
 }
 
-/// Bytes of every stored segment of a queue (one scan, at open).
-fn stored_bytes(entries: &sled::Tree) -> u64 {
-    entries
-        .iter()
-        .values()
-        .filter_map(Result::ok)
-        .map(|value| value.len() as u64)
-        .sum()
-}
-
 /// A stored entry.
-#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueEntry {
     pub offset: u64,
     /// Epoch milliseconds when it was appended.
     pub appended_at_ms: u64,
     /// The event JSON, as a backend would receive it.
     pub payload: Vec<u8>,
-}
-
-/// The entries of one queue written by one batch, stored as one sled value under the
-/// first entry's offset. One insert per batch instead of one per entry: sled copies a leaf
-/// on every insert, so per-entry keys made the copy, not the disk, the bottleneck.
-#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-struct Segment {
-    entries: Vec<QueueEntry>,
-}
-
-impl Segment {
-    fn encode(&self) -> Vec<u8> {
-        rkyv::to_bytes::<rkyv::rancor::Error>(self)
-            .map(|bytes| bytes.to_vec())
-            .unwrap_or_default()
-    }
-
-    fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
-        aligned.extend_from_slice(bytes);
-        rkyv::from_bytes::<Self, rkyv::rancor::Error>(&aligned).map_err(|e| e.to_string())
-    }
-
-    /// The offset after this segment's last entry.
-    fn end(&self) -> Option<u64> {
-        self.entries.last().map(|e| e.offset + 1)
-    }
 }
 
 /// Called with the offset once the entry is durable (or with the error).
@@ -114,71 +85,112 @@ enum Request {
     Close(Sender<()>),
 }
 
-/// One queue's state.
-struct QueueTrees {
-    /// first offset (big-endian) → rkyv [`Segment`].
-    entries: sled::Tree,
+/// One queue's state, shared by the writer and readers.
+struct QueueState {
+    segments: RwLock<Segments>,
     retention: Retention,
-    /// The next offset to assign. Stored by the writer thread after each batch is applied,
-    /// so readers learn a queue's end without decoding its last segment.
+    /// Segments roll past this size.
+    segment_bytes: u64,
+    /// The next offset to be assigned, published once everything before it is durable:
+    /// readers see only durable entries.
     next: AtomicU64,
-    /// Bytes of stored segments, kept by the writer for retention by size.
-    stored_bytes: AtomicU64,
+    /// The oldest offset retention keeps (reads start no earlier).
+    first: AtomicU64,
+}
+
+impl QueueState {
+    fn segments(&self) -> std::sync::RwLockReadGuard<'_, Segments> {
+        self.segments.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn segments_mut(&self) -> std::sync::RwLockWriteGuard<'_, Segments> {
+        self.segments
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What opening the queue log found (for logs and metrics).
+#[derive(Debug, Default, Clone)]
+pub struct QueueRecovery {
+    /// Bytes of torn writes cut from the ends of segments.
+    pub truncated_bytes: u64,
+    /// Corrupt segments cut where their corruption starts (`[storage] repair = true`).
+    pub repaired: Vec<(PathBuf, u64)>,
+    /// Entries moved from the earlier sled queue store.
+    pub migrated: u64,
 }
 
 /// The queue log: reads from any thread, appends through the writer thread.
 #[derive(Clone)]
 pub struct QueueLog {
-    queues: Arc<HashMap<Arc<str>, QueueTrees>>,
-    /// `queue NUL group` → committed offset (the next one to read).
+    queues: Arc<HashMap<Arc<str>, QueueState>>,
+    /// `queue NUL group` → committed offset (the next one to read); `queue NUL` → the
+    /// queue's next offset and `queue NUL NUL` its first, remembered by retention.
     groups: sled::Tree,
     requests: Sender<Request>,
     dir: PathBuf,
+    recovery: Arc<QueueRecovery>,
 }
 
 impl QueueLog {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn open(
         db: &sled::Db,
         dir: PathBuf,
         queues: &[(String, Retention)],
         policy: FsyncPolicy,
+        repair: bool,
         appended: Appended,
         on_flush: OnFlush,
     ) -> Result<Self, StorageError> {
         let sled_error = |e| StorageError::from_sled(&dir, e);
         let groups = db.open_tree("queue-groups").map_err(sled_error)?;
-        let mut trees = HashMap::new();
+        let mut states = HashMap::new();
+        let mut recovery = QueueRecovery::default();
         for (name, retention) in queues {
-            let entries = db.open_tree(format!("queue/{name}")).map_err(sled_error)?;
-            let after_last = match entries.last().map_err(sled_error)? {
-                Some((key, value)) => Segment::decode(&value)
-                    .ok()
-                    .and_then(|segment| segment.end())
-                    .unwrap_or(offset_of(&key) + 1),
-                None => 0,
+            let segment_bytes = retention.max_bytes.map_or(SEGMENT_BYTES, |max| {
+                (max / 4).clamp(MIN_SEGMENT_BYTES, SEGMENT_BYTES)
+            });
+            let queue_dir = dir.join("queues").join(format!("q-{name}"));
+            let (mut segments, found) =
+                Segments::open(&queue_dir, repair).map_err(|error| open_error(&dir, error))?;
+            note_recovery(name, &found, &mut recovery);
+            recovery.migrated += crate::migrate::sled_queue(db, name, &mut segments, segment_bytes)
+                .map_err(|detail| StorageError::Engine {
+                    dir: dir.clone(),
+                    detail: format!("migrating queue {name} from sled: {detail}"),
+                })?;
+            let remembered = |key: Vec<u8>| -> Result<u64, StorageError> {
+                Ok(groups
+                    .get(key)
+                    .map_err(|e| StorageError::from_sled(&dir, e))?
+                    .as_deref()
+                    .and_then(decode_offset)
+                    .unwrap_or(0))
             };
-            // A queue that retention emptied remembers its next offset in the groups tree.
-            let remembered = groups
-                .get(next_key(name))
-                .map_err(sled_error)?
-                .as_deref()
-                .and_then(decode_offset)
-                .unwrap_or(0);
-            let stored = stored_bytes(&entries);
-            trees.insert(
+            let end = segments.segments.last().map_or(0, |s| s.end);
+            let next = end.max(remembered(next_key(name))?);
+            let oldest = segments.segments.first().map_or(next, |s| s.base);
+            let first = oldest.max(remembered(first_key(name))?).min(next);
+            states.insert(
                 Arc::<str>::from(name.as_str()),
-                QueueTrees {
-                    entries,
+                QueueState {
+                    segments: RwLock::new(segments),
                     retention: *retention,
-                    next: AtomicU64::new(after_last.max(remembered)),
-                    stored_bytes: AtomicU64::new(stored),
+                    segment_bytes,
+                    next: AtomicU64::new(next),
+                    first: AtomicU64::new(first),
                 },
             );
         }
-        let queues = Arc::new(trees);
+        let queues = Arc::new(states);
         let (requests, receiver) = crossbeam_channel::unbounded();
         let writer = Writer {
-            db: db.clone(),
+            assigned: queues
+                .iter()
+                .map(|(name, state)| (name.clone(), state.next.load(Ordering::Acquire)))
+                .collect(),
             queues: queues.clone(),
             groups: groups.clone(),
             policy,
@@ -198,7 +210,13 @@ impl QueueLog {
             groups,
             requests,
             dir,
+            recovery: Arc::new(recovery),
         })
+    }
+
+    /// What opening found: torn tails cut, corrupt segments repaired, entries migrated.
+    pub fn recovery(&self) -> &QueueRecovery {
+        &self.recovery
     }
 
     pub fn has_queue(&self, queue: &str) -> bool {
@@ -231,49 +249,53 @@ impl QueueLog {
         from: u64,
         max: usize,
     ) -> Result<Vec<QueueEntry>, StorageError> {
-        let Some(trees) = self.queues.get(queue) else {
+        let Some(state) = self.queues.get(queue) else {
             return Ok(Vec::new());
         };
-        // Start at the segment that holds `from`: the last one keyed at or before it.
-        let start = trees
-            .entries
-            .range(..=from.to_be_bytes())
-            .next_back()
-            .transpose()
-            .map_err(|e| StorageError::from_sled(&self.dir, e))?
-            .map_or(from, |(key, _)| offset_of(&key));
-        let mut entries = Vec::new();
-        for value in trees.entries.range(start.to_be_bytes()..).values() {
-            let value = value.map_err(|e| StorageError::from_sled(&self.dir, e))?;
-            let segment = self.decode(queue, &value)?;
-            entries.extend(segment.entries.into_iter().filter(|e| e.offset >= from));
-            if entries.len() >= max {
-                entries.truncate(max);
+        let until = state.next.load(Ordering::Acquire);
+        let from = from.max(state.first.load(Ordering::Acquire));
+        // The plan holds file handles: segments dropped by retention meanwhile stay
+        // readable until it is done.
+        let plans = state.segments().plan(from);
+        let mut records = Vec::new();
+        for plan in plans {
+            if records.len() >= max {
                 break;
             }
+            plan.read(from, until, max, &mut records)
+                .map_err(|reason| StorageError::Io {
+                    dir: self.dir.clone(),
+                    reason,
+                })?;
         }
-        Ok(entries)
-    }
-
-    fn decode(&self, queue: &str, value: &[u8]) -> Result<Segment, StorageError> {
-        Segment::decode(value).map_err(|detail| StorageError::Corrupt {
-            dir: self.dir.clone(),
-            detail: format!("queue {queue}: {detail}"),
-        })
+        Ok(records
+            .into_iter()
+            .map(|record| QueueEntry {
+                offset: record.offset,
+                appended_at_ms: record.appended_at_ms,
+                payload: record.payload,
+            })
+            .collect())
     }
 
     /// The oldest retained offset and the next offset to be assigned.
     pub fn bounds(&self, queue: &str) -> Result<(u64, u64), StorageError> {
-        let Some(trees) = self.queues.get(queue) else {
+        let Some(state) = self.queues.get(queue) else {
             return Ok((0, 0));
         };
-        let next = trees.next.load(Ordering::Acquire);
-        let first = trees
-            .entries
-            .first()
-            .map_err(|e| StorageError::from_sled(&self.dir, e))?
-            .map_or(next, |(key, _)| offset_of(&key));
-        Ok((first, next))
+        let next = state.next.load(Ordering::Acquire);
+        Ok((state.first.load(Ordering::Acquire).min(next), next))
+    }
+
+    /// Segment files and their bytes, per queue (for metrics).
+    pub fn segment_stats(&self) -> Vec<(Arc<str>, usize, u64)> {
+        self.queues
+            .iter()
+            .map(|(name, state)| {
+                let segments = state.segments();
+                (name.clone(), segments.segments.len(), segments.bytes())
+            })
+            .collect()
     }
 
     /// The committed offset of `group` on `queue` (0 if it never committed).
@@ -307,7 +329,7 @@ impl QueueLog {
                 let group = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
                 Ok((group, decode_offset(&value).unwrap_or(0)))
             })
-            .filter(|g| !matches!(g, Ok((name, _)) if name.is_empty()))
+            .filter(|g| !matches!(g, Ok((name, _)) if name.is_empty() || name.starts_with('\0')))
             .collect()
     }
 
@@ -320,13 +342,46 @@ impl QueueLog {
             .and_then(decode_offset))
     }
 
-    /// Stops the writer after it has written and flushed every append sent so far.
+    /// Stops the writer after it has written and synced every append sent so far.
     pub fn close(&self) {
         let (done, finished) = crossbeam_channel::bounded(1);
         if self.requests.send(Request::Close(done)).is_ok() {
             let _ = finished.recv();
         }
     }
+}
+
+fn open_error(dir: &Path, error: segments::OpenError) -> StorageError {
+    match error {
+        segments::OpenError::Io { reason, .. } => StorageError::Io {
+            dir: dir.to_path_buf(),
+            reason,
+        },
+        corrupt @ segments::OpenError::Corrupt { .. } => StorageError::Corrupt {
+            dir: dir.to_path_buf(),
+            detail: corrupt.to_string(),
+        },
+    }
+}
+
+fn note_recovery(queue: &str, found: &Recovery, total: &mut QueueRecovery) {
+    if found.truncated_bytes > 0 {
+        tracing::warn!(
+            %queue,
+            bytes = found.truncated_bytes,
+            "cut a torn write from the end of the queue log (never an acknowledged entry)"
+        );
+    }
+    for (path, position) in &found.repaired {
+        tracing::error!(
+            %queue,
+            file = %path.display(),
+            position,
+            "repair: cut a corrupt queue segment; the entries after this point are lost"
+        );
+    }
+    total.truncated_bytes += found.truncated_bytes;
+    total.repaired.extend(found.repaired.iter().cloned());
 }
 
 fn group_key(queue: &str, group: &str) -> Vec<u8> {
@@ -337,14 +392,15 @@ fn group_key(queue: &str, group: &str) -> Vec<u8> {
     key
 }
 
-/// Where the next offset of a fully trimmed queue is remembered (an empty group name,
-/// which the API never accepts).
+/// Where the next offset of a trimmed queue is remembered (an empty group name, which the
+/// API never accepts).
 fn next_key(queue: &str) -> Vec<u8> {
     group_key(queue, "")
 }
 
-fn offset_of(key: &[u8]) -> u64 {
-    decode_offset(key).unwrap_or(0)
+/// Where the first retained offset is remembered.
+fn first_key(queue: &str) -> Vec<u8> {
+    group_key(queue, "\0")
 }
 
 fn decode_offset(bytes: &[u8]) -> Option<u64> {
@@ -357,15 +413,12 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// One queue's share of a write batch: its segment and, in arrival order, each entry's
-/// (arrival index, completion).
-type QueueBatch = (Segment, Vec<(usize, AppendDone)>);
-
 /// The writer thread's state.
 struct Writer {
-    db: sled::Db,
-    queues: Arc<HashMap<Arc<str>, QueueTrees>>,
-    /// Where a trimmed-empty queue's next offset is remembered.
+    queues: Arc<HashMap<Arc<str>, QueueState>>,
+    /// The next offset to assign per queue (ahead of `next` until a sync publishes it).
+    assigned: HashMap<Arc<str>, u64>,
+    /// Where retention remembers a queue's bounds.
     groups: sled::Tree,
     policy: FsyncPolicy,
     appended: Appended,
@@ -422,65 +475,52 @@ impl Writer {
                 last_trim = Instant::now();
             }
             if let Some(done) = closing {
-                let _ = self.db.flush();
+                self.sync_all();
                 self.answer(&mut waiting);
-                // Release the database before answering, so the caller may reopen it.
                 drop(self);
                 let _ = done.send(());
                 return;
             }
         }
-        let _ = self.db.flush();
+        self.sync_all();
     }
 
-    /// Assigns offsets and stores one segment per queue; returns who waits for what. A
-    /// queue whose segment cannot be stored answers its appends with the error and keeps
-    /// its offsets for the next batch.
+    /// Assigns offsets and writes each queue's share of the batch with one write; returns
+    /// who waits for what. A queue whose write fails answers its appends with the error and
+    /// keeps its offsets for the next batch.
     fn write(&mut self, appends: Vec<Append>) -> Vec<(AppendDone, u64)> {
-        let mut batches: HashMap<Arc<str>, QueueBatch> = HashMap::new();
+        /// One queue's share: encoded records, (offset, time, size) of each, completions.
+        type Share = (Vec<u8>, Vec<(u64, u64, u64)>, Vec<(usize, AppendDone)>);
+        let mut shares: HashMap<Arc<str>, Share> = HashMap::new();
         let now = now_ms();
         for (arrival, (queue, payload, done)) in appends.into_iter().enumerate() {
-            let Some(trees) = self.queues.get(&queue) else {
+            let Some(next) = self.assigned.get(&queue).copied() else {
                 done(Err(StorageError::Engine {
                     dir: self.dir.clone(),
                     detail: format!("no queue named {queue}"),
                 }));
                 continue;
             };
-            let (segment, waiting) = batches.entry(queue).or_insert_with(|| {
-                (
-                    Segment {
-                        entries: Vec::new(),
-                    },
-                    Vec::new(),
-                )
-            });
-            // Only this thread assigns offsets; readers see the new end once it is stored.
-            let offset = segment
-                .end()
-                .unwrap_or_else(|| trees.next.load(Ordering::Acquire));
-            segment.entries.push(QueueEntry {
-                offset,
-                appended_at_ms: now,
-                payload,
-            });
+            let (bytes, entries, waiting) = shares.entry(queue).or_default();
+            let offset = entries.last().map_or(next, |(last, _, _)| last + 1);
+            let before = bytes.len();
+            segments::encode(offset, now, &payload, bytes);
+            entries.push((offset, now, (bytes.len() - before) as u64));
             waiting.push((arrival, done));
         }
         let mut pending = Vec::new();
-        for (queue, (segment, waiting)) in batches {
-            let (Some(trees), Some(first), Some(end)) = (
-                self.queues.get(&queue),
-                segment.entries.first().map(|e| e.offset),
-                segment.end(),
-            ) else {
+        for (queue, (bytes, entries, waiting)) in shares {
+            let Some(state) = self.queues.get(&queue) else {
                 continue;
             };
-            let encoded = segment.encode();
-            let size = encoded.len() as u64;
-            match trees.entries.insert(first.to_be_bytes(), encoded) {
-                Ok(_) => {
-                    trees.next.store(end, Ordering::Release);
-                    trees.stored_bytes.fetch_add(size, Ordering::Relaxed);
+            let written = state
+                .segments_mut()
+                .append(&bytes, &entries, state.segment_bytes);
+            match written {
+                Ok(()) => {
+                    let first = entries.first().map_or(0, |e| e.0);
+                    let end = first + entries.len() as u64;
+                    self.assigned.insert(queue.clone(), end);
                     pending.extend(
                         waiting
                             .into_iter()
@@ -488,9 +528,9 @@ impl Writer {
                             .map(|((arrival, done), offset)| (arrival, done, offset)),
                     );
                 }
-                Err(error) => {
-                    let error = StorageError::from_sled(&self.dir, error);
-                    tracing::error!(%queue, %error, "queue append failed");
+                Err(reason) => {
+                    let error = StorageError::from_io(&self.dir, reason);
+                    tracing::error!(%queue, %error, "queue append failed; not acknowledged");
                     for (_, done) in waiting {
                         done(Err(error.again()));
                     }
@@ -505,18 +545,22 @@ impl Writer {
             .collect()
     }
 
+    /// Syncs every queue, then answers the waiting appends (or fails them all).
     fn flush(&self, waiting: &mut Vec<(AppendDone, u64)>, entries: usize) {
         let started = Instant::now();
-        let result = self.db.flush();
+        let result = self
+            .queues
+            .values()
+            .try_for_each(|state| state.segments().sync());
         (self.on_flush)(FlushReport {
             entries,
             flush: started.elapsed(),
         });
         match result {
-            Ok(_) => self.answer(waiting),
-            Err(error) => {
-                let error = StorageError::from_sled(&self.dir, error);
-                tracing::error!(%error, "queue flush failed; appends are not acknowledged");
+            Ok(()) => self.answer(waiting),
+            Err(reason) => {
+                let error = StorageError::from_io(&self.dir, reason);
+                tracing::error!(%error, "queue sync failed; appends are not acknowledged");
                 for (done, _) in waiting.drain(..) {
                     done(Err(error.again()));
                 }
@@ -524,86 +568,73 @@ impl Writer {
         }
     }
 
-    fn answer(&self, waiting: &mut Vec<(AppendDone, u64)>) {
-        for (done, offset) in waiting.drain(..) {
-            done(Ok(offset));
-        }
-        for (queue, trees) in self.queues.iter() {
-            (self.appended)(queue, trees.next.load(Ordering::Acquire));
+    fn sync_all(&self) {
+        for state in self.queues.values() {
+            let _ = state.segments().sync();
         }
     }
 
-    /// Drops segments wholly past each queue's retention (a segment goes when its newest
-    /// entry does); remembers the next offset of a queue that becomes empty so offsets
-    /// never repeat.
+    /// Publishes what was written (readers may now see it) and answers the appends.
+    fn answer(&self, waiting: &mut Vec<(AppendDone, u64)>) {
+        for (queue, state) in self.queues.iter() {
+            if let Some(assigned) = self.assigned.get(queue) {
+                state.next.store(*assigned, Ordering::Release);
+            }
+        }
+        for (done, offset) in waiting.drain(..) {
+            done(Ok(offset));
+        }
+        for (queue, state) in self.queues.iter() {
+            (self.appended)(queue, state.next.load(Ordering::Acquire));
+        }
+    }
+
+    /// Applies each queue's retention: moves its first offset (reads start there) and
+    /// deletes whole segments past it, oldest first. A queue whose entries all expired
+    /// loses every segment; its bounds are remembered so offsets never repeat.
     fn trim(&self) {
         let now = now_ms();
-        for (name, trees) in self.queues.iter() {
-            let next = trees.next.load(Ordering::Acquire);
-            let keep_from = trees
-                .retention
-                .max_messages
-                .map_or(0, |max| next.saturating_sub(max));
-            let cutoff = trees
-                .retention
+        for (name, state) in self.queues.iter() {
+            let next = state.next.load(Ordering::Acquire);
+            if self.assigned.get(name).is_some_and(|a| *a != next) {
+                continue; // written but not yet durable: trim after the sync
+            }
+            let retention = state.retention;
+            let mut first = state.first.load(Ordering::Acquire);
+            if let Some(max) = retention.max_messages {
+                first = first.max(next.saturating_sub(max));
+            }
+            let cutoff = retention
                 .max_age
                 .map(|age| now.saturating_sub(age.as_millis() as u64));
-            let stored = trees.stored_bytes.load(Ordering::Relaxed);
-            let mut excess_bytes = trees
-                .retention
-                .max_bytes
-                .map_or(0, |max| stored.saturating_sub(max));
-            let mut batch = sled::Batch::default();
-            let mut removed = 0;
-            let mut freed = 0u64;
-            for item in trees.entries.iter() {
-                let Ok((key, value)) = item else {
-                    break;
-                };
-                let Ok(segment) = Segment::decode(&value) else {
-                    break;
-                };
-                let too_old = cutoff.is_some_and(|cutoff| {
-                    segment
-                        .entries
-                        .last()
-                        .is_some_and(|e| e.appended_at_ms < cutoff)
-                });
-                let too_many = segment.end().is_some_and(|end| end <= keep_from);
-                let too_big = excess_bytes > 0;
-                if too_old || too_many || too_big {
-                    batch.remove(key);
-                    removed += 1;
-                    freed += value.len() as u64;
-                    excess_bytes = excess_bytes.saturating_sub(value.len() as u64);
-                    continue;
-                }
-                // The segment that straddles a limit keeps only its retained entries.
-                let kept: Vec<QueueEntry> = segment
-                    .entries
-                    .into_iter()
-                    .filter(|e| {
-                        e.offset >= keep_from && cutoff.is_none_or(|c| e.appended_at_ms >= c)
-                    })
-                    .collect();
-                if let Some(first) = kept.first().map(|e| e.offset) {
-                    if first != offset_of(&key) {
-                        let rewritten = Segment { entries: kept }.encode();
-                        freed += (value.len() as u64).saturating_sub(rewritten.len() as u64);
-                        batch.remove(key);
-                        batch.insert(&first.to_be_bytes(), rewritten);
-                        removed += 1;
-                    }
-                }
-                break;
+            let mut segments = state.segments_mut();
+            let all_expired = cutoff.is_some_and(|cutoff| {
+                segments
+                    .segments
+                    .last()
+                    .is_none_or(|s| s.newest_ms < cutoff)
+            });
+            if all_expired {
+                first = next;
             }
-            if removed > 0 {
-                let _ = trees.entries.apply_batch(batch);
-                trees
-                    .stored_bytes
-                    .fetch_sub(freed.min(stored), Ordering::Relaxed);
+            let freed = segments.drop_oldest(
+                |segment, stored| {
+                    segment.end <= first
+                        || cutoff.is_some_and(|cutoff| segment.newest_ms < cutoff)
+                        || retention.max_bytes.is_some_and(|max| stored > max)
+                },
+                all_expired || first >= next,
+            );
+            if let Some(oldest) = segments.segments.first() {
+                first = first.max(oldest.base);
+            } else {
+                first = next;
+            }
+            drop(segments);
+            if first != state.first.swap(first, Ordering::AcqRel) || freed > 0 {
                 let _ = self.groups.insert(next_key(name), &next.to_be_bytes());
-                tracing::debug!(queue = %name, removed, "trimmed queue segments");
+                let _ = self.groups.insert(first_key(name), &first.to_be_bytes());
+                tracing::debug!(queue = %name, first, freed, "applied queue retention");
             }
         }
     }

@@ -1,0 +1,105 @@
+//! The queue log against a model: random appends, reads, commits and reopens, and after
+//! every step the log answers what a plain vector of entries would.
+
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use switchboard_storage::{FlushReport, FsyncPolicy, QueueLog, Retention, Storage};
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append(Vec<u8>),
+    Read { from: u64, max: usize },
+    Commit(u64),
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => proptest::collection::vec(any::<u8>(), 0..300).prop_map(Op::Append),
+        3 => (0u64..80, 1usize..40).prop_map(|(from, max)| Op::Read { from, max }),
+        1 => (0u64..80).prop_map(Op::Commit),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+fn open(dir: &std::path::Path) -> (Storage, QueueLog) {
+    let storage = Storage::open(dir).unwrap();
+    // Small segments (a quarter of max_bytes) so the log rolls and reads cross files; the
+    // model never stores enough for retention to trim.
+    let retention = Retention {
+        max_bytes: Some(40_000),
+        ..Retention::default()
+    };
+    let log = storage
+        .open_queue_log(
+            &[("q".to_owned(), retention)],
+            FsyncPolicy::Always,
+            false,
+            Arc::new(|_: &str, _: u64| {}),
+            Arc::new(|_: FlushReport| {}),
+        )
+        .unwrap();
+    (storage, log)
+}
+
+fn append(log: &QueueLog, payload: &[u8]) -> u64 {
+    let (tx, rx) = std::sync::mpsc::channel();
+    log.append(
+        "q".into(),
+        payload.to_vec(),
+        Box::new(move |result| {
+            let _ = tx.send(result);
+        }),
+    );
+    rx.recv().unwrap().unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_log_behaves_like_a_vector(ops in proptest::collection::vec(op(), 1..60)) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opened = Some(open(dir.path()));
+        let mut model: Vec<Vec<u8>> = Vec::new();
+        let mut committed = 0u64;
+        for op in ops {
+            let (_, log) = opened.as_ref().unwrap();
+            match op {
+                Op::Append(payload) => {
+                    prop_assert_eq!(append(log, &payload), model.len() as u64);
+                    model.push(payload);
+                }
+                Op::Read { from, max } => {
+                    let read = log.read("q", from, max).unwrap();
+                    let expected: Vec<(u64, Vec<u8>)> = model
+                        .iter()
+                        .enumerate()
+                        .skip(from as usize)
+                        .take(max)
+                        .map(|(offset, payload)| (offset as u64, payload.clone()))
+                        .collect();
+                    let got: Vec<(u64, Vec<u8>)> =
+                        read.into_iter().map(|e| (e.offset, e.payload)).collect();
+                    prop_assert_eq!(got, expected);
+                }
+                Op::Commit(offset) => {
+                    committed = committed.max(offset);
+                    prop_assert_eq!(log.commit("q", "g", offset).unwrap(), committed);
+                }
+                Op::Reopen => {
+                    let (storage, log) = opened.take().unwrap();
+                    log.close();
+                    drop((log, storage));
+                    opened = Some(open(dir.path()));
+                }
+            }
+            let (_, log) = opened.as_ref().unwrap();
+            prop_assert_eq!(log.bounds("q").unwrap(), (0, model.len() as u64));
+            prop_assert_eq!(log.committed("q", "g").unwrap(), committed);
+        }
+        let (_, log) = opened.take().unwrap();
+        log.close();
+    }
+}
