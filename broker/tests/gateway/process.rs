@@ -506,3 +506,157 @@ async fn failing_push_deliveries_are_logged_once_per_interval() {
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(warnings[0].contains("orders") && warnings[0].contains("failures=1"));
 }
+
+/// Streams acked appends into the gateway until it is killed; returns the acked ids.
+async fn stream_until_killed(
+    gateway: &mut GatewayProcess,
+    round: u64,
+    kill_after: Duration,
+) -> Vec<String> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let (ws, _) = tokio_tungstenite::connect_async(&gateway.ws_url)
+        .await
+        .unwrap();
+    let (mut sink, mut stream) = ws.split();
+    let sender = tokio::spawn(async move {
+        for seq in 0..5_000u64 {
+            let frame = serde_json::json!({"action": "order", "round": round, "seq": seq});
+            if sink.send(Message::text(frame.to_string())).await.is_err() {
+                return;
+            }
+            if seq % 50 == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    });
+    let reader = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        while let Some(Ok(Message::Text(text))) = stream.next().await {
+            let ack: serde_json::Value = serde_json::from_str(&text).unwrap();
+            acked.push(ack["messageId"].as_str().unwrap().to_owned());
+        }
+        acked
+    });
+    tokio::time::sleep(kill_after).await;
+    gateway.child.kill().unwrap(); // SIGKILL, mid-stream or not
+    gateway.child.wait().unwrap();
+    sender.abort();
+    reader.await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_twenty_random_moments_loses_and_repeats_no_acked_message() {
+    let backend = Backend::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let routes = format!(
+        "[storage]\nfsync = \"batch\"\nflush_interval_ms = 2\n{}\n[routes.order]\nintegration = {{ type = \"queue\", queue = \"orders\", ack = true }}\n",
+        config_with(&backend, ""),
+    );
+    let path = write_config(dir.path(), &routes);
+    let mut acked_before: Vec<String> = Vec::new();
+    let mut next_offset = 0u64;
+    // A fixed pseudo-random sequence of kill moments, 15 to 250 ms into each stream.
+    let mut moment = 0x2545_f491_u64;
+    let mut total_acked = 0;
+    for round in 0..=20u64 {
+        let mut gateway = GatewayProcess::start(&path, &[]);
+        // What the last round appended: every acked entry once, offsets dense.
+        let log = pull_all(&gateway.api_url, "orders", "verify").await;
+        let ids: Vec<&str> = log
+            .iter()
+            .map(|m| m["event"]["requestContext"]["messageId"].as_str().unwrap())
+            .collect();
+        let unique: std::collections::HashSet<&str> = ids.iter().copied().collect();
+        assert_eq!(
+            unique.len(),
+            ids.len(),
+            "round {round}: an entry appears twice"
+        );
+        for id in &acked_before {
+            assert!(
+                unique.contains(id.as_str()),
+                "round {round}: acked {id} lost"
+            );
+        }
+        for entry in &log {
+            assert_eq!(
+                entry["offset"].as_u64().unwrap(),
+                next_offset,
+                "dense offsets"
+            );
+            next_offset += 1;
+        }
+        if round == 20 {
+            break;
+        }
+        total_acked += acked_before.len();
+        moment ^= moment << 13;
+        moment ^= moment >> 7;
+        moment ^= moment << 17;
+        let kill_after = Duration::from_millis(15 + moment % 236);
+        acked_before = stream_until_killed(&mut gateway, round, kill_after).await;
+    }
+    total_acked += acked_before.len();
+    assert!(
+        total_acked > 1000,
+        "only {total_acked} appends were acked: no real stream"
+    );
+    assert!(next_offset >= total_acked as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_queue_segment_is_refused_by_name_until_repair_is_asked_for() {
+    let backend = Backend::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let body = |repair: bool| {
+        format!(
+            "[storage]\nfsync = \"always\"\nrepair = {repair}\n{}\n[routes.order]\nintegration = {{ type = \"queue\", queue = \"orders\", ack = true }}\n",
+            config_with(&backend, ""),
+        )
+    };
+    let path = write_config(dir.path(), &body(false));
+    let mut gateway = GatewayProcess::start(&path, &[]);
+    let (mut ws, _) = tokio_tungstenite::connect_async(&gateway.ws_url)
+        .await
+        .unwrap();
+    for seq in 0..20 {
+        let frame = serde_json::json!({"action": "order", "seq": seq}).to_string();
+        send_text(&mut ws, &frame).await;
+        assert_eq!(next_json(&mut ws).await["type"], "ack");
+    }
+    gateway.signal("-TERM");
+    gateway.wait(Duration::from_secs(15));
+
+    let segment = dir
+        .path()
+        .join("data/queues/q-orders/00000000000000000000.seg");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let (code, stderr) = refused_start(&path, Duration::from_secs(15));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("corrupt record at byte"), "{stderr}");
+    assert!(stderr.contains("q-orders"), "{stderr}");
+    assert!(stderr.contains("repair = true"), "{stderr}");
+    assert_eq!(std::fs::read(&segment).unwrap(), bytes, "left untouched");
+
+    write_config(dir.path(), &body(true));
+    let repaired = GatewayProcess::start(&path, &[]);
+    let log = pull_all(&repaired.api_url, "orders", "check").await;
+    assert!(
+        !log.is_empty() && log.len() < 20,
+        "{} entries kept",
+        log.len()
+    );
+    let offsets: Vec<u64> = log.iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    assert_eq!(offsets, (0..log.len() as u64).collect::<Vec<_>>());
+    let (mut ws, _) = tokio_tungstenite::connect_async(&repaired.ws_url)
+        .await
+        .unwrap();
+    send_text(&mut ws, &serde_json::json!({"action": "order"}).to_string()).await;
+    assert_eq!(next_json(&mut ws).await["type"], "ack", "appends resume");
+}
