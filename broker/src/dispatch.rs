@@ -424,6 +424,7 @@ fn append_to_queue(
                 }
             }
             Err(AppendFailure::DiskFull) => {
+                count_append_error(&shard, &done_queue, "disk_full");
                 // Logged by the storage writer once per failed write, not per message.
                 let reason = format!(
                     "Service unavailable: queue {done_queue} is out of disk space; the message was not stored"
@@ -431,12 +432,22 @@ fn append_to_queue(
                 send_error(&shard, &connection, &reason, &request_id);
             }
             Err(AppendFailure::Storage(error)) => {
+                count_append_error(&shard, &done_queue, "io");
                 tracing::error!(queue = %done_queue, %error, "queue append failed");
                 send_error(&shard, &connection, "Internal server error", &request_id);
             }
         }
     });
     shard.append_to_queue(queue.clone(), event, done);
+}
+
+fn count_append_error(shard: &Shard, queue: &str, kind: &str) {
+    shard
+        .gateway
+        .metrics
+        .queue_append_errors
+        .with_label_values(&[queue, kind])
+        .inc();
 }
 
 /// Sends the AWS-style error frame; the connection stays open.

@@ -55,6 +55,14 @@ pub struct Metrics {
     pub queue_appended: IntCounterVec,
     /// Entries retained per queue (updated at scrape time).
     pub queue_depth: IntGaugeVec,
+    /// Segment files per queue (updated at scrape time).
+    pub queue_segments: IntGaugeVec,
+    /// Bytes of segment files per queue (updated at scrape time).
+    pub queue_stored_bytes: IntGaugeVec,
+    /// Bytes of torn writes cut from queue segments at start.
+    pub queue_recovered_bytes: IntCounter,
+    /// Appends that could not be stored, by queue and kind (disk_full, io).
+    pub queue_append_errors: IntCounterVec,
     /// Entries a consumer group has not committed yet (updated at scrape time).
     pub queue_consumer_lag: IntGaugeVec,
     /// Push deliveries by queue and result (ok, error).
@@ -190,6 +198,26 @@ impl Metrics {
                 "Entries retained in each durable queue",
                 &["queue"],
             ),
+            queue_segments: gauge_vec(
+                "switchboard_queue_segments",
+                "Segment files of each durable queue",
+                &["queue"],
+            ),
+            queue_stored_bytes: gauge_vec(
+                "switchboard_queue_stored_bytes",
+                "Bytes of each durable queue's segment files",
+                &["queue"],
+            ),
+            queue_recovered_bytes: IntCounter::new(
+                "switchboard_queue_recovered_bytes_total",
+                "Bytes of torn writes cut from queue segments at start",
+            )
+            .unwrap_or_else(|_| unreachable!("static metric definition")),
+            queue_append_errors: counter_vec(
+                "switchboard_queue_append_errors_total",
+                "Queue appends not stored, by kind",
+                &["queue", "kind"],
+            ),
             queue_consumer_lag: gauge_vec(
                 "switchboard_queue_consumer_lag",
                 "Entries a consumer group has not committed",
@@ -318,7 +346,7 @@ impl Metrics {
             .collect()
     }
 
-    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 33] {
+    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 37] {
         [
             Box::new(self.connections_active.clone()),
             Box::new(self.connections_total.clone()),
@@ -339,6 +367,10 @@ impl Metrics {
             Box::new(self.authorizer_results.clone()),
             Box::new(self.queue_appended.clone()),
             Box::new(self.queue_depth.clone()),
+            Box::new(self.queue_segments.clone()),
+            Box::new(self.queue_stored_bytes.clone()),
+            Box::new(self.queue_recovered_bytes.clone()),
+            Box::new(self.queue_append_errors.clone()),
             Box::new(self.queue_consumer_lag.clone()),
             Box::new(self.queue_delivery_attempts.clone()),
             Box::new(self.storage_flush_duration.clone()),

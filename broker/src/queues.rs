@@ -66,6 +66,9 @@ impl QueueHub {
             .collect();
         let log =
             storage.open_queue_log(&specs, config.fsync, config.repair, appended, on_flush)?;
+        metrics
+            .queue_recovered_bytes
+            .inc_by(log.recovery().truncated_bytes);
         for queue in queues {
             let (_, next) = log.bounds(&queue.name)?;
             if let Some(sender) = next_offsets.get(&queue.name) {
@@ -82,6 +85,17 @@ impl QueueHub {
 
     /// Refreshes the depth and lag gauges (called when /metrics is scraped).
     pub fn update_gauges(&self, metrics: &Metrics) {
+        for (queue, segments, bytes) in self.log.segment_stats() {
+            let queue = [&*queue];
+            metrics
+                .queue_segments
+                .with_label_values(&queue)
+                .set(segments as i64);
+            metrics
+                .queue_stored_bytes
+                .with_label_values(&queue)
+                .set(bytes as i64);
+        }
         for queue in self.next_offsets.keys() {
             let Ok((first, next)) = self.log.bounds(queue) else {
                 continue;

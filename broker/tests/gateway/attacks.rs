@@ -525,6 +525,9 @@ async fn a_full_disk_is_an_error_frame_not_a_crash() {
         "this test mounts a 4 MiB tmpfs (needs root)"
     );
     let _unmount = Unmount(data.clone());
+    // Space to give back later, as an operator would by cleaning up.
+    let ballast = data.join("ballast");
+    std::fs::write(&ballast, vec![0u8; 1024 * 1024]).unwrap();
     let path = dir.path().join("full.toml");
     std::fs::write(
         &path,
@@ -555,6 +558,17 @@ async fn a_full_disk_is_an_error_frame_not_a_crash() {
     let mut other = ws_client(&gateway).await;
     echo(&mut other, "hello").await;
     assert_eq!(health(&gateway).await, 200);
+    assert!(
+        gateway
+            .metric("switchboard_queue_append_errors_total{kind=\"disk_full\",queue=\"q\"}")
+            .await
+            >= 1.0
+    );
+    // Space comes back: appends are stored and acknowledged again.
+    std::fs::remove_file(&ballast).unwrap();
+    let frame = json!({"action": "q", "data": "after cleanup"}).to_string();
+    send_text(&mut writer, &frame).await;
+    assert_eq!(next_json(&mut writer).await["type"], "ack");
 }
 
 /// Unmounts a test's tmpfs when dropped.
