@@ -69,6 +69,8 @@ pub struct Metrics {
     pub queue_delivery_attempts: IntCounterVec,
     /// Time of each queue log flush (fsync).
     pub storage_flush_duration: Histogram,
+    /// Time from a shard handing a turn's appends to the queue log until they are durable.
+    pub queue_append_duration: Histogram,
     /// Entries per queue log flush (group commit size).
     pub queue_flush_batch_size: Histogram,
     /// Entries per `deliver_to` push request.
@@ -233,6 +235,11 @@ impl Metrics {
                 "Duration of each queue log flush",
                 prometheus::exponential_buckets(0.0001, 2.5, 12),
             ),
+            queue_append_duration: histogram(
+                "switchboard_queue_append_duration_seconds",
+                "Time from a shard's hand-off of appends until they are durable",
+                prometheus::exponential_buckets(0.0001, 2.5, 12),
+            ),
             queue_flush_batch_size: histogram(
                 "switchboard_queue_flush_batch_size",
                 "Entries made durable per queue log flush",
@@ -346,7 +353,7 @@ impl Metrics {
             .collect()
     }
 
-    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 37] {
+    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 38] {
         [
             Box::new(self.connections_active.clone()),
             Box::new(self.connections_total.clone()),
@@ -374,6 +381,7 @@ impl Metrics {
             Box::new(self.queue_consumer_lag.clone()),
             Box::new(self.queue_delivery_attempts.clone()),
             Box::new(self.storage_flush_duration.clone()),
+            Box::new(self.queue_append_duration.clone()),
             Box::new(self.queue_flush_batch_size.clone()),
             Box::new(self.queue_push_batch_size.clone()),
             Box::new(self.fanout_duration.clone()),

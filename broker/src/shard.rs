@@ -765,8 +765,14 @@ async fn append_batch(shard: &Shard, batch: Vec<PendingAppend>) {
             }),
         ));
     }
+    let started = std::time::Instant::now();
     shard.gateway.queues.log.append_many(appends);
     let _ = finished.await;
+    shard
+        .gateway
+        .metrics
+        .queue_append_duration
+        .observe(started.elapsed().as_secs_f64());
     for (index, done) in completions.into_iter().enumerate() {
         let result = results[index]
             .get()

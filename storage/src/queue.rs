@@ -198,6 +198,8 @@ impl QueueLog {
             on_flush,
             dir: dir.clone(),
         };
+        // Retention applies from the start: a reopened log serves nothing it would drop.
+        writer.trim();
         std::thread::Builder::new()
             .name("switchboard-queue-log".into())
             .spawn(move || writer.run(&receiver))

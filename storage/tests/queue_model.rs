@@ -1,4 +1,5 @@
-//! The queue log against a model: random appends, reads, commits and reopens, and after
+//! The queue log against a model: random appends, reads, commits and reopens, with
+//! retention by count (applied at every open, and once a second), and after
 //! every step the log answers what a plain vector of entries would.
 
 use std::sync::Arc;
@@ -23,12 +24,16 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Retention keeps this many entries.
+const KEEP: u64 = 25;
+
 fn open(dir: &std::path::Path) -> (Storage, QueueLog) {
     let storage = Storage::open(dir).unwrap();
     // Small segments (a quarter of max_bytes) so the log rolls and reads cross files; the
-    // model never stores enough for retention to trim.
+    // model never stores enough for retention by bytes to trim, only by count.
     let retention = Retention {
         max_bytes: Some(40_000),
+        max_messages: Some(KEEP),
         ..Retention::default()
     };
     let log = storage
@@ -56,7 +61,7 @@ fn append(log: &QueueLog, payload: &[u8]) -> u64 {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn the_log_behaves_like_a_vector(ops in proptest::collection::vec(op(), 1..60)) {
@@ -64,6 +69,9 @@ proptest! {
         let mut opened = Some(open(dir.path()));
         let mut model: Vec<Vec<u8>> = Vec::new();
         let mut committed = 0u64;
+        // Retention runs once a second and at every open: the first offset is at least
+        // what the last open settled, at most what the count allows now.
+        let mut floor = 0u64;
         for op in ops {
             let (_, log) = opened.as_ref().unwrap();
             match op {
@@ -73,10 +81,20 @@ proptest! {
                 }
                 Op::Read { from, max } => {
                     let read = log.read("q", from, max).unwrap();
+                    let (first_after, _) = log.bounds("q").unwrap();
+                    let len = model.len() as u64;
+                    let Some(start) = read.first().map(|e| e.offset) else {
+                        // Nothing: nothing retained from `from` on.
+                        prop_assert!(from.max(first_after) >= len);
+                        continue;
+                    };
+                    // From `from` on, less what retention dropped before or during the read.
+                    prop_assert!(start >= from.max(floor));
+                    prop_assert!(start <= from.max(first_after));
                     let expected: Vec<(u64, Vec<u8>)> = model
                         .iter()
                         .enumerate()
-                        .skip(from as usize)
+                        .skip(start as usize)
                         .take(max)
                         .map(|(offset, payload)| (offset as u64, payload.clone()))
                         .collect();
@@ -93,10 +111,16 @@ proptest! {
                     log.close();
                     drop((log, storage));
                     opened = Some(open(dir.path()));
+                    floor = floor.max((model.len() as u64).saturating_sub(KEEP));
+                    // Applied at open, exactly.
+                    let (_, log) = opened.as_ref().unwrap();
+                    prop_assert_eq!(log.bounds("q").unwrap(), (floor, model.len() as u64));
                 }
             }
             let (_, log) = opened.as_ref().unwrap();
-            prop_assert_eq!(log.bounds("q").unwrap(), (0, model.len() as u64));
+            let (first, next) = log.bounds("q").unwrap();
+            prop_assert_eq!(next, model.len() as u64);
+            prop_assert!(first >= floor && first <= floor.max(next.saturating_sub(KEEP)));
             prop_assert_eq!(log.committed("q", "g").unwrap(), committed);
         }
         let (_, log) = opened.take().unwrap();
