@@ -1,13 +1,15 @@
-"""A backend that answers every POST after 50 ms (threaded), counting entries it receives."""
+"""A backend that answers every POST after LATENCY_MS (argv[2], default 50; threaded),
+counting entries it receives."""
 import json, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 count = 0
 lock = threading.Lock()
+LATENCY = (float(sys.argv[2]) if len(sys.argv) > 2 else 50.0) / 1000
 class H(BaseHTTPRequestHandler):
     def do_POST(self):
         global count
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        time.sleep(0.05)
+        time.sleep(LATENCY)
         event = json.loads(body)
         n = len(event["Records"]) if "Records" in event else 1
         with lock:
