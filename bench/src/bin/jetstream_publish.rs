@@ -25,7 +25,11 @@ async fn main() -> anyhow::Result<()> {
     let publishers: usize = publishers.parse().context("PUBLISHERS")?;
     let window: usize = window.parse().context("IN_FLIGHT")?;
     let messages: usize = messages.parse().context("MESSAGES")?;
-    let rate: Option<f64> = rest.first().map(|r| r.parse()).transpose().context("RATE")?;
+    let rate: Option<f64> = rest
+        .first()
+        .map(|r| r.parse())
+        .transpose()
+        .context("RATE")?;
 
     let setup = async_nats::jetstream::new(async_nats::connect(url).await?);
     let _ = setup.delete_stream("BENCH").await;
