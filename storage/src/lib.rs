@@ -1,5 +1,6 @@
-//! Everything Switchboard keeps on disk, behind one API so the engine (sled today) can be
-//! swapped without touching the gateway.
+//! Everything Switchboard keeps on disk, behind one API so an engine can be swapped without
+//! touching the gateway: sled for connection records, memberships and small metadata, and
+//! append-only segment files of our own for the queue logs.
 //!
 //! * [`Storage`] opens the data directory, refusing a locked or corrupt one with a clear
 //!   error, and hands out the node epoch that makes connectionIds unique across restarts.
