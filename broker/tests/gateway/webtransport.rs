@@ -152,6 +152,15 @@ impl WtClient {
         serde_json::from_str(&self.next_text().await).unwrap()
     }
 
+    /// The next datagram's bytes.
+    async fn next_datagram(&self) -> Vec<u8> {
+        let datagram = tokio::time::timeout(WAIT, self.session.receive_datagram())
+            .await
+            .expect("a datagram within 10 s")
+            .unwrap();
+        datagram.payload().to_vec()
+    }
+
     /// How the gateway closed the session: its code and reason.
     async fn closed(&self) -> (u64, String) {
         let error = tokio::time::timeout(WAIT, self.session.closed())
@@ -645,11 +654,7 @@ async fn unreliable_broadcasts_reach_sessions_that_asked_as_datagrams() {
         .await
         .unwrap();
     assert_eq!(answer["delivered"], 3);
-    let datagram = tokio::time::timeout(WAIT, datagrams.session.receive_datagram())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&datagram.payload()[..], b"\x01price 101");
+    assert_eq!(datagrams.next_datagram().await, b"\x01price 101");
     assert_eq!(stream_only.next_text().await, "price 101");
     assert_eq!(next_text(&mut ws).await, "price 101");
 
@@ -701,9 +706,5 @@ async fn an_unreliable_broadcast_keeps_its_mark_across_cluster_nodes() {
         .await
         .unwrap();
     assert_eq!(answer["delivered"], 1);
-    let datagram = tokio::time::timeout(WAIT, client.session.receive_datagram())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&datagram.payload()[..], b"\x01price 102");
+    assert_eq!(client.next_datagram().await, b"\x01price 102");
 }
