@@ -109,6 +109,30 @@ fn truncate_utf8(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
+/// Runs `decode_all` over the bytes kept from earlier reads followed by `input`; keeps only
+/// the bytes it did not use (an incomplete message), and no allocation when it used all.
+/// `decode_all` returns how many bytes it consumed.
+pub(crate) fn decode_after_pending<E>(
+    pending: &mut Vec<u8>,
+    input: &[u8],
+    decode_all: impl FnOnce(&[u8]) -> Result<usize, E>,
+) -> Result<(), E> {
+    if pending.is_empty() {
+        let used = decode_all(input)?;
+        pending.extend_from_slice(&input[used..]);
+    } else {
+        let mut buffer = std::mem::take(pending);
+        buffer.extend_from_slice(input);
+        let used = decode_all(&buffer)?;
+        buffer.drain(..used);
+        if buffer.is_empty() {
+            buffer = Vec::new(); // give the memory back while idle
+        }
+        *pending = buffer;
+    }
+    Ok(())
+}
+
 /// A complete message from the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming {
@@ -215,20 +239,11 @@ impl MessageDecoder {
     /// Feeds bytes read from the socket; complete messages are appended to `out`.
     /// After an error the connection must be closed with [`ProtocolError::close_code`].
     pub fn decode(&mut self, input: &[u8], out: &mut Vec<Incoming>) -> Result<(), ProtocolError> {
-        if self.pending.is_empty() {
-            let used = self.decode_frames(input, out)?;
-            self.pending.extend_from_slice(&input[used..]);
-        } else {
-            let mut buffer = std::mem::take(&mut self.pending);
-            buffer.extend_from_slice(input);
-            let used = self.decode_frames(&buffer, out)?;
-            buffer.drain(..used);
-            if buffer.is_empty() {
-                buffer = Vec::new(); // give the memory back while idle
-            }
-            self.pending = buffer;
-        }
-        Ok(())
+        let mut pending = std::mem::take(&mut self.pending);
+        let result =
+            decode_after_pending(&mut pending, input, |bytes| self.decode_frames(bytes, out));
+        self.pending = pending;
+        result
     }
 
     /// Decodes every complete frame at the start of `input`; returns the bytes consumed.

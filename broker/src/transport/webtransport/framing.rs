@@ -8,7 +8,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::frame::{Incoming, ProtocolError};
+use crate::frame::{self, Incoming, ProtocolError};
 
 /// Bytes before the payload: kind and length.
 pub const HEADER_BYTES: usize = 5;
@@ -74,20 +74,12 @@ impl FrameDecoder {
     /// Feeds bytes read from the stream; complete messages are appended to `out`. After an
     /// error the session must be closed with [`ProtocolError::close_code`].
     pub fn decode(&mut self, input: &[u8], out: &mut Vec<Incoming>) -> Result<(), ProtocolError> {
-        if self.pending.is_empty() {
-            let used = self.decode_messages(input, out)?;
-            self.pending.extend_from_slice(&input[used..]);
-        } else {
-            let mut buffer = std::mem::take(&mut self.pending);
-            buffer.extend_from_slice(input);
-            let used = self.decode_messages(&buffer, out)?;
-            buffer.drain(..used);
-            if buffer.is_empty() {
-                buffer = Vec::new(); // give the memory back while idle
-            }
-            self.pending = buffer;
-        }
-        Ok(())
+        let mut pending = std::mem::take(&mut self.pending);
+        let result = frame::decode_after_pending(&mut pending, input, |bytes| {
+            self.decode_messages(bytes, out)
+        });
+        self.pending = pending;
+        result
     }
 
     /// Decodes every complete message at the start of `input`; returns the bytes used.
