@@ -187,6 +187,7 @@ impl QueueLog {
         let queues = Arc::new(states);
         let (requests, receiver) = crossbeam_channel::unbounded();
         let writer = Writer {
+            unsynced: Default::default(),
             assigned: queues
                 .iter()
                 .map(|(name, state)| (name.clone(), state.next.load(Ordering::Acquire)))
@@ -420,6 +421,8 @@ struct Writer {
     queues: Arc<HashMap<Arc<str>, QueueState>>,
     /// The next offset to assign per queue (ahead of `next` until a sync publishes it).
     assigned: HashMap<Arc<str>, u64>,
+    /// Queues written since their last sync: a sync touches only these.
+    unsynced: std::collections::HashSet<Arc<str>>,
     /// Where retention remembers a queue's bounds.
     groups: sled::Tree,
     policy: FsyncPolicy,
@@ -477,14 +480,14 @@ impl Writer {
                 last_trim = Instant::now();
             }
             if let Some(done) = closing {
-                self.sync_all();
+                let _ = self.sync_written();
                 self.answer(&mut waiting);
                 drop(self);
                 let _ = done.send(());
                 return;
             }
         }
-        self.sync_all();
+        let _ = self.sync_written();
     }
 
     /// Assigns offsets and writes each queue's share of the batch with one write; returns
@@ -523,6 +526,7 @@ impl Writer {
                     let first = entries.first().map_or(0, |e| e.0);
                     let end = first + entries.len() as u64;
                     self.assigned.insert(queue.clone(), end);
+                    self.unsynced.insert(queue.clone());
                     pending.extend(
                         waiting
                             .into_iter()
@@ -547,13 +551,11 @@ impl Writer {
             .collect()
     }
 
-    /// Syncs every queue, then answers the waiting appends (or fails them all).
-    fn flush(&self, waiting: &mut Vec<(AppendDone, u64)>, entries: usize) {
+    /// Syncs the queues written since their last sync, then answers the waiting appends
+    /// (or fails them all).
+    fn flush(&mut self, waiting: &mut Vec<(AppendDone, u64)>, entries: usize) {
         let started = Instant::now();
-        let result = self
-            .queues
-            .values()
-            .try_for_each(|state| state.segments().sync());
+        let result = self.sync_written();
         (self.on_flush)(FlushReport {
             entries,
             flush: started.elapsed(),
@@ -570,10 +572,15 @@ impl Writer {
         }
     }
 
-    fn sync_all(&self) {
-        for state in self.queues.values() {
-            let _ = state.segments().sync();
+    /// Syncs every queue written since its last sync; one that fails stays to be synced.
+    fn sync_written(&mut self) -> std::io::Result<()> {
+        for queue in self.unsynced.clone() {
+            if let Some(state) = self.queues.get(&queue) {
+                state.segments().sync()?;
+            }
+            self.unsynced.remove(&queue);
         }
+        Ok(())
     }
 
     /// Publishes what was written (readers may now see it) and answers the appends.
