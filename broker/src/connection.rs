@@ -100,7 +100,7 @@ impl Connection {
     /// writes it, and counts it, in batches. A connection that cannot take it is closed as a
     /// slow consumer and reports [`Gone`].
     pub fn enqueue(&self, frame: SharedFrame, metrics: &Metrics) -> Result<(), Gone> {
-        if self.closing.get() || self.close_request.borrow().is_some() {
+        if self.is_ending() {
             return Err(Gone);
         }
         if self.outbound.borrow_mut().push(frame).is_err() {
@@ -114,13 +114,18 @@ impl Connection {
     /// Sends `frame` as a datagram, past the queue, if the connection takes datagrams
     /// (a WebTransport session that asked for them) and it fits in one.
     pub(crate) fn send_datagram(&self, frame: &SharedFrame) -> bool {
-        if self.closing.get() {
+        if self.is_ending() {
             return false;
         }
         match &self.stream {
             Socket::WebTransport(session) => session.send_datagram(frame.datagram()),
             _ => false,
         }
+    }
+
+    /// Closing, or asked to close: it takes no more frames.
+    fn is_ending(&self) -> bool {
+        self.closing.get() || self.close_request.borrow().is_some()
     }
 
     /// Bytes waiting in the outbound queue.

@@ -57,7 +57,6 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, ticket: 
     live(shard, socket, accepted, Decoder::WebSocket(decoder)).await;
 }
 
-/// Runs a WebTransport session the endpoint accepted and admitted under `ticket`.
 /// Runs a WebTransport session the endpoint accepted; its QUIC handshake counts under
 /// `handshake`, and the session is admitted once the handshake has proven its address.
 pub async fn run_webtransport(
