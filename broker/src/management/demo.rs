@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::ApiState;
-use crate::transport::webtransport::host_without_port;
+use crate::transport::webtransport::public_host;
 
 const PAGE: &str = include_str!("demo.html");
 /// Where the page expects its settings.
@@ -18,16 +18,9 @@ const SETTINGS_SLOT: &str = "/*SETTINGS*/null";
 pub async fn page(State(state): State<ApiState>, headers: HeaderMap) -> Response {
     let config = &state.gateway.config;
     let stage = &config.api.stage;
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(host_without_port);
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
     let listen = config.server.listen;
-    let websocket_host = match host {
-        Some(name) if listen.ip().is_unspecified() => name.to_owned(),
-        _ if listen.is_ipv6() => format!("[{}]", listen.ip()),
-        _ => listen.ip().to_string(),
-    };
+    let websocket_host = public_host(listen, host);
     let scheme = if config.server.tls.is_some() {
         "wss"
     } else {

@@ -223,15 +223,7 @@ pub fn discovery(
     stage: &str,
 ) -> serde_json::Value {
     let address = config.listen;
-    let host = if address.ip().is_unspecified() {
-        host.map(host_without_port)
-            .unwrap_or("localhost")
-            .to_owned()
-    } else if address.is_ipv6() {
-        format!("[{}]", address.ip())
-    } else {
-        address.ip().to_string()
-    };
+    let host = public_host(address, host);
     let url = format!("https://{host}:{}/{stage}", address.port());
     match config.certificate.self_signed_hash() {
         Some(hash) => serde_json::json!({
@@ -245,8 +237,23 @@ pub fn discovery(
     }
 }
 
+/// The host name clients reach a listener bound to `listen` by: its address, or, when it
+/// is bound to all interfaces, the name the client used for the management API (`host`,
+/// its `Host` header), else `localhost`.
+pub fn public_host(listen: std::net::SocketAddr, host: Option<&str>) -> String {
+    if listen.ip().is_unspecified() {
+        host.map(host_without_port)
+            .unwrap_or("localhost")
+            .to_owned()
+    } else if listen.is_ipv6() {
+        format!("[{}]", listen.ip())
+    } else {
+        listen.ip().to_string()
+    }
+}
+
 /// `host:port` or `[v6]:port` without the port.
-pub fn host_without_port(host: &str) -> &str {
+fn host_without_port(host: &str) -> &str {
     match host.rsplit_once(':') {
         Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(':') => {
             name
