@@ -99,16 +99,6 @@ async fn connect(node: &GatewayProcess, backend: &Backend) -> (Ws, String) {
     (ws, ids[before].clone())
 }
 
-/// `POST url` with `body`.
-async fn post_body(url: String, body: impl Into<reqwest::Body>) -> reqwest::Response {
-    http().post(url).body(body).send().await.unwrap()
-}
-
-/// `POST url` with `body`, answered with JSON.
-async fn post_for_json(url: String, body: impl Into<reqwest::Body>) -> Value {
-    post_body(url, body).await.json().await.unwrap()
-}
-
 /// Asserts that `ws` receives no data frame within `quiet`.
 async fn assert_silent(ws: &mut Ws, quiet: Duration) {
     if let Ok(Some(Ok(message))) = tokio::time::timeout(quiet, ws.next()).await {

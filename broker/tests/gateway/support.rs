@@ -364,6 +364,16 @@ pub(crate) fn http() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// `POST url` with `body`.
+pub(crate) async fn post_body(url: String, body: impl Into<reqwest::Body>) -> reqwest::Response {
+    http().post(url).body(body).send().await.unwrap()
+}
+
+/// `POST url` with `body`, answered with JSON.
+pub(crate) async fn post_for_json(url: String, body: impl Into<reqwest::Body>) -> Value {
+    post_body(url, body).await.json().await.unwrap()
+}
+
 /// A WebSocket client on a bare socket, for frames a library would refuse to send.
 pub(crate) struct RawClient {
     pub(crate) stream: TcpStream,

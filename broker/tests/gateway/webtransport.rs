@@ -51,8 +51,13 @@ integration = {{ type = "echo" }}
 
 /// The discovery document, as a browser fetches it.
 async fn discovery(gateway: &TestGateway) -> Value {
+    discovery_at(&gateway.api_url("")).await
+}
+
+/// The discovery document of the management API at `api` (with the stage).
+async fn discovery_at(api: &str) -> Value {
     http()
-        .get(gateway.api_url("/@webtransport"))
+        .get(format!("{api}/@webtransport"))
         .send()
         .await
         .unwrap()
@@ -261,12 +266,7 @@ async fn a_session_is_a_connection_from_connect_to_disconnect() {
     assert_eq!(ack["type"], "ack");
 
     // @connections: push, status.
-    let pushed = http()
-        .post(gateway.api_url(&format!("/@connections/{id}")))
-        .body("pushed")
-        .send()
-        .await
-        .unwrap();
+    let pushed = post_body(gateway.api_url(&format!("/@connections/{id}")), "pushed").await;
     assert_eq!(pushed.status(), 200);
     assert_eq!(client.next_text().await, "pushed");
     let status: Value = http()
@@ -304,12 +304,7 @@ async fn a_session_is_a_connection_from_connect_to_disconnect() {
         status_and_reason(&event),
         (1000, "connection deleted via @connections".into())
     );
-    let gone = http()
-        .post(gateway.api_url(&format!("/@connections/{id}")))
-        .body("late")
-        .send()
-        .await
-        .unwrap();
+    let gone = post_body(gateway.api_url(&format!("/@connections/{id}")), "late").await;
     assert_eq!(gone.status(), 410);
 }
 
@@ -333,15 +328,7 @@ async fn websocket_and_webtransport_members_share_a_room() {
     next_json(&mut ws).await;
 
     // A broadcast through the management API reaches both, counted once each.
-    let answer: Value = http()
-        .post(gateway.api_url("/@rooms/mixed"))
-        .body("to everyone")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer: Value = post_for_json(gateway.api_url("/@rooms/mixed"), "to everyone").await;
     assert_eq!(answer["delivered"], 2);
     assert_eq!(quic.next_text().await, "to everyone");
     assert_eq!(next_text(&mut ws).await, "to everyone");
@@ -464,12 +451,7 @@ async fn a_client_that_vanishes_is_reported_once_when_quic_gives_up() {
     relay.cut();
     let event = disconnect_event(&backend, &id).await;
     assert_eq!(status_and_reason(&event), (1006, "connection lost".into()));
-    let gone = http()
-        .post(gateway.api_url(&format!("/@connections/{id}")))
-        .body("late")
-        .send()
-        .await
-        .unwrap();
+    let gone = post_body(gateway.api_url(&format!("/@connections/{id}")), "late").await;
     assert_eq!(gone.status(), 410);
 }
 
@@ -535,13 +517,12 @@ async fn a_session_that_stops_reading_is_cut_as_a_slow_consumer() {
     let chunk = "x".repeat(30_000);
     let mut refused = false;
     for _ in 0..1000 {
-        let status = http()
-            .post(gateway.api_url(&format!("/@connections/{id}")))
-            .body(chunk.clone())
-            .send()
-            .await
-            .unwrap()
-            .status();
+        let status = post_body(
+            gateway.api_url(&format!("/@connections/{id}")),
+            chunk.clone(),
+        )
+        .await
+        .status();
         if status == 410 {
             refused = true;
             break;
@@ -644,9 +625,8 @@ async fn unreliable_broadcasts_reach_sessions_that_asked_as_datagrams() {
     send_text(&mut ws, &json!({"action": "whoami"}).to_string()).await;
     next_json(&mut ws).await;
 
-    let broadcast = |query: &'static str, body: String| {
-        let url = gateway.api_url(&format!("/@rooms/ticker{query}"));
-        async move { http().post(url).body(body).send().await.unwrap() }
+    let broadcast = |query: &str, body: String| {
+        post_body(gateway.api_url(&format!("/@rooms/ticker{query}")), body)
     };
     let answer: Value = broadcast("?unreliable=1", "price 101".into())
         .await
@@ -680,14 +660,7 @@ async fn an_unreliable_broadcast_keeps_its_mark_across_cluster_nodes() {
     let (nodes, _files) =
         crate::cluster::start_nodes(&[server.url()], &backend, webtransport).await;
     // A session on node 2 that takes datagrams; the broadcast goes through node 1.
-    let document: Value = http()
-        .get(format!("{}/@webtransport", nodes[1].api_url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let document = discovery_at(&nodes[1].api_url).await;
     let url = document["url"].as_str().unwrap();
     let mut client = WtClient::connect_to(url, &document, "?datagrams=1")
         .await
@@ -696,15 +669,11 @@ async fn an_unreliable_broadcast_keeps_its_mark_across_cluster_nodes() {
         .send_json(json!({"action": "join", "room": "ticker"}))
         .await;
     crate::cluster::wait_for_members(&nodes[0], "ticker", 1).await;
-    let answer: Value = http()
-        .post(format!("{}/@rooms/ticker?unreliable=1", nodes[0].api_url))
-        .body("price 102")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer: Value = post_for_json(
+        format!("{}/@rooms/ticker?unreliable=1", nodes[0].api_url),
+        "price 102",
+    )
+    .await;
     assert_eq!(answer["delivered"], 1);
     assert_eq!(client.next_datagram().await, b"\x01price 102");
 }
