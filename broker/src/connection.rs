@@ -1,9 +1,10 @@
 //! The shard-owned state of one open connection: what pushes write to and what
 //! `GET @connections` reads. Only its shard touches it (`Rc`, `Cell`, `RefCell`: no locks).
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
@@ -14,7 +15,7 @@ use bytes::Bytes;
 use crate::clock;
 use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
-use crate::event::ConnectionFacts;
+use crate::event::{ApiFacts, ConnectionFacts};
 use crate::metrics::Metrics;
 use crate::outbound::{self, MAX_IOVECS, OutboundQueue, SharedFrame};
 use crate::transport::Socket;
@@ -60,6 +61,9 @@ pub struct Connection {
     in_flight: Cell<usize>,
     /// When `limits.max_connection_secs` runs out.
     expires_at: Instant,
+    /// The facts as the context of its queue entries (see [`crate::stored_event`]),
+    /// encoded at its first queued message.
+    queue_context: OnceCell<Arc<[u8]>>,
 }
 
 impl Connection {
@@ -84,7 +88,15 @@ impl Connection {
             close_request: RefCell::new(None),
             closing: Cell::new(false),
             in_flight: Cell::new(0),
+            queue_context: OnceCell::new(),
         }
+    }
+
+    /// The context its queue entries share: the facts every one of its events repeats.
+    pub fn queue_context(&self, api: ApiFacts<'_>) -> Arc<[u8]> {
+        self.queue_context
+            .get_or_init(|| crate::stored_event::context(api, &self.facts))
+            .clone()
     }
 
     /// Queues an encoded frame, counts it as sent and wakes the session to write it (the

@@ -20,6 +20,7 @@ use crate::integration::{BackendReply, HttpIntegration, IntegrationError};
 use crate::rooms::RoomName;
 use crate::selection::SelectionExpression;
 use crate::shard::{AppendFailure, Shard};
+use crate::stored_event::{self, StoredMessage};
 
 /// What `$connect` decided.
 pub enum ConnectOutcome {
@@ -317,12 +318,25 @@ async fn call_message_route(
     route: std::sync::Arc<Route>,
     message: Incoming,
 ) {
-    let Some(MessageEvent {
-        request_id, event, ..
-    }) = message_event(&shard, &connection, &route.key, &message)
+    let Some(MessageParts {
+        request_id,
+        message_id,
+        now_ms,
+        body,
+    }) = message_parts(&shard, &message)
     else {
         return;
     };
+    let stamp = EventStamp {
+        request_id: &request_id,
+        now_ms,
+    };
+    let kind = EventKind::Message {
+        route_key: &route.key,
+        message_id: &message_id,
+        body,
+    };
+    let event = event::build(api_facts(&shard.gateway), &connection.facts, stamp, kind);
     match call_backend(&shard.gateway, &shard.http, &route, event).await {
         Ok(reply) if reply.invoked() => {
             if !reply.is_success() {
@@ -343,20 +357,16 @@ async fn call_message_route(
     }
 }
 
-/// A MESSAGE event, serialized, with the ids it carries.
-struct MessageEvent {
+/// What a MESSAGE event carries besides the connection's facts.
+struct MessageParts<'a> {
     request_id: String,
     message_id: String,
-    event: Vec<u8>,
+    now_ms: u64,
+    body: MessageBody<'a>,
 }
 
-/// Builds the MESSAGE event a backend (or a queue) receives for `message`.
-fn message_event(
-    shard: &Shard,
-    connection: &Connection,
-    route_key: &str,
-    message: &Incoming,
-) -> Option<MessageEvent> {
+/// Mints the ids of the MESSAGE event for `message` (none for control frames).
+fn message_parts<'a>(shard: &Shard, message: &'a Incoming) -> Option<MessageParts<'a>> {
     let body = match message {
         Incoming::Text(text) => MessageBody::Text(text),
         Incoming::Binary(bytes) => MessageBody::Binary(bytes),
@@ -366,26 +376,18 @@ fn message_event(
         let mut ids = shard.ids.borrow_mut();
         (ids.request_id(), ids.request_id())
     };
-    let stamp = EventStamp {
-        request_id: &request_id,
-        now_ms: clock::now_ms(),
-    };
-    let kind = EventKind::Message {
-        route_key,
-        message_id: &message_id,
-        body,
-    };
-    let event = event::build(api_facts(&shard.gateway), &connection.facts, stamp, kind);
-    Some(MessageEvent {
+    Some(MessageParts {
         request_id,
         message_id,
-        event,
+        now_ms: clock::now_ms(),
+        body,
     })
 }
 
-/// Appends the MESSAGE event to `queue`; with `ack`, the client gets
-/// `{"type": "ack", "messageId": ...}` once the entry is durable. The log's writer answers
-/// appends in the order it received them, so acks keep the order of the frames.
+/// Appends the message to `queue`, stored compactly (see [`crate::stored_event`]); with
+/// `ack`, the client gets `{"type": "ack", "messageId": ...}` once the entry is durable.
+/// The log's writer answers appends in the order it received them, so acks keep the order
+/// of the frames.
 fn append_to_queue(
     shard: &Rc<Shard>,
     connection: &Rc<Connection>,
@@ -394,14 +396,22 @@ fn append_to_queue(
     queue: &std::sync::Arc<str>,
     ack: bool,
 ) {
-    let Some(MessageEvent {
-        request_id,
-        message_id,
-        event,
-    }) = message_event(shard, connection, route_key, message)
-    else {
+    let Some(parts) = message_parts(shard, message) else {
         return;
     };
+    let entry = stored_event::encode(&StoredMessage {
+        route_key,
+        message_id: &parts.message_id,
+        request_id: &parts.request_id,
+        now_ms: parts.now_ms,
+        body: parts.body,
+    });
+    let context = connection.queue_context(api_facts(&shard.gateway));
+    let MessageParts {
+        request_id,
+        message_id,
+        ..
+    } = parts;
     let in_flight = connection.start_call();
     let done_shard = shard.clone();
     let connection = connection.clone();
@@ -438,7 +448,7 @@ fn append_to_queue(
             }
         }
     });
-    shard.append_to_queue(queue.clone(), event, done);
+    shard.append_to_queue(queue.clone(), context, entry, done);
 }
 
 fn count_append_error(shard: &Shard, queue: &str, kind: &str) {

@@ -40,6 +40,7 @@ pub mod selection;
 pub mod server;
 pub mod session;
 pub mod shard;
+pub mod stored_event;
 pub mod transport;
 
 pub use config::{Config, ConfigError, RawConfig};

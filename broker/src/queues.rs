@@ -156,12 +156,17 @@ pub async fn deliver(
             next_read = last.offset + 1;
             let end = next_read;
             metrics.queue_push_batch_size.observe(entries.len() as f64);
-            let body = push_body(entries.into_iter().map(|e| e.payload), push.batch_size);
+            let events: Vec<Vec<u8>> = events(&queue, entries).map(|(_, e)| e).collect();
+            // Nothing readable in it (see `events`): passed over in order, not delivered.
+            let body = (!events.is_empty()).then(|| push_body(events.into_iter(), push.batch_size));
             let (http, queue, url, metrics, shutdown) = (&http, &queue, &url, &metrics, &shutdown);
             in_flight.push_back(async move {
-                deliver_one(http, queue, url, body, metrics, shutdown)
-                    .await
-                    .then_some(end)
+                match body {
+                    Some(body) => deliver_one(http, queue, url, body, metrics, shutdown)
+                        .await
+                        .then_some(end),
+                    None => Some(end),
+                }
             });
         }
         let window_full = in_flight.len() >= push.max_in_flight;
@@ -182,6 +187,25 @@ pub async fn deliver(
             }
         }
     }
+}
+
+/// The event JSON of each entry read from the local log, with its offset. An entry that
+/// cannot be rebuilt (it passed its checksum, so only a format this build does not know)
+/// is logged and skipped, not served as something else.
+pub(crate) fn events(
+    queue: &str,
+    entries: Vec<switchboard_storage::QueueEntry>,
+) -> impl Iterator<Item = (u64, Vec<u8>)> {
+    let mut rebuilder = crate::stored_event::Rebuilder::default();
+    entries.into_iter().filter_map(move |entry| {
+        match rebuilder.event(entry.context.as_ref(), &entry.payload) {
+            Ok(event) => Some((entry.offset, event)),
+            Err(error) => {
+                tracing::error!(%queue, offset = entry.offset, %error, "queue entry cannot be read; skipped");
+                None
+            }
+        }
+    })
 }
 
 /// The body of one push: the event itself with a batch size of 1 (what an AWS-style

@@ -444,11 +444,17 @@ impl Shard {
     pub fn append_to_queue(
         self: &Rc<Self>,
         queue: std::sync::Arc<str>,
-        payload: Vec<u8>,
+        context: std::sync::Arc<[u8]>,
+        entry: Vec<u8>,
         done: QueueAppendDone,
     ) {
         let mut pending = self.pending_appends.borrow_mut();
-        pending.push((queue, payload, done));
+        pending.push(PendingAppend {
+            queue,
+            context,
+            entry,
+            done,
+        });
         if pending.len() == 1 {
             // Runs after the tasks already scheduled: everything appended this turn.
             let shard = self.clone();
@@ -730,8 +736,14 @@ impl From<switchboard_storage::StorageError> for AppendFailure {
     }
 }
 
-/// An append waiting for the end of the turn: queue, event JSON, completion.
-type PendingAppend = (std::sync::Arc<str>, Vec<u8>, QueueAppendDone);
+/// An append waiting for the end of the turn: the queue, the entry in its stored form
+/// and its context (see [`crate::stored_event`]), and who to tell.
+struct PendingAppend {
+    queue: std::sync::Arc<str>,
+    context: std::sync::Arc<[u8]>,
+    entry: Vec<u8>,
+    done: QueueAppendDone,
+}
 
 /// Hands a turn's appends to the queue log and runs their completions, in order, once the
 /// last of them is durable.
@@ -748,13 +760,14 @@ async fn append_batch(shard: &Shard, batch: Vec<PendingAppend>) {
     let all_done = Arc::new(Mutex::new(Some(all_done)));
     let mut appends: Vec<switchboard_storage::Append> = Vec::with_capacity(count);
     let mut completions = Vec::with_capacity(count);
-    for (index, (queue, payload, done)) in batch.into_iter().enumerate() {
-        completions.push(done);
+    for (index, pending) in batch.into_iter().enumerate() {
+        completions.push(pending.done);
         let (results, remaining, all_done) = (results.clone(), remaining.clone(), all_done.clone());
-        appends.push((
-            queue,
-            payload,
-            Box::new(move |result| {
+        appends.push(switchboard_storage::Append {
+            queue: pending.queue,
+            context: Some(pending.context),
+            payload: pending.entry,
+            done: Box::new(move |result| {
                 let _ = results[index].set(result.map_err(AppendFailure::from));
                 if remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
                     let sender = all_done.lock().ok().and_then(|mut s| s.take());
@@ -763,7 +776,7 @@ async fn append_batch(shard: &Shard, batch: Vec<PendingAppend>) {
                     }
                 }
             }),
-        ));
+        });
     }
     let started = std::time::Instant::now();
     shard.gateway.queues.log.append_many(appends);
@@ -782,14 +795,20 @@ async fn append_batch(shard: &Shard, batch: Vec<PendingAppend>) {
     }
 }
 
-/// Cluster mode: publishes a turn's appends to JetStream in order and runs their
-/// completions, in order, once their acks are back.
+/// Cluster mode: publishes a turn's appends to JetStream in order, as the event JSON a
+/// backend receives, and runs their completions, in order, once their acks are back.
 async fn append_batch_to_jetstream(cluster: &crate::cluster::Cluster, batch: Vec<PendingAppend>) {
     let mut appends = Vec::with_capacity(batch.len());
     let mut completions = Vec::with_capacity(batch.len());
-    for (queue, payload, done) in batch {
-        appends.push((queue.clone(), payload));
-        completions.push((queue, done));
+    let mut events = crate::stored_event::Rebuilder::default();
+    for pending in batch {
+        match events.event(Some(&pending.context), &pending.entry) {
+            Ok(event) => {
+                appends.push((pending.queue.clone(), event));
+                completions.push((pending.queue, pending.done));
+            }
+            Err(error) => (pending.done)(Err(AppendFailure::Storage(error.to_string()))),
+        }
     }
     let results = cluster.append_all(appends).await;
     for ((queue, done), result) in completions.into_iter().zip(results) {

@@ -403,6 +403,7 @@ mod tests {
             .map(|offset| QueueEntry {
                 offset,
                 appended_at_ms: 1_000 + offset,
+                context: None,
                 payload: format!("entry {offset}").into_bytes(),
             })
             .collect();

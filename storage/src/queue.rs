@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::StorageError;
-use crate::segments::{self, Recovery, Segments};
+pub use crate::segments::QueueEntry;
+use crate::segments::{self, NewEntry, Recovery, Segments};
 
 /// Most append requests folded into one write batch.
 const MAX_BATCH: usize = 8192;
@@ -50,16 +51,6 @@ pub struct Retention {
     pub max_age: Option<Duration>,
 }
 
-/// A stored entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueueEntry {
-    pub offset: u64,
-    /// Epoch milliseconds when it was appended.
-    pub appended_at_ms: u64,
-    /// The event JSON, as a backend would receive it.
-    pub payload: Vec<u8>,
-}
-
 /// Called with the offset once the entry is durable (or with the error).
 pub type AppendDone = Box<dyn FnOnce(Result<u64, StorageError>) + Send>;
 
@@ -76,8 +67,17 @@ pub struct FlushReport {
 /// Called after each batch flush (metrics).
 pub type OnFlush = Arc<dyn Fn(FlushReport) + Send + Sync>;
 
-/// One append: the queue, the payload, and who to tell.
-pub type Append = (Arc<str>, Vec<u8>, AppendDone);
+/// One append.
+pub struct Append {
+    pub queue: Arc<str>,
+    /// Bytes this entry shares with others (for the gateway: the facts about the
+    /// connection that sent it). Stored once per segment file however many entries carry
+    /// it, and handed back with each of them.
+    pub context: Option<Arc<[u8]>>,
+    pub payload: Vec<u8>,
+    /// Told the offset once the entry is durable, or the error.
+    pub done: AppendDone,
+}
 
 enum Request {
     /// Appends in order; one request (one wake-up of the writer) for many.
@@ -228,7 +228,12 @@ impl QueueLog {
 
     /// Appends `payload` to `queue`; `done` gets its offset once durable.
     pub fn append(&self, queue: Arc<str>, payload: Vec<u8>, done: AppendDone) {
-        self.append_many(vec![(queue, payload, done)]);
+        self.append_many(vec![Append {
+            queue,
+            context: None,
+            payload,
+            done,
+        }]);
     }
 
     /// Appends several entries, in order, with one hand-off to the writer thread.
@@ -236,7 +241,7 @@ impl QueueLog {
         if let Err(crossbeam_channel::SendError(Request::Append(appends))) =
             self.requests.send(Request::Append(appends))
         {
-            for (_, _, done) in appends {
+            for Append { done, .. } in appends {
                 done(Err(StorageError::Engine {
                     dir: self.dir.clone(),
                     detail: "the queue log is closed".into(),
@@ -260,25 +265,18 @@ impl QueueLog {
         // The plan holds file handles: segments dropped by retention meanwhile stay
         // readable until it is done.
         let plans = state.segments().plan(from);
-        let mut records = Vec::new();
+        let mut entries = Vec::new();
         for plan in plans {
-            if records.len() >= max {
+            if entries.len() >= max {
                 break;
             }
-            plan.read(from, until, max, &mut records)
+            plan.read(from, until, max, &mut entries)
                 .map_err(|reason| StorageError::Io {
                     dir: self.dir.clone(),
                     reason,
                 })?;
         }
-        Ok(records
-            .into_iter()
-            .map(|record| QueueEntry {
-                offset: record.offset,
-                appended_at_ms: record.appended_at_ms,
-                payload: record.payload,
-            })
-            .collect())
+        Ok(entries)
     }
 
     /// The oldest retained offset and the next offset to be assigned.
@@ -491,55 +489,56 @@ impl Writer {
     }
 
     /// Assigns offsets and writes each queue's share of the batch with one write; returns
-    /// who waits for what. A queue whose write fails answers its appends with the error and
-    /// keeps its offsets for the next batch.
+    /// who waits for what. Appends a queue could not write are answered with the error;
+    /// the offsets they would have had go to the next batch.
     fn write(&mut self, appends: Vec<Append>) -> Vec<(AppendDone, u64)> {
-        /// One queue's share: encoded records, (offset, time, size) of each, completions.
-        type Share = (Vec<u8>, Vec<(u64, u64, u64)>, Vec<(usize, AppendDone)>);
+        /// One queue's share, in arrival order: (arrival, context, payload, completion).
+        type Share = Vec<(usize, Option<Arc<[u8]>>, Vec<u8>, AppendDone)>;
         let mut shares: HashMap<Arc<str>, Share> = HashMap::new();
-        let now = now_ms();
-        for (arrival, (queue, payload, done)) in appends.into_iter().enumerate() {
-            let Some(next) = self.assigned.get(&queue).copied() else {
-                done(Err(StorageError::Engine {
+        for (arrival, append) in appends.into_iter().enumerate() {
+            if !self.assigned.contains_key(&append.queue) {
+                (append.done)(Err(StorageError::Engine {
                     dir: self.dir.clone(),
-                    detail: format!("no queue named {queue}"),
+                    detail: format!("no queue named {}", append.queue),
                 }));
                 continue;
-            };
-            let (bytes, entries, waiting) = shares.entry(queue).or_default();
-            let offset = entries.last().map_or(next, |(last, _, _)| last + 1);
-            let before = bytes.len();
-            segments::encode(offset, now, &payload, bytes);
-            entries.push((offset, now, (bytes.len() - before) as u64));
-            waiting.push((arrival, done));
+            }
+            let share = shares.entry(append.queue).or_default();
+            share.push((arrival, append.context, append.payload, append.done));
         }
+        let now = now_ms();
         let mut pending = Vec::new();
-        for (queue, (bytes, entries, waiting)) in shares {
-            let Some(state) = self.queues.get(&queue) else {
+        for (queue, share) in shares {
+            let (Some(state), Some(&first)) = (self.queues.get(&queue), self.assigned.get(&queue))
+            else {
                 continue;
             };
-            let written = state
-                .segments_mut()
-                .append(&bytes, &entries, state.segment_bytes);
-            match written {
-                Ok(()) => {
-                    let first = entries.first().map_or(0, |e| e.0);
-                    let end = first + entries.len() as u64;
-                    self.assigned.insert(queue.clone(), end);
-                    self.unsynced.insert(queue.clone());
-                    pending.extend(
-                        waiting
-                            .into_iter()
-                            .zip(first..end)
-                            .map(|((arrival, done), offset)| (arrival, done, offset)),
-                    );
-                }
-                Err(reason) => {
-                    let error = StorageError::from_io(&self.dir, reason);
-                    tracing::error!(%queue, %error, "queue append failed; not acknowledged");
-                    for (_, done) in waiting {
-                        done(Err(error.again()));
-                    }
+            let entries: Vec<NewEntry<'_>> = share
+                .iter()
+                .map(|(_, context, payload, _)| NewEntry {
+                    appended_at_ms: now,
+                    context: context.as_deref(),
+                    payload,
+                })
+                .collect();
+            let (written, result) =
+                state
+                    .segments_mut()
+                    .append(first, &entries, state.segment_bytes);
+            drop(entries);
+            if written > 0 {
+                self.assigned.insert(queue.clone(), first + written as u64);
+                self.unsynced.insert(queue.clone());
+            }
+            let mut share = share.into_iter();
+            for ((arrival, _, _, done), offset) in share.by_ref().take(written).zip(first..) {
+                pending.push((arrival, done, offset));
+            }
+            if let Err(reason) = result {
+                let error = StorageError::from_io(&self.dir, reason);
+                tracing::error!(%queue, %error, "queue append failed; not acknowledged");
+                for (_, _, _, done) in share {
+                    done(Err(error.again()));
                 }
             }
         }

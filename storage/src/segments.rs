@@ -4,10 +4,16 @@
 //! A record is a fixed 24-byte header and the payload:
 //!
 //! ```text
-//! [payload length: u32 LE][CRC32C: u32 LE][offset: u64 LE][appended at, epoch ms: u64 LE][payload]
+//! [flags | payload length: u32 LE][CRC32C: u32 LE][offset: u64 LE][appended at, epoch ms: u64 LE][payload]
 //! ```
 //!
-//! The checksum covers the length, offset, time and payload. Only the writer thread appends;
+//! The checksum covers the length word, offset, time and payload. The length word's top
+//! bits say what the record is. An entry may share a *context* with other entries (for the
+//! gateway: the facts about the connection that sent it, the same for all its messages):
+//! the context is stored once per segment as a context record (flag bit 31; its offset
+//! field is that of the entry after it), and each entry using it starts its payload with
+//! the context record's byte position in the segment (flag bit 30). Entries without a
+//! context (and every segment written before contexts existed) have neither bit. Only the writer thread appends;
 //! readers use their own file handle and positional reads, so a read never waits for an
 //! append (the index lock is held only to look a position up).
 //!
@@ -18,7 +24,9 @@
 //! position and the log refuses to open, unless repair is asked for, which truncates the
 //! segment there.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
+use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -28,6 +36,12 @@ use std::sync::Arc;
 pub(crate) const HEADER_BYTES: usize = 24;
 /// A record claiming more is not one (no message comes near it).
 const MAX_PAYLOAD: usize = 256 * 1024 * 1024;
+/// Length word flag: a context record.
+const CONTEXT_RECORD: u32 = 1 << 31;
+/// Length word flag: an entry whose payload starts with its context record's position.
+const WITH_CONTEXT: u32 = 1 << 30;
+/// Bytes of a context position at the start of an entry's payload.
+const CONTEXT_AT_BYTES: usize = 4;
 /// One sparse index entry per this many bytes of segment.
 const INDEX_EVERY_BYTES: u64 = 4096;
 /// How much a read takes from a segment at a time.
@@ -35,32 +49,84 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Segment files end in this.
 const SUFFIX: &str = ".seg";
 
+/// What a record is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// An entry, with the byte position of its context record if it has one.
+    Entry { context_at: Option<u32> },
+    /// A context that later entries of the segment refer to.
+    Context,
+}
+
 /// A record as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Record {
     pub(crate) offset: u64,
     pub(crate) appended_at_ms: u64,
+    pub(crate) kind: Kind,
     pub(crate) payload: Vec<u8>,
 }
 
+/// An entry as read back, its context resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueEntry {
+    pub offset: u64,
+    /// Epoch milliseconds when it was appended.
+    pub appended_at_ms: u64,
+    /// What the entry shares with others of the same origin, as appended.
+    pub context: Option<Arc<[u8]>>,
+    /// The entry as appended.
+    pub payload: Vec<u8>,
+}
+
+/// An entry to append.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewEntry<'a> {
+    pub(crate) appended_at_ms: u64,
+    pub(crate) context: Option<&'a [u8]>,
+    pub(crate) payload: &'a [u8],
+}
+
+impl NewEntry<'_> {
+    /// The most it can take on disk (its context may already be stored).
+    fn max_size(&self) -> u64 {
+        let context = self.context.map_or(0, |c| HEADER_BYTES + c.len());
+        (HEADER_BYTES + CONTEXT_AT_BYTES + self.payload.len() + context) as u64
+    }
+}
+
 /// Appends one encoded record to `out`.
-pub(crate) fn encode(offset: u64, appended_at_ms: u64, payload: &[u8], out: &mut Vec<u8>) {
-    let len = (payload.len() as u32).to_le_bytes();
+pub(crate) fn encode(
+    offset: u64,
+    appended_at_ms: u64,
+    kind: Kind,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let (flags, context_at) = match kind {
+        Kind::Entry { context_at: None } => (0, None),
+        Kind::Entry {
+            context_at: Some(at),
+        } => (WITH_CONTEXT, Some(at.to_le_bytes())),
+        Kind::Context => (CONTEXT_RECORD, None),
+    };
+    let prefix = context_at.as_ref().map_or(&[][..], |at| &at[..]);
+    let len = (flags | (prefix.len() + payload.len()) as u32).to_le_bytes();
     let offset = offset.to_le_bytes();
     let at = appended_at_ms.to_le_bytes();
-    let crc = checksum(&len, &offset, &at, payload);
+    let crc = checksum(&[&len, &offset, &at, prefix, payload]);
     out.extend_from_slice(&len);
     out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(&offset);
     out.extend_from_slice(&at);
+    out.extend_from_slice(prefix);
     out.extend_from_slice(payload);
 }
 
-fn checksum(len: &[u8], offset: &[u8], at: &[u8], payload: &[u8]) -> u32 {
-    let crc = crc32c::crc32c(len);
-    let crc = crc32c::crc32c_append(crc, offset);
-    let crc = crc32c::crc32c_append(crc, at);
-    crc32c::crc32c_append(crc, payload)
+fn checksum(parts: &[&[u8]]) -> u32 {
+    parts
+        .iter()
+        .fold(0, |crc, part| crc32c::crc32c_append(crc, part))
 }
 
 /// What the bytes at the start of a buffer hold.
@@ -70,7 +136,7 @@ pub(crate) enum Decoded {
     Record(Record, usize),
     /// The start of a record whose rest is not in the buffer.
     Incomplete,
-    /// Not a record: impossible length or checksum mismatch.
+    /// Not a record: impossible length or flags, or checksum mismatch.
     Bad,
 }
 
@@ -80,23 +146,49 @@ pub(crate) fn decode(bytes: &[u8]) -> Decoded {
         return Decoded::Incomplete;
     };
     let word = |range: std::ops::Range<usize>| &header[range];
-    let len = u32::from_le_bytes(word(0..4).try_into().unwrap_or_default()) as usize;
-    if len > MAX_PAYLOAD {
+    let len_word = u32::from_le_bytes(word(0..4).try_into().unwrap_or_default());
+    let flags = len_word & (CONTEXT_RECORD | WITH_CONTEXT);
+    let len = (len_word & !flags) as usize;
+    if len > MAX_PAYLOAD || flags == CONTEXT_RECORD | WITH_CONTEXT {
         return Decoded::Bad;
     }
     let Some(payload) = bytes.get(HEADER_BYTES..HEADER_BYTES + len) else {
         return Decoded::Incomplete;
     };
     let stored = u32::from_le_bytes(word(4..8).try_into().unwrap_or_default());
-    if checksum(word(0..4), word(8..16), word(16..24), payload) != stored {
+    if checksum(&[word(0..4), word(8..16), word(16..24), payload]) != stored {
         return Decoded::Bad;
     }
+    let (kind, payload) = match flags {
+        CONTEXT_RECORD => (Kind::Context, payload),
+        WITH_CONTEXT => {
+            let Some((at, rest)) = payload.split_first_chunk::<CONTEXT_AT_BYTES>() else {
+                return Decoded::Bad;
+            };
+            let context_at = Some(u32::from_le_bytes(*at));
+            (Kind::Entry { context_at }, rest)
+        }
+        _ => (Kind::Entry { context_at: None }, payload),
+    };
     let record = Record {
         offset: u64::from_le_bytes(word(8..16).try_into().unwrap_or_default()),
         appended_at_ms: u64::from_le_bytes(word(16..24).try_into().unwrap_or_default()),
+        kind,
         payload: payload.to_vec(),
     };
     Decoded::Record(record, HEADER_BYTES + len)
+}
+
+/// The key a context is known by in a segment's dictionary: 128 bits of hash, so two
+/// different contexts never share one in practice.
+fn context_key(context: &[u8]) -> u128 {
+    let half = |salt: u8| {
+        let mut hasher = std::hash::DefaultHasher::new();
+        salt.hash(&mut hasher);
+        context.hash(&mut hasher);
+        hasher.finish() as u128
+    };
+    (half(0) << 64) | half(1)
 }
 
 /// Why a queue's segments could not be opened.
@@ -182,14 +274,16 @@ pub(crate) struct ReadPlan {
 }
 
 impl ReadPlan {
-    /// Reads records with offsets in `from..until` into `out`, at most `max` in all.
+    /// Reads entries with offsets in `from..until` into `out`, at most `max` in all.
     pub(crate) fn read(
         &self,
         from: u64,
         until: u64,
         max: usize,
-        out: &mut Vec<Record>,
+        out: &mut Vec<QueueEntry>,
     ) -> std::io::Result<()> {
+        // Contexts already read in this call, by position.
+        let mut contexts: HashMap<u32, Arc<[u8]>> = HashMap::new();
         // `buffer` holds the file's bytes from `position` to `filled_to`.
         let mut position = self.from_position;
         let mut filled_to = position;
@@ -203,21 +297,27 @@ impl ReadPlan {
                         if record.offset >= until {
                             return Ok(());
                         }
+                        let Kind::Entry { context_at } = record.kind else {
+                            continue;
+                        };
                         if record.offset >= from {
-                            out.push(record);
+                            let context = match context_at {
+                                Some(at) => Some(self.context(at, &mut contexts)?),
+                                None => None,
+                            };
+                            out.push(QueueEntry {
+                                offset: record.offset,
+                                appended_at_ms: record.appended_at_ms,
+                                context,
+                                payload: record.payload,
+                            });
                             if out.len() >= max {
                                 return Ok(());
                             }
                         }
                     }
                     Decoded::Incomplete => break,
-                    Decoded::Bad => {
-                        return Err(std::io::Error::other(format!(
-                            "{}: corrupt record at byte {}",
-                            self.path.display(),
-                            position + used as u64
-                        )));
-                    }
+                    Decoded::Bad => return Err(self.corrupt(position + used as u64)),
                 }
             }
             buffer.drain(..used);
@@ -233,6 +333,47 @@ impl ReadPlan {
         }
         Ok(())
     }
+
+    /// The context record at byte `at`, read once per call.
+    fn context(&self, at: u32, known: &mut HashMap<u32, Arc<[u8]>>) -> std::io::Result<Arc<[u8]>> {
+        if let Some(context) = known.get(&at) {
+            return Ok(context.clone());
+        }
+        let position = u64::from(at);
+        let mut header = [0u8; HEADER_BYTES];
+        self.reader.read_exact_at(&mut header, position)?;
+        let len =
+            u32::from_le_bytes([header[0], header[1], header[2], header[3]]) & !CONTEXT_RECORD;
+        let len = len as usize;
+        if len > MAX_PAYLOAD || position + (HEADER_BYTES + len) as u64 > self.len {
+            return Err(self.corrupt(position));
+        }
+        let mut bytes = vec![0; HEADER_BYTES + len];
+        bytes[..HEADER_BYTES].copy_from_slice(&header);
+        self.reader
+            .read_exact_at(&mut bytes[HEADER_BYTES..], position + HEADER_BYTES as u64)?;
+        let Decoded::Record(
+            Record {
+                kind: Kind::Context,
+                payload,
+                ..
+            },
+            _,
+        ) = decode(&bytes)
+        else {
+            return Err(self.corrupt(position));
+        };
+        let context: Arc<[u8]> = payload.into();
+        known.insert(at, context.clone());
+        Ok(context)
+    }
+
+    fn corrupt(&self, position: u64) -> std::io::Error {
+        std::io::Error::other(format!(
+            "{}: corrupt record at byte {position}",
+            self.path.display()
+        ))
+    }
 }
 
 /// A queue's segments, oldest first, and the writer's handle on the newest.
@@ -242,6 +383,9 @@ pub(crate) struct Segments {
     pub(crate) segments: Vec<Segment>,
     /// Append handle of the last segment (writer thread only).
     writer: Option<File>,
+    /// Contexts stored in the last segment: key → byte position. Starts empty after a
+    /// restart (a context is then stored once more, which costs only its bytes).
+    contexts: HashMap<u128, u32>,
 }
 
 impl Segments {
@@ -284,6 +428,7 @@ impl Segments {
                 dir: dir.to_path_buf(),
                 segments,
                 writer,
+                contexts: HashMap::new(),
             },
             recovery,
         ))
@@ -308,23 +453,53 @@ impl Segments {
             .collect()
     }
 
-    /// Appends encoded `records` (the first one at `first_offset`); starts a new segment
-    /// first if the current one would grow past `segment_bytes`. On an error the segment
-    /// is cut back to its whole records, so a failed write leaves no partial record.
+    /// Appends `entries` (the first one at `first_offset`), each entry's context stored
+    /// once per segment, starting a new segment whenever the current one would grow past
+    /// `segment_bytes`. Returns how many entries were written: all of them, or on an error
+    /// those before the failed write (the segment is cut back to its whole records, so a
+    /// failed write leaves no partial record).
     pub(crate) fn append(
         &mut self,
-        records: &[u8],
-        entries: &[(u64, u64, u64)],
+        first_offset: u64,
+        entries: &[NewEntry<'_>],
+        segment_bytes: u64,
+    ) -> (usize, std::io::Result<()>) {
+        let mut written = 0;
+        while written < entries.len() {
+            // Chunks no bigger than a segment (but at least one entry): no write starts
+            // past `2 × segment_bytes`, so every context position fits in a u32.
+            let rest = &entries[written..];
+            let mut size = 0;
+            let take = rest
+                .iter()
+                .take_while(|entry| {
+                    size += entry.max_size();
+                    size <= segment_bytes
+                })
+                .count()
+                .max(1);
+            let offset = first_offset + written as u64;
+            if let Err(error) = self.append_chunk(offset, &rest[..take], segment_bytes) {
+                return (written, Err(error));
+            }
+            written += take;
+        }
+        (written, Ok(()))
+    }
+
+    fn append_chunk(
+        &mut self,
+        first_offset: u64,
+        entries: &[NewEntry<'_>],
         segment_bytes: u64,
     ) -> std::io::Result<()> {
-        let Some(&(first_offset, _, _)) = entries.first() else {
-            return Ok(());
-        };
+        let most: u64 = entries.iter().map(NewEntry::max_size).sum();
         // A new segment when the current one is full, or would not continue its offsets
         // (after a repair, or retention emptied the queue).
-        let full = self.segments.last().is_none_or(|s| {
-            s.end != first_offset || (s.len > 0 && s.len + records.len() as u64 > segment_bytes)
-        });
+        let full = self
+            .segments
+            .last()
+            .is_none_or(|s| s.end != first_offset || (s.len > 0 && s.len + most > segment_bytes));
         if full {
             self.roll(first_offset)?;
         }
@@ -332,14 +507,53 @@ impl Segments {
             return Err(std::io::Error::other("no segment to append to"));
         };
         let before = segment.len;
-        if let Err(error) = writer.write_all(records) {
+        let mut bytes = Vec::with_capacity(most as usize);
+        // (offset, time, position, size) of each entry; contexts this chunk stores.
+        let mut placed = Vec::with_capacity(entries.len());
+        let mut new_contexts: HashMap<u128, u32> = HashMap::new();
+        for (offset, entry) in (first_offset..).zip(entries) {
+            let context_at = match entry.context {
+                None => None,
+                Some(context) => {
+                    let key = context_key(context);
+                    let known = self.contexts.get(&key).or_else(|| new_contexts.get(&key));
+                    match known {
+                        Some(&at) => Some(at),
+                        None => {
+                            let at = u32::try_from(before + bytes.len() as u64)
+                                .map_err(|_| std::io::Error::other("segment past 4 GiB"))?;
+                            encode(
+                                offset,
+                                entry.appended_at_ms,
+                                Kind::Context,
+                                context,
+                                &mut bytes,
+                            );
+                            new_contexts.insert(key, at);
+                            Some(at)
+                        }
+                    }
+                }
+            };
+            let position = before + bytes.len() as u64;
+            let kind = Kind::Entry { context_at };
+            encode(
+                offset,
+                entry.appended_at_ms,
+                kind,
+                entry.payload,
+                &mut bytes,
+            );
+            let size = before + bytes.len() as u64 - position;
+            placed.push((offset, entry.appended_at_ms, position, size));
+        }
+        if let Err(error) = writer.write_all(&bytes) {
             let _ = writer.set_len(before);
             return Err(error);
         }
-        let mut position = before;
-        for &(offset, appended_at_ms, size) in entries {
+        self.contexts.extend(new_contexts);
+        for (offset, appended_at_ms, position, size) in placed {
             segment.note(offset, position, appended_at_ms, size);
-            position += size;
         }
         Ok(())
     }
@@ -374,6 +588,7 @@ impl Segments {
             index: Vec::new(),
         });
         self.writer = Some(writer);
+        self.contexts.clear();
         Ok(())
     }
 
@@ -401,6 +616,7 @@ impl Segments {
             self.segments.remove(0);
             if self.segments.is_empty() {
                 self.writer = None;
+                self.contexts.clear();
             }
         }
         freed
@@ -434,12 +650,16 @@ fn recover(
     while position < bytes.len() {
         match decode(&bytes[position..]) {
             Decoded::Record(record, size) if record.offset == segment.end => {
-                segment.note(
-                    record.offset,
-                    position as u64,
-                    record.appended_at_ms,
-                    size as u64,
-                );
+                match record.kind {
+                    Kind::Entry { .. } => segment.note(
+                        record.offset,
+                        position as u64,
+                        record.appended_at_ms,
+                        size as u64,
+                    ),
+                    // Whole, so kept; it holds no offset of its own.
+                    Kind::Context => segment.len = (position + size) as u64,
+                }
                 position += size;
             }
             _ => break,
@@ -481,16 +701,24 @@ fn valid_record_after(bytes: &[u8], position: usize, expected: u64) -> bool {
 mod tests {
     use super::*;
 
+    const ENTRY: Kind = Kind::Entry { context_at: None };
+
+    fn append_one(segments: &mut Segments, offset: u64, payload: &[u8], segment_bytes: u64) {
+        let entry = NewEntry {
+            appended_at_ms: 1000 + offset,
+            context: None,
+            payload,
+        };
+        let (written, result) = segments.append(offset, &[entry], segment_bytes);
+        result.unwrap();
+        assert_eq!(written, 1);
+    }
+
     fn write_records(dir: &Path, offsets: std::ops::Range<u64>) -> Segments {
         let (mut segments, _) = Segments::open(dir, false).unwrap();
         for offset in offsets {
-            let mut bytes = Vec::new();
             let payload = format!("message {offset}");
-            encode(offset, 1000 + offset, payload.as_bytes(), &mut bytes);
-            let size = bytes.len() as u64;
-            segments
-                .append(&bytes, &[(offset, 1000 + offset, size)], 1 << 20)
-                .unwrap();
+            append_one(&mut segments, offset, payload.as_bytes(), 1 << 20);
         }
         segments.sync().unwrap();
         segments
@@ -507,7 +735,7 @@ mod tests {
     #[test]
     fn records_round_trip_and_reject_any_flipped_bit() {
         let mut bytes = Vec::new();
-        encode(7, 99, b"payload", &mut bytes);
+        encode(7, 99, ENTRY, b"payload", &mut bytes);
         assert!(
             matches!(decode(&bytes), Decoded::Record(ref r, n) if r.offset == 7 && n == bytes.len())
         );
@@ -529,8 +757,8 @@ mod tests {
         let path = segments.segments[0].path.clone();
         let whole = std::fs::read(&path).unwrap();
         let mut two = Vec::new();
-        encode(0, 1000, b"message 0", &mut two);
-        encode(1, 1001, b"message 1", &mut two);
+        encode(0, 1000, ENTRY, b"message 0", &mut two);
+        encode(1, 1001, ENTRY, b"message 1", &mut two);
         let second_end = two.len() as u64;
         assert_eq!(&whole[..two.len()], &two[..]);
         drop(segments);
@@ -569,12 +797,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut segments, _) = Segments::open(dir.path(), false).unwrap();
         for offset in 0..50u64 {
-            let mut bytes = Vec::new();
-            encode(offset, offset, &[offset as u8; 100], &mut bytes);
-            let size = bytes.len() as u64;
-            segments
-                .append(&bytes, &[(offset, offset, size)], 1000)
-                .unwrap();
+            append_one(&mut segments, offset, &[offset as u8; 100], 1000);
         }
         assert!(segments.segments.len() > 5);
         let mut out = Vec::new();
@@ -587,5 +810,131 @@ mod tests {
         let (reopened, recovery) = Segments::open(dir.path(), false).unwrap();
         assert_eq!(recovery, Recovery::default());
         assert_eq!(read_all(&reopened), (0..50).collect::<Vec<_>>());
+    }
+
+    fn with_context<'a>(context: &'a [u8], payload: &'a [u8]) -> NewEntry<'a> {
+        NewEntry {
+            appended_at_ms: 5,
+            context: Some(context),
+            payload,
+        }
+    }
+
+    fn read_entries(segments: &Segments) -> Vec<QueueEntry> {
+        let mut out = Vec::new();
+        for plan in segments.plan(0) {
+            plan.read(0, u64::MAX, usize::MAX, &mut out).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn a_context_is_stored_once_per_segment_and_read_back_with_each_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut segments, _) = Segments::open(dir.path(), false).unwrap();
+        let (alice, bob) = (vec![b'a'; 300], vec![b'b'; 300]);
+        let batch: Vec<NewEntry<'_>> = (0..40)
+            .map(|i| with_context(if i % 3 == 0 { &bob } else { &alice }, b"hi"))
+            .collect();
+        let (written, result) = segments.append(0, &batch, 1 << 20);
+        result.unwrap();
+        assert_eq!(written, 40);
+        // Two contexts and forty small entries: far less than forty copies of 300 bytes.
+        let stored = segments.bytes();
+        assert!(stored < 2 * 330 + 40 * 40, "{stored} bytes");
+        // A later batch refers to the contexts already stored.
+        let (_, result) = segments.append(40, &[with_context(&alice, b"again")], 1 << 20);
+        result.unwrap();
+        assert_eq!(segments.bytes() - stored, (HEADER_BYTES + 4 + 5) as u64);
+        segments.sync().unwrap();
+        let check = |entries: Vec<QueueEntry>| {
+            assert_eq!(entries.len(), 41);
+            for (i, entry) in entries.iter().enumerate() {
+                let expected = if i % 3 == 0 && i < 40 { &bob } else { &alice };
+                assert_eq!(entry.offset, i as u64);
+                assert_eq!(entry.context.as_deref(), Some(&expected[..]), "entry {i}");
+            }
+            assert_eq!(entries[40].payload, b"again");
+        };
+        check(read_entries(&segments));
+        drop(segments);
+        let (reopened, recovery) = Segments::open(dir.path(), false).unwrap();
+        assert_eq!(recovery, Recovery::default());
+        check(read_entries(&reopened));
+        // A read that starts after a context record still finds it.
+        let mut out = Vec::new();
+        for plan in reopened.plan(39) {
+            plan.read(39, u64::MAX, usize::MAX, &mut out).unwrap();
+        }
+        assert_eq!(out[0].context.as_deref(), Some(&bob[..]));
+    }
+
+    #[test]
+    fn a_new_segment_stores_its_own_copy_of_a_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut segments, _) = Segments::open(dir.path(), false).unwrap();
+        let context = vec![b'c'; 100];
+        for offset in 0..30u64 {
+            let (_, result) = segments.append(offset, &[with_context(&context, &[1; 60])], 600);
+            result.unwrap();
+        }
+        assert!(segments.segments.len() > 3);
+        drop(segments);
+        let (reopened, _) = Segments::open(dir.path(), false).unwrap();
+        let entries = read_entries(&reopened);
+        assert_eq!(entries.len(), 30);
+        assert!(
+            entries
+                .iter()
+                .all(|e| e.context.as_deref() == Some(&context[..]))
+        );
+    }
+
+    #[test]
+    fn a_tail_cut_inside_a_context_and_its_entry_recovers_to_the_previous_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut segments, _) = Segments::open(dir.path(), false).unwrap();
+        let (_, result) = segments.append(0, &[with_context(b"first", b"one")], 1 << 20);
+        result.unwrap();
+        let kept = segments.bytes();
+        let (_, result) = segments.append(1, &[with_context(b"second", b"two")], 1 << 20);
+        result.unwrap();
+        let path = segments.segments[0].path.clone();
+        drop(segments);
+        let whole = std::fs::read(&path).unwrap();
+        let context_end = kept as usize + HEADER_BYTES + b"second".len();
+        for cut in kept as usize..whole.len() {
+            std::fs::write(&path, &whole[..cut]).unwrap();
+            let (segments, _) = Segments::open(dir.path(), false).unwrap();
+            let entries = read_entries(&segments);
+            assert_eq!(entries.len(), 1, "cut at {cut}");
+            assert_eq!(entries[0].context.as_deref(), Some(&b"first"[..]));
+            // A whole context without its entry is kept (it is harmless); anything
+            // shorter goes.
+            let expected = if cut >= context_end {
+                context_end
+            } else {
+                kept as usize
+            };
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().len(),
+                expected as u64,
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_big_batch_is_written_in_chunks_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut segments, _) = Segments::open(dir.path(), false).unwrap();
+        let payload = [7u8; 100];
+        let batch: Vec<NewEntry<'_>> = (0..100).map(|_| with_context(b"ctx", &payload)).collect();
+        let (written, result) = segments.append(0, &batch, 2000);
+        result.unwrap();
+        assert_eq!(written, 100);
+        assert!(segments.segments.len() >= 6);
+        assert!(segments.segments.iter().all(|s| s.len <= 2000));
+        assert_eq!(read_entries(&segments).len(), 100);
     }
 }

@@ -1,23 +1,32 @@
-//! The queue log against a model: random appends, reads, commits and reopens, with
-//! retention by count (applied at every open, and once a second), and after
-//! every step the log answers what a plain vector of entries would.
+//! The queue log against a model: random appends (with or without one of a few shared
+//! contexts), reads, commits and reopens, with retention by count (applied at every open,
+//! and once a second), and after every step the log answers what a plain vector of
+//! entries would.
 
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use switchboard_storage::{FlushReport, FsyncPolicy, QueueLog, Retention, Storage};
+use switchboard_storage::{Append, FlushReport, FsyncPolicy, QueueLog, Retention, Storage};
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append(Vec<u8>),
-    Read { from: u64, max: usize },
+    /// A payload and which context it carries (none, or one of three).
+    Append(Vec<u8>, Option<u8>),
+    Read {
+        from: u64,
+        max: usize,
+    },
     Commit(u64),
     Reopen,
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => proptest::collection::vec(any::<u8>(), 0..300).prop_map(Op::Append),
+        6 => (
+            proptest::collection::vec(any::<u8>(), 0..300),
+            proptest::option::of(0u8..3)
+        )
+            .prop_map(|(payload, context)| Op::Append(payload, context)),
         3 => (0u64..80, 1usize..40).prop_map(|(from, max)| Op::Read { from, max }),
         1 => (0u64..80).prop_map(Op::Commit),
         1 => Just(Op::Reopen),
@@ -48,15 +57,21 @@ fn open(dir: &std::path::Path) -> (Storage, QueueLog) {
     (storage, log)
 }
 
-fn append(log: &QueueLog, payload: &[u8]) -> u64 {
+/// Context number `n`: big enough that storing it per entry would show.
+fn context(n: u8) -> Arc<[u8]> {
+    vec![n; 200].into()
+}
+
+fn append(log: &QueueLog, payload: &[u8], context: Option<Arc<[u8]>>) -> u64 {
     let (tx, rx) = std::sync::mpsc::channel();
-    log.append(
-        "q".into(),
-        payload.to_vec(),
-        Box::new(move |result| {
+    log.append_many(vec![Append {
+        queue: "q".into(),
+        context,
+        payload: payload.to_vec(),
+        done: Box::new(move |result| {
             let _ = tx.send(result);
         }),
-    );
+    }]);
     rx.recv().unwrap().unwrap()
 }
 
@@ -67,7 +82,7 @@ proptest! {
     fn the_log_behaves_like_a_vector(ops in proptest::collection::vec(op(), 1..60)) {
         let dir = tempfile::tempdir().unwrap();
         let mut opened = Some(open(dir.path()));
-        let mut model: Vec<Vec<u8>> = Vec::new();
+        let mut model: Vec<(Option<Arc<[u8]>>, Vec<u8>)> = Vec::new();
         let mut committed = 0u64;
         // Retention runs once a second and at every open: the first offset is at least
         // what the last open settled, at most what the count allows now.
@@ -75,9 +90,10 @@ proptest! {
         for op in ops {
             let (_, log) = opened.as_ref().unwrap();
             match op {
-                Op::Append(payload) => {
-                    prop_assert_eq!(append(log, &payload), model.len() as u64);
-                    model.push(payload);
+                Op::Append(payload, n) => {
+                    let context = n.map(context);
+                    prop_assert_eq!(append(log, &payload, context.clone()), model.len() as u64);
+                    model.push((context, payload));
                 }
                 Op::Read { from, max } => {
                     let read = log.read("q", from, max).unwrap();
@@ -91,15 +107,20 @@ proptest! {
                     // From `from` on, less what retention dropped before or during the read.
                     prop_assert!(start >= from.max(floor));
                     prop_assert!(start <= from.max(first_after));
-                    let expected: Vec<(u64, Vec<u8>)> = model
+                    type Seen = (u64, Option<Arc<[u8]>>, Vec<u8>);
+                    let expected: Vec<Seen> = model
                         .iter()
                         .enumerate()
                         .skip(start as usize)
                         .take(max)
-                        .map(|(offset, payload)| (offset as u64, payload.clone()))
+                        .map(|(offset, (context, payload))| {
+                            (offset as u64, context.clone(), payload.clone())
+                        })
                         .collect();
-                    let got: Vec<(u64, Vec<u8>)> =
-                        read.into_iter().map(|e| (e.offset, e.payload)).collect();
+                    let got: Vec<Seen> = read
+                        .into_iter()
+                        .map(|e| (e.offset, e.context, e.payload))
+                        .collect();
                     prop_assert_eq!(got, expected);
                 }
                 Op::Commit(offset) => {

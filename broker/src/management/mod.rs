@@ -767,7 +767,7 @@ async fn get_queue_messages(
             .await
             .map_err(cluster_queue_error)?;
         let next = entries.last().map_or(from, |e| e.offset + 1);
-        let messages = entries.iter().map(|e| (e.offset, &e.payload[..]));
+        let messages = entries.iter().map(|e| (e.offset, e.payload.to_vec()));
         return Ok(pull_response(messages, next));
     }
     let log = &state.gateway.queues.log;
@@ -782,15 +782,14 @@ async fn get_queue_messages(
         entries = log.read(&queue, from, max)?;
     }
     let next = entries.last().map_or(from, |e| e.offset + 1);
-    let messages = entries.iter().map(|e| (e.offset, &e.payload[..]));
-    Ok(pull_response(messages, next))
+    Ok(pull_response(crate::queues::events(&queue, entries), next))
 }
 
 /// The pull's answer: `{"messages": [{"offset", "event"}], "next"}`.
-fn pull_response<'a>(entries: impl Iterator<Item = (u64, &'a [u8])>, next: u64) -> Response {
+fn pull_response(entries: impl Iterator<Item = (u64, Vec<u8>)>, next: u64) -> Response {
     let messages: Vec<Value> = entries
-        .map(|(offset, payload)| {
-            let event: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
+        .map(|(offset, event)| {
+            let event: Value = serde_json::from_slice(&event).unwrap_or(Value::Null);
             json!({"offset": offset, "event": event})
         })
         .collect();
