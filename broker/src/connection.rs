@@ -59,6 +59,8 @@ pub struct Connection {
     closing: Cell<bool>,
     /// Integration calls running for this connection's messages.
     in_flight: Cell<usize>,
+    /// Queue appends waiting for the disk: how many, and the bytes of their entries.
+    appends_in_flight: Cell<(usize, usize)>,
     /// When `limits.max_connection_secs` runs out.
     expires_at: Instant,
     /// The facts as the context of its queue entries (see [`crate::stored_event`]),
@@ -88,6 +90,7 @@ impl Connection {
             close_request: RefCell::new(None),
             closing: Cell::new(false),
             in_flight: Cell::new(0),
+            appends_in_flight: Cell::new((0, 0)),
             queue_context: OnceCell::new(),
         }
     }
@@ -266,6 +269,21 @@ impl Connection {
         InFlightCall(self.clone())
     }
 
+    /// Queue appends waiting for the disk, and their bytes.
+    pub(crate) fn appends_in_flight(&self) -> (usize, usize) {
+        self.appends_in_flight.get()
+    }
+
+    /// Counts a queue append of `bytes` until the returned guard is dropped.
+    pub(crate) fn start_append(self: &std::rc::Rc<Self>, bytes: usize) -> InFlightAppend {
+        let (count, total) = self.appends_in_flight.get();
+        self.appends_in_flight.set((count + 1, total + bytes));
+        InFlightAppend {
+            connection: self.clone(),
+            bytes,
+        }
+    }
+
     pub fn info(&self) -> ConnectionInfo {
         ConnectionInfo {
             connected_at_ms: self.facts.connected_at_ms,
@@ -293,6 +311,21 @@ impl Future for Woken<'_> {
         };
         connection.waker.set(Some(waker));
         Poll::Pending
+    }
+}
+
+/// Marks one queue append in flight; dropping it lets the session read again.
+pub(crate) struct InFlightAppend {
+    connection: std::rc::Rc<Connection>,
+    bytes: usize,
+}
+
+impl Drop for InFlightAppend {
+    fn drop(&mut self) {
+        let (count, total) = self.connection.appends_in_flight.get();
+        let now = (count.saturating_sub(1), total.saturating_sub(self.bytes));
+        self.connection.appends_in_flight.set(now);
+        self.connection.wake();
     }
 }
 

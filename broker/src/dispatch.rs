@@ -412,7 +412,7 @@ fn append_to_queue(
         message_id,
         ..
     } = parts;
-    let in_flight = connection.start_call();
+    let in_flight = connection.start_append(entry.len());
     let done_shard = shard.clone();
     let connection = connection.clone();
     let done_queue = queue.clone();

@@ -37,6 +37,12 @@ const SCRATCH_BYTES: usize = 64 * 1024;
 /// Integration calls one connection may have running; past it, its frames wait in the
 /// kernel's socket buffer (backpressure to the client).
 const MAX_IN_FLIGHT: usize = 32;
+/// Queue appends one connection may have waiting for the disk, and their bytes (past
+/// which, backpressure as above). Cheap to hold, and a client streaming into a queue needs
+/// many in flight: its acks wait for a sync, and throughput is what is in flight divided by
+/// that wait.
+const MAX_APPENDS_IN_FLIGHT: usize = 256;
+const MAX_APPEND_BYTES_IN_FLIGHT: usize = 1024 * 1024;
 /// How long a closing connection gets to take its last frames and the close frame.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
@@ -524,7 +530,7 @@ async fn serve(
                 return reason;
             }
         }
-        let can_read = waiting.is_empty() && connection.in_flight() < MAX_IN_FLIGHT;
+        let can_read = waiting.is_empty() && below_in_flight_limits(connection);
         if can_read && throttle.since.is_some() {
             // Everything read so far is handled: if the socket holds nothing more, the
             // client is not ahead of its limit any longer.
@@ -603,9 +609,16 @@ fn handle_waiting(
 }
 
 /// Whether the connection may start work for another message: few enough integration
-/// calls running, and room in its outbound queue for their replies.
+/// calls and queue appends running, and room in its outbound queue for their replies.
 fn can_take_work(connection: &Connection) -> bool {
-    connection.in_flight() < MAX_IN_FLIGHT && connection.has_room_for_replies()
+    below_in_flight_limits(connection) && connection.has_room_for_replies()
+}
+
+fn below_in_flight_limits(connection: &Connection) -> bool {
+    let (appends, append_bytes) = connection.appends_in_flight();
+    connection.in_flight() < MAX_IN_FLIGHT
+        && appends < MAX_APPENDS_IN_FLIGHT
+        && append_bytes < MAX_APPEND_BYTES_IN_FLIGHT
 }
 
 /// What a message costs against the inbound limits: one message and its payload bytes.

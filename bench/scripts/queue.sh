@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Durable queue appends end to end (loadgen's WebSocket clients → ack frames), on a fresh
+# data dir, then the bytes the queue takes on disk per message and the gateway's RSS:
+#   cargo build --release -p switchboard -p switchboard-loadgen
+#   bash bench/scripts/queue.sh FSYNC MESSAGES [RATE] [CONNECTIONS]
+# FSYNC is always | batch | never; RATE (frames/s over all clients) omitted = max rate.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+FSYNC=$1; N=$2; RATE=${3:-}; C=${4:-10}
+d=$(mktemp -d)
+trap 'kill $pid 2>/dev/null; rm -rf "$d"' EXIT
+cat > "$d/sb.toml" <<CFG
+[server]
+listen = "127.0.0.1:28080"
+data_dir = "$d/data"
+[management]
+listen = "127.0.0.1:29090"
+[storage]
+fsync = "$FSYNC"
+flush_interval_ms = 2
+[limits]
+max_connections_per_ip = 0
+connects_per_sec_per_ip = 0
+messages_per_sec = 0
+bytes_per_sec = 0
+[routes.enqueue]
+integration = { type = "queue", queue = "bench", ack = true }
+CFG
+RUST_LOG=warn target/release/switchboard serve --config "$d/sb.toml" 2>/dev/null &
+pid=$!
+for _ in $(seq 50); do curl -sf http://127.0.0.1:29090/health >/dev/null && break; sleep 0.1; done
+rate=()
+[ -n "$RATE" ] && rate=(--rate "$RATE")
+target/release/switchboard-loadgen --url ws://127.0.0.1:28080/dev --api http://127.0.0.1:29090/dev \
+  queue -c "$C" -m "$N" -p 200 "${rate[@]}"
+bytes=$(du -sb "$d/data/queues" | cut -f1)
+rss=$(awk '/VmRSS/ {print $2}' /proc/$pid/status)
+echo "fsync=$FSYNC messages=$N queue_bytes=$bytes bytes_per_message=$((bytes / N)) gateway_rss_kib=$rss"
