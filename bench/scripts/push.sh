@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Queue push delivery against a backend that takes LATENCY_MS (default 50) per request:
-#   cargo build --release -p switchboard -p switchboard-loadgen
+#   cargo build --release -p switchboard -p switchboard-loadgen -p switchboard-bench --bin slow_backend
 #   bash bench/scripts/push.sh BATCH_SIZE MAX_IN_FLIGHT ENTRIES [LATENCY_MS]
 # Queues ENTRIES frames (loadgen, 10 clients), then times until the backend has them all.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 B=$1; F=$2; N=$3; LATENCY=${4:-50}
 d=$(mktemp -d)
-python3 bench/scripts/slow_backend.py 18999 "$LATENCY" &
+target/release/slow_backend 18999 "$LATENCY" &
 backend=$!
 trap 'kill $backend 2>/dev/null; rm -rf "$d"' EXIT
 sleep 0.5
