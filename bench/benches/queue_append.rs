@@ -1,14 +1,18 @@
 //! The durable queue's append path: 1,000 entries of 200 bytes handed to the queue log and
 //! waited for (acknowledged), per fsync policy. Measures the storage side of a `queue`
-//! route: group commit through the writer thread, one sled segment per batch, the flush.
+//! route: group commit through the writer thread, one write per queue per batch, the sync.
+//! Each entry carries one of ten contexts (as the gateway's entries carry their
+//! connection's facts), stored once per segment.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use switchboard_storage::{FlushReport, FsyncPolicy, Retention, Storage};
+use switchboard_storage::{Append, FlushReport, FsyncPolicy, Retention, Storage};
 
 const ENTRIES: usize = 1000;
+/// Connections the entries come from.
+const CONTEXTS: usize = 10;
 
 fn append(c: &mut Criterion) {
     let mut group = c.benchmark_group("queue_append");
@@ -38,18 +42,23 @@ fn append(c: &mut Criterion) {
             .unwrap();
         let queue: Arc<str> = "bench".into();
         let payload = vec![b'x'; 200];
+        let contexts: Vec<Arc<[u8]>> = (0..CONTEXTS)
+            .map(|n| format!("{{\"connectionId\":\"connection-{n}\",\"sourceIp\":\"127.0.0.1\"}}"))
+            .map(|context| Arc::from(context.into_bytes()))
+            .collect();
         group.bench_function(format!("{name}_1000x200B"), |b| {
             b.iter(|| {
                 let (done, acked) = crossbeam_channel::bounded(ENTRIES);
-                for _ in 0..ENTRIES {
+                for n in 0..ENTRIES {
                     let done = done.clone();
-                    log.append(
-                        queue.clone(),
-                        payload.clone(),
-                        Box::new(move |result| {
+                    log.append_many(vec![Append {
+                        queue: queue.clone(),
+                        context: Some(contexts[n % CONTEXTS].clone()),
+                        payload: payload.clone(),
+                        done: Box::new(move |result| {
                             let _ = done.send(result.is_ok());
                         }),
-                    );
+                    }]);
                 }
                 for _ in 0..ENTRIES {
                     assert!(acked.recv().unwrap());

@@ -4,6 +4,8 @@
 #   cargo build --release -p switchboard -p switchboard-loadgen
 #   bash bench/scripts/queue.sh FSYNC MESSAGES [RATE] [CONNECTIONS]
 # FSYNC is always | batch | never; RATE (frames/s over all clients) omitted = max rate.
+# QUEUE_CONFIG adds lines to `[queues.bench]` (e.g. "max_messages = 1000000");
+# RSS_EVERY=N prints the gateway's RSS every N seconds while the clients run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 FSYNC=$1; N=$2; RATE=${3:-}; C=${4:-10}
@@ -25,12 +27,20 @@ messages_per_sec = 0
 bytes_per_sec = 0
 [routes.enqueue]
 integration = { type = "queue", queue = "bench", ack = true }
+[queues.bench]
+${QUEUE_CONFIG:-}
 CFG
 RUST_LOG=warn target/release/switchboard serve --config "$d/sb.toml" 2>/dev/null &
 pid=$!
 for _ in $(seq 50); do curl -sf http://127.0.0.1:29090/health >/dev/null && break; sleep 0.1; done
 rate=()
 [ -n "$RATE" ] && rate=(--rate "$RATE")
+if [ -n "${RSS_EVERY:-}" ]; then
+  ( while kill -0 $pid 2>/dev/null; do
+      echo "rss_kib=$(awk '/VmRSS/ {print $2}' /proc/$pid/status) queue_bytes=$(du -sb "$d/data/queues" | cut -f1)"
+      sleep "$RSS_EVERY"
+    done ) &
+fi
 target/release/switchboard-loadgen --url ws://127.0.0.1:28080/dev --api http://127.0.0.1:29090/dev \
   queue -c "$C" -m "$N" -p 200 "${rate[@]}"
 bytes=$(du -sb "$d/data/queues" | cut -f1)
