@@ -432,6 +432,7 @@ struct Writer {
 impl Writer {
     fn run(mut self, requests: &Receiver<Request>) {
         let mut waiting: Vec<(AppendDone, u64)> = Vec::new();
+        // When the last sync started.
         let mut last_flush = Instant::now();
         let mut last_trim = Instant::now();
         let mut unflushed = 0usize;
@@ -476,9 +477,11 @@ impl Writer {
                 FsyncPolicy::Never => false,
             };
             if flush_due || (closing.is_some() && self.policy != FsyncPolicy::Never) {
+                // "One sync every interval" counts from the start of a sync, so its own
+                // duration is not added to the wait of the appends that arrive during it.
+                last_flush = Instant::now();
                 self.flush(&mut waiting, unflushed);
                 unflushed = 0;
-                last_flush = Instant::now();
             } else if self.policy == FsyncPolicy::Never {
                 self.answer(&mut waiting);
             }

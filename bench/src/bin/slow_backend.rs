@@ -32,7 +32,10 @@ async fn main() -> anyhow::Result<()> {
         .context("usage: slow_backend PORT [LATENCY_MS]")?
         .parse()
         .context("PORT")?;
-    let latency_ms: u64 = args.next().map_or(Ok(50), |ms| ms.parse()).context("LATENCY_MS")?;
+    let latency_ms: u64 = args
+        .next()
+        .map_or(Ok(50), |ms| ms.parse())
+        .context("LATENCY_MS")?;
     let backend = Arc::new(Backend {
         latency: Duration::from_millis(latency_ms),
         received: AtomicU64::new(0),
