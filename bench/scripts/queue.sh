@@ -37,17 +37,7 @@ rate=()
 [ -n "$RATE" ] && rate=(--rate "$RATE")
 if [ -n "${RSS_EVERY:-}" ]; then
   ( while kill -0 $pid 2>/dev/null; do
-      echo "rss_kib=$(awk '/VmRSS/ {print $2}' /proc/$pid/status) queue_# Syncs slower than ~4 ms, and the slowest bucket: what an ack latency outlier waited on.
-curl -s http://127.0.0.1:29090/metrics | awk '
-  /^switchboard_storage_flush_duration_seconds_bucket/ {
-    split($0, a, "le=\""); split(a[2], b, "\""); le = b[1]; n = $NF
-    if (le == "0.00390625") fast = n
-    if (n > prev) slowest = le
-    prev = n
-  }
-  /^switchboard_storage_flush_duration_seconds_count/ { total = $NF }
-  END { printf "syncs=%d slower_than_4ms=%d slowest_bucket_le=%s\n", total, total - fast, slowest }'
-bytes=$(du -sb "$d/data/queues" | cut -f1)"
+      echo "rss_kib=$(awk '/VmRSS/ {print $2}' /proc/$pid/status) queue_bytes=$(du -sb "$d/data/queues" | cut -f1)"
       sleep "$RSS_EVERY"
     done ) &
 fi
