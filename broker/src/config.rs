@@ -490,6 +490,15 @@ pub struct RawApi {
     pub route_selection_expression: String,
     /// Reported as `requestContext.apiId`.
     pub id: String,
+    /// A client whose connection drops may come back with its resume token within
+    /// `resume_window_secs` and keep its connectionId, rooms and every message (off by
+    /// default, as on AWS; see README "Resume").
+    pub resume: bool,
+    pub resume_window_secs: u64,
+    /// Data frames (and their bytes) each connection keeps after writing them, to send
+    /// again to a client that resumes: what may have died in kernel buffers with its socket.
+    pub resume_buffer_frames: usize,
+    pub resume_buffer_bytes: usize,
 }
 
 impl Default for RawApi {
@@ -498,6 +507,10 @@ impl Default for RawApi {
             stage: "dev".into(),
             route_selection_expression: "$request.body.action".into(),
             id: "switchboard".into(),
+            resume: false,
+            resume_window_secs: 120,
+            resume_buffer_frames: 128,
+            resume_buffer_bytes: 256 * 1024,
         }
     }
 }
@@ -711,6 +724,18 @@ pub struct ApiConfig {
     pub stage: String,
     pub route_selector: SelectionExpression,
     pub id: String,
+    /// Set when `api.resume` is on.
+    pub resume: Option<ResumeConfig>,
+}
+
+/// How resumable connections are kept (`api.resume*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumeConfig {
+    /// How long a dropped connection waits for its client.
+    pub window: Duration,
+    /// The resend buffer: data frames kept after writing, at most this many and bytes.
+    pub buffer_frames: usize,
+    pub buffer_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -1023,10 +1048,31 @@ impl RawApi {
         }
         let route_selector = SelectionExpression::parse(&self.route_selection_expression)
             .map_err(|e| invalid("api.route_selection_expression", e.to_string()))?;
+        if !(1..=86_400).contains(&self.resume_window_secs) {
+            return Err(invalid(
+                "api.resume_window_secs",
+                "must be between 1 and 86400",
+            ));
+        }
+        if !(1..=4096).contains(&self.resume_buffer_frames) {
+            return Err(invalid(
+                "api.resume_buffer_frames",
+                "must be between 1 and 4096",
+            ));
+        }
+        if self.resume_buffer_bytes == 0 {
+            return Err(invalid("api.resume_buffer_bytes", "must be greater than 0"));
+        }
+        let resume = self.resume.then(|| ResumeConfig {
+            window: Duration::from_secs(self.resume_window_secs),
+            buffer_frames: self.resume_buffer_frames,
+            buffer_bytes: self.resume_buffer_bytes,
+        });
         Ok(ApiConfig {
             stage: self.stage.clone(),
             route_selector,
             id: self.id.clone(),
+            resume,
         })
     }
 }
@@ -1496,6 +1542,9 @@ response = true
                 .contains("api.route_selection_expression")
         );
         assert!(error_of("[api]\nstage = \"a/b\"").contains("api.stage"));
+        assert!(error_of("[api]\nresume_window_secs = 0").contains("api.resume_window_secs"));
+        assert!(error_of("[api]\nresume_buffer_frames = 0").contains("api.resume_buffer_frames"));
+        assert!(error_of("[api]\nresume_buffer_bytes = 0").contains("api.resume_buffer_bytes"));
         assert!(error_of("[limits]\nmax_frame_bytes = 0").contains("limits.max_frame_bytes"));
         assert!(
             error_of("[limits]\nmax_frame_bytes = 10\nmax_message_bytes = 5")

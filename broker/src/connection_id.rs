@@ -37,13 +37,24 @@ pub struct ConnectionId {
 }
 
 impl ConnectionId {
-    fn to_bytes(self) -> [u8; ID_BYTES] {
+    /// The 16 bytes the text form encodes.
+    pub fn to_bytes(self) -> [u8; ID_BYTES] {
         let mut bytes = [0; ID_BYTES];
         bytes[0..2].copy_from_slice(&self.node.to_be_bytes());
         bytes[2..4].copy_from_slice(&self.shard.to_be_bytes());
         bytes[4..8].copy_from_slice(&self.epoch.to_be_bytes());
         bytes[8..16].copy_from_slice(&self.sequence.to_be_bytes());
         bytes
+    }
+
+    pub fn from_bytes(bytes: [u8; ID_BYTES]) -> Self {
+        let [n0, n1, s0, s1, e0, e1, e2, e3, rest @ ..] = bytes;
+        Self {
+            node: u16::from_be_bytes([n0, n1]),
+            shard: u16::from_be_bytes([s0, s1]),
+            epoch: u32::from_be_bytes([e0, e1, e2, e3]),
+            sequence: u64::from_be_bytes(rest),
+        }
     }
 }
 
@@ -73,13 +84,7 @@ impl FromStr for ConnectionId {
         if decoded != ID_BYTES {
             return Err(InvalidConnectionId);
         }
-        let field = |range: std::ops::Range<usize>| &bytes[range];
-        Ok(Self {
-            node: u16::from_be_bytes([bytes[0], bytes[1]]),
-            shard: u16::from_be_bytes([bytes[2], bytes[3]]),
-            epoch: u32::from_be_bytes(field(4..8).try_into().map_err(|_| InvalidConnectionId)?),
-            sequence: u64::from_be_bytes(field(8..16).try_into().map_err(|_| InvalidConnectionId)?),
-        })
+        Ok(Self::from_bytes(bytes))
     }
 }
 

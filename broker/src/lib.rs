@@ -35,6 +35,7 @@ pub mod management;
 pub mod metrics;
 pub mod outbound;
 pub mod queues;
+pub mod resume;
 pub mod rooms;
 pub mod selection;
 pub mod server;

@@ -8,6 +8,10 @@
 //! writes, so whatever piled up while the socket was busy leaves in one system call.
 //! Overflow rule: a push that would exceed either bound is refused, and the caller
 //! disconnects the connection as a slow consumer.
+//!
+//! A resumable connection's queue also numbers its data frames and keeps the last ones it
+//! wrote (bounded by frames and bytes; a shared frame costs a pointer): a client that comes
+//! back saying how many it received gets the rest again, in order (see [`crate::resume`]).
 
 use std::cell::OnceCell;
 use std::collections::VecDeque;
@@ -73,6 +77,13 @@ impl OutboundFrame {
         self.datagram
             .get_or_init(|| framing::datagram_from_websocket(&self.websocket))
     }
+
+    /// A text or binary message (what a client counts), not a control frame.
+    fn is_data(&self) -> bool {
+        use crate::frame::Opcode;
+        let opcode = self.websocket.first().map_or(0, |b| b & 0x0f);
+        opcode == Opcode::Text as u8 || opcode == Opcode::Binary as u8
+    }
 }
 
 /// A queued frame and how much of it the socket has taken.
@@ -80,6 +91,8 @@ impl OutboundFrame {
 struct Queued {
     frame: SharedFrame,
     written: usize,
+    /// Its number among the data frames, on a resumable connection.
+    number: Option<u64>,
 }
 
 impl Queued {
@@ -102,6 +115,30 @@ pub struct OutboundQueue {
     queued_bytes: usize,
     max_frames: usize,
     max_bytes: usize,
+    /// Set on a resumable connection.
+    resend: Option<Resend>,
+}
+
+/// What a resumable connection keeps to send again.
+#[derive(Debug)]
+struct Resend {
+    /// The number the next data frame queued gets; the first is 1.
+    next_number: u64,
+    /// Data frames written, oldest first; the first is number `first_written`.
+    written: VecDeque<SharedFrame>,
+    first_written: u64,
+    written_bytes: usize,
+    max_frames: usize,
+    max_bytes: usize,
+}
+
+/// Why the frames after a client's count cannot be sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RewindError {
+    /// The client claims more than was ever sent.
+    NeverSent,
+    /// Some of what it missed is no longer kept.
+    NotKept,
 }
 
 impl OutboundQueue {
@@ -112,7 +149,72 @@ impl OutboundQueue {
             queued_bytes: 0,
             max_frames,
             max_bytes,
+            resend: None,
         }
+    }
+
+    /// From now on, numbers data frames (the first queued after this is 1) and keeps the
+    /// last ones written, at most `max_frames` of them and `max_bytes`.
+    pub fn keep_for_resend(&mut self, max_frames: usize, max_bytes: usize) {
+        self.resend = Some(Resend {
+            next_number: 1,
+            written: VecDeque::new(),
+            first_written: 1,
+            written_bytes: 0,
+            max_frames,
+            max_bytes,
+        });
+    }
+
+    /// Replaces the queue with every data frame numbered after `received`, in order, from
+    /// the frames kept after writing and those still queued; control frames are dropped
+    /// (they were for the lost socket). Returns how many there are.
+    pub fn rewind(&mut self, received: u64) -> Result<usize, RewindError> {
+        let Some(resend) = self.resend.as_mut() else {
+            return Err(RewindError::NeverSent);
+        };
+        if received >= resend.next_number {
+            return Err(RewindError::NeverSent);
+        }
+        let first_queued = self.frames.iter().find_map(|q| q.number);
+        let oldest_kept = match resend.written.is_empty() {
+            false => resend.first_written,
+            true => first_queued.unwrap_or(resend.next_number),
+        };
+        if received + 1 < oldest_kept {
+            return Err(RewindError::NotKept);
+        }
+        let written = std::mem::take(&mut resend.written);
+        resend.written_bytes = 0;
+        let kept = (resend.first_written..).zip(written);
+        let queued = std::mem::take(&mut self.frames)
+            .into_iter()
+            .filter_map(|q| Some((q.number?, q.frame)));
+        self.frames = kept
+            .chain(queued)
+            .filter(|(number, _)| *number > received)
+            .map(|(number, frame)| Queued {
+                frame,
+                written: 0,
+                number: Some(number),
+            })
+            .collect();
+        self.queued_bytes = self
+            .frames
+            .iter()
+            .map(|q| q.frame.bytes(self.wire).len())
+            .sum();
+        Ok(self.frames.len())
+    }
+
+    /// Puts an uncounted frame before everything queued (the answer to a resume).
+    pub fn push_front(&mut self, frame: SharedFrame) {
+        self.queued_bytes += frame.bytes(self.wire).len();
+        self.frames.push_front(Queued {
+            frame,
+            written: 0,
+            number: None,
+        });
     }
 
     /// Queues `frame`, or refuses it if a bound would be exceeded.
@@ -128,7 +230,18 @@ impl OutboundQueue {
     /// Queues a frame regardless of the bounds (a close frame must always get out).
     pub fn push_unbounded(&mut self, frame: SharedFrame) {
         self.queued_bytes += frame.bytes(self.wire).len();
-        self.frames.push_back(Queued { frame, written: 0 });
+        let number = match self.resend.as_mut() {
+            Some(resend) if frame.is_data() => {
+                resend.next_number += 1;
+                Some(resend.next_number - 1)
+            }
+            _ => None,
+        };
+        self.frames.push_back(Queued {
+            frame,
+            written: 0,
+            number,
+        });
     }
 
     /// Drops every queued frame (a connection cut for not reading them).
@@ -170,7 +283,12 @@ impl OutboundQueue {
             let remaining = front.remaining(self.wire).len();
             if written >= remaining {
                 written -= remaining;
-                self.frames.pop_front();
+                let Some(done) = self.frames.pop_front() else {
+                    break;
+                };
+                if let (Some(resend), Some(number)) = (self.resend.as_mut(), done.number) {
+                    resend.remember(done.frame, number, self.wire);
+                }
             } else {
                 front.written += written;
                 written = 0;
@@ -178,10 +296,33 @@ impl OutboundQueue {
         }
     }
 
+    /// Frames kept after writing, for a resume (0 unless resumable).
+    pub fn kept_frames(&self) -> usize {
+        self.resend.as_ref().map_or(0, |r| r.written.len())
+    }
+
     /// Frees the queue's allocation if nothing is queued: an idle connection holds none.
     pub fn shrink_if_empty(&mut self) {
         if self.frames.is_empty() && self.frames.capacity() > 0 {
             self.frames = VecDeque::new();
+        }
+    }
+}
+
+impl Resend {
+    /// Keeps written data frame `number`, dropping the oldest past the bounds.
+    fn remember(&mut self, frame: SharedFrame, number: u64, wire: Wire) {
+        if self.written.is_empty() {
+            self.first_written = number;
+        }
+        self.written_bytes += frame.bytes(wire).len();
+        self.written.push_back(frame);
+        while self.written.len() > self.max_frames || self.written_bytes > self.max_bytes {
+            let Some(dropped) = self.written.pop_front() else {
+                break;
+            };
+            self.written_bytes -= dropped.bytes(wire).len();
+            self.first_written += 1;
         }
     }
 }
@@ -239,5 +380,88 @@ mod tests {
         let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
         assert_eq!(webtransport.io_slices(&mut slices), 2);
         assert_eq!(&*slices[0], &[1, 0, 0, 0, 2, b'h', b'i']);
+    }
+
+    fn text(body: &str) -> SharedFrame {
+        shared(crate::frame::encode(
+            crate::frame::Opcode::Text,
+            body.as_bytes(),
+        ))
+    }
+
+    /// Writes everything queued, as a socket that takes it all would.
+    fn write_all(queue: &mut OutboundQueue) {
+        let bytes = queue.queued_bytes();
+        queue.consume(bytes);
+    }
+
+    fn bodies(queue: &OutboundQueue) -> Vec<String> {
+        queue
+            .frames
+            .iter()
+            .map(|q| String::from_utf8_lossy(&q.frame.bytes(Wire::WebSocket)[2..]).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_rewind_queues_everything_after_the_count_from_kept_and_queued_frames() {
+        let mut queue = OutboundQueue::new(Wire::WebSocket, 100, 10_000);
+        queue.push(text("welcome")).unwrap();
+        queue.keep_for_resend(10, 10_000);
+        for n in 1..=3 {
+            queue.push(text(&format!("m{n}"))).unwrap();
+        }
+        write_all(&mut queue);
+        queue.push(text("m4")).unwrap();
+        queue
+            .push(shared(crate::frame::encode_close(1000, "")))
+            .unwrap();
+        queue.push(text("m5")).unwrap();
+        queue.consume(1); // m4 half written when the socket died
+        assert_eq!(queue.kept_frames(), 3, "the welcome is not counted");
+        assert_eq!(queue.rewind(1), Ok(4));
+        assert_eq!(bodies(&queue), ["m2", "m3", "m4", "m5"]);
+        assert_eq!(queue.queued_bytes(), 16);
+        // The count goes on: the next message is number 6.
+        queue.push(text("m6")).unwrap();
+        write_all(&mut queue);
+        assert_eq!(queue.rewind(5), Ok(1));
+        assert_eq!(bodies(&queue), ["m6"]);
+        assert_eq!(queue.rewind(6), Ok(0));
+    }
+
+    #[test]
+    fn a_rewind_refuses_counts_never_sent_or_no_longer_kept() {
+        let mut queue = OutboundQueue::new(Wire::WebSocket, 100, 10_000);
+        assert_eq!(
+            queue.rewind(0),
+            Err(RewindError::NeverSent),
+            "not resumable"
+        );
+        queue.keep_for_resend(2, 10_000);
+        assert_eq!(queue.rewind(0), Ok(0));
+        assert_eq!(queue.rewind(1), Err(RewindError::NeverSent));
+        for n in 1..=5 {
+            queue.push(text(&format!("m{n}"))).unwrap();
+            write_all(&mut queue);
+        }
+        assert_eq!(queue.kept_frames(), 2, "bounded by frames");
+        assert_eq!(queue.rewind(2), Err(RewindError::NotKept));
+        assert_eq!(queue.rewind(6), Err(RewindError::NeverSent));
+        assert_eq!(queue.rewind(3), Ok(2));
+        assert_eq!(bodies(&queue), ["m4", "m5"]);
+    }
+
+    #[test]
+    fn kept_frames_are_bounded_by_bytes_and_shared_not_copied() {
+        let mut queue = OutboundQueue::new(Wire::WebSocket, 100, 10_000);
+        queue.keep_for_resend(100, 10);
+        let frame = text("1234");
+        for _ in 0..4 {
+            queue.push(frame.clone()).unwrap();
+            write_all(&mut queue);
+        }
+        assert_eq!(queue.kept_frames(), 1, "6 bytes each, 10 kept at most");
+        assert_eq!(Rc::strong_count(&frame), 2);
     }
 }

@@ -1,0 +1,236 @@
+//! Resume: a client whose connection drops comes back within `api.resume_window_secs`
+//! with the same connectionId, its rooms, and every message it had not received, in order,
+//! once. The contract a client sees (README "Resume"):
+//!
+//! 1. The first frame of a resumable connection is
+//!    `{"type":"welcome","connectionId":…,"resumeToken":…}`. The client counts the data
+//!    messages it receives after it.
+//! 2. To come back it opens the stage URL with `?resume=TOKEN&received=N`. Within the
+//!    window, with everything after message N still held, the first frame is
+//!    `{"type":"resumed","connectionId":<the same>,"replayed":K}`, then those K messages,
+//!    then live traffic; the count goes on from N.
+//! 3. Otherwise it gets a new connection whose welcome adds `"resumed":false` and why:
+//!    `expired`, `unknown` or `overflow`.
+//!
+//! This module holds the contract's pieces (the token, the frames, the request); the
+//! connection keeps its resend buffer in [`crate::outbound`], the session parks and
+//! resumes it, and the shard keeps parked connections findable.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+
+use crate::connection_id::ConnectionId;
+use crate::frame::{self, Opcode};
+
+/// Bytes of the random part of a token.
+const SECRET_BYTES: usize = 16;
+
+/// What a token proves: possession of the connection's secret.
+pub type Secret = [u8; SECRET_BYTES];
+
+/// A resume token: the connection it names and a secret only its client was given.
+/// Encoded as 43 URL-safe characters; the secret cannot be derived from the connectionId.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ResumeToken {
+    pub id: ConnectionId,
+    pub secret: Secret,
+}
+
+impl std::fmt::Debug for ResumeToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never log the secret.
+        f.debug_struct("ResumeToken").field("id", &self.id).finish()
+    }
+}
+
+impl ResumeToken {
+    /// A fresh token for connection `id`, its secret from the operating system's CSPRNG.
+    pub fn mint(id: ConnectionId) -> Self {
+        use ring::rand::SecureRandom;
+        let mut secret = [0; SECRET_BYTES];
+        if ring::rand::SystemRandom::new().fill(&mut secret).is_err() {
+            // The OS random source failing is not survivable for anything using TLS either.
+            panic!("the operating system's random number generator failed");
+        }
+        Self { id, secret }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut bytes = [0; 32];
+        bytes[..16].copy_from_slice(&self.id.to_bytes());
+        bytes[16..].copy_from_slice(&self.secret);
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// `None` for anything that is not a token's shape.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut bytes = [0; 32];
+        if URL_SAFE_NO_PAD.decode_slice(text, &mut bytes).ok()? != bytes.len() {
+            return None;
+        }
+        let id = ConnectionId::from_bytes(bytes[..16].try_into().ok()?);
+        let secret = bytes[16..].try_into().ok()?;
+        Some(Self { id, secret })
+    }
+
+    /// Whether `secret` is this token's, in constant time.
+    pub fn proves(&self, secret: &Secret) -> bool {
+        self.secret
+            .iter()
+            .zip(secret)
+            .fold(0u8, |differ, (a, b)| differ | (a ^ b))
+            == 0
+    }
+}
+
+/// Why a resume did not happen (the welcome frame's `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The window passed (or the connection ended) before the client came back.
+    Expired,
+    /// No such resumable connection: a forged or garbled token, another node's, or a
+    /// count the gateway never sent.
+    Unknown,
+    /// More was missed than the gateway could hold.
+    Overflow,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Expired => "expired",
+            Self::Unknown => "unknown",
+            Self::Overflow => "overflow",
+        }
+    }
+}
+
+/// What a client asked for with `?resume=TOKEN&received=N`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResumeRequest {
+    /// A token and a count, both well-formed.
+    Resume { token: ResumeToken, received: u64 },
+    /// Asked to resume with something malformed: answered as `unknown`.
+    Malformed,
+}
+
+impl ResumeRequest {
+    /// Reads the query string pairs; `None` if the client did not ask to resume.
+    pub fn from_query(query: &[(String, String)]) -> Option<Self> {
+        let value = |name: &str| {
+            query
+                .iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.as_str())
+        };
+        let token = value("resume")?;
+        let parsed =
+            ResumeToken::parse(token).zip(value("received").and_then(|n| n.parse::<u64>().ok()));
+        Some(match parsed {
+            Some((token, received)) => Self::Resume { token, received },
+            None => Self::Malformed,
+        })
+    }
+}
+
+/// The first frame of a resumable connection; `refused` says why a resume it was opened
+/// with did not happen.
+pub fn welcome_frame(connection_id: &str, token: &ResumeToken, refused: Option<Refusal>) -> Bytes {
+    let mut body = serde_json::json!({
+        "type": "welcome",
+        "connectionId": connection_id,
+        "resumeToken": token.encode(),
+    });
+    if let Some(refusal) = refused {
+        body["resumed"] = false.into();
+        body["reason"] = refusal.as_str().into();
+    }
+    frame::encode(Opcode::Text, body.to_string().as_bytes())
+}
+
+/// The first frame after a resume: `replayed` messages follow it.
+pub fn resumed_frame(connection_id: &str, replayed: usize) -> Bytes {
+    let body = serde_json::json!({
+        "type": "resumed",
+        "connectionId": connection_id,
+        "replayed": replayed,
+    });
+    frame::encode(Opcode::Text, body.to_string().as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> ConnectionId {
+        ConnectionId {
+            node: 1,
+            shard: 2,
+            epoch: 3,
+            sequence: 0xdead_beef,
+        }
+    }
+
+    fn pairs(query: &[(&str, &str)]) -> Vec<(String, String)> {
+        query
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn tokens_round_trip_and_only_their_secret_proves_them() {
+        let token = ResumeToken::mint(id());
+        let text = token.encode();
+        assert_eq!(text.len(), 43);
+        let parsed = ResumeToken::parse(&text).unwrap();
+        assert_eq!(parsed, token);
+        assert!(parsed.proves(&token.secret));
+        let other = ResumeToken::mint(id());
+        assert_ne!(other.secret, token.secret, "secrets are random");
+        assert!(!parsed.proves(&other.secret));
+        assert!(!format!("{token:?}").contains(&text[22..]), "never logged");
+    }
+
+    #[test]
+    fn resume_requests_parse_and_anything_malformed_is_unknown() {
+        assert_eq!(ResumeRequest::from_query(&pairs(&[("room", "a")])), None);
+        let token = ResumeToken::mint(id());
+        let text = token.encode();
+        assert_eq!(
+            ResumeRequest::from_query(&pairs(&[("resume", &text), ("received", "7")])),
+            Some(ResumeRequest::Resume { token, received: 7 })
+        );
+        for bad in [
+            vec![("resume", text.as_str())],
+            vec![("resume", text.as_str()), ("received", "-1")],
+            vec![("resume", "short"), ("received", "1")],
+            vec![("resume", &text[1..]), ("received", "1")],
+        ] {
+            assert_eq!(
+                ResumeRequest::from_query(&pairs(&bad)),
+                Some(ResumeRequest::Malformed),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn frames_say_what_the_contract_says() {
+        let token = ResumeToken::mint(id());
+        let decode =
+            |frame: Bytes| -> serde_json::Value { serde_json::from_slice(&frame[2..]).unwrap() };
+        let welcome = decode(welcome_frame("abc", &token, None));
+        assert_eq!(welcome["type"], "welcome");
+        assert_eq!(welcome["connectionId"], "abc");
+        assert_eq!(welcome["resumeToken"], token.encode());
+        assert!(welcome.get("resumed").is_none());
+        let refused = decode(welcome_frame("abc", &token, Some(Refusal::Expired)));
+        assert_eq!(refused["resumed"], false);
+        assert_eq!(refused["reason"], "expired");
+        let resumed = decode(resumed_frame("abc", 5));
+        assert_eq!(resumed["type"], "resumed");
+        assert_eq!(resumed["replayed"], 5);
+    }
+}
