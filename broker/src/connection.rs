@@ -4,6 +4,7 @@
 use std::cell::{Cell, OnceCell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
@@ -13,11 +14,13 @@ use std::io::IoSlice;
 use bytes::Bytes;
 
 use crate::clock;
+use crate::config::ResumeConfig;
 use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
 use crate::event::{ApiFacts, ConnectionFacts};
 use crate::metrics::Metrics;
-use crate::outbound::{self, MAX_IOVECS, OutboundQueue, SharedFrame};
+use crate::outbound::{self, MAX_IOVECS, OutboundQueue, RewindError, SharedFrame};
+use crate::resume::{self, ResumeToken, Secret};
 use crate::transport::Socket;
 
 /// The connection is closed or closing: the push was not delivered.
@@ -35,9 +38,19 @@ pub struct ConnectionInfo {
 
 pub struct Connection {
     pub id: ConnectionId,
-    /// The socket (TCP or TLS). Shared by the session (reads, its own replies) and the
-    /// shard's fan-out write pass; both run on the shard's thread, never at once.
-    stream: Socket,
+    /// The socket (TCP, TLS or WebTransport). Shared by the session (reads, its own
+    /// replies) and the shard's fan-out write pass; both run on the shard's thread, never at
+    /// once. Replaced when a parked connection is resumed on a new socket.
+    stream: RefCell<Rc<Socket>>,
+    /// Its socket is gone and it waits for its client to resume (frames queue, unwritten).
+    parked: Cell<bool>,
+    /// A resume handshake for it is running.
+    resuming: Cell<bool>,
+    /// The secret of its resume token, if resumable.
+    resume_secret: OnceCell<Secret>,
+    /// Set when a resume attached a new socket: the bytes its client sent after the
+    /// request head. Taken by the parked session, which then serves again.
+    resumed: RefCell<Option<Vec<u8>>>,
     /// Queued on the shard's list for its next write pass.
     dirty: Cell<bool>,
     pub facts: ConnectionFacts,
@@ -77,7 +90,11 @@ impl Connection {
         expires_at: Instant,
     ) -> Self {
         Self {
-            stream,
+            stream: RefCell::new(Rc::new(stream)),
+            parked: Cell::new(false),
+            resuming: Cell::new(false),
+            resume_secret: OnceCell::new(),
+            resumed: RefCell::new(None),
             dirty: Cell::new(false),
             expires_at,
             id,
@@ -129,10 +146,10 @@ impl Connection {
     /// Sends `frame` as a datagram, past the queue, if the connection takes datagrams
     /// (a WebTransport session that asked for them) and it fits in one.
     pub(crate) fn send_datagram(&self, frame: &SharedFrame) -> bool {
-        if self.is_ending() {
+        if self.is_ending() || self.parked.get() {
             return false;
         }
-        match &self.stream {
+        match &**self.stream.borrow() {
             Socket::WebTransport(session) => session.send_datagram(frame.datagram()),
             _ => false,
         }
@@ -166,6 +183,11 @@ impl Connection {
     /// vectored write per batch of frames. Returns whether bytes remain queued.
     pub(crate) fn flush(&self, metrics: &Metrics) -> std::io::Result<bool> {
         self.dirty.set(false);
+        if self.parked.get() {
+            // Held for a resume; written once a new socket is attached.
+            return Ok(false);
+        }
+        let stream = self.stream.borrow();
         let mut queue = self.outbound.borrow_mut();
         let mut wrote = false;
         loop {
@@ -174,11 +196,11 @@ impl Connection {
                     self.touch();
                 }
                 // TLS may still hold records the socket had no room for.
-                return self.stream.flush_pending();
+                return stream.flush_pending();
             }
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let count = queue.io_slices(&mut slices);
-            match self.stream.try_write_vectored(&slices[..count]) {
+            match stream.try_write_vectored(&slices[..count]) {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(written) => {
                     metrics.write_batch_bytes.observe(written as f64);
@@ -192,8 +214,81 @@ impl Connection {
     }
 
     /// The connection's socket.
-    pub(crate) fn stream(&self) -> &Socket {
-        &self.stream
+    pub(crate) fn stream(&self) -> Rc<Socket> {
+        self.stream.borrow().clone()
+    }
+
+    /// Makes the connection resumable with `token`: from now on its data frames are
+    /// numbered and the last ones written kept (see [`crate::resume`]).
+    pub(crate) fn make_resumable(&self, token: &ResumeToken, config: &ResumeConfig) {
+        let _ = self.resume_secret.set(token.secret);
+        self.outbound
+            .borrow_mut()
+            .keep_for_resend(config.buffer_frames, config.buffer_bytes);
+    }
+
+    /// Whether `token` is this connection's resume token.
+    pub(crate) fn is_resumed_by(&self, token: &ResumeToken) -> bool {
+        token.id == self.id && self.resume_secret.get().is_some_and(|s| token.proves(s))
+    }
+
+    pub(crate) fn is_resumable(&self) -> bool {
+        self.resume_secret.get().is_some()
+    }
+
+    pub(crate) fn resume_secret(&self) -> Option<Secret> {
+        self.resume_secret.get().copied()
+    }
+
+    /// A resume handshake for it is running: its window does not run out meanwhile.
+    pub(crate) fn set_resuming(&self, resuming: bool) {
+        self.resuming.set(resuming);
+        self.wake();
+    }
+
+    pub(crate) fn is_resuming(&self) -> bool {
+        self.resuming.get()
+    }
+
+    /// Whether a client that received `received` data frames could resume now.
+    pub(crate) fn can_rewind(&self, received: u64) -> Result<usize, RewindError> {
+        self.outbound.borrow().check_rewind(received)
+    }
+
+    /// Its socket is gone: frames queue (within the same bounds) but are not written.
+    pub(crate) fn park(&self) {
+        self.parked.set(true);
+    }
+
+    pub(crate) fn is_parked(&self) -> bool {
+        self.parked.get()
+    }
+
+    /// Resumes a parked connection on `socket` for a client that received `received`
+    /// data frames: queues the `resumed` frame and every frame after the count. Returns how
+    /// many were replayed.
+    pub(crate) fn attach(
+        &self,
+        socket: Socket,
+        received: u64,
+        leftover: Vec<u8>,
+    ) -> Result<usize, RewindError> {
+        let replayed = self.outbound.borrow_mut().rewind(received)?;
+        let resumed = resume::resumed_frame(&self.facts.connection_id, replayed);
+        self.outbound
+            .borrow_mut()
+            .push_front(outbound::shared(resumed));
+        *self.stream.borrow_mut() = Rc::new(socket);
+        *self.resumed.borrow_mut() = Some(leftover);
+        self.parked.set(false);
+        self.touch();
+        self.wake();
+        Ok(replayed)
+    }
+
+    /// After [`Connection::attach`]: the bytes that came after the new request head.
+    pub(crate) fn take_resumed(&self) -> Option<Vec<u8>> {
+        self.resumed.borrow_mut().take()
     }
 
     /// Asks the session to close with `reason` (the first request wins).

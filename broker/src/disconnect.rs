@@ -29,6 +29,13 @@ pub enum DisconnectReason {
     /// Cluster mode: the node holding the connection died or was cut off from the
     /// cluster; reported by a surviving node.
     NodeLost,
+    /// A resumable connection's client did not come back within `api.resume_window_secs`.
+    ResumeExpired,
+    /// The `$connect` route (or the authorizer) refused a resume: the session ends.
+    ResumeRefused,
+    /// A resume with its token took over while the old socket still looked alive: the
+    /// old socket is dropped and the connection parks for the new one (never reported).
+    Superseded,
 }
 
 impl DisconnectReason {
@@ -38,6 +45,8 @@ impl DisconnectReason {
             Self::ClientClosed(code, _) => code.unwrap_or(close_code::NO_STATUS),
             Self::ConnectionLost | Self::GatewayRestarted => close_code::ABNORMAL,
             Self::NodeLost => close_code::TRY_AGAIN_LATER,
+            Self::ResumeExpired | Self::Superseded => close_code::GOING_AWAY,
+            Self::ResumeRefused => close_code::POLICY_VIOLATION,
             Self::Deleted => close_code::NORMAL,
             Self::IdleTimeout | Self::MaxDuration | Self::ServerShutdown => close_code::GOING_AWAY,
             Self::BadFrame(error) => error.close_code(),
@@ -64,6 +73,9 @@ impl DisconnectReason {
             Self::Overloaded => "overloaded",
             Self::GatewayRestarted => "gateway_restarted",
             Self::NodeLost => "node_lost",
+            Self::ResumeExpired => "resume_expired",
+            Self::ResumeRefused => "resume_refused",
+            Self::Superseded => "superseded",
         }
     }
 
@@ -85,6 +97,9 @@ impl DisconnectReason {
             Self::Overloaded => "server overloaded".into(),
             Self::GatewayRestarted => "gateway restarted".into(),
             Self::NodeLost => "node lost".into(),
+            Self::ResumeExpired => "resume window expired".into(),
+            Self::ResumeRefused => "resume refused".into(),
+            Self::Superseded => "superseded by a resume".into(),
         }
     }
 
@@ -93,7 +108,11 @@ impl DisconnectReason {
     pub fn server_initiated(&self) -> bool {
         !matches!(
             self,
-            Self::ConnectionLost | Self::GatewayRestarted | Self::ClientClosed(..)
+            Self::ConnectionLost
+                | Self::GatewayRestarted
+                | Self::ClientClosed(..)
+                | Self::ResumeExpired
+                | Self::Superseded
         )
     }
 }

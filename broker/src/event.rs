@@ -38,6 +38,8 @@ pub struct HandshakeRequest {
     pub headers: Vec<(String, String)>,
     /// Decoded query string pairs, in order.
     pub query: Vec<(String, String)>,
+    /// A client resuming its connection (`requestContext.resumed = true`).
+    pub resumed: bool,
 }
 
 /// A message frame's content.
@@ -110,6 +112,8 @@ struct RequestContext<'a> {
     disconnect_status_code: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
     disconnect_reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    resumed: bool,
 }
 
 #[derive(Serialize)]
@@ -173,12 +177,14 @@ pub fn build(
             authorizer: facts.authorizer.as_deref(),
             disconnect_status_code: None,
             disconnect_reason: None,
+            resumed: false,
         },
         body: None,
         is_base64_encoded: false,
     };
     match kind {
         EventKind::Connect(request) => {
+            event.request_context.resumed = request.resumed;
             if let Some((single, multi)) = single_and_multi(&request.headers) {
                 event.headers = Some(single);
                 event.multi_value_headers = Some(multi);
@@ -290,6 +296,7 @@ mod tests {
                 ("X-Multi".into(), "2".into()),
             ],
             query: vec![("token".into(), "t".into())],
+            resumed: false,
         };
         let event = build_json(EventKind::Connect(&request));
         assert_eq!(event["requestContext"]["eventType"], "CONNECT");
@@ -302,6 +309,16 @@ mod tests {
             json!({"token": ["t"]})
         );
         assert!(event.get("body").is_none());
+        assert!(
+            event["requestContext"].get("resumed").is_none(),
+            "only a resume says so"
+        );
+        let resumed = HandshakeRequest {
+            resumed: true,
+            ..request
+        };
+        let event = build_json(EventKind::Connect(&resumed));
+        assert_eq!(event["requestContext"]["resumed"], true);
     }
 
     #[test]

@@ -144,7 +144,11 @@ pub fn parse_upgrade(
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
     Ok(Some(UpgradeRequest {
-        request: HandshakeRequest { headers, query },
+        request: HandshakeRequest {
+            headers,
+            query,
+            resumed: false,
+        },
         key,
         host,
         user_agent,

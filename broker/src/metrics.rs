@@ -98,6 +98,13 @@ pub struct Metrics {
     pub cluster_room_interest: IntGauge,
     /// Cluster mode: lost nodes whose connections this node reported to `$disconnect`.
     pub cluster_takeovers: IntCounter,
+    /// Resumable connections whose socket is gone, waiting for their client.
+    pub connections_parked: IntGauge,
+    /// Resume attempts by outcome: resumed, expired, unknown, overflow, refused (the
+    /// authorizer or `$connect` said no).
+    pub resumes: IntCounterVec,
+    /// Messages sent again to resumed clients.
+    pub resume_replayed: IntCounter,
 }
 
 impl Metrics {
@@ -290,6 +297,19 @@ impl Metrics {
                 "switchboard_cluster_node_takeovers_total",
                 "Lost nodes whose connections this node reported to $disconnect",
             ),
+            connections_parked: gauge(
+                "switchboard_connections_parked",
+                "Resumable connections whose socket is gone, waiting for their client",
+            ),
+            resumes: counter_vec(
+                "switchboard_resumes_total",
+                "Resume attempts by outcome",
+                &["outcome"],
+            ),
+            resume_replayed: counter(
+                "switchboard_resume_replayed_messages_total",
+                "Messages sent again to clients that resumed",
+            ),
             registry,
         };
         metrics.register_all();
@@ -326,6 +346,9 @@ impl Metrics {
         for reason in ["rooms_per_connection", "not_a_member"] {
             let _ = self.refused.with_label_values(&[reason]);
         }
+        for outcome in ["resumed", "expired", "unknown", "overflow", "refused"] {
+            let _ = self.resumes.with_label_values(&[outcome]);
+        }
         for transport in [Wire::WebSocket, Wire::WebTransport] {
             let _ = self
                 .connections_active
@@ -353,7 +376,7 @@ impl Metrics {
             .collect()
     }
 
-    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 38] {
+    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 41] {
         [
             Box::new(self.connections_active.clone()),
             Box::new(self.connections_total.clone()),
@@ -393,6 +416,9 @@ impl Metrics {
             Box::new(self.cluster_forwarded.clone()),
             Box::new(self.cluster_room_interest.clone()),
             Box::new(self.cluster_takeovers.clone()),
+            Box::new(self.connections_parked.clone()),
+            Box::new(self.resumes.clone()),
+            Box::new(self.resume_replayed.clone()),
         ]
     }
 

@@ -170,20 +170,10 @@ impl OutboundQueue {
     /// the frames kept after writing and those still queued; control frames are dropped
     /// (they were for the lost socket). Returns how many there are.
     pub fn rewind(&mut self, received: u64) -> Result<usize, RewindError> {
+        self.check_rewind(received)?;
         let Some(resend) = self.resend.as_mut() else {
             return Err(RewindError::NeverSent);
         };
-        if received >= resend.next_number {
-            return Err(RewindError::NeverSent);
-        }
-        let first_queued = self.frames.iter().find_map(|q| q.number);
-        let oldest_kept = match resend.written.is_empty() {
-            false => resend.first_written,
-            true => first_queued.unwrap_or(resend.next_number),
-        };
-        if received + 1 < oldest_kept {
-            return Err(RewindError::NotKept);
-        }
         let written = std::mem::take(&mut resend.written);
         resend.written_bytes = 0;
         let kept = (resend.first_written..).zip(written);
@@ -205,6 +195,26 @@ impl OutboundQueue {
             .map(|q| q.frame.bytes(self.wire).len())
             .sum();
         Ok(self.frames.len())
+    }
+
+    /// How many frames [`OutboundQueue::rewind`] would queue for `received`, or why it
+    /// could not.
+    pub fn check_rewind(&self, received: u64) -> Result<usize, RewindError> {
+        let Some(resend) = self.resend.as_ref() else {
+            return Err(RewindError::NeverSent);
+        };
+        if received >= resend.next_number {
+            return Err(RewindError::NeverSent);
+        }
+        let first_queued = self.frames.iter().find_map(|q| q.number);
+        let oldest_kept = match resend.written.is_empty() {
+            false => resend.first_written,
+            true => first_queued.unwrap_or(resend.next_number),
+        };
+        if received + 1 < oldest_kept {
+            return Err(RewindError::NotKept);
+        }
+        Ok((resend.next_number - 1 - received) as usize)
     }
 
     /// Puts an uncounted frame before everything queued (the answer to a resume).

@@ -27,6 +27,8 @@ use crate::handshake::{self, ReadError};
 use crate::limits::{AdmissionTicket, InboundLimiter};
 use crate::metrics::Metrics;
 use crate::outbound::{self, OutboundQueue, Wire};
+use crate::resume::attach::Resuming;
+use crate::resume::{self, Refusal, ResumeRequest, ResumeToken};
 use crate::shard::Shard;
 use crate::transport::webtransport::HandshakeSlot;
 use crate::transport::webtransport::framing::FrameDecoder;
@@ -51,16 +53,33 @@ thread_local! {
 }
 
 /// Runs a WebSocket connection accepted by `shard` and admitted under `ticket`, which it
-/// holds until the socket closes.
+/// holds until the socket closes (a resume hands both to the connection it resumes).
 pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, ticket: AdmissionTicket) {
-    let _ticket = ticket;
     let _ = stream.set_nodelay(true);
-    let Some((socket, accepted)) = open(&shard, stream, peer).await else {
-        return;
-    };
+    match open(&shard, stream, peer).await {
+        Some(Opened::Connected(socket, accepted)) => {
+            let decoder = websocket_decoder(&shard);
+            live(shard, socket, accepted, decoder).await;
+            drop(ticket);
+        }
+        Some(Opened::Resume(resuming)) => {
+            let resuming = Resuming {
+                ticket: Some(ticket),
+                ..*resuming
+            };
+            Box::pin(resume::attach::resume(shard, resuming)).await;
+        }
+        None => {}
+    }
+}
+
+/// A fresh WebSocket frame decoder with the configured limits.
+pub(crate) fn websocket_decoder(shard: &Shard) -> Decoder {
     let limits = &shard.gateway.config.limits;
-    let decoder = MessageDecoder::new(limits.max_frame_bytes, limits.max_message_bytes);
-    live(shard, socket, accepted, Decoder::WebSocket(decoder)).await;
+    Decoder::WebSocket(MessageDecoder::new(
+        limits.max_frame_bytes,
+        limits.max_message_bytes,
+    ))
 }
 
 /// Runs a WebTransport session the endpoint accepted; its QUIC handshake counts under
@@ -80,12 +99,19 @@ pub async fn run_webtransport(
 }
 
 /// A connection from `$connect` to `$disconnect`: registered with its shard, served until
-/// it must end, closed, and reported.
-async fn live(shard: Rc<Shard>, socket: Socket, accepted: Accepted, mut decoder: Decoder) {
+/// it must end (parked in between if it is resumable and its socket drops), closed, and
+/// reported.
+pub(crate) async fn live(
+    shard: Rc<Shard>,
+    socket: Socket,
+    accepted: Accepted,
+    mut decoder: Decoder,
+) {
     let Accepted {
         id,
         facts,
         leftover,
+        resume_refused,
     } = accepted;
     let gateway = shard.gateway.clone();
     let limits = &gateway.config.limits;
@@ -97,6 +123,16 @@ async fn live(shard: Rc<Shard>, socket: Socket, accepted: Accepted, mut decoder:
     );
     let expires_at = std::time::Instant::now() + limits.max_connection_duration;
     let connection = Rc::new(Connection::new(id, facts, socket, queue, expires_at));
+    if let (Some(config), Wire::WebSocket) = (&gateway.config.api.resume, wire) {
+        let token = ResumeToken::mint(id);
+        let welcome =
+            resume::welcome_frame(&connection.facts.connection_id, &token, resume_refused);
+        connection
+            .outbound()
+            .borrow_mut()
+            .push_unbounded(outbound::shared(welcome));
+        connection.make_resumable(&token, config);
+    }
     let record = switchboard_storage::ConnectionRecord {
         connection_id: connection.facts.connection_id.clone(),
         connected_at_ms: connection.facts.connected_at_ms,
@@ -113,15 +149,7 @@ async fn live(shard: Rc<Shard>, socket: Socket, accepted: Accepted, mut decoder:
         // Registered after the shutdown sweep: close like everyone else.
         connection.request_close(DisconnectReason::ServerShutdown);
     }
-    let reason = match serve(&shard, &connection, &mut decoder, leftover).await {
-        DisconnectReason::ConnectionLost => match connection.stream() {
-            // QUIC knows more: the client may have closed the session with a code.
-            Socket::WebTransport(session) => session.end_reason().await,
-            _ => DisconnectReason::ConnectionLost,
-        },
-        reason => reason,
-    };
-    let reason = close(&connection, &gateway.metrics, reason).await;
+    let reason = serve_to_the_end(&shard, &connection, &mut decoder, leftover).await;
 
     shard.unregister(&connection);
     gateway
@@ -139,17 +167,103 @@ async fn live(shard: Rc<Shard>, socket: Socket, accepted: Accepted, mut decoder:
     dispatch::fire_disconnect(&shard, facts, reason);
 }
 
+/// Serves the connection until it ends for good and closes it; returns why. A resumable
+/// connection whose socket is lost parks instead and, if its client resumes in time, is
+/// served again on the new socket.
+async fn serve_to_the_end(
+    shard: &Rc<Shard>,
+    connection: &Rc<Connection>,
+    decoder: &mut Decoder,
+    mut leftover: Vec<u8>,
+) -> DisconnectReason {
+    let metrics = &shard.gateway.metrics;
+    loop {
+        let reason = match serve(shard, connection, decoder, leftover).await {
+            DisconnectReason::ConnectionLost => match &*connection.stream() {
+                // QUIC knows more: the client may have closed the session with a code.
+                Socket::WebTransport(session) => session.end_reason().await,
+                _ => DisconnectReason::ConnectionLost,
+            },
+            reason => reason,
+        };
+        let parks = matches!(
+            reason,
+            DisconnectReason::ConnectionLost | DisconnectReason::Superseded
+        ) && connection.is_resumable()
+            && !shard.shutdown.is_cancelled();
+        if !parks {
+            return close(connection, metrics, reason).await;
+        }
+        match park(shard, connection).await {
+            Ok(more) => {
+                leftover = more;
+                *decoder = websocket_decoder(shard);
+            }
+            Err(reason) => {
+                // The socket is long gone: nothing to close, only to report.
+                connection.begin_closing();
+                return reason;
+            }
+        }
+    }
+}
+
+/// Holds a resumable connection whose socket is gone until its client resumes (returns
+/// the bytes that came after the new request head), or until it must end: its window ran
+/// out, it was deleted, or what it held overflowed.
+async fn park(shard: &Shard, connection: &Connection) -> Result<Vec<u8>, DisconnectReason> {
+    let metrics = &shard.gateway.metrics;
+    let window = shard
+        .gateway
+        .config
+        .api
+        .resume
+        .as_ref()
+        .map_or(Duration::ZERO, |config| config.window);
+    let deadline = Instant::now() + window;
+    connection.park();
+    metrics.connections_parked.inc();
+    tracing::debug!(connection_id = %connection.facts.connection_id, "connection parked for a resume");
+    let outcome = loop {
+        let expired = tokio::time::timeout_at(deadline, connection.woken())
+            .await
+            .is_err();
+        if let Some(leftover) = connection.take_resumed() {
+            break Ok(leftover);
+        }
+        if let Some(reason) = connection.take_close_request() {
+            if reason == DisconnectReason::SlowConsumer {
+                shard.note_unresumable(connection, Refusal::Overflow);
+            }
+            break Err(reason);
+        }
+        if expired && !connection.is_resuming() {
+            shard.note_unresumable(connection, Refusal::Expired);
+            break Err(DisconnectReason::ResumeExpired);
+        }
+    };
+    metrics.connections_parked.dec();
+    outcome
+}
+
+/// What the WebSocket handshake opened.
+enum Opened {
+    Connected(Socket, Accepted),
+    /// A client asking to resume: the resume handshake takes it from here.
+    Resume(Box<Resuming>),
+}
+
 /// The TLS handshake (with `server.tls`), then the WebSocket handshake. Boxed so their
 /// state (request headers, `$connect` call) is freed before the connection settles in for
 /// hours: an idle connection keeps only what it needs.
-async fn open(
-    shard: &Rc<Shard>,
-    mut stream: TcpStream,
-    peer: SocketAddr,
-) -> Option<(Socket, Accepted)> {
+async fn open(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) -> Option<Opened> {
     let Some(tls) = shard.gateway.config.server.tls.as_ref() else {
-        let accepted = Box::pin(handshake(shard, &mut stream, peer)).await?;
-        return Some((Socket::Plain(stream), accepted));
+        return Some(match Box::pin(handshake(shard, &mut stream, peer)).await? {
+            Handshaken::Accepted(accepted) => Opened::Connected(Socket::Plain(stream), accepted),
+            Handshaken::Resume(upgrade, request) => {
+                Opened::Resume(Resuming::new(Socket::Plain(stream), upgrade, request, peer))
+            }
+        });
     };
     let timeout = shard.gateway.config.limits.handshake_timeout;
     let mut stream = match tokio::time::timeout(timeout, tls.acceptor().accept(stream)).await {
@@ -161,21 +275,36 @@ async fn open(
         }
         Err(_) => return None,
     };
-    let accepted = Box::pin(handshake(shard, &mut stream, peer)).await?;
+    let handshaken = Box::pin(handshake(shard, &mut stream, peer)).await?;
     let (tcp, tls) = stream.into_inner();
-    Some((Socket::Tls(Box::new(TlsSocket::new(tcp, tls))), accepted))
+    let socket = Socket::Tls(Box::new(TlsSocket::new(tcp, tls)));
+    Some(match handshaken {
+        Handshaken::Accepted(accepted) => Opened::Connected(socket, accepted),
+        Handshaken::Resume(upgrade, request) => {
+            Opened::Resume(Resuming::new(socket, upgrade, request, peer))
+        }
+    })
 }
 
 /// A connection that passed `$connect` and got its 101.
-struct Accepted {
-    id: ConnectionId,
-    facts: ConnectionFacts,
+pub(crate) struct Accepted {
+    pub(crate) id: ConnectionId,
+    pub(crate) facts: ConnectionFacts,
     /// Bytes the client sent right after its request head.
-    leftover: Vec<u8>,
+    pub(crate) leftover: Vec<u8>,
+    /// It asked to resume another connection and could not: the welcome says why.
+    pub(crate) resume_refused: Option<Refusal>,
+}
+
+/// What the WebSocket handshake read.
+enum Handshaken {
+    Accepted(Accepted),
+    /// The request asks to resume (with `api.resume` on); nothing was answered yet.
+    Resume(handshake::UpgradeRequest, ResumeRequest),
 }
 
 /// Counts a handshake's outcome in `switchboard_connections_total`.
-fn count_handshake(shard: &Shard, result: &str, wire: Wire) {
+pub(crate) fn count_handshake(shard: &Shard, result: &str, wire: Wire) {
     shard
         .gateway
         .metrics
@@ -186,10 +315,10 @@ fn count_handshake(shard: &Shard, result: &str, wire: Wire) {
 
 /// A handshake `$connect` (or a check before it) refused: the status and body the client
 /// gets, and the metric label.
-struct Refused {
-    status: u16,
-    body: bytes::Bytes,
-    result: &'static str,
+pub(crate) struct Refused {
+    pub(crate) status: u16,
+    pub(crate) body: bytes::Bytes,
+    pub(crate) result: &'static str,
 }
 
 /// Mints the connection's id and runs what decides whether it may open: the origin
@@ -210,16 +339,28 @@ async fn connect(
         domain_name,
         authorizer: None,
     };
+    let protocol = admit(shard, &mut facts, request).await?;
+    Ok((id, facts, protocol))
+}
+
+/// The origin allow-list, the authorizer (its context goes into `facts`) and the
+/// `$connect` route, for a new connection or a resumed one. Returns the subprotocol
+/// `$connect` chose.
+pub(crate) async fn admit(
+    shard: &Rc<Shard>,
+    facts: &mut ConnectionFacts,
+    request: &crate::event::HandshakeRequest,
+) -> Result<Option<String>, Refused> {
     facts.authorizer =
-        admit_request(shard, &facts, request)
+        admit_request(shard, facts, request)
             .await
             .map_err(|(status, body, result)| Refused {
                 status,
                 body: body.into(),
                 result,
             })?;
-    match dispatch::run_connect(shard, &facts, request).await {
-        ConnectOutcome::Accept { protocol } => Ok((id, facts, protocol)),
+    match dispatch::run_connect(shard, facts, request).await {
+        ConnectOutcome::Accept { protocol } => Ok(protocol),
         ConnectOutcome::Reject {
             status,
             body,
@@ -233,7 +374,7 @@ async fn connect(
 }
 
 /// Counts an accepted connection.
-fn opened(shard: &Shard, facts: &ConnectionFacts, wire: Wire) {
+pub(crate) fn opened(shard: &Shard, facts: &ConnectionFacts, wire: Wire) {
     count_handshake(shard, "accepted", wire);
     shard
         .gateway
@@ -244,12 +385,13 @@ fn opened(shard: &Shard, facts: &ConnectionFacts, wire: Wire) {
     tracing::debug!(connection_id = %facts.connection_id, transport = wire.label(), "connected");
 }
 
-/// Reads the upgrade request, admits the connection, runs `$connect` and answers.
+/// Reads the upgrade request, admits the connection, runs `$connect` and answers; a
+/// request to resume is handed back unanswered.
 async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     shard: &Rc<Shard>,
     stream: &mut S,
     peer: SocketAddr,
-) -> Option<Accepted> {
+) -> Option<Handshaken> {
     let gateway = &shard.gateway;
     let limits = &gateway.config.limits;
     let upgrade =
@@ -269,35 +411,57 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 return None;
             }
         };
-    let connected = connect(
-        shard,
-        peer,
-        upgrade.user_agent,
-        upgrade.host,
-        &upgrade.request,
-    )
-    .await;
-    let (id, facts, protocol) = match connected {
-        Ok(connected) => connected,
-        Err(refused) => {
-            count_handshake(shard, refused.result, Wire::WebSocket);
-            let response = handshake::error_response(refused.status, &refused.body);
+    if gateway.config.api.resume.is_some() {
+        if let Some(request) = ResumeRequest::from_query(&upgrade.request.query) {
+            return Some(Handshaken::Resume(upgrade, request));
+        }
+    }
+    let (id, facts, response) = match decide(shard, peer, &upgrade).await {
+        Ok(decided) => decided,
+        Err(response) => {
             handshake::respond_and_close(stream, &response).await;
             return None;
         }
     };
-    let response = handshake::switching_protocols(&upgrade.key, protocol.as_deref());
     if stream.write_all(&response).await.is_err() {
         // The client left before the 101; `$connect` succeeded, so `$disconnect` is owed.
         dispatch::fire_disconnect(shard, facts, DisconnectReason::ConnectionLost);
         return None;
     }
     opened(shard, &facts, Wire::WebSocket);
-    Some(Accepted {
+    Some(Handshaken::Accepted(Accepted {
         id,
         facts,
         leftover: upgrade.leftover,
-    })
+        resume_refused: None,
+    }))
+}
+
+/// Runs what decides a WebSocket upgrade (a new connection id, the checks, `$connect`):
+/// the connection's id and facts with the 101 to answer, or the refusal's response.
+pub(crate) async fn decide(
+    shard: &Rc<Shard>,
+    peer: SocketAddr,
+    upgrade: &handshake::UpgradeRequest,
+) -> Result<(ConnectionId, ConnectionFacts, Vec<u8>), Vec<u8>> {
+    let connected = connect(
+        shard,
+        peer,
+        upgrade.user_agent.clone(),
+        upgrade.host.clone(),
+        &upgrade.request,
+    )
+    .await;
+    match connected {
+        Ok((id, facts, protocol)) => {
+            let response = handshake::switching_protocols(&upgrade.key, protocol.as_deref());
+            Ok((id, facts, response))
+        }
+        Err(refused) => {
+            count_handshake(shard, refused.result, Wire::WebSocket);
+            Err(handshake::error_response(refused.status, &refused.body))
+        }
+    }
 }
 
 /// The WebTransport handshake: QUIC and HTTP/3 up to the session request, the admission
@@ -354,6 +518,7 @@ async fn open_webtransport(
         query: form_urlencoded::parse(query.as_bytes())
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect(),
+        resumed: false,
     };
     let datagrams = handshake_request
         .query
@@ -397,6 +562,7 @@ async fn open_webtransport(
         id,
         facts,
         leftover: Vec::new(),
+        resume_refused: None,
     };
     Some((Socket::WebTransport(Box::new(socket)), accepted, ticket))
 }
@@ -534,7 +700,7 @@ async fn serve(
         if can_read && throttle.since.is_some() {
             // Everything read so far is handled: if the socket holds nothing more, the
             // client is not ahead of its limit any longer.
-            match read_frames(stream, decoder, &mut incoming) {
+            match read_frames(&stream, decoder, &mut incoming) {
                 Ok(ReadOutcome::Nothing) => throttle.since = None,
                 Ok(ReadOutcome::Read) => connection.touch(),
                 Err(reason @ DisconnectReason::BadFrame(_)) => broken = Some(reason),
@@ -560,7 +726,7 @@ async fn serve(
                 if ready.is_err() {
                     return DisconnectReason::ConnectionLost;
                 }
-                match read_frames(stream, decoder, &mut incoming) {
+                match read_frames(&stream, decoder, &mut incoming) {
                     Ok(ReadOutcome::Nothing) => {}
                     Ok(ReadOutcome::Read) => connection.touch(),
                     Err(reason @ DisconnectReason::BadFrame(_)) => broken = Some(reason),
@@ -728,7 +894,7 @@ async fn close(
         DisconnectReason::SlowConsumer | DisconnectReason::Overloaded
     );
     let deadline = Instant::now() + CLOSE_FLUSH;
-    if let Socket::WebTransport(session) = stream {
+    if let Socket::WebTransport(session) = &*stream {
         // The session's close carries the code and reason; queued messages go first.
         if abandon_queue {
             connection.outbound().borrow_mut().clear();

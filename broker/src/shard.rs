@@ -27,6 +27,7 @@ use crate::handshake;
 use crate::integration::HttpIntegration;
 use crate::limits::Refusal;
 use crate::outbound::{self, SharedFrame, Wire};
+use crate::resume::{self, ResumeToken};
 use crate::rooms::{RoomIndex, RoomName};
 use crate::session;
 use crate::transport::webtransport::HandshakeSlot;
@@ -105,6 +106,8 @@ enum ShardCommand {
         incoming: Box<wtransport::endpoint::IncomingSession>,
         handshake: HandshakeSlot,
     },
+    /// Continue a resume handshake another shard read: the connection it names is here.
+    AdoptResume(Box<resume::attach::Handoff>),
 }
 
 /// How other threads talk to a shard.
@@ -243,6 +246,15 @@ impl ShardHandle {
         let _ = self.commands.send(command).await;
     }
 
+    /// Hands the shard a resume handshake for one of its connections (a stopped shard
+    /// drops it, which closes the socket).
+    pub async fn adopt_resume(&self, handoff: resume::attach::Handoff) {
+        let _ = self
+            .commands
+            .send(ShardCommand::AdoptResume(Box::new(handoff)))
+            .await;
+    }
+
     /// Asks for the shard's members of `room`.
     pub async fn list_room(
         &self,
@@ -274,13 +286,57 @@ pub struct Shard {
     refusals_answering: std::cell::Cell<usize>,
     /// Queue appends made during this scheduler turn, handed to the writer together.
     pending_appends: RefCell<Vec<PendingAppend>>,
+    /// Resumable connections that ended without their client coming back, kept for a
+    /// window so that a late resume learns why ("expired", "overflow") instead of "unknown".
+    unresumable: RefCell<HashMap<u64, Unresumable>>,
     pub http: HttpIntegration,
     /// Every session and every `$disconnect` call, so shutdown can wait for them.
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
 }
 
+/// Why a resumable connection ended, for a client that comes back after it did.
+struct Unresumable {
+    secret: resume::Secret,
+    refusal: resume::Refusal,
+    until: std::time::Instant,
+}
+
 impl Shard {
+    /// The connection `token` resumes, or why there is none to resume. A token whose
+    /// secret does not match is `Unknown` and changes nothing.
+    pub(crate) fn resumable(&self, token: &ResumeToken) -> Result<Rc<Connection>, resume::Refusal> {
+        if let Some(connection) = self.connections.borrow().get(&token.id.sequence) {
+            return match connection.is_resumed_by(token) {
+                true => Ok(connection.clone()),
+                false => Err(resume::Refusal::Unknown),
+            };
+        }
+        match self.unresumable.borrow().get(&token.id.sequence) {
+            Some(ended) if token.proves(&ended.secret) => Err(ended.refusal),
+            _ => Err(resume::Refusal::Unknown),
+        }
+    }
+
+    /// Remembers that a resumable connection ended for `refusal`, for one resume window.
+    pub(crate) fn note_unresumable(&self, connection: &Connection, refusal: resume::Refusal) {
+        let (Some(secret), Some(config)) = (
+            connection.resume_secret(),
+            self.gateway.config.api.resume.as_ref(),
+        ) else {
+            return;
+        };
+        let until = std::time::Instant::now() + config.window;
+        self.unresumable.borrow_mut().insert(
+            connection.id.sequence,
+            Unresumable {
+                secret,
+                refusal,
+                until,
+            },
+        );
+    }
+
     pub fn register(&self, connection: Rc<Connection>) {
         self.connections
             .borrow_mut()
@@ -535,6 +591,9 @@ impl Shard {
         }
         self.hand_off_records();
         self.rooms.borrow_mut().shrink();
+        self.unresumable
+            .borrow_mut()
+            .retain(|_, ended| ended.until > now);
         let mut connections = self.connections.borrow_mut();
         if connections.capacity() > 4 * connections.len().max(64) {
             connections.shrink_to_fit();
@@ -660,6 +719,10 @@ impl Shard {
                 let session = session::run_webtransport(self.clone(), *incoming, handshake);
                 self.tasks.spawn_local(session);
             }
+            ShardCommand::AdoptResume(handoff) => {
+                self.tasks
+                    .spawn_local(resume::attach::adopt(self.clone(), *handoff));
+            }
             ShardCommand::ListRoom { room, reply } => {
                 let members = self
                     .rooms
@@ -705,6 +768,7 @@ pub fn spawn(
                     records: RefCell::new(RecordChanges::default()),
                     refusals_answering: std::cell::Cell::new(0),
                     pending_appends: RefCell::new(Vec::new()),
+                    unresumable: RefCell::new(HashMap::new()),
                     http: HttpIntegration::new(),
                     tasks: TaskTracker::new(),
                     shutdown,

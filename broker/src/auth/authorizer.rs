@@ -488,6 +488,7 @@ mod tests {
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_string()))
                 .collect(),
+            resumed: false,
         }
     }
 

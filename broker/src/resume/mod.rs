@@ -16,6 +16,8 @@
 //! connection keeps its resend buffer in [`crate::outbound`], the session parks and
 //! resumes it, and the shard keeps parked connections findable.
 
+pub mod attach;
+
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;

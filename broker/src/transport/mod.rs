@@ -26,6 +26,26 @@ pub enum Socket {
     WebTransport(Box<WebTransportSocket>),
 }
 
+/// A TCP or TLS socket on its way to another shard: deregistered from the runtime it was
+/// accepted on, registered again by [`SendableSocket::into_socket`] on the one it joins.
+pub enum SendableSocket {
+    Plain(std::net::TcpStream),
+    Tls(std::net::TcpStream, Box<rustls::ServerConnection>),
+}
+
+impl SendableSocket {
+    /// Registers the socket with the current runtime.
+    pub fn into_socket(self) -> std::io::Result<Socket> {
+        Ok(match self {
+            Self::Plain(tcp) => Socket::Plain(TcpStream::from_std(tcp)?),
+            Self::Tls(tcp, session) => {
+                let tcp = TcpStream::from_std(tcp)?;
+                Socket::Tls(Box::new(TlsSocket::new(tcp, *session)))
+            }
+        })
+    }
+}
+
 /// Turns a connection's bytes into messages: WebSocket frames, or WebTransport's
 /// length-prefixed messages.
 #[derive(Debug)]
@@ -95,6 +115,39 @@ impl Socket {
         match self {
             Self::Plain(_) | Self::WebTransport(_) => Ok(false),
             Self::Tls(tls) => tls.flush_pending(),
+        }
+    }
+
+    /// Writes all of `bytes`, waiting for the socket as needed (a handshake's answer).
+    pub async fn write_all(&self, mut bytes: &[u8]) -> std::io::Result<()> {
+        loop {
+            if !bytes.is_empty() {
+                match self.try_write_vectored(&[IoSlice::new(bytes)]) {
+                    Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                    Ok(written) => bytes = &bytes[written..],
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let held = self.flush_pending()?;
+            if bytes.is_empty() && !held {
+                return Ok(());
+            }
+            self.writable().await?;
+        }
+    }
+
+    /// The socket as it can cross to another shard's thread (a WebTransport session never
+    /// does: `None`).
+    pub fn into_sendable(self) -> Option<SendableSocket> {
+        match self {
+            Self::Plain(tcp) => tcp.into_std().ok().map(SendableSocket::Plain),
+            Self::Tls(tls) => {
+                let (tcp, session) = tls.into_parts();
+                let tcp = tcp.into_std().ok()?;
+                Some(SendableSocket::Tls(tcp, Box::new(session)))
+            }
+            Self::WebTransport(_) => None,
         }
     }
 

@@ -165,6 +165,11 @@ impl TlsSocket {
         &self.tcp
     }
 
+    /// The TCP stream and the TLS session, to hand the connection to another thread.
+    pub fn into_parts(self) -> (TcpStream, ServerConnection) {
+        (self.tcp, self.tls.into_inner())
+    }
+
     pub async fn readable(&self) -> std::io::Result<()> {
         if self.plaintext_waiting.get() {
             return Ok(());

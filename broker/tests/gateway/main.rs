@@ -14,6 +14,7 @@ mod nats;
 mod process;
 mod queues;
 mod quickstart;
+mod resume;
 mod rooms;
 mod routing;
 mod support;

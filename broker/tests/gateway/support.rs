@@ -258,6 +258,14 @@ async fn record(
             "headers": {"Sec-WebSocket-Protocol": "chat"}
         }))
         .into_response(),
+        ["refuse-resumed"] => {
+            // A `$connect` backend that lets new connections in and refuses resumes.
+            let code = match event["requestContext"]["resumed"] == true {
+                true => 403,
+                false => 200,
+            };
+            axum::Json(json!({"statusCode": code})).into_response()
+        }
         ["fail-first", count] => {
             // Fails the first `count` requests on this path, then succeeds.
             let seen = backend.events(&path).len();

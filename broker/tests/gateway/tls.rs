@@ -65,15 +65,38 @@ type TlsWs = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<
 
 /// A `wss://` client trusting `pki`'s CA; returns it and the certificate it was shown.
 async fn wss_client(pki: &TestPki, addr: std::net::SocketAddr) -> (TlsWs, CertificateDer<'static>) {
+    wss_client_at(pki, addr, "/dev").await
+}
+
+/// A `wss://` client of `path` (with its query string).
+async fn wss_client_at(
+    pki: &TestPki,
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> (TlsWs, CertificateDer<'static>) {
     let tcp = TcpStream::connect(addr).await.unwrap();
     let connector = TlsConnector::from(pki.client_config());
     let name = ServerName::try_from("localhost").unwrap();
     let tls = connector.connect(name, tcp).await.unwrap();
     let shown = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
-    let (ws, _) = tokio_tungstenite::client_async("wss://localhost/dev", tls)
+    let (ws, _) = tokio_tungstenite::client_async(format!("wss://localhost{path}"), tls)
         .await
         .unwrap();
     (ws, shown)
+}
+
+async fn tls_text(ws: &mut TlsWs) -> String {
+    use futures_util::StreamExt;
+    let message = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    message.into_text().unwrap().as_str().to_owned()
+}
+
+async fn tls_json(ws: &mut TlsWs) -> serde_json::Value {
+    serde_json::from_str(&tls_text(ws).await).unwrap()
 }
 
 async fn tls_echo(ws: &mut TlsWs, text: &str) {
@@ -185,4 +208,67 @@ async fn plain_clients_and_bad_certificates_are_refused() {
     std::fs::write(&cert, "not a certificate").unwrap();
     let output = run(&["check-config", config.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("server.tls.cert"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wss_client_resumes_whichever_shard_its_new_socket_reaches() {
+    use futures_util::SinkExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, cert, key) = tls_config(dir.path());
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}[api]\nresume = true\n")).unwrap();
+    let pki = TestPki::new("resume");
+    pki.install(&cert, &key);
+    let gateway = GatewayProcess::start(&config, &[]);
+    let addr = gateway.ws_addr();
+    let https = reqwest::Client::builder()
+        .use_preconfigured_tls((*pki.client_config()).clone())
+        .build()
+        .unwrap();
+    let metrics = format!("https://localhost:{}/metrics", gateway.api_addr().port());
+    let (mut ws, _) = wss_client(&pki, addr).await;
+    let welcome = tls_json(&mut ws).await;
+    let (id, token) = (
+        welcome["connectionId"].clone(),
+        welcome["resumeToken"].clone(),
+    );
+    let token = token.as_str().unwrap();
+    let mut received = 0;
+    // Two shards: each new socket lands on either, so some resumes cross to the owner.
+    for round in 0..6 {
+        tls_echo(&mut ws, &format!("seen {round}")).await;
+        received += 1;
+        // Its echo is sent, then the socket dies before the client reads it.
+        ws.send(tokio_tungstenite::tungstenite::Message::text(format!(
+            "lost {round}"
+        )))
+        .await
+        .unwrap();
+        drop(ws);
+        let mut parked = false;
+        for _ in 0..200 {
+            let text = https
+                .get(&metrics)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            if text.contains("switchboard_connections_parked 1") {
+                parked = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(parked, "round {round}: parked");
+        let path = format!("/dev?resume={token}&received={received}");
+        (ws, _) = wss_client_at(&pki, addr, &path).await;
+        let first = tls_json(&mut ws).await;
+        assert_eq!(first["type"], "resumed", "round {round}: {first}");
+        assert_eq!(first["connectionId"], id);
+        assert_eq!(first["replayed"], 1);
+        assert_eq!(tls_text(&mut ws).await, format!("lost {round}"));
+        received += 1;
+    }
 }

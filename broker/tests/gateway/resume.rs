@@ -1,0 +1,357 @@
+//! Resume: a client whose socket drops comes back with its token and count, and gets the
+//! same connectionId, its rooms and every message it missed, in order, once; everything
+//! that cannot be resumed is a new connection whose welcome says why, and the backend sees
+//! exactly one `$disconnect` per connectionId.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+fn resume_config(backend: &Backend, extra: &str) -> String {
+    config_with(
+        backend,
+        &format!("[api]\nresume = true\nresume_window_secs = 30\n{extra}"),
+    )
+}
+
+/// Connects and reads the welcome frame: (socket, connectionId, token).
+async fn connect_resumable(gateway: &TestGateway) -> (Ws, String, String) {
+    let mut ws = gateway.connect().await;
+    let welcome = next_json(&mut ws).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    let id = welcome["connectionId"].as_str().unwrap().to_owned();
+    let token = welcome["resumeToken"].as_str().unwrap().to_owned();
+    (ws, id, token)
+}
+
+/// Opens `?resume=TOKEN&received=N` and reads the first frame.
+async fn reconnect(gateway: &TestGateway, token: &str, received: &str) -> (Ws, Value) {
+    let url = format!("{}?resume={token}&received={received}", gateway.ws_url());
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let first = next_json(&mut ws).await;
+    (ws, first)
+}
+
+async fn push(gateway: &TestGateway, id: &str, body: &str) -> u16 {
+    let url = gateway.api_url(&format!("/@connections/{id}"));
+    post_body(url, body.to_owned()).await.status().as_u16()
+}
+
+async fn broadcast(gateway: &TestGateway, room: &str, body: &str) {
+    let url = gateway.api_url(&format!("/@rooms/{room}"));
+    let status = post_body(url, body.to_owned()).await.status();
+    assert!(status.is_success(), "{status}");
+}
+
+async fn join(gateway: &TestGateway, room: &str, id: &str) {
+    let url = gateway.api_url(&format!("/@rooms/{room}/connections/{id}"));
+    let status = http().put(url).send().await.unwrap().status();
+    assert_eq!(status, 204);
+}
+
+/// Waits until the gateway holds `count` parked connections.
+async fn parked(gateway: &TestGateway, count: f64) {
+    for _ in 0..200 {
+        let parked = metric_value(&gateway.metrics().await, "switchboard_connections_parked");
+        if parked == count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("never {count} parked connections");
+}
+
+fn disconnects_of(backend: &Backend, id: &str) -> usize {
+    backend
+        .events("/disconnect")
+        .iter()
+        .filter(|event| connection_id(event) == id)
+        .count()
+}
+
+#[tokio::test]
+async fn a_dropped_client_resumes_with_every_broadcast_and_push_in_order_once() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&resume_config(&backend, "")).await;
+    let (mut ws, id, token) = connect_resumable(&gateway).await;
+    join(&gateway, "chat", &id).await;
+    // Room broadcasts and direct pushes, interleaved, numbered.
+    let message = |n: usize| format!("m{n}");
+    let send = |n: usize| {
+        let (gateway, id) = (&gateway, &id);
+        async move {
+            if n % 2 == 0 {
+                broadcast(gateway, "chat", &message(n)).await;
+            } else {
+                assert_eq!(push(gateway, id, &message(n)).await, 200);
+            }
+        }
+    };
+    for n in 1..=40 {
+        send(n).await;
+    }
+    // The client reads some, then its socket dies with the rest unread.
+    let mut received = 0;
+    for n in 1..=25 {
+        assert_eq!(next_text(&mut ws).await, message(n));
+        received += 1;
+    }
+    drop(ws);
+    parked(&gateway, 1.0).await;
+    // Accepted while parked: 200, not 410.
+    for n in 41..=80 {
+        send(n).await;
+    }
+    let (mut ws, first) = reconnect(&gateway, &token, &received.to_string()).await;
+    assert_eq!(first["type"], "resumed", "{first}");
+    assert_eq!(first["connectionId"], id.as_str());
+    assert_eq!(first["replayed"], 80 - received);
+    for n in received + 1..=80 {
+        assert_eq!(
+            next_text(&mut ws).await,
+            message(n),
+            "in order, nothing missing"
+        );
+    }
+    // Live traffic goes on, and its rooms still deliver.
+    broadcast(&gateway, "chat", "after").await;
+    assert_eq!(next_text(&mut ws).await, "after", "nothing twice");
+    parked(&gateway, 0.0).await;
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, r#"switchboard_resumes_total{outcome="resumed"}"#),
+        1.0
+    );
+    assert_eq!(
+        metric_value(&metrics, "switchboard_resume_replayed_messages_total"),
+        55.0
+    );
+    // The backend never saw the drop.
+    assert_eq!(disconnects_of(&backend, &id), 0);
+    let connects: Vec<Value> = backend.events("/connect-log");
+    assert_eq!(connects.len(), 2, "the resume ran $connect again");
+    assert_eq!(connects[1]["requestContext"]["resumed"], true);
+    assert_eq!(connection_id(&connects[1]), id);
+    let query = connects[1]["queryStringParameters"].as_object().unwrap();
+    assert!(!query.contains_key("resume"), "the token stays a secret");
+    // A clean close ends it for good: exactly one $disconnect.
+    ws.close(None).await.unwrap();
+    disconnect_event(&backend, &id).await;
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn resuming_again_and_again_keeps_the_count_and_crosses_shards() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&resume_config(&backend, "")).await;
+    let (mut ws, id, token) = connect_resumable(&gateway).await;
+    let mut sent = 0;
+    let mut received = 0u64;
+    // Each reconnect lands on whichever of the 2 shards the kernel picks: some resumes are
+    // handed to the owning shard, some are local.
+    for round in 0..8 {
+        for _ in 0..5 {
+            sent += 1;
+            assert_eq!(push(&gateway, &id, &format!("m{sent}")).await, 200);
+        }
+        // Read a few (fewer each round than were sent), then drop.
+        for _ in 0..3 {
+            received += 1;
+            assert_eq!(
+                next_text(&mut ws).await,
+                format!("m{received}"),
+                "round {round}"
+            );
+        }
+        drop(ws);
+        parked(&gateway, 1.0).await;
+        let (next, first) = reconnect(&gateway, &token, &received.to_string()).await;
+        assert_eq!(first["type"], "resumed", "round {round}: {first}");
+        assert_eq!(first["replayed"], sent - received, "round {round}");
+        ws = next;
+    }
+    while received < sent {
+        received += 1;
+        assert_eq!(next_text(&mut ws).await, format!("m{received}"));
+    }
+    assert_eq!(disconnects_of(&backend, &id), 0);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn after_the_window_the_client_gets_a_new_connection_and_the_old_one_disconnects() {
+    let backend = Backend::start().await;
+    let config = config_with(&backend, "[api]\nresume = true\nresume_window_secs = 1\n");
+    let gateway = TestGateway::start(&config).await;
+    let (ws, id, token) = connect_resumable(&gateway).await;
+    drop(ws);
+    let (code, reason) = status_and_reason(&disconnect_event(&backend, &id).await);
+    assert_eq!((code, reason.as_str()), (1001, "resume window expired"));
+    let (_ws, welcome) = reconnect(&gateway, &token, "0").await;
+    assert_eq!(welcome["type"], "welcome");
+    assert_eq!(welcome["resumed"], false);
+    assert_eq!(welcome["reason"], "expired");
+    assert_ne!(welcome["connectionId"], id.as_str(), "a new connection");
+    assert!(welcome["resumeToken"].is_string());
+    let new_id = welcome["connectionId"].as_str().unwrap();
+    backend
+        .wait_for("/connect-log", |e| connection_id(e) == new_id)
+        .await;
+    assert_eq!(disconnects_of(&backend, &id), 1, "still exactly one");
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn forged_garbled_and_impossible_resumes_are_unknown() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&resume_config(&backend, "")).await;
+    let (ws, id, token) = connect_resumable(&gateway).await;
+    assert_eq!(push(&gateway, &id, "one").await, 200);
+    drop(ws);
+    parked(&gateway, 1.0).await;
+    // The right connection, the wrong secret.
+    let mut forged = token.clone().into_bytes();
+    let last = forged.len() - 2;
+    forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    // Each is a new connection of its own (kept open here, so only ours parks).
+    let mut others = Vec::new();
+    for (token, received) in [
+        (forged.as_str(), "0"),
+        ("not-a-token", "0"),
+        (token.as_str(), "many"),
+    ] {
+        let (ws, welcome) = reconnect(&gateway, token, received).await;
+        assert_eq!(welcome["reason"], "unknown", "{token} {received}");
+        assert_ne!(welcome["connectionId"], id.as_str());
+        others.push(ws);
+    }
+    // None of that touched the parked connection: it still resumes.
+    assert_eq!(disconnects_of(&backend, &id), 0);
+    let (mut ws, first) = reconnect(&gateway, &token, "0").await;
+    assert_eq!(first["type"], "resumed");
+    assert_eq!(next_text(&mut ws).await, "one");
+    drop(ws);
+    parked(&gateway, 1.0).await;
+    // A count larger than what was sent: not a crash, "unknown", and the client gave up
+    // on the old connection, which ends.
+    let (_ws, welcome) = reconnect(&gateway, &token, "5").await;
+    assert_eq!(welcome["reason"], "unknown");
+    let (_, reason) = status_and_reason(&disconnect_event(&backend, &id).await);
+    assert_eq!(reason, "resume refused");
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn what_a_parked_connection_cannot_hold_ends_it_as_overflow() {
+    let backend = Backend::start().await;
+    let limits = "[limits]\noutbound_queue_frames = 8\n";
+    let gateway = TestGateway::start(&resume_config(&backend, limits)).await;
+    let (ws, id, token) = connect_resumable(&gateway).await;
+    drop(ws);
+    parked(&gateway, 1.0).await;
+    for n in 0..8 {
+        assert_eq!(push(&gateway, &id, &format!("held {n}")).await, 200);
+    }
+    // The ninth does not fit: the session can no longer be resumed.
+    push(&gateway, &id, "one too many").await;
+    let (_, reason) = status_and_reason(&disconnect_event(&backend, &id).await);
+    assert_eq!(reason, "slow consumer");
+    assert_eq!(push(&gateway, &id, "late").await, 410);
+    let (_ws, welcome) = reconnect(&gateway, &token, "0").await;
+    assert_eq!(welcome["reason"], "overflow");
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, r#"switchboard_resumes_total{outcome="overflow"}"#),
+        1.0
+    );
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_parked_connection_is_described_and_deleted_through_the_api() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&resume_config(&backend, "")).await;
+    let (ws, id, token) = connect_resumable(&gateway).await;
+    drop(ws);
+    parked(&gateway, 1.0).await;
+    let url = gateway.api_url(&format!("/@connections/{id}"));
+    let described = |url: String| async move {
+        let response = http().get(url).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.json::<Value>().await.unwrap()
+    };
+    let before = described(url.clone()).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let after = described(url.clone()).await;
+    assert_eq!(
+        before["lastActiveAt"], after["lastActiveAt"],
+        "it stops moving"
+    );
+    let status = http().delete(&url).send().await.unwrap().status();
+    assert!(status.is_success(), "{status}");
+    let (_, reason) = status_and_reason(&disconnect_event(&backend, &id).await);
+    assert_eq!(reason, "connection deleted via @connections");
+    assert_eq!(http().get(&url).send().await.unwrap().status(), 410);
+    let (_ws, welcome) = reconnect(&gateway, &token, "0").await;
+    assert_eq!(welcome["resumed"], false);
+    parked(&gateway, 0.0).await;
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_resume_takes_over_from_a_socket_that_still_looks_alive() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&resume_config(&backend, "")).await;
+    let (mut old, id, token) = connect_resumable(&gateway).await;
+    assert_eq!(push(&gateway, &id, "one").await, 200);
+    assert_eq!(next_text(&mut old).await, "one");
+    assert_eq!(push(&gateway, &id, "two").await, 200);
+    // The client decided its socket was dead before the gateway noticed.
+    let (mut new, first) = reconnect(&gateway, &token, "1").await;
+    assert_eq!(first["type"], "resumed");
+    assert_eq!(next_text(&mut new).await, "two");
+    assert_eq!(push(&gateway, &id, "three").await, 200);
+    assert_eq!(next_text(&mut new).await, "three");
+    assert_eq!(disconnects_of(&backend, &id), 0);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_resume_connect_refuses_ends_the_session() {
+    let backend = Backend::start().await;
+    let config = format!(
+        r#"
+[api]
+resume = true
+[routes."$connect"]
+integration = {{ type = "http", url = "{url}/refuse-resumed" }}
+[routes."$disconnect"]
+integration = {{ type = "http", url = "{url}/disconnect" }}
+"#,
+        url = backend.url
+    );
+    let gateway = TestGateway::start(&config).await;
+    let (ws, id, token) = connect_resumable(&gateway).await;
+    drop(ws);
+    parked(&gateway, 1.0).await;
+    let url = format!("{}?resume={token}&received=0", gateway.ws_url());
+    assert_eq!(request_status(url).await, 403);
+    let (_, reason) = status_and_reason(&disconnect_event(&backend, &id).await);
+    assert_eq!(reason, "resume refused");
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn resume_is_off_by_default_and_nothing_changes() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&config_with(&backend, "")).await;
+    let (mut ws, id) = gateway.connect_with_id(&backend).await;
+    assert_eq!(push(&gateway, &id, "first").await, 200);
+    assert_eq!(next_text(&mut ws).await, "first", "no welcome frame");
+    drop(ws);
+    disconnect_event(&backend, &id).await;
+    gateway.stop().await;
+}
