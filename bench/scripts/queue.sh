@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 FSYNC=$1; N=$2; RATE=${3:-}; C=${4:-10}
 d=$(mktemp -d)
-trap 'kill $pid 2>/dev/null; rm -rf "$d"' EXIT
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$d"' EXIT
 cat > "$d/sb.toml" <<CFG
 [server]
 listen = "127.0.0.1:28080"

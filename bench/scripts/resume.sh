@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 RESUME=$1; C=${2:-1000}
 d=$(mktemp -d)
-trap 'kill $pid 2>/dev/null; rm -rf "$d"' EXIT
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$d"' EXIT
 cat > "$d/sb.toml" <<CFG
 [server]
 listen = "127.0.0.1:28080"

@@ -115,8 +115,9 @@ pub struct OutboundQueue {
     queued_bytes: usize,
     max_frames: usize,
     max_bytes: usize,
-    /// Set on a resumable connection.
-    resend: Option<Resend>,
+    /// Set on a resumable connection (boxed: most connections are not, and every one
+    /// carries this field).
+    resend: Option<Box<Resend>>,
 }
 
 /// What a resumable connection keeps to send again.
@@ -156,14 +157,14 @@ impl OutboundQueue {
     /// From now on, numbers data frames (the first queued after this is 1) and keeps the
     /// last ones written, at most `max_frames` of them and `max_bytes`.
     pub fn keep_for_resend(&mut self, max_frames: usize, max_bytes: usize) {
-        self.resend = Some(Resend {
+        self.resend = Some(Box::new(Resend {
             next_number: 1,
             written: VecDeque::new(),
             first_written: 1,
             written_bytes: 0,
             max_frames,
             max_bytes,
-        });
+        }));
     }
 
     /// Replaces the queue with every data frame numbered after `received`, in order, from

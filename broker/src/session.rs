@@ -56,7 +56,8 @@ thread_local! {
 /// holds until the socket closes (a resume hands both to the connection it resumes).
 pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, ticket: AdmissionTicket) {
     let _ = stream.set_nodelay(true);
-    match open(&shard, stream, peer).await {
+    // Boxed: the handshake state is gone before the connection settles in for hours.
+    match Box::pin(open(&shard, stream, peer)).await {
         Some(Opened::Connected(socket, accepted)) => {
             let decoder = websocket_decoder(&shard);
             live(shard, socket, accepted, decoder).await;
@@ -181,20 +182,22 @@ async fn serve_to_the_end(
         let reason = match serve(shard, connection, decoder, leftover).await {
             DisconnectReason::ConnectionLost => match &*connection.stream() {
                 // QUIC knows more: the client may have closed the session with a code.
-                Socket::WebTransport(session) => session.end_reason().await,
+                Socket::WebTransport(session) => Box::pin(session.end_reason()).await,
                 _ => DisconnectReason::ConnectionLost,
             },
             reason => reason,
         };
+        // The paths below run once per connection (or per drop): boxed, so the state every
+        // idle connection keeps is only what `serve` needs.
         let parks = matches!(
             reason,
             DisconnectReason::ConnectionLost | DisconnectReason::Superseded
         ) && connection.is_resumable()
             && !shard.shutdown.is_cancelled();
         if !parks {
-            return close(connection, metrics, reason).await;
+            return Box::pin(close(connection, metrics, reason)).await;
         }
-        match park(shard, connection).await {
+        match Box::pin(park(shard, connection)).await {
             Ok(more) => {
                 leftover = more;
                 *decoder = websocket_decoder(shard);
