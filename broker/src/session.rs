@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -59,7 +59,7 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, ticket: 
     // Boxed: the handshake state is gone before the connection settles in for hours.
     match Box::pin(open(&shard, stream, peer)).await {
         Some(Opened::Connected(socket, accepted)) => {
-            let decoder = websocket_decoder(&shard);
+            let decoder = decoder_for(&shard, Wire::WebSocket);
             live(shard, socket, accepted, decoder).await;
             drop(ticket);
         }
@@ -74,13 +74,16 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, ticket: 
     }
 }
 
-/// A fresh WebSocket frame decoder with the configured limits.
-pub(crate) fn websocket_decoder(shard: &Shard) -> Decoder {
+/// A fresh decoder for `wire` with the configured limits.
+pub(crate) fn decoder_for(shard: &Shard, wire: Wire) -> Decoder {
     let limits = &shard.gateway.config.limits;
-    Decoder::WebSocket(MessageDecoder::new(
-        limits.max_frame_bytes,
-        limits.max_message_bytes,
-    ))
+    match wire {
+        Wire::WebSocket => Decoder::WebSocket(MessageDecoder::new(
+            limits.max_frame_bytes,
+            limits.max_message_bytes,
+        )),
+        Wire::WebTransport => Decoder::WebTransport(FrameDecoder::new(limits.max_message_bytes)),
+    }
 }
 
 /// Runs a WebTransport session the endpoint accepted; its QUIC handshake counts under
@@ -91,12 +94,21 @@ pub async fn run_webtransport(
     handshake: HandshakeSlot,
 ) {
     let opened = Box::pin(open_webtransport(&shard, incoming, handshake)).await;
-    let Some((socket, accepted, ticket)) = opened else {
-        return;
-    };
-    let decoder = FrameDecoder::new(shard.gateway.config.limits.max_message_bytes);
-    live(shard, socket, accepted, Decoder::WebTransport(decoder)).await;
-    drop(ticket);
+    match opened {
+        Some((Opened::Connected(socket, accepted), ticket)) => {
+            let decoder = decoder_for(&shard, Wire::WebTransport);
+            live(shard, socket, accepted, decoder).await;
+            drop(ticket);
+        }
+        Some((Opened::Resume(resuming), ticket)) => {
+            let resuming = Resuming {
+                ticket: Some(ticket),
+                ..*resuming
+            };
+            Box::pin(resume::attach::resume(shard, resuming)).await;
+        }
+        None => {}
+    }
 }
 
 /// A connection from `$connect` to `$disconnect`: registered with its shard, served until
@@ -124,7 +136,7 @@ pub(crate) async fn live(
     );
     let expires_at = std::time::Instant::now() + limits.max_connection_duration;
     let connection = Rc::new(Connection::new(id, facts, socket, queue, expires_at));
-    if let (Some(config), Wire::WebSocket) = (&gateway.config.api.resume, wire) {
+    if let Some(config) = &gateway.config.api.resume {
         let token = ResumeToken::mint(id);
         let welcome =
             resume::welcome_frame(&connection.facts.connection_id, &token, resume_refused);
@@ -200,7 +212,7 @@ async fn serve_to_the_end(
         match Box::pin(park(shard, connection)).await {
             Ok(more) => {
                 leftover = more;
-                *decoder = websocket_decoder(shard);
+                *decoder = decoder_for(shard, connection.stream().wire());
             }
             Err(reason) => {
                 // The socket is long gone: nothing to close, only to report.
@@ -260,33 +272,49 @@ enum Opened {
 /// state (request headers, `$connect` call) is freed before the connection settles in for
 /// hours: an idle connection keeps only what it needs.
 async fn open(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) -> Option<Opened> {
-    let Some(tls) = shard.gateway.config.server.tls.as_ref() else {
-        return Some(match Box::pin(handshake(shard, &mut stream, peer)).await? {
-            Handshaken::Accepted(accepted) => Opened::Connected(Socket::Plain(stream), accepted),
-            Handshaken::Resume(upgrade, request) => {
-                Opened::Resume(Resuming::new(Socket::Plain(stream), upgrade, request, peer))
-            }
-        });
-    };
-    let timeout = shard.gateway.config.limits.handshake_timeout;
-    let mut stream = match tokio::time::timeout(timeout, tls.acceptor().accept(stream)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(error)) => {
-            tracing::debug!(%peer, %error, "TLS handshake failed");
-            count_handshake(shard, "tls_error", Wire::WebSocket);
-            return None;
+    let (socket, upgrade) = match shard.gateway.config.server.tls.as_ref() {
+        None => {
+            let upgrade = Box::pin(read_upgrade(shard, &mut stream, peer)).await?;
+            (Socket::Plain(stream), upgrade)
         }
-        Err(_) => return None,
-    };
-    let handshaken = Box::pin(handshake(shard, &mut stream, peer)).await?;
-    let (tcp, tls) = stream.into_inner();
-    let socket = Socket::Tls(Box::new(TlsSocket::new(tcp, tls)));
-    Some(match handshaken {
-        Handshaken::Accepted(accepted) => Opened::Connected(socket, accepted),
-        Handshaken::Resume(upgrade, request) => {
-            Opened::Resume(Resuming::new(socket, upgrade, request, peer))
+        Some(tls) => {
+            let timeout = shard.gateway.config.limits.handshake_timeout;
+            let accepted = tokio::time::timeout(timeout, tls.acceptor().accept(stream)).await;
+            let mut stream = match accepted {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    tracing::debug!(%peer, %error, "TLS handshake failed");
+                    count_handshake(shard, "tls_error", Wire::WebSocket);
+                    return None;
+                }
+                Err(_) => return None,
+            };
+            let upgrade = Box::pin(read_upgrade(shard, &mut stream, peer)).await?;
+            let (tcp, tls) = stream.into_inner();
+            (Socket::Tls(Box::new(TlsSocket::new(tcp, tls))), upgrade)
         }
-    })
+    };
+    if shard.gateway.config.api.resume.is_some() {
+        if let Some(resume) = ResumeRequest::from_query(&upgrade.request.query) {
+            return Some(Opened::Resume(Resuming::websocket(
+                socket, upgrade, resume, peer,
+            )));
+        }
+    }
+    let handshake::UpgradeRequest {
+        request,
+        key,
+        host,
+        user_agent,
+        leftover,
+    } = upgrade;
+    let answer = Answer::WebSocket {
+        socket,
+        key,
+        leftover,
+    };
+    let (socket, accepted) = accept_new(shard, answer, peer, user_agent, host, &request).await?;
+    Some(Opened::Connected(socket, accepted))
 }
 
 /// A connection that passed `$connect` and got its 101.
@@ -297,13 +325,6 @@ pub(crate) struct Accepted {
     pub(crate) leftover: Vec<u8>,
     /// It asked to resume another connection and could not: the welcome says why.
     pub(crate) resume_refused: Option<Refusal>,
-}
-
-/// What the WebSocket handshake read.
-enum Handshaken {
-    Accepted(Accepted),
-    /// The request asks to resume (with `api.resume` on); nothing was answered yet.
-    Resume(handshake::UpgradeRequest, ResumeRequest),
 }
 
 /// Counts a handshake's outcome in `switchboard_connections_total`.
@@ -388,81 +409,28 @@ pub(crate) fn opened(shard: &Shard, facts: &ConnectionFacts, wire: Wire) {
     tracing::debug!(connection_id = %facts.connection_id, transport = wire.label(), "connected");
 }
 
-/// Reads the upgrade request, admits the connection, runs `$connect` and answers; a
-/// request to resume is handed back unanswered.
-async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
-    shard: &Rc<Shard>,
+/// Reads the upgrade request; a malformed one is answered here, and the client let go.
+async fn read_upgrade<S: AsyncRead + AsyncWrite + Unpin>(
+    shard: &Shard,
     stream: &mut S,
     peer: SocketAddr,
-) -> Option<Handshaken> {
+) -> Option<handshake::UpgradeRequest> {
     let gateway = &shard.gateway;
     let limits = &gateway.config.limits;
-    let upgrade =
-        match handshake::read_upgrade(stream, &gateway.config.api.stage, limits.handshake_timeout)
-            .await
-        {
-            Ok(upgrade) => upgrade,
-            Err(ReadError::Rejected(rejection)) => {
-                count_handshake(shard, rejection.label(), Wire::WebSocket);
-                let body = rejection.to_string();
-                let response = handshake::error_response(rejection.status(), body.as_bytes());
-                handshake::respond_and_close(stream, &response).await;
-                return None;
-            }
-            Err(error) => {
-                tracing::debug!(%peer, %error, "handshake abandoned");
-                return None;
-            }
-        };
-    if gateway.config.api.resume.is_some() {
-        if let Some(request) = ResumeRequest::from_query(&upgrade.request.query) {
-            return Some(Handshaken::Resume(upgrade, request));
-        }
-    }
-    let (id, facts, response) = match decide(shard, peer, &upgrade).await {
-        Ok(decided) => decided,
-        Err(response) => {
+    let read =
+        handshake::read_upgrade(stream, &gateway.config.api.stage, limits.handshake_timeout).await;
+    match read {
+        Ok(upgrade) => Some(upgrade),
+        Err(ReadError::Rejected(rejection)) => {
+            count_handshake(shard, rejection.label(), Wire::WebSocket);
+            let body = rejection.to_string();
+            let response = handshake::error_response(rejection.status(), body.as_bytes());
             handshake::respond_and_close(stream, &response).await;
-            return None;
+            None
         }
-    };
-    if stream.write_all(&response).await.is_err() {
-        // The client left before the 101; `$connect` succeeded, so `$disconnect` is owed.
-        dispatch::fire_disconnect(shard, facts, DisconnectReason::ConnectionLost);
-        return None;
-    }
-    opened(shard, &facts, Wire::WebSocket);
-    Some(Handshaken::Accepted(Accepted {
-        id,
-        facts,
-        leftover: upgrade.leftover,
-        resume_refused: None,
-    }))
-}
-
-/// Runs what decides a WebSocket upgrade (a new connection id, the checks, `$connect`):
-/// the connection's id and facts with the 101 to answer, or the refusal's response.
-pub(crate) async fn decide(
-    shard: &Rc<Shard>,
-    peer: SocketAddr,
-    upgrade: &handshake::UpgradeRequest,
-) -> Result<(ConnectionId, ConnectionFacts, Vec<u8>), Vec<u8>> {
-    let connected = connect(
-        shard,
-        peer,
-        upgrade.user_agent.clone(),
-        upgrade.host.clone(),
-        &upgrade.request,
-    )
-    .await;
-    match connected {
-        Ok((id, facts, protocol)) => {
-            let response = handshake::switching_protocols(&upgrade.key, protocol.as_deref());
-            Ok((id, facts, response))
-        }
-        Err(refused) => {
-            count_handshake(shard, refused.result, Wire::WebSocket);
-            Err(handshake::error_response(refused.status, &refused.body))
+        Err(error) => {
+            tracing::debug!(%peer, %error, "handshake abandoned");
+            None
         }
     }
 }
@@ -476,7 +444,7 @@ async fn open_webtransport(
     shard: &Rc<Shard>,
     incoming: wtransport::endpoint::IncomingSession,
     handshake: HandshakeSlot,
-) -> Option<(Socket, Accepted, AdmissionTicket)> {
+) -> Option<(Opened, AdmissionTicket)> {
     let gateway = &shard.gateway;
     let timeout = gateway.config.limits.handshake_timeout;
     // A dual-stack listener sees IPv4 clients as `::ffff:a.b.c.d`: limits and events
@@ -529,45 +497,150 @@ async fn open_webtransport(
         .any(|(name, value)| name == "datagrams" && value == "1");
     let user_agent = request.user_agent().unwrap_or_default().to_owned();
     let authority = request.authority().to_owned();
-    let (id, facts, _) = match connect(shard, peer, user_agent, authority, &handshake_request).await
-    {
+    let answer = Answer::WebTransport {
+        request: Box::new(request),
+        datagrams,
+    };
+    if gateway.config.api.resume.is_some() {
+        if let Some(resume) = ResumeRequest::from_query(&handshake_request.query) {
+            let resuming = Resuming {
+                answer,
+                peer,
+                request: handshake_request,
+                user_agent,
+                host: authority,
+                resume,
+                ticket: None,
+            };
+            return Some((Opened::Resume(Box::new(resuming)), ticket));
+        }
+    }
+    let opened = accept_new(
+        shard,
+        answer,
+        peer,
+        user_agent,
+        authority,
+        &handshake_request,
+    )
+    .await?;
+    Some((Opened::Connected(opened.0, opened.1), ticket))
+}
+
+/// A new connection from a handshake read but not answered: the checks and `$connect`,
+/// then the answer. `None` if it was refused or the client left.
+pub(crate) async fn accept_new(
+    shard: &Rc<Shard>,
+    answer: Answer,
+    peer: SocketAddr,
+    user_agent: String,
+    host: String,
+    request: &crate::event::HandshakeRequest,
+) -> Option<(Socket, Accepted)> {
+    let wire = answer.wire();
+    let (id, facts, protocol) = match connect(shard, peer, user_agent, host, request).await {
         Ok(connected) => connected,
         Err(refused) => {
-            count_handshake(shard, refused.result, Wire::WebTransport);
-            match refused.status {
-                429 => request.too_many_requests().await,
-                _ => request.forbidden().await,
-            }
+            count_handshake(shard, refused.result, wire);
+            answer.refuse(refused.status, &refused.body).await;
             return None;
         }
     };
-    let stream = async {
-        let session = request.accept().await?;
-        let (send, recv) = session.accept_bi().await?;
-        Ok::<_, wtransport::error::ConnectionError>(WebTransportSocket::new(
-            session, send, recv, datagrams,
-        ))
+    let timeout = shard.gateway.config.limits.handshake_timeout;
+    let Some((socket, leftover)) = answer.accept(protocol.as_deref(), timeout).await else {
+        // `$connect` succeeded, so `$disconnect` is owed.
+        dispatch::fire_disconnect(shard, facts, DisconnectReason::ConnectionLost);
+        return None;
     };
-    let socket = match tokio::time::timeout(timeout, stream).await {
-        Ok(Ok(socket)) => socket,
-        failed => {
-            match failed {
-                Ok(Err(error)) => tracing::debug!(%peer, %error, "WebTransport session lost"),
-                _ => tracing::debug!(%peer, "no WebTransport stream opened in time"),
-            }
-            // `$connect` succeeded, so `$disconnect` is owed.
-            dispatch::fire_disconnect(shard, facts, DisconnectReason::ConnectionLost);
-            return None;
-        }
-    };
-    opened(shard, &facts, Wire::WebTransport);
+    opened(shard, &facts, wire);
     let accepted = Accepted {
         id,
         facts,
-        leftover: Vec::new(),
+        leftover,
         resume_refused: None,
     };
-    Some((Socket::WebTransport(Box::new(socket)), accepted, ticket))
+    Some((socket, accepted))
+}
+
+/// A handshake read but not answered yet, whichever the transport.
+pub(crate) enum Answer {
+    /// A WebSocket upgrade: its socket, its key, the bytes sent after the request head.
+    WebSocket {
+        socket: Socket,
+        key: String,
+        leftover: Vec<u8>,
+    },
+    /// A WebTransport session request; `datagrams` if it asked for them.
+    WebTransport {
+        request: Box<wtransport::endpoint::SessionRequest>,
+        datagrams: bool,
+    },
+}
+
+impl Answer {
+    pub(crate) fn wire(&self) -> Wire {
+        match self {
+            Self::WebSocket { .. } => Wire::WebSocket,
+            Self::WebTransport { .. } => Wire::WebTransport,
+        }
+    }
+
+    /// Refuses with `status` and `body` (a WebTransport session can only be told 429 or
+    /// 403) and lets go of the client.
+    pub(crate) async fn refuse(self, status: u16, body: &[u8]) {
+        match self {
+            Self::WebSocket { socket, .. } => {
+                let _ = socket
+                    .write_all(&handshake::error_response(status, body))
+                    .await;
+                socket.shutdown_write();
+            }
+            Self::WebTransport { request, .. } => match status {
+                429 => request.too_many_requests().await,
+                _ => request.forbidden().await,
+            },
+        }
+    }
+
+    /// Accepts: the 101 (with `protocol`), or the session and its stream. Returns the
+    /// socket and what the client sent after its request; `None` if it left.
+    pub(crate) async fn accept(
+        self,
+        protocol: Option<&str>,
+        timeout: Duration,
+    ) -> Option<(Socket, Vec<u8>)> {
+        match self {
+            Self::WebSocket {
+                socket,
+                key,
+                leftover,
+            } => {
+                let response = handshake::switching_protocols(&key, protocol);
+                socket.write_all(&response).await.ok()?;
+                Some((socket, leftover))
+            }
+            Self::WebTransport { request, datagrams } => {
+                let stream = async {
+                    let session = request.accept().await?;
+                    let (send, recv) = session.accept_bi().await?;
+                    Ok::<_, wtransport::error::ConnectionError>(WebTransportSocket::new(
+                        session, send, recv, datagrams,
+                    ))
+                };
+                match tokio::time::timeout(timeout, stream).await {
+                    Ok(Ok(socket)) => Some((Socket::WebTransport(Box::new(socket)), Vec::new())),
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, "WebTransport session lost");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::debug!("no WebTransport stream opened in time");
+                        None
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The session request's headers as `$connect` sees them: the regular ones sorted by

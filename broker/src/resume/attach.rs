@@ -1,12 +1,13 @@
 //! The resume handshake: a client came back with `?resume=TOKEN&received=N`.
 //!
-//! It runs on the shard that owns the connection the token names (a socket the kernel gave
-//! to another shard is handed over first, before anything is answered): the token and the
-//! count are checked, the authorizer and `$connect` run again (with
-//! `requestContext.resumed = true`), the 101 goes out and the socket is attached to the
-//! parked connection, which replays what its client missed. A connection whose old socket
-//! still looks alive (the client noticed the drop first) is parked on the spot. Anything
-//! that cannot be resumed becomes a new connection whose welcome frame says why.
+//! It runs on the shard that owns the connection the token names (a socket, or a
+//! WebTransport session request, that reached another shard is handed over first, before
+//! anything is answered): the token and the count are checked, the authorizer and `$connect`
+//! run again (with `requestContext.resumed = true`), the client is answered (101, or the
+//! session accepted) and its socket is attached to the parked connection, which replays
+//! what its client missed. A connection whose old socket still looks alive (the client
+//! noticed the drop first) is parked on the spot. Anything that cannot be resumed becomes a
+//! new connection whose welcome frame says why.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -14,39 +15,50 @@ use std::time::Duration;
 
 use crate::connection::Connection;
 use crate::disconnect::DisconnectReason;
-use crate::handshake::{self, UpgradeRequest};
+use crate::event::HandshakeRequest;
+use crate::handshake::UpgradeRequest;
 use crate::limits::AdmissionTicket;
-use crate::outbound::{RewindError, Wire};
+use crate::outbound::RewindError;
 use crate::resume::{Refusal, ResumeRequest, ResumeToken};
-use crate::session::{self, Accepted};
+use crate::session::{self, Accepted, Answer};
 use crate::shard::Shard;
 use crate::transport::{SendableSocket, Socket};
 
 /// How long a resume waits for an old socket that still looked alive to let go.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A socket whose upgrade request asks to resume, not answered yet.
+/// A handshake that asks to resume, not answered yet.
 pub struct Resuming {
-    pub socket: Socket,
-    pub peer: SocketAddr,
-    pub upgrade: UpgradeRequest,
-    pub request: ResumeRequest,
+    pub(crate) answer: Answer,
+    pub(crate) peer: SocketAddr,
+    /// Headers and query, as `$connect` sees them.
+    pub(crate) request: HandshakeRequest,
+    pub(crate) user_agent: String,
+    pub(crate) host: String,
+    pub(crate) resume: ResumeRequest,
     /// The admission of the new socket: kept if it becomes a new connection.
-    pub ticket: Option<AdmissionTicket>,
+    pub(crate) ticket: Option<AdmissionTicket>,
 }
 
 impl Resuming {
-    pub(crate) fn new(
+    /// A WebSocket upgrade request that asks to resume.
+    pub(crate) fn websocket(
         socket: Socket,
         upgrade: UpgradeRequest,
-        request: ResumeRequest,
+        resume: ResumeRequest,
         peer: SocketAddr,
     ) -> Box<Self> {
         Box::new(Self {
-            socket,
+            answer: Answer::WebSocket {
+                socket,
+                key: upgrade.key,
+                leftover: upgrade.leftover,
+            },
             peer,
-            upgrade,
-            request,
+            request: upgrade.request,
+            user_agent: upgrade.user_agent,
+            host: upgrade.host,
+            resume,
             ticket: None,
         })
     }
@@ -54,16 +66,68 @@ impl Resuming {
 
 /// A resume on its way to the shard that owns its connection.
 pub struct Handoff {
-    socket: SendableSocket,
+    answer: SendableAnswer,
     peer: SocketAddr,
-    upgrade: UpgradeRequest,
-    request: ResumeRequest,
+    request: HandshakeRequest,
+    user_agent: String,
+    host: String,
+    resume: ResumeRequest,
     ticket: Option<AdmissionTicket>,
+}
+
+/// An [`Answer`] as it can cross threads: a TCP or TLS socket deregistered from its
+/// runtime, or the WebTransport session request as it is.
+enum SendableAnswer {
+    WebSocket {
+        socket: SendableSocket,
+        key: String,
+        leftover: Vec<u8>,
+    },
+    WebTransport {
+        request: Box<wtransport::endpoint::SessionRequest>,
+        datagrams: bool,
+    },
+}
+
+impl SendableAnswer {
+    fn of(answer: Answer) -> Option<Self> {
+        Some(match answer {
+            Answer::WebSocket {
+                socket,
+                key,
+                leftover,
+            } => Self::WebSocket {
+                socket: socket.into_sendable()?,
+                key,
+                leftover,
+            },
+            Answer::WebTransport { request, datagrams } => {
+                Self::WebTransport { request, datagrams }
+            }
+        })
+    }
+
+    fn into_answer(self) -> std::io::Result<Answer> {
+        Ok(match self {
+            Self::WebSocket {
+                socket,
+                key,
+                leftover,
+            } => Answer::WebSocket {
+                socket: socket.into_socket()?,
+                key,
+                leftover,
+            },
+            Self::WebTransport { request, datagrams } => {
+                Answer::WebTransport { request, datagrams }
+            }
+        })
+    }
 }
 
 /// Resumes the connection `resuming` names, or opens a new one that says why not.
 pub(crate) async fn resume(shard: Rc<Shard>, resuming: Resuming) {
-    let (token, received) = match &resuming.request {
+    let (token, received) = match &resuming.resume {
         ResumeRequest::Resume { token, received } => (token.clone(), *received),
         ResumeRequest::Malformed => return open_new(shard, resuming, Refusal::Unknown).await,
     };
@@ -77,18 +141,22 @@ pub(crate) async fn resume(shard: Rc<Shard>, resuming: Resuming) {
             return open_new(shard, resuming, Refusal::Unknown).await;
         };
         let Resuming {
-            socket,
+            answer,
             peer,
-            upgrade,
             request,
+            user_agent,
+            host,
+            resume,
             ticket,
         } = resuming;
-        if let Some(socket) = socket.into_sendable() {
+        if let Some(answer) = SendableAnswer::of(answer) {
             let handoff = Handoff {
-                socket,
+                answer,
                 peer,
-                upgrade,
                 request,
+                user_agent,
+                host,
+                resume,
                 ticket,
             };
             owner.adopt_resume(handoff).await;
@@ -100,14 +168,16 @@ pub(crate) async fn resume(shard: Rc<Shard>, resuming: Resuming) {
 
 /// Continues a resume another shard handed over.
 pub(crate) async fn adopt(shard: Rc<Shard>, handoff: Handoff) {
-    let Ok(socket) = handoff.socket.into_socket() else {
+    let Ok(answer) = handoff.answer.into_answer() else {
         return;
     };
     let resuming = Resuming {
-        socket,
+        answer,
         peer: handoff.peer,
-        upgrade: handoff.upgrade,
         request: handoff.request,
+        user_agent: handoff.user_agent,
+        host: handoff.host,
+        resume: handoff.resume,
         ticket: handoff.ticket,
     };
     Box::pin(resume(shard, resuming)).await;
@@ -124,7 +194,13 @@ impl Drop for ResumingGuard {
 
 async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeToken, received: u64) {
     let connection = match shard.resumable(token) {
-        Ok(connection) if !connection.is_resuming() => connection,
+        // A session resumes over the transport it was opened with.
+        Ok(connection)
+            if !connection.is_resuming()
+                && connection.stream().wire() == resuming.answer.wire() =>
+        {
+            connection
+        }
         Ok(_) => return open_new(shard, resuming, Refusal::Unknown).await,
         Err(refusal) => return open_new(shard, resuming, refusal).await,
     };
@@ -145,32 +221,31 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
         return open_new(shard, resuming, refusal).await;
     }
     let metrics = &shard.gateway.metrics;
-    let mut request = std::mem::take(&mut resuming.upgrade.request);
-    request.resumed = true;
-    forget_token(&mut request.query);
+    let wire = resuming.answer.wire();
+    resuming.request.resumed = true;
+    forget_token(&mut resuming.request.query);
     let mut facts = connection.facts.clone();
-    let protocol = match session::admit(&shard, &mut facts, &request).await {
+    let protocol = match session::admit(&shard, &mut facts, &resuming.request).await {
         Ok(protocol) => protocol,
         Err(refused) => {
             metrics.resumes.with_label_values(&["refused"]).inc();
-            session::count_handshake(&shard, refused.result, Wire::WebSocket);
+            session::count_handshake(&shard, refused.result, wire);
             connection.request_close(DisconnectReason::ResumeRefused);
-            let response = handshake::error_response(refused.status, &refused.body);
-            answer_and_close(&resuming.socket, &response).await;
+            resuming.answer.refuse(refused.status, &refused.body).await;
             return;
         }
     };
-    let response = handshake::switching_protocols(&resuming.upgrade.key, protocol.as_deref());
-    if resuming.socket.write_all(&response).await.is_err() {
-        // Lost again before the 101: the connection stays parked for another try.
+    let timeout = shard.gateway.config.limits.handshake_timeout;
+    let Some((socket, leftover)) = resuming.answer.accept(protocol.as_deref(), timeout).await
+    else {
+        // Lost again before the answer: the connection stays parked for another try.
         return;
-    }
-    let leftover = std::mem::take(&mut resuming.upgrade.leftover);
-    match connection.attach(resuming.socket, received, leftover) {
+    };
+    match connection.attach(socket, received, leftover) {
         Ok(replayed) => {
             metrics.resumes.with_label_values(&["resumed"]).inc();
             metrics.resume_replayed.inc_by(replayed as u64);
-            session::count_handshake(&shard, "resumed", Wire::WebSocket);
+            session::count_handshake(&shard, "resumed", wire);
             tracing::debug!(connection_id = %connection.facts.connection_id, replayed, "connection resumed");
         }
         Err(_) => {
@@ -204,34 +279,31 @@ async fn open_new(shard: Rc<Shard>, mut resuming: Resuming, refusal: Refusal) {
         .resumes
         .with_label_values(&[refusal.as_str()])
         .inc();
-    forget_token(&mut resuming.upgrade.request.query);
-    let (id, facts, response) =
-        match session::decide(&shard, resuming.peer, &resuming.upgrade).await {
-            Ok(decided) => decided,
-            Err(response) => return answer_and_close(&resuming.socket, &response).await,
-        };
-    if resuming.socket.write_all(&response).await.is_err() {
-        crate::dispatch::fire_disconnect(&shard, facts, DisconnectReason::ConnectionLost);
+    forget_token(&mut resuming.request.query);
+    let Resuming {
+        answer,
+        peer,
+        request,
+        user_agent,
+        host,
+        ticket,
+        ..
+    } = resuming;
+    let wire = answer.wire();
+    let opened = session::accept_new(&shard, answer, peer, user_agent, host, &request).await;
+    let Some((socket, accepted)) = opened else {
         return;
-    }
-    session::opened(&shard, &facts, Wire::WebSocket);
-    let accepted = Accepted {
-        id,
-        facts,
-        leftover: std::mem::take(&mut resuming.upgrade.leftover),
-        resume_refused: Some(refusal),
     };
-    let decoder = session::websocket_decoder(&shard);
-    session::live(shard, resuming.socket, accepted, decoder).await;
-    drop(resuming.ticket);
+    let accepted = Accepted {
+        resume_refused: Some(refusal),
+        ..accepted
+    };
+    let decoder = session::decoder_for(&shard, wire);
+    session::live(shard, socket, accepted, decoder).await;
+    drop(ticket);
 }
 
 /// The token is a secret: backends see that a client resumed, not its token.
 fn forget_token(query: &mut Vec<(String, String)>) {
     query.retain(|(name, _)| name != "resume");
-}
-
-async fn answer_and_close(socket: &Socket, response: &[u8]) {
-    let _ = socket.write_all(response).await;
-    socket.shutdown_write();
 }

@@ -677,3 +677,102 @@ async fn an_unreliable_broadcast_keeps_its_mark_across_cluster_nodes() {
     assert_eq!(answer["delivered"], 1);
     assert_eq!(client.next_datagram().await, b"\x01price 102");
 }
+
+/// `config` with `[api] resume = true`.
+fn resumable_config(backend: &Backend, webtransport: &str) -> String {
+    config(backend, webtransport).replace("[api]\n", "[api]\nresume = true\n")
+}
+
+async fn push(gateway: &TestGateway, id: &str, body: &str) {
+    let url = gateway.api_url(&format!("/@connections/{id}"));
+    assert_eq!(post_body(url, body.to_owned()).await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_session_resumes_over_webtransport_with_what_it_missed() {
+    let backend = Backend::start().await;
+    let gateway =
+        TestGateway::start(&resumable_config(&backend, "quic_idle_timeout_secs = 1")).await;
+    // Through a relay that can go silent: the session is lost, not closed.
+    let relay = UdpRelay::start(gateway.wt_addr.unwrap()).await;
+    let document = discovery(&gateway).await;
+    let url = format!("https://{}/dev", relay.address);
+    let mut client = WtClient::connect_to(&url, &document, "").await.unwrap();
+    let welcome = client.next_json().await;
+    assert_eq!(welcome["type"], "welcome");
+    let id = welcome["connectionId"].as_str().unwrap().to_owned();
+    let token = welcome["resumeToken"].as_str().unwrap().to_owned();
+    push(&gateway, &id, "m1").await;
+    assert_eq!(client.next_text().await, "m1");
+    relay.cut();
+    push(&gateway, &id, "m2").await;
+    // QUIC gives up on the silent client; the connection parks instead of ending.
+    let mut parked = false;
+    for _ in 0..200 {
+        let metrics = gateway.metrics().await;
+        if metric_value(&metrics, "switchboard_connections_parked") == 1.0 {
+            parked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(parked, "parked after the QUIC idle timeout");
+    push(&gateway, &id, "m3").await;
+    let query = format!("?resume={token}&received=1");
+    let mut resumed = WtClient::connect(&gateway, &query).await.unwrap();
+    let first = resumed.next_json().await;
+    assert_eq!(first["type"], "resumed", "{first}");
+    assert_eq!(first["connectionId"], id.as_str());
+    assert_eq!(first["replayed"], 2);
+    assert_eq!(resumed.next_text().await, "m2");
+    assert_eq!(resumed.next_text().await, "m3");
+    // Live again, frames both ways.
+    resumed.send_text("echo me").await;
+    assert_eq!(resumed.next_text().await, "echo me");
+    assert!(backend.events("/disconnect").is_empty(), "no $disconnect");
+    // A WebTransport session does not resume a WebSocket connection's token.
+    let (mut ws, _) = tokio_tungstenite::connect_async(gateway.ws_url())
+        .await
+        .unwrap();
+    let ws_token = next_json(&mut ws).await["resumeToken"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut other = WtClient::connect(&gateway, &format!("?resume={ws_token}&received=0"))
+        .await
+        .unwrap();
+    assert_eq!(other.next_json().await["reason"], "unknown");
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_webtransport_resume_takes_over_a_session_that_still_looks_alive() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&resumable_config(&backend, "")).await;
+    let mut old = WtClient::connect(&gateway, "").await.unwrap();
+    let welcome = old.next_json().await;
+    let id = welcome["connectionId"].as_str().unwrap().to_owned();
+    let token = welcome["resumeToken"].as_str().unwrap().to_owned();
+    for n in 1..=3 {
+        push(&gateway, &id, &format!("m{n}")).await;
+    }
+    assert_eq!(old.next_text().await, "m1");
+    // Several tries land on either shard; each one takes over from the last.
+    let mut received = 1;
+    for round in 0..4 {
+        let query = format!("?resume={token}&received={received}");
+        let mut new = WtClient::connect(&gateway, &query).await.unwrap();
+        let first = new.next_json().await;
+        assert_eq!(first["type"], "resumed", "round {round}: {first}");
+        assert_eq!(new.next_text().await, format!("m{}", received + 1));
+        received += 1;
+        push(&gateway, &id, &format!("m{}", received + 2)).await;
+        old = new;
+    }
+    while received < 7 {
+        received += 1;
+        assert_eq!(old.next_text().await, format!("m{received}"));
+    }
+    assert!(backend.events("/disconnect").is_empty());
+    gateway.stop().await;
+}
