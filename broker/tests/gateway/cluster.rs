@@ -773,3 +773,60 @@ async fn a_lost_nodes_connections_are_reported_with_their_authorizer_context() {
         "alice"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_works_on_the_node_that_holds_the_connection_and_is_unknown_elsewhere() {
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let extra = "[api]\nresume = true\nresume_window_secs = 2\n";
+    let (nodes, _files) = start_nodes(&[server.url()], &backend, extra).await;
+    let open = |url: String| async move {
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let first = next_json(&mut ws).await;
+        (ws, first)
+    };
+    let (ws, welcome) = open(nodes[0].ws_url.clone()).await;
+    let id = welcome["connectionId"].as_str().unwrap().to_owned();
+    let token = welcome["resumeToken"].as_str().unwrap().to_owned();
+    let push = |body: &'static str| {
+        let url = format!("{}/@connections/{id}", nodes[2].api_url);
+        async move { post_body(url, body).await.status() }
+    };
+    drop(ws);
+    let parked = format!("http://{}/metrics", nodes[0].api_addr());
+    let wait_parked = || async {
+        for _ in 0..200 {
+            let text = http()
+                .get(&parked)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            if metric_value(&text, "switchboard_connections_parked") == 1.0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("never parked");
+    };
+    wait_parked().await;
+    // Pushed through another node while parked: held, then replayed.
+    assert_eq!(push("while away").await, 200);
+    let resume_at = |node: &GatewayProcess| format!("{}?resume={token}&received=0", node.ws_url);
+    let (mut ws, first) = open(resume_at(&nodes[0])).await;
+    assert_eq!(first["type"], "resumed", "{first}");
+    assert_eq!(next_text(&mut ws).await, "while away");
+    drop(ws);
+    wait_parked().await;
+    // Another node cannot take the session over (yet): a new connection says "unknown",
+    // and the old node's window runs out with exactly one $disconnect.
+    let (_other, welcome) = open(resume_at(&nodes[1])).await;
+    assert_eq!(welcome["resumed"], false);
+    assert_eq!(welcome["reason"], "unknown");
+    assert_ne!(welcome["connectionId"], id.as_str());
+    let (code, reason) = status_and_reason(&disconnect_event(&backend, &id).await);
+    assert_eq!((code, reason.as_str()), (1001, "resume window expired"));
+}
