@@ -46,6 +46,9 @@ pub struct Connection {
     parked: Cell<bool>,
     /// A resume handshake for it is running.
     resuming: Cell<bool>,
+    /// A resume takes over while its socket still looks alive: the session lets go of the
+    /// socket and parks. Not a close request: frames keep queueing meanwhile.
+    superseded: Cell<bool>,
     /// The secret of its resume token, if resumable.
     resume_secret: OnceCell<Secret>,
     /// Set when a resume attached a new socket: the bytes its client sent after the
@@ -93,6 +96,7 @@ impl Connection {
             stream: RefCell::new(Rc::new(stream)),
             parked: Cell::new(false),
             resuming: Cell::new(false),
+            superseded: Cell::new(false),
             resume_secret: OnceCell::new(),
             resumed: RefCell::new(None),
             dirty: Cell::new(false),
@@ -250,6 +254,16 @@ impl Connection {
         self.resuming.get()
     }
 
+    /// Asks the session to let go of its socket and park (a resume takes over).
+    pub(crate) fn supersede(&self) {
+        self.superseded.set(true);
+        self.wake();
+    }
+
+    pub(crate) fn take_superseded(&self) -> bool {
+        self.superseded.replace(false)
+    }
+
     /// Whether a client that received `received` data frames could resume now.
     pub(crate) fn can_rewind(&self, received: u64) -> Result<usize, RewindError> {
         self.outbound.borrow().check_rewind(received)
@@ -273,6 +287,10 @@ impl Connection {
         received: u64,
         leftover: Vec<u8>,
     ) -> Result<usize, RewindError> {
+        if !self.parked.get() {
+            // Ended meanwhile: nothing to resume onto.
+            return Err(RewindError::NotKept);
+        }
         let replayed = self.outbound.borrow_mut().rewind(received)?;
         let resumed = resume::resumed_frame(&self.facts.connection_id, replayed);
         self.outbound

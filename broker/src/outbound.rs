@@ -215,7 +215,22 @@ impl OutboundQueue {
         if received + 1 < oldest_kept {
             return Err(RewindError::NotKept);
         }
-        Ok((resend.next_number - 1 - received) as usize)
+        // What would be queued again must fit the queue's bounds like anything queued.
+        let kept = (resend.first_written..).zip(&resend.written);
+        let queued = self
+            .frames
+            .iter()
+            .filter_map(|q| Some((q.number?, &q.frame)));
+        let (count, bytes) = kept
+            .chain(queued)
+            .filter(|(number, _)| *number > received)
+            .fold((0, 0), |(count, bytes), (_, frame)| {
+                (count + 1, bytes + frame.bytes(self.wire).len())
+            });
+        if count > self.max_frames || bytes > self.max_bytes {
+            return Err(RewindError::NotKept);
+        }
+        Ok(count)
     }
 
     /// Puts an uncounted frame before everything queued (the answer to a resume).
@@ -461,6 +476,25 @@ mod tests {
         assert_eq!(queue.rewind(6), Err(RewindError::NeverSent));
         assert_eq!(queue.rewind(3), Ok(2));
         assert_eq!(bodies(&queue), ["m4", "m5"]);
+    }
+
+    #[test]
+    fn a_rewind_that_would_overflow_the_queue_is_refused() {
+        let mut queue = OutboundQueue::new(Wire::WebSocket, 3, 10_000);
+        queue.keep_for_resend(10, 10_000);
+        for n in 1..=3 {
+            queue.push(text(&format!("m{n}"))).unwrap();
+        }
+        write_all(&mut queue);
+        for n in 4..=6 {
+            queue.push(text(&format!("m{n}"))).unwrap();
+        }
+        assert_eq!(
+            queue.rewind(2),
+            Err(RewindError::NotKept),
+            "4 frames, 3 fit"
+        );
+        assert_eq!(queue.rewind(3), Ok(3));
     }
 
     #[test]

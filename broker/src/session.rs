@@ -207,6 +207,11 @@ async fn serve_to_the_end(
         ) && connection.is_resumable()
             && !shard.shutdown.is_cancelled();
         if !parks {
+            // A takeover that met the shutdown: the shutdown is what ended it.
+            let reason = match reason {
+                DisconnectReason::Superseded => DisconnectReason::ServerShutdown,
+                reason => reason,
+            };
             return Box::pin(close(connection, metrics, reason)).await;
         }
         match Box::pin(park(shard, connection)).await {
@@ -237,28 +242,48 @@ async fn park(shard: &Shard, connection: &Connection) -> Result<Vec<u8>, Disconn
         .map_or(Duration::ZERO, |config| config.window);
     let deadline = Instant::now() + window;
     connection.park();
+    // The old socket may still be open (a takeover): its client hears the end of it.
+    connection.stream().shutdown_write();
     metrics.connections_parked.inc();
     tracing::debug!(connection_id = %connection.facts.connection_id, "connection parked for a resume");
     let outcome = loop {
-        let expired = tokio::time::timeout_at(deadline, connection.woken())
-            .await
-            .is_err();
         if let Some(leftover) = connection.take_resumed() {
             break Ok(leftover);
         }
-        if let Some(reason) = connection.take_close_request() {
-            if reason == DisconnectReason::SlowConsumer {
-                shard.note_unresumable(connection, Refusal::Overflow);
+        // While a resume handshake runs, nothing ends the connection under it: a close
+        // request (a DELETE, an overflow) waits, and is acted on by whichever session goes
+        // on — the resumed one, or this one if the resume fails. The handshake wakes this
+        // loop when it settles.
+        let resuming = connection.is_resuming();
+        if !resuming {
+            if let Some(reason) = connection.take_close_request() {
+                if let Some(refusal) = unresumable_because(&reason) {
+                    shard.note_unresumable(connection, refusal);
+                }
+                break Err(reason);
             }
-            break Err(reason);
+            if Instant::now() >= deadline {
+                shard.note_unresumable(connection, Refusal::Expired);
+                break Err(DisconnectReason::ResumeExpired);
+            }
         }
-        if expired && !connection.is_resuming() {
-            shard.note_unresumable(connection, Refusal::Expired);
-            break Err(DisconnectReason::ResumeExpired);
+        if resuming || Instant::now() >= deadline {
+            connection.woken().await;
+        } else {
+            let _ = tokio::time::timeout_at(deadline, connection.woken()).await;
         }
     };
     metrics.connections_parked.dec();
     outcome
+}
+
+/// What a later resume of a connection that ended for `reason` while parked is told.
+fn unresumable_because(reason: &DisconnectReason) -> Option<Refusal> {
+    match reason {
+        DisconnectReason::SlowConsumer | DisconnectReason::Overloaded => Some(Refusal::Overflow),
+        DisconnectReason::IdleTimeout | DisconnectReason::MaxDuration => Some(Refusal::Expired),
+        _ => None,
+    }
 }
 
 /// What the WebSocket handshake opened.
@@ -758,6 +783,9 @@ async fn serve(
         }
         if let Some(reason) = connection.take_close_request() {
             return reason;
+        }
+        if connection.take_superseded() {
+            return DisconnectReason::Superseded;
         }
         let pending = match connection.flush(&shard.gateway.metrics) {
             Ok(pending) => pending,

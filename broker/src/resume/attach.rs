@@ -249,7 +249,9 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
             tracing::debug!(connection_id = %connection.facts.connection_id, replayed, "connection resumed");
         }
         Err(_) => {
-            // What it held overflowed while `$connect` ran: it cannot be resumed any more.
+            // It ended while `$connect` ran (it cannot: see `session::park`), or what it
+            // held no longer fits: the client's new socket is let go, and the connection
+            // ends.
             metrics.resumes.with_label_values(&["overflow"]).inc();
             connection.request_close(DisconnectReason::ResumeRefused);
         }
@@ -260,7 +262,7 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
 /// Parks a connection whose old socket still looks alive; false if it did not park in
 /// time (it ended instead, or is stuck).
 async fn take_over(connection: &Connection) -> bool {
-    connection.request_close(DisconnectReason::Superseded);
+    connection.supersede();
     let deadline = tokio::time::Instant::now() + TAKEOVER_TIMEOUT;
     while !connection.is_parked() {
         if tokio::time::Instant::now() >= deadline {

@@ -355,3 +355,65 @@ async fn resume_is_off_by_default_and_nothing_changes() {
     disconnect_event(&backend, &id).await;
     gateway.stop().await;
 }
+
+/// A config whose `$connect` takes a second over resumes.
+fn slow_resume_config(backend: &Backend, window_secs: u64) -> String {
+    format!(
+        r#"
+[api]
+resume = true
+resume_window_secs = {window_secs}
+[routes."$connect"]
+integration = {{ type = "http", url = "{url}/slow-resumed" }}
+[routes."$disconnect"]
+integration = {{ type = "http", url = "{url}/disconnect" }}
+"#,
+        url = backend.url
+    )
+}
+
+#[tokio::test]
+async fn the_window_does_not_run_out_under_a_resume_in_progress() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&slow_resume_config(&backend, 1)).await;
+    let (ws, id, token) = connect_resumable(&gateway).await;
+    assert_eq!(push(&gateway, &id, "one").await, 200);
+    drop(ws);
+    parked(&gateway, 1.0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // `$connect` takes a second: the window (1 s) passes while it runs.
+    let (mut ws, first) = reconnect(&gateway, &token, "0").await;
+    assert_eq!(first["type"], "resumed", "{first}");
+    assert_eq!(next_text(&mut ws).await, "one");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(disconnects_of(&backend, &id), 0);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn a_delete_during_a_resume_ends_the_connection_once_after_it() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&slow_resume_config(&backend, 30)).await;
+    let (ws, id, token) = connect_resumable(&gateway).await;
+    drop(ws);
+    parked(&gateway, 1.0).await;
+    let url = format!("{}?resume={token}&received=0", gateway.ws_url());
+    let resume = tokio::spawn(async move {
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let first = next_json(&mut ws).await;
+        (ws, first)
+    });
+    // While the resume's `$connect` runs: a push is held, then the DELETE.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(push(&gateway, &id, "during").await, 200);
+    let delete = gateway.api_url(&format!("/@connections/{id}"));
+    let status = http().delete(&delete).send().await.unwrap().status();
+    assert!(status.is_success(), "{status}");
+    let (mut ws, first) = resume.await.unwrap();
+    assert_eq!(first["type"], "resumed", "{first}");
+    assert_eq!(next_text(&mut ws).await, "during");
+    assert_eq!(close_code(&mut ws).await, 1000, "then the DELETE");
+    let (_, reason) = status_and_reason(&disconnect_event(&backend, &id).await);
+    assert_eq!(reason, "connection deleted via @connections");
+    gateway.stop().await;
+}

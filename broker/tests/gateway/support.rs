@@ -258,6 +258,13 @@ async fn record(
             "headers": {"Sec-WebSocket-Protocol": "chat"}
         }))
         .into_response(),
+        ["slow-resumed"] => {
+            // A `$connect` backend that takes a second over resumes.
+            if event["requestContext"]["resumed"] == true {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            StatusCode::OK.into_response()
+        }
         ["refuse-resumed"] => {
             // A `$connect` backend that lets new connections in and refuses resumes.
             let code = match event["requestContext"]["resumed"] == true {
