@@ -9,14 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 FSYNC=$1; N=$2; RATE=${3:-}; C=${4:-10}
-d=$(mktemp -d)
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$d"' EXIT
-cat > "$d/sb.toml" <<CFG
-[server]
-listen = "127.0.0.1:28080"
-data_dir = "$d/data"
-[management]
-listen = "127.0.0.1:29090"
+. bench/scripts/gateway.sh
+start_gateway <<CFG
 [storage]
 fsync = "$FSYNC"
 flush_interval_ms = 2
@@ -30,9 +24,6 @@ integration = { type = "queue", queue = "bench", ack = true }
 [queues.bench]
 ${QUEUE_CONFIG:-}
 CFG
-RUST_LOG=warn target/release/switchboard serve --config "$d/sb.toml" 2>/dev/null &
-pid=$!
-for _ in $(seq 50); do curl -sf http://127.0.0.1:29090/health >/dev/null && break; sleep 0.1; done
 rate=()
 [ -n "$RATE" ] && rate=(--rate "$RATE")
 if [ -n "${RSS_EVERY:-}" ]; then
@@ -41,8 +32,7 @@ if [ -n "${RSS_EVERY:-}" ]; then
       sleep "$RSS_EVERY"
     done ) &
 fi
-target/release/switchboard-loadgen --url ws://127.0.0.1:28080/dev --api http://127.0.0.1:29090/dev \
-  queue -c "$C" -m "$N" -p 200 "${rate[@]}"
+$L queue -c "$C" -m "$N" -p 200 "${rate[@]}"
 # Syncs slower than ~4 ms, and the slowest bucket: what an ack latency outlier waited on.
 curl -s http://127.0.0.1:29090/metrics | awk '
   /^switchboard_storage_flush_duration_seconds_bucket/ {

@@ -9,14 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RESUME=$1; C=${2:-1000}
-d=$(mktemp -d)
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$d"' EXIT
-cat > "$d/sb.toml" <<CFG
-[server]
-listen = "127.0.0.1:28080"
-data_dir = "$d/data"
-[management]
-listen = "127.0.0.1:29090"
+. bench/scripts/gateway.sh
+start_gateway <<CFG
 [api]
 resume = $RESUME
 [limits]
@@ -25,10 +19,6 @@ connects_per_sec_per_ip = 0
 [routes.join]
 integration = { type = "room_join", room = "\$request.body.room" }
 CFG
-RUST_LOG=warn target/release/switchboard serve --config "$d/sb.toml" 2>/dev/null &
-pid=$!
-for _ in $(seq 50); do curl -sf http://127.0.0.1:29090/health >/dev/null && break; sleep 0.1; done
-L="target/release/switchboard-loadgen --url ws://127.0.0.1:28080/dev --api http://127.0.0.1:29090/dev"
 echo "resume=$RESUME"
 $L connect -c 10000 --source-addrs 2 --hold-secs 3 --server-pid $pid | grep -iE "connected|rss|per"
 $L fanout -c "$C" -m 3000 -p 128 --window 32 | grep -E "deliveries_per_sec|verdict|latency_ms.p99 "

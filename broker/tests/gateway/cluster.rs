@@ -794,18 +794,9 @@ async fn resume_works_on_the_node_that_holds_the_connection_and_is_unknown_elsew
         async move { post_body(url, body).await.status() }
     };
     drop(ws);
-    let parked = format!("http://{}/metrics", nodes[0].api_addr());
     let wait_parked = || async {
         for _ in 0..200 {
-            let text = http()
-                .get(&parked)
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            if metric_value(&text, "switchboard_connections_parked") == 1.0 {
+            if nodes[0].metric("switchboard_connections_parked").await == 1.0 {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
