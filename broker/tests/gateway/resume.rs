@@ -417,3 +417,79 @@ async fn a_delete_during_a_resume_ends_the_connection_once_after_it() {
     assert_eq!(reason, "connection deleted via @connections");
     gateway.stop().await;
 }
+
+/// One client of the load test: reads the room's messages, dropping its socket now and then
+/// (sometimes parked first, sometimes taken over at once) and resuming; returns what it got.
+async fn flaky_member(
+    gateway: &TestGateway,
+    seed: u64,
+    total: usize,
+    ready: tokio::sync::mpsc::Sender<String>,
+) -> Vec<String> {
+    let (mut ws, id, token) = connect_resumable(gateway).await;
+    join(gateway, "load", &id).await;
+    ready.send(id).await.unwrap();
+    let mut state = seed;
+    let mut next_random = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        state >> 33
+    };
+    let mut got = Vec::with_capacity(total);
+    while got.len() < total {
+        got.push(next_text(&mut ws).await);
+        if next_random() % 100 < 3 {
+            drop(ws);
+            if next_random() % 2 == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let (resumed, first) = reconnect(gateway, &token, &got.len().to_string()).await;
+            assert_eq!(first["type"], "resumed", "member {seed}: {first}");
+            ws = resumed;
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_every_member_that_keeps_dropping_gets_every_message_once_in_order() {
+    const MEMBERS: u64 = 30;
+    const MESSAGES: usize = 1500;
+    let backend = Backend::start().await;
+    // Every resume is a new socket: the per-address connect rate would refuse them.
+    let limits = "[limits]\nconnects_per_sec_per_ip = 0\nmax_connections_per_ip = 0\n";
+    let gateway = std::sync::Arc::new(TestGateway::start(&resume_config(&backend, limits)).await);
+    let (ready, mut joined) = tokio::sync::mpsc::channel(MEMBERS as usize);
+    let members: Vec<_> = (0..MEMBERS)
+        .map(|seed| {
+            let (gateway, ready) = (gateway.clone(), ready.clone());
+            tokio::spawn(async move { flaky_member(&gateway, seed + 1, MESSAGES, ready).await })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for _ in 0..MEMBERS {
+        ids.push(joined.recv().await.unwrap());
+    }
+    for n in 1..=MESSAGES {
+        broadcast(&gateway, "load", &format!("m{n}")).await;
+    }
+    let expected: Vec<String> = (1..=MESSAGES).map(|n| format!("m{n}")).collect();
+    for member in members {
+        let got = tokio::time::timeout(Duration::from_secs(60), member)
+            .await
+            .expect("every member done within 60 s")
+            .unwrap();
+        assert!(got == expected, "nothing missing, nothing twice, in order");
+    }
+    let metrics = gateway.metrics().await;
+    assert!(metric_value(&metrics, r#"switchboard_resumes_total{outcome="resumed"}"#) > 0.0);
+    assert_eq!(
+        metric_value(&metrics, r#"switchboard_resumes_total{outcome="unknown"}"#)
+            + metric_value(&metrics, r#"switchboard_resumes_total{outcome="overflow"}"#),
+        0.0
+    );
+    for id in &ids {
+        assert_eq!(disconnects_of(&backend, id), 0, "no $disconnect for {id}");
+    }
+}
