@@ -292,7 +292,7 @@ impl Connection {
             return Err(RewindError::NotKept);
         }
         let replayed = self.outbound.borrow_mut().rewind(received)?;
-        let resumed = resume::resumed_frame(&self.facts.connection_id, replayed);
+        let resumed = resume::resumed_frame(&self.facts.connection_id, replayed, None);
         self.outbound
             .borrow_mut()
             .push_front(outbound::shared(resumed));

@@ -36,6 +36,9 @@ pub enum DisconnectReason {
     /// A resume with its token took over while the old socket still looked alive: the
     /// old socket is dropped and the connection parks for the new one (never reported).
     Superseded,
+    /// Cluster mode: the client resumed on another node, which carries the connection on
+    /// (and reports its `$disconnect`); this node only forgets it.
+    Moved,
 }
 
 impl DisconnectReason {
@@ -45,7 +48,7 @@ impl DisconnectReason {
             Self::ClientClosed(code, _) => code.unwrap_or(close_code::NO_STATUS),
             Self::ConnectionLost | Self::GatewayRestarted => close_code::ABNORMAL,
             Self::NodeLost => close_code::TRY_AGAIN_LATER,
-            Self::ResumeExpired | Self::Superseded => close_code::GOING_AWAY,
+            Self::ResumeExpired | Self::Superseded | Self::Moved => close_code::GOING_AWAY,
             Self::ResumeRefused => close_code::POLICY_VIOLATION,
             Self::Deleted => close_code::NORMAL,
             Self::IdleTimeout | Self::MaxDuration | Self::ServerShutdown => close_code::GOING_AWAY,
@@ -76,6 +79,7 @@ impl DisconnectReason {
             Self::ResumeExpired => "resume_expired",
             Self::ResumeRefused => "resume_refused",
             Self::Superseded => "superseded",
+            Self::Moved => "moved",
         }
     }
 
@@ -100,6 +104,7 @@ impl DisconnectReason {
             Self::ResumeExpired => "resume window expired".into(),
             Self::ResumeRefused => "resume refused".into(),
             Self::Superseded => "superseded by a resume".into(),
+            Self::Moved => "resumed on another node".into(),
         }
     }
 
@@ -113,6 +118,7 @@ impl DisconnectReason {
                 | Self::ClientClosed(..)
                 | Self::ResumeExpired
                 | Self::Superseded
+                | Self::Moved
         )
     }
 }

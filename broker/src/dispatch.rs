@@ -481,7 +481,7 @@ pub fn fire_disconnect(shard: &Rc<Shard>, facts: ConnectionFacts, reason: Discon
         }
         shard.record(|changes| changes.remove(connection_id));
     };
-    if reason == DisconnectReason::NodeLost {
+    if matches!(reason, DisconnectReason::NodeLost | DisconnectReason::Moved) {
         forget(shard, facts.connection_id);
         return;
     }

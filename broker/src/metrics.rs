@@ -321,7 +321,7 @@ impl Metrics {
     /// alerts find them (and cluster metrics read the same on every node) before the first
     /// event.
     fn initialize_known_labels(&self) {
-        const OPS: [&str; 8] = [
+        const OPS: [&str; 9] = [
             "send",
             "get",
             "delete",
@@ -330,6 +330,7 @@ impl Metrics {
             "bulk",
             "broadcast",
             "list",
+            "move",
         ];
         for op in OPS {
             let _ = self.cluster_request_duration.with_label_values(&[op]);

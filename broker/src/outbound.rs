@@ -233,6 +233,25 @@ impl OutboundQueue {
         Ok(count)
     }
 
+    /// Numbers the next data frame `after + 1`: a connection moved from another node goes
+    /// on counting where its client is.
+    pub fn continue_count_after(&mut self, after: u64) {
+        if let Some(resend) = self.resend.as_mut() {
+            resend.next_number = after + 1;
+            resend.first_written = after + 1;
+        }
+    }
+
+    /// Empties the queue, returning the frames' WebSocket encodings in order (a connection
+    /// moving to another node takes them along).
+    pub fn take_frames(&mut self) -> Vec<Bytes> {
+        self.queued_bytes = 0;
+        std::mem::take(&mut self.frames)
+            .into_iter()
+            .map(|q| q.frame.websocket.clone())
+            .collect()
+    }
+
     /// Puts an uncounted frame before everything queued (the answer to a resume).
     pub fn push_front(&mut self, frame: SharedFrame) {
         self.queued_bytes += frame.bytes(self.wire).len();

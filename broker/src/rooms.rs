@@ -104,6 +104,11 @@ impl<V> RoomIndex<V> {
     }
 
     /// Removes `member` from every room (it disconnected); returns the rooms it left.
+    /// The rooms `member` is in.
+    pub fn rooms_of(&self, member: u64) -> Vec<RoomName> {
+        self.memberships.get(&member).cloned().unwrap_or_default()
+    }
+
     pub fn leave_all(&mut self, member: u64) -> Vec<RoomName> {
         let rooms = self.memberships.remove(&member).unwrap_or_default();
         for room in &rooms {

@@ -58,7 +58,8 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, ticket: 
     let _ = stream.set_nodelay(true);
     // Boxed: the handshake state is gone before the connection settles in for hours.
     match Box::pin(open(&shard, stream, peer)).await {
-        Some(Opened::Connected(socket, accepted)) => {
+        Some(Opened::Connected(opened)) => {
+            let (socket, accepted) = *opened;
             let decoder = decoder_for(&shard, Wire::WebSocket);
             live(shard, socket, accepted, decoder).await;
             drop(ticket);
@@ -95,7 +96,8 @@ pub async fn run_webtransport(
 ) {
     let opened = Box::pin(open_webtransport(&shard, incoming, handshake)).await;
     match opened {
-        Some((Opened::Connected(socket, accepted), ticket)) => {
+        Some((Opened::Connected(opened), ticket)) => {
+            let (socket, accepted) = *opened;
             let decoder = decoder_for(&shard, Wire::WebTransport);
             live(shard, socket, accepted, decoder).await;
             drop(ticket);
@@ -125,6 +127,7 @@ pub(crate) async fn live(
         facts,
         leftover,
         resume_refused,
+        moved_in,
     } = accepted;
     let gateway = shard.gateway.clone();
     let limits = &gateway.config.limits;
@@ -136,15 +139,27 @@ pub(crate) async fn live(
     );
     let expires_at = std::time::Instant::now() + limits.max_connection_duration;
     let connection = Rc::new(Connection::new(id, facts, socket, queue, expires_at));
+    let mut rooms = Vec::new();
     if let Some(config) = &gateway.config.api.resume {
         let token = ResumeToken::mint(id);
-        let welcome =
-            resume::welcome_frame(&connection.facts.connection_id, &token, resume_refused);
+        let connection_id = &connection.facts.connection_id;
+        let first = match &moved_in {
+            Some(moved) => resume::resumed_frame(connection_id, moved.frames.len(), Some(&token)),
+            None => resume::welcome_frame(connection_id, &token, resume_refused),
+        };
         connection
             .outbound()
             .borrow_mut()
-            .push_unbounded(outbound::shared(welcome));
+            .push_unbounded(outbound::shared(first));
         connection.make_resumable(&token, config);
+        if let Some(moved) = moved_in {
+            let mut queue = connection.outbound().borrow_mut();
+            queue.continue_count_after(moved.received);
+            for frame in moved.frames {
+                queue.push_unbounded(outbound::shared(frame));
+            }
+            rooms = moved.rooms;
+        }
     }
     let record = switchboard_storage::ConnectionRecord {
         connection_id: connection.facts.connection_id.clone(),
@@ -158,6 +173,9 @@ pub(crate) async fn live(
     }
     shard.record(|changes| changes.upsert(record));
     shard.register(connection.clone());
+    for room in &rooms {
+        let _ = shard.join(&connection, room);
+    }
     if shard.shutdown.is_cancelled() {
         // Registered after the shutdown sweep: close like everyone else.
         connection.request_close(DisconnectReason::ServerShutdown);
@@ -288,7 +306,7 @@ fn unresumable_because(reason: &DisconnectReason) -> Option<Refusal> {
 
 /// What the WebSocket handshake opened.
 enum Opened {
-    Connected(Socket, Accepted),
+    Connected(Box<(Socket, Accepted)>),
     /// A client asking to resume: the resume handshake takes it from here.
     Resume(Box<Resuming>),
 }
@@ -339,7 +357,7 @@ async fn open(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) -> Opt
         leftover,
     };
     let (socket, accepted) = accept_new(shard, answer, peer, user_agent, host, &request).await?;
-    Some(Opened::Connected(socket, accepted))
+    Some(Opened::Connected(Box::new((socket, accepted))))
 }
 
 /// A connection that passed `$connect` and got its 101.
@@ -350,6 +368,8 @@ pub(crate) struct Accepted {
     pub(crate) leftover: Vec<u8>,
     /// It asked to resume another connection and could not: the welcome says why.
     pub(crate) resume_refused: Option<Refusal>,
+    /// Cluster mode: a connection whose client resumed here from another node.
+    pub(crate) moved_in: Option<Box<resume::moving::MovedIn>>,
 }
 
 /// Counts a handshake's outcome in `switchboard_connections_total`.
@@ -549,7 +569,7 @@ async fn open_webtransport(
         &handshake_request,
     )
     .await?;
-    Some((Opened::Connected(opened.0, opened.1), ticket))
+    Some((Opened::Connected(Box::new(opened)), ticket))
 }
 
 /// A new connection from a handshake read but not answered: the checks and `$connect`,
@@ -583,6 +603,7 @@ pub(crate) async fn accept_new(
         facts,
         leftover,
         resume_refused: None,
+        moved_in: None,
     };
     Some((socket, accepted))
 }

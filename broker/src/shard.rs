@@ -108,6 +108,12 @@ enum ShardCommand {
     },
     /// Continue a resume handshake another shard read: the connection it names is here.
     AdoptResume(Box<resume::attach::Handoff>),
+    /// Cluster mode: hand connection `sequence` over to the node its client resumed on.
+    MoveOut {
+        sequence: u64,
+        request: resume::moving::MoveRequest,
+        reply: oneshot::Sender<Result<resume::moving::MovedOut, resume::Refusal>>,
+    },
 }
 
 /// How other threads talk to a shard.
@@ -246,6 +252,23 @@ impl ShardHandle {
         let _ = self.commands.send(command).await;
     }
 
+    /// Hands connection `id` over to the node its client resumed on (see
+    /// [`resume::moving`]).
+    pub async fn move_out(
+        &self,
+        id: ConnectionId,
+        request: resume::moving::MoveRequest,
+    ) -> Result<Result<resume::moving::MovedOut, resume::Refusal>, Gone> {
+        let (reply, answer) = oneshot::channel();
+        let command = ShardCommand::MoveOut {
+            sequence: id.sequence,
+            request,
+            reply,
+        };
+        self.commands.send(command).await.map_err(|_| Gone)?;
+        answer.await.map_err(|_| Gone)
+    }
+
     /// Hands the shard a resume handshake for one of its connections (a stopped shard
     /// drops it, which closes the socket).
     pub async fn adopt_resume(&self, handoff: resume::attach::Handoff) {
@@ -335,6 +358,11 @@ impl Shard {
                 until,
             },
         );
+    }
+
+    /// The rooms a local connection is in.
+    pub(crate) fn rooms_of(&self, connection: &Connection) -> Vec<RoomName> {
+        self.rooms.borrow().rooms_of(connection.id.sequence)
     }
 
     pub fn register(&self, connection: Rc<Connection>) {
@@ -718,6 +746,23 @@ impl Shard {
             } => {
                 let session = session::run_webtransport(self.clone(), *incoming, handshake);
                 self.tasks.spawn_local(session);
+            }
+            ShardCommand::MoveOut {
+                sequence,
+                request,
+                reply,
+            } => {
+                let id = ConnectionId {
+                    node: self.gateway.config.server.node_id,
+                    shard: self.index,
+                    epoch: self.gateway.epoch,
+                    sequence,
+                };
+                let shard = self.clone();
+                self.tasks.spawn_local(async move {
+                    let moved = resume::moving::move_out(shard, id, request).await;
+                    let _ = reply.send(moved);
+                });
             }
             ShardCommand::AdoptResume(handoff) => {
                 self.tasks

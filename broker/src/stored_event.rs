@@ -168,20 +168,30 @@ impl Rebuilder {
     }
 }
 
+/// The connection facts (and stage and API id) a context holds.
+pub fn decode_facts(context: &[u8]) -> Result<ConnectionFacts, StoredEventError> {
+    let stored: StoredFacts<'_> = serde_json::from_slice(context)?;
+    Ok(facts_of(stored))
+}
+
+fn facts_of(stored: StoredFacts<'_>) -> ConnectionFacts {
+    ConnectionFacts {
+        connection_id: stored.connection_id.into_owned(),
+        connected_at_ms: stored.connected_at,
+        source_ip: stored.source_ip.into_owned(),
+        user_agent: stored.user_agent.into_owned(),
+        domain_name: stored.domain_name.into_owned(),
+        authorizer: stored.authorizer.map(Arc::from),
+    }
+}
+
 fn decode_context(context: &Arc<[u8]>) -> Result<KnownContext, StoredEventError> {
     let stored: StoredFacts<'_> = serde_json::from_slice(context)?;
     Ok(KnownContext {
         _bytes: context.clone(),
-        facts: ConnectionFacts {
-            connection_id: stored.connection_id.into_owned(),
-            connected_at_ms: stored.connected_at,
-            source_ip: stored.source_ip.into_owned(),
-            user_agent: stored.user_agent.into_owned(),
-            domain_name: stored.domain_name.into_owned(),
-            authorizer: stored.authorizer.map(Arc::from),
-        },
-        stage: stored.stage.into_owned(),
-        api_id: stored.api_id.into_owned(),
+        stage: stored.stage.to_string(),
+        api_id: stored.api_id.to_string(),
+        facts: facts_of(stored),
     })
 }
 

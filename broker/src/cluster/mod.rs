@@ -22,6 +22,7 @@ pub mod registry;
 pub mod remote;
 pub mod subjects;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream;
@@ -29,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::{ClusterConfig, RawCluster};
 
+use crate::connection_id::ConnectionId;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::shard::ShardHandle;
@@ -75,9 +77,48 @@ pub struct Cluster {
     pub mirror: mirror::Mirror,
     pub registry: registry::Registry,
     pub queues: queues::ClusterQueues,
+    /// Connections of this node whose clients resumed on another node: connectionId →
+    /// the id the other node carries them under. Calls for them are forwarded there.
+    moved: Mutex<HashMap<String, ConnectionId>>,
 }
 
 impl Cluster {
+    /// Notes that local connection `connection_id` now lives on another node as `alias`.
+    pub fn note_moved(&self, connection_id: &str, alias: ConnectionId) {
+        if let Ok(mut moved) = self.moved.lock() {
+            moved.insert(connection_id.to_owned(), alias);
+        }
+    }
+
+    /// Where a local connection that moved to another node lives now.
+    pub fn moved_to(&self, connection_id: &str) -> Option<ConnectionId> {
+        self.moved.lock().ok()?.get(connection_id).copied()
+    }
+
+    /// `ids` with those of moved connections replaced by where they live now.
+    pub fn where_they_live(&self, ids: &[String]) -> Vec<String> {
+        let Ok(moved) = self.moved.lock() else {
+            return ids.to_vec();
+        };
+        if moved.is_empty() {
+            return ids.to_vec();
+        }
+        ids.iter()
+            .map(|id| {
+                moved
+                    .get(id)
+                    .map_or_else(|| id.clone(), ToString::to_string)
+            })
+            .collect()
+    }
+
+    /// Forgets a moved connection (its new home answered that it is gone).
+    pub fn forget_moved(&self, connection_id: &str) {
+        if let Ok(mut moved) = self.moved.lock() {
+            moved.remove(connection_id);
+        }
+    }
+
     /// Connects to NATS, sets up the streams and buckets, and registers the node: refused
     /// if a live node holds `node_id` already.
     pub async fn join(
@@ -134,6 +175,7 @@ impl Cluster {
             mirror,
             registry,
             queues,
+            moved: Mutex::new(HashMap::new()),
         }))
     }
 

@@ -37,6 +37,8 @@ pub enum Op {
     Join,
     Leave,
     Bulk,
+    /// A client resumed on the calling node: hand its connection over.
+    Move,
 }
 
 impl Op {
@@ -48,6 +50,7 @@ impl Op {
             Self::Join => "join",
             Self::Leave => "leave",
             Self::Bulk => "bulk",
+            Self::Move => "move",
         }
     }
 
@@ -59,6 +62,7 @@ impl Op {
             Self::Join,
             Self::Leave,
             Self::Bulk,
+            Self::Move,
         ]
         .into_iter()
         .find(|op| op.label() == text)
@@ -265,12 +269,60 @@ async fn answer(cluster: &Cluster, message: &async_nats::Message) -> (u16, Bytes
     if op == Op::Bulk {
         return bulk(cluster, &message.payload).await;
     }
-    let Some((id, shard)) = header(message, ID).and_then(|text| cluster.locate(text)) else {
+    let Some(text) = header(message, ID) else {
+        return GONE;
+    };
+    let Some((id, shard)) = cluster.locate(text) else {
         return GONE;
     };
     let room = header(message, ROOM).and_then(|r| RoomName::parse(r).ok());
+    let (status, body) = answer_locally(op, id, shard, room.clone(), &message.payload).await;
+    match cluster.moved_to(text) {
+        // Its client resumed on another node: the call goes on there.
+        Some(alias) if status == 410 && op != Op::Move => {
+            let room = room.as_ref().map(RoomName::as_str);
+            let alias_text = alias.to_string();
+            let forwarded = cluster
+                .call(alias.node, op, &alias_text, room, message.payload.clone())
+                .await;
+            match forwarded {
+                Ok(reply) => {
+                    if reply.status == 410 {
+                        cluster.forget_moved(text);
+                    }
+                    (reply.status, reply.body)
+                }
+                Err(_) => GONE,
+            }
+        }
+        _ => (status, body),
+    }
+}
+
+/// Runs a call for a connection of this node on its shard.
+async fn answer_locally(
+    op: Op,
+    id: ConnectionId,
+    shard: &crate::shard::ShardHandle,
+    room: Option<RoomName>,
+    payload: &Bytes,
+) -> (u16, Bytes) {
+    const GONE: (u16, Bytes) = (410, Bytes::new());
     match (op, room) {
-        (Op::Send, _) => match shard.send(id, message.payload.clone()).await {
+        (Op::Move, _) => {
+            let Ok(request) = serde_json::from_slice(payload) else {
+                return (400, Bytes::from_static(b"malformed move request"));
+            };
+            match shard.move_out(id, request).await {
+                Ok(Ok(moved)) => (
+                    200,
+                    Bytes::from(serde_json::to_vec(&moved).unwrap_or_default()),
+                ),
+                Ok(Err(refusal)) => (410, Bytes::from_static(refusal.as_str().as_bytes())),
+                Err(_) => GONE,
+            }
+        }
+        (Op::Send, _) => match shard.send(id, payload.clone()).await {
             Ok(()) => (200, Bytes::new()),
             Err(_) => GONE,
         },
@@ -318,14 +370,26 @@ async fn bulk(cluster: &Cluster, body: &Bytes) -> (u16, Bytes) {
         return malformed;
     };
     let frame = body.slice(4 + length..);
-    let plan = FanoutPlan::for_ids(
+    // Those that moved to another node go on there (one more hop).
+    let ids = cluster.where_they_live(&ids);
+    let mut plan = FanoutPlan::for_ids(
         &ids,
         cluster.node_id,
         cluster.registry.epoch(),
         cluster.shards().len(),
-        false,
+        true,
     );
-    let delivery = fanout::send_bulk(cluster.shards(), plan, &frame).await;
+    let moved = std::mem::take(&mut plan.remote);
+    let onward = async {
+        match moved.is_empty() {
+            true => fanout::Delivery::default(),
+            false => cluster.send_bulk(&moved, &ids, &frame).await,
+        }
+    };
+    let (mut delivery, onward) =
+        futures_util::join!(fanout::send_bulk(cluster.shards(), plan, &frame), onward);
+    delivery.delivered += onward.delivered;
+    delivery.gone.extend(onward.gone);
     let answer = BulkAnswer {
         delivered: delivery.delivered,
         gone: delivery.gone.iter().map(|&i| i as usize).collect(),

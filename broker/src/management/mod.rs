@@ -257,12 +257,19 @@ impl ApiState {
     fn locate(&self, text: &str) -> Result<Target<'_>, ApiError> {
         let gone = || ApiError::Gone(text.to_owned());
         let id: ConnectionId = text.parse().map_err(|_| gone())?;
-        if id.node != self.gateway.config.server.node_id {
-            let cluster = self.gateway.cluster.as_deref().ok_or_else(gone)?;
+        let cluster = self.gateway.cluster.as_deref();
+        // A connection of this node whose client resumed on another node lives there now.
+        let moved = cluster.and_then(|cluster| cluster.moved_to(text));
+        if id.node != self.gateway.config.server.node_id || moved.is_some() {
+            let cluster = cluster.ok_or_else(gone)?;
             if let Some(reason) = cluster.degraded() {
                 return Err(ApiError::ClusterUnavailable(reason));
             }
-            return Ok(Target::Remote(id.node, cluster));
+            let (node, name) = match moved {
+                Some(alias) => (alias.node, alias.to_string()),
+                None => (id.node, text.to_owned()),
+            };
+            return Ok(Target::Remote(node, cluster, name));
         }
         if id.epoch != self.gateway.epoch {
             return Err(gone());
@@ -291,8 +298,8 @@ impl ApiState {
 /// Where a connection lives.
 enum Target<'a> {
     Local(ConnectionId, &'a ShardHandle),
-    /// Cluster mode: on this node.
-    Remote(u16, &'a Cluster),
+    /// Cluster mode: on this node, under this id (its own, or the one it moved to).
+    Remote(u16, &'a Cluster, String),
 }
 
 /// A remote node's answer as the API's: 410 when the node did not answer in time (see
@@ -396,8 +403,13 @@ async fn post_bulk(
     let started = std::time::Instant::now();
     let config = &state.gateway.config;
     let cluster = state.gateway.cluster.as_deref();
+    // Connections of this node that moved to another one are sent where they live.
+    let ids = match cluster {
+        Some(cluster) => cluster.where_they_live(&request.connection_ids),
+        None => request.connection_ids.clone(),
+    };
     let mut plan = FanoutPlan::for_ids(
-        &request.connection_ids,
+        &ids,
         config.server.node_id,
         state.gateway.epoch,
         state.shards().len(),
@@ -407,9 +419,7 @@ async fn post_bulk(
     let remote = async {
         match cluster {
             Some(cluster) if !remote_ids.is_empty() => {
-                cluster
-                    .send_bulk(&remote_ids, &request.connection_ids, &frame)
-                    .await
+                cluster.send_bulk(&remote_ids, &ids, &frame).await
             }
             _ => fanout::Delivery::default(),
         }
@@ -539,13 +549,13 @@ async fn change_membership(
     let room = room_name(&room)?;
     let (connection_id, shard) = match state.locate(&id)? {
         Target::Local(connection_id, shard) => (connection_id, shard),
-        Target::Remote(node, cluster) => {
+        Target::Remote(node, cluster, target) => {
             let op = match change {
                 Membership::Join => Op::Join,
                 Membership::Leave => Op::Leave,
             };
             let outcome = cluster
-                .call(node, op, &id, Some(room.as_str()), Bytes::new())
+                .call(node, op, &target, Some(room.as_str()), Bytes::new())
                 .await;
             remote_outcome(&id, outcome)?;
             return Ok(StatusCode::NO_CONTENT);
@@ -580,8 +590,8 @@ async fn post_to_connection(
             .send(connection_id, frame)
             .await
             .map_err(|_| ApiError::Gone(id))?,
-        Target::Remote(node, cluster) => {
-            let outcome = cluster.call(node, Op::Send, &id, None, frame).await;
+        Target::Remote(node, cluster, target) => {
+            let outcome = cluster.call(node, Op::Send, &target, None, frame).await;
             remote_outcome(&id, outcome)?;
         }
     }
@@ -595,9 +605,9 @@ async fn get_connection(
     state.check_stage(&stage)?;
     let (connection_id, shard) = match state.locate(&id)? {
         Target::Local(connection_id, shard) => (connection_id, shard),
-        Target::Remote(node, cluster) => {
+        Target::Remote(node, cluster, target) => {
             let outcome = cluster
-                .call(node, Op::Describe, &id, None, Bytes::new())
+                .call(node, Op::Describe, &target, None, Bytes::new())
                 .await;
             let reply = remote_outcome(&id, outcome)?;
             return Ok(([(header::CONTENT_TYPE, "application/json")], reply.body).into_response());
@@ -625,9 +635,9 @@ async fn delete_connection(
             .disconnect(connection_id)
             .await
             .map_err(|_| ApiError::Gone(id))?,
-        Target::Remote(node, cluster) => {
+        Target::Remote(node, cluster, target) => {
             let outcome = cluster
-                .call(node, Op::Disconnect, &id, None, Bytes::new())
+                .call(node, Op::Disconnect, &target, None, Bytes::new())
                 .await;
             remote_outcome(&id, outcome)?;
         }

@@ -132,8 +132,20 @@ pub(crate) async fn resume(shard: Rc<Shard>, resuming: Resuming) {
         ResumeRequest::Malformed => return open_new(shard, resuming, Refusal::Unknown).await,
     };
     let gateway = &shard.gateway;
-    if token.id.node != gateway.config.server.node_id || token.id.epoch != gateway.epoch {
-        // Another node's, or from before a restart: nothing here to resume.
+    if token.id.node != gateway.config.server.node_id {
+        // Another node's: in a cluster, the session moves here.
+        return match gateway.cluster.clone() {
+            Some(cluster) => {
+                Box::pin(super::moving::move_in(
+                    shard, resuming, token, received, cluster,
+                ))
+                .await
+            }
+            None => open_new(shard, resuming, Refusal::Unknown).await,
+        };
+    }
+    if token.id.epoch != gateway.epoch {
+        // From before a restart: nothing here to resume.
         return open_new(shard, resuming, Refusal::Unknown).await;
     }
     if token.id.shard != shard.index {
@@ -184,7 +196,7 @@ pub(crate) async fn adopt(shard: Rc<Shard>, handoff: Handoff) {
 }
 
 /// Marks a connection as being resumed for as long as it lives.
-struct ResumingGuard(Rc<Connection>);
+pub(crate) struct ResumingGuard(pub(crate) Rc<Connection>);
 
 impl Drop for ResumingGuard {
     fn drop(&mut self) {
@@ -261,7 +273,7 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
 
 /// Parks a connection whose old socket still looks alive; false if it did not park in
 /// time (it ended instead, or is stuck).
-async fn take_over(connection: &Connection) -> bool {
+pub(crate) async fn take_over(connection: &Connection) -> bool {
     connection.supersede();
     let deadline = tokio::time::Instant::now() + TAKEOVER_TIMEOUT;
     while !connection.is_parked() {
@@ -274,7 +286,7 @@ async fn take_over(connection: &Connection) -> bool {
 }
 
 /// A new connection for a client whose resume did not happen; its welcome says why.
-async fn open_new(shard: Rc<Shard>, mut resuming: Resuming, refusal: Refusal) {
+pub(crate) async fn open_new(shard: Rc<Shard>, mut resuming: Resuming, refusal: Refusal) {
     shard
         .gateway
         .metrics
@@ -306,6 +318,6 @@ async fn open_new(shard: Rc<Shard>, mut resuming: Resuming, refusal: Refusal) {
 }
 
 /// The token is a secret: backends see that a client resumed, not its token.
-fn forget_token(query: &mut Vec<(String, String)>) {
+pub(crate) fn forget_token(query: &mut Vec<(String, String)>) {
     query.retain(|(name, _)| name != "resume");
 }

@@ -17,6 +17,7 @@
 //! resumes it, and the shard keeps parked connections findable.
 
 pub mod attach;
+pub mod moving;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -151,13 +152,17 @@ pub fn welcome_frame(connection_id: &str, token: &ResumeToken, refused: Option<R
     frame::encode(Opcode::Text, body.to_string().as_bytes())
 }
 
-/// The first frame after a resume: `replayed` messages follow it.
-pub fn resumed_frame(connection_id: &str, replayed: usize) -> Bytes {
-    let body = serde_json::json!({
+/// The first frame after a resume: `replayed` messages follow it. A session that moved to
+/// another node comes with the token to resume it there next time.
+pub fn resumed_frame(connection_id: &str, replayed: usize, moved: Option<&ResumeToken>) -> Bytes {
+    let mut body = serde_json::json!({
         "type": "resumed",
         "connectionId": connection_id,
         "replayed": replayed,
     });
+    if let Some(token) = moved {
+        body["resumeToken"] = token.encode().into();
+    }
     frame::encode(Opcode::Text, body.to_string().as_bytes())
 }
 
@@ -233,8 +238,11 @@ mod tests {
         let refused = decode(welcome_frame("abc", &token, Some(Refusal::Expired)));
         assert_eq!(refused["resumed"], false);
         assert_eq!(refused["reason"], "expired");
-        let resumed = decode(resumed_frame("abc", 5));
+        let resumed = decode(resumed_frame("abc", 5, None));
         assert_eq!(resumed["type"], "resumed");
         assert_eq!(resumed["replayed"], 5);
+        assert!(resumed.get("resumeToken").is_none());
+        let moved = decode(resumed_frame("abc", 5, Some(&token)));
+        assert_eq!(moved["resumeToken"], token.encode());
     }
 }

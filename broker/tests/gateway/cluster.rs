@@ -774,50 +774,148 @@ async fn a_lost_nodes_connections_are_reported_with_their_authorizer_context() {
     );
 }
 
+/// Waits until `node` holds `count` parked connections.
+async fn parked_on(node: &GatewayProcess, count: f64) {
+    for _ in 0..200 {
+        if node.metric("switchboard_connections_parked").await == count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("never {count} parked on {}", node.api_url);
+}
+
+/// Opens `url` and reads the first frame (the welcome or the resumed frame).
+async fn open_resumable(url: String) -> (Ws, Value) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let first = next_json(&mut ws).await;
+    (ws, first)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resume_works_on_the_node_that_holds_the_connection_and_is_unknown_elsewhere() {
+async fn a_session_moves_to_the_node_its_client_resumes_on_and_keeps_its_id() {
     let Some(binary) = nats::binary() else { return };
     let server = NatsServer::start(&binary);
     let backend = Backend::start().await;
-    let extra = "[api]\nresume = true\nresume_window_secs = 2\n";
+    let extra = "[api]\nresume = true\n";
     let (nodes, _files) = start_nodes(&[server.url()], &backend, extra).await;
-    let open = |url: String| async move {
-        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-        let first = next_json(&mut ws).await;
-        (ws, first)
-    };
-    let (ws, welcome) = open(nodes[0].ws_url.clone()).await;
+    let (mut ws, welcome) = open_resumable(nodes[0].ws_url.clone()).await;
     let id = welcome["connectionId"].as_str().unwrap().to_owned();
-    let token = welcome["resumeToken"].as_str().unwrap().to_owned();
-    let push = |body: &'static str| {
-        let url = format!("{}/@connections/{id}", nodes[2].api_url);
+    let mut token = welcome["resumeToken"].as_str().unwrap().to_owned();
+    let member = format!("{}/@rooms/lobby/connections/{id}", nodes[1].api_url);
+    assert_eq!(http().put(&member).send().await.unwrap().status(), 204);
+    let push = |through: usize, body: &'static str| {
+        let url = format!("{}/@connections/{id}", nodes[through].api_url);
         async move { post_body(url, body).await.status() }
     };
-    drop(ws);
-    let wait_parked = || async {
-        for _ in 0..200 {
-            if nodes[0].metric("switchboard_connections_parked").await == 1.0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+    assert_eq!(push(2, "one").await, 200);
+    assert_eq!(next_text(&mut ws).await, "one");
+    let mut received = 1;
+    // Resume on node 2, then on node 3: the session moves each time.
+    for (from, to) in [(0, 1), (1, 2)] {
+        drop(ws);
+        parked_on(&nodes[from], 1.0).await;
+        assert_eq!(push(2, "held").await, 200, "held while parked");
+        let url = format!("{}?resume={token}&received={received}", nodes[to].ws_url);
+        let (next, first) = open_resumable(url).await;
+        ws = next;
+        assert_eq!(first["type"], "resumed", "{first}");
+        assert_eq!(first["connectionId"], id.as_str(), "the same connectionId");
+        assert_eq!(first["replayed"], 1);
+        token = first["resumeToken"]
+            .as_str()
+            .expect("a token for the new node")
+            .to_owned();
+        assert_eq!(next_text(&mut ws).await, "held");
+        received += 1;
+        // Pushes through every node reach it (the id names the first node: forwarded).
+        for through in 0..3 {
+            assert_eq!(
+                push(through, "pushed").await,
+                200,
+                "through node {}",
+                through + 1
+            );
+            assert_eq!(next_text(&mut ws).await, "pushed");
+            received += 1;
         }
-        panic!("never parked");
-    };
-    wait_parked().await;
-    // Pushed through another node while parked: held, then replayed.
-    assert_eq!(push("while away").await, 200);
-    let resume_at = |node: &GatewayProcess| format!("{}?resume={token}&received=0", node.ws_url);
-    let (mut ws, first) = open(resume_at(&nodes[0])).await;
-    assert_eq!(first["type"], "resumed", "{first}");
-    assert_eq!(next_text(&mut ws).await, "while away");
+        // So do bulk sends naming it, through every node.
+        for (through, node) in nodes.iter().enumerate() {
+            let answer: Value = http()
+                .post(format!("{}/@connections", node.api_url))
+                .json(&json!({"connectionIds": [id], "data": "bulk"}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(
+                answer["delivered"],
+                1,
+                "bulk through node {}: {answer}",
+                through + 1
+            );
+            assert_eq!(next_text(&mut ws).await, "bulk");
+            received += 1;
+        }
+        // Its rooms came along.
+        let room = format!("{}/@rooms/lobby", nodes[0].api_url);
+        assert!(post_body(room, "to the room").await.status().is_success());
+        assert_eq!(next_text(&mut ws).await, "to the room");
+        received += 1;
+        parked_on(&nodes[from], 0.0).await;
+    }
+    let status = http()
+        .get(format!("{}/@connections/{id}", nodes[0].api_url))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    assert!(
+        backend.events("/disconnect").is_empty(),
+        "a move is not a disconnect"
+    );
+    let connects = backend.events("/connect-log");
+    assert_eq!(connects.len(), 3);
+    assert!(
+        connects[1..]
+            .iter()
+            .all(|c| connection_id(c) == id && c["requestContext"]["resumed"] == true)
+    );
+    // DELETE through the first node ends it where it lives now: exactly one $disconnect.
+    let delete = http()
+        .delete(format!("{}/@connections/{id}", nodes[0].api_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delete.status(), 204);
+    assert_eq!(close_code(&mut ws).await, 1000);
+    let (_, reason) = status_and_reason(&disconnect_event(&backend, &id).await);
+    assert_eq!(reason, "connection deleted via @connections");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_after_its_node_died_is_unknown_and_the_node_loss_report_stands() {
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let extra = "[api]\nresume = true\n";
+    let (mut nodes, _files) = start_nodes(&[server.url()], &backend, extra).await;
+    let (ws, welcome) = open_resumable(nodes[0].ws_url.clone()).await;
+    let id = welcome["connectionId"].as_str().unwrap().to_owned();
+    let token = welcome["resumeToken"].as_str().unwrap().to_owned();
     drop(ws);
-    wait_parked().await;
-    // Another node cannot take the session over (yet): a new connection says "unknown",
-    // and the old node's window runs out with exactly one $disconnect.
-    let (_other, welcome) = open(resume_at(&nodes[1])).await;
+    parked_on(&nodes[0], 1.0).await;
+    // Let the mirror catch up (it batches every 20 ms here), then kill the node.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nodes[0].child.kill().unwrap();
+    nodes[0].child.wait().unwrap();
+    let url = format!("{}?resume={token}&received=0", nodes[1].ws_url);
+    let (_ws, welcome) = open_resumable(url).await;
     assert_eq!(welcome["resumed"], false);
     assert_eq!(welcome["reason"], "unknown");
-    assert_ne!(welcome["connectionId"], id.as_str());
-    let (code, reason) = status_and_reason(&disconnect_event(&backend, &id).await);
-    assert_eq!((code, reason.as_str()), (1001, "resume window expired"));
+    let (_, reason) = status_and_reason(&disconnect_event(&backend, &id).await);
+    assert_eq!(reason, "node lost");
 }

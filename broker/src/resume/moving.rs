@@ -1,0 +1,209 @@
+//! Resume across cluster nodes: a client that comes back to another node takes its session
+//! along.
+//!
+//! The new node asks the old one (over NATS, `Op::Move`) for the connection. The old node
+//! checks the token and the count exactly as a local resume would, hands over the facts,
+//! the rooms and every frame the client has not received, forgets the connection without
+//! reporting it, and keeps a forwarding entry: pushes, GETs and DELETEs addressed to the
+//! connectionId (which names the old node) reach the new home. The new node runs the
+//! authorizer and `$connect` (`resumed`) and carries the connection on under a local alias,
+//! with the same connectionId in every event; its `resumed` frame brings a new token, since
+//! the old one names the old node. From the moment the old node hands over until the new
+//! node has answered the client, a push to the connection is refused (410).
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::Cluster;
+use crate::cluster::remote::Op;
+use crate::connection_id::ConnectionId;
+use crate::disconnect::DisconnectReason;
+use crate::outbound::RewindError;
+use crate::resume::attach::{Resuming, ResumingGuard, forget_token, open_new, take_over};
+use crate::resume::{Refusal, ResumeToken};
+use crate::rooms::RoomName;
+use crate::session::{self, Accepted};
+use crate::shard::Shard;
+
+/// What the new node asks the old one for.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MoveRequest {
+    /// The token's secret, base64.
+    pub secret: String,
+    pub received: u64,
+    /// Where the connection will live: the new node's id for it.
+    pub alias: String,
+}
+
+/// What the old node hands over.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MovedOut {
+    /// The connection's facts, as a queue entry's context (`stored_event`).
+    pub facts: String,
+    pub rooms: Vec<String>,
+    /// The frames its client has not received, WebSocket-encoded, base64, in order.
+    pub frames: Vec<String>,
+}
+
+/// What a connection brings from the node it left.
+pub struct MovedIn {
+    pub received: u64,
+    pub frames: Vec<Bytes>,
+    pub rooms: Vec<RoomName>,
+}
+
+/// On the old node, on the shard that owns connection `id`: checks the request as a local
+/// resume would, then lets go of the connection (`DisconnectReason::Moved`: no
+/// `$disconnect`) and returns what it carries.
+pub(crate) async fn move_out(
+    shard: Rc<Shard>,
+    id: ConnectionId,
+    request: MoveRequest,
+) -> Result<MovedOut, Refusal> {
+    let mut secret = [0u8; 16];
+    if STANDARD.decode_slice(&request.secret, &mut secret) != Ok(secret.len()) {
+        return Err(Refusal::Unknown);
+    }
+    let alias: ConnectionId = request.alias.parse().map_err(|_| Refusal::Unknown)?;
+    let (Some(cluster), Some(config)) = (
+        shard.gateway.cluster.clone(),
+        shard.gateway.config.api.resume.as_ref(),
+    ) else {
+        return Err(Refusal::Unknown);
+    };
+    let token = ResumeToken { id, secret };
+    let connection = match shard.resumable(&token) {
+        Ok(connection) if !connection.is_resuming() => connection,
+        Ok(_) => return Err(Refusal::Unknown),
+        Err(refusal) => return Err(refusal),
+    };
+    let _ = config;
+    connection.set_resuming(true);
+    let guard = ResumingGuard(connection.clone());
+    if !connection.is_parked() && !take_over(&connection).await {
+        return Err(Refusal::Unknown);
+    }
+    let frames = {
+        let mut queue = connection.outbound().borrow_mut();
+        match queue.rewind(request.received) {
+            Ok(_) => queue.take_frames(),
+            Err(error) => {
+                drop(queue);
+                connection.request_close(DisconnectReason::ResumeRefused);
+                return Err(match error {
+                    RewindError::NeverSent => Refusal::Unknown,
+                    RewindError::NotKept => Refusal::Overflow,
+                });
+            }
+        }
+    };
+    let api = crate::event::ApiFacts {
+        stage: &shard.gateway.config.api.stage,
+        api_id: &shard.gateway.config.api.id,
+    };
+    let facts = crate::stored_event::context(api, &connection.facts);
+    let rooms = shard.rooms_of(&connection);
+    cluster.note_moved(&connection.id.to_string(), alias);
+    connection.request_close(DisconnectReason::Moved);
+    drop(guard);
+    Ok(MovedOut {
+        facts: String::from_utf8_lossy(&facts).into_owned(),
+        rooms: rooms.iter().map(|room| room.as_str().to_owned()).collect(),
+        frames: frames.iter().map(|frame| STANDARD.encode(frame)).collect(),
+    })
+}
+
+/// On the new node: asks the old node for the connection `token` names and carries it on
+/// here, or opens a new connection that says why not.
+pub(crate) async fn move_in(
+    shard: Rc<Shard>,
+    mut resuming: Resuming,
+    token: ResumeToken,
+    received: u64,
+    cluster: Arc<Cluster>,
+) {
+    let alias = shard.ids.borrow_mut().connection_id();
+    let request = MoveRequest {
+        secret: STANDARD.encode(token.secret),
+        received,
+        alias: alias.to_string(),
+    };
+    let body = Bytes::from(serde_json::to_vec(&request).unwrap_or_default());
+    let reply = cluster
+        .call(token.id.node, Op::Move, &token.id.to_string(), None, body)
+        .await;
+    let moved = match reply {
+        Ok(reply) if reply.status == 200 => serde_json::from_slice::<MovedOut>(&reply.body).ok(),
+        Ok(reply) => {
+            let refusal = match &reply.body[..] {
+                b"expired" => Refusal::Expired,
+                b"overflow" => Refusal::Overflow,
+                _ => Refusal::Unknown,
+            };
+            return open_new(shard, resuming, refusal).await;
+        }
+        // The old node is gone: its connections are reported by the survivors.
+        Err(_) => None,
+    };
+    let Some(moved) = moved else {
+        return open_new(shard, resuming, Refusal::Unknown).await;
+    };
+    let Ok(mut facts) = crate::stored_event::decode_facts(moved.facts.as_bytes()) else {
+        tracing::error!("a moved connection's facts do not decode");
+        return open_new(shard, resuming, Refusal::Unknown).await;
+    };
+    let frames: Vec<Bytes> = moved
+        .frames
+        .iter()
+        .filter_map(|frame| STANDARD.decode(frame).ok().map(Bytes::from))
+        .collect();
+    let rooms = moved
+        .rooms
+        .iter()
+        .filter_map(|room| RoomName::parse(room).ok())
+        .collect();
+    // From here on this node owns the connection: whatever happens, it reports its end.
+    let metrics = &shard.gateway.metrics;
+    let wire = resuming.answer.wire();
+    resuming.request.resumed = true;
+    forget_token(&mut resuming.request.query);
+    let protocol = match session::admit(&shard, &mut facts, &resuming.request).await {
+        Ok(protocol) => protocol,
+        Err(refused) => {
+            metrics.resumes.with_label_values(&["refused"]).inc();
+            session::count_handshake(&shard, refused.result, wire);
+            crate::dispatch::fire_disconnect(&shard, facts, DisconnectReason::ResumeRefused);
+            resuming.answer.refuse(refused.status, &refused.body).await;
+            return;
+        }
+    };
+    let timeout = shard.gateway.config.limits.handshake_timeout;
+    let Some((socket, leftover)) = resuming.answer.accept(protocol.as_deref(), timeout).await
+    else {
+        crate::dispatch::fire_disconnect(&shard, facts, DisconnectReason::ConnectionLost);
+        return;
+    };
+    metrics.resumes.with_label_values(&["resumed"]).inc();
+    metrics.resume_replayed.inc_by(frames.len() as u64);
+    session::opened(&shard, &facts, wire);
+    tracing::debug!(connection_id = %facts.connection_id, from = token.id.node, "connection resumed from another node");
+    let accepted = Accepted {
+        id: alias,
+        facts,
+        leftover,
+        resume_refused: None,
+        moved_in: Some(Box::new(MovedIn {
+            received,
+            frames,
+            rooms,
+        })),
+    };
+    let decoder = session::decoder_for(&shard, wire);
+    session::live(shard, socket, accepted, decoder).await;
+    drop(resuming.ticket);
+}
