@@ -318,6 +318,11 @@ impl Connection {
         }
     }
 
+    /// A close was asked for and not yet acted on.
+    pub(crate) fn close_requested(&self) -> bool {
+        self.close_request.borrow().is_some()
+    }
+
     pub(crate) fn take_close_request(&self) -> Option<DisconnectReason> {
         self.close_request.borrow_mut().take()
     }

@@ -442,9 +442,9 @@ pub(crate) async fn admit(
     }
 }
 
-/// Counts an accepted connection.
-pub(crate) fn opened(shard: &Shard, facts: &ConnectionFacts, wire: Wire) {
-    count_handshake(shard, "accepted", wire);
+/// Counts an opened connection: `accepted`, or `resumed` (moved from another node).
+pub(crate) fn opened(shard: &Shard, facts: &ConnectionFacts, wire: Wire, result: &str) {
+    count_handshake(shard, result, wire);
     shard
         .gateway
         .metrics
@@ -597,7 +597,7 @@ pub(crate) async fn accept_new(
         dispatch::fire_disconnect(shard, facts, DisconnectReason::ConnectionLost);
         return None;
     };
-    opened(shard, &facts, wire);
+    opened(shard, &facts, wire, "accepted");
     let accepted = Accepted {
         id,
         facts,

@@ -24,6 +24,7 @@ pub mod subjects;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use async_nats::jetstream;
 use tokio_util::sync::CancellationToken;
@@ -78,21 +79,26 @@ pub struct Cluster {
     pub registry: registry::Registry,
     pub queues: queues::ClusterQueues,
     /// Connections of this node whose clients resumed on another node: connectionId →
-    /// the id the other node carries them under. Calls for them are forwarded there.
-    moved: Mutex<HashMap<String, ConnectionId>>,
+    /// the id the other node carries them under, until when. Calls for them are forwarded
+    /// there; an entry is dropped once the connection cannot be alive any more.
+    moved: Mutex<HashMap<String, (ConnectionId, Instant)>>,
 }
 
 impl Cluster {
-    /// Notes that local connection `connection_id` now lives on another node as `alias`.
-    pub fn note_moved(&self, connection_id: &str, alias: ConnectionId) {
+    /// Notes that local connection `connection_id` now lives on another node as `alias`
+    /// (at most until `until`: as long as it could live), and drops the entries of
+    /// connections that cannot be alive any more.
+    pub fn note_moved(&self, connection_id: &str, alias: ConnectionId, until: Instant) {
         if let Ok(mut moved) = self.moved.lock() {
-            moved.insert(connection_id.to_owned(), alias);
+            let now = Instant::now();
+            moved.retain(|_, (_, until)| *until > now);
+            moved.insert(connection_id.to_owned(), (alias, until));
         }
     }
 
     /// Where a local connection that moved to another node lives now.
     pub fn moved_to(&self, connection_id: &str) -> Option<ConnectionId> {
-        self.moved.lock().ok()?.get(connection_id).copied()
+        Some(self.moved.lock().ok()?.get(connection_id)?.0)
     }
 
     /// `ids` with those of moved connections replaced by where they live now.
@@ -107,16 +113,9 @@ impl Cluster {
             .map(|id| {
                 moved
                     .get(id)
-                    .map_or_else(|| id.clone(), ToString::to_string)
+                    .map_or_else(|| id.clone(), |(alias, _)| alias.to_string())
             })
             .collect()
-    }
-
-    /// Forgets a moved connection (its new home answered that it is gone).
-    pub fn forget_moved(&self, connection_id: &str) {
-        if let Ok(mut moved) = self.moved.lock() {
-            moved.remove(connection_id);
-        }
     }
 
     /// Connects to NATS, sets up the streams and buckets, and registers the node: refused

@@ -286,12 +286,7 @@ async fn answer(cluster: &Cluster, message: &async_nats::Message) -> (u16, Bytes
                 .call(alias.node, op, &alias_text, room, message.payload.clone())
                 .await;
             match forwarded {
-                Ok(reply) => {
-                    if reply.status == 410 {
-                        cluster.forget_moved(text);
-                    }
-                    (reply.status, reply.body)
-                }
+                Ok(reply) => (reply.status, reply.body),
                 Err(_) => GONE,
             }
         }

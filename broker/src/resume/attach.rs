@@ -218,7 +218,7 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
     };
     connection.set_resuming(true);
     let guard = ResumingGuard(connection.clone());
-    if !connection.is_parked() && !take_over(&connection).await {
+    if !connection.is_parked() && !take_over(&connection, TAKEOVER_TIMEOUT).await {
         drop(guard);
         return open_new(shard, resuming, Refusal::Unknown).await;
     }
@@ -273,9 +273,9 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
 
 /// Parks a connection whose old socket still looks alive; false if it did not park in
 /// time (it ended instead, or is stuck).
-pub(crate) async fn take_over(connection: &Connection) -> bool {
+pub(crate) async fn take_over(connection: &Connection, within: Duration) -> bool {
     connection.supersede();
-    let deadline = tokio::time::Instant::now() + TAKEOVER_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + within;
     while !connection.is_parked() {
         if tokio::time::Instant::now() >= deadline {
             return false;

@@ -9,7 +9,10 @@
 //! authorizer and `$connect` (`resumed`) and carries the connection on under a local alias,
 //! with the same connectionId in every event; its `resumed` frame brings a new token, since
 //! the old one names the old node. From the moment the old node hands over until the new
-//! node has answered the client, a push to the connection is refused (410).
+//! node has answered the client, a push to the connection is refused (410) and a room
+//! broadcast misses it. The old node hands over only well within the asking node's request
+//! timeout (or not at all), and never while a DELETE or an overflow is pending; a forwarding
+//! entry lasts as long as the connection could.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -76,16 +79,28 @@ pub(crate) async fn move_out(
     ) else {
         return Err(Refusal::Unknown);
     };
+    if alias.node == cluster.node_id {
+        // A connection moves to another node, never onto this one's ids.
+        return Err(Refusal::Unknown);
+    }
+    // The asking node gives up after `cluster.request_timeout_ms`: hand over only well
+    // within it, or the connection would be forgotten here with no one carrying it on.
+    let started = std::time::Instant::now();
+    let budget = cluster.config.request_timeout / 2;
     let token = ResumeToken { id, secret };
     let connection = match shard.resumable(&token) {
         Ok(connection) if !connection.is_resuming() => connection,
         Ok(_) => return Err(Refusal::Unknown),
         Err(refusal) => return Err(refusal),
     };
-    let _ = config;
     connection.set_resuming(true);
     let guard = ResumingGuard(connection.clone());
-    if !connection.is_parked() && !take_over(&connection).await {
+    if !connection.is_parked() && !take_over(&connection, budget).await {
+        return Err(Refusal::Unknown);
+    }
+    if started.elapsed() >= budget || connection.close_requested() {
+        // Too late to answer in time, or a DELETE (or an overflow) came first: it stays
+        // here, and that close takes effect once this attempt lets go.
         return Err(Refusal::Unknown);
     }
     let frames = {
@@ -108,7 +123,9 @@ pub(crate) async fn move_out(
     };
     let facts = crate::stored_event::context(api, &connection.facts);
     let rooms = shard.rooms_of(&connection);
-    cluster.note_moved(&connection.id.to_string(), alias);
+    let lifetime = shard.gateway.config.limits.max_connection_duration + config.window;
+    let until = std::time::Instant::now() + lifetime;
+    cluster.note_moved(&connection.id.to_string(), alias, until);
     connection.request_close(DisconnectReason::Moved);
     drop(guard);
     Ok(MovedOut {
@@ -138,7 +155,10 @@ pub(crate) async fn move_in(
         .call(token.id.node, Op::Move, &token.id.to_string(), None, body)
         .await;
     let moved = match reply {
-        Ok(reply) if reply.status == 200 => serde_json::from_slice::<MovedOut>(&reply.body).ok(),
+        Ok(reply) if reply.status == 200 => match serde_json::from_slice::<MovedOut>(&reply.body) {
+            Ok(moved) => Some(moved),
+            Err(_) => return handed_over_unreadable(shard, resuming, &token).await,
+        },
         Ok(reply) => {
             let refusal = match &reply.body[..] {
                 b"expired" => Refusal::Expired,
@@ -154,8 +174,7 @@ pub(crate) async fn move_in(
         return open_new(shard, resuming, Refusal::Unknown).await;
     };
     let Ok(mut facts) = crate::stored_event::decode_facts(moved.facts.as_bytes()) else {
-        tracing::error!("a moved connection's facts do not decode");
-        return open_new(shard, resuming, Refusal::Unknown).await;
+        return handed_over_unreadable(shard, resuming, &token).await;
     };
     let frames: Vec<Bytes> = moved
         .frames
@@ -190,7 +209,7 @@ pub(crate) async fn move_in(
     };
     metrics.resumes.with_label_values(&["resumed"]).inc();
     metrics.resume_replayed.inc_by(frames.len() as u64);
-    session::opened(&shard, &facts, wire);
+    session::opened(&shard, &facts, wire, "resumed");
     tracing::debug!(connection_id = %facts.connection_id, from = token.id.node, "connection resumed from another node");
     let accepted = Accepted {
         id: alias,
@@ -206,4 +225,20 @@ pub(crate) async fn move_in(
     let decoder = session::decoder_for(&shard, wire);
     session::live(shard, socket, accepted, decoder).await;
     drop(resuming.ticket);
+}
+
+/// The old node handed a connection over in a form this node cannot read (nodes of
+/// different versions): it is reported ended here, and the client gets a new connection.
+async fn handed_over_unreadable(shard: Rc<Shard>, resuming: Resuming, token: &ResumeToken) {
+    tracing::error!(connection_id = %token.id, "a connection moved from another node does not decode");
+    let facts = crate::event::ConnectionFacts {
+        connection_id: token.id.to_string(),
+        connected_at_ms: crate::clock::now_ms(),
+        source_ip: resuming.peer.ip().to_string(),
+        user_agent: resuming.user_agent.clone(),
+        domain_name: resuming.host.clone(),
+        authorizer: None,
+    };
+    crate::dispatch::fire_disconnect(&shard, facts, DisconnectReason::ResumeRefused);
+    open_new(shard, resuming, Refusal::Unknown).await;
 }

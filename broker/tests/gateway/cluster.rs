@@ -919,3 +919,41 @@ async fn a_resume_after_its_node_died_is_unknown_and_the_node_loss_report_stands
     let (_, reason) = status_and_reason(&disconnect_event(&backend, &id).await);
     assert_eq!(reason, "node lost");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_on_another_node_takes_over_a_socket_that_still_looks_alive() {
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let extra = "[api]\nresume = true\n";
+    let (nodes, _files) = start_nodes(&[server.url()], &backend, extra).await;
+    let (mut old, welcome) = open_resumable(nodes[0].ws_url.clone()).await;
+    let id = welcome["connectionId"].as_str().unwrap().to_owned();
+    let token = welcome["resumeToken"].as_str().unwrap().to_owned();
+    let push = |body: &'static str| {
+        let url = format!("{}/@connections/{id}", nodes[1].api_url);
+        async move { post_body(url, body).await.status() }
+    };
+    assert_eq!(push("one").await, 200);
+    assert_eq!(next_text(&mut old).await, "one");
+    assert_eq!(push("two").await, 200);
+    // The client gave up on its socket before node 1 noticed.
+    let url = format!("{}?resume={token}&received=1", nodes[2].ws_url);
+    let (mut new, first) = open_resumable(url).await;
+    assert_eq!(first["type"], "resumed", "{first}");
+    assert_eq!(first["connectionId"], id.as_str());
+    assert_eq!(next_text(&mut new).await, "two");
+    assert_eq!(push("three").await, 200);
+    assert_eq!(next_text(&mut new).await, "three");
+    // The old socket was let go (after what had been written to it already).
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(message)) = old.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the old socket ends");
+    assert!(backend.events("/disconnect").is_empty());
+}
