@@ -57,6 +57,9 @@ fn open(dir: &std::path::Path) -> (Storage, QueueLog) {
     (storage, log)
 }
 
+/// What the model keeps of an entry: its context (if any) and its payload.
+type ModelEntry = (Option<Arc<[u8]>>, Vec<u8>);
+
 /// Context number `n`: big enough that storing it per entry would show.
 fn context(n: u8) -> Arc<[u8]> {
     vec![n; 200].into()
@@ -82,7 +85,7 @@ proptest! {
     fn the_log_behaves_like_a_vector(ops in proptest::collection::vec(op(), 1..60)) {
         let dir = tempfile::tempdir().unwrap();
         let mut opened = Some(open(dir.path()));
-        let mut model: Vec<(Option<Arc<[u8]>>, Vec<u8>)> = Vec::new();
+        let mut model: Vec<ModelEntry> = Vec::new();
         let mut committed = 0u64;
         // Retention runs once a second and at every open: the first offset is at least
         // what the last open settled, at most what the count allows now.
