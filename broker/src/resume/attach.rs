@@ -18,7 +18,7 @@ use crate::disconnect::DisconnectReason;
 use crate::event::HandshakeRequest;
 use crate::handshake::UpgradeRequest;
 use crate::limits::AdmissionTicket;
-use crate::outbound::RewindError;
+use crate::outbound::Wire;
 use crate::resume::{Refusal, ResumeRequest, ResumeToken};
 use crate::session::{self, Accepted, Answer};
 use crate::shard::Shard;
@@ -205,33 +205,12 @@ impl Drop for ResumingGuard {
 }
 
 async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeToken, received: u64) {
-    let connection = match shard.resumable(token) {
-        // A session resumes over the transport it was opened with.
-        Ok(connection)
-            if !connection.is_resuming()
-                && connection.stream().wire() == resuming.answer.wire() =>
-        {
-            connection
-        }
-        Ok(_) => return open_new(shard, resuming, Refusal::Unknown).await,
+    let wire = Some(resuming.answer.wire());
+    let guard = match claim(&shard, token, received, wire, TAKEOVER_TIMEOUT).await {
+        Ok(guard) => guard,
         Err(refusal) => return open_new(shard, resuming, refusal).await,
     };
-    connection.set_resuming(true);
-    let guard = ResumingGuard(connection.clone());
-    if !connection.is_parked() && !take_over(&connection, TAKEOVER_TIMEOUT).await {
-        drop(guard);
-        return open_new(shard, resuming, Refusal::Unknown).await;
-    }
-    if let Err(error) = connection.can_rewind(received) {
-        // The client gave up on this connection: it ends, and the new one says why.
-        connection.request_close(DisconnectReason::ResumeRefused);
-        drop(guard);
-        let refusal = match error {
-            RewindError::NeverSent => Refusal::Unknown,
-            RewindError::NotKept => Refusal::Overflow,
-        };
-        return open_new(shard, resuming, refusal).await;
-    }
+    let connection = guard.0.clone();
     let metrics = &shard.gateway.metrics;
     let wire = resuming.answer.wire();
     resuming.request.resumed = true;
@@ -269,6 +248,35 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
         }
     }
     drop(guard);
+}
+
+/// Claims the connection `token` names for a client that received `received` frames
+/// (over `wire`, if it must match): marked as being resumed until the guard drops, parked
+/// (a socket that still looks alive is taken over within `within`), and able to replay
+/// from the count. Otherwise why not; a count it cannot replay from ends it, since its
+/// client gave up on it.
+pub(crate) async fn claim(
+    shard: &Shard,
+    token: &ResumeToken,
+    received: u64,
+    wire: Option<Wire>,
+    within: Duration,
+) -> Result<ResumingGuard, Refusal> {
+    let connection = shard.resumable(token)?;
+    // A session resumes over the transport it was opened with.
+    if connection.is_resuming() || wire.is_some_and(|wire| connection.stream().wire() != wire) {
+        return Err(Refusal::Unknown);
+    }
+    connection.set_resuming(true);
+    let guard = ResumingGuard(connection.clone());
+    if !connection.is_parked() && !take_over(&connection, within).await {
+        return Err(Refusal::Unknown);
+    }
+    if let Err(error) = connection.can_rewind(received) {
+        connection.request_close(DisconnectReason::ResumeRefused);
+        return Err(error.into());
+    }
+    Ok(guard)
 }
 
 /// Parks a connection whose old socket still looks alive; false if it did not park in

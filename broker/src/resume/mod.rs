@@ -109,6 +109,16 @@ impl Refusal {
     }
 }
 
+impl From<crate::outbound::RewindError> for Refusal {
+    /// A count the gateway never sent is unknown; one past what it still holds, overflow.
+    fn from(error: crate::outbound::RewindError) -> Self {
+        match error {
+            crate::outbound::RewindError::NeverSent => Self::Unknown,
+            crate::outbound::RewindError::NotKept => Self::Overflow,
+        }
+    }
+}
+
 /// What a client asked for with `?resume=TOKEN&received=N`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResumeRequest {

@@ -26,8 +26,7 @@ use crate::cluster::Cluster;
 use crate::cluster::remote::Op;
 use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
-use crate::outbound::RewindError;
-use crate::resume::attach::{Resuming, ResumingGuard, forget_token, open_new, take_over};
+use crate::resume::attach::{Resuming, claim, forget_token, open_new};
 use crate::resume::{Refusal, ResumeToken};
 use crate::rooms::RoomName;
 use crate::session::{self, Accepted};
@@ -88,34 +87,18 @@ pub(crate) async fn move_out(
     let started = std::time::Instant::now();
     let budget = cluster.config.request_timeout / 2;
     let token = ResumeToken { id, secret };
-    let connection = match shard.resumable(&token) {
-        Ok(connection) if !connection.is_resuming() => connection,
-        Ok(_) => return Err(Refusal::Unknown),
-        Err(refusal) => return Err(refusal),
-    };
-    connection.set_resuming(true);
-    let guard = ResumingGuard(connection.clone());
-    if !connection.is_parked() && !take_over(&connection, budget).await {
-        return Err(Refusal::Unknown);
-    }
+    let guard = claim(&shard, &token, request.received, None, budget).await?;
+    let connection = guard.0.clone();
     if started.elapsed() >= budget || connection.close_requested() {
         // Too late to answer in time, or a DELETE (or an overflow) came first: it stays
         // here, and that close takes effect once this attempt lets go.
         return Err(Refusal::Unknown);
     }
     let frames = {
+        // Checked by `claim`, with nothing in between that could change it.
         let mut queue = connection.outbound().borrow_mut();
-        match queue.rewind(request.received) {
-            Ok(_) => queue.take_frames(),
-            Err(error) => {
-                drop(queue);
-                connection.request_close(DisconnectReason::ResumeRefused);
-                return Err(match error {
-                    RewindError::NeverSent => Refusal::Unknown,
-                    RewindError::NotKept => Refusal::Overflow,
-                });
-            }
-        }
+        queue.rewind(request.received)?;
+        queue.take_frames()
     };
     let api = crate::event::ApiFacts {
         stage: &shard.gateway.config.api.stage,
