@@ -785,13 +785,6 @@ async fn parked_on(node: &GatewayProcess, count: f64) {
     panic!("never {count} parked on {}", node.api_url);
 }
 
-/// Opens `url` and reads the first frame (the welcome or the resumed frame).
-async fn open_resumable(url: String) -> (Ws, Value) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    let first = next_json(&mut ws).await;
-    (ws, first)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_moves_to_the_node_its_client_resumes_on_and_keeps_its_id() {
     let Some(binary) = nats::binary() else { return };
@@ -799,9 +792,7 @@ async fn a_session_moves_to_the_node_its_client_resumes_on_and_keeps_its_id() {
     let backend = Backend::start().await;
     let extra = "[api]\nresume = true\n";
     let (nodes, _files) = start_nodes(&[server.url()], &backend, extra).await;
-    let (mut ws, welcome) = open_resumable(nodes[0].ws_url.clone()).await;
-    let id = welcome["connectionId"].as_str().unwrap().to_owned();
-    let mut token = welcome["resumeToken"].as_str().unwrap().to_owned();
+    let (mut ws, id, mut token) = open_resumable(&nodes[0].ws_url).await;
     let member = format!("{}/@rooms/lobby/connections/{id}", nodes[1].api_url);
     assert_eq!(http().put(&member).send().await.unwrap().status(), 204);
     let push = |through: usize, body: &'static str| {
@@ -817,7 +808,7 @@ async fn a_session_moves_to_the_node_its_client_resumes_on_and_keeps_its_id() {
         parked_on(&nodes[from], 1.0).await;
         assert_eq!(push(2, "held").await, 200, "held while parked");
         let url = format!("{}?resume={token}&received={received}", nodes[to].ws_url);
-        let (next, first) = open_resumable(url).await;
+        let (next, first) = open_and_read_first(&url).await;
         ws = next;
         assert_eq!(first["type"], "resumed", "{first}");
         assert_eq!(first["connectionId"], id.as_str(), "the same connectionId");
@@ -903,9 +894,7 @@ async fn a_resume_after_its_node_died_is_unknown_and_the_node_loss_report_stands
     let backend = Backend::start().await;
     let extra = "[api]\nresume = true\n";
     let (mut nodes, _files) = start_nodes(&[server.url()], &backend, extra).await;
-    let (ws, welcome) = open_resumable(nodes[0].ws_url.clone()).await;
-    let id = welcome["connectionId"].as_str().unwrap().to_owned();
-    let token = welcome["resumeToken"].as_str().unwrap().to_owned();
+    let (ws, id, token) = open_resumable(&nodes[0].ws_url).await;
     drop(ws);
     parked_on(&nodes[0], 1.0).await;
     // Let the mirror catch up (it batches every 20 ms here), then kill the node.
@@ -913,7 +902,7 @@ async fn a_resume_after_its_node_died_is_unknown_and_the_node_loss_report_stands
     nodes[0].child.kill().unwrap();
     nodes[0].child.wait().unwrap();
     let url = format!("{}?resume={token}&received=0", nodes[1].ws_url);
-    let (_ws, welcome) = open_resumable(url).await;
+    let (_ws, welcome) = open_and_read_first(&url).await;
     assert_eq!(welcome["resumed"], false);
     assert_eq!(welcome["reason"], "unknown");
     let (_, reason) = status_and_reason(&disconnect_event(&backend, &id).await);
@@ -927,9 +916,7 @@ async fn a_resume_on_another_node_takes_over_a_socket_that_still_looks_alive() {
     let backend = Backend::start().await;
     let extra = "[api]\nresume = true\n";
     let (nodes, _files) = start_nodes(&[server.url()], &backend, extra).await;
-    let (mut old, welcome) = open_resumable(nodes[0].ws_url.clone()).await;
-    let id = welcome["connectionId"].as_str().unwrap().to_owned();
-    let token = welcome["resumeToken"].as_str().unwrap().to_owned();
+    let (mut old, id, token) = open_resumable(&nodes[0].ws_url).await;
     let push = |body: &'static str| {
         let url = format!("{}/@connections/{id}", nodes[1].api_url);
         async move { post_body(url, body).await.status() }
@@ -939,7 +926,7 @@ async fn a_resume_on_another_node_takes_over_a_socket_that_still_looks_alive() {
     assert_eq!(push("two").await, 200);
     // The client gave up on its socket before node 1 noticed.
     let url = format!("{}?resume={token}&received=1", nodes[2].ws_url);
-    let (mut new, first) = open_resumable(url).await;
+    let (mut new, first) = open_and_read_first(&url).await;
     assert_eq!(first["type"], "resumed", "{first}");
     assert_eq!(first["connectionId"], id.as_str());
     assert_eq!(next_text(&mut new).await, "two");

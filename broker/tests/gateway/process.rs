@@ -257,10 +257,7 @@ async fn kill_9_mid_stream_loses_no_acked_message() {
     let mut acked = Vec::new();
     while acked.len() < 500 {
         match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
-            Ok(Some(Ok(Message::Text(text)))) => {
-                let ack: serde_json::Value = serde_json::from_str(&text).unwrap();
-                acked.push(ack["messageId"].as_str().unwrap().to_owned());
-            }
+            Ok(Some(Ok(Message::Text(text)))) => acked.push(acked_id(&text)),
             other => panic!("expected an ack, got {other:?}"),
         }
     }
@@ -278,14 +275,7 @@ async fn kill_9_mid_stream_loses_no_acked_message() {
         200
     );
     // Keep reading acks until the very moment of the kill.
-    let reader = tokio::spawn(async move {
-        let mut late = Vec::new();
-        while let Some(Ok(Message::Text(text))) = stream.next().await {
-            let ack: serde_json::Value = serde_json::from_str(&text).unwrap();
-            late.push(ack["messageId"].as_str().unwrap().to_owned());
-        }
-        late
-    });
+    let reader = tokio::spawn(read_acks(stream));
     tokio::time::sleep(Duration::from_millis(100)).await;
     gateway.child.kill().unwrap(); // SIGKILL
     gateway.child.wait().unwrap();
@@ -507,6 +497,22 @@ async fn failing_push_deliveries_are_logged_once_per_interval() {
     assert!(warnings[0].contains("orders") && warnings[0].contains("failures=1"));
 }
 
+/// The `messageId` of an ack frame.
+fn acked_id(text: &str) -> String {
+    let ack: serde_json::Value = serde_json::from_str(text).unwrap();
+    ack["messageId"].as_str().unwrap().to_owned()
+}
+
+/// The ids of the acks `stream` brings until it ends (the gateway was killed).
+async fn read_acks(mut stream: futures_util::stream::SplitStream<Ws>) -> Vec<String> {
+    use futures_util::StreamExt;
+    let mut acked = Vec::new();
+    while let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) = stream.next().await {
+        acked.push(acked_id(&text));
+    }
+    acked
+}
+
 /// Streams acked appends into the gateway until it is killed; returns the acked ids.
 async fn stream_until_killed(
     gateway: &mut GatewayProcess,
@@ -519,7 +525,7 @@ async fn stream_until_killed(
     let (ws, _) = tokio_tungstenite::connect_async(&gateway.ws_url)
         .await
         .unwrap();
-    let (mut sink, mut stream) = ws.split();
+    let (mut sink, stream) = ws.split();
     let sender = tokio::spawn(async move {
         for seq in 0..5_000u64 {
             let frame = serde_json::json!({"action": "order", "round": round, "seq": seq});
@@ -531,14 +537,7 @@ async fn stream_until_killed(
             }
         }
     });
-    let reader = tokio::spawn(async move {
-        let mut acked = Vec::new();
-        while let Some(Ok(Message::Text(text))) = stream.next().await {
-            let ack: serde_json::Value = serde_json::from_str(&text).unwrap();
-            acked.push(ack["messageId"].as_str().unwrap().to_owned());
-        }
-        acked
-    });
+    let reader = tokio::spawn(read_acks(stream));
     tokio::time::sleep(kill_after).await;
     gateway.child.kill().unwrap(); // SIGKILL, mid-stream or not
     gateway.child.wait().unwrap();

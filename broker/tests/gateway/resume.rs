@@ -18,20 +18,16 @@ fn resume_config(backend: &Backend, extra: &str) -> String {
 
 /// Connects and reads the welcome frame: (socket, connectionId, token).
 async fn connect_resumable(gateway: &TestGateway) -> (Ws, String, String) {
-    let mut ws = gateway.connect().await;
-    let welcome = next_json(&mut ws).await;
-    assert_eq!(welcome["type"], "welcome", "{welcome}");
-    let id = welcome["connectionId"].as_str().unwrap().to_owned();
-    let token = welcome["resumeToken"].as_str().unwrap().to_owned();
-    (ws, id, token)
+    open_resumable(&gateway.ws_url()).await
 }
 
 /// Opens `?resume=TOKEN&received=N` and reads the first frame.
 async fn reconnect(gateway: &TestGateway, token: &str, received: &str) -> (Ws, Value) {
-    let url = format!("{}?resume={token}&received={received}", gateway.ws_url());
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    let first = next_json(&mut ws).await;
-    (ws, first)
+    open_and_read_first(&format!(
+        "{}?resume={token}&received={received}",
+        gateway.ws_url()
+    ))
+    .await
 }
 
 async fn push(gateway: &TestGateway, id: &str, body: &str) -> u16 {
@@ -49,18 +45,6 @@ async fn join(gateway: &TestGateway, room: &str, id: &str) {
     let url = gateway.api_url(&format!("/@rooms/{room}/connections/{id}"));
     let status = http().put(url).send().await.unwrap().status();
     assert_eq!(status, 204);
-}
-
-/// Waits until the gateway holds `count` parked connections.
-async fn parked(gateway: &TestGateway, count: f64) {
-    for _ in 0..200 {
-        let parked = metric_value(&gateway.metrics().await, "switchboard_connections_parked");
-        if parked == count {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("never {count} parked connections");
 }
 
 fn disconnects_of(backend: &Backend, id: &str) -> usize {
@@ -99,7 +83,7 @@ async fn a_dropped_client_resumes_with_every_broadcast_and_push_in_order_once() 
         received += 1;
     }
     drop(ws);
-    parked(&gateway, 1.0).await;
+    gateway.wait_for_parked(1.0).await;
     // Accepted while parked: 200, not 410.
     for n in 41..=80 {
         send(n).await;
@@ -118,7 +102,7 @@ async fn a_dropped_client_resumes_with_every_broadcast_and_push_in_order_once() 
     // Live traffic goes on, and its rooms still deliver.
     broadcast(&gateway, "chat", "after").await;
     assert_eq!(next_text(&mut ws).await, "after", "nothing twice");
-    parked(&gateway, 0.0).await;
+    gateway.wait_for_parked(0.0).await;
     let metrics = gateway.metrics().await;
     assert_eq!(
         metric_value(&metrics, r#"switchboard_resumes_total{outcome="resumed"}"#),
@@ -166,7 +150,7 @@ async fn resuming_again_and_again_keeps_the_count_and_crosses_shards() {
             );
         }
         drop(ws);
-        parked(&gateway, 1.0).await;
+        gateway.wait_for_parked(1.0).await;
         let (next, first) = reconnect(&gateway, &token, &received.to_string()).await;
         assert_eq!(first["type"], "resumed", "round {round}: {first}");
         assert_eq!(first["replayed"], sent - received, "round {round}");
@@ -210,7 +194,7 @@ async fn forged_garbled_and_impossible_resumes_are_unknown() {
     let (ws, id, token) = connect_resumable(&gateway).await;
     assert_eq!(push(&gateway, &id, "one").await, 200);
     drop(ws);
-    parked(&gateway, 1.0).await;
+    gateway.wait_for_parked(1.0).await;
     // The right connection, the wrong secret.
     let mut forged = token.clone().into_bytes();
     let last = forged.len() - 2;
@@ -234,7 +218,7 @@ async fn forged_garbled_and_impossible_resumes_are_unknown() {
     assert_eq!(first["type"], "resumed");
     assert_eq!(next_text(&mut ws).await, "one");
     drop(ws);
-    parked(&gateway, 1.0).await;
+    gateway.wait_for_parked(1.0).await;
     // A count larger than what was sent: not a crash, "unknown", and the client gave up
     // on the old connection, which ends.
     let (_ws, welcome) = reconnect(&gateway, &token, "5").await;
@@ -251,7 +235,7 @@ async fn what_a_parked_connection_cannot_hold_ends_it_as_overflow() {
     let gateway = TestGateway::start(&resume_config(&backend, limits)).await;
     let (ws, id, token) = connect_resumable(&gateway).await;
     drop(ws);
-    parked(&gateway, 1.0).await;
+    gateway.wait_for_parked(1.0).await;
     for n in 0..8 {
         assert_eq!(push(&gateway, &id, &format!("held {n}")).await, 200);
     }
@@ -276,7 +260,7 @@ async fn a_parked_connection_is_described_and_deleted_through_the_api() {
     let gateway = TestGateway::start(&resume_config(&backend, "")).await;
     let (ws, id, token) = connect_resumable(&gateway).await;
     drop(ws);
-    parked(&gateway, 1.0).await;
+    gateway.wait_for_parked(1.0).await;
     let url = gateway.api_url(&format!("/@connections/{id}"));
     let described = |url: String| async move {
         let response = http().get(url).send().await.unwrap();
@@ -297,7 +281,7 @@ async fn a_parked_connection_is_described_and_deleted_through_the_api() {
     assert_eq!(http().get(&url).send().await.unwrap().status(), 410);
     let (_ws, welcome) = reconnect(&gateway, &token, "0").await;
     assert_eq!(welcome["resumed"], false);
-    parked(&gateway, 0.0).await;
+    gateway.wait_for_parked(0.0).await;
     gateway.stop().await;
 }
 
@@ -336,7 +320,7 @@ integration = {{ type = "http", url = "{url}/disconnect" }}
     let gateway = TestGateway::start(&config).await;
     let (ws, id, token) = connect_resumable(&gateway).await;
     drop(ws);
-    parked(&gateway, 1.0).await;
+    gateway.wait_for_parked(1.0).await;
     let url = format!("{}?resume={token}&received=0", gateway.ws_url());
     assert_eq!(request_status(url).await, 403);
     let (_, reason) = status_and_reason(&disconnect_event(&backend, &id).await);
@@ -379,7 +363,7 @@ async fn the_window_does_not_run_out_under_a_resume_in_progress() {
     let (ws, id, token) = connect_resumable(&gateway).await;
     assert_eq!(push(&gateway, &id, "one").await, 200);
     drop(ws);
-    parked(&gateway, 1.0).await;
+    gateway.wait_for_parked(1.0).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     // `$connect` takes a second: the window (1 s) passes while it runs.
     let (mut ws, first) = reconnect(&gateway, &token, "0").await;
@@ -396,7 +380,7 @@ async fn a_delete_during_a_resume_ends_the_connection_once_after_it() {
     let gateway = TestGateway::start(&slow_resume_config(&backend, 30)).await;
     let (ws, id, token) = connect_resumable(&gateway).await;
     drop(ws);
-    parked(&gateway, 1.0).await;
+    gateway.wait_for_parked(1.0).await;
     let url = format!("{}?resume={token}&received=0", gateway.ws_url());
     let resume = tokio::spawn(async move {
         let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();

@@ -108,6 +108,18 @@ impl TestGateway {
             .unwrap()
     }
 
+    /// Waits until the gateway holds `count` parked (resumable, socket gone) connections.
+    pub(crate) async fn wait_for_parked(&self, count: f64) {
+        for _ in 0..200 {
+            let parked = metric_value(&self.metrics().await, "switchboard_connections_parked");
+            if parked == count {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("never {count} parked connections");
+    }
+
     /// Stops the gateway gracefully and waits for it.
     pub(crate) async fn stop(mut self) {
         self.shutdown.cancel();
@@ -359,6 +371,23 @@ pub(crate) async fn next_text(ws: &mut Ws) -> String {
 
 pub(crate) async fn next_json(ws: &mut Ws) -> Value {
     serde_json::from_str(&next_text(ws).await).unwrap()
+}
+
+/// Opens `url` and reads the first frame (with resume on: the welcome or resumed frame).
+pub(crate) async fn open_and_read_first(url: &str) -> (Ws, Value) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let first = next_json(&mut ws).await;
+    (ws, first)
+}
+
+/// Opens a new resumable connection to `url`: the socket, and its connectionId and resume
+/// token from the welcome frame.
+pub(crate) async fn open_resumable(url: &str) -> (Ws, String, String) {
+    let (ws, welcome) = open_and_read_first(url).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    let id = welcome["connectionId"].as_str().unwrap().to_owned();
+    let token = welcome["resumeToken"].as_str().unwrap().to_owned();
+    (ws, id, token)
 }
 
 /// Waits for the server's close frame and returns its code.

@@ -707,16 +707,7 @@ async fn a_session_resumes_over_webtransport_with_what_it_missed() {
     relay.cut();
     push(&gateway, &id, "m2").await;
     // QUIC gives up on the silent client; the connection parks instead of ending.
-    let mut parked = false;
-    for _ in 0..200 {
-        let metrics = gateway.metrics().await;
-        if metric_value(&metrics, "switchboard_connections_parked") == 1.0 {
-            parked = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(parked, "parked after the QUIC idle timeout");
+    gateway.wait_for_parked(1.0).await;
     push(&gateway, &id, "m3").await;
     let query = format!("?resume={token}&received=1");
     let mut resumed = WtClient::connect(&gateway, &query).await.unwrap();
@@ -731,13 +722,7 @@ async fn a_session_resumes_over_webtransport_with_what_it_missed() {
     assert_eq!(resumed.next_text().await, "echo me");
     assert!(backend.events("/disconnect").is_empty(), "no $disconnect");
     // A WebTransport session does not resume a WebSocket connection's token.
-    let (mut ws, _) = tokio_tungstenite::connect_async(gateway.ws_url())
-        .await
-        .unwrap();
-    let ws_token = next_json(&mut ws).await["resumeToken"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (_ws, _, ws_token) = open_resumable(&gateway.ws_url()).await;
     let mut other = WtClient::connect(&gateway, &format!("?resume={ws_token}&received=0"))
         .await
         .unwrap();
