@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Durable queue appends end to end (loadgen's WebSocket clients → ack frames), on a fresh
 # data dir, then the bytes the queue takes on disk per message and the gateway's RSS:
-#   cargo build --release -p switchboard -p switchboard-loadgen
+#   cargo build --release -p switchboard -p switchboard-loadgen -p switchboard-bench
 #   bash bench/scripts/queue.sh FSYNC MESSAGES [RATE] [CONNECTIONS]
 # FSYNC is always | batch | never; RATE (frames/s over all clients) omitted = max rate.
 # QUEUE_CONFIG adds lines to `[queues.bench]` (e.g. "max_messages = 1000000");
-# RSS_EVERY=N prints the gateway's RSS every N seconds while the clients run.
+# RSS_EVERY=N prints the gateway's RSS every N seconds while the clients run. With a RATE,
+# disk_probe runs beside them and prints the disk's own sync stalls in the same seconds.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 FSYNC=$1; N=$2; RATE=${3:-}; C=${4:-10}
@@ -25,7 +26,11 @@ integration = { type = "queue", queue = "bench", ack = true }
 ${QUEUE_CONFIG:-}
 CFG
 rate=()
-[ -n "$RATE" ] && rate=(--rate "$RATE")
+if [ -n "$RATE" ]; then
+  rate=(--rate "$RATE")
+  target/release/disk_probe "$d" $((N / RATE + 1)) > "$d/probe.txt" &
+  probe=$!
+fi
 if [ -n "${RSS_EVERY:-}" ]; then
   ( while kill -0 $pid 2>/dev/null; do
       echo "rss_kib=$(awk '/VmRSS/ {print $2}' /proc/$pid/status) queue_bytes=$(du -sb "$d/data/queues" | cut -f1)"
@@ -33,6 +38,7 @@ if [ -n "${RSS_EVERY:-}" ]; then
     done ) &
 fi
 $L queue -c "$C" -m "$N" -p 200 "${rate[@]}"
+[ -n "$RATE" ] && wait $probe && cat "$d/probe.txt"
 # Syncs slower than ~4 ms, and the slowest bucket: what an ack latency outlier waited on.
 curl -s http://127.0.0.1:29090/metrics | awk '
   /^switchboard_storage_flush_duration_seconds_bucket/ {
