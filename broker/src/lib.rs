@@ -6,15 +6,18 @@
 //!
 //! Map of the crate, edges to core:
 //! * [`server`] binds sockets and starts [`shard`]s (one thread each) and the
-//!   [`management`] API; [`session`] runs one connection; [`dispatch`] runs routes.
+//!   [`management`] API; [`session`] runs one connection; [`dispatch`] runs routes;
+//!   [`queues`] appends frames to durable queues and pushes them to backends.
 //! * [`limits`]: how much a client may do (admission, rate limits, the outbound memory
 //!   budget); [`auth`]: who may connect (`$connect` authorizers) and who may call the
 //!   management API (tokens, SigV4).
-//! * [`transport`]: plain TCP or TLS under one socket type, so sessions do not care.
+//! * [`transport`]: plain TCP, TLS or WebTransport under one socket type, so sessions do
+//!   not care.
+//! * [`resume`]: a client that lost its socket comes back to the same connection.
 //! * [`cluster`]: several nodes as one API over NATS (absent without `[cluster]`).
 //! * Pure logic: [`config`], [`selection`], [`connection_id`], [`frame`], [`event`],
-//!   [`integration`]'s reply parsing, [`outbound`], [`disconnect`], [`rooms`], the
-//!   [`fanout`] planner.
+//!   [`stored_event`], [`integration`]'s reply parsing, [`outbound`], [`disconnect`],
+//!   [`rooms`], the [`fanout`] planner.
 
 pub mod auth;
 pub mod clock;

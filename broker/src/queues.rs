@@ -141,19 +141,31 @@ pub async fn deliver(
     };
     // Batches being delivered, answered in offset order with the offset after each.
     let mut in_flight = futures_util::stream::FuturesOrdered::new();
+    // After a failed read: when to read again, and how long the next pause is.
+    let mut read_again_at: Option<tokio::time::Instant> = None;
+    let mut read_backoff = BACKOFF_START;
     loop {
-        while in_flight.len() < push.max_in_flight {
+        while in_flight.len() < push.max_in_flight && read_again_at.is_none() {
             let (first, _) = hub.log.bounds(&queue).unwrap_or((next_read, next_read));
             next_read = next_read.max(first);
-            let entries = match hub.log.read(&queue, next_read, push.batch_size) {
-                Ok(entries) => entries,
+            let read = match hub.log.read(&queue, next_read, push.batch_size) {
+                Ok(read) => read,
                 Err(error) => {
-                    tracing::error!(%queue, %error, "push deliverer cannot read the queue");
-                    return;
+                    // A disk error may pass; corruption needs the operator (`repair`).
+                    // Either way nothing is skipped: the read is retried with backoff.
+                    tracing::error!(%queue, %error, "push deliverer cannot read the queue; retrying");
+                    read_again_at = Some(tokio::time::Instant::now() + with_jitter(read_backoff));
+                    read_backoff = (read_backoff * 2).min(BACKOFF_MAX);
+                    break;
                 }
             };
-            let Some(last) = entries.last() else { break };
-            next_read = last.offset + 1;
+            read_backoff = BACKOFF_START;
+            let entries = read.entries;
+            // Offsets without entries (a crash or a repair left them) are passed over.
+            next_read = read.next;
+            if entries.is_empty() {
+                break;
+            }
             let end = next_read;
             metrics.queue_push_batch_size.observe(entries.len() as f64);
             let events: Vec<Vec<u8>> = events(&queue, entries).map(|(_, e)| e).collect();
@@ -170,8 +182,12 @@ pub async fn deliver(
             });
         }
         let window_full = in_flight.len() >= push.max_in_flight;
+        let read_paused = read_again_at.is_some();
         tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(read_again_at.unwrap_or_else(tokio::time::Instant::now)), if read_paused => {
+                read_again_at = None;
+            }
             delivered = in_flight.next(), if !in_flight.is_empty() => match delivered {
                 Some(Some(end)) => {
                     if let Err(error) = hub.log.commit(&queue, PUSH_GROUP, end) {
@@ -180,7 +196,7 @@ pub async fn deliver(
                 }
                 _ => return,
             },
-            changed = next_offset.wait_for(|next| *next > next_read), if !window_full => {
+            changed = next_offset.wait_for(|next| *next > next_read), if !window_full && !read_paused => {
                 if changed.is_err() {
                     return;
                 }

@@ -21,6 +21,12 @@ pub enum StorageError {
     DiskFull { dir: PathBuf },
     #[error("data dir {dir}: {detail}")]
     Engine { dir: PathBuf, detail: String },
+    #[error("offset {offset} is past the end of queue {queue} (next offset {next})")]
+    PastTheEnd {
+        queue: String,
+        offset: u64,
+        next: u64,
+    },
 }
 
 impl StorageError {
@@ -59,6 +65,15 @@ impl StorageError {
     /// The same failure, once more, for each append a failed write answers.
     pub(crate) fn again(&self) -> Self {
         match self {
+            Self::PastTheEnd {
+                queue,
+                offset,
+                next,
+            } => Self::PastTheEnd {
+                queue: queue.clone(),
+                offset: *offset,
+                next: *next,
+            },
             Self::DiskFull { dir } => Self::DiskFull { dir: dir.clone() },
             Self::Locked { dir }
             | Self::Corrupt { dir, .. }

@@ -19,7 +19,7 @@ mod segments;
 pub use error::StorageError;
 pub use queue::{
     Append, AppendDone, Appended, FlushReport, FsyncPolicy, OnFlush, QueueEntry, QueueLog,
-    QueueRecovery, Retention,
+    QueueRecovery, Read, Retention,
 };
 pub use records::{ConnectionRecord, RecordChanges, RecordWriter};
 
@@ -304,7 +304,7 @@ mod tests {
             let start = log.bounds("q").unwrap().1;
             assert_eq!(append_wait(&log, b"a"), start);
             assert_eq!(append_wait(&log, b"b"), start + 1);
-            let read = log.read("q", start, 10).unwrap();
+            let read = log.read("q", start, 10).unwrap().entries;
             assert_eq!(read.len(), 2);
             assert_eq!(read[1].payload, b"b");
             assert_eq!(log.commit("q", "g", start + 1).unwrap(), start + 1);
@@ -359,7 +359,7 @@ mod tests {
         append_wait(&log, b"x"); // the writer trims after its next batch
         let (first, next) = log.bounds("q").unwrap();
         assert_eq!(next, 21);
-        let kept = log.read("q", first, 100).unwrap();
+        let kept = log.read("q", first, 100).unwrap().entries;
         let kept_bytes: usize = kept.iter().map(|e| e.payload.len()).sum();
         assert!(kept_bytes <= 10_000, "kept {kept_bytes} bytes");
         assert!(first >= 10, "the oldest went first, first = {first}");
@@ -397,6 +397,33 @@ mod tests {
     }
 
     #[test]
+    fn offsets_never_fall_below_a_committed_offset_and_readers_pass_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let storage = Storage::open(dir.path()).unwrap();
+            let log = open_log(&storage, FsyncPolicy::Always, Retention::default());
+            for i in 0..5u8 {
+                append_wait(&log, &[i]);
+            }
+            log.commit("q", "g", 5).unwrap();
+            log.close();
+        }
+        // The segments are lost (a crash under `never`, a repair, an operator): what the
+        // group committed still says offsets 0..5 were handed out.
+        std::fs::remove_dir_all(dir.path().join("queues").join("q-q")).unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let log = open_log(&storage, FsyncPolicy::Always, Retention::default());
+        assert_eq!(log.bounds("q").unwrap().1, 5, "no offset is handed out twice");
+        let read = log.read("q", 2, 10).unwrap();
+        assert!(read.entries.is_empty());
+        assert_eq!(read.next, 5, "a reader in the gap is told to read on from 5");
+        assert_eq!(append_wait(&log, b"new"), 5);
+        let read = log.read("q", 2, 10).unwrap();
+        assert_eq!((read.entries[0].offset, read.next), (5, 6));
+        log.close();
+    }
+
+    #[test]
     fn queues_kept_in_sled_by_an_earlier_version_move_to_segment_files() {
         let dir = tempfile::tempdir().unwrap();
         let entries: Vec<QueueEntry> = (5..9)
@@ -420,7 +447,7 @@ mod tests {
         let log = open_log(&storage, FsyncPolicy::Always, Retention::default());
         assert_eq!(log.recovery().migrated, 4);
         assert_eq!(log.bounds("q").unwrap(), (5, 9));
-        assert_eq!(log.read("q", 0, 10).unwrap(), entries);
+        assert_eq!(log.read("q", 0, 10).unwrap().entries, entries);
         assert_eq!(append_wait(&log, b"new"), 9);
         log.close();
         assert!(

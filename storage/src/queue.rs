@@ -67,6 +67,14 @@ pub struct FlushReport {
 /// Called after each batch flush (metrics).
 pub type OnFlush = Arc<dyn Fn(FlushReport) + Send + Sync>;
 
+/// What [`QueueLog::read`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Read {
+    pub entries: Vec<QueueEntry>,
+    /// The offset to read on from: after the last entry, or past every offset checked.
+    pub next: u64,
+}
+
 /// One append.
 pub struct Append {
     pub queue: Arc<str>,
@@ -170,7 +178,13 @@ impl QueueLog {
                     .unwrap_or(0))
             };
             let end = segments.segments.last().map_or(0, |s| s.end);
-            let next = end.max(remembered(next_key(name))?);
+            // Offsets never repeat: past what the segments hold, what retention remembered,
+            // and what any consumer group committed (a reused offset would be skipped).
+            let mut next = end;
+            for item in groups.scan_prefix(group_key(name, "")) {
+                let (_, offset) = item.map_err(|e| StorageError::from_sled(&dir, e))?;
+                next = next.max(decode_offset(&offset).unwrap_or(0));
+            }
             let oldest = segments.segments.first().map_or(next, |s| s.base);
             let first = oldest.max(remembered(first_key(name))?).min(next);
             states.insert(
@@ -250,15 +264,14 @@ impl QueueLog {
         }
     }
 
-    /// Up to `max` entries of `queue` from `from` on, in offset order.
-    pub fn read(
-        &self,
-        queue: &str,
-        from: u64,
-        max: usize,
-    ) -> Result<Vec<QueueEntry>, StorageError> {
+    /// Up to `max` entries of `queue` from `from` on, in offset order, and where to read
+    /// on from.
+    pub fn read(&self, queue: &str, from: u64, max: usize) -> Result<Read, StorageError> {
         let Some(state) = self.queues.get(queue) else {
-            return Ok(Vec::new());
+            return Ok(Read {
+                entries: Vec::new(),
+                next: from,
+            });
         };
         let until = state.next.load(Ordering::Acquire);
         let from = from.max(state.first.load(Ordering::Acquire));
@@ -276,7 +289,13 @@ impl QueueLog {
                     reason,
                 })?;
         }
-        Ok(entries)
+        // Short of `max`, everything before `until` was seen: offsets a crash or a repair
+        // left without entries are passed over, not waited for.
+        let next = match entries.last() {
+            Some(last) if entries.len() >= max => last.offset + 1,
+            _ => until.max(from),
+        };
+        Ok(Read { entries, next })
     }
 
     /// The oldest retained offset and the next offset to be assigned.
@@ -304,8 +323,17 @@ impl QueueLog {
         Ok(self.read_offset(&group_key(queue, group))?.unwrap_or(0))
     }
 
-    /// Commits `offset` (the next to read) for `group`, durably. Never moves backwards.
+    /// Commits `offset` (the next to read) for `group`, durably. Never moves backwards,
+    /// and never past the queue's end (offsets below a commit count as handed out).
     pub fn commit(&self, queue: &str, group: &str, offset: u64) -> Result<u64, StorageError> {
+        let next = self.bounds(queue)?.1;
+        if offset > next {
+            return Err(StorageError::PastTheEnd {
+                queue: queue.to_owned(),
+                offset,
+                next,
+            });
+        }
         let key = group_key(queue, group);
         let stored = self
             .groups
@@ -414,6 +442,9 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// An append written and waiting for its answer: its queue, who to tell, its offset.
+type Waiting = (Arc<str>, AppendDone, u64);
+
 /// The writer thread's state.
 struct Writer {
     queues: Arc<HashMap<Arc<str>, QueueState>>,
@@ -431,7 +462,7 @@ struct Writer {
 
 impl Writer {
     fn run(mut self, requests: &Receiver<Request>) {
-        let mut waiting: Vec<(AppendDone, u64)> = Vec::new();
+        let mut waiting: Vec<Waiting> = Vec::new();
         // When the last sync started.
         let mut last_flush = Instant::now();
         let mut last_trim = Instant::now();
@@ -490,20 +521,20 @@ impl Writer {
                 last_trim = Instant::now();
             }
             if let Some(done) = closing {
-                let _ = self.sync_written();
+                self.sync_written();
                 self.answer(&mut waiting);
                 drop(self);
                 let _ = done.send(());
                 return;
             }
         }
-        let _ = self.sync_written();
+        self.sync_written();
     }
 
     /// Assigns offsets and writes each queue's share of the batch with one write; returns
     /// who waits for what. Appends a queue could not write are answered with the error;
     /// the offsets they would have had go to the next batch.
-    fn write(&mut self, appends: Vec<Append>) -> Vec<(AppendDone, u64)> {
+    fn write(&mut self, appends: Vec<Append>) -> Vec<Waiting> {
         /// One queue's share, in arrival order: (arrival, context, payload, completion).
         type Share = Vec<(usize, Option<Arc<[u8]>>, Vec<u8>, AppendDone)>;
         let mut shares: HashMap<Arc<str>, Share> = HashMap::new();
@@ -544,7 +575,7 @@ impl Writer {
             }
             let mut share = share.into_iter();
             for ((arrival, _, _, done), offset) in share.by_ref().take(written).zip(first..) {
-                pending.push((arrival, done, offset));
+                pending.push((arrival, queue.clone(), done, offset));
             }
             if let Err(reason) = result {
                 let error = StorageError::from_io(&self.dir, reason);
@@ -555,53 +586,73 @@ impl Writer {
             }
         }
         // Answered in the order the appends arrived, whatever their queues.
-        pending.sort_unstable_by_key(|(arrival, _, _)| *arrival);
+        pending.sort_unstable_by_key(|(arrival, ..)| *arrival);
         pending
             .into_iter()
-            .map(|(_, done, offset)| (done, offset))
+            .map(|(_, queue, done, offset)| (queue, done, offset))
             .collect()
     }
 
-    /// Syncs the queues written since their last sync, then answers the waiting appends
-    /// (or fails them all).
-    fn flush(&mut self, waiting: &mut Vec<(AppendDone, u64)>, entries: usize) {
+    /// Syncs the queues written since their last sync, then answers the waiting appends:
+    /// those of a queue whose sync failed with the error (what it wrote since its last
+    /// good sync is forgotten and cut from its file: never acknowledged, never served, and
+    /// its offsets go to the next appends), the others with their offsets.
+    fn flush(&mut self, waiting: &mut Vec<Waiting>, entries: usize) {
         let started = Instant::now();
-        let result = self.sync_written();
+        let failed = self.sync_written();
         (self.on_flush)(FlushReport {
             entries,
             flush: started.elapsed(),
         });
-        match result {
-            Ok(()) => self.answer(waiting),
-            Err(reason) => {
-                let error = StorageError::from_io(&self.dir, reason);
-                tracing::error!(%error, "queue sync failed; appends are not acknowledged");
-                for (done, _) in waiting.drain(..) {
-                    done(Err(error.again()));
-                }
+        let mut errors = HashMap::new();
+        for (queue, reason) in failed {
+            let error = StorageError::from_io(&self.dir, reason);
+            tracing::error!(%queue, %error, "queue sync failed; its appends since the last sync are not acknowledged");
+            if let Some(state) = self.queues.get(&queue)
+                && let Some(end) = state.segments_mut().forget_unsynced()
+            {
+                self.assigned.insert(queue.clone(), end);
+            }
+            errors.insert(queue, error);
+        }
+        if !errors.is_empty() {
+            let (failed, succeeded) = std::mem::take(waiting)
+                .into_iter()
+                .partition(|(queue, ..)| errors.contains_key(queue));
+            *waiting = succeeded;
+            for (queue, done, _) in failed {
+                done(Err(errors[&queue].again()));
             }
         }
+        self.answer(waiting);
     }
 
-    /// Syncs every queue written since its last sync; one that fails stays to be synced.
-    fn sync_written(&mut self) -> std::io::Result<()> {
-        for queue in self.unsynced.clone() {
-            if let Some(state) = self.queues.get(&queue) {
-                state.segments().sync()?;
+    /// Syncs every queue written since its last sync; returns those whose sync failed.
+    fn sync_written(&mut self) -> Vec<(Arc<str>, std::io::Error)> {
+        let mut failed = Vec::new();
+        for queue in std::mem::take(&mut self.unsynced) {
+            let Some(state) = self.queues.get(&queue) else {
+                continue;
+            };
+            // The sync runs under the read lock (readers go on); the mark takes the write
+            // lock only to note it.
+            let result = state.segments().sync();
+            match result {
+                Ok(()) => state.segments_mut().mark_synced(),
+                Err(reason) => failed.push((queue, reason)),
             }
-            self.unsynced.remove(&queue);
         }
-        Ok(())
+        failed
     }
 
     /// Publishes what was written (readers may now see it) and answers the appends.
-    fn answer(&self, waiting: &mut Vec<(AppendDone, u64)>) {
+    fn answer(&self, waiting: &mut Vec<Waiting>) {
         for (queue, state) in self.queues.iter() {
             if let Some(assigned) = self.assigned.get(queue) {
                 state.next.store(*assigned, Ordering::Release);
             }
         }
-        for (done, offset) in waiting.drain(..) {
+        for (_, done, offset) in waiting.drain(..) {
             done(Ok(offset));
         }
         for (queue, state) in self.queues.iter() {
@@ -637,7 +688,7 @@ impl Writer {
             if all_expired {
                 first = next;
             }
-            let freed = segments.drop_oldest(
+            let doomed = segments.expired(
                 |segment, stored| {
                     segment.end <= first
                         || cutoff.is_some_and(|cutoff| segment.newest_ms < cutoff)
@@ -645,17 +696,31 @@ impl Writer {
                 },
                 all_expired || first >= next,
             );
-            if let Some(oldest) = segments.segments.first() {
-                first = first.max(oldest.base);
-            } else {
-                first = next;
+            let first = segments
+                .segments
+                .get(doomed)
+                .map_or(next, |oldest_kept| first.max(oldest_kept.base));
+            if first == state.first.load(Ordering::Acquire) && doomed == 0 {
+                continue;
             }
+            // Durable before any segment goes: the bounds are all that is left of a queue
+            // whose segments all went, and offsets must never repeat after a crash.
+            if let Err(error) = self.remember_bounds(name, first, next) {
+                tracing::error!(queue = %name, %error, "cannot remember the queue's bounds; retention waits");
+                continue;
+            }
+            let freed = segments.drop_oldest(doomed);
             drop(segments);
-            if first != state.first.swap(first, Ordering::AcqRel) || freed > 0 {
-                let _ = self.groups.insert(next_key(name), &next.to_be_bytes());
-                let _ = self.groups.insert(first_key(name), &first.to_be_bytes());
-                tracing::debug!(queue = %name, first, freed, "applied queue retention");
-            }
+            state.first.store(first, Ordering::Release);
+            tracing::debug!(queue = %name, first, freed, "applied queue retention");
         }
+    }
+
+    /// Stores a queue's first and next offsets, durably.
+    fn remember_bounds(&self, queue: &str, first: u64, next: u64) -> sled::Result<()> {
+        self.groups.insert(next_key(queue), &next.to_be_bytes())?;
+        self.groups.insert(first_key(queue), &first.to_be_bytes())?;
+        self.groups.flush()?;
+        Ok(())
     }
 }

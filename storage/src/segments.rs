@@ -386,6 +386,33 @@ pub(crate) struct Segments {
     /// Contexts stored in the last segment: key → byte position. Starts empty after a
     /// restart (a context is then stored once more, which costs only its bytes).
     contexts: HashMap<u128, u32>,
+    /// The last segment as its last successful sync left it: what a failed sync falls
+    /// back to.
+    synced: Synced,
+    /// The length the last segment's file must be cut back to before the next write: set
+    /// when a write or a sync failed and the cut did not succeed yet.
+    cut_to: Option<u64>,
+}
+
+/// The durable state of the last segment (set when it is opened or started, and by each
+/// successful sync).
+#[derive(Debug, Default, Clone, Copy)]
+struct Synced {
+    len: u64,
+    end: u64,
+    newest_ms: u64,
+    indexed: usize,
+}
+
+impl Synced {
+    fn of(segment: &Segment) -> Self {
+        Self {
+            len: segment.len,
+            end: segment.end,
+            newest_ms: segment.newest_ms,
+            indexed: segment.index.len(),
+        }
+    }
 }
 
 impl Segments {
@@ -423,12 +450,15 @@ impl Segments {
             ),
             None => None,
         };
+        let synced = segments.last().map(Synced::of).unwrap_or_default();
         Ok((
             Self {
                 dir: dir.to_path_buf(),
                 segments,
                 writer,
                 contexts: HashMap::new(),
+                synced,
+                cut_to: None,
             },
             recovery,
         ))
@@ -503,6 +533,7 @@ impl Segments {
         if full {
             self.roll(first_offset)?;
         }
+        self.cut_back()?;
         let (Some(writer), Some(segment)) = (self.writer.as_mut(), self.segments.last_mut()) else {
             return Err(std::io::Error::other("no segment to append to"));
         };
@@ -548,7 +579,9 @@ impl Segments {
             placed.push((offset, entry.appended_at_ms, position, size));
         }
         if let Err(error) = writer.write_all(&bytes) {
-            let _ = writer.set_len(before);
+            // The file takes appends at its end: a partial record must go before the next.
+            self.cut_to = Some(before);
+            let _ = self.cut_back();
             return Err(error);
         }
         self.contexts.extend(new_contexts);
@@ -566,19 +599,52 @@ impl Segments {
         }
     }
 
+    /// Notes that a sync started when the log looked as it does now succeeded.
+    pub(crate) fn mark_synced(&mut self) {
+        if let Some(last) = self.segments.last() {
+            self.synced = Synced::of(last);
+        }
+    }
+
+    /// After a failed sync: forgets what the last segment holds past its last successful
+    /// sync (none of it was acknowledged, and none of it may be served, since it may not be
+    /// on disk) and cuts the file back to it (now, or before the next write). Returns the
+    /// offset the next append gets (none without segments: then nothing was written).
+    pub(crate) fn forget_unsynced(&mut self) -> Option<u64> {
+        let synced = self.synced;
+        let segment = self.segments.last_mut()?;
+        segment.len = synced.len;
+        segment.end = synced.end;
+        segment.newest_ms = synced.newest_ms;
+        segment.index.truncate(synced.indexed);
+        self.contexts.retain(|_, at| u64::from(*at) < synced.len);
+        self.cut_to = Some(synced.len);
+        if let Err(error) = self.cut_back() {
+            tracing::error!(%error, "cannot cut the queue segment back yet; retried before the next write");
+        }
+        Some(synced.end)
+    }
+
+    /// Cuts the last segment's file back to its whole records if a failure left more.
+    fn cut_back(&mut self) -> std::io::Result<()> {
+        if let (Some(len), Some(writer)) = (self.cut_to, &self.writer) {
+            writer.set_len(len)?;
+            self.cut_to = None;
+        }
+        Ok(())
+    }
+
     /// Starts a new segment at `base`, after making the current one durable.
     fn roll(&mut self, base: u64) -> std::io::Result<()> {
         self.sync()?;
         let path = self.dir.join(Segment::file_name(base));
-        let writer = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&path)?;
+        // Appending: every write lands at the end of the file, even after a cut.
+        let writer = OpenOptions::new().create(true).append(true).open(&path)?;
+        writer.set_len(0)?;
         let reader = Arc::new(File::open(&path)?);
         // The new file's name must survive a crash too.
         File::open(&self.dir)?.sync_all()?;
-        self.segments.push(Segment {
+        let segment = Segment {
             base,
             path,
             reader,
@@ -586,37 +652,48 @@ impl Segments {
             end: base,
             newest_ms: 0,
             index: Vec::new(),
-        });
+        };
+        // The segment before is synced whole, this one is empty: both durable.
+        self.synced = Synced::of(&segment);
+        self.cut_to = None;
+        self.segments.push(segment);
         self.writer = Some(writer);
         self.contexts.clear();
         Ok(())
     }
 
-    /// Deletes the oldest segments while `expired` says so; the newest is kept unless
-    /// `all` is set. Returns the bytes freed.
-    pub(crate) fn drop_oldest(
-        &mut self,
-        mut expired: impl FnMut(&Segment, u64) -> bool,
-        all: bool,
-    ) -> u64 {
-        let mut freed = 0;
+    /// How many of the oldest segments `expired` says may go (given each one and the bytes
+    /// stored from it on); the newest is kept unless `all` is set.
+    pub(crate) fn expired(&self, mut expired: impl FnMut(&Segment, u64) -> bool, all: bool) -> usize {
+        let keep = usize::from(!all);
         let mut remaining = self.bytes();
-        while let Some(oldest) = self.segments.first() {
-            if self.segments.len() == 1 && !all {
+        self.segments[..self.segments.len().saturating_sub(keep)]
+            .iter()
+            .take_while(|segment| {
+                let gone = expired(segment, remaining);
+                remaining -= segment.len;
+                gone
+            })
+            .count()
+    }
+
+    /// Deletes the `count` oldest segments (fewer if a file cannot be deleted). Returns the
+    /// bytes freed.
+    pub(crate) fn drop_oldest(&mut self, count: usize) -> u64 {
+        let mut freed = 0;
+        for _ in 0..count {
+            let Some(oldest) = self.segments.first() else {
                 break;
-            }
-            if !expired(oldest, remaining) {
-                break;
-            }
+            };
             if std::fs::remove_file(&oldest.path).is_err() {
                 break;
             }
             freed += oldest.len;
-            remaining -= oldest.len;
             self.segments.remove(0);
             if self.segments.is_empty() {
                 self.writer = None;
                 self.contexts.clear();
+                self.cut_to = None;
             }
         }
         freed
@@ -867,6 +944,38 @@ mod tests {
             plan.read(39, u64::MAX, usize::MAX, &mut out).unwrap();
         }
         assert_eq!(out[0].context.as_deref(), Some(&bob[..]));
+    }
+
+    #[test]
+    fn a_failed_sync_forgets_what_it_did_not_cover() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut segments, _) = Segments::open(dir.path(), false).unwrap();
+        let (old, new) = (vec![b'o'; 50], vec![b'n'; 50]);
+        let (_, result) = segments.append(0, &[with_context(&old, b"0"), with_context(&old, b"1")], 1 << 20);
+        result.unwrap();
+        segments.sync().unwrap();
+        segments.mark_synced();
+        let synced_len = segments.bytes();
+        let unsynced = [with_context(&old, b"2"), with_context(&new, b"3")];
+        let (_, result) = segments.append(2, &unsynced, 1 << 20);
+        result.unwrap();
+        // The sync of offsets 2 and 3 failed: they are forgotten, in memory and on disk.
+        assert_eq!(segments.forget_unsynced(), Some(2));
+        assert_eq!(segments.bytes(), synced_len);
+        let path = segments.segments[0].path.clone();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), synced_len);
+        assert_eq!(read_all(&segments), vec![0, 1]);
+        // Offset 2 is handed out again; the context stored past the cut is stored again.
+        let (_, result) = segments.append(2, &[with_context(&new, b"2 again")], 1 << 20);
+        result.unwrap();
+        segments.sync().unwrap();
+        drop(segments);
+        let (reopened, recovery) = Segments::open(dir.path(), false).unwrap();
+        assert_eq!(recovery, Recovery::default());
+        let entries = read_entries(&reopened);
+        assert_eq!(entries.len(), 3);
+        assert_eq!(entries[2].payload, b"2 again");
+        assert_eq!(entries[2].context.as_deref(), Some(&new[..]));
     }
 
     #[test]

@@ -6,7 +6,9 @@
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use switchboard_storage::{Append, FlushReport, FsyncPolicy, QueueLog, Retention, Storage};
+use switchboard_storage::{
+    Append, FlushReport, FsyncPolicy, QueueLog, Retention, Storage, StorageError,
+};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -102,6 +104,18 @@ proptest! {
                     let read = log.read("q", from, max).unwrap();
                     let (first_after, _) = log.bounds("q").unwrap();
                     let len = model.len() as u64;
+                    // Where to read on: after the last entry if `max` came back, else past
+                    // everything there is (and never before `from`).
+                    match read.entries.last() {
+                        Some(last) if read.entries.len() == max => {
+                            prop_assert_eq!(read.next, last.offset + 1);
+                        }
+                        _ => {
+                            prop_assert!(read.next >= len.max(from));
+                            prop_assert!(read.next == len || read.next <= from.max(first_after));
+                        }
+                    }
+                    let read = read.entries;
                     let Some(start) = read.first().map(|e| e.offset) else {
                         // Nothing: nothing retained from `from` on.
                         prop_assert!(from.max(first_after) >= len);
@@ -125,6 +139,11 @@ proptest! {
                         .map(|e| (e.offset, e.context, e.payload))
                         .collect();
                     prop_assert_eq!(got, expected);
+                }
+                Op::Commit(offset) if offset > model.len() as u64 => {
+                    let refused = log.commit("q", "g", offset);
+                    let past_the_end = matches!(refused, Err(StorageError::PastTheEnd { .. }));
+                    prop_assert!(past_the_end, "{:?}", refused);
                 }
                 Op::Commit(offset) => {
                     committed = committed.max(offset);

@@ -783,16 +783,18 @@ async fn get_queue_messages(
     let log = &state.gateway.queues.log;
     let (first, _) = log.bounds(&queue)?;
     let from = log.committed(&queue, group)?.max(first);
-    let mut entries = log.read(&queue, from, max)?;
-    if entries.is_empty() && wait > 0 {
+    let mut read = log.read(&queue, from, max)?;
+    if read.entries.is_empty() && wait > 0 {
         if let Some(mut next) = state.gateway.queues.watch(&queue) {
-            let arrived = next.wait_for(|next| *next > from);
+            let arrived = next.wait_for(|next| *next > read.next);
             let _ = tokio::time::timeout(std::time::Duration::from_millis(wait), arrived).await;
         }
-        entries = log.read(&queue, from, max)?;
+        read = log.read(&queue, read.next, max)?;
     }
-    let next = entries.last().map_or(from, |e| e.offset + 1);
-    Ok(pull_response(crate::queues::events(&queue, entries), next))
+    Ok(pull_response(
+        crate::queues::events(&queue, read.entries),
+        read.next,
+    ))
 }
 
 /// The pull's answer: `{"messages": [{"offset", "event"}], "next"}`.
