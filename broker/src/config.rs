@@ -672,6 +672,9 @@ pub struct QueueConfig {
 
 /// Most entries in one push batch.
 const MAX_PUSH_BATCH: usize = 10_000;
+/// The largest message the gateway takes (a queue entry must stay well within what the
+/// queue log stores as one record).
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Most push batches in flight at once.
 const MAX_PUSH_IN_FLIGHT: usize = 64;
 
@@ -1163,6 +1166,12 @@ impl RawLimits {
                 "must be at least limits.max_frame_bytes",
             ));
         }
+        if self.max_message_bytes > MAX_MESSAGE_BYTES {
+            return Err(invalid(
+                "limits.max_message_bytes",
+                format!("must be at most {MAX_MESSAGE_BYTES} (64 MiB)"),
+            ));
+        }
         Ok(Limits {
             max_frame_bytes: self.max_frame_bytes,
             max_message_bytes: self.max_message_bytes,
@@ -1548,6 +1557,10 @@ response = true
         assert!(error_of("[limits]\nmax_frame_bytes = 0").contains("limits.max_frame_bytes"));
         assert!(
             error_of("[limits]\nmax_frame_bytes = 10\nmax_message_bytes = 5")
+                .contains("limits.max_message_bytes")
+        );
+        assert!(
+            error_of("[limits]\nmax_message_bytes = 100000000")
                 .contains("limits.max_message_bytes")
         );
         assert!(error_of("[management]\nlisten = \"0.0.0.0:9090\"").contains("management.tokens"));

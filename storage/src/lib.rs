@@ -397,6 +397,31 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_too_big_for_a_record_is_refused_and_the_queue_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let log = open_log(&storage, FsyncPolicy::Always, Retention::default());
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let huge = vec![0u8; 256 * 1024 * 1024];
+        log.append(
+            "q".into(),
+            huge,
+            Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        );
+        let refused = rx.recv().unwrap().unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("larger than queue q can store"),
+            "{refused}"
+        );
+        assert_eq!(append_wait(&log, b"small"), 0, "its offset was not used");
+        log.close();
+    }
+
+    #[test]
     fn offsets_never_fall_below_a_committed_offset_and_readers_pass_a_gap() {
         let dir = tempfile::tempdir().unwrap();
         {
@@ -413,10 +438,17 @@ mod tests {
         std::fs::remove_dir_all(dir.path().join("queues").join("q-q")).unwrap();
         let storage = Storage::open(dir.path()).unwrap();
         let log = open_log(&storage, FsyncPolicy::Always, Retention::default());
-        assert_eq!(log.bounds("q").unwrap().1, 5, "no offset is handed out twice");
+        assert_eq!(
+            log.bounds("q").unwrap().1,
+            5,
+            "no offset is handed out twice"
+        );
         let read = log.read("q", 2, 10).unwrap();
         assert!(read.entries.is_empty());
-        assert_eq!(read.next, 5, "a reader in the gap is told to read on from 5");
+        assert_eq!(
+            read.next, 5,
+            "a reader in the gap is told to read on from 5"
+        );
         assert_eq!(append_wait(&log, b"new"), 5);
         let read = log.read("q", 2, 10).unwrap();
         assert_eq!((read.entries[0].offset, read.next), (5, 6));

@@ -546,6 +546,17 @@ impl Writer {
                 }));
                 continue;
             }
+            if !segments::fits(append.context.as_deref(), &append.payload) {
+                (append.done)(Err(StorageError::Engine {
+                    dir: self.dir.clone(),
+                    detail: format!(
+                        "an entry of {} bytes is larger than queue {} can store",
+                        append.payload.len(),
+                        append.queue
+                    ),
+                }));
+                continue;
+            }
             let share = shares.entry(append.queue).or_default();
             share.push((arrival, append.context, append.payload, append.done));
         }

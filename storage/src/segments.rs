@@ -87,6 +87,12 @@ pub(crate) struct NewEntry<'a> {
     pub(crate) payload: &'a [u8],
 }
 
+/// Whether an entry with this context and payload fits in records.
+pub(crate) fn fits(context: Option<&[u8]>, payload: &[u8]) -> bool {
+    context.is_none_or(|context| context.len() <= MAX_PAYLOAD)
+        && payload.len() + CONTEXT_AT_BYTES <= MAX_PAYLOAD
+}
+
 impl NewEntry<'_> {
     /// The most it can take on disk (its context may already be stored).
     fn max_size(&self) -> u64 {
@@ -664,7 +670,11 @@ impl Segments {
 
     /// How many of the oldest segments `expired` says may go (given each one and the bytes
     /// stored from it on); the newest is kept unless `all` is set.
-    pub(crate) fn expired(&self, mut expired: impl FnMut(&Segment, u64) -> bool, all: bool) -> usize {
+    pub(crate) fn expired(
+        &self,
+        mut expired: impl FnMut(&Segment, u64) -> bool,
+        all: bool,
+    ) -> usize {
         let keep = usize::from(!all);
         let mut remaining = self.bytes();
         self.segments[..self.segments.len().saturating_sub(keep)]
@@ -951,7 +961,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut segments, _) = Segments::open(dir.path(), false).unwrap();
         let (old, new) = (vec![b'o'; 50], vec![b'n'; 50]);
-        let (_, result) = segments.append(0, &[with_context(&old, b"0"), with_context(&old, b"1")], 1 << 20);
+        let (_, result) = segments.append(
+            0,
+            &[with_context(&old, b"0"), with_context(&old, b"1")],
+            1 << 20,
+        );
         result.unwrap();
         segments.sync().unwrap();
         segments.mark_synced();
