@@ -269,9 +269,11 @@ impl Connection {
         self.outbound.borrow().check_rewind(received)
     }
 
-    /// Its socket is gone: frames queue (within the same bounds) but are not written.
+    /// Its socket is gone: frames queue (within the same bounds) but are not written. A
+    /// takeover asked for on the way here is done (the next socket must not see it).
     pub(crate) fn park(&self) {
         self.parked.set(true);
+        self.superseded.set(false);
     }
 
     pub(crate) fn is_parked(&self) -> bool {
@@ -360,6 +362,11 @@ impl Connection {
     pub(crate) fn touch(&self) {
         self.last_active.set(Instant::now());
         self.last_active_ms.set(clock::now_ms());
+    }
+
+    /// How much longer it may live (`limits.max_connection_secs` from when it opened).
+    pub(crate) fn lifetime_left(&self) -> std::time::Duration {
+        self.expires_at.saturating_duration_since(Instant::now())
     }
 
     /// Why this connection should be closed at `now`, if a time limit has run out.

@@ -137,7 +137,13 @@ pub(crate) async fn live(
         limits.outbound_queue_frames,
         limits.outbound_queue_bytes,
     );
-    let expires_at = std::time::Instant::now() + limits.max_connection_duration;
+    let lifetime = moved_in
+        .as_ref()
+        .and_then(|moved| moved.lifetime_left)
+        .map_or(limits.max_connection_duration, |left| {
+            left.min(limits.max_connection_duration)
+        });
+    let expires_at = std::time::Instant::now() + lifetime;
     let connection = Rc::new(Connection::new(id, facts, socket, queue, expires_at));
     let mut rooms = Vec::new();
     if let Some(config) = &gateway.config.api.resume {
@@ -583,15 +589,15 @@ pub(crate) async fn accept_new(
     request: &crate::event::HandshakeRequest,
 ) -> Option<(Socket, Accepted)> {
     let wire = answer.wire();
+    let timeout = shard.gateway.config.limits.handshake_timeout;
     let (id, facts, protocol) = match connect(shard, peer, user_agent, host, request).await {
         Ok(connected) => connected,
         Err(refused) => {
             count_handshake(shard, refused.result, wire);
-            answer.refuse(refused.status, &refused.body).await;
+            answer.refuse(refused.status, &refused.body, timeout).await;
             return None;
         }
     };
-    let timeout = shard.gateway.config.limits.handshake_timeout;
     let Some((socket, leftover)) = answer.accept(protocol.as_deref(), timeout).await else {
         // `$connect` succeeded, so `$disconnect` is owed.
         dispatch::fire_disconnect(shard, facts, DisconnectReason::ConnectionLost);
@@ -632,13 +638,12 @@ impl Answer {
     }
 
     /// Refuses with `status` and `body` (a WebTransport session can only be told 429 or
-    /// 403) and lets go of the client.
-    pub(crate) async fn refuse(self, status: u16, body: &[u8]) {
+    /// 403) and lets go of the client, which gets `timeout` to take the answer.
+    pub(crate) async fn refuse(self, status: u16, body: &[u8], timeout: Duration) {
         match self {
             Self::WebSocket { socket, .. } => {
-                let _ = socket
-                    .write_all(&handshake::error_response(status, body))
-                    .await;
+                let response = handshake::error_response(status, body);
+                let _ = tokio::time::timeout(timeout, socket.write_all(&response)).await;
                 socket.shutdown_write();
             }
             Self::WebTransport { request, .. } => match status {
@@ -662,7 +667,8 @@ impl Answer {
                 leftover,
             } => {
                 let response = handshake::switching_protocols(&key, protocol);
-                socket.write_all(&response).await.ok()?;
+                let written = tokio::time::timeout(timeout, socket.write_all(&response)).await;
+                written.ok()?.ok()?;
                 Some((socket, leftover))
             }
             Self::WebTransport { request, datagrams } => {

@@ -81,7 +81,24 @@ pub struct Cluster {
     /// Connections of this node whose clients resumed on another node: connectionId →
     /// the id the other node carries them under, until when. Calls for them are forwarded
     /// there; an entry is dropped once the connection cannot be alive any more.
-    moved: Mutex<HashMap<String, (ConnectionId, Instant)>>,
+    moved: Mutex<Moved>,
+}
+
+/// The forwarding entries of moved connections.
+#[derive(Default)]
+struct Moved {
+    /// connectionId → (where it lives now, until when it could live).
+    entries: HashMap<String, (ConnectionId, Instant)>,
+    /// When expired entries were last dropped (at most once a second: a move must not cost
+    /// a walk over every entry).
+    pruned_at: Option<Instant>,
+}
+
+impl Moved {
+    fn alias(&self, connection_id: &str) -> Option<ConnectionId> {
+        let (alias, until) = self.entries.get(connection_id)?;
+        (*until > Instant::now()).then_some(*alias)
+    }
 }
 
 impl Cluster {
@@ -91,14 +108,22 @@ impl Cluster {
     pub fn note_moved(&self, connection_id: &str, alias: ConnectionId, until: Instant) {
         if let Ok(mut moved) = self.moved.lock() {
             let now = Instant::now();
-            moved.retain(|_, (_, until)| *until > now);
-            moved.insert(connection_id.to_owned(), (alias, until));
+            if moved
+                .pruned_at
+                .is_none_or(|at| now.duration_since(at) >= std::time::Duration::from_secs(1))
+            {
+                moved.entries.retain(|_, (_, until)| *until > now);
+                moved.pruned_at = Some(now);
+            }
+            moved
+                .entries
+                .insert(connection_id.to_owned(), (alias, until));
         }
     }
 
     /// Where a local connection that moved to another node lives now.
     pub fn moved_to(&self, connection_id: &str) -> Option<ConnectionId> {
-        Some(self.moved.lock().ok()?.get(connection_id)?.0)
+        self.moved.lock().ok()?.alias(connection_id)
     }
 
     /// `ids` with those of moved connections replaced by where they live now.
@@ -106,14 +131,14 @@ impl Cluster {
         let Ok(moved) = self.moved.lock() else {
             return ids.to_vec();
         };
-        if moved.is_empty() {
+        if moved.entries.is_empty() {
             return ids.to_vec();
         }
         ids.iter()
             .map(|id| {
                 moved
-                    .get(id)
-                    .map_or_else(|| id.clone(), |(alias, _)| alias.to_string())
+                    .alias(id)
+                    .map_or_else(|| id.clone(), |alias| alias.to_string())
             })
             .collect()
     }
@@ -174,7 +199,7 @@ impl Cluster {
             mirror,
             registry,
             queues,
-            moved: Mutex::new(HashMap::new()),
+            moved: Mutex::new(Moved::default()),
         }))
     }
 

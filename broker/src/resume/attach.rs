@@ -216,17 +216,22 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
     resuming.request.resumed = true;
     forget_token(&mut resuming.request.query);
     let mut facts = connection.facts.clone();
+    let timeout = shard.gateway.config.limits.handshake_timeout;
     let protocol = match session::admit(&shard, &mut facts, &resuming.request).await {
         Ok(protocol) => protocol,
         Err(refused) => {
             metrics.resumes.with_label_values(&["refused"]).inc();
             session::count_handshake(&shard, refused.result, wire);
             connection.request_close(DisconnectReason::ResumeRefused);
-            resuming.answer.refuse(refused.status, &refused.body).await;
+            // The connection ends now, whatever the client does with the answer.
+            drop(guard);
+            resuming
+                .answer
+                .refuse(refused.status, &refused.body, timeout)
+                .await;
             return;
         }
     };
-    let timeout = shard.gateway.config.limits.handshake_timeout;
     let Some((socket, leftover)) = resuming.answer.accept(protocol.as_deref(), timeout).await
     else {
         // Lost again before the answer: the connection stays parked for another try.

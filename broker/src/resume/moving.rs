@@ -16,6 +16,7 @@
 
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -40,6 +41,10 @@ pub struct MoveRequest {
     pub received: u64,
     /// Where the connection will live: the new node's id for it.
     pub alias: String,
+    /// When the new node asked (its clock, epoch ms): time the request spent queued before
+    /// the old node took it up counts against the answer's deadline.
+    #[serde(default)]
+    pub sent_at_ms: Option<u64>,
 }
 
 /// What the old node hands over.
@@ -50,6 +55,10 @@ pub struct MovedOut {
     pub rooms: Vec<String>,
     /// The frames its client has not received, WebSocket-encoded, base64, in order.
     pub frames: Vec<String>,
+    /// How much longer it may live, in milliseconds (a move does not restart
+    /// `limits.max_connection_secs`); absent from nodes that predate it.
+    #[serde(default)]
+    pub lifetime_left_ms: Option<u64>,
 }
 
 /// What a connection brings from the node it left.
@@ -57,6 +66,7 @@ pub struct MovedIn {
     pub received: u64,
     pub frames: Vec<Bytes>,
     pub rooms: Vec<RoomName>,
+    pub lifetime_left: Option<std::time::Duration>,
 }
 
 /// On the old node, on the shard that owns connection `id`: checks the request as a local
@@ -83,13 +93,20 @@ pub(crate) async fn move_out(
         return Err(Refusal::Unknown);
     }
     // The asking node gives up after `cluster.request_timeout_ms`: hand over only well
-    // within it, or the connection would be forgotten here with no one carrying it on.
-    let started = std::time::Instant::now();
-    let budget = cluster.config.request_timeout / 2;
+    // within it (counting from when it asked), or the connection would be forgotten here
+    // with no one carrying it on.
+    let waited = request.sent_at_ms.map_or(Duration::ZERO, |sent| {
+        Duration::from_millis(crate::clock::now_ms().saturating_sub(sent))
+    });
+    let budget = (cluster.config.request_timeout / 2).saturating_sub(waited);
+    if budget.is_zero() {
+        return Err(Refusal::Unknown);
+    }
+    let deadline = std::time::Instant::now() + budget;
     let token = ResumeToken { id, secret };
     let guard = claim(&shard, &token, request.received, None, budget).await?;
     let connection = guard.0.clone();
-    if started.elapsed() >= budget || connection.close_requested() {
+    if std::time::Instant::now() >= deadline || connection.close_requested() {
         // Too late to answer in time, or a DELETE (or an overflow) came first: it stays
         // here, and that close takes effect once this attempt lets go.
         return Err(Refusal::Unknown);
@@ -106,8 +123,8 @@ pub(crate) async fn move_out(
     };
     let facts = crate::stored_event::context(api, &connection.facts);
     let rooms = shard.rooms_of(&connection);
-    let lifetime = shard.gateway.config.limits.max_connection_duration + config.window;
-    let until = std::time::Instant::now() + lifetime;
+    let lifetime_left = connection.lifetime_left();
+    let until = std::time::Instant::now() + lifetime_left + config.window;
     cluster.note_moved(&connection.id.to_string(), alias, until);
     connection.request_close(DisconnectReason::Moved);
     drop(guard);
@@ -115,6 +132,7 @@ pub(crate) async fn move_out(
         facts: String::from_utf8_lossy(&facts).into_owned(),
         rooms: rooms.iter().map(|room| room.as_str().to_owned()).collect(),
         frames: frames.iter().map(|frame| STANDARD.encode(frame)).collect(),
+        lifetime_left_ms: Some(u64::try_from(lifetime_left.as_millis()).unwrap_or(u64::MAX)),
     })
 }
 
@@ -132,6 +150,7 @@ pub(crate) async fn move_in(
         secret: STANDARD.encode(token.secret),
         received,
         alias: alias.to_string(),
+        sent_at_ms: Some(crate::clock::now_ms()),
     };
     let body = Bytes::from(serde_json::to_vec(&request).unwrap_or_default());
     let reply = cluster
@@ -174,17 +193,20 @@ pub(crate) async fn move_in(
     let wire = resuming.answer.wire();
     resuming.request.resumed = true;
     forget_token(&mut resuming.request.query);
+    let timeout = shard.gateway.config.limits.handshake_timeout;
     let protocol = match session::admit(&shard, &mut facts, &resuming.request).await {
         Ok(protocol) => protocol,
         Err(refused) => {
             metrics.resumes.with_label_values(&["refused"]).inc();
             session::count_handshake(&shard, refused.result, wire);
             crate::dispatch::fire_disconnect(&shard, facts, DisconnectReason::ResumeRefused);
-            resuming.answer.refuse(refused.status, &refused.body).await;
+            resuming
+                .answer
+                .refuse(refused.status, &refused.body, timeout)
+                .await;
             return;
         }
     };
-    let timeout = shard.gateway.config.limits.handshake_timeout;
     let Some((socket, leftover)) = resuming.answer.accept(protocol.as_deref(), timeout).await
     else {
         crate::dispatch::fire_disconnect(&shard, facts, DisconnectReason::ConnectionLost);
@@ -203,6 +225,7 @@ pub(crate) async fn move_in(
             received,
             frames,
             rooms,
+            lifetime_left: moved.lifetime_left_ms.map(std::time::Duration::from_millis),
         })),
     };
     let decoder = session::decoder_for(&shard, wire);
