@@ -145,6 +145,11 @@ pub(crate) async fn live(
         });
     let expires_at = std::time::Instant::now() + lifetime;
     let connection = Rc::new(Connection::new(id, facts, socket, queue, expires_at));
+    // Moved here from another node: backends know it by the id it was opened with.
+    let arrived = moved_in
+        .is_some()
+        .then(|| connection.facts.connection_id.parse::<ConnectionId>().ok())
+        .flatten();
     let mut rooms = Vec::new();
     if let Some(config) = &gateway.config.api.resume {
         let token = ResumeToken::mint(id);
@@ -176,6 +181,9 @@ pub(crate) async fn live(
     };
     if let Some(cluster) = &gateway.cluster {
         cluster.mirror_opened(crate::cluster::mirror::MirrorRecord::of(&connection.facts));
+        if let Some(original) = arrived {
+            cluster.note_arrived(original, id);
+        }
     }
     shard.record(|changes| changes.upsert(record));
     shard.register(connection.clone());
@@ -189,6 +197,9 @@ pub(crate) async fn live(
     let reason = serve_to_the_end(&shard, &connection, &mut decoder, leftover).await;
 
     shard.unregister(&connection);
+    if let (Some(cluster), Some(original)) = (&gateway.cluster, arrived) {
+        cluster.note_departed(original);
+    }
     gateway
         .metrics
         .connections_active

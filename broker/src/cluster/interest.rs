@@ -309,7 +309,8 @@ async fn serve_room(cluster: Arc<Cluster>, room: RoomName) {
         let delivery = RoomDelivery {
             exclude: headers
                 .and_then(|h| h.get(EXCLUDE))
-                .and_then(|v| v.as_str().parse::<ConnectionId>().ok()),
+                .and_then(|v| v.as_str().parse::<ConnectionId>().ok())
+                .map(|id| cluster.here_as(id)),
             unreliable: headers.is_some_and(|h| h.get(UNRELIABLE).is_some()),
         };
         let answer = match (op, message.reply.is_some()) {

@@ -82,6 +82,9 @@ pub struct Cluster {
     /// the id the other node carries them under, until when. Calls for them are forwarded
     /// there; an entry is dropped once the connection cannot be alive any more.
     moved: Mutex<Moved>,
+    /// The other way round: connections that moved here, by the id backends know them
+    /// by → the id this node carries them under (a broadcast's `exclude` names the first).
+    arrived: Mutex<HashMap<ConnectionId, ConnectionId>>,
 }
 
 /// The forwarding entries of moved connections.
@@ -119,6 +122,29 @@ impl Cluster {
                 .entries
                 .insert(connection_id.to_owned(), (alias, until));
         }
+    }
+
+    /// Notes that connection `original` lives here now, as `alias`.
+    pub fn note_arrived(&self, original: ConnectionId, alias: ConnectionId) {
+        if let Ok(mut arrived) = self.arrived.lock() {
+            arrived.insert(original, alias);
+        }
+    }
+
+    /// Notes that connection `original`, which moved here, ended or moved on.
+    pub fn note_departed(&self, original: ConnectionId) {
+        if let Ok(mut arrived) = self.arrived.lock() {
+            arrived.remove(&original);
+        }
+    }
+
+    /// The id this node knows connection `id` by: its alias if it moved here.
+    pub fn here_as(&self, id: ConnectionId) -> ConnectionId {
+        let arrived = self.arrived.lock();
+        arrived
+            .ok()
+            .and_then(|arrived| arrived.get(&id).copied())
+            .unwrap_or(id)
     }
 
     /// Where a local connection that moved to another node lives now.
@@ -200,6 +226,7 @@ impl Cluster {
             registry,
             queues,
             moved: Mutex::new(Moved::default()),
+            arrived: Mutex::new(HashMap::new()),
         }))
     }
 

@@ -489,8 +489,15 @@ async fn post_to_room(
             None => 0,
         }
     };
+    let here = fanout::RoomDelivery {
+        exclude: match &state.gateway.cluster {
+            Some(cluster) => exclude.map(|id| cluster.here_as(id)),
+            None => exclude,
+        },
+        ..delivery
+    };
     let (local, remote) = futures_util::join!(
-        fanout::broadcast(state.shards(), &room, &frame, delivery),
+        fanout::broadcast(state.shards(), &room, &frame, here),
         remote
     );
     state.observe_fanout("room", started);

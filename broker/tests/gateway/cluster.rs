@@ -850,7 +850,17 @@ async fn a_session_moves_to_the_node_its_client_resumes_on_and_keeps_its_id() {
             assert_eq!(next_text(&mut ws).await, "bulk");
             received += 1;
         }
-        // Its rooms came along.
+        // Its rooms came along, and a broadcast that excludes it by its id, through any
+        // node, still skips it.
+        for node in &nodes {
+            let excluding = format!("{}/@rooms/lobby?exclude={id}", node.api_url);
+            assert!(
+                post_body(excluding, "not to it")
+                    .await
+                    .status()
+                    .is_success()
+            );
+        }
         let room = format!("{}/@rooms/lobby", nodes[0].api_url);
         assert!(post_body(room, "to the room").await.status().is_success());
         assert_eq!(next_text(&mut ws).await, "to the room");
