@@ -186,10 +186,12 @@ pub(crate) async fn live(
         }
     }
     shard.record(|changes| changes.upsert(record));
-    shard.register(connection.clone());
+    // A moved connection's rooms first: calls that waited for it (a leave among them)
+    // apply on top of them as it is registered.
     for room in &rooms {
         let _ = shard.join(&connection, room);
     }
+    shard.register(connection.clone());
     if shard.shutdown.is_cancelled() {
         // Registered after the shutdown sweep: close like everyone else.
         connection.request_close(DisconnectReason::ServerShutdown);

@@ -116,6 +116,20 @@ enum ShardCommand {
     },
 }
 
+impl ShardCommand {
+    /// The connection a call is for, if it is for one.
+    fn sequence(&self) -> Option<u64> {
+        match self {
+            Self::Send { sequence, .. }
+            | Self::Disconnect { sequence, .. }
+            | Self::Describe { sequence, .. }
+            | Self::Join { sequence, .. }
+            | Self::Leave { sequence, .. } => Some(*sequence),
+            _ => None,
+        }
+    }
+}
+
 /// How other threads talk to a shard.
 #[derive(Clone)]
 pub struct ShardHandle {
@@ -312,10 +326,43 @@ pub struct Shard {
     /// Resumable connections that ended without their client coming back, kept for a
     /// window so that a late resume learns why ("expired", "overflow") instead of "unknown".
     unresumable: RefCell<HashMap<u64, Unresumable>>,
+    /// Connections moving here from another node, by the sequence they will have: what
+    /// the old node forwards to them before they are registered waits here, in order.
+    arriving: RefCell<HashMap<u64, Vec<Deferred>>>,
     pub http: HttpIntegration,
     /// Every session and every `$disconnect` call, so shutdown can wait for them.
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
+}
+
+/// A call for a connection that is still arriving, applied once it is registered (or
+/// found gone if it never is).
+enum Deferred {
+    /// A push already answered (and counted) as delivered.
+    Frame(SharedFrame),
+    /// A call whose caller waits for the answer.
+    Command(ShardCommand),
+}
+
+/// Where the reply of a call answered already goes: nowhere.
+fn unanswered<T>() -> oneshot::Sender<T> {
+    oneshot::channel().0
+}
+
+/// Most calls held for one arriving connection; past it they are answered as gone.
+const MAX_DEFERRED: usize = 1024;
+
+/// Ends an arrival when dropped: what waited for a connection that never registered is
+/// answered as gone.
+pub(crate) struct Arrival {
+    shard: Rc<Shard>,
+    sequence: u64,
+}
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        self.shard.arrived(self.sequence);
+    }
 }
 
 /// Why a resumable connection ended, for a client that comes back after it did.
@@ -365,10 +412,96 @@ impl Shard {
         self.rooms.borrow().rooms_of(connection.id.sequence)
     }
 
-    pub fn register(&self, connection: Rc<Connection>) {
-        self.connections
-            .borrow_mut()
-            .insert(connection.id.sequence, connection);
+    pub fn register(self: &Rc<Self>, connection: Rc<Connection>) {
+        let sequence = connection.id.sequence;
+        self.connections.borrow_mut().insert(sequence, connection);
+        self.arrived(sequence);
+    }
+
+    /// Holds the calls for connection `sequence`, which is moving here, until it is
+    /// registered or the returned arrival is dropped.
+    pub(crate) fn expect(self: &Rc<Self>, sequence: u64) -> Arrival {
+        self.arriving.borrow_mut().insert(sequence, Vec::new());
+        Arrival {
+            shard: self.clone(),
+            sequence,
+        }
+    }
+
+    /// Applies what waited for connection `sequence`, in order (to it, or as gone).
+    fn arrived(self: &Rc<Self>, sequence: u64) {
+        let Some(deferred) = self.arriving.borrow_mut().remove(&sequence) else {
+            return;
+        };
+        for call in deferred {
+            match call {
+                Deferred::Frame(frame) => {
+                    if let Ok(connection) = self.connection(sequence) {
+                        self.enqueue(&connection, &frame);
+                    }
+                }
+                Deferred::Command(command) => self.apply(command),
+            }
+        }
+        self.work_needed.notify_one();
+    }
+
+    /// Holds `command` if it is for a connection that is still arriving; gives it back
+    /// otherwise. A push, a join, a leave and a DELETE are answered at once, as if
+    /// applied: the old node that forwarded them waits only its request timeout, and must
+    /// not be told the connection is gone. A GET waits for the answer.
+    fn defer(&self, command: ShardCommand) -> Option<ShardCommand> {
+        let Some(sequence) = command.sequence() else {
+            return Some(command);
+        };
+        let mut arriving = self.arriving.borrow_mut();
+        let Some(deferred) = arriving.get_mut(&sequence) else {
+            return Some(command);
+        };
+        if deferred.len() >= MAX_DEFERRED || self.connections.borrow().contains_key(&sequence) {
+            return Some(command);
+        }
+        let call = match command {
+            ShardCommand::Send { frame, reply, .. } => {
+                self.gateway.metrics.messages_sent.inc();
+                let _ = reply.send(Ok(()));
+                Deferred::Frame(outbound::shared(frame))
+            }
+            ShardCommand::Join {
+                sequence,
+                room,
+                reply,
+            } => {
+                let _ = reply.send(Ok(Ok(())));
+                Deferred::Command(ShardCommand::Join {
+                    sequence,
+                    room,
+                    reply: unanswered(),
+                })
+            }
+            ShardCommand::Leave {
+                sequence,
+                room,
+                reply,
+            } => {
+                let _ = reply.send(Ok(()));
+                Deferred::Command(ShardCommand::Leave {
+                    sequence,
+                    room,
+                    reply: unanswered(),
+                })
+            }
+            ShardCommand::Disconnect { sequence, reply } => {
+                let _ = reply.send(Ok(()));
+                Deferred::Command(ShardCommand::Disconnect {
+                    sequence,
+                    reply: unanswered(),
+                })
+            }
+            command => Deferred::Command(command),
+        };
+        deferred.push(call);
+        None
     }
 
     /// Forgets a closed connection and its room memberships.
@@ -585,11 +718,17 @@ impl Shard {
 
     fn send_many(&self, targets: Vec<(u64, u32)>, frame: &SharedFrame) -> Delivery {
         let connections = self.connections.borrow();
+        let mut arriving = self.arriving.borrow_mut();
         let mut delivery = Delivery::default();
         for (sequence, index) in targets {
-            let queued = connections
-                .get(&sequence)
-                .is_some_and(|c| self.enqueue(c, frame));
+            let queued = match (connections.get(&sequence), arriving.get_mut(&sequence)) {
+                (Some(connection), _) => self.enqueue(connection, frame),
+                (None, Some(deferred)) if deferred.len() < MAX_DEFERRED => {
+                    deferred.push(Deferred::Frame(frame.clone()));
+                    true
+                }
+                (None, _) => false,
+            };
             if queued {
                 delivery.delivered += 1;
             } else {
@@ -683,6 +822,9 @@ impl Shard {
     }
 
     fn apply(self: &Rc<Self>, command: ShardCommand) {
+        let Some(command) = self.defer(command) else {
+            return;
+        };
         match command {
             ShardCommand::Send {
                 sequence,
@@ -814,6 +956,7 @@ pub fn spawn(
                     refusals_answering: std::cell::Cell::new(0),
                     pending_appends: RefCell::new(Vec::new()),
                     unresumable: RefCell::new(HashMap::new()),
+                    arriving: RefCell::new(HashMap::new()),
                     http: HttpIntegration::new(),
                     tasks: TaskTracker::new(),
                     shutdown,

@@ -9,10 +9,11 @@
 //! authorizer and `$connect` (`resumed`) and carries the connection on under a local alias,
 //! with the same connectionId in every event; its `resumed` frame brings a new token, since
 //! the old one names the old node. From the moment the old node hands over until the new
-//! node has answered the client, a push to the connection is refused (410) and a room
-//! broadcast misses it. The old node hands over only well within the asking node's request
-//! timeout (or not at all), and never while a DELETE or an overflow is pending; a forwarding
-//! entry lasts as long as the connection could.
+//! node has registered the connection, calls the old node forwards to it wait on the new
+//! node's shard (`Shard::expect`) and apply in order once it is there; a room broadcast in
+//! that window misses it. The old node hands over only well within the asking node's
+//! request timeout (or not at all), and never while a DELETE or an overflow is pending; a
+//! forwarding entry lasts as long as the connection could.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -146,6 +147,9 @@ pub(crate) async fn move_in(
     cluster: Arc<Cluster>,
 ) {
     let alias = shard.ids.borrow_mut().connection_id();
+    // Calls the old node forwards once it has let go wait here until the connection is
+    // registered, instead of finding it gone.
+    let _arrival = shard.expect(alias.sequence);
     let request = MoveRequest {
         secret: STANDARD.encode(token.secret),
         received,

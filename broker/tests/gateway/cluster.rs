@@ -22,6 +22,11 @@ pub(crate) struct NodeFiles {
 }
 
 fn node_files(node_id: u16, nats_urls: &[String], backend: &Backend, extra: &str) -> NodeFiles {
+    node_files_with_routes(node_id, nats_urls, &config_with(backend, extra))
+}
+
+/// A node's files with `routes` (and anything else) added to the cluster settings.
+fn node_files_with_routes(node_id: u16, nats_urls: &[String], routes: &str) -> NodeFiles {
     let dir = tempfile::tempdir().unwrap();
     let urls = nats_urls
         .iter()
@@ -45,7 +50,6 @@ integration = {{ type = "room_join", room = "$request.body.room" }}
 integration = {{ type = "room_publish", room = "$request.body.room", data = "$request.body.data", exclude_sender = true }}
 {routes}"#,
         data = dir.path().join("data").display(),
-        routes = config_with(backend, extra),
     );
     let config = dir.path().join("switchboard.toml");
     std::fs::write(&config, text).unwrap();
@@ -917,6 +921,54 @@ async fn a_resume_after_its_node_died_is_unknown_and_the_node_loss_report_stands
     assert_eq!(welcome["reason"], "unknown");
     let (_, reason) = status_and_reason(&disconnect_event(&backend, &id).await);
     assert_eq!(reason, "node lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_during_a_move_wait_for_the_connection_instead_of_finding_it_gone() {
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    // `$connect` takes a second over resumes: a window in which the old node has let go of
+    // the connection and the new one has not registered it yet.
+    let routes = format!(
+        r#"[api]
+resume = true
+[routes."$connect"]
+integration = {{ type = "http", url = "{url}/slow-resumed" }}
+[routes."$disconnect"]
+integration = {{ type = "http", url = "{url}/disconnect" }}
+"#,
+        url = backend.url
+    );
+    let files: Vec<NodeFiles> = (1..=2)
+        .map(|id| node_files_with_routes(id, &[server.url()], &routes))
+        .collect();
+    let mut nodes = Vec::new();
+    for file in &files {
+        nodes.push(start_node(file).await);
+    }
+    let (ws, id, token) = open_resumable(&nodes[0].ws_url).await;
+    drop(ws);
+    parked_on(&nodes[0], 1.0).await;
+    let url = format!("{}?resume={token}&received=0", nodes[1].ws_url);
+    let resuming = tokio::spawn(async move { open_and_read_first(&url).await });
+    // Node 1 has handed the connection over; node 2 is still running `$connect`.
+    parked_on(&nodes[0], 0.0).await;
+    for (through, node) in nodes.iter().enumerate() {
+        let push = post_body(format!("{}/@connections/{id}", node.api_url), "during").await;
+        assert_eq!(push.status(), 200, "a push through node {}", through + 1);
+    }
+    let member = format!("{}/@rooms/lobby/connections/{id}", nodes[0].api_url);
+    assert_eq!(http().put(&member).send().await.unwrap().status(), 204);
+    let (mut ws, first) = resuming.await.unwrap();
+    assert_eq!(first["type"], "resumed", "{first}");
+    assert_eq!(next_text(&mut ws).await, "during");
+    assert_eq!(next_text(&mut ws).await, "during");
+    // The join that waited for it took effect.
+    let room = format!("{}/@rooms/lobby", nodes[0].api_url);
+    assert!(post_body(room, "to the room").await.status().is_success());
+    assert_eq!(next_text(&mut ws).await, "to the room");
+    assert!(backend.events("/disconnect").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
