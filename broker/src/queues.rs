@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use switchboard_storage::{FlushReport, QueueLog, Storage, StorageError};
+use switchboard_storage::{FlushReport, QueueLog, Read, Storage, StorageError};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -83,6 +83,22 @@ impl QueueHub {
         self.next_offsets.get(queue).map(watch::Sender::subscribe)
     }
 
+    /// Reads up to `max` entries of `queue` from `from` on, on a blocking thread: a read may
+    /// wait for the disk (or for a segment roll's sync), and the management runtime that
+    /// serves the API and the push deliverers has one worker.
+    pub async fn read(&self, queue: &str, from: u64, max: usize) -> Result<Read, StorageError> {
+        let (log, queue) = (self.log.clone(), queue.to_owned());
+        match tokio::task::spawn_blocking(move || log.read(&queue, from, max)).await {
+            Ok(read) => read,
+            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            // Cancelled before it ran (the runtime is shutting down): nothing was read.
+            Err(_) => Ok(Read {
+                entries: Vec::new(),
+                next: from,
+            }),
+        }
+    }
+
     /// Refreshes the depth and lag gauges (called when /metrics is scraped).
     pub fn update_gauges(&self, metrics: &Metrics) {
         for (queue, segments, bytes) in self.log.segment_stats() {
@@ -148,7 +164,7 @@ pub async fn deliver(
         while in_flight.len() < push.max_in_flight && read_again_at.is_none() {
             let (first, _) = hub.log.bounds(&queue).unwrap_or((next_read, next_read));
             next_read = next_read.max(first);
-            let read = match hub.log.read(&queue, next_read, push.batch_size) {
+            let read = match hub.read(&queue, next_read, push.batch_size).await {
                 Ok(read) => read,
                 Err(error) => {
                     // A disk error may pass; corruption needs the operator (`repair`).

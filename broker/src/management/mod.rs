@@ -787,16 +787,16 @@ async fn get_queue_messages(
         let messages = entries.iter().map(|e| (e.offset, e.payload.to_vec()));
         return Ok(pull_response(messages, next));
     }
-    let log = &state.gateway.queues.log;
-    let (first, _) = log.bounds(&queue)?;
-    let from = log.committed(&queue, group)?.max(first);
-    let mut read = log.read(&queue, from, max)?;
+    let hub = &state.gateway.queues;
+    let (first, _) = hub.log.bounds(&queue)?;
+    let from = hub.log.committed(&queue, group)?.max(first);
+    let mut read = hub.read(&queue, from, max).await?;
     if read.entries.is_empty() && wait > 0 {
         if let Some(mut next) = state.gateway.queues.watch(&queue) {
             let arrived = next.wait_for(|next| *next > read.next);
             let _ = tokio::time::timeout(std::time::Duration::from_millis(wait), arrived).await;
         }
-        read = log.read(&queue, read.next, max)?;
+        read = hub.read(&queue, read.next, max).await?;
     }
     Ok(pull_response(
         crate::queues::events(&queue, read.entries),
