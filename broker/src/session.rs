@@ -200,7 +200,7 @@ pub(crate) async fn live(
 
     shard.unregister(&connection);
     if let (Some(cluster), Some(original)) = (&gateway.cluster, arrived) {
-        cluster.note_departed(original);
+        cluster.note_departed(original, id);
     }
     gateway
         .metrics

@@ -328,7 +328,7 @@ pub struct Shard {
     unresumable: RefCell<HashMap<u64, Unresumable>>,
     /// Connections moving here from another node, by the sequence they will have: what
     /// the old node forwards to them before they are registered waits here, in order.
-    arriving: RefCell<HashMap<u64, Vec<Deferred>>>,
+    arriving: RefCell<HashMap<u64, Held>>,
     pub http: HttpIntegration,
     /// Every session and every `$disconnect` call, so shutdown can wait for them.
     pub tasks: TaskTracker,
@@ -349,8 +349,27 @@ fn unanswered<T>() -> oneshot::Sender<T> {
     oneshot::channel().0
 }
 
-/// Most calls held for one arriving connection; past it they are answered as gone.
+/// Most calls held for one arriving connection; past it (or past its outbound queue's
+/// bytes) they are answered as gone.
 const MAX_DEFERRED: usize = 1024;
+
+/// The calls held for one arriving connection, and the bytes of their frames.
+#[derive(Default)]
+struct Held {
+    calls: Vec<Deferred>,
+    bytes: usize,
+}
+
+impl Held {
+    fn has_room(&self, bytes: usize, max_bytes: usize) -> bool {
+        self.calls.len() < MAX_DEFERRED && self.bytes + bytes <= max_bytes
+    }
+
+    fn hold(&mut self, call: Deferred, bytes: usize) {
+        self.bytes += bytes;
+        self.calls.push(call);
+    }
+}
 
 /// Ends an arrival when dropped: what waited for a connection that never registered is
 /// answered as gone.
@@ -421,7 +440,7 @@ impl Shard {
     /// Holds the calls for connection `sequence`, which is moving here, until it is
     /// registered or the returned arrival is dropped.
     pub(crate) fn expect(self: &Rc<Self>, sequence: u64) -> Arrival {
-        self.arriving.borrow_mut().insert(sequence, Vec::new());
+        self.arriving.borrow_mut().insert(sequence, Held::default());
         Arrival {
             shard: self.clone(),
             sequence,
@@ -430,10 +449,10 @@ impl Shard {
 
     /// Applies what waited for connection `sequence`, in order (to it, or as gone).
     fn arrived(self: &Rc<Self>, sequence: u64) {
-        let Some(deferred) = self.arriving.borrow_mut().remove(&sequence) else {
+        let Some(held) = self.arriving.borrow_mut().remove(&sequence) else {
             return;
         };
-        for call in deferred {
+        for call in held.calls {
             match call {
                 Deferred::Frame(frame) => {
                     if let Ok(connection) = self.connection(sequence) {
@@ -455,10 +474,15 @@ impl Shard {
             return Some(command);
         };
         let mut arriving = self.arriving.borrow_mut();
-        let Some(deferred) = arriving.get_mut(&sequence) else {
+        let Some(held) = arriving.get_mut(&sequence) else {
             return Some(command);
         };
-        if deferred.len() >= MAX_DEFERRED || self.connections.borrow().contains_key(&sequence) {
+        let bytes = match &command {
+            ShardCommand::Send { frame, .. } => frame.len(),
+            _ => 0,
+        };
+        let max_bytes = self.gateway.config.limits.outbound_queue_bytes;
+        if !held.has_room(bytes, max_bytes) || self.connections.borrow().contains_key(&sequence) {
             return Some(command);
         }
         let call = match command {
@@ -500,7 +524,7 @@ impl Shard {
             }
             command => Deferred::Command(command),
         };
-        deferred.push(call);
+        held.hold(call, bytes);
         None
     }
 
@@ -719,12 +743,14 @@ impl Shard {
     fn send_many(&self, targets: Vec<(u64, u32)>, frame: &SharedFrame) -> Delivery {
         let connections = self.connections.borrow();
         let mut arriving = self.arriving.borrow_mut();
+        let frame_bytes = frame.bytes(Wire::WebSocket).len();
+        let max_bytes = self.gateway.config.limits.outbound_queue_bytes;
         let mut delivery = Delivery::default();
         for (sequence, index) in targets {
             let queued = match (connections.get(&sequence), arriving.get_mut(&sequence)) {
                 (Some(connection), _) => self.enqueue(connection, frame),
-                (None, Some(deferred)) if deferred.len() < MAX_DEFERRED => {
-                    deferred.push(Deferred::Frame(frame.clone()));
+                (None, Some(held)) if held.has_room(frame_bytes, max_bytes) => {
+                    held.hold(Deferred::Frame(frame.clone()), frame_bytes);
                     true
                 }
                 (None, _) => false,

@@ -58,6 +58,7 @@ pub(crate) fn sled_queue(
         }
     }
     segments.sync().map_err(|e| e.to_string())?;
+    segments.mark_synced();
     db.drop_tree(tree_name).map_err(|e| e.to_string())?;
     db.flush().map_err(|e| e.to_string())?;
     if moved > 0 {

@@ -163,6 +163,7 @@ impl QueueLog {
             let queue_dir = dir.join("queues").join(format!("q-{name}"));
             let (mut segments, found) =
                 Segments::open(&queue_dir, repair).map_err(|error| open_error(&dir, error))?;
+            segments.durable = policy != FsyncPolicy::Never;
             note_recovery(name, &found, &mut recovery);
             recovery.migrated += crate::migrate::sled_queue(db, name, &mut segments, segment_bytes)
                 .map_err(|detail| StorageError::Engine {
@@ -503,7 +504,7 @@ impl Writer {
             unflushed += appends.len();
             waiting.extend(self.write(appends));
             let flush_due = match self.policy {
-                FsyncPolicy::Always => !waiting.is_empty(),
+                FsyncPolicy::Always => !waiting.is_empty() || !self.unsynced.is_empty(),
                 FsyncPolicy::Batch { interval } => last_flush.elapsed() >= interval,
                 FsyncPolicy::Never => false,
             };
@@ -582,6 +583,10 @@ impl Writer {
             drop(entries);
             if written > 0 {
                 self.assigned.insert(queue.clone(), first + written as u64);
+            }
+            if written > 0 || result.is_err() {
+                // A failed write or roll may have cost earlier appends their sync: the next
+                // flush finds out.
                 self.unsynced.insert(queue.clone());
             }
             let mut share = share.into_iter();
@@ -615,24 +620,31 @@ impl Writer {
             entries,
             flush: started.elapsed(),
         });
+        // Per failed queue: the error, and the first offset it forgot.
         let mut errors = HashMap::new();
         for (queue, reason) in failed {
             let error = StorageError::from_io(&self.dir, reason);
             tracing::error!(%queue, %error, "queue sync failed; its appends since the last sync are not acknowledged");
-            if let Some(state) = self.queues.get(&queue)
-                && let Some(end) = state.segments_mut().forget_unsynced()
-            {
-                self.assigned.insert(queue.clone(), end);
-            }
-            errors.insert(queue, error);
+            let forgotten = self
+                .queues
+                .get(&queue)
+                .and_then(|state| state.segments_mut().forget_unsynced());
+            let assigned = self.assigned.get(&queue).copied().unwrap_or(0);
+            let forgotten_from = forgotten.unwrap_or(assigned);
+            self.assigned.insert(queue.clone(), forgotten_from);
+            errors.insert(queue, (error, forgotten_from));
         }
         if !errors.is_empty() {
-            let (failed, succeeded) = std::mem::take(waiting)
-                .into_iter()
-                .partition(|(queue, ..)| errors.contains_key(queue));
+            // Appends before the forgotten ones were synced (by the start of a segment).
+            let (failed, succeeded) =
+                std::mem::take(waiting)
+                    .into_iter()
+                    .partition(|(queue, _, offset)| {
+                        errors.get(queue).is_some_and(|(_, from)| offset >= from)
+                    });
             *waiting = succeeded;
             for (queue, done, _) in failed {
-                done(Err(errors[&queue].again()));
+                done(Err(errors[&queue].0.again()));
             }
         }
         self.answer(waiting);
@@ -689,7 +701,9 @@ impl Writer {
             let cutoff = retention
                 .max_age
                 .map(|age| now.saturating_sub(age.as_millis() as u64));
-            let mut segments = state.segments_mut();
+            // Only this thread changes the segments: what the read lock shows stays true
+            // until the write lock drops the doomed ones.
+            let segments = state.segments();
             let all_expired = cutoff.is_some_and(|cutoff| {
                 segments
                     .segments
@@ -711,6 +725,7 @@ impl Writer {
                 .segments
                 .get(doomed)
                 .map_or(next, |oldest_kept| first.max(oldest_kept.base));
+            drop(segments);
             if first == state.first.load(Ordering::Acquire) && doomed == 0 {
                 continue;
             }
@@ -720,8 +735,7 @@ impl Writer {
                 tracing::error!(queue = %name, %error, "cannot remember the queue's bounds; retention waits");
                 continue;
             }
-            let freed = segments.drop_oldest(doomed);
-            drop(segments);
+            let freed = state.segments_mut().drop_oldest(doomed);
             state.first.store(first, Ordering::Release);
             tracing::debug!(queue = %name, first, freed, "applied queue retention");
         }

@@ -398,6 +398,13 @@ pub(crate) struct Segments {
     /// The length the last segment's file must be cut back to before the next write: set
     /// when a write or a sync failed and the cut did not succeed yet.
     cut_to: Option<u64>,
+    /// A sync of the last segment failed where no one could act on it (starting a new
+    /// segment): every sync fails until [`Segments::forget_unsynced`] has dealt with it,
+    /// since a later `fdatasync` may succeed without the lost pages ever reaching the disk.
+    sync_lost: bool,
+    /// Whether appends wait for syncs (false with `fsync = "never"`: a failed sync then
+    /// loses only what that policy accepts to lose, and nothing waits on it).
+    pub(crate) durable: bool,
 }
 
 /// The durable state of the last segment (set when it is opened or started, and by each
@@ -465,6 +472,8 @@ impl Segments {
                 contexts: HashMap::new(),
                 synced,
                 cut_to: None,
+                sync_lost: false,
+                durable: true,
             },
             recovery,
         ))
@@ -599,6 +608,11 @@ impl Segments {
 
     /// Makes everything appended durable (`fdatasync`).
     pub(crate) fn sync(&self) -> std::io::Result<()> {
+        if self.sync_lost {
+            return Err(std::io::Error::other(
+                "an earlier sync of this segment failed",
+            ));
+        }
         match &self.writer {
             Some(writer) => writer.sync_data(),
             None => Ok(()),
@@ -625,6 +639,7 @@ impl Segments {
         segment.index.truncate(synced.indexed);
         self.contexts.retain(|_, at| u64::from(*at) < synced.len);
         self.cut_to = Some(synced.len);
+        self.sync_lost = false;
         if let Err(error) = self.cut_back() {
             tracing::error!(%error, "cannot cut the queue segment back yet; retried before the next write");
         }
@@ -642,7 +657,12 @@ impl Segments {
 
     /// Starts a new segment at `base`, after making the current one durable.
     fn roll(&mut self, base: u64) -> std::io::Result<()> {
-        self.sync()?;
+        self.cut_back()?;
+        if let Err(error) = self.sync() {
+            // The appends waiting for this sync learn of it from the writer's next one.
+            self.sync_lost = self.durable;
+            return Err(error);
+        }
         let path = self.dir.join(Segment::file_name(base));
         // Appending: every write lands at the end of the file, even after a cut.
         let writer = OpenOptions::new().create(true).append(true).open(&path)?;
@@ -990,6 +1010,50 @@ mod tests {
         assert_eq!(entries.len(), 3);
         assert_eq!(entries[2].payload, b"2 again");
         assert_eq!(entries[2].context.as_deref(), Some(&new[..]));
+    }
+
+    #[test]
+    fn a_sync_lost_while_starting_a_segment_fails_every_sync_until_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut segments = write_records(dir.path(), 0..2);
+        segments.mark_synced();
+        append_one(&mut segments, 2, b"message 2", 1 << 20);
+        // What a failed sync in `roll` leaves: the appends waiting for it are not told yet.
+        segments.sync_lost = true;
+        assert!(
+            segments.sync().is_err(),
+            "a later sync must not pass for it"
+        );
+        assert_eq!(segments.forget_unsynced(), Some(2));
+        segments.sync().unwrap();
+        assert_eq!(read_all(&segments), vec![0, 1]);
+    }
+
+    #[test]
+    fn a_cut_that_failed_is_made_before_a_new_segment_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut segments = write_records(dir.path(), 0..2);
+        let whole = segments.bytes();
+        segments.mark_synced();
+        append_one(&mut segments, 2, b"message 2", 1 << 20);
+        // The cut back to the synced length did not happen (say, an I/O error).
+        segments.forget_unsynced();
+        let path = segments.segments[0].path.clone();
+        segments
+            .writer
+            .as_ref()
+            .unwrap()
+            .set_len(whole + 7)
+            .unwrap();
+        segments.cut_to = Some(whole);
+        // A record too big for the segment starts a new one: the old file is cut first.
+        append_one(&mut segments, 2, &[9; 300], 256);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), whole);
+        segments.sync().unwrap();
+        drop(segments);
+        let (reopened, recovery) = Segments::open(dir.path(), false).unwrap();
+        assert_eq!(recovery, Recovery::default());
+        assert_eq!(read_all(&reopened), vec![0, 1, 2]);
     }
 
     #[test]

@@ -131,9 +131,12 @@ impl Cluster {
         }
     }
 
-    /// Notes that connection `original`, which moved here, ended or moved on.
-    pub fn note_departed(&self, original: ConnectionId) {
-        if let Ok(mut arrived) = self.arrived.lock() {
+    /// Notes that connection `original`, which moved here as `alias`, ended or moved on
+    /// (unless it has come back under another alias since).
+    pub fn note_departed(&self, original: ConnectionId, alias: ConnectionId) {
+        if let Ok(mut arrived) = self.arrived.lock()
+            && arrived.get(&original) == Some(&alias)
+        {
             arrived.remove(&original);
         }
     }

@@ -83,6 +83,9 @@ impl IntoResponse for ApiError {
             Self::UnknownStage(_) | Self::UnknownQueue(_) | Self::WebTransportDisabled => {
                 (StatusCode::NOT_FOUND, "NotFoundException")
             }
+            Self::Storage(switchboard_storage::StorageError::PastTheEnd { .. }) => {
+                (StatusCode::BAD_REQUEST, "BadRequestException")
+            }
             Self::Storage(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "InternalServerErrorException",

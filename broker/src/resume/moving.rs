@@ -96,13 +96,12 @@ pub(crate) async fn move_out(
     // The asking node gives up after `cluster.request_timeout_ms`: hand over only well
     // within it (counting from when it asked), or the connection would be forgotten here
     // with no one carrying it on.
+    // (At most half of it, so that nodes whose clocks disagree still move sessions.)
+    let half = cluster.config.request_timeout / 2;
     let waited = request.sent_at_ms.map_or(Duration::ZERO, |sent| {
         Duration::from_millis(crate::clock::now_ms().saturating_sub(sent))
     });
-    let budget = (cluster.config.request_timeout / 2).saturating_sub(waited);
-    if budget.is_zero() {
-        return Err(Refusal::Unknown);
-    }
+    let budget = half.saturating_sub(waited.min(half / 2));
     let deadline = std::time::Instant::now() + budget;
     let token = ResumeToken { id, secret };
     let guard = claim(&shard, &token, request.received, None, budget).await?;
@@ -149,37 +148,19 @@ pub(crate) async fn move_in(
     let alias = shard.ids.borrow_mut().connection_id();
     // Calls the old node forwards once it has let go wait here until the connection is
     // registered, instead of finding it gone.
-    let _arrival = shard.expect(alias.sequence);
-    let request = MoveRequest {
-        secret: STANDARD.encode(token.secret),
-        received,
-        alias: alias.to_string(),
-        sent_at_ms: Some(crate::clock::now_ms()),
-    };
-    let body = Bytes::from(serde_json::to_vec(&request).unwrap_or_default());
-    let reply = cluster
-        .call(token.id.node, Op::Move, &token.id.to_string(), None, body)
-        .await;
-    let moved = match reply {
-        Ok(reply) if reply.status == 200 => match serde_json::from_slice::<MovedOut>(&reply.body) {
-            Ok(moved) => Some(moved),
-            Err(_) => return handed_over_unreadable(shard, resuming, &token).await,
-        },
-        Ok(reply) => {
-            let refusal = match &reply.body[..] {
-                b"expired" => Refusal::Expired,
-                b"overflow" => Refusal::Overflow,
-                _ => Refusal::Unknown,
+    let arrival = shard.expect(alias.sequence);
+    let moved = match ask_for(&cluster, &token, received, alias).await {
+        Ok(moved) => moved,
+        Err(failure) => {
+            drop(arrival);
+            return match failure {
+                MoveFailure::Refused(refusal) => open_new(shard, resuming, refusal).await,
+                MoveFailure::Unreadable => handed_over_unreadable(shard, resuming, &token).await,
             };
-            return open_new(shard, resuming, refusal).await;
         }
-        // The old node is gone: its connections are reported by the survivors.
-        Err(_) => None,
-    };
-    let Some(moved) = moved else {
-        return open_new(shard, resuming, Refusal::Unknown).await;
     };
     let Ok(mut facts) = crate::stored_event::decode_facts(moved.facts.as_bytes()) else {
+        drop(arrival);
         return handed_over_unreadable(shard, resuming, &token).await;
     };
     let frames: Vec<Bytes> = moved
@@ -201,6 +182,7 @@ pub(crate) async fn move_in(
     let protocol = match session::admit(&shard, &mut facts, &resuming.request).await {
         Ok(protocol) => protocol,
         Err(refused) => {
+            drop(arrival);
             metrics.resumes.with_label_values(&["refused"]).inc();
             session::count_handshake(&shard, refused.result, wire);
             crate::dispatch::fire_disconnect(&shard, facts, DisconnectReason::ResumeRefused);
@@ -213,6 +195,7 @@ pub(crate) async fn move_in(
     };
     let Some((socket, leftover)) = resuming.answer.accept(protocol.as_deref(), timeout).await
     else {
+        drop(arrival);
         crate::dispatch::fire_disconnect(&shard, facts, DisconnectReason::ConnectionLost);
         return;
     };
@@ -233,8 +216,47 @@ pub(crate) async fn move_in(
         })),
     };
     let decoder = session::decoder_for(&shard, wire);
+    // Registering the connection ends the arrival: what waited for it applies then.
+    let _arrival = arrival;
     session::live(shard, socket, accepted, decoder).await;
     drop(resuming.ticket);
+}
+
+/// Why the old node did not hand a connection over.
+enum MoveFailure {
+    /// It said no (or is gone): the client gets a new connection that says why.
+    Refused(Refusal),
+    /// It handed it over in a form this node cannot read.
+    Unreadable,
+}
+
+/// Asks the old node for the connection `token` names, to live on here as `alias`.
+async fn ask_for(
+    cluster: &Cluster,
+    token: &ResumeToken,
+    received: u64,
+    alias: ConnectionId,
+) -> Result<MovedOut, MoveFailure> {
+    let request = MoveRequest {
+        secret: STANDARD.encode(token.secret),
+        received,
+        alias: alias.to_string(),
+        sent_at_ms: Some(crate::clock::now_ms()),
+    };
+    let body = Bytes::from(serde_json::to_vec(&request).unwrap_or_default());
+    let reply = cluster
+        .call(token.id.node, Op::Move, &token.id.to_string(), None, body)
+        .await
+        // The old node is gone: its connections are reported by the survivors.
+        .map_err(|_| MoveFailure::Refused(Refusal::Unknown))?;
+    if reply.status != 200 {
+        return Err(MoveFailure::Refused(match &reply.body[..] {
+            b"expired" => Refusal::Expired,
+            b"overflow" => Refusal::Overflow,
+            _ => Refusal::Unknown,
+        }));
+    }
+    serde_json::from_slice(&reply.body).map_err(|_| MoveFailure::Unreadable)
 }
 
 /// The old node handed a connection over in a form this node cannot read (nodes of

@@ -964,7 +964,8 @@ integration = {{ type = "http", url = "{url}/disconnect" }}
     assert_eq!(first["type"], "resumed", "{first}");
     assert_eq!(next_text(&mut ws).await, "during");
     assert_eq!(next_text(&mut ws).await, "during");
-    // The join that waited for it took effect.
+    // The join that waited for it took effect (and node 2 now listens to the room).
+    wait_for_members(&nodes[0], "lobby", 1).await;
     let room = format!("{}/@rooms/lobby", nodes[0].api_url);
     assert!(post_body(room, "to the room").await.status().is_success());
     assert_eq!(next_text(&mut ws).await, "to the room");
