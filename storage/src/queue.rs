@@ -18,7 +18,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::StorageError;
 pub use crate::segments::QueueEntry;
-use crate::segments::{self, NewEntry, Recovery, Segments};
+use crate::segments::{self, NewEntry, ReadPlan, Recovery, Segments};
 
 /// Most append requests folded into one write batch.
 const MAX_BATCH: usize = 8192;
@@ -268,27 +268,57 @@ impl QueueLog {
     /// Up to `max` entries of `queue` from `from` on, in offset order, and where to read
     /// on from.
     pub fn read(&self, queue: &str, from: u64, max: usize) -> Result<Read, StorageError> {
+        let waiting = |state: &QueueState, from| Some(state.segments().plan(from));
+        match self.read_with(queue, from, max, waiting) {
+            Some(read) => read,
+            None => unreachable!("a read that waits for the index always gets it"),
+        }
+    }
+
+    /// Like [`QueueLog::read`], but `None` instead of waiting while the writer holds the
+    /// queue's index (starting a segment syncs the one before, which takes as long as the
+    /// disk does): for callers that must not block, to read elsewhere then.
+    pub fn try_read(
+        &self,
+        queue: &str,
+        from: u64,
+        max: usize,
+    ) -> Option<Result<Read, StorageError>> {
+        let at_once = |state: &QueueState, from| {
+            let segments = state.segments.try_read().ok()?;
+            Some(segments.plan(from))
+        };
+        self.read_with(queue, from, max, at_once)
+    }
+
+    fn read_with(
+        &self,
+        queue: &str,
+        from: u64,
+        max: usize,
+        plan: impl FnOnce(&QueueState, u64) -> Option<Vec<ReadPlan>>,
+    ) -> Option<Result<Read, StorageError>> {
         let Some(state) = self.queues.get(queue) else {
-            return Ok(Read {
+            return Some(Ok(Read {
                 entries: Vec::new(),
                 next: from,
-            });
+            }));
         };
         let until = state.next.load(Ordering::Acquire);
         let from = from.max(state.first.load(Ordering::Acquire));
         // The plan holds file handles: segments dropped by retention meanwhile stay
         // readable until it is done.
-        let plans = state.segments().plan(from);
+        let plans = plan(state, from)?;
         let mut entries = Vec::new();
         for plan in plans {
             if entries.len() >= max {
                 break;
             }
-            plan.read(from, until, max, &mut entries)
-                .map_err(|reason| StorageError::Io {
-                    dir: self.dir.clone(),
-                    reason,
-                })?;
+            let read = plan.read(from, until, max, &mut entries);
+            if let Err(reason) = read {
+                let dir = self.dir.clone();
+                return Some(Err(StorageError::Io { dir, reason }));
+            }
         }
         // Short of `max`, everything before `until` was seen: offsets a crash or a repair
         // left without entries are passed over, not waited for.
@@ -296,7 +326,7 @@ impl QueueLog {
             Some(last) if entries.len() >= max => last.offset + 1,
             _ => until.max(from),
         };
-        Ok(Read { entries, next })
+        Some(Ok(Read { entries, next }))
     }
 
     /// The oldest retained offset and the next offset to be assigned.
