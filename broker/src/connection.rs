@@ -18,6 +18,7 @@ use crate::config::ResumeConfig;
 use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
 use crate::event::{ApiFacts, ConnectionFacts};
+use crate::limits::AdmissionTicket;
 use crate::metrics::Metrics;
 use crate::outbound::{self, MAX_IOVECS, OutboundQueue, RewindError, SharedFrame};
 use crate::resume::{self, ResumeToken, Secret};
@@ -82,6 +83,8 @@ pub struct Connection {
     /// The facts as the context of its queue entries (see [`crate::stored_event`]),
     /// encoded at its first queued message.
     queue_context: OnceCell<Arc<[u8]>>,
+    /// Its place under the connection limits: that of the socket it is served on now.
+    admission: RefCell<Option<AdmissionTicket>>,
 }
 
 impl Connection {
@@ -113,6 +116,7 @@ impl Connection {
             in_flight: Cell::new(0),
             appends_in_flight: Cell::new((0, 0)),
             queue_context: OnceCell::new(),
+            admission: RefCell::new(None),
         }
     }
 
@@ -362,6 +366,12 @@ impl Connection {
     pub(crate) fn touch(&self) {
         self.last_active.set(Instant::now());
         self.last_active_ms.set(clock::now_ms());
+    }
+
+    /// Holds `ticket` as its place under the limits, giving back the one it held (`None`
+    /// when it ends).
+    pub(crate) fn admitted_as(&self, ticket: Option<AdmissionTicket>) {
+        drop(self.admission.replace(ticket));
     }
 
     /// How much longer it may live (`limits.max_connection_secs` from when it opened).

@@ -52,8 +52,8 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH_BYTES]);
 }
 
-/// Runs a WebSocket connection accepted by `shard` and admitted under `ticket`, which it
-/// holds until the socket closes (a resume hands both to the connection it resumes).
+/// Runs a WebSocket connection accepted by `shard` and admitted under `ticket`, which its
+/// connection holds until it ends (a resume hands both to the connection it resumes).
 pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, ticket: AdmissionTicket) {
     let _ = stream.set_nodelay(true);
     // Boxed: the handshake state is gone before the connection settles in for hours.
@@ -61,8 +61,7 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, ticket: 
         Some(Opened::Connected(opened)) => {
             let (socket, accepted) = *opened;
             let decoder = decoder_for(&shard, Wire::WebSocket);
-            live(shard, socket, accepted, decoder).await;
-            drop(ticket);
+            live(shard, socket, accepted, decoder, Some(ticket)).await;
         }
         Some(Opened::Resume(resuming)) => {
             let resuming = Resuming {
@@ -99,8 +98,7 @@ pub async fn run_webtransport(
         Some((Opened::Connected(opened), ticket)) => {
             let (socket, accepted) = *opened;
             let decoder = decoder_for(&shard, Wire::WebTransport);
-            live(shard, socket, accepted, decoder).await;
-            drop(ticket);
+            live(shard, socket, accepted, decoder, Some(ticket)).await;
         }
         Some((Opened::Resume(resuming), ticket)) => {
             let resuming = Resuming {
@@ -115,12 +113,13 @@ pub async fn run_webtransport(
 
 /// A connection from `$connect` to `$disconnect`: registered with its shard, served until
 /// it must end (parked in between if it is resumable and its socket drops), closed, and
-/// reported.
+/// reported. It holds its socket's place under the limits (`ticket`) until then.
 pub(crate) async fn live(
     shard: Rc<Shard>,
     socket: Socket,
     accepted: Accepted,
     mut decoder: Decoder,
+    ticket: Option<AdmissionTicket>,
 ) {
     let Accepted {
         id,
@@ -145,6 +144,7 @@ pub(crate) async fn live(
         });
     let expires_at = std::time::Instant::now() + lifetime;
     let connection = Rc::new(Connection::new(id, facts, socket, queue, expires_at));
+    connection.admitted_as(ticket);
     // Moved here from another node: backends know it by the id it was opened with.
     let arrived = moved_in
         .is_some()
@@ -198,6 +198,7 @@ pub(crate) async fn live(
     }
     let reason = serve_to_the_end(&shard, &connection, &mut decoder, leftover).await;
 
+    connection.admitted_as(None);
     shard.unregister(&connection);
     if let (Some(cluster), Some(original)) = (&gateway.cluster, arrived) {
         cluster.note_departed(original, id);

@@ -239,6 +239,11 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
     };
     match connection.attach(socket, received, leftover) {
         Ok(replayed) => {
+            // The connection's place under the limits is now its new socket's (which
+            // may come from another address); the old one's is given back.
+            if let Some(ticket) = resuming.ticket.take() {
+                connection.admitted_as(Some(ticket));
+            }
             metrics.resumes.with_label_values(&["resumed"]).inc();
             metrics.resume_replayed.inc_by(replayed as u64);
             session::count_handshake(&shard, "resumed", wire);
@@ -326,8 +331,7 @@ pub(crate) async fn open_new(shard: Rc<Shard>, mut resuming: Resuming, refusal: 
         ..accepted
     };
     let decoder = session::decoder_for(&shard, wire);
-    session::live(shard, socket, accepted, decoder).await;
-    drop(ticket);
+    session::live(shard, socket, accepted, decoder, ticket).await;
 }
 
 /// The token is a secret: backends see that a client resumed, not its token.

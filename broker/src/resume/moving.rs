@@ -218,8 +218,7 @@ pub(crate) async fn move_in(
     let decoder = session::decoder_for(&shard, wire);
     // Registering the connection ends the arrival: what waited for it applies then.
     let _arrival = arrival;
-    session::live(shard, socket, accepted, decoder).await;
-    drop(resuming.ticket);
+    session::live(shard, socket, accepted, decoder, resuming.ticket).await;
 }
 
 /// Why the old node did not hand a connection over.

@@ -642,3 +642,34 @@ async fn management_slowloris_is_dropped_and_bodies_are_bounded() {
         .unwrap();
     assert!(read_head(&mut slow).await.starts_with("HTTP/1.1 408"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_from_another_address_takes_the_connections_place_along() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = start(&dir, "max_connections_per_ip = 1\n[api]\nresume = true", "");
+    let addr = gateway.ws_addr();
+    let url = format!("ws://{addr}/dev");
+    let open = |source: [u8; 4], url: String| async move {
+        let stream = connect_from(source, addr).await.unwrap();
+        let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+        tokio_tungstenite::client_async(url, stream).await
+    };
+    let (mut ws, _) = open([127, 0, 0, 2], url.clone()).await.unwrap();
+    let welcome = next_json(&mut ws).await;
+    let token = welcome["resumeToken"].as_str().unwrap().to_owned();
+    drop(ws);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gateway.metric("switchboard_connections_parked").await != 1.0 {
+        assert!(Instant::now() < deadline, "the connection parks");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Parked, it still holds its address's one place.
+    assert!(open([127, 0, 0, 2], url.clone()).await.is_err());
+    // Its client comes back from another address (a phone that changed networks).
+    let resume = format!("{url}?resume={token}&received=0");
+    let (mut resumed, _) = open([127, 0, 0, 3], resume).await.unwrap();
+    assert_eq!(next_json(&mut resumed).await["type"], "resumed");
+    // The place went along: the old address has its place back, the new one's is taken.
+    let (_other, _) = open([127, 0, 0, 2], url.clone()).await.unwrap();
+    assert!(open([127, 0, 0, 3], url).await.is_err());
+}
