@@ -145,11 +145,6 @@ pub(crate) async fn live(
     let expires_at = std::time::Instant::now() + lifetime;
     let connection = Rc::new(Connection::new(id, facts, socket, queue, expires_at));
     connection.admitted_as(ticket);
-    // Moved here from another node: backends know it by the id it was opened with.
-    let arrived = moved_in
-        .is_some()
-        .then(|| connection.facts.connection_id.parse::<ConnectionId>().ok())
-        .flatten();
     let mut rooms = Vec::new();
     if let Some(config) = &gateway.config.api.resume {
         let token = ResumeToken::mint(id);
@@ -181,9 +176,6 @@ pub(crate) async fn live(
     };
     if let Some(cluster) = &gateway.cluster {
         cluster.mirror_opened(crate::cluster::mirror::MirrorRecord::of(&connection.facts));
-        if let Some(original) = arrived {
-            cluster.note_arrived(original, id);
-        }
     }
     shard.record(|changes| changes.upsert(record));
     // A moved connection's rooms first: calls that waited for it (a leave among them)
@@ -200,9 +192,6 @@ pub(crate) async fn live(
 
     connection.admitted_as(None);
     shard.unregister(&connection);
-    if let (Some(cluster), Some(original)) = (&gateway.cluster, arrived) {
-        cluster.note_departed(original, id);
-    }
     gateway
         .metrics
         .connections_active

@@ -358,6 +358,9 @@ const MAX_DEFERRED: usize = 1024;
 struct Held {
     calls: Vec<Deferred>,
     bytes: usize,
+    /// The rooms it brings: their broadcasts are held for it too (this node listens to
+    /// them meanwhile).
+    rooms: Vec<RoomName>,
 }
 
 impl Held {
@@ -447,11 +450,30 @@ impl Shard {
         }
     }
 
+    /// Holds the broadcasts to `rooms` for connection `sequence`, which is moving here
+    /// with them, until it is registered (and a member) or its arrival ends.
+    pub(crate) fn expect_rooms(&self, sequence: u64, rooms: &[RoomName]) {
+        if let Some(held) = self.arriving.borrow_mut().get_mut(&sequence) {
+            if let Some(cluster) = &self.gateway.cluster {
+                for room in rooms {
+                    cluster.member_joined(room);
+                }
+            }
+            held.rooms = rooms.to_vec();
+        }
+    }
+
     /// Applies what waited for connection `sequence`, in order (to it, or as gone).
     fn arrived(self: &Rc<Self>, sequence: u64) {
         let Some(held) = self.arriving.borrow_mut().remove(&sequence) else {
             return;
         };
+        // Registered, it is a member itself by now (or it never will be).
+        if let Some(cluster) = &self.gateway.cluster {
+            for room in &held.rooms {
+                cluster.member_left(room);
+            }
+        }
         for call in held.calls {
             match call {
                 Deferred::Frame(frame) => {
@@ -629,6 +651,18 @@ impl Shard {
             let sent = delivery.unreliable && connection.send_datagram(frame);
             if sent || self.enqueue(connection, frame) {
                 delivered += 1;
+            }
+        }
+        let mut arriving = self.arriving.borrow_mut();
+        if !arriving.is_empty() {
+            let bytes = frame.bytes(Wire::WebSocket).len();
+            let max_bytes = self.gateway.config.limits.outbound_queue_bytes;
+            for (sequence, held) in arriving.iter_mut() {
+                let member = held.rooms.contains(room) && Some(*sequence) != skip;
+                if member && held.has_room(bytes, max_bytes) {
+                    held.hold(Deferred::Frame(frame.clone()), bytes);
+                    delivered += 1;
+                }
             }
         }
         self.gateway.metrics.messages_sent.inc_by(delivered as u64);

@@ -9,9 +9,9 @@
 //! authorizer and `$connect` (`resumed`) and carries the connection on under a local alias,
 //! with the same connectionId in every event; its `resumed` frame brings a new token, since
 //! the old one names the old node. From the moment the old node hands over until the new
-//! node has registered the connection, calls the old node forwards to it wait on the new
-//! node's shard (`Shard::expect`) and apply in order once it is there; a room broadcast in
-//! that window misses it. The old node hands over only well within the asking node's
+//! node has registered the connection, calls the old node forwards to it, and broadcasts
+//! to its rooms, wait on the new node's shard (`Shard::expect`) and apply in order once it
+//! is there. The old node hands over only well within the asking node's
 //! request timeout (or not at all), and never while a DELETE or an overflow is pending; a
 //! forwarding entry lasts as long as the connection could.
 
@@ -163,16 +163,23 @@ pub(crate) async fn move_in(
         drop(arrival);
         return handed_over_unreadable(shard, resuming, &token).await;
     };
+    // Backends know it by the id it was opened with (a broadcast's `exclude`).
+    let _known_here = facts
+        .connection_id
+        .parse()
+        .ok()
+        .map(|original| KnownHere::new(&cluster, original, alias));
     let frames: Vec<Bytes> = moved
         .frames
         .iter()
         .filter_map(|frame| STANDARD.decode(frame).ok().map(Bytes::from))
         .collect();
-    let rooms = moved
+    let rooms: Vec<RoomName> = moved
         .rooms
         .iter()
         .filter_map(|room| RoomName::parse(room).ok())
         .collect();
+    shard.expect_rooms(alias.sequence, &rooms);
     // From here on this node owns the connection: whatever happens, it reports its end.
     let metrics = &shard.gateway.metrics;
     let wire = resuming.answer.wire();
@@ -219,6 +226,30 @@ pub(crate) async fn move_in(
     // Registering the connection ends the arrival: what waited for it applies then.
     let _arrival = arrival;
     session::live(shard, socket, accepted, decoder, resuming.ticket).await;
+}
+
+/// While it lives, this node knows a connection that moved here by its original id.
+struct KnownHere {
+    cluster: Arc<Cluster>,
+    original: ConnectionId,
+    alias: ConnectionId,
+}
+
+impl KnownHere {
+    fn new(cluster: &Arc<Cluster>, original: ConnectionId, alias: ConnectionId) -> Self {
+        cluster.note_arrived(original, alias);
+        Self {
+            cluster: cluster.clone(),
+            original,
+            alias,
+        }
+    }
+}
+
+impl Drop for KnownHere {
+    fn drop(&mut self) {
+        self.cluster.note_departed(self.original, self.alias);
+    }
 }
 
 /// Why the old node did not hand a connection over.

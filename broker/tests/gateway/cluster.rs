@@ -948,27 +948,55 @@ integration = {{ type = "http", url = "{url}/disconnect" }}
         nodes.push(start_node(file).await);
     }
     let (ws, id, token) = open_resumable(&nodes[0].ws_url).await;
+    let member = |room: &str| format!("{}/@rooms/{room}/connections/{id}", nodes[0].api_url);
+    assert_eq!(
+        http().put(member("lobby")).send().await.unwrap().status(),
+        204
+    );
     drop(ws);
     parked_on(&nodes[0], 1.0).await;
     let url = format!("{}?resume={token}&received=0", nodes[1].ws_url);
     let resuming = tokio::spawn(async move { open_and_read_first(&url).await });
-    // Node 1 has handed the connection over; node 2 is still running `$connect`.
+    // Node 1 has handed the connection over; node 2 is still running `$connect` (and
+    // subscribes to the connection's rooms at once).
     parked_on(&nodes[0], 0.0).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     for (through, node) in nodes.iter().enumerate() {
-        let push = post_body(format!("{}/@connections/{id}", node.api_url), "during").await;
+        let push = post_body(format!("{}/@connections/{id}", node.api_url), "pushed").await;
         assert_eq!(push.status(), 200, "a push through node {}", through + 1);
     }
-    let member = format!("{}/@rooms/lobby/connections/{id}", nodes[0].api_url);
-    assert_eq!(http().put(&member).send().await.unwrap().status(), 204);
+    let room = format!("{}/@rooms/lobby", nodes[0].api_url);
+    assert!(
+        post_body(format!("{room}?exclude={id}"), "not to it")
+            .await
+            .status()
+            .is_success()
+    );
+    assert!(
+        post_body(room.clone(), "to the room")
+            .await
+            .status()
+            .is_success()
+    );
+    assert_eq!(
+        http().put(member("kitchen")).send().await.unwrap().status(),
+        204
+    );
     let (mut ws, first) = resuming.await.unwrap();
     assert_eq!(first["type"], "resumed", "{first}");
-    assert_eq!(next_text(&mut ws).await, "during");
-    assert_eq!(next_text(&mut ws).await, "during");
-    // The join that waited for it took effect (and node 2 now listens to the room).
-    wait_for_members(&nodes[0], "lobby", 1).await;
-    let room = format!("{}/@rooms/lobby", nodes[0].api_url);
-    assert!(post_body(room, "to the room").await.status().is_success());
-    assert_eq!(next_text(&mut ws).await, "to the room");
+    for expected in ["pushed", "pushed", "to the room"] {
+        assert_eq!(next_text(&mut ws).await, expected);
+    }
+    // The join that waited for it took effect (and node 2 now listens to that room).
+    wait_for_members(&nodes[0], "kitchen", 1).await;
+    let kitchen = format!("{}/@rooms/kitchen", nodes[0].api_url);
+    assert!(
+        post_body(kitchen, "to the kitchen")
+            .await
+            .status()
+            .is_success()
+    );
+    assert_eq!(next_text(&mut ws).await, "to the kitchen");
     assert!(backend.events("/disconnect").is_empty());
 }
 
