@@ -86,8 +86,9 @@ impl QueueHub {
     /// Reads up to `max` entries of `queue` from `from` on. The management runtime that
     /// serves the API and the push deliverers has one worker, which must not wait for the
     /// writer while it starts a segment (syncing the one before, as slow as the disk): such
-    /// a read goes to a blocking thread. (The others take the entries from the page cache,
-    /// as a rule: a thread hop each would cost push delivery a tenth of its rate.)
+    /// a read goes to a blocking thread. The others read on the worker: the entries are in
+    /// the page cache as a rule, and a thread hop each would cost push delivery a tenth of
+    /// its rate; a read of entries the page cache no longer holds waits for the disk there.
     pub async fn read(&self, queue: &str, from: u64, max: usize) -> Result<Read, StorageError> {
         if let Some(read) = self.log.try_read(queue, from, max) {
             return read;

@@ -190,8 +190,8 @@ pub(crate) async fn live(
     }
     let reason = serve_to_the_end(&shard, &connection, &mut decoder, leftover).await;
 
-    connection.admitted_as(None);
     shard.unregister(&connection);
+    connection.admitted_as(None);
     gateway
         .metrics
         .connections_active

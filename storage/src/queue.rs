@@ -559,7 +559,14 @@ impl Writer {
                 return;
             }
         }
-        self.sync_written();
+        // Every handle is gone: make what was written durable and answer who still waits.
+        match self.policy {
+            FsyncPolicy::Never => {
+                self.sync_written();
+                self.answer(&mut waiting);
+            }
+            _ => self.flush(&mut waiting, 0),
+        }
     }
 
     /// Assigns offsets and writes each queue's share of the batch with one write; returns

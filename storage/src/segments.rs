@@ -632,6 +632,7 @@ impl Segments {
     /// offset the next append gets (none without segments: then nothing was written).
     pub(crate) fn forget_unsynced(&mut self) -> Option<u64> {
         let synced = self.synced;
+        self.sync_lost = false;
         let segment = self.segments.last_mut()?;
         segment.len = synced.len;
         segment.end = synced.end;
@@ -639,7 +640,6 @@ impl Segments {
         segment.index.truncate(synced.indexed);
         self.contexts.retain(|_, at| u64::from(*at) < synced.len);
         self.cut_to = Some(synced.len);
-        self.sync_lost = false;
         if let Err(error) = self.cut_back() {
             tracing::error!(%error, "cannot cut the queue segment back yet; retried before the next write");
         }
@@ -724,6 +724,7 @@ impl Segments {
                 self.writer = None;
                 self.contexts.clear();
                 self.cut_to = None;
+                self.sync_lost = false;
             }
         }
         freed

@@ -96,12 +96,17 @@ pub(crate) async fn move_out(
     // The asking node gives up after `cluster.request_timeout_ms`: hand over only well
     // within it (counting from when it asked), or the connection would be forgotten here
     // with no one carrying it on.
-    // (At most half of it, so that nodes whose clocks disagree still move sessions.)
-    let half = cluster.config.request_timeout / 2;
-    let waited = request.sent_at_ms.map_or(Duration::ZERO, |sent| {
-        Duration::from_millis(crate::clock::now_ms().saturating_sub(sent))
-    });
-    let budget = half.saturating_sub(waited.min(half / 2));
+    // (A wait longer than the asker's whole timeout is clocks that disagree, not a wait.)
+    let timeout = cluster.config.request_timeout;
+    let waited = request
+        .sent_at_ms
+        .map(|sent| Duration::from_millis(crate::clock::now_ms().saturating_sub(sent)))
+        .filter(|waited| *waited <= timeout)
+        .unwrap_or_default();
+    let budget = (timeout / 2).saturating_sub(waited);
+    if budget.is_zero() {
+        return Err(Refusal::Unknown);
+    }
     let deadline = std::time::Instant::now() + budget;
     let token = ResumeToken { id, secret };
     let guard = claim(&shard, &token, request.received, None, budget).await?;
