@@ -930,16 +930,7 @@ async fn calls_during_a_move_wait_for_the_connection_instead_of_finding_it_gone(
     let backend = Backend::start().await;
     // `$connect` takes a second over resumes: a window in which the old node has let go of
     // the connection and the new one has not registered it yet.
-    let routes = format!(
-        r#"[api]
-resume = true
-[routes."$connect"]
-integration = {{ type = "http", url = "{url}/slow-resumed" }}
-[routes."$disconnect"]
-integration = {{ type = "http", url = "{url}/disconnect" }}
-"#,
-        url = backend.url
-    );
+    let routes = crate::resume::slow_resume_config(&backend, 60);
     let files: Vec<NodeFiles> = (1..=2)
         .map(|id| node_files_with_routes(id, &[server.url()], &routes))
         .collect();

@@ -341,7 +341,7 @@ async fn resume_is_off_by_default_and_nothing_changes() {
 }
 
 /// A config whose `$connect` takes a second over resumes.
-fn slow_resume_config(backend: &Backend, window_secs: u64) -> String {
+pub(crate) fn slow_resume_config(backend: &Backend, window_secs: u64) -> String {
     format!(
         r#"
 [api]
