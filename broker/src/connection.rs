@@ -52,6 +52,9 @@ pub struct Connection {
     superseded: Cell<bool>,
     /// The secret of its resume token, if resumable.
     resume_secret: OnceCell<Secret>,
+    /// The secrets of the tokens it had on the nodes it moved here from: a client that lost
+    /// the `resumed` frame of a move still holds one of them.
+    earlier_secrets: OnceCell<Box<[Secret]>>,
     /// Set when a resume attached a new socket: the bytes its client sent after the
     /// request head. Taken by the parked session, which then serves again.
     resumed: RefCell<Option<Vec<u8>>>,
@@ -101,6 +104,7 @@ impl Connection {
             resuming: Cell::new(false),
             superseded: Cell::new(false),
             resume_secret: OnceCell::new(),
+            earlier_secrets: OnceCell::new(),
             resumed: RefCell::new(None),
             dirty: Cell::new(false),
             expires_at,
@@ -235,9 +239,25 @@ impl Connection {
             .keep_for_resend(config.buffer_frames, config.buffer_bytes);
     }
 
-    /// Whether `token` is this connection's resume token.
+    /// Accepts the tokens it had before it moved here, besides its own.
+    pub(crate) fn accept_earlier(&self, secrets: Vec<Secret>) {
+        let _ = self.earlier_secrets.set(secrets.into_boxed_slice());
+    }
+
+    /// Whether `token` is this connection's resume token (or one it had before a move,
+    /// which names it by its id here).
     pub(crate) fn is_resumed_by(&self, token: &ResumeToken) -> bool {
-        token.id == self.id && self.resume_secret.get().is_some_and(|s| token.proves(s))
+        token.id == self.id && self.secrets().any(|secret| token.proves(secret))
+    }
+
+    /// The secrets of the tokens that resume it: its own, then those from before moves.
+    pub(crate) fn secrets(&self) -> impl Iterator<Item = &Secret> {
+        let earlier = self
+            .earlier_secrets
+            .get()
+            .map(|s| &s[..])
+            .unwrap_or_default();
+        self.resume_secret.get().into_iter().chain(earlier)
     }
 
     pub(crate) fn is_resumable(&self) -> bool {
@@ -298,7 +318,14 @@ impl Connection {
             return Err(RewindError::NotKept);
         }
         let replayed = self.outbound.borrow_mut().rewind(received)?;
-        let resumed = resume::resumed_frame(&self.facts.connection_id, replayed, None);
+        // A connection that moved here names its token here: its client may still hold
+        // one from before the move.
+        let token = self.earlier_secrets.get().and(self.resume_secret.get());
+        let token = token.map(|secret| ResumeToken {
+            id: self.id,
+            secret: *secret,
+        });
+        let resumed = resume::resumed_frame(&self.facts.connection_id, replayed, token.as_ref());
         self.outbound
             .borrow_mut()
             .push_front(outbound::shared(resumed));

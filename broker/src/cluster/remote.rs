@@ -278,8 +278,10 @@ async fn answer(cluster: &Cluster, message: &async_nats::Message) -> (u16, Bytes
     let room = header(message, ROOM).and_then(|r| RoomName::parse(r).ok());
     let (status, body) = answer_locally(op, id, shard, room.clone(), &message.payload).await;
     match cluster.moved_to(text) {
-        // Its client resumed on another node: the call goes on there.
-        Some(alias) if status == 410 && op != Op::Move => {
+        // Its client resumed on another node: the call goes on there (a move too: a
+        // client that missed the `resumed` frame of the last one comes back with this
+        // node's token, which the connection still accepts).
+        Some(alias) if status == 410 => {
             let room = room.as_ref().map(RoomName::as_str);
             let alias_text = alias.to_string();
             let forwarded = cluster

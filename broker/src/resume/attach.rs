@@ -132,6 +132,7 @@ pub(crate) async fn resume(shard: Rc<Shard>, resuming: Resuming) {
         ResumeRequest::Malformed => return open_new(shard, resuming, Refusal::Unknown).await,
     };
     let gateway = &shard.gateway;
+    let token = where_it_lives(gateway.cluster.as_deref(), token);
     if token.id.node != gateway.config.server.node_id {
         // Another node's: in a cluster, the session moves here.
         return match gateway.cluster.clone() {
@@ -176,6 +177,18 @@ pub(crate) async fn resume(shard: Rc<Shard>, resuming: Resuming) {
         return;
     }
     resume_here(shard, resuming, &token, received).await;
+}
+
+/// `token` naming its connection by the id it has now, if this node knows it moved: here
+/// (the token is from before the move that brought it, and names the node it left) or away
+/// from here (the token is from this node; the session lives on elsewhere).
+fn where_it_lives(cluster: Option<&crate::cluster::Cluster>, token: ResumeToken) -> ResumeToken {
+    let Some(cluster) = cluster else {
+        return token;
+    };
+    let here = cluster.here_as(token.id);
+    let id = cluster.moved_to(&here.to_string()).unwrap_or(here);
+    ResumeToken { id, ..token }
 }
 
 /// Continues a resume another shard handed over.

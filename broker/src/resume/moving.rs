@@ -29,7 +29,7 @@ use crate::cluster::remote::Op;
 use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
 use crate::resume::attach::{Resuming, claim, forget_token, open_new};
-use crate::resume::{Refusal, ResumeToken};
+use crate::resume::{Refusal, ResumeToken, Secret};
 use crate::rooms::RoomName;
 use crate::session::{self, Accepted};
 use crate::shard::Shard;
@@ -60,6 +60,10 @@ pub struct MovedOut {
     /// `limits.max_connection_secs`); absent from nodes that predate it.
     #[serde(default)]
     pub lifetime_left_ms: Option<u64>,
+    /// The secrets of the tokens that resumed it there (base64): its client may not have
+    /// read the `resumed` frame with the new one.
+    #[serde(default)]
+    pub secrets: Vec<String>,
 }
 
 /// What a connection brings from the node it left.
@@ -68,6 +72,7 @@ pub struct MovedIn {
     pub frames: Vec<Bytes>,
     pub rooms: Vec<RoomName>,
     pub lifetime_left: Option<std::time::Duration>,
+    pub earlier_secrets: Vec<Secret>,
 }
 
 /// On the old node, on the shard that owns connection `id`: checks the request as a local
@@ -78,10 +83,9 @@ pub(crate) async fn move_out(
     id: ConnectionId,
     request: MoveRequest,
 ) -> Result<MovedOut, Refusal> {
-    let mut secret = [0u8; 16];
-    if STANDARD.decode_slice(&request.secret, &mut secret) != Ok(secret.len()) {
+    let Some(secret) = decode_secret(&request.secret) else {
         return Err(Refusal::Unknown);
-    }
+    };
     let alias: ConnectionId = request.alias.parse().map_err(|_| Refusal::Unknown)?;
     let (Some(cluster), Some(config)) = (
         shard.gateway.cluster.clone(),
@@ -138,6 +142,7 @@ pub(crate) async fn move_out(
         rooms: rooms.iter().map(|room| room.as_str().to_owned()).collect(),
         frames: frames.iter().map(|frame| STANDARD.encode(frame)).collect(),
         lifetime_left_ms: Some(u64::try_from(lifetime_left.as_millis()).unwrap_or(u64::MAX)),
+        secrets: connection.secrets().map(|s| STANDARD.encode(s)).collect(),
     })
 }
 
@@ -225,6 +230,11 @@ pub(crate) async fn move_in(
             frames,
             rooms,
             lifetime_left: moved.lifetime_left_ms.map(std::time::Duration::from_millis),
+            earlier_secrets: moved
+                .secrets
+                .iter()
+                .filter_map(|s| decode_secret(s))
+                .collect(),
         })),
     };
     let decoder = session::decoder_for(&shard, wire);
@@ -255,6 +265,12 @@ impl Drop for KnownHere {
     fn drop(&mut self) {
         self.cluster.note_departed(self.original, self.alias);
     }
+}
+
+/// A token's secret as sent between nodes (base64).
+fn decode_secret(text: &str) -> Option<Secret> {
+    let mut secret = Secret::default();
+    (STANDARD.decode_slice(text, &mut secret) == Ok(secret.len())).then_some(secret)
 }
 
 /// Why the old node did not hand a connection over.

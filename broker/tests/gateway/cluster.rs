@@ -992,6 +992,42 @@ async fn calls_during_a_move_wait_for_the_connection_instead_of_finding_it_gone(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_missed_the_resumed_frame_of_a_move_resumes_with_its_old_token() {
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let extra = "[api]\nresume = true\n";
+    let (nodes, _files) = start_nodes(&[server.url()], &backend, extra).await;
+    let (ws, id, old_token) = open_resumable(&nodes[0].ws_url).await;
+    drop(ws);
+    parked_on(&nodes[0], 1.0).await;
+    // It moves to node 2, but the socket is lost before the client reads the answer (it
+    // carries a new token); each time after that the client comes back with the token it
+    // has: to node 2 (where the session is), to node 3 (which asks node 1, which passes the
+    // request on), then to node 1 (which knows where the session went).
+    let mut parked = 0;
+    for (received, to) in [1, 1, 2, 0].into_iter().enumerate() {
+        let url = format!(
+            "{}?resume={old_token}&received={received}",
+            nodes[to].ws_url
+        );
+        let (mut ws, first) = open_and_read_first(&url).await;
+        assert_eq!(first["type"], "resumed", "on node {}: {first}", to + 1);
+        assert_eq!(first["connectionId"], id.as_str());
+        let push = format!("{}/@connections/{id}", nodes[0].api_url);
+        assert_eq!(post_body(push, "here").await.status(), 200);
+        assert_eq!(next_text(&mut ws).await, "here");
+        drop(ws);
+        if parked != to {
+            parked_on(&nodes[parked], 0.0).await;
+        }
+        parked_on(&nodes[to], 1.0).await;
+        parked = to;
+    }
+    assert!(backend.events("/disconnect").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_on_another_node_takes_over_a_socket_that_still_looks_alive() {
     let Some(binary) = nats::binary() else { return };
     let server = NatsServer::start(&binary);
