@@ -52,9 +52,9 @@ pub struct Connection {
     superseded: Cell<bool>,
     /// The secret of its resume token, if resumable.
     resume_secret: OnceCell<Secret>,
-    /// The secrets of the tokens it had on the nodes it moved here from: a client that lost
-    /// the `resumed` frame of a move still holds one of them.
-    earlier_secrets: OnceCell<Box<[Secret]>>,
+    /// What it was known by on the nodes it moved here from: a client that lost the
+    /// `resumed` frame of a move still holds a token from one of them.
+    earlier: OnceCell<Box<Earlier>>,
     /// Set when a resume attached a new socket: the bytes its client sent after the
     /// request head. Taken by the parked session, which then serves again.
     resumed: RefCell<Option<Vec<u8>>>,
@@ -90,6 +90,13 @@ pub struct Connection {
     admission: RefCell<Option<AdmissionTicket>>,
 }
 
+/// What a connection that moved here was known by on the nodes it left.
+#[derive(Debug, Default)]
+pub(crate) struct Earlier {
+    pub(crate) ids: Vec<ConnectionId>,
+    pub(crate) secrets: Vec<Secret>,
+}
+
 impl Connection {
     pub fn new(
         id: ConnectionId,
@@ -104,7 +111,7 @@ impl Connection {
             resuming: Cell::new(false),
             superseded: Cell::new(false),
             resume_secret: OnceCell::new(),
-            earlier_secrets: OnceCell::new(),
+            earlier: OnceCell::new(),
             resumed: RefCell::new(None),
             dirty: Cell::new(false),
             expires_at,
@@ -240,8 +247,13 @@ impl Connection {
     }
 
     /// Accepts the tokens it had before it moved here, besides its own.
-    pub(crate) fn accept_earlier(&self, secrets: Vec<Secret>) {
-        let _ = self.earlier_secrets.set(secrets.into_boxed_slice());
+    pub(crate) fn accept_earlier(&self, earlier: Earlier) {
+        let _ = self.earlier.set(Box::new(earlier));
+    }
+
+    /// The ids it had on the nodes it moved here from, oldest first.
+    pub(crate) fn earlier_ids(&self) -> &[ConnectionId] {
+        self.earlier.get().map(|e| &e.ids[..]).unwrap_or_default()
     }
 
     /// Whether `token` is this connection's resume token (or one it had before a move,
@@ -253,9 +265,9 @@ impl Connection {
     /// The secrets of the tokens that resume it: its own, then those from before moves.
     pub(crate) fn secrets(&self) -> impl Iterator<Item = &Secret> {
         let earlier = self
-            .earlier_secrets
+            .earlier
             .get()
-            .map(|s| &s[..])
+            .map(|e| &e.secrets[..])
             .unwrap_or_default();
         self.resume_secret.get().into_iter().chain(earlier)
     }
@@ -320,7 +332,7 @@ impl Connection {
         let replayed = self.outbound.borrow_mut().rewind(received)?;
         // A connection that moved here names its token here: its client may still hold
         // one from before the move.
-        let token = self.earlier_secrets.get().and(self.resume_secret.get());
+        let token = self.earlier.get().and(self.resume_secret.get());
         let token = token.map(|secret| ResumeToken {
             id: self.id,
             secret: *secret,

@@ -159,7 +159,7 @@ pub(crate) async fn live(
             .push_unbounded(outbound::shared(first));
         connection.make_resumable(&token, config);
         if let Some(moved) = moved_in {
-            connection.accept_earlier(moved.earlier_secrets);
+            connection.accept_earlier(moved.earlier);
             let mut queue = connection.outbound().borrow_mut();
             queue.continue_count_after(moved.received);
             for frame in moved.frames {

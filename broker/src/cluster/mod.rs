@@ -124,6 +124,16 @@ impl Cluster {
         }
     }
 
+    /// Notes that a local connection that moved away moved on from there to `alias` (a
+    /// move this node passed on), keeping how long it could live.
+    pub fn note_moved_on(&self, connection_id: &str, alias: ConnectionId) {
+        if let Ok(mut moved) = self.moved.lock()
+            && let Some(entry) = moved.entries.get_mut(connection_id)
+        {
+            entry.0 = alias;
+        }
+    }
+
     /// Notes that connection `original` lives here now, as `alias`.
     pub fn note_arrived(&self, original: ConnectionId, alias: ConnectionId) {
         if let Ok(mut arrived) = self.arrived.lock() {

@@ -18,6 +18,7 @@ use super::Cluster;
 use crate::clock;
 use crate::connection_id::ConnectionId;
 use crate::fanout::{self, FanoutPlan};
+use crate::resume::moving::MoveRequest;
 use crate::rooms::RoomName;
 
 /// Requests a node works on at once; more wait (NATS buffers them).
@@ -288,7 +289,16 @@ async fn answer(cluster: &Cluster, message: &async_nats::Message) -> (u16, Bytes
                 .call(alias.node, op, &alias_text, room, message.payload.clone())
                 .await;
             match forwarded {
-                Ok(reply) => (reply.status, reply.body),
+                Ok(reply) => {
+                    if op == Op::Move && reply.status == 200 {
+                        // Forward straight to where it went from now on, not along the chain.
+                        let request = serde_json::from_slice::<MoveRequest>(&message.payload);
+                        if let Some(moved_to) = request.ok().and_then(|r| r.alias.parse().ok()) {
+                            cluster.note_moved_on(text, moved_to);
+                        }
+                    }
+                    (reply.status, reply.body)
+                }
                 Err(_) => GONE,
             }
         }

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::Cluster;
 use crate::cluster::remote::Op;
+use crate::connection::Earlier;
 use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
 use crate::resume::attach::{Resuming, claim, forget_token, open_new};
@@ -64,6 +65,9 @@ pub struct MovedOut {
     /// read the `resumed` frame with the new one.
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// The ids those tokens name: its id there and on the nodes before, oldest first.
+    #[serde(default)]
+    pub ids: Vec<String>,
 }
 
 /// What a connection brings from the node it left.
@@ -72,7 +76,7 @@ pub struct MovedIn {
     pub frames: Vec<Bytes>,
     pub rooms: Vec<RoomName>,
     pub lifetime_left: Option<std::time::Duration>,
-    pub earlier_secrets: Vec<Secret>,
+    pub(crate) earlier: Earlier,
 }
 
 /// On the old node, on the shard that owns connection `id`: checks the request as a local
@@ -143,6 +147,10 @@ pub(crate) async fn move_out(
         frames: frames.iter().map(|frame| STANDARD.encode(frame)).collect(),
         lifetime_left_ms: Some(u64::try_from(lifetime_left.as_millis()).unwrap_or(u64::MAX)),
         secrets: connection.secrets().map(|s| STANDARD.encode(s)).collect(),
+        ids: (connection.earlier_ids().iter())
+            .chain([&connection.id])
+            .map(ConnectionId::to_string)
+            .collect(),
     })
 }
 
@@ -173,12 +181,16 @@ pub(crate) async fn move_in(
         drop(arrival);
         return handed_over_unreadable(shard, resuming, &token).await;
     };
-    // Backends know it by the id it was opened with (a broadcast's `exclude`).
-    let _known_here = facts
-        .connection_id
-        .parse()
-        .ok()
-        .map(|original| KnownHere::new(&cluster, original, alias));
+    // Backends know it by the id it was opened with (a broadcast's `exclude`), its client's
+    // tokens by the ids it had on the nodes it left.
+    let earlier_ids: Vec<ConnectionId> =
+        moved.ids.iter().filter_map(|id| id.parse().ok()).collect();
+    let original = facts.connection_id.parse().ok();
+    let known: Vec<ConnectionId> = (earlier_ids.iter().copied())
+        .chain(original)
+        .chain([token.id])
+        .collect();
+    let _known_here = KnownHere::new(&cluster, known, alias);
     let frames: Vec<Bytes> = moved
         .frames
         .iter()
@@ -230,11 +242,12 @@ pub(crate) async fn move_in(
             frames,
             rooms,
             lifetime_left: moved.lifetime_left_ms.map(std::time::Duration::from_millis),
-            earlier_secrets: moved
-                .secrets
-                .iter()
-                .filter_map(|s| decode_secret(s))
-                .collect(),
+            earlier: Earlier {
+                ids: earlier_ids,
+                secrets: (moved.secrets.iter())
+                    .filter_map(|s| decode_secret(s))
+                    .collect(),
+            },
         })),
     };
     let decoder = session::decoder_for(&shard, wire);
@@ -243,19 +256,21 @@ pub(crate) async fn move_in(
     session::live(shard, socket, accepted, decoder, resuming.ticket).await;
 }
 
-/// While it lives, this node knows a connection that moved here by its original id.
+/// While it lives, this node knows a connection that moved here by the ids it had before.
 struct KnownHere {
     cluster: Arc<Cluster>,
-    original: ConnectionId,
+    earlier: Vec<ConnectionId>,
     alias: ConnectionId,
 }
 
 impl KnownHere {
-    fn new(cluster: &Arc<Cluster>, original: ConnectionId, alias: ConnectionId) -> Self {
-        cluster.note_arrived(original, alias);
+    fn new(cluster: &Arc<Cluster>, earlier: Vec<ConnectionId>, alias: ConnectionId) -> Self {
+        for id in &earlier {
+            cluster.note_arrived(*id, alias);
+        }
         Self {
             cluster: cluster.clone(),
-            original,
+            earlier,
             alias,
         }
     }
@@ -263,7 +278,9 @@ impl KnownHere {
 
 impl Drop for KnownHere {
     fn drop(&mut self) {
-        self.cluster.note_departed(self.original, self.alias);
+        for id in &self.earlier {
+            self.cluster.note_departed(*id, self.alias);
+        }
     }
 }
 

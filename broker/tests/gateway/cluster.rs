@@ -1024,6 +1024,21 @@ async fn a_client_that_missed_the_resumed_frame_of_a_move_resumes_with_its_old_t
         parked_on(&nodes[to], 1.0).await;
         parked = to;
     }
+    // A token from a node in the middle of its path works too: the client reads the token
+    // of a move to node 2, misses the one of a move on to node 3, and comes back to node 3.
+    let resume_on =
+        |node: usize, token: &str| format!("{}?resume={token}&received=4", nodes[node].ws_url);
+    let (ws, first) = open_and_read_first(&resume_on(1, &old_token)).await;
+    let middle_token = first["resumeToken"].as_str().unwrap().to_owned();
+    drop(ws);
+    parked_on(&nodes[1], 1.0).await;
+    let (ws, first) = open_and_read_first(&resume_on(2, &middle_token)).await;
+    assert_eq!(first["type"], "resumed", "{first}");
+    drop(ws);
+    parked_on(&nodes[2], 1.0).await;
+    let (_ws, first) = open_and_read_first(&resume_on(2, &middle_token)).await;
+    assert_eq!(first["type"], "resumed", "{first}");
+    assert_eq!(first["connectionId"], id.as_str());
     assert!(backend.events("/disconnect").is_empty());
 }
 
