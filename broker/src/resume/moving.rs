@@ -10,7 +10,7 @@
 //! with the same connectionId in every event; its `resumed` frame brings a new token, since
 //! the old one names the old node. From the moment the old node hands over until the new
 //! node has registered the connection, calls the old node forwards to it, and broadcasts
-//! to its rooms, wait on the new node's shard (`Shard::expect`) and apply in order once it
+//! to its rooms, wait on the new node's shard (`shard/arrivals.rs`) and apply in order once it
 //! is there. The old node hands over only well within the asking node's
 //! request timeout (or not at all), and never while a DELETE or an overflow is pending; a
 //! forwarding entry lasts as long as the connection could.

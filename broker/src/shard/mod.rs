@@ -6,6 +6,8 @@
 //! management API reaches a connection by sending a [`ShardCommand`] to the shard that the
 //! connectionId names.
 
+mod arrivals;
+
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
@@ -31,6 +33,7 @@ use crate::resume::{self, ResumeToken};
 use crate::rooms::{RoomIndex, RoomName};
 use crate::session;
 use crate::transport::webtransport::HandshakeSlot;
+use arrivals::{Deferred, Held};
 
 /// Commands waiting for a shard beyond this make the sender wait (backpressure on the
 /// management API, never unbounded memory).
@@ -335,58 +338,6 @@ pub struct Shard {
     pub shutdown: CancellationToken,
 }
 
-/// A call for a connection that is still arriving, applied once it is registered (or
-/// found gone if it never is).
-enum Deferred {
-    /// A push already answered (and counted) as delivered.
-    Frame(SharedFrame),
-    /// A call whose caller waits for the answer.
-    Command(ShardCommand),
-}
-
-/// Where the reply of a call answered already goes: nowhere.
-fn unanswered<T>() -> oneshot::Sender<T> {
-    oneshot::channel().0
-}
-
-/// Most calls held for one arriving connection; past it (or past its outbound queue's
-/// bytes) they are answered as gone.
-const MAX_DEFERRED: usize = 1024;
-
-/// The calls held for one arriving connection, and the bytes of their frames.
-#[derive(Default)]
-struct Held {
-    calls: Vec<Deferred>,
-    bytes: usize,
-    /// The rooms it brings: their broadcasts are held for it too (this node listens to
-    /// them meanwhile).
-    rooms: Vec<RoomName>,
-}
-
-impl Held {
-    fn has_room(&self, bytes: usize, max_bytes: usize) -> bool {
-        self.calls.len() < MAX_DEFERRED && self.bytes + bytes <= max_bytes
-    }
-
-    fn hold(&mut self, call: Deferred, bytes: usize) {
-        self.bytes += bytes;
-        self.calls.push(call);
-    }
-}
-
-/// Ends an arrival when dropped: what waited for a connection that never registered is
-/// answered as gone.
-pub(crate) struct Arrival {
-    shard: Rc<Shard>,
-    sequence: u64,
-}
-
-impl Drop for Arrival {
-    fn drop(&mut self) {
-        self.shard.arrived(self.sequence);
-    }
-}
-
 /// Why a resumable connection ended, for a client that comes back after it did.
 struct Unresumable {
     secret: resume::Secret,
@@ -438,116 +389,6 @@ impl Shard {
         let sequence = connection.id.sequence;
         self.connections.borrow_mut().insert(sequence, connection);
         self.arrived(sequence);
-    }
-
-    /// Holds the calls for connection `sequence`, which is moving here, until it is
-    /// registered or the returned arrival is dropped.
-    pub(crate) fn expect(self: &Rc<Self>, sequence: u64) -> Arrival {
-        self.arriving.borrow_mut().insert(sequence, Held::default());
-        Arrival {
-            shard: self.clone(),
-            sequence,
-        }
-    }
-
-    /// Holds the broadcasts to `rooms` for connection `sequence`, which is moving here
-    /// with them, until it is registered (and a member) or its arrival ends.
-    pub(crate) fn expect_rooms(&self, sequence: u64, rooms: &[RoomName]) {
-        if let Some(held) = self.arriving.borrow_mut().get_mut(&sequence) {
-            if let Some(cluster) = &self.gateway.cluster {
-                for room in rooms {
-                    cluster.member_joined(room);
-                }
-            }
-            held.rooms = rooms.to_vec();
-        }
-    }
-
-    /// Applies what waited for connection `sequence`, in order (to it, or as gone).
-    fn arrived(self: &Rc<Self>, sequence: u64) {
-        let Some(held) = self.arriving.borrow_mut().remove(&sequence) else {
-            return;
-        };
-        // Registered, it is a member itself by now (or it never will be).
-        if let Some(cluster) = &self.gateway.cluster {
-            for room in &held.rooms {
-                cluster.member_left(room);
-            }
-        }
-        for call in held.calls {
-            match call {
-                Deferred::Frame(frame) => {
-                    if let Ok(connection) = self.connection(sequence) {
-                        self.enqueue(&connection, &frame);
-                    }
-                }
-                Deferred::Command(command) => self.apply(command),
-            }
-        }
-        self.work_needed.notify_one();
-    }
-
-    /// Holds `command` if it is for a connection that is still arriving; gives it back
-    /// otherwise. A push, a join, a leave and a DELETE are answered at once, as if
-    /// applied: the old node that forwarded them waits only its request timeout, and must
-    /// not be told the connection is gone. A GET waits for the answer.
-    fn defer(&self, command: ShardCommand) -> Option<ShardCommand> {
-        let Some(sequence) = command.sequence() else {
-            return Some(command);
-        };
-        let mut arriving = self.arriving.borrow_mut();
-        let Some(held) = arriving.get_mut(&sequence) else {
-            return Some(command);
-        };
-        let bytes = match &command {
-            ShardCommand::Send { frame, .. } => frame.len(),
-            _ => 0,
-        };
-        let max_bytes = self.gateway.config.limits.outbound_queue_bytes;
-        if !held.has_room(bytes, max_bytes) || self.connections.borrow().contains_key(&sequence) {
-            return Some(command);
-        }
-        let call = match command {
-            ShardCommand::Send { frame, reply, .. } => {
-                self.gateway.metrics.messages_sent.inc();
-                let _ = reply.send(Ok(()));
-                Deferred::Frame(outbound::shared(frame))
-            }
-            ShardCommand::Join {
-                sequence,
-                room,
-                reply,
-            } => {
-                let _ = reply.send(Ok(Ok(())));
-                Deferred::Command(ShardCommand::Join {
-                    sequence,
-                    room,
-                    reply: unanswered(),
-                })
-            }
-            ShardCommand::Leave {
-                sequence,
-                room,
-                reply,
-            } => {
-                let _ = reply.send(Ok(()));
-                Deferred::Command(ShardCommand::Leave {
-                    sequence,
-                    room,
-                    reply: unanswered(),
-                })
-            }
-            ShardCommand::Disconnect { sequence, reply } => {
-                let _ = reply.send(Ok(()));
-                Deferred::Command(ShardCommand::Disconnect {
-                    sequence,
-                    reply: unanswered(),
-                })
-            }
-            command => Deferred::Command(command),
-        };
-        held.hold(call, bytes);
-        None
     }
 
     /// Forgets a closed connection and its room memberships.
@@ -658,7 +499,7 @@ impl Shard {
             let bytes = frame.bytes(Wire::WebSocket).len();
             let max_bytes = self.gateway.config.limits.outbound_queue_bytes;
             for (sequence, held) in arriving.iter_mut() {
-                let member = held.rooms.contains(room) && Some(*sequence) != skip;
+                let member = held.brings(room) && Some(*sequence) != skip;
                 if member && held.has_room(bytes, max_bytes) {
                     held.hold(Deferred::Frame(frame.clone()), bytes);
                     delivered += 1;
