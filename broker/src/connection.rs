@@ -276,10 +276,6 @@ impl Connection {
         self.resume_secret.get().is_some()
     }
 
-    pub(crate) fn resume_secret(&self) -> Option<Secret> {
-        self.resume_secret.get().copied()
-    }
-
     /// A resume handshake for it is running: its window does not run out meanwhile.
     pub(crate) fn set_resuming(&self, resuming: bool) {
         self.resuming.set(resuming);

@@ -97,6 +97,10 @@ pub(crate) async fn move_out(
     ) else {
         return Err(Refusal::Unknown);
     };
+    let token = ResumeToken { id, secret };
+    // One that ended says how (asked by a client whose token is from before it moved
+    // here, through the node it left: perhaps from this very node).
+    shard.resumable(&token)?;
     if alias.node == cluster.node_id {
         // A connection moves to another node, never onto this one's ids.
         return Err(Refusal::Unknown);
@@ -116,7 +120,6 @@ pub(crate) async fn move_out(
         return Err(Refusal::Unknown);
     }
     let deadline = std::time::Instant::now() + budget;
-    let token = ResumeToken { id, secret };
     let guard = claim(&shard, &token, request.received, None, budget).await?;
     let connection = guard.0.clone();
     if std::time::Instant::now() >= deadline || connection.close_requested() {

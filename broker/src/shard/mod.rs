@@ -340,7 +340,8 @@ pub struct Shard {
 
 /// Why a resumable connection ended, for a client that comes back after it did.
 struct Unresumable {
-    secret: resume::Secret,
+    /// The secrets of the tokens that resumed it (more than one if it moved here).
+    secrets: Box<[resume::Secret]>,
     refusal: resume::Refusal,
     until: std::time::Instant,
 }
@@ -356,24 +357,25 @@ impl Shard {
             };
         }
         match self.unresumable.borrow().get(&token.id.sequence) {
-            Some(ended) if token.proves(&ended.secret) => Err(ended.refusal),
+            Some(ended) if ended.secrets.iter().any(|s| token.proves(s)) => Err(ended.refusal),
             _ => Err(resume::Refusal::Unknown),
         }
     }
 
     /// Remembers that a resumable connection ended for `refusal`, for one resume window.
     pub(crate) fn note_unresumable(&self, connection: &Connection, refusal: resume::Refusal) {
-        let (Some(secret), Some(config)) = (
-            connection.resume_secret(),
-            self.gateway.config.api.resume.as_ref(),
-        ) else {
+        let secrets: Box<[resume::Secret]> = connection.secrets().copied().collect();
+        let Some(config) = self.gateway.config.api.resume.as_ref() else {
             return;
         };
+        if secrets.is_empty() {
+            return;
+        }
         let until = std::time::Instant::now() + config.window;
         self.unresumable.borrow_mut().insert(
             connection.id.sequence,
             Unresumable {
-                secret,
+                secrets,
                 refusal,
                 until,
             },

@@ -1043,6 +1043,27 @@ async fn a_client_that_missed_the_resumed_frame_of_a_move_resumes_with_its_old_t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_token_of_a_moved_session_that_ran_out_learns_it_expired() {
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let extra = "[api]\nresume = true\nresume_window_secs = 1\n";
+    let (nodes, _files) = start_nodes(&[server.url()], &backend, extra).await;
+    let (ws, id, old_token) = open_resumable(&nodes[0].ws_url).await;
+    drop(ws);
+    parked_on(&nodes[0], 1.0).await;
+    // It moves to node 2; the client misses the new token and stays away too long.
+    let url = format!("{}?resume={old_token}&received=0", nodes[1].ws_url);
+    let (ws, first) = open_and_read_first(&url).await;
+    assert_eq!(first["type"], "resumed", "{first}");
+    drop(ws);
+    disconnect_event(&backend, &id).await;
+    let (_ws, welcome) = open_and_read_first(&url).await;
+    assert_eq!(welcome["resumed"], false, "{welcome}");
+    assert_eq!(welcome["reason"], "expired", "{welcome}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_on_another_node_takes_over_a_socket_that_still_looks_alive() {
     let Some(binary) = nats::binary() else { return };
     let server = NatsServer::start(&binary);
