@@ -597,8 +597,7 @@ pub(crate) async fn accept_new(
     let (id, facts, protocol) = match connect(shard, peer, user_agent, host, request).await {
         Ok(connected) => connected,
         Err(refused) => {
-            count_handshake(shard, refused.result, wire);
-            answer.refuse(refused.status, &refused.body, timeout).await;
+            answer.refuse(shard, refused).await;
             return None;
         }
     };
@@ -641,16 +640,19 @@ impl Answer {
         }
     }
 
-    /// Refuses with `status` and `body` (a WebTransport session can only be told 429 or
-    /// 403) and lets go of the client, which gets `timeout` to take the answer.
-    pub(crate) async fn refuse(self, status: u16, body: &[u8], timeout: Duration) {
+    /// Counts the handshake as `refused` says, answers with its status and body (a
+    /// WebTransport session can only be told 429 or 403) and lets go of the client, which
+    /// gets the handshake timeout to take the answer.
+    pub(crate) async fn refuse(self, shard: &Shard, refused: Refused) {
+        count_handshake(shard, refused.result, self.wire());
+        let timeout = shard.gateway.config.limits.handshake_timeout;
         match self {
             Self::WebSocket { socket, .. } => {
-                let response = handshake::error_response(status, body);
+                let response = handshake::error_response(refused.status, &refused.body);
                 let _ = tokio::time::timeout(timeout, socket.write_all(&response)).await;
                 socket.shutdown_write();
             }
-            Self::WebTransport { request, .. } => match status {
+            Self::WebTransport { request, .. } => match refused.status {
                 429 => request.too_many_requests().await,
                 _ => request.forbidden().await,
             },

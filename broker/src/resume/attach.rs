@@ -234,14 +234,10 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
         Ok(protocol) => protocol,
         Err(refused) => {
             metrics.resumes.with_label_values(&["refused"]).inc();
-            session::count_handshake(&shard, refused.result, wire);
             connection.request_close(DisconnectReason::ResumeRefused);
             // The connection ends now, whatever the client does with the answer.
             drop(guard);
-            resuming
-                .answer
-                .refuse(refused.status, &refused.body, timeout)
-                .await;
+            resuming.answer.refuse(&shard, refused).await;
             return;
         }
     };

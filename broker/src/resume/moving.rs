@@ -216,12 +216,8 @@ pub(crate) async fn move_in(
         Err(refused) => {
             drop(arrival);
             metrics.resumes.with_label_values(&["refused"]).inc();
-            session::count_handshake(&shard, refused.result, wire);
             crate::dispatch::fire_disconnect(&shard, facts, DisconnectReason::ResumeRefused);
-            resuming
-                .answer
-                .refuse(refused.status, &refused.body, timeout)
-                .await;
+            resuming.answer.refuse(&shard, refused).await;
             return;
         }
     };

@@ -10,12 +10,12 @@ use std::rc::Rc;
 use tokio::sync::oneshot;
 
 use super::{Shard, ShardCommand};
-use crate::outbound::{self, SharedFrame};
+use crate::outbound::{self, SharedFrame, Wire};
 use crate::rooms::RoomName;
 
 /// A call for a connection that is still arriving, applied once it is registered (or
 /// found gone if it never is).
-pub(super) enum Deferred {
+enum Deferred {
     /// A push already answered (and counted) as delivered.
     Frame(SharedFrame),
     /// A call whose caller waits for the answer.
@@ -32,28 +32,49 @@ fn unanswered<T>() -> oneshot::Sender<T> {
 const MAX_DEFERRED: usize = 1024;
 
 /// The calls held for one arriving connection, and the bytes of their frames.
-#[derive(Default)]
 pub(super) struct Held {
     calls: Vec<Deferred>,
     bytes: usize,
+    /// The most bytes of frames held (its outbound queue's bound).
+    max_bytes: usize,
     /// The rooms it brings: their broadcasts are held for it too (this node listens to
     /// them meanwhile).
     rooms: Vec<RoomName>,
 }
 
 impl Held {
+    fn new(max_bytes: usize) -> Self {
+        Self {
+            calls: Vec::new(),
+            bytes: 0,
+            max_bytes,
+            rooms: Vec::new(),
+        }
+    }
+
     /// Whether it is moving here with `room` among its rooms.
     pub(super) fn brings(&self, room: &RoomName) -> bool {
         self.rooms.contains(room)
     }
 
-    pub(super) fn has_room(&self, bytes: usize, max_bytes: usize) -> bool {
-        self.calls.len() < MAX_DEFERRED && self.bytes + bytes <= max_bytes
+    fn has_room(&self, bytes: usize) -> bool {
+        self.calls.len() < MAX_DEFERRED && self.bytes + bytes <= self.max_bytes
     }
 
-    pub(super) fn hold(&mut self, call: Deferred, bytes: usize) {
+    fn hold(&mut self, call: Deferred, bytes: usize) {
         self.bytes += bytes;
         self.calls.push(call);
+    }
+
+    /// Holds a frame sent to it (a bulk send's, a broadcast's) if there is room; whether
+    /// it did.
+    pub(super) fn hold_frame(&mut self, frame: &SharedFrame) -> bool {
+        let bytes = frame.bytes(Wire::WebSocket).len();
+        let room = self.has_room(bytes);
+        if room {
+            self.hold(Deferred::Frame(frame.clone()), bytes);
+        }
+        room
     }
 }
 
@@ -74,7 +95,8 @@ impl Shard {
     /// Holds the calls for connection `sequence`, which is moving here, until it is
     /// registered or the returned arrival is dropped.
     pub(crate) fn expect(self: &Rc<Self>, sequence: u64) -> Arrival {
-        self.arriving.borrow_mut().insert(sequence, Held::default());
+        let held = Held::new(self.gateway.config.limits.outbound_queue_bytes);
+        self.arriving.borrow_mut().insert(sequence, held);
         Arrival {
             shard: self.clone(),
             sequence,
@@ -134,8 +156,7 @@ impl Shard {
             ShardCommand::Send { frame, .. } => frame.len(),
             _ => 0,
         };
-        let max_bytes = self.gateway.config.limits.outbound_queue_bytes;
-        if !held.has_room(bytes, max_bytes) || self.connections.borrow().contains_key(&sequence) {
+        if !held.has_room(bytes) || self.connections.borrow().contains_key(&sequence) {
             return Some(command);
         }
         let call = match command {

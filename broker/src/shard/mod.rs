@@ -33,7 +33,7 @@ use crate::resume::{self, ResumeToken};
 use crate::rooms::{RoomIndex, RoomName};
 use crate::session;
 use crate::transport::webtransport::HandshakeSlot;
-use arrivals::{Deferred, Held};
+use arrivals::Held;
 
 /// Commands waiting for a shard beyond this make the sender wait (backpressure on the
 /// management API, never unbounded memory).
@@ -496,16 +496,9 @@ impl Shard {
                 delivered += 1;
             }
         }
-        let mut arriving = self.arriving.borrow_mut();
-        if !arriving.is_empty() {
-            let bytes = frame.bytes(Wire::WebSocket).len();
-            let max_bytes = self.gateway.config.limits.outbound_queue_bytes;
-            for (sequence, held) in arriving.iter_mut() {
-                let member = held.brings(room) && Some(*sequence) != skip;
-                if member && held.has_room(bytes, max_bytes) {
-                    held.hold(Deferred::Frame(frame.clone()), bytes);
-                    delivered += 1;
-                }
+        for (sequence, held) in self.arriving.borrow_mut().iter_mut() {
+            if held.brings(room) && Some(*sequence) != skip && held.hold_frame(frame) {
+                delivered += 1;
             }
         }
         self.gateway.metrics.messages_sent.inc_by(delivered as u64);
@@ -620,17 +613,12 @@ impl Shard {
     fn send_many(&self, targets: Vec<(u64, u32)>, frame: &SharedFrame) -> Delivery {
         let connections = self.connections.borrow();
         let mut arriving = self.arriving.borrow_mut();
-        let frame_bytes = frame.bytes(Wire::WebSocket).len();
-        let max_bytes = self.gateway.config.limits.outbound_queue_bytes;
         let mut delivery = Delivery::default();
         for (sequence, index) in targets {
             let queued = match (connections.get(&sequence), arriving.get_mut(&sequence)) {
                 (Some(connection), _) => self.enqueue(connection, frame),
-                (None, Some(held)) if held.has_room(frame_bytes, max_bytes) => {
-                    held.hold(Deferred::Frame(frame.clone()), frame_bytes);
-                    true
-                }
-                (None, _) => false,
+                (None, Some(held)) => held.hold_frame(frame),
+                (None, None) => false,
             };
             if queued {
                 delivery.delivered += 1;

@@ -789,6 +789,15 @@ async fn parked_on(node: &GatewayProcess, count: f64) {
     panic!("never {count} parked on {}", node.api_url);
 }
 
+/// A resumable connection opened on `node` whose client went away: parked there. Returns
+/// its connectionId and resume token.
+async fn parked_session(node: &GatewayProcess) -> (String, String) {
+    let (ws, id, token) = open_resumable(&node.ws_url).await;
+    drop(ws);
+    parked_on(node, 1.0).await;
+    (id, token)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_moves_to_the_node_its_client_resumes_on_and_keeps_its_id() {
     let Some(binary) = nats::binary() else { return };
@@ -908,9 +917,7 @@ async fn a_resume_after_its_node_died_is_unknown_and_the_node_loss_report_stands
     let backend = Backend::start().await;
     let extra = "[api]\nresume = true\n";
     let (mut nodes, _files) = start_nodes(&[server.url()], &backend, extra).await;
-    let (ws, id, token) = open_resumable(&nodes[0].ws_url).await;
-    drop(ws);
-    parked_on(&nodes[0], 1.0).await;
+    let (id, token) = parked_session(&nodes[0]).await;
     // Let the mirror catch up (it batches every 20 ms here), then kill the node.
     tokio::time::sleep(Duration::from_millis(300)).await;
     nodes[0].child.kill().unwrap();
@@ -998,9 +1005,7 @@ async fn a_client_that_missed_the_resumed_frame_of_a_move_resumes_with_its_old_t
     let backend = Backend::start().await;
     let extra = "[api]\nresume = true\n";
     let (nodes, _files) = start_nodes(&[server.url()], &backend, extra).await;
-    let (ws, id, old_token) = open_resumable(&nodes[0].ws_url).await;
-    drop(ws);
-    parked_on(&nodes[0], 1.0).await;
+    let (id, old_token) = parked_session(&nodes[0]).await;
     // It moves to node 2, but the socket is lost before the client reads the answer (it
     // carries a new token); each time after that the client comes back with the token it
     // has: to node 2 (where the session is), to node 3 (which asks node 1, which passes the
@@ -1049,9 +1054,7 @@ async fn an_old_token_of_a_moved_session_that_ran_out_learns_it_expired() {
     let backend = Backend::start().await;
     let extra = "[api]\nresume = true\nresume_window_secs = 1\n";
     let (nodes, _files) = start_nodes(&[server.url()], &backend, extra).await;
-    let (ws, id, old_token) = open_resumable(&nodes[0].ws_url).await;
-    drop(ws);
-    parked_on(&nodes[0], 1.0).await;
+    let (id, old_token) = parked_session(&nodes[0]).await;
     // It moves to node 2; the client misses the new token and stays away too long.
     let url = format!("{}?resume={old_token}&received=0", nodes[1].ws_url);
     let (ws, first) = open_and_read_first(&url).await;

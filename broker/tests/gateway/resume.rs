@@ -306,17 +306,7 @@ async fn a_resume_takes_over_from_a_socket_that_still_looks_alive() {
 #[tokio::test]
 async fn a_resume_connect_refuses_ends_the_session() {
     let backend = Backend::start().await;
-    let config = format!(
-        r#"
-[api]
-resume = true
-[routes."$connect"]
-integration = {{ type = "http", url = "{url}/refuse-resumed" }}
-[routes."$disconnect"]
-integration = {{ type = "http", url = "{url}/disconnect" }}
-"#,
-        url = backend.url
-    );
+    let config = resume_config_with_connect(&backend, "refuse-resumed", 120);
     let gateway = TestGateway::start(&config).await;
     let (ws, id, token) = connect_resumable(&gateway).await;
     drop(ws);
@@ -340,20 +330,30 @@ async fn resume_is_off_by_default_and_nothing_changes() {
     gateway.stop().await;
 }
 
-/// A config whose `$connect` takes a second over resumes.
-pub(crate) fn slow_resume_config(backend: &Backend, window_secs: u64) -> String {
+/// A resumable config whose `$connect` is the test backend's `connect` path, with a resume
+/// window of `window_secs`.
+pub(crate) fn resume_config_with_connect(
+    backend: &Backend,
+    connect: &str,
+    window_secs: u64,
+) -> String {
     format!(
         r#"
 [api]
 resume = true
 resume_window_secs = {window_secs}
 [routes."$connect"]
-integration = {{ type = "http", url = "{url}/slow-resumed" }}
+integration = {{ type = "http", url = "{url}/{connect}" }}
 [routes."$disconnect"]
 integration = {{ type = "http", url = "{url}/disconnect" }}
 "#,
         url = backend.url
     )
+}
+
+/// A config whose `$connect` takes a second over resumes.
+pub(crate) fn slow_resume_config(backend: &Backend, window_secs: u64) -> String {
+    resume_config_with_connect(backend, "slow-resumed", window_secs)
 }
 
 #[tokio::test]
