@@ -82,9 +82,9 @@ pub struct RawAuthorizer {
     pub issuer: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audience: Option<String>,
-    /// jwt: clock skew allowed on exp/nbf.
-    #[serde(default = "default_leeway_secs")]
-    pub leeway_secs: u64,
+    /// jwt: clock skew allowed on exp/nbf (default 60).
+    #[serde(default = "default_leeway_secs", skip_serializing_if = "Option::is_none")]
+    pub leeway_secs: Option<u64>,
     /// api_key: the accepted keys.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keys: Vec<String>,
@@ -95,39 +95,43 @@ pub struct RawAuthorizer {
     /// Default: the `token` source.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub identity_sources: Vec<String>,
-    /// http: how long an answer is reused for the same identity (0: never).
-    #[serde(default = "default_cache_ttl_secs")]
-    pub cache_ttl_secs: u64,
-    /// http: the backend's time to answer.
-    #[serde(default = "default_authorizer_timeout_ms")]
-    pub timeout_ms: u64,
+    /// http: how long an answer is reused for the same identity (0: never; default 300).
+    #[serde(default = "default_cache_ttl_secs", skip_serializing_if = "Option::is_none")]
+    pub cache_ttl_secs: Option<u64>,
+    /// http: the backend's time to answer (default 10000).
+    #[serde(
+        default = "default_authorizer_timeout_ms",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout_ms: Option<u64>,
 }
 
-fn default_cache_ttl_secs() -> u64 {
-    300
+fn default_cache_ttl_secs() -> Option<u64> {
+    Some(300)
 }
 
-fn default_authorizer_timeout_ms() -> u64 {
-    10_000
+fn default_authorizer_timeout_ms() -> Option<u64> {
+    Some(10_000)
 }
 
 fn default_token_source() -> String {
     "header:Authorization".into()
 }
 
-fn default_leeway_secs() -> u64 {
-    60
+fn default_leeway_secs() -> Option<u64> {
+    Some(60)
 }
 
 impl RawAuthorizer {
     fn validate(&self) -> Result<crate::auth::authorizer::Authorizer, ConfigError> {
-        use crate::auth::authorizer::{Authorizer, Check, TokenSource, jwt_check};
+        use crate::auth::authorizer::{Authorizer, Check, TokenSource, jwt_check, restrict};
         let source = TokenSource::parse(&self.token).ok_or_else(|| {
             invalid(
                 "authorizer.token",
                 "must be \"query:NAME\", \"header:NAME\" or \"protocol\"",
             )
         })?;
+        let leeway_secs = self.leeway_secs.unwrap_or(60);
         let check = match self.kind.as_str() {
             "jwt" if self.jwks.is_some() => {
                 if self.secret.is_some() || self.public_key.is_some() {
@@ -136,24 +140,21 @@ impl RawAuthorizer {
                         "use one of `secret`, `public_key` and `jwks`",
                     ));
                 }
-                let text = self.jwks.as_deref().unwrap_or_default();
-                let source = match reqwest::Url::parse(text) {
-                    Ok(url) if matches!(url.scheme(), "http" | "https") => {
-                        crate::auth::authorizer::JwksSource::Url(url)
-                    }
-                    _ => crate::auth::authorizer::JwksSource::File(text.into()),
-                };
-                let keys = crate::auth::authorizer::JwksKeys::open(source)
-                    .map_err(|reason| invalid("authorizer.jwks", reason))?;
+                let keys = crate::auth::authorizer::JwksKeys::open(jwks_source(
+                    self.jwks.as_deref().unwrap_or_default(),
+                )?)
+                .map_err(|reason| invalid("authorizer.jwks", reason))?;
+                // A key set is usually an identity provider's, shared by every application
+                // it signs for: without an audience, their tokens would open this gateway.
+                let audience = self.audience.as_deref().ok_or_else(|| {
+                    invalid(
+                        "authorizer.audience",
+                        "required with `jwks` (the identity provider signs tokens for other \
+                         applications too); write `audience = \"*\"` to accept any",
+                    )
+                })?;
                 let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
-                validation.leeway = self.leeway_secs;
-                if let Some(issuer) = &self.issuer {
-                    validation.set_issuer(&[issuer]);
-                }
-                match &self.audience {
-                    Some(audience) => validation.set_audience(&[audience]),
-                    None => validation.validate_aud = false,
-                }
+                restrict(&mut validation, self.issuer.as_deref(), Some(audience), leeway_secs);
                 Check::Jwks {
                     keys: Arc::new(keys),
                     validation: Box::new(validation),
@@ -169,14 +170,23 @@ impl RawAuthorizer {
                         })
                     })
                     .transpose()?;
-                jwt_check(
-                    self.secret.as_deref(),
-                    pem.as_deref(),
-                    self.issuer.as_deref(),
-                    self.audience.as_deref(),
-                    self.leeway_secs,
-                )
-                .map_err(|reason| invalid("authorizer", reason))?
+                let secret = self
+                    .secret
+                    .as_deref()
+                    .map(crate::secret::resolve)
+                    .transpose()
+                    .map_err(|reason| invalid("authorizer.secret", reason))?;
+                let mut check = jwt_check(secret.as_deref(), pem.as_deref())
+                    .map_err(|reason| invalid("authorizer", reason))?;
+                if let Check::Jwt { validation, .. } = &mut check {
+                    restrict(
+                        validation,
+                        self.issuer.as_deref(),
+                        self.audience.as_deref(),
+                        leeway_secs,
+                    );
+                }
+                check
             }
             "api_key" if self.keys.is_empty() || self.keys.iter().any(String::is_empty) => {
                 return Err(invalid(
@@ -184,7 +194,13 @@ impl RawAuthorizer {
                     "at least one non-empty key is required",
                 ));
             }
-            "api_key" => Check::ApiKeys(self.keys.clone()),
+            "api_key" => Check::ApiKeys(
+                self.keys
+                    .iter()
+                    .map(|key| crate::secret::resolve(key))
+                    .collect::<Result<_, _>>()
+                    .map_err(|reason| invalid("authorizer.keys", reason))?,
+            ),
             "http" => {
                 let url = self
                     .url
@@ -206,15 +222,16 @@ impl RawAuthorizer {
                         })
                     })
                     .collect::<Result<_, _>>()?;
-                if self.timeout_ms == 0 {
+                let timeout_ms = self.timeout_ms.unwrap_or(10_000);
+                if timeout_ms == 0 {
                     return Err(invalid("authorizer.timeout_ms", "must be greater than 0"));
                 }
                 Check::Http {
                     url: parse_http_url("authorizer.url", url)?,
-                    timeout: Duration::from_millis(self.timeout_ms),
+                    timeout: Duration::from_millis(timeout_ms),
                     identity_sources,
                     cache: Arc::new(crate::auth::authorizer::VerdictCache::new(
-                        Duration::from_secs(self.cache_ttl_secs),
+                        Duration::from_secs(self.cache_ttl_secs.unwrap_or(300)),
                     )),
                 }
             }
@@ -227,6 +244,29 @@ impl RawAuthorizer {
         };
         Ok(Authorizer { source, check })
     }
+}
+
+/// Where a JWKS comes from: an `https://` URL (`http://` only to a loopback host: the
+/// keys decide who gets in, so they must not travel where they can be swapped), or a file.
+fn jwks_source(text: &str) -> Result<crate::auth::authorizer::JwksSource, ConfigError> {
+    use crate::auth::authorizer::JwksSource;
+    let url = match reqwest::Url::parse(text) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") => url,
+        _ => return Ok(JwksSource::File(text.into())),
+    };
+    let host = url.host_str().unwrap_or_default();
+    let loopback = host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if url.scheme() == "http" && !loopback {
+        return Err(invalid(
+            "authorizer.jwks",
+            "a key set URL must be https:// (http:// only to a loopback host)",
+        ));
+    }
+    Ok(JwksSource::Url(url))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -440,8 +480,12 @@ impl Default for RawServer {
 #[serde(default, deny_unknown_fields)]
 pub struct RawManagement {
     pub listen: String,
-    /// Bearer tokens; tokens or `aws_keys` are required when `listen` is not loopback.
+    /// Bearer tokens (each `${ENV}` or at least 32 bytes, no placeholder); tokens or
+    /// `aws_keys` are required when `listen` is not loopback.
     pub tokens: Vec<String>,
+    /// A file of bearer tokens, one per line (a mounted secret), added to `tokens`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_file: Option<PathBuf>,
     /// Key pairs whose AWS Signature V4 (service `execute-api`) the API accepts.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub aws_keys: Vec<RawAwsKey>,
@@ -450,6 +494,8 @@ pub struct RawManagement {
     pub public_metrics: Option<bool>,
     /// Concurrent management connections; more wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Concurrent management connections from one address (0 = no limit).
+    pub max_connections_per_ip: usize,
     /// A request whose headers have not arrived within this is dropped (slowloris); a
     /// kept-alive connection must send its next request within it too (idle timeout).
     pub header_timeout_secs: u64,
@@ -473,9 +519,11 @@ impl Default for RawManagement {
         Self {
             listen: "127.0.0.1:9090".into(),
             tokens: Vec::new(),
+            tokens_file: None,
             aws_keys: Vec::new(),
             public_metrics: None,
             max_connections: 256,
+            max_connections_per_ip: 64,
             header_timeout_secs: 30,
             body_timeout_secs: 30,
             tls: None,
@@ -716,6 +764,7 @@ pub struct ManagementConfig {
     /// `/metrics` needs no token.
     pub public_metrics: bool,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
     /// Also the keep-alive idle timeout: the next request's headers must come within it.
     pub header_timeout: Duration,
     pub body_timeout: Duration,
@@ -858,6 +907,35 @@ impl RawConfig {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 
+    /// The configuration as `check-config` shows it: every secret written in the file
+    /// replaced by [`crate::secret::REDACTED`] (an `${ENV}` reference stays, it holds no
+    /// value), and only the keys of the authorizer type in use.
+    pub fn redacted(&self) -> Self {
+        use crate::secret::redact;
+        let mut shown = self.clone();
+        shown.management.tokens = shown.management.tokens.iter().map(|t| redact(t)).collect();
+        for key in &mut shown.management.aws_keys {
+            key.secret_access_key = redact(&key.secret_access_key);
+        }
+        if let Some(authorizer) = &mut shown.authorizer {
+            authorizer.secret = authorizer.secret.as_deref().map(redact);
+            authorizer.keys = authorizer.keys.iter().map(|k| redact(k)).collect();
+            if authorizer.kind != "http" {
+                authorizer.cache_ttl_secs = None;
+                authorizer.timeout_ms = None;
+                authorizer.identity_sources.clear();
+            }
+            if authorizer.kind != "jwt" {
+                authorizer.leeway_secs = None;
+            }
+        }
+        if let Some(cluster) = &mut shown.cluster {
+            cluster.token = cluster.token.as_deref().map(redact);
+            cluster.password = cluster.password.as_deref().map(redact);
+        }
+        shown
+    }
+
     /// Validates everything and compiles the ready-to-use form.
     pub fn validate(&self) -> Result<Config, ConfigError> {
         Ok(Config {
@@ -976,24 +1054,34 @@ pub fn default_shards(cores: usize) -> usize {
 impl RawManagement {
     fn validate(&self) -> Result<ManagementConfig, ConfigError> {
         let listen = parse_addr("management.listen", &self.listen)?;
-        if !listen.ip().is_loopback() && self.tokens.is_empty() && self.aws_keys.is_empty() {
-            return Err(invalid(
-                "management.tokens",
-                "tokens or aws_keys are required when management.listen is not a loopback address",
-            ));
-        }
-        if self
+        let tokens = self.tokens()?;
+        let aws_keys = self
             .aws_keys
             .iter()
-            .any(|k| k.access_key_id.trim().is_empty() || k.secret_access_key.is_empty())
-        {
+            .map(|k| {
+                let secret_access_key = crate::secret::resolve(&k.secret_access_key)
+                    .map_err(|reason| invalid("management.aws_keys.secret_access_key", reason))?;
+                if k.access_key_id.trim().is_empty() || secret_access_key.is_empty() {
+                    return Err(invalid(
+                        "management.aws_keys",
+                        "access_key_id and secret_access_key must not be empty",
+                    ));
+                }
+                Ok(crate::auth::sigv4::AwsKey {
+                    access_key_id: k.access_key_id.clone(),
+                    secret_access_key,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if !listen.ip().is_loopback() && tokens.is_empty() && aws_keys.is_empty() {
             return Err(invalid(
-                "management.aws_keys",
-                "access_key_id and secret_access_key must not be empty",
+                "management.tokens",
+                format!(
+                    "tokens (or tokens_file, or aws_keys) are required when management.listen \
+                     is not a loopback address; {}",
+                    crate::secret::HOW_TO_MAKE_ONE
+                ),
             ));
-        }
-        if self.tokens.iter().any(|t| t.trim().is_empty()) {
-            return Err(invalid("management.tokens", "tokens must not be empty"));
         }
         let positive = |key: &str, value: u64| {
             if value == 0 {
@@ -1008,17 +1096,11 @@ impl RawManagement {
         positive("max_connections", self.max_connections as u64)?;
         Ok(ManagementConfig {
             listen,
-            tokens: self.tokens.clone(),
-            aws_keys: self
-                .aws_keys
-                .iter()
-                .map(|k| crate::auth::sigv4::AwsKey {
-                    access_key_id: k.access_key_id.clone(),
-                    secret_access_key: k.secret_access_key.clone(),
-                })
-                .collect(),
+            tokens,
+            aws_keys,
             public_metrics: self.public_metrics.unwrap_or(listen.ip().is_loopback()),
             max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
             header_timeout: Duration::from_secs(positive(
                 "header_timeout_secs",
                 self.header_timeout_secs,
@@ -1033,6 +1115,34 @@ impl RawManagement {
                 .map(|tls| tls.load("management.tls"))
                 .transpose()?,
         })
+    }
+}
+
+impl RawManagement {
+    /// `tokens` (each `${ENV}` resolved) and the lines of `tokens_file`, every one checked
+    /// for strength: a guessable token is refused, naming the key and how to make one.
+    fn tokens(&self) -> Result<Vec<String>, ConfigError> {
+        let mut tokens = self
+            .tokens
+            .iter()
+            .map(|token| {
+                crate::secret::resolve(token).map_err(|reason| invalid("management.tokens", reason))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for token in &tokens {
+            crate::secret::check_token(token)
+                .map_err(|reason| invalid("management.tokens", reason))?;
+        }
+        if let Some(path) = &self.tokens_file {
+            let from_file = crate::secret::read_token_file(path)
+                .map_err(|reason| invalid("management.tokens_file", reason))?;
+            for token in &from_file {
+                crate::secret::check_token(token)
+                    .map_err(|reason| invalid("management.tokens_file", reason))?;
+            }
+            tokens.extend(from_file);
+        }
+        Ok(tokens)
     }
 }
 

@@ -73,29 +73,41 @@ impl HttpIntegration {
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
             .user_agent(concat!("switchboard/", env!("CARGO_PKG_VERSION")))
+            // A backend, authorizer or key-set URL is what the config names: an answer
+            // that points elsewhere is not followed.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();
         Self { client }
     }
 
-    /// GETs `url` (a JWKS document, say) within `timeout`; the body of a 2xx answer.
+    /// GETs `url` (a JWKS document, say) within `timeout`; the body of a 2xx answer, at
+    /// most `max_bytes` of it (a longer one is an error, read no further).
     pub async fn fetch(
         &self,
         url: &reqwest::Url,
         timeout: Duration,
+        max_bytes: usize,
     ) -> Result<Bytes, IntegrationError> {
-        let response = self
+        let unreachable = |e: reqwest::Error| IntegrationError::Unreachable(e.to_string());
+        let mut response = self
             .client
             .get(url.clone())
             .timeout(timeout)
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| IntegrationError::Unreachable(e.to_string()))?;
-        response
-            .bytes()
-            .await
-            .map_err(|e| IntegrationError::Unreachable(e.to_string()))
+            .map_err(unreachable)?;
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
+            if body.len() + chunk.len() > max_bytes {
+                return Err(IntegrationError::Unreachable(format!(
+                    "answer longer than {max_bytes} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.into())
     }
 
     /// POSTs the event JSON to `url` and reads the reply.

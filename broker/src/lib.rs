@@ -15,7 +15,7 @@
 //!   not care.
 //! * [`resume`]: a client that lost its socket comes back to the same connection.
 //! * [`cluster`]: several nodes as one API over NATS (absent without `[cluster]`).
-//! * Pure logic: [`config`], [`selection`], [`connection_id`], [`frame`], [`event`],
+//! * Pure logic: [`config`] (its secrets: [`secret`]), [`selection`], [`connection_id`], [`frame`], [`event`],
 //!   [`stored_event`], [`integration`]'s reply parsing, [`outbound`], [`disconnect`],
 //!   [`rooms`], the [`fanout`] planner.
 
@@ -40,6 +40,7 @@ pub mod outbound;
 pub mod queues;
 pub mod resume;
 pub mod rooms;
+pub mod secret;
 pub mod selection;
 pub mod server;
 pub mod session;

@@ -102,7 +102,13 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                 eprintln!("switchboard: invalid config: `server.data_dir`: {problem}");
                 return ExitCode::from(EXIT_CONFIG);
             }
-            print!("{}", raw.to_toml());
+            if let Err(error) =
+                switchboard_storage::Storage::check_not_in_use(&config.server.data_dir)
+            {
+                eprintln!("switchboard: `server.data_dir`: {error}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            print!("{}", raw.redacted().to_toml());
             println!(
                 "# config OK: {} shard(s), stage `{}`",
                 config.server.shards, config.api.stage

@@ -74,8 +74,8 @@ impl Listeners {
             }
         };
         let gateway_failed = failed("server.listen", config.server.listen);
-        let first = reuseport_listener(config.server.listen).map_err(gateway_failed)?;
-        let address = first.local_addr().map_err(gateway_failed)?;
+        let address = claim_address(config.server.listen).map_err(gateway_failed)?;
+        let first = reuseport_listener(address).map_err(gateway_failed)?;
         let mut gateway = vec![first];
         for _ in 1..config.server.shards {
             gateway.push(reuseport_listener(address).map_err(gateway_failed)?);
@@ -118,6 +118,36 @@ impl Listeners {
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
+}
+
+/// Checks that no other process listens on `address` and resolves port 0.
+///
+/// The shards' listeners share the port through SO_REUSEPORT, which would let a second
+/// gateway (or anything else run by the same user) join the group silently and get half of
+/// the clients. A socket bound without SO_REUSEPORT cannot join a listening group, so this
+/// probe fails with "address in use" exactly when someone listens there already (SO_REUSEADDR
+/// keeps connections of a gateway that just exited in TIME_WAIT from counting).
+fn claim_address(address: SocketAddr) -> std::io::Result<SocketAddr> {
+    let probe = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    probe.set_reuse_address(true)?;
+    probe.bind(&address.into()).map_err(|error| {
+        if error.kind() == std::io::ErrorKind::AddrInUse {
+            std::io::Error::new(
+                error.kind(),
+                "address in use: another process (another gateway?) already listens there",
+            )
+        } else {
+            error
+        }
+    })?;
+    probe
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("not an IP address"))
 }
 
 fn reuseport_listener(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {

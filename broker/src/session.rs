@@ -747,6 +747,13 @@ async fn admit_request(
     let Some(authorizer) = &config.authorizer else {
         return Ok(None);
     };
+    if let Some(source) = authorizer.repeated_source(request) {
+        return Err((
+            400,
+            format!("Bad Request: {source} appears more than once"),
+            "bad_request",
+        ));
+    }
     let verdict = match authorizer.decide(request, std::time::Instant::now()) {
         Decision::Done(verdict) => verdict,
         Decision::AskBackend { identity } => {

@@ -46,6 +46,26 @@ pub struct Storage {
 }
 
 impl Storage {
+    /// Refuses a data dir that a running gateway holds (its lock is taken), without
+    /// opening or changing anything: what `check-config` asks before it says OK.
+    pub fn check_not_in_use(dir: &Path) -> Result<(), StorageError> {
+        // sled locks the file `db` of its directory (flock, exclusive, non-blocking).
+        let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(dir.join("db"))
+        else {
+            return Ok(());
+        };
+        match file.try_lock() {
+            Ok(()) => Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) => Err(StorageError::Locked {
+                dir: dir.to_path_buf(),
+            }),
+            Err(std::fs::TryLockError::Error(reason)) => Err(StorageError::Io {
+                dir: dir.to_path_buf(),
+                reason,
+            }),
+        }
+    }
+
     /// Opens (or creates) the database under `dir`.
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
         if dir.exists() && !dir.is_dir() {
@@ -512,6 +532,19 @@ mod tests {
             )),
         );
         assert!(matches!(err, StorageError::Locked { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_dir_in_use_is_told_apart_from_a_free_one() {
+        let dir = tempfile::tempdir().unwrap();
+        Storage::check_not_in_use(dir.path()).unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        // The lock is the process's (flock on its own open file description): a second
+        // description, as another process would have, is refused.
+        let err = Storage::check_not_in_use(dir.path()).unwrap_err();
+        assert!(matches!(err, StorageError::Locked { .. }), "{err}");
+        drop(storage);
+        Storage::check_not_in_use(dir.path()).unwrap();
     }
 
     #[test]

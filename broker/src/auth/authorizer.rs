@@ -40,6 +40,18 @@ impl TokenSource {
         }
     }
 
+    /// Whether the request carries this source more than once. The authorizer and the
+    /// event the backend gets must read the same value, so such a request is refused (400)
+    /// instead of picking one of the copies.
+    pub fn is_repeated(&self, request: &HandshakeRequest) -> bool {
+        let count = match self {
+            Self::Query(name) => request.query.iter().filter(|(n, _)| n == name).count(),
+            Self::Header(name) => count_headers(request, name),
+            Self::Protocol => count_headers(request, "sec-websocket-protocol"),
+        };
+        count > 1
+    }
+
     fn find<'a>(&self, request: &'a HandshakeRequest) -> Option<&'a str> {
         let header = |name: &str| {
             request
@@ -60,6 +72,24 @@ impl TokenSource {
                 .map(str::trim),
         };
         token.filter(|t| !t.is_empty())
+    }
+}
+
+fn count_headers(request: &HandshakeRequest, name: &str) -> usize {
+    request
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .count()
+}
+
+impl std::fmt::Display for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Query(name) => write!(f, "query:{name}"),
+            Self::Header(name) => write!(f, "header:{name}"),
+            Self::Protocol => f.write_str("protocol"),
+        }
     }
 }
 
@@ -246,13 +276,8 @@ impl std::fmt::Debug for Authorizer {
 }
 
 /// Builds a JWT check: `secret` for HS256, or a PEM public key (RSA: RS256, EC P-256: ES256).
-pub fn jwt_check(
-    secret: Option<&str>,
-    public_key_pem: Option<&[u8]>,
-    issuer: Option<&str>,
-    audience: Option<&str>,
-    leeway_secs: u64,
-) -> Result<Check, String> {
+/// The claims it verifies besides `exp` are the caller's to set on its `validation`.
+pub fn jwt_check(secret: Option<&str>, public_key_pem: Option<&[u8]>) -> Result<Check, String> {
     let (key, algorithm) = match (secret, public_key_pem) {
         (Some(secret), None) => (
             DecodingKey::from_secret(secret.as_bytes()),
@@ -269,21 +294,45 @@ pub fn jwt_check(
         _ => return Err("exactly one of `secret` and `public_key` is required".into()),
     };
     let mut validation = Validation::new(algorithm);
-    validation.leeway = leeway_secs;
-    if let Some(issuer) = issuer {
-        validation.set_issuer(&[issuer]);
-    }
-    match audience {
-        Some(audience) => validation.set_audience(&[audience]),
-        None => validation.validate_aud = false,
-    }
+    validation.validate_aud = false;
     Ok(Check::Jwt {
         key,
         validation: Box::new(validation),
     })
 }
 
+/// The claims every JWT check verifies besides the signature: `exp` and `nbf` (with
+/// `leeway_secs`), and `iss` / `aud` when configured (`audience = "*"`: any audience).
+pub fn restrict(
+    validation: &mut Validation,
+    issuer: Option<&str>,
+    audience: Option<&str>,
+    leeway_secs: u64,
+) {
+    validation.leeway = leeway_secs;
+    validation.validate_nbf = true;
+    if let Some(issuer) = issuer {
+        validation.set_issuer(&[issuer]);
+    }
+    match audience {
+        Some("*") | None => validation.validate_aud = false,
+        Some(audience) => validation.set_audience(&[audience]),
+    }
+}
+
 impl Authorizer {
+    /// The first identity source (the token's, or an http authorizer's) that the request
+    /// repeats: such a request is refused before anything is decided.
+    pub fn repeated_source(&self, request: &HandshakeRequest) -> Option<&TokenSource> {
+        let sources = match &self.check {
+            Check::Http {
+                identity_sources, ..
+            } => identity_sources.as_slice(),
+            _ => std::slice::from_ref(&self.source),
+        };
+        sources.iter().find(|source| source.is_repeated(request))
+    }
+
     /// Decides on an upgrade request, or says the backend must be asked.
     pub fn decide(&self, request: &HandshakeRequest, now: Instant) -> Decision {
         if let Check::Http {
@@ -357,6 +406,9 @@ pub enum JwksSource {
     Url(reqwest::Url),
 }
 
+/// The largest key set document read (a real one is a few KiB).
+pub const JWKS_MAX_BYTES: usize = 1 << 20;
+
 /// How often a key set is loaded again (key rotation).
 pub const JWKS_REFRESH: Duration = Duration::from_secs(600);
 
@@ -407,7 +459,7 @@ pub async fn refresh_jwks(
         let loaded = match &keys.source {
             JwksSource::File(path) => std::fs::read(path).map_err(|e| e.to_string()),
             JwksSource::Url(url) => http
-                .fetch(url, Duration::from_secs(10))
+                .fetch(url, Duration::from_secs(10), JWKS_MAX_BYTES)
                 .await
                 .map(|body| body.to_vec())
                 .map_err(|e| e.to_string()),
@@ -502,17 +554,11 @@ mod tests {
     }
 
     fn jwt_authorizer(source: TokenSource) -> Authorizer {
-        Authorizer {
-            source,
-            check: jwt_check(
-                Some("s3cret"),
-                None,
-                Some("https://issuer.test"),
-                Some("switchboard"),
-                0,
-            )
-            .unwrap(),
+        let mut check = jwt_check(Some("s3cret"), None).unwrap();
+        if let Check::Jwt { validation, .. } = &mut check {
+            restrict(validation, Some("https://issuer.test"), Some("switchboard"), 0);
         }
+        Authorizer { source, check }
     }
 
     fn now() -> u64 {
@@ -541,6 +587,21 @@ mod tests {
         assert_eq!(TokenSource::protocol_for_tests().find(&req), Some("p"));
         assert_eq!(TokenSource::parse("cookie:x"), None);
         assert_eq!(TokenSource::parse("query:"), None);
+    }
+
+    #[test]
+    fn a_repeated_identity_source_is_found_before_anything_is_decided() {
+        let authorizer = jwt_authorizer(TokenSource::Query("token".into()));
+        let once = request(&[("token", "a"), ("other", "x"), ("other", "y")], &[]);
+        assert!(authorizer.repeated_source(&once).is_none());
+        let twice = request(&[("token", "good"), ("token", "forged")], &[]);
+        assert_eq!(
+            authorizer.repeated_source(&twice).map(ToString::to_string),
+            Some("query:token".to_owned())
+        );
+        let header = TokenSource::Header("Authorization".into());
+        let headers = request(&[], &[("authorization", "a"), ("Authorization", "b")]);
+        assert!(header.is_repeated(&headers));
     }
 
     #[test]
@@ -583,6 +644,13 @@ mod tests {
                 hs256(
                     serde_json::json!({"iss": "https://issuer.test", "aud": "switchboard", "exp": now() + 60}),
                     "wrong",
+                ),
+                403,
+            ),
+            (
+                hs256(
+                    serde_json::json!({"iss": "https://issuer.test", "aud": "switchboard", "exp": now() + 600, "nbf": now() + 300}),
+                    "s3cret",
                 ),
                 403,
             ),

@@ -112,13 +112,23 @@ pub struct ReceivedRequest<'a> {
     pub body: &'a [u8],
 }
 
-/// Checks `request`'s signature against `keys` at time `now`.
-pub fn verify(
+/// What [`check_headers`] established: the key the request claims and when it was signed.
+#[derive(Debug)]
+pub struct Claimed<'k> {
+    key: &'k AwsKey,
+    signed_at: SystemTime,
+}
+
+/// Everything that can be checked before the body is read: a known access key, the
+/// `execute-api` service, an `X-Amz-Date` within [`MAX_CLOCK_SKEW`] whose day is the
+/// credential scope's, `host` signed and every signed header present. A request that fails
+/// here costs the server no body read and no HMAC.
+pub fn check_headers<'k>(
     authorization: &Authorization<'_>,
-    request: &ReceivedRequest<'_>,
-    keys: &[AwsKey],
+    headers: &[(&str, &str)],
+    keys: &'k [AwsKey],
     now: SystemTime,
-) -> Result<(), SigV4Error> {
+) -> Result<Claimed<'k>, SigV4Error> {
     let key = keys
         .iter()
         .find(|k| k.access_key_id == authorization.access_key_id)
@@ -126,16 +136,15 @@ pub fn verify(
     if authorization.service != SERVICE {
         return Err(SigV4Error::WrongService);
     }
-    let header = |name: &str| {
-        request
-            .headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| *v)
-    };
-    let signed_at = header("x-amz-date")
-        .and_then(parse_amz_date)
+    let amz_date = header(headers, "x-amz-date")
         .ok_or(SigV4Error::Malformed("no valid X-Amz-Date header"))?;
+    let signed_at =
+        parse_amz_date(amz_date).ok_or(SigV4Error::Malformed("no valid X-Amz-Date header"))?;
+    if !amz_date.starts_with(authorization.date) || authorization.date.len() != 8 {
+        return Err(SigV4Error::Malformed(
+            "the Credential's date is not the X-Amz-Date's day",
+        ));
+    }
     let skew = now
         .duration_since(signed_at)
         .or_else(|_| signed_at.duration_since(now))
@@ -146,15 +155,38 @@ pub fn verify(
     if !authorization.signed_headers.contains(&"host") {
         return Err(SigV4Error::Malformed("host must be signed"));
     }
-    // The headers the client signed, as received; x-amz-date is added by the signer.
-    let mut signed = Vec::with_capacity(authorization.signed_headers.len());
-    for name in &authorization.signed_headers {
-        if *name == "x-amz-date" {
-            continue;
-        }
-        let value = header(name).ok_or(SigV4Error::Malformed("a signed header is missing"))?;
-        signed.push((*name, value));
+    if authorization
+        .signed_headers
+        .iter()
+        .any(|name| header(headers, name).is_none())
+    {
+        return Err(SigV4Error::Malformed("a signed header is missing"));
     }
+    Ok(Claimed { key, signed_at })
+}
+
+fn header<'a>(headers: &[(&str, &'a str)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| *v)
+}
+
+/// Checks `request`'s signature against `keys` at time `now`.
+pub fn verify(
+    authorization: &Authorization<'_>,
+    request: &ReceivedRequest<'_>,
+    keys: &[AwsKey],
+    now: SystemTime,
+) -> Result<(), SigV4Error> {
+    let Claimed { key, signed_at } = check_headers(authorization, &request.headers, keys, now)?;
+    // The headers the client signed, as received; x-amz-date is added by the signer.
+    let signed: Vec<(&str, &str)> = authorization
+        .signed_headers
+        .iter()
+        .filter(|name| **name != "x-amz-date")
+        .filter_map(|name| Some((*name, header(&request.headers, name)?)))
+        .collect();
     let expected = signature_for(authorization, request, &signed, key, signed_at)?;
     use subtle::ConstantTimeEq;
     if bool::from(

@@ -23,12 +23,24 @@ pub struct RawCluster {
     /// A NATS `.creds` file (JWT and NKey seed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<PathBuf>,
-    /// A NATS auth token.
+    /// A NATS auth token (or `${ENV}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// A NATS user, with `password`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The NATS user's password (or `${ENV}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
     /// A PEM CA file to verify NATS servers' TLS certificates (`tls://` URLs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<PathBuf>,
+    /// A PEM client certificate chain for NATS servers that verify clients (with `tls_key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's PEM private key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
     /// How long a call to another node may take before it counts as unreachable (410).
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
@@ -77,7 +89,13 @@ pub struct ClusterConfig {
     pub nats_urls: Vec<String>,
     pub credentials: Option<PathBuf>,
     pub token: Option<String>,
+    /// User and password.
+    pub user_password: Option<(String, String)>,
     pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key.
+    pub tls_client: Option<(PathBuf, PathBuf)>,
+    /// Every URL names a loopback host or uses TLS: nothing crosses a network in clear.
+    pub encrypted_or_local: bool,
     pub request_timeout: Duration,
     pub gather_wait: Duration,
     pub heartbeat: Duration,
@@ -121,7 +139,12 @@ impl RawCluster {
             url.parse::<async_nats::ServerAddr>()
                 .map_err(|e| invalid("nats_url", format!("`{url}` is not a NATS URL: {e}")))?;
         }
-        for (key, path) in [("credentials", &self.credentials), ("tls_ca", &self.tls_ca)] {
+        for (key, path) in [
+            ("credentials", &self.credentials),
+            ("tls_ca", &self.tls_ca),
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
+        ] {
             if let Some(path) = path.as_ref().filter(|p| !p.is_file()) {
                 return Err(invalid(
                     key,
@@ -129,10 +152,49 @@ impl RawCluster {
                 ));
             }
         }
-        if self.credentials.is_some() && self.token.is_some() {
+        let ways = [
+            self.credentials.is_some(),
+            self.token.is_some(),
+            self.user.is_some() || self.password.is_some(),
+        ];
+        if ways.iter().filter(|&&way| way).count() > 1 {
             return Err(invalid(
                 "token",
-                "give either credentials or token, not both",
+                "give one of credentials, token, or user and password",
+            ));
+        }
+        let secret = |key: &str, value: &Option<String>| {
+            value
+                .as_deref()
+                .map(crate::secret::resolve)
+                .transpose()
+                .map_err(|reason| invalid(key, reason))
+        };
+        let token = secret("token", &self.token)?;
+        let user_password = match (&self.user, secret("password", &self.password)?) {
+            (Some(user), Some(password)) => Some((user.clone(), password)),
+            (None, None) => None,
+            _ => return Err(invalid("password", "user and password go together")),
+        };
+        let tls_client = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+            (None, None) => None,
+            _ => return Err(invalid("tls_key", "tls_cert and tls_key go together")),
+        };
+        let tls = self.tls_ca.is_some() || tls_client.is_some();
+        let in_clear: Vec<String> = nats_urls
+            .iter()
+            .filter(|url| !tls && !is_tls_or_loopback(url))
+            .cloned()
+            .collect();
+        if (token.is_some() || user_password.is_some()) && !in_clear.is_empty() {
+            return Err(invalid(
+                if token.is_some() { "token" } else { "password" },
+                format!(
+                    "would travel in clear to {}: use tls:// URLs (or cluster.tls_ca) for a \
+                     NATS server that is not on loopback",
+                    in_clear[0]
+                ),
             ));
         }
         let heartbeat = millis("heartbeat_ms", self.heartbeat_ms, 100..=60_000)?;
@@ -150,8 +212,11 @@ impl RawCluster {
         Ok(ClusterConfig {
             nats_urls,
             credentials: self.credentials.clone(),
-            token: self.token.clone(),
+            token,
+            user_password,
             tls_ca: self.tls_ca.clone(),
+            tls_client,
+            encrypted_or_local: in_clear.is_empty(),
             request_timeout: millis("request_timeout_ms", self.request_timeout_ms, 10..=60_000)?,
             gather_wait: millis("gather_wait_ms", self.gather_wait_ms, 1..=10_000)?,
             heartbeat,
@@ -160,6 +225,22 @@ impl RawCluster {
             mirror_interval: millis("mirror_interval_ms", self.mirror_interval_ms, 1..=10_000)?,
         })
     }
+}
+
+/// Whether `url` asks for TLS (`tls://`) or names a loopback host.
+fn is_tls_or_loopback(url: &str) -> bool {
+    let Ok(address) = url.parse::<async_nats::ServerAddr>() else {
+        return false;
+    };
+    if address.tls_required() {
+        return true;
+    }
+    let host = address.host();
+    host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]
@@ -212,6 +293,30 @@ mod tests {
             refused_key("nats_url = \"nats://x:1\"\nreplicas = 7"),
             "cluster.replicas"
         );
+    }
+
+    #[test]
+    fn secrets_never_travel_in_clear_off_loopback() {
+        assert_eq!(
+            refused_key("nats_url = \"nats://nats.internal:4222\"\ntoken = \"t\""),
+            "cluster.token"
+        );
+        assert_eq!(
+            refused_key(
+                "nats_url = \"nats://10.0.0.5:4222\"\nuser = \"sb\"\npassword = \"p\""
+            ),
+            "cluster.password"
+        );
+        assert_eq!(
+            refused_key("nats_url = \"nats://127.0.0.1:4222\"\nuser = \"sb\""),
+            "cluster.password"
+        );
+        let local = parse("nats_url = \"nats://127.0.0.1:4222\"\ntoken = \"t\"").unwrap();
+        assert!(local.encrypted_or_local && local.token.is_some());
+        let tls = parse("nats_url = \"tls://nats.internal:4222\"\ntoken = \"t\"").unwrap();
+        assert!(tls.encrypted_or_local);
+        let clear = parse("nats_url = \"nats://nats.internal:4222\"").unwrap();
+        assert!(!clear.encrypted_or_local, "warned about at start");
     }
 
     #[test]

@@ -321,8 +321,24 @@ async fn connect(
     if let Some(token) = &config.token {
         options = options.token(token.clone());
     }
+    if let Some((user, password)) = &config.user_password {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
     if let Some(ca) = &config.tls_ca {
         options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let Some((cert, key)) = &config.tls_client {
+        options = options
+            .add_client_certificate(cert.clone(), key.clone())
+            .require_tls(true);
+    }
+    if !config.encrypted_or_local {
+        tracing::warn!(
+            urls = %urls,
+            "cluster traffic to NATS is unencrypted and leaves this host: anyone on that \
+             network can read pushes and resume secrets and forge node calls; use tls:// \
+             URLs with cluster.tls_ca (docs/SECURITY.md)"
+        );
     }
     let on_event = move |event: async_nats::Event| {
         let degraded = degraded.clone();

@@ -70,6 +70,13 @@ pub enum ApiError {
     ClusterUnavailable(String),
     #[error("WebTransport is not enabled ([server.webtransport])")]
     WebTransportDisabled,
+    /// Every management connection is taken: a reserve connection answers this.
+    #[error("management API busy (management.max_connections reached); try again")]
+    Busy,
+    /// No credentials are configured, so only requests a browser page cannot forge are
+    /// served (see [`loopback_only`]).
+    #[error("{0}")]
+    NotLoopback(&'static str),
 }
 
 impl IntoResponse for ApiError {
@@ -94,10 +101,11 @@ impl IntoResponse for ApiError {
             Self::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "RequestTimeoutException"),
             Self::LimitExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "LimitExceededException"),
             Self::Signature(error) => (StatusCode::FORBIDDEN, error.error_type()),
-            Self::ClusterUnavailable(_) => (
+            Self::ClusterUnavailable(_) | Self::Busy => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ServiceUnavailableException",
             ),
+            Self::NotLoopback(_) => (StatusCode::FORBIDDEN, "ForbiddenException"),
         };
         let mut response =
             (status, axum::Json(json!({ "message": self.to_string() }))).into_response();
@@ -128,7 +136,13 @@ pub fn router(state: ApiState) -> Router {
     // `/metrics` tells an attacker how the gateway is doing: protected unless configured
     // public (the default only on a loopback listener).
     let (authenticated, public) = if state.gateway.config.management.public_metrics {
-        (authenticated, Router::new().route("/metrics", get(metrics)))
+        let public = Router::new()
+            .route("/metrics", get(metrics))
+            .route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                guard_unauthenticated,
+            ));
+        (authenticated, public)
     } else {
         (authenticated.route("/metrics", get(metrics)), Router::new())
     };
@@ -187,15 +201,20 @@ async fn webtransport_discovery(
 
 /// With `management.tokens` or `management.aws_keys` set, a request needs
 /// `Authorization: Bearer TOKEN` or an AWS Signature V4 that verifies against one of the
-/// keys (the body is read first: the signature covers its hash). With neither set (the
-/// loopback-only default) every request is let through.
+/// keys. Everything the headers can tell is checked before a byte of the body is read (the
+/// token; SigV4's key, scope and date; the declared length against the route's limit), so
+/// an unauthenticated request costs no body read. With neither set (the loopback-only
+/// default) a request passes once [`loopback_only`] agrees.
 async fn authenticate(
     State(state): State<ApiState>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     let management = &state.gateway.config.management;
+    let limit = state.body_limit(request.method(), request.uri().path());
     if management.tokens.is_empty() && management.aws_keys.is_empty() {
+        loopback_only(request.headers())?;
+        check_declared_length(request.headers(), limit)?;
         return Ok(next.run(request).await);
     }
     let authorization = request
@@ -205,32 +224,102 @@ async fn authenticate(
         .unwrap_or_default()
         .to_owned();
     if let Some(token) = authorization.strip_prefix("Bearer ") {
-        return if auth::is_known_token(&management.tokens, token.trim()) {
-            Ok(next.run(request).await)
-        } else {
-            Err(ApiError::Unauthorized)
-        };
+        if !auth::is_known_token(&management.tokens, token.trim()) {
+            return Err(ApiError::Unauthorized);
+        }
+        check_declared_length(request.headers(), limit)?;
+        return Ok(next.run(request).await);
     }
     let Some(signature) = sigv4::Authorization::parse(&authorization) else {
         return Err(ApiError::Unauthorized);
     };
     let signature = signature.map_err(ApiError::Signature)?;
+    let now = std::time::SystemTime::now();
     let (parts, body) = request.into_parts();
-    let body = state.read_body(body, state.largest_body()).await?;
+    let headers: Vec<(&str, &str)> = parts
+        .headers
+        .iter()
+        .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)))
+        .collect();
+    sigv4::check_headers(&signature, &headers, &management.aws_keys, now)
+        .map_err(ApiError::Signature)?;
+    check_declared_length(&parts.headers, limit)?;
+    let body = state.read_body(body, limit).await?;
     let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let received = sigv4::ReceivedRequest {
         method: parts.method.as_str(),
         path_and_query,
-        headers: parts
-            .headers
-            .iter()
-            .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)))
-            .collect(),
+        headers,
         body: &body,
     };
-    let now = std::time::SystemTime::now();
     sigv4::verify(&signature, &received, &management.aws_keys, now).map_err(ApiError::Signature)?;
     Ok(next.run(Request::from_parts(parts, Body::from(body))).await)
+}
+
+/// Public routes that still tell something (`/metrics`): when no credentials are
+/// configured at all, only loopback requests without an `Origin` ([`loopback_only`]).
+async fn guard_unauthenticated(
+    State(state): State<ApiState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let management = &state.gateway.config.management;
+    if management.tokens.is_empty() && management.aws_keys.is_empty() {
+        loopback_only(request.headers())?;
+    }
+    Ok(next.run(request).await)
+}
+
+/// 413 before reading when the request declares a body longer than `limit`.
+fn check_declared_length(headers: &axum::http::HeaderMap, limit: usize) -> Result<(), ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(length) if length > limit as u64 => Err(ApiError::PayloadTooLarge { limit }),
+        _ => Ok(()),
+    }
+}
+
+/// With no credentials configured the API listens on loopback only, and trusts whoever can
+/// reach it there: local processes. A web page in the operator's browser can reach it too
+/// (a cross-site `text/plain` POST needs no preflight, and DNS rebinding lets a page read
+/// answers under its own host name), so a request that carries an `Origin` (a browser's)
+/// or a `Host` that is not a loopback name or address is refused.
+fn loopback_only(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    if headers.contains_key(header::ORIGIN) {
+        return Err(ApiError::NotLoopback(
+            "requests from web pages (with an Origin header) are refused while no \
+             management.tokens or aws_keys are configured",
+        ));
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !is_loopback_host(host) {
+        return Err(ApiError::NotLoopback(
+            "the Host header must name a loopback address (localhost, 127.0.0.1, [::1]) \
+             while no management.tokens or aws_keys are configured",
+        ));
+    }
+    Ok(())
+}
+
+/// `localhost`, `127.x.x.x` or `[::1]`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if !name.ends_with(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            name
+        }
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
@@ -658,6 +747,21 @@ async fn delete_connection(
 impl ApiState {
     /// The largest body any route takes: a bulk request, with room for its ids (quoted,
     /// comma-separated) and a base64 payload.
+    /// The largest body a route reads: a bulk send's id list, a queue commit's few bytes,
+    /// or one message.
+    fn body_limit(&self, method: &axum::http::Method, path: &str) -> usize {
+        if method == axum::http::Method::GET || method == axum::http::Method::DELETE {
+            return 0;
+        }
+        if path.ends_with("/@connections") {
+            self.largest_body()
+        } else if path.ends_with("/commit") {
+            COMMIT_BODY_BYTES
+        } else {
+            self.gateway.config.limits.max_message_bytes
+        }
+    }
+
     fn largest_body(&self) -> usize {
         let limits = &self.gateway.config.limits;
         limits.max_bulk_connection_ids * 40 + limits.max_message_bytes * 2 + 1024
@@ -684,6 +788,9 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
         }
     })
 }
+
+/// A queue commit's body: `{"group": G, "offset": N}`.
+const COMMIT_BODY_BYTES: usize = 4096;
 
 /// Most messages one pull may ask for.
 const MAX_PULL: usize = 1000;
@@ -849,7 +956,7 @@ async fn post_queue_commit(
 ) -> Result<Response, ApiError> {
     state.check_stage(&stage)?;
     state.check_queue(&queue)?;
-    let body = state.read_body(body, 4096).await?;
+    let body = state.read_body(body, COMMIT_BODY_BYTES).await?;
     let request: CommitRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("malformed commit request: {e}")))?;
     let group = check_group(Some(&request.group))?.to_owned();
