@@ -83,7 +83,10 @@ pub struct RawAuthorizer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audience: Option<String>,
     /// jwt: clock skew allowed on exp/nbf (default 60).
-    #[serde(default = "default_leeway_secs", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default = "default_leeway_secs",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub leeway_secs: Option<u64>,
     /// api_key: the accepted keys.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -96,7 +99,10 @@ pub struct RawAuthorizer {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub identity_sources: Vec<String>,
     /// http: how long an answer is reused for the same identity (0: never; default 300).
-    #[serde(default = "default_cache_ttl_secs", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default = "default_cache_ttl_secs",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cache_ttl_secs: Option<u64>,
     /// http: the backend's time to answer (default 10000).
     #[serde(
@@ -154,7 +160,12 @@ impl RawAuthorizer {
                     )
                 })?;
                 let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
-                restrict(&mut validation, self.issuer.as_deref(), Some(audience), leeway_secs);
+                restrict(
+                    &mut validation,
+                    self.issuer.as_deref(),
+                    Some(audience),
+                    leeway_secs,
+                );
                 Check::Jwks {
                     keys: Arc::new(keys),
                     validation: Box::new(validation),

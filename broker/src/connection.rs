@@ -21,7 +21,7 @@ use crate::event::{ApiFacts, ConnectionFacts};
 use crate::limits::AdmissionTicket;
 use crate::metrics::Metrics;
 use crate::outbound::{self, MAX_IOVECS, OutboundQueue, RewindError, SharedFrame};
-use crate::resume::{self, ResumeToken, Secret};
+use crate::resume::{self, ResumeToken, Secret, SecretHash};
 use crate::transport::Socket;
 
 /// The connection is closed or closing: the push was not delivered.
@@ -50,8 +50,12 @@ pub struct Connection {
     /// A resume takes over while its socket still looks alive: the session lets go of the
     /// socket and parks. Not a close request: frames keep queueing meanwhile.
     superseded: Cell<bool>,
-    /// The secret of its resume token, if resumable.
-    resume_secret: OnceCell<Secret>,
+    /// The secret of its resume token, if resumable. A new one at every resume.
+    resume_secret: Cell<Option<Secret>>,
+    /// After a resume: the secret it replaced, and the `resumed` frame that carries the new
+    /// one. The old secret still resumes while that frame is unwritten (its client may
+    /// lose the new socket before it learns the new token), and never after.
+    handover: RefCell<Option<(Secret, SharedFrame)>>,
     /// What it was known by on the nodes it moved here from: a client that lost the
     /// `resumed` frame of a move still holds a token from one of them.
     earlier: OnceCell<Box<Earlier>>,
@@ -94,7 +98,11 @@ pub struct Connection {
 #[derive(Debug, Default)]
 pub(crate) struct Earlier {
     pub(crate) ids: Vec<ConnectionId>,
-    pub(crate) secrets: Vec<Secret>,
+    /// The hashes of the secrets that resumed it there: good until the `resumed` frame
+    /// with its token here is written.
+    pub(crate) secret_hashes: Vec<SecretHash>,
+    /// That frame.
+    pub(crate) frame: Option<SharedFrame>,
 }
 
 impl Connection {
@@ -110,7 +118,8 @@ impl Connection {
             parked: Cell::new(false),
             resuming: Cell::new(false),
             superseded: Cell::new(false),
-            resume_secret: OnceCell::new(),
+            resume_secret: Cell::new(None),
+            handover: RefCell::new(None),
             earlier: OnceCell::new(),
             resumed: RefCell::new(None),
             dirty: Cell::new(false),
@@ -240,14 +249,16 @@ impl Connection {
     /// Makes the connection resumable with `token`: from now on its data frames are
     /// numbered and the last ones written kept (see [`crate::resume`]).
     pub(crate) fn make_resumable(&self, token: &ResumeToken, config: &ResumeConfig) {
-        let _ = self.resume_secret.set(token.secret);
+        self.resume_secret.set(Some(token.secret));
         self.outbound
             .borrow_mut()
             .keep_for_resend(config.buffer_frames, config.buffer_bytes);
     }
 
-    /// Accepts the tokens it had before it moved here, besides its own.
-    pub(crate) fn accept_earlier(&self, earlier: Earlier) {
+    /// Accepts the tokens it had before it moved here, besides its own, until `frame` (the
+    /// `resumed` frame with its token here) is written.
+    pub(crate) fn accept_earlier(&self, mut earlier: Earlier, frame: SharedFrame) {
+        earlier.frame = Some(frame);
         let _ = self.earlier.set(Box::new(earlier));
     }
 
@@ -256,20 +267,22 @@ impl Connection {
         self.earlier.get().map(|e| &e.ids[..]).unwrap_or_default()
     }
 
-    /// Whether `token` is this connection's resume token (or one it had before a move,
-    /// which names it by its id here).
-    pub(crate) fn is_resumed_by(&self, token: &ResumeToken) -> bool {
-        token.id == self.id && self.secrets().any(|secret| token.proves(secret))
-    }
-
-    /// The secrets of the tokens that resume it: its own, then those from before moves.
-    pub(crate) fn secrets(&self) -> impl Iterator<Item = &Secret> {
-        let earlier = self
-            .earlier
-            .get()
-            .map(|e| &e.secrets[..])
+    /// The hashes of the secrets of the tokens that resume it now: its own, the one a resume
+    /// replaced while the frame with the new one is unwritten, and those it had before a
+    /// move while the frame of the move is unwritten.
+    pub(crate) fn secret_hashes(&self) -> Vec<SecretHash> {
+        let unwritten = |frame: &SharedFrame| self.outbound.borrow().holds(frame);
+        let replaced = (self.handover.borrow().as_ref())
+            .filter(|(_, frame)| unwritten(frame))
+            .map(|(secret, _)| resume::hash_secret(secret));
+        let earlier = (self.earlier.get())
+            .filter(|earlier| earlier.frame.as_ref().is_some_and(unwritten))
+            .map(|earlier| earlier.secret_hashes.clone())
             .unwrap_or_default();
-        self.resume_secret.get().into_iter().chain(earlier)
+        (self.resume_secret.get().iter().map(resume::hash_secret))
+            .chain(replaced)
+            .chain(earlier)
+            .collect()
     }
 
     pub(crate) fn is_resumable(&self) -> bool {
@@ -326,17 +339,18 @@ impl Connection {
             return Err(RewindError::NotKept);
         }
         let replayed = self.outbound.borrow_mut().rewind(received)?;
-        // A connection that moved here names its token here: its client may still hold
-        // one from before the move.
-        let token = self.earlier.get().and(self.resume_secret.get());
-        let token = token.map(|secret| ResumeToken {
-            id: self.id,
-            secret: *secret,
-        });
-        let resumed = resume::resumed_frame(&self.facts.connection_id, replayed, token.as_ref());
-        self.outbound
-            .borrow_mut()
-            .push_front(outbound::shared(resumed));
+        // Every resume gets a new token: one that leaked with an old URL resumes nothing
+        // once the new one is on its way to the client.
+        let token = ResumeToken::mint(self.id);
+        let resumed = outbound::shared(resume::resumed_frame(
+            &self.facts.connection_id,
+            replayed,
+            Some(&token),
+        ));
+        if let Some(replaced) = self.resume_secret.replace(Some(token.secret)) {
+            *self.handover.borrow_mut() = Some((replaced, resumed.clone()));
+        }
+        self.outbound.borrow_mut().push_front(resumed);
         *self.stream.borrow_mut() = Rc::new(socket);
         *self.resumed.borrow_mut() = Some(leftover);
         self.parked.set(false);

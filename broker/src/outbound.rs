@@ -304,6 +304,11 @@ impl OutboundQueue {
         self.frames.is_empty()
     }
 
+    /// Whether `frame` (this very one, not an equal one) is still queued, not all written.
+    pub fn holds(&self, frame: &SharedFrame) -> bool {
+        self.frames.iter().any(|q| Rc::ptr_eq(&q.frame, frame))
+    }
+
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes
     }

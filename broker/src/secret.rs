@@ -52,10 +52,7 @@ pub fn resolve(value: &str) -> Result<String, String> {
 /// `NAME` when `value` is exactly `${NAME}`.
 fn env_reference(value: &str) -> Option<&str> {
     let name = value.strip_prefix("${")?.strip_suffix('}')?;
-    let valid = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let valid = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
     valid.then_some(name)
 }
 
@@ -164,6 +161,10 @@ mod tests {
         std::fs::write(&path, "# rotated 2026-12\n\n  abc  \ndef\n").unwrap();
         assert_eq!(read_token_file(&path).unwrap(), vec!["abc", "def"]);
         std::fs::write(&path, "# none\n").unwrap();
-        assert!(read_token_file(&path).unwrap_err().contains("holds no token"));
+        assert!(
+            read_token_file(&path)
+                .unwrap_err()
+                .contains("holds no token")
+        );
     }
 }

@@ -149,17 +149,17 @@ pub(crate) async fn live(
     if let Some(config) = &gateway.config.api.resume {
         let token = ResumeToken::mint(id);
         let connection_id = &connection.facts.connection_id;
-        let first = match &moved_in {
+        let first = outbound::shared(match &moved_in {
             Some(moved) => resume::resumed_frame(connection_id, moved.frames.len(), Some(&token)),
             None => resume::welcome_frame(connection_id, &token, resume_refused),
-        };
+        });
         connection
             .outbound()
             .borrow_mut()
-            .push_unbounded(outbound::shared(first));
+            .push_unbounded(first.clone());
         connection.make_resumable(&token, config);
         if let Some(moved) = moved_in {
-            connection.accept_earlier(moved.earlier);
+            connection.accept_earlier(moved.earlier, first);
             let mut queue = connection.outbound().borrow_mut();
             queue.continue_count_after(moved.received);
             for frame in moved.frames {
@@ -348,7 +348,7 @@ async fn open(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) -> Opt
         }
     };
     if shard.gateway.config.api.resume.is_some() {
-        if let Some(resume) = ResumeRequest::from_query(&upgrade.request.query) {
+        if let Some(resume) = ResumeRequest::from_request(&upgrade.request) {
             return Some(Opened::Resume(Resuming::websocket(
                 socket, upgrade, resume, peer,
             )));
@@ -430,14 +430,32 @@ pub(crate) async fn admit(
     facts: &mut ConnectionFacts,
     request: &crate::event::HandshakeRequest,
 ) -> Result<Option<String>, Refused> {
-    facts.authorizer =
-        admit_request(shard, facts, request)
-            .await
-            .map_err(|(status, body, result)| Refused {
-                status,
-                body: body.into(),
-                result,
-            })?;
+    facts.authorizer = check_request(shard, facts, request).await?;
+    run_connect(shard, facts, request).await
+}
+
+/// The origin allow-list and the authorizer: who the client is, or why it may not open a
+/// connection. Calls no route, changes nothing.
+pub(crate) async fn check_request(
+    shard: &Rc<Shard>,
+    facts: &ConnectionFacts,
+    request: &crate::event::HandshakeRequest,
+) -> Result<Option<std::sync::Arc<serde_json::value::RawValue>>, Refused> {
+    admit_request(shard, facts, request)
+        .await
+        .map_err(|(status, body, result)| Refused {
+            status,
+            body: body.into(),
+            result,
+        })
+}
+
+/// The `$connect` route for `facts`; returns the subprotocol it chose.
+pub(crate) async fn run_connect(
+    shard: &Rc<Shard>,
+    facts: &ConnectionFacts,
+    request: &crate::event::HandshakeRequest,
+) -> Result<Option<String>, Refused> {
     match dispatch::run_connect(shard, facts, request).await {
         ConnectOutcome::Accept { protocol } => Ok(protocol),
         ConnectOutcome::Reject {
@@ -557,7 +575,7 @@ async fn open_webtransport(
         datagrams,
     };
     if gateway.config.api.resume.is_some() {
-        if let Some(resume) = ResumeRequest::from_query(&handshake_request.query) {
+        if let Some(resume) = ResumeRequest::from_request(&handshake_request) {
             let resuming = Resuming {
                 answer,
                 peer,

@@ -50,7 +50,10 @@ impl Storage {
     /// opening or changing anything: what `check-config` asks before it says OK.
     pub fn check_not_in_use(dir: &Path) -> Result<(), StorageError> {
         // sled locks the file `db` of its directory (flock, exclusive, non-blocking).
-        let Ok(file) = std::fs::OpenOptions::new().read(true).write(true).open(dir.join("db"))
+        let Ok(file) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join("db"))
         else {
             return Ok(());
         };

@@ -93,6 +93,34 @@ impl std::fmt::Display for TokenSource {
     }
 }
 
+/// Who an authorizer context says the client is, to bind a resumed session to the
+/// identity it was opened with: `principalId` when the context has one, otherwise a hash
+/// of the context less the claims that change with every token of the same identity
+/// (`exp`, `iat`, `nbf`, `jti`, `auth_time`). `None` without an authorizer.
+pub fn principal_of(context: Option<&RawValue>) -> Option<String> {
+    let context = context?;
+    let Ok(Value::Object(mut map)) = serde_json::from_str::<Value>(context.get()) else {
+        return Some(format!("raw:{}", hex_sha256(context.get().as_bytes())));
+    };
+    if let Some(Value::String(principal)) = map.get("principalId") {
+        return Some(format!("principal:{principal}"));
+    }
+    for claim in ["exp", "iat", "nbf", "jti", "auth_time"] {
+        map.remove(claim);
+    }
+    // serde_json's map is ordered by key: the same claims always serialize alike.
+    let canonical = Value::Object(map).to_string();
+    Some(format!("context:{}", hex_sha256(canonical.as_bytes())))
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// What the authorizer decided.
 #[derive(Debug, Clone)]
 pub enum Verdict {
@@ -556,7 +584,12 @@ mod tests {
     fn jwt_authorizer(source: TokenSource) -> Authorizer {
         let mut check = jwt_check(Some("s3cret"), None).unwrap();
         if let Check::Jwt { validation, .. } = &mut check {
-            restrict(validation, Some("https://issuer.test"), Some("switchboard"), 0);
+            restrict(
+                validation,
+                Some("https://issuer.test"),
+                Some("switchboard"),
+                0,
+            );
         }
         Authorizer { source, check }
     }
@@ -587,6 +620,22 @@ mod tests {
         assert_eq!(TokenSource::protocol_for_tests().find(&req), Some("p"));
         assert_eq!(TokenSource::parse("cookie:x"), None);
         assert_eq!(TokenSource::parse("query:"), None);
+    }
+
+    #[test]
+    fn principals_ignore_what_changes_between_tokens_of_one_identity() {
+        let raw = |text: &str| RawValue::from_string(text.to_owned()).unwrap();
+        let alice = raw(r#"{"principalId":"alice","exp":1}"#);
+        let alice_later = raw(r#"{"exp":2,"principalId":"alice","tier":"pro"}"#);
+        let bob = raw(r#"{"principalId":"bob","exp":1}"#);
+        assert_eq!(principal_of(Some(&alice)), principal_of(Some(&alice_later)));
+        assert_ne!(principal_of(Some(&alice)), principal_of(Some(&bob)));
+        let keyed = raw(r#"{"apiKey":"api-key-0","iat":5}"#);
+        let keyed_again = raw(r#"{"iat":9,"apiKey":"api-key-0"}"#);
+        let other_key = raw(r#"{"apiKey":"api-key-1","iat":5}"#);
+        assert_eq!(principal_of(Some(&keyed)), principal_of(Some(&keyed_again)));
+        assert_ne!(principal_of(Some(&keyed)), principal_of(Some(&other_key)));
+        assert_eq!(principal_of(None), None);
     }
 
     #[test]

@@ -136,8 +136,8 @@ pub fn check_headers<'k>(
     if authorization.service != SERVICE {
         return Err(SigV4Error::WrongService);
     }
-    let amz_date = header(headers, "x-amz-date")
-        .ok_or(SigV4Error::Malformed("no valid X-Amz-Date header"))?;
+    let amz_date =
+        header(headers, "x-amz-date").ok_or(SigV4Error::Malformed("no valid X-Amz-Date header"))?;
     let signed_at =
         parse_amz_date(amz_date).ok_or(SigV4Error::Malformed("no valid X-Amz-Date header"))?;
     if !amz_date.starts_with(authorization.date) || authorization.date.len() != 8 {

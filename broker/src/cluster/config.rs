@@ -302,9 +302,7 @@ mod tests {
             "cluster.token"
         );
         assert_eq!(
-            refused_key(
-                "nats_url = \"nats://10.0.0.5:4222\"\nuser = \"sb\"\npassword = \"p\""
-            ),
+            refused_key("nats_url = \"nats://10.0.0.5:4222\"\nuser = \"sb\"\npassword = \"p\""),
             "cluster.password"
         );
         assert_eq!(

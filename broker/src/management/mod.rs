@@ -136,12 +136,9 @@ pub fn router(state: ApiState) -> Router {
     // `/metrics` tells an attacker how the gateway is doing: protected unless configured
     // public (the default only on a loopback listener).
     let (authenticated, public) = if state.gateway.config.management.public_metrics {
-        let public = Router::new()
-            .route("/metrics", get(metrics))
-            .route_layer(middleware::from_fn_with_state(
-                state.clone(),
-                guard_unauthenticated,
-            ));
+        let public = Router::new().route("/metrics", get(metrics)).route_layer(
+            middleware::from_fn_with_state(state.clone(), guard_unauthenticated),
+        );
         (authenticated, public)
     } else {
         (authenticated.route("/metrics", get(metrics)), Router::new())

@@ -2,12 +2,21 @@
 //!
 //! It runs on the shard that owns the connection the token names (a socket, or a
 //! WebTransport session request, that reached another shard is handed over first, before
-//! anything is answered): the token and the count are checked, the authorizer and `$connect`
-//! run again (with `requestContext.resumed = true`), the client is answered (101, or the
-//! session accepted) and its socket is attached to the parked connection, which replays
-//! what its client missed. A connection whose old socket still looks alive (the client
-//! noticed the drop first) is parked on the spot. Anything that cannot be resumed becomes a
-//! new connection whose welcome frame says why.
+//! anything is answered). Nothing about the session changes until the newcomer has proven
+//! all of it, in this order:
+//!
+//! 1. the token and the count are checked, without side effects (a bad count refuses the
+//!    resume and leaves the session as it was);
+//! 2. the origin check and the authorizer run on the new request, and the identity they
+//!    establish must be the one the session was opened with (`principalId`, or the
+//!    context's hash): a stolen token alone does not carry a session over to someone else;
+//! 3. `$connect` runs (with `requestContext.resumed = true`).
+//!
+//! Only then is a socket that still looks alive (the client noticed the drop first) taken
+//! over, the client answered (101, or the session accepted), and its socket attached to the
+//! parked connection, which replays what its client missed under a new token. A refusal by
+//! the authorizer or `$connect` answers the newcomer and leaves the session alone; anything
+//! else that cannot be resumed becomes a new connection whose welcome frame says why.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -19,7 +28,7 @@ use crate::event::HandshakeRequest;
 use crate::handshake::UpgradeRequest;
 use crate::limits::AdmissionTicket;
 use crate::outbound::Wire;
-use crate::resume::{Refusal, ResumeRequest, ResumeToken};
+use crate::resume::{Refusal, ResumeRequest, ResumeToken, forget_token};
 use crate::session::{self, Accepted, Answer};
 use crate::shard::Shard;
 use crate::transport::{SendableSocket, Socket};
@@ -218,29 +227,38 @@ impl Drop for ResumingGuard {
 }
 
 async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeToken, received: u64) {
-    let wire = Some(resuming.answer.wire());
-    let guard = match claim(&shard, token, received, wire, TAKEOVER_TIMEOUT).await {
+    let wire = resuming.answer.wire();
+    let claimed = shard
+        .resumable(token)
+        .and_then(|connection| check_claim(connection, received, Some(wire)));
+    let guard = match claimed {
         Ok(guard) => guard,
         Err(refusal) => return open_new(shard, resuming, refusal).await,
     };
     let connection = guard.0.clone();
     let metrics = &shard.gateway.metrics;
-    let wire = resuming.answer.wire();
     resuming.request.resumed = true;
-    forget_token(&mut resuming.request.query);
-    let mut facts = connection.facts.clone();
-    let timeout = shard.gateway.config.limits.handshake_timeout;
-    let protocol = match session::admit(&shard, &mut facts, &resuming.request).await {
-        Ok(protocol) => protocol,
-        Err(refused) => {
-            metrics.resumes.with_label_values(&["refused"]).inc();
-            connection.request_close(DisconnectReason::ResumeRefused);
-            // The connection ends now, whatever the client does with the answer.
-            drop(guard);
-            resuming.answer.refuse(&shard, refused).await;
-            return;
-        }
+    forget_token(&mut resuming.request);
+    let facts = connection.facts.clone();
+    let checked = session::check_request(&shard, &facts, &resuming.request).await;
+    let identity = match checked {
+        Ok(context) => context,
+        Err(refused) => return refuse_newcomer(&shard, guard, resuming, refused).await,
     };
+    if !same_principal(&facts, identity.as_deref()) {
+        drop(guard);
+        metrics.resumes.with_label_values(&["other_identity"]).inc();
+        return open_new(shard, resuming, Refusal::Unknown).await;
+    }
+    let protocol = match session::run_connect(&shard, &facts, &resuming.request).await {
+        Ok(protocol) => protocol,
+        Err(refused) => return refuse_newcomer(&shard, guard, resuming, refused).await,
+    };
+    if !connection.is_parked() && !take_over(&connection, TAKEOVER_TIMEOUT).await {
+        drop(guard);
+        return open_new(shard, resuming, Refusal::Unknown).await;
+    }
+    let timeout = shard.gateway.config.limits.handshake_timeout;
     let Some((socket, leftover)) = resuming.answer.accept(protocol.as_deref(), timeout).await
     else {
         // Lost again before the answer: the connection stays parked for another try.
@@ -260,8 +278,8 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
         }
         Err(_) => {
             // It ended while `$connect` ran (it cannot: see `session::park`), or what it
-            // held no longer fits: the client's new socket is let go, and the connection
-            // ends.
+            // held no longer fits once its old socket let go: the client's new socket is
+            // let go, and the connection ends.
             metrics.resumes.with_label_values(&["overflow"]).inc();
             connection.request_close(DisconnectReason::ResumeRefused);
         }
@@ -269,25 +287,64 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
     drop(guard);
 }
 
-/// Claims the connection `token` names for a client that received `received` frames
-/// (over `wire`, if it must match): marked as being resumed until the guard drops, parked
-/// (a socket that still looks alive is taken over within `within`), and able to replay
-/// from the count. Otherwise why not; a count it cannot replay from ends it, since its
-/// client gave up on it.
-pub(crate) async fn claim(
-    shard: &Shard,
-    token: &ResumeToken,
+/// The authorizer or `$connect` refused the client that asked to resume: it gets the
+/// refusal, and the session it named goes on as if it had never asked.
+async fn refuse_newcomer(
+    shard: &Rc<Shard>,
+    guard: ResumingGuard,
+    resuming: Resuming,
+    refused: session::Refused,
+) {
+    drop(guard);
+    shard
+        .gateway
+        .metrics
+        .resumes
+        .with_label_values(&["refused"])
+        .inc();
+    resuming.answer.refuse(shard, refused).await;
+}
+
+/// Whether the identity the new request established (`context`, the authorizer's) is the
+/// one `facts` was opened with. Without an authorizer both are none and anyone holding the
+/// token is its client.
+pub(crate) fn same_principal(
+    facts: &crate::event::ConnectionFacts,
+    context: Option<&serde_json::value::RawValue>,
+) -> bool {
+    use crate::auth::authorizer::principal_of;
+    principal_of(facts.authorizer.as_deref()) == principal_of(context)
+}
+
+/// Checks, without changing anything, that `connection` (found by a token) can resume for
+/// a client that received `received` frames (over `wire`, if it must match), and marks it
+/// as being resumed until the guard drops (its window does not run out meanwhile, and no
+/// second resume runs at once). A count it cannot replay from is refused like any other
+/// mismatch: the session stays as it was, for its real client.
+pub(crate) fn check_claim(
+    connection: Rc<Connection>,
     received: u64,
     wire: Option<Wire>,
-    within: Duration,
 ) -> Result<ResumingGuard, Refusal> {
-    let connection = shard.resumable(token)?;
     // A session resumes over the transport it was opened with.
     if connection.is_resuming() || wire.is_some_and(|wire| connection.stream().wire() != wire) {
         return Err(Refusal::Unknown);
     }
+    connection.can_rewind(received)?;
     connection.set_resuming(true);
-    let guard = ResumingGuard(connection.clone());
+    Ok(ResumingGuard(connection))
+}
+
+/// [`check_claim`], then takes over a socket that still looks alive within `within`, and
+/// checks the count again (frames written meanwhile may have left the resend buffer).
+pub(crate) async fn claim(
+    connection: Rc<Connection>,
+    received: u64,
+    wire: Option<Wire>,
+    within: Duration,
+) -> Result<ResumingGuard, Refusal> {
+    let guard = check_claim(connection, received, wire)?;
+    let connection = guard.0.clone();
     if !connection.is_parked() && !take_over(&connection, within).await {
         return Err(Refusal::Unknown);
     }
@@ -320,7 +377,7 @@ pub(crate) async fn open_new(shard: Rc<Shard>, mut resuming: Resuming, refusal: 
         .resumes
         .with_label_values(&[refusal.as_str()])
         .inc();
-    forget_token(&mut resuming.request.query);
+    forget_token(&mut resuming.request);
     let Resuming {
         answer,
         peer,
@@ -341,9 +398,4 @@ pub(crate) async fn open_new(shard: Rc<Shard>, mut resuming: Resuming, refusal: 
     };
     let decoder = session::decoder_for(&shard, wire);
     session::live(shard, socket, accepted, decoder, ticket).await;
-}
-
-/// The token is a secret: backends see that a client resumed, not its token.
-pub(crate) fn forget_token(query: &mut Vec<(String, String)>) {
-    query.retain(|(name, _)| name != "resume");
 }

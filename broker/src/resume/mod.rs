@@ -32,6 +32,38 @@ const SECRET_BYTES: usize = 16;
 /// What a token proves: possession of the connection's secret.
 pub type Secret = [u8; SECRET_BYTES];
 
+/// A secret's SHA-256: what nodes tell each other instead of the secret, so a token cannot
+/// be read off cluster traffic (a client must present the secret itself).
+pub type SecretHash = [u8; 32];
+
+/// The hash of `secret` that nodes exchange.
+pub fn hash_secret(secret: &Secret) -> SecretHash {
+    sha256(&[secret])
+}
+
+/// What a node asking for a connection sends as proof that its client holds a token of
+/// it: bound to the id the connection will have there, so a copy of it moves the
+/// connection nowhere else.
+pub fn move_proof(hash: &SecretHash, alias: &str) -> SecretHash {
+    sha256(&[b"switchboard-move\0", hash, alias.as_bytes()])
+}
+
+/// Compares two hashes in constant time.
+pub fn same_hash(a: &SecretHash, b: &SecretHash) -> bool {
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
+}
+
+fn sha256(parts: &[&[u8]]) -> SecretHash {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in parts {
+        context.update(part);
+    }
+    let mut hash = SecretHash::default();
+    hash.copy_from_slice(context.finish().as_ref());
+    hash
+}
+
 /// A resume token: the connection it names and a secret only its client was given.
 /// Encoded as 43 URL-safe characters; the secret cannot be derived from the connectionId.
 #[derive(Clone, PartialEq, Eq)]
@@ -79,11 +111,13 @@ impl ResumeToken {
 
     /// Whether `secret` is this token's, in constant time.
     pub fn proves(&self, secret: &Secret) -> bool {
-        self.secret
-            .iter()
-            .zip(secret)
-            .fold(0u8, |differ, (a, b)| differ | (a ^ b))
-            == 0
+        use subtle::ConstantTimeEq;
+        self.secret.ct_eq(secret).into()
+    }
+
+    /// Whether this token's secret is the one `hash` was made from, in constant time.
+    pub fn matches(&self, hash: &SecretHash) -> bool {
+        same_hash(&hash_secret(&self.secret), hash)
     }
 }
 
@@ -128,23 +162,59 @@ pub enum ResumeRequest {
     Malformed,
 }
 
+/// The header that carries a resume token outside the URL (clients that can set headers:
+/// URLs end up in proxies' access logs), with [`RECEIVED_HEADER`].
+pub const TOKEN_HEADER: &str = "x-switchboard-resume";
+/// The count that goes with [`TOKEN_HEADER`].
+pub const RECEIVED_HEADER: &str = "x-switchboard-received";
+
 impl ResumeRequest {
-    /// Reads the query string pairs; `None` if the client did not ask to resume.
-    pub fn from_query(query: &[(String, String)]) -> Option<Self> {
-        let value = |name: &str| {
-            query
+    /// Reads the headers ([`TOKEN_HEADER`], [`RECEIVED_HEADER`]) or else the query string
+    /// (`resume`, `received`); `None` if the client did not ask to resume. A request that
+    /// names a token or a count twice is malformed.
+    pub fn from_request(request: &crate::event::HandshakeRequest) -> Option<Self> {
+        let header = |name: &str| {
+            let mut values = request
+                .headers
                 .iter()
-                .find(|(key, _)| key == name)
-                .map(|(_, value)| value.as_str())
+                .filter(|(key, _)| key.eq_ignore_ascii_case(name));
+            let first = values.next().map(|(_, value)| value.as_str());
+            if values.next().is_some() {
+                Some(None)
+            } else {
+                first.map(Some)
+            }
         };
-        let token = value("resume")?;
-        let parsed =
-            ResumeToken::parse(token).zip(value("received").and_then(|n| n.parse::<u64>().ok()));
+        let query = |name: &str| {
+            let mut values = request.query.iter().filter(|(key, _)| key == name);
+            let first = values.next().map(|(_, value)| value.as_str());
+            if values.next().is_some() {
+                Some(None)
+            } else {
+                first.map(Some)
+            }
+        };
+        let (token, received) = match header(TOKEN_HEADER) {
+            Some(token) => (token, header(RECEIVED_HEADER).flatten()),
+            None => (query("resume")?, query("received").flatten()),
+        };
+        let parsed = token
+            .and_then(ResumeToken::parse)
+            .zip(received.and_then(|n| n.parse::<u64>().ok()));
         Some(match parsed {
             Some((token, received)) => Self::Resume { token, received },
             None => Self::Malformed,
         })
     }
+}
+
+/// The token is a secret: backends see that a client resumed, not its token (neither in
+/// the query nor in the headers).
+pub fn forget_token(request: &mut crate::event::HandshakeRequest) {
+    request.query.retain(|(name, _)| name != "resume");
+    request
+        .headers
+        .retain(|(name, _)| !name.eq_ignore_ascii_case(TOKEN_HEADER));
 }
 
 /// The first frame of a resumable connection; `refused` says why a resume it was opened
@@ -210,23 +280,52 @@ mod tests {
         assert!(!format!("{token:?}").contains(&text[22..]), "never logged");
     }
 
+    fn from_query(query: &[(String, String)]) -> Option<ResumeRequest> {
+        ResumeRequest::from_request(&crate::event::HandshakeRequest {
+            query: query.to_vec(),
+            ..Default::default()
+        })
+    }
+
     #[test]
     fn resume_requests_parse_and_anything_malformed_is_unknown() {
-        assert_eq!(ResumeRequest::from_query(&pairs(&[("room", "a")])), None);
+        assert_eq!(from_query(&pairs(&[("room", "a")])), None);
         let token = ResumeToken::mint(id());
         let text = token.encode();
         assert_eq!(
-            ResumeRequest::from_query(&pairs(&[("resume", &text), ("received", "7")])),
-            Some(ResumeRequest::Resume { token, received: 7 })
+            from_query(&pairs(&[("resume", &text), ("received", "7")])),
+            Some(ResumeRequest::Resume {
+                token: token.clone(),
+                received: 7
+            })
         );
+        let in_headers = crate::event::HandshakeRequest {
+            headers: pairs(&[
+                ("X-Switchboard-Resume", &text),
+                ("X-Switchboard-Received", "7"),
+            ]),
+            ..Default::default()
+        };
+        assert_eq!(
+            ResumeRequest::from_request(&in_headers),
+            Some(ResumeRequest::Resume {
+                token: token.clone(),
+                received: 7
+            })
+        );
+        let mut forgotten = in_headers.clone();
+        forget_token(&mut forgotten);
+        assert_eq!(forgotten.headers, pairs(&[("X-Switchboard-Received", "7")]));
         for bad in [
             vec![("resume", text.as_str())],
             vec![("resume", text.as_str()), ("received", "-1")],
             vec![("resume", "short"), ("received", "1")],
             vec![("resume", &text[1..]), ("received", "1")],
+            vec![("resume", &text), ("received", "1"), ("received", "2")],
+            vec![("resume", &text), ("resume", &text), ("received", "1")],
         ] {
             assert_eq!(
-                ResumeRequest::from_query(&pairs(&bad)),
+                from_query(&pairs(&bad)),
                 Some(ResumeRequest::Malformed),
                 "{bad:?}"
             );

@@ -24,13 +24,15 @@ use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::authorizer::principal_of;
 use crate::cluster::Cluster;
 use crate::cluster::remote::Op;
 use crate::connection::Earlier;
 use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
-use crate::resume::attach::{Resuming, claim, forget_token, open_new};
-use crate::resume::{Refusal, ResumeToken, Secret};
+use crate::resume::attach::{Resuming, claim, open_new};
+use crate::resume::forget_token;
+use crate::resume::{Refusal, ResumeToken, SecretHash};
 use crate::rooms::RoomName;
 use crate::session::{self, Accepted};
 use crate::shard::Shard;
@@ -38,8 +40,13 @@ use crate::shard::Shard;
 /// What the new node asks the old one for.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MoveRequest {
-    /// The token's secret, base64.
-    pub secret: String,
+    /// Proof that the client holds a token of the connection, base64: the token's secret
+    /// never travels ([`crate::resume::move_proof`]).
+    pub proof: String,
+    /// Who the authorizer says the client is now ([`principal_of`]); the old node hands the
+    /// connection over only to the identity it was opened with.
+    #[serde(default)]
+    pub principal: Option<String>,
     pub received: u64,
     /// Where the connection will live: the new node's id for it.
     pub alias: String,
@@ -61,10 +68,10 @@ pub struct MovedOut {
     /// `limits.max_connection_secs`); absent from nodes that predate it.
     #[serde(default)]
     pub lifetime_left_ms: Option<u64>,
-    /// The secrets of the tokens that resumed it there (base64): its client may not have
-    /// read the `resumed` frame with the new one.
+    /// The hashes of the secrets of the tokens that resume it there (base64): its client may
+    /// not have read the `resumed` frame with the new one.
     #[serde(default)]
-    pub secrets: Vec<String>,
+    pub secret_hashes: Vec<String>,
     /// The ids those tokens name: its id there and on the nodes before, oldest first.
     #[serde(default)]
     pub ids: Vec<String>,
@@ -87,7 +94,7 @@ pub(crate) async fn move_out(
     id: ConnectionId,
     request: MoveRequest,
 ) -> Result<MovedOut, Refusal> {
-    let Some(secret) = decode_secret(&request.secret) else {
+    let Some(proof) = decode_hash(&request.proof) else {
         return Err(Refusal::Unknown);
     };
     let alias: ConnectionId = request.alias.parse().map_err(|_| Refusal::Unknown)?;
@@ -97,10 +104,15 @@ pub(crate) async fn move_out(
     ) else {
         return Err(Refusal::Unknown);
     };
-    let token = ResumeToken { id, secret };
     // One that ended says how (asked by a client whose token is from before it moved
     // here, through the node it left: perhaps from this very node).
-    shard.resumable(&token)?;
+    let connection = shard.resumable_by(id, |hash| {
+        crate::resume::same_hash(&crate::resume::move_proof(hash, &request.alias), &proof)
+    })?;
+    if principal_of(connection.facts.authorizer.as_deref()) != request.principal {
+        // A token, but someone else's identity: not theirs to take.
+        return Err(Refusal::Unknown);
+    }
     if alias.node == cluster.node_id {
         // A connection moves to another node, never onto this one's ids.
         return Err(Refusal::Unknown);
@@ -120,7 +132,7 @@ pub(crate) async fn move_out(
         return Err(Refusal::Unknown);
     }
     let deadline = std::time::Instant::now() + budget;
-    let guard = claim(&shard, &token, request.received, None, budget).await?;
+    let guard = claim(connection, request.received, None, budget).await?;
     let connection = guard.0.clone();
     if std::time::Instant::now() >= deadline || connection.close_requested() {
         // Too late to answer in time, or a DELETE (or an overflow) came first: it stays
@@ -149,7 +161,9 @@ pub(crate) async fn move_out(
         rooms: rooms.iter().map(|room| room.as_str().to_owned()).collect(),
         frames: frames.iter().map(|frame| STANDARD.encode(frame)).collect(),
         lifetime_left_ms: Some(u64::try_from(lifetime_left.as_millis()).unwrap_or(u64::MAX)),
-        secrets: connection.secrets().map(|s| STANDARD.encode(s)).collect(),
+        secret_hashes: (connection.secret_hashes().iter())
+            .map(|hash| STANDARD.encode(hash))
+            .collect(),
         ids: (connection.earlier_ids().iter())
             .chain([&connection.id])
             .map(ConnectionId::to_string)
@@ -166,11 +180,29 @@ pub(crate) async fn move_in(
     received: u64,
     cluster: Arc<Cluster>,
 ) {
+    resuming.request.resumed = true;
+    forget_token(&mut resuming.request);
+    // Who the client is, before anything moves: the old node hands the connection over
+    // only to the identity it was opened with, and a refusal leaves it where it is.
+    let asking = provisional_facts(&resuming, &token);
+    let principal = match session::check_request(&shard, &asking, &resuming.request).await {
+        Ok(context) => principal_of(context.as_deref()),
+        Err(refused) => {
+            shard
+                .gateway
+                .metrics
+                .resumes
+                .with_label_values(&["refused"])
+                .inc();
+            resuming.answer.refuse(&shard, refused).await;
+            return;
+        }
+    };
     let alias = shard.ids.borrow_mut().connection_id();
     // Calls the old node forwards once it has let go wait here until the connection is
     // registered, instead of finding it gone.
     let arrival = shard.expect(alias.sequence);
-    let moved = match ask_for(&cluster, &token, received, alias).await {
+    let moved = match ask_for(&cluster, &token, received, alias, principal).await {
         Ok(moved) => moved,
         Err(failure) => {
             drop(arrival);
@@ -180,7 +212,7 @@ pub(crate) async fn move_in(
             };
         }
     };
-    let Ok(mut facts) = crate::stored_event::decode_facts(moved.facts.as_bytes()) else {
+    let Ok(facts) = crate::stored_event::decode_facts(moved.facts.as_bytes()) else {
         drop(arrival);
         return handed_over_unreadable(shard, resuming, &token).await;
     };
@@ -206,12 +238,11 @@ pub(crate) async fn move_in(
         .collect();
     shard.expect_rooms(alias.sequence, &rooms);
     // From here on this node owns the connection: whatever happens, it reports its end.
+    // (Its events keep the authorizer context it was opened with, as on one node.)
     let metrics = &shard.gateway.metrics;
     let wire = resuming.answer.wire();
-    resuming.request.resumed = true;
-    forget_token(&mut resuming.request.query);
     let timeout = shard.gateway.config.limits.handshake_timeout;
-    let protocol = match session::admit(&shard, &mut facts, &resuming.request).await {
+    let protocol = match session::run_connect(&shard, &facts, &resuming.request).await {
         Ok(protocol) => protocol,
         Err(refused) => {
             drop(arrival);
@@ -243,9 +274,10 @@ pub(crate) async fn move_in(
             lifetime_left: moved.lifetime_left_ms.map(std::time::Duration::from_millis),
             earlier: Earlier {
                 ids: earlier_ids,
-                secrets: (moved.secrets.iter())
-                    .filter_map(|s| decode_secret(s))
+                secret_hashes: (moved.secret_hashes.iter())
+                    .filter_map(|hash| decode_hash(hash))
                     .collect(),
+                frame: None,
             },
         })),
     };
@@ -283,10 +315,10 @@ impl Drop for KnownHere {
     }
 }
 
-/// A token's secret as sent between nodes (base64).
-fn decode_secret(text: &str) -> Option<Secret> {
-    let mut secret = Secret::default();
-    (STANDARD.decode_slice(text, &mut secret) == Ok(secret.len())).then_some(secret)
+/// A hash as sent between nodes (base64).
+fn decode_hash(text: &str) -> Option<SecretHash> {
+    let mut hash = SecretHash::default();
+    (STANDARD.decode_slice(text, &mut hash) == Ok(hash.len())).then_some(hash)
 }
 
 /// Why the old node did not hand a connection over.
@@ -303,11 +335,15 @@ async fn ask_for(
     token: &ResumeToken,
     received: u64,
     alias: ConnectionId,
+    principal: Option<String>,
 ) -> Result<MovedOut, MoveFailure> {
+    let alias = alias.to_string();
+    let proof = crate::resume::move_proof(&crate::resume::hash_secret(&token.secret), &alias);
     let request = MoveRequest {
-        secret: STANDARD.encode(token.secret),
+        proof: STANDARD.encode(proof),
+        principal,
         received,
-        alias: alias.to_string(),
+        alias,
         sent_at_ms: Some(crate::clock::now_ms()),
     };
     let body = Bytes::from(serde_json::to_vec(&request).unwrap_or_default());
@@ -326,18 +362,24 @@ async fn ask_for(
     serde_json::from_slice(&reply.body).map_err(|_| MoveFailure::Unreadable)
 }
 
-/// The old node handed a connection over in a form this node cannot read (nodes of
-/// different versions): it is reported ended here, and the client gets a new connection.
-async fn handed_over_unreadable(shard: Rc<Shard>, resuming: Resuming, token: &ResumeToken) {
-    tracing::error!(connection_id = %token.id, "a connection moved from another node does not decode");
-    let facts = crate::event::ConnectionFacts {
+/// The facts of a client asking to move its connection here, before the old node has
+/// handed over the real ones: what the authorizer sees.
+fn provisional_facts(resuming: &Resuming, token: &ResumeToken) -> crate::event::ConnectionFacts {
+    crate::event::ConnectionFacts {
         connection_id: token.id.to_string(),
         connected_at_ms: crate::clock::now_ms(),
         source_ip: resuming.peer.ip().to_string(),
         user_agent: resuming.user_agent.clone(),
         domain_name: resuming.host.clone(),
         authorizer: None,
-    };
+    }
+}
+
+/// The old node handed a connection over in a form this node cannot read (nodes of
+/// different versions): it is reported ended here, and the client gets a new connection.
+async fn handed_over_unreadable(shard: Rc<Shard>, resuming: Resuming, token: &ResumeToken) {
+    tracing::error!(connection_id = %token.id, "a connection moved from another node does not decode");
+    let facts = provisional_facts(&resuming, token);
     crate::dispatch::fire_disconnect(&shard, facts, DisconnectReason::ResumeRefused);
     open_new(shard, resuming, Refusal::Unknown).await;
 }

@@ -340,8 +340,8 @@ pub struct Shard {
 
 /// Why a resumable connection ended, for a client that comes back after it did.
 struct Unresumable {
-    /// The secrets of the tokens that resumed it (more than one if it moved here).
-    secrets: Box<[resume::Secret]>,
+    /// The hashes of the secrets of the tokens that resumed it when it ended.
+    secret_hashes: Box<[resume::SecretHash]>,
     refusal: resume::Refusal,
     until: std::time::Instant,
 }
@@ -350,32 +350,44 @@ impl Shard {
     /// The connection `token` resumes, or why there is none to resume. A token whose
     /// secret does not match is `Unknown` and changes nothing.
     pub(crate) fn resumable(&self, token: &ResumeToken) -> Result<Rc<Connection>, resume::Refusal> {
-        if let Some(connection) = self.connections.borrow().get(&token.id.sequence) {
-            return match connection.is_resumed_by(token) {
+        self.resumable_by(token.id, |hash| token.matches(hash))
+    }
+
+    /// [`Shard::resumable`] for whoever `proves` one of the hashes of its secrets (another
+    /// node asking for a move has a proof made from a hash, not the secret).
+    pub(crate) fn resumable_by(
+        &self,
+        id: crate::connection_id::ConnectionId,
+        proves: impl Fn(&resume::SecretHash) -> bool,
+    ) -> Result<Rc<Connection>, resume::Refusal> {
+        // Every hash is tried (no early exit), so timing does not tell which one matched.
+        let any = |hashes: &[resume::SecretHash]| hashes.iter().fold(false, |f, h| f | proves(h));
+        if let Some(connection) = self.connections.borrow().get(&id.sequence) {
+            return match connection.id == id && any(&connection.secret_hashes()) {
                 true => Ok(connection.clone()),
                 false => Err(resume::Refusal::Unknown),
             };
         }
-        match self.unresumable.borrow().get(&token.id.sequence) {
-            Some(ended) if ended.secrets.iter().any(|s| token.proves(s)) => Err(ended.refusal),
+        match self.unresumable.borrow().get(&id.sequence) {
+            Some(ended) if any(&ended.secret_hashes) => Err(ended.refusal),
             _ => Err(resume::Refusal::Unknown),
         }
     }
 
     /// Remembers that a resumable connection ended for `refusal`, for one resume window.
     pub(crate) fn note_unresumable(&self, connection: &Connection, refusal: resume::Refusal) {
-        let secrets: Box<[resume::Secret]> = connection.secrets().copied().collect();
+        let secret_hashes: Box<[resume::SecretHash]> = connection.secret_hashes().into();
         let Some(config) = self.gateway.config.api.resume.as_ref() else {
             return;
         };
-        if secrets.is_empty() {
+        if secret_hashes.is_empty() {
             return;
         }
         let until = std::time::Instant::now() + config.window;
         self.unresumable.borrow_mut().insert(
             connection.id.sequence,
             Unresumable {
-                secrets,
+                secret_hashes,
                 refusal,
                 until,
             },
