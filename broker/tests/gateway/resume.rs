@@ -130,7 +130,7 @@ async fn a_dropped_client_resumes_with_every_broadcast_and_push_in_order_once() 
 async fn resuming_again_and_again_keeps_the_count_and_crosses_shards() {
     let backend = Backend::start().await;
     let gateway = TestGateway::start(&resume_config(&backend, "")).await;
-    let (mut ws, id, token) = connect_resumable(&gateway).await;
+    let (mut ws, id, mut token) = connect_resumable(&gateway).await;
     let mut sent = 0;
     let mut received = 0u64;
     // Each reconnect lands on whichever of the 2 shards the kernel picks: some resumes are
@@ -154,6 +154,10 @@ async fn resuming_again_and_again_keeps_the_count_and_crosses_shards() {
         let (next, first) = reconnect(&gateway, &token, &received.to_string()).await;
         assert_eq!(first["type"], "resumed", "round {round}: {first}");
         assert_eq!(first["replayed"], sent - received, "round {round}");
+        // Every resume brings a new token; the one just used is spent.
+        let rotated = first["resumeToken"].as_str().unwrap().to_owned();
+        assert_ne!(rotated, token, "round {round}");
+        token = rotated;
         ws = next;
     }
     while received < sent {
@@ -214,17 +218,26 @@ async fn forged_garbled_and_impossible_resumes_are_unknown() {
     }
     // None of that touched the parked connection: it still resumes.
     assert_eq!(disconnects_of(&backend, &id), 0);
+    // A count larger than what was sent, or one that would overflow: "unknown", and the
+    // session stays for its real client (whoever sent it may only hold a stolen token).
+    for received in ["5", "18446744073709551614"] {
+        let (ws, welcome) = reconnect(&gateway, &token, received).await;
+        assert_eq!(welcome["reason"], "unknown", "{received}");
+        others.push(ws);
+    }
+    assert_eq!(disconnects_of(&backend, &id), 0);
     let (mut ws, first) = reconnect(&gateway, &token, "0").await;
     assert_eq!(first["type"], "resumed");
     assert_eq!(next_text(&mut ws).await, "one");
     drop(ws);
     gateway.wait_for_parked(1.0).await;
-    // A count larger than what was sent: not a crash, "unknown", and the client gave up
-    // on the old connection, which ends.
-    let (_ws, welcome) = reconnect(&gateway, &token, "5").await;
+    // The token it resumed with is spent: only the one in the resumed frame works now.
+    let (_ws, welcome) = reconnect(&gateway, &token, "1").await;
     assert_eq!(welcome["reason"], "unknown");
-    let (_, reason) = status_and_reason(&disconnect_event(&backend, &id).await);
-    assert_eq!(reason, "resume refused");
+    let rotated = first["resumeToken"].as_str().unwrap();
+    let (_ws, again) = reconnect(&gateway, rotated, "1").await;
+    assert_eq!(again["type"], "resumed", "{again}");
+    assert_eq!(again["connectionId"], id.as_str());
     gateway.stop().await;
 }
 
@@ -304,17 +317,53 @@ async fn a_resume_takes_over_from_a_socket_that_still_looks_alive() {
 }
 
 #[tokio::test]
-async fn a_resume_connect_refuses_ends_the_session() {
+async fn a_resume_connect_refuses_is_answered_and_leaves_the_session_alone() {
     let backend = Backend::start().await;
     let config = resume_config_with_connect(&backend, "refuse-resumed", 120);
     let gateway = TestGateway::start(&config).await;
-    let (ws, id, token) = connect_resumable(&gateway).await;
-    drop(ws);
-    gateway.wait_for_parked(1.0).await;
+    let (mut live, id, token) = connect_resumable(&gateway).await;
+    // The session's own client is still connected: a refused resume does not take over.
     let url = format!("{}?resume={token}&received=0", gateway.ws_url());
     assert_eq!(request_status(url).await, 403);
-    let (_, reason) = status_and_reason(&disconnect_event(&backend, &id).await);
-    assert_eq!(reason, "resume refused");
+    assert_eq!(push(&gateway, &id, "still here").await, 200);
+    assert_eq!(next_text(&mut live).await, "still here");
+    drop(live);
+    gateway.wait_for_parked(1.0).await;
+    let url = format!("{}?resume={token}&received=1", gateway.ws_url());
+    assert_eq!(request_status(url).await, 403);
+    assert_eq!(disconnects_of(&backend, &id), 0, "parked, not ended");
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn the_token_may_come_in_headers_and_stays_a_secret() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&resume_config(&backend, "")).await;
+    let (ws, id, token) = connect_resumable(&gateway).await;
+    assert_eq!(push(&gateway, &id, "one").await, 200);
+    drop(ws);
+    gateway.wait_for_parked(1.0).await;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = gateway.ws_url().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("X-Switchboard-Resume", token.parse().unwrap());
+    request
+        .headers_mut()
+        .insert("X-Switchboard-Received", "0".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let first = next_json(&mut ws).await;
+    assert_eq!(first["type"], "resumed", "{first}");
+    assert_eq!(first["connectionId"], id.as_str());
+    assert_eq!(next_text(&mut ws).await, "one");
+    let connect = backend
+        .wait_for("/connect-log", |e| e["requestContext"]["resumed"] == true)
+        .await;
+    let headers = connect["headers"].as_object().unwrap();
+    assert!(
+        !headers.keys().any(|h| h.eq_ignore_ascii_case("x-switchboard-resume")),
+        "the token stays a secret: {headers:?}"
+    );
     gateway.stop().await;
 }
 
@@ -410,7 +459,7 @@ async fn flaky_member(
     total: usize,
     ready: tokio::sync::mpsc::Sender<String>,
 ) -> Vec<String> {
-    let (mut ws, id, token) = connect_resumable(gateway).await;
+    let (mut ws, id, mut token) = connect_resumable(gateway).await;
     join(gateway, "load", &id).await;
     ready.send(id).await.unwrap();
     let mut state = seed;
@@ -430,6 +479,7 @@ async fn flaky_member(
             }
             let (resumed, first) = reconnect(gateway, &token, &got.len().to_string()).await;
             assert_eq!(first["type"], "resumed", "member {seed}: {first}");
+            token = first["resumeToken"].as_str().unwrap().to_owned();
             ws = resumed;
         }
     }
@@ -476,4 +526,37 @@ async fn under_load_every_member_that_keeps_dropping_gets_every_message_once_in_
     for id in &ids {
         assert_eq!(disconnects_of(&backend, id), 0, "no $disconnect for {id}");
     }
+}
+
+#[tokio::test]
+async fn a_stolen_token_does_not_carry_a_session_over_to_another_identity() {
+    let backend = Backend::start().await;
+    let config = resume_config(
+        &backend,
+        "[authorizer]\ntype = \"api_key\"\ntoken = \"query:key\"\nkeys = [\"alice-key\", \"mallory-key\"]\n",
+    );
+    let gateway = TestGateway::start(&config).await;
+    let (ws, welcome) = open_and_read_first(&format!("{}?key=alice-key", gateway.ws_url())).await;
+    let id = welcome["connectionId"].as_str().unwrap().to_owned();
+    let token = welcome["resumeToken"].as_str().unwrap().to_owned();
+    assert_eq!(push(&gateway, &id, "for alice").await, 200);
+    drop(ws);
+    gateway.wait_for_parked(1.0).await;
+    // Mallory has the token (from a proxy's access log, say) and her own valid key.
+    let stolen = format!("{}?key=mallory-key&resume={token}&received=0", gateway.ws_url());
+    let (_mallory, refused) = open_and_read_first(&stolen).await;
+    assert_eq!(refused["type"], "welcome", "{refused}");
+    assert_eq!(refused["reason"], "unknown");
+    assert_ne!(refused["connectionId"], id.as_str(), "her own new connection");
+    // Without any key, nothing at all.
+    let bare = format!("{}?resume={token}&received=0", gateway.ws_url());
+    assert_eq!(request_status(bare).await, 401);
+    // Alice's session was not touched by either: it resumes with what she missed.
+    let mine = format!("{}?key=alice-key&resume={token}&received=0", gateway.ws_url());
+    let (mut ws, first) = open_and_read_first(&mine).await;
+    assert_eq!(first["type"], "resumed", "{first}");
+    assert_eq!(first["connectionId"], id.as_str());
+    assert_eq!(next_text(&mut ws).await, "for alice");
+    assert_eq!(disconnects_of(&backend, &id), 0);
+    gateway.stop().await;
 }

@@ -232,7 +232,7 @@ async fn a_wss_client_resumes_whichever_shard_its_new_socket_reaches() {
         welcome["connectionId"].clone(),
         welcome["resumeToken"].clone(),
     );
-    let token = token.as_str().unwrap();
+    let mut token = token.as_str().unwrap().to_owned();
     let mut received = 0;
     // Two shards: each new socket lands on either, so some resumes cross to the owner.
     for round in 0..6 {
@@ -268,6 +268,7 @@ async fn a_wss_client_resumes_whichever_shard_its_new_socket_reaches() {
         assert_eq!(first["type"], "resumed", "round {round}: {first}");
         assert_eq!(first["connectionId"], id);
         assert_eq!(first["replayed"], 1);
+        token = first["resumeToken"].as_str().unwrap().to_owned();
         assert_eq!(tls_text(&mut ws).await, format!("lost {round}"));
         received += 1;
     }

@@ -737,7 +737,7 @@ async fn a_webtransport_resume_takes_over_a_session_that_still_looks_alive() {
     let mut old = WtClient::connect(&gateway, "").await.unwrap();
     let welcome = old.next_json().await;
     let id = welcome["connectionId"].as_str().unwrap().to_owned();
-    let token = welcome["resumeToken"].as_str().unwrap().to_owned();
+    let mut token = welcome["resumeToken"].as_str().unwrap().to_owned();
     for n in 1..=3 {
         push(&gateway, &id, &format!("m{n}")).await;
     }
@@ -749,6 +749,7 @@ async fn a_webtransport_resume_takes_over_a_session_that_still_looks_alive() {
         let mut new = WtClient::connect(&gateway, &query).await.unwrap();
         let first = new.next_json().await;
         assert_eq!(first["type"], "resumed", "round {round}: {first}");
+        token = first["resumeToken"].as_str().unwrap().to_owned();
         assert_eq!(new.next_text().await, format!("m{}", received + 1));
         received += 1;
         push(&gateway, &id, &format!("m{}", received + 2)).await;
