@@ -1476,6 +1476,7 @@ cert = "c.pem"
 key = "k.pem"
 [management]
 public_metrics = true
+tokens_file = "tokens.txt"
 [[management.aws_keys]]
 access_key_id = "AKID"
 secret_access_key = "secret"
@@ -1507,7 +1508,11 @@ identity_sources = ["header:A"]
 nats_url = "nats://x:4222"
 credentials = "c.creds"
 token = "t"
+user = "u"
+password = "p"
 tls_ca = "ca.pem"
+tls_cert = "client.pem"
+tls_key = "client-key.pem"
 "#;
 
     /// Dotted key paths of a TOML table; queue and route names become NAME and KEY.

@@ -344,7 +344,10 @@ pub fn restrict(
     }
     match audience {
         Some("*") | None => validation.validate_aud = false,
-        Some(audience) => validation.set_audience(&[audience]),
+        Some(audience) => {
+            validation.validate_aud = true;
+            validation.set_audience(&[audience]);
+        }
     }
 }
 
