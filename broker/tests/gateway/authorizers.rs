@@ -303,11 +303,12 @@ async fn jwks_from_a_url_picks_the_key_by_kid() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let jwks_url = format!("http://{}/jwks", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
-    let config =
-        format!("[authorizer]\ntype = \"jwt\"\ntoken = \"query:token\"\njwks = \"{jwks_url}\"");
+    let config = format!(
+        "[authorizer]\ntype = \"jwt\"\ntoken = \"query:token\"\njwks = \"{jwks_url}\"\naudience = \"chat\""
+    );
     let gateway = gateway_with(&backend, &config).await;
     let url = |token: &str| format!("{}?token={token}", gateway.ws_url());
-    let claims = json!({"sub": "dave", "exp": now() + 60});
+    let claims = json!({"sub": "dave", "aud": "chat", "exp": now() + 60});
     let good = es256(&current, Some("k1"), &claims);
     // The key set is fetched once the gateway runs.
     let mut status = 0;
@@ -333,6 +334,17 @@ async fn jwks_from_a_url_picks_the_key_by_kid() {
         403,
         "no HMAC with a key set"
     );
+    // The identity provider's tokens for another application, and ones not valid yet.
+    let other_app = json!({"sub": "dave", "aud": "billing", "exp": now() + 60});
+    assert_eq!(
+        request_status(&url(&es256(&current, Some("k1"), &other_app))).await,
+        403
+    );
+    let early = json!({"sub": "dave", "aud": "chat", "exp": now() + 900, "nbf": now() + 600});
+    assert_eq!(
+        request_status(&url(&es256(&current, Some("k1"), &early))).await,
+        403
+    );
     gateway.stop().await;
 
     // The same from a file.
@@ -340,7 +352,7 @@ async fn jwks_from_a_url_picks_the_key_by_kid() {
     let file = dir.path().join("jwks.json");
     std::fs::write(&file, json!({"keys": [ec_jwk(&current, "k1")]}).to_string()).unwrap();
     let config = format!(
-        "[authorizer]\ntype = \"jwt\"\ntoken = \"query:token\"\njwks = \"{}\"",
+        "[authorizer]\ntype = \"jwt\"\ntoken = \"query:token\"\njwks = \"{}\"\naudience = \"*\"",
         file.display()
     );
     let gateway = gateway_with(&backend, &config).await;

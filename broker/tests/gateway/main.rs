@@ -17,6 +17,7 @@ mod quickstart;
 mod resume;
 mod rooms;
 mod routing;
+mod security;
 mod support;
 mod tls;
 mod webtransport;

@@ -4,6 +4,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::*;
 
+/// A management token as an operator makes one (`openssl rand -hex 16` is 32 bytes).
+const TOKEN: &str = "0f3b5c1e9a7d4b2c8e6f1a3d5b7c9e2f";
+
 #[tokio::test]
 async fn post_get_delete_round_trip() {
     let backend = Backend::start().await;
@@ -142,7 +145,7 @@ async fn wrong_stage_is_404() {
 #[tokio::test]
 async fn tokens_guard_the_api() {
     let backend = Backend::start().await;
-    let config = config_with(&backend, "[management]\ntokens = [\"s3cret\"]");
+    let config = config_with(&backend, &format!("[management]\ntokens = [\"{TOKEN}\"]"));
     let gateway = TestGateway::start(&config).await;
     let (mut ws, id) = gateway.connect_with_id(&backend).await;
     let url = gateway.api_url(&format!("/@connections/{id}"));
@@ -161,7 +164,7 @@ async fn tokens_guard_the_api() {
     assert_eq!(wrong.status(), 403);
     let right = client
         .post(&url)
-        .bearer_auth("s3cret")
+        .bearer_auth(TOKEN)
         .body("ok")
         .send()
         .await
@@ -169,7 +172,9 @@ async fn tokens_guard_the_api() {
     assert_eq!(right.status(), 200);
     assert_eq!(next_text(&mut ws).await, "ok");
     // A token is no access key: an unverifiable signature naming it is refused.
-    let sigv4 = "AWS4-HMAC-SHA256 Credential=s3cret/20261125/us-east-1/execute-api/aws4_request, SignedHeaders=host, Signature=0";
+    let sigv4 = format!(
+        "AWS4-HMAC-SHA256 Credential={TOKEN}/20261125/us-east-1/execute-api/aws4_request, SignedHeaders=host, Signature=0"
+    );
     let signed = client
         .get(&url)
         .header("Authorization", sigv4)
@@ -321,19 +326,19 @@ async fn metrics_need_a_token_off_loopback_or_when_configured() {
     let backend = Backend::start().await;
     let config = config_with(
         &backend,
-        "[management]\ntokens = [\"s3cret\"]\npublic_metrics = false",
+        &format!("[management]\ntokens = [\"{TOKEN}\"]\npublic_metrics = false"),
     );
     let gateway = TestGateway::start(&config).await;
     let url = format!("http://{}/metrics", gateway.api_addr);
     let client = http();
     assert_eq!(client.get(&url).send().await.unwrap().status(), 403);
-    let authorized = client.get(&url).bearer_auth("s3cret").send().await.unwrap();
+    let authorized = client.get(&url).bearer_auth(TOKEN).send().await.unwrap();
     assert_eq!(authorized.status(), 200);
     gateway.stop().await;
     // On loopback with no setting, /metrics stays open for a local Prometheus.
     let gateway = TestGateway::start(&config_with(
         &backend,
-        "[management]\ntokens = [\"s3cret\"]",
+        &format!("[management]\ntokens = [\"{TOKEN}\"]"),
     ))
     .await;
     let url = format!("http://{}/metrics", gateway.api_addr);

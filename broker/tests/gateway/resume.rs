@@ -361,7 +361,9 @@ async fn the_token_may_come_in_headers_and_stays_a_secret() {
         .await;
     let headers = connect["headers"].as_object().unwrap();
     assert!(
-        !headers.keys().any(|h| h.eq_ignore_ascii_case("x-switchboard-resume")),
+        !headers
+            .keys()
+            .any(|h| h.eq_ignore_ascii_case("x-switchboard-resume")),
         "the token stays a secret: {headers:?}"
     );
     gateway.stop().await;
@@ -543,16 +545,26 @@ async fn a_stolen_token_does_not_carry_a_session_over_to_another_identity() {
     drop(ws);
     gateway.wait_for_parked(1.0).await;
     // Mallory has the token (from a proxy's access log, say) and her own valid key.
-    let stolen = format!("{}?key=mallory-key&resume={token}&received=0", gateway.ws_url());
+    let stolen = format!(
+        "{}?key=mallory-key&resume={token}&received=0",
+        gateway.ws_url()
+    );
     let (_mallory, refused) = open_and_read_first(&stolen).await;
     assert_eq!(refused["type"], "welcome", "{refused}");
     assert_eq!(refused["reason"], "unknown");
-    assert_ne!(refused["connectionId"], id.as_str(), "her own new connection");
+    assert_ne!(
+        refused["connectionId"],
+        id.as_str(),
+        "her own new connection"
+    );
     // Without any key, nothing at all.
     let bare = format!("{}?resume={token}&received=0", gateway.ws_url());
     assert_eq!(request_status(bare).await, 401);
     // Alice's session was not touched by either: it resumes with what she missed.
-    let mine = format!("{}?key=alice-key&resume={token}&received=0", gateway.ws_url());
+    let mine = format!(
+        "{}?key=alice-key&resume={token}&received=0",
+        gateway.ws_url()
+    );
     let (mut ws, first) = open_and_read_first(&mine).await;
     assert_eq!(first["type"], "resumed", "{first}");
     assert_eq!(first["connectionId"], id.as_str());

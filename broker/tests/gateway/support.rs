@@ -489,6 +489,14 @@ fn find_close(mut buffer: &[u8]) -> Option<u16> {
 }
 
 /// Reads an HTTP response head (status line and headers).
+/// Connects to `addr` from the loopback address `source` (each 127.0.0.x is a client
+/// address of its own for the per-address limits).
+pub(crate) async fn connect_from(source: [u8; 4], addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(std::net::IpAddr::from(source), 0))?;
+    socket.connect(addr).await
+}
+
 pub(crate) async fn read_head(stream: &mut TcpStream) -> String {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
