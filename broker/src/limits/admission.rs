@@ -165,6 +165,21 @@ impl Admission {
         }
     }
 
+    /// Whether `ip` has used up its connect rate for now: a caller that can ask the client
+    /// to come back cheaply (a QUIC Retry) does so instead of starting work that the gate
+    /// would refuse at its end. Nothing is charged.
+    pub fn connect_rate_exhausted(&self, ip: IpAddr, now: Instant) -> bool {
+        let key = self.address_key(ip);
+        let mut addresses = self
+            .addresses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        addresses
+            .get_mut(&key)
+            .and_then(|state| state.connects.as_mut())
+            .is_some_and(|bucket| !bucket.wait_for(1, now).is_zero())
+    }
+
     /// Forgets addresses with nothing open and a full connect bucket: the table holds
     /// only addresses that are connected or connected lately.
     pub fn forget_idle_addresses(&self, now: Instant) {
@@ -181,7 +196,7 @@ impl Admission {
     }
 
     /// The key an address is counted under: itself, or its IPv6 prefix.
-    fn address_key(&self, ip: IpAddr) -> IpAddr {
+    pub fn address_key(&self, ip: IpAddr) -> IpAddr {
         match ip {
             IpAddr::V4(_) => ip,
             IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

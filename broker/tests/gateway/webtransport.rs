@@ -762,3 +762,75 @@ async fn a_webtransport_resume_takes_over_a_session_that_still_looks_alive() {
     assert!(backend.events("/disconnect").is_empty());
     gateway.stop().await;
 }
+
+/// The QUIC client config a browser would use for the gateway's pinned certificate.
+async fn pinned_quic_config(gateway: &TestGateway) -> wtransport::quinn::ClientConfig {
+    let document = discovery(gateway).await;
+    let hash = base64::engine::general_purpose::STANDARD
+        .decode(
+            document["serverCertificateHashes"][0]["value"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+    ClientConfig::builder()
+        .with_bind_default()
+        .with_server_certificate_hashes([wtransport::tls::Sha256Digest::new(
+            hash.try_into().unwrap(),
+        )])
+        .build()
+        .quic_config()
+        .clone()
+}
+
+#[tokio::test]
+async fn handshakes_that_never_ask_for_a_session_cannot_lock_others_out() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&config(&backend, "")).await;
+    let wt_addr = gateway.wt_addr.unwrap();
+    let quic = pinned_quic_config(&gateway).await;
+    // QUIC and TLS complete, then silence: no HTTP/3 CONNECT ever comes.
+    let endpoint = wtransport::quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut silent = Vec::new();
+    for _ in 0..16 {
+        let connecting = endpoint
+            .connect_with(quic.clone(), wt_addr, "localhost")
+            .unwrap();
+        silent.push(connecting.await.expect("within the address's share"));
+    }
+    let over = endpoint
+        .connect_with(quic.clone(), wt_addr, "localhost")
+        .unwrap();
+    assert!(
+        over.await.is_err(),
+        "a 17th handshake from the address is refused"
+    );
+    // Another address is not held back by them.
+    let document = discovery(&gateway).await;
+    let hash = base64::engine::general_purpose::STANDARD
+        .decode(
+            document["serverCertificateHashes"][0]["value"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+    let other = ClientConfig::builder()
+        .with_bind_address("127.0.0.2:0".parse().unwrap())
+        .with_server_certificate_hashes([wtransport::tls::Sha256Digest::new(
+            hash.try_into().unwrap(),
+        )])
+        .build();
+    let other = Endpoint::client(other).unwrap();
+    let url = document["url"].as_str().unwrap();
+    let session = other.connect(url).await.expect("another address connects");
+    drop(session);
+    let metrics = gateway.metrics().await;
+    assert!(
+        metric_value(
+            &metrics,
+            "switchboard_connections_total{result=\"ip_limit\",transport=\"webtransport\"}"
+        ) >= 1.0
+    );
+    drop(silent);
+    gateway.stop().await;
+}

@@ -49,6 +49,8 @@ const ACK_ELICITING_THRESHOLD: u32 = 10;
 const RETRY_ABOVE: usize = 256;
 /// QUIC handshakes in progress past which new clients are refused.
 const MAX_HANDSHAKES: usize = 4096;
+/// Handshakes one client address may have in progress at once.
+pub const HANDSHAKES_PER_ADDRESS: usize = 16;
 /// Datagrams a session may have received but not read (the gateway reads none: clients
 /// have nothing to send that way); sent ones carry unreliable room messages.
 const DATAGRAM_BUFFER: usize = 16 * 1024;
@@ -149,29 +151,48 @@ fn ack_frequency() -> wtransport::quinn::AckFrequencyConfig {
 
 /// Hands each incoming session to the next shard. Under a flood of handshakes, clients
 /// first prove their address with a stateless Retry; past a hard cap they are refused.
+///
+/// One address (an IPv6 /64) holds at most [`HANDSHAKES_PER_ADDRESS`] handshakes at once,
+/// and one that has used up its connect rate (`limits.connects_per_sec_per_ip`) starts
+/// none: past either, a client whose address is not proven yet gets a Retry (stateless; a
+/// spoofed source can thus cost a real address nothing), and one whose address is proven
+/// is refused. So handshakes that never send their CONNECT cannot lock others out.
 async fn accept_sessions(endpoint: Endpoint, gateway: Arc<Gateway>, shutdown: CancellationToken) {
     let next = AtomicUsize::new(0);
-    let handshakes = Arc::new(AtomicUsize::new(0));
+    let handshakes = Arc::new(Handshakes::default());
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => return,
             incoming = endpoint.accept() => incoming,
         };
-        let pending = handshakes.load(Ordering::Relaxed);
-        if pending >= RETRY_ABOVE && !incoming.remote_address_validated() {
+        let validated = incoming.remote_address_validated();
+        let address = gateway
+            .admission
+            .address_key(incoming.remote_address().ip().to_canonical());
+        let pending = handshakes.total.load(Ordering::Relaxed);
+        let too_many_here = handshakes.at(address) >= HANDSHAKES_PER_ADDRESS
+            || gateway
+                .admission
+                .connect_rate_exhausted(address, std::time::Instant::now());
+        if !validated && (pending >= RETRY_ABOVE || too_many_here) {
             incoming.retry();
             continue;
         }
-        if pending >= MAX_HANDSHAKES {
+        if pending >= MAX_HANDSHAKES || too_many_here {
+            let result = if too_many_here {
+                "ip_limit"
+            } else {
+                "over_capacity"
+            };
             gateway
                 .metrics
                 .connections_total
-                .with_label_values(&["over_capacity", Wire::WebTransport.label()])
+                .with_label_values(&[result, Wire::WebTransport.label()])
                 .inc();
             incoming.refuse();
             continue;
         }
-        let slot = HandshakeSlot::take(&handshakes);
+        let slot = HandshakeSlot::take(&handshakes, address);
         let shard = next.fetch_add(1, Ordering::Relaxed) % gateway.shards.len();
         gateway.shards[shard]
             .adopt_webtransport(incoming, slot)
@@ -179,21 +200,60 @@ async fn accept_sessions(endpoint: Endpoint, gateway: Arc<Gateway>, shutdown: Ca
     }
 }
 
-/// One QUIC handshake in progress, counted until dropped. The admission gate (capacity,
-/// per-address limits) is passed only once the handshake has proven the client's address,
-/// so a spoofed source cannot spend another address's budget.
-pub struct HandshakeSlot(Arc<AtomicUsize>);
+/// The QUIC handshakes in progress: in all, and per client address.
+#[derive(Debug, Default)]
+struct Handshakes {
+    total: AtomicUsize,
+    per_address: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+impl Handshakes {
+    fn at(&self, address: std::net::IpAddr) -> usize {
+        let per_address = self
+            .per_address
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        per_address.get(&address).copied().unwrap_or(0)
+    }
+}
+
+/// One QUIC handshake in progress, counted (in all and for its address) until dropped.
+/// The admission gate proper (capacity, open connections per address) is passed once the
+/// session request has arrived over the proven address.
+pub struct HandshakeSlot {
+    handshakes: Arc<Handshakes>,
+    address: std::net::IpAddr,
+}
 
 impl HandshakeSlot {
-    fn take(handshakes: &Arc<AtomicUsize>) -> Self {
-        handshakes.fetch_add(1, Ordering::Relaxed);
-        Self(handshakes.clone())
+    fn take(handshakes: &Arc<Handshakes>, address: std::net::IpAddr) -> Self {
+        handshakes.total.fetch_add(1, Ordering::Relaxed);
+        let mut per_address = handshakes
+            .per_address
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *per_address.entry(address).or_default() += 1;
+        Self {
+            handshakes: handshakes.clone(),
+            address,
+        }
     }
 }
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.handshakes.total.fetch_sub(1, Ordering::Relaxed);
+        let mut per_address = self
+            .handshakes
+            .per_address
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = per_address.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                per_address.remove(&self.address);
+            }
+        }
     }
 }
 
