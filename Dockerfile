@@ -1,6 +1,9 @@
 # syntax=docker/dockerfile:1
 # Multi-stage build: the gateway built in the Rust image, run from a slim Debian as a
-# non-root user. docker build -t switchboard . ; docker run -p 8080:8080 -p 9090:9090 switchboard
+# non-root user. docker build -t switchboard . ; export SWITCHBOARD_TOKEN="$(openssl rand -hex 32)" ;
+# docker run -e SWITCHBOARD_TOKEN -p 8080:8080 -p 127.0.0.1:9090:9090 switchboard
+# (the default config reads its management token from SWITCHBOARD_TOKEN and refuses to start
+# without it; the management port is published on loopback only)
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .

@@ -386,6 +386,10 @@ pub struct RawServer {
     /// without `Origin` (not a browser) is not checked.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub allowed_origins: Vec<String>,
+    /// Load balancers (addresses or CIDR ranges) whose connections begin with a PROXY
+    /// protocol v2 header naming the client; empty: none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<String>,
     /// WebTransport (HTTP/3 over QUIC) beside WebSocket; off without this table.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webtransport: Option<RawWebTransport>,
@@ -482,6 +486,7 @@ impl Default for RawServer {
             fd_reserve: 1024,
             tls: None,
             allowed_origins: Vec::new(),
+            trusted_proxies: Vec::new(),
             webtransport: None,
         }
     }
@@ -605,6 +610,15 @@ pub struct RawLimits {
     pub connects_per_sec_per_ip: u32,
     /// ...and how many may come at once.
     pub connect_burst_per_ip: u32,
+    /// Resumes per second from one client address (token bucket; 0 = unlimited): each
+    /// replays what its connection missed and runs the authorizer and `$connect` again...
+    pub resumes_per_sec_per_ip: u32,
+    /// ...and how many may come at once.
+    pub resume_burst_per_ip: u32,
+    /// Resumes per second of one connection (token bucket; 0 = unlimited)...
+    pub resumes_per_sec_per_connection: u32,
+    /// ...and how many may come at once.
+    pub resume_burst_per_connection: u32,
     /// IPv6 clients are counted by this prefix (one subscriber usually holds a /64).
     pub ipv6_prefix_len: u8,
     /// Bytes all outbound queues together may hold; past it the biggest queues are cut
@@ -632,6 +646,10 @@ impl Default for RawLimits {
             max_connections_per_ip: 1000,
             connects_per_sec_per_ip: 100,
             connect_burst_per_ip: 500,
+            resumes_per_sec_per_ip: 50,
+            resume_burst_per_ip: 200,
+            resumes_per_sec_per_connection: 1,
+            resume_burst_per_connection: 10,
             ipv6_prefix_len: 64,
             outbound_memory_bytes: 256 << 20,
         }
@@ -764,6 +782,7 @@ pub struct ServerConfig {
     pub fd_reserve: usize,
     pub tls: Option<TlsEndpoint>,
     pub allowed_origins: Vec<String>,
+    pub trusted_proxies: Vec<crate::transport::proxy_protocol::Cidr>,
     pub webtransport: Option<WebTransportConfig>,
 }
 
@@ -816,6 +835,8 @@ pub struct Limits {
     pub throttle_disconnect: Duration,
     pub max_rooms_per_connection: usize,
     pub per_ip: crate::limits::PerIpLimits,
+    /// Resumes one connection takes; `None`: unlimited.
+    pub resumes_per_connection: Option<crate::limits::Rate>,
     pub outbound_memory_bytes: usize,
 }
 
@@ -1046,6 +1067,18 @@ impl RawServer {
                 .map(|tls| tls.load("server.tls"))
                 .transpose()?,
             allowed_origins: self.allowed_origins.clone(),
+            trusted_proxies: self
+                .trusted_proxies
+                .iter()
+                .map(|text| {
+                    crate::transport::proxy_protocol::Cidr::parse(text).ok_or_else(|| {
+                        invalid(
+                            "server.trusted_proxies",
+                            format!("`{text}` is not an IP address or CIDR range"),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
             webtransport: self
                 .webtransport
                 .as_ref()
@@ -1331,8 +1364,18 @@ impl RawLimits {
                     u64::from(self.connects_per_sec_per_ip),
                     u64::from(self.connect_burst_per_ip),
                 )?,
+                resumes: rate(
+                    "resume_burst_per_ip",
+                    u64::from(self.resumes_per_sec_per_ip),
+                    u64::from(self.resume_burst_per_ip),
+                )?,
                 ipv6_prefix_len: self.ipv6_prefix_len,
             },
+            resumes_per_connection: rate(
+                "resume_burst_per_connection",
+                u64::from(self.resumes_per_sec_per_connection),
+                u64::from(self.resume_burst_per_connection),
+            )?,
             outbound_memory_bytes: self.outbound_memory_bytes,
         })
     }
@@ -1468,6 +1511,7 @@ mod tests {
     const EVERY_KEY: &str = r#"
 [server]
 allowed_origins = ["https://app.example"]
+trusted_proxies = ["10.0.0.0/8"]
 [server.tls]
 cert = "c.pem"
 key = "k.pem"

@@ -56,6 +56,9 @@ pub struct Connection {
     /// one. The old secret still resumes while that frame is unwritten (its client may
     /// lose the new socket before it learns the new token), and never after.
     handover: RefCell<Option<(Secret, SharedFrame)>>,
+    /// Resumes it takes (each replays and runs the authorizer and `$connect` again): a
+    /// token in the wrong hands cannot make it do that without bound.
+    resumes: RefCell<Option<crate::limits::TokenBucket>>,
     /// What it was known by on the nodes it moved here from: a client that lost the
     /// `resumed` frame of a move still holds a token from one of them.
     earlier: OnceCell<Box<Earlier>>,
@@ -120,6 +123,7 @@ impl Connection {
             superseded: Cell::new(false),
             resume_secret: Cell::new(None),
             handover: RefCell::new(None),
+            resumes: RefCell::new(None),
             earlier: OnceCell::new(),
             resumed: RefCell::new(None),
             dirty: Cell::new(false),
@@ -248,8 +252,16 @@ impl Connection {
 
     /// Makes the connection resumable with `token`: from now on its data frames are
     /// numbered and the last ones written kept (see [`crate::resume`]).
-    pub(crate) fn make_resumable(&self, token: &ResumeToken, config: &ResumeConfig) {
+    /// `resumes`: how often it may be resumed (`None`: unlimited).
+    pub(crate) fn make_resumable(
+        &self,
+        token: &ResumeToken,
+        config: &ResumeConfig,
+        resumes: Option<crate::limits::Rate>,
+    ) {
         self.resume_secret.set(Some(token.secret));
+        *self.resumes.borrow_mut() =
+            resumes.map(|rate| crate::limits::TokenBucket::new(rate, Instant::now()));
         self.outbound
             .borrow_mut()
             .keep_for_resend(config.buffer_frames, config.buffer_bytes);
@@ -283,6 +295,14 @@ impl Connection {
             .chain(replaced)
             .chain(earlier)
             .collect()
+    }
+
+    /// Charges one resume; false when they come faster than its rate allows.
+    pub(crate) fn take_resume(&self) -> bool {
+        self.resumes
+            .borrow_mut()
+            .as_mut()
+            .is_none_or(|bucket| bucket.try_take(1, Instant::now()).is_ok())
     }
 
     pub(crate) fn is_resumable(&self) -> bool {

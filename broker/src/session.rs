@@ -157,7 +157,7 @@ pub(crate) async fn live(
             .outbound()
             .borrow_mut()
             .push_unbounded(first.clone());
-        connection.make_resumable(&token, config);
+        connection.make_resumable(&token, config, limits.resumes_per_connection);
         if let Some(moved) = moved_in {
             connection.accept_earlier(moved.earlier, first);
             let mut queue = connection.outbound().borrow_mut();

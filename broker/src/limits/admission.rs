@@ -24,6 +24,8 @@ pub struct PerIpLimits {
     pub max_connections: usize,
     /// New connections per address; `None` = unlimited.
     pub connects: Option<Rate>,
+    /// Resumes per address; `None` = unlimited.
+    pub resumes: Option<Rate>,
     /// IPv6 addresses are grouped by this prefix.
     pub ipv6_prefix_len: u8,
 }
@@ -39,13 +41,15 @@ pub enum Refusal {
     TooManyFromAddress,
     #[error("connecting too fast from this address")]
     ConnectRate,
+    #[error("resuming too fast")]
+    ResumeRate,
 }
 
 impl Refusal {
     pub fn status(self) -> u16 {
         match self {
             Self::AtCapacity | Self::Overloaded => 503,
-            Self::TooManyFromAddress | Self::ConnectRate => 429,
+            Self::TooManyFromAddress | Self::ConnectRate | Self::ResumeRate => 429,
         }
     }
 
@@ -56,6 +60,7 @@ impl Refusal {
             Self::Overloaded => "overloaded",
             Self::TooManyFromAddress => "ip_limit",
             Self::ConnectRate => "ip_rate",
+            Self::ResumeRate => "resume_rate",
         }
     }
 }
@@ -65,6 +70,17 @@ impl Refusal {
 struct AddressState {
     open: usize,
     connects: Option<TokenBucket>,
+    resumes: Option<TokenBucket>,
+}
+
+impl AddressState {
+    fn new(limits: PerIpLimits, now: Instant) -> Self {
+        Self {
+            open: 0,
+            connects: limits.connects.map(|rate| TokenBucket::new(rate, now)),
+            resumes: limits.resumes.map(|rate| TokenBucket::new(rate, now)),
+        }
+    }
 }
 
 /// Shared by every shard: one lock per connect and per close, never per message.
@@ -140,10 +156,9 @@ impl Admission {
             .addresses
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let state = addresses.entry(key).or_insert_with(|| AddressState {
-            open: 0,
-            connects: limits.connects.map(|rate| TokenBucket::new(rate, now)),
-        });
+        let state = addresses
+            .entry(key)
+            .or_insert_with(|| AddressState::new(limits, now));
         if limits.max_connections != 0 && state.open >= limits.max_connections {
             return Err(Refusal::TooManyFromAddress);
         }
@@ -163,6 +178,25 @@ impl Admission {
         if let Some(state) = addresses.get_mut(&key) {
             state.open = state.open.saturating_sub(1);
         }
+    }
+
+    /// Charges a resume to `ip`'s resume rate (`limits.resumes_per_sec_per_ip`).
+    pub fn admit_resume(&self, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
+        let Some(rate) = self.per_ip.resumes else {
+            return Ok(());
+        };
+        let key = self.address_key(ip);
+        let mut addresses = self
+            .addresses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let state = addresses
+            .entry(key)
+            .or_insert_with(|| AddressState::new(self.per_ip, now));
+        let bucket = state
+            .resumes
+            .get_or_insert_with(|| TokenBucket::new(rate, now));
+        bucket.try_take(1, now).map_err(|_| Refusal::ResumeRate)
     }
 
     /// Whether `ip` has used up its connect rate for now: a caller that can ask the client
@@ -188,7 +222,9 @@ impl Admission {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         addresses.retain(|_, state| {
-            state.open > 0 || state.connects.as_mut().is_some_and(|b| !b.is_full(now))
+            state.open > 0
+                || state.connects.as_mut().is_some_and(|b| !b.is_full(now))
+                || state.resumes.as_mut().is_some_and(|b| !b.is_full(now))
         });
         if addresses.capacity() > 4 * addresses.len().max(64) {
             addresses.shrink_to_fit();
@@ -232,6 +268,7 @@ mod tests {
 
     fn admission(capacity: usize, per_ip: usize, connects: Option<Rate>) -> Arc<Admission> {
         let limits = PerIpLimits {
+            resumes: None,
             max_connections: per_ip,
             connects,
             ipv6_prefix_len: 64,

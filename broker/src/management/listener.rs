@@ -55,6 +55,7 @@ pub async fn serve(
         PerIpLimits {
             max_connections: config.max_connections_per_ip,
             connects: None,
+            resumes: None,
             ipv6_prefix_len: 64,
         },
         Arc::new(OutboundBudget::new(usize::MAX, 0)),

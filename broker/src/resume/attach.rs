@@ -237,6 +237,9 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
     };
     let connection = guard.0.clone();
     let metrics = &shard.gateway.metrics;
+    if let Err(refused) = charge_resume(&shard, resuming.peer, Some(&connection)) {
+        return refuse_newcomer(&shard, guard, resuming, refused).await;
+    }
     resuming.request.resumed = true;
     forget_token(&mut resuming.request);
     let facts = connection.facts.clone();
@@ -285,6 +288,29 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
         }
     }
     drop(guard);
+}
+
+/// Charges a resume to its client's address and, when it is here, to its connection:
+/// resumes that come too fast are answered 429 and change nothing.
+pub(crate) fn charge_resume(
+    shard: &Shard,
+    peer: SocketAddr,
+    connection: Option<&Connection>,
+) -> Result<(), session::Refused> {
+    let gateway = &shard.gateway;
+    let by_address = gateway
+        .admission
+        .admit_resume(peer.ip(), std::time::Instant::now());
+    let refusal = match by_address {
+        Err(refusal) => refusal,
+        Ok(()) if connection.is_none_or(Connection::take_resume) => return Ok(()),
+        Ok(()) => crate::limits::Refusal::ResumeRate,
+    };
+    Err(session::Refused {
+        status: refusal.status(),
+        body: format!("Too Many Requests: {refusal}").into(),
+        result: refusal.label(),
+    })
 }
 
 /// The authorizer or `$connect` refused the client that asked to resume: it gets the

@@ -113,6 +113,10 @@ pub(crate) async fn move_out(
         // A token, but someone else's identity: not theirs to take.
         return Err(Refusal::Unknown);
     }
+    if !connection.take_resume() {
+        // Resumed too often lately: it stays here.
+        return Err(Refusal::Unknown);
+    }
     if alias.node == cluster.node_id {
         // A connection moves to another node, never onto this one's ids.
         return Err(Refusal::Unknown);
@@ -180,6 +184,16 @@ pub(crate) async fn move_in(
     received: u64,
     cluster: Arc<Cluster>,
 ) {
+    if let Err(refused) = crate::resume::attach::charge_resume(&shard, resuming.peer, None) {
+        shard
+            .gateway
+            .metrics
+            .resumes
+            .with_label_values(&["refused"])
+            .inc();
+        resuming.answer.refuse(&shard, refused).await;
+        return;
+    }
     resuming.request.resumed = true;
     forget_token(&mut resuming.request);
     // Who the client is, before anything moves: the old node hands the connection over

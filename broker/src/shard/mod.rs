@@ -1026,6 +1026,59 @@ fn refuse(shard: &Rc<Shard>, stream: tokio::net::TcpStream, refusal: Refusal) {
     });
 }
 
+/// The admission gate for a socket from client `peer`, then its session.
+fn admit(shard: &Rc<Shard>, stream: tokio::net::TcpStream, peer: std::net::SocketAddr) {
+    match shard
+        .gateway
+        .admission
+        .admit(peer.ip(), std::time::Instant::now())
+    {
+        Ok(ticket) => {
+            let session = session::run(shard.clone(), stream, peer, ticket);
+            shard.tasks.spawn_local(session);
+        }
+        Err(refusal) => refuse(shard, stream, refusal),
+    }
+}
+
+/// A socket from a trusted proxy: its PROXY protocol header names the client, who is then
+/// admitted as if it had connected itself. A proxy that sends none is let go.
+async fn accept_proxied(
+    shard: Rc<Shard>,
+    mut stream: tokio::net::TcpStream,
+    proxy: std::net::SocketAddr,
+) {
+    let timeout = shard.gateway.config.limits.handshake_timeout;
+    match tokio::time::timeout(timeout, read_proxy_header(&mut stream)).await {
+        Ok(Ok(client)) => admit(&shard, stream, client.unwrap_or(proxy)),
+        Ok(Err(error)) => {
+            tracing::debug!(%proxy, %error, "connection from a trusted proxy refused");
+            shard
+                .gateway
+                .metrics
+                .connections_total
+                .with_label_values(&["bad_request", Wire::WebSocket.label()])
+                .inc();
+        }
+        Err(_) => tracing::debug!(%proxy, "no PROXY protocol header in time"),
+    }
+}
+
+/// Reads a PROXY protocol v2 header: the client it names, if any.
+async fn read_proxy_header(
+    stream: &mut tokio::net::TcpStream,
+) -> std::io::Result<Option<std::net::SocketAddr>> {
+    use crate::transport::proxy_protocol::{FIXED_LEN, client_address, decode_fixed};
+    use tokio::io::AsyncReadExt;
+    let invalid = |error| std::io::Error::new(std::io::ErrorKind::InvalidData, error);
+    let mut fixed = [0u8; FIXED_LEN];
+    stream.read_exact(&mut fixed).await?;
+    let fixed = decode_fixed(&fixed).map_err(invalid)?;
+    let mut body = vec![0u8; fixed.body_len];
+    stream.read_exact(&mut body).await?;
+    client_address(fixed, &body).map_err(invalid)
+}
+
 async fn run(
     shard: Rc<Shard>,
     listener: std::net::TcpListener,
@@ -1056,12 +1109,11 @@ async fn run(
             _ = shard.shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    match shard.gateway.admission.admit(peer.ip(), std::time::Instant::now()) {
-                        Ok(ticket) => {
-                            let session = session::run(shard.clone(), stream, peer, ticket);
-                            shard.tasks.spawn_local(session);
-                        }
-                        Err(refusal) => refuse(&shard, stream, refusal),
+                    let proxies = &shard.gateway.config.server.trusted_proxies;
+                    if proxies.iter().any(|proxy| proxy.contains(peer.ip())) {
+                        shard.tasks.spawn_local(accept_proxied(shard.clone(), stream, peer));
+                    } else {
+                        admit(&shard, stream, peer);
                     }
                 }
                 Err(error) => {

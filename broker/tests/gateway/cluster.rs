@@ -999,26 +999,26 @@ async fn calls_during_a_move_wait_for_the_connection_instead_of_finding_it_gone(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_missed_the_resumed_frame_of_a_move_resumes_with_its_old_token() {
+async fn every_resume_across_nodes_rotates_the_token_and_a_spent_one_is_refused() {
     let Some(binary) = nats::binary() else { return };
     let server = NatsServer::start(&binary);
     let backend = Backend::start().await;
     let extra = "[api]\nresume = true\n";
     let (nodes, _files) = start_nodes(&[server.url()], &backend, extra).await;
-    let (id, old_token) = parked_session(&nodes[0]).await;
-    // It moves to node 2, but the socket is lost before the client reads the answer (it
-    // carries a new token); each time after that the client comes back with the token it
-    // has: to node 2 (where the session is), to node 3 (which asks node 1, which passes the
-    // request on), then to node 1 (which knows where the session went).
+    let (id, mut token) = parked_session(&nodes[0]).await;
+    let mut spent = Vec::new();
+    // The session moves to node 2, resumes there, moves on to node 3 (which asks node 2),
+    // then comes back to node 1: each time with the token the last resumed frame brought.
     let mut parked = 0;
     for (received, to) in [1, 1, 2, 0].into_iter().enumerate() {
-        let url = format!(
-            "{}?resume={old_token}&received={received}",
-            nodes[to].ws_url
-        );
+        let url = format!("{}?resume={token}&received={received}", nodes[to].ws_url);
         let (mut ws, first) = open_and_read_first(&url).await;
         assert_eq!(first["type"], "resumed", "on node {}: {first}", to + 1);
         assert_eq!(first["connectionId"], id.as_str());
+        spent.push(std::mem::replace(
+            &mut token,
+            first["resumeToken"].as_str().unwrap().to_owned(),
+        ));
         let push = format!("{}/@connections/{id}", nodes[0].api_url);
         assert_eq!(post_body(push, "here").await.status(), 200);
         assert_eq!(next_text(&mut ws).await, "here");
@@ -1029,41 +1029,43 @@ async fn a_client_that_missed_the_resumed_frame_of_a_move_resumes_with_its_old_t
         parked_on(&nodes[to], 1.0).await;
         parked = to;
     }
-    // A token from a node in the middle of its path works too: the client reads the token
-    // of a move to node 2, misses the one of a move on to node 3, and comes back to node 3.
-    let resume_on =
-        |node: usize, token: &str| format!("{}?resume={token}&received=4", nodes[node].ws_url);
-    let (ws, first) = open_and_read_first(&resume_on(1, &old_token)).await;
-    let middle_token = first["resumeToken"].as_str().unwrap().to_owned();
-    drop(ws);
-    parked_on(&nodes[1], 1.0).await;
-    let (ws, first) = open_and_read_first(&resume_on(2, &middle_token)).await;
-    assert_eq!(first["type"], "resumed", "{first}");
-    drop(ws);
-    parked_on(&nodes[2], 1.0).await;
-    let (_ws, first) = open_and_read_first(&resume_on(2, &middle_token)).await;
+    // A token that was spent (it leaked with a URL, say) resumes nothing, on any node, and
+    // the session stays for its client.
+    for (node, old) in spent.iter().enumerate().map(|(n, t)| (n % 3, t)) {
+        let url = format!("{}?resume={old}&received=4", nodes[node].ws_url);
+        let (_ws, refused) = open_and_read_first(&url).await;
+        assert_eq!(refused["resumed"], false, "on node {}: {refused}", node + 1);
+        assert_ne!(refused["connectionId"], id.as_str());
+    }
+    let url = format!("{}?resume={token}&received=4", nodes[2].ws_url);
+    let (_ws, first) = open_and_read_first(&url).await;
     assert_eq!(first["type"], "resumed", "{first}");
     assert_eq!(first["connectionId"], id.as_str());
     assert!(backend.events("/disconnect").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_old_token_of_a_moved_session_that_ran_out_learns_it_expired() {
+async fn a_moved_session_that_ran_out_tells_its_client_it_expired() {
     let Some(binary) = nats::binary() else { return };
     let server = NatsServer::start(&binary);
     let backend = Backend::start().await;
     let extra = "[api]\nresume = true\nresume_window_secs = 1\n";
     let (nodes, _files) = start_nodes(&[server.url()], &backend, extra).await;
     let (id, old_token) = parked_session(&nodes[0]).await;
-    // It moves to node 2; the client misses the new token and stays away too long.
+    // It moves to node 2; the client stays away too long, then comes back with the token
+    // the move gave it, to either node.
     let url = format!("{}?resume={old_token}&received=0", nodes[1].ws_url);
     let (ws, first) = open_and_read_first(&url).await;
     assert_eq!(first["type"], "resumed", "{first}");
+    let token = first["resumeToken"].as_str().unwrap().to_owned();
     drop(ws);
     disconnect_event(&backend, &id).await;
-    let (_ws, welcome) = open_and_read_first(&url).await;
-    assert_eq!(welcome["resumed"], false, "{welcome}");
-    assert_eq!(welcome["reason"], "expired", "{welcome}");
+    for node in [1, 0] {
+        let url = format!("{}?resume={token}&received=0", nodes[node].ws_url);
+        let (_ws, welcome) = open_and_read_first(&url).await;
+        assert_eq!(welcome["resumed"], false, "{welcome}");
+        assert_eq!(welcome["reason"], "expired", "on node {}: {welcome}", node + 1);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

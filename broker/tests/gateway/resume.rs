@@ -493,8 +493,9 @@ async fn under_load_every_member_that_keeps_dropping_gets_every_message_once_in_
     const MEMBERS: u64 = 30;
     const MESSAGES: usize = 1500;
     let backend = Backend::start().await;
-    // Every resume is a new socket: the per-address connect rate would refuse them.
-    let limits = "[limits]\nconnects_per_sec_per_ip = 0\nmax_connections_per_ip = 0\n";
+    // Every resume is a new socket, and they come far faster than any real client's: the
+    // per-address and per-connection rates would refuse them.
+    let limits = "[limits]\nconnects_per_sec_per_ip = 0\nmax_connections_per_ip = 0\nresumes_per_sec_per_ip = 0\nresumes_per_sec_per_connection = 0\n";
     let gateway = std::sync::Arc::new(TestGateway::start(&resume_config(&backend, limits)).await);
     let (ready, mut joined) = tokio::sync::mpsc::channel(MEMBERS as usize);
     let members: Vec<_> = (0..MEMBERS)
@@ -569,6 +570,32 @@ async fn a_stolen_token_does_not_carry_a_session_over_to_another_identity() {
     assert_eq!(first["type"], "resumed", "{first}");
     assert_eq!(first["connectionId"], id.as_str());
     assert_eq!(next_text(&mut ws).await, "for alice");
+    assert_eq!(disconnects_of(&backend, &id), 0);
+    gateway.stop().await;
+}
+
+#[tokio::test]
+async fn resumes_that_come_too_fast_are_refused_and_change_nothing() {
+    let backend = Backend::start().await;
+    let limits = "[limits]\nresumes_per_sec_per_connection = 1\nresume_burst_per_connection = 2\n";
+    let gateway = TestGateway::start(&resume_config(&backend, limits)).await;
+    let (ws, id, mut token) = connect_resumable(&gateway).await;
+    drop(ws);
+    for round in 0..2 {
+        gateway.wait_for_parked(1.0).await;
+        let (ws, first) = reconnect(&gateway, &token, "0").await;
+        assert_eq!(first["type"], "resumed", "round {round}: {first}");
+        token = first["resumeToken"].as_str().unwrap().to_owned();
+        drop(ws);
+    }
+    gateway.wait_for_parked(1.0).await;
+    // The burst is spent: the third within the second is refused, and the session waits.
+    let url = format!("{}?resume={token}&received=0", gateway.ws_url());
+    assert_eq!(request_status(url).await, 429);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_ws, first) = reconnect(&gateway, &token, "0").await;
+    assert_eq!(first["type"], "resumed", "{first}");
+    assert_eq!(first["connectionId"], id.as_str());
     assert_eq!(disconnects_of(&backend, &id), 0);
     gateway.stop().await;
 }

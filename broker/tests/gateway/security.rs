@@ -323,3 +323,85 @@ async fn a_repeated_identity_source_is_a_bad_request() {
     other.stop().await;
     gateway.stop().await;
 }
+
+/// A PROXY protocol v2 header for a TCP over IPv4 client `client:port`.
+fn proxy_header(client: [u8; 4], port: u16) -> Vec<u8> {
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    header.extend([0x21, 0x11, 0, 12]);
+    header.extend(client);
+    header.extend([127, 0, 0, 1]);
+    header.extend(port.to_be_bytes());
+    header.extend(8080u16.to_be_bytes());
+    header
+}
+
+const UPGRADE: &str = "GET /dev HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+/// Connects from `source`, sends `prefix` and an upgrade request; the answer's head.
+async fn upgrade_via(
+    source: [u8; 4],
+    gateway: &TestGateway,
+    prefix: &[u8],
+) -> (tokio::net::TcpStream, String) {
+    let mut stream = connect_from(source, gateway.ws_addr).await.unwrap();
+    let mut request = prefix.to_vec();
+    request.extend(UPGRADE.as_bytes());
+    stream.write_all(&request).await.unwrap();
+    let head = read_head(&mut stream).await;
+    (stream, head)
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_limits_count_each_client_not_the_proxy() {
+    let backend = Backend::start().await;
+    let config = config_with(
+        &backend,
+        "[server]\ntrusted_proxies = [\"127.0.0.2\"]\n[limits]\nmax_connections_per_ip = 1",
+    );
+    let gateway = TestGateway::start(&config).await;
+    let (_first, head) = upgrade_via(
+        [127, 0, 0, 2],
+        &gateway,
+        &proxy_header([198, 51, 100, 1], 40000),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let connect = backend.wait_for("/connect-log", |_| true).await;
+    assert_eq!(
+        connect["requestContext"]["identity"]["sourceIp"],
+        "198.51.100.1"
+    );
+    // The same client again through the proxy: its own limit, not the proxy's.
+    let (_again, head) = upgrade_via(
+        [127, 0, 0, 2],
+        &gateway,
+        &proxy_header([198, 51, 100, 1], 40001),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 429"), "{head}");
+    // Another client through the same proxy has a place of its own.
+    let (_other, head) = upgrade_via(
+        [127, 0, 0, 2],
+        &gateway,
+        &proxy_header([198, 51, 100, 2], 40002),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // A trusted proxy that sends no header is let go unanswered.
+    let mut bare = connect_from([127, 0, 0, 2], gateway.ws_addr).await.unwrap();
+    bare.write_all(UPGRADE.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), bare.read(&mut buf))
+        .await
+        .expect("let go at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // Anyone else's header is not believed: it is not even a request.
+    let (_forged, head) = upgrade_via(
+        [127, 0, 0, 3],
+        &gateway,
+        &proxy_header([198, 51, 100, 9], 1),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    gateway.stop().await;
+}
