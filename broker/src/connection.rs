@@ -19,8 +19,9 @@ use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
 use crate::event::{ApiFacts, ConnectionFacts};
 use crate::limits::AdmissionTicket;
+use crate::limits::overload::CUT_AT_CROSSING;
 use crate::metrics::Metrics;
-use crate::outbound::{self, MAX_IOVECS, OutboundQueue, RewindError, SharedFrame};
+use crate::outbound::{self, MAX_IOVECS, OutboundQueue, PushError, RewindError, SharedFrame};
 use crate::resume::{self, ResumeToken, Secret, SecretHash};
 use crate::transport::Socket;
 
@@ -167,12 +168,28 @@ impl Connection {
         if self.is_ending() {
             return Err(Gone);
         }
-        if self.outbound.borrow_mut().push(frame).is_err() {
-            metrics.slow_consumer_disconnects.inc();
-            self.request_close(DisconnectReason::SlowConsumer);
-            return Err(Gone);
+        let pushed = self.outbound.borrow_mut().push(frame.clone());
+        match pushed {
+            Ok(()) => Ok(()),
+            Err(PushError::Full) => {
+                metrics.slow_consumer_disconnects.inc();
+                self.request_close(DisconnectReason::SlowConsumer);
+                Err(Gone)
+            }
+            // The gateway's outbound memory is used up: a connection holding a big queue is
+            // cut now, its queue given back; a reader that keeps up gets its frame (the
+            // shard sheds the biggest queues at once).
+            Err(PushError::OverBudget) if self.queued_bytes() >= CUT_AT_CROSSING => {
+                metrics.overload_disconnects.inc();
+                self.request_close(DisconnectReason::Overloaded);
+                self.outbound.borrow_mut().shed_unstarted();
+                Err(Gone)
+            }
+            Err(PushError::OverBudget) => {
+                self.outbound.borrow_mut().push_unbounded(frame);
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     /// Sends `frame` as a datagram, past the queue, if the connection takes datagrams

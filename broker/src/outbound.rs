@@ -20,6 +20,7 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 
+use crate::limits::overload::{Charge, ShardAccount};
 use crate::transport::webtransport::framing;
 
 /// An encoded frame as queued: shared within one shard.
@@ -104,9 +105,14 @@ impl Queued {
 /// Most frames handed to one vectored write (Linux accepts up to 1024 iovecs).
 pub const MAX_IOVECS: usize = 64;
 
-/// The push would exceed the queue's bound.
+/// Why a frame was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueFull;
+pub enum PushError {
+    /// The push would exceed the queue's own bound.
+    Full,
+    /// The gateway's outbound memory budget is crossed (nothing was queued).
+    OverBudget,
+}
 
 #[derive(Debug)]
 pub struct OutboundQueue {
@@ -118,6 +124,8 @@ pub struct OutboundQueue {
     /// Set on a resumable connection (boxed: most connections are not, and every one
     /// carries this field).
     resend: Option<Box<Resend>>,
+    /// Where its bytes are counted against the outbound memory budget (its shard's).
+    account: Option<Rc<ShardAccount>>,
 }
 
 /// What a resumable connection keeps to send again.
@@ -151,6 +159,53 @@ impl OutboundQueue {
             max_frames,
             max_bytes,
             resend: None,
+            account: None,
+        }
+    }
+
+    /// Counts what it holds in `account` from now on (an empty queue's only).
+    pub fn counted_in(mut self, account: Rc<ShardAccount>) -> Self {
+        debug_assert_eq!(self.queued_bytes, 0);
+        self.account = Some(account);
+        self
+    }
+
+    /// A new, empty queue counted where this one is (this one's bytes are refunded when it
+    /// is dropped).
+    pub fn replacement(&self, wire: Wire, max_frames: usize, max_bytes: usize) -> Self {
+        let mut queue = Self::new(wire, max_frames, max_bytes);
+        queue.account = self.account.clone();
+        queue
+    }
+
+    fn add_bytes(&mut self, bytes: usize, within_budget: bool) -> Result<(), PushError> {
+        if let Some(account) = &self.account {
+            if !within_budget {
+                account.charge_anyway(bytes);
+            } else if account.charge(bytes) == Charge::OverBudget {
+                return Err(PushError::OverBudget);
+            }
+        }
+        self.queued_bytes += bytes;
+        Ok(())
+    }
+
+    fn remove_bytes(&mut self, bytes: usize) {
+        let bytes = bytes.min(self.queued_bytes);
+        if let Some(account) = &self.account {
+            account.refund(bytes);
+        }
+        self.queued_bytes -= bytes;
+    }
+
+    /// Sets what it holds to `bytes` (after rebuilding its frames).
+    fn recount(&mut self, bytes: usize) {
+        match bytes.cmp(&self.queued_bytes) {
+            std::cmp::Ordering::Greater => {
+                let _ = self.add_bytes(bytes - self.queued_bytes, false);
+            }
+            std::cmp::Ordering::Less => self.remove_bytes(self.queued_bytes - bytes),
+            std::cmp::Ordering::Equal => {}
         }
     }
 
@@ -190,11 +245,12 @@ impl OutboundQueue {
                 number: Some(number),
             })
             .collect();
-        self.queued_bytes = self
+        let bytes = self
             .frames
             .iter()
             .map(|q| q.frame.bytes(self.wire).len())
             .sum();
+        self.recount(bytes);
         Ok(self.frames.len())
     }
 
@@ -245,7 +301,7 @@ impl OutboundQueue {
     /// Empties the queue, returning the frames' WebSocket encodings in order (a connection
     /// moving to another node takes them along).
     pub fn take_frames(&mut self) -> Vec<Bytes> {
-        self.queued_bytes = 0;
+        self.remove_bytes(self.queued_bytes);
         std::mem::take(&mut self.frames)
             .into_iter()
             .map(|q| q.frame.websocket.clone())
@@ -254,7 +310,7 @@ impl OutboundQueue {
 
     /// Puts an uncounted frame before everything queued (the answer to a resume).
     pub fn push_front(&mut self, frame: SharedFrame) {
-        self.queued_bytes += frame.bytes(self.wire).len();
+        let _ = self.add_bytes(frame.bytes(self.wire).len(), false);
         self.frames.push_front(Queued {
             frame,
             written: 0,
@@ -262,19 +318,26 @@ impl OutboundQueue {
         });
     }
 
-    /// Queues `frame`, or refuses it if a bound would be exceeded.
-    pub fn push(&mut self, frame: SharedFrame) -> Result<(), QueueFull> {
+    /// Queues `frame`, or refuses it if its bound, or the gateway's budget, would be
+    /// exceeded.
+    pub fn push(&mut self, frame: SharedFrame) -> Result<(), PushError> {
         let len = frame.bytes(self.wire).len();
         if self.frames.len() >= self.max_frames || self.queued_bytes + len > self.max_bytes {
-            return Err(QueueFull);
+            return Err(PushError::Full);
         }
-        self.push_unbounded(frame);
+        self.add_bytes(len, true)?;
+        self.append(frame);
         Ok(())
     }
 
     /// Queues a frame regardless of the bounds (a close frame must always get out).
     pub fn push_unbounded(&mut self, frame: SharedFrame) {
-        self.queued_bytes += frame.bytes(self.wire).len();
+        let _ = self.add_bytes(frame.bytes(self.wire).len(), false);
+        self.append(frame);
+    }
+
+    /// Puts `frame` at the back, numbered if it is data on a resumable connection.
+    fn append(&mut self, frame: SharedFrame) {
         let number = match self.resend.as_mut() {
             Some(resend) if frame.is_data() => {
                 resend.next_number += 1;
@@ -289,10 +352,20 @@ impl OutboundQueue {
         });
     }
 
+    /// Drops every frame not begun (a connection cut while the gateway is out of memory
+    /// for queues): one partly written stays, so the stream stays whole for a close frame.
+    pub fn shed_unstarted(&mut self) {
+        let keep = usize::from(self.frames.front().is_some_and(|q| q.written > 0));
+        let dropped: usize = (self.frames.drain(keep..))
+            .map(|q| q.frame.bytes(self.wire).len())
+            .sum();
+        self.remove_bytes(dropped);
+    }
+
     /// Drops every queued frame (a connection cut for not reading them).
     pub fn clear(&mut self) {
         self.frames = VecDeque::new();
-        self.queued_bytes = 0;
+        self.remove_bytes(self.queued_bytes);
     }
 
     /// Less than half of either bound is used.
@@ -325,7 +398,7 @@ impl OutboundQueue {
 
     /// Drops `written` bytes from the front (a partial frame keeps its tail).
     pub fn consume(&mut self, mut written: usize) {
-        self.queued_bytes -= written.min(self.queued_bytes);
+        self.remove_bytes(written);
         while written > 0 {
             let Some(front) = self.frames.front_mut() else {
                 break;
@@ -377,6 +450,13 @@ impl Resend {
     }
 }
 
+impl Drop for OutboundQueue {
+    /// What it still held leaves the budget with it.
+    fn drop(&mut self) {
+        self.remove_bytes(self.queued_bytes);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,7 +471,7 @@ mod tests {
         assert!(queue.push(frame(b"aaaa")).is_ok());
         assert!(queue.push(frame(b"bbbbbbb")).is_err());
         assert!(queue.push(frame(b"bb")).is_ok());
-        assert_eq!(queue.push(frame(b"c")), Err(QueueFull));
+        assert_eq!(queue.push(frame(b"c")), Err(PushError::Full));
         queue.push_unbounded(frame(b"close"));
         assert_eq!(queue.queued_bytes(), 11);
     }

@@ -188,7 +188,7 @@ pub async fn serve(
     storage.clear_room_memberships()?;
     let records = storage.record_writer();
     let (handles, inboxes) = shard::channels(listeners.gateway.len());
-    let admission = admission(&config, listeners.gateway.len())?;
+    let admission = admission(&config)?;
     let metrics = Metrics::new();
     metrics
         .connection_capacity
@@ -380,10 +380,7 @@ fn log_listening(
 
 /// The admission gate and the outbound budget it consults. Capacity is
 /// `server.max_connections`, capped by the open-files limit less `server.fd_reserve`.
-fn admission(
-    config: &Config,
-    shards: usize,
-) -> Result<(Arc<Admission>, Arc<OutboundBudget>), ServeError> {
+fn admission(config: &Config) -> Result<(Arc<Admission>, Arc<OutboundBudget>), ServeError> {
     let open_files = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(u64::MAX, |(soft, _)| soft);
     let reserve = config.server.fd_reserve;
     let capacity = Admission::capacity_for(config.server.max_connections, open_files, reserve);
@@ -401,10 +398,7 @@ fn admission(
             "the open-files limit caps connections below server.max_connections"
         );
     }
-    let budget = Arc::new(OutboundBudget::new(
-        config.limits.outbound_memory_bytes,
-        shards,
-    ));
+    let budget = Arc::new(OutboundBudget::new(config.limits.outbound_memory_bytes));
     let admission = Admission::new(capacity, config.limits.per_ip, budget.clone());
     Ok((Arc::new(admission), budget))
 }

@@ -135,7 +135,8 @@ pub(crate) async fn live(
         wire,
         limits.outbound_queue_frames,
         limits.outbound_queue_bytes,
-    );
+    )
+    .counted_in(shard.account.clone());
     let lifetime = moved_in
         .as_ref()
         .and_then(|moved| moved.lifetime_left)
@@ -1078,7 +1079,7 @@ async fn close(
         let mut queue = connection.outbound().borrow_mut();
         if abandon_queue {
             // Whatever it did not read is abandoned; only the verdict goes out.
-            *queue = OutboundQueue::new(Wire::WebSocket, 1, close_frame.len());
+            *queue = queue.replacement(Wire::WebSocket, 1, close_frame.len());
         }
         queue.push_unbounded(outbound::shared(close_frame));
     }

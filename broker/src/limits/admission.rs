@@ -276,7 +276,7 @@ mod tests {
         Arc::new(Admission::new(
             capacity,
             limits,
-            Arc::new(OutboundBudget::new(1 << 20, 1)),
+            Arc::new(OutboundBudget::new(1 << 20)),
         ))
     }
 

@@ -6,7 +6,8 @@
 //! * [`admission`]: the gate at `accept`, before a byte is read: global capacity (which
 //!   also keeps a reserve of file descriptors), per-address connection counts and connect
 //!   rates, and the overload flag.
-//! * [`overload`]: the global memory budget for outbound queues.
+//! * [`overload`]: the global memory budget for outbound queues, charged by each shard's
+//!   account as frames are queued.
 //!
 //! Pure bookkeeping: callers pass the time in, and sockets stay at the edges.
 
@@ -15,5 +16,5 @@ pub mod overload;
 pub mod rate;
 
 pub use admission::{Admission, AdmissionTicket, PerIpLimits, Refusal};
-pub use overload::OutboundBudget;
+pub use overload::{OutboundBudget, ShardAccount};
 pub use rate::{InboundLimiter, Rate, TokenBucket};

@@ -58,7 +58,7 @@ pub async fn serve(
             resumes: None,
             ipv6_prefix_len: 64,
         },
-        Arc::new(OutboundBudget::new(usize::MAX, 0)),
+        Arc::new(OutboundBudget::new(usize::MAX)),
     ));
     let reserve_app = app
         .clone()

@@ -320,6 +320,8 @@ pub struct Shard {
     /// Wakes the command loop for work that arrives without a command: fan-out queued
     /// from a session (a client's publish) to write, record changes to hand off.
     work_needed: Notify,
+    /// What its connections' outbound queues hold, against the gateway's memory budget.
+    pub(crate) account: Rc<crate::limits::ShardAccount>,
     /// Connection and membership changes made since the last hand-off to the writer.
     records: RefCell<RecordChanges>,
     /// Refused sockets being answered right now.
@@ -593,10 +595,13 @@ impl Shard {
 
     /// Queues `frame` for a fan-out recipient and puts it on the write-pass list.
     fn enqueue(&self, connection: &Rc<Connection>, frame: &SharedFrame) -> bool {
-        if connection
+        let queued = connection
             .enqueue(frame.clone(), &self.gateway.metrics)
-            .is_err()
-        {
+            .is_ok();
+        if self.account.take_shed_request() {
+            self.shed_if_over();
+        }
+        if !queued {
             return false;
         }
         if connection.mark_dirty() {
@@ -651,13 +656,11 @@ impl Shard {
     fn sweep(&self) {
         let now = std::time::Instant::now();
         let idle_timeout = self.gateway.config.limits.idle_timeout;
-        let mut queued = 0;
         for connection in self.connections.borrow().values() {
             if let Some(reason) = connection.expired(now, idle_timeout) {
                 connection.request_close(reason);
             }
             connection.shrink_idle_queue();
-            queued += connection.queued_bytes();
         }
         self.hand_off_records();
         self.rooms.borrow_mut().shrink();
@@ -669,16 +672,26 @@ impl Shard {
             connections.shrink_to_fit();
         }
         drop(connections);
+        self.shed_if_over();
         let budget = &self.gateway.outbound_budget;
-        let shed = budget.report(usize::from(self.index), queued);
-        if shed > 0 {
-            self.cut_biggest_queues(shed);
-        }
         let metrics = &self.gateway.metrics;
         metrics.outbound_queued_bytes.set(budget.used() as i64);
         metrics.overloaded.set(i64::from(budget.is_over()));
         if self.index == 0 {
             self.gateway.admission.forget_idle_addresses(now);
+        }
+    }
+
+    /// While the outbound budget is crossed, cuts this shard's share of the excess (its
+    /// biggest queues first). Run by the sweep, and at once when a queue found the budget
+    /// crossed.
+    fn shed_if_over(&self) {
+        let shed = self
+            .gateway
+            .outbound_budget
+            .excess_share(self.account.queued());
+        if shed > 0 {
+            self.cut_biggest_queues(shed);
         }
     }
 
@@ -843,6 +856,9 @@ pub fn spawn(
         .spawn(move || {
             let local = tokio::task::LocalSet::new();
             local.block_on(&runtime, async move {
+                let account = Rc::new(crate::limits::ShardAccount::new(
+                    gateway.outbound_budget.clone(),
+                ));
                 let shard = Rc::new(Shard {
                     index,
                     ids: RefCell::new(IdMinter::new(
@@ -855,6 +871,7 @@ pub fn spawn(
                     rooms: RefCell::new(RoomIndex::default()),
                     dirty: RefCell::new(VecDeque::new()),
                     work_needed: Notify::new(),
+                    account,
                     records: RefCell::new(RecordChanges::default()),
                     refusals_answering: std::cell::Cell::new(0),
                     pending_appends: RefCell::new(Vec::new()),

@@ -1064,7 +1064,12 @@ async fn a_moved_session_that_ran_out_tells_its_client_it_expired() {
         let url = format!("{}?resume={token}&received=0", nodes[node].ws_url);
         let (_ws, welcome) = open_and_read_first(&url).await;
         assert_eq!(welcome["resumed"], false, "{welcome}");
-        assert_eq!(welcome["reason"], "expired", "on node {}: {welcome}", node + 1);
+        assert_eq!(
+            welcome["reason"],
+            "expired",
+            "on node {}: {welcome}",
+            node + 1
+        );
     }
 }
 
