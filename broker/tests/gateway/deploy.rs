@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use crate::binary::run;
+use crate::binary::{BIN, run};
 use crate::support::*;
 
 fn repo() -> PathBuf {
@@ -200,8 +200,19 @@ fn deploy_yaml_parses_and_names_files_that_exist() {
 }
 
 #[test]
-fn deploy_configs_pass_check_config() {
+fn deploy_configs_pass_check_config_once_their_secrets_are_given() {
     let dir = tempfile::tempdir().unwrap();
+    // What the operator provides: a token (environment or secret file), the NATS password
+    // and the CA that signed the NATS servers' certificates.
+    let token = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let ca = rcgen::CertificateParams::new(vec!["nats".to_owned()])
+        .unwrap()
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
     let kubernetes = yaml("deploy/kubernetes/configmap.yaml");
     let configs = [
         ("docker", read("deploy/docker/switchboard.toml")),
@@ -219,15 +230,54 @@ fn deploy_configs_pass_check_config() {
         let data_dir = dir.path().join(format!("{name}-data"));
         let text = text
             .replace("@NODE_ID@", "1")
-            .replace("/var/lib/switchboard", data_dir.to_str().unwrap());
+            .replace("/var/lib/switchboard", data_dir.to_str().unwrap())
+            .replace(
+                "/run/secrets/switchboard_token",
+                token_file.to_str().unwrap(),
+            )
+            .replace(
+                "/etc/switchboard/secret/token",
+                token_file.to_str().unwrap(),
+            )
+            .replace("/certs/ca.pem", ca_file.to_str().unwrap())
+            .replace(
+                "/etc/switchboard/secret/nats-ca.pem",
+                ca_file.to_str().unwrap(),
+            );
         std::fs::write(&path, text).unwrap();
-        let output = run(&["check-config", path.to_str().unwrap()]);
+        let check = |env: &[(&str, &str)]| {
+            std::process::Command::new(BIN)
+                .arg("check-config")
+                .arg(&path)
+                .env_remove("SWITCHBOARD_TOKEN")
+                .env_remove("NATS_PASSWORD")
+                .envs(env.iter().copied())
+                .output()
+                .unwrap()
+        };
+        let given = check(&[
+            ("SWITCHBOARD_TOKEN", token),
+            ("NATS_PASSWORD", "nats-secret"),
+        ]);
         assert!(
-            output.status.success(),
+            given.status.success(),
             "{name}: {}",
-            String::from_utf8_lossy(&output.stderr)
+            String::from_utf8_lossy(&given.stderr)
+        );
+        // Nothing in the repository opens them: without the operator's secrets they refuse.
+        let bare = check(&[]);
+        assert!(!bare.status.success(), "{name} starts with no secret given");
+        let shown = String::from_utf8_lossy(&given.stdout);
+        assert!(
+            !shown.contains(token) && !shown.contains("nats-secret"),
+            "{name}: {shown}"
         );
     }
+    // None of them publishes metrics without a token.
+    for path in ["deploy/docker/switchboard.toml", "deploy/compose/node.toml"] {
+        assert!(!read(path).contains("public_metrics = true"), "{path}");
+    }
+    assert!(!read("deploy/kubernetes/configmap.yaml").contains("public_metrics = true"));
 }
 
 #[test]
