@@ -681,12 +681,19 @@ pub enum RawIntegration {
     Echo {},
     RoomJoin {
         room: String,
+        /// `$context.authorizer.<path>`: the rooms (a list, or a comma-separated string;
+        /// `prefix*` patterns) the authorizer lets this connection join; absent: any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        allow: Option<String>,
     },
     RoomLeave {
         room: String,
     },
     RoomPublish {
         room: String,
+        /// As for `room_join`: the rooms it may publish to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        allow: Option<String>,
         /// What to send; default: the whole frame.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         data: Option<String>,
@@ -881,15 +888,18 @@ pub enum Integration {
         body: String,
     },
     Echo,
-    /// Built-in room operations: the room (and payload) come from the frame.
+    /// Built-in room operations: the room (and payload) come from the frame, or from the
+    /// authorizer context; `allow` names the rooms the context permits.
     RoomJoin {
         room: SelectionExpression,
+        allow: Option<SelectionExpression>,
     },
     RoomLeave {
         room: SelectionExpression,
     },
     RoomPublish {
         room: SelectionExpression,
+        allow: Option<SelectionExpression>,
         data: Option<SelectionExpression>,
         exclude_sender: bool,
         members_only: bool,
@@ -1205,6 +1215,12 @@ impl RawApi {
         }
         let route_selector = SelectionExpression::parse(&self.route_selection_expression)
             .map_err(|e| invalid("api.route_selection_expression", e.to_string()))?;
+        if route_selector.uses_authorizer() {
+            return Err(invalid(
+                "api.route_selection_expression",
+                "selects from `$request.body` only (as on AWS)",
+            ));
+        }
         if !(1..=86_400).contains(&self.resume_window_secs) {
             return Err(invalid(
                 "api.resume_window_secs",
@@ -1458,20 +1474,23 @@ fn validate_integration(path: &str, raw: &RawIntegration) -> Result<Integration,
         }
         RawIntegration::Mock { body } => Integration::Mock { body: body.clone() },
         RawIntegration::Echo {} => Integration::Echo,
-        RawIntegration::RoomJoin { room } => Integration::RoomJoin {
+        RawIntegration::RoomJoin { room, allow } => Integration::RoomJoin {
             room: expression(path, "room", room)?,
+            allow: allow_expression(path, allow.as_deref())?,
         },
         RawIntegration::RoomLeave { room } => Integration::RoomLeave {
             room: expression(path, "room", room)?,
         },
         RawIntegration::RoomPublish {
             room,
+            allow,
             data,
             exclude_sender,
             members_only,
             unreliable,
         } => Integration::RoomPublish {
             room: expression(path, "room", room)?,
+            allow: allow_expression(path, allow.as_deref())?,
             data: data
                 .as_deref()
                 .map(|d| expression(path, "data", d))
@@ -1493,6 +1512,25 @@ fn validate_integration(path: &str, raw: &RawIntegration) -> Result<Integration,
 fn expression(path: &str, key: &str, source: &str) -> Result<SelectionExpression, ConfigError> {
     SelectionExpression::parse(source)
         .map_err(|e| invalid(format!("{path}.integration.{key}"), e.to_string()))
+}
+
+/// A room route's `allow`: one `$context.authorizer.<path>` (what the backend decided, never
+/// what the client sends).
+fn allow_expression(
+    path: &str,
+    source: Option<&str>,
+) -> Result<Option<SelectionExpression>, ConfigError> {
+    let Some(source) = source else {
+        return Ok(None);
+    };
+    let allow = expression(path, "allow", source)?;
+    if allow.uses_body() || !allow.uses_authorizer() {
+        return Err(invalid(
+            format!("{path}.integration.allow"),
+            "must be a `$context.authorizer.<path>` (the client's frame cannot grant rooms)",
+        ));
+    }
+    Ok(Some(allow))
 }
 
 #[cfg(test)]
@@ -1535,7 +1573,7 @@ response = true
 [routes.b]
 integration = { type = "mock", body = "hi" }
 [routes.c]
-integration = { type = "room_publish", room = "r", data = "$request.body.d" }
+integration = { type = "room_publish", room = "r", data = "$request.body.d", allow = "$context.authorizer.rooms" }
 [routes.d]
 integration = { type = "queue", queue = "q", deliver_to = "http://x/" }
 [authorizer]

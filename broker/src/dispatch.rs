@@ -229,8 +229,20 @@ pub fn route_message(shard: &Rc<Shard>, connection: &Rc<Connection>, message: In
         Integration::Queue { queue, ack } => {
             append_to_queue(shard, connection, &route.key, &message, queue, *ack);
         }
-        Integration::RoomJoin { room } => {
-            if let Some(room) = select_room(shard, connection, room, &body) {
+        Integration::RoomJoin { room, allow } => {
+            let context = authorizer_context(connection, &[Some(room), allow.as_ref()]);
+            let room = select_room(shard, connection, room, &body, context.as_ref());
+            let room = room.filter(|room| {
+                allowed(
+                    shard,
+                    connection,
+                    room,
+                    allow.as_ref(),
+                    &body,
+                    context.as_ref(),
+                )
+            });
+            if let Some(room) = room {
                 if let Err(refused) = shard.join(connection, &room) {
                     let request_id = shard.ids.borrow_mut().request_id();
                     send_error(
@@ -243,22 +255,30 @@ pub fn route_message(shard: &Rc<Shard>, connection: &Rc<Connection>, message: In
             }
         }
         Integration::RoomLeave { room } => {
-            if let Some(room) = select_room(shard, connection, room, &body) {
+            let context = authorizer_context(connection, &[Some(room)]);
+            if let Some(room) = select_room(shard, connection, room, &body, context.as_ref()) {
                 shard.leave(connection, &room);
             }
         }
         Integration::RoomPublish {
             room,
+            allow,
             data,
             exclude_sender,
             members_only,
             unreliable,
         } => {
-            let Some(room) = select_room(shard, connection, room, &body) else {
+            let context =
+                authorizer_context(connection, &[Some(room), allow.as_ref(), data.as_ref()]);
+            let context = context.as_ref();
+            let Some(room) = select_room(shard, connection, room, &body, context) else {
                 return;
             };
+            if !allowed(shard, connection, &room, allow.as_ref(), &body, context) {
+                return;
+            }
             let frame = match (data, &message) {
-                (Some(data), _) => match data.evaluate(&body) {
+                (Some(data), _) => match data.evaluate_in(&body, context) {
                     Some(payload) => frame::encode(Opcode::Text, payload.as_bytes()),
                     None => {
                         let request_id = shard.ids.borrow_mut().request_id();
@@ -292,15 +312,65 @@ fn is_reserved_route(key: &str) -> bool {
     key == CONNECT_ROUTE || key == DISCONNECT_ROUTE
 }
 
-/// Evaluates a room expression; on a missing or invalid name the client gets an error
-/// frame and `None` comes back.
+/// The connection's authorizer context as JSON, when one of `expressions` reads it.
+fn authorizer_context(
+    connection: &Connection,
+    expressions: &[Option<&SelectionExpression>],
+) -> Option<Value> {
+    if !expressions.iter().flatten().any(|e| e.uses_authorizer()) {
+        return None;
+    }
+    let raw = connection.facts.authorizer.as_deref()?;
+    serde_json::from_str(raw.get()).ok()
+}
+
+/// Whether the authorizer context lets the connection use `room` (always, without an
+/// `allow`): the rooms it names, as a list or a comma-separated string, each exact or a
+/// `prefix*`. A refusal is an error frame `Forbidden: ...` and a metric.
+fn allowed(
+    shard: &Shard,
+    connection: &Connection,
+    room: &RoomName,
+    allow: Option<&SelectionExpression>,
+    body: &Value,
+    context: Option<&Value>,
+) -> bool {
+    let Some(allow) = allow else {
+        return true;
+    };
+    let permits = |pattern: &str| match pattern.trim().strip_suffix('*') {
+        Some(prefix) => room.as_str().starts_with(prefix),
+        None => pattern.trim() == room.as_str(),
+    };
+    let granted = match allow.select_value(body, context) {
+        Some(Value::Array(rooms)) => rooms.iter().filter_map(Value::as_str).any(permits),
+        Some(Value::String(rooms)) => rooms.split(',').any(permits),
+        _ => false,
+    };
+    if !granted {
+        shard
+            .gateway
+            .metrics
+            .refused
+            .with_label_values(&["room_not_allowed"])
+            .inc();
+        let request_id = shard.ids.borrow_mut().request_id();
+        let reason = format!("Forbidden: room {room} is not allowed for this connection");
+        send_error(shard, connection, &reason, &request_id);
+    }
+    granted
+}
+
+/// Evaluates a room expression (with the authorizer `context`, if it reads it); on a
+/// missing or invalid name the client gets an error frame and `None` comes back.
 fn select_room(
     shard: &Shard,
     connection: &Connection,
     expression: &SelectionExpression,
     body: &Value,
+    context: Option<&Value>,
 ) -> Option<RoomName> {
-    let problem = match expression.evaluate(body) {
+    let problem = match expression.evaluate_in(body, context) {
         None => format!("Bad request: {} selected no room", expression.source()),
         Some(name) => match RoomName::parse(&name) {
             Ok(room) => return Some(room),

@@ -47,7 +47,8 @@ pub struct Metrics {
     pub overloaded: IntGauge,
     /// Client sockets open, handshakes included (updated at scrape time).
     pub open_sockets: IntGauge,
-    /// Client requests refused by a limit, by reason (rooms_per_connection, not_a_member).
+    /// Client requests refused by a limit, by reason (rooms_per_connection, not_a_member,
+    /// room_not_allowed).
     pub refused: IntCounterVec,
     /// `$connect` authorizer verdicts: allowed, missing, malformed, denied.
     pub authorizer_results: IntCounterVec,
@@ -344,7 +345,7 @@ impl Metrics {
         for kind in ["room", "bulk"] {
             let _ = self.fanout_duration.with_label_values(&[kind]);
         }
-        for reason in ["rooms_per_connection", "not_a_member"] {
+        for reason in ["rooms_per_connection", "not_a_member", "room_not_allowed"] {
             let _ = self.refused.with_label_values(&[reason]);
         }
         for outcome in ["resumed", "expired", "unknown", "overflow", "refused"] {

@@ -1,5 +1,8 @@
 //! AWS selection expressions (`$request.body.action`, `${request.body.a}-${request.body.b}`,
 //! `\$default`), compiled once at config load and evaluated against each inbound JSON frame.
+//! Templates may also name the connection's authorizer context
+//! (`user:${context.authorizer.principalId}`), which the backend controls and the client
+//! cannot change.
 //!
 //! Pure code: no I/O, no panics on any input.
 
@@ -20,6 +23,8 @@ enum Part {
     Literal(String),
     /// A path into the frame's JSON body: `$request.body.meta.kind` → `["meta", "kind"]`.
     BodyPath(Vec<String>),
+    /// A path into the connection's authorizer context: `$context.authorizer.rooms`.
+    AuthorizerPath(Vec<String>),
 }
 
 /// Why an expression does not compile.
@@ -32,7 +37,7 @@ pub enum SelectionError {
     #[error("`$` at byte {0} starts no variable (write `\\$` for a literal dollar)")]
     DanglingDollar(usize),
     #[error(
-        "unsupported variable `${0}`: only `$request.body.<path>` can select (write `\\$` for a literal dollar)"
+        "unsupported variable `${0}`: only `$request.body.<path>` and `$context.authorizer.<path>` can select (write `\\$` for a literal dollar)"
     )]
     UnsupportedVariable(String),
     #[error("variable `${0}` has an empty path segment")]
@@ -73,7 +78,7 @@ impl SelectionExpression {
                     if !literal.is_empty() {
                         parts.push(Part::Literal(std::mem::take(&mut literal)));
                     }
-                    parts.push(Part::BodyPath(compile_variable(variable)?));
+                    parts.push(compile_variable(variable)?);
                     i = next;
                 }
                 _ => {
@@ -101,14 +106,52 @@ impl SelectionExpression {
     /// Evaluates against a parsed frame body. `None` when a variable is missing or null:
     /// the frame then selects no route and goes to `$default`.
     pub fn evaluate<'a>(&'a self, body: &'a Value) -> Option<Cow<'a, str>> {
+        self.evaluate_in(body, None)
+    }
+
+    /// Evaluates against a frame body and the connection's authorizer context (`None`:
+    /// it has none, and `$context.authorizer.*` selects nothing).
+    pub fn evaluate_in<'a>(
+        &'a self,
+        body: &'a Value,
+        authorizer: Option<&'a Value>,
+    ) -> Option<Cow<'a, str>> {
         if let [single] = self.parts.as_slice() {
-            return evaluate_part(single, body);
+            return evaluate_part(single, body, authorizer);
         }
         let mut out = String::new();
         for part in &self.parts {
-            out.push_str(&evaluate_part(part, body)?);
+            out.push_str(&evaluate_part(part, body, authorizer)?);
         }
         Some(Cow::Owned(out))
+    }
+
+    /// The JSON value a single-variable expression names (an array stays an array), for
+    /// checks that take lists. `None` for templates and missing values.
+    pub fn select_value<'a>(
+        &self,
+        body: &'a Value,
+        authorizer: Option<&'a Value>,
+    ) -> Option<&'a Value> {
+        match self.parts.as_slice() {
+            [Part::BodyPath(path)] => follow(body, path),
+            [Part::AuthorizerPath(path)] => follow(authorizer?, path),
+            _ => None,
+        }
+    }
+
+    /// Whether it names the authorizer context (and so needs it to evaluate).
+    pub fn uses_authorizer(&self) -> bool {
+        self.parts
+            .iter()
+            .any(|part| matches!(part, Part::AuthorizerPath(_)))
+    }
+
+    /// Whether it names the frame's body.
+    pub fn uses_body(&self) -> bool {
+        self.parts
+            .iter()
+            .any(|part| matches!(part, Part::BodyPath(_)))
     }
 
     /// Parses `frame` as JSON and evaluates; `None` for non-JSON frames too.
@@ -128,13 +171,18 @@ fn is_path_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_' || c == '.'
 }
 
-fn compile_variable(variable: &str) -> Result<Vec<String>, SelectionError> {
-    let path = variable
-        .strip_prefix("request.body")
-        .ok_or_else(|| SelectionError::UnsupportedVariable(variable.to_owned()))?;
+fn compile_variable(variable: &str) -> Result<Part, SelectionError> {
+    let (path, make): (_, fn(Vec<String>) -> Part) =
+        if let Some(path) = variable.strip_prefix("request.body") {
+            (path, Part::BodyPath)
+        } else if let Some(path) = variable.strip_prefix("context.authorizer") {
+            (path, Part::AuthorizerPath)
+        } else {
+            return Err(SelectionError::UnsupportedVariable(variable.to_owned()));
+        };
     if path.is_empty() {
-        // `$request.body` itself: the whole body.
-        return Ok(Vec::new());
+        // `$request.body` itself: the whole body (or the whole context).
+        return Ok(make(Vec::new()));
     }
     let path = path
         .strip_prefix('.')
@@ -143,23 +191,29 @@ fn compile_variable(variable: &str) -> Result<Vec<String>, SelectionError> {
     if segments.iter().any(String::is_empty) {
         return Err(SelectionError::EmptySegment(variable.to_owned()));
     }
-    Ok(segments)
+    Ok(make(segments))
 }
 
-fn evaluate_part<'a>(part: &'a Part, body: &'a Value) -> Option<Cow<'a, str>> {
-    match part {
-        Part::Literal(text) => Some(Cow::Borrowed(text)),
-        Part::BodyPath(path) => {
-            let value = path
-                .iter()
-                .try_fold(body, |value, key| value.as_object()?.get(key))?;
-            match value {
-                Value::String(s) => Some(Cow::Borrowed(s)),
-                Value::Null => None,
-                Value::Bool(_) | Value::Number(_) | Value::Array(_) | Value::Object(_) => {
-                    Some(Cow::Owned(value.to_string()))
-                }
-            }
+fn follow<'a>(root: &'a Value, path: &[String]) -> Option<&'a Value> {
+    path.iter()
+        .try_fold(root, |value, key| value.as_object()?.get(key))
+}
+
+fn evaluate_part<'a>(
+    part: &'a Part,
+    body: &'a Value,
+    authorizer: Option<&'a Value>,
+) -> Option<Cow<'a, str>> {
+    let value = match part {
+        Part::Literal(text) => return Some(Cow::Borrowed(text)),
+        Part::BodyPath(path) => follow(body, path)?,
+        Part::AuthorizerPath(path) => follow(authorizer?, path)?,
+    };
+    match value {
+        Value::String(s) => Some(Cow::Borrowed(s)),
+        Value::Null => None,
+        Value::Bool(_) | Value::Number(_) | Value::Array(_) | Value::Object(_) => {
+            Some(Cow::Owned(value.to_string()))
         }
     }
 }
@@ -175,6 +229,32 @@ mod tests {
             .unwrap()
             .evaluate(&body)
             .map(Cow::into_owned)
+    }
+
+    #[test]
+    fn templates_may_name_the_authorizer_context() {
+        let expression =
+            SelectionExpression::parse("user:${context.authorizer.principalId}").unwrap();
+        assert!(expression.uses_authorizer() && !expression.uses_body());
+        let context = json!({"principalId": "alice", "rooms": ["a", "b"]});
+        assert_eq!(
+            expression
+                .evaluate_in(&json!({}), Some(&context))
+                .as_deref(),
+            Some("user:alice")
+        );
+        assert_eq!(
+            expression.evaluate(&json!({"principalId": "mallory"})),
+            None,
+            "not the body"
+        );
+        let rooms = SelectionExpression::parse("$context.authorizer.rooms").unwrap();
+        assert_eq!(
+            rooms.select_value(&json!({}), Some(&context)),
+            Some(&json!(["a", "b"]))
+        );
+        assert_eq!(rooms.select_value(&json!({}), None), None);
+        assert!(SelectionExpression::parse("$context.identity.sourceIp").is_err());
     }
 
     #[test]

@@ -432,3 +432,69 @@ async fn stalled_client_is_disconnected_while_others_get_everything() {
     let _ = stalled.stream.shutdown().await;
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn the_authorizer_decides_which_rooms_a_client_may_join_and_publish_to() {
+    let backend = Backend::start().await;
+    let config = config_with(
+        &backend,
+        r#"
+[authorizer]
+type = "jwt"
+token = "query:token"
+secret = "room-permissions-test-secret"
+[routes.join]
+integration = { type = "room_join", room = "$request.body.room", allow = "$context.authorizer.rooms" }
+[routes.inbox]
+integration = { type = "room_join", room = "user:${context.authorizer.sub}" }
+[routes.publish]
+integration = { type = "room_publish", room = "$request.body.room", data = "${context.authorizer.sub}: ${request.body.text}", allow = "$context.authorizer.rooms" }
+"#,
+    );
+    let gateway = TestGateway::start(&config).await;
+    let token = |sub: &str, rooms: Value| {
+        let claims = json!({"sub": sub, "rooms": rooms, "exp": 4_000_000_000u64});
+        crate::authorizers::hs256(claims, "room-permissions-test-secret")
+    };
+    let open = |token: String| {
+        let url = format!("{}?token={token}", gateway.ws_url());
+        async move { tokio_tungstenite::connect_async(url).await.unwrap().0 }
+    };
+    let mut alice = open(token("alice", json!(["lobby", "ticker:*"]))).await;
+    let mut mallory = open(token("mallory", json!("lobby"))).await;
+    // Allowed: a named room and one that matches a pattern.
+    join(&gateway, &mut alice, "lobby", 1).await;
+    join(&gateway, &mut alice, "ticker:ACME", 1).await;
+    join(&gateway, &mut mallory, "lobby", 2).await;
+    // Not granted: an error frame, and no membership.
+    for room in ["ticker:ACME", "admin"] {
+        let frame = json!({"action": "join", "room": room}).to_string();
+        send_text(&mut mallory, &frame).await;
+        let error = next_json(&mut mallory).await;
+        let message = error["message"].as_str().unwrap();
+        assert!(message.starts_with("Forbidden"), "{room}: {message}");
+    }
+    assert_eq!(room(&gateway, "ticker:ACME").await["count"], 1);
+    // Publishing is checked the same way, and the sender's identity is stamped by the
+    // gateway, not taken from the frame.
+    let spoof = json!({"action": "publish", "room": "ticker:ACME", "text": "crash!"});
+    send_text(&mut mallory, &spoof.to_string()).await;
+    assert!(
+        next_json(&mut mallory).await["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Forbidden")
+    );
+    let hello = json!({"action": "publish", "room": "lobby", "text": "hi", "sub": "alice"});
+    send_text(&mut mallory, &hello.to_string()).await;
+    assert_eq!(next_text(&mut alice).await, "mallory: hi");
+    // A room named after the principal: each joins only its own.
+    send_text(
+        &mut mallory,
+        &json!({"action": "inbox", "sub": "alice"}).to_string(),
+    )
+    .await;
+    wait_for_count(&gateway, "user:mallory", 1).await;
+    assert_eq!(room(&gateway, "user:alice").await["count"], 0);
+    gateway.stop().await;
+}
