@@ -109,6 +109,20 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Creates the series of every `http` route (and the http authorizer), so dashboards
+    /// and alerts that query them see zeros from the start instead of nothing until the
+    /// first call.
+    pub fn register_routes<'a>(&self, http_routes: impl IntoIterator<Item = &'a str>) {
+        for route in http_routes {
+            let _ = self
+                .integration_duration
+                .with_label_values(&[route, "http"]);
+            for kind in ["timeout", "unreachable", "status"] {
+                let _ = self.integration_errors.with_label_values(&[route, kind]);
+            }
+        }
+    }
+
     pub fn new() -> Self {
         let registry = Registry::new();
         let metrics = Self {

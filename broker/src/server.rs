@@ -190,6 +190,21 @@ pub async fn serve(
     let (handles, inboxes) = shard::channels(listeners.gateway.len());
     let admission = admission(&config)?;
     let metrics = Metrics::new();
+    let http_authorizer = config
+        .authorizer
+        .as_ref()
+        .filter(|authorizer| authorizer.is_http())
+        .map(|_| "$authorizer");
+    metrics.register_routes(
+        (config.routes.keys())
+            .filter(|key| {
+                config
+                    .routes
+                    .get(key)
+                    .is_some_and(|route| route.integration.kind() == "http")
+            })
+            .chain(http_authorizer),
+    );
     metrics
         .connection_capacity
         .set(admission.0.capacity() as i64);

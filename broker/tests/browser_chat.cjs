@@ -23,12 +23,13 @@ async function main() {
     ],
   });
   try {
-    const join = async (transport, name) => {
+    const join = async (transport, name, room = "lobby") => {
       const page = await browser.newPage();
       page.on("console", (m) => console.error(`[${transport} console] ${m.text()}`));
       page.on("pageerror", (e) => console.error(`[${transport} error] ${e.message}`));
       await page.goto(`${api}/demo`);
       await page.fill("#name", name);
+      await page.fill("#room", room);
       await page.selectOption("#transport", transport);
       await page.click("#join-button");
       await page.waitForFunction(() => window.chat.connectionId, null, WAIT);
@@ -62,7 +63,17 @@ async function main() {
     await heard(webtransport, "pushed by the backend");
     const status = await webtransport.textContent("#status");
     await webtransport.screenshot({ path: screenshot });
-    console.log(JSON.stringify({ ...ids, status }));
+
+    // A room name the gateway refuses: the page says so, and a message typed there is
+    // refused visibly instead of vanishing.
+    const refused = await join("websocket", "carol", "my room");
+    await say(refused, "anyone?");
+    await refused.waitForFunction(() => window.chat.errors.length >= 2, null, WAIT);
+    const refusal = {
+      status: await refused.textContent("#status"),
+      errors: await refused.evaluate(() => window.chat.errors),
+    };
+    console.log(JSON.stringify({ ...ids, status, refusal }));
   } finally {
     await browser.close();
   }

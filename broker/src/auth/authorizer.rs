@@ -352,6 +352,11 @@ pub fn restrict(
 }
 
 impl Authorizer {
+    /// Whether a backend decides (an http authorizer).
+    pub fn is_http(&self) -> bool {
+        matches!(self.check, Check::Http { .. })
+    }
+
     /// The first identity source (the token's, or an http authorizer's) that the request
     /// repeats: such a request is refused before anything is decided.
     pub fn repeated_source(&self, request: &HandshakeRequest) -> Option<&TokenSource> {

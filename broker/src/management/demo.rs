@@ -14,9 +14,36 @@ const PAGE: &str = include_str!("demo.html");
 /// Where the page expects its settings.
 const SETTINGS_SLOT: &str = "/*SETTINGS*/null";
 
-/// The page, with where to connect filled in.
+/// The routes the page sends to, and the integration each must have.
+const NEEDED_ROUTES: [(&str, &str); 3] = [
+    ("join", "room_join"),
+    ("publish", "room_publish"),
+    ("whoami", "mock"),
+];
+
+/// The page, with where to connect filled in; 404 with the reason under a config that lacks
+/// the routes it speaks (`switchboard demo-config` has them).
 pub async fn page(State(state): State<ApiState>, headers: HeaderMap) -> Response {
     let config = &state.gateway.config;
+    let missing: Vec<&str> = NEEDED_ROUTES
+        .iter()
+        .filter(|(key, kind)| {
+            config
+                .routes
+                .get(key)
+                .is_none_or(|route| route.integration.kind() != *kind)
+        })
+        .map(|(key, _)| *key)
+        .collect();
+    if !missing.is_empty() {
+        let reason = format!(
+            "The demo page needs the routes join (room_join), publish (room_publish) and whoami \
+             (mock), which this config lacks ({}). `switchboard demo-config` prints a config that \
+             has them.\n",
+            missing.join(", ")
+        );
+        return (axum::http::StatusCode::NOT_FOUND, reason).into_response();
+    }
     let stage = &config.api.stage;
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
     let listen = config.server.listen;

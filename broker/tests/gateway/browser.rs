@@ -57,12 +57,30 @@ async fn the_demo_chat_works_over_both_transports_in_chromium() {
             .contains("over webtransport"),
         "{result}"
     );
+    // The page whose room name was refused says so, and shows the refused publish.
+    let refusal = &result["refusal"];
+    assert!(
+        refusal["status"]
+            .as_str()
+            .unwrap()
+            .contains("not in a room"),
+        "{refusal}"
+    );
+    let errors: Vec<&str> = refusal["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(errors[0].starts_with("Bad request"), "{errors:?}");
+    assert!(errors[1].starts_with("Forbidden"), "{errors:?}");
     let metrics = gateway.metrics().await;
     for transport in ["websocket", "webtransport"] {
         let accepted = format!(
             "switchboard_connections_total{{result=\"accepted\",transport=\"{transport}\"}}"
         );
-        assert_eq!(metric_value(&metrics, &accepted), 1.0, "{accepted}");
+        let expected = if transport == "websocket" { 2.0 } else { 1.0 };
+        assert_eq!(metric_value(&metrics, &accepted), expected, "{accepted}");
     }
     assert!(std::fs::metadata(&screenshot).unwrap().len() > 0);
     gateway.stop().await;

@@ -98,6 +98,14 @@ integration = {{ type = "room_publish", room = "$request.body.room", data = "$re
         ),
     );
     let gateway = TestGateway::start(&config).await;
+    // Before any traffic, the integration panels and alert already have their series.
+    let fresh = exported(&gateway.metrics().await);
+    for name in [
+        "switchboard_integration_errors_total",
+        "switchboard_integration_duration_seconds",
+    ] {
+        assert!(fresh.contains(name), "{name} exported from the start");
+    }
     // Some traffic: a failed integration, a queue append and a commit, a join, a refused
     // publish, a broadcast, a disconnect.
     let (mut ws, _) = gateway.connect_with_id(&backend).await;

@@ -520,3 +520,26 @@ async fn sdk_signs(
     assert_eq!(next_text(&mut ws).await, expected);
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn the_demo_page_is_served_only_where_its_routes_exist() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&config_with(&backend, "")).await;
+    let page = http()
+        .get(format!("http://{}/demo", gateway.api_addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 404);
+    let reason = page.text().await.unwrap();
+    assert!(reason.contains("demo-config"), "{reason}");
+    gateway.stop().await;
+    let demo = TestGateway::start(switchboard::config::DEMO_CONFIG).await;
+    let page = http()
+        .get(format!("http://{}/demo", demo.api_addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    demo.stop().await;
+}
