@@ -15,6 +15,9 @@ use crate::selection::SelectionExpression;
 use crate::transport::TlsEndpoint;
 use crate::transport::webtransport::WebTransportConfig;
 
+/// `server.max_connections` unless configured.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+
 /// The embedded demo: echo on `$default`, rooms on join/leave/publish, no backend needed.
 pub const DEMO_CONFIG: &str = include_str!("demo.toml");
 
@@ -481,7 +484,7 @@ impl Default for RawServer {
             listen: "127.0.0.1:8080".into(),
             shards: 0,
             data_dir: "./data".into(),
-            max_connections: 100_000,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             node_id: 0,
             fd_reserve: 1024,
             tls: None,

@@ -378,19 +378,23 @@ fn log_listening(
             "WebTransport listening (UDP)"
         );
     }
+    let management_scheme = scheme(config.management.tls.is_some(), "https", "http");
     tracing::info!(
         gateway = %format!(
             "{}://{gateway}/{}",
             scheme(config.server.tls.is_some(), "wss", "ws"),
             config.api.stage
         ),
-        management = %format!(
-            "{}://{management}/{}/@connections",
-            scheme(config.management.tls.is_some(), "https", "http"),
-            config.api.stage
-        ),
+        management = %format!("{management_scheme}://{management}/{}/@connections", config.api.stage),
+        data_dir = %config.server.data_dir.display(),
         "listening"
     );
+    if crate::management::demo::is_served(config) {
+        tracing::info!(
+            page = %format!("{management_scheme}://{management}/demo"),
+            "demo chat page"
+        );
+    }
 }
 
 /// The admission gate and the outbound budget it consults. Capacity is
@@ -406,12 +410,20 @@ fn admission(config: &Config) -> Result<(Arc<Admission>, Arc<OutboundBudget>), S
         });
     }
     if capacity < config.server.max_connections {
-        tracing::warn!(
-            capacity,
-            open_files,
-            fd_reserve = reserve,
-            "the open-files limit caps connections below server.max_connections"
-        );
+        // Said once, with what to do; a warning only when the operator asked for more.
+        let advice = "raise the open-files limit (LimitNOFILE=1048576 in a systemd unit, \
+                      `ulimit -n` before starting) or lower server.max_connections";
+        if config.server.max_connections == crate::config::DEFAULT_MAX_CONNECTIONS {
+            tracing::info!(capacity, open_files, fd_reserve = reserve, advice, "connections capped by the open-files limit");
+        } else {
+            tracing::warn!(
+                capacity,
+                open_files,
+                fd_reserve = reserve,
+                advice,
+                "the open-files limit caps connections below server.max_connections"
+            );
+        }
     }
     let budget = Arc::new(OutboundBudget::new(config.limits.outbound_memory_bytes));
     let admission = Admission::new(capacity, config.limits.per_ip, budget.clone());

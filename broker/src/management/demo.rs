@@ -21,11 +21,9 @@ const NEEDED_ROUTES: [(&str, &str); 3] = [
     ("whoami", "mock"),
 ];
 
-/// The page, with where to connect filled in; 404 with the reason under a config that lacks
-/// the routes it speaks (`switchboard demo-config` has them).
-pub async fn page(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    let config = &state.gateway.config;
-    let missing: Vec<&str> = NEEDED_ROUTES
+/// The routes of [`NEEDED_ROUTES`] that `config` lacks.
+fn missing_routes(config: &crate::config::Config) -> Vec<&'static str> {
+    NEEDED_ROUTES
         .iter()
         .filter(|(key, kind)| {
             config
@@ -34,7 +32,19 @@ pub async fn page(State(state): State<ApiState>, headers: HeaderMap) -> Response
                 .is_none_or(|route| route.integration.kind() != *kind)
         })
         .map(|(key, _)| *key)
-        .collect();
+        .collect()
+}
+
+/// Whether `config` has what the page speaks (and so `/demo` serves it).
+pub fn is_served(config: &crate::config::Config) -> bool {
+    missing_routes(config).is_empty()
+}
+
+/// The page, with where to connect filled in; 404 with the reason under a config that lacks
+/// the routes it speaks (`switchboard demo-config` has them).
+pub async fn page(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    let config = &state.gateway.config;
+    let missing = missing_routes(config);
     if !missing.is_empty() {
         let reason = format!(
             "The demo page needs the routes join (room_join), publish (room_publish) and whoami \
