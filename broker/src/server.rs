@@ -414,7 +414,13 @@ fn admission(config: &Config) -> Result<(Arc<Admission>, Arc<OutboundBudget>), S
         let advice = "raise the open-files limit (LimitNOFILE=1048576 in a systemd unit, \
                       `ulimit -n` before starting) or lower server.max_connections";
         if config.server.max_connections == crate::config::DEFAULT_MAX_CONNECTIONS {
-            tracing::info!(capacity, open_files, fd_reserve = reserve, advice, "connections capped by the open-files limit");
+            tracing::info!(
+                capacity,
+                open_files,
+                fd_reserve = reserve,
+                advice,
+                "connections capped by the open-files limit"
+            );
         } else {
             tracing::warn!(
                 capacity,

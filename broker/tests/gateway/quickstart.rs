@@ -1,6 +1,6 @@
-//! README.md's quickstart, run as written: the demo on its default ports, the Python
-//! client block, the curl block (with the connectionId the client printed), the boto3
-//! block and the broadcast block, in order.
+//! README.md's quickstart, run as written and in order: the demo on its default ports, the
+//! Python client block, the curl block (with the connectionId the client printed), the boto3
+//! block and the DELETE block, each printing what the README says it prints.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -83,7 +83,7 @@ fn the_readme_quickstart_works_as_written() {
         return;
     }
     let blocks = quickstart_blocks();
-    assert_eq!(blocks.len(), 4, "client, curl, boto3, broadcast blocks");
+    assert_eq!(blocks.len(), 4, "client, curl, boto3, delete blocks");
     let dir = tempfile::tempdir().unwrap();
     let mut demo = Command::new(BIN)
         .arg("serve")
@@ -97,22 +97,29 @@ fn the_readme_quickstart_works_as_written() {
     });
     assert!(up, "the demo listens on 127.0.0.1:9090");
 
-    // The client prints its connectionId, then what is pushed, until it is disconnected.
+    // The client prints its connectionId and the queue's ack, then what reaches it.
     let (mut client, lines) = start_client(&blocks[0]);
     let id = connection_id_from(&lines);
-    let curl = blocks[1].replace("ID=...", &format!("ID={id}"));
-    let printed = bash(&curl);
-    assert!(printed.contains("connectedAt"), "{printed}");
-    assert_eq!(
-        lines.recv_timeout(Duration::from_secs(10)).unwrap(),
-        "pushed by curl"
-    );
-    let status = client.wait().unwrap();
-    assert!(status.success(), "the client ends when DELETE closes it");
+    let next = || lines.recv_timeout(Duration::from_secs(10)).unwrap();
+    let ack: serde_json::Value = serde_json::from_str(&next()).unwrap();
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let with_id = |block: &str| block.replace("ID=...", &format!("ID={id}"));
+    let printed = bash(&with_id(&blocks[1]));
+    for expected in [
+        "\"connectedAt\"",
+        "{\"delivered\":1}",
+        "\"count\":1",
+        "{\"delivered\":1,\"gone\":[\"AAAAAAAAAAAAAAAAAAAAAA\"]}",
+        "\"routeKey\":\"enqueue\"",
+        "\"next\":1",
+    ] {
+        assert!(printed.contains(expected), "{expected} in {printed}");
+    }
+    for expected in ["pushed by curl", "to everyone in lobby", "hello"] {
+        assert_eq!(next(), expected);
+    }
 
-    // boto3 against a second client.
-    let (mut second, lines) = start_client(&blocks[0]);
-    let id = connection_id_from(&lines);
+    // boto3 on the same client, then the DELETE that ends it.
     let output = Command::new("python3")
         .args(["-c", &blocks[2], &id])
         .output()
@@ -123,15 +130,11 @@ fn the_readme_quickstart_works_as_written() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(String::from_utf8_lossy(&output.stdout).contains("ConnectedAt"));
-    assert_eq!(
-        lines.recv_timeout(Duration::from_secs(10)).unwrap(),
-        "hello from boto3"
-    );
-    assert!(second.wait().unwrap().success());
-
-    let broadcast = bash(&blocks[3]);
-    assert!(broadcast.contains("\"delivered\""), "{broadcast}");
-    assert!(broadcast.contains("\"gone\""), "{broadcast}");
+    assert_eq!(next(), "hello from boto3");
+    let script = format!("ID={id}\n{}", blocks[3]);
+    bash(&script);
+    let status = client.wait().unwrap();
+    assert!(status.success(), "the client ends when DELETE closes it");
     let _ = demo.kill();
     let _ = demo.wait();
 }
