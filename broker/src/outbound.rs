@@ -20,7 +20,7 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 
-use crate::limits::overload::{Charge, ShardAccount};
+use crate::limits::overload::{Charge, ShardAccount, footprint};
 use crate::transport::webtransport::framing;
 
 /// An encoded frame as queued: shared within one shard.
@@ -124,8 +124,10 @@ pub struct OutboundQueue {
     /// Set on a resumable connection (boxed: most connections are not, and every one
     /// carries this field).
     resend: Option<Box<Resend>>,
-    /// Where its bytes are counted against the outbound memory budget (its shard's).
+    /// Where its frames' memory is counted against the outbound memory budget (its
+    /// shard's), and how much is charged there now.
     account: Option<Rc<ShardAccount>>,
+    charged: usize,
 }
 
 /// What a resumable connection keeps to send again.
@@ -160,6 +162,7 @@ impl OutboundQueue {
             max_bytes,
             resend: None,
             account: None,
+            charged: 0,
         }
     }
 
@@ -178,35 +181,33 @@ impl OutboundQueue {
         queue
     }
 
-    fn add_bytes(&mut self, bytes: usize, within_budget: bool) -> Result<(), PushError> {
+    /// Charges the memory a frame of `len` bytes takes to the budget (if the queue is
+    /// counted): refused past the budget when `within_budget`, else charged regardless.
+    fn charge(&mut self, len: usize, within_budget: bool) -> Result<(), PushError> {
+        let footprint = footprint(len);
         if let Some(account) = &self.account {
             if !within_budget {
-                account.charge_anyway(bytes);
-            } else if account.charge(bytes) == Charge::OverBudget {
+                account.charge_anyway(footprint);
+            } else if account.charge(footprint) == Charge::OverBudget {
                 return Err(PushError::OverBudget);
             }
         }
-        self.queued_bytes += bytes;
+        self.charged += footprint;
         Ok(())
     }
 
-    fn remove_bytes(&mut self, bytes: usize) {
-        let bytes = bytes.min(self.queued_bytes);
+    /// Gives back the memory of frames that left the queue.
+    fn release(&mut self, footprint: usize) {
+        let footprint = footprint.min(self.charged);
         if let Some(account) = &self.account {
-            account.refund(bytes);
+            account.refund(footprint);
         }
-        self.queued_bytes -= bytes;
+        self.charged -= footprint;
     }
 
-    /// Sets what it holds to `bytes` (after rebuilding its frames).
-    fn recount(&mut self, bytes: usize) {
-        match bytes.cmp(&self.queued_bytes) {
-            std::cmp::Ordering::Greater => {
-                let _ = self.add_bytes(bytes - self.queued_bytes, false);
-            }
-            std::cmp::Ordering::Less => self.remove_bytes(self.queued_bytes - bytes),
-            std::cmp::Ordering::Equal => {}
-        }
+    /// The memory queued frames take: what was charged for them.
+    fn footprint_of<'a>(&self, frames: impl Iterator<Item = &'a Queued>) -> usize {
+        frames.map(|q| footprint(q.frame.bytes(self.wire).len())).sum()
     }
 
     /// From now on, numbers data frames (the first queued after this is 1) and keeps the
@@ -245,12 +246,21 @@ impl OutboundQueue {
                 number: Some(number),
             })
             .collect();
-        let bytes = self
+        self.queued_bytes = self
             .frames
             .iter()
             .map(|q| q.frame.bytes(self.wire).len())
             .sum();
-        self.recount(bytes);
+        let footprint = self.footprint_of(self.frames.iter());
+        match footprint.checked_sub(self.charged) {
+            Some(more) => {
+                if let Some(account) = &self.account {
+                    account.charge_anyway(more);
+                }
+                self.charged = footprint;
+            }
+            None => self.release(self.charged - footprint),
+        }
         Ok(self.frames.len())
     }
 
@@ -301,7 +311,8 @@ impl OutboundQueue {
     /// Empties the queue, returning the frames' WebSocket encodings in order (a connection
     /// moving to another node takes them along).
     pub fn take_frames(&mut self) -> Vec<Bytes> {
-        self.remove_bytes(self.queued_bytes);
+        self.release(self.charged);
+        self.queued_bytes = 0;
         std::mem::take(&mut self.frames)
             .into_iter()
             .map(|q| q.frame.websocket.clone())
@@ -310,7 +321,9 @@ impl OutboundQueue {
 
     /// Puts an uncounted frame before everything queued (the answer to a resume).
     pub fn push_front(&mut self, frame: SharedFrame) {
-        let _ = self.add_bytes(frame.bytes(self.wire).len(), false);
+        let len = frame.bytes(self.wire).len();
+        let _ = self.charge(len, false);
+        self.queued_bytes += len;
         self.frames.push_front(Queued {
             frame,
             written: 0,
@@ -325,14 +338,17 @@ impl OutboundQueue {
         if self.frames.len() >= self.max_frames || self.queued_bytes + len > self.max_bytes {
             return Err(PushError::Full);
         }
-        self.add_bytes(len, true)?;
+        self.charge(len, true)?;
+        self.queued_bytes += len;
         self.append(frame);
         Ok(())
     }
 
     /// Queues a frame regardless of the bounds (a close frame must always get out).
     pub fn push_unbounded(&mut self, frame: SharedFrame) {
-        let _ = self.add_bytes(frame.bytes(self.wire).len(), false);
+        let len = frame.bytes(self.wire).len();
+        let _ = self.charge(len, false);
+        self.queued_bytes += len;
         self.append(frame);
     }
 
@@ -356,16 +372,18 @@ impl OutboundQueue {
     /// for queues): one partly written stays, so the stream stays whole for a close frame.
     pub fn shed_unstarted(&mut self) {
         let keep = usize::from(self.frames.front().is_some_and(|q| q.written > 0));
-        let dropped: usize = (self.frames.drain(keep..))
-            .map(|q| q.frame.bytes(self.wire).len())
-            .sum();
-        self.remove_bytes(dropped);
+        let dropped: Vec<Queued> = self.frames.drain(keep..).collect();
+        let bytes: usize = dropped.iter().map(|q| q.frame.bytes(self.wire).len()).sum();
+        self.queued_bytes -= bytes.min(self.queued_bytes);
+        let footprint = self.footprint_of(dropped.iter());
+        self.release(footprint);
     }
 
     /// Drops every queued frame (a connection cut for not reading them).
     pub fn clear(&mut self) {
         self.frames = VecDeque::new();
-        self.remove_bytes(self.queued_bytes);
+        self.queued_bytes = 0;
+        self.release(self.charged);
     }
 
     /// Less than half of either bound is used.
@@ -398,7 +416,7 @@ impl OutboundQueue {
 
     /// Drops `written` bytes from the front (a partial frame keeps its tail).
     pub fn consume(&mut self, mut written: usize) {
-        self.remove_bytes(written);
+        self.queued_bytes -= written.min(self.queued_bytes);
         while written > 0 {
             let Some(front) = self.frames.front_mut() else {
                 break;
@@ -409,6 +427,7 @@ impl OutboundQueue {
                 let Some(done) = self.frames.pop_front() else {
                     break;
                 };
+                self.release(footprint(done.frame.bytes(self.wire).len()));
                 if let (Some(resend), Some(number)) = (self.resend.as_mut(), done.number) {
                     resend.remember(done.frame, number, self.wire);
                 }
@@ -453,7 +472,7 @@ impl Resend {
 impl Drop for OutboundQueue {
     /// What it still held leaves the budget with it.
     fn drop(&mut self) {
-        self.remove_bytes(self.queued_bytes);
+        self.release(self.charged);
     }
 }
 

@@ -20,6 +20,25 @@ pub const CREDIT_CHUNK: usize = 256 * 1024;
 /// a reader that keeps up holds far less.
 pub const CUT_AT_CROSSING: usize = 64 * 1024;
 
+/// The memory a frame of `len` bytes takes, as the allocator hands it out: rounded up to
+/// its size class (four per power of two, as in jemalloc, the binary's allocator), plus,
+/// for a large allocation, the page jemalloc adds to randomize cache lines, plus what
+/// queueing it costs (its shared header and queue entry). A 30 KB frame takes 36 KiB: the
+/// budget counts what the process really holds, not just payload.
+pub fn footprint(len: usize) -> usize {
+    const PER_FRAME: usize = 96;
+    const SMALL_MAX: usize = 14 * 1024;
+    const PAGE: usize = 4096;
+    if len <= 16 {
+        return 16 + PER_FRAME;
+    }
+    let power = usize::BITS - 1 - (len - 1).leading_zeros();
+    let step = 1usize << power.saturating_sub(2);
+    let class = len.div_ceil(step) * step;
+    let pad = if class > SMALL_MAX { PAGE } else { 0 };
+    class + pad + PER_FRAME
+}
+
 #[derive(Debug)]
 pub struct OutboundBudget {
     budget: usize,
@@ -213,6 +232,16 @@ mod tests {
         // Each account keeps at most two chunks of spare credit for what comes next.
         assert_eq!((a.queued(), b.queued()), (0, 0));
         assert!(budget.used() <= 2 * 2 * CREDIT_CHUNK, "{}", budget.used());
+    }
+
+    #[test]
+    fn a_frame_costs_what_the_allocator_gives_it() {
+        assert_eq!(footprint(1), 16 + 96);
+        assert_eq!(footprint(100), 112 + 96);
+        assert_eq!(footprint(30_004), 32 * 1024 + 4096 + 96);
+        assert_eq!(footprint(32 * 1024), 32 * 1024 + 4096 + 96);
+        assert_eq!(footprint(32 * 1024 + 1), 40 * 1024 + 4096 + 96);
+        assert!((1..200_000).step_by(997).all(|len| footprint(len) >= len));
     }
 
     #[test]
