@@ -377,6 +377,12 @@ fn log_listening(
             webtransport = %format!("https://{address}/{}", config.api.stage),
             "WebTransport listening (UDP)"
         );
+        if config.management.tls.is_none() && !management.ip().is_loopback() {
+            tracing::warn!(
+                "the WebTransport discovery document (its certificate hash) is served over plain \
+                 http off loopback, where it can be swapped on the way: set [management.tls]"
+            );
+        }
     }
     let management_scheme = scheme(config.management.tls.is_some(), "https", "http");
     tracing::info!(
