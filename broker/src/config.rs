@@ -811,6 +811,13 @@ pub struct ManagementConfig {
     pub tls: Option<TlsEndpoint>,
 }
 
+impl ManagementConfig {
+    /// Whether requests must carry credentials (tokens or SigV4 keys are configured).
+    pub fn has_credentials(&self) -> bool {
+        !self.tokens.is_empty() || !self.aws_keys.is_empty()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     pub stage: String,

@@ -20,7 +20,7 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 
-use crate::limits::overload::{Charge, ShardAccount, footprint};
+use crate::limits::overload::{Charge, ENTRY_COST, ShardAccount, footprint};
 use crate::transport::webtransport::framing;
 
 /// An encoded frame as queued: shared within one shard.
@@ -32,6 +32,7 @@ pub fn shared(websocket: Bytes) -> SharedFrame {
         websocket,
         webtransport: OnceCell::new(),
         datagram: OnceCell::new(),
+        charged: OnceCell::new(),
     })
 }
 
@@ -60,6 +61,18 @@ pub struct OutboundFrame {
     webtransport: OnceCell<Bytes>,
     /// The same as a QUIC datagram, at the first recipient of one.
     datagram: OnceCell<Bytes>,
+    /// Where its memory is charged against the outbound budget, and how much: once, by the
+    /// first counted queue that takes it (a broadcast frame is shared by every recipient on
+    /// the shard), given back when the last holder lets go of it.
+    charged: OnceCell<(Rc<ShardAccount>, usize)>,
+}
+
+impl Drop for OutboundFrame {
+    fn drop(&mut self) {
+        if let Some((account, footprint)) = self.charged.take() {
+            account.refund(footprint);
+        }
+    }
 }
 
 impl OutboundFrame {
@@ -124,10 +137,9 @@ pub struct OutboundQueue {
     /// Set on a resumable connection (boxed: most connections are not, and every one
     /// carries this field).
     resend: Option<Box<Resend>>,
-    /// Where its frames' memory is counted against the outbound memory budget (its
-    /// shard's), and how much is charged there now.
+    /// Where its entries and frames are counted against the outbound memory budget (its
+    /// shard's).
     account: Option<Rc<ShardAccount>>,
-    charged: usize,
 }
 
 /// What a resumable connection keeps to send again.
@@ -162,7 +174,6 @@ impl OutboundQueue {
             max_bytes,
             resend: None,
             account: None,
-            charged: 0,
         }
     }
 
@@ -181,33 +192,36 @@ impl OutboundQueue {
         queue
     }
 
-    /// Charges the memory a frame of `len` bytes takes to the budget (if the queue is
-    /// counted): refused past the budget when `within_budget`, else charged regardless.
-    fn charge(&mut self, len: usize, within_budget: bool) -> Result<(), PushError> {
-        let footprint = footprint(len);
-        if let Some(account) = &self.account {
-            if !within_budget {
-                account.charge_anyway(footprint);
-            } else if account.charge(footprint) == Charge::OverBudget {
-                return Err(PushError::OverBudget);
-            }
+    /// Charges what queueing `frame` takes to the budget (if the queue is counted): its
+    /// entry, and the frame itself unless another queue already did. Refused past the
+    /// budget when `within_budget` (nothing is charged then), else charged regardless.
+    fn charge(&self, frame: &SharedFrame, within_budget: bool) -> Result<(), PushError> {
+        let Some(account) = &self.account else {
+            return Ok(());
+        };
+        let unpaid = frame.charged.get().is_none();
+        let own = if unpaid {
+            footprint(frame.bytes(self.wire).len())
+        } else {
+            0
+        };
+        if !within_budget {
+            account.charge_anyway(own + ENTRY_COST);
+        } else if account.charge(own + ENTRY_COST) == Charge::OverBudget {
+            return Err(PushError::OverBudget);
         }
-        self.charged += footprint;
+        if unpaid {
+            let _ = frame.charged.set((account.clone(), own));
+        }
         Ok(())
     }
 
-    /// Gives back the memory of frames that left the queue.
-    fn release(&mut self, footprint: usize) {
-        let footprint = footprint.min(self.charged);
+    /// Gives back the entries of `count` frames that left the queue (a frame's own memory
+    /// goes back when its last holder drops it).
+    fn release(&self, count: usize) {
         if let Some(account) = &self.account {
-            account.refund(footprint);
+            account.refund(count * ENTRY_COST);
         }
-        self.charged -= footprint;
-    }
-
-    /// The memory queued frames take: what was charged for them.
-    fn footprint_of<'a>(&self, frames: impl Iterator<Item = &'a Queued>) -> usize {
-        frames.map(|q| footprint(q.frame.bytes(self.wire).len())).sum()
     }
 
     /// From now on, numbers data frames (the first queued after this is 1) and keeps the
@@ -228,6 +242,7 @@ impl OutboundQueue {
     /// (they were for the lost socket). Returns how many there are.
     pub fn rewind(&mut self, received: u64) -> Result<usize, RewindError> {
         self.check_rewind(received)?;
+        let entries_before = self.frames.len();
         let Some(resend) = self.resend.as_mut() else {
             return Err(RewindError::NeverSent);
         };
@@ -251,15 +266,13 @@ impl OutboundQueue {
             .iter()
             .map(|q| q.frame.bytes(self.wire).len())
             .sum();
-        let footprint = self.footprint_of(self.frames.iter());
-        match footprint.checked_sub(self.charged) {
+        match self.frames.len().checked_sub(entries_before) {
             Some(more) => {
                 if let Some(account) = &self.account {
-                    account.charge_anyway(more);
+                    account.charge_anyway(more * ENTRY_COST);
                 }
-                self.charged = footprint;
             }
-            None => self.release(self.charged - footprint),
+            None => self.release(entries_before - self.frames.len()),
         }
         Ok(self.frames.len())
     }
@@ -311,7 +324,7 @@ impl OutboundQueue {
     /// Empties the queue, returning the frames' WebSocket encodings in order (a connection
     /// moving to another node takes them along).
     pub fn take_frames(&mut self) -> Vec<Bytes> {
-        self.release(self.charged);
+        self.release(self.frames.len());
         self.queued_bytes = 0;
         std::mem::take(&mut self.frames)
             .into_iter()
@@ -321,9 +334,8 @@ impl OutboundQueue {
 
     /// Puts an uncounted frame before everything queued (the answer to a resume).
     pub fn push_front(&mut self, frame: SharedFrame) {
-        let len = frame.bytes(self.wire).len();
-        let _ = self.charge(len, false);
-        self.queued_bytes += len;
+        let _ = self.charge(&frame, false);
+        self.queued_bytes += frame.bytes(self.wire).len();
         self.frames.push_front(Queued {
             frame,
             written: 0,
@@ -338,7 +350,7 @@ impl OutboundQueue {
         if self.frames.len() >= self.max_frames || self.queued_bytes + len > self.max_bytes {
             return Err(PushError::Full);
         }
-        self.charge(len, true)?;
+        self.charge(&frame, true)?;
         self.queued_bytes += len;
         self.append(frame);
         Ok(())
@@ -346,9 +358,8 @@ impl OutboundQueue {
 
     /// Queues a frame regardless of the bounds (a close frame must always get out).
     pub fn push_unbounded(&mut self, frame: SharedFrame) {
-        let len = frame.bytes(self.wire).len();
-        let _ = self.charge(len, false);
-        self.queued_bytes += len;
+        let _ = self.charge(&frame, false);
+        self.queued_bytes += frame.bytes(self.wire).len();
         self.append(frame);
     }
 
@@ -375,15 +386,14 @@ impl OutboundQueue {
         let dropped: Vec<Queued> = self.frames.drain(keep..).collect();
         let bytes: usize = dropped.iter().map(|q| q.frame.bytes(self.wire).len()).sum();
         self.queued_bytes -= bytes.min(self.queued_bytes);
-        let footprint = self.footprint_of(dropped.iter());
-        self.release(footprint);
+        self.release(dropped.len());
     }
 
     /// Drops every queued frame (a connection cut for not reading them).
     pub fn clear(&mut self) {
+        self.release(self.frames.len());
         self.frames = VecDeque::new();
         self.queued_bytes = 0;
-        self.release(self.charged);
     }
 
     /// Less than half of either bound is used.
@@ -427,7 +437,7 @@ impl OutboundQueue {
                 let Some(done) = self.frames.pop_front() else {
                     break;
                 };
-                self.release(footprint(done.frame.bytes(self.wire).len()));
+                self.release(1);
                 if let (Some(resend), Some(number)) = (self.resend.as_mut(), done.number) {
                     resend.remember(done.frame, number, self.wire);
                 }
@@ -470,9 +480,9 @@ impl Resend {
 }
 
 impl Drop for OutboundQueue {
-    /// What it still held leaves the budget with it.
+    /// Its entries leave the budget with it (its frames when their last holder goes).
     fn drop(&mut self) {
-        self.release(self.charged);
+        self.release(self.frames.len());
     }
 }
 
@@ -618,6 +628,31 @@ mod tests {
             "4 frames, 3 fit"
         );
         assert_eq!(queue.rewind(3), Ok(3));
+    }
+
+    #[test]
+    fn a_shared_frame_is_charged_once_and_each_entry_apiece() {
+        use crate::limits::overload::{OutboundBudget, ShardAccount};
+        let account = Rc::new(ShardAccount::new(std::sync::Arc::new(OutboundBudget::new(
+            1 << 30,
+        ))));
+        let counted =
+            || OutboundQueue::new(Wire::WebSocket, 10, 10_000).counted_in(account.clone());
+        let (mut a, mut b) = (counted(), counted());
+        let broadcast = text("to everyone");
+        let len = broadcast.bytes(Wire::WebSocket).len();
+        a.push(broadcast.clone()).unwrap();
+        b.push(broadcast.clone()).unwrap();
+        assert_eq!(account.queued(), footprint(len) + 2 * ENTRY_COST);
+        write_all(&mut a);
+        assert_eq!(
+            account.queued(),
+            footprint(len) + ENTRY_COST,
+            "b still holds it"
+        );
+        b.clear();
+        drop(broadcast);
+        assert_eq!(account.queued(), 0, "the last holder gave the frame back");
     }
 
     #[test]

@@ -152,21 +152,32 @@ impl Admission {
         if limits.max_connections == 0 && limits.connects.is_none() {
             return Ok(());
         }
+        self.at_address(key, now, |state| {
+            if limits.max_connections != 0 && state.open >= limits.max_connections {
+                return Err(Refusal::TooManyFromAddress);
+            }
+            if let Some(bucket) = state.connects.as_mut() {
+                bucket.try_take(1, now).map_err(|_| Refusal::ConnectRate)?;
+            }
+            state.open += 1;
+            Ok(())
+        })
+    }
+
+    /// Runs `f` on what is remembered about the address `key`, under the lock.
+    fn at_address<T>(
+        &self,
+        key: IpAddr,
+        now: Instant,
+        f: impl FnOnce(&mut AddressState) -> T,
+    ) -> T {
         let mut addresses = self
             .addresses
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let state = addresses
+        f(addresses
             .entry(key)
-            .or_insert_with(|| AddressState::new(limits, now));
-        if limits.max_connections != 0 && state.open >= limits.max_connections {
-            return Err(Refusal::TooManyFromAddress);
-        }
-        if let Some(bucket) = state.connects.as_mut() {
-            bucket.try_take(1, now).map_err(|_| Refusal::ConnectRate)?;
-        }
-        state.open += 1;
-        Ok(())
+            .or_insert_with(|| AddressState::new(self.per_ip, now)))
     }
 
     fn release(&self, key: IpAddr) {
@@ -185,18 +196,12 @@ impl Admission {
         let Some(rate) = self.per_ip.resumes else {
             return Ok(());
         };
-        let key = self.address_key(ip);
-        let mut addresses = self
-            .addresses
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let state = addresses
-            .entry(key)
-            .or_insert_with(|| AddressState::new(self.per_ip, now));
-        let bucket = state
-            .resumes
-            .get_or_insert_with(|| TokenBucket::new(rate, now));
-        bucket.try_take(1, now).map_err(|_| Refusal::ResumeRate)
+        self.at_address(self.address_key(ip), now, |state| {
+            let bucket = state
+                .resumes
+                .get_or_insert_with(|| TokenBucket::new(rate, now));
+            bucket.try_take(1, now).map_err(|_| Refusal::ResumeRate)
+        })
     }
 
     /// Whether `ip` has used up its connect rate for now: a caller that can ask the client

@@ -20,13 +20,17 @@ pub const CREDIT_CHUNK: usize = 256 * 1024;
 /// a reader that keeps up holds far less.
 pub const CUT_AT_CROSSING: usize = 64 * 1024;
 
+/// What one more queue entry costs (a queue slot holding a shared frame): charged per
+/// recipient, while the frame itself is charged once.
+pub const ENTRY_COST: usize = 32;
+
 /// The memory a frame of `len` bytes takes, as the allocator hands it out: rounded up to
 /// its size class (four per power of two, as in jemalloc, the binary's allocator), plus,
-/// for a large allocation, the page jemalloc adds to randomize cache lines, plus what
-/// queueing it costs (its shared header and queue entry). A 30 KB frame takes 36 KiB: the
-/// budget counts what the process really holds, not just payload.
+/// for a large allocation, the page jemalloc adds to randomize cache lines, plus its shared
+/// header. A 30 KB frame takes 36 KiB: the budget counts what the process really holds,
+/// not just payload.
 pub fn footprint(len: usize) -> usize {
-    const PER_FRAME: usize = 96;
+    const PER_FRAME: usize = 128;
     const SMALL_MAX: usize = 14 * 1024;
     const PAGE: usize = 4096;
     if len <= 16 {
@@ -236,11 +240,11 @@ mod tests {
 
     #[test]
     fn a_frame_costs_what_the_allocator_gives_it() {
-        assert_eq!(footprint(1), 16 + 96);
-        assert_eq!(footprint(100), 112 + 96);
-        assert_eq!(footprint(30_004), 32 * 1024 + 4096 + 96);
-        assert_eq!(footprint(32 * 1024), 32 * 1024 + 4096 + 96);
-        assert_eq!(footprint(32 * 1024 + 1), 40 * 1024 + 4096 + 96);
+        assert_eq!(footprint(1), 16 + 128);
+        assert_eq!(footprint(100), 112 + 128);
+        assert_eq!(footprint(30_004), 32 * 1024 + 4096 + 128);
+        assert_eq!(footprint(32 * 1024), 32 * 1024 + 4096 + 128);
+        assert_eq!(footprint(32 * 1024 + 1), 40 * 1024 + 4096 + 128);
         assert!((1..200_000).step_by(997).all(|len| footprint(len) >= len));
     }
 

@@ -209,7 +209,7 @@ async fn authenticate(
 ) -> Result<Response, ApiError> {
     let management = &state.gateway.config.management;
     let limit = state.body_limit(request.method(), request.uri().path());
-    if management.tokens.is_empty() && management.aws_keys.is_empty() {
+    if !management.has_credentials() {
         loopback_only(request.headers())?;
         check_declared_length(request.headers(), limit)?;
         return Ok(next.run(request).await);
@@ -260,8 +260,7 @@ async fn guard_unauthenticated(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let management = &state.gateway.config.management;
-    if management.tokens.is_empty() && management.aws_keys.is_empty() {
+    if !state.gateway.config.management.has_credentials() {
         loopback_only(request.headers())?;
     }
     Ok(next.run(request).await)

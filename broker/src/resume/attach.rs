@@ -238,7 +238,8 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
     let connection = guard.0.clone();
     let metrics = &shard.gateway.metrics;
     if let Err(refused) = charge_resume(&shard, resuming.peer, Some(&connection)) {
-        return refuse_newcomer(&shard, guard, resuming, refused).await;
+        drop(guard);
+        return refuse_newcomer(&shard, resuming, refused).await;
     }
     resuming.request.resumed = true;
     forget_token(&mut resuming.request);
@@ -246,7 +247,10 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
     let checked = session::check_request(&shard, &facts, &resuming.request).await;
     let identity = match checked {
         Ok(context) => context,
-        Err(refused) => return refuse_newcomer(&shard, guard, resuming, refused).await,
+        Err(refused) => {
+            drop(guard);
+            return refuse_newcomer(&shard, resuming, refused).await;
+        }
     };
     if !same_principal(&facts, identity.as_deref()) {
         drop(guard);
@@ -255,7 +259,10 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
     }
     let protocol = match session::run_connect(&shard, &facts, &resuming.request).await {
         Ok(protocol) => protocol,
-        Err(refused) => return refuse_newcomer(&shard, guard, resuming, refused).await,
+        Err(refused) => {
+            drop(guard);
+            return refuse_newcomer(&shard, resuming, refused).await;
+        }
     };
     if !connection.is_parked() && !take_over(&connection, TAKEOVER_TIMEOUT).await {
         drop(guard);
@@ -313,15 +320,14 @@ pub(crate) fn charge_resume(
     })
 }
 
-/// The authorizer or `$connect` refused the client that asked to resume: it gets the
-/// refusal, and the session it named goes on as if it had never asked.
-async fn refuse_newcomer(
+/// The authorizer, `$connect` or a resume rate refused the client that asked to resume: it
+/// gets the refusal, and the session it named goes on as if it had never asked (the caller
+/// lets go of its claim first).
+pub(crate) async fn refuse_newcomer(
     shard: &Rc<Shard>,
-    guard: ResumingGuard,
     resuming: Resuming,
     refused: session::Refused,
 ) {
-    drop(guard);
     shard
         .gateway
         .metrics

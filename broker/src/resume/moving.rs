@@ -30,7 +30,7 @@ use crate::cluster::remote::Op;
 use crate::connection::Earlier;
 use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
-use crate::resume::attach::{Resuming, claim, open_new};
+use crate::resume::attach::{Resuming, charge_resume, claim, open_new, refuse_newcomer};
 use crate::resume::forget_token;
 use crate::resume::{Refusal, ResumeToken, SecretHash};
 use crate::rooms::RoomName;
@@ -184,15 +184,8 @@ pub(crate) async fn move_in(
     received: u64,
     cluster: Arc<Cluster>,
 ) {
-    if let Err(refused) = crate::resume::attach::charge_resume(&shard, resuming.peer, None) {
-        shard
-            .gateway
-            .metrics
-            .resumes
-            .with_label_values(&["refused"])
-            .inc();
-        resuming.answer.refuse(&shard, refused).await;
-        return;
+    if let Err(refused) = charge_resume(&shard, resuming.peer, None) {
+        return refuse_newcomer(&shard, resuming, refused).await;
     }
     resuming.request.resumed = true;
     forget_token(&mut resuming.request);
@@ -201,16 +194,7 @@ pub(crate) async fn move_in(
     let asking = provisional_facts(&resuming, &token);
     let principal = match session::check_request(&shard, &asking, &resuming.request).await {
         Ok(context) => principal_of(context.as_deref()),
-        Err(refused) => {
-            shard
-                .gateway
-                .metrics
-                .resumes
-                .with_label_values(&["refused"])
-                .inc();
-            resuming.answer.refuse(&shard, refused).await;
-            return;
-        }
+        Err(refused) => return refuse_newcomer(&shard, resuming, refused).await,
     };
     let alias = shard.ids.borrow_mut().connection_id();
     // Calls the old node forwards once it has let go wait here until the connection is
