@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 pub const CREDIT_CHUNK: usize = 256 * 1024;
 /// A queue that holds at least this much when the budget is crossed is cut then and there;
 /// a reader that keeps up holds far less.
-pub const CUT_AT_CROSSING: usize = 64 * 1024;
+pub const CUT_AT_CROSSING: usize = 16 * 1024;
 
 /// What one more queue entry costs (a queue slot holding a shared frame): charged per
 /// recipient, while the frame itself is charged once.

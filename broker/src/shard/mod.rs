@@ -598,9 +598,7 @@ impl Shard {
         let queued = connection
             .enqueue(frame.clone(), &self.gateway.metrics)
             .is_ok();
-        if self.account.take_shed_request() {
-            self.shed_if_over();
-        }
+        self.shed_if_asked();
         if !queued {
             return false;
         }
@@ -679,6 +677,13 @@ impl Shard {
         metrics.overloaded.set(i64::from(budget.is_over()));
         if self.index == 0 {
             self.gateway.admission.forget_idle_addresses(now);
+        }
+    }
+
+    /// Sheds at once when a queue of this shard found the outbound budget crossed.
+    pub(crate) fn shed_if_asked(&self) {
+        if self.account.take_shed_request() {
+            self.shed_if_over();
         }
     }
 
