@@ -242,16 +242,16 @@ pub fn route_message(shard: &Rc<Shard>, connection: &Rc<Connection>, message: In
                     context.as_ref(),
                 )
             });
-            if let Some(room) = room {
-                if let Err(refused) = shard.join(connection, &room) {
-                    let request_id = shard.ids.borrow_mut().request_id();
-                    send_error(
-                        shard,
-                        connection,
-                        &format!("Limit exceeded: {refused}"),
-                        &request_id,
-                    );
-                }
+            if let Some(room) = room
+                && let Err(refused) = shard.join(connection, &room)
+            {
+                let request_id = shard.ids.borrow_mut().request_id();
+                send_error(
+                    shard,
+                    connection,
+                    &format!("Limit exceeded: {refused}"),
+                    &request_id,
+                );
             }
         }
         Integration::RoomLeave { room } => {

@@ -348,12 +348,12 @@ async fn open(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) -> Opt
             (Socket::Tls(Box::new(TlsSocket::new(tcp, tls))), upgrade)
         }
     };
-    if shard.gateway.config.api.resume.is_some() {
-        if let Some(resume) = ResumeRequest::from_request(&upgrade.request) {
-            return Some(Opened::Resume(Resuming::websocket(
-                socket, upgrade, resume, peer,
-            )));
-        }
+    if shard.gateway.config.api.resume.is_some()
+        && let Some(resume) = ResumeRequest::from_request(&upgrade.request)
+    {
+        return Some(Opened::Resume(Resuming::websocket(
+            socket, upgrade, resume, peer,
+        )));
     }
     let handshake::UpgradeRequest {
         request,
@@ -575,19 +575,19 @@ async fn open_webtransport(
         request: Box::new(request),
         datagrams,
     };
-    if gateway.config.api.resume.is_some() {
-        if let Some(resume) = ResumeRequest::from_request(&handshake_request) {
-            let resuming = Resuming {
-                answer,
-                peer,
-                request: handshake_request,
-                user_agent,
-                host: authority,
-                resume,
-                ticket: None,
-            };
-            return Some((Opened::Resume(Box::new(resuming)), ticket));
-        }
+    if gateway.config.api.resume.is_some()
+        && let Some(resume) = ResumeRequest::from_request(&handshake_request)
+    {
+        let resuming = Resuming {
+            answer,
+            peer,
+            request: handshake_request,
+            user_agent,
+            host: authority,
+            resume,
+            ticket: None,
+        };
+        return Some((Opened::Resume(Box::new(resuming)), ticket));
     }
     let opened = accept_new(
         shard,
@@ -854,10 +854,10 @@ async fn serve(
             // The flush made room: carry on with the waiting messages.
             continue;
         }
-        if waiting.is_empty() {
-            if let Some(reason) = broken.take() {
-                return reason;
-            }
+        if waiting.is_empty()
+            && let Some(reason) = broken.take()
+        {
+            return reason;
         }
         let can_read = waiting.is_empty() && below_in_flight_limits(connection);
         if can_read && throttle.since.is_some() {

@@ -94,10 +94,10 @@ impl Gathers {
             .next()
             .and_then(|n| n.parse::<u64>().ok());
         let Some(id) = id else { return };
-        if let Ok(waiting) = self.waiting.lock() {
-            if let Some(sender) = waiting.get(&id) {
-                let _ = sender.send(message);
-            }
+        if let Ok(waiting) = self.waiting.lock()
+            && let Some(sender) = waiting.get(&id)
+        {
+            let _ = sender.send(message);
         }
     }
 }

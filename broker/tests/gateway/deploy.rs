@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use crate::binary::{BIN, run};
+use crate::binary::BIN;
 use crate::support::*;
 
 fn repo() -> PathBuf {

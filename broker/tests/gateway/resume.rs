@@ -66,7 +66,7 @@ async fn a_dropped_client_resumes_with_every_broadcast_and_push_in_order_once() 
     let send = |n: usize| {
         let (gateway, id) = (&gateway, &id);
         async move {
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 broadcast(gateway, "chat", &message(n)).await;
             } else {
                 assert_eq!(push(gateway, id, &message(n)).await, 200);
