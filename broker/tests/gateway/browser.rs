@@ -75,7 +75,9 @@ async fn the_demo_chat_works_over_both_transports_in_chromium() {
         .collect();
     assert_eq!(errors.len(), 2, "{errors:?}");
     assert!(
-        errors.iter().all(|e| e.starts_with("Bad request: invalid room name")),
+        errors
+            .iter()
+            .all(|e| e.starts_with("Bad request: invalid room name")),
         "{errors:?}"
     );
     let metrics = gateway.metrics().await;

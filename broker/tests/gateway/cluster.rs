@@ -1108,3 +1108,75 @@ async fn a_resume_on_another_node_takes_over_a_socket_that_still_looks_alive() {
     assert!(ended.is_ok(), "the old socket ends");
     assert!(backend.events("/disconnect").is_empty());
 }
+
+/// The `authorization { ... }` block of deploy/compose/nats.conf: the NATS users and
+/// subject permissions the compose kit ships.
+fn shipped_nats_authorization() -> String {
+    let conf = include_str!("../../../deploy/compose/nats.conf");
+    let start = conf.find("authorization {").expect("nats.conf has users");
+    let mut depth = 0;
+    for (offset, ch) in conf[start..].char_indices() {
+        match ch {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return conf[start..=start + offset].to_owned();
+                }
+            }
+            _ => {}
+        }
+    }
+    panic!("unbalanced authorization block");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_work_under_the_least_privilege_nats_users_the_kit_ships() {
+    let Some(binary) = nats::binary() else { return };
+    // The shipped users and permissions, on one loopback server (TLS is the compose kit's
+    // business; a password over nats:// is allowed to loopback only).
+    let passwords = [
+        ("NATS_NODE1_PASSWORD", "node-one-password"),
+        ("NATS_NODE2_PASSWORD", "node-two-password"),
+        ("NATS_NODE3_PASSWORD", "node-three-password"),
+    ];
+    let config = format!("jetstream {{}}\n{}\n", shipped_nats_authorization());
+    let server = NatsServer::start_with_config(&binary, &config, &passwords);
+    let backend = Backend::start().await;
+    let extra = "[api]\nresume = true\n[routes.order]\nintegration = { type = \"queue\", queue = \"orders\", ack = true }\n";
+    let mut files = Vec::new();
+    for (id, (_, password)) in (1..=2).zip(passwords) {
+        let file = node_files(id, &[server.url()], &backend, extra);
+        let text = std::fs::read_to_string(&file.config).unwrap().replacen(
+            "[cluster]\n",
+            &format!("[cluster]\nuser = \"node{id}\"\npassword = \"{password}\"\n"),
+            1,
+        );
+        std::fs::write(&file.config, text).unwrap();
+        files.push(file);
+    }
+    let mut nodes = Vec::new();
+    for file in &files {
+        nodes.push(start_node(file).await);
+    }
+    // A push and a broadcast through the other node, an acked queue append, and a resume
+    // that moves the session from node 1 to node 2: every subject a node uses.
+    let (mut ws, id, token) = open_resumable(&nodes[0].ws_url).await;
+    join(&mut ws, "lobby").await;
+    wait_for_members(&nodes[1], "lobby", 1).await;
+    let push = format!("{}/@connections/{id}", nodes[1].api_url);
+    assert_eq!(post_body(push, "pushed via node 2").await.status(), 200);
+    assert_eq!(next_text(&mut ws).await, "pushed via node 2");
+    let room = format!("{}/@rooms/lobby", nodes[1].api_url);
+    assert_eq!(post_body(room, "to the lobby").await.status(), 200);
+    assert_eq!(next_text(&mut ws).await, "to the lobby");
+    send_text(&mut ws, r#"{"action":"order","item":1}"#).await;
+    assert_eq!(next_json(&mut ws).await["type"], "ack");
+    drop(ws);
+    parked_on(&nodes[0], 1.0).await;
+    let url = format!("{}?resume={token}&received=3", nodes[1].ws_url);
+    let (_ws, first) = open_and_read_first(&url).await;
+    assert_eq!(first["type"], "resumed", "{first}");
+    assert_eq!(first["connectionId"], id.as_str());
+    assert!(backend.events("/disconnect").is_empty());
+}

@@ -48,6 +48,8 @@ fn free_port() -> u16 {
 pub(crate) struct NatsServer {
     binary: PathBuf,
     args: Vec<String>,
+    /// The environment its config reads (`$NAME`).
+    env: Vec<(String, String)>,
     pub(crate) port: u16,
     pub(crate) monitor_port: u16,
     child: Option<Child>,
@@ -65,8 +67,34 @@ impl NatsServer {
         Self::launch(binary, vec!["--auth".into(), token.into()])
     }
 
-    fn launch(binary: &Path, extra: Vec<String>) -> Self {
+    /// A single JetStream server with `config` (nats-server's own syntax; an unquoted
+    /// `$NAME` in it is read from `env`), on the usual loopback port and store.
+    pub(crate) fn start_with_config(binary: &Path, config: &str, env: &[(&str, &str)]) -> Self {
         let store = tempfile::tempdir().unwrap();
+        let path = store.path().join("nats.conf");
+        std::fs::write(&path, config).unwrap();
+        let env = env
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        Self::launch_with(
+            binary,
+            vec!["-c".into(), path.display().to_string()],
+            env,
+            store,
+        )
+    }
+
+    fn launch(binary: &Path, extra: Vec<String>) -> Self {
+        Self::launch_with(binary, extra, Vec::new(), tempfile::tempdir().unwrap())
+    }
+
+    fn launch_with(
+        binary: &Path,
+        extra: Vec<String>,
+        env: Vec<(String, String)>,
+        store: tempfile::TempDir,
+    ) -> Self {
         let port = free_port();
         let monitor_port = free_port();
         let mut args = vec![
@@ -84,6 +112,7 @@ impl NatsServer {
         let mut server = Self {
             binary: binary.to_path_buf(),
             args,
+            env,
             port,
             monitor_port,
             child: None,
@@ -96,6 +125,7 @@ impl NatsServer {
     fn spawn(&mut self) {
         let child = Command::new(&self.binary)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
