@@ -412,6 +412,8 @@ pub struct RawWebTransport {
     pub key: Option<PathBuf>,
     /// A session whose client is silent this long is lost (keep-alives every third).
     pub quic_idle_timeout_secs: u64,
+    /// QUIC handshakes one client address may have in progress at once.
+    pub max_handshakes_per_ip: usize,
 }
 
 impl Default for RawWebTransport {
@@ -421,6 +423,7 @@ impl Default for RawWebTransport {
             cert: None,
             key: None,
             quic_idle_timeout_secs: 30,
+            max_handshakes_per_ip: 64,
         }
     }
 }
@@ -448,10 +451,17 @@ impl RawWebTransport {
                 "must be 1 to 600",
             ));
         }
+        if self.max_handshakes_per_ip == 0 {
+            return Err(invalid(
+                "server.webtransport.max_handshakes_per_ip",
+                "must be at least 1",
+            ));
+        }
         Ok(WebTransportConfig {
             listen: parse_addr("server.webtransport.listen", &self.listen)?,
             certificate: std::sync::Arc::new(certificate),
             quic_idle_timeout: Duration::from_secs(self.quic_idle_timeout_secs),
+            max_handshakes_per_ip: self.max_handshakes_per_ip,
         })
     }
 }
@@ -1566,6 +1576,7 @@ key = "k.pem"
 [server.webtransport]
 cert = "c.pem"
 key = "k.pem"
+max_handshakes_per_ip = 64
 [management]
 public_metrics = true
 tokens_file = "tokens.txt"

@@ -786,7 +786,7 @@ async fn pinned_quic_config(gateway: &TestGateway) -> wtransport::quinn::ClientC
 #[tokio::test]
 async fn handshakes_that_never_ask_for_a_session_cannot_lock_others_out() {
     let backend = Backend::start().await;
-    let gateway = TestGateway::start(&config(&backend, "")).await;
+    let gateway = TestGateway::start(&config(&backend, "max_handshakes_per_ip = 16")).await;
     let wt_addr = gateway.wt_addr.unwrap();
     let quic = pinned_quic_config(&gateway).await;
     // QUIC and TLS complete, then silence: no HTTP/3 CONNECT ever comes.

@@ -49,8 +49,6 @@ const ACK_ELICITING_THRESHOLD: u32 = 10;
 const RETRY_ABOVE: usize = 256;
 /// QUIC handshakes in progress past which new clients are refused.
 const MAX_HANDSHAKES: usize = 4096;
-/// Handshakes one client address may have in progress at once.
-pub const HANDSHAKES_PER_ADDRESS: usize = 16;
 /// Datagrams a session may have received but not read (the gateway reads none: clients
 /// have nothing to send that way); sent ones carry unreliable room messages.
 const DATAGRAM_BUFFER: usize = 16 * 1024;
@@ -64,6 +62,8 @@ pub struct WebTransportConfig {
     /// A session that hears nothing from its client for this long is lost; the gateway
     /// sends QUIC keep-alives every third of it.
     pub quic_idle_timeout: Duration,
+    /// QUIC handshakes one client address may have in progress at once.
+    pub max_handshakes_per_ip: usize,
 }
 
 /// Binds the listener's UDP socket (before [`start`], so callers know the port), with
@@ -106,6 +106,7 @@ pub fn start(
     tokio::spawn(accept_sessions(
         endpoint.clone(),
         gateway.clone(),
+        config.max_handshakes_per_ip,
         shutdown.clone(),
     ));
     tokio::spawn(renew_certificate(
@@ -152,12 +153,17 @@ fn ack_frequency() -> wtransport::quinn::AckFrequencyConfig {
 /// Hands each incoming session to the next shard. Under a flood of handshakes, clients
 /// first prove their address with a stateless Retry; past a hard cap they are refused.
 ///
-/// One address (an IPv6 /64) holds at most [`HANDSHAKES_PER_ADDRESS`] handshakes at once,
+/// One address (an IPv6 /64) holds at most `max_handshakes_per_ip` handshakes at once,
 /// and one that has used up its connect rate (`limits.connects_per_sec_per_ip`) starts
 /// none: past either, a client whose address is not proven yet gets a Retry (stateless; a
 /// spoofed source can thus cost a real address nothing), and one whose address is proven
 /// is refused. So handshakes that never send their CONNECT cannot lock others out.
-async fn accept_sessions(endpoint: Endpoint, gateway: Arc<Gateway>, shutdown: CancellationToken) {
+async fn accept_sessions(
+    endpoint: Endpoint,
+    gateway: Arc<Gateway>,
+    per_address: usize,
+    shutdown: CancellationToken,
+) {
     let next = AtomicUsize::new(0);
     let handshakes = Arc::new(Handshakes::default());
     loop {
@@ -170,7 +176,7 @@ async fn accept_sessions(endpoint: Endpoint, gateway: Arc<Gateway>, shutdown: Ca
             .admission
             .address_key(incoming.remote_address().ip().to_canonical());
         let pending = handshakes.total.load(Ordering::Relaxed);
-        let too_many_here = handshakes.at(address) >= HANDSHAKES_PER_ADDRESS
+        let too_many_here = handshakes.at(address) >= per_address
             || gateway
                 .admission
                 .connect_rate_exhausted(address, std::time::Instant::now());
@@ -331,6 +337,7 @@ mod tests {
             listen: listen.parse().unwrap(),
             certificate: Arc::new(certificate),
             quic_idle_timeout: Duration::from_secs(30),
+            max_handshakes_per_ip: 64,
         }
     }
 
