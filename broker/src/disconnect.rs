@@ -39,6 +39,9 @@ pub enum DisconnectReason {
     /// Cluster mode: the client resumed on another node, which carries the connection on
     /// (and reports its `$disconnect`); this node only forgets it.
     Moved,
+    /// Cluster mode: this node handed the connection over to another node, which never
+    /// received it (the answer was lost): it ends here, reported by this node.
+    MoveLost,
 }
 
 impl DisconnectReason {
@@ -49,6 +52,7 @@ impl DisconnectReason {
             Self::ConnectionLost | Self::GatewayRestarted => close_code::ABNORMAL,
             Self::NodeLost => close_code::TRY_AGAIN_LATER,
             Self::ResumeExpired | Self::Superseded | Self::Moved => close_code::GOING_AWAY,
+            Self::MoveLost => close_code::ABNORMAL,
             Self::ResumeRefused => close_code::POLICY_VIOLATION,
             Self::Deleted => close_code::NORMAL,
             Self::IdleTimeout | Self::MaxDuration | Self::ServerShutdown => close_code::GOING_AWAY,
@@ -80,6 +84,7 @@ impl DisconnectReason {
             Self::ResumeRefused => "resume_refused",
             Self::Superseded => "superseded",
             Self::Moved => "moved",
+            Self::MoveLost => "move_lost",
         }
     }
 
@@ -105,6 +110,7 @@ impl DisconnectReason {
             Self::ResumeRefused => "resume refused".into(),
             Self::Superseded => "superseded by a resume".into(),
             Self::Moved => "resumed on another node".into(),
+            Self::MoveLost => "lost in a move to another node".into(),
         }
     }
 
@@ -119,6 +125,7 @@ impl DisconnectReason {
                 | Self::ResumeExpired
                 | Self::Superseded
                 | Self::Moved
+                | Self::MoveLost
         )
     }
 }

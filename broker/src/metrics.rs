@@ -336,7 +336,7 @@ impl Metrics {
     /// alerts find them (and cluster metrics read the same on every node) before the first
     /// event.
     fn initialize_known_labels(&self) {
-        const OPS: [&str; 9] = [
+        const OPS: [&str; 10] = [
             "send",
             "get",
             "delete",
@@ -346,6 +346,7 @@ impl Metrics {
             "broadcast",
             "list",
             "move",
+            "move_status",
         ];
         for op in OPS {
             let _ = self.cluster_request_duration.with_label_values(&[op]);

@@ -23,7 +23,7 @@ pub mod remote;
 pub mod subjects;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use async_nats::jetstream;
@@ -85,7 +85,35 @@ pub struct Cluster {
     /// The other way round: connections that moved here, by the id backends know them
     /// by → the id this node carries them under (a broadcast's `exclude` names the first).
     arrived: Mutex<HashMap<ConnectionId, ConnectionId>>,
+    /// What became of the moves this node asked for, by the alias it asked under: the node
+    /// that handed a connection over asks (`Op::MoveStatus`), so that a connection whose
+    /// hand-over never arrived is reported there, once.
+    moves_asked: Mutex<HashMap<ConnectionId, (MoveOutcome, Instant)>>,
 }
+
+/// What became of a move a node asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoveOutcome {
+    /// Asked; no answer yet.
+    Pending,
+    /// The connection arrived: this node carries it (and reports its end).
+    Taken,
+    /// No answer in time (or an error): this node opened a new connection instead.
+    Abandoned,
+}
+
+impl MoveOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Taken => "taken",
+            Self::Abandoned => "abandoned",
+        }
+    }
+}
+
+/// How long a node remembers what became of a move it asked for.
+const MOVE_MEMORY: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The forwarding entries of moved connections.
 #[derive(Default)]
@@ -105,6 +133,27 @@ impl Moved {
 }
 
 impl Cluster {
+    /// Remembers what became of the move asked for under `alias` (entries older than
+    /// [`MOVE_MEMORY`] go).
+    pub fn note_move(&self, alias: ConnectionId, outcome: MoveOutcome) {
+        let mut moves = self
+            .moves_asked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        moves.retain(|_, (_, at)| now.duration_since(*at) < MOVE_MEMORY);
+        moves.insert(alias, (outcome, now));
+    }
+
+    /// What became of the move asked for under `alias`, if this node remembers asking.
+    pub fn move_outcome(&self, alias: ConnectionId) -> Option<MoveOutcome> {
+        let moves = self
+            .moves_asked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        moves.get(&alias).map(|(outcome, _)| *outcome)
+    }
+
     /// Notes that local connection `connection_id` now lives on another node as `alias`
     /// (at most until `until`: as long as it could live), and drops the entries of
     /// connections that cannot be alive any more.
@@ -240,6 +289,7 @@ impl Cluster {
             queues,
             moved: Mutex::new(Moved::default()),
             arrived: Mutex::new(HashMap::new()),
+            moves_asked: Mutex::new(HashMap::new()),
         }))
     }
 

@@ -40,6 +40,9 @@ pub enum Op {
     Bulk,
     /// A client resumed on the calling node: hand its connection over.
     Move,
+    /// Did the connection handed over as this alias arrive? Asked by the node that handed
+    /// it over, of the node that asked for it.
+    MoveStatus,
 }
 
 impl Op {
@@ -52,6 +55,7 @@ impl Op {
             Self::Leave => "leave",
             Self::Bulk => "bulk",
             Self::Move => "move",
+            Self::MoveStatus => "move_status",
         }
     }
 
@@ -64,6 +68,7 @@ impl Op {
             Self::Leave,
             Self::Bulk,
             Self::Move,
+            Self::MoveStatus,
         ]
         .into_iter()
         .find(|op| op.label() == text)
@@ -270,6 +275,13 @@ async fn answer(cluster: &Cluster, message: &async_nats::Message) -> (u16, Bytes
     if op == Op::Bulk {
         return bulk(cluster, &message.payload).await;
     }
+    if op == Op::MoveStatus {
+        let outcome = header(message, ID)
+            .and_then(|alias| alias.parse().ok())
+            .and_then(|alias| cluster.move_outcome(alias));
+        let answer = outcome.map_or("unknown", super::MoveOutcome::as_str);
+        return (200, Bytes::from_static(answer.as_bytes()));
+    }
     let Some(text) = header(message, ID) else {
         return GONE;
     };
@@ -316,6 +328,7 @@ async fn answer_locally(
 ) -> (u16, Bytes) {
     const GONE: (u16, Bytes) = (410, Bytes::new());
     match (op, room) {
+        (Op::MoveStatus, _) => (400, Bytes::from_static(b"not a call for a connection")),
         (Op::Move, _) => {
             let Ok(request) = serde_json::from_slice(payload) else {
                 return (400, Bytes::from_static(b"malformed move request"));

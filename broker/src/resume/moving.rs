@@ -1,18 +1,20 @@
 //! Resume across cluster nodes: a client that comes back to another node takes its session
 //! along.
 //!
-//! The new node asks the old one (over NATS, `Op::Move`) for the connection. The old node
-//! checks the token and the count exactly as a local resume would, hands over the facts,
-//! the rooms and every frame the client has not received, forgets the connection without
-//! reporting it, and keeps a forwarding entry: pushes, GETs and DELETEs addressed to the
-//! connectionId (which names the old node) reach the new home. The new node runs the
-//! authorizer and `$connect` (`resumed`) and carries the connection on under a local alias,
-//! with the same connectionId in every event; its `resumed` frame brings a new token, since
-//! the old one names the old node. From the moment the old node hands over until the new
-//! node has registered the connection, calls the old node forwards to it, and broadcasts
-//! to its rooms, wait on the new node's shard (`shard/arrivals.rs`) and apply in order once it
-//! is there. The old node hands over only well within the asking node's
-//! request timeout (or not at all), and never while a DELETE or an overflow is pending; a
+//! The new node runs the authorizer first, then asks the old one (over NATS, `Op::Move`)
+//! for the connection, with the principal it found and a proof derived from the token's
+//! secret (which never travels). The old node checks them as a local resume would, hands
+//! over the facts, the rooms and every frame the client has not received, forgets the
+//! connection without reporting it, and keeps a forwarding entry: pushes, GETs and DELETEs
+//! addressed to the connectionId (which names the old node) reach the new home. The new
+//! node runs `$connect` (`resumed`) and carries the connection on under a local alias, with
+//! the same connectionId in every event; its `resumed` frame brings a new token. From the
+//! moment the old node hands over until the new node has registered the connection, calls
+//! the old node forwards to it, and broadcasts to its rooms, wait on the new node's shard
+//! (`shard/arrivals.rs`) and apply in order once it is there. The old node hands over only
+//! well within the asking node's request timeout (or not at all), and never while a DELETE
+//! or an overflow is pending; then it asks the new node whether the connection arrived
+//! (the answer may have been lost on the way) and reports the end of one that did not. A
 //! forwarding entry lasts as long as the connection could.
 
 use std::rc::Rc;
@@ -25,8 +27,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::authorizer::principal_of;
-use crate::cluster::Cluster;
 use crate::cluster::remote::Op;
+use crate::cluster::{Cluster, MoveOutcome};
 use crate::connection::Earlier;
 use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
@@ -160,6 +162,14 @@ pub(crate) async fn move_out(
     cluster.note_moved(&connection.id.to_string(), alias, until);
     connection.request_close(DisconnectReason::Moved);
     drop(guard);
+    // Until the asking node says the connection arrived, this node answers for its end.
+    let settle = settle_handover(
+        shard.clone(),
+        cluster.clone(),
+        connection.facts.clone(),
+        alias,
+    );
+    shard.tasks.spawn_local(settle);
     Ok(MovedOut {
         facts: String::from_utf8_lossy(&facts).into_owned(),
         rooms: rooms.iter().map(|room| room.as_str().to_owned()).collect(),
@@ -200,7 +210,20 @@ pub(crate) async fn move_in(
     // Calls the old node forwards once it has let go wait here until the connection is
     // registered, instead of finding it gone.
     let arrival = shard.expect(alias.sequence);
-    let moved = match ask_for(&cluster, &token, received, alias, principal).await {
+    cluster.note_move(alias, MoveOutcome::Pending);
+    let asked = ask_for(&cluster, &token, received, alias, principal).await;
+    // What the old node will ask: whether the connection arrived (an unreadable one did:
+    // it is reported here).
+    let arrived = !matches!(asked, Err(MoveFailure::Refused(_)));
+    cluster.note_move(
+        alias,
+        if arrived {
+            MoveOutcome::Taken
+        } else {
+            MoveOutcome::Abandoned
+        },
+    );
+    let moved = match asked {
         Ok(moved) => moved,
         Err(failure) => {
             drop(arrival);
@@ -283,6 +306,60 @@ pub(crate) async fn move_in(
     // Registering the connection ends the arrival: what waited for it applies then.
     let _arrival = arrival;
     session::live(shard, socket, accepted, decoder, resuming.ticket).await;
+}
+
+/// On the node that handed a connection over: asks the node that asked for it whether it
+/// arrived, until it says. The answer travelled over NATS and may have been lost (this
+/// node could not publish it, or the asking node gave up first): then that node opened a
+/// new connection for its client and this one is reported here, with its `$disconnect`,
+/// once. A node that does not answer for twice `cluster.node_timeout_ms` is taken for lost:
+/// the connection is its takeover's to report if that node had mirrored it, and this node's
+/// otherwise.
+async fn settle_handover(
+    shard: Rc<Shard>,
+    cluster: Arc<Cluster>,
+    facts: crate::event::ConnectionFacts,
+    alias: ConnectionId,
+) {
+    let patience = cluster.config.node_timeout * 2;
+    let started = std::time::Instant::now();
+    let alias_text = alias.to_string();
+    loop {
+        // Stopping: one last question, answered or not (the shard waits for this task).
+        let stopping = tokio::select! {
+            _ = shard.shutdown.cancelled() => true,
+            _ = tokio::time::sleep(cluster.config.request_timeout) => false,
+        };
+        let answer = cluster
+            .call(alias.node, Op::MoveStatus, &alias_text, None, Bytes::new())
+            .await;
+        let arrived = match answer.as_ref().map(|reply| &reply.body[..]) {
+            Ok(b"taken") => true,
+            Ok(b"pending") if !stopping => continue,
+            Ok(b"pending") => true,
+            Ok(_) => false,
+            Err(_) if !stopping && started.elapsed() < patience => continue,
+            Err(_) => mirrored_there(&cluster, alias, &facts.connection_id).await,
+        };
+        if !arrived {
+            tracing::warn!(connection_id = %facts.connection_id, to = alias.node, "a connection handed to another node never arrived; reporting it here");
+            crate::dispatch::fire_disconnect(&shard, facts, DisconnectReason::MoveLost);
+        }
+        return;
+    }
+}
+
+/// Whether the incarnation of node `alias.node` that asked for connection `connection_id`
+/// (as `alias`) had mirrored it (so its takeover reports it).
+async fn mirrored_there(cluster: &Cluster, alias: ConnectionId, connection_id: &str) -> bool {
+    let filter = cluster.subjects.mirror_incarnation(alias.node, alias.epoch);
+    match cluster.mirrored_records(filter).await {
+        Ok(records) => records
+            .iter()
+            .any(|(_, record)| record.connection_id == connection_id),
+        // Cannot tell: leave it to the takeover rather than report it twice.
+        Err(_) => true,
+    }
 }
 
 /// While it lives, this node knows a connection that moved here by the ids it had before.

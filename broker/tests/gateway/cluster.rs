@@ -1130,23 +1130,27 @@ fn shipped_nats_authorization() -> String {
     panic!("unbalanced authorization block");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nodes_work_under_the_least_privilege_nats_users_the_kit_ships() {
-    let Some(binary) = nats::binary() else { return };
-    // The shipped users and permissions, on one loopback server (TLS is the compose kit's
-    // business; a password over nats:// is allowed to loopback only).
-    let passwords = [
-        ("NATS_NODE1_PASSWORD", "node-one-password"),
-        ("NATS_NODE2_PASSWORD", "node-two-password"),
-        ("NATS_NODE3_PASSWORD", "node-three-password"),
-    ];
-    let config = format!("jetstream {{}}\n{}\n", shipped_nats_authorization());
-    let server = NatsServer::start_with_config(&binary, &config, &passwords);
-    let backend = Backend::start().await;
-    let extra = "[api]\nresume = true\n[routes.order]\nintegration = { type = \"queue\", queue = \"orders\", ack = true }\n";
+/// The passwords the shipped NATS config reads for its three node users.
+const NODE_PASSWORDS: [(&str, &str); 3] = [
+    ("NATS_NODE1_PASSWORD", "node-one-password"),
+    ("NATS_NODE2_PASSWORD", "node-two-password"),
+    ("NATS_NODE3_PASSWORD", "node-three-password"),
+];
+
+/// One loopback nats-server with `authorization` (TLS is the compose kit's business; a
+/// password over nats:// is allowed to loopback only), and nodes 1 and 2 logged in as the
+/// users `node1` and `node2`.
+async fn nodes_as_nats_users(
+    binary: &std::path::Path,
+    authorization: &str,
+    backend: &Backend,
+    extra: &str,
+) -> (NatsServer, Vec<GatewayProcess>, Vec<NodeFiles>) {
+    let config = format!("jetstream {{}}\n{authorization}\n");
+    let server = NatsServer::start_with_config(binary, &config, &NODE_PASSWORDS);
     let mut files = Vec::new();
-    for (id, (_, password)) in (1..=2).zip(passwords) {
-        let file = node_files(id, &[server.url()], &backend, extra);
+    for (id, (_, password)) in (1..=2).zip(NODE_PASSWORDS) {
+        let file = node_files(id, &[server.url()], backend, extra);
         let text = std::fs::read_to_string(&file.config).unwrap().replacen(
             "[cluster]\n",
             &format!("[cluster]\nuser = \"node{id}\"\npassword = \"{password}\"\n"),
@@ -1159,6 +1163,16 @@ async fn nodes_work_under_the_least_privilege_nats_users_the_kit_ships() {
     for file in &files {
         nodes.push(start_node(file).await);
     }
+    (server, nodes, files)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_work_under_the_least_privilege_nats_users_the_kit_ships() {
+    let Some(binary) = nats::binary() else { return };
+    let backend = Backend::start().await;
+    let extra = "[api]\nresume = true\n[routes.order]\nintegration = { type = \"queue\", queue = \"orders\", ack = true }\n";
+    let (_server, nodes, _files) =
+        nodes_as_nats_users(&binary, &shipped_nats_authorization(), &backend, extra).await;
     // A push and a broadcast through the other node, an acked queue append, and a resume
     // that moves the session from node 1 to node 2: every subject a node uses.
     let (mut ws, id, token) = open_resumable(&nodes[0].ws_url).await;
@@ -1179,4 +1193,40 @@ async fn nodes_work_under_the_least_privilege_nats_users_the_kit_ships() {
     assert_eq!(first["type"], "resumed", "{first}");
     assert_eq!(first["connectionId"], id.as_str());
     assert!(backend.events("/disconnect").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_over_whose_answer_is_lost_is_reported_once_by_the_old_node() {
+    let Some(binary) = nats::binary() else { return };
+    let backend = Backend::start().await;
+    // Node 1 may not publish replies: it hands a connection over, and its answer never
+    // reaches the node that asked (as when NATS fails at that instant).
+    let authorization =
+        shipped_nats_authorization().replacen("\"$JS.FC.>\", \"_INBOX.>\"", "\"$JS.FC.>\"", 1);
+    let (_server, nodes, _files) =
+        nodes_as_nats_users(&binary, &authorization, &backend, "[api]\nresume = true\n").await;
+    let (id, token) = parked_session(&nodes[0]).await;
+    let url = format!("{}?resume={token}&received=0", nodes[1].ws_url);
+    let (_ws, welcome) = open_and_read_first(&url).await;
+    assert_eq!(welcome["resumed"], false, "{welcome}");
+    assert_ne!(
+        welcome["connectionId"],
+        id.as_str(),
+        "a new connection on node 2"
+    );
+    // Node 1 let go of the session; node 2 never got it. Node 1 learns that from node 2
+    // and reports the session's end, exactly once.
+    let event = disconnect_event(&backend, &id).await;
+    let (code, reason) = status_and_reason(&event);
+    assert_eq!(
+        (code, reason.as_str()),
+        (1006, "lost in a move to another node")
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let reports = backend
+        .events("/disconnect")
+        .iter()
+        .filter(|event| connection_id(event) == id)
+        .count();
+    assert_eq!(reports, 1, "reported once, by one node");
 }
