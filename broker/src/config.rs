@@ -992,6 +992,7 @@ impl RawConfig {
             }
         }
         if let Some(cluster) = &mut shown.cluster {
+            cluster.nats_url = cluster.nats_url.redacted();
             cluster.token = cluster.token.as_deref().map(redact);
             cluster.password = cluster.password.as_deref().map(redact);
         }

@@ -365,11 +365,14 @@ impl Connection {
     /// Resumes a parked connection on `socket` for a client that received `received`
     /// data frames: queues the `resumed` frame and every frame after the count. Returns how
     /// many were replayed.
+    /// `proven` is the secret the client resumed with: the one it still holds until the
+    /// `resumed` frame with the next reaches it.
     pub(crate) fn attach(
         &self,
         socket: Socket,
         received: u64,
         leftover: Vec<u8>,
+        proven: Secret,
     ) -> Result<usize, RewindError> {
         if !self.parked.get() {
             // Ended meanwhile: nothing to resume onto.
@@ -384,9 +387,8 @@ impl Connection {
             replayed,
             Some(&token),
         ));
-        if let Some(replaced) = self.resume_secret.replace(Some(token.secret)) {
-            *self.handover.borrow_mut() = Some((replaced, resumed.clone()));
-        }
+        self.resume_secret.set(Some(token.secret));
+        *self.handover.borrow_mut() = Some((proven, resumed.clone()));
         self.outbound.borrow_mut().push_front(resumed);
         *self.stream.borrow_mut() = Rc::new(socket);
         *self.resumed.borrow_mut() = Some(leftover);

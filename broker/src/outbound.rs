@@ -32,7 +32,7 @@ pub fn shared(websocket: Bytes) -> SharedFrame {
         websocket,
         webtransport: OnceCell::new(),
         datagram: OnceCell::new(),
-        charged: OnceCell::new(),
+        in_queues: std::cell::Cell::new(0),
     })
 }
 
@@ -61,18 +61,11 @@ pub struct OutboundFrame {
     webtransport: OnceCell<Bytes>,
     /// The same as a QUIC datagram, at the first recipient of one.
     datagram: OnceCell<Bytes>,
-    /// Where its memory is charged against the outbound budget, and how much: once, by the
-    /// first counted queue that takes it (a broadcast frame is shared by every recipient on
-    /// the shard), given back when the last holder lets go of it.
-    charged: OnceCell<(Rc<ShardAccount>, usize)>,
-}
-
-impl Drop for OutboundFrame {
-    fn drop(&mut self) {
-        if let Some((account, footprint)) = self.charged.take() {
-            account.refund(footprint);
-        }
-    }
+    /// How many counted queues hold it: its memory is charged against the outbound budget
+    /// while one does (once, however many: a broadcast frame is shared by every recipient on
+    /// the shard), and given back when the last one lets go. Resend buffers, which keep
+    /// written frames for a resume, are bounded on their own and not counted here.
+    in_queues: std::cell::Cell<usize>,
 }
 
 impl OutboundFrame {
@@ -193,14 +186,14 @@ impl OutboundQueue {
     }
 
     /// Charges what queueing `frame` takes to the budget (if the queue is counted): its
-    /// entry, and the frame itself unless another queue already did. Refused past the
+    /// entry, and the frame itself unless another queue holds it already. Refused past the
     /// budget when `within_budget` (nothing is charged then), else charged regardless.
-    fn charge(&self, frame: &SharedFrame, within_budget: bool) -> Result<(), PushError> {
+    fn enter(&self, frame: &SharedFrame, within_budget: bool) -> Result<(), PushError> {
         let Some(account) = &self.account else {
             return Ok(());
         };
-        let unpaid = frame.charged.get().is_none();
-        let own = if unpaid {
+        let holders = frame.in_queues.get();
+        let own = if holders == 0 {
             footprint(frame.bytes(self.wire).len())
         } else {
             0
@@ -210,18 +203,24 @@ impl OutboundQueue {
         } else if account.charge(own + ENTRY_COST) == Charge::OverBudget {
             return Err(PushError::OverBudget);
         }
-        if unpaid {
-            let _ = frame.charged.set((account.clone(), own));
-        }
+        frame.in_queues.set(holders + 1);
         Ok(())
     }
 
-    /// Gives back the entries of `count` frames that left the queue (a frame's own memory
-    /// goes back when its last holder drops it).
-    fn release(&self, count: usize) {
-        if let Some(account) = &self.account {
-            account.refund(count * ENTRY_COST);
-        }
+    /// Gives back what `frame` took when it entered: its entry, and the frame itself if no
+    /// other queue holds it any more.
+    fn leave(&self, frame: &OutboundFrame) {
+        let Some(account) = &self.account else {
+            return;
+        };
+        let holders = frame.in_queues.get().saturating_sub(1);
+        frame.in_queues.set(holders);
+        let own = if holders == 0 {
+            footprint(frame.bytes(self.wire).len())
+        } else {
+            0
+        };
+        account.refund(own + ENTRY_COST);
     }
 
     /// From now on, numbers data frames (the first queued after this is 1) and keeps the
@@ -242,7 +241,9 @@ impl OutboundQueue {
     /// (they were for the lost socket). Returns how many there are.
     pub fn rewind(&mut self, received: u64) -> Result<usize, RewindError> {
         self.check_rewind(received)?;
-        let entries_before = self.frames.len();
+        for queued in &self.frames {
+            self.leave(&queued.frame);
+        }
         let Some(resend) = self.resend.as_mut() else {
             return Err(RewindError::NeverSent);
         };
@@ -266,13 +267,8 @@ impl OutboundQueue {
             .iter()
             .map(|q| q.frame.bytes(self.wire).len())
             .sum();
-        match self.frames.len().checked_sub(entries_before) {
-            Some(more) => {
-                if let Some(account) = &self.account {
-                    account.charge_anyway(more * ENTRY_COST);
-                }
-            }
-            None => self.release(entries_before - self.frames.len()),
+        for queued in &self.frames {
+            let _ = self.enter(&queued.frame, false);
         }
         Ok(self.frames.len())
     }
@@ -324,7 +320,9 @@ impl OutboundQueue {
     /// Empties the queue, returning the frames' WebSocket encodings in order (a connection
     /// moving to another node takes them along).
     pub fn take_frames(&mut self) -> Vec<Bytes> {
-        self.release(self.frames.len());
+        for queued in &self.frames {
+            self.leave(&queued.frame);
+        }
         self.queued_bytes = 0;
         std::mem::take(&mut self.frames)
             .into_iter()
@@ -334,7 +332,7 @@ impl OutboundQueue {
 
     /// Puts an uncounted frame before everything queued (the answer to a resume).
     pub fn push_front(&mut self, frame: SharedFrame) {
-        let _ = self.charge(&frame, false);
+        let _ = self.enter(&frame, false);
         self.queued_bytes += frame.bytes(self.wire).len();
         self.frames.push_front(Queued {
             frame,
@@ -350,7 +348,7 @@ impl OutboundQueue {
         if self.frames.len() >= self.max_frames || self.queued_bytes + len > self.max_bytes {
             return Err(PushError::Full);
         }
-        self.charge(&frame, true)?;
+        self.enter(&frame, true)?;
         self.queued_bytes += len;
         self.append(frame);
         Ok(())
@@ -358,7 +356,7 @@ impl OutboundQueue {
 
     /// Queues a frame regardless of the bounds (a close frame must always get out).
     pub fn push_unbounded(&mut self, frame: SharedFrame) {
-        let _ = self.charge(&frame, false);
+        let _ = self.enter(&frame, false);
         self.queued_bytes += frame.bytes(self.wire).len();
         self.append(frame);
     }
@@ -386,12 +384,16 @@ impl OutboundQueue {
         let dropped: Vec<Queued> = self.frames.drain(keep..).collect();
         let bytes: usize = dropped.iter().map(|q| q.frame.bytes(self.wire).len()).sum();
         self.queued_bytes -= bytes.min(self.queued_bytes);
-        self.release(dropped.len());
+        for queued in &dropped {
+            self.leave(&queued.frame);
+        }
     }
 
     /// Drops every queued frame (a connection cut for not reading them).
     pub fn clear(&mut self) {
-        self.release(self.frames.len());
+        for queued in &self.frames {
+            self.leave(&queued.frame);
+        }
         self.frames = VecDeque::new();
         self.queued_bytes = 0;
     }
@@ -437,7 +439,7 @@ impl OutboundQueue {
                 let Some(done) = self.frames.pop_front() else {
                     break;
                 };
-                self.release(1);
+                self.leave(&done.frame);
                 if let (Some(resend), Some(number)) = (self.resend.as_mut(), done.number) {
                     resend.remember(done.frame, number, self.wire);
                 }
@@ -480,9 +482,11 @@ impl Resend {
 }
 
 impl Drop for OutboundQueue {
-    /// Its entries leave the budget with it (its frames when their last holder goes).
+    /// What it holds leaves the budget with it.
     fn drop(&mut self) {
-        self.release(self.frames.len());
+        for queued in &self.frames {
+            self.leave(&queued.frame);
+        }
     }
 }
 

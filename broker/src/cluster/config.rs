@@ -187,6 +187,20 @@ impl RawCluster {
             .filter(|url| !tls && !is_tls_or_loopback(url))
             .cloned()
             .collect();
+        let url_credentials = nats_urls.iter().any(|url| {
+            url.parse::<async_nats::ServerAddr>()
+                .is_ok_and(|address| address.has_user_pass())
+        });
+        if url_credentials && !in_clear.is_empty() {
+            return Err(invalid(
+                "nats_url",
+                format!(
+                    "credentials in a URL would travel in clear to {}: use tls:// URLs (or \
+                     cluster.tls_ca), and prefer cluster.user / password",
+                    in_clear[0]
+                ),
+            ));
+        }
         if (token.is_some() || user_password.is_some()) && !in_clear.is_empty() {
             return Err(invalid(
                 if token.is_some() { "token" } else { "password" },
@@ -241,6 +255,23 @@ fn is_tls_or_loopback(url: &str) -> bool {
             .trim_matches(['[', ']'])
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+impl NatsUrls {
+    /// The URLs with any credentials in them replaced (what `check-config` prints).
+    pub fn redacted(&self) -> Self {
+        let redact = |url: &String| match url.split_once("://") {
+            Some((scheme, rest)) => match rest.split_once('@') {
+                Some((_, host)) => format!("{scheme}://{}@{host}", crate::secret::REDACTED),
+                None => url.clone(),
+            },
+            None => url.clone(),
+        };
+        match self {
+            Self::One(url) => Self::One(redact(url)),
+            Self::Many(urls) => Self::Many(urls.iter().map(redact).collect()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -315,6 +346,21 @@ mod tests {
         assert!(tls.encrypted_or_local);
         let clear = parse("nats_url = \"nats://nats.internal:4222\"").unwrap();
         assert!(!clear.encrypted_or_local, "warned about at start");
+        assert_eq!(
+            refused_key("nats_url = \"nats://sb:secret@nats.internal:4222\""),
+            "cluster.nats_url"
+        );
+        let urls = NatsUrls::Many(vec![
+            "tls://sb:secret@nats:4222".into(),
+            "nats://127.0.0.1:4222".into(),
+        ]);
+        let NatsUrls::Many(shown) = urls.redacted() else {
+            unreachable!()
+        };
+        assert_eq!(
+            shown,
+            vec!["tls://<redacted>@nats:4222", "nats://127.0.0.1:4222"]
+        );
     }
 
     #[test]

@@ -32,8 +32,11 @@ use crate::limits::{Admission, OutboundBudget, PerIpLimits};
 /// Connections beyond `management.max_connections` that answer only `/health` and
 /// `/metrics`, one request each, with a short header timeout.
 pub const HEALTH_RESERVE: usize = 16;
-/// How long a reserve connection may take to send its request's headers.
+/// How long a reserve connection may take to send its request's headers (and, with
+/// `management.tls`, to finish its TLS handshake).
 const RESERVE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often addresses with no management connection open are forgotten.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Pause after a failed accept (EMFILE and friends) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -67,6 +70,7 @@ pub async fn serve(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(config.header_timeout);
+    let mut pruned_at = std::time::Instant::now();
     let mut reserve_http = http.clone();
     reserve_http
         .header_read_timeout(RESERVE_HEADER_TIMEOUT)
@@ -90,18 +94,27 @@ pub async fn serve(
                 }
             },
         };
+        let now = std::time::Instant::now();
+        if now.duration_since(pruned_at) >= PRUNE_INTERVAL {
+            // Addresses with nothing open are forgotten: the table holds connected ones.
+            per_address.forget_idle_addresses(now);
+            pruned_at = now;
+        }
         // Closed at once: its address holds its share already.
-        let Ok(address_place) = per_address.admit(peer.ip(), std::time::Instant::now()) else {
+        let Ok(address_place) = per_address.admit(peer.ip(), now) else {
             continue;
         };
         let full = full_service.clone().try_acquire_owned().ok();
-        let (http, app) = match full {
-            Some(_) => (http.clone(), app.clone()),
-            None => (reserve_http.clone(), reserve_app.clone()),
+        let (http, app, handshake_timeout) = match full {
+            Some(_) => (http.clone(), app.clone(), config.header_timeout),
+            None => (
+                reserve_http.clone(),
+                reserve_app.clone(),
+                RESERVE_HEADER_TIMEOUT,
+            ),
         };
         let stop = shutdown.clone();
         let tls = config.tls.clone();
-        let handshake_timeout = config.header_timeout;
         connections.spawn(async move {
             let _places = (place, full, address_place);
             let Some(tls) = tls else {

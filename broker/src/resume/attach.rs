@@ -237,7 +237,7 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
     };
     let connection = guard.0.clone();
     let metrics = &shard.gateway.metrics;
-    if let Err(refused) = charge_resume(&shard, resuming.peer, Some(&connection)) {
+    if let Err(refused) = charge_resume(&shard, resuming.peer, None) {
         drop(guard);
         return refuse_newcomer(&shard, resuming, refused).await;
     }
@@ -257,6 +257,11 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
         metrics.resumes.with_label_values(&["other_identity"]).inc();
         return open_new(shard, resuming, Refusal::Unknown).await;
     }
+    // Charged to the session only now: someone else's attempts do not spend its resumes.
+    if let Err(refused) = charge_resume(&shard, resuming.peer, Some(&connection)) {
+        drop(guard);
+        return refuse_newcomer(&shard, resuming, refused).await;
+    }
     let protocol = match session::run_connect(&shard, &facts, &resuming.request).await {
         Ok(protocol) => protocol,
         Err(refused) => {
@@ -264,6 +269,17 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
             return refuse_newcomer(&shard, resuming, refused).await;
         }
     };
+    // The authorizer and `$connect` took time: the token may have been spent meanwhile (the
+    // frame with its successor written) or the count outrun. Checked again, still without
+    // side effects, before anything is taken over.
+    let still = shard
+        .resumable(token)
+        .is_ok_and(|found| Rc::ptr_eq(&found, &connection))
+        && connection.can_rewind(received).is_ok();
+    if !still {
+        drop(guard);
+        return open_new(shard, resuming, Refusal::Unknown).await;
+    }
     if !connection.is_parked() && !take_over(&connection, TAKEOVER_TIMEOUT).await {
         drop(guard);
         return open_new(shard, resuming, Refusal::Unknown).await;
@@ -274,7 +290,7 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
         // Lost again before the answer: the connection stays parked for another try.
         return;
     };
-    match connection.attach(socket, received, leftover) {
+    match connection.attach(socket, received, leftover, token.secret) {
         Ok(replayed) => {
             // The connection's place under the limits is now its new socket's (which
             // may come from another address); the old one's is given back.
@@ -297,23 +313,23 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
     drop(guard);
 }
 
-/// Charges a resume to its client's address and, when it is here, to its connection:
-/// resumes that come too fast are answered 429 and change nothing.
+/// Charges a resume to its client's address (`connection: None`, before any work) or to
+/// its connection (once the client is known to be the session's): resumes that come too
+/// fast are answered 429 and change nothing.
 pub(crate) fn charge_resume(
     shard: &Shard,
     peer: SocketAddr,
     connection: Option<&Connection>,
 ) -> Result<(), session::Refused> {
-    let gateway = &shard.gateway;
-    let by_address = gateway
-        .admission
-        .admit_resume(peer.ip(), std::time::Instant::now());
-    let refusal = match by_address {
-        Err(refusal) => refusal,
-        Ok(()) if connection.is_none_or(Connection::take_resume) => return Ok(()),
-        Ok(()) => crate::limits::Refusal::ResumeRate,
+    let charged = match connection {
+        None => shard
+            .gateway
+            .admission
+            .admit_resume(peer.ip(), std::time::Instant::now()),
+        Some(connection) if connection.take_resume() => Ok(()),
+        Some(_) => Err(crate::limits::Refusal::ResumeRate),
     };
-    Err(session::Refused {
+    charged.map_err(|refusal| session::Refused {
         status: refusal.status(),
         body: format!("Too Many Requests: {refusal}").into(),
         result: refusal.label(),

@@ -145,6 +145,9 @@ pub(crate) async fn move_out(
         // here, and that close takes effect once this attempt lets go.
         return Err(Refusal::Unknown);
     }
+    // The tokens that resume it, taken before the queue changes (a token whose `resumed`
+    // frame is still queued counts, and the client may hold it).
+    let secret_hashes = connection.secret_hashes();
     let frames = {
         // Checked by `claim`, with nothing in between that could change it.
         let mut queue = connection.outbound().borrow_mut();
@@ -175,7 +178,8 @@ pub(crate) async fn move_out(
         rooms: rooms.iter().map(|room| room.as_str().to_owned()).collect(),
         frames: frames.iter().map(|frame| STANDARD.encode(frame)).collect(),
         lifetime_left_ms: Some(u64::try_from(lifetime_left.as_millis()).unwrap_or(u64::MAX)),
-        secret_hashes: (connection.secret_hashes().iter())
+        secret_hashes: secret_hashes
+            .iter()
             .map(|hash| STANDARD.encode(hash))
             .collect(),
         ids: (connection.earlier_ids().iter())
@@ -333,13 +337,19 @@ async fn settle_handover(
         let answer = cluster
             .call(alias.node, Op::MoveStatus, &alias_text, None, Bytes::new())
             .await;
-        let arrived = match answer.as_ref().map(|reply| &reply.body[..]) {
-            Ok(b"taken") => true,
-            Ok(b"pending") if !stopping => continue,
-            Ok(b"pending") => true,
-            Ok(_) => false,
-            Err(_) if !stopping && started.elapsed() < patience => continue,
-            Err(_) => mirrored_there(&cluster, alias, &facts.connection_id).await,
+        let said = answer
+            .ok()
+            .filter(|reply| reply.status == 200)
+            .map(|reply| reply.body);
+        let arrived = match said.as_deref() {
+            Some(b"taken") => true,
+            Some(b"abandoned") => false,
+            Some(b"pending") if !stopping => continue,
+            Some(b"pending") => true,
+            // No answer, or a node that does not remember asking (it restarted): if it
+            // stays that way, its mirror tells.
+            _ if !stopping && started.elapsed() < patience => continue,
+            _ => mirrored_there(&cluster, alias, &facts.connection_id).await,
         };
         if !arrived {
             tracing::warn!(connection_id = %facts.connection_id, to = alias.node, "a connection handed to another node never arrived; reporting it here");

@@ -95,47 +95,62 @@ impl NatsServer {
         env: Vec<(String, String)>,
         store: tempfile::TempDir,
     ) -> Self {
-        let port = free_port();
-        let monitor_port = free_port();
-        let mut args = vec![
-            "-a".into(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            port.to_string(),
-            "-m".into(),
-            monitor_port.to_string(),
-            "-js".into(),
-            "-sd".into(),
-            store.path().display().to_string(),
-        ];
-        args.extend(extra);
+        // A free port can be taken by another test's server between our look and its
+        // bind: a server that exits at once is started again on other ports.
         let mut server = Self {
             binary: binary.to_path_buf(),
-            args,
+            args: Vec::new(),
             env,
-            port,
-            monitor_port,
+            port: 0,
+            monitor_port: 0,
             child: None,
             _store: store,
         };
-        server.spawn();
-        server
+        for _ in 0..5 {
+            server.port = free_port();
+            server.monitor_port = free_port();
+            server.args = vec![
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                server.port.to_string(),
+                "-m".into(),
+                server.monitor_port.to_string(),
+                "-js".into(),
+                "-sd".into(),
+                server._store.path().display().to_string(),
+            ];
+            server.args.extend(extra.iter().cloned());
+            if server.try_spawn() {
+                return server;
+            }
+        }
+        panic!("nats-server would not start on any of five pairs of free ports");
     }
 
-    fn spawn(&mut self) {
-        let child = Command::new(&self.binary)
+    /// Starts the server and waits until it listens; false if it exited first.
+    fn try_spawn(&mut self) -> bool {
+        let mut child = Command::new(&self.binary)
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("nats-server starts");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server listens within 10 s");
+            if child.try_wait().ok().flatten().is_some() {
+                return false;
+            }
+            assert!(Instant::now() < deadline, "nats-server listens within 30 s");
             std::thread::sleep(Duration::from_millis(20));
         }
+        self.child = Some(child);
+        true
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.try_spawn(), "nats-server starts again on its port");
     }
 
     pub(crate) fn url(&self) -> String {

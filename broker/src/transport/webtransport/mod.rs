@@ -153,11 +153,13 @@ fn ack_frequency() -> wtransport::quinn::AckFrequencyConfig {
 /// Hands each incoming session to the next shard. Under a flood of handshakes, clients
 /// first prove their address with a stateless Retry; past a hard cap they are refused.
 ///
-/// One address (an IPv6 /64) holds at most `max_handshakes_per_ip` handshakes at once,
-/// and one that has used up its connect rate (`limits.connects_per_sec_per_ip`) starts
-/// none: past either, a client whose address is not proven yet gets a Retry (stateless; a
-/// spoofed source can thus cost a real address nothing), and one whose address is proven
-/// is refused. So handshakes that never send their CONNECT cannot lock others out.
+/// One address (an IPv6 /64) holds at most `max_handshakes_per_ip` handshakes with a proven
+/// address at once, and one that has used up its connect rate (`limits.connects_per_sec_per_ip`)
+/// starts none: past either, a client whose address is not proven yet gets a Retry, and one
+/// whose address is proven is refused. Unproven handshakes are not counted per address (a
+/// spoofed source could fill a victim's share); they are bounded by the Retry that every
+/// client gets past [`RETRY_ABOVE`]. So handshakes that never send their CONNECT cannot lock
+/// others out.
 async fn accept_sessions(
     endpoint: Endpoint,
     gateway: Arc<Gateway>,
@@ -184,7 +186,7 @@ async fn accept_sessions(
             incoming.retry();
             continue;
         }
-        if pending >= MAX_HANDSHAKES || too_many_here {
+        if pending >= MAX_HANDSHAKES || (validated && too_many_here) {
             let result = if too_many_here {
                 "ip_limit"
             } else {
@@ -198,7 +200,7 @@ async fn accept_sessions(
             incoming.refuse();
             continue;
         }
-        let slot = HandshakeSlot::take(&handshakes, address);
+        let slot = HandshakeSlot::take(&handshakes, validated.then_some(address));
         let shard = next.fetch_add(1, Ordering::Relaxed) % gateway.shards.len();
         gateway.shards[shard]
             .adopt_webtransport(incoming, slot)
@@ -228,17 +230,20 @@ impl Handshakes {
 /// session request has arrived over the proven address.
 pub struct HandshakeSlot {
     handshakes: Arc<Handshakes>,
-    address: std::net::IpAddr,
+    /// The proven address it counts under, if any.
+    address: Option<std::net::IpAddr>,
 }
 
 impl HandshakeSlot {
-    fn take(handshakes: &Arc<Handshakes>, address: std::net::IpAddr) -> Self {
+    fn take(handshakes: &Arc<Handshakes>, address: Option<std::net::IpAddr>) -> Self {
         handshakes.total.fetch_add(1, Ordering::Relaxed);
-        let mut per_address = handshakes
-            .per_address
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *per_address.entry(address).or_default() += 1;
+        if let Some(address) = address {
+            let mut per_address = handshakes
+                .per_address
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *per_address.entry(address).or_default() += 1;
+        }
         Self {
             handshakes: handshakes.clone(),
             address,
@@ -249,15 +254,18 @@ impl HandshakeSlot {
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
         self.handshakes.total.fetch_sub(1, Ordering::Relaxed);
+        let Some(address) = self.address else {
+            return;
+        };
         let mut per_address = self
             .handshakes
             .per_address
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(count) = per_address.get_mut(&self.address) {
+        if let Some(count) = per_address.get_mut(&address) {
             *count -= 1;
             if *count == 0 {
-                per_address.remove(&self.address);
+                per_address.remove(&address);
             }
         }
     }
