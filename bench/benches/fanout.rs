@@ -2,12 +2,15 @@
 //! planning a bulk `POST @connections` for 10,000 ids.
 
 use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
 use switchboard::connection_id::IdMinter;
 use switchboard::fanout::FanoutPlan;
 use switchboard::frame::{self, Opcode};
+use switchboard::limits::{OutboundBudget, ShardAccount};
 use switchboard::management::BulkRequest;
 use switchboard::outbound::{self, OutboundQueue, Wire};
 use switchboard::rooms::{RoomIndex, RoomName};
@@ -15,8 +18,13 @@ use switchboard::rooms::{RoomIndex, RoomName};
 const MEMBERS: usize = 10_000;
 
 /// A room of `MEMBERS` queues, every `webtransport_every`-th one a WebTransport member
-/// (0: none).
-fn room_of(room: &RoomName, webtransport_every: usize) -> RoomIndex<RefCell<OutboundQueue>> {
+/// (0: none), counted against an outbound memory budget when `account` is given (as a
+/// gateway's are).
+fn room_of(
+    room: &RoomName,
+    webtransport_every: usize,
+    account: Option<&Rc<ShardAccount>>,
+) -> RoomIndex<RefCell<OutboundQueue>> {
     let mut minter = IdMinter::new(0, 0, 1);
     let mut index = RoomIndex::default();
     for member in 0..MEMBERS {
@@ -26,11 +34,12 @@ fn room_of(room: &RoomName, webtransport_every: usize) -> RoomIndex<RefCell<Outb
         } else {
             Wire::WebSocket
         };
-        index.join(
-            room,
-            id.sequence,
-            RefCell::new(OutboundQueue::new(wire, 1 << 20, 1 << 30)),
-        );
+        let queue = OutboundQueue::new(wire, 1 << 20, 1 << 30);
+        let queue = match account {
+            Some(account) => queue.counted_in(account.clone()),
+            None => queue,
+        };
+        index.join(room, id.sequence, RefCell::new(queue));
     }
     index
 }
@@ -45,11 +54,13 @@ fn room_broadcast(c: &mut Criterion) {
     // broadcast is a new frame, so with WebTransport members its WebTransport encoding is
     // made once, at the first of them. Queues are drained between iterations, as the write
     // pass would.
-    for (name, webtransport_every) in [
-        ("room_10k_members_128B", 0),
-        ("room_10k_members_128B_half_webtransport", 2),
+    let account = Rc::new(ShardAccount::new(Arc::new(OutboundBudget::new(1 << 40))));
+    for (name, webtransport_every, counted) in [
+        ("room_10k_members_128B", 0, None),
+        ("room_10k_members_128B_budget_counted", 0, Some(&account)),
+        ("room_10k_members_128B_half_webtransport", 2, None),
     ] {
-        let index = room_of(&room, webtransport_every);
+        let index = room_of(&room, webtransport_every, counted);
         group.bench_function(name, |b| {
             b.iter(|| {
                 let frame = outbound::shared(encoded.clone());

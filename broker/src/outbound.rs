@@ -20,7 +20,7 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 
-use crate::limits::overload::{Charge, ENTRY_COST, ShardAccount, footprint};
+use crate::limits::overload::{Charge, ShardAccount, footprint};
 use crate::transport::webtransport::framing;
 
 /// An encoded frame as queued: shared within one shard.
@@ -185,42 +185,37 @@ impl OutboundQueue {
         queue
     }
 
-    /// Charges what queueing `frame` takes to the budget (if the queue is counted): its
-    /// entry, and the frame itself unless another queue holds it already. Refused past the
-    /// budget when `within_budget` (nothing is charged then), else charged regardless.
+    /// Charges the frame's memory to the budget when it enters the first counted queue
+    /// (later recipients on the shard share it: nothing more is charged, and the fan-out
+    /// path touches the account once per frame, not per recipient). Refused past the budget
+    /// when `within_budget` (nothing is charged then), else charged regardless.
     fn enter(&self, frame: &SharedFrame, within_budget: bool) -> Result<(), PushError> {
         let Some(account) = &self.account else {
             return Ok(());
         };
         let holders = frame.in_queues.get();
-        let own = if holders == 0 {
-            footprint(frame.bytes(self.wire).len())
-        } else {
-            0
-        };
-        if !within_budget {
-            account.charge_anyway(own + ENTRY_COST);
-        } else if account.charge(own + ENTRY_COST) == Charge::OverBudget {
-            return Err(PushError::OverBudget);
+        if holders == 0 {
+            let own = footprint(frame.bytes(self.wire).len());
+            if !within_budget {
+                account.charge_anyway(own);
+            } else if account.charge(own) == Charge::OverBudget {
+                return Err(PushError::OverBudget);
+            }
         }
         frame.in_queues.set(holders + 1);
         Ok(())
     }
 
-    /// Gives back what `frame` took when it entered: its entry, and the frame itself if no
-    /// other queue holds it any more.
+    /// Gives the frame's memory back when the last counted queue holding it lets go.
     fn leave(&self, frame: &OutboundFrame) {
         let Some(account) = &self.account else {
             return;
         };
         let holders = frame.in_queues.get().saturating_sub(1);
         frame.in_queues.set(holders);
-        let own = if holders == 0 {
-            footprint(frame.bytes(self.wire).len())
-        } else {
-            0
-        };
-        account.refund(own + ENTRY_COST);
+        if holders == 0 {
+            account.refund(footprint(frame.bytes(self.wire).len()));
+        }
     }
 
     /// From now on, numbers data frames (the first queued after this is 1) and keeps the
@@ -635,7 +630,7 @@ mod tests {
     }
 
     #[test]
-    fn a_shared_frame_is_charged_once_and_each_entry_apiece() {
+    fn a_shared_frame_is_charged_once_while_any_queue_holds_it() {
         use crate::limits::overload::{OutboundBudget, ShardAccount};
         let account = Rc::new(ShardAccount::new(std::sync::Arc::new(OutboundBudget::new(
             1 << 30,
@@ -647,16 +642,22 @@ mod tests {
         let len = broadcast.bytes(Wire::WebSocket).len();
         a.push(broadcast.clone()).unwrap();
         b.push(broadcast.clone()).unwrap();
-        assert_eq!(account.queued(), footprint(len) + 2 * ENTRY_COST);
+        assert_eq!(account.queued(), footprint(len), "once, for both");
         write_all(&mut a);
-        assert_eq!(
-            account.queued(),
-            footprint(len) + ENTRY_COST,
-            "b still holds it"
-        );
+        assert_eq!(account.queued(), footprint(len), "b still holds it");
         b.clear();
-        drop(broadcast);
-        assert_eq!(account.queued(), 0, "the last holder gave the frame back");
+        assert_eq!(account.queued(), 0, "the last queue gave the frame back");
+        // A resend buffer keeps written frames for a resume: they are not counted, and a
+        // rewind that queues them again counts them again.
+        let mut resumable = counted();
+        resumable.keep_for_resend(10, 10_000);
+        resumable.push(broadcast.clone()).unwrap();
+        write_all(&mut resumable);
+        assert_eq!(account.queued(), 0, "kept, not queued");
+        resumable.rewind(0).unwrap();
+        assert_eq!(account.queued(), footprint(len));
+        drop(resumable);
+        assert_eq!(account.queued(), 0);
     }
 
     #[test]

@@ -20,15 +20,11 @@ pub const CREDIT_CHUNK: usize = 256 * 1024;
 /// a reader that keeps up holds far less.
 pub const CUT_AT_CROSSING: usize = 16 * 1024;
 
-/// What one more queue entry costs (a queue slot holding a shared frame): charged per
-/// recipient, while the frame itself is charged once.
-pub const ENTRY_COST: usize = 32;
-
 /// The memory a frame of `len` bytes takes, as the allocator hands it out: rounded up to
 /// its size class (four per power of two, as in jemalloc, the binary's allocator), plus,
 /// for a large allocation, the page jemalloc adds to randomize cache lines, plus its shared
-/// header. A 30 KB frame takes 36 KiB: the budget counts what the process really holds,
-/// not just payload.
+/// header and a few queue slots. A 30 KB frame takes 36 KiB: the budget counts what the
+/// process really holds, not just payload.
 pub fn footprint(len: usize) -> usize {
     const PER_FRAME: usize = 128;
     const SMALL_MAX: usize = 14 * 1024;
