@@ -164,6 +164,9 @@ fn reuseport_listener(address: SocketAddr) -> std::io::Result<std::net::TcpListe
     Ok(socket.into())
 }
 
+/// How long a stopping node tries to deregister from the cluster.
+const LEAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Runs the gateway until `shutdown` is cancelled, then closes every connection with 1001,
 /// fires `$disconnect` for each, flushes storage and returns.
 pub async fn serve(
@@ -348,7 +351,16 @@ pub async fn serve(
         let _ = deliverer.await;
     }
     if let Some(cluster) = &gateway.cluster {
-        cluster.leave().await;
+        // With NATS gone, leaving would wait for it forever (a flush waits for a reconnect).
+        if tokio::time::timeout(LEAVE_TIMEOUT, cluster.leave())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "could not leave the cluster within {LEAVE_TIMEOUT:?} (NATS unreachable): the \
+                 other nodes will take this node for lost and report its connections again"
+            );
+        }
     }
     let records = gateway.records.clone();
     let queue_log = gateway.queues.log.clone();

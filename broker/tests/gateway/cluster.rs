@@ -1230,3 +1230,20 @@ async fn a_hand_over_whose_answer_is_lost_is_reported_once_by_the_old_node() {
         .count();
     assert_eq!(reports, 1, "reported once, by one node");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stops_promptly_when_nats_is_gone() {
+    let Some(binary) = nats::binary() else { return };
+    let mut server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let files = node_files(1, &[server.url()], &backend, "");
+    let mut node = start_node(&files).await;
+    let (_ws, id) = connect(&node, &backend).await;
+    server.kill();
+    node.signal("-TERM");
+    // Its clients are closed and reported; leaving the cluster cannot wait for NATS.
+    let (code, took) = node.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "a clean exit");
+    assert!(took < Duration::from_secs(20), "stopped in {took:?}");
+    disconnect_event(&backend, &id).await;
+}
