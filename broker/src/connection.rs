@@ -382,10 +382,10 @@ impl Connection {
         // Every resume gets a new token: one that leaked with an old URL resumes nothing
         // once the new one is on its way to the client.
         let token = ResumeToken::mint(self.id);
-        let resumed = outbound::shared(resume::resumed_frame(
+        let resumed = outbound::shared(crate::protocol::resumed(
             &self.facts.connection_id,
             replayed,
-            Some(&token),
+            &token,
         ));
         self.resume_secret.set(Some(token.secret));
         *self.handover.borrow_mut() = Some((proven, resumed.clone()));

@@ -498,8 +498,7 @@ fn append_to_queue(
                     .with_label_values(&[&*done_queue])
                     .inc();
                 if ack {
-                    let body = serde_json::json!({"type": "ack", "messageId": message_id});
-                    let frame = frame::encode(Opcode::Text, body.to_string().as_bytes());
+                    let frame = crate::protocol::ack(&message_id);
                     let _ = connection.push(frame, &shard.gateway.metrics);
                 }
             }
@@ -532,12 +531,7 @@ fn count_append_error(shard: &Shard, queue: &str, kind: &str) {
 
 /// Sends the AWS-style error frame; the connection stays open.
 fn send_error(shard: &Shard, connection: &Connection, message: &str, request_id: &str) {
-    let body = serde_json::json!({
-        "message": message,
-        "connectionId": connection.facts.connection_id,
-        "requestId": request_id,
-    });
-    let frame = frame::encode(Opcode::Text, body.to_string().as_bytes());
+    let frame = crate::protocol::error(message, &connection.facts.connection_id, request_id);
     let _ = connection.push(frame, &shard.gateway.metrics);
 }
 

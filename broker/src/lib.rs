@@ -17,6 +17,7 @@
 //! * [`cluster`]: several nodes as one API over NATS (absent without `[cluster]`).
 //! * Pure logic: [`config`] (its secrets: [`secret`]), [`selection`], [`connection_id`], [`frame`], [`event`],
 //!   [`stored_event`], [`integration`]'s reply parsing, [`outbound`], [`disconnect`],
+//!   [`protocol`] (every frame the gateway itself writes),
 //!   [`rooms`], the [`fanout`] planner.
 
 pub mod auth;
@@ -37,6 +38,7 @@ pub mod limits;
 pub mod management;
 pub mod metrics;
 pub mod outbound;
+pub mod protocol;
 pub mod queues;
 pub mod resume;
 pub mod rooms;

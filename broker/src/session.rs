@@ -27,6 +27,7 @@ use crate::handshake::{self, ReadError};
 use crate::limits::{AdmissionTicket, InboundLimiter};
 use crate::metrics::Metrics;
 use crate::outbound::{self, OutboundQueue, Wire};
+use crate::protocol;
 use crate::resume::attach::Resuming;
 use crate::resume::{self, Refusal, ResumeRequest, ResumeToken};
 use crate::shard::Shard;
@@ -151,8 +152,8 @@ pub(crate) async fn live(
         let token = ResumeToken::mint(id);
         let connection_id = &connection.facts.connection_id;
         let first = outbound::shared(match &moved_in {
-            Some(moved) => resume::resumed_frame(connection_id, moved.frames.len(), Some(&token)),
-            None => resume::welcome_frame(connection_id, &token, resume_refused),
+            Some(moved) => protocol::resumed(connection_id, moved.frames.len(), &token),
+            None => protocol::welcome(connection_id, &token, resume_refused),
         });
         connection
             .outbound()

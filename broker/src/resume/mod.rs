@@ -12,19 +12,17 @@
 //! 3. Otherwise it gets a new connection whose welcome adds `"resumed":false` and why:
 //!    `expired`, `unknown` or `overflow`.
 //!
-//! This module holds the contract's pieces (the token, the frames, the request); the
-//! connection keeps its resend buffer in [`crate::outbound`], the session parks and
-//! resumes it, and the shard keeps parked connections findable.
+//! This module holds the contract's pieces (the token, the request; the frames are
+//! [`crate::protocol`]'s); the connection keeps its resend buffer in [`crate::outbound`],
+//! the session parks and resumes it, and the shard keeps parked connections findable.
 
 pub mod attach;
 pub mod moving;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use bytes::Bytes;
 
 use crate::connection_id::ConnectionId;
-use crate::frame::{self, Opcode};
 
 /// Bytes of the random part of a token.
 const SECRET_BYTES: usize = 16;
@@ -217,35 +215,6 @@ pub fn forget_token(request: &mut crate::event::HandshakeRequest) {
         .retain(|(name, _)| !name.eq_ignore_ascii_case(TOKEN_HEADER));
 }
 
-/// The first frame of a resumable connection; `refused` says why a resume it was opened
-/// with did not happen.
-pub fn welcome_frame(connection_id: &str, token: &ResumeToken, refused: Option<Refusal>) -> Bytes {
-    let mut body = serde_json::json!({
-        "type": "welcome",
-        "connectionId": connection_id,
-        "resumeToken": token.encode(),
-    });
-    if let Some(refusal) = refused {
-        body["resumed"] = false.into();
-        body["reason"] = refusal.as_str().into();
-    }
-    frame::encode(Opcode::Text, body.to_string().as_bytes())
-}
-
-/// The first frame after a resume: `replayed` messages follow it. A session that moved to
-/// another node comes with the token to resume it there next time.
-pub fn resumed_frame(connection_id: &str, replayed: usize, moved: Option<&ResumeToken>) -> Bytes {
-    let mut body = serde_json::json!({
-        "type": "resumed",
-        "connectionId": connection_id,
-        "replayed": replayed,
-    });
-    if let Some(token) = moved {
-        body["resumeToken"] = token.encode().into();
-    }
-    frame::encode(Opcode::Text, body.to_string().as_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,28 +299,5 @@ mod tests {
                 "{bad:?}"
             );
         }
-    }
-
-    #[test]
-    fn frames_say_what_the_contract_says() {
-        let token = ResumeToken::mint(id());
-        let decode = |frame: Bytes| -> serde_json::Value {
-            let header = if frame[1] & 0x7f == 126 { 4 } else { 2 };
-            serde_json::from_slice(&frame[header..]).unwrap()
-        };
-        let welcome = decode(welcome_frame("abc", &token, None));
-        assert_eq!(welcome["type"], "welcome");
-        assert_eq!(welcome["connectionId"], "abc");
-        assert_eq!(welcome["resumeToken"], token.encode());
-        assert!(welcome.get("resumed").is_none());
-        let refused = decode(welcome_frame("abc", &token, Some(Refusal::Expired)));
-        assert_eq!(refused["resumed"], false);
-        assert_eq!(refused["reason"], "expired");
-        let resumed = decode(resumed_frame("abc", 5, None));
-        assert_eq!(resumed["type"], "resumed");
-        assert_eq!(resumed["replayed"], 5);
-        assert!(resumed.get("resumeToken").is_none());
-        let moved = decode(resumed_frame("abc", 5, Some(&token)));
-        assert_eq!(moved["resumeToken"], token.encode());
     }
 }

@@ -1,0 +1,95 @@
+//! Every frame the gateway itself writes to a client, as opposed to the application's
+//! messages: what a client library has to understand (the resume contract's `welcome` and
+//! `resumed`, a queue append's `ack`, and the error frame AWS's own gateway sends). One place,
+//! so the wire contract is read in one file and the SDKs and the load generator can follow it.
+
+use bytes::Bytes;
+use serde_json::json;
+
+use crate::frame::{self, Opcode};
+use crate::resume::{Refusal, ResumeToken};
+
+fn text(body: &serde_json::Value) -> Bytes {
+    frame::encode(Opcode::Text, body.to_string().as_bytes())
+}
+
+/// `{"type":"welcome","connectionId","resumeToken"}`: the first frame of a resumable
+/// connection; with `"resumed":false` and a `reason` when a resume it was opened with did not
+/// happen.
+pub fn welcome(connection_id: &str, token: &ResumeToken, refused: Option<Refusal>) -> Bytes {
+    let mut body = json!({
+        "type": "welcome",
+        "connectionId": connection_id,
+        "resumeToken": token.encode(),
+    });
+    if let Some(refusal) = refused {
+        body["resumed"] = false.into();
+        body["reason"] = refusal.as_str().into();
+    }
+    text(&body)
+}
+
+/// `{"type":"resumed","connectionId","replayed","resumeToken"}`: the first frame after a
+/// resume; `replayed` messages follow it, and the token resumes it next time (every resume
+/// brings a new one).
+pub fn resumed(connection_id: &str, replayed: usize, token: &ResumeToken) -> Bytes {
+    text(&json!({
+        "type": "resumed",
+        "connectionId": connection_id,
+        "replayed": replayed,
+        "resumeToken": token.encode(),
+    }))
+}
+
+/// `{"type":"ack","messageId"}`: a `queue` route with `ack = true` stored the message.
+pub fn ack(message_id: &str) -> Bytes {
+    text(&json!({"type": "ack", "messageId": message_id}))
+}
+
+/// `{"message","connectionId","requestId"}`: a message the gateway could not route or
+/// serve (AWS's error frame shape).
+pub fn error(message: &str, connection_id: &str, request_id: &str) -> Bytes {
+    text(&json!({
+        "message": message,
+        "connectionId": connection_id,
+        "requestId": request_id,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connection_id::ConnectionId;
+
+    fn decode(frame: Bytes) -> serde_json::Value {
+        let header = if frame[1] & 0x7f == 126 { 4 } else { 2 };
+        serde_json::from_slice(&frame[header..]).unwrap()
+    }
+
+    #[test]
+    fn frames_say_what_the_contract_says() {
+        let token = ResumeToken::mint(ConnectionId {
+            node: 1,
+            shard: 2,
+            epoch: 3,
+            sequence: 0xdead_beef,
+        });
+        let welcome = decode(welcome("abc", &token, None));
+        assert_eq!(welcome["type"], "welcome");
+        assert_eq!(welcome["connectionId"], "abc");
+        assert_eq!(welcome["resumeToken"], token.encode());
+        assert!(welcome.get("resumed").is_none());
+        let refused = decode(super::welcome("abc", &token, Some(Refusal::Expired)));
+        assert_eq!(refused["resumed"], false);
+        assert_eq!(refused["reason"], "expired");
+        let resumed = decode(resumed("abc", 5, &token));
+        assert_eq!(resumed["type"], "resumed");
+        assert_eq!(resumed["replayed"], 5);
+        assert_eq!(resumed["resumeToken"], token.encode());
+        assert_eq!(decode(ack("m1")), json!({"type": "ack", "messageId": "m1"}));
+        assert_eq!(
+            decode(error("Forbidden", "abc", "r1")),
+            json!({"message": "Forbidden", "connectionId": "abc", "requestId": "r1"})
+        );
+    }
+}
