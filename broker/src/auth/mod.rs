@@ -3,6 +3,7 @@
 //! constant time. (How much a client may do is the `limits` module's.)
 
 pub mod authorizer;
+pub mod config;
 pub mod sigv4;
 
 /// Compares `presented` with every token in constant time (no early exit on the first

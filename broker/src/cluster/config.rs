@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::config::check::ConfigError;
 
 /// One URL or several (any server of the NATS cluster; the client learns the rest).
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -12,6 +12,7 @@
 //! Pure bookkeeping: callers pass the time in, and sockets stay at the edges.
 
 pub mod admission;
+pub mod config;
 pub mod overload;
 pub mod rate;
 

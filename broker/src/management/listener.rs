@@ -26,8 +26,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::ManagementConfig;
 use crate::limits::{Admission, OutboundBudget, PerIpLimits};
+use crate::management::config::ManagementConfig;
 
 /// Connections beyond `management.max_connections` that answer only `/health` and
 /// `/metrics`, one request each, with a short header timeout.

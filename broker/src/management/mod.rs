@@ -6,6 +6,7 @@
 //! codes and the AWS error shape (`x-amzn-ErrorType`) SDKs turn into exceptions.
 //! [`listener`] serves the routes with a connection cap and slowloris timeouts.
 
+pub mod config;
 pub mod demo;
 pub mod listener;
 

@@ -15,7 +15,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
+
+use crate::config::check::{ConfigError, invalid};
 use tokio_rustls::TlsAcceptor;
 
 /// Plaintext rustls buffers for writing before it reports the socket full.
@@ -267,5 +270,28 @@ impl Write for TcpIo<'_> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// A listener's certificate and key (PEM files) as configured (`[server.tls]`,
+/// `[management.tls]`); reloaded on SIGHUP.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key: PKCS#8, RSA or EC.
+    pub key: PathBuf,
+}
+
+impl RawTls {
+    pub(crate) fn load(&self, table: &str) -> Result<TlsEndpoint, ConfigError> {
+        TlsEndpoint::load(&self.cert, &self.key).map_err(|error| {
+            let key = match error {
+                crate::transport::TlsError::Key { .. } => "key",
+                _ => "cert",
+            };
+            invalid(format!("{table}.{key}"), error.to_string())
+        })
     }
 }

@@ -10,6 +10,7 @@
 //! sessions opened with `?datagrams=1` as QUIC datagrams instead.
 
 pub mod certificate;
+pub mod config;
 pub mod framing;
 pub mod socket;
 

@@ -11,6 +11,16 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod check;
+
+pub use crate::auth::config::RawAuthorizer;
+pub use crate::limits::config::{InboundRate, Limits, RawLimits};
+pub use crate::management::config::{ManagementConfig, RawAwsKey, RawManagement};
+pub use crate::transport::tls::RawTls;
+pub use crate::transport::webtransport::config::RawWebTransport;
+pub use check::ConfigError;
+use check::{invalid, parse_addr, parse_http_url};
+
 use crate::selection::SelectionExpression;
 use crate::transport::TlsEndpoint;
 use crate::transport::webtransport::WebTransportConfig;
@@ -19,29 +29,7 @@ use crate::transport::webtransport::WebTransportConfig;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 
 /// The embedded demo: echo on `$default`, rooms on join/leave/publish, no backend needed.
-pub const DEMO_CONFIG: &str = include_str!("demo.toml");
-
-/// Why a configuration was refused. Every message names the offending key.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("invalid config: {0}")]
-    Syntax(String),
-    #[error("invalid config: `{key}`: {reason}")]
-    Invalid { key: String, reason: String },
-}
-
-fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        reason: reason.into(),
-    }
-}
+pub const DEMO_CONFIG: &str = include_str!("../demo.toml");
 
 /// The file as written. Serialized back by `check-config` to show the effective values.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -60,227 +48,6 @@ pub struct RawConfig {
     /// Scale-out over NATS; absent: one node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::cluster::RawCluster>,
-}
-
-/// `[authorizer]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawAuthorizer {
-    /// "jwt" or "api_key".
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// "query:NAME", "header:NAME" (a "Bearer " prefix is stripped) or "protocol".
-    #[serde(default = "default_token_source")]
-    pub token: String,
-    /// jwt, HS256.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secret: Option<String>,
-    /// jwt, RS256 or ES256: a PEM public key file.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub public_key: Option<PathBuf>,
-    /// jwt: a JWKS file or http(s) URL, reloaded every 10 minutes (keys picked by `kid`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jwks: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub issuer: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub audience: Option<String>,
-    /// jwt: clock skew allowed on exp/nbf (default 60).
-    #[serde(
-        default = "default_leeway_secs",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub leeway_secs: Option<u64>,
-    /// api_key: the accepted keys.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub keys: Vec<String>,
-    /// http: where the REQUEST event is POSTed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
-    /// http: what identifies a caller (cache key); each must be present, else 401.
-    /// Default: the `token` source.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub identity_sources: Vec<String>,
-    /// http: how long an answer is reused for the same identity (0: never; default 300).
-    #[serde(
-        default = "default_cache_ttl_secs",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub cache_ttl_secs: Option<u64>,
-    /// http: the backend's time to answer (default 10000).
-    #[serde(
-        default = "default_authorizer_timeout_ms",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub timeout_ms: Option<u64>,
-}
-
-fn default_cache_ttl_secs() -> Option<u64> {
-    Some(300)
-}
-
-fn default_authorizer_timeout_ms() -> Option<u64> {
-    Some(10_000)
-}
-
-fn default_token_source() -> String {
-    "header:Authorization".into()
-}
-
-fn default_leeway_secs() -> Option<u64> {
-    Some(60)
-}
-
-impl RawAuthorizer {
-    fn validate(&self) -> Result<crate::auth::authorizer::Authorizer, ConfigError> {
-        use crate::auth::authorizer::{Authorizer, Check, TokenSource, jwt_check, restrict};
-        let source = TokenSource::parse(&self.token).ok_or_else(|| {
-            invalid(
-                "authorizer.token",
-                "must be \"query:NAME\", \"header:NAME\" or \"protocol\"",
-            )
-        })?;
-        let leeway_secs = self.leeway_secs.unwrap_or(60);
-        let check = match self.kind.as_str() {
-            "jwt" if self.jwks.is_some() => {
-                if self.secret.is_some() || self.public_key.is_some() {
-                    return Err(invalid(
-                        "authorizer.jwks",
-                        "use one of `secret`, `public_key` and `jwks`",
-                    ));
-                }
-                let keys = crate::auth::authorizer::JwksKeys::open(jwks_source(
-                    self.jwks.as_deref().unwrap_or_default(),
-                )?)
-                .map_err(|reason| invalid("authorizer.jwks", reason))?;
-                // A key set is usually an identity provider's, shared by every application
-                // it signs for: without an audience, their tokens would open this gateway.
-                let audience = self.audience.as_deref().ok_or_else(|| {
-                    invalid(
-                        "authorizer.audience",
-                        "required with `jwks` (the identity provider signs tokens for other \
-                         applications too); write `audience = \"*\"` to accept any",
-                    )
-                })?;
-                let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
-                restrict(
-                    &mut validation,
-                    self.issuer.as_deref(),
-                    Some(audience),
-                    leeway_secs,
-                );
-                Check::Jwks {
-                    keys: Arc::new(keys),
-                    validation: Box::new(validation),
-                }
-            }
-            "jwt" => {
-                let pem = self
-                    .public_key
-                    .as_ref()
-                    .map(|path| {
-                        std::fs::read(path).map_err(|e| {
-                            invalid("authorizer.public_key", format!("{}: {e}", path.display()))
-                        })
-                    })
-                    .transpose()?;
-                let secret = self
-                    .secret
-                    .as_deref()
-                    .map(crate::secret::resolve)
-                    .transpose()
-                    .map_err(|reason| invalid("authorizer.secret", reason))?;
-                let mut check = jwt_check(secret.as_deref(), pem.as_deref())
-                    .map_err(|reason| invalid("authorizer", reason))?;
-                if let Check::Jwt { validation, .. } = &mut check {
-                    restrict(
-                        validation,
-                        self.issuer.as_deref(),
-                        self.audience.as_deref(),
-                        leeway_secs,
-                    );
-                }
-                check
-            }
-            "api_key" if self.keys.is_empty() || self.keys.iter().any(String::is_empty) => {
-                return Err(invalid(
-                    "authorizer.keys",
-                    "at least one non-empty key is required",
-                ));
-            }
-            "api_key" => Check::ApiKeys(
-                self.keys
-                    .iter()
-                    .map(|key| crate::secret::resolve(key))
-                    .collect::<Result<_, _>>()
-                    .map_err(|reason| invalid("authorizer.keys", reason))?,
-            ),
-            "http" => {
-                let url = self
-                    .url
-                    .as_deref()
-                    .ok_or_else(|| invalid("authorizer.url", "required for type \"http\""))?;
-                let sources = if self.identity_sources.is_empty() {
-                    vec![self.token.clone()]
-                } else {
-                    self.identity_sources.clone()
-                };
-                let identity_sources = sources
-                    .iter()
-                    .map(|text| {
-                        TokenSource::parse(text).ok_or_else(|| {
-                            invalid(
-                                "authorizer.identity_sources",
-                                format!("`{text}` is not \"query:NAME\", \"header:NAME\" or \"protocol\""),
-                            )
-                        })
-                    })
-                    .collect::<Result<_, _>>()?;
-                let timeout_ms = self.timeout_ms.unwrap_or(10_000);
-                if timeout_ms == 0 {
-                    return Err(invalid("authorizer.timeout_ms", "must be greater than 0"));
-                }
-                Check::Http {
-                    url: parse_http_url("authorizer.url", url)?,
-                    timeout: Duration::from_millis(timeout_ms),
-                    identity_sources,
-                    cache: Arc::new(crate::auth::authorizer::VerdictCache::new(
-                        Duration::from_secs(self.cache_ttl_secs.unwrap_or(300)),
-                    )),
-                }
-            }
-            other => {
-                return Err(invalid(
-                    "authorizer.type",
-                    format!("`{other}` is not one of \"jwt\", \"http\", \"api_key\""),
-                ));
-            }
-        };
-        Ok(Authorizer { source, check })
-    }
-}
-
-/// Where a JWKS comes from: an `https://` URL (`http://` only to a loopback host: the
-/// keys decide who gets in, so they must not travel where they can be swapped), or a file.
-fn jwks_source(text: &str) -> Result<crate::auth::authorizer::JwksSource, ConfigError> {
-    use crate::auth::authorizer::JwksSource;
-    let url = match reqwest::Url::parse(text) {
-        Ok(url) if matches!(url.scheme(), "http" | "https") => url,
-        _ => return Ok(JwksSource::File(text.into())),
-    };
-    let host = url.host_str().unwrap_or_default();
-    let loopback = host == "localhost"
-        || host
-            .trim_matches(['[', ']'])
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if url.scheme() == "http" && !loopback {
-        return Err(invalid(
-            "authorizer.jwks",
-            "a key set URL must be https:// (http:// only to a loopback host)",
-        ));
-    }
-    Ok(JwksSource::Url(url))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -398,96 +165,6 @@ pub struct RawServer {
     pub webtransport: Option<RawWebTransport>,
 }
 
-/// `[server.webtransport]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RawWebTransport {
-    /// UDP address: clients open `https://LISTEN/{stage}`.
-    pub listen: String,
-    /// PEM certificate chain; without `cert` and `key`, a self-signed ECDSA P-256
-    /// certificate valid for under 14 days, renewed by the gateway.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cert: Option<PathBuf>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub key: Option<PathBuf>,
-    /// A session whose client is silent this long is lost (keep-alives every third).
-    pub quic_idle_timeout_secs: u64,
-    /// QUIC handshakes one client address may have in progress at once.
-    pub max_handshakes_per_ip: usize,
-}
-
-impl Default for RawWebTransport {
-    fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:4433".into(),
-            cert: None,
-            key: None,
-            quic_idle_timeout_secs: 30,
-            max_handshakes_per_ip: 64,
-        }
-    }
-}
-
-impl RawWebTransport {
-    fn validate(&self) -> Result<WebTransportConfig, ConfigError> {
-        use crate::transport::webtransport::ServedCertificate;
-        let certificate = match (&self.cert, &self.key) {
-            (Some(cert), Some(key)) => ServedCertificate::from_files(cert.clone(), key.clone())
-                .map_err(|error| {
-                    let key = match error {
-                        crate::transport::TlsError::Key { .. } => "key",
-                        _ => "cert",
-                    };
-                    invalid(format!("server.webtransport.{key}"), error.to_string())
-                })?,
-            (None, None) => ServedCertificate::self_signed()
-                .map_err(|error| invalid("server.webtransport", error.to_string()))?,
-            (Some(_), None) => return Err(invalid("server.webtransport.key", "cert needs a key")),
-            (None, Some(_)) => return Err(invalid("server.webtransport.cert", "key needs a cert")),
-        };
-        if !(1..=600).contains(&self.quic_idle_timeout_secs) {
-            return Err(invalid(
-                "server.webtransport.quic_idle_timeout_secs",
-                "must be 1 to 600",
-            ));
-        }
-        if self.max_handshakes_per_ip == 0 {
-            return Err(invalid(
-                "server.webtransport.max_handshakes_per_ip",
-                "must be at least 1",
-            ));
-        }
-        Ok(WebTransportConfig {
-            listen: parse_addr("server.webtransport.listen", &self.listen)?,
-            certificate: std::sync::Arc::new(certificate),
-            quic_idle_timeout: Duration::from_secs(self.quic_idle_timeout_secs),
-            max_handshakes_per_ip: self.max_handshakes_per_ip,
-        })
-    }
-}
-
-/// A listener's certificate and key (PEM files); reloaded on SIGHUP.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawTls {
-    /// The certificate chain, leaf first.
-    pub cert: PathBuf,
-    /// The private key: PKCS#8, RSA or EC.
-    pub key: PathBuf,
-}
-
-impl RawTls {
-    fn load(&self, table: &str) -> Result<TlsEndpoint, ConfigError> {
-        TlsEndpoint::load(&self.cert, &self.key).map_err(|error| {
-            let key = match error {
-                crate::transport::TlsError::Key { .. } => "key",
-                _ => "cert",
-            };
-            invalid(format!("{table}.{key}"), error.to_string())
-        })
-    }
-}
-
 impl Default for RawServer {
     fn default() -> Self {
         Self {
@@ -501,61 +178,6 @@ impl Default for RawServer {
             allowed_origins: Vec::new(),
             trusted_proxies: Vec::new(),
             webtransport: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RawManagement {
-    pub listen: String,
-    /// Bearer tokens (each `${ENV}` or at least 32 bytes, no placeholder); tokens or
-    /// `aws_keys` are required when `listen` is not loopback.
-    pub tokens: Vec<String>,
-    /// A file of bearer tokens, one per line (a mounted secret), added to `tokens`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tokens_file: Option<PathBuf>,
-    /// Key pairs whose AWS Signature V4 (service `execute-api`) the API accepts.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub aws_keys: Vec<RawAwsKey>,
-    /// Whether `/metrics` is served without a token. Default: only on a loopback listener.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub public_metrics: Option<bool>,
-    /// Concurrent management connections; more wait in the kernel's backlog.
-    pub max_connections: usize,
-    /// Concurrent management connections from one address (0 = no limit).
-    pub max_connections_per_ip: usize,
-    /// A request whose headers have not arrived within this is dropped (slowloris); a
-    /// kept-alive connection must send its next request within it too (idle timeout).
-    pub header_timeout_secs: u64,
-    /// A request body that has not fully arrived within this is answered 408.
-    pub body_timeout_secs: u64,
-    /// `https://` on `listen`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls: Option<RawTls>,
-}
-
-/// `[[management.aws_keys]]`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawAwsKey {
-    pub access_key_id: String,
-    pub secret_access_key: String,
-}
-
-impl Default for RawManagement {
-    fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:9090".into(),
-            tokens: Vec::new(),
-            tokens_file: None,
-            aws_keys: Vec::new(),
-            public_metrics: None,
-            max_connections: 256,
-            max_connections_per_ip: 64,
-            header_timeout_secs: 30,
-            body_timeout_secs: 30,
-            tls: None,
         }
     }
 }
@@ -588,83 +210,6 @@ impl Default for RawApi {
             resume_window_secs: 120,
             resume_buffer_frames: 128,
             resume_buffer_bytes: 256 * 1024,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RawLimits {
-    pub max_frame_bytes: usize,
-    pub max_message_bytes: usize,
-    pub idle_timeout_secs: u64,
-    pub max_connection_secs: u64,
-    pub handshake_timeout_secs: u64,
-    pub outbound_queue_frames: usize,
-    pub outbound_queue_bytes: usize,
-    /// Most connectionIds one bulk `POST @connections` may name (more: 413).
-    pub max_bulk_connection_ids: usize,
-    /// Per connection, inbound messages per second (token bucket; 0 = unlimited)...
-    pub messages_per_sec: u32,
-    /// ...and how many may come at once.
-    pub message_burst: u32,
-    /// Per connection, inbound bytes per second (token bucket; 0 = unlimited)...
-    pub bytes_per_sec: u64,
-    /// ...and how many may come at once.
-    pub bytes_burst: u64,
-    /// A connection held back by its rate limit for this long without a break is closed
-    /// with 1008.
-    pub throttle_disconnect_secs: u64,
-    /// Rooms one connection may be in at once.
-    pub max_rooms_per_connection: usize,
-    /// Open (or opening) connections from one client address (0 = unlimited).
-    pub max_connections_per_ip: usize,
-    /// New connections per second from one client address (token bucket; 0 = unlimited)...
-    pub connects_per_sec_per_ip: u32,
-    /// ...and how many may come at once.
-    pub connect_burst_per_ip: u32,
-    /// Resumes per second from one client address (token bucket; 0 = unlimited): each
-    /// replays what its connection missed and runs the authorizer and `$connect` again...
-    pub resumes_per_sec_per_ip: u32,
-    /// ...and how many may come at once.
-    pub resume_burst_per_ip: u32,
-    /// Resumes per second of one connection (token bucket; 0 = unlimited)...
-    pub resumes_per_sec_per_connection: u32,
-    /// ...and how many may come at once.
-    pub resume_burst_per_connection: u32,
-    /// IPv6 clients are counted by this prefix (one subscriber usually holds a /64).
-    pub ipv6_prefix_len: u8,
-    /// Bytes all outbound queues together may hold; past it the biggest queues are cut
-    /// (1013) and new connections get 503 until usage is back under 90%.
-    pub outbound_memory_bytes: usize,
-}
-
-impl Default for RawLimits {
-    fn default() -> Self {
-        Self {
-            max_frame_bytes: 32 * 1024,
-            max_message_bytes: 128 * 1024,
-            idle_timeout_secs: 600,
-            max_connection_secs: 7200,
-            handshake_timeout_secs: 10,
-            outbound_queue_frames: 1024,
-            outbound_queue_bytes: 4 * 1024 * 1024,
-            max_bulk_connection_ids: 100_000,
-            messages_per_sec: 100,
-            message_burst: 200,
-            bytes_per_sec: 1 << 20,
-            bytes_burst: 2 << 20,
-            throttle_disconnect_secs: 10,
-            max_rooms_per_connection: 100,
-            max_connections_per_ip: 1000,
-            connects_per_sec_per_ip: 100,
-            connect_burst_per_ip: 500,
-            resumes_per_sec_per_ip: 50,
-            resume_burst_per_ip: 200,
-            resumes_per_sec_per_connection: 1,
-            resume_burst_per_connection: 10,
-            ipv6_prefix_len: 64,
-            outbound_memory_bytes: 256 << 20,
         }
     }
 }
@@ -769,9 +314,6 @@ pub struct QueueConfig {
 
 /// Most entries in one push batch.
 const MAX_PUSH_BATCH: usize = 10_000;
-/// The largest message the gateway takes (a queue entry must stay well within what the
-/// queue log stores as one record).
-const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Most push batches in flight at once.
 const MAX_PUSH_IN_FLIGHT: usize = 64;
 
@@ -807,28 +349,6 @@ pub struct ServerConfig {
 }
 
 #[derive(Debug, Clone)]
-pub struct ManagementConfig {
-    pub listen: SocketAddr,
-    pub tokens: Vec<String>,
-    pub aws_keys: Vec<crate::auth::sigv4::AwsKey>,
-    /// `/metrics` needs no token.
-    pub public_metrics: bool,
-    pub max_connections: usize,
-    pub max_connections_per_ip: usize,
-    /// Also the keep-alive idle timeout: the next request's headers must come within it.
-    pub header_timeout: Duration,
-    pub body_timeout: Duration,
-    pub tls: Option<TlsEndpoint>,
-}
-
-impl ManagementConfig {
-    /// Whether requests must carry credentials (tokens or SigV4 keys are configured).
-    pub fn has_credentials(&self) -> bool {
-        !self.tokens.is_empty() || !self.aws_keys.is_empty()
-    }
-}
-
-#[derive(Debug, Clone)]
 pub struct ApiConfig {
     pub stage: String,
     pub route_selector: SelectionExpression,
@@ -845,33 +365,6 @@ pub struct ResumeConfig {
     /// The resend buffer: data frames kept after writing, at most this many and bytes.
     pub buffer_frames: usize,
     pub buffer_bytes: usize,
-}
-
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_frame_bytes: usize,
-    pub max_message_bytes: usize,
-    pub idle_timeout: Duration,
-    pub max_connection_duration: Duration,
-    pub handshake_timeout: Duration,
-    pub outbound_queue_frames: usize,
-    pub outbound_queue_bytes: usize,
-    pub max_bulk_connection_ids: usize,
-    /// Per-connection inbound budget.
-    pub inbound: InboundRate,
-    pub throttle_disconnect: Duration,
-    pub max_rooms_per_connection: usize,
-    pub per_ip: crate::limits::PerIpLimits,
-    /// Resumes one connection takes; `None`: unlimited.
-    pub resumes_per_connection: Option<crate::limits::Rate>,
-    pub outbound_memory_bytes: usize,
-}
-
-/// The per-connection token buckets; `None`: that dimension is unlimited.
-#[derive(Debug, Clone, Copy)]
-pub struct InboundRate {
-    pub messages: Option<crate::limits::Rate>,
-    pub bytes: Option<crate::limits::Rate>,
 }
 
 /// The configured routes, by route key.
@@ -1070,11 +563,6 @@ impl RawConfig {
     }
 }
 
-fn parse_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
-    text.parse()
-        .map_err(|_| invalid(key, format!("`{text}` is not an IP:port address")))
-}
-
 impl RawServer {
     fn validate(&self) -> Result<ServerConfig, ConfigError> {
         if self.max_connections == 0 {
@@ -1124,101 +612,6 @@ impl RawServer {
 /// shared with the client, one shard delivered 1.9× what two did (docs/PERFORMANCE.md).
 pub fn default_shards(cores: usize) -> usize {
     cores.saturating_sub(1).max(1)
-}
-
-impl RawManagement {
-    fn validate(&self) -> Result<ManagementConfig, ConfigError> {
-        let listen = parse_addr("management.listen", &self.listen)?;
-        let tokens = self.tokens()?;
-        let aws_keys = self
-            .aws_keys
-            .iter()
-            .map(|k| {
-                let secret_access_key = crate::secret::resolve(&k.secret_access_key)
-                    .map_err(|reason| invalid("management.aws_keys.secret_access_key", reason))?;
-                if k.access_key_id.trim().is_empty() || secret_access_key.is_empty() {
-                    return Err(invalid(
-                        "management.aws_keys",
-                        "access_key_id and secret_access_key must not be empty",
-                    ));
-                }
-                Ok(crate::auth::sigv4::AwsKey {
-                    access_key_id: k.access_key_id.clone(),
-                    secret_access_key,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if !listen.ip().is_loopback() && tokens.is_empty() && aws_keys.is_empty() {
-            return Err(invalid(
-                "management.tokens",
-                format!(
-                    "tokens (or tokens_file, or aws_keys) are required when management.listen \
-                     is not a loopback address; {}",
-                    crate::secret::HOW_TO_MAKE_ONE
-                ),
-            ));
-        }
-        let positive = |key: &str, value: u64| {
-            if value == 0 {
-                Err(invalid(
-                    format!("management.{key}"),
-                    "must be greater than 0",
-                ))
-            } else {
-                Ok(value)
-            }
-        };
-        positive("max_connections", self.max_connections as u64)?;
-        Ok(ManagementConfig {
-            listen,
-            tokens,
-            aws_keys,
-            public_metrics: self.public_metrics.unwrap_or(listen.ip().is_loopback()),
-            max_connections: self.max_connections,
-            max_connections_per_ip: self.max_connections_per_ip,
-            header_timeout: Duration::from_secs(positive(
-                "header_timeout_secs",
-                self.header_timeout_secs,
-            )?),
-            body_timeout: Duration::from_secs(positive(
-                "body_timeout_secs",
-                self.body_timeout_secs,
-            )?),
-            tls: self
-                .tls
-                .as_ref()
-                .map(|tls| tls.load("management.tls"))
-                .transpose()?,
-        })
-    }
-}
-
-impl RawManagement {
-    /// `tokens` (each `${ENV}` resolved) and the lines of `tokens_file`, every one checked
-    /// for strength: a guessable token is refused, naming the key and how to make one.
-    fn tokens(&self) -> Result<Vec<String>, ConfigError> {
-        let mut tokens = self
-            .tokens
-            .iter()
-            .map(|token| {
-                crate::secret::resolve(token).map_err(|reason| invalid("management.tokens", reason))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        for token in &tokens {
-            crate::secret::check_token(token)
-                .map_err(|reason| invalid("management.tokens", reason))?;
-        }
-        if let Some(path) = &self.tokens_file {
-            let from_file = crate::secret::read_token_file(path)
-                .map_err(|reason| invalid("management.tokens_file", reason))?;
-            for token in &from_file {
-                crate::secret::check_token(token)
-                    .map_err(|reason| invalid("management.tokens_file", reason))?;
-            }
-            tokens.extend(from_file);
-        }
-        Ok(tokens)
-    }
 }
 
 impl RawApi {
@@ -1317,124 +710,6 @@ fn check_queue_name(key: &str, name: &str) -> Result<(), ConfigError> {
             "queue names are 1-64 characters from A-Z a-z 0-9 _ - .",
         ))
     }
-}
-
-fn parse_http_url(key: &str, url: &str) -> Result<reqwest::Url, ConfigError> {
-    let parsed = reqwest::Url::parse(url).map_err(|e| invalid(key, format!("`{url}`: {e}")))?;
-    if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(invalid(key, "must be an http:// or https:// URL"));
-    }
-    Ok(parsed)
-}
-
-impl RawLimits {
-    fn validate(&self) -> Result<Limits, ConfigError> {
-        let positive = |key: &str, value: u64| {
-            if value == 0 {
-                Err(invalid(format!("limits.{key}"), "must be greater than 0"))
-            } else {
-                Ok(value)
-            }
-        };
-        positive("max_frame_bytes", self.max_frame_bytes as u64)?;
-        positive("outbound_queue_frames", self.outbound_queue_frames as u64)?;
-        positive("outbound_queue_bytes", self.outbound_queue_bytes as u64)?;
-        positive(
-            "max_bulk_connection_ids",
-            self.max_bulk_connection_ids as u64,
-        )?;
-        positive(
-            "max_rooms_per_connection",
-            self.max_rooms_per_connection as u64,
-        )?;
-        positive("outbound_memory_bytes", self.outbound_memory_bytes as u64)?;
-        if self.ipv6_prefix_len == 0 || self.ipv6_prefix_len > 128 {
-            return Err(invalid("limits.ipv6_prefix_len", "must be from 1 to 128"));
-        }
-        if self.max_message_bytes < self.max_frame_bytes {
-            return Err(invalid(
-                "limits.max_message_bytes",
-                "must be at least limits.max_frame_bytes",
-            ));
-        }
-        if self.max_message_bytes > MAX_MESSAGE_BYTES {
-            return Err(invalid(
-                "limits.max_message_bytes",
-                format!("must be at most {MAX_MESSAGE_BYTES} (64 MiB)"),
-            ));
-        }
-        Ok(Limits {
-            max_frame_bytes: self.max_frame_bytes,
-            max_message_bytes: self.max_message_bytes,
-            idle_timeout: Duration::from_secs(positive(
-                "idle_timeout_secs",
-                self.idle_timeout_secs,
-            )?),
-            max_connection_duration: Duration::from_secs(positive(
-                "max_connection_secs",
-                self.max_connection_secs,
-            )?),
-            handshake_timeout: Duration::from_secs(positive(
-                "handshake_timeout_secs",
-                self.handshake_timeout_secs,
-            )?),
-            outbound_queue_frames: self.outbound_queue_frames,
-            outbound_queue_bytes: self.outbound_queue_bytes,
-            max_bulk_connection_ids: self.max_bulk_connection_ids,
-            inbound: InboundRate {
-                messages: rate(
-                    "message_burst",
-                    u64::from(self.messages_per_sec),
-                    u64::from(self.message_burst),
-                )?,
-                bytes: rate("bytes_burst", self.bytes_per_sec, self.bytes_burst)?,
-            },
-            throttle_disconnect: Duration::from_secs(positive(
-                "throttle_disconnect_secs",
-                self.throttle_disconnect_secs,
-            )?),
-            max_rooms_per_connection: self.max_rooms_per_connection,
-            per_ip: crate::limits::PerIpLimits {
-                max_connections: self.max_connections_per_ip,
-                connects: rate(
-                    "connect_burst_per_ip",
-                    u64::from(self.connects_per_sec_per_ip),
-                    u64::from(self.connect_burst_per_ip),
-                )?,
-                resumes: rate(
-                    "resume_burst_per_ip",
-                    u64::from(self.resumes_per_sec_per_ip),
-                    u64::from(self.resume_burst_per_ip),
-                )?,
-                ipv6_prefix_len: self.ipv6_prefix_len,
-            },
-            resumes_per_connection: rate(
-                "resume_burst_per_connection",
-                u64::from(self.resumes_per_sec_per_connection),
-                u64::from(self.resume_burst_per_connection),
-            )?,
-            outbound_memory_bytes: self.outbound_memory_bytes,
-        })
-    }
-}
-
-/// A token bucket from its `*_per_sec` and `*_burst` keys: `None` when the rate is 0
-/// (unlimited); a burst must hold at least one second's worth.
-fn rate(
-    burst_key: &str,
-    per_sec: u64,
-    burst: u64,
-) -> Result<Option<crate::limits::Rate>, ConfigError> {
-    if per_sec == 0 {
-        return Ok(None);
-    }
-    if burst < per_sec {
-        return Err(invalid(
-            format!("limits.{burst_key}"),
-            "must be at least the per-second rate",
-        ));
-    }
-    Ok(Some(crate::limits::Rate { per_sec, burst }))
 }
 
 fn validate_routes(
@@ -1656,13 +931,14 @@ tls_key = "client-key.pem"
         let written: toml::Table = toml::from_str(&raw.to_toml()).unwrap();
         let mut code = std::collections::BTreeSet::new();
         key_paths("", &written, &mut code);
-        let reference: std::collections::BTreeSet<String> = include_str!("../../docs/REFERENCE.md")
-            .lines()
-            .filter_map(|line| line.strip_prefix("| `"))
-            .filter_map(|rest| rest.split('`').next())
-            .filter(|name| name.contains('.') && !name.starts_with('/'))
-            .map(str::to_owned)
-            .collect();
+        let reference: std::collections::BTreeSet<String> =
+            include_str!("../../../docs/REFERENCE.md")
+                .lines()
+                .filter_map(|line| line.strip_prefix("| `"))
+                .filter_map(|rest| rest.split('`').next())
+                .filter(|name| name.contains('.') && !name.starts_with('/'))
+                .map(str::to_owned)
+                .collect();
         assert_eq!(code, reference);
     }
 
