@@ -824,7 +824,7 @@ impl PullParams {
 
 fn check_group(group: Option<&str>) -> Result<&str, ApiError> {
     let group = group.ok_or_else(|| ApiError::BadRequest("`group` is required".into()))?;
-    if crate::config::is_valid_queue_name(group) {
+    if crate::queues::config::is_valid_queue_name(group) {
         Ok(group)
     } else {
         Err(ApiError::BadRequest(

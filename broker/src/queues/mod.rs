@@ -1,6 +1,8 @@
 //! The gateway side of durable queues: opening the log, waking long-polls when entries
 //! land, and the push deliverers that POST each entry to a queue's `deliver_to` URL.
 
+pub mod config;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,8 +12,8 @@ use switchboard_storage::{FlushReport, QueueLog, Read, Storage, StorageError};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{PushConfig, QueueConfig};
 use crate::metrics::Metrics;
+use config::{PushConfig, QueueConfig};
 
 /// The consumer group a push deliverer commits as.
 pub const PUSH_GROUP: &str = "switchboard.push";
@@ -32,7 +34,7 @@ impl QueueHub {
     pub fn open(
         storage: &Storage,
         queues: &[QueueConfig],
-        config: &crate::config::StorageConfig,
+        config: &config::StorageConfig,
         metrics: &Metrics,
     ) -> Result<Self, StorageError> {
         let next_offsets: Arc<HashMap<String, watch::Sender<u64>>> = Arc::new(
