@@ -1,6 +1,8 @@
 //! Calling backends: the `http` integration's pooled client, and reading a backend's answer
 //! the way AWS reads a Lambda proxy integration's (`statusCode`, `headers`, `body`).
 
+pub mod config;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
