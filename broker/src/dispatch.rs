@@ -156,7 +156,7 @@ pub async fn ask_authorizer(
     gateway
         .metrics
         .integration_duration
-        .with_label_values(&["$authorizer", "http"])
+        .with_label_values(&[crate::metrics::AUTHORIZER_ROUTE, "http"])
         .observe(started.elapsed().as_secs_f64());
     match reply {
         Ok(reply) => crate::auth::authorizer::verdict_from_reply(

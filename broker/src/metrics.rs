@@ -11,6 +11,9 @@ use prometheus::{
 };
 
 /// The gateway's metrics and the registry that exports them.
+/// The `route` label of the http authorizer's integration series.
+pub const AUTHORIZER_ROUTE: &str = "$authorizer";
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
@@ -109,11 +112,16 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Creates the series of every `http` route (and the http authorizer), so dashboards
-    /// and alerts that query them see zeros from the start instead of nothing until the
-    /// first call.
-    pub fn register_routes<'a>(&self, http_routes: impl IntoIterator<Item = &'a str>) {
-        for route in http_routes {
+    /// Creates the series of every `http` route (and of the http authorizer, under
+    /// [`AUTHORIZER_ROUTE`]), so dashboards and alerts that query them see zeros from the
+    /// start instead of nothing until the first call.
+    pub fn register_routes<'a>(
+        &self,
+        http_routes: impl IntoIterator<Item = &'a str>,
+        http_authorizer: bool,
+    ) {
+        let authorizer = http_authorizer.then_some(AUTHORIZER_ROUTE);
+        for route in http_routes.into_iter().chain(authorizer) {
             let _ = self
                 .integration_duration
                 .with_label_values(&[route, "http"]);

@@ -193,20 +193,11 @@ pub async fn serve(
     let (handles, inboxes) = shard::channels(listeners.gateway.len());
     let admission = admission(&config)?;
     let metrics = Metrics::new();
-    let http_authorizer = config
-        .authorizer
-        .as_ref()
-        .filter(|authorizer| authorizer.is_http())
-        .map(|_| "$authorizer");
     metrics.register_routes(
-        (config.routes.keys())
-            .filter(|key| {
-                config
-                    .routes
-                    .get(key)
-                    .is_some_and(|route| route.integration.kind() == "http")
-            })
-            .chain(http_authorizer),
+        config.routes.keys().filter(|key| {
+            (config.routes.get(key)).is_some_and(|route| route.integration.kind() == "http")
+        }),
+        config.authorizer.as_ref().is_some_and(|a| a.is_http()),
     );
     metrics
         .connection_capacity

@@ -10,7 +10,9 @@
 //! 2. the origin check and the authorizer run on the new request, and the identity they
 //!    establish must be the one the session was opened with (`principalId`, or the
 //!    context's hash): a stolen token alone does not carry a session over to someone else;
-//! 3. `$connect` runs (with `requestContext.resumed = true`).
+//! 3. the session's own resume rate is charged (the address's was, before any work);
+//! 4. `$connect` runs (with `requestContext.resumed = true`), and the token and count are
+//!    checked once more (they may have been spent or outrun meanwhile).
 //!
 //! Only then is a socket that still looks alive (the client noticed the drop first) taken
 //! over, the client answered (101, or the session accepted), and its socket attached to the

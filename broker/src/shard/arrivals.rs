@@ -137,6 +137,7 @@ impl Shard {
                 Deferred::Command(command) => self.apply(command),
             }
         }
+        self.shed_if_asked();
         self.work_needed.notify_one();
     }
 

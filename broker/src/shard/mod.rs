@@ -515,6 +515,8 @@ impl Shard {
                 delivered += 1;
             }
         }
+        drop(rooms);
+        self.shed_if_asked();
         self.gateway.metrics.messages_sent.inc_by(delivered as u64);
         delivered
     }
@@ -598,7 +600,6 @@ impl Shard {
         let queued = connection
             .enqueue(frame.clone(), &self.gateway.metrics)
             .is_ok();
-        self.shed_if_asked();
         if !queued {
             return false;
         }
@@ -641,6 +642,8 @@ impl Shard {
                 delivery.gone.push(index);
             }
         }
+        drop((connections, arriving));
+        self.shed_if_asked();
         self.gateway
             .metrics
             .messages_sent
@@ -680,7 +683,8 @@ impl Shard {
         }
     }
 
-    /// Sheds at once when a queue of this shard found the outbound budget crossed.
+    /// Sheds at once when a queue of this shard found the outbound budget crossed (after a
+    /// fan-out, not per recipient).
     pub(crate) fn shed_if_asked(&self) {
         if self.account.take_shed_request() {
             self.shed_if_over();

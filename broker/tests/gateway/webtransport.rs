@@ -84,18 +84,9 @@ impl WtClient {
     }
 
     async fn connect_to(url: &str, document: &Value, query: &str) -> Result<Self, ConnectingError> {
-        let hash = base64::engine::general_purpose::STANDARD
-            .decode(
-                document["serverCertificateHashes"][0]["value"]
-                    .as_str()
-                    .unwrap(),
-            )
-            .unwrap();
         let config = ClientConfig::builder()
             .with_bind_default()
-            .with_server_certificate_hashes([wtransport::tls::Sha256Digest::new(
-                hash.try_into().unwrap(),
-            )])
+            .with_server_certificate_hashes([pinned_hash(document)])
             .build();
         let endpoint = Endpoint::client(config).unwrap();
         let session = endpoint.connect(format!("{url}{query}")).await?;
@@ -763,21 +754,23 @@ async fn a_webtransport_resume_takes_over_a_session_that_still_looks_alive() {
     gateway.stop().await;
 }
 
+/// The certificate hash a discovery document pins, as a WebTransport client takes it.
+fn pinned_hash(document: &Value) -> wtransport::tls::Sha256Digest {
+    let value = document["serverCertificateHashes"][0]["value"]
+        .as_str()
+        .unwrap();
+    let hash = base64::engine::general_purpose::STANDARD
+        .decode(value)
+        .unwrap();
+    wtransport::tls::Sha256Digest::new(hash.try_into().unwrap())
+}
+
 /// The QUIC client config a browser would use for the gateway's pinned certificate.
 async fn pinned_quic_config(gateway: &TestGateway) -> wtransport::quinn::ClientConfig {
     let document = discovery(gateway).await;
-    let hash = base64::engine::general_purpose::STANDARD
-        .decode(
-            document["serverCertificateHashes"][0]["value"]
-                .as_str()
-                .unwrap(),
-        )
-        .unwrap();
     ClientConfig::builder()
         .with_bind_default()
-        .with_server_certificate_hashes([wtransport::tls::Sha256Digest::new(
-            hash.try_into().unwrap(),
-        )])
+        .with_server_certificate_hashes([pinned_hash(&document)])
         .build()
         .quic_config()
         .clone()
@@ -815,18 +808,9 @@ async fn handshakes_that_never_ask_for_a_session_cannot_lock_others_out() {
     assert!(silent.len() <= 256 + 4, "{} held", silent.len());
     // Another address is not held back by them.
     let document = discovery(&gateway).await;
-    let hash = base64::engine::general_purpose::STANDARD
-        .decode(
-            document["serverCertificateHashes"][0]["value"]
-                .as_str()
-                .unwrap(),
-        )
-        .unwrap();
     let other = ClientConfig::builder()
         .with_bind_address("127.0.0.2:0".parse().unwrap())
-        .with_server_certificate_hashes([wtransport::tls::Sha256Digest::new(
-            hash.try_into().unwrap(),
-        )])
+        .with_server_certificate_hashes([pinned_hash(&document)])
         .build();
     let other = Endpoint::client(other).unwrap();
     let url = document["url"].as_str().unwrap();
