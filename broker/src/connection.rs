@@ -23,6 +23,7 @@ use crate::limits::overload::CUT_AT_CROSSING;
 use crate::metrics::Metrics;
 use crate::outbound::{self, MAX_IOVECS, OutboundQueue, PushError, RewindError, SharedFrame};
 use crate::resume::{self, ResumeToken, Secret, SecretHash};
+use crate::session::lifecycle::{self, ClaimError, Lifecycle, ParkStep, Stop};
 use crate::transport::Socket;
 
 /// The connection is closed or closing: the push was not delivered.
@@ -44,13 +45,8 @@ pub struct Connection {
     /// replies) and the shard's fan-out write pass; both run on the shard's thread, never at
     /// once. Replaced when a parked connection is resumed on a new socket.
     stream: RefCell<Rc<Socket>>,
-    /// Its socket is gone and it waits for its client to resume (frames queue, unwritten).
-    parked: Cell<bool>,
-    /// A resume handshake for it is running.
-    resuming: Cell<bool>,
-    /// A resume takes over while its socket still looks alive: the session lets go of the
-    /// socket and parks. Not a close request: frames keep queueing meanwhile.
-    superseded: Cell<bool>,
+    /// Live, parked, closing; a close asked for; a resume's claim.
+    life: RefCell<Lifecycle>,
     /// The secret of its resume token, if resumable. A new one at every resume.
     resume_secret: Cell<Option<Secret>>,
     /// After a resume: the secret it replaced, and the `resumed` frame that carries the new
@@ -63,9 +59,6 @@ pub struct Connection {
     /// What it was known by on the nodes it moved here from: a client that lost the
     /// `resumed` frame of a move still holds a token from one of them.
     earlier: OnceCell<Box<Earlier>>,
-    /// Set when a resume attached a new socket: the bytes its client sent after the
-    /// request head. Taken by the parked session, which then serves again.
-    resumed: RefCell<Option<Vec<u8>>>,
     /// Queued on the shard's list for its next write pass.
     dirty: Cell<bool>,
     pub facts: ConnectionFacts,
@@ -81,10 +74,6 @@ pub struct Connection {
     last_active: Cell<Instant>,
     /// The same moment as wall-clock epoch milliseconds, for `lastActiveAt`.
     last_active_ms: Cell<u64>,
-    /// Set by `DELETE @connections` or an overflow; the session closes with it.
-    close_request: RefCell<Option<DisconnectReason>>,
-    /// No more pushes are accepted once the session has begun closing.
-    closing: Cell<bool>,
     /// Integration calls running for this connection's messages.
     in_flight: Cell<usize>,
     /// Queue appends waiting for the disk: how many, and the bytes of their entries.
@@ -119,14 +108,11 @@ impl Connection {
     ) -> Self {
         Self {
             stream: RefCell::new(Rc::new(stream)),
-            parked: Cell::new(false),
-            resuming: Cell::new(false),
-            superseded: Cell::new(false),
+            life: RefCell::new(Lifecycle::new()),
             resume_secret: Cell::new(None),
             handover: RefCell::new(None),
             resumes: RefCell::new(None),
             earlier: OnceCell::new(),
-            resumed: RefCell::new(None),
             dirty: Cell::new(false),
             expires_at,
             id,
@@ -136,8 +122,6 @@ impl Connection {
             outbound: RefCell::new(queue),
             signaled: Cell::new(false),
             waker: Cell::new(None),
-            close_request: RefCell::new(None),
-            closing: Cell::new(false),
             in_flight: Cell::new(0),
             appends_in_flight: Cell::new((0, 0)),
             queue_context: OnceCell::new(),
@@ -165,7 +149,7 @@ impl Connection {
     /// writes it, and counts it, in batches. A connection that cannot take it is closed as a
     /// slow consumer and reports [`Gone`].
     pub fn enqueue(&self, frame: SharedFrame, metrics: &Metrics) -> Result<(), Gone> {
-        if self.is_ending() {
+        if !self.takes_frames() {
             return Err(Gone);
         }
         let pushed = self.outbound.borrow_mut().push(frame.clone());
@@ -195,7 +179,7 @@ impl Connection {
     /// Sends `frame` as a datagram, past the queue, if the connection takes datagrams
     /// (a WebTransport session that asked for them) and it fits in one.
     pub(crate) fn send_datagram(&self, frame: &SharedFrame) -> bool {
-        if self.is_ending() || self.parked.get() {
+        if !self.takes_frames() || !self.life.borrow().is_writable() {
             return false;
         }
         match &**self.stream.borrow() {
@@ -204,9 +188,9 @@ impl Connection {
         }
     }
 
-    /// Closing, or asked to close: it takes no more frames.
-    fn is_ending(&self) -> bool {
-        self.closing.get() || self.close_request.borrow().is_some()
+    /// Not closing, nor asked to close.
+    fn takes_frames(&self) -> bool {
+        self.life.borrow().takes_frames()
     }
 
     /// Bytes waiting in the outbound queue.
@@ -232,7 +216,7 @@ impl Connection {
     /// vectored write per batch of frames. Returns whether bytes remain queued.
     pub(crate) fn flush(&self, metrics: &Metrics) -> std::io::Result<bool> {
         self.dirty.set(false);
-        if self.parked.get() {
+        if self.is_parked() {
             // Held for a resume; written once a new socket is attached.
             return Ok(false);
         }
@@ -326,24 +310,27 @@ impl Connection {
         self.resume_secret.get().is_some()
     }
 
-    /// A resume handshake for it is running: its window does not run out meanwhile.
-    pub(crate) fn set_resuming(&self, resuming: bool) {
-        self.resuming.set(resuming);
-        self.wake();
+    /// A resume handshake claims it (see [`Lifecycle::claim`]).
+    pub(crate) fn claim(&self) -> Result<(), ClaimError> {
+        self.life.borrow_mut().claim()
     }
 
-    pub(crate) fn is_resuming(&self) -> bool {
-        self.resuming.get()
+    /// The resume handshake settled: the parked session looks again.
+    pub(crate) fn release(&self) {
+        self.life.borrow_mut().release();
+        self.wake();
     }
 
     /// Asks the session to let go of its socket and park (a resume takes over).
-    pub(crate) fn supersede(&self) {
-        self.superseded.set(true);
-        self.wake();
+    pub(crate) fn let_go(&self) {
+        if self.life.borrow_mut().let_go() {
+            self.wake();
+        }
     }
 
-    pub(crate) fn take_superseded(&self) -> bool {
-        self.superseded.replace(false)
+    /// Whether the serving loop must stop now (see [`Lifecycle::stop`]).
+    pub(crate) fn stop(&self) -> Option<Stop> {
+        self.life.borrow_mut().stop()
     }
 
     /// Whether a client that received `received` data frames could resume now.
@@ -351,15 +338,19 @@ impl Connection {
         self.outbound.borrow().check_rewind(received)
     }
 
-    /// Its socket is gone: frames queue (within the same bounds) but are not written. A
-    /// takeover asked for on the way here is done (the next socket must not see it).
-    pub(crate) fn park(&self) {
-        self.parked.set(true);
-        self.superseded.set(false);
+    /// Its socket is gone: frames queue (within the same bounds) but are not written
+    /// until a resume attaches a socket or `window` runs out.
+    pub(crate) fn park(&self, window: std::time::Duration) {
+        self.life.borrow_mut().park(Instant::now(), window);
     }
 
     pub(crate) fn is_parked(&self) -> bool {
-        self.parked.get()
+        self.life.borrow().is_parked()
+    }
+
+    /// What the parked session does next (see [`Lifecycle::poll_parked`]).
+    pub(crate) fn poll_parked(&self) -> ParkStep {
+        self.life.borrow_mut().poll_parked(Instant::now())
     }
 
     /// Resumes a parked connection on `socket` for a client that received `received`
@@ -374,7 +365,7 @@ impl Connection {
         leftover: Vec<u8>,
         proven: Secret,
     ) -> Result<usize, RewindError> {
-        if !self.parked.get() {
+        if !self.is_parked() {
             // Ended meanwhile: nothing to resume onto.
             return Err(RewindError::NotKept);
         }
@@ -391,38 +382,27 @@ impl Connection {
         *self.handover.borrow_mut() = Some((proven, resumed.clone()));
         self.outbound.borrow_mut().push_front(resumed);
         *self.stream.borrow_mut() = Rc::new(socket);
-        *self.resumed.borrow_mut() = Some(leftover);
-        self.parked.set(false);
+        (self.life.borrow_mut().attach(leftover)).map_err(|_| RewindError::NotKept)?;
         self.touch();
         self.wake();
         Ok(replayed)
     }
 
-    /// After [`Connection::attach`]: the bytes that came after the new request head.
-    pub(crate) fn take_resumed(&self) -> Option<Vec<u8>> {
-        self.resumed.borrow_mut().take()
-    }
-
     /// Asks the session to close with `reason` (the first request wins).
     pub fn request_close(&self, reason: DisconnectReason) {
-        let mut request = self.close_request.borrow_mut();
-        if request.is_none() && !self.closing.get() {
-            *request = Some(reason);
+        let taken = self.life.borrow_mut().request_close(reason);
+        if taken {
             self.wake();
         }
     }
 
     /// A close was asked for and not yet acted on.
     pub(crate) fn close_requested(&self) -> bool {
-        self.close_request.borrow().is_some()
-    }
-
-    pub(crate) fn take_close_request(&self) -> Option<DisconnectReason> {
-        self.close_request.borrow_mut().take()
+        self.life.borrow().close_requested()
     }
 
     pub(crate) fn begin_closing(&self) {
-        self.closing.set(true);
+        self.life.borrow_mut().begin_closing();
     }
 
     pub(crate) fn outbound(&self) -> &RefCell<OutboundQueue> {
@@ -473,13 +453,7 @@ impl Connection {
         now: Instant,
         idle_timeout: std::time::Duration,
     ) -> Option<DisconnectReason> {
-        if now >= self.expires_at {
-            Some(DisconnectReason::MaxDuration)
-        } else if now.saturating_duration_since(self.last_active.get()) >= idle_timeout {
-            Some(DisconnectReason::IdleTimeout)
-        } else {
-            None
-        }
+        lifecycle::timed_out(now, self.expires_at, self.last_active.get(), idle_timeout)
     }
 
     pub(crate) fn in_flight(&self) -> usize {

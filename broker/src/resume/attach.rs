@@ -31,8 +31,9 @@ use crate::handshake::UpgradeRequest;
 use crate::limits::AdmissionTicket;
 use crate::outbound::Wire;
 use crate::resume::{Refusal, ResumeRequest, ResumeToken, forget_token};
-use crate::session::{self, Accepted, Answer};
+use crate::session::{self, admit::Accepted};
 use crate::shard::Shard;
+use crate::transport::answer::Answer;
 use crate::transport::{SendableSocket, Socket};
 
 /// How long a resume waits for an old socket that still looked alive to let go.
@@ -224,7 +225,7 @@ pub(crate) struct ResumingGuard(pub(crate) Rc<Connection>);
 
 impl Drop for ResumingGuard {
     fn drop(&mut self) {
-        self.0.set_resuming(false);
+        self.0.release();
     }
 }
 
@@ -246,7 +247,7 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
     resuming.request.resumed = true;
     forget_token(&mut resuming.request);
     let facts = connection.facts.clone();
-    let checked = session::check_request(&shard, &facts, &resuming.request).await;
+    let checked = session::admit::check_request(&shard, &facts, &resuming.request).await;
     let identity = match checked {
         Ok(context) => context,
         Err(refused) => {
@@ -264,7 +265,7 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
         drop(guard);
         return refuse_newcomer(&shard, resuming, refused).await;
     }
-    let protocol = match session::run_connect(&shard, &facts, &resuming.request).await {
+    let protocol = match session::admit::run_connect(&shard, &facts, &resuming.request).await {
         Ok(protocol) => protocol,
         Err(refused) => {
             drop(guard);
@@ -301,7 +302,7 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
             }
             metrics.resumes.with_label_values(&["resumed"]).inc();
             metrics.resume_replayed.inc_by(replayed as u64);
-            session::count_handshake(&shard, "resumed", wire);
+            session::admit::count_handshake(&shard, "resumed", wire);
             tracing::debug!(connection_id = %connection.facts.connection_id, replayed, "connection resumed");
         }
         Err(_) => {
@@ -322,7 +323,7 @@ pub(crate) fn charge_resume(
     shard: &Shard,
     peer: SocketAddr,
     connection: Option<&Connection>,
-) -> Result<(), session::Refused> {
+) -> Result<(), session::admit::Refused> {
     let charged = match connection {
         None => shard
             .gateway
@@ -331,7 +332,7 @@ pub(crate) fn charge_resume(
         Some(connection) if connection.take_resume() => Ok(()),
         Some(_) => Err(crate::limits::Refusal::ResumeRate),
     };
-    charged.map_err(|refusal| session::Refused {
+    charged.map_err(|refusal| session::admit::Refused {
         status: refusal.status(),
         body: format!("Too Many Requests: {refusal}").into(),
         result: refusal.label(),
@@ -344,7 +345,7 @@ pub(crate) fn charge_resume(
 pub(crate) async fn refuse_newcomer(
     shard: &Rc<Shard>,
     resuming: Resuming,
-    refused: session::Refused,
+    refused: session::admit::Refused,
 ) {
     shard
         .gateway
@@ -352,7 +353,7 @@ pub(crate) async fn refuse_newcomer(
         .resumes
         .with_label_values(&["refused"])
         .inc();
-    resuming.answer.refuse(shard, refused).await;
+    session::admit::refuse(shard, resuming.answer, refused).await;
 }
 
 /// Whether the identity the new request established (`context`, the authorizer's) is the
@@ -377,12 +378,13 @@ pub(crate) fn check_claim(
     wire: Option<Wire>,
 ) -> Result<ResumingGuard, Refusal> {
     // A session resumes over the transport it was opened with.
-    if connection.is_resuming() || wire.is_some_and(|wire| connection.stream().wire() != wire) {
+    if wire.is_some_and(|wire| connection.stream().wire() != wire) {
         return Err(Refusal::Unknown);
     }
-    connection.can_rewind(received)?;
-    connection.set_resuming(true);
-    Ok(ResumingGuard(connection))
+    connection.claim().map_err(|_| Refusal::Unknown)?;
+    let guard = ResumingGuard(connection);
+    guard.0.can_rewind(received)?;
+    Ok(guard)
 }
 
 /// [`check_claim`], then takes over a socket that still looks alive within `within`, and
@@ -408,7 +410,7 @@ pub(crate) async fn claim(
 /// Parks a connection whose old socket still looks alive; false if it did not park in
 /// time (it ended instead, or is stuck).
 pub(crate) async fn take_over(connection: &Connection, within: Duration) -> bool {
-    connection.supersede();
+    connection.let_go();
     let deadline = tokio::time::Instant::now() + within;
     while !connection.is_parked() {
         if tokio::time::Instant::now() >= deadline {
@@ -437,8 +439,7 @@ pub(crate) async fn open_new(shard: Rc<Shard>, mut resuming: Resuming, refusal: 
         ticket,
         ..
     } = resuming;
-    let wire = answer.wire();
-    let opened = session::accept_new(&shard, answer, peer, user_agent, host, &request).await;
+    let opened = session::admit::accept_new(&shard, answer, peer, user_agent, host, &request).await;
     let Some((socket, accepted)) = opened else {
         return;
     };
@@ -446,6 +447,5 @@ pub(crate) async fn open_new(shard: Rc<Shard>, mut resuming: Resuming, refusal: 
         resume_refused: Some(refusal),
         ..accepted
     };
-    let decoder = session::decoder_for(&shard, wire);
-    session::live(shard, socket, accepted, decoder, ticket).await;
+    session::live::live(shard, socket, accepted, ticket).await;
 }

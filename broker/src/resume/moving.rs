@@ -36,7 +36,7 @@ use crate::resume::attach::{Resuming, charge_resume, claim, open_new, refuse_new
 use crate::resume::forget_token;
 use crate::resume::{Refusal, ResumeToken, SecretHash};
 use crate::rooms::RoomName;
-use crate::session::{self, Accepted};
+use crate::session::{self, admit::Accepted};
 use crate::shard::Shard;
 
 /// What the new node asks the old one for.
@@ -206,7 +206,7 @@ pub(crate) async fn move_in(
     // Who the client is, before anything moves: the old node hands the connection over
     // only to the identity it was opened with, and a refusal leaves it where it is.
     let asking = provisional_facts(&resuming, &token);
-    let principal = match session::check_request(&shard, &asking, &resuming.request).await {
+    let principal = match session::admit::check_request(&shard, &asking, &resuming.request).await {
         Ok(context) => principal_of(context.as_deref()),
         Err(refused) => return refuse_newcomer(&shard, resuming, refused).await,
     };
@@ -267,13 +267,13 @@ pub(crate) async fn move_in(
     let metrics = &shard.gateway.metrics;
     let wire = resuming.answer.wire();
     let timeout = shard.gateway.config.limits.handshake_timeout;
-    let protocol = match session::run_connect(&shard, &facts, &resuming.request).await {
+    let protocol = match session::admit::run_connect(&shard, &facts, &resuming.request).await {
         Ok(protocol) => protocol,
         Err(refused) => {
             drop(arrival);
             metrics.resumes.with_label_values(&["refused"]).inc();
             crate::dispatch::fire_disconnect(&shard, facts, DisconnectReason::ResumeRefused);
-            resuming.answer.refuse(&shard, refused).await;
+            session::admit::refuse(&shard, resuming.answer, refused).await;
             return;
         }
     };
@@ -285,7 +285,7 @@ pub(crate) async fn move_in(
     };
     metrics.resumes.with_label_values(&["resumed"]).inc();
     metrics.resume_replayed.inc_by(frames.len() as u64);
-    session::opened(&shard, &facts, wire, "resumed");
+    session::admit::opened(&shard, &facts, wire, "resumed");
     tracing::debug!(connection_id = %facts.connection_id, from = token.id.node, "connection resumed from another node");
     let accepted = Accepted {
         id: alias,
@@ -306,10 +306,9 @@ pub(crate) async fn move_in(
             },
         })),
     };
-    let decoder = session::decoder_for(&shard, wire);
     // Registering the connection ends the arrival: what waited for it applies then.
     let _arrival = arrival;
-    session::live(shard, socket, accepted, decoder, resuming.ticket).await;
+    session::live::live(shard, socket, accepted, resuming.ticket).await;
 }
 
 /// On the node that handed a connection over: asks the node that asked for it whether it

@@ -6,6 +6,7 @@
 //! Frames are still encoded once for all recipients (once per transport); with TLS or QUIC
 //! each connection encrypts its own copy as it writes.
 
+pub mod answer;
 pub mod proxy_protocol;
 pub mod tls;
 pub mod webtransport;

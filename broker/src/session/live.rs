@@ -1,0 +1,253 @@
+//! A connection from `$connect` to `$disconnect`: registered with its shard, served,
+//! parked while a resumable connection waits for its client, closed with the frame its
+//! reason calls for, and reported exactly once. The decisions are
+//! [`super::lifecycle`]'s; this is the glue that acts on them.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::admit::Accepted;
+use super::lifecycle::{ParkStep, end_of_serving};
+use super::serve::serve;
+use crate::connection::Connection;
+use crate::disconnect::DisconnectReason;
+use crate::dispatch;
+use crate::frame::{self, close_code};
+use crate::limits::AdmissionTicket;
+use crate::metrics::Metrics;
+use crate::outbound::{self, OutboundQueue, Wire};
+use crate::protocol;
+use crate::resume::ResumeToken;
+use crate::shard::Shard;
+use crate::transport::Socket;
+
+/// How long a closing connection gets to take its last frames and the close frame.
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+
+/// A connection from `$connect` to `$disconnect`: registered with its shard, served until
+/// it must end (parked in between if it is resumable and its socket drops), closed, and
+/// reported. It holds its socket's place under the limits (`ticket`) until then.
+pub(crate) async fn live(
+    shard: Rc<Shard>,
+    socket: Socket,
+    accepted: Accepted,
+    ticket: Option<AdmissionTicket>,
+) {
+    let Accepted {
+        id,
+        facts,
+        leftover,
+        resume_refused,
+        moved_in,
+    } = accepted;
+    let gateway = shard.gateway.clone();
+    let limits = &gateway.config.limits;
+    let wire = socket.wire();
+    let queue = OutboundQueue::new(
+        wire,
+        limits.outbound_queue_frames,
+        limits.outbound_queue_bytes,
+    )
+    .counted_in(shard.account.clone());
+    let lifetime = moved_in
+        .as_ref()
+        .and_then(|moved| moved.lifetime_left)
+        .map_or(limits.max_connection_duration, |left| {
+            left.min(limits.max_connection_duration)
+        });
+    let expires_at = std::time::Instant::now() + lifetime;
+    let connection = Rc::new(Connection::new(id, facts, socket, queue, expires_at));
+    connection.admitted_as(ticket);
+    let mut rooms = Vec::new();
+    if let Some(config) = &gateway.config.api.resume {
+        let token = ResumeToken::mint(id);
+        let connection_id = &connection.facts.connection_id;
+        let first = outbound::shared(match &moved_in {
+            Some(moved) => protocol::resumed(connection_id, moved.frames.len(), &token),
+            None => protocol::welcome(connection_id, &token, resume_refused),
+        });
+        connection
+            .outbound()
+            .borrow_mut()
+            .push_unbounded(first.clone());
+        connection.make_resumable(&token, config, limits.resumes_per_connection);
+        if let Some(moved) = moved_in {
+            connection.accept_earlier(moved.earlier, first);
+            let mut queue = connection.outbound().borrow_mut();
+            queue.continue_count_after(moved.received);
+            for frame in moved.frames {
+                queue.push_unbounded(outbound::shared(frame));
+            }
+            rooms = moved.rooms;
+        }
+    }
+    let record = switchboard_storage::ConnectionRecord {
+        connection_id: connection.facts.connection_id.clone(),
+        connected_at_ms: connection.facts.connected_at_ms,
+        last_active_at_ms: connection.facts.connected_at_ms,
+        source_ip: connection.facts.source_ip.clone(),
+        user_agent: connection.facts.user_agent.clone(),
+    };
+    if let Some(cluster) = &gateway.cluster {
+        cluster.mirror_opened(crate::cluster::mirror::MirrorRecord::of(&connection.facts));
+    }
+    shard.record(|changes| changes.upsert(record));
+    // A moved connection's rooms first: calls that waited for it (a leave among them)
+    // apply on top of them as it is registered.
+    for room in &rooms {
+        let _ = shard.join(&connection, room);
+    }
+    shard.register(connection.clone());
+    if shard.shutdown.is_cancelled() {
+        // Registered after the shutdown sweep: close like everyone else.
+        connection.request_close(DisconnectReason::ServerShutdown);
+    }
+    let reason = serve_to_the_end(&shard, &connection, leftover).await;
+
+    shard.unregister(&connection);
+    connection.admitted_as(None);
+    gateway
+        .metrics
+        .connections_active
+        .with_label_values(&[wire.label()])
+        .dec();
+    tracing::debug!(
+        connection_id = %connection.facts.connection_id,
+        peer = %connection.facts.source_ip,
+        reason = %reason.description(),
+        "connection closed"
+    );
+    let facts = connection.facts.clone();
+    dispatch::fire_disconnect(&shard, facts, reason);
+}
+
+/// Serves the connection until it ends for good and closes it; returns why. A resumable
+/// connection whose socket is lost parks instead and, if its client resumes in time, is
+/// served again on the new socket.
+async fn serve_to_the_end(
+    shard: &Rc<Shard>,
+    connection: &Rc<Connection>,
+    mut leftover: Vec<u8>,
+) -> DisconnectReason {
+    let metrics = &shard.gateway.metrics;
+    loop {
+        let reason = match serve(shard, connection, leftover).await {
+            DisconnectReason::ConnectionLost => match &*connection.stream() {
+                // QUIC knows more: the client may have closed the session with a code.
+                Socket::WebTransport(session) => Box::pin(session.end_reason()).await,
+                _ => DisconnectReason::ConnectionLost,
+            },
+            reason => reason,
+        };
+        // The paths below run once per connection (or per drop): boxed, so the state every
+        // idle connection keeps is only what `serve` needs.
+        let resumable = connection.is_resumable();
+        if let Some(reason) = end_of_serving(reason, resumable, shard.shutdown.is_cancelled()) {
+            return Box::pin(close(connection, metrics, reason)).await;
+        }
+        match Box::pin(park(shard, connection)).await {
+            Ok(more) => leftover = more,
+            // The socket is long gone: nothing to close, only to report.
+            Err(reason) => return reason,
+        }
+    }
+}
+
+/// Holds a resumable connection whose socket is gone until its client resumes (returns
+/// the bytes that came after the new request head), or until it must end: its window ran
+/// out, it was deleted, or what it held overflowed (see [`Lifecycle::poll_parked`]).
+///
+/// [`Lifecycle::poll_parked`]: super::lifecycle::Lifecycle::poll_parked
+async fn park(shard: &Shard, connection: &Connection) -> Result<Vec<u8>, DisconnectReason> {
+    let metrics = &shard.gateway.metrics;
+    let resume = shard.gateway.config.api.resume.as_ref();
+    connection.park(resume.map_or(Duration::ZERO, |config| config.window));
+    // The old socket may still be open (a takeover): its client hears the end of it.
+    connection.stream().shutdown_write();
+    metrics.connections_parked.inc();
+    tracing::debug!(connection_id = %connection.facts.connection_id, "connection parked for a resume");
+    let outcome = loop {
+        match connection.poll_parked() {
+            ParkStep::Resumed(leftover) => break Ok(leftover),
+            ParkStep::End { reason, refusal } => {
+                if let Some(refusal) = refusal {
+                    shard.note_unresumable(connection, refusal);
+                }
+                break Err(reason);
+            }
+            // A resume handshake runs: it wakes this loop when it settles.
+            ParkStep::Wait { until: None } => connection.woken().await,
+            ParkStep::Wait { until: Some(until) } => {
+                let until = Instant::from_std(until);
+                let _ = tokio::time::timeout_at(until, connection.woken()).await;
+            }
+        }
+    };
+    metrics.connections_parked.dec();
+    outcome
+}
+
+/// Sends the close frame `reason` calls for (after whatever is already queued), gives the
+/// socket a moment to take it, and shuts the connection down.
+async fn close(
+    connection: &Connection,
+    metrics: &Metrics,
+    reason: DisconnectReason,
+) -> DisconnectReason {
+    connection.begin_closing();
+    if reason == DisconnectReason::ConnectionLost {
+        return reason;
+    }
+    let stream = connection.stream();
+    let abandon_queue = matches!(
+        reason,
+        DisconnectReason::SlowConsumer | DisconnectReason::Overloaded
+    );
+    let deadline = Instant::now() + CLOSE_FLUSH;
+    if let Socket::WebTransport(session) = &*stream {
+        // The session's close carries the code and reason; queued messages go first.
+        if abandon_queue {
+            connection.outbound().borrow_mut().clear();
+        }
+        flush_until(connection, metrics, deadline).await;
+        let grace = deadline.saturating_duration_since(Instant::now());
+        session
+            .close(reason.status_code(), &reason.description(), grace)
+            .await;
+        return reason;
+    }
+    let close_frame = match &reason {
+        DisconnectReason::ClientClosed(code, _) => {
+            frame::encode_close(code.unwrap_or(close_code::NORMAL), "")
+        }
+        other => frame::encode_close(other.status_code(), &other.description()),
+    };
+    {
+        let mut queue = connection.outbound().borrow_mut();
+        if abandon_queue {
+            // Whatever it did not read is abandoned; only the verdict goes out.
+            *queue = queue.replacement(Wire::WebSocket, 1, close_frame.len());
+        }
+        queue.push_unbounded(outbound::shared(close_frame));
+    }
+    flush_until(connection, metrics, deadline).await;
+    // Other holders of the connection (an in-flight integration call) may keep the socket
+    // open a little longer; the FIN goes out now.
+    stream.shutdown_write();
+    reason
+}
+
+/// Writes the outbound queue until it is empty or `deadline` passes.
+async fn flush_until(connection: &Connection, metrics: &Metrics, deadline: Instant) {
+    let stream = connection.stream();
+    while let Ok(true) = connection.flush(metrics) {
+        if tokio::time::timeout_at(deadline, stream.writable())
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! The loop that serves a live connection: reads what the socket has, hands the messages
+//! [`Inbound`] lets through to dispatch, writes what is queued, and stops when the
+//! connection's [`Lifecycle`](super::lifecycle::Lifecycle) says so. Timers and shutdown are
+//! not polled here: the shard's sweep asks the connection to close.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use tokio::time::Instant;
+
+use super::inbound::{Inbound, Next};
+use super::lifecycle::Stop;
+use crate::connection::Connection;
+use crate::disconnect::DisconnectReason;
+use crate::dispatch;
+use crate::frame::{self, Incoming, Opcode};
+use crate::shard::Shard;
+use crate::transport::Socket;
+
+/// Size of the per-shard read buffer every connection on the shard borrows.
+const SCRATCH_BYTES: usize = 64 * 1024;
+/// Integration calls one connection may have running; past it, its frames wait in the
+/// kernel's socket buffer (backpressure to the client).
+const MAX_IN_FLIGHT: usize = 32;
+/// Queue appends one connection may have waiting for the disk, and their bytes (past
+/// which, backpressure as above). Cheap to hold, and a client streaming into a queue needs
+/// many in flight: its acks wait for a sync, and throughput is what is in flight divided by
+/// that wait.
+const MAX_APPENDS_IN_FLIGHT: usize = 256;
+const MAX_APPEND_BYTES_IN_FLIGHT: usize = 1024 * 1024;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH_BYTES]);
+}
+
+/// Reads, dispatches and writes until the connection must end; returns why. `leftover`:
+/// what the client sent right after its request head.
+///
+/// Every message a client sends passes its rate limit before it causes any work; while
+/// the limit holds a message back, nothing more is read from the socket (see
+/// [`super::inbound`]).
+pub(super) async fn serve(
+    shard: &Rc<Shard>,
+    connection: &Rc<Connection>,
+    leftover: Vec<u8>,
+) -> DisconnectReason {
+    let stream = connection.stream();
+    let limits = &shard.gateway.config.limits;
+    let decoder = super::decoder_for(limits, stream.wire());
+    let mut inbound = Inbound::new(decoder, limits, std::time::Instant::now());
+    inbound.received(&leftover);
+    drop(leftover);
+    loop {
+        if let Err(reason) = handle_ready(shard, connection, &mut inbound) {
+            return reason;
+        }
+        match connection.stop() {
+            Some(Stop::Close(reason)) => return reason,
+            Some(Stop::LetGo) => return DisconnectReason::Superseded,
+            None => {}
+        }
+        let pending = match connection.flush(&shard.gateway.metrics) {
+            Ok(pending) => pending,
+            Err(_) => return DisconnectReason::ConnectionLost,
+        };
+        if inbound.is_ready() && can_take_work(connection) {
+            // The flush made room: carry on with the waiting messages.
+            continue;
+        }
+        if let Some(reason) = inbound.take_broken() {
+            return reason;
+        }
+        let can_read = !inbound.has_waiting() && below_in_flight_limits(connection);
+        if can_read && inbound.was_held_back() {
+            // Everything read so far is handled: if the socket holds nothing more, the
+            // client is not ahead of its limit any longer.
+            match read(&stream, &mut inbound) {
+                Ok(Read::Nothing) => inbound.caught_up(),
+                Ok(Read::Bytes) => connection.touch(),
+                Err(reason) => return reason,
+            }
+            if inbound.has_news() {
+                continue;
+            }
+        }
+        let held_until = inbound.held_until();
+        tokio::select! {
+            biased;
+            _ = connection.woken() => {}
+            ready = stream.writable(), if pending => {
+                if ready.is_err() {
+                    return DisconnectReason::ConnectionLost;
+                }
+            }
+            _ = sleep_until(held_until), if held_until.is_some() => inbound.throttle_elapsed(),
+            ready = stream.readable(), if can_read => {
+                if ready.is_err() {
+                    return DisconnectReason::ConnectionLost;
+                }
+                match read(&stream, &mut inbound) {
+                    Ok(Read::Nothing) => {}
+                    Ok(Read::Bytes) => connection.touch(),
+                    Err(reason) => return reason,
+                }
+            }
+        }
+    }
+}
+
+/// Handles the messages [`Inbound`] lets through while the connection may take work;
+/// `Err` ends the connection.
+fn handle_ready(
+    shard: &Rc<Shard>,
+    connection: &Rc<Connection>,
+    inbound: &mut Inbound,
+) -> Result<(), DisconnectReason> {
+    let metrics = &shard.gateway.metrics;
+    loop {
+        let now = std::time::Instant::now();
+        match inbound.next(now, can_take_work(connection)) {
+            Next::Message(message) => handle_incoming(shard, connection, message)?,
+            Next::HeldBack { .. } => {
+                metrics.inbound_throttled.inc();
+                return Ok(());
+            }
+            Next::OverLimit => {
+                metrics.inbound_throttled.inc();
+                metrics.rate_limited.inc();
+                return Err(DisconnectReason::RateLimited);
+            }
+            Next::Idle => return Ok(()),
+        }
+    }
+}
+
+async fn sleep_until(until: Option<std::time::Instant>) {
+    if let Some(until) = until {
+        tokio::time::sleep_until(Instant::from_std(until)).await;
+    }
+}
+
+/// Whether the connection may start work for another message: few enough integration
+/// calls and queue appends running, and room in its outbound queue for their replies.
+fn can_take_work(connection: &Connection) -> bool {
+    below_in_flight_limits(connection) && connection.has_room_for_replies()
+}
+
+fn below_in_flight_limits(connection: &Connection) -> bool {
+    let (appends, append_bytes) = connection.appends_in_flight();
+    connection.in_flight() < MAX_IN_FLIGHT
+        && appends < MAX_APPENDS_IN_FLIGHT
+        && append_bytes < MAX_APPEND_BYTES_IN_FLIGHT
+}
+
+/// Acts on one client message; `Err` ends the connection (a close frame).
+fn handle_incoming(
+    shard: &Rc<Shard>,
+    connection: &Rc<Connection>,
+    message: Incoming,
+) -> Result<(), DisconnectReason> {
+    match message {
+        Incoming::Text(_) | Incoming::Binary(_) => {
+            dispatch::route_message(shard, connection, message);
+        }
+        Incoming::Ping(payload) => {
+            let _ = connection.push(
+                frame::encode(Opcode::Pong, &payload),
+                &shard.gateway.metrics,
+            );
+        }
+        Incoming::Pong => {}
+        Incoming::Close(code, reason) => return Err(DisconnectReason::ClientClosed(code, reason)),
+    }
+    Ok(())
+}
+
+/// What one read from the socket brought.
+enum Read {
+    /// Nothing was waiting (a spurious wake-up, or a check).
+    Nothing,
+    Bytes,
+}
+
+/// Reads what the socket has into the shard's scratch buffer and feeds it to `inbound`.
+fn read(stream: &Socket, inbound: &mut Inbound) -> Result<Read, DisconnectReason> {
+    SCRATCH.with_borrow_mut(|scratch| match stream.try_read(scratch) {
+        Ok(0) => Err(DisconnectReason::ConnectionLost),
+        Ok(n) => {
+            inbound.received(&scratch[..n]);
+            Ok(Read::Bytes)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(Read::Nothing),
+        Err(_) => Err(DisconnectReason::ConnectionLost),
+    })
+}
