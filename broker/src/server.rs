@@ -304,12 +304,15 @@ pub async fn serve(
         }
     })?;
     let webtransport = match listeners.webtransport {
-        Some(socket) => webtransport::start(socket, &gateway, &shutdown).map_err(|reason| {
-            ServeError::Start {
+        Some(socket) => {
+            let config = (gateway.config.server.webtransport.as_ref())
+                .expect("a WebTransport socket is bound only when it is configured");
+            let started = webtransport::start(socket, config, webtransport_gate(&gateway), &shutdown);
+            Some(started.map_err(|reason| ServeError::Start {
                 what: "WebTransport endpoint",
                 reason,
-            }
-        })?,
+            })?)
+        }
         None => None,
     };
     log_listening(&gateway.config, addresses, webtransport_addr);
@@ -467,5 +470,22 @@ async fn report_orphans(gateway: Arc<Gateway>, orphans: Vec<ConnectionRecord>) {
         changes.remove(connection_id);
         let records = gateway.records.clone();
         let _ = tokio::task::spawn_blocking(move || records.apply(changes)).await;
+    }
+}
+
+/// The WebTransport endpoint's side of the gateway: its admission gate, and the shards it
+/// hands sessions to, round robin.
+fn webtransport_gate(gateway: &Arc<Gateway>) -> webtransport::Gate {
+    let shards = gateway.shards.clone();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hand_off: webtransport::HandOff = Arc::new(move |incoming, slot| {
+        let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % shards.len();
+        let shard = shards[index].clone();
+        Box::pin(async move { shard.adopt_webtransport(incoming, slot).await })
+    });
+    webtransport::Gate {
+        admission: gateway.admission.clone(),
+        outcomes: gateway.metrics.connections_total.clone(),
+        hand_off,
     }
 }

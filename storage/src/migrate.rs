@@ -4,8 +4,7 @@
 //! segments are synced, and entries already moved (a crash in the middle) are skipped on
 //! the next try, so nothing is lost or written twice.
 
-use crate::queue::QueueEntry;
-use crate::segments::{NewEntry, Segments};
+use crate::segments::{NewEntry, QueueEntry, Segments};
 
 /// The earlier on-disk batch: entries of one queue written together.
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]

@@ -28,7 +28,7 @@ use check::{invalid, parse_addr, parse_http_url};
 
 use crate::selection::SelectionExpression;
 use crate::transport::TlsEndpoint;
-use crate::transport::webtransport::WebTransportConfig;
+use crate::transport::webtransport::config::WebTransportConfig;
 
 /// `server.max_connections` unless configured.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
@@ -52,7 +52,7 @@ pub struct RawConfig {
     pub authorizer: Option<RawAuthorizer>,
     /// Scale-out over NATS; absent: one node.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub cluster: Option<crate::cluster::RawCluster>,
+    pub cluster: Option<crate::cluster::config::RawCluster>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -147,7 +147,7 @@ pub struct Config {
     /// Every durable queue: declared under `[queues]` or named by a `queue` route.
     pub queues: Vec<QueueConfig>,
     pub authorizer: Option<crate::auth::authorizer::Authorizer>,
-    pub cluster: Option<crate::cluster::ClusterConfig>,
+    pub cluster: Option<crate::cluster::config::ClusterConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -250,7 +250,7 @@ impl RawConfig {
             cluster: self
                 .cluster
                 .as_ref()
-                .map(crate::cluster::RawCluster::validate)
+                .map(crate::cluster::config::RawCluster::validate)
                 .transpose()?,
         })
     }

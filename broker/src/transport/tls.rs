@@ -288,7 +288,7 @@ impl RawTls {
     pub(crate) fn load(&self, table: &str) -> Result<TlsEndpoint, ConfigError> {
         TlsEndpoint::load(&self.cert, &self.key).map_err(|error| {
             let key = match error {
-                crate::transport::TlsError::Key { .. } => "key",
+                TlsError::Key { .. } => "key",
                 _ => "cert",
             };
             invalid(format!("{table}.{key}"), error.to_string())

@@ -16,8 +16,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use time::OffsetDateTime;
 
-use crate::transport::TlsError;
-use crate::transport::tls::load_certified_key;
+use crate::transport::tls::{TlsError, load_certified_key};
 
 /// How long a self-signed certificate is valid (browsers take at most 14 days).
 const SELF_SIGNED_VALIDITY: Duration = Duration::from_secs(14 * 24 * 3600 - 3600);

@@ -1,12 +1,27 @@
 //! `[server.webtransport]`: the keys as written, validated into a [`WebTransportConfig`].
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::WebTransportConfig;
+use super::certificate::ServedCertificate;
 use crate::config::check::{ConfigError, invalid, parse_addr};
+
+/// `[server.webtransport]`, validated.
+#[derive(Debug, Clone)]
+pub struct WebTransportConfig {
+    pub listen: SocketAddr,
+    /// The configured certificate, or a self-signed one.
+    pub certificate: Arc<ServedCertificate>,
+    /// A session that hears nothing from its client for this long is lost; the gateway
+    /// sends QUIC keep-alives every third of it.
+    pub quic_idle_timeout: Duration,
+    /// QUIC handshakes one client address may have in progress at once.
+    pub max_handshakes_per_ip: usize,
+}
 
 /// `[server.webtransport]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,12 +55,11 @@ impl Default for RawWebTransport {
 
 impl RawWebTransport {
     pub fn validate(&self) -> Result<WebTransportConfig, ConfigError> {
-        use crate::transport::webtransport::ServedCertificate;
         let certificate = match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => ServedCertificate::from_files(cert.clone(), key.clone())
                 .map_err(|error| {
                     let key = match error {
-                        crate::transport::TlsError::Key { .. } => "key",
+                        crate::transport::tls::TlsError::Key { .. } => "key",
                         _ => "cert",
                     };
                     invalid(format!("server.webtransport.{key}"), error.to_string())

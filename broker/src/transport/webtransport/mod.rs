@@ -14,7 +14,6 @@ pub mod config;
 pub mod framing;
 pub mod socket;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -22,10 +21,11 @@ use std::time::Duration;
 use base64::Engine;
 use tokio_util::sync::CancellationToken;
 
-use crate::gateway::Gateway;
+use crate::limits::Admission;
 use crate::outbound::Wire;
 
 pub use certificate::ServedCertificate;
+pub use config::WebTransportConfig;
 pub use socket::WebTransportSocket;
 
 /// Kernel receive and send buffer asked for the UDP socket.
@@ -54,19 +54,6 @@ const MAX_HANDSHAKES: usize = 4096;
 /// have nothing to send that way); sent ones carry unreliable room messages.
 const DATAGRAM_BUFFER: usize = 16 * 1024;
 
-/// `[server.webtransport]`, validated.
-#[derive(Debug, Clone)]
-pub struct WebTransportConfig {
-    pub listen: SocketAddr,
-    /// The configured certificate, or a self-signed one.
-    pub certificate: Arc<ServedCertificate>,
-    /// A session that hears nothing from its client for this long is lost; the gateway
-    /// sends QUIC keep-alives every third of it.
-    pub quic_idle_timeout: Duration,
-    /// QUIC handshakes one client address may have in progress at once.
-    pub max_handshakes_per_ip: usize,
-}
-
 /// Binds the listener's UDP socket (before [`start`], so callers know the port), with
 /// kernel buffers of [`SOCKET_BUFFER`]: every client's packets arrive on this one socket,
 /// and a burst (handshakes, acknowledgements during a fan-out) that overflows the default
@@ -89,16 +76,32 @@ pub fn bind(config: &WebTransportConfig) -> std::io::Result<std::net::UdpSocket>
 /// The listener's QUIC endpoint.
 pub type Endpoint = Arc<wtransport::Endpoint<wtransport::endpoint::endpoint_side::Server>>;
 
+/// A session that passed the endpoint's gate, on its way to the shard that runs it.
+pub type HandOff = Arc<
+    dyn Fn(
+            wtransport::endpoint::IncomingSession,
+            HandshakeSlot,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// What the endpoint needs of the gateway: its admission gate, the counter of handshake
+/// outcomes (`switchboard_connections_total`) and where sessions go.
+pub struct Gate {
+    pub admission: Arc<Admission>,
+    pub outcomes: prometheus::IntCounterVec,
+    pub hand_off: HandOff,
+}
+
 /// Starts the endpoint on `socket`: accepts sessions until `shutdown`, and keeps a
 /// self-signed certificate fresh. Must run inside the management runtime.
 pub fn start(
     socket: std::net::UdpSocket,
-    gateway: &Arc<Gateway>,
+    config: &WebTransportConfig,
+    gate: Gate,
     shutdown: &CancellationToken,
-) -> std::io::Result<Option<Endpoint>> {
-    let Some(config) = &gateway.config.server.webtransport else {
-        return Ok(None);
-    };
+) -> std::io::Result<Endpoint> {
     let quic = wtransport::ServerConfig::builder()
         .with_bind_socket(socket)
         .with_custom_tls_and_transport(config.certificate.tls_config(), transport_config(config)?)
@@ -106,7 +109,7 @@ pub fn start(
     let endpoint = Arc::new(wtransport::Endpoint::server(quic)?);
     tokio::spawn(accept_sessions(
         endpoint.clone(),
-        gateway.clone(),
+        gate,
         config.max_handshakes_per_ip,
         shutdown.clone(),
     ));
@@ -114,7 +117,7 @@ pub fn start(
         config.certificate.clone(),
         shutdown.clone(),
     ));
-    Ok(Some(endpoint))
+    Ok(endpoint)
 }
 
 /// What one session may make the gateway hold, and when a silent one is lost.
@@ -151,7 +154,7 @@ fn ack_frequency() -> wtransport::quinn::AckFrequencyConfig {
     config
 }
 
-/// Hands each incoming session to the next shard. Under a flood of handshakes, clients
+/// Hands each incoming session on through the gate. Under a flood of handshakes, clients
 /// first prove their address with a stateless Retry; past a hard cap they are refused.
 ///
 /// One address (an IPv6 /64) holds at most `max_handshakes_per_ip` handshakes with a proven
@@ -163,11 +166,10 @@ fn ack_frequency() -> wtransport::quinn::AckFrequencyConfig {
 /// others out.
 async fn accept_sessions(
     endpoint: Endpoint,
-    gateway: Arc<Gateway>,
+    gate: Gate,
     per_address: usize,
     shutdown: CancellationToken,
 ) {
-    let next = AtomicUsize::new(0);
     let handshakes = Arc::new(Handshakes::default());
     loop {
         let incoming = tokio::select! {
@@ -175,12 +177,12 @@ async fn accept_sessions(
             incoming = endpoint.accept() => incoming,
         };
         let validated = incoming.remote_address_validated();
-        let address = gateway
+        let address = gate
             .admission
             .address_key(incoming.remote_address().ip().to_canonical());
         let pending = handshakes.total.load(Ordering::Relaxed);
         let too_many_here = handshakes.at(address) >= per_address
-            || gateway
+            || gate
                 .admission
                 .connect_rate_exhausted(address, std::time::Instant::now());
         if !validated && (pending >= RETRY_ABOVE || too_many_here) {
@@ -193,19 +195,14 @@ async fn accept_sessions(
             } else {
                 "over_capacity"
             };
-            gateway
-                .metrics
-                .connections_total
+            gate.outcomes
                 .with_label_values(&[result, Wire::WebTransport.label()])
                 .inc();
             incoming.refuse();
             continue;
         }
         let slot = HandshakeSlot::take(&handshakes, validated.then_some(address));
-        let shard = next.fetch_add(1, Ordering::Relaxed) % gateway.shards.len();
-        gateway.shards[shard]
-            .adopt_webtransport(incoming, slot)
-            .await;
+        (gate.hand_off)(incoming, slot).await;
     }
 }
 
