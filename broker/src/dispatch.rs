@@ -298,7 +298,7 @@ pub fn route_message(shard: &Rc<Shard>, connection: &Rc<Connection>, message: In
                 send_error(shard, connection, &reason, &request_id);
                 return;
             }
-            let delivery = crate::fanout::RoomDelivery {
+            let delivery = crate::shard::handle::RoomDelivery {
                 exclude: exclude_sender.then_some(connection.id),
                 unreliable: *unreliable,
             };

@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 
 use crate::connection_id::ConnectionId;
 use crate::rooms::RoomName;
-use crate::shard::ShardHandle;
+use crate::shard::handle::{Delivery, RoomDelivery, ShardHandle};
 
 /// A bulk push split by shard. Indices refer to the request's `connectionIds`.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -61,24 +61,7 @@ impl FanoutPlan {
     }
 }
 
-/// How a room message reaches the members besides its frame: who is skipped, and whether
-/// it may be lost (sent as a QUIC datagram to WebTransport members that asked for them).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RoomDelivery {
-    pub exclude: Option<ConnectionId>,
-    /// Latest-value-wins data (a ticker): WebTransport sessions opened with
-    /// `?datagrams=1` get it as a datagram, which QUIC never retransmits.
-    pub unreliable: bool,
-}
 
-/// What a fan-out achieved.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Delivery {
-    /// Frames queued to open connections.
-    pub delivered: usize,
-    /// Request indices whose connection was gone.
-    pub gone: Vec<u32>,
-}
 
 /// Queues `frame` to the members of `room` on each of `shards`, in order, without waiting
 /// for counts (a client's publish, a broadcast relayed from another node).

@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::limits::{Admission, OutboundBudget};
 use crate::metrics::Metrics;
 use crate::queues::QueueHub;
-use crate::shard::ShardHandle;
+use crate::shard::handle::ShardHandle;
 
 pub struct Gateway {
     pub config: Config,

@@ -190,7 +190,7 @@ pub async fn serve(
     let orphans = storage.connection_records()?;
     storage.clear_room_memberships()?;
     let records = storage.record_writer();
-    let (handles, inboxes) = shard::channels(listeners.gateway.len());
+    let (handles, inboxes) = shard::handle::channels(listeners.gateway.len());
     let admission = admission(&config)?;
     let metrics = Metrics::new();
     metrics.register_routes(
@@ -208,7 +208,7 @@ pub async fn serve(
         &config.storage,
         &metrics,
     )?);
-    let shards: Arc<[shard::ShardHandle]> = handles.into();
+    let shards: Arc<[shard::handle::ShardHandle]> = handles.into();
     let cluster = match &config.cluster {
         Some(cluster_config) => {
             let node = crate::cluster::registry::NodeIdentity {
@@ -277,7 +277,7 @@ pub async fn serve(
 
     let mut threads = Vec::new();
     for (index, (listener, inbox)) in listeners.gateway.into_iter().zip(inboxes).enumerate() {
-        let thread = shard::spawn(
+        let thread = shard::run::spawn(
             index as u16,
             listener,
             inbox,

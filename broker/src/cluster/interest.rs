@@ -17,7 +17,8 @@ use futures_util::StreamExt;
 
 use super::Cluster;
 use crate::connection_id::ConnectionId;
-use crate::fanout::{self, RoomDelivery};
+use crate::fanout;
+use crate::shard::handle::RoomDelivery;
 use crate::rooms::RoomName;
 
 const OP: &str = "Sb-Op";

@@ -34,7 +34,7 @@ pub use config::{ClusterConfig, RawCluster};
 use crate::connection_id::ConnectionId;
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
-use crate::shard::ShardHandle;
+use crate::shard::handle::ShardHandle;
 use subjects::Subjects;
 
 /// How long joining retries while JetStream settles (leader elections at a cold start).

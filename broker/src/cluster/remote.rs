@@ -18,7 +18,7 @@ use super::Cluster;
 use crate::clock;
 use crate::connection_id::ConnectionId;
 use crate::fanout::{self, FanoutPlan};
-use crate::resume::moving::MoveRequest;
+use crate::resume::moved::MoveRequest;
 use crate::rooms::RoomName;
 
 /// Requests a node works on at once; more wait (NATS buffers them).
@@ -177,7 +177,7 @@ impl Cluster {
         remote: &std::collections::BTreeMap<u16, Vec<u32>>,
         ids: &[String],
         frame: &Bytes,
-    ) -> fanout::Delivery {
+    ) -> crate::shard::handle::Delivery {
         let calls = remote.iter().map(|(node, indices)| {
             let targets: Vec<&str> = indices.iter().map(|&i| ids[i as usize].as_str()).collect();
             let mut body = BytesMut::new();
@@ -192,7 +192,7 @@ impl Cluster {
                 (indices, reply)
             }
         });
-        let mut delivery = fanout::Delivery::default();
+        let mut delivery = crate::shard::handle::Delivery::default();
         for (indices, reply) in futures_util::future::join_all(calls).await {
             match reply
                 .ok()
@@ -322,7 +322,7 @@ async fn answer(cluster: &Cluster, message: &async_nats::Message) -> (u16, Bytes
 async fn answer_locally(
     op: Op,
     id: ConnectionId,
-    shard: &crate::shard::ShardHandle,
+    shard: &crate::shard::handle::ShardHandle,
     room: Option<RoomName>,
     payload: &Bytes,
 ) -> (u16, Bytes) {
@@ -402,7 +402,7 @@ async fn bulk(cluster: &Cluster, body: &Bytes) -> (u16, Bytes) {
     let moved = std::mem::take(&mut plan.remote);
     let onward = async {
         match moved.is_empty() {
-            true => fanout::Delivery::default(),
+            true => crate::shard::handle::Delivery::default(),
             false => cluster.send_bulk(&moved, &ids, &frame).await,
         }
     };
@@ -422,7 +422,7 @@ async fn bulk(cluster: &Cluster, body: &Bytes) -> (u16, Bytes) {
 
 impl Cluster {
     /// The local shard of a connectionId this node issued in this run.
-    fn locate(&self, text: &str) -> Option<(ConnectionId, &crate::shard::ShardHandle)> {
+    fn locate(&self, text: &str) -> Option<(ConnectionId, &crate::shard::handle::ShardHandle)> {
         let id: ConnectionId = text.parse().ok()?;
         if id.node != self.node_id || id.epoch != self.registry.epoch() {
             return None;

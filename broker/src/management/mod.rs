@@ -33,7 +33,7 @@ use crate::fanout::{self, FanoutPlan};
 use crate::frame;
 use crate::gateway::Gateway;
 use crate::rooms::RoomName;
-use crate::shard::ShardHandle;
+use crate::shard::handle::ShardHandle;
 
 /// What every handler needs.
 #[derive(Clone)]
@@ -510,7 +510,7 @@ async fn post_bulk(
             Some(cluster) if !remote_ids.is_empty() => {
                 cluster.send_bulk(&remote_ids, &ids, &frame).await
             }
-            _ => fanout::Delivery::default(),
+            _ => crate::shard::handle::Delivery::default(),
         }
     };
     let (mut delivery, remote) =
@@ -563,7 +563,7 @@ async fn post_to_room(
             )));
         }
     };
-    let delivery = fanout::RoomDelivery {
+    let delivery = crate::shard::handle::RoomDelivery {
         exclude,
         unreliable,
     };
@@ -578,7 +578,7 @@ async fn post_to_room(
             None => 0,
         }
     };
-    let here = fanout::RoomDelivery {
+    let here = crate::shard::handle::RoomDelivery {
         exclude: match &state.gateway.cluster {
             Some(cluster) => exclude.map(|id| cluster.here_as(id)),
             None => exclude,

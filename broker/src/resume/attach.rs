@@ -26,116 +26,19 @@ use std::time::Duration;
 
 use crate::connection::Connection;
 use crate::disconnect::DisconnectReason;
-use crate::event::HandshakeRequest;
-use crate::handshake::UpgradeRequest;
-use crate::limits::AdmissionTicket;
 use crate::outbound::Wire;
+use crate::resume::handoff::{Handoff, Resuming};
 use crate::resume::{Refusal, ResumeRequest, ResumeToken, forget_token};
 use crate::session::{self, admit::Accepted};
 use crate::shard::Shard;
-use crate::transport::answer::Answer;
-use crate::transport::{SendableSocket, Socket};
 
 /// How long a resume waits for an old socket that still looked alive to let go.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A handshake that asks to resume, not answered yet.
-pub struct Resuming {
-    pub(crate) answer: Answer,
-    pub(crate) peer: SocketAddr,
-    /// Headers and query, as `$connect` sees them.
-    pub(crate) request: HandshakeRequest,
-    pub(crate) user_agent: String,
-    pub(crate) host: String,
-    pub(crate) resume: ResumeRequest,
-    /// The admission of the new socket: kept if it becomes a new connection.
-    pub(crate) ticket: Option<AdmissionTicket>,
-}
 
-impl Resuming {
-    /// A WebSocket upgrade request that asks to resume.
-    pub(crate) fn websocket(
-        socket: Socket,
-        upgrade: UpgradeRequest,
-        resume: ResumeRequest,
-        peer: SocketAddr,
-    ) -> Box<Self> {
-        Box::new(Self {
-            answer: Answer::WebSocket {
-                socket,
-                key: upgrade.key,
-                leftover: upgrade.leftover,
-            },
-            peer,
-            request: upgrade.request,
-            user_agent: upgrade.user_agent,
-            host: upgrade.host,
-            resume,
-            ticket: None,
-        })
-    }
-}
 
-/// A resume on its way to the shard that owns its connection.
-pub struct Handoff {
-    answer: SendableAnswer,
-    peer: SocketAddr,
-    request: HandshakeRequest,
-    user_agent: String,
-    host: String,
-    resume: ResumeRequest,
-    ticket: Option<AdmissionTicket>,
-}
 
-/// An [`Answer`] as it can cross threads: a TCP or TLS socket deregistered from its
-/// runtime, or the WebTransport session request as it is.
-enum SendableAnswer {
-    WebSocket {
-        socket: SendableSocket,
-        key: String,
-        leftover: Vec<u8>,
-    },
-    WebTransport {
-        request: Box<wtransport::endpoint::SessionRequest>,
-        datagrams: bool,
-    },
-}
 
-impl SendableAnswer {
-    fn of(answer: Answer) -> Option<Self> {
-        Some(match answer {
-            Answer::WebSocket {
-                socket,
-                key,
-                leftover,
-            } => Self::WebSocket {
-                socket: socket.into_sendable()?,
-                key,
-                leftover,
-            },
-            Answer::WebTransport { request, datagrams } => {
-                Self::WebTransport { request, datagrams }
-            }
-        })
-    }
-
-    fn into_answer(self) -> std::io::Result<Answer> {
-        Ok(match self {
-            Self::WebSocket {
-                socket,
-                key,
-                leftover,
-            } => Answer::WebSocket {
-                socket: socket.into_socket()?,
-                key,
-                leftover,
-            },
-            Self::WebTransport { request, datagrams } => {
-                Answer::WebTransport { request, datagrams }
-            }
-        })
-    }
-}
 
 /// Resumes the connection `resuming` names, or opens a new one that says why not.
 pub(crate) async fn resume(shard: Rc<Shard>, resuming: Resuming) {
@@ -165,25 +68,7 @@ pub(crate) async fn resume(shard: Rc<Shard>, resuming: Resuming) {
         let Some(owner) = gateway.shards.get(usize::from(token.id.shard)).cloned() else {
             return open_new(shard, resuming, Refusal::Unknown).await;
         };
-        let Resuming {
-            answer,
-            peer,
-            request,
-            user_agent,
-            host,
-            resume,
-            ticket,
-        } = resuming;
-        if let Some(answer) = SendableAnswer::of(answer) {
-            let handoff = Handoff {
-                answer,
-                peer,
-                request,
-                user_agent,
-                host,
-                resume,
-                ticket,
-            };
+        if let Some(handoff) = Handoff::of(resuming) {
             owner.adopt_resume(handoff).await;
         }
         return;
@@ -205,17 +90,8 @@ fn where_it_lives(cluster: Option<&crate::cluster::Cluster>, token: ResumeToken)
 
 /// Continues a resume another shard handed over.
 pub(crate) async fn adopt(shard: Rc<Shard>, handoff: Handoff) {
-    let Ok(answer) = handoff.answer.into_answer() else {
+    let Ok(resuming) = handoff.into_resuming() else {
         return;
-    };
-    let resuming = Resuming {
-        answer,
-        peer: handoff.peer,
-        request: handoff.request,
-        user_agent: handoff.user_agent,
-        host: handoff.host,
-        resume: handoff.resume,
-        ticket: handoff.ticket,
     };
     Box::pin(resume(shard, resuming)).await;
 }

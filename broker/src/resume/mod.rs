@@ -17,6 +17,8 @@
 //! the session parks and resumes it, and the shard keeps parked connections findable.
 
 pub mod attach;
+pub mod handoff;
+pub mod moved;
 pub mod moving;
 
 use base64::Engine;

@@ -24,7 +24,6 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
 use crate::auth::authorizer::principal_of;
 use crate::cluster::remote::Op;
@@ -32,61 +31,17 @@ use crate::cluster::{Cluster, MoveOutcome};
 use crate::connection::Earlier;
 use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
-use crate::resume::attach::{Resuming, charge_resume, claim, open_new, refuse_newcomer};
+use crate::resume::handoff::Resuming;
+use crate::resume::attach::{charge_resume, claim, open_new, refuse_newcomer};
 use crate::resume::forget_token;
+use crate::resume::moved::{MoveRequest, MovedIn, MovedOut};
 use crate::resume::{Refusal, ResumeToken, SecretHash};
 use crate::rooms::RoomName;
 use crate::session::{self, admit::Accepted};
 use crate::shard::Shard;
 
-/// What the new node asks the old one for.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct MoveRequest {
-    /// Proof that the client holds a token of the connection, base64: the token's secret
-    /// never travels ([`crate::resume::move_proof`]).
-    pub proof: String,
-    /// Who the authorizer says the client is now ([`principal_of`]); the old node hands the
-    /// connection over only to the identity it was opened with.
-    #[serde(default)]
-    pub principal: Option<String>,
-    pub received: u64,
-    /// Where the connection will live: the new node's id for it.
-    pub alias: String,
-    /// When the new node asked (its clock, epoch ms): time the request spent queued before
-    /// the old node took it up counts against the answer's deadline.
-    #[serde(default)]
-    pub sent_at_ms: Option<u64>,
-}
 
-/// What the old node hands over.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct MovedOut {
-    /// The connection's facts, as a queue entry's context (`stored_event`).
-    pub facts: String,
-    pub rooms: Vec<String>,
-    /// The frames its client has not received, WebSocket-encoded, base64, in order.
-    pub frames: Vec<String>,
-    /// How much longer it may live, in milliseconds (a move does not restart
-    /// `limits.max_connection_secs`); absent from nodes that predate it.
-    #[serde(default)]
-    pub lifetime_left_ms: Option<u64>,
-    /// The hashes of the secrets of the tokens that resume it there (base64): its client may
-    /// not have read the `resumed` frame with the new one.
-    #[serde(default)]
-    pub secret_hashes: Vec<String>,
-    /// The ids those tokens name: its id there and on the nodes before, oldest first.
-    #[serde(default)]
-    pub ids: Vec<String>,
-}
 
-/// What a connection brings from the node it left.
-pub struct MovedIn {
-    pub received: u64,
-    pub frames: Vec<Bytes>,
-    pub rooms: Vec<RoomName>,
-    pub lifetime_left: Option<std::time::Duration>,
-    pub(crate) earlier: Earlier,
-}
 
 /// On the old node, on the shard that owns connection `id`: checks the request as a local
 /// resume would, then lets go of the connection (`DisconnectReason::Moved`: no

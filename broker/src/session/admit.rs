@@ -26,7 +26,7 @@ pub(crate) struct Accepted {
     /// It asked to resume another connection and could not: the welcome says why.
     pub(crate) resume_refused: Option<Refusal>,
     /// Cluster mode: a connection whose client resumed here from another node.
-    pub(crate) moved_in: Option<Box<resume::moving::MovedIn>>,
+    pub(crate) moved_in: Option<Box<resume::moved::MovedIn>>,
 }
 
 /// Counts a handshake's outcome in `switchboard_connections_total`.

@@ -14,7 +14,7 @@ use super::live::live;
 use crate::handshake::{self, ReadError};
 use crate::limits::AdmissionTicket;
 use crate::outbound::Wire;
-use crate::resume::attach::Resuming;
+use crate::resume::handoff::Resuming;
 use crate::resume::{self, ResumeRequest};
 use crate::shard::Shard;
 use crate::transport::answer::Answer;

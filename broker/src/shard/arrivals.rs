@@ -9,7 +9,8 @@ use std::rc::Rc;
 
 use tokio::sync::oneshot;
 
-use super::{Shard, ShardCommand};
+use super::Shard;
+use super::handle::StateCommand;
 use crate::outbound::{self, SharedFrame, Wire};
 use crate::rooms::RoomName;
 
@@ -19,7 +20,7 @@ enum Deferred {
     /// A push already answered (and counted) as delivered.
     Frame(SharedFrame),
     /// A call whose caller waits for the answer.
-    Command(ShardCommand),
+    Command(StateCommand),
 }
 
 /// Where the reply of a call answered already goes: nowhere.
@@ -145,7 +146,7 @@ impl Shard {
     /// otherwise. A push, a join, a leave and a DELETE are answered at once, as if
     /// applied: the old node that forwarded them waits only its request timeout, and must
     /// not be told the connection is gone. A GET waits for the answer.
-    pub(super) fn defer(&self, command: ShardCommand) -> Option<ShardCommand> {
+    pub(super) fn defer(&self, command: StateCommand) -> Option<StateCommand> {
         let Some(sequence) = command.sequence() else {
             return Some(command);
         };
@@ -154,45 +155,45 @@ impl Shard {
             return Some(command);
         };
         let bytes = match &command {
-            ShardCommand::Send { frame, .. } => frame.len(),
+            StateCommand::Send { frame, .. } => frame.len(),
             _ => 0,
         };
         if !held.has_room(bytes) || self.connections.borrow().contains_key(&sequence) {
             return Some(command);
         }
         let call = match command {
-            ShardCommand::Send { frame, reply, .. } => {
+            StateCommand::Send { frame, reply, .. } => {
                 self.gateway.metrics.messages_sent.inc();
                 let _ = reply.send(Ok(()));
                 Deferred::Frame(outbound::shared(frame))
             }
-            ShardCommand::Join {
+            StateCommand::Join {
                 sequence,
                 room,
                 reply,
             } => {
                 let _ = reply.send(Ok(Ok(())));
-                Deferred::Command(ShardCommand::Join {
+                Deferred::Command(StateCommand::Join {
                     sequence,
                     room,
                     reply: unanswered(),
                 })
             }
-            ShardCommand::Leave {
+            StateCommand::Leave {
                 sequence,
                 room,
                 reply,
             } => {
                 let _ = reply.send(Ok(()));
-                Deferred::Command(ShardCommand::Leave {
+                Deferred::Command(StateCommand::Leave {
                     sequence,
                     room,
                     reply: unanswered(),
                 })
             }
-            ShardCommand::Disconnect { sequence, reply } => {
+            StateCommand::Disconnect { sequence, reply } => {
                 let _ = reply.send(Ok(()));
-                Deferred::Command(ShardCommand::Disconnect {
+                Deferred::Command(StateCommand::Disconnect {
                     sequence,
                     reply: unanswered(),
                 })

@@ -7,304 +7,39 @@
 //! connectionId names.
 
 mod arrivals;
+pub mod handle;
+pub mod run;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use switchboard_storage::RecordChanges;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::connection::{Connection, ConnectionInfo, Gone};
+use crate::connection::{Connection, Gone};
 use crate::connection_id::{ConnectionId, IdMinter};
 use crate::disconnect::DisconnectReason;
-use crate::fanout::{Delivery, RoomDelivery};
+use crate::shard::handle::{Delivery, RoomDelivery};
 use crate::gateway::Gateway;
-use crate::handshake;
 use crate::integration::HttpIntegration;
-use crate::limits::Refusal;
-use crate::outbound::{self, SharedFrame, Wire};
+use crate::outbound::{self, SharedFrame};
 use crate::resume::{self, ResumeToken};
 use crate::rooms::{RoomIndex, RoomName};
-use crate::session;
-use crate::transport::webtransport::HandshakeSlot;
 use arrivals::Held;
+use handle::{ShardHandle, StateCommand, TooManyRooms};
 
-/// Commands waiting for a shard beyond this make the sender wait (backpressure on the
-/// management API, never unbounded memory).
-const COMMAND_QUEUE: usize = 4096;
-/// Connections written per write pass before the shard looks at its commands again.
-const WRITE_PASS_BUDGET: usize = 32;
-/// Commands applied per turn before writing.
-const COMMANDS_PER_TURN: usize = 256;
-/// How often a shard checks its connections' idle and age limits. Sessions poll no timers
-/// of their own, which keeps a wake-up (one per fan-out batch) cheap and an idle
-/// connection small.
-const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
-/// How long shutdown waits for sessions to close and `$disconnect` calls to finish;
-/// what remains is reported as "gateway restarted" at the next start.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
-/// Pause after a failed accept (EMFILE and friends) before trying again.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-/// Refused sockets being answered at once; past this a refused socket is closed with no
-/// answer, so a flood of refusals cannot itself use up descriptors.
-const MAX_REFUSALS_ANSWERING: usize = 64;
 
-/// A room join refused by `limits.max_rooms_per_connection`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("connection is already in {0} rooms (limits.max_rooms_per_connection)")]
-pub struct TooManyRooms(pub usize);
 
-/// Work sent to a shard from outside its thread.
-enum ShardCommand {
-    Send {
-        sequence: u64,
-        frame: Bytes,
-        reply: oneshot::Sender<Result<(), Gone>>,
-    },
-    Disconnect {
-        sequence: u64,
-        reply: oneshot::Sender<Result<(), Gone>>,
-    },
-    Describe {
-        sequence: u64,
-        reply: oneshot::Sender<Result<ConnectionInfo, Gone>>,
-    },
-    /// Send `frame` to the local members of `room`; answer how many got it.
-    Broadcast {
-        room: RoomName,
-        frame: Bytes,
-        delivery: RoomDelivery,
-        reply: Option<oneshot::Sender<usize>>,
-    },
-    /// Send `frame` to each (sequence, request index) target; answer which were gone.
-    SendMany {
-        targets: Vec<(u64, u32)>,
-        frame: Bytes,
-        reply: oneshot::Sender<Delivery>,
-    },
-    Join {
-        sequence: u64,
-        room: RoomName,
-        reply: oneshot::Sender<Result<Result<(), TooManyRooms>, Gone>>,
-    },
-    Leave {
-        sequence: u64,
-        room: RoomName,
-        reply: oneshot::Sender<Result<(), Gone>>,
-    },
-    ListRoom {
-        room: RoomName,
-        reply: oneshot::Sender<Vec<String>>,
-    },
-    /// Close every connection for `reason`.
-    CloseAll { reason: DisconnectReason },
-    /// Run a WebTransport session the endpoint accepted and admitted.
-    AdoptWebTransport {
-        incoming: Box<wtransport::endpoint::IncomingSession>,
-        handshake: HandshakeSlot,
-    },
-    /// Continue a resume handshake another shard read: the connection it names is here.
-    AdoptResume(Box<resume::attach::Handoff>),
-    /// Cluster mode: hand connection `sequence` over to the node its client resumed on.
-    MoveOut {
-        sequence: u64,
-        request: resume::moving::MoveRequest,
-        reply: oneshot::Sender<Result<resume::moving::MovedOut, resume::Refusal>>,
-    },
-}
 
-impl ShardCommand {
-    /// The connection a call is for, if it is for one.
-    fn sequence(&self) -> Option<u64> {
-        match self {
-            Self::Send { sequence, .. }
-            | Self::Disconnect { sequence, .. }
-            | Self::Describe { sequence, .. }
-            | Self::Join { sequence, .. }
-            | Self::Leave { sequence, .. } => Some(*sequence),
-            _ => None,
-        }
-    }
-}
 
-/// How other threads talk to a shard.
-#[derive(Clone)]
-pub struct ShardHandle {
-    commands: mpsc::Sender<ShardCommand>,
-}
 
-/// The receiving end of a shard's commands, handed to [`spawn`].
-pub struct ShardInbox(mpsc::Receiver<ShardCommand>);
 
-/// Creates the command channels of `count` shards, before any shard runs, so every shard
-/// (and the management API) can reach every other from the start.
-pub fn channels(count: usize) -> (Vec<ShardHandle>, Vec<ShardInbox>) {
-    (0..count)
-        .map(|_| {
-            let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
-            (ShardHandle { commands }, ShardInbox(receiver))
-        })
-        .unzip()
-}
 
-impl ShardHandle {
-    async fn ask<T>(
-        &self,
-        command: impl FnOnce(oneshot::Sender<Result<T, Gone>>) -> ShardCommand,
-    ) -> Result<T, Gone> {
-        let (reply, answer) = oneshot::channel();
-        self.commands.send(command(reply)).await.map_err(|_| Gone)?;
-        answer.await.unwrap_or(Err(Gone))
-    }
-
-    /// Queues `frame` to connection `id` on this shard.
-    pub async fn send(&self, id: ConnectionId, frame: Bytes) -> Result<(), Gone> {
-        self.ask(|reply| ShardCommand::Send {
-            sequence: id.sequence,
-            frame,
-            reply,
-        })
-        .await
-    }
-
-    /// Closes connection `id` (`DELETE @connections`).
-    pub async fn disconnect(&self, id: ConnectionId) -> Result<(), Gone> {
-        self.ask(|reply| ShardCommand::Disconnect {
-            sequence: id.sequence,
-            reply,
-        })
-        .await
-    }
-
-    /// Reads connection `id`'s status (`GET @connections`).
-    pub async fn describe(&self, id: ConnectionId) -> Result<ConnectionInfo, Gone> {
-        self.ask(|reply| ShardCommand::Describe {
-            sequence: id.sequence,
-            reply,
-        })
-        .await
-    }
-
-    /// Adds connection `id` to `room`, unless it is in too many rooms already.
-    pub async fn join(
-        &self,
-        id: ConnectionId,
-        room: RoomName,
-    ) -> Result<Result<(), TooManyRooms>, Gone> {
-        self.ask(|reply| ShardCommand::Join {
-            sequence: id.sequence,
-            room,
-            reply,
-        })
-        .await
-    }
-
-    /// Removes connection `id` from `room`.
-    pub async fn leave(&self, id: ConnectionId, room: RoomName) -> Result<(), Gone> {
-        self.ask(|reply| ShardCommand::Leave {
-            sequence: id.sequence,
-            room,
-            reply,
-        })
-        .await
-    }
-
-    /// Queues a broadcast to the shard's members of `room`. Errs if the shard has stopped.
-    pub async fn broadcast(
-        &self,
-        room: RoomName,
-        frame: Bytes,
-        delivery: RoomDelivery,
-        reply: Option<oneshot::Sender<usize>>,
-    ) -> Result<(), Gone> {
-        let command = ShardCommand::Broadcast {
-            room,
-            frame,
-            delivery,
-            reply,
-        };
-        self.commands.send(command).await.map_err(|_| Gone)
-    }
-
-    /// Queues a bulk send; on failure the targets come back (all gone).
-    pub async fn send_many(
-        &self,
-        targets: Vec<(u64, u32)>,
-        frame: Bytes,
-        reply: oneshot::Sender<Delivery>,
-    ) -> Result<(), Vec<(u64, u32)>> {
-        let command = ShardCommand::SendMany {
-            targets,
-            frame,
-            reply,
-        };
-        self.commands.send(command).await.map_err(|e| match e.0 {
-            ShardCommand::SendMany { targets, .. } => targets,
-            _ => Vec::new(),
-        })
-    }
-
-    /// Closes every connection of the shard for `reason`.
-    pub async fn close_all(&self, reason: DisconnectReason) {
-        let _ = self.commands.send(ShardCommand::CloseAll { reason }).await;
-    }
-
-    /// Hands the shard an incoming WebTransport session to run (a stopped shard drops it,
-    /// which refuses it).
-    pub async fn adopt_webtransport(
-        &self,
-        incoming: wtransport::endpoint::IncomingSession,
-        handshake: HandshakeSlot,
-    ) {
-        let command = ShardCommand::AdoptWebTransport {
-            incoming: Box::new(incoming),
-            handshake,
-        };
-        let _ = self.commands.send(command).await;
-    }
-
-    /// Hands connection `id` over to the node its client resumed on (see
-    /// [`resume::moving`]).
-    pub async fn move_out(
-        &self,
-        id: ConnectionId,
-        request: resume::moving::MoveRequest,
-    ) -> Result<Result<resume::moving::MovedOut, resume::Refusal>, Gone> {
-        let (reply, answer) = oneshot::channel();
-        let command = ShardCommand::MoveOut {
-            sequence: id.sequence,
-            request,
-            reply,
-        };
-        self.commands.send(command).await.map_err(|_| Gone)?;
-        answer.await.map_err(|_| Gone)
-    }
-
-    /// Hands the shard a resume handshake for one of its connections (a stopped shard
-    /// drops it, which closes the socket).
-    pub async fn adopt_resume(&self, handoff: resume::attach::Handoff) {
-        let _ = self
-            .commands
-            .send(ShardCommand::AdoptResume(Box::new(handoff)))
-            .await;
-    }
-
-    /// Asks for the shard's members of `room`.
-    pub async fn list_room(
-        &self,
-        room: RoomName,
-        reply: oneshot::Sender<Vec<String>>,
-    ) -> Result<(), Gone> {
-        let command = ShardCommand::ListRoom { room, reply };
-        self.commands.send(command).await.map_err(|_| Gone)
-    }
-}
 
 /// The shard's own state, shared by its tasks through `Rc`.
 pub struct Shard {
@@ -731,6 +466,81 @@ impl Shard {
         );
     }
 
+    /// Applies a command on its connections and rooms, unless it waits for a connection that
+    /// is still arriving.
+    pub(super) fn apply(self: &Rc<Self>, command: StateCommand) {
+        let Some(command) = self.defer(command) else {
+            return;
+        };
+        match command {
+            StateCommand::Send {
+                sequence,
+                frame,
+                reply,
+            } => {
+                let result = self
+                    .connection(sequence)
+                    .and_then(|c| c.push(frame, &self.gateway.metrics));
+                let _ = reply.send(result);
+            }
+            StateCommand::Disconnect { sequence, reply } => {
+                let result = self
+                    .connection(sequence)
+                    .map(|c| c.request_close(DisconnectReason::Deleted));
+                let _ = reply.send(result);
+            }
+            StateCommand::Describe { sequence, reply } => {
+                let _ = reply.send(self.connection(sequence).map(|c| c.info()));
+            }
+            StateCommand::Broadcast {
+                room,
+                frame,
+                delivery,
+                reply,
+            } => {
+                let delivered = self.broadcast_local(&room, &outbound::shared(frame), delivery);
+                if let Some(reply) = reply {
+                    let _ = reply.send(delivered);
+                }
+            }
+            StateCommand::SendMany {
+                targets,
+                frame,
+                reply,
+            } => {
+                let _ = reply.send(self.send_many(targets, &outbound::shared(frame)));
+            }
+            StateCommand::Join {
+                sequence,
+                room,
+                reply,
+            } => {
+                let _ = reply.send(self.connection(sequence).map(|c| self.join(&c, &room)));
+            }
+            StateCommand::Leave {
+                sequence,
+                room,
+                reply,
+            } => {
+                let _ = reply.send(self.connection(sequence).map(|c| self.leave(&c, &room)));
+            }
+            StateCommand::CloseAll { reason } => {
+                for connection in self.connections.borrow().values() {
+                    connection.request_close(reason.clone());
+                }
+            }
+            StateCommand::ListRoom { room, reply } => {
+                let members = self
+                    .rooms
+                    .borrow()
+                    .members(&room)
+                    .map(|(_, c)| c.facts.connection_id.clone())
+                    .collect();
+                let _ = reply.send(members);
+            }
+        }
+    }
+
     /// Asks every connection to close for shutdown.
     fn close_all(&self) {
         for connection in self.connections.borrow().values() {
@@ -745,156 +555,8 @@ impl Shard {
             .cloned()
             .ok_or(Gone)
     }
-
-    fn apply(self: &Rc<Self>, command: ShardCommand) {
-        let Some(command) = self.defer(command) else {
-            return;
-        };
-        match command {
-            ShardCommand::Send {
-                sequence,
-                frame,
-                reply,
-            } => {
-                let result = self
-                    .connection(sequence)
-                    .and_then(|c| c.push(frame, &self.gateway.metrics));
-                let _ = reply.send(result);
-            }
-            ShardCommand::Disconnect { sequence, reply } => {
-                let result = self
-                    .connection(sequence)
-                    .map(|c| c.request_close(DisconnectReason::Deleted));
-                let _ = reply.send(result);
-            }
-            ShardCommand::Describe { sequence, reply } => {
-                let _ = reply.send(self.connection(sequence).map(|c| c.info()));
-            }
-            ShardCommand::Broadcast {
-                room,
-                frame,
-                delivery,
-                reply,
-            } => {
-                let delivered = self.broadcast_local(&room, &outbound::shared(frame), delivery);
-                if let Some(reply) = reply {
-                    let _ = reply.send(delivered);
-                }
-            }
-            ShardCommand::SendMany {
-                targets,
-                frame,
-                reply,
-            } => {
-                let _ = reply.send(self.send_many(targets, &outbound::shared(frame)));
-            }
-            ShardCommand::Join {
-                sequence,
-                room,
-                reply,
-            } => {
-                let _ = reply.send(self.connection(sequence).map(|c| self.join(&c, &room)));
-            }
-            ShardCommand::Leave {
-                sequence,
-                room,
-                reply,
-            } => {
-                let _ = reply.send(self.connection(sequence).map(|c| self.leave(&c, &room)));
-            }
-            ShardCommand::CloseAll { reason } => {
-                for connection in self.connections.borrow().values() {
-                    connection.request_close(reason.clone());
-                }
-            }
-            ShardCommand::AdoptWebTransport {
-                incoming,
-                handshake,
-            } => {
-                let session = session::run_webtransport(self.clone(), *incoming, handshake);
-                self.tasks.spawn_local(session);
-            }
-            ShardCommand::MoveOut {
-                sequence,
-                request,
-                reply,
-            } => {
-                let id = ConnectionId {
-                    node: self.gateway.config.server.node_id,
-                    shard: self.index,
-                    epoch: self.gateway.epoch,
-                    sequence,
-                };
-                let shard = self.clone();
-                self.tasks.spawn_local(async move {
-                    let moved = resume::moving::move_out(shard, id, request).await;
-                    let _ = reply.send(moved);
-                });
-            }
-            ShardCommand::AdoptResume(handoff) => {
-                self.tasks
-                    .spawn_local(resume::attach::adopt(self.clone(), *handoff));
-            }
-            ShardCommand::ListRoom { room, reply } => {
-                let members = self
-                    .rooms
-                    .borrow()
-                    .members(&room)
-                    .map(|(_, c)| c.facts.connection_id.clone())
-                    .collect();
-                let _ = reply.send(members);
-            }
-        }
-    }
 }
 
-/// Starts shard `index` on its own thread, accepting on `listener`.
-pub fn spawn(
-    index: u16,
-    listener: std::net::TcpListener,
-    inbox: ShardInbox,
-    gateway: Arc<Gateway>,
-    shutdown: CancellationToken,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    listener.set_nonblocking(true)?;
-    let thread = std::thread::Builder::new()
-        .name(format!("switchboard-shard-{index}"))
-        .spawn(move || {
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&runtime, async move {
-                let account = Rc::new(crate::limits::ShardAccount::new(
-                    gateway.outbound_budget.clone(),
-                ));
-                let shard = Rc::new(Shard {
-                    index,
-                    ids: RefCell::new(IdMinter::new(
-                        gateway.config.server.node_id,
-                        index,
-                        gateway.epoch,
-                    )),
-                    gateway,
-                    connections: RefCell::new(HashMap::new()),
-                    rooms: RefCell::new(RoomIndex::default()),
-                    dirty: RefCell::new(VecDeque::new()),
-                    work_needed: Notify::new(),
-                    account,
-                    records: RefCell::new(RecordChanges::default()),
-                    refusals_answering: std::cell::Cell::new(0),
-                    pending_appends: RefCell::new(Vec::new()),
-                    unresumable: RefCell::new(HashMap::new()),
-                    arriving: RefCell::new(HashMap::new()),
-                    http: HttpIntegration::new(),
-                    tasks: TaskTracker::new(),
-                    shutdown,
-                });
-                run(shard, listener, inbox.0).await;
-            });
-        })?;
-    Ok(thread)
-}
 
 /// Called on the shard with an append's offset, or why it failed.
 pub type QueueAppendDone = Box<dyn FnOnce(Result<u64, AppendFailure>)>;
@@ -1000,173 +662,8 @@ async fn append_batch_to_jetstream(cluster: &crate::cluster::Cluster, batch: Vec
     }
 }
 
-/// Applies commands and runs the fan-out write passes, interleaved: a pass writes a bounded
-/// number of connections, then commands that arrived meanwhile are applied (their frames
-/// join the writes still to come), then sessions get a turn. A publisher waiting for
-/// `{"delivered": N}` is answered within one bounded pass, and frames that pile up while
-/// the shard writes leave together, in one write per connection.
-async fn run_commands(shard: Rc<Shard>, mut commands: mpsc::Receiver<ShardCommand>) {
-    loop {
-        for _ in 0..COMMANDS_PER_TURN {
-            match commands.try_recv() {
-                Ok(command) => shard.apply(command),
-                Err(_) => break,
-            }
-        }
-        shard.hand_off_records();
-        if shard.write_pass(WRITE_PASS_BUDGET) || !commands.is_empty() {
-            tokio::task::yield_now().await;
-            continue;
-        }
-        tokio::select! {
-            command = commands.recv() => match command {
-                Some(command) => shard.apply(command),
-                None => return,
-            },
-            _ = shard.work_needed.notified() => {}
-        }
-    }
-}
 
-/// Answers a socket the admission gate turned away (503 or 429) without reading its
-/// request, unless too many are being answered already.
-fn refuse(shard: &Rc<Shard>, stream: tokio::net::TcpStream, refusal: Refusal) {
-    shard
-        .gateway
-        .metrics
-        .connections_total
-        .with_label_values(&[refusal.label(), Wire::WebSocket.label()])
-        .inc();
-    let answering = shard.refusals_answering.get();
-    if answering >= MAX_REFUSALS_ANSWERING {
-        return; // dropped: the socket closes now
-    }
-    shard.refusals_answering.set(answering + 1);
-    let shard = shard.clone();
-    shard.clone().tasks.spawn_local(async move {
-        let response = handshake::error_response(refusal.status(), refusal.to_string().as_bytes());
-        handshake::refuse_and_close(stream, &response).await;
-        shard
-            .refusals_answering
-            .set(shard.refusals_answering.get().saturating_sub(1));
-    });
-}
 
-/// The admission gate for a socket from client `peer`, then its session.
-fn admit(shard: &Rc<Shard>, stream: tokio::net::TcpStream, peer: std::net::SocketAddr) {
-    match shard
-        .gateway
-        .admission
-        .admit(peer.ip(), std::time::Instant::now())
-    {
-        Ok(ticket) => {
-            let session = session::run(shard.clone(), stream, peer, ticket);
-            shard.tasks.spawn_local(session);
-        }
-        Err(refusal) => refuse(shard, stream, refusal),
-    }
-}
 
-/// A socket from a trusted proxy: its PROXY protocol header names the client, who is then
-/// admitted as if it had connected itself. A proxy that sends none is let go.
-async fn accept_proxied(
-    shard: Rc<Shard>,
-    mut stream: tokio::net::TcpStream,
-    proxy: std::net::SocketAddr,
-) {
-    let timeout = shard.gateway.config.limits.handshake_timeout;
-    match tokio::time::timeout(timeout, read_proxy_header(&mut stream)).await {
-        Ok(Ok(client)) => admit(&shard, stream, client.unwrap_or(proxy)),
-        Ok(Err(error)) => {
-            tracing::debug!(%proxy, %error, "connection from a trusted proxy refused");
-            shard
-                .gateway
-                .metrics
-                .connections_total
-                .with_label_values(&["bad_request", Wire::WebSocket.label()])
-                .inc();
-        }
-        Err(_) => tracing::debug!(%proxy, "no PROXY protocol header in time"),
-    }
-}
 
-/// Reads a PROXY protocol v2 header: the client it names, if any.
-async fn read_proxy_header(
-    stream: &mut tokio::net::TcpStream,
-) -> std::io::Result<Option<std::net::SocketAddr>> {
-    use crate::transport::proxy_protocol::{FIXED_LEN, client_address, decode_fixed};
-    use tokio::io::AsyncReadExt;
-    let invalid = |error| std::io::Error::new(std::io::ErrorKind::InvalidData, error);
-    let mut fixed = [0u8; FIXED_LEN];
-    stream.read_exact(&mut fixed).await?;
-    let fixed = decode_fixed(&fixed).map_err(invalid)?;
-    let mut body = vec![0u8; fixed.body_len];
-    stream.read_exact(&mut body).await?;
-    client_address(fixed, &body).map_err(invalid)
-}
 
-async fn run(
-    shard: Rc<Shard>,
-    listener: std::net::TcpListener,
-    commands: mpsc::Receiver<ShardCommand>,
-) {
-    let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(listener) => listener,
-        Err(error) => {
-            tracing::error!(shard = shard.index, %error, "cannot register listener");
-            return;
-        }
-    };
-    let command_task = tokio::task::spawn_local(run_commands(shard.clone(), commands));
-    let sweep = {
-        let shard = shard.clone();
-        async move {
-            let mut tick = tokio::time::interval(SWEEP_INTERVAL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                shard.sweep();
-            }
-        }
-    };
-    let sweep_task = tokio::task::spawn_local(sweep);
-    loop {
-        tokio::select! {
-            _ = shard.shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let proxies = &shard.gateway.config.server.trusted_proxies;
-                    if proxies.iter().any(|proxy| proxy.contains(peer.ip())) {
-                        shard.tasks.spawn_local(accept_proxied(shard.clone(), stream, peer));
-                    } else {
-                        admit(&shard, stream, peer);
-                    }
-                }
-                Err(error) => {
-                    tracing::warn!(shard = shard.index, %error, "accept failed; backing off");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-            }
-        }
-    }
-    drop(listener);
-    sweep_task.abort();
-    // Sessions close with 1001 and fire `$disconnect`; the tracker waits for both.
-    shard.close_all();
-    shard.tasks.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, shard.tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            shard = shard.index,
-            "sessions still closing after {SHUTDOWN_GRACE:?}; abandoning them"
-        );
-    }
-    command_task.abort();
-    // What the sessions and `$disconnect` calls changed last; waiting for the writer is
-    // fine now that the shard has nothing else to do.
-    let changes = std::mem::take(&mut *shard.records.borrow_mut());
-    shard.gateway.records.apply(changes);
-    tracing::debug!(shard = shard.index, "shard stopped");
-}
