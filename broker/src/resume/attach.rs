@@ -27,9 +27,10 @@ use std::time::Duration;
 use crate::connection::Connection;
 use crate::disconnect::DisconnectReason;
 use crate::outbound::Wire;
-use crate::resume::handoff::{Handoff, Resuming};
-use crate::resume::{Refusal, ResumeRequest, ResumeToken, forget_token};
-use crate::session::{self, admit::Accepted};
+use crate::resume::handoff::Resuming;
+use crate::resume::{Refusal, ResumeToken, forget_token};
+use crate::session::admit::{self, Accepted};
+use crate::session::live;
 use crate::shard::Shard;
 
 /// How long a resume waits for an old socket that still looked alive to let go.
@@ -40,61 +41,8 @@ const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(2);
 
 
 
-/// Resumes the connection `resuming` names, or opens a new one that says why not.
-pub(crate) async fn resume(shard: Rc<Shard>, resuming: Resuming) {
-    let (token, received) = match &resuming.resume {
-        ResumeRequest::Resume { token, received } => (token.clone(), *received),
-        ResumeRequest::Malformed => return open_new(shard, resuming, Refusal::Unknown).await,
-    };
-    let gateway = &shard.gateway;
-    let token = where_it_lives(gateway.cluster.as_deref(), token);
-    if token.id.node != gateway.config.server.node_id {
-        // Another node's: in a cluster, the session moves here.
-        return match gateway.cluster.clone() {
-            Some(cluster) => {
-                Box::pin(super::moving::move_in(
-                    shard, resuming, token, received, cluster,
-                ))
-                .await
-            }
-            None => open_new(shard, resuming, Refusal::Unknown).await,
-        };
-    }
-    if token.id.epoch != gateway.epoch {
-        // From before a restart: nothing here to resume.
-        return open_new(shard, resuming, Refusal::Unknown).await;
-    }
-    if token.id.shard != shard.index {
-        let Some(owner) = gateway.shards.get(usize::from(token.id.shard)).cloned() else {
-            return open_new(shard, resuming, Refusal::Unknown).await;
-        };
-        if let Some(handoff) = Handoff::of(resuming) {
-            owner.adopt_resume(handoff).await;
-        }
-        return;
-    }
-    resume_here(shard, resuming, &token, received).await;
-}
 
-/// `token` naming its connection by the id it has now, if this node knows it moved: here
-/// (the token is from before the move that brought it, and names the node it left) or away
-/// from here (the token is from this node; the session lives on elsewhere).
-fn where_it_lives(cluster: Option<&crate::cluster::Cluster>, token: ResumeToken) -> ResumeToken {
-    let Some(cluster) = cluster else {
-        return token;
-    };
-    let here = cluster.here_as(token.id);
-    let id = cluster.moved_to(&here.to_string()).unwrap_or(here);
-    ResumeToken { id, ..token }
-}
 
-/// Continues a resume another shard handed over.
-pub(crate) async fn adopt(shard: Rc<Shard>, handoff: Handoff) {
-    let Ok(resuming) = handoff.into_resuming() else {
-        return;
-    };
-    Box::pin(resume(shard, resuming)).await;
-}
 
 /// Marks a connection as being resumed for as long as it lives.
 pub(crate) struct ResumingGuard(pub(crate) Rc<Connection>);
@@ -105,7 +53,7 @@ impl Drop for ResumingGuard {
     }
 }
 
-async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeToken, received: u64) {
+pub(crate) async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeToken, received: u64) {
     let wire = resuming.answer.wire();
     let claimed = shard
         .resumable(token)
@@ -123,7 +71,7 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
     resuming.request.resumed = true;
     forget_token(&mut resuming.request);
     let facts = connection.facts.clone();
-    let checked = session::admit::check_request(&shard, &facts, &resuming.request).await;
+    let checked = admit::check_request(&shard, &facts, &resuming.request).await;
     let identity = match checked {
         Ok(context) => context,
         Err(refused) => {
@@ -141,7 +89,7 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
         drop(guard);
         return refuse_newcomer(&shard, resuming, refused).await;
     }
-    let protocol = match session::admit::run_connect(&shard, &facts, &resuming.request).await {
+    let protocol = match admit::run_connect(&shard, &facts, &resuming.request).await {
         Ok(protocol) => protocol,
         Err(refused) => {
             drop(guard);
@@ -178,7 +126,7 @@ async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeTok
             }
             metrics.resumes.with_label_values(&["resumed"]).inc();
             metrics.resume_replayed.inc_by(replayed as u64);
-            session::admit::count_handshake(&shard, "resumed", wire);
+            admit::count_handshake(&shard, "resumed", wire);
             tracing::debug!(connection_id = %connection.facts.connection_id, replayed, "connection resumed");
         }
         Err(_) => {
@@ -199,7 +147,7 @@ pub(crate) fn charge_resume(
     shard: &Shard,
     peer: SocketAddr,
     connection: Option<&Connection>,
-) -> Result<(), session::admit::Refused> {
+) -> Result<(), admit::Refused> {
     let charged = match connection {
         None => shard
             .gateway
@@ -208,7 +156,7 @@ pub(crate) fn charge_resume(
         Some(connection) if connection.take_resume() => Ok(()),
         Some(_) => Err(crate::limits::Refusal::ResumeRate),
     };
-    charged.map_err(|refusal| session::admit::Refused {
+    charged.map_err(|refusal| admit::Refused {
         status: refusal.status(),
         body: format!("Too Many Requests: {refusal}").into(),
         result: refusal.label(),
@@ -221,7 +169,7 @@ pub(crate) fn charge_resume(
 pub(crate) async fn refuse_newcomer(
     shard: &Rc<Shard>,
     resuming: Resuming,
-    refused: session::admit::Refused,
+    refused: admit::Refused,
 ) {
     shard
         .gateway
@@ -229,7 +177,7 @@ pub(crate) async fn refuse_newcomer(
         .resumes
         .with_label_values(&["refused"])
         .inc();
-    session::admit::refuse(shard, resuming.answer, refused).await;
+    admit::refuse(shard, resuming.answer, refused).await;
 }
 
 /// Whether the identity the new request established (`context`, the authorizer's) is the
@@ -315,7 +263,7 @@ pub(crate) async fn open_new(shard: Rc<Shard>, mut resuming: Resuming, refusal: 
         ticket,
         ..
     } = resuming;
-    let opened = session::admit::accept_new(&shard, answer, peer, user_agent, host, &request).await;
+    let opened = admit::accept_new(&shard, answer, peer, user_agent, host, &request).await;
     let Some((socket, accepted)) = opened else {
         return;
     };
@@ -323,5 +271,5 @@ pub(crate) async fn open_new(shard: Rc<Shard>, mut resuming: Resuming, refusal: 
         resume_refused: Some(refusal),
         ..accepted
     };
-    session::live::live(shard, socket, accepted, ticket).await;
+    live::live(shard, socket, accepted, ticket).await;
 }

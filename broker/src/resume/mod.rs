@@ -20,6 +20,7 @@ pub mod attach;
 pub mod handoff;
 pub mod moved;
 pub mod moving;
+pub mod route;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;

@@ -37,7 +37,8 @@ use crate::resume::forget_token;
 use crate::resume::moved::{MoveRequest, MovedIn, MovedOut};
 use crate::resume::{Refusal, ResumeToken, SecretHash};
 use crate::rooms::RoomName;
-use crate::session::{self, admit::Accepted};
+use crate::session::admit::{self, Accepted};
+use crate::session::live;
 use crate::shard::Shard;
 
 
@@ -161,7 +162,7 @@ pub(crate) async fn move_in(
     // Who the client is, before anything moves: the old node hands the connection over
     // only to the identity it was opened with, and a refusal leaves it where it is.
     let asking = provisional_facts(&resuming, &token);
-    let principal = match session::admit::check_request(&shard, &asking, &resuming.request).await {
+    let principal = match admit::check_request(&shard, &asking, &resuming.request).await {
         Ok(context) => principal_of(context.as_deref()),
         Err(refused) => return refuse_newcomer(&shard, resuming, refused).await,
     };
@@ -222,13 +223,13 @@ pub(crate) async fn move_in(
     let metrics = &shard.gateway.metrics;
     let wire = resuming.answer.wire();
     let timeout = shard.gateway.config.limits.handshake_timeout;
-    let protocol = match session::admit::run_connect(&shard, &facts, &resuming.request).await {
+    let protocol = match admit::run_connect(&shard, &facts, &resuming.request).await {
         Ok(protocol) => protocol,
         Err(refused) => {
             drop(arrival);
             metrics.resumes.with_label_values(&["refused"]).inc();
             crate::dispatch::fire_disconnect(&shard, facts, DisconnectReason::ResumeRefused);
-            session::admit::refuse(&shard, resuming.answer, refused).await;
+            admit::refuse(&shard, resuming.answer, refused).await;
             return;
         }
     };
@@ -240,7 +241,7 @@ pub(crate) async fn move_in(
     };
     metrics.resumes.with_label_values(&["resumed"]).inc();
     metrics.resume_replayed.inc_by(frames.len() as u64);
-    session::admit::opened(&shard, &facts, wire, "resumed");
+    admit::opened(&shard, &facts, wire, "resumed");
     tracing::debug!(connection_id = %facts.connection_id, from = token.id.node, "connection resumed from another node");
     let accepted = Accepted {
         id: alias,
@@ -263,7 +264,7 @@ pub(crate) async fn move_in(
     };
     // Registering the connection ends the arrival: what waited for it applies then.
     let _arrival = arrival;
-    session::live::live(shard, socket, accepted, resuming.ticket).await;
+    live::live(shard, socket, accepted, resuming.ticket).await;
 }
 
 /// On the node that handed a connection over: asks the node that asked for it whether it

@@ -17,7 +17,10 @@ use crate::disconnect::DisconnectReason;
 use crate::frame::Incoming;
 use crate::limits::InboundLimiter;
 use crate::limits::config::Limits;
+use crate::frame::MessageDecoder;
+use crate::outbound::Wire;
 use crate::transport::Decoder;
+use crate::transport::webtransport::framing::FrameDecoder;
 
 /// One connection's inbound side.
 pub(crate) struct Inbound {
@@ -148,6 +151,17 @@ fn cost(message: &Incoming) -> usize {
         Incoming::Text(text) => text.len(),
         Incoming::Binary(bytes) | Incoming::Ping(bytes) => bytes.len(),
         Incoming::Pong | Incoming::Close(..) => 0,
+    }
+}
+
+/// A fresh decoder for `wire` with the configured limits.
+pub(crate) fn decoder_for(limits: &Limits, wire: Wire) -> Decoder {
+    match wire {
+        Wire::WebSocket => Decoder::WebSocket(MessageDecoder::new(
+            limits.max_frame_bytes,
+            limits.max_message_bytes,
+        )),
+        Wire::WebTransport => Decoder::WebTransport(FrameDecoder::new(limits.max_message_bytes)),
     }
 }
 

@@ -21,20 +21,3 @@ pub(crate) mod open;
 pub(crate) mod serve;
 
 pub use open::{run, run_webtransport};
-
-use crate::frame::MessageDecoder;
-use crate::limits::config::Limits;
-use crate::outbound::Wire;
-use crate::transport::Decoder;
-use crate::transport::webtransport::framing::FrameDecoder;
-
-/// A fresh decoder for `wire` with the configured limits.
-pub(crate) fn decoder_for(limits: &Limits, wire: Wire) -> Decoder {
-    match wire {
-        Wire::WebSocket => Decoder::WebSocket(MessageDecoder::new(
-            limits.max_frame_bytes,
-            limits.max_message_bytes,
-        )),
-        Wire::WebTransport => Decoder::WebTransport(FrameDecoder::new(limits.max_message_bytes)),
-    }
-}

@@ -36,7 +36,7 @@ pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, ticket: 
                 ticket: Some(ticket),
                 ..*resuming
             };
-            Box::pin(resume::attach::resume(shard, resuming)).await;
+            Box::pin(resume::route::resume(shard, resuming)).await;
         }
         None => {}
     }
@@ -60,7 +60,7 @@ pub async fn run_webtransport(
                 ticket: Some(ticket),
                 ..*resuming
             };
-            Box::pin(resume::attach::resume(shard, resuming)).await;
+            Box::pin(resume::route::resume(shard, resuming)).await;
         }
         None => {}
     }

@@ -46,7 +46,7 @@ pub(super) async fn serve(
 ) -> DisconnectReason {
     let stream = connection.stream();
     let limits = &shard.gateway.config.limits;
-    let decoder = super::decoder_for(limits, stream.wire());
+    let decoder = super::inbound::decoder_for(limits, stream.wire());
     let mut inbound = Inbound::new(decoder, limits, std::time::Instant::now());
     inbound.received(&leftover);
     drop(leftover);

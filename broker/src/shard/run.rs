@@ -62,7 +62,7 @@ fn apply(shard: &Rc<Shard>, command: ShardCommand) {
         }
         StartCommand::AdoptResume(handoff) => {
             shard.tasks
-                .spawn_local(resume::attach::adopt(shard.clone(), *handoff));
+                .spawn_local(resume::route::adopt(shard.clone(), *handoff));
         }
     }
 }
