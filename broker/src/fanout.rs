@@ -61,8 +61,6 @@ impl FanoutPlan {
     }
 }
 
-
-
 /// Queues `frame` to the members of `room` on each of `shards`, in order, without waiting
 /// for counts (a client's publish, a broadcast relayed from another node).
 pub async fn relay<'a>(

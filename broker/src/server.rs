@@ -263,7 +263,7 @@ pub async fn serve(
             )))
         })
         .collect();
-    deliverers.extend(Cluster::run(&gateway, &shutdown));
+    deliverers.extend(crate::cluster::duties::run(&gateway, &shutdown));
     let orphan_report = tokio::spawn(report_orphans(gateway.clone(), orphans));
     if let Some(crate::auth::authorizer::Check::Jwks { keys, .. }) =
         gateway.config.authorizer.as_ref().map(|a| &a.check)
@@ -307,7 +307,8 @@ pub async fn serve(
         Some(socket) => {
             let config = (gateway.config.server.webtransport.as_ref())
                 .expect("a WebTransport socket is bound only when it is configured");
-            let started = webtransport::start(socket, config, webtransport_gate(&gateway), &shutdown);
+            let started =
+                webtransport::start(socket, config, webtransport_gate(&gateway), &shutdown);
             Some(started.map_err(|reason| ServeError::Start {
                 what: "WebTransport endpoint",
                 reason,
@@ -452,7 +453,7 @@ fn admission(config: &Config) -> Result<(Arc<Admission>, Arc<OutboundBudget>), S
 /// in cluster mode through the cluster's recovery, which other nodes may have run first.
 async fn report_orphans(gateway: Arc<Gateway>, orphans: Vec<ConnectionRecord>) {
     if gateway.cluster.is_some() {
-        crate::cluster::registry::recover_previous_runs(&gateway, orphans).await;
+        crate::cluster::duties::recover_previous_runs(&gateway, orphans).await;
         return;
     }
     if orphans.is_empty() {

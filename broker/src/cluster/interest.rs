@@ -18,8 +18,8 @@ use futures_util::StreamExt;
 use super::Cluster;
 use crate::connection_id::ConnectionId;
 use crate::fanout;
-use crate::shard::handle::RoomDelivery;
 use crate::rooms::RoomName;
+use crate::shard::handle::RoomDelivery;
 
 const OP: &str = "Sb-Op";
 const EXCLUDE: &str = "Sb-Exclude";

@@ -15,6 +15,7 @@
 //! Without `[cluster]` none of this runs and the gateway is one node, as before.
 
 pub mod config;
+pub mod duties;
 pub mod interest;
 pub mod mirror;
 pub mod queues;
@@ -27,12 +28,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use async_nats::jetstream;
-use tokio_util::sync::CancellationToken;
 
 pub use config::{ClusterConfig, RawCluster};
 
 use crate::connection_id::ConnectionId;
-use crate::gateway::Gateway;
 use crate::metrics::Metrics;
 use crate::shard::handle::ShardHandle;
 use subjects::Subjects;
@@ -291,26 +290,6 @@ impl Cluster {
             arrived: Mutex::new(HashMap::new()),
             moves_asked: Mutex::new(HashMap::new()),
         }))
-    }
-
-    /// Starts the node's background work: answering other nodes, heartbeats and lost-node
-    /// takeovers, the record mirror, the queue deliverers. Each stops at `shutdown`.
-    pub fn run(
-        gateway: &Arc<Gateway>,
-        shutdown: &CancellationToken,
-    ) -> Vec<tokio::task::JoinHandle<()>> {
-        let Some(cluster) = gateway.cluster.clone() else {
-            return Vec::new();
-        };
-        let mut tasks = vec![
-            tokio::spawn(remote::serve(cluster.clone(), shutdown.clone())),
-            tokio::spawn(interest::route_gathers(cluster.clone(), shutdown.clone())),
-            tokio::spawn(mirror::flush_loop(cluster.clone(), shutdown.clone())),
-            tokio::spawn(registry::heartbeat_loop(gateway.clone(), shutdown.clone())),
-            tokio::spawn(registry::watch_loop(gateway.clone(), shutdown.clone())),
-        ];
-        tasks.extend(queues::start_deliverers(gateway, shutdown));
-        tasks
     }
 
     /// Why cluster delivery is broken, if it is.

@@ -22,7 +22,6 @@ use tokio_util::sync::CancellationToken;
 use super::subjects::{Subjects, hex, unhex};
 use super::{Cluster, ClusterError};
 use crate::config::{PushConfig, QueueConfig};
-use crate::gateway::Gateway;
 
 /// The push consumer's name on every queue stream.
 const PUSH_CONSUMER: &str = "switchboard-push";
@@ -322,39 +321,13 @@ impl Cluster {
     }
 }
 
-/// Starts a push deliverer on this node for every queue with `deliver_to`.
-pub fn start_deliverers(
-    gateway: &Arc<Gateway>,
-    shutdown: &CancellationToken,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let Some(cluster) = gateway.cluster.clone() else {
-        return Vec::new();
-    };
-    gateway
-        .config
-        .queues
-        .iter()
-        .filter_map(|queue| {
-            let url = queue.deliver_to.clone()?;
-            Some(tokio::spawn(deliver(
-                cluster.clone(),
-                queue.name.clone(),
-                url,
-                queue.push,
-                gateway.metrics.clone(),
-                shutdown.clone(),
-            )))
-        })
-        .collect()
-}
-
 /// Pulls `queue`'s push consumer a batch at a time and POSTs each batch to `url` until a
 /// 2xx, then acks its messages. Every node runs this, but the consumer pins one node's pull
 /// stream (JetStream priority groups) and delivers only to it, so one node delivers at a
 /// time, in order; when it dies, the pin moves after [`PUSH_PIN_TIMEOUT`] and its unacked
 /// messages are redelivered first. At most `batch_size × max_in_flight` messages are
 /// unacknowledged at once.
-async fn deliver(
+pub(super) async fn deliver(
     cluster: Arc<Cluster>,
     queue: String,
     url: reqwest::Url,

@@ -36,14 +36,6 @@ use crate::shard::Shard;
 /// How long a resume waits for an old socket that still looked alive to let go.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(2);
 
-
-
-
-
-
-
-
-
 /// Marks a connection as being resumed for as long as it lives.
 pub(crate) struct ResumingGuard(pub(crate) Rc<Connection>);
 
@@ -53,7 +45,12 @@ impl Drop for ResumingGuard {
     }
 }
 
-pub(crate) async fn resume_here(shard: Rc<Shard>, mut resuming: Resuming, token: &ResumeToken, received: u64) {
+pub(crate) async fn resume_here(
+    shard: Rc<Shard>,
+    mut resuming: Resuming,
+    token: &ResumeToken,
+    received: u64,
+) {
     let wire = resuming.answer.wire();
     let claimed = shard
         .resumable(token)

@@ -31,18 +31,15 @@ use crate::cluster::{Cluster, MoveOutcome};
 use crate::connection::Earlier;
 use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
-use crate::resume::handoff::Resuming;
 use crate::resume::attach::{charge_resume, claim, open_new, refuse_newcomer};
 use crate::resume::forget_token;
+use crate::resume::handoff::Resuming;
 use crate::resume::moved::{MoveRequest, MovedIn, MovedOut};
 use crate::resume::{Refusal, ResumeToken, SecretHash};
 use crate::rooms::RoomName;
 use crate::session::admit::{self, Accepted};
 use crate::session::live;
 use crate::shard::Shard;
-
-
-
 
 /// On the old node, on the shard that owns connection `id`: checks the request as a local
 /// resume would, then lets go of the connection (`DisconnectReason::Moved`: no

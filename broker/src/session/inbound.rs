@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use crate::disconnect::DisconnectReason;
 use crate::frame::Incoming;
+use crate::frame::MessageDecoder;
 use crate::limits::InboundLimiter;
 use crate::limits::config::Limits;
-use crate::frame::MessageDecoder;
 use crate::outbound::Wire;
 use crate::transport::Decoder;
 use crate::transport::webtransport::framing::FrameDecoder;

@@ -230,10 +230,13 @@ impl ShardHandle {
             frame,
             reply,
         };
-        self.commands.send(command.into()).await.map_err(|e| match e.0 {
-            ShardCommand::State(StateCommand::SendMany { targets, .. }) => targets,
-            _ => Vec::new(),
-        })
+        self.commands
+            .send(command.into())
+            .await
+            .map_err(|e| match e.0 {
+                ShardCommand::State(StateCommand::SendMany { targets, .. }) => targets,
+                _ => Vec::new(),
+            })
     }
 
     /// Closes every connection of the shard for `reason`.

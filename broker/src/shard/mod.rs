@@ -24,22 +24,14 @@ use tokio_util::task::TaskTracker;
 use crate::connection::{Connection, Gone};
 use crate::connection_id::{ConnectionId, IdMinter};
 use crate::disconnect::DisconnectReason;
-use crate::shard::handle::{Delivery, RoomDelivery};
 use crate::gateway::Gateway;
 use crate::integration::HttpIntegration;
 use crate::outbound::{self, SharedFrame};
 use crate::resume::{self, ResumeToken};
 use crate::rooms::{RoomIndex, RoomName};
+use crate::shard::handle::{Delivery, RoomDelivery};
 use arrivals::Held;
 use handle::{ShardHandle, StateCommand, TooManyRooms};
-
-
-
-
-
-
-
-
 
 /// The shard's own state, shared by its tasks through `Rc`.
 pub struct Shard {
@@ -557,7 +549,6 @@ impl Shard {
     }
 }
 
-
 /// Called on the shard with an append's offset, or why it failed.
 pub type QueueAppendDone = Box<dyn FnOnce(Result<u64, AppendFailure>)>;
 
@@ -661,9 +652,3 @@ async fn append_batch_to_jetstream(cluster: &crate::cluster::Cluster, batch: Vec
         }));
     }
 }
-
-
-
-
-
-

@@ -21,9 +21,9 @@ use crate::gateway::Gateway;
 use crate::handshake;
 use crate::integration::HttpIntegration;
 use crate::limits::Refusal;
+use crate::outbound::Wire;
 use crate::resume;
 use crate::rooms::RoomIndex;
-use crate::outbound::Wire;
 use crate::session;
 
 /// Connections written per write pass before the shard looks at its commands again.
@@ -61,7 +61,8 @@ fn apply(shard: &Rc<Shard>, command: ShardCommand) {
             });
         }
         StartCommand::AdoptResume(handoff) => {
-            shard.tasks
+            shard
+                .tasks
                 .spawn_local(resume::route::adopt(shard.clone(), *handoff));
         }
     }
