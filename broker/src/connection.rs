@@ -39,6 +39,17 @@ pub struct ConnectionInfo {
     pub user_agent: String,
 }
 
+impl ConnectionInfo {
+    /// The body of `GET @connections/{id}`, as AWS answers it.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "connectedAt": clock::iso8601(self.connected_at_ms),
+            "identity": {"sourceIp": self.source_ip, "userAgent": self.user_agent},
+            "lastActiveAt": clock::iso8601(self.last_active_at_ms),
+        })
+    }
+}
+
 pub struct Connection {
     pub id: ConnectionId,
     /// The socket (TCP, TLS or WebTransport). Shared by the session (reads, its own

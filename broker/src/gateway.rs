@@ -7,6 +7,7 @@ use switchboard_storage::RecordWriter;
 
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::directory::Directory;
 use crate::limits::{Admission, OutboundBudget};
 use crate::metrics::Metrics;
 use crate::queues::QueueHub;
@@ -29,4 +30,7 @@ pub struct Gateway {
     pub queues: Arc<QueueHub>,
     /// This node's membership of a cluster; `None`: a single node.
     pub cluster: Option<Arc<Cluster>>,
+    /// Where connections and rooms live: every push, bulk send and broadcast goes through
+    /// it, whether there is a cluster or not.
+    pub directory: Directory,
 }

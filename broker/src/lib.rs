@@ -26,6 +26,7 @@ pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod connection_id;
+pub mod directory;
 pub mod disconnect;
 pub mod dispatch;
 pub mod event;

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::directory::Directory;
 use crate::disconnect::DisconnectReason;
 use crate::dispatch;
 use crate::gateway::Gateway;
@@ -234,7 +235,14 @@ pub async fn serve(
         }
         None => None,
     };
+    let directory = Directory::new(
+        config.server.node_id,
+        epoch,
+        shards.clone(),
+        cluster.clone(),
+    );
     let gateway = Arc::new(Gateway {
+        directory,
         outbound_budget: admission.1,
         admission: admission.0,
         config,

@@ -15,7 +15,6 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::Cluster;
-use crate::clock;
 use crate::connection_id::ConnectionId;
 use crate::fanout::{self, FanoutPlan};
 use crate::resume::moved::MoveRequest;
@@ -351,14 +350,7 @@ async fn answer_locally(
             Err(_) => GONE,
         },
         (Op::Describe, _) => match shard.describe(id).await {
-            Ok(info) => {
-                let body = serde_json::json!({
-                    "connectedAt": clock::iso8601(info.connected_at_ms),
-                    "identity": {"sourceIp": info.source_ip, "userAgent": info.user_agent},
-                    "lastActiveAt": clock::iso8601(info.last_active_at_ms),
-                });
-                (200, Bytes::from(body.to_string()))
-            }
+            Ok(info) => (200, Bytes::from(info.to_json().to_string())),
             Err(_) => GONE,
         },
         (Op::Join, Some(room)) => match shard.join(id, room).await {

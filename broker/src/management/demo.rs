@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::ApiState;
+use super::state::ApiState;
 use crate::transport::webtransport::public_host;
 
 const PAGE: &str = include_str!("demo.html");

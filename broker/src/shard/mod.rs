@@ -31,7 +31,7 @@ use crate::resume::{self, ResumeToken};
 use crate::rooms::{RoomIndex, RoomName};
 use crate::shard::handle::{Delivery, RoomDelivery};
 use arrivals::Held;
-use handle::{ShardHandle, StateCommand, TooManyRooms};
+use handle::{StateCommand, TooManyRooms};
 
 /// The shard's own state, shared by its tasks through `Rc`.
 pub struct Shard {
@@ -267,24 +267,14 @@ impl Shard {
         frame: Bytes,
         delivery: RoomDelivery,
     ) {
-        let others: Vec<ShardHandle> = self
-            .gateway
-            .shards
-            .iter()
-            .enumerate()
-            .filter(|(index, _)| *index != usize::from(self.index))
-            .map(|(_, shard)| shard.clone())
-            .collect();
-        let cluster = self.gateway.cluster.clone();
-        if !others.is_empty() || cluster.is_some() {
+        let directory = &self.gateway.directory;
+        if directory.reaches_beyond_one_shard() {
             let in_flight = publisher.start_call();
+            let (directory, from) = (directory.clone(), self.index);
             let (room, frame) = (room.clone(), frame.clone());
             self.tasks.spawn_local(async move {
                 let _in_flight = in_flight;
-                crate::fanout::relay(&others, &room, &frame, delivery).await;
-                if let Some(cluster) = cluster {
-                    cluster.publish_room(&room, frame, delivery).await;
-                }
+                directory.relay(from, &room, frame, delivery).await;
             });
         }
         self.broadcast_local(&room, &outbound::shared(frame), delivery);

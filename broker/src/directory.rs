@@ -1,0 +1,260 @@
+//! Where a connection or a room lives, and the one way to reach it: a connectionId names a
+//! shard of this node, or (cluster mode) another node, or a node it moved away from; a
+//! room has members on every shard and every node. The management API and the shards ask
+//! the directory (push, describe, disconnect, join, leave, bulk, broadcast, members) and
+//! never ask whether there is a cluster: on a single node the directory simply finds
+//! everything here.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::cluster::Cluster;
+use crate::cluster::remote::{Op, RemoteError, Reply};
+use crate::connection_id::ConnectionId;
+use crate::fanout::{self, FanoutPlan};
+use crate::rooms::RoomName;
+use crate::shard::handle::{Delivery, RoomDelivery, ShardHandle};
+
+/// Why a connection could not be reached.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unreached {
+    /// Closed, never issued by this gateway, or on a node that did not answer in time.
+    #[error("connection is gone")]
+    Gone,
+    /// Cluster mode: it lives on another node and the cluster cannot be reached.
+    #[error("cluster unavailable: {0}")]
+    ClusterUnavailable(String),
+    /// A limit refused the call (`limits.max_rooms_per_connection`).
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// The node that holds it refused the call as malformed.
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+/// Where a connection lives.
+enum Place<'a> {
+    Here(ConnectionId, &'a ShardHandle),
+    /// On node `.0`, under id `.2` (its own, or the one it moved to).
+    There(u16, &'a Cluster, String),
+}
+
+/// See the module documentation.
+#[derive(Clone)]
+pub struct Directory {
+    node_id: u16,
+    /// This run's epoch: ids of earlier runs name nothing.
+    epoch: u32,
+    shards: Arc<[ShardHandle]>,
+    cluster: Option<Arc<Cluster>>,
+}
+
+impl Directory {
+    pub fn new(
+        node_id: u16,
+        epoch: u32,
+        shards: Arc<[ShardHandle]>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Self {
+        Self {
+            node_id,
+            epoch,
+            shards,
+            cluster,
+        }
+    }
+
+    /// Queues `frame` (encoded) to connection `id`.
+    pub async fn push(&self, id: &str, frame: Bytes) -> Result<(), Unreached> {
+        match self.locate(id)? {
+            Place::Here(id, shard) => shard.send(id, frame).await.map_err(|_| Unreached::Gone),
+            Place::There(node, cluster, id) => {
+                answered(cluster.call(node, Op::Send, &id, None, frame).await).map(drop)
+            }
+        }
+    }
+
+    /// What `GET @connections/{id}` answers, as JSON.
+    pub async fn describe(&self, id: &str) -> Result<Bytes, Unreached> {
+        match self.locate(id)? {
+            Place::Here(id, shard) => {
+                let info = shard.describe(id).await.map_err(|_| Unreached::Gone)?;
+                Ok(Bytes::from(info.to_json().to_string()))
+            }
+            Place::There(node, cluster, id) => {
+                let reply = cluster.call(node, Op::Describe, &id, None, Bytes::new());
+                answered(reply.await).map(|reply| reply.body)
+            }
+        }
+    }
+
+    /// Asks connection `id` to close (`DELETE @connections/{id}`).
+    pub async fn disconnect(&self, id: &str) -> Result<(), Unreached> {
+        match self.locate(id)? {
+            Place::Here(id, shard) => shard.disconnect(id).await.map_err(|_| Unreached::Gone),
+            Place::There(node, cluster, id) => {
+                let reply = cluster.call(node, Op::Disconnect, &id, None, Bytes::new());
+                answered(reply.await).map(drop)
+            }
+        }
+    }
+
+    /// Makes connection `id` a member of `room`.
+    pub async fn join(&self, id: &str, room: RoomName) -> Result<(), Unreached> {
+        match self.locate(id)? {
+            Place::Here(id, shard) => shard
+                .join(id, room)
+                .await
+                .map_err(|_| Unreached::Gone)?
+                .map_err(|refused| Unreached::LimitExceeded(refused.to_string())),
+            Place::There(node, cluster, id) => {
+                let reply = cluster.call(node, Op::Join, &id, Some(room.as_str()), Bytes::new());
+                answered(reply.await).map(drop)
+            }
+        }
+    }
+
+    /// Takes connection `id` out of `room`.
+    pub async fn leave(&self, id: &str, room: RoomName) -> Result<(), Unreached> {
+        match self.locate(id)? {
+            Place::Here(id, shard) => shard.leave(id, room).await.map_err(|_| Unreached::Gone),
+            Place::There(node, cluster, id) => {
+                let reply = cluster.call(node, Op::Leave, &id, Some(room.as_str()), Bytes::new());
+                answered(reply.await).map(drop)
+            }
+        }
+    }
+
+    /// Queues `frame` to every connection of `ids`, wherever each lives; the indices of
+    /// those that are gone come back sorted.
+    pub async fn send_bulk(&self, ids: &[String], frame: &Bytes) -> Delivery {
+        let cluster = self.cluster.as_deref();
+        // Connections of this node that moved to another one are sent where they live.
+        let ids = match cluster {
+            Some(cluster) => cluster.where_they_live(ids),
+            None => ids.to_vec(),
+        };
+        let mut plan = FanoutPlan::for_ids(
+            &ids,
+            self.node_id,
+            self.epoch,
+            self.shards.len(),
+            cluster.is_some(),
+        );
+        let remote_ids = std::mem::take(&mut plan.remote);
+        let remote = async {
+            match cluster {
+                Some(cluster) if !remote_ids.is_empty() => {
+                    cluster.send_bulk(&remote_ids, &ids, frame).await
+                }
+                _ => Delivery::default(),
+            }
+        };
+        let (mut delivery, remote) =
+            futures_util::join!(fanout::send_bulk(&self.shards, plan, frame), remote);
+        delivery.delivered += remote.delivered;
+        delivery.gone.extend(remote.gone);
+        delivery.gone.sort_unstable();
+        delivery
+    }
+
+    /// Queues `frame` to every member of `room` on every node; returns how many got it.
+    pub async fn broadcast(&self, room: &RoomName, frame: &Bytes, delivery: RoomDelivery) -> usize {
+        let cluster = self.cluster.as_deref();
+        let remote = async {
+            match cluster {
+                Some(cluster) => cluster.broadcast_room(room, frame.clone(), delivery).await,
+                None => 0,
+            }
+        };
+        let here = RoomDelivery {
+            // A connection that moved here is excluded by the id it has here.
+            exclude: match cluster {
+                Some(cluster) => delivery.exclude.map(|id| cluster.here_as(id)),
+                None => delivery.exclude,
+            },
+            ..delivery
+        };
+        let (local, remote) =
+            futures_util::join!(fanout::broadcast(&self.shards, room, frame, here), remote);
+        local + remote
+    }
+
+    /// Relays a message a client of shard `from` published to `room` to the members
+    /// everywhere else (that shard serves its own), without waiting for counts.
+    pub async fn relay(&self, from: u16, room: &RoomName, frame: Bytes, delivery: RoomDelivery) {
+        let others = (self.shards.iter().enumerate())
+            .filter(|(index, _)| *index != usize::from(from))
+            .map(|(_, shard)| shard);
+        fanout::relay(others, room, &frame, delivery).await;
+        if let Some(cluster) = &self.cluster {
+            cluster.publish_room(room, frame, delivery).await;
+        }
+    }
+
+    /// Whether a room can have members beyond one shard: on another shard, or node.
+    pub fn reaches_beyond_one_shard(&self) -> bool {
+        self.shards.len() > 1 || self.cluster.is_some()
+    }
+
+    /// The connectionIds of `room`'s members on every node.
+    pub async fn members(&self, room: &RoomName) -> Vec<String> {
+        let remote = async {
+            match &self.cluster {
+                Some(cluster) => cluster.list_room(room).await,
+                None => Vec::new(),
+            }
+        };
+        let (mut members, remote) =
+            futures_util::join!(fanout::room_members(&self.shards, room), remote);
+        members.extend(remote);
+        members
+    }
+
+    /// Where connection `text` lives. Ids no node of this gateway could have issued are
+    /// gone, like closed ones.
+    fn locate(&self, text: &str) -> Result<Place<'_>, Unreached> {
+        let id: ConnectionId = text.parse().map_err(|_| Unreached::Gone)?;
+        let cluster = self.cluster.as_deref();
+        // A connection of this node whose client resumed on another node lives there now.
+        let moved = cluster.and_then(|cluster| cluster.moved_to(text));
+        if id.node != self.node_id || moved.is_some() {
+            let cluster = cluster.ok_or(Unreached::Gone)?;
+            if let Some(reason) = cluster.degraded() {
+                return Err(Unreached::ClusterUnavailable(reason));
+            }
+            let (node, name) = match moved {
+                Some(alias) => (alias.node, alias.to_string()),
+                None => (id.node, text.to_owned()),
+            };
+            return Ok(Place::There(node, cluster, name));
+        }
+        if id.epoch != self.epoch {
+            return Err(Unreached::Gone);
+        }
+        let shard = self.shards.get(usize::from(id.shard));
+        Ok(Place::Here(id, shard.ok_or(Unreached::Gone)?))
+    }
+}
+
+/// A remote node's answer: gone when the node did not answer in time (see
+/// docs/CLUSTER.md for why), its own error otherwise.
+fn answered(outcome: Result<Reply, RemoteError>) -> Result<Reply, Unreached> {
+    let reply = match outcome {
+        Ok(reply) => reply,
+        Err(RemoteError::Unreachable { .. }) => return Err(Unreached::Gone),
+        Err(RemoteError::Nats(reason)) => return Err(Unreached::ClusterUnavailable(reason)),
+    };
+    let text = || String::from_utf8_lossy(&reply.body).into_owned();
+    match reply.status {
+        200..=299 => Ok(reply),
+        410 => Err(Unreached::Gone),
+        429 => Err(Unreached::LimitExceeded(text())),
+        400 => Err(Unreached::BadRequest(text())),
+        status => Err(Unreached::ClusterUnavailable(format!(
+            "node answered {status}: {}",
+            text()
+        ))),
+    }
+}

@@ -1,0 +1,110 @@
+//! `@rooms`: publish to a room, list its members, and add or remove one, across every
+//! shard and node ([`crate::directory`]).
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::state::{ApiError, ApiState, room_name};
+use crate::connection_id::ConnectionId;
+use crate::frame;
+
+#[derive(Debug, Deserialize)]
+pub(super) struct RoomPublishParams {
+    exclude: Option<String>,
+    /// `1` or `true`: WebTransport members that asked for datagrams get it as one.
+    unreliable: Option<String>,
+}
+
+pub(super) async fn post_to_room(
+    State(state): State<ApiState>,
+    Path((stage, room)): Path<(String, String)>,
+    Query(params): Query<RoomPublishParams>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    state.check_stage(&stage)?;
+    let room = room_name(&room)?;
+    let exclude = params
+        .exclude
+        .map(|id| {
+            id.parse::<ConnectionId>()
+                .map_err(|_| ApiError::BadRequest(format!("exclude: `{id}` is not a connectionId")))
+        })
+        .transpose()?;
+    let unreliable = match params.unreliable.as_deref() {
+        None | Some("0" | "false") => false,
+        Some("1" | "true") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "unreliable: `{other}` is not 1, 0, true or false"
+            )));
+        }
+    };
+    let delivery = crate::shard::handle::RoomDelivery {
+        exclude,
+        unreliable,
+    };
+    let payload = state
+        .read_body(body, state.gateway.config.limits.max_message_bytes)
+        .await?;
+    let started = std::time::Instant::now();
+    let frame = frame::encode_data(&payload);
+    let directory = &state.gateway.directory;
+    let delivered = directory.broadcast(&room, &frame, delivery).await;
+    state.observe_fanout("room", started);
+    Ok(axum::Json(json!({"delivered": delivered})).into_response())
+}
+
+pub(super) async fn get_room(
+    State(state): State<ApiState>,
+    Path((stage, room)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    state.check_stage(&stage)?;
+    let room = room_name(&room)?;
+    let members = state.gateway.directory.members(&room).await;
+    Ok(axum::Json(json!({
+        "room": room.as_str(),
+        "count": members.len(),
+        "connectionIds": members,
+    }))
+    .into_response())
+}
+
+pub(super) async fn put_room_member(
+    State(state): State<ApiState>,
+    Path(path): Path<(String, String, String)>,
+) -> Result<StatusCode, ApiError> {
+    change_membership(&state, path, Membership::Join).await
+}
+
+pub(super) async fn delete_room_member(
+    State(state): State<ApiState>,
+    Path(path): Path<(String, String, String)>,
+) -> Result<StatusCode, ApiError> {
+    change_membership(&state, path, Membership::Leave).await
+}
+
+enum Membership {
+    Join,
+    Leave,
+}
+
+/// `PUT|DELETE @rooms/{room}/connections/{id}`, on the shard that owns the connection.
+async fn change_membership(
+    state: &ApiState,
+    (stage, room, id): (String, String, String),
+    change: Membership,
+) -> Result<StatusCode, ApiError> {
+    state.check_stage(&stage)?;
+    let room = room_name(&room)?;
+    let directory = &state.gateway.directory;
+    let changed = match change {
+        Membership::Join => directory.join(&id, room).await,
+        Membership::Leave => directory.leave(&id, room).await,
+    };
+    changed.map_err(|unreached| ApiError::unreached(id, unreached))?;
+    Ok(StatusCode::NO_CONTENT)
+}
