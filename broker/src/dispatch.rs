@@ -17,9 +17,10 @@ use crate::event::{
 use crate::frame::{self, Incoming, Opcode};
 use crate::gateway::Gateway;
 use crate::integration::{BackendReply, HttpIntegration, IntegrationError};
+use crate::queues::store::AppendFailure;
 use crate::rooms::RoomName;
 use crate::selection::SelectionExpression;
-use crate::shard::{AppendFailure, Shard};
+use crate::shard::Shard;
 use crate::stored_event::{self, StoredMessage};
 
 /// What `$connect` decided.

@@ -11,6 +11,7 @@ use crate::directory::Directory;
 use crate::limits::{Admission, OutboundBudget};
 use crate::metrics::Metrics;
 use crate::queues::QueueHub;
+use crate::queues::store::QueueStore;
 use crate::shard::handle::ShardHandle;
 
 pub struct Gateway {
@@ -26,8 +27,11 @@ pub struct Gateway {
     pub outbound_budget: Arc<OutboundBudget>,
     /// Every shard, by index: where a connectionId's shard number points.
     pub shards: Arc<[ShardHandle]>,
-    /// The durable queues (the local log; in cluster mode, JetStream's streams instead).
+    /// The local queue log (its queue names and offsets; the entries themselves only
+    /// without a cluster).
     pub queues: Arc<QueueHub>,
+    /// Where queue entries are appended, pulled and committed: the local log, or JetStream.
+    pub queue_store: QueueStore,
     /// This node's membership of a cluster; `None`: a single node.
     pub cluster: Option<Arc<Cluster>>,
     /// Where connections and rooms live: every push, bulk send and broadcast goes through

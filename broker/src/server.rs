@@ -18,6 +18,7 @@ use crate::integration::HttpIntegration;
 use crate::limits::{Admission, OutboundBudget};
 use crate::management::{self, ApiState};
 use crate::metrics::Metrics;
+use crate::queues::store::QueueStore;
 use crate::queues::{self, QueueHub};
 use crate::shard;
 use crate::transport::webtransport;
@@ -241,8 +242,13 @@ pub async fn serve(
         shards.clone(),
         cluster.clone(),
     );
+    let queue_store = match &cluster {
+        Some(cluster) => QueueStore::JetStream(cluster.clone()),
+        None => QueueStore::Local(queues.clone()),
+    };
     let gateway = Arc::new(Gateway {
         directory,
+        queue_store,
         outbound_budget: admission.1,
         admission: admission.0,
         config,

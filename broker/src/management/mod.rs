@@ -112,10 +112,8 @@ async fn webtransport_discovery(
 }
 
 async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
-    match &state.gateway.cluster {
-        Some(cluster) => cluster.update_queue_gauges().await,
-        None => state.gateway.queues.update_gauges(&state.gateway.metrics),
-    }
+    let gateway = &state.gateway;
+    gateway.queue_store.update_gauges(&gateway.metrics).await;
     let open_sockets = state.gateway.admission.open();
     state.gateway.metrics.open_sockets.set(open_sockets as i64);
     (

@@ -86,40 +86,13 @@ pub(super) async fn get_queue_messages(
     let group = check_group(params.group.as_deref())?;
     let max = number_param("max", params.max.as_deref(), 100, 1..=MAX_PULL as u64)? as usize;
     let wait = number_param("wait_ms", params.wait_ms.as_deref(), 0, 0..=MAX_WAIT_MS)?;
-    if let Some(cluster) = &state.gateway.cluster {
-        let wait = std::time::Duration::from_millis(wait);
-        let (first, _) = cluster
-            .queue_bounds(&queue)
-            .await
-            .map_err(cluster_queue_error)?;
-        let from = cluster
-            .committed(&queue, group)
-            .await
-            .map_err(cluster_queue_error)?
-            .max(first);
-        let entries = cluster
-            .read_queue(&queue, from, max, wait)
-            .await
-            .map_err(cluster_queue_error)?;
-        let next = entries.last().map_or(from, |e| e.offset + 1);
-        let messages = entries.iter().map(|e| (e.offset, e.payload.to_vec()));
-        return Ok(pull_response(messages, next));
-    }
-    let hub = &state.gateway.queues;
-    let (first, _) = hub.log.bounds(&queue)?;
-    let from = hub.log.committed(&queue, group)?.max(first);
-    let mut read = hub.read(&queue, from, max).await?;
-    if read.entries.is_empty() && wait > 0 {
-        if let Some(mut next) = state.gateway.queues.watch(&queue) {
-            let arrived = next.wait_for(|next| *next > read.next);
-            let _ = tokio::time::timeout(std::time::Duration::from_millis(wait), arrived).await;
-        }
-        read = hub.read(&queue, read.next, max).await?;
-    }
-    Ok(pull_response(
-        crate::queues::events(&queue, read.entries),
-        read.next,
-    ))
+    let wait = std::time::Duration::from_millis(wait);
+    let pulled = state
+        .gateway
+        .queue_store
+        .pull(&queue, group, max, wait)
+        .await?;
+    Ok(pull_response(pulled.messages.into_iter(), pulled.next))
 }
 
 /// The pull's answer: `{"messages": [{"offset", "event"}], "next"}`.
@@ -133,27 +106,11 @@ fn pull_response(entries: impl Iterator<Item = (u64, Vec<u8>)>, next: u64) -> Re
     axum::Json(json!({"messages": messages, "next": next})).into_response()
 }
 
-fn cluster_queue_error(error: crate::cluster::queues::QueueError) -> ApiError {
-    match error {
-        crate::cluster::queues::QueueError::Unknown(queue) => ApiError::UnknownQueue(queue),
-        other => ApiError::ClusterUnavailable(other.to_string()),
-    }
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CommitRequest {
     group: String,
     offset: u64,
-}
-
-fn check_commit_offset(offset: u64, next: u64, queue: &str) -> Result<(), ApiError> {
-    if offset > next {
-        return Err(ApiError::BadRequest(format!(
-            "offset {offset} is past the end of queue {queue} (next offset {next})"
-        )));
-    }
-    Ok(())
 }
 
 /// `POST @queues/{queue}/commit` with `{"group", "offset"}` (the next offset to read).
@@ -168,26 +125,8 @@ pub(super) async fn post_queue_commit(
     let request: CommitRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("malformed commit request: {e}")))?;
     let group = check_group(Some(&request.group))?.to_owned();
-    if let Some(cluster) = &state.gateway.cluster {
-        let (_, next) = cluster
-            .queue_bounds(&queue)
-            .await
-            .map_err(cluster_queue_error)?;
-        check_commit_offset(request.offset, next, &queue)?;
-        let committed = cluster
-            .commit(&queue, &group, request.offset)
-            .await
-            .map_err(cluster_queue_error)?;
-        return Ok(
-            axum::Json(json!({"group": request.group, "offset": committed})).into_response(),
-        );
-    }
-    let log = state.gateway.queues.log.clone();
-    let (_, next) = log.bounds(&queue)?;
-    check_commit_offset(request.offset, next, &queue)?;
-    let committed = tokio::task::spawn_blocking(move || log.commit(&queue, &group, request.offset))
-        .await
-        .map_err(|e| ApiError::BadRequest(format!("commit interrupted: {e}")))??;
+    let store = &state.gateway.queue_store;
+    let committed = store.commit(&queue, &group, request.offset).await?;
     Ok(axum::Json(json!({"group": request.group, "offset": committed})).into_response())
 }
 

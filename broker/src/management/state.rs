@@ -12,6 +12,7 @@ use serde_json::json;
 use crate::auth::sigv4;
 use crate::directory::Unreached;
 use crate::gateway::Gateway;
+use crate::queues::store::QueueStoreError;
 use crate::rooms::RoomName;
 
 /// What every handler needs.
@@ -172,6 +173,17 @@ impl ApiState {
         tokio::time::timeout(timeout, read_body(body, limit))
             .await
             .map_err(|_| ApiError::BodyTimeout(timeout))?
+    }
+}
+
+impl From<QueueStoreError> for ApiError {
+    fn from(error: QueueStoreError) -> Self {
+        match error {
+            QueueStoreError::UnknownQueue(queue) => Self::UnknownQueue(queue),
+            error @ QueueStoreError::PastTheEnd { .. } => Self::BadRequest(error.to_string()),
+            QueueStoreError::Storage(error) => Self::Storage(error),
+            QueueStoreError::Unavailable(reason) => Self::ClusterUnavailable(reason),
+        }
     }
 }
 

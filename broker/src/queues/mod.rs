@@ -2,6 +2,7 @@
 //! land, and the push deliverers that POST each entry to a queue's `deliver_to` URL.
 
 pub mod config;
+pub mod store;
 
 use std::collections::HashMap;
 use std::sync::Arc;

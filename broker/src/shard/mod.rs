@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use switchboard_storage::RecordChanges;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -27,6 +27,7 @@ use crate::disconnect::DisconnectReason;
 use crate::gateway::Gateway;
 use crate::integration::HttpIntegration;
 use crate::outbound::{self, SharedFrame};
+use crate::queues::store::{PendingAppend, QueueAppendDone};
 use crate::resume::{self, ResumeToken};
 use crate::rooms::{RoomIndex, RoomName};
 use crate::shard::handle::{Delivery, RoomDelivery};
@@ -304,10 +305,8 @@ impl Shard {
             let shard = self.clone();
             self.tasks.spawn_local(async move {
                 let batch = std::mem::take(&mut *shard.pending_appends.borrow_mut());
-                match shard.gateway.cluster.clone() {
-                    Some(cluster) => append_batch_to_jetstream(&cluster, batch).await,
-                    None => append_batch(&shard, batch).await,
-                }
+                let gateway = &shard.gateway;
+                gateway.queue_store.append(batch, &gateway.metrics).await;
             });
         }
     }
@@ -536,109 +535,5 @@ impl Shard {
             .get(&sequence)
             .cloned()
             .ok_or(Gone)
-    }
-}
-
-/// Called on the shard with an append's offset, or why it failed.
-pub type QueueAppendDone = Box<dyn FnOnce(Result<u64, AppendFailure>)>;
-
-/// Why a queue append was not stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AppendFailure {
-    /// The data dir's disk is full: the client is told so; the gateway carries on.
-    DiskFull,
-    /// Anything else the storage reported.
-    Storage(String),
-}
-
-impl From<switchboard_storage::StorageError> for AppendFailure {
-    fn from(error: switchboard_storage::StorageError) -> Self {
-        match error {
-            switchboard_storage::StorageError::DiskFull { .. } => Self::DiskFull,
-            other => Self::Storage(other.to_string()),
-        }
-    }
-}
-
-/// An append waiting for the end of the turn: the queue, the entry in its stored form
-/// and its context (see [`crate::stored_event`]), and who to tell.
-struct PendingAppend {
-    queue: std::sync::Arc<str>,
-    context: std::sync::Arc<[u8]>,
-    entry: Vec<u8>,
-    done: QueueAppendDone,
-}
-
-/// Hands a turn's appends to the queue log and runs their completions, in order, once the
-/// last of them is durable.
-async fn append_batch(shard: &Shard, batch: Vec<PendingAppend>) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex, OnceLock};
-
-    let count = batch.len();
-    // Filled by the writer thread, read here after the last one: no lock per entry.
-    let results: Arc<Vec<OnceLock<Result<u64, AppendFailure>>>> =
-        Arc::new((0..count).map(|_| OnceLock::new()).collect());
-    let remaining = Arc::new(AtomicUsize::new(count));
-    let (all_done, finished) = oneshot::channel::<()>();
-    let all_done = Arc::new(Mutex::new(Some(all_done)));
-    let mut appends: Vec<switchboard_storage::Append> = Vec::with_capacity(count);
-    let mut completions = Vec::with_capacity(count);
-    for (index, pending) in batch.into_iter().enumerate() {
-        completions.push(pending.done);
-        let (results, remaining, all_done) = (results.clone(), remaining.clone(), all_done.clone());
-        appends.push(switchboard_storage::Append {
-            queue: pending.queue,
-            context: Some(pending.context),
-            payload: pending.entry,
-            done: Box::new(move |result| {
-                let _ = results[index].set(result.map_err(AppendFailure::from));
-                if remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    let sender = all_done.lock().ok().and_then(|mut s| s.take());
-                    if let Some(sender) = sender {
-                        let _ = sender.send(());
-                    }
-                }
-            }),
-        });
-    }
-    let started = std::time::Instant::now();
-    shard.gateway.queues.log.append_many(appends);
-    let _ = finished.await;
-    shard
-        .gateway
-        .metrics
-        .queue_append_duration
-        .observe(started.elapsed().as_secs_f64());
-    for (index, done) in completions.into_iter().enumerate() {
-        let result = results[index]
-            .get()
-            .cloned()
-            .unwrap_or_else(|| Err(AppendFailure::Storage("the queue log stopped".into())));
-        done(result);
-    }
-}
-
-/// Cluster mode: publishes a turn's appends to JetStream in order, as the event JSON a
-/// backend receives, and runs their completions, in order, once their acks are back.
-async fn append_batch_to_jetstream(cluster: &crate::cluster::Cluster, batch: Vec<PendingAppend>) {
-    let mut appends = Vec::with_capacity(batch.len());
-    let mut completions = Vec::with_capacity(batch.len());
-    let mut events = crate::stored_event::Rebuilder::default();
-    for pending in batch {
-        match events.event(Some(&pending.context), &pending.entry) {
-            Ok(event) => {
-                appends.push((pending.queue.clone(), event));
-                completions.push((pending.queue, pending.done));
-            }
-            Err(error) => (pending.done)(Err(AppendFailure::Storage(error.to_string()))),
-        }
-    }
-    let results = cluster.append_all(appends).await;
-    for ((queue, done), result) in completions.into_iter().zip(results) {
-        done(result.map_err(|error| {
-            tracing::error!(%queue, %error, "queue append not stored by JetStream");
-            AppendFailure::Storage(error.to_string())
-        }));
     }
 }
