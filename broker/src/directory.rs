@@ -10,8 +10,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::cluster::Cluster;
+use crate::cluster::mirror::MirrorRecord;
 use crate::cluster::remote::{Op, RemoteError, Reply};
 use crate::connection_id::ConnectionId;
+use crate::event::ConnectionFacts;
 use crate::fanout::{self, FanoutPlan};
 use crate::rooms::RoomName;
 use crate::shard::handle::{Delivery, RoomDelivery, ShardHandle};
@@ -210,6 +212,41 @@ impl Directory {
             futures_util::join!(fanout::room_members(&self.shards, room), remote);
         members.extend(remote);
         members
+    }
+
+    /// A local connection joined `room`: other nodes send the room's messages here while
+    /// it has members here.
+    pub fn member_joined(&self, room: &RoomName) {
+        if let Some(cluster) = &self.cluster {
+            cluster.member_joined(room);
+        }
+    }
+
+    /// A local connection left `room`.
+    pub fn member_left(&self, room: &RoomName) {
+        if let Some(cluster) = &self.cluster {
+            cluster.member_left(room);
+        }
+    }
+
+    /// A connection opened here: in cluster mode its record is mirrored, for the node that
+    /// reports it if this one is lost.
+    pub fn opened(&self, facts: &ConnectionFacts) {
+        if let Some(cluster) = &self.cluster {
+            cluster.mirror_opened(MirrorRecord::of(facts));
+        }
+    }
+
+    /// A connection of this node was reported (or needs no report): its mirror goes.
+    pub fn closed(&self, connection_id: &str) {
+        if let Some(cluster) = &self.cluster {
+            cluster.mirror_closed(connection_id);
+        }
+    }
+
+    /// Why this node cannot reach the rest of the cluster right now, if it cannot.
+    pub fn degraded(&self) -> Option<String> {
+        self.cluster.as_ref().and_then(|cluster| cluster.degraded())
     }
 
     /// Where connection `text` lives. Ids no node of this gateway could have issued are

@@ -541,9 +541,7 @@ fn send_error(shard: &Shard, connection: &Connection, message: &str, request_id:
 /// lost has been reported by the node that took over: it is only forgotten.
 pub fn fire_disconnect(shard: &Rc<Shard>, facts: ConnectionFacts, reason: DisconnectReason) {
     let forget = |shard: &Shard, connection_id: String| {
-        if let Some(cluster) = &shard.gateway.cluster {
-            cluster.mirror_closed(&connection_id);
-        }
+        shard.gateway.directory.closed(&connection_id);
         shard.record(|changes| changes.remove(connection_id));
     };
     if matches!(reason, DisconnectReason::NodeLost | DisconnectReason::Moved) {

@@ -72,7 +72,7 @@ pub fn router(state: ApiState) -> Router {
 /// `{"status": "ok"}`, or 503 `{"status": "degraded", "reason": …}` while this node's
 /// cluster delivery is broken (it still serves its own clients).
 async fn health(State(state): State<ApiState>) -> Response {
-    match state.gateway.cluster.as_ref().and_then(|c| c.degraded()) {
+    match state.gateway.directory.degraded() {
         None => axum::Json(json!({"status": "ok"})).into_response(),
         Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -90,9 +90,7 @@ pub(crate) async fn live(
         source_ip: connection.facts.source_ip.clone(),
         user_agent: connection.facts.user_agent.clone(),
     };
-    if let Some(cluster) = &gateway.cluster {
-        cluster.mirror_opened(crate::cluster::mirror::MirrorRecord::of(&connection.facts));
-    }
+    gateway.directory.opened(&connection.facts);
     shard.record(|changes| changes.upsert(record));
     // A moved connection's rooms first: calls that waited for it (a leave among them)
     // apply on top of them as it is registered.

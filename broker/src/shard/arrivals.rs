@@ -5,18 +5,18 @@
 //! Pushes, joins, leaves and DELETEs are answered at once (the old node waits only its
 //! request timeout, and must not be told the connection is gone); a GET waits.
 
-use std::rc::Rc;
+use std::collections::HashMap;
 
 use tokio::sync::oneshot;
 
-use super::Shard;
 use super::handle::StateCommand;
+use crate::metrics::Metrics;
 use crate::outbound::{self, SharedFrame, Wire};
 use crate::rooms::RoomName;
 
 /// A call for a connection that is still arriving, applied once it is registered (or
 /// found gone if it never is).
-enum Deferred {
+pub(super) enum Deferred {
     /// A push already answered (and counted) as delivered.
     Frame(SharedFrame),
     /// A call whose caller waits for the answer.
@@ -34,13 +34,13 @@ const MAX_DEFERRED: usize = 1024;
 
 /// The calls held for one arriving connection, and the bytes of their frames.
 pub(super) struct Held {
-    calls: Vec<Deferred>,
+    pub(super) calls: Vec<Deferred>,
     bytes: usize,
     /// The most bytes of frames held (its outbound queue's bound).
     max_bytes: usize,
     /// The rooms it brings: their broadcasts are held for it too (this node listens to
     /// them meanwhile).
-    rooms: Vec<RoomName>,
+    pub(super) rooms: Vec<RoomName>,
 }
 
 impl Held {
@@ -79,91 +79,65 @@ impl Held {
     }
 }
 
-/// Ends an arrival when dropped: what waited for a connection that never registered is
-/// answered as gone.
-pub(crate) struct Arrival {
-    shard: Rc<Shard>,
-    sequence: u64,
-}
+/// Every connection arriving on a shard, by the sequence it will have.
+#[derive(Default)]
+pub(super) struct Arrivals(HashMap<u64, Held>);
 
-impl Drop for Arrival {
-    fn drop(&mut self) {
-        self.shard.arrived(self.sequence);
-    }
-}
-
-impl Shard {
-    /// Holds the calls for connection `sequence`, which is moving here, until it is
-    /// registered or the returned arrival is dropped.
-    pub(crate) fn expect(self: &Rc<Self>, sequence: u64) -> Arrival {
-        let held = Held::new(self.gateway.config.limits.outbound_queue_bytes);
-        self.arriving.borrow_mut().insert(sequence, held);
-        Arrival {
-            shard: self.clone(),
-            sequence,
-        }
+impl Arrivals {
+    /// Holds the calls for connection `sequence`, within `max_bytes` of frames.
+    pub(super) fn expect(&mut self, sequence: u64, max_bytes: usize) {
+        self.0.insert(sequence, Held::new(max_bytes));
     }
 
-    /// Holds the broadcasts to `rooms` for connection `sequence`, which is moving here
-    /// with them, until it is registered (and a member) or its arrival ends.
-    pub(crate) fn expect_rooms(&self, sequence: u64, rooms: &[RoomName]) {
-        if let Some(held) = self.arriving.borrow_mut().get_mut(&sequence) {
-            if let Some(cluster) = &self.gateway.cluster {
-                for room in rooms {
-                    cluster.member_joined(room);
-                }
-            }
-            held.rooms = rooms.to_vec();
-        }
-    }
-
-    /// Applies what waited for connection `sequence`, in order (to it, or as gone).
-    pub(super) fn arrived(self: &Rc<Self>, sequence: u64) {
-        let Some(held) = self.arriving.borrow_mut().remove(&sequence) else {
-            return;
+    /// Holds the broadcasts to `rooms` for connection `sequence` too; false if it is not
+    /// arriving (any more).
+    pub(super) fn expect_rooms(&mut self, sequence: u64, rooms: &[RoomName]) -> bool {
+        let Some(held) = self.0.get_mut(&sequence) else {
+            return false;
         };
-        // Registered, it is a member itself by now (or it never will be).
-        if let Some(cluster) = &self.gateway.cluster {
-            for room in &held.rooms {
-                cluster.member_left(room);
-            }
-        }
-        for call in held.calls {
-            match call {
-                Deferred::Frame(frame) => {
-                    if let Ok(connection) = self.connection(sequence) {
-                        self.enqueue(&connection, &frame);
-                    }
-                }
-                Deferred::Command(command) => self.apply(command),
-            }
-        }
-        self.shed_if_asked();
-        self.work_needed.notify_one();
+        held.rooms = rooms.to_vec();
+        true
+    }
+
+    /// What was held for connection `sequence`, which has arrived (or never will).
+    pub(super) fn take(&mut self, sequence: u64) -> Option<Held> {
+        self.0.remove(&sequence)
+    }
+
+    pub(super) fn get_mut(&mut self, sequence: &u64) -> Option<&mut Held> {
+        self.0.get_mut(sequence)
+    }
+
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = (&u64, &mut Held)> {
+        self.0.iter_mut()
     }
 
     /// Holds `command` if it is for a connection that is still arriving; gives it back
     /// otherwise. A push, a join, a leave and a DELETE are answered at once, as if
     /// applied: the old node that forwarded them waits only its request timeout, and must
     /// not be told the connection is gone. A GET waits for the answer.
-    pub(super) fn defer(&self, command: StateCommand) -> Option<StateCommand> {
+    pub(super) fn defer(
+        &mut self,
+        command: StateCommand,
+        registered: impl FnOnce(u64) -> bool,
+        metrics: &Metrics,
+    ) -> Option<StateCommand> {
         let Some(sequence) = command.sequence() else {
             return Some(command);
         };
-        let mut arriving = self.arriving.borrow_mut();
-        let Some(held) = arriving.get_mut(&sequence) else {
+        let Some(held) = self.0.get_mut(&sequence) else {
             return Some(command);
         };
         let bytes = match &command {
             StateCommand::Send { frame, .. } => frame.len(),
             _ => 0,
         };
-        if !held.has_room(bytes) || self.connections.borrow().contains_key(&sequence) {
+        if !held.has_room(bytes) || registered(sequence) {
             return Some(command);
         }
         let call = match command {
             StateCommand::Send { frame, reply, .. } => {
-                self.gateway.metrics.messages_sent.inc();
+                metrics.messages_sent.inc();
                 let _ = reply.send(Ok(()));
                 Deferred::Frame(outbound::shared(frame))
             }

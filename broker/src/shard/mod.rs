@@ -31,7 +31,7 @@ use crate::queues::store::{PendingAppend, QueueAppendDone};
 use crate::resume::{self, ResumeToken};
 use crate::rooms::{RoomIndex, RoomName};
 use crate::shard::handle::{Delivery, RoomDelivery};
-use arrivals::Held;
+use arrivals::{Arrivals, Deferred};
 use handle::{StateCommand, TooManyRooms};
 
 /// The shard's own state, shared by its tasks through `Rc`.
@@ -61,7 +61,7 @@ pub struct Shard {
     unresumable: RefCell<HashMap<u64, Unresumable>>,
     /// Connections moving here from another node, by the sequence they will have: what
     /// the old node forwards to them before they are registered waits here, in order.
-    arriving: RefCell<HashMap<u64, Held>>,
+    arriving: RefCell<Arrivals>,
     pub http: HttpIntegration,
     /// Every session and every `$disconnect` call, so shutdown can wait for them.
     pub tasks: TaskTracker,
@@ -141,10 +141,8 @@ impl Shard {
             .borrow_mut()
             .remove(&connection.id.sequence);
         let left = self.rooms.borrow_mut().leave_all(connection.id.sequence);
-        if let Some(cluster) = &self.gateway.cluster {
-            for room in &left {
-                cluster.member_left(room);
-            }
+        for room in &left {
+            self.gateway.directory.member_left(room);
         }
         let id = &connection.facts.connection_id;
         self.record(|changes| {
@@ -189,9 +187,7 @@ impl Shard {
             return Err(TooManyRooms(limit));
         }
         if rooms.join(room, sequence, connection.clone()) {
-            if let Some(cluster) = &self.gateway.cluster {
-                cluster.member_joined(room);
-            }
+            self.gateway.directory.member_joined(room);
             self.record(|changes| changes.join(room.as_str(), &connection.facts.connection_id));
         }
         Ok(())
@@ -206,9 +202,7 @@ impl Shard {
     pub fn leave(&self, connection: &Connection, room: &RoomName) {
         let left = self.rooms.borrow_mut().leave(room, connection.id.sequence);
         if left {
-            if let Some(cluster) = &self.gateway.cluster {
-                cluster.member_left(room);
-            }
+            self.gateway.directory.member_left(room);
             self.record(|changes| changes.leave(room.as_str(), &connection.facts.connection_id));
         }
     }
@@ -450,7 +444,10 @@ impl Shard {
     /// Applies a command on its connections and rooms, unless it waits for a connection that
     /// is still arriving.
     pub(super) fn apply(self: &Rc<Self>, command: StateCommand) {
-        let Some(command) = self.defer(command) else {
+        let registered = |sequence| self.connections.borrow().contains_key(&sequence);
+        let deferred =
+            (self.arriving.borrow_mut()).defer(command, registered, &self.gateway.metrics);
+        let Some(command) = deferred else {
             return;
         };
         match command {
@@ -535,5 +532,64 @@ impl Shard {
             .get(&sequence)
             .cloned()
             .ok_or(Gone)
+    }
+}
+
+/// Ends an arrival when dropped: what waited for a connection that never registered is
+/// answered as gone.
+pub(crate) struct Arrival {
+    shard: Rc<Shard>,
+    sequence: u64,
+}
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        self.shard.arrived(self.sequence);
+    }
+}
+
+impl Shard {
+    /// Holds the calls for connection `sequence`, which is moving here, until it is
+    /// registered or the returned arrival is dropped.
+    pub(crate) fn expect(self: &Rc<Self>, sequence: u64) -> Arrival {
+        let max_bytes = self.gateway.config.limits.outbound_queue_bytes;
+        self.arriving.borrow_mut().expect(sequence, max_bytes);
+        Arrival {
+            shard: self.clone(),
+            sequence,
+        }
+    }
+
+    /// Holds the broadcasts to `rooms` for connection `sequence`, which is moving here
+    /// with them, until it is registered (and a member) or its arrival ends.
+    pub(crate) fn expect_rooms(&self, sequence: u64, rooms: &[RoomName]) {
+        if self.arriving.borrow_mut().expect_rooms(sequence, rooms) {
+            for room in rooms {
+                self.gateway.directory.member_joined(room);
+            }
+        }
+    }
+
+    /// Applies what waited for connection `sequence`, in order (to it, or as gone).
+    fn arrived(self: &Rc<Self>, sequence: u64) {
+        let Some(held) = self.arriving.borrow_mut().take(sequence) else {
+            return;
+        };
+        // Registered, it is a member itself by now (or it never will be).
+        for room in &held.rooms {
+            self.gateway.directory.member_left(room);
+        }
+        for call in held.calls {
+            match call {
+                Deferred::Frame(frame) => {
+                    if let Ok(connection) = self.connection(sequence) {
+                        self.enqueue(&connection, &frame);
+                    }
+                }
+                Deferred::Command(command) => self.apply(command),
+            }
+        }
+        self.shed_if_asked();
+        self.work_needed.notify_one();
     }
 }

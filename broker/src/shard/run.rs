@@ -105,7 +105,7 @@ pub fn spawn(
                     refusals_answering: std::cell::Cell::new(0),
                     pending_appends: RefCell::new(Vec::new()),
                     unresumable: RefCell::new(HashMap::new()),
-                    arriving: RefCell::new(HashMap::new()),
+                    arriving: RefCell::default(),
                     http: HttpIntegration::new(),
                     tasks: TaskTracker::new(),
                     shutdown,
