@@ -10,8 +10,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::cluster::Cluster;
-use crate::cluster::mirror::MirrorRecord;
 use crate::cluster::remote::{Op, RemoteError, Reply};
+use crate::cluster::state::mirror::MirrorRecord;
 use crate::connection_id::ConnectionId;
 use crate::event::ConnectionFacts;
 use crate::fanout::{self, FanoutPlan};

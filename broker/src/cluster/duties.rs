@@ -12,9 +12,9 @@ use futures_util::StreamExt;
 use switchboard_storage::ConnectionRecord;
 use tokio_util::sync::CancellationToken;
 
-use super::mirror::MirrorRecord;
 use super::queues::deliver;
 use super::registry::{Registration, Renewal, observe};
+use super::state::mirror::MirrorRecord;
 use crate::disconnect::DisconnectReason;
 use crate::dispatch;
 use crate::gateway::Gateway;

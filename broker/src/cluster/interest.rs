@@ -7,8 +7,7 @@
 //! the request carries a reply inbox and the node takes the answers that arrive within
 //! `cluster.gather_wait_ms`, or stops early once every other live node has answered.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use async_nats::{HeaderMap, StatusCode};
@@ -16,6 +15,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use super::Cluster;
+use super::state::interest::RoomSubscription;
 use crate::connection_id::ConnectionId;
 use crate::fanout;
 use crate::rooms::RoomName;
@@ -27,81 +27,6 @@ const EXCLUDE: &str = "Sb-Exclude";
 const UNRELIABLE: &str = "Sb-Unreliable";
 const BROADCAST: &str = "broadcast";
 const LIST: &str = "list";
-
-/// The rooms this node subscribes to, with how many local members each has.
-pub struct Interest {
-    runtime: tokio::runtime::Handle,
-    rooms: Mutex<HashMap<RoomName, RoomSubscription>>,
-    /// Answers to this node's counts and listings, on one subscription.
-    pub gathers: Arc<Gathers>,
-}
-
-/// Every gather's answers arrive on one wildcard subscription (`{prefix}.{n}`) and are
-/// routed to the gather waiting for them: no subscribe and unsubscribe per broadcast.
-pub struct Gathers {
-    prefix: String,
-    next: std::sync::atomic::AtomicU64,
-    waiting: Mutex<HashMap<u64, tokio::sync::mpsc::UnboundedSender<async_nats::Message>>>,
-}
-
-/// A gather's reply subject; dropping it stops routing answers to it.
-pub struct GatherInbox {
-    pub subject: String,
-    id: u64,
-    gathers: Arc<Gathers>,
-}
-
-impl Drop for GatherInbox {
-    fn drop(&mut self) {
-        if let Ok(mut waiting) = self.gathers.waiting.lock() {
-            waiting.remove(&self.id);
-        }
-    }
-}
-
-impl Gathers {
-    fn new(prefix: String) -> Self {
-        Self {
-            prefix,
-            next: std::sync::atomic::AtomicU64::new(0),
-            waiting: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// A reply subject and the answers that will arrive on it.
-    fn open(
-        self: &Arc<Self>,
-    ) -> (
-        GatherInbox,
-        tokio::sync::mpsc::UnboundedReceiver<async_nats::Message>,
-    ) {
-        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
-        if let Ok(mut waiting) = self.waiting.lock() {
-            waiting.insert(id, sender);
-        }
-        let inbox = GatherInbox {
-            subject: format!("{}.{id}", self.prefix),
-            id,
-            gathers: self.clone(),
-        };
-        (inbox, receiver)
-    }
-
-    fn route(&self, message: async_nats::Message) {
-        let id = message
-            .subject
-            .rsplit('.')
-            .next()
-            .and_then(|n| n.parse::<u64>().ok());
-        let Some(id) = id else { return };
-        if let Ok(waiting) = self.waiting.lock()
-            && let Some(sender) = waiting.get(&id)
-        {
-            let _ = sender.send(message);
-        }
-    }
-}
 
 /// Routes gather answers until the subscription ends (at shutdown).
 pub async fn route_gathers(cluster: Arc<Cluster>, shutdown: tokio_util::sync::CancellationToken) {
@@ -121,32 +46,6 @@ pub async fn route_gathers(cluster: Arc<Cluster>, shutdown: tokio_util::sync::Ca
                 None => break,
             },
         }
-    }
-}
-
-struct RoomSubscription {
-    /// Local members, all shards together.
-    members: usize,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Interest {
-    /// `inbox`: a subject prefix unique to this node, for gather answers.
-    pub fn new(runtime: tokio::runtime::Handle, inbox: String) -> Self {
-        Self {
-            runtime,
-            rooms: Mutex::new(HashMap::new()),
-            gathers: Arc::new(Gathers::new(inbox)),
-        }
-    }
-
-    /// Local members of `room`.
-    fn members(&self, room: &RoomName) -> usize {
-        self.rooms
-            .lock()
-            .ok()
-            .and_then(|rooms| rooms.get(room).map(|r| r.members))
-            .unwrap_or(0)
     }
 }
 

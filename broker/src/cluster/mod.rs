@@ -16,11 +16,13 @@
 
 pub mod config;
 pub mod duties;
+pub mod error;
 pub mod interest;
 pub mod mirror;
 pub mod queues;
 pub mod registry;
 pub mod remote;
+pub mod state;
 pub mod subjects;
 
 use std::collections::HashMap;
@@ -30,6 +32,7 @@ use std::time::Instant;
 use async_nats::jetstream;
 
 pub use config::{ClusterConfig, RawCluster};
+pub use error::ClusterError;
 
 use crate::connection_id::ConnectionId;
 use crate::metrics::Metrics;
@@ -38,28 +41,6 @@ use subjects::Subjects;
 
 /// How long joining retries while JetStream settles (leader elections at a cold start).
 const SETUP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(20);
-
-/// Why the node could not join the cluster.
-#[derive(Debug, thiserror::Error)]
-pub enum ClusterError {
-    #[error("cannot reach NATS at {urls}: {reason}")]
-    Connect { urls: String, reason: String },
-    #[error(
-        "server.node_id {node_id} is held by a live node (started {since}); every node of a \
-         cluster needs its own server.node_id"
-    )]
-    DuplicateNodeId { node_id: u16, since: String },
-    #[error("JetStream is not available on the NATS server ({0}); start nats-server with -js")]
-    JetStream(String),
-    #[error("cluster setup failed: {0}")]
-    Setup(String),
-}
-
-impl ClusterError {
-    fn setup(error: impl std::fmt::Display) -> Self {
-        Self::Setup(error.to_string())
-    }
-}
 
 /// This node's membership of the cluster.
 pub struct Cluster {
@@ -73,10 +54,10 @@ pub struct Cluster {
     metrics: Metrics,
     /// Why cluster delivery is broken right now, if it is (reported by `/health`).
     degraded: Arc<Mutex<Option<String>>>,
-    pub interest: interest::Interest,
-    pub mirror: mirror::Mirror,
+    pub interest: state::interest::Interest,
+    pub mirror: state::mirror::Mirror,
     pub registry: registry::Registry,
-    pub queues: queues::ClusterQueues,
+    pub queues: state::queues::ClusterQueues,
     /// Connections of this node whose clients resumed on another node: connectionId →
     /// the id the other node carries them under, until when. Calls for them are forwarded
     /// there; an entry is dropped once the connection cannot be alive any more.
@@ -254,9 +235,10 @@ impl Cluster {
                 let registry =
                     registry::Registry::open(&jetstream, &subjects, config, node.clone(), replicas)
                         .await?;
-                let mirror = mirror::Mirror::open(&jetstream, &subjects, replicas).await?;
+                let mirror = state::mirror::Mirror::open(&jetstream, &subjects, replicas).await?;
                 let queues =
-                    queues::ClusterQueues::open(&jetstream, &subjects, queues, replicas).await?;
+                    state::queues::ClusterQueues::open(&jetstream, &subjects, queues, replicas)
+                        .await?;
                 Ok::<_, ClusterError>((registry, mirror, queues))
             };
             match setup.await {
@@ -273,7 +255,7 @@ impl Cluster {
         Ok(Arc::new(Self {
             node_id,
             config: config.clone(),
-            interest: interest::Interest::new(
+            interest: state::interest::Interest::new(
                 tokio::runtime::Handle::current(),
                 client.new_inbox(),
             ),

@@ -10,18 +10,18 @@
 //! `batch_size` with up to `max_in_flight` at once; when that node dies its unacked
 //! messages go, first, to the node the pin moves to.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer, kv, stream};
+use async_nats::jetstream::{self, AckKind, consumer, kv};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::subjects::{Subjects, hex, unhex};
-use super::{Cluster, ClusterError};
-use crate::config::{PushConfig, QueueConfig};
+use super::Cluster;
+use super::state::queues::{QueueError, StreamEntry, jetstream_error, offset_key};
+use super::subjects::{hex, unhex};
+use crate::config::PushConfig;
 
 /// The push consumer's name on every queue stream.
 const PUSH_CONSUMER: &str = "switchboard-push";
@@ -44,96 +44,6 @@ const PUSH_PIN_TIMEOUT: Duration = Duration::from_secs(10);
 const BATCH_GATHER: Duration = Duration::from_millis(5);
 /// Longest wait for an entry known to be in the stream.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// An entry read from a queue stream.
-#[derive(Debug, Clone)]
-pub struct StreamEntry {
-    pub offset: u64,
-    pub payload: Bytes,
-}
-
-/// Why a cluster queue operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    #[error("no such queue: {0}")]
-    Unknown(String),
-    #[error("JetStream: {0}")]
-    JetStream(String),
-}
-
-fn jetstream_error(error: impl std::fmt::Display) -> QueueError {
-    QueueError::JetStream(error.to_string())
-}
-
-/// Every queue's stream and the committed offsets.
-pub struct ClusterQueues {
-    streams: HashMap<String, stream::Stream>,
-    offsets: kv::Store,
-    /// Held while a batch of appends is published, so batches do not interleave.
-    publishing: tokio::sync::Mutex<()>,
-}
-
-impl ClusterQueues {
-    pub async fn open(
-        jetstream: &jetstream::Context,
-        subjects: &Subjects,
-        queues: &[QueueConfig],
-        replicas: usize,
-    ) -> Result<Self, ClusterError> {
-        let mut streams = HashMap::new();
-        for queue in queues {
-            let limit = |value: Option<u64>| value.map_or(-1, |v| v.min(i64::MAX as u64) as i64);
-            let config = stream::Config {
-                name: subjects.queue_stream(&queue.name),
-                subjects: vec![subjects.queue(&queue.name)],
-                max_messages: limit(queue.retention.max_messages),
-                max_bytes: limit(queue.retention.max_bytes),
-                max_age: queue.retention.max_age.unwrap_or_default(),
-                num_replicas: replicas,
-                allow_direct: true,
-                ..Default::default()
-            };
-            let stream = jetstream
-                .create_or_update_stream(config)
-                .await
-                .map_err(|e| ClusterError::JetStream(format!("queue {}: {e}", queue.name)))?;
-            let _ = stream;
-            let stream = jetstream
-                .get_stream(subjects.queue_stream(&queue.name))
-                .await
-                .map_err(|e| ClusterError::JetStream(format!("queue {}: {e}", queue.name)))?;
-            streams.insert(queue.name.clone(), stream);
-        }
-        let bucket = subjects.offsets_bucket();
-        let offsets = match jetstream.get_key_value(&bucket).await {
-            Ok(store) => store,
-            Err(_) => jetstream
-                .create_key_value(kv::Config {
-                    bucket,
-                    history: 1,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| ClusterError::JetStream(e.to_string()))?,
-        };
-        Ok(Self {
-            streams,
-            offsets,
-            publishing: tokio::sync::Mutex::new(()),
-        })
-    }
-
-    fn stream(&self, queue: &str) -> Result<&stream::Stream, QueueError> {
-        self.streams
-            .get(queue)
-            .ok_or_else(|| QueueError::Unknown(queue.to_owned()))
-    }
-}
-
-fn offset_key(queue: &str, group: &str) -> String {
-    format!("{}.{}", hex(queue), hex(group))
-}
 
 impl Cluster {
     /// Appends events (queue, payload) in order; each answer is the event's offset once

@@ -25,9 +25,10 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::mirror::MirrorRecord;
+use super::config::ClusterConfig;
+use super::error::ClusterError;
+use super::state::mirror::MirrorRecord;
 use super::subjects::Subjects;
-use super::{ClusterConfig, ClusterError};
 use crate::clock;
 use switchboard_storage::ConnectionRecord;
 

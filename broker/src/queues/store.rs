@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use super::QueueHub;
 use crate::cluster::Cluster;
-use crate::cluster::queues::QueueError;
+use crate::cluster::state::queues::QueueError;
 use crate::metrics::Metrics;
 
 /// Called on the shard with an append's offset, or why it failed.
