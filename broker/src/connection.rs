@@ -14,7 +14,6 @@ use std::io::IoSlice;
 use bytes::Bytes;
 
 use crate::clock;
-use crate::config::ResumeConfig;
 use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
 use crate::event::{ApiFacts, ConnectionFacts};
@@ -22,6 +21,7 @@ use crate::limits::AdmissionTicket;
 use crate::limits::overload::CUT_AT_CROSSING;
 use crate::metrics::Metrics;
 use crate::outbound::{self, MAX_IOVECS, OutboundQueue, PushError, RewindError, SharedFrame};
+use crate::resume::config::ResumeConfig;
 use crate::resume::{self, ResumeToken, Secret, SecretHash};
 use crate::session::lifecycle::{self, ClaimError, Lifecycle, ParkStep, Stop};
 use crate::transport::Socket;

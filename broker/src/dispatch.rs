@@ -10,17 +10,20 @@ use serde_json::Value;
 use crate::clock;
 use crate::config::{CONNECT_ROUTE, DEFAULT_ROUTE, DISCONNECT_ROUTE, Integration, Route};
 use crate::connection::Connection;
+use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
 use crate::event::{
     self, ApiFacts, ConnectionFacts, EventKind, EventStamp, HandshakeRequest, MessageBody,
 };
-use crate::frame::{self, Incoming, Opcode};
+use crate::frame::{self, Incoming};
 use crate::gateway::Gateway;
+use crate::integration::context::{Caller, Message};
 use crate::integration::{BackendReply, HttpIntegration, IntegrationError};
 use crate::queues::store::AppendFailure;
 use crate::rooms::RoomName;
 use crate::selection::SelectionExpression;
 use crate::shard::Shard;
+use crate::shard::handle::{RoomDelivery, TooManyRooms};
 use crate::stored_event::{self, StoredMessage};
 
 /// What `$connect` decided.
@@ -50,11 +53,11 @@ async fn call_backend(
     route: &Route,
     event: Vec<u8>,
 ) -> Result<BackendReply, IntegrationError> {
-    let Integration::Http { url, timeout } = &route.integration else {
+    let Integration::Http(backend) = &route.integration else {
         unreachable!("call_backend is only used for http integrations");
     };
     let started = Instant::now();
-    let result = http.call(url, *timeout, event).await;
+    let result = http.call(&backend.url, backend.timeout, event).await;
     gateway
         .metrics
         .integration_duration
@@ -101,7 +104,7 @@ pub async fn run_connect(
     let Some(route) = gateway.config.routes.get(CONNECT_ROUTE) else {
         return ConnectOutcome::Accept { protocol: None };
     };
-    if !matches!(route.integration, Integration::Http { .. }) {
+    if !matches!(route.integration, Integration::Http(_)) {
         return ConnectOutcome::Accept { protocol: None };
     }
     let event = connect_event(shard, facts, request);
@@ -199,188 +202,101 @@ pub fn route_message(shard: &Rc<Shard>, connection: &Rc<Connection>, message: In
         .messages_received
         .with_label_values(&[route.key.as_str()])
         .inc();
-    let metrics = &gateway.metrics;
-    match &route.integration {
-        Integration::Echo => {
-            let frame = match &message {
-                Incoming::Text(text) => frame::encode(Opcode::Text, text.as_bytes()),
-                Incoming::Binary(bytes) => frame::encode(Opcode::Binary, bytes),
-                _ => return,
-            };
-            let _ = connection.push(frame, metrics);
+    let message = Message {
+        incoming: message,
+        body,
+        respond: route.response,
+    };
+    let caller = Handling {
+        shard,
+        connection,
+        route: &route,
+    };
+    route.integration.run(message, &caller);
+}
+
+/// A message of `connection` being handled by `route`: what its integration acts on.
+struct Handling<'a> {
+    shard: &'a Rc<Shard>,
+    connection: &'a Rc<Connection>,
+    route: &'a std::sync::Arc<Route>,
+}
+
+impl Caller for Handling<'_> {
+    fn id(&self) -> ConnectionId {
+        self.connection.id
+    }
+
+    fn connection_id(&self) -> &str {
+        &self.connection.facts.connection_id
+    }
+
+    fn authorizer_context(&self, expressions: &[Option<&SelectionExpression>]) -> Option<Value> {
+        if !expressions.iter().flatten().any(|e| e.uses_authorizer()) {
+            return None;
         }
-        Integration::Mock { body } => {
-            if route.response {
-                // `$context.connectionId` in a mock body is the caller's id (as in an API
-                // Gateway mapping template): the demo's `whoami`.
-                let body = body.replace("$context.connectionId", &connection.facts.connection_id);
-                let _ = connection.push(frame::encode(Opcode::Text, body.as_bytes()), metrics);
-            }
-        }
-        Integration::Http { .. } => {
-            // Counted from now, not from when the task first runs, so a burst of frames
-            // cannot start more calls than the limit.
-            let in_flight = connection.start_call();
-            let call = call_message_route(shard.clone(), connection.clone(), route, message);
-            shard.tasks.spawn_local(async move {
-                let _in_flight = in_flight;
-                call.await;
-            });
-        }
-        Integration::Queue { queue, ack } => {
-            append_to_queue(shard, connection, &route.key, &message, queue, *ack);
-        }
-        Integration::RoomJoin { room, allow } => {
-            let context = authorizer_context(connection, &[Some(room), allow.as_ref()]);
-            let room = select_room(shard, connection, room, &body, context.as_ref());
-            let room = room.filter(|room| {
-                allowed(
-                    shard,
-                    connection,
-                    room,
-                    allow.as_ref(),
-                    &body,
-                    context.as_ref(),
-                )
-            });
-            if let Some(room) = room
-                && let Err(refused) = shard.join(connection, &room)
-            {
-                let request_id = shard.ids.borrow_mut().request_id();
-                send_error(
-                    shard,
-                    connection,
-                    &format!("Limit exceeded: {refused}"),
-                    &request_id,
-                );
-            }
-        }
-        Integration::RoomLeave { room } => {
-            let context = authorizer_context(connection, &[Some(room)]);
-            if let Some(room) = select_room(shard, connection, room, &body, context.as_ref()) {
-                shard.leave(connection, &room);
-            }
-        }
-        Integration::RoomPublish {
-            room,
-            allow,
-            data,
-            exclude_sender,
-            members_only,
-            unreliable,
-        } => {
-            let context =
-                authorizer_context(connection, &[Some(room), allow.as_ref(), data.as_ref()]);
-            let context = context.as_ref();
-            let Some(room) = select_room(shard, connection, room, &body, context) else {
-                return;
-            };
-            if !allowed(shard, connection, &room, allow.as_ref(), &body, context) {
-                return;
-            }
-            let frame = match (data, &message) {
-                (Some(data), _) => match data.evaluate_in(&body, context) {
-                    Some(payload) => frame::encode(Opcode::Text, payload.as_bytes()),
-                    None => {
-                        let request_id = shard.ids.borrow_mut().request_id();
-                        let reason = format!("Bad request: {} selected no data", data.source());
-                        send_error(shard, connection, &reason, &request_id);
-                        return;
-                    }
-                },
-                (None, Incoming::Text(text)) => frame::encode(Opcode::Text, text.as_bytes()),
-                (None, Incoming::Binary(bytes)) => frame::encode(Opcode::Binary, bytes),
-                (None, _) => return,
-            };
-            if *members_only && !shard.is_member(connection, &room) {
-                metrics.refused.with_label_values(&["not_a_member"]).inc();
-                let request_id = shard.ids.borrow_mut().request_id();
-                let reason = format!("Forbidden: not a member of room {room}");
-                send_error(shard, connection, &reason, &request_id);
-                return;
-            }
-            let delivery = crate::shard::handle::RoomDelivery {
-                exclude: exclude_sender.then_some(connection.id),
-                unreliable: *unreliable,
-            };
-            shard.publish(connection, room, frame, delivery);
-        }
+        let raw = self.connection.facts.authorizer.as_deref()?;
+        serde_json::from_str(raw.get()).ok()
+    }
+
+    fn reply(&self, frame: Bytes) {
+        let _ = self.connection.push(frame, &self.shard.gateway.metrics);
+    }
+
+    fn fail(&self, reason: &str) {
+        let request_id = self.shard.ids.borrow_mut().request_id();
+        send_error(self.shard, self.connection, reason, &request_id);
+    }
+
+    fn count_refusal(&self, reason: &'static str) {
+        let refused = &self.shard.gateway.metrics.refused;
+        refused.with_label_values(&[reason]).inc();
+    }
+
+    fn join(&self, room: &RoomName) -> Result<(), TooManyRooms> {
+        self.shard.join(self.connection, room)
+    }
+
+    fn leave(&self, room: &RoomName) {
+        self.shard.leave(self.connection, room);
+    }
+
+    fn is_member(&self, room: &RoomName) -> bool {
+        self.shard.is_member(self.connection, room)
+    }
+
+    fn publish(&self, room: RoomName, frame: Bytes, delivery: RoomDelivery) {
+        self.shard.publish(self.connection, room, frame, delivery);
+    }
+
+    fn call_backend(&self, message: Message) {
+        // Counted from now, not from when the task first runs, so a burst of frames
+        // cannot start more calls than the limit.
+        let in_flight = self.connection.start_call();
+        let (shard, connection) = (self.shard.clone(), self.connection.clone());
+        let call = call_message_route(shard, connection, self.route.clone(), message.incoming);
+        self.shard.tasks.spawn_local(async move {
+            let _in_flight = in_flight;
+            call.await;
+        });
+    }
+
+    fn append(&self, message: &Message, queue: &std::sync::Arc<str>, ack: bool) {
+        let (shard, connection) = (self.shard, self.connection);
+        append_to_queue(
+            shard,
+            connection,
+            &self.route.key,
+            &message.incoming,
+            queue,
+            ack,
+        );
     }
 }
 
 /// Route keys only the gateway selects.
 fn is_reserved_route(key: &str) -> bool {
     key == CONNECT_ROUTE || key == DISCONNECT_ROUTE
-}
-
-/// The connection's authorizer context as JSON, when one of `expressions` reads it.
-fn authorizer_context(
-    connection: &Connection,
-    expressions: &[Option<&SelectionExpression>],
-) -> Option<Value> {
-    if !expressions.iter().flatten().any(|e| e.uses_authorizer()) {
-        return None;
-    }
-    let raw = connection.facts.authorizer.as_deref()?;
-    serde_json::from_str(raw.get()).ok()
-}
-
-/// Whether the authorizer context lets the connection use `room` (always, without an
-/// `allow`): the rooms it names, as a list or a comma-separated string, each exact or a
-/// `prefix*`. A refusal is an error frame `Forbidden: ...` and a metric.
-fn allowed(
-    shard: &Shard,
-    connection: &Connection,
-    room: &RoomName,
-    allow: Option<&SelectionExpression>,
-    body: &Value,
-    context: Option<&Value>,
-) -> bool {
-    let Some(allow) = allow else {
-        return true;
-    };
-    let permits = |pattern: &str| match pattern.trim().strip_suffix('*') {
-        Some(prefix) => room.as_str().starts_with(prefix),
-        None => pattern.trim() == room.as_str(),
-    };
-    let granted = match allow.select_value(body, context) {
-        Some(Value::Array(rooms)) => rooms.iter().filter_map(Value::as_str).any(permits),
-        Some(Value::String(rooms)) => rooms.split(',').any(permits),
-        _ => false,
-    };
-    if !granted {
-        shard
-            .gateway
-            .metrics
-            .refused
-            .with_label_values(&["room_not_allowed"])
-            .inc();
-        let request_id = shard.ids.borrow_mut().request_id();
-        let reason = format!("Forbidden: room {room} is not allowed for this connection");
-        send_error(shard, connection, &reason, &request_id);
-    }
-    granted
-}
-
-/// Evaluates a room expression (with the authorizer `context`, if it reads it); on a
-/// missing or invalid name the client gets an error frame and `None` comes back.
-fn select_room(
-    shard: &Shard,
-    connection: &Connection,
-    expression: &SelectionExpression,
-    body: &Value,
-    context: Option<&Value>,
-) -> Option<RoomName> {
-    let problem = match expression.evaluate_in(body, context) {
-        None => format!("Bad request: {} selected no room", expression.source()),
-        Some(name) => match RoomName::parse(&name) {
-            Ok(room) => return Some(room),
-            Err(error) => format!("Bad request: invalid room name: {error}"),
-        },
-    };
-    let request_id = shard.ids.borrow_mut().request_id();
-    send_error(shard, connection, &problem, &request_id);
-    None
 }
 
 async fn call_message_route(
@@ -627,7 +543,7 @@ pub async fn report_disconnect(
     let Some(route) = gateway.config.routes.get(DISCONNECT_ROUTE) else {
         return;
     };
-    if !matches!(route.integration, Integration::Http { .. }) {
+    if !matches!(route.integration, Integration::Http(_)) {
         return;
     }
     let description = reason.description();

@@ -24,7 +24,7 @@ fn no_module_imports_one_that_imports_it_back() {
     for krate in CRATES {
         let graph = Graph::of(&root.join(krate));
         for cycle in graph.cycles() {
-            let names: Vec<String> = cycle.iter().map(|m| name(m)).collect();
+            let names: Vec<String> = cycle.iter().map(name).collect();
             cycles.push(format!("{krate}: {}", names.join(", ")));
         }
     }
@@ -185,7 +185,8 @@ fn strip(source: &str) -> String {
     let bytes = source.as_bytes();
     let mut out = String::with_capacity(source.len());
     let mut i = 0;
-    let word_before = |i: usize| i > 0 && (bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+    let word_before =
+        |i: usize| i > 0 && (bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
     while i < bytes.len() {
         let rest = &source[i..];
         if rest.starts_with("//") {
@@ -411,7 +412,8 @@ fn code_paths(code: &str) -> Vec<Vec<String>> {
     let is_ident = |c: char| c.is_alphanumeric() || c == '_';
     let mut i = 0;
     while i < chars.len() {
-        let starts = is_ident(chars[i]) && (i == 0 || (!is_ident(chars[i - 1]) && chars[i - 1] != ':'));
+        let starts =
+            is_ident(chars[i]) && (i == 0 || (!is_ident(chars[i - 1]) && chars[i - 1] != ':'));
         if !starts {
             i += 1;
             continue;
@@ -424,7 +426,11 @@ fn code_paths(code: &str) -> Vec<Vec<String>> {
                 j += 1;
             }
             path.push(chars[word_start..j].iter().collect::<String>());
-            if j + 2 < chars.len() && chars[j] == ':' && chars[j + 1] == ':' && is_ident(chars[j + 2]) {
+            if j + 2 < chars.len()
+                && chars[j] == ':'
+                && chars[j + 1] == ':'
+                && is_ident(chars[j + 2])
+            {
                 j += 2;
             } else {
                 break;
@@ -448,7 +454,11 @@ fn resolve(
     let first = path.first()?;
     let full: Vec<String> = match first.as_str() {
         "crate" => path[1..].to_vec(),
-        "self" => module.iter().cloned().chain(path[1..].iter().cloned()).collect(),
+        "self" => module
+            .iter()
+            .cloned()
+            .chain(path[1..].iter().cloned())
+            .collect(),
         "super" => {
             let mut base = module.clone();
             let mut rest = path;

@@ -14,13 +14,14 @@ pub mod check;
 pub use crate::auth::config::RawAuthorizer;
 use crate::integration::config::validate_routes;
 pub use crate::integration::config::{
-    CONNECT_ROUTE, DEFAULT_ROUTE, DISCONNECT_ROUTE, Integration, RawIntegration, RawRoute, Route,
-    RouteTable,
+    CONNECT_ROUTE, DEFAULT_ROUTE, DISCONNECT_ROUTE, RawRoute, Route, RouteTable,
 };
+pub use crate::integration::registry::{Integration, RawIntegration};
 pub use crate::limits::config::{InboundRate, Limits, RawLimits};
 pub use crate::management::config::{ManagementConfig, RawAwsKey, RawManagement};
 use crate::queues::config::check_queue_name;
 pub use crate::queues::config::{PushConfig, QueueConfig, RawQueue, RawStorage, StorageConfig};
+pub use crate::resume::config::ResumeConfig;
 pub use crate::transport::tls::RawTls;
 pub use crate::transport::webtransport::config::RawWebTransport;
 pub use check::ConfigError;
@@ -174,16 +175,6 @@ pub struct ApiConfig {
     pub resume: Option<ResumeConfig>,
 }
 
-/// How resumable connections are kept (`api.resume*`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ResumeConfig {
-    /// How long a dropped connection waits for its client.
-    pub window: Duration,
-    /// The resend buffer: data frames kept after writing, at most this many and bytes.
-    pub buffer_frames: usize,
-    pub buffer_bytes: usize,
-}
-
 impl RawConfig {
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))
@@ -275,9 +266,11 @@ impl RawConfig {
             })
             .collect::<Result<_, _>>()?;
         for (key, route) in &self.routes {
-            let RawIntegration::Queue {
-                queue, deliver_to, ..
-            } = &route.integration
+            let RawIntegration::Queue(crate::integration::queue::RawQueue {
+                queue,
+                deliver_to,
+                ..
+            }) = &route.integration
             else {
                 continue;
             };

@@ -98,14 +98,13 @@ fn every_config_key_is_in_the_reference() {
     let written: toml::Table = toml::from_str(&raw.to_toml()).unwrap();
     let mut code = std::collections::BTreeSet::new();
     key_paths("", &written, &mut code);
-    let reference: std::collections::BTreeSet<String> =
-        include_str!("../../../docs/REFERENCE.md")
-            .lines()
-            .filter_map(|line| line.strip_prefix("| `"))
-            .filter_map(|rest| rest.split('`').next())
-            .filter(|name| name.contains('.') && !name.starts_with('/'))
-            .map(str::to_owned)
-            .collect();
+    let reference: std::collections::BTreeSet<String> = include_str!("../../../docs/REFERENCE.md")
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `"))
+        .filter_map(|rest| rest.split('`').next())
+        .filter(|name| name.contains('.') && !name.starts_with('/'))
+        .map(str::to_owned)
+        .collect();
     assert_eq!(code, reference);
 }
 
@@ -147,8 +146,7 @@ fn webtransport_keys_are_checked() {
             .contains("server.webtransport.quic_idle_timeout_secs")
     );
     assert!(
-        error_of("[server.webtransport]\nlisten = \"nope\"")
-            .contains("server.webtransport.listen")
+        error_of("[server.webtransport]\nlisten = \"nope\"").contains("server.webtransport.listen")
     );
 }
 
@@ -208,9 +206,8 @@ fn default_shards_leave_a_core_spare() {
 fn unknown_keys_are_named() {
     assert!(error_of("[server]\nlisten_addr = \"x\"").contains("listen_addr"));
     assert!(error_of("[bogus]\n").contains("bogus"));
-    let err = error_of(
-        "[routes.a]\nintegration = { type = \"http\", url = \"http://x\", extra = 1 }",
-    );
+    let err =
+        error_of("[routes.a]\nintegration = { type = \"http\", url = \"http://x\", extra = 1 }");
     assert!(err.contains("extra"), "{err}");
     let err = error_of("[routes.a]\nintegration = { type = \"carrier_pigeon\" }");
     assert!(err.contains("carrier_pigeon"), "{err}");
@@ -233,15 +230,12 @@ fn bad_values_are_named() {
             .contains("limits.max_message_bytes")
     );
     assert!(
-        error_of("[limits]\nmax_message_bytes = 100000000")
-            .contains("limits.max_message_bytes")
+        error_of("[limits]\nmax_message_bytes = 100000000").contains("limits.max_message_bytes")
     );
     assert!(error_of("[management]\nlisten = \"0.0.0.0:9090\"").contains("management.tokens"));
     let err = error_of("[routes.a]\nintegration = { type = \"http\", url = \"ftp://x\" }");
     assert!(err.contains("routes.\"a\".integration.url"), "{err}");
-    assert!(
-        error_of("[routes.\"$weird\"]\nintegration = { type = \"echo\" }").contains("$weird")
-    );
+    assert!(error_of("[routes.\"$weird\"]\nintegration = { type = \"echo\" }").contains("$weird"));
     assert!(error_of("[limits]\nidle_timeout_secs = -1").contains("idle_timeout_secs"));
     let err = error_of("[routes.j]\nintegration = { type = \"room_join\", room = \"${x\" }");
     assert!(err.contains("routes.\"j\".integration.room"), "{err}");

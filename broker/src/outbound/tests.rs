@@ -146,8 +146,7 @@ fn a_shared_frame_is_charged_once_while_any_queue_holds_it() {
     let account = Rc::new(ShardAccount::new(std::sync::Arc::new(OutboundBudget::new(
         1 << 30,
     ))));
-    let counted =
-        || OutboundQueue::new(Wire::WebSocket, 10, 10_000).counted_in(account.clone());
+    let counted = || OutboundQueue::new(Wire::WebSocket, 10, 10_000).counted_in(account.clone());
     let (mut a, mut b) = (counted(), counted());
     let broadcast = text("to everyone");
     let len = broadcast.bytes(Wire::WebSocket).len();

@@ -17,6 +17,7 @@
 //! the session parks and resumes it, and the shard keeps parked connections findable.
 
 pub mod attach;
+pub mod config;
 pub mod handoff;
 pub mod moved;
 pub mod moving;

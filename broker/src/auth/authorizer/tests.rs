@@ -103,8 +103,7 @@ fn jwt_verdicts() {
         serde_json::json!({"sub": "alice", "iss": "https://issuer.test", "aud": "switchboard", "exp": now() + 60, "room": "lobby"}),
         "s3cret",
     );
-    let Verdict::Allowed(context) = authorizer.authorize(&request(&[("token", &good)], &[]))
-    else {
+    let Verdict::Allowed(context) = authorizer.authorize(&request(&[("token", &good)], &[])) else {
         panic!("a good token is allowed");
     };
     let context: Value = serde_json::from_str(context.get()).unwrap();
@@ -226,8 +225,7 @@ fn api_keys_name_the_key_not_its_value() {
         source: TokenSource::Header("x-api-key".into()),
         check: Check::ApiKeys(vec!["k-one".into(), "k-two".into()]),
     };
-    let Verdict::Allowed(context) =
-        authorizer.authorize(&request(&[], &[("X-Api-Key", "k-two")]))
+    let Verdict::Allowed(context) = authorizer.authorize(&request(&[], &[("X-Api-Key", "k-two")]))
     else {
         panic!("a known key is allowed");
     };

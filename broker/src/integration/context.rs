@@ -1,0 +1,49 @@
+//! What an integration gets to work with: the message (its frame and its body parsed once,
+//! for the selection expressions) and the [`Caller`], through which it acts on the
+//! connection that sent it. The shard's dispatch implements the caller; integrations know
+//! nothing of shards or sockets.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::connection_id::ConnectionId;
+use crate::frame::Incoming;
+use crate::rooms::RoomName;
+use crate::selection::SelectionExpression;
+use crate::shard::handle::{RoomDelivery, TooManyRooms};
+
+/// A client's data message, on its way through its route.
+pub struct Message {
+    pub incoming: Incoming,
+    /// The frame's JSON (`null` for binary or non-JSON frames).
+    pub body: Value,
+    /// Whether the route sends the integration's answer back (`routes.KEY.response`).
+    pub respond: bool,
+}
+
+/// The connection a message came from, as an integration may act on it.
+pub trait Caller {
+    fn id(&self) -> ConnectionId;
+    /// Its connectionId, as clients and backends see it.
+    fn connection_id(&self) -> &str;
+    /// Its authorizer context as JSON, when one of `expressions` reads it.
+    fn authorizer_context(&self, expressions: &[Option<&SelectionExpression>]) -> Option<Value>;
+    /// Queues an encoded frame to it.
+    fn reply(&self, frame: Bytes);
+    /// Sends it the AWS-style error frame (`{"message", "connectionId", "requestId"}`);
+    /// the connection stays open.
+    fn fail(&self, reason: &str);
+    /// Counts a refusal in `switchboard_refused_total{reason}`.
+    fn count_refusal(&self, reason: &'static str);
+    fn join(&self, room: &RoomName) -> Result<(), TooManyRooms>;
+    fn leave(&self, room: &RoomName);
+    fn is_member(&self, room: &RoomName) -> bool;
+    /// Sends `frame` to `room`'s members everywhere.
+    fn publish(&self, room: RoomName, frame: Bytes, delivery: RoomDelivery);
+    /// Calls the route's backend with the MESSAGE event, in the background.
+    fn call_backend(&self, message: Message);
+    /// Appends the MESSAGE event to `queue`; with `ack`, acked once it is durable.
+    fn append(&self, message: &Message, queue: &Arc<str>, ack: bool);
+}

@@ -1,0 +1,37 @@
+//! `type = "echo"`: sends the client's frame back to it.
+
+use serde::{Deserialize, Serialize};
+
+use super::context::{Caller, Message};
+use crate::config::check::ConfigError;
+use crate::frame::{self, Incoming, Opcode};
+
+pub const KIND: &str = "echo";
+
+/// `type = "echo"`, as written: no keys.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEcho {}
+
+#[derive(Debug, Clone)]
+pub struct Echo;
+
+impl RawEcho {
+    pub fn validate(&self, _path: &str) -> Result<Echo, ConfigError> {
+        Ok(Echo)
+    }
+}
+
+impl Echo {
+    /// Its answer is its point: a route answers by default.
+    pub const RESPONDS: bool = true;
+
+    pub fn run(&self, message: Message, caller: &dyn Caller) {
+        let frame = match &message.incoming {
+            Incoming::Text(text) => frame::encode(Opcode::Text, text.as_bytes()),
+            Incoming::Binary(bytes) => frame::encode(Opcode::Binary, bytes),
+            _ => return,
+        };
+        caller.reply(frame);
+    }
+}

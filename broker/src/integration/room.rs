@@ -1,0 +1,247 @@
+//! `type = "room_join" | "room_leave" | "room_publish"`: room operations built in, so a chat
+//! needs no backend for them. The room (and a publish's payload) come from the frame or the
+//! authorizer context through selection expressions; `allow` names the rooms the
+//! authorizer context permits (never the frame). A refusal is an error frame and a metric;
+//! the connection stays open.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::context::{Caller, Message};
+use super::expression::{allow_expression, expression};
+use crate::config::check::ConfigError;
+use crate::frame::{self, Incoming, Opcode};
+use crate::rooms::RoomName;
+use crate::selection::SelectionExpression;
+use crate::shard::handle::RoomDelivery;
+
+pub const JOIN: &str = "room_join";
+pub const LEAVE: &str = "room_leave";
+pub const PUBLISH: &str = "room_publish";
+
+/// `type = "room_join"`, as written.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoomJoin {
+    pub room: String,
+    /// `$context.authorizer.<path>`: the rooms (a list, or a comma-separated string;
+    /// `prefix*` patterns) the authorizer lets this connection join; absent: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<String>,
+}
+
+/// `type = "room_leave"`, as written.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoomLeave {
+    pub room: String,
+}
+
+/// `type = "room_publish"`, as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoomPublish {
+    pub room: String,
+    /// As for `room_join`: the rooms it may publish to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<String>,
+    /// What to send; default: the whole frame.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    #[serde(default)]
+    pub exclude_sender: bool,
+    /// Only members of the room may publish to it.
+    #[serde(default = "yes")]
+    pub members_only: bool,
+    /// Latest-value-wins data: WebTransport members that asked for datagrams get it as
+    /// one (QUIC does not retransmit it).
+    #[serde(default)]
+    pub unreliable: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone)]
+pub struct RoomJoin {
+    room: SelectionExpression,
+    allow: Option<SelectionExpression>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoomLeave {
+    room: SelectionExpression,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoomPublish {
+    room: SelectionExpression,
+    allow: Option<SelectionExpression>,
+    data: Option<SelectionExpression>,
+    exclude_sender: bool,
+    members_only: bool,
+    unreliable: bool,
+}
+
+impl RawRoomJoin {
+    pub fn validate(&self, path: &str) -> Result<RoomJoin, ConfigError> {
+        Ok(RoomJoin {
+            room: expression(path, "room", &self.room)?,
+            allow: allow_expression(path, self.allow.as_deref())?,
+        })
+    }
+}
+
+impl RawRoomLeave {
+    pub fn validate(&self, path: &str) -> Result<RoomLeave, ConfigError> {
+        Ok(RoomLeave {
+            room: expression(path, "room", &self.room)?,
+        })
+    }
+}
+
+impl RawRoomPublish {
+    pub fn validate(&self, path: &str) -> Result<RoomPublish, ConfigError> {
+        let data = self.data.as_deref();
+        Ok(RoomPublish {
+            room: expression(path, "room", &self.room)?,
+            allow: allow_expression(path, self.allow.as_deref())?,
+            data: data.map(|d| expression(path, "data", d)).transpose()?,
+            exclude_sender: self.exclude_sender,
+            members_only: self.members_only,
+            unreliable: self.unreliable,
+        })
+    }
+}
+
+impl RoomJoin {
+    pub const RESPONDS: bool = false;
+
+    pub fn run(&self, message: Message, caller: &dyn Caller) {
+        let context = caller.authorizer_context(&[Some(&self.room), self.allow.as_ref()]);
+        let context = context.as_ref();
+        let Some(room) = select_room(caller, &self.room, &message.body, context) else {
+            return;
+        };
+        if !allowed(caller, &room, self.allow.as_ref(), &message.body, context) {
+            return;
+        }
+        if let Err(refused) = caller.join(&room) {
+            caller.fail(&format!("Limit exceeded: {refused}"));
+        }
+    }
+}
+
+impl RoomLeave {
+    pub const RESPONDS: bool = false;
+
+    pub fn run(&self, message: Message, caller: &dyn Caller) {
+        let context = caller.authorizer_context(&[Some(&self.room)]);
+        if let Some(room) = select_room(caller, &self.room, &message.body, context.as_ref()) {
+            caller.leave(&room);
+        }
+    }
+}
+
+impl RoomPublish {
+    pub const RESPONDS: bool = false;
+
+    pub fn run(&self, message: Message, caller: &dyn Caller) {
+        let expressions = [Some(&self.room), self.allow.as_ref(), self.data.as_ref()];
+        let context = caller.authorizer_context(&expressions);
+        let context = context.as_ref();
+        let body = &message.body;
+        let Some(room) = select_room(caller, &self.room, body, context) else {
+            return;
+        };
+        if !allowed(caller, &room, self.allow.as_ref(), body, context) {
+            return;
+        }
+        let Some(frame) = self.payload(&message, caller, context) else {
+            return;
+        };
+        if self.members_only && !caller.is_member(&room) {
+            caller.count_refusal("not_a_member");
+            caller.fail(&format!("Forbidden: not a member of room {room}"));
+            return;
+        }
+        let delivery = RoomDelivery {
+            exclude: self.exclude_sender.then(|| caller.id()),
+            unreliable: self.unreliable,
+        };
+        caller.publish(room, frame, delivery);
+    }
+
+    /// The frame to send: what `data` selects, or the client's frame as it is.
+    fn payload(
+        &self,
+        message: &Message,
+        caller: &dyn Caller,
+        context: Option<&Value>,
+    ) -> Option<Bytes> {
+        match (&self.data, &message.incoming) {
+            (Some(data), _) => match data.evaluate_in(&message.body, context) {
+                Some(payload) => Some(frame::encode(Opcode::Text, payload.as_bytes())),
+                None => {
+                    caller.fail(&format!("Bad request: {} selected no data", data.source()));
+                    None
+                }
+            },
+            (None, Incoming::Text(text)) => Some(frame::encode(Opcode::Text, text.as_bytes())),
+            (None, Incoming::Binary(bytes)) => Some(frame::encode(Opcode::Binary, bytes)),
+            (None, _) => None,
+        }
+    }
+}
+
+/// Evaluates a room expression (with the authorizer `context`, if it reads it); on a
+/// missing or invalid name the client gets an error frame and `None` comes back.
+fn select_room(
+    caller: &dyn Caller,
+    expression: &SelectionExpression,
+    body: &Value,
+    context: Option<&Value>,
+) -> Option<RoomName> {
+    let problem = match expression.evaluate_in(body, context) {
+        None => format!("Bad request: {} selected no room", expression.source()),
+        Some(name) => match RoomName::parse(&name) {
+            Ok(room) => return Some(room),
+            Err(error) => format!("Bad request: invalid room name: {error}"),
+        },
+    };
+    caller.fail(&problem);
+    None
+}
+
+/// Whether the authorizer context lets the connection use `room` (always, without an
+/// `allow`): the rooms it names, as a list or a comma-separated string, each exact or a
+/// `prefix*`. A refusal is an error frame `Forbidden: ...` and a metric.
+fn allowed(
+    caller: &dyn Caller,
+    room: &RoomName,
+    allow: Option<&SelectionExpression>,
+    body: &Value,
+    context: Option<&Value>,
+) -> bool {
+    let Some(allow) = allow else {
+        return true;
+    };
+    let permits = |pattern: &str| match pattern.trim().strip_suffix('*') {
+        Some(prefix) => room.as_str().starts_with(prefix),
+        None => pattern.trim() == room.as_str(),
+    };
+    let granted = match allow.select_value(body, context) {
+        Some(Value::Array(rooms)) => rooms.iter().filter_map(Value::as_str).any(permits),
+        Some(Value::String(rooms)) => rooms.split(',').any(permits),
+        _ => false,
+    };
+    if !granted {
+        caller.count_refusal("room_not_allowed");
+        caller.fail(&format!(
+            "Forbidden: room {room} is not allowed for this connection"
+        ));
+    }
+    granted
+}
