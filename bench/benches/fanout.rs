@@ -9,9 +9,9 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use std::hint::black_box;
 use switchboard::connection_id::IdMinter;
 use switchboard::fanout::FanoutPlan;
-use switchboard::frame::{self, Opcode};
 use switchboard::limits::{OutboundBudget, ShardAccount};
 use switchboard::management::BulkRequest;
+use switchboard::message::Message;
 use switchboard::outbound::{self, OutboundQueue, Wire};
 use switchboard::rooms::{RoomIndex, RoomName};
 
@@ -46,13 +46,13 @@ fn room_of(
 
 fn room_broadcast(c: &mut Criterion) {
     let room = RoomName::parse("bench").unwrap();
-    let encoded = frame::encode(Opcode::Text, &[b'x'; 128]);
+    let message = Message::text(vec![b'x'; 128]);
     let mut group = c.benchmark_group("fanout");
     group.throughput(Throughput::Elements(MEMBERS as u64));
     // What a shard does per recipient of a broadcast: walk the room index, push a
-    // refcounted clone of the one encoded frame onto the member's bounded queue. Each
-    // broadcast is a new frame, so with WebTransport members its WebTransport encoding is
-    // made once, at the first of them. Queues are drained between iterations, as the write
+    // refcounted clone of the one shared message onto the member's bounded queue. Each
+    // broadcast is a new message, so each transport's encoding is made once, at the first
+    // of its members. Queues are drained between iterations, as the write
     // pass would.
     let account = Rc::new(ShardAccount::new(Arc::new(OutboundBudget::new(1 << 40))));
     for (name, webtransport_every, counted) in [
@@ -63,7 +63,7 @@ fn room_broadcast(c: &mut Criterion) {
         let index = room_of(&room, webtransport_every, counted);
         group.bench_function(name, |b| {
             b.iter(|| {
-                let frame = outbound::shared(encoded.clone());
+                let frame = outbound::shared(message.clone());
                 let mut delivered = 0;
                 for (_, queue) in index.members(&room) {
                     if queue.borrow_mut().push(frame.clone()).is_ok() {

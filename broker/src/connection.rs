@@ -11,14 +11,13 @@ use std::time::Instant;
 
 use std::io::IoSlice;
 
-use bytes::Bytes;
-
 use crate::clock;
 use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
 use crate::event::{ApiFacts, ConnectionFacts};
 use crate::limits::AdmissionTicket;
 use crate::limits::overload::CUT_AT_CROSSING;
+use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::outbound::{self, MAX_IOVECS, OutboundQueue, PushError, RewindError, SharedFrame};
 use crate::resume::config::ResumeConfig;
@@ -147,16 +146,16 @@ impl Connection {
             .clone()
     }
 
-    /// Queues an encoded frame, counts it as sent and wakes the session to write it (the
-    /// path for a connection's own replies).
-    pub fn push(&self, frame: Bytes, metrics: &Metrics) -> Result<(), Gone> {
-        self.enqueue(outbound::shared(frame), metrics)?;
+    /// Queues a message, counts it as sent and wakes the session to write it (the path for
+    /// a connection's own replies).
+    pub fn push(&self, message: Message, metrics: &Metrics) -> Result<(), Gone> {
+        self.enqueue(outbound::shared(message), metrics)?;
         metrics.messages_sent.inc();
         self.wake();
         Ok(())
     }
 
-    /// Queues an encoded frame without waking anyone: the caller (the shard's fan-out)
+    /// Queues a shared message without waking anyone: the caller (the shard's fan-out)
     /// writes it, and counts it, in batches. A connection that cannot take it is closed as a
     /// slow consumer and reports [`Gone`].
     pub fn enqueue(&self, frame: SharedFrame, metrics: &Metrics) -> Result<(), Gone> {

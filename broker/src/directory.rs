@@ -15,6 +15,7 @@ use crate::cluster::state::mirror::MirrorRecord;
 use crate::connection_id::ConnectionId;
 use crate::event::ConnectionFacts;
 use crate::fanout::{self, FanoutPlan};
+use crate::message::Message;
 use crate::rooms::RoomName;
 use crate::shard::handle::{Delivery, RoomDelivery, ShardHandle};
 
@@ -67,12 +68,13 @@ impl Directory {
         }
     }
 
-    /// Queues `frame` (encoded) to connection `id`.
-    pub async fn push(&self, id: &str, frame: Bytes) -> Result<(), Unreached> {
+    /// Queues `message` to connection `id`.
+    pub async fn push(&self, id: &str, message: Message) -> Result<(), Unreached> {
         match self.locate(id)? {
-            Place::Here(id, shard) => shard.send(id, frame).await.map_err(|_| Unreached::Gone),
+            Place::Here(id, shard) => shard.send(id, message).await.map_err(|_| Unreached::Gone),
             Place::There(node, cluster, id) => {
-                answered(cluster.call(node, Op::Send, &id, None, frame).await).map(drop)
+                let portable = message.to_portable();
+                answered(cluster.call(node, Op::Send, &id, None, portable).await).map(drop)
             }
         }
     }
@@ -128,9 +130,9 @@ impl Directory {
         }
     }
 
-    /// Queues `frame` to every connection of `ids`, wherever each lives; the indices of
+    /// Queues `message` to every connection of `ids`, wherever each lives; the indices of
     /// those that are gone come back sorted.
-    pub async fn send_bulk(&self, ids: &[String], frame: &Bytes) -> Delivery {
+    pub async fn send_bulk(&self, ids: &[String], message: &Message) -> Delivery {
         let cluster = self.cluster.as_deref();
         // Connections of this node that moved to another one are sent where they live.
         let ids = match cluster {
@@ -148,25 +150,30 @@ impl Directory {
         let remote = async {
             match cluster {
                 Some(cluster) if !remote_ids.is_empty() => {
-                    cluster.send_bulk(&remote_ids, &ids, frame).await
+                    cluster.send_bulk(&remote_ids, &ids, message).await
                 }
                 _ => Delivery::default(),
             }
         };
         let (mut delivery, remote) =
-            futures_util::join!(fanout::send_bulk(&self.shards, plan, frame), remote);
+            futures_util::join!(fanout::send_bulk(&self.shards, plan, message), remote);
         delivery.delivered += remote.delivered;
         delivery.gone.extend(remote.gone);
         delivery.gone.sort_unstable();
         delivery
     }
 
-    /// Queues `frame` to every member of `room` on every node; returns how many got it.
-    pub async fn broadcast(&self, room: &RoomName, frame: &Bytes, delivery: RoomDelivery) -> usize {
+    /// Queues `message` to every member of `room` on every node; returns how many got it.
+    pub async fn broadcast(
+        &self,
+        room: &RoomName,
+        message: &Message,
+        delivery: RoomDelivery,
+    ) -> usize {
         let cluster = self.cluster.as_deref();
         let remote = async {
             match cluster {
-                Some(cluster) => cluster.broadcast_room(room, frame.clone(), delivery).await,
+                Some(cluster) => cluster.broadcast_room(room, message, delivery).await,
                 None => 0,
             }
         };
@@ -179,19 +186,25 @@ impl Directory {
             ..delivery
         };
         let (local, remote) =
-            futures_util::join!(fanout::broadcast(&self.shards, room, frame, here), remote);
+            futures_util::join!(fanout::broadcast(&self.shards, room, message, here), remote);
         local + remote
     }
 
     /// Relays a message a client of shard `from` published to `room` to the members
     /// everywhere else (that shard serves its own), without waiting for counts.
-    pub async fn relay(&self, from: u16, room: &RoomName, frame: Bytes, delivery: RoomDelivery) {
+    pub async fn relay(
+        &self,
+        from: u16,
+        room: &RoomName,
+        message: Message,
+        delivery: RoomDelivery,
+    ) {
         let others = (self.shards.iter().enumerate())
             .filter(|(index, _)| *index != usize::from(from))
             .map(|(_, shard)| shard);
-        fanout::relay(others, room, &frame, delivery).await;
+        fanout::relay(others, room, &message, delivery).await;
         if let Some(cluster) = &self.cluster {
-            cluster.publish_room(room, frame, delivery).await;
+            cluster.publish_room(room, &message, delivery).await;
         }
     }
 

@@ -15,10 +15,11 @@ use crate::disconnect::DisconnectReason;
 use crate::event::{
     self, ApiFacts, ConnectionFacts, EventKind, EventStamp, HandshakeRequest, MessageBody,
 };
-use crate::frame::{self, Incoming};
+use crate::frame::Incoming;
 use crate::gateway::Gateway;
-use crate::integration::context::{Caller, Message};
+use crate::integration::context::{self, Caller};
 use crate::integration::{BackendReply, HttpIntegration, IntegrationError};
+use crate::message::Message;
 use crate::queues::store::AppendFailure;
 use crate::rooms::RoomName;
 use crate::selection::SelectionExpression;
@@ -202,7 +203,7 @@ pub fn route_message(shard: &Rc<Shard>, connection: &Rc<Connection>, message: In
         .messages_received
         .with_label_values(&[route.key.as_str()])
         .inc();
-    let message = Message {
+    let message = context::Received {
         incoming: message,
         body,
         respond: route.response,
@@ -239,8 +240,8 @@ impl Caller for Handling<'_> {
         serde_json::from_str(raw.get()).ok()
     }
 
-    fn reply(&self, frame: Bytes) {
-        let _ = self.connection.push(frame, &self.shard.gateway.metrics);
+    fn reply(&self, message: Message) {
+        let _ = self.connection.push(message, &self.shard.gateway.metrics);
     }
 
     fn fail(&self, reason: &str) {
@@ -265,11 +266,11 @@ impl Caller for Handling<'_> {
         self.shard.is_member(self.connection, room)
     }
 
-    fn publish(&self, room: RoomName, frame: Bytes, delivery: RoomDelivery) {
-        self.shard.publish(self.connection, room, frame, delivery);
+    fn publish(&self, room: RoomName, message: Message, delivery: RoomDelivery) {
+        self.shard.publish(self.connection, room, message, delivery);
     }
 
-    fn call_backend(&self, message: Message) {
+    fn call_backend(&self, message: context::Received) {
         // Counted from now, not from when the task first runs, so a burst of frames
         // cannot start more calls than the limit.
         let in_flight = self.connection.start_call();
@@ -281,7 +282,7 @@ impl Caller for Handling<'_> {
         });
     }
 
-    fn append(&self, message: &Message, queue: &std::sync::Arc<str>, ack: bool) {
+    fn append(&self, message: &context::Received, queue: &std::sync::Arc<str>, ack: bool) {
         let (shard, connection) = (self.shard, self.connection);
         append_to_queue(
             shard,
@@ -330,7 +331,7 @@ async fn call_message_route(
                 tracing::debug!(route = %route.key, status = reply.status, "backend returned a non-2xx statusCode");
             }
             if let Some(body) = reply.body.filter(|_| route.response) {
-                let _ = connection.push(frame::encode_data(&body), &shard.gateway.metrics);
+                let _ = connection.push(Message::data(body), &shard.gateway.metrics);
             }
         }
         Ok(reply) => {

@@ -2,12 +2,12 @@
 //!
 //! A room broadcast is one command per shard; a bulk push is planned here (ids decoded and
 //! split by owning shard, without touching any connection) and then sent as one command
-//! per shard. Every recipient gets a refcounted clone of the same frame.
+//! per shard. Every recipient on a shard shares one copy of the message.
 
-use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::connection_id::ConnectionId;
+use crate::message::Message;
 use crate::rooms::RoomName;
 use crate::shard::handle::{Delivery, RoomDelivery, ShardHandle};
 
@@ -61,30 +61,30 @@ impl FanoutPlan {
     }
 }
 
-/// Queues `frame` to the members of `room` on each of `shards`, in order, without waiting
+/// Queues `message` to the members of `room` on each of `shards`, in order, without waiting
 /// for counts (a client's publish, a broadcast relayed from another node).
 pub async fn relay<'a>(
     shards: impl IntoIterator<Item = &'a ShardHandle>,
     room: &RoomName,
-    frame: &Bytes,
+    message: &Message,
     delivery: RoomDelivery,
 ) {
     for shard in shards {
         let _ = shard
-            .broadcast(room.clone(), frame.clone(), delivery, None)
+            .broadcast(room.clone(), message.clone(), delivery, None)
             .await;
     }
 }
 
-/// Sends `frame` to every member of `room` on every shard; returns how many got it.
+/// Sends `message` to every member of `room` on every shard; returns how many got it.
 /// All shards work in parallel: every command is sent before any answer is awaited.
 pub async fn broadcast(
     shards: &[ShardHandle],
     room: &RoomName,
-    frame: &Bytes,
+    message: &Message,
     delivery: RoomDelivery,
 ) -> usize {
-    start_broadcast(shards, room, frame, delivery)
+    start_broadcast(shards, room, message, delivery)
         .await
         .total()
         .await
@@ -96,14 +96,14 @@ pub async fn broadcast(
 pub async fn start_broadcast(
     shards: &[ShardHandle],
     room: &RoomName,
-    frame: &Bytes,
+    message: &Message,
     delivery: RoomDelivery,
 ) -> BroadcastCount {
     let mut answers = Vec::with_capacity(shards.len());
     for shard in shards {
         let (reply, answer) = oneshot::channel();
         if shard
-            .broadcast(room.clone(), frame.clone(), delivery, Some(reply))
+            .broadcast(room.clone(), message.clone(), delivery, Some(reply))
             .await
             .is_ok()
         {
@@ -127,8 +127,8 @@ impl BroadcastCount {
     }
 }
 
-/// Sends `frame` to every target of `plan`.
-pub async fn send_bulk(shards: &[ShardHandle], plan: FanoutPlan, frame: &Bytes) -> Delivery {
+/// Sends `message` to every target of `plan`.
+pub async fn send_bulk(shards: &[ShardHandle], plan: FanoutPlan, message: &Message) -> Delivery {
     let mut delivery = Delivery {
         delivered: 0,
         gone: plan.invalid,
@@ -139,7 +139,7 @@ pub async fn send_bulk(shards: &[ShardHandle], plan: FanoutPlan, frame: &Bytes) 
             continue;
         }
         let (reply, answer) = oneshot::channel();
-        match shard.send_many(targets, frame.clone(), reply).await {
+        match shard.send_many(targets, message.clone(), reply).await {
             Ok(()) => answers.push(answer),
             Err(targets) => delivery
                 .gone

@@ -76,23 +76,6 @@ fn put_header(frame: &mut BytesMut, first: u8, mask_bit: u8, len: usize) {
     }
 }
 
-/// A text frame if `payload` is UTF-8, else a binary one (the `@connections` rule).
-pub fn encode_data(payload: &[u8]) -> Bytes {
-    if std::str::from_utf8(payload).is_ok() {
-        encode(Opcode::Text, payload)
-    } else {
-        encode(Opcode::Binary, payload)
-    }
-}
-
-/// A close frame with `code` and a reason cut to fit a control frame.
-pub fn encode_close(code: u16, reason: &str) -> Bytes {
-    let mut payload = Vec::with_capacity(2 + reason.len().min(123));
-    payload.extend_from_slice(&code.to_be_bytes());
-    payload.extend_from_slice(truncate_utf8(reason, 123).as_bytes());
-    encode(Opcode::Close, &payload)
-}
-
 fn header_len(payload_len: usize) -> usize {
     match payload_len {
         0..=125 => 2,
@@ -101,7 +84,8 @@ fn header_len(payload_len: usize) -> usize {
     }
 }
 
-fn truncate_utf8(text: &str, max: usize) -> &str {
+/// `text` cut to at most `max` bytes, on a character boundary.
+pub fn truncate_utf8(text: &str, max: usize) -> &str {
     let mut end = text.len().min(max);
     while !text.is_char_boundary(end) {
         end -= 1;

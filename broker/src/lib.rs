@@ -37,6 +37,7 @@ pub mod handshake;
 pub mod integration;
 pub mod limits;
 pub mod management;
+pub mod message;
 pub mod metrics;
 pub mod outbound;
 pub mod protocol;

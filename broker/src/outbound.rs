@@ -1,10 +1,9 @@
-//! A connection's bounded queue of encoded frames waiting to be written.
+//! A connection's bounded queue of messages waiting to be written.
 //!
-//! Frames are [`SharedFrame`]s: one encoded frame shared by every recipient of a
-//! broadcast on a shard through a non-atomic `Rc` (a queue never leaves its shard, so no
-//! recipient pays for an atomic refcount). A frame is encoded for WebSocket; the first
-//! WebTransport recipient on a shard adds its WebTransport encoding, which the others
-//! share: once per transport, never once per member. The writer drains the queue with vectored
+//! Frames are [`SharedFrame`]s: one [`Message`] shared by every recipient of a broadcast
+//! on a shard through a non-atomic `Rc` (a queue never leaves its shard, so no recipient
+//! pays for an atomic refcount). The first recipient on each transport encodes it for that
+//! transport and the others share the encoding: once per transport, never once per member. The writer drains the queue with vectored
 //! writes, so whatever piled up while the socket was busy leaves in one system call.
 //! Overflow rule: a push that would exceed either bound is refused, and the caller
 //! disconnects the connection as a slow consumer.
@@ -21,15 +20,16 @@ use std::rc::Rc;
 use bytes::Bytes;
 
 use crate::limits::overload::{Charge, ShardAccount, footprint};
-use crate::transport::webtransport::framing;
+use crate::message::Message;
 
-/// An encoded frame as queued: shared within one shard.
+/// A message as queued: shared within one shard.
 pub type SharedFrame = Rc<OutboundFrame>;
 
-/// Shares a WebSocket-encoded frame between the recipients on this shard.
-pub fn shared(websocket: Bytes) -> SharedFrame {
+/// Shares `message` between its recipients on this shard.
+pub fn shared(message: Message) -> SharedFrame {
     Rc::new(OutboundFrame {
-        websocket,
+        message,
+        websocket: OnceCell::new(),
         webtransport: OnceCell::new(),
         datagram: OnceCell::new(),
         in_queues: std::cell::Cell::new(0),
@@ -53,11 +53,13 @@ impl Wire {
     }
 }
 
-/// One message encoded for each transport that receives it.
+/// One message, encoded for each transport that receives it.
 #[derive(Debug)]
 pub struct OutboundFrame {
-    websocket: Bytes,
-    /// Made from the WebSocket encoding at the first WebTransport recipient.
+    message: Message,
+    /// Encoded at its first WebSocket recipient.
+    websocket: OnceCell<Bytes>,
+    /// Encoded at its first WebTransport recipient.
     webtransport: OnceCell<Bytes>,
     /// The same as a QUIC datagram, at the first recipient of one.
     datagram: OnceCell<Bytes>,
@@ -72,24 +74,23 @@ impl OutboundFrame {
     /// The frame's bytes on `wire`.
     pub fn bytes(&self, wire: Wire) -> &[u8] {
         match wire {
-            Wire::WebSocket => &self.websocket,
-            Wire::WebTransport => self
-                .webtransport
-                .get_or_init(|| framing::from_websocket(&self.websocket)),
+            Wire::WebSocket => self.websocket.get_or_init(|| self.message.websocket()),
+            Wire::WebTransport => (self.webtransport).get_or_init(|| self.message.webtransport()),
         }
     }
 
     /// The frame as a WebTransport datagram (`[kind][payload]`).
     pub fn datagram(&self) -> &Bytes {
-        self.datagram
-            .get_or_init(|| framing::datagram_from_websocket(&self.websocket))
+        self.datagram.get_or_init(|| self.message.datagram())
+    }
+
+    pub fn message(&self) -> &Message {
+        &self.message
     }
 
     /// A text or binary message (what a client counts), not a control frame.
     fn is_data(&self) -> bool {
-        use crate::frame::Opcode;
-        let opcode = self.websocket.first().map_or(0, |b| b & 0x0f);
-        opcode == Opcode::Text as u8 || opcode == Opcode::Binary as u8
+        self.message.is_data()
     }
 }
 
@@ -312,16 +313,16 @@ impl OutboundQueue {
         }
     }
 
-    /// Empties the queue, returning the frames' WebSocket encodings in order (a connection
-    /// moving to another node takes them along).
-    pub fn take_frames(&mut self) -> Vec<Bytes> {
+    /// Empties the queue, returning its messages in order (a connection moving to another
+    /// node takes them along).
+    pub fn take_frames(&mut self) -> Vec<Message> {
         for queued in &self.frames {
             self.leave(&queued.frame);
         }
         self.queued_bytes = 0;
         std::mem::take(&mut self.frames)
             .into_iter()
-            .map(|q| q.frame.websocket.clone())
+            .map(|q| q.frame.message.clone())
             .collect()
     }
 

@@ -3,20 +3,19 @@
 //! `resumed`, a queue append's `ack`, and the error frame AWS's own gateway sends). One place,
 //! so the wire contract is read in one file and the SDKs and the load generator can follow it.
 
-use bytes::Bytes;
 use serde_json::json;
 
-use crate::frame::{self, Opcode};
+use crate::message::Message;
 use crate::resume::{Refusal, ResumeToken};
 
-fn text(body: &serde_json::Value) -> Bytes {
-    frame::encode(Opcode::Text, body.to_string().as_bytes())
+fn text(body: &serde_json::Value) -> Message {
+    Message::text(body.to_string())
 }
 
 /// `{"type":"welcome","connectionId","resumeToken"}`: the first frame of a resumable
 /// connection; with `"resumed":false` and a `reason` when a resume it was opened with did not
 /// happen.
-pub fn welcome(connection_id: &str, token: &ResumeToken, refused: Option<Refusal>) -> Bytes {
+pub fn welcome(connection_id: &str, token: &ResumeToken, refused: Option<Refusal>) -> Message {
     let mut body = json!({
         "type": "welcome",
         "connectionId": connection_id,
@@ -32,7 +31,7 @@ pub fn welcome(connection_id: &str, token: &ResumeToken, refused: Option<Refusal
 /// `{"type":"resumed","connectionId","replayed","resumeToken"}`: the first frame after a
 /// resume; `replayed` messages follow it, and the token resumes it next time (every resume
 /// brings a new one).
-pub fn resumed(connection_id: &str, replayed: usize, token: &ResumeToken) -> Bytes {
+pub fn resumed(connection_id: &str, replayed: usize, token: &ResumeToken) -> Message {
     text(&json!({
         "type": "resumed",
         "connectionId": connection_id,
@@ -42,13 +41,13 @@ pub fn resumed(connection_id: &str, replayed: usize, token: &ResumeToken) -> Byt
 }
 
 /// `{"type":"ack","messageId"}`: a `queue` route with `ack = true` stored the message.
-pub fn ack(message_id: &str) -> Bytes {
+pub fn ack(message_id: &str) -> Message {
     text(&json!({"type": "ack", "messageId": message_id}))
 }
 
 /// `{"message","connectionId","requestId"}`: a message the gateway could not route or
 /// serve (AWS's error frame shape).
-pub fn error(message: &str, connection_id: &str, request_id: &str) -> Bytes {
+pub fn error(message: &str, connection_id: &str, request_id: &str) -> Message {
     text(&json!({
         "message": message,
         "connectionId": connection_id,
@@ -61,9 +60,9 @@ mod tests {
     use super::*;
     use crate::connection_id::ConnectionId;
 
-    fn decode(frame: Bytes) -> serde_json::Value {
-        let header = if frame[1] & 0x7f == 126 { 4 } else { 2 };
-        serde_json::from_slice(&frame[header..]).unwrap()
+    fn decode(message: Message) -> serde_json::Value {
+        assert_eq!(message.kind, crate::message::Kind::Text);
+        serde_json::from_slice(&message.payload).unwrap()
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Rooms across nodes, interest-based: a node subscribes to a room's subject only while
 //! one of its shards has a member in it, so a broadcast is one NATS message per
 //! interested node and none to the others. Each receiving node fans out with the local,
-//! encode-once path: the frame crosses NATS already encoded.
+//! encode-once path: the message crosses NATS in its portable form
+//! ([`crate::message::Message::to_portable`]), and each node encodes it once per transport.
 //!
 //! Counting members cluster-wide (`{"delivered": N}`, `GET @rooms`) is a scatter-gather:
 //! the request carries a reply inbox and the node takes the answers that arrive within
@@ -18,6 +19,7 @@ use super::Cluster;
 use super::state::interest::RoomSubscription;
 use crate::connection_id::ConnectionId;
 use crate::fanout;
+use crate::message::Message;
 use crate::rooms::RoomName;
 use crate::shard::handle::RoomDelivery;
 
@@ -86,9 +88,9 @@ impl Cluster {
         }
     }
 
-    /// Sends `frame` to the members of `room` on the other nodes, without waiting for
+    /// Sends `message` to the members of `room` on the other nodes, without waiting for
     /// counts (a client's `room_publish`).
-    pub async fn publish_room(&self, room: &RoomName, frame: Bytes, delivery: RoomDelivery) {
+    pub async fn publish_room(&self, room: &RoomName, message: &Message, delivery: RoomDelivery) {
         let headers = room_headers(BROADCAST, delivery);
         self.metrics()
             .cluster_forwarded
@@ -97,19 +99,19 @@ impl Cluster {
         let subject = self.subjects.room(room.as_str());
         if let Err(error) = self
             .client
-            .publish_with_headers(subject, headers, frame)
+            .publish_with_headers(subject, headers, message.to_portable())
             .await
         {
             tracing::warn!(%error, "room broadcast not forwarded to other nodes");
         }
     }
 
-    /// Sends `frame` to the members of `room` on the other nodes; returns how many got it
-    /// (as counted by the nodes that answered in time).
+    /// Sends `message` to the members of `room` on the other nodes; returns how many got
+    /// it (as counted by the nodes that answered in time).
     pub async fn broadcast_room(
         &self,
         room: &RoomName,
-        frame: Bytes,
+        message: &Message,
         delivery: RoomDelivery,
     ) -> usize {
         self.metrics()
@@ -117,7 +119,7 @@ impl Cluster {
             .with_label_values(&["broadcast"])
             .inc();
         let headers = room_headers(BROADCAST, delivery);
-        self.gather(room, "broadcast", headers, frame)
+        self.gather(room, "broadcast", headers, message.to_portable())
             .await
             .iter()
             .filter_map(|answer| std::str::from_utf8(answer).ok()?.parse::<usize>().ok())
@@ -213,26 +215,30 @@ async fn serve_room(cluster: Arc<Cluster>, room: RoomName) {
                 .map(|id| cluster.here_as(id)),
             unreliable: headers.is_some_and(|h| h.get(UNRELIABLE).is_some()),
         };
-        let answer = match (op, message.reply.is_some()) {
-            (Some(BROADCAST), false) => {
-                fanout::relay(cluster.shards().iter(), &room, &message.payload, delivery).await;
+        let broadcast = Message::from_portable(message.payload.clone());
+        let answer = match (op, message.reply.is_some(), &broadcast) {
+            (Some(BROADCAST), _, None) => {
+                tracing::warn!(%room, "a room message from another node is not one; dropped");
                 continue;
             }
-            (Some(BROADCAST), true)
+            (Some(BROADCAST), false, Some(broadcast)) => {
+                fanout::relay(cluster.shards().iter(), &room, broadcast, delivery).await;
+                continue;
+            }
+            (Some(BROADCAST), true, Some(broadcast))
                 if delivery.exclude.is_none_or(|id| id.node != cluster.node_id) =>
             {
                 // No local member excluded: the count is the node's member count, answered
-                // at once; the frame is queued to the shards in order.
+                // at once; the message is queued to the shards in order.
                 let delivered = cluster.interest.members(&room);
-                fanout::relay(cluster.shards().iter(), &room, &message.payload, delivery).await;
+                fanout::relay(cluster.shards().iter(), &room, broadcast, delivery).await;
                 Bytes::from(delivered.to_string())
             }
-            (Some(BROADCAST), true) => {
+            (Some(BROADCAST), true, Some(broadcast)) => {
                 // A local member may be excluded: the shards count. Queued in order now;
                 // counted and answered while the next one is queued.
                 let count =
-                    fanout::start_broadcast(cluster.shards(), &room, &message.payload, delivery)
-                        .await;
+                    fanout::start_broadcast(cluster.shards(), &room, broadcast, delivery).await;
                 let (cluster, reply) = (cluster.clone(), message.reply);
                 tokio::spawn(async move {
                     let delivered = count.total().await;
@@ -243,7 +249,7 @@ async fn serve_room(cluster: Arc<Cluster>, room: RoomName) {
                 });
                 continue;
             }
-            (Some(LIST), true) => {
+            (Some(LIST), true, _) => {
                 let members = fanout::room_members(cluster.shards(), &room).await;
                 Bytes::from(serde_json::to_vec(&members).unwrap_or_default())
             }

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::Cluster;
 use crate::connection_id::ConnectionId;
 use crate::fanout::{self, FanoutPlan};
+use crate::message::Message;
 use crate::resume::moved::MoveRequest;
 use crate::rooms::RoomName;
 
@@ -168,22 +169,23 @@ impl Cluster {
         }
     }
 
-    /// Sends `frame` to other nodes' ids (`remote`: request indices by node), one request
+    /// Sends `message` to other nodes' ids (`remote`: request indices by node), one request
     /// per node. Returns how many were delivered and the request indices that were gone
     /// (or whose node did not answer).
     pub async fn send_bulk(
         &self,
         remote: &std::collections::BTreeMap<u16, Vec<u32>>,
         ids: &[String],
-        frame: &Bytes,
+        message: &Message,
     ) -> crate::shard::handle::Delivery {
+        let portable = message.to_portable();
         let calls = remote.iter().map(|(node, indices)| {
             let targets: Vec<&str> = indices.iter().map(|&i| ids[i as usize].as_str()).collect();
             let mut body = BytesMut::new();
             let list = serde_json::to_vec(&targets).unwrap_or_default();
             body.put_u32(list.len() as u32);
             body.put_slice(&list);
-            body.put_slice(frame);
+            body.put_slice(&portable);
             let mut headers = HeaderMap::new();
             headers.insert(OP, Op::Bulk.label());
             async move {
@@ -341,9 +343,12 @@ async fn answer_locally(
                 Err(_) => GONE,
             }
         }
-        (Op::Send, _) => match shard.send(id, payload.clone()).await {
-            Ok(()) => (200, Bytes::new()),
-            Err(_) => GONE,
+        (Op::Send, _) => match Message::from_portable(payload.clone()) {
+            Some(message) => match shard.send(id, message).await {
+                Ok(()) => (200, Bytes::new()),
+                Err(_) => GONE,
+            },
+            None => (400, Bytes::from_static(b"not a message")),
         },
         (Op::Disconnect, _) => match shard.disconnect(id).await {
             Ok(()) => (204, Bytes::new()),
@@ -381,7 +386,9 @@ async fn bulk(cluster: &Cluster, body: &Bytes) -> (u16, Bytes) {
     let Ok(ids) = serde_json::from_slice::<Vec<String>>(list) else {
         return malformed;
     };
-    let frame = body.slice(4 + length..);
+    let Some(message) = Message::from_portable(body.slice(4 + length..)) else {
+        return malformed;
+    };
     // Those that moved to another node go on there (one more hop).
     let ids = cluster.where_they_live(&ids);
     let mut plan = FanoutPlan::for_ids(
@@ -395,11 +402,11 @@ async fn bulk(cluster: &Cluster, body: &Bytes) -> (u16, Bytes) {
     let onward = async {
         match moved.is_empty() {
             true => crate::shard::handle::Delivery::default(),
-            false => cluster.send_bulk(&moved, &ids, &frame).await,
+            false => cluster.send_bulk(&moved, &ids, &message).await,
         }
     };
     let (mut delivery, onward) =
-        futures_util::join!(fanout::send_bulk(cluster.shards(), plan, &frame), onward);
+        futures_util::join!(fanout::send_bulk(cluster.shards(), plan, &message), onward);
     delivery.delivered += onward.delivered;
     delivery.gone.extend(onward.gone);
     let answer = BulkAnswer {

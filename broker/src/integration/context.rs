@@ -1,21 +1,21 @@
-//! What an integration gets to work with: the message (its frame and its body parsed once,
-//! for the selection expressions) and the [`Caller`], through which it acts on the
+//! What an integration gets to work with: the client's message (its frame and its body
+//! parsed once, for the selection expressions) and the [`Caller`], through which it acts on the
 //! connection that sent it. The shard's dispatch implements the caller; integrations know
 //! nothing of shards or sockets.
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use serde_json::Value;
 
 use crate::connection_id::ConnectionId;
 use crate::frame::Incoming;
+use crate::message::Message;
 use crate::rooms::RoomName;
 use crate::selection::SelectionExpression;
 use crate::shard::handle::{RoomDelivery, TooManyRooms};
 
 /// A client's data message, on its way through its route.
-pub struct Message {
+pub struct Received {
     pub incoming: Incoming,
     /// The frame's JSON (`null` for binary or non-JSON frames).
     pub body: Value,
@@ -30,8 +30,8 @@ pub trait Caller {
     fn connection_id(&self) -> &str;
     /// Its authorizer context as JSON, when one of `expressions` reads it.
     fn authorizer_context(&self, expressions: &[Option<&SelectionExpression>]) -> Option<Value>;
-    /// Queues an encoded frame to it.
-    fn reply(&self, frame: Bytes);
+    /// Queues a message to it.
+    fn reply(&self, message: Message);
     /// Sends it the AWS-style error frame (`{"message", "connectionId", "requestId"}`);
     /// the connection stays open.
     fn fail(&self, reason: &str);
@@ -40,10 +40,10 @@ pub trait Caller {
     fn join(&self, room: &RoomName) -> Result<(), TooManyRooms>;
     fn leave(&self, room: &RoomName);
     fn is_member(&self, room: &RoomName) -> bool;
-    /// Sends `frame` to `room`'s members everywhere.
-    fn publish(&self, room: RoomName, frame: Bytes, delivery: RoomDelivery);
+    /// Sends `message` to `room`'s members everywhere.
+    fn publish(&self, room: RoomName, message: Message, delivery: RoomDelivery);
     /// Calls the route's backend with the MESSAGE event, in the background.
-    fn call_backend(&self, message: Message);
+    fn call_backend(&self, message: Received);
     /// Appends the MESSAGE event to `queue`; with `ack`, acked once it is durable.
-    fn append(&self, message: &Message, queue: &Arc<str>, ack: bool);
+    fn append(&self, message: &Received, queue: &Arc<str>, ack: bool);
 }

@@ -2,9 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::context::{Caller, Message};
+use super::context::{Caller, Received};
 use crate::config::check::ConfigError;
-use crate::frame::{self, Incoming, Opcode};
+use crate::frame::Incoming;
+use crate::message::Message;
 
 pub const KIND: &str = "echo";
 
@@ -26,12 +27,12 @@ impl Echo {
     /// Its answer is its point: a route answers by default.
     pub const RESPONDS: bool = true;
 
-    pub fn run(&self, message: Message, caller: &dyn Caller) {
-        let frame = match &message.incoming {
-            Incoming::Text(text) => frame::encode(Opcode::Text, text.as_bytes()),
-            Incoming::Binary(bytes) => frame::encode(Opcode::Binary, bytes),
+    pub fn run(&self, message: Received, caller: &dyn Caller) {
+        let reply = match message.incoming {
+            Incoming::Text(text) => Message::text(text),
+            Incoming::Binary(bytes) => Message::binary(bytes),
             _ => return,
         };
-        caller.reply(frame);
+        caller.reply(reply);
     }
 }

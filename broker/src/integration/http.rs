@@ -11,7 +11,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::context::{Caller, Message};
+use super::context::{Caller, Received};
 use crate::config::check::{ConfigError, invalid};
 
 pub const KIND: &str = "http";
@@ -63,7 +63,7 @@ impl Http {
     /// A backend's answer goes back only when the route asks for it.
     pub const RESPONDS: bool = false;
 
-    pub fn run(&self, message: Message, caller: &dyn Caller) {
+    pub fn run(&self, message: Received, caller: &dyn Caller) {
         caller.call_backend(message);
     }
 }

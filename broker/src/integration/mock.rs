@@ -3,9 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::context::{Caller, Message};
+use super::context::{Caller, Received};
 use crate::config::check::ConfigError;
-use crate::frame::{self, Opcode};
+use crate::message::Message;
 
 pub const KIND: &str = "mock";
 
@@ -34,10 +34,10 @@ impl Mock {
     /// Its answer is its point: a route answers by default.
     pub const RESPONDS: bool = true;
 
-    pub fn run(&self, message: Message, caller: &dyn Caller) {
+    pub fn run(&self, message: Received, caller: &dyn Caller) {
         if message.respond {
             let body = (self.body).replace("$context.connectionId", caller.connection_id());
-            caller.reply(frame::encode(Opcode::Text, body.as_bytes()));
+            caller.reply(Message::text(body));
         }
     }
 }

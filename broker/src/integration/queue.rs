@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::context::{Caller, Message};
+use super::context::{Caller, Received};
 use crate::config::check::ConfigError;
 use crate::queues::config::check_queue_name;
 
@@ -42,7 +42,7 @@ impl RawQueue {
 impl Queue {
     pub const RESPONDS: bool = false;
 
-    pub fn run(&self, message: Message, caller: &dyn Caller) {
+    pub fn run(&self, message: Received, caller: &dyn Caller) {
         caller.append(&message, &self.queue, self.ack);
     }
 }

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::context::{Caller, Message};
+use super::context::{Caller, Received};
 use super::{echo, http, mock, queue, room};
 use crate::config::check::ConfigError;
 
@@ -48,7 +48,7 @@ macro_rules! integrations {
             }
 
             /// Handles `message` for `caller`.
-            pub fn run(&self, message: Message, caller: &dyn Caller) {
+            pub fn run(&self, message: Received, caller: &dyn Caller) {
                 match self {
                     $(Self::$variant(integration) => integration.run(message, caller),)*
                 }

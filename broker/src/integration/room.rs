@@ -4,14 +4,14 @@
 //! authorizer context permits (never the frame). A refusal is an error frame and a metric;
 //! the connection stays open.
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::context::{Caller, Message};
+use super::context::{Caller, Received};
 use super::expression::{allow_expression, expression};
 use crate::config::check::ConfigError;
-use crate::frame::{self, Incoming, Opcode};
+use crate::frame::Incoming;
+use crate::message::Message;
 use crate::rooms::RoomName;
 use crate::selection::SelectionExpression;
 use crate::shard::handle::RoomDelivery;
@@ -119,7 +119,7 @@ impl RawRoomPublish {
 impl RoomJoin {
     pub const RESPONDS: bool = false;
 
-    pub fn run(&self, message: Message, caller: &dyn Caller) {
+    pub fn run(&self, message: Received, caller: &dyn Caller) {
         let context = caller.authorizer_context(&[Some(&self.room), self.allow.as_ref()]);
         let context = context.as_ref();
         let Some(room) = select_room(caller, &self.room, &message.body, context) else {
@@ -137,7 +137,7 @@ impl RoomJoin {
 impl RoomLeave {
     pub const RESPONDS: bool = false;
 
-    pub fn run(&self, message: Message, caller: &dyn Caller) {
+    pub fn run(&self, message: Received, caller: &dyn Caller) {
         let context = caller.authorizer_context(&[Some(&self.room)]);
         if let Some(room) = select_room(caller, &self.room, &message.body, context.as_ref()) {
             caller.leave(&room);
@@ -148,7 +148,7 @@ impl RoomLeave {
 impl RoomPublish {
     pub const RESPONDS: bool = false;
 
-    pub fn run(&self, message: Message, caller: &dyn Caller) {
+    pub fn run(&self, message: Received, caller: &dyn Caller) {
         let expressions = [Some(&self.room), self.allow.as_ref(), self.data.as_ref()];
         let context = caller.authorizer_context(&expressions);
         let context = context.as_ref();
@@ -159,7 +159,7 @@ impl RoomPublish {
         if !allowed(caller, &room, self.allow.as_ref(), body, context) {
             return;
         }
-        let Some(frame) = self.payload(&message, caller, context) else {
+        let Some(payload) = self.payload(message.incoming, &message.body, caller, context) else {
             return;
         };
         if self.members_only && !caller.is_member(&room) {
@@ -171,26 +171,27 @@ impl RoomPublish {
             exclude: self.exclude_sender.then(|| caller.id()),
             unreliable: self.unreliable,
         };
-        caller.publish(room, frame, delivery);
+        caller.publish(room, payload, delivery);
     }
 
-    /// The frame to send: what `data` selects, or the client's frame as it is.
+    /// What to send: what `data` selects, or the client's message as it is.
     fn payload(
         &self,
-        message: &Message,
+        incoming: Incoming,
+        body: &Value,
         caller: &dyn Caller,
         context: Option<&Value>,
-    ) -> Option<Bytes> {
-        match (&self.data, &message.incoming) {
-            (Some(data), _) => match data.evaluate_in(&message.body, context) {
-                Some(payload) => Some(frame::encode(Opcode::Text, payload.as_bytes())),
+    ) -> Option<Message> {
+        match (&self.data, incoming) {
+            (Some(data), _) => match data.evaluate_in(body, context) {
+                Some(payload) => Some(Message::text(payload.into_owned())),
                 None => {
                     caller.fail(&format!("Bad request: {} selected no data", data.source()));
                     None
                 }
             },
-            (None, Incoming::Text(text)) => Some(frame::encode(Opcode::Text, text.as_bytes())),
-            (None, Incoming::Binary(bytes)) => Some(frame::encode(Opcode::Binary, bytes)),
+            (None, Incoming::Text(text)) => Some(Message::text(text)),
+            (None, Incoming::Binary(bytes)) => Some(Message::binary(bytes)),
             (None, _) => None,
         }
     }

@@ -1,7 +1,7 @@
 //! `@connections`: push to, describe and close one connection, or push one message to
 //! many (`POST @connections`, a body of ids), wherever each lives ([`crate::directory`]).
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -10,12 +10,12 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::state::{ApiError, ApiState, check_size};
-use crate::frame;
+use crate::message::Message;
 
 /// `POST @connections`: one message to many connectionIds.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct BulkRequest {
+pub struct BulkRequest {
     #[serde(rename = "connectionIds")]
     pub connection_ids: Vec<String>,
     /// Sent as a text frame.
@@ -27,12 +27,12 @@ pub(super) struct BulkRequest {
 }
 
 impl BulkRequest {
-    /// Parses and checks a bulk body; returns the request and its encoded frame.
-    pub(super) fn parse(
+    /// Parses and checks a bulk body; returns the request and its message.
+    pub fn parse(
         body: &[u8],
         max_ids: usize,
         max_message: usize,
-    ) -> Result<(Self, Bytes), ApiError> {
+    ) -> Result<(Self, Message), ApiError> {
         let request: Self = serde_json::from_slice(body)
             .map_err(|e| ApiError::BadRequest(format!("malformed bulk request: {e}")))?;
         if request.connection_ids.len() > max_ids {
@@ -41,17 +41,17 @@ impl BulkRequest {
                 limit: max_ids,
             });
         }
-        let frame = match (&request.data, &request.data_base64) {
+        let message = match (&request.data, &request.data_base64) {
             (Some(text), None) => {
                 check_size(text.len(), max_message)?;
-                frame::encode(frame::Opcode::Text, text.as_bytes())
+                Message::text(text.clone())
             }
             (None, Some(encoded)) => {
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(encoded)
                     .map_err(|e| ApiError::BadRequest(format!("data_base64 is not base64: {e}")))?;
                 check_size(bytes.len(), max_message)?;
-                frame::encode(frame::Opcode::Binary, &bytes)
+                Message::binary(bytes)
             }
             _ => {
                 return Err(ApiError::BadRequest(
@@ -59,7 +59,7 @@ impl BulkRequest {
                 ));
             }
         };
-        Ok((request, frame))
+        Ok((request, message))
     }
 }
 
@@ -71,14 +71,14 @@ pub(super) async fn post_bulk(
     state.check_stage(&stage)?;
     let limits = &state.gateway.config.limits;
     let body = state.read_body(body, state.largest_body()).await?;
-    let (request, frame) = BulkRequest::parse(
+    let (request, message) = BulkRequest::parse(
         &body,
         limits.max_bulk_connection_ids,
         limits.max_message_bytes,
     )?;
     let started = std::time::Instant::now();
     let directory = &state.gateway.directory;
-    let delivery = directory.send_bulk(&request.connection_ids, &frame).await;
+    let delivery = directory.send_bulk(&request.connection_ids, &message).await;
     state.observe_fanout("bulk", started);
     let gone: Vec<&str> = (delivery.gone.iter())
         .filter_map(|&index| request.connection_ids.get(index as usize))
@@ -96,8 +96,11 @@ pub(super) async fn post_to_connection(
     state.check_stage(&stage)?;
     let limit = state.gateway.config.limits.max_message_bytes;
     let payload = state.read_body(body, limit).await?;
-    let frame = frame::encode_data(&payload);
-    let pushed = state.gateway.directory.push(&id, frame).await;
+    let pushed = state
+        .gateway
+        .directory
+        .push(&id, Message::data(payload))
+        .await;
     pushed.map_err(|unreached| ApiError::unreached(id, unreached))?;
     Ok(StatusCode::OK)
 }

@@ -25,6 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde_json::json;
 
+pub use connections::BulkRequest;
 use connections::{delete_connection, get_connection, post_bulk, post_to_connection};
 use guard::{authenticate, guard_unauthenticated};
 use queues::{get_queue_messages, post_queue_commit};

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::state::{ApiError, ApiState, room_name};
 use crate::connection_id::ConnectionId;
-use crate::frame;
+use crate::message::Message;
 
 #[derive(Debug, Deserialize)]
 pub(super) struct RoomPublishParams {
@@ -51,9 +51,9 @@ pub(super) async fn post_to_room(
         .read_body(body, state.gateway.config.limits.max_message_bytes)
         .await?;
     let started = std::time::Instant::now();
-    let frame = frame::encode_data(&payload);
+    let message = Message::data(payload);
     let directory = &state.gateway.directory;
-    let delivered = directory.broadcast(&room, &frame, delivery).await;
+    let delivered = directory.broadcast(&room, &message, delivery).await;
     state.observe_fanout("room", started);
     Ok(axum::Json(json!({"delivered": delivered})).into_response())
 }

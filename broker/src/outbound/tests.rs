@@ -1,7 +1,9 @@
 use super::*;
+use crate::message::Message;
 
-fn frame(bytes: &'static [u8]) -> SharedFrame {
-    shared(Bytes::from_static(bytes))
+/// A binary message: its WebSocket frame is the payload and 2 bytes of header.
+fn frame(payload: &'static [u8]) -> SharedFrame {
+    shared(Message::binary(payload))
 }
 
 #[test]
@@ -12,7 +14,7 @@ fn bounds_refuse_overflow() {
     assert!(queue.push(frame(b"bb")).is_ok());
     assert_eq!(queue.push(frame(b"c")), Err(PushError::Full));
     queue.push_unbounded(frame(b"close"));
-    assert_eq!(queue.queued_bytes(), 11);
+    assert_eq!(queue.queued_bytes(), 6 + 4 + 7);
 }
 
 #[test]
@@ -20,7 +22,7 @@ fn partial_writes_keep_the_tail() {
     let mut queue = OutboundQueue::new(Wire::WebSocket, 10, 100);
     queue.push(frame(b"hello")).unwrap();
     queue.push(frame(b"world")).unwrap();
-    queue.consume(7);
+    queue.consume(7 + 4); // `hello` and the next frame's header and `wo`
     let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
     let n = queue.io_slices(&mut slices);
     assert_eq!(n, 1);
@@ -32,7 +34,7 @@ fn partial_writes_keep_the_tail() {
 
 #[test]
 fn each_transport_gets_its_encoding_made_once() {
-    let frame = shared(crate::frame::encode(crate::frame::Opcode::Text, b"hi"));
+    let frame = shared(Message::text("hi"));
     let mut websocket = OutboundQueue::new(Wire::WebSocket, 10, 100);
     let mut webtransport = OutboundQueue::new(Wire::WebTransport, 10, 100);
     websocket.push(frame.clone()).unwrap();
@@ -52,10 +54,7 @@ fn each_transport_gets_its_encoding_made_once() {
 }
 
 fn text(body: &str) -> SharedFrame {
-    shared(crate::frame::encode(
-        crate::frame::Opcode::Text,
-        body.as_bytes(),
-    ))
+    shared(Message::text(body.to_owned()))
 }
 
 /// Writes everything queued, as a socket that takes it all would.
@@ -82,9 +81,7 @@ fn a_rewind_queues_everything_after_the_count_from_kept_and_queued_frames() {
     }
     write_all(&mut queue);
     queue.push(text("m4")).unwrap();
-    queue
-        .push(shared(crate::frame::encode_close(1000, "")))
-        .unwrap();
+    queue.push(shared(Message::close(1000, ""))).unwrap();
     queue.push(text("m5")).unwrap();
     queue.consume(1); // m4 half written when the socket died
     assert_eq!(queue.kept_frames(), 3, "the welcome is not counted");

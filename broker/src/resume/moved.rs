@@ -2,10 +2,10 @@
 //! new node's request, the old node's answer, and what the new node starts the connection
 //! with. Plain data, so the shards' mailboxes and the cluster's wire can carry it.
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::connection::Earlier;
+use crate::message::Message;
 use crate::rooms::RoomName;
 
 /// What the new node asks the old one for.
@@ -33,7 +33,8 @@ pub struct MovedOut {
     /// The connection's facts, as a queue entry's context (`stored_event`).
     pub facts: String,
     pub rooms: Vec<String>,
-    /// The frames its client has not received, WebSocket-encoded, base64, in order.
+    /// The messages its client has not received, in their portable form
+    /// ([`Message::to_portable`]), base64, in order.
     pub frames: Vec<String>,
     /// How much longer it may live, in milliseconds (a move does not restart
     /// `limits.max_connection_secs`); absent from nodes that predate it.
@@ -51,7 +52,7 @@ pub struct MovedOut {
 /// What a connection brings from the node it left.
 pub struct MovedIn {
     pub received: u64,
-    pub frames: Vec<Bytes>,
+    pub frames: Vec<Message>,
     pub rooms: Vec<RoomName>,
     pub lifetime_left: Option<std::time::Duration>,
     pub(crate) earlier: Earlier,

@@ -31,6 +31,7 @@ use crate::cluster::{Cluster, MoveOutcome};
 use crate::connection::Earlier;
 use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
+use crate::message::Message;
 use crate::resume::attach::{charge_resume, claim, open_new, refuse_newcomer};
 use crate::resume::forget_token;
 use crate::resume::handoff::Resuming;
@@ -129,7 +130,9 @@ pub(crate) async fn move_out(
     Ok(MovedOut {
         facts: String::from_utf8_lossy(&facts).into_owned(),
         rooms: rooms.iter().map(|room| room.as_str().to_owned()).collect(),
-        frames: frames.iter().map(|frame| STANDARD.encode(frame)).collect(),
+        frames: (frames.iter())
+            .map(|message| STANDARD.encode(message.to_portable()))
+            .collect(),
         lifetime_left_ms: Some(u64::try_from(lifetime_left.as_millis()).unwrap_or(u64::MAX)),
         secret_hashes: secret_hashes
             .iter()
@@ -204,10 +207,9 @@ pub(crate) async fn move_in(
         .chain([token.id])
         .collect();
     let _known_here = KnownHere::new(&cluster, known, alias);
-    let frames: Vec<Bytes> = moved
-        .frames
-        .iter()
-        .filter_map(|frame| STANDARD.decode(frame).ok().map(Bytes::from))
+    let frames: Vec<Message> = (moved.frames.iter())
+        .filter_map(|frame| STANDARD.decode(frame).ok())
+        .filter_map(|portable| Message::from_portable(portable.into()))
         .collect();
     let rooms: Vec<RoomName> = moved
         .rooms

@@ -14,8 +14,9 @@ use super::serve::serve;
 use crate::connection::Connection;
 use crate::disconnect::DisconnectReason;
 use crate::dispatch;
-use crate::frame::{self, close_code};
+use crate::frame::close_code;
 use crate::limits::AdmissionTicket;
+use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::outbound::{self, OutboundQueue, Wire};
 use crate::protocol;
@@ -77,8 +78,8 @@ pub(crate) async fn live(
             connection.accept_earlier(moved.earlier, first);
             let mut queue = connection.outbound().borrow_mut();
             queue.continue_count_after(moved.received);
-            for frame in moved.frames {
-                queue.push_unbounded(outbound::shared(frame));
+            for message in moved.frames {
+                queue.push_unbounded(outbound::shared(message));
             }
             rooms = moved.rooms;
         }
@@ -216,19 +217,20 @@ async fn close(
             .await;
         return reason;
     }
-    let close_frame = match &reason {
+    let close = outbound::shared(match &reason {
         DisconnectReason::ClientClosed(code, _) => {
-            frame::encode_close(code.unwrap_or(close_code::NORMAL), "")
+            Message::close(code.unwrap_or(close_code::NORMAL), "")
         }
-        other => frame::encode_close(other.status_code(), &other.description()),
-    };
+        other => Message::close(other.status_code(), &other.description()),
+    });
     {
         let mut queue = connection.outbound().borrow_mut();
         if abandon_queue {
             // Whatever it did not read is abandoned; only the verdict goes out.
-            *queue = queue.replacement(Wire::WebSocket, 1, close_frame.len());
+            let bytes = close.bytes(Wire::WebSocket).len();
+            *queue = queue.replacement(Wire::WebSocket, 1, bytes);
         }
-        queue.push_unbounded(outbound::shared(close_frame));
+        queue.push_unbounded(close);
     }
     flush_until(connection, metrics, deadline).await;
     // Other holders of the connection (an in-flight integration call) may keep the socket

@@ -13,7 +13,8 @@ use super::lifecycle::Stop;
 use crate::connection::Connection;
 use crate::disconnect::DisconnectReason;
 use crate::dispatch;
-use crate::frame::{self, Incoming, Opcode};
+use crate::frame::Incoming;
+use crate::message::Message;
 use crate::shard::Shard;
 use crate::transport::Socket;
 
@@ -163,10 +164,7 @@ fn handle_incoming(
             dispatch::route_message(shard, connection, message);
         }
         Incoming::Ping(payload) => {
-            let _ = connection.push(
-                frame::encode(Opcode::Pong, &payload),
-                &shard.gateway.metrics,
-            );
+            let _ = connection.push(Message::pong(payload), &shard.gateway.metrics);
         }
         Incoming::Pong => {}
         Incoming::Close(code, reason) => return Err(DisconnectReason::ClientClosed(code, reason)),

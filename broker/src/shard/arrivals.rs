@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use super::handle::StateCommand;
 use crate::metrics::Metrics;
-use crate::outbound::{self, SharedFrame, Wire};
+use crate::outbound::{self, SharedFrame};
 use crate::rooms::RoomName;
 
 /// A call for a connection that is still arriving, applied once it is registered (or
@@ -70,7 +70,7 @@ impl Held {
     /// Holds a frame sent to it (a bulk send's, a broadcast's) if there is room; whether
     /// it did.
     pub(super) fn hold_frame(&mut self, frame: &SharedFrame) -> bool {
-        let bytes = frame.bytes(Wire::WebSocket).len();
+        let bytes = frame.message().payload.len();
         let room = self.has_room(bytes);
         if room {
             self.hold(Deferred::Frame(frame.clone()), bytes);
@@ -129,17 +129,17 @@ impl Arrivals {
             return Some(command);
         };
         let bytes = match &command {
-            StateCommand::Send { frame, .. } => frame.len(),
+            StateCommand::Send { message, .. } => message.payload.len(),
             _ => 0,
         };
         if !held.has_room(bytes) || registered(sequence) {
             return Some(command);
         }
         let call = match command {
-            StateCommand::Send { frame, reply, .. } => {
+            StateCommand::Send { message, reply, .. } => {
                 metrics.messages_sent.inc();
                 let _ = reply.send(Ok(()));
-                Deferred::Frame(outbound::shared(frame))
+                Deferred::Frame(outbound::shared(message))
             }
             StateCommand::Join {
                 sequence,

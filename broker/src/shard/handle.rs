@@ -2,12 +2,12 @@
 //! endpoint, other shards, the cluster) reach the connections a shard owns. Every command
 //! carries plain data and a reply channel; the shard applies them on its own thread.
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::connection::{ConnectionInfo, Gone};
 use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
+use crate::message::Message;
 use crate::resume;
 use crate::rooms::RoomName;
 use crate::transport::webtransport::HandshakeSlot;
@@ -33,7 +33,7 @@ pub(crate) enum ShardCommand {
 pub(crate) enum StateCommand {
     Send {
         sequence: u64,
-        frame: Bytes,
+        message: Message,
         reply: oneshot::Sender<Result<(), Gone>>,
     },
     Disconnect {
@@ -44,17 +44,17 @@ pub(crate) enum StateCommand {
         sequence: u64,
         reply: oneshot::Sender<Result<ConnectionInfo, Gone>>,
     },
-    /// Send `frame` to the local members of `room`; answer how many got it.
+    /// Send `message` to the local members of `room`; answer how many got it.
     Broadcast {
         room: RoomName,
-        frame: Bytes,
+        message: Message,
         delivery: RoomDelivery,
         reply: Option<oneshot::Sender<usize>>,
     },
-    /// Send `frame` to each (sequence, request index) target; answer which were gone.
+    /// Send `message` to each (sequence, request index) target; answer which were gone.
     SendMany {
         targets: Vec<(u64, u32)>,
-        frame: Bytes,
+        message: Message,
         reply: oneshot::Sender<Delivery>,
     },
     Join {
@@ -149,11 +149,11 @@ impl ShardHandle {
         answer.await.unwrap_or(Err(Gone))
     }
 
-    /// Queues `frame` to connection `id` on this shard.
-    pub async fn send(&self, id: ConnectionId, frame: Bytes) -> Result<(), Gone> {
+    /// Queues `message` to connection `id` on this shard.
+    pub async fn send(&self, id: ConnectionId, message: Message) -> Result<(), Gone> {
         self.ask(|reply| StateCommand::Send {
             sequence: id.sequence,
-            frame,
+            message,
             reply,
         })
         .await
@@ -205,13 +205,13 @@ impl ShardHandle {
     pub async fn broadcast(
         &self,
         room: RoomName,
-        frame: Bytes,
+        message: Message,
         delivery: RoomDelivery,
         reply: Option<oneshot::Sender<usize>>,
     ) -> Result<(), Gone> {
         let command = StateCommand::Broadcast {
             room,
-            frame,
+            message,
             delivery,
             reply,
         };
@@ -222,12 +222,12 @@ impl ShardHandle {
     pub async fn send_many(
         &self,
         targets: Vec<(u64, u32)>,
-        frame: Bytes,
+        message: Message,
         reply: oneshot::Sender<Delivery>,
     ) -> Result<(), Vec<(u64, u32)>> {
         let command = StateCommand::SendMany {
             targets,
-            frame,
+            message,
             reply,
         };
         self.commands

@@ -15,7 +15,6 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use switchboard_storage::RecordChanges;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +25,7 @@ use crate::connection_id::{ConnectionId, IdMinter};
 use crate::disconnect::DisconnectReason;
 use crate::gateway::Gateway;
 use crate::integration::HttpIntegration;
+use crate::message::Message;
 use crate::outbound::{self, SharedFrame};
 use crate::queues::store::{PendingAppend, QueueAppendDone};
 use crate::resume::{self, ResumeToken};
@@ -259,20 +259,20 @@ impl Shard {
         self: &Rc<Self>,
         publisher: &Rc<Connection>,
         room: RoomName,
-        frame: Bytes,
+        message: Message,
         delivery: RoomDelivery,
     ) {
         let directory = &self.gateway.directory;
         if directory.reaches_beyond_one_shard() {
             let in_flight = publisher.start_call();
             let (directory, from) = (directory.clone(), self.index);
-            let (room, frame) = (room.clone(), frame.clone());
+            let (room, message) = (room.clone(), message.clone());
             self.tasks.spawn_local(async move {
                 let _in_flight = in_flight;
-                directory.relay(from, &room, frame, delivery).await;
+                directory.relay(from, &room, message, delivery).await;
             });
         }
-        self.broadcast_local(&room, &outbound::shared(frame), delivery);
+        self.broadcast_local(&room, &outbound::shared(message), delivery);
         self.work_needed.notify_one();
     }
 
@@ -453,12 +453,12 @@ impl Shard {
         match command {
             StateCommand::Send {
                 sequence,
-                frame,
+                message,
                 reply,
             } => {
                 let result = self
                     .connection(sequence)
-                    .and_then(|c| c.push(frame, &self.gateway.metrics));
+                    .and_then(|c| c.push(message, &self.gateway.metrics));
                 let _ = reply.send(result);
             }
             StateCommand::Disconnect { sequence, reply } => {
@@ -472,21 +472,21 @@ impl Shard {
             }
             StateCommand::Broadcast {
                 room,
-                frame,
+                message,
                 delivery,
                 reply,
             } => {
-                let delivered = self.broadcast_local(&room, &outbound::shared(frame), delivery);
+                let delivered = self.broadcast_local(&room, &outbound::shared(message), delivery);
                 if let Some(reply) = reply {
                     let _ = reply.send(delivered);
                 }
             }
             StateCommand::SendMany {
                 targets,
-                frame,
+                message,
                 reply,
             } => {
-                let _ = reply.send(self.send_many(targets, &outbound::shared(frame)));
+                let _ = reply.send(self.send_many(targets, &outbound::shared(message)));
             }
             StateCommand::Join {
                 sequence,

@@ -2,9 +2,8 @@
 //! stream every message in either direction is `[kind: 1 byte][length: 4 bytes big-endian]
 //! [payload]`, kind 1 = text (UTF-8), 2 = binary.
 //!
-//! Outbound frames are born as WebSocket frames (the gateway encodes a message once, before
-//! it knows who receives it); [`from_websocket`] rewrites one into this framing, once per
-//! frame per shard, however many WebTransport members receive it.
+//! Outbound messages are encoded into it by [`crate::message::Message::webtransport`], once
+//! per message per shard, however many WebTransport members receive it.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -24,35 +23,6 @@ pub fn encode(kind: u8, payload: &[u8]) -> Bytes {
     frame.put_u32(payload.len() as u32);
     frame.put_slice(payload);
     frame.freeze()
-}
-
-/// Rewrites a complete, unmasked server WebSocket data frame into this framing. Only text
-/// and binary frames reach a WebTransport session; anything that is not text goes as binary.
-pub fn from_websocket(frame: &[u8]) -> Bytes {
-    let (kind, payload) = websocket_message(frame);
-    encode(kind, payload)
-}
-
-/// Rewrites a server WebSocket data frame into a datagram: `[kind][payload]`, no length
-/// (the datagram is the message).
-pub fn datagram_from_websocket(frame: &[u8]) -> Bytes {
-    let (kind, payload) = websocket_message(frame);
-    let mut datagram = BytesMut::with_capacity(1 + payload.len());
-    datagram.put_u8(kind);
-    datagram.put_slice(payload);
-    datagram.freeze()
-}
-
-/// The kind and payload of a server WebSocket data frame.
-fn websocket_message(frame: &[u8]) -> (u8, &[u8]) {
-    let opcode = frame.first().map_or(0, |first| first & 0x0F);
-    let payload_start = match frame.get(1).map(|second| second & 0x7F) {
-        Some(126) => 4,
-        Some(127) => 10,
-        _ => 2,
-    };
-    let payload = frame.get(payload_start..).unwrap_or_default();
-    (if opcode == 0x1 { TEXT } else { BINARY }, payload)
 }
 
 /// Reassembles client messages from stream bytes, keeping bytes only while a message is
@@ -122,7 +92,6 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::{self, Opcode};
 
     fn decode_all(
         decoder: &mut FrameDecoder,
@@ -134,23 +103,16 @@ mod tests {
     }
 
     #[test]
-    fn websocket_frames_of_every_length_form_become_the_same_message() {
+    fn messages_of_every_length_carry_their_kind_and_length() {
         for size in [0, 5, 125, 126, 65_535, 65_536, 200_000] {
             let payload = vec![b'x'; size];
-            let text = from_websocket(&frame::encode(Opcode::Text, &payload));
+            let text = crate::message::Message::text(payload.clone()).webtransport();
             assert_eq!(text, encode(TEXT, &payload), "text of {size} bytes");
-            let binary = from_websocket(&frame::encode(Opcode::Binary, &payload));
+            let binary = crate::message::Message::binary(payload.clone()).webtransport();
             assert_eq!(binary[0], BINARY);
+            assert_eq!(&binary[1..HEADER_BYTES], &(size as u32).to_be_bytes());
             assert_eq!(&binary[HEADER_BYTES..], &payload[..]);
         }
-    }
-
-    #[test]
-    fn datagrams_carry_the_kind_and_the_payload() {
-        let text = datagram_from_websocket(&frame::encode(Opcode::Text, b"price 101"));
-        assert_eq!(&text[..], b"\x01price 101");
-        let binary = datagram_from_websocket(&frame::encode(Opcode::Binary, &[0, 255]));
-        assert_eq!(&binary[..], &[BINARY, 0, 255]);
     }
 
     #[test]
