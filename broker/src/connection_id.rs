@@ -2,8 +2,10 @@
 //!
 //! A connectionId is opaque to users (22 URL-safe characters) but encodes the node, the
 //! shard that owns the connection, the node's epoch (bumped at every start, so ids never
-//! repeat across restarts) and a 64-bit key the shard files the connection under. A push
-//! therefore reaches its connection with no lookup table: decode, send to the shard, done.
+//! repeat across restarts) and a 64-bit key the shard files the connection under. On one
+//! node a push therefore reaches its connection with no lookup table: decode, send to the
+//! shard, done. In cluster mode a connection whose client resumed on another node lives on
+//! under that node's id: the [`crate::directory`] consults the moved-to map first.
 //!
 //! The key is the shard's counter passed through a keyed permutation (a Feistel network
 //! over SipHash with a key drawn at start), so ids do not betray their neighbours:

@@ -16,8 +16,9 @@ use crate::connection_id::ConnectionId;
 use crate::event::ConnectionFacts;
 use crate::fanout::{self, FanoutPlan};
 use crate::message::Message;
+use crate::rooms::RoomDelivery;
 use crate::rooms::RoomName;
-use crate::shard::handle::{Delivery, RoomDelivery, ShardHandle};
+use crate::shard::handle::{Delivery, ShardHandle};
 
 /// Why a connection could not be reached.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -22,9 +22,9 @@ use crate::integration::{BackendReply, HttpIntegration, IntegrationError};
 use crate::message::Message;
 use crate::queues::store::AppendFailure;
 use crate::rooms::RoomName;
+use crate::rooms::{RoomDelivery, TooManyRooms};
 use crate::selection::SelectionExpression;
 use crate::shard::Shard;
-use crate::shard::handle::{RoomDelivery, TooManyRooms};
 use crate::stored_event::{self, StoredMessage};
 
 /// What `$connect` decided.

@@ -8,8 +8,9 @@ use tokio::sync::oneshot;
 
 use crate::connection_id::ConnectionId;
 use crate::message::Message;
+use crate::rooms::RoomDelivery;
 use crate::rooms::RoomName;
-use crate::shard::handle::{Delivery, RoomDelivery, ShardHandle};
+use crate::shard::handle::{Delivery, ShardHandle};
 
 /// A bulk push split by shard. Indices refer to the request's `connectionIds`.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
+use crate::connection_id::ConnectionId;
+
 /// Longest room name accepted.
 pub const MAX_ROOM_NAME: usize = 128;
 
@@ -156,6 +158,21 @@ impl<V> RoomIndex<V> {
         self.rooms.get(room).map_or(0, HashMap::len)
     }
 }
+
+/// How a room message reaches the members besides its frame: who is skipped, and whether
+/// it may be lost (sent as a QUIC datagram to WebTransport members that asked for them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoomDelivery {
+    pub exclude: Option<ConnectionId>,
+    /// Latest-value-wins data (a ticker): WebTransport sessions opened with
+    /// `?datagrams=1` get it as a datagram, which QUIC never retransmits.
+    pub unreliable: bool,
+}
+
+/// A room join refused by `limits.max_rooms_per_connection`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("connection is already in {0} rooms (limits.max_rooms_per_connection)")]
+pub struct TooManyRooms(pub usize);
 
 #[cfg(test)]
 mod tests {

@@ -361,7 +361,7 @@ pub async fn serve(
     }
     if let Some(cluster) = &gateway.cluster {
         // With NATS gone, leaving would wait for it forever (a flush waits for a reconnect).
-        if tokio::time::timeout(LEAVE_TIMEOUT, cluster.leave())
+        if tokio::time::timeout(LEAVE_TIMEOUT, crate::cluster::duties::leave(cluster))
             .await
             .is_err()
         {

@@ -12,6 +12,7 @@ use futures_util::StreamExt;
 use switchboard_storage::ConnectionRecord;
 use tokio_util::sync::CancellationToken;
 
+use super::Cluster;
 use super::queues::deliver;
 use super::registry::{Registration, Renewal, observe};
 use super::state::mirror::MirrorRecord;
@@ -293,4 +294,14 @@ pub fn run(
     ];
     tasks.extend(start_deliverers(gateway, shutdown));
     tasks
+}
+
+/// Leaves the cluster at a clean stop: this run's mirrored records go (the node reported its
+/// connections itself; any it could not report stay in its local records for its next
+/// start) and so does its registration, so no takeover follows.
+pub async fn leave(cluster: &Cluster) {
+    let records = (cluster.subjects).mirror_incarnation(cluster.node_id, cluster.registry.epoch());
+    cluster.forget_mirrored(records).await;
+    cluster.registry.deregister().await;
+    let _ = cluster.client.flush().await;
 }

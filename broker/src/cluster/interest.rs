@@ -20,8 +20,8 @@ use super::state::interest::RoomSubscription;
 use crate::connection_id::ConnectionId;
 use crate::fanout;
 use crate::message::Message;
+use crate::rooms::RoomDelivery;
 use crate::rooms::RoomName;
-use crate::shard::handle::RoomDelivery;
 
 const OP: &str = "Sb-Op";
 const EXCLUDE: &str = "Sb-Exclude";

@@ -290,18 +290,6 @@ impl Cluster {
     pub fn shards(&self) -> &Arc<[ShardHandle]> {
         &self.shards
     }
-
-    /// Leaves the cluster at a clean stop: this run's mirrored records go (the node
-    /// reported its connections itself; any it could not report stay in its local records
-    /// for its next start) and so does its registration, so no takeover follows.
-    pub async fn leave(&self) {
-        let records = self
-            .subjects
-            .mirror_incarnation(self.node_id, self.registry.epoch());
-        self.forget_mirrored(records).await;
-        self.registry.deregister().await;
-        let _ = self.client.flush().await;
-    }
 }
 
 fn set_degraded(slot: &Mutex<Option<String>>, reason: Option<String>) {

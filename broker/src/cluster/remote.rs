@@ -2,9 +2,9 @@
 //! node (`sb.{stage}.node.{id}`), which runs it on its shard and answers with a status.
 //!
 //! The operation and its arguments travel in headers (`Sb-Op`, `Sb-Id`, `Sb-Room`), the
-//! payload as it is: a push's frame is encoded once, on the node that received the POST,
-//! and written as-is by the owning node. A bulk push is one request per node, carrying
-//! every id of that node.
+//! payload as it is: a push's message in its portable form
+//! ([`crate::message::Message::to_portable`]), which the owning node encodes for its
+//! client's transport. A bulk push is one request per node, carrying every id of that node.
 
 use std::sync::Arc;
 use std::time::Instant;

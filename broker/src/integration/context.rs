@@ -11,8 +11,8 @@ use crate::connection_id::ConnectionId;
 use crate::frame::Incoming;
 use crate::message::Message;
 use crate::rooms::RoomName;
+use crate::rooms::{RoomDelivery, TooManyRooms};
 use crate::selection::SelectionExpression;
-use crate::shard::handle::{RoomDelivery, TooManyRooms};
 
 /// A client's data message, on its way through its route.
 pub struct Received {

@@ -12,9 +12,9 @@ use super::expression::{allow_expression, expression};
 use crate::config::check::ConfigError;
 use crate::frame::Incoming;
 use crate::message::Message;
+use crate::rooms::RoomDelivery;
 use crate::rooms::RoomName;
 use crate::selection::SelectionExpression;
-use crate::shard::handle::RoomDelivery;
 
 pub const JOIN: &str = "room_join";
 pub const LEAVE: &str = "room_leave";

@@ -43,7 +43,7 @@ pub(super) async fn post_to_room(
             )));
         }
     };
-    let delivery = crate::shard::handle::RoomDelivery {
+    let delivery = crate::rooms::RoomDelivery {
         exclude,
         unreliable,
     };

@@ -127,7 +127,7 @@ pub(crate) async fn resume_here(
             tracing::debug!(connection_id = %connection.facts.connection_id, replayed, "connection resumed");
         }
         Err(_) => {
-            // It ended while `$connect` ran (it cannot: see `session::park`), or what it
+            // It ended while `$connect` ran (it cannot: see `Lifecycle::poll_parked`), or what it
             // held no longer fits once its old socket let go: the client's new socket is
             // let go, and the connection ends.
             metrics.resumes.with_label_values(&["overflow"]).inc();

@@ -133,24 +133,34 @@ async fn serve_to_the_end(
     let metrics = &shard.gateway.metrics;
     loop {
         let reason = match serve(shard, connection, leftover).await {
-            DisconnectReason::ConnectionLost => match &*connection.stream() {
-                // QUIC knows more: the client may have closed the session with a code.
-                Socket::WebTransport(session) => Box::pin(session.end_reason()).await,
-                _ => DisconnectReason::ConnectionLost,
-            },
+            DisconnectReason::ConnectionLost => {
+                let lost = Box::pin(why_lost(connection));
+                lost.await
+            }
             reason => reason,
         };
         // The paths below run once per connection (or per drop): boxed, so the state every
         // idle connection keeps is only what `serve` needs.
         let resumable = connection.is_resumable();
         if let Some(reason) = end_of_serving(reason, resumable, shard.shutdown.is_cancelled()) {
-            return Box::pin(close(connection, metrics, reason)).await;
+            let closing = Box::pin(close(connection, metrics, reason));
+            return closing.await;
         }
-        match Box::pin(park(shard, connection)).await {
+        let parked = Box::pin(park(shard, connection));
+        match parked.await {
             Ok(more) => leftover = more,
             // The socket is long gone: nothing to close, only to report.
             Err(reason) => return reason,
         }
+    }
+}
+
+/// Why a connection's socket was lost: QUIC knows more than TCP (the client may have closed
+/// the WebTransport session with a code).
+async fn why_lost(connection: &Connection) -> DisconnectReason {
+    match &*connection.stream() {
+        Socket::WebTransport(session) => session.end_reason().await,
+        _ => DisconnectReason::ConnectionLost,
     }
 }
 

@@ -26,7 +26,10 @@ use crate::transport::{Socket, TlsSocket};
 pub async fn run(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr, ticket: AdmissionTicket) {
     let _ = stream.set_nodelay(true);
     // Boxed: the handshake state is gone before the connection settles in for hours.
-    match Box::pin(open(&shard, stream, peer)).await {
+    // A `let` of its own: a temporary in the `match` head would keep its storage in this
+    // future for the whole connection.
+    let opened = Box::pin(open(&shard, stream, peer)).await;
+    match opened {
         Some(Opened::Connected(opened)) => {
             let (socket, accepted) = *opened;
             live(shard, socket, accepted, Some(ticket)).await;

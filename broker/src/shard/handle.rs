@@ -9,17 +9,12 @@ use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
 use crate::message::Message;
 use crate::resume;
-use crate::rooms::RoomName;
+use crate::rooms::{RoomDelivery, RoomName, TooManyRooms};
 use crate::transport::webtransport::HandshakeSlot;
 
 /// Commands waiting for a shard beyond this make the sender wait (backpressure on the
 /// management API, never unbounded memory).
 const COMMAND_QUEUE: usize = 4096;
-
-/// A room join refused by `limits.max_rooms_per_connection`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("connection is already in {0} rooms (limits.max_rooms_per_connection)")]
-pub struct TooManyRooms(pub usize);
 
 /// Work sent to a shard from outside its thread.
 pub(crate) enum ShardCommand {
@@ -292,16 +287,6 @@ impl ShardHandle {
         let command = StateCommand::ListRoom { room, reply };
         self.commands.send(command.into()).await.map_err(|_| Gone)
     }
-}
-
-/// How a room message reaches the members besides its frame: who is skipped, and whether
-/// it may be lost (sent as a QUIC datagram to WebTransport members that asked for them).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RoomDelivery {
-    pub exclude: Option<ConnectionId>,
-    /// Latest-value-wins data (a ticker): WebTransport sessions opened with
-    /// `?datagrams=1` get it as a datagram, which QUIC never retransmits.
-    pub unreliable: bool,
 }
 
 /// What a fan-out achieved.

@@ -2,9 +2,9 @@
 //! from accept to `$disconnect`.
 //!
 //! Each shard accepts on its own SO_REUSEPORT socket. Everything it owns (the connection
-//! table, the id minter, the HTTP client pool) is touched only by its thread; the
-//! management API reaches a connection by sending a [`ShardCommand`] to the shard that the
-//! connectionId names.
+//! table, the id minter, the HTTP client pool) is touched only by its thread; the rest of
+//! the gateway reaches it through its mailbox ([`handle`]), usually by way of the
+//! [`crate::directory`]. This file is the shard's state; [`run`] is its thread.
 
 mod arrivals;
 pub mod handle;
@@ -29,10 +29,12 @@ use crate::message::Message;
 use crate::outbound::{self, SharedFrame};
 use crate::queues::store::{PendingAppend, QueueAppendDone};
 use crate::resume::{self, ResumeToken};
+use crate::rooms::RoomDelivery;
+use crate::rooms::TooManyRooms;
 use crate::rooms::{RoomIndex, RoomName};
-use crate::shard::handle::{Delivery, RoomDelivery};
+use crate::shard::handle::Delivery;
 use arrivals::{Arrivals, Deferred};
-use handle::{StateCommand, TooManyRooms};
+use handle::StateCommand;
 
 /// The shard's own state, shared by its tasks through `Rc`.
 pub struct Shard {
