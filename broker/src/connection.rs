@@ -57,18 +57,8 @@ pub struct Connection {
     stream: RefCell<Rc<Socket>>,
     /// Live, parked, closing; a close asked for; a resume's claim.
     life: RefCell<Lifecycle>,
-    /// The secret of its resume token, if resumable. A new one at every resume.
-    resume_secret: Cell<Option<Secret>>,
-    /// After a resume: the secret it replaced, and the `resumed` frame that carries the new
-    /// one. The old secret still resumes while that frame is unwritten (its client may
-    /// lose the new socket before it learns the new token), and never after.
-    handover: RefCell<Option<(Secret, SharedFrame)>>,
-    /// Resumes it takes (each replays and runs the authorizer and `$connect` again): a
-    /// token in the wrong hands cannot make it do that without bound.
-    resumes: RefCell<Option<crate::limits::TokenBucket>>,
-    /// What it was known by on the nodes it moved here from: a client that lost the
-    /// `resumed` frame of a move still holds a token from one of them.
-    earlier: OnceCell<Box<Earlier>>,
+    /// What makes it resumable, if it is (boxed: most connections are not).
+    resume: RefCell<Option<Box<Resumable>>>,
     /// Queued on the shard's list for its next write pass.
     dirty: Cell<bool>,
     pub facts: ConnectionFacts,
@@ -97,6 +87,22 @@ pub struct Connection {
     admission: RefCell<Option<AdmissionTicket>>,
 }
 
+/// What a resumable connection keeps to be resumed.
+struct Resumable {
+    /// The secret of its resume token. A new one at every resume.
+    secret: Secret,
+    /// After a resume: the secret it replaced, and the `resumed` frame that carries the new
+    /// one. The old secret still resumes while that frame is unwritten (its client may
+    /// lose the new socket before it learns the new token), and never after.
+    handover: Option<(Secret, SharedFrame)>,
+    /// Resumes it takes (each replays and runs the authorizer and `$connect` again): a
+    /// token in the wrong hands cannot make it do that without bound.
+    resumes: Option<crate::limits::TokenBucket>,
+    /// What it was known by on the nodes it moved here from: a client that lost the
+    /// `resumed` frame of a move still holds a token from one of them.
+    earlier: Option<Earlier>,
+}
+
 /// What a connection that moved here was known by on the nodes it left.
 #[derive(Debug, Default)]
 pub(crate) struct Earlier {
@@ -119,10 +125,7 @@ impl Connection {
         Self {
             stream: RefCell::new(Rc::new(stream)),
             life: RefCell::new(Lifecycle::new()),
-            resume_secret: Cell::new(None),
-            handover: RefCell::new(None),
-            resumes: RefCell::new(None),
-            earlier: OnceCell::new(),
+            resume: RefCell::new(None),
             dirty: Cell::new(false),
             expires_at,
             id,
@@ -270,9 +273,12 @@ impl Connection {
         config: &ResumeConfig,
         resumes: Option<crate::limits::Rate>,
     ) {
-        self.resume_secret.set(Some(token.secret));
-        *self.resumes.borrow_mut() =
-            resumes.map(|rate| crate::limits::TokenBucket::new(rate, Instant::now()));
+        *self.resume.borrow_mut() = Some(Box::new(Resumable {
+            secret: token.secret,
+            handover: None,
+            resumes: resumes.map(|rate| crate::limits::TokenBucket::new(rate, Instant::now())),
+            earlier: None,
+        }));
         self.outbound
             .borrow_mut()
             .keep_for_resend(config.buffer_frames, config.buffer_bytes);
@@ -282,27 +288,37 @@ impl Connection {
     /// `resumed` frame with its token here) is written.
     pub(crate) fn accept_earlier(&self, mut earlier: Earlier, frame: SharedFrame) {
         earlier.frame = Some(frame);
-        let _ = self.earlier.set(Box::new(earlier));
+        if let Some(resume) = self.resume.borrow_mut().as_mut() {
+            resume.earlier = Some(earlier);
+        }
     }
 
     /// The ids it had on the nodes it moved here from, oldest first.
-    pub(crate) fn earlier_ids(&self) -> &[ConnectionId] {
-        self.earlier.get().map(|e| &e.ids[..]).unwrap_or_default()
+    pub(crate) fn earlier_ids(&self) -> Vec<ConnectionId> {
+        let resume = self.resume.borrow();
+        let earlier = resume.as_ref().and_then(|resume| resume.earlier.as_ref());
+        earlier
+            .map(|earlier| earlier.ids.clone())
+            .unwrap_or_default()
     }
 
     /// The hashes of the secrets of the tokens that resume it now: its own, the one a resume
     /// replaced while the frame with the new one is unwritten, and those it had before a
     /// move while the frame of the move is unwritten.
     pub(crate) fn secret_hashes(&self) -> Vec<SecretHash> {
+        let resume = self.resume.borrow();
+        let Some(resume) = resume.as_ref() else {
+            return Vec::new();
+        };
         let unwritten = |frame: &SharedFrame| self.outbound.borrow().holds(frame);
-        let replaced = (self.handover.borrow().as_ref())
+        let replaced = (resume.handover.as_ref())
             .filter(|(_, frame)| unwritten(frame))
             .map(|(secret, _)| resume::hash_secret(secret));
-        let earlier = (self.earlier.get())
+        let earlier = (resume.earlier.as_ref())
             .filter(|earlier| earlier.frame.as_ref().is_some_and(unwritten))
             .map(|earlier| earlier.secret_hashes.clone())
             .unwrap_or_default();
-        (self.resume_secret.get().iter().map(resume::hash_secret))
+        std::iter::once(resume::hash_secret(&resume.secret))
             .chain(replaced)
             .chain(earlier)
             .collect()
@@ -310,14 +326,13 @@ impl Connection {
 
     /// Charges one resume; false when they come faster than its rate allows.
     pub(crate) fn take_resume(&self) -> bool {
-        self.resumes
-            .borrow_mut()
-            .as_mut()
-            .is_none_or(|bucket| bucket.try_take(1, Instant::now()).is_ok())
+        let mut resume = self.resume.borrow_mut();
+        let bucket = resume.as_mut().and_then(|resume| resume.resumes.as_mut());
+        bucket.is_none_or(|bucket| bucket.try_take(1, Instant::now()).is_ok())
     }
 
     pub(crate) fn is_resumable(&self) -> bool {
-        self.resume_secret.get().is_some()
+        self.resume.borrow().is_some()
     }
 
     /// A resume handshake claims it (see [`Lifecycle::claim`]).
@@ -388,8 +403,10 @@ impl Connection {
             replayed,
             &token,
         ));
-        self.resume_secret.set(Some(token.secret));
-        *self.handover.borrow_mut() = Some((proven, resumed.clone()));
+        if let Some(resume) = self.resume.borrow_mut().as_mut() {
+            resume.secret = token.secret;
+            resume.handover = Some((proven, resumed.clone()));
+        }
         self.outbound.borrow_mut().push_front(resumed);
         *self.stream.borrow_mut() = Rc::new(socket);
         (self.life.borrow_mut().attach(leftover)).map_err(|_| RewindError::NotKept)?;

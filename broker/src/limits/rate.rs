@@ -90,6 +90,12 @@ impl InboundLimiter {
         }
     }
 
+    /// Whether both buckets are full at `now` (a new limiter would be the same).
+    pub fn is_full(&mut self, now: Instant) -> bool {
+        let messages = self.messages.as_mut().is_none_or(|b| b.is_full(now));
+        messages && self.bytes.as_mut().is_none_or(|b| b.is_full(now))
+    }
+
     /// Admits one message of `size` bytes, or says how long it must wait. Nothing is
     /// taken from either bucket unless both allow it.
     pub fn admit(&mut self, size: usize, now: Instant) -> Result<(), Duration> {

@@ -10,8 +10,9 @@
 //! `limits.throttle_disconnect_secs` is over its limit (closed 1008). A protocol error
 //! ends the connection once the messages before it have been handled.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::disconnect::DisconnectReason;
 use crate::frame::Incoming;
@@ -22,17 +23,21 @@ use crate::outbound::Wire;
 use crate::transport::Decoder;
 use crate::transport::webtransport::framing::FrameDecoder;
 
+thread_local! {
+    /// Messages one read completed, on their way to a connection's queue: one buffer per
+    /// shard, not one per connection.
+    static DECODED: RefCell<Vec<Incoming>> = const { RefCell::new(Vec::new()) };
+}
+
 /// One connection's inbound side.
 pub(crate) struct Inbound {
     decoder: Decoder,
-    /// Decoded by the last read, on their way to `waiting`.
-    decoded: Vec<Incoming>,
     waiting: VecDeque<Incoming>,
     /// The protocol error that ends the connection once `waiting` is handled.
     broken: Option<DisconnectReason>,
-    limiter: InboundLimiter,
-    /// `limits.throttle_disconnect_secs`.
-    disconnect_after: Duration,
+    /// The rate limit's buckets, while they are not full: an idle client's refill, and a
+    /// full bucket is what a new one is, so an idle connection keeps none.
+    limiter: Option<Box<InboundLimiter>>,
     /// When the message at the head of the queue may go.
     until: Option<Instant>,
     /// Since when the client has been held back without ever being caught up with.
@@ -53,14 +58,12 @@ pub(crate) enum Next {
 }
 
 impl Inbound {
-    pub(crate) fn new(decoder: Decoder, limits: &Limits, now: Instant) -> Self {
+    pub(crate) fn new(decoder: Decoder) -> Self {
         Self {
             decoder,
-            decoded: Vec::new(),
             waiting: VecDeque::new(),
             broken: None,
-            limiter: InboundLimiter::new(limits.inbound.messages, limits.inbound.bytes, now),
-            disconnect_after: limits.throttle_disconnect,
+            limiter: None,
             until: None,
             since: None,
         }
@@ -69,24 +72,38 @@ impl Inbound {
     /// Bytes read from the socket: the messages they complete join the queue; a protocol
     /// error is kept until the messages before it have been handled.
     pub(crate) fn received(&mut self, bytes: &[u8]) {
-        if let Err(error) = self.decoder.decode(bytes, &mut self.decoded) {
-            self.broken = Some(DisconnectReason::BadFrame(error));
-        }
-        self.waiting.extend(self.decoded.drain(..));
+        DECODED.with_borrow_mut(|decoded| {
+            if let Err(error) = self.decoder.decode(bytes, decoded) {
+                self.broken = Some(DisconnectReason::BadFrame(error));
+            }
+            self.waiting.extend(decoded.drain(..));
+        });
     }
 
-    /// The next thing to do at `now`; `may_work` says whether the connection may start
-    /// work for another message (few enough calls in flight, room for their replies).
-    pub(crate) fn next(&mut self, now: Instant, may_work: bool) -> Next {
+    /// The next thing to do at `now` under `limits` (`[limits]`: the inbound rates and
+    /// `throttle_disconnect_secs`); `may_work` says whether the connection may start work
+    /// for another message (few enough calls in flight, room for their replies).
+    pub(crate) fn next(&mut self, now: Instant, may_work: bool, limits: &Limits) -> Next {
         if self.until.is_some() || !may_work {
             return Next::Idle;
         }
         let Some(message) = self.waiting.front() else {
+            if self
+                .limiter
+                .as_mut()
+                .is_some_and(|limiter| limiter.is_full(now))
+            {
+                self.limiter = None;
+            }
             return Next::Idle;
         };
-        if let Err(wait) = self.limiter.admit(cost(message), now) {
+        let limiter = self.limiter.get_or_insert_with(|| {
+            let rates = &limits.inbound;
+            Box::new(InboundLimiter::new(rates.messages, rates.bytes, now))
+        });
+        if let Err(wait) = limiter.admit(cost(message), now) {
             let since = *self.since.get_or_insert(now);
-            if now.saturating_duration_since(since) >= self.disconnect_after {
+            if now.saturating_duration_since(since) >= limits.throttle_disconnect {
                 return Next::OverLimit;
             }
             let until = now + wait;
@@ -169,6 +186,8 @@ pub(crate) fn decoder_for(limits: &Limits, wire: Wire) -> Decoder {
 mod tests {
     use super::*;
     use crate::frame::{self, MessageDecoder, Opcode};
+    use std::time::Duration;
+
     use crate::limits::Rate;
     use crate::limits::config::{InboundRate, RawLimits};
 
@@ -182,9 +201,8 @@ mod tests {
         limits
     }
 
-    fn inbound(limits: &Limits, now: Instant) -> Inbound {
-        let decoder = Decoder::WebSocket(MessageDecoder::new(1 << 16, 1 << 20));
-        Inbound::new(decoder, limits, now)
+    fn inbound() -> Inbound {
+        Inbound::new(Decoder::WebSocket(MessageDecoder::new(1 << 16, 1 << 20)))
     }
 
     /// A client's text frame, masked as clients must.
@@ -203,40 +221,40 @@ mod tests {
     fn messages_come_out_in_order_across_reads() {
         let now = Instant::now();
         let limits = limits(None, Duration::from_secs(10));
-        let mut inbound = inbound(&limits, now);
+        let mut inbound = inbound();
         let bytes = [text("one"), text("two")].concat();
         let (first, rest) = bytes.split_at(4);
         inbound.received(first);
         assert!(!inbound.has_waiting());
         inbound.received(rest);
-        assert_eq!(message(inbound.next(now, true)), "one");
-        assert_eq!(message(inbound.next(now, true)), "two");
-        assert_eq!(inbound.next(now, true), Next::Idle);
+        assert_eq!(message(inbound.next(now, true, &limits)), "one");
+        assert_eq!(message(inbound.next(now, true, &limits)), "two");
+        assert_eq!(inbound.next(now, true, &limits), Next::Idle);
     }
 
     #[test]
     fn nothing_comes_out_while_the_connection_has_too_much_work() {
         let now = Instant::now();
         let limits = limits(None, Duration::from_secs(10));
-        let mut inbound = inbound(&limits, now);
+        let mut inbound = inbound();
         inbound.received(&text("wait"));
-        assert_eq!(inbound.next(now, false), Next::Idle);
+        assert_eq!(inbound.next(now, false, &limits), Next::Idle);
         assert!(inbound.is_ready());
-        assert_eq!(message(inbound.next(now, true)), "wait");
+        assert_eq!(message(inbound.next(now, true, &limits)), "wait");
     }
 
     #[test]
     fn a_protocol_error_ends_the_connection_after_the_messages_before_it() {
         let now = Instant::now();
         let limits = limits(None, Duration::from_secs(10));
-        let mut inbound = inbound(&limits, now);
+        let mut inbound = inbound();
         // An unmasked client frame breaks the protocol.
         let bytes = [text("kept"), frame::encode(Opcode::Text, b"bad").to_vec()].concat();
         inbound.received(&bytes);
         assert!(inbound.has_news());
         assert_eq!(inbound.take_broken(), None, "a message comes first");
-        assert_eq!(message(inbound.next(now, true)), "kept");
-        assert_eq!(inbound.next(now, true), Next::Idle);
+        assert_eq!(message(inbound.next(now, true, &limits)), "kept");
+        assert_eq!(inbound.next(now, true, &limits), Next::Idle);
         assert!(matches!(
             inbound.take_broken(),
             Some(DisconnectReason::BadFrame(_))
@@ -251,21 +269,39 @@ mod tests {
             burst: 1,
         };
         let limits = limits(Some(rate), Duration::from_secs(10));
-        let mut inbound = inbound(&limits, now);
+        let mut inbound = inbound();
         inbound.received(&[text("a"), text("b")].concat());
-        assert_eq!(message(inbound.next(now, true)), "a");
-        let Next::HeldBack { until } = inbound.next(now, true) else {
+        assert_eq!(message(inbound.next(now, true, &limits)), "a");
+        let Next::HeldBack { until } = inbound.next(now, true, &limits) else {
             panic!("the second message is over the burst");
         };
         assert_eq!(until, now + Duration::from_millis(100));
         assert!(inbound.was_held_back() && !inbound.is_ready());
         // Until the throttle lifts, nothing comes out.
-        assert_eq!(inbound.next(until, true), Next::Idle);
+        assert_eq!(inbound.next(until, true, &limits), Next::Idle);
         inbound.throttle_elapsed();
-        assert_eq!(message(inbound.next(until, true)), "b");
+        assert_eq!(message(inbound.next(until, true, &limits)), "b");
         // The socket held nothing more: caught up.
         inbound.caught_up();
         assert!(!inbound.was_held_back());
+    }
+
+    #[test]
+    fn an_idle_client_keeps_no_rate_limit_state() {
+        let now = Instant::now();
+        let rate = Rate {
+            per_sec: 10,
+            burst: 2,
+        };
+        let limits = limits(Some(rate), Duration::from_secs(10));
+        let mut inbound = inbound();
+        inbound.received(&text("a"));
+        assert_eq!(message(inbound.next(now, true, &limits)), "a");
+        assert_eq!(inbound.next(now, true, &limits), Next::Idle);
+        assert!(inbound.limiter.is_some(), "its bucket is not full yet");
+        let refilled = now + Duration::from_secs(1);
+        assert_eq!(inbound.next(refilled, true, &limits), Next::Idle);
+        assert!(inbound.limiter.is_none());
     }
 
     #[test]
@@ -276,12 +312,12 @@ mod tests {
             burst: 1,
         };
         let limits = limits(Some(rate), Duration::from_secs(2));
-        let mut inbound = inbound(&limits, start);
+        let mut inbound = inbound();
         inbound.received(&[text("a"), text("b"), text("c"), text("d")].concat());
         let mut now = start;
         let mut handled = 0;
         loop {
-            match inbound.next(now, true) {
+            match inbound.next(now, true, &limits) {
                 Next::Message(_) => handled += 1,
                 Next::HeldBack { .. } => {
                     // Not quite in time: the client stays behind.
@@ -304,15 +340,18 @@ mod tests {
             burst: 1,
         };
         let limits = limits(Some(rate), Duration::from_secs(2));
-        let mut inbound = inbound(&limits, start);
+        let mut inbound = inbound();
         let mut now = start;
         for _ in 0..5 {
             inbound.received(&[text("a"), text("b")].concat());
-            assert!(matches!(inbound.next(now, true), Next::Message(_)));
-            assert!(matches!(inbound.next(now, true), Next::HeldBack { .. }));
+            assert!(matches!(inbound.next(now, true, &limits), Next::Message(_)));
+            assert!(matches!(
+                inbound.next(now, true, &limits),
+                Next::HeldBack { .. }
+            ));
             now += Duration::from_secs(1);
             inbound.throttle_elapsed();
-            assert!(matches!(inbound.next(now, true), Next::Message(_)));
+            assert!(matches!(inbound.next(now, true, &limits), Next::Message(_)));
             inbound.caught_up();
             now += Duration::from_secs(1);
         }

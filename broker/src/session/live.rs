@@ -27,15 +27,31 @@ use crate::transport::Socket;
 /// How long a closing connection gets to take its last frames and the close frame.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
-/// A connection from `$connect` to `$disconnect`: registered with its shard, served until
-/// it must end (parked in between if it is resumable and its socket drops), closed, and
-/// reported. It holds its socket's place under the limits (`ticket`) until then.
-pub(crate) async fn live(
+/// A connection from `$connect` to `$disconnect`: registered with its shard (now), served
+/// until it must end (parked in between if it is resumable and its socket drops), closed,
+/// and reported. It holds its socket's place under the limits (`ticket`) until then.
+///
+/// Not an `async fn`: the returned future keeps only what serving needs, not the
+/// handshake's results it was built from (an async fn keeps its arguments for its whole
+/// life, and this one lives as long as the connection).
+pub(crate) fn live(
     shard: Rc<Shard>,
     socket: Socket,
     accepted: Accepted,
     ticket: Option<AdmissionTicket>,
-) {
+) -> impl Future<Output = ()> {
+    let (connection, leftover) = register(&shard, socket, accepted, ticket);
+    serve_and_report(shard, connection, leftover)
+}
+
+/// Makes the connection, registers it with its shard (and its rooms, if it moved here) and
+/// queues its first frames; returns it and the bytes its client sent after the handshake.
+fn register(
+    shard: &Rc<Shard>,
+    socket: Socket,
+    accepted: Accepted,
+    ticket: Option<AdmissionTicket>,
+) -> (Rc<Connection>, Vec<u8>) {
     let Accepted {
         id,
         facts,
@@ -103,15 +119,17 @@ pub(crate) async fn live(
         // Registered after the shutdown sweep: close like everyone else.
         connection.request_close(DisconnectReason::ServerShutdown);
     }
-    let reason = serve_to_the_end(&shard, &connection, leftover).await;
+    (connection, leftover)
+}
 
+/// Serves a registered connection to its end, then unregisters and reports it.
+async fn serve_and_report(shard: Rc<Shard>, connection: Rc<Connection>, leftover: Vec<u8>) {
+    let reason = serve_to_the_end(&shard, &connection, leftover).await;
     shard.unregister(&connection);
     connection.admitted_as(None);
-    gateway
-        .metrics
-        .connections_active
-        .with_label_values(&[wire.label()])
-        .dec();
+    let wire = connection.stream().wire().label();
+    let metrics = &shard.gateway.metrics;
+    metrics.connections_active.with_label_values(&[wire]).dec();
     tracing::debug!(
         connection_id = %connection.facts.connection_id,
         peer = %connection.facts.source_ip,

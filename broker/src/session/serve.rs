@@ -6,7 +6,11 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use tokio::time::Instant;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::time::{Instant, Sleep, sleep_until};
 
 use super::inbound::{Inbound, Next};
 use super::lifecycle::Stop;
@@ -48,9 +52,11 @@ pub(super) async fn serve(
     let stream = connection.stream();
     let limits = &shard.gateway.config.limits;
     let decoder = super::inbound::decoder_for(limits, stream.wire());
-    let mut inbound = Inbound::new(decoder, limits, std::time::Instant::now());
+    let mut inbound = Inbound::new(decoder);
     inbound.received(&leftover);
     drop(leftover);
+    // The throttle's timer, only while the rate limit holds a message back.
+    let mut throttle: Option<Pin<Box<Sleep>>> = None;
     loop {
         if let Err(reason) = handle_ready(shard, connection, &mut inbound) {
             return reason;
@@ -84,17 +90,28 @@ pub(super) async fn serve(
                 continue;
             }
         }
-        let held_until = inbound.held_until();
+        match (inbound.held_until(), &mut throttle) {
+            (Some(until), Some(timer)) if timer.deadline() != Instant::from_std(until) => {
+                timer.as_mut().reset(Instant::from_std(until));
+            }
+            (Some(_), Some(_)) => {}
+            (Some(until), None) => throttle = Some(Box::pin(sleep_until(Instant::from_std(until)))),
+            (None, _) => throttle = None,
+        }
+        // Readiness is polled, not awaited as futures: an idle connection's task keeps
+        // nothing for its socket or its timer.
         tokio::select! {
             biased;
             _ = connection.woken() => {}
-            ready = stream.writable(), if pending => {
+            ready = poll_fn(|cx| stream.poll_write_ready(cx)), if pending => {
                 if ready.is_err() {
                     return DisconnectReason::ConnectionLost;
                 }
             }
-            _ = sleep_until(held_until), if held_until.is_some() => inbound.throttle_elapsed(),
-            ready = stream.readable(), if can_read => {
+            _ = poll_fn(|cx| poll_timer(&mut throttle, cx)), if throttle.is_some() => {
+                inbound.throttle_elapsed();
+            }
+            ready = poll_fn(|cx| stream.poll_read_ready(cx)), if can_read => {
                 if ready.is_err() {
                     return DisconnectReason::ConnectionLost;
                 }
@@ -118,7 +135,8 @@ fn handle_ready(
     let metrics = &shard.gateway.metrics;
     loop {
         let now = std::time::Instant::now();
-        match inbound.next(now, can_take_work(connection)) {
+        let limits = &shard.gateway.config.limits;
+        match inbound.next(now, can_take_work(connection), limits) {
             Next::Message(message) => handle_incoming(shard, connection, message)?,
             Next::HeldBack { .. } => {
                 metrics.inbound_throttled.inc();
@@ -134,9 +152,11 @@ fn handle_ready(
     }
 }
 
-async fn sleep_until(until: Option<std::time::Instant>) {
-    if let Some(until) = until {
-        tokio::time::sleep_until(Instant::from_std(until)).await;
+/// Polls the throttle's timer, if it is set.
+fn poll_timer(timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> Poll<()> {
+    match timer {
+        Some(timer) => timer.as_mut().poll(cx),
+        None => Poll::Pending,
     }
 }
 

@@ -12,6 +12,7 @@ pub mod tls;
 pub mod webtransport;
 
 use std::io::IoSlice;
+use std::task::{Context, Poll};
 
 use tokio::net::TcpStream;
 
@@ -77,19 +78,30 @@ impl Socket {
 
     /// Waits until [`Socket::try_read`] may return bytes (or the end).
     pub async fn readable(&self) -> std::io::Result<()> {
-        match self {
-            Self::Plain(tcp) => tcp.readable().await,
-            Self::Tls(tls) => tls.readable().await,
-            Self::WebTransport(session) => session.readable().await,
-        }
+        std::future::poll_fn(|cx| self.poll_read_ready(cx)).await
     }
 
     /// Waits until the socket may take more bytes.
     pub async fn writable(&self) -> std::io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_write_ready(cx)).await
+    }
+
+    /// Ready when [`Socket::try_read`] may return bytes (or the end). A poll, not a
+    /// future: a connection waiting for its socket keeps no future for it.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self {
-            Self::Plain(tcp) => tcp.writable().await,
-            Self::Tls(tls) => tls.tcp().writable().await,
-            Self::WebTransport(session) => session.writable().await,
+            Self::Plain(tcp) => tcp.poll_read_ready(cx),
+            Self::Tls(tls) => tls.poll_read_ready(cx),
+            Self::WebTransport(session) => session.poll_read_ready(cx),
+        }
+    }
+
+    /// Ready when the socket may take more bytes.
+    pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self {
+            Self::Plain(tcp) => tcp.poll_write_ready(cx),
+            Self::Tls(tls) => tls.tcp().poll_write_ready(cx),
+            Self::WebTransport(session) => session.poll_write_ready(cx),
         }
     }
 

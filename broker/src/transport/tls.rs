@@ -174,10 +174,18 @@ impl TlsSocket {
     }
 
     pub async fn readable(&self) -> std::io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_read_ready(cx)).await
+    }
+
+    /// Ready when decrypted bytes wait, or the TCP stream has something to read.
+    pub fn poll_read_ready(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         if self.plaintext_waiting.get() {
-            return Ok(());
+            return std::task::Poll::Ready(Ok(()));
         }
-        self.tcp.readable().await
+        self.tcp.poll_read_ready(cx)
     }
 
     pub fn try_read(&self, buffer: &mut [u8]) -> std::io::Result<usize> {

@@ -57,13 +57,15 @@ impl WebTransportSocket {
 
     /// Waits until [`Self::try_read`] has bytes or the end to report.
     pub async fn readable(&self) -> io::Result<()> {
-        poll_fn(|cx| {
-            if self.received.borrow().is_some() || self.finished.get() {
-                return Poll::Ready(Ok(()));
-            }
-            self.poll_chunk(cx).map_ok(|_| ())
-        })
-        .await
+        poll_fn(|cx| self.poll_read_ready(cx)).await
+    }
+
+    /// Ready when [`Self::try_read`] has bytes or the end to report.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.received.borrow().is_some() || self.finished.get() {
+            return Poll::Ready(Ok(()));
+        }
+        self.poll_chunk(cx).map_ok(|_| ())
     }
 
     /// Copies received bytes into `buffer` without waiting; `Ok(0)` is the end of the stream.
@@ -106,7 +108,12 @@ impl WebTransportSocket {
 
     /// Waits until the stream's flow-control window takes more bytes.
     pub async fn writable(&self) -> io::Result<()> {
-        poll_fn(|cx| self.poll_write(cx, &[]).map_ok(|_| ())).await
+        poll_fn(|cx| self.poll_write_ready(cx)).await
+    }
+
+    /// Ready when the stream's flow-control window takes more bytes.
+    pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_write(cx, &[]).map_ok(|_| ())
     }
 
     /// Writes as much of `slices` as the stream takes without waiting. Several frames are
