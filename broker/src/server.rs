@@ -191,7 +191,7 @@ pub async fn serve(
     let epoch = storage.next_epoch()?;
     let orphans = storage.connection_records()?;
     storage.clear_room_memberships()?;
-    let records = storage.record_writer();
+    let records = storage.record_writer()?;
     let (handles, inboxes) = shard::handle::channels(listeners.gateway.len());
     let admission = admission(&config)?;
     let metrics = Metrics::new();

@@ -1,11 +1,12 @@
 //! Everything Switchboard keeps on disk, behind one API so an engine can be swapped without
-//! touching the gateway: sled for connection records, memberships and small metadata, and
-//! append-only segment files of our own for the queue logs.
+//! touching the gateway: sled for small metadata and queue offsets, and append-only files of
+//! our own for the queue logs and for connection records and memberships.
 //!
 //! * [`Storage`] opens the data directory, refusing a locked or corrupt one with a clear
 //!   error, and hands out the node epoch that makes connectionIds unique across restarts.
 //! * [`ConnectionRecord`]s are written off the hot path by a [`RecordWriter`] thread in
-//!   batches; records still present at start belong to connections a crash cut.
+//!   batches to the record log, which the gateway keeps none of in memory; records still
+//!   present at start belong to connections a crash cut.
 //! * [`QueueLog`] holds the durable queues: append-only segment files with offsets and
 //!   checksums, consumer groups, retention, and group commit with a configurable fsync
 //!   policy; torn writes are cut at start, corruption is refused.
@@ -13,6 +14,7 @@
 mod error;
 mod migrate;
 mod queue;
+mod record_log;
 mod records;
 mod segments;
 
@@ -21,7 +23,8 @@ pub use queue::{
     Append, AppendDone, Appended, FlushReport, FsyncPolicy, OnFlush, QueueEntry, QueueLog,
     QueueRecovery, Read, Retention,
 };
-pub use records::{ConnectionRecord, RecordChanges, RecordWriter};
+pub use record_log::ConnectionRecord;
+pub use records::{RecordChanges, RecordWriter};
 
 use std::path::{Path, PathBuf};
 
@@ -37,10 +40,6 @@ pub struct Storage {
     dir: PathBuf,
     /// Node metadata (the epoch counter).
     meta: sled::Tree,
-    /// connectionId → rkyv-encoded [`ConnectionRecord`] for every open connection.
-    connections: sled::Tree,
-    /// `room NUL connectionId` → empty, for every room membership.
-    rooms: sled::Tree,
     /// Kept so [`Storage::flush`] covers every tree.
     db: sled::Db,
 }
@@ -89,13 +88,41 @@ impl Storage {
             db.open_tree(name)
                 .map_err(|e| StorageError::from_sled(dir, e))
         };
-        Ok(Self {
+        let (meta, connections, rooms) =
+            (tree(META_TREE)?, tree(CONNECTIONS_TREE)?, tree(ROOMS_TREE)?);
+        let storage = Self {
             dir: dir.to_path_buf(),
-            meta: tree(META_TREE)?,
-            connections: tree(CONNECTIONS_TREE)?,
-            rooms: tree(ROOMS_TREE)?,
+            meta,
             db,
-        })
+        };
+        storage.move_records_out_of_sled(&connections, &rooms)?;
+        Ok(storage)
+    }
+
+    /// Records an earlier version kept in sled move to the record log (durably, before they
+    /// leave sled), so a crash before this start is still reconciled.
+    fn move_records_out_of_sled(
+        &self,
+        connections: &sled::Tree,
+        rooms: &sled::Tree,
+    ) -> Result<(), StorageError> {
+        if connections.is_empty() && rooms.is_empty() {
+            return Ok(());
+        }
+        let mut folded = record_log::fold(&self.dir)?;
+        for value in connections.iter().values() {
+            let value = value.map_err(|e| self.sled_error(e))?;
+            let record =
+                ConnectionRecord::decode(&value).map_err(|detail| StorageError::Corrupt {
+                    dir: self.dir.clone(),
+                    detail,
+                })?;
+            folded.records.insert(record.connection_id.clone(), record);
+        }
+        record_log::rewrite(&self.dir, &folded, false)?;
+        connections.clear().map_err(|e| self.sled_error(e))?;
+        rooms.clear().map_err(|e| self.sled_error(e))?;
+        self.flush()
     }
 
     /// Increments and returns the node epoch, durably, so ids minted in this run never
@@ -152,26 +179,15 @@ impl Storage {
     /// the caller reports each to `$disconnect`, then removes it through the
     /// [`RecordWriter`], so a second crash in between loses none.
     pub fn connection_records(&self) -> Result<Vec<ConnectionRecord>, StorageError> {
-        self.connections
-            .iter()
-            .values()
-            .map(|v| {
-                let v = v.map_err(|e| self.sled_error(e))?;
-                ConnectionRecord::decode(&v).map_err(|detail| StorageError::Corrupt {
-                    dir: self.dir.clone(),
-                    detail,
-                })
-            })
-            .collect()
+        let mut records: Vec<_> = record_log::fold(&self.dir)?.records.into_values().collect();
+        records.sort_by(|a, b| a.connection_id.cmp(&b.connection_id));
+        Ok(records)
     }
 
     /// Starts the background thread that applies record and membership writes in batches.
-    pub fn record_writer(&self) -> RecordWriter {
-        let trees = records::Trees {
-            connections: self.connections.clone(),
-            rooms: self.rooms.clone(),
-        };
-        RecordWriter::spawn(trees, self.dir.clone())
+    pub fn record_writer(&self) -> Result<RecordWriter, StorageError> {
+        let log = record_log::RecordLog::open(&self.dir)?;
+        Ok(RecordWriter::spawn(log, self.dir.clone()))
     }
 
     /// Opens the durable queues (under `queues/` in the data dir; queues of an earlier
@@ -201,20 +217,21 @@ impl Storage {
     /// The connectionIds recorded as members of `room`.
     pub fn room_members(&self, room: &str) -> Result<Vec<String>, StorageError> {
         let prefix = records::membership_key(room, "");
-        self.rooms
-            .scan_prefix(&prefix)
-            .keys()
-            .map(|key| {
-                let key = key.map_err(|e| self.sled_error(e))?;
-                Ok(String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
-            })
-            .collect()
+        let folded = record_log::fold(&self.dir)?;
+        let mut members: Vec<String> = (folded.memberships.iter())
+            .filter_map(|key| key.strip_prefix(prefix.as_slice()))
+            .map(|id| String::from_utf8_lossy(id).into_owned())
+            .collect();
+        members.sort();
+        Ok(members)
     }
 
-    /// Forgets every room membership. Called at start: memberships belong to connections,
-    /// and no connection outlives the process that held it.
+    /// Forgets every room membership (and compacts the record log). Called at start:
+    /// memberships belong to connections, and no connection outlives the process that held
+    /// it.
     pub fn clear_room_memberships(&self) -> Result<(), StorageError> {
-        self.rooms.clear().map_err(|e| self.sled_error(e))
+        let folded = record_log::fold(&self.dir)?;
+        record_log::rewrite(&self.dir, &folded, false).map(drop)
     }
 
     /// Makes everything written so far durable.
@@ -273,7 +290,7 @@ mod tests {
     fn memberships_are_persisted_and_cleared() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path()).unwrap();
-        let writer = storage.record_writer();
+        let writer = storage.record_writer().unwrap();
         let mut changes = RecordChanges::default();
         changes.join("room", "a");
         changes.join("room", "b");
@@ -554,7 +571,7 @@ mod tests {
     fn records_survive_reopen_until_removed() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path()).unwrap();
-        let writer = storage.record_writer();
+        let writer = storage.record_writer().unwrap();
         let record = ConnectionRecord {
             connection_id: "abc".into(),
             connected_at_ms: 1,
@@ -570,11 +587,42 @@ mod tests {
 
         let storage = Storage::open(dir.path()).unwrap();
         assert_eq!(storage.connection_records().unwrap(), vec![record.clone()]);
-        let writer = storage.record_writer();
+        let writer = storage.record_writer().unwrap();
         let mut changes = RecordChanges::default();
         changes.remove(record.connection_id);
         writer.apply(changes);
         writer.close();
         assert!(storage.connection_records().unwrap().is_empty());
+    }
+    #[test]
+    fn records_an_earlier_version_kept_in_sled_move_to_the_record_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = ConnectionRecord {
+            connection_id: "abc".into(),
+            connected_at_ms: 1,
+            last_active_at_ms: 2,
+            source_ip: "127.0.0.1".into(),
+            user_agent: "test".into(),
+        };
+        {
+            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            let connections = db.open_tree(CONNECTIONS_TREE).unwrap();
+            connections
+                .insert(record.connection_id.as_bytes(), record.encode())
+                .unwrap();
+            let rooms = db.open_tree(ROOMS_TREE).unwrap();
+            rooms
+                .insert(records::membership_key("r", "abc"), &[])
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let storage = Storage::open(dir.path()).unwrap();
+        assert_eq!(storage.connection_records().unwrap(), vec![record.clone()]);
+        assert!(storage.room_members("r").unwrap().is_empty());
+        assert!(storage.db.open_tree(CONNECTIONS_TREE).unwrap().is_empty());
+        drop(storage);
+        // Moved once: a second start finds it in the log only.
+        let storage = Storage::open(dir.path()).unwrap();
+        assert_eq!(storage.connection_records().unwrap(), vec![record]);
     }
 }

@@ -1,45 +1,26 @@
 //! Connection records (one per open connection, so that a crash can be reconciled at the
 //! next start: `$disconnect` for every connection it cut) and room memberships.
 //!
-//! Shards never touch sled: they collect changes in a [`RecordChanges`] (coalesced by key)
-//! and hand them to a [`RecordWriter`], whose thread applies what it has been handed as one
-//! sled batch per wake-up. The hand-off channel is bounded; a shard whose hand-off finds
-//! it full keeps coalescing and offers again later.
+//! Shards never touch the disk: they collect changes in a [`RecordChanges`] (coalesced by
+//! key) and hand them to a [`RecordWriter`], whose thread appends what it has been handed to
+//! the record log ([`crate::record_log`]) as one write per wake-up, synced within
+//! [`SYNC_WITHIN`]. The hand-off channel is bounded; a shard whose hand-off finds it full
+//! keeps coalescing and offers again later.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
-/// Most hand-offs folded into one sled batch.
+use crate::record_log::{ConnectionRecord, Entry, RecordLog};
+
+/// Most hand-offs folded into one write.
 const MAX_BATCH: usize = 64;
-
-/// What is stored for an open connection (rkyv-encoded).
-#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub struct ConnectionRecord {
-    pub connection_id: String,
-    /// Epoch milliseconds of the handshake.
-    pub connected_at_ms: u64,
-    /// Epoch milliseconds of the last frame in either direction, as of the last write.
-    pub last_active_at_ms: u64,
-    pub source_ip: String,
-    pub user_agent: String,
-}
-
-impl ConnectionRecord {
-    fn encode(&self) -> Vec<u8> {
-        rkyv::to_bytes::<rkyv::rancor::Error>(self)
-            .map(|bytes| bytes.to_vec())
-            .unwrap_or_default()
-    }
-
-    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, String> {
-        // sled values carry no alignment guarantee; rkyv needs one.
-        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
-        aligned.extend_from_slice(bytes);
-        rkyv::from_bytes::<Self, rkyv::rancor::Error>(&aligned).map_err(|e| e.to_string())
-    }
-}
+/// How long appended changes may wait for their `fdatasync`.
+const SYNC_WITHIN: Duration = Duration::from_millis(200);
+/// Past this size, the log is compacted once most of its entries say nothing any more.
+const COMPACT_ABOVE: u64 = 64 << 20;
 
 /// Record changes not yet handed to the writer, coalesced by key: the last change to a
 /// connection or a membership wins. Its size is bounded by the state it describes (open
@@ -86,6 +67,23 @@ impl RecordChanges {
         self.connections.extend(newer.connections);
         self.memberships.extend(newer.memberships);
     }
+    /// The changes as record log entries, appended to `entries`.
+    fn into_entries(self, entries: &mut Vec<Entry>) {
+        entries.extend(
+            self.connections
+                .into_iter()
+                .map(|(id, record)| match record {
+                    Some(record) => Entry::Record(record),
+                    None => Entry::Remove(id),
+                }),
+        );
+        entries.extend(
+            (self.memberships.into_iter()).map(|(key, joined)| match joined {
+                true => Entry::Join(key),
+                false => Entry::Leave(key),
+            }),
+        );
+    }
 }
 
 enum Request {
@@ -106,11 +104,11 @@ pub struct RecordWriter {
 }
 
 impl RecordWriter {
-    pub(crate) fn spawn(trees: Trees, dir: PathBuf) -> Self {
+    pub(crate) fn spawn(log: RecordLog, dir: PathBuf) -> Self {
         let (requests, receiver) = crossbeam_channel::bounded(QUEUED_HANDOFFS);
         let spawned = std::thread::Builder::new()
             .name("switchboard-records".into())
-            .spawn(move || write_batches(trees, &receiver, &dir));
+            .spawn(move || write_batches(log, &receiver, &dir));
         if let Err(error) = spawned {
             tracing::error!(%error, "cannot start the connection record writer");
         }
@@ -141,12 +139,6 @@ impl RecordWriter {
     }
 }
 
-/// The trees the writer applies changes to.
-pub(crate) struct Trees {
-    pub(crate) connections: sled::Tree,
-    pub(crate) rooms: sled::Tree,
-}
-
 /// `room NUL connectionId`: members of a room are one prefix scan.
 pub(crate) fn membership_key(room: &str, connection_id: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(room.len() + 1 + connection_id.len());
@@ -156,55 +148,59 @@ pub(crate) fn membership_key(room: &str, connection_id: &str) -> Vec<u8> {
     key
 }
 
-fn write_batches(trees: Trees, requests: &Receiver<Request>, dir: &std::path::Path) {
+fn write_batches(mut log: RecordLog, requests: &Receiver<Request>, dir: &std::path::Path) {
     let mut closed_by = None;
+    // When the oldest change not yet synced was appended.
+    let mut unsynced_since: Option<Instant> = None;
     while closed_by.is_none() {
-        let first = match requests.recv() {
-            Ok(request) => request,
-            Err(_) => break,
+        let first = match unsynced_since {
+            None => requests.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(since) => requests.recv_timeout(SYNC_WITHIN.saturating_sub(since.elapsed())),
         };
-        let mut batch = sled::Batch::default();
-        let mut rooms = sled::Batch::default();
-        let mut count = 0;
+        let first = match first {
+            Ok(request) => request,
+            Err(RecvTimeoutError::Timeout) => {
+                sync(&mut log, dir);
+                unsynced_since = None;
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let mut entries = Vec::new();
         for request in std::iter::once(first).chain(requests.try_iter().take(MAX_BATCH - 1)) {
-            let changes = match request {
-                Request::Apply(changes) => changes,
+            match request {
+                Request::Apply(changes) => changes.into_entries(&mut entries),
                 Request::Close(done) => {
                     closed_by = Some(done);
                     break;
                 }
-            };
-            for (id, record) in changes.connections {
-                match record {
-                    Some(record) => batch.insert(id.as_bytes(), record.encode()),
-                    None => batch.remove(id.as_bytes()),
-                }
-                count += 1;
-            }
-            for (key, joined) in changes.memberships {
-                if joined {
-                    rooms.insert(key, &[]);
-                } else {
-                    rooms.remove(key);
-                }
-                count += 1;
             }
         }
-        let applied = trees
-            .connections
-            .apply_batch(batch)
-            .and_then(|()| trees.rooms.apply_batch(rooms));
-        if let Err(error) = applied {
-            tracing::error!(dir = %dir.display(), %error, count, "record batch failed");
+        if let Err(error) = log.append(&entries) {
+            tracing::error!(dir = %dir.display(), %error, count = entries.len(), "record write failed");
+        }
+        unsynced_since.get_or_insert_with(Instant::now);
+        if unsynced_since.is_some_and(|since| since.elapsed() >= SYNC_WITHIN) {
+            sync(&mut log, dir);
+            unsynced_since = None;
+        }
+        if log.is_due(COMPACT_ABOVE)
+            && let Err(error) = log.compact()
+        {
+            tracing::error!(dir = %dir.display(), %error, "record log compaction failed");
         }
     }
-    if let Err(error) = trees.connections.flush() {
-        tracing::error!(dir = %dir.display(), %error, "final connection record flush failed");
-    }
-    // Release the database before answering, so the caller may reopen it.
-    drop(trees);
+    sync(&mut log, dir);
+    // Release the log before answering, so the caller may reopen it.
+    drop(log);
     if let Some(done) = closed_by {
         let _ = done.send(());
+    }
+}
+
+fn sync(log: &mut RecordLog, dir: &std::path::Path) {
+    if let Err(error) = log.sync() {
+        tracing::error!(dir = %dir.display(), %error, "record log sync failed");
     }
 }
 
