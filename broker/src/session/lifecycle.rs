@@ -21,6 +21,8 @@
 use std::time::{Duration, Instant};
 
 use crate::disconnect::DisconnectReason;
+use crate::frame::close_code;
+use crate::outbound::Wire;
 use crate::resume::Refusal;
 
 /// The phase of a connection's life.
@@ -244,6 +246,38 @@ pub(crate) fn end_of_serving(
         // A takeover that met the shutdown: the shutdown is what ended it.
         DisconnectReason::Superseded => DisconnectReason::ServerShutdown,
         reason => reason,
+    })
+}
+
+/// How a connection that ends is closed: the code and reason its client is told, and
+/// whether what it has not read yet is dropped first.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Farewell {
+    pub(crate) code: u16,
+    pub(crate) reason: String,
+    /// A slow consumer's or an overloaded gateway's: only the verdict goes out.
+    pub(crate) abandon_queue: bool,
+}
+
+/// How a connection that ended for `reason` is closed on `wire`; `None` when its socket is
+/// gone and nothing can be said. A WebSocket client that closed hears its own code back
+/// (RFC 6455 echo); a WebTransport session is closed with the reason's code and text.
+pub(crate) fn farewell(reason: &DisconnectReason, wire: Wire) -> Option<Farewell> {
+    let (code, text) = match (reason, wire) {
+        (DisconnectReason::ConnectionLost, _) => return None,
+        (DisconnectReason::ClientClosed(code, _), Wire::WebSocket) => {
+            (code.unwrap_or(close_code::NORMAL), String::new())
+        }
+        (reason, _) => (reason.status_code(), reason.description()),
+    };
+    let abandon_queue = matches!(
+        reason,
+        DisconnectReason::SlowConsumer | DisconnectReason::Overloaded
+    );
+    Some(Farewell {
+        code,
+        reason: text,
+        abandon_queue,
     })
 }
 
@@ -500,6 +534,43 @@ mod tests {
                 reason: DisconnectReason::Deleted,
                 refusal: None
             }
+        );
+    }
+
+    #[test]
+    fn each_end_is_closed_with_the_code_its_reason_calls_for() {
+        assert_eq!(
+            farewell(&DisconnectReason::ConnectionLost, Wire::WebSocket),
+            None
+        );
+        let echoed = farewell(
+            &DisconnectReason::ClientClosed(Some(4000), "bye".into()),
+            Wire::WebSocket,
+        );
+        assert_eq!(
+            echoed,
+            Some(Farewell {
+                code: 4000,
+                reason: String::new(),
+                abandon_queue: false
+            })
+        );
+        let bare = farewell(
+            &DisconnectReason::ClientClosed(None, String::new()),
+            Wire::WebSocket,
+        );
+        assert_eq!(bare.map(|f| f.code), Some(close_code::NORMAL));
+        let slow = farewell(&DisconnectReason::SlowConsumer, Wire::WebTransport).unwrap();
+        assert_eq!(slow.code, DisconnectReason::SlowConsumer.status_code());
+        assert!(slow.abandon_queue && !slow.reason.is_empty());
+        let deleted = farewell(&DisconnectReason::Deleted, Wire::WebSocket).unwrap();
+        assert_eq!(
+            (deleted.code, deleted.reason, deleted.abandon_queue),
+            (
+                DisconnectReason::Deleted.status_code(),
+                DisconnectReason::Deleted.description(),
+                false
+            )
         );
     }
 

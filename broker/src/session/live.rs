@@ -9,12 +9,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::admit::Accepted;
-use super::lifecycle::{ParkStep, end_of_serving};
+use super::lifecycle::{ParkStep, end_of_serving, farewell};
 use super::serve::serve;
 use crate::connection::Connection;
 use crate::disconnect::DisconnectReason;
 use crate::dispatch;
-use crate::frame::close_code;
 use crate::limits::AdmissionTicket;
 use crate::message::Message;
 use crate::metrics::Metrics;
@@ -224,36 +223,25 @@ async fn close(
     reason: DisconnectReason,
 ) -> DisconnectReason {
     connection.begin_closing();
-    if reason == DisconnectReason::ConnectionLost {
-        return reason;
-    }
     let stream = connection.stream();
-    let abandon_queue = matches!(
-        reason,
-        DisconnectReason::SlowConsumer | DisconnectReason::Overloaded
-    );
+    let Some(farewell) = farewell(&reason, stream.wire()) else {
+        return reason;
+    };
     let deadline = Instant::now() + CLOSE_FLUSH;
     if let Socket::WebTransport(session) = &*stream {
         // The session's close carries the code and reason; queued messages go first.
-        if abandon_queue {
+        if farewell.abandon_queue {
             connection.outbound().borrow_mut().clear();
         }
         flush_until(connection, metrics, deadline).await;
         let grace = deadline.saturating_duration_since(Instant::now());
-        session
-            .close(reason.status_code(), &reason.description(), grace)
-            .await;
+        session.close(farewell.code, &farewell.reason, grace).await;
         return reason;
     }
-    let close = outbound::shared(match &reason {
-        DisconnectReason::ClientClosed(code, _) => {
-            Message::close(code.unwrap_or(close_code::NORMAL), "")
-        }
-        other => Message::close(other.status_code(), &other.description()),
-    });
+    let close = outbound::shared(Message::close(farewell.code, &farewell.reason));
     {
         let mut queue = connection.outbound().borrow_mut();
-        if abandon_queue {
+        if farewell.abandon_queue {
             // Whatever it did not read is abandoned; only the verdict goes out.
             let bytes = close.bytes(Wire::WebSocket).len();
             *queue = queue.replacement(Wire::WebSocket, 1, bytes);
