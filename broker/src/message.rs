@@ -1,8 +1,9 @@
 //! A message for a client before it meets a wire: its kind and its payload. Everything the
 //! gateway sends (a push, a broadcast, a reply, its own protocol frames, a pong, a close)
 //! is made as a message; each transport encodes it its own way, once per shard however many
-//! recipients share it ([`crate::outbound`]), and between nodes it travels in its portable
-//! form, `[kind][payload]`, never as some transport's frame.
+//! recipients share it ([`crate::outbound`]). Between nodes it travels in its portable
+//! form and is decoded back into a message on arrival: each node encodes for its own
+//! clients' transports.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -124,19 +125,34 @@ impl Message {
         }
     }
 
-    /// The portable form, `[kind][payload]`: how a message crosses NATS or moves with a
-    /// connection to another node.
+    /// The portable form: how a message crosses NATS or moves with a connection to another
+    /// node. It is the message as an unmasked, final WebSocket frame, the form every
+    /// version of the gateway has sent between nodes, so nodes of two versions can share a
+    /// cluster during a rolling upgrade.
     pub fn to_portable(&self) -> Bytes {
-        let mut portable = BytesMut::with_capacity(1 + self.payload.len());
-        portable.put_u8(self.kind.byte());
-        portable.put_slice(&self.payload);
-        portable.freeze()
+        self.websocket()
     }
 
     /// A message from its portable form; `None` if it is not one.
     pub fn from_portable(mut portable: Bytes) -> Option<Self> {
-        let kind = Kind::from_byte(*portable.first()?)?;
-        let payload = portable.split_off(1);
+        let (&first, rest) = portable.split_first()?;
+        let (&second, rest) = rest.split_first()?;
+        if first & 0xF0 != 0x80 || second & 0x80 != 0 {
+            return None; // not final, reserved bits, or masked
+        }
+        let kind = Kind::from_byte(first & 0x0F)?;
+        let (length, header) = match second & 0x7F {
+            126 => (
+                u64::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?)),
+                4,
+            ),
+            127 => (u64::from_be_bytes(rest.get(..8)?.try_into().ok()?), 10),
+            short => (u64::from(short), 2),
+        };
+        if portable.len() as u64 != header as u64 + length {
+            return None;
+        }
+        let payload = portable.split_off(header);
         Some(Self { kind, payload })
     }
 }
@@ -193,12 +209,31 @@ mod tests {
         for message in [
             Message::text("a"),
             Message::binary(vec![1, 2]),
+            Message::binary(vec![7; 300]),
+            Message::text(vec![b'x'; 70_000]),
             Message::pong(""),
             Message::close(1000, "bye"),
         ] {
             assert_eq!(Message::from_portable(message.to_portable()), Some(message));
         }
-        assert_eq!(Message::from_portable(Bytes::new()), None);
-        assert_eq!(Message::from_portable(Bytes::from_static(b"\x03x")), None);
+        // What nodes of the previous version send: a server WebSocket frame.
+        let legacy = frame::encode(Opcode::Text, b"from an older node");
+        assert_eq!(
+            Message::from_portable(legacy),
+            Some(Message::text("from an older node"))
+        );
+        for garbage in [
+            &b""[..],
+            b"\x81",
+            b"\x03x",
+            b"\x81\x05abc",
+            b"\x01\x01a",
+            b"\x81\x81a",
+        ] {
+            assert_eq!(
+                Message::from_portable(Bytes::copy_from_slice(garbage)),
+                None
+            );
+        }
     }
 }

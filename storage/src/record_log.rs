@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::StorageError;
@@ -23,6 +23,9 @@ const COMPACTING: &str = "log.compacting";
 const HEADER: usize = 8;
 /// The largest entry accepted when reading: a record is a few hundred bytes.
 const MAX_ENTRY: usize = 1 << 20;
+/// Most bytes of failed appends kept to be written again (a full disk): past it the oldest
+/// are dropped, and the loss is logged.
+const MAX_RETRY_BYTES: usize = 16 << 20;
 
 const RECORD: u8 = 1;
 const REMOVE: u8 = 2;
@@ -100,8 +103,6 @@ pub(crate) struct Folded {
     pub(crate) memberships: HashSet<Vec<u8>>,
     /// Where the valid entries end (a torn tail after it is cut).
     valid_len: u64,
-    /// How many valid entries the file holds.
-    entries_in_file: u64,
 }
 
 impl Folded {
@@ -132,14 +133,15 @@ impl Folded {
 /// The log's file, as the writer appends to it.
 pub(crate) struct RecordLog {
     dir: PathBuf,
-    file: BufWriter<File>,
+    file: File,
     /// Bytes in the file.
     len: u64,
-    /// Entries in the file.
-    entries: u64,
-    /// Of those, the ones that still say something (records and memberships not ended
-    /// since), counted as they are written: the log is compacted when it holds far more.
-    live: u64,
+    /// Its size after the last compaction (or start): it is compacted again once it has
+    /// grown well past that.
+    compacted_len: u64,
+    /// Entries a failed append did not write (the file was cut back to `len`): written
+    /// first by the next append.
+    retry: Vec<u8>,
 }
 
 /// The log's path under the data directory `dir`.
@@ -162,41 +164,59 @@ pub(crate) fn fold(dir: &Path) -> Result<Folded, StorageError> {
     let mut folded = Folded::default();
     let mut at = 0;
     while at < bytes.len() {
-        let corrupt = |detail: String| StorageError::Corrupt {
-            dir: path.clone(),
-            detail: format!("record log entry at byte {at}: {detail}"),
-        };
-        let Some(header) = bytes.get(at..at + HEADER) else {
-            break; // torn: a header cut short
-        };
-        let length = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        let end = at + HEADER + length;
-        if length == 0 || length > MAX_ENTRY {
-            return Err(corrupt(format!("impossible length {length}")));
-        }
-        let Some(entry) = bytes.get(at + HEADER..end) else {
-            break; // torn: the entry runs past the end
-        };
-        if crc32c::crc32c(entry) != crc {
-            if end == bytes.len() {
-                break; // torn: the last entry was not written whole
+        match entry_at(&bytes, at) {
+            Ok((entry, end)) => {
+                let decoded = Entry::decode(entry[0], &entry[1..]);
+                folded.apply(decoded.map_err(|detail| corrupt(&path, at, detail))?);
+                at = end;
             }
-            return Err(corrupt("checksum mismatch".into()));
+            // A crash in the middle of a write leaves a bad tail and nothing valid after it.
+            Err(_) if !valid_entry_after(&bytes, at) => break,
+            Err(detail) => return Err(corrupt(&path, at, detail)),
         }
-        folded.apply(Entry::decode(entry[0], &entry[1..]).map_err(corrupt)?);
-        folded.entries_in_file += 1;
-        at = end;
     }
     folded.valid_len = at as u64;
     Ok(folded)
 }
 
+/// The entry at `at` and where it ends, or why there is none.
+fn entry_at(bytes: &[u8], at: usize) -> Result<(&[u8], usize), String> {
+    let header = bytes.get(at..at + HEADER).ok_or("a header cut short")?;
+    let length = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if length == 0 || length > MAX_ENTRY {
+        return Err(format!("impossible length {length}"));
+    }
+    let end = at + HEADER + length;
+    let entry = bytes.get(at + HEADER..end).ok_or("an entry cut short")?;
+    if crc32c::crc32c(entry) != crc {
+        return Err("checksum mismatch".into());
+    }
+    Ok((entry, end))
+}
+
+/// Whether a valid entry starts anywhere after `at`: then a bad entry at `at` is damage,
+/// not a torn tail.
+fn valid_entry_after(bytes: &[u8], at: usize) -> bool {
+    (at + 1..bytes.len()).any(|start| entry_at(bytes, start).is_ok())
+}
+
+fn corrupt(path: &Path, at: usize, detail: String) -> StorageError {
+    StorageError::Corrupt {
+        dir: path.to_path_buf(),
+        detail: format!("record log entry at byte {at}: {detail}"),
+    }
+}
+
 /// Writes `folded` as a new log (its memberships too when `memberships`), replacing the old
-/// one only once the new one is durable.
-pub(crate) fn rewrite(dir: &Path, folded: &Folded, memberships: bool) -> Result<u64, StorageError> {
-    let records_dir = dir.join(DIR);
-    std::fs::create_dir_all(&records_dir).map_err(|reason| io(dir, reason))?;
+/// one only once the new one is durable. Returns the new log's file, positioned at its end,
+/// and its size: from the rename on, that handle is the log.
+pub(crate) fn rewrite(
+    dir: &Path,
+    folded: &Folded,
+    memberships: bool,
+) -> Result<(File, u64), StorageError> {
+    let records_dir = records_dir(dir)?;
     let compacting = records_dir.join(COMPACTING);
     let mut bytes = Vec::new();
     for entry in folded.entries() {
@@ -209,17 +229,32 @@ pub(crate) fn rewrite(dir: &Path, folded: &Folded, memberships: bool) -> Result<
         file.write_all(&bytes)?;
         file.sync_data()?;
         std::fs::rename(&compacting, path(dir))?;
-        File::open(&records_dir)?.sync_all()
+        Ok::<_, std::io::Error>(file)
     })();
-    written.map_err(|reason| io(dir, reason))?;
-    Ok(bytes.len() as u64)
+    let file = written.map_err(|reason| io(dir, reason))?;
+    if let Err(error) = File::open(&records_dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(dir = %dir.display(), %error, "cannot sync the record log's directory");
+    }
+    Ok((file, bytes.len() as u64))
+}
+
+/// `records/` under `dir`, made (and its entry synced) if it is new.
+fn records_dir(dir: &Path) -> Result<PathBuf, StorageError> {
+    let records = dir.join(DIR);
+    if !records.is_dir() {
+        std::fs::create_dir_all(&records).map_err(|reason| io(dir, reason))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|reason| io(dir, reason))?;
+    }
+    Ok(records)
 }
 
 impl RecordLog {
     /// Opens the log under `dir` for appending, cutting a torn tail.
     pub(crate) fn open(dir: &Path) -> Result<Self, StorageError> {
         let folded = fold(dir)?;
-        std::fs::create_dir_all(dir.join(DIR)).map_err(|reason| io(dir, reason))?;
+        records_dir(dir)?;
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -229,59 +264,65 @@ impl RecordLog {
             .map_err(|reason| io(dir, reason))?;
         Ok(Self {
             dir: dir.to_path_buf(),
-            file: BufWriter::new(file),
+            file,
             len: folded.valid_len,
-            entries: folded.entries_in_file,
-            live: (folded.records.len() + folded.memberships.len()) as u64,
+            compacted_len: folded.valid_len,
+            retry: Vec::new(),
         })
     }
 
-    /// Appends `entries` (written, not yet synced).
+    /// Appends `entries` (written, not yet synced). A failed write is cut off the file, so
+    /// no torn entry stays between whole ones, and written again with the next append.
     pub(crate) fn append(&mut self, entries: &[Entry]) -> Result<(), StorageError> {
-        let mut bytes = Vec::new();
-        for entry in entries {
-            entry.encode_into(&mut bytes);
-            match entry {
-                Entry::Record(_) | Entry::Join(_) => self.live += 1,
-                Entry::Remove(_) | Entry::Leave(_) => self.live = self.live.saturating_sub(1),
-            }
+        let mut bytes = std::mem::take(&mut self.retry);
+        entries
+            .iter()
+            .for_each(|entry| entry.encode_into(&mut bytes));
+        if let Err(reason) = self.file.write_all(&bytes) {
+            let _ = self.file.set_len(self.len);
+            self.keep_for_retry(bytes);
+            return Err(io(&self.dir, reason));
         }
-        self.entries += entries.len() as u64;
-        self.file
-            .write_all(&bytes)
-            .and_then(|()| self.file.flush())
-            .map_err(|reason| io(&self.dir, reason))?;
         self.len += bytes.len() as u64;
         Ok(())
+    }
+
+    /// Keeps unwritten entries for the next append, within [`MAX_RETRY_BYTES`].
+    fn keep_for_retry(&mut self, mut bytes: Vec<u8>) {
+        if bytes.len() > MAX_RETRY_BYTES {
+            tracing::error!(
+                dir = %self.dir.display(),
+                bytes = bytes.len(),
+                "record log: changes dropped after failed writes (connection records may be stale)"
+            );
+            bytes.clear();
+        }
+        self.retry = bytes;
     }
 
     /// Makes what was appended durable.
     pub(crate) fn sync(&mut self) -> Result<(), StorageError> {
         self.file
-            .flush()
-            .and_then(|()| self.file.get_ref().sync_data())
+            .sync_data()
             .map_err(|reason| io(&self.dir, reason))
     }
 
-    /// Whether the log is due for compaction: past `above` bytes, and most of its entries
-    /// no longer say anything.
+    /// Whether the log is due for compaction: past `above` bytes and four times its size
+    /// after the last compaction.
     pub(crate) fn is_due(&self, above: u64) -> bool {
-        self.len > above && self.entries > 4 * self.live.max(1)
+        self.len > above.max(4 * self.compacted_len)
     }
 
-    /// Rewrites the log with only what it still says, and appends to the new file.
+    /// Rewrites the log with only what it still says, and appends to the new file. A
+    /// failed compaction is tried again only once the log has grown fourfold.
     pub(crate) fn compact(&mut self) -> Result<(), StorageError> {
+        self.compacted_len = self.len;
         self.sync()?;
         let folded = fold(&self.dir)?;
-        let len = rewrite(&self.dir, &folded, true)?;
-        let file = OpenOptions::new()
-            .append(true)
-            .open(path(&self.dir))
-            .map_err(|reason| io(&self.dir, reason))?;
-        self.file = BufWriter::new(file);
+        let (file, len) = rewrite(&self.dir, &folded, true)?;
+        self.file = file;
         self.len = len;
-        self.live = (folded.records.len() + folded.memberships.len()) as u64;
-        self.entries = self.live;
+        self.compacted_len = len;
         Ok(())
     }
 }
@@ -350,6 +391,41 @@ mod tests {
         let mut ids: Vec<_> = folded.records.keys().cloned().collect();
         ids.sort();
         assert_eq!(ids, vec!["a", "c"]);
+    }
+
+    #[test]
+    fn a_zero_filled_tail_after_a_crash_is_torn_not_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = RecordLog::open(dir.path()).unwrap();
+        log.append(&[Entry::Record(record("a"))]).unwrap();
+        drop(log);
+        // The file's size covered a write whose pages never reached the disk.
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(path(dir.path()))
+            .unwrap();
+        file.write_all(&[0; 300]).unwrap();
+        drop(file);
+        let mut log = RecordLog::open(dir.path()).unwrap();
+        log.append(&[Entry::Record(record("b"))]).unwrap();
+        drop(log);
+        assert_eq!(fold(dir.path()).unwrap().records.len(), 2);
+    }
+
+    #[test]
+    fn a_failed_append_is_written_again_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = RecordLog::open(dir.path()).unwrap();
+        log.append(&[Entry::Record(record("a"))]).unwrap();
+        let writable = std::mem::replace(&mut log.file, File::open(path(dir.path())).unwrap());
+        assert!(log.append(&[Entry::Record(record("b"))]).is_err());
+        log.file = writable;
+        log.append(&[Entry::Record(record("c"))]).unwrap();
+        drop(log);
+        let folded = fold(dir.path()).unwrap();
+        let mut ids: Vec<_> = folded.records.into_keys().collect();
+        ids.sort();
+        assert_eq!(ids, vec!["a", "b", "c"]);
     }
 
     #[test]

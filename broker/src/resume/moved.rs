@@ -34,7 +34,7 @@ pub struct MovedOut {
     pub facts: String,
     pub rooms: Vec<String>,
     /// The messages its client has not received, in their portable form
-    /// ([`Message::to_portable`]), base64, in order.
+    /// ([`Message::to_portable`], as every version sends them), base64, in order.
     pub frames: Vec<String>,
     /// How much longer it may live, in milliseconds (a move does not restart
     /// `limits.max_connection_secs`); absent from nodes that predate it.

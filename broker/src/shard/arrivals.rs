@@ -28,6 +28,10 @@ fn unanswered<T>() -> oneshot::Sender<T> {
     oneshot::channel().0
 }
 
+/// The most a transport adds to a message's payload (a WebSocket frame's longest header):
+/// held frames are counted as the queue they go to will count them, or more.
+const MAX_HEADER: usize = 10;
+
 /// Most calls held for one arriving connection; past it (or past its outbound queue's
 /// bytes) they are answered as gone.
 const MAX_DEFERRED: usize = 1024;
@@ -70,7 +74,7 @@ impl Held {
     /// Holds a frame sent to it (a bulk send's, a broadcast's) if there is room; whether
     /// it did.
     pub(super) fn hold_frame(&mut self, frame: &SharedFrame) -> bool {
-        let bytes = frame.message().payload.len();
+        let bytes = frame.message().payload.len() + MAX_HEADER;
         let room = self.has_room(bytes);
         if room {
             self.hold(Deferred::Frame(frame.clone()), bytes);
@@ -129,7 +133,7 @@ impl Arrivals {
             return Some(command);
         };
         let bytes = match &command {
-            StateCommand::Send { message, .. } => message.payload.len(),
+            StateCommand::Send { message, .. } => message.payload.len() + MAX_HEADER,
             _ => 0,
         };
         if !held.has_room(bytes) || registered(sequence) {
