@@ -16,8 +16,7 @@ use crate::connection_id::ConnectionId;
 use crate::event::ConnectionFacts;
 use crate::fanout::{self, FanoutPlan};
 use crate::message::Message;
-use crate::rooms::RoomDelivery;
-use crate::rooms::RoomName;
+use crate::rooms::{PresenceMember, RoomDelivery, RoomName};
 use crate::shard::handle::{Delivery, ShardHandle};
 
 /// Why a connection could not be reached.
@@ -212,6 +211,20 @@ impl Directory {
     /// Whether a room can have members beyond one shard: on another shard, or node.
     pub fn reaches_beyond_one_shard(&self) -> bool {
         self.shards.len() > 1 || self.cluster.is_some()
+    }
+
+    /// `room`'s members on every node, with who they are and when they joined.
+    pub async fn presence(&self, room: &RoomName) -> Vec<PresenceMember> {
+        let remote = async {
+            match &self.cluster {
+                Some(cluster) => cluster.room_presence(room).await,
+                None => Vec::new(),
+            }
+        };
+        let (mut members, remote) =
+            futures_util::join!(fanout::room_presence(&self.shards, room), remote);
+        members.extend(remote);
+        members
     }
 
     /// The connectionIds of `room`'s members on every node.

@@ -8,8 +8,7 @@ use tokio::sync::oneshot;
 
 use crate::connection_id::ConnectionId;
 use crate::message::Message;
-use crate::rooms::RoomDelivery;
-use crate::rooms::RoomName;
+use crate::rooms::{PresenceMember, RoomDelivery, RoomName};
 use crate::shard::handle::{Delivery, ShardHandle};
 
 /// A bulk push split by shard. Indices refer to the request's `connectionIds`.
@@ -155,6 +154,22 @@ pub async fn send_bulk(shards: &[ShardHandle], plan: FanoutPlan, message: &Messa
     }
     delivery.gone.sort_unstable();
     delivery
+}
+
+/// Room presence (members, who they are, since when), gathered from every shard.
+pub async fn room_presence(shards: &[ShardHandle], room: &RoomName) -> Vec<PresenceMember> {
+    let mut answers = Vec::with_capacity(shards.len());
+    for shard in shards {
+        let (reply, answer) = oneshot::channel();
+        if shard.presence(room.clone(), reply).await.is_ok() {
+            answers.push(answer);
+        }
+    }
+    let mut members = Vec::new();
+    for answer in answers {
+        members.extend(answer.await.unwrap_or_default());
+    }
+    members
 }
 
 /// Room membership, gathered from every shard.

@@ -174,6 +174,18 @@ pub struct RoomDelivery {
 #[error("connection is already in {0} rooms (limits.max_rooms_per_connection)")]
 pub struct TooManyRooms(pub usize);
 
+/// One member of a room, as presence reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PresenceMember {
+    #[serde(rename = "connectionId")]
+    pub connection_id: String,
+    /// Who the authorizer says it is ([`crate::auth::authorizer::user_of`]), if anyone.
+    pub user: Option<String>,
+    /// When it joined, epoch milliseconds.
+    #[serde(rename = "joinedAt")]
+    pub joined_at_ms: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

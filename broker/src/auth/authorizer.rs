@@ -113,6 +113,15 @@ pub fn principal_of(context: Option<&RawValue>) -> Option<String> {
     Some(format!("context:{}", hex_sha256(canonical.as_bytes())))
 }
 
+/// Who a connection is, as presence shows it: the http authorizer's `principalId`, else a
+/// JWT's `sub`; `None` without an authorizer or either.
+pub fn user_of(context: Option<&RawValue>) -> Option<String> {
+    let context: Value = serde_json::from_str(context?.get()).ok()?;
+    ["principalId", "sub"]
+        .iter()
+        .find_map(|key| context.get(key)?.as_str().map(str::to_owned))
+}
+
 fn hex_sha256(bytes: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, bytes)
         .as_ref()

@@ -20,8 +20,7 @@ use super::state::interest::RoomSubscription;
 use crate::connection_id::ConnectionId;
 use crate::fanout;
 use crate::message::Message;
-use crate::rooms::RoomDelivery;
-use crate::rooms::RoomName;
+use crate::rooms::{PresenceMember, RoomDelivery, RoomName};
 
 const OP: &str = "Sb-Op";
 const EXCLUDE: &str = "Sb-Exclude";
@@ -29,6 +28,7 @@ const EXCLUDE: &str = "Sb-Exclude";
 const UNRELIABLE: &str = "Sb-Unreliable";
 const BROADCAST: &str = "broadcast";
 const LIST: &str = "list";
+const PRESENCE: &str = "presence";
 
 /// Routes gather answers until the subscription ends (at shutdown).
 pub async fn route_gathers(cluster: Arc<Cluster>, shutdown: tokio_util::sync::CancellationToken) {
@@ -133,6 +133,17 @@ impl Cluster {
             .await
             .iter()
             .filter_map(|answer| serde_json::from_slice::<Vec<String>>(answer).ok())
+            .flatten()
+            .collect()
+    }
+
+    /// The members of `room` on the other nodes, with who they are and when they joined.
+    pub async fn room_presence(&self, room: &RoomName) -> Vec<PresenceMember> {
+        let headers = room_headers(PRESENCE, RoomDelivery::default());
+        self.gather(room, PRESENCE, headers, Bytes::new())
+            .await
+            .iter()
+            .filter_map(|answer| serde_json::from_slice::<Vec<PresenceMember>>(answer).ok())
             .flatten()
             .collect()
     }
@@ -251,6 +262,10 @@ async fn serve_room(cluster: Arc<Cluster>, room: RoomName) {
             }
             (Some(LIST), true, _) => {
                 let members = fanout::room_members(cluster.shards(), &room).await;
+                Bytes::from(serde_json::to_vec(&members).unwrap_or_default())
+            }
+            (Some(PRESENCE), true, _) => {
+                let members = fanout::room_presence(cluster.shards(), &room).await;
                 Bytes::from(serde_json::to_vec(&members).unwrap_or_default())
             }
             _ => continue,

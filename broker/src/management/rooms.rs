@@ -58,6 +58,44 @@ pub(super) async fn post_to_room(
     Ok(axum::Json(json!({"delivered": delivered})).into_response())
 }
 
+#[derive(Debug, Deserialize)]
+pub(super) struct PresenceParams {
+    /// `false`: only the counts (cheap for a big room).
+    members: Option<String>,
+}
+
+/// `GET @rooms/{room}/presence`: who is in the room on every node, and how many distinct
+/// users (the authorizer's principals) that is.
+pub(super) async fn get_presence(
+    State(state): State<ApiState>,
+    Path((stage, room)): Path<(String, String)>,
+    Query(params): Query<PresenceParams>,
+) -> Result<Response, ApiError> {
+    state.check_stage(&stage)?;
+    let room = room_name(&room)?;
+    let with_members = match params.members.as_deref() {
+        None | Some("1" | "true") => true,
+        Some("0" | "false") => false,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "members: `{other}` is not 1, 0, true or false"
+            )));
+        }
+    };
+    let members = state.gateway.directory.presence(&room).await;
+    let users: std::collections::HashSet<&str> =
+        members.iter().filter_map(|m| m.user.as_deref()).collect();
+    let mut body = json!({
+        "room": room.as_str(),
+        "count": members.len(),
+        "users": users.len(),
+    });
+    if with_members {
+        body["members"] = json!(members);
+    }
+    Ok(axum::Json(body).into_response())
+}
+
 pub(super) async fn get_room(
     State(state): State<ApiState>,
     Path((stage, room)): Path<(String, String)>,

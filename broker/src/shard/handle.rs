@@ -9,7 +9,7 @@ use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
 use crate::message::Message;
 use crate::resume;
-use crate::rooms::{RoomDelivery, RoomName, TooManyRooms};
+use crate::rooms::{PresenceMember, RoomDelivery, RoomName, TooManyRooms};
 use crate::transport::webtransport::HandshakeSlot;
 
 /// Commands waiting for a shard beyond this make the sender wait (backpressure on the
@@ -65,6 +65,11 @@ pub(crate) enum StateCommand {
     ListRoom {
         room: RoomName,
         reply: oneshot::Sender<Vec<String>>,
+    },
+    /// The shard's members of `room`, with who they are and when they joined.
+    Presence {
+        room: RoomName,
+        reply: oneshot::Sender<Vec<PresenceMember>>,
     },
     /// Close every connection for `reason`.
     CloseAll { reason: DisconnectReason },
@@ -276,6 +281,16 @@ impl ShardHandle {
     pub async fn adopt_resume(&self, handoff: resume::handoff::Handoff) {
         let command = StartCommand::AdoptResume(Box::new(handoff));
         let _ = self.commands.send(command.into()).await;
+    }
+
+    /// Asks for the shard's members of `room`, with who they are and when they joined.
+    pub async fn presence(
+        &self,
+        room: RoomName,
+        reply: oneshot::Sender<Vec<PresenceMember>>,
+    ) -> Result<(), Gone> {
+        let command = StateCommand::Presence { room, reply };
+        self.commands.send(command.into()).await.map_err(|_| Gone)
     }
 
     /// Asks for the shard's members of `room`.

@@ -7,7 +7,9 @@
 //! [`crate::directory`]. This file is the shard's state; [`run`] is its thread.
 
 mod arrivals;
+mod ended;
 pub mod handle;
+mod member;
 pub mod run;
 
 use std::cell::RefCell;
@@ -34,7 +36,9 @@ use crate::rooms::TooManyRooms;
 use crate::rooms::{RoomIndex, RoomName};
 use crate::shard::handle::Delivery;
 use arrivals::{Arrivals, Deferred};
+use ended::Ended;
 use handle::StateCommand;
+use member::Member;
 
 /// The shard's own state, shared by its tasks through `Rc`.
 pub struct Shard {
@@ -44,7 +48,7 @@ pub struct Shard {
     /// Open connections by sequence number (the rest of the id is the shard's own).
     connections: RefCell<HashMap<u64, Rc<Connection>>>,
     /// Which local connections are in which room.
-    rooms: RefCell<RoomIndex<Rc<Connection>>>,
+    rooms: RefCell<RoomIndex<Member>>,
     /// Connections with frames queued by fan-out, waiting for the next write pass.
     dirty: RefCell<VecDeque<Rc<Connection>>>,
     /// Wakes the command loop for work that arrives without a command: fan-out queued
@@ -60,7 +64,7 @@ pub struct Shard {
     pending_appends: RefCell<Vec<PendingAppend>>,
     /// Resumable connections that ended without their client coming back, kept for a
     /// window so that a late resume learns why ("expired", "overflow") instead of "unknown".
-    unresumable: RefCell<HashMap<u64, Unresumable>>,
+    unresumable: RefCell<Ended>,
     /// Connections moving here from another node, by the sequence they will have: what
     /// the old node forwards to them before they are registered waits here, in order.
     arriving: RefCell<Arrivals>,
@@ -68,14 +72,6 @@ pub struct Shard {
     /// Every session and every `$disconnect` call, so shutdown can wait for them.
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
-}
-
-/// Why a resumable connection ended, for a client that comes back after it did.
-struct Unresumable {
-    /// The hashes of the secrets of the tokens that resumed it when it ended.
-    secret_hashes: Box<[resume::SecretHash]>,
-    refusal: resume::Refusal,
-    until: std::time::Instant,
 }
 
 impl Shard {
@@ -100,10 +96,8 @@ impl Shard {
                 false => Err(resume::Refusal::Unknown),
             };
         }
-        match self.unresumable.borrow().get(&id.sequence) {
-            Some(ended) if any(&ended.secret_hashes) => Err(ended.refusal),
-            _ => Err(resume::Refusal::Unknown),
-        }
+        let ended = self.unresumable.borrow().refusal(id.sequence, any);
+        Err(ended.unwrap_or(resume::Refusal::Unknown))
     }
 
     /// Remembers that a resumable connection ended for `refusal`, for one resume window.
@@ -116,14 +110,8 @@ impl Shard {
             return;
         }
         let until = std::time::Instant::now() + config.window;
-        self.unresumable.borrow_mut().insert(
-            connection.id.sequence,
-            Unresumable {
-                secret_hashes,
-                refusal,
-                until,
-            },
-        );
+        let mut ended = self.unresumable.borrow_mut();
+        ended.note(connection.id.sequence, secret_hashes, refusal, until);
     }
 
     /// The rooms a local connection is in.
@@ -188,7 +176,11 @@ impl Shard {
                 .inc();
             return Err(TooManyRooms(limit));
         }
-        if rooms.join(room, sequence, connection.clone()) {
+        let member = Member {
+            connection: connection.clone(),
+            joined_at_ms: crate::clock::now_ms(),
+        };
+        if rooms.join(room, sequence, member) {
             self.gateway.directory.member_joined(room);
             self.record(|changes| changes.join(room.as_str(), &connection.facts.connection_id));
         }
@@ -225,7 +217,7 @@ impl Shard {
             .map(|id| id.sequence);
         let rooms = self.rooms.borrow();
         let mut delivered = 0;
-        for (sequence, connection) in rooms.members(room) {
+        for (sequence, Member { connection, .. }) in rooms.members(room) {
             if Some(sequence) == skip {
                 continue;
             }
@@ -377,9 +369,7 @@ impl Shard {
         }
         self.hand_off_records();
         self.rooms.borrow_mut().shrink();
-        self.unresumable
-            .borrow_mut()
-            .retain(|_, ended| ended.until > now);
+        self.unresumable.borrow_mut().forget_past(now);
         let mut connections = self.connections.borrow_mut();
         if connections.capacity() > 4 * connections.len().max(64) {
             connections.shrink_to_fit();
@@ -514,9 +504,14 @@ impl Shard {
                     .rooms
                     .borrow()
                     .members(&room)
-                    .map(|(_, c)| c.facts.connection_id.clone())
+                    .map(|(_, member)| member.connection.facts.connection_id.clone())
                     .collect();
                 let _ = reply.send(members);
+            }
+            StateCommand::Presence { room, reply } => {
+                let rooms = self.rooms.borrow();
+                let members = rooms.members(&room).map(|(_, member)| member.presence());
+                let _ = reply.send(members.collect());
             }
         }
     }

@@ -104,7 +104,7 @@ pub fn spawn(
                     records: RefCell::new(RecordChanges::default()),
                     refusals_answering: std::cell::Cell::new(0),
                     pending_appends: RefCell::new(Vec::new()),
-                    unresumable: RefCell::new(HashMap::new()),
+                    unresumable: RefCell::default(),
                     arriving: RefCell::default(),
                     http: HttpIntegration::new(),
                     tasks: TaskTracker::new(),

@@ -212,6 +212,20 @@ async fn a_room_on_three_nodes_gets_each_broadcast_once_through_any_node() {
     let mut expected: Vec<String> = members.iter().map(|(_, id)| id.clone()).collect();
     expected.sort();
     assert_eq!(listed, expected);
+    // Presence lists the same members through every node (no authorizer: no users).
+    for node in &nodes {
+        let url = format!("{}/@rooms/lobby/presence", node.api_url);
+        let presence: Value = http().get(url).send().await.unwrap().json().await.unwrap();
+        assert_eq!(
+            (presence["count"].clone(), presence["users"].clone()),
+            (json!(6), json!(0))
+        );
+        let mut present: Vec<String> = (presence["members"].as_array().unwrap().iter())
+            .map(|m| m["connectionId"].as_str().unwrap().to_owned())
+            .collect();
+        present.sort();
+        assert_eq!(present, expected, "through {}", node.api_url);
+    }
 
     for (round, node) in nodes.iter().enumerate() {
         let text = format!("broadcast {round}");

@@ -498,3 +498,73 @@ integration = { type = "room_publish", room = "$request.body.room", data = "${co
     assert_eq!(room(&gateway, "user:alice").await["count"], 0);
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn presence_lists_members_with_their_users_and_counts_distinct_users() {
+    let backend = Backend::start().await;
+    let config = config_with(
+        &backend,
+        r#"
+[authorizer]
+type = "jwt"
+token = "query:token"
+secret = "presence-test-secret"
+[routes.join]
+integration = { type = "room_join", room = "$request.body.room" }
+"#,
+    );
+    let gateway = TestGateway::start(&config).await;
+    let open = |sub: &str| {
+        let claims = json!({"sub": sub, "exp": 4_000_000_000u64});
+        let token = crate::authorizers::hs256(claims, "presence-test-secret");
+        let url = format!("{}?token={token}", gateway.ws_url());
+        async move { tokio_tungstenite::connect_async(url).await.unwrap().0 }
+    };
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut alice_phone = open("alice").await;
+    let mut alice_laptop = open("alice").await;
+    let mut bob = open("bob").await;
+    join(&gateway, &mut alice_phone, "lobby", 1).await;
+    join(&gateway, &mut alice_laptop, "lobby", 2).await;
+    join(&gateway, &mut bob, "lobby", 3).await;
+    let presence = |query: &'static str| {
+        let url = gateway.api_url(&format!("/@rooms/lobby/presence{query}"));
+        async move {
+            let response = http().get(url).send().await.unwrap();
+            let status = response.status().as_u16();
+            let body = response.bytes().await.unwrap();
+            (status, serde_json::from_slice::<Value>(&body).unwrap())
+        }
+    };
+    let (status, full) = presence("").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (&full["room"], &full["count"], &full["users"]),
+        (&json!("lobby"), &json!(3), &json!(2))
+    );
+    let members = full["members"].as_array().unwrap();
+    let mut users: Vec<&str> = members
+        .iter()
+        .map(|m| m["user"].as_str().unwrap())
+        .collect();
+    users.sort();
+    assert_eq!(users, ["alice", "alice", "bob"]);
+    for member in members {
+        assert!(member["connectionId"].as_str().unwrap().len() > 10);
+        assert!(member["joinedAt"].as_u64().unwrap() >= before);
+    }
+    // Only the counts, for a big room.
+    let (_, counts) = presence("?members=false").await;
+    assert_eq!(counts, json!({"room": "lobby", "count": 3, "users": 2}));
+    let (status, refused) = presence("?members=maybe").await;
+    assert_eq!(status, 400, "{refused}");
+    // A member that disconnects leaves presence.
+    bob.close(None).await.unwrap();
+    wait_for_count(&gateway, "lobby", 2).await;
+    let (_, after) = presence("?members=false").await;
+    assert_eq!((&after["count"], &after["users"]), (&json!(2), &json!(1)));
+    gateway.stop().await;
+}
