@@ -270,6 +270,17 @@ impl Caller for Handling<'_> {
         self.shard.publish(self.connection, room, message, delivery);
     }
 
+    fn presence(&self, room: RoomName) {
+        let in_flight = self.connection.start_call();
+        let (shard, connection) = (self.shard.clone(), self.connection.clone());
+        self.shard.tasks.spawn_local(async move {
+            let _in_flight = in_flight;
+            let members = shard.gateway.directory.presence(&room).await;
+            let body = crate::rooms::presence_json(&room, &members, true);
+            let _ = connection.push(Message::text(body.to_string()), &shard.gateway.metrics);
+        });
+    }
+
     fn call_backend(&self, message: context::Received) {
         // Counted from now, not from when the task first runs, so a burst of frames
         // cannot start more calls than the limit.

@@ -186,6 +186,26 @@ pub struct PresenceMember {
     pub joined_at_ms: u64,
 }
 
+/// A room's presence as the API and the `room_presence` integration answer it: the count,
+/// the number of distinct users, and the members unless only the counts were asked for.
+pub fn presence_json(
+    room: &RoomName,
+    members: &[PresenceMember],
+    with_members: bool,
+) -> serde_json::Value {
+    let users: std::collections::HashSet<&str> =
+        members.iter().filter_map(|m| m.user.as_deref()).collect();
+    let mut body = serde_json::json!({
+        "room": room.as_str(),
+        "count": members.len(),
+        "users": users.len(),
+    });
+    if with_members {
+        body["members"] = serde_json::json!(members);
+    }
+    body
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,6 +40,8 @@ pub trait Caller {
     fn join(&self, room: &RoomName) -> Result<(), TooManyRooms>;
     fn leave(&self, room: &RoomName);
     fn is_member(&self, room: &RoomName) -> bool;
+    /// Answers it with `room`'s presence on every node, in the background.
+    fn presence(&self, room: RoomName);
     /// Sends `message` to `room`'s members everywhere.
     fn publish(&self, room: RoomName, message: Message, delivery: RoomDelivery);
     /// Calls the route's backend with the MESSAGE event, in the background.

@@ -1,8 +1,9 @@
 //! Integrations: what a route does with a client's message. One file per kind, each with
 //! its configuration as written, its validation and its run: [`http`] (call a backend),
-//! [`mock`], [`echo`], [`room`] (join, leave, publish), [`queue`] (append to a durable
-//! queue). [`registry`] lists them: a new kind is a file and a line there. A kind acts on
-//! the connection only through [`context::Caller`], which the shard's dispatch provides.
+//! [`mock`], [`echo`], [`room`] (join, leave, publish), [`presence`] (who is in a room),
+//! [`queue`] (append to a durable queue). [`registry`] lists them: a new kind is a file,
+//! its `mod` line here and a line there. A kind acts on the connection only through
+//! [`context::Caller`], which the shard's dispatch provides.
 
 pub mod config;
 pub mod context;
@@ -10,6 +11,7 @@ pub mod echo;
 pub mod expression;
 pub mod http;
 pub mod mock;
+pub mod presence;
 pub mod queue;
 pub mod registry;
 pub mod room;

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::context::{Caller, Received};
-use super::{echo, http, mock, queue, room};
+use super::{echo, http, mock, presence, queue, room};
 use crate::config::check::ConfigError;
 
 macro_rules! integrations {
@@ -64,5 +64,6 @@ integrations! {
     RoomJoin => room::RawRoomJoin, room::RoomJoin, room::JOIN;
     RoomLeave => room::RawRoomLeave, room::RoomLeave, room::LEAVE;
     RoomPublish => room::RawRoomPublish, room::RoomPublish, room::PUBLISH;
+    RoomPresence => presence::RawRoomPresence, presence::RoomPresence, presence::KIND;
     Queue => queue::RawQueue, queue::Queue, queue::KIND;
 }

@@ -199,7 +199,7 @@ impl RoomPublish {
 
 /// Evaluates a room expression (with the authorizer `context`, if it reads it); on a
 /// missing or invalid name the client gets an error frame and `None` comes back.
-fn select_room(
+pub(super) fn select_room(
     caller: &dyn Caller,
     expression: &SelectionExpression,
     body: &Value,
@@ -219,7 +219,7 @@ fn select_room(
 /// Whether the authorizer context lets the connection use `room` (always, without an
 /// `allow`): the rooms it names, as a list or a comma-separated string, each exact or a
 /// `prefix*`. A refusal is an error frame `Forbidden: ...` and a metric.
-fn allowed(
+pub(super) fn allowed(
     caller: &dyn Caller,
     room: &RoomName,
     allow: Option<&SelectionExpression>,

@@ -83,16 +83,7 @@ pub(super) async fn get_presence(
         }
     };
     let members = state.gateway.directory.presence(&room).await;
-    let users: std::collections::HashSet<&str> =
-        members.iter().filter_map(|m| m.user.as_deref()).collect();
-    let mut body = json!({
-        "room": room.as_str(),
-        "count": members.len(),
-        "users": users.len(),
-    });
-    if with_members {
-        body["members"] = json!(members);
-    }
+    let body = crate::rooms::presence_json(&room, &members, with_members);
     Ok(axum::Json(body).into_response())
 }
 

@@ -568,3 +568,35 @@ integration = { type = "room_join", room = "$request.body.room" }
     assert_eq!((&after["count"], &after["users"]), (&json!(2), &json!(1)));
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn a_member_asks_who_is_in_its_room_and_a_stranger_may_not() {
+    let (gateway, _backend) = start(
+        r#"[routes.presence]
+integration = { type = "room_presence", room = "$request.body.room" }"#,
+    )
+    .await;
+    let mut alice = gateway.connect().await;
+    let mut bob = gateway.connect().await;
+    let mut stranger = gateway.connect().await;
+    join(&gateway, &mut alice, "lobby", 1).await;
+    join(&gateway, &mut bob, "lobby", 2).await;
+    let ask = json!({"action": "presence", "room": "lobby"}).to_string();
+    send_text(&mut alice, &ask).await;
+    let answer = next_json(&mut alice).await;
+    assert_eq!(
+        (&answer["room"], &answer["count"], &answer["users"]),
+        (&json!("lobby"), &json!(2), &json!(0))
+    );
+    assert_eq!(answer["members"].as_array().unwrap().len(), 2);
+    send_text(&mut stranger, &ask).await;
+    let refused = next_json(&mut stranger).await;
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Forbidden"),
+        "{refused}"
+    );
+    gateway.stop().await;
+}
