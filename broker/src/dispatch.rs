@@ -271,6 +271,10 @@ impl Caller for Handling<'_> {
     }
 
     fn presence(&self, room: RoomName) {
+        if !self.shard.gateway.config.rooms.for_room(&room).presence {
+            self.fail(&format!("Forbidden: presence is off for room {room}"));
+            return;
+        }
         let in_flight = self.connection.start_call();
         let (shard, connection) = (self.shard.clone(), self.connection.clone());
         self.shard.tasks.spawn_local(async move {

@@ -22,6 +22,7 @@ pub use crate::management::config::{ManagementConfig, RawAwsKey, RawManagement};
 use crate::queues::config::check_queue_name;
 pub use crate::queues::config::{PushConfig, QueueConfig, RawQueue, RawStorage, StorageConfig};
 pub use crate::resume::config::ResumeConfig;
+pub use crate::rooms::config::{RawRooms, RoomPolicy};
 pub use crate::transport::tls::RawTls;
 pub use crate::transport::webtransport::config::RawWebTransport;
 pub use check::ConfigError;
@@ -48,6 +49,7 @@ pub struct RawConfig {
     pub storage: RawStorage,
     pub queues: std::collections::BTreeMap<String, RawQueue>,
     pub routes: std::collections::BTreeMap<String, RawRoute>,
+    pub rooms: RawRooms,
     /// Runs on every upgrade request before the `$connect` integration.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authorizer: Option<RawAuthorizer>,
@@ -144,6 +146,8 @@ pub struct Config {
     pub api: ApiConfig,
     pub limits: Limits,
     pub routes: RouteTable,
+    /// `[rooms]`: what each room keeps and serves.
+    pub rooms: RoomPolicy,
     pub storage: StorageConfig,
     /// Every durable queue: declared under `[queues]` or named by a `queue` route.
     pub queues: Vec<QueueConfig>,
@@ -231,6 +235,7 @@ impl RawConfig {
             api: self.api.validate()?,
             limits: self.limits.validate()?,
             routes: validate_routes(&self.routes)?,
+            rooms: self.rooms.validate()?,
             storage: self.storage.validate()?,
             queues: self.validate_queues()?,
             authorizer: self

@@ -10,6 +10,11 @@ fn error_of(text: &str) -> String {
 /// A config that sets every key, optional ones included (parsed, not validated: the
 /// files it names need not exist).
 const EVERY_KEY: &str = r#"
+[rooms]
+presence = true
+[[rooms.class]]
+pattern = "ticker:*"
+presence = false
 [server]
 allowed_origins = ["https://app.example"]
 trusted_proxies = ["10.0.0.0/8"]

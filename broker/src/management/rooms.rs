@@ -82,6 +82,9 @@ pub(super) async fn get_presence(
             )));
         }
     };
+    if !state.gateway.config.rooms.for_room(&room).presence {
+        return Err(ApiError::PresenceOff(room.as_str().to_owned()));
+    }
     let members = state.gateway.directory.presence(&room).await;
     let body = crate::rooms::presence_json(&room, &members, with_members);
     Ok(axum::Json(body).into_response())

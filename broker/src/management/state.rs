@@ -36,6 +36,8 @@ pub enum ApiError {
     UnknownStage(String),
     #[error("no such queue: {0}")]
     UnknownQueue(String),
+    #[error("presence is off for room {0} ([rooms] presence)")]
+    PresenceOff(String),
     #[error("storage failed: {0}")]
     Storage(#[from] switchboard_storage::StorageError),
     #[error("missing or invalid credentials")]
@@ -68,9 +70,10 @@ impl IntoResponse for ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLargeException")
             }
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequestException"),
-            Self::UnknownStage(_) | Self::UnknownQueue(_) | Self::WebTransportDisabled => {
-                (StatusCode::NOT_FOUND, "NotFoundException")
-            }
+            Self::UnknownStage(_)
+            | Self::UnknownQueue(_)
+            | Self::PresenceOff(_)
+            | Self::WebTransportDisabled => (StatusCode::NOT_FOUND, "NotFoundException"),
             Self::Storage(switchboard_storage::StorageError::PastTheEnd { .. }) => {
                 (StatusCode::BAD_REQUEST, "BadRequestException")
             }

@@ -572,7 +572,10 @@ integration = { type = "room_join", room = "$request.body.room" }
 #[tokio::test]
 async fn a_member_asks_who_is_in_its_room_and_a_stranger_may_not() {
     let (gateway, _backend) = start(
-        r#"[routes.presence]
+        r#"[[rooms.class]]
+pattern = "private:*"
+presence = false
+[routes.presence]
 integration = { type = "room_presence", room = "$request.body.room" }"#,
     )
     .await;
@@ -598,5 +601,21 @@ integration = { type = "room_presence", room = "$request.body.room" }"#,
             .starts_with("Forbidden"),
         "{refused}"
     );
+    // A class with presence off: neither the API nor a member may ask.
+    join(&gateway, &mut alice, "private:board", 1).await;
+    let off = json!({"action": "presence", "room": "private:board"}).to_string();
+    send_text(&mut alice, &off).await;
+    let message = next_json(&mut alice).await["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.starts_with("Forbidden: presence is off"),
+        "{message}"
+    );
+    let url = gateway.api_url("/@rooms/private:board/presence");
+    let response = http().get(url).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    assert_eq!(response.headers()["x-amzn-ErrorType"], "NotFoundException");
     gateway.stop().await;
 }

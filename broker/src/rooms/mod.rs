@@ -3,6 +3,8 @@
 //! Each shard keeps its own [`RoomIndex`] over its own connections, so a broadcast is one
 //! message per shard and each shard walks only its local members. Pure code.
 
+pub mod config;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
