@@ -215,30 +215,38 @@ impl Directory {
 
     /// `room`'s members on every node, with who they are and when they joined.
     pub async fn presence(&self, room: &RoomName) -> Vec<PresenceMember> {
-        let remote = async {
-            match &self.cluster {
-                Some(cluster) => cluster.room_presence(room).await,
-                None => Vec::new(),
-            }
-        };
-        let (mut members, remote) =
-            futures_util::join!(fanout::room_presence(&self.shards, room), remote);
-        members.extend(remote);
-        members
+        let here = fanout::room_presence(&self.shards, room);
+        self.with_other_nodes(here, |cluster| cluster.room_presence(room))
+            .await
     }
 
     /// The connectionIds of `room`'s members on every node.
     pub async fn members(&self, room: &RoomName) -> Vec<String> {
+        let here = fanout::room_members(&self.shards, room);
+        self.with_other_nodes(here, |cluster| cluster.list_room(room))
+            .await
+    }
+
+    /// What this node's shards answer (`here`) and, in cluster mode, what the other nodes
+    /// answer (`there`), asked at the same time.
+    async fn with_other_nodes<'a, T, Here, There>(
+        &'a self,
+        here: Here,
+        there: impl FnOnce(&'a Cluster) -> There,
+    ) -> Vec<T>
+    where
+        Here: std::future::Future<Output = Vec<T>>,
+        There: std::future::Future<Output = Vec<T>>,
+    {
         let remote = async {
-            match &self.cluster {
-                Some(cluster) => cluster.list_room(room).await,
+            match self.cluster.as_deref() {
+                Some(cluster) => there(cluster).await,
                 None => Vec::new(),
             }
         };
-        let (mut members, remote) =
-            futures_util::join!(fanout::room_members(&self.shards, room), remote);
-        members.extend(remote);
-        members
+        let (mut gathered, remote) = futures_util::join!(here, remote);
+        gathered.extend(remote);
+        gathered
     }
 
     /// A local connection joined `room`: other nodes send the room's messages here while

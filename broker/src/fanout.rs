@@ -158,34 +158,33 @@ pub async fn send_bulk(shards: &[ShardHandle], plan: FanoutPlan, message: &Messa
 
 /// Room presence (members, who they are, since when), gathered from every shard.
 pub async fn room_presence(shards: &[ShardHandle], room: &RoomName) -> Vec<PresenceMember> {
-    let mut answers = Vec::with_capacity(shards.len());
-    for shard in shards {
-        let (reply, answer) = oneshot::channel();
-        if shard.presence(room.clone(), reply).await.is_ok() {
-            answers.push(answer);
-        }
-    }
-    let mut members = Vec::new();
-    for answer in answers {
-        members.extend(answer.await.unwrap_or_default());
-    }
-    members
+    gather(shards, |shard, reply| shard.presence(room.clone(), reply)).await
 }
 
 /// Room membership, gathered from every shard.
 pub async fn room_members(shards: &[ShardHandle], room: &RoomName) -> Vec<String> {
+    gather(shards, |shard, reply| shard.list_room(room.clone(), reply)).await
+}
+
+/// Asks every shard (all asked before any answer is awaited) and joins their answers; a
+/// stopped shard adds nothing.
+async fn gather<'a, T, Ask, Asked>(shards: &'a [ShardHandle], ask: Ask) -> Vec<T>
+where
+    Ask: Fn(&'a ShardHandle, oneshot::Sender<Vec<T>>) -> Asked,
+    Asked: std::future::Future<Output = Result<(), crate::connection::Gone>>,
+{
     let mut answers = Vec::with_capacity(shards.len());
     for shard in shards {
         let (reply, answer) = oneshot::channel();
-        if shard.list_room(room.clone(), reply).await.is_ok() {
+        if ask(shard, reply).await.is_ok() {
             answers.push(answer);
         }
     }
-    let mut members = Vec::new();
+    let mut gathered = Vec::new();
     for answer in answers {
-        members.extend(answer.await.unwrap_or_default());
+        gathered.extend(answer.await.unwrap_or_default());
     }
-    members
+    gathered
 }
 
 #[cfg(test)]

@@ -189,9 +189,7 @@ pub async fn serve(
     }
     let storage = Storage::open(&config.server.data_dir)?;
     let epoch = storage.next_epoch()?;
-    let orphans = storage.connection_records()?;
-    storage.clear_room_memberships()?;
-    let records = storage.record_writer()?;
+    let (orphans, records) = storage.start_records()?;
     let (handles, inboxes) = shard::handle::channels(listeners.gateway.len());
     let admission = admission(&config)?;
     let metrics = Metrics::new();

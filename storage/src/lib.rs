@@ -174,20 +174,25 @@ impl Storage {
         })
     }
 
-    /// Every connection record stored. Read at start, before any connection is accepted,
-    /// these are the connections a previous run left open (it did not shut down cleanly):
-    /// the caller reports each to `$disconnect`, then removes it through the
-    /// [`RecordWriter`], so a second crash in between loses none.
+    /// Every connection record stored (see [`Storage::start_records`] for what they are at
+    /// start).
     pub fn connection_records(&self) -> Result<Vec<ConnectionRecord>, StorageError> {
         let mut records: Vec<_> = record_log::fold(&self.dir)?.records.into_values().collect();
         records.sort_by(|a, b| a.connection_id.cmp(&b.connection_id));
         Ok(records)
     }
 
-    /// Starts the background thread that applies record and membership writes in batches.
-    pub fn record_writer(&self) -> Result<RecordWriter, StorageError> {
-        let log = record_log::RecordLog::open(&self.dir)?;
-        Ok(RecordWriter::spawn(log, self.dir.clone()))
+    /// Starts the connection records for this run, reading the record log once: returns
+    /// the records a previous run left open (it did not shut down cleanly: the caller
+    /// reports each to `$disconnect`, then removes it through the writer, so a second crash
+    /// in between loses none) and the [`RecordWriter`] thread that applies record and
+    /// membership writes in batches. Memberships are forgotten: they belong to connections,
+    /// and no connection outlives the process that held it.
+    pub fn start_records(&self) -> Result<(Vec<ConnectionRecord>, RecordWriter), StorageError> {
+        let (folded, log) = record_log::RecordLog::start(&self.dir, false)?;
+        let mut orphans: Vec<_> = folded.records.into_values().collect();
+        orphans.sort_by(|a, b| a.connection_id.cmp(&b.connection_id));
+        Ok((orphans, RecordWriter::spawn(log, self.dir.clone())))
     }
 
     /// Opens the durable queues (under `queues/` in the data dir; queues of an earlier
@@ -224,14 +229,6 @@ impl Storage {
             .collect();
         members.sort();
         Ok(members)
-    }
-
-    /// Forgets every room membership (and compacts the record log). Called at start:
-    /// memberships belong to connections, and no connection outlives the process that held
-    /// it.
-    pub fn clear_room_memberships(&self) -> Result<(), StorageError> {
-        let folded = record_log::fold(&self.dir)?;
-        record_log::rewrite(&self.dir, &folded, false).map(drop)
     }
 
     /// Makes everything written so far durable.
@@ -290,7 +287,7 @@ mod tests {
     fn memberships_are_persisted_and_cleared() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path()).unwrap();
-        let writer = storage.record_writer().unwrap();
+        let (_, writer) = storage.start_records().unwrap();
         let mut changes = RecordChanges::default();
         changes.join("room", "a");
         changes.join("room", "b");
@@ -301,7 +298,7 @@ mod tests {
         writer.apply(changes);
         writer.close();
         assert_eq!(storage.room_members("room").unwrap(), vec!["b".to_owned()]);
-        storage.clear_room_memberships().unwrap();
+        drop(storage.start_records().unwrap());
         assert!(storage.room_members("roomy").unwrap().is_empty());
     }
 
@@ -571,7 +568,7 @@ mod tests {
     fn records_survive_reopen_until_removed() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path()).unwrap();
-        let writer = storage.record_writer().unwrap();
+        let (_, writer) = storage.start_records().unwrap();
         let record = ConnectionRecord {
             connection_id: "abc".into(),
             connected_at_ms: 1,
@@ -586,8 +583,8 @@ mod tests {
         drop(storage);
 
         let storage = Storage::open(dir.path()).unwrap();
-        assert_eq!(storage.connection_records().unwrap(), vec![record.clone()]);
-        let writer = storage.record_writer().unwrap();
+        let (orphans, writer) = storage.start_records().unwrap();
+        assert_eq!(orphans, vec![record.clone()]);
         let mut changes = RecordChanges::default();
         changes.remove(record.connection_id);
         writer.apply(changes);

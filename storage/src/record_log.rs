@@ -10,7 +10,7 @@
 //! entry before the end is corruption, refused with an error that names the file.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -101,8 +101,6 @@ impl Entry {
 pub(crate) struct Folded {
     pub(crate) records: HashMap<String, ConnectionRecord>,
     pub(crate) memberships: HashSet<Vec<u8>>,
-    /// Where the valid entries end (a torn tail after it is cut).
-    valid_len: u64,
 }
 
 impl Folded {
@@ -175,7 +173,6 @@ pub(crate) fn fold(dir: &Path) -> Result<Folded, StorageError> {
             Err(detail) => return Err(corrupt(&path, at, detail)),
         }
     }
-    folded.valid_len = at as u64;
     Ok(folded)
 }
 
@@ -251,24 +248,20 @@ fn records_dir(dir: &Path) -> Result<PathBuf, StorageError> {
 }
 
 impl RecordLog {
-    /// Opens the log under `dir` for appending, cutting a torn tail.
-    pub(crate) fn open(dir: &Path) -> Result<Self, StorageError> {
+    /// Starts the log under `dir`: folds it (what it says comes back), rewrites it with
+    /// only that (memberships too when `memberships`; a torn tail is gone with the rest),
+    /// and appends to the new file. The log is read once.
+    pub(crate) fn start(dir: &Path, memberships: bool) -> Result<(Folded, Self), StorageError> {
         let folded = fold(dir)?;
-        records_dir(dir)?;
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path(dir))
-            .map_err(|reason| io(dir, reason))?;
-        file.set_len(folded.valid_len)
-            .map_err(|reason| io(dir, reason))?;
-        Ok(Self {
+        let (file, len) = rewrite(dir, &folded, memberships)?;
+        let log = Self {
             dir: dir.to_path_buf(),
             file,
-            len: folded.valid_len,
-            compacted_len: folded.valid_len,
+            len,
+            compacted_len: len,
             retry: Vec::new(),
-        })
+        };
+        Ok((folded, log))
     }
 
     /// Appends `entries` (written, not yet synced). A failed write is cut off the file, so
@@ -336,6 +329,8 @@ fn io(dir: &Path, reason: std::io::Error) -> StorageError {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::OpenOptions;
+
     use super::*;
 
     fn record(id: &str) -> ConnectionRecord {
@@ -351,7 +346,7 @@ mod tests {
     #[test]
     fn what_was_appended_folds_back_after_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = RecordLog::open(dir.path()).unwrap();
+        let mut log = RecordLog::start(dir.path(), true).unwrap().1;
         log.append(&[
             Entry::Record(record("a")),
             Entry::Record(record("b")),
@@ -372,7 +367,7 @@ mod tests {
     #[test]
     fn a_torn_last_entry_is_cut_and_appending_goes_on() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = RecordLog::open(dir.path()).unwrap();
+        let mut log = RecordLog::start(dir.path(), true).unwrap().1;
         log.append(&[Entry::Record(record("a"))]).unwrap();
         drop(log);
         // A crash in the middle of the next entry: its header and part of its body.
@@ -384,7 +379,7 @@ mod tests {
             .unwrap();
         file.write_all(&torn[..torn.len() / 2]).unwrap();
         drop(file);
-        let mut log = RecordLog::open(dir.path()).unwrap();
+        let mut log = RecordLog::start(dir.path(), true).unwrap().1;
         log.append(&[Entry::Record(record("c"))]).unwrap();
         drop(log);
         let folded = fold(dir.path()).unwrap();
@@ -396,7 +391,7 @@ mod tests {
     #[test]
     fn a_zero_filled_tail_after_a_crash_is_torn_not_damage() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = RecordLog::open(dir.path()).unwrap();
+        let mut log = RecordLog::start(dir.path(), true).unwrap().1;
         log.append(&[Entry::Record(record("a"))]).unwrap();
         drop(log);
         // The file's size covered a write whose pages never reached the disk.
@@ -406,7 +401,7 @@ mod tests {
             .unwrap();
         file.write_all(&[0; 300]).unwrap();
         drop(file);
-        let mut log = RecordLog::open(dir.path()).unwrap();
+        let mut log = RecordLog::start(dir.path(), true).unwrap().1;
         log.append(&[Entry::Record(record("b"))]).unwrap();
         drop(log);
         assert_eq!(fold(dir.path()).unwrap().records.len(), 2);
@@ -415,7 +410,7 @@ mod tests {
     #[test]
     fn a_failed_append_is_written_again_by_the_next() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = RecordLog::open(dir.path()).unwrap();
+        let mut log = RecordLog::start(dir.path(), true).unwrap().1;
         log.append(&[Entry::Record(record("a"))]).unwrap();
         let writable = std::mem::replace(&mut log.file, File::open(path(dir.path())).unwrap());
         assert!(log.append(&[Entry::Record(record("b"))]).is_err());
@@ -431,7 +426,7 @@ mod tests {
     #[test]
     fn a_damaged_entry_before_the_end_is_refused_as_corruption() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = RecordLog::open(dir.path()).unwrap();
+        let mut log = RecordLog::start(dir.path(), true).unwrap().1;
         log.append(&[Entry::Record(record("a")), Entry::Record(record("b"))])
             .unwrap();
         drop(log);
@@ -449,7 +444,7 @@ mod tests {
     #[test]
     fn compaction_keeps_what_the_log_says_in_far_fewer_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = RecordLog::open(dir.path()).unwrap();
+        let mut log = RecordLog::start(dir.path(), true).unwrap().1;
         for n in 0..2_000 {
             let id = format!("c{n}");
             log.append(&[Entry::Record(record(&id))]).unwrap();
@@ -472,7 +467,7 @@ mod tests {
     #[test]
     fn a_rewrite_without_memberships_forgets_them() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = RecordLog::open(dir.path()).unwrap();
+        let mut log = RecordLog::start(dir.path(), true).unwrap().1;
         log.append(&[Entry::Record(record("a")), Entry::Join(b"r\0a".to_vec())])
             .unwrap();
         drop(log);

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::context::{Caller, Received};
 use super::expression::{allow_expression, expression};
-use super::room::{allowed, select_room};
+use super::room::{allowed, is_member, select_room, yes};
 use crate::config::check::ConfigError;
 use crate::selection::SelectionExpression;
 
@@ -23,10 +23,6 @@ pub struct RawRoomPresence {
     /// Only members of the room may ask who is in it.
     #[serde(default = "yes")]
     pub members_only: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 #[derive(Debug, Clone)]
@@ -62,9 +58,7 @@ impl RoomPresence {
         if !allowed(caller, &room, self.allow.as_ref(), &message.body, context) {
             return;
         }
-        if self.members_only && !caller.is_member(&room) {
-            caller.count_refusal("not_a_member");
-            caller.fail(&format!("Forbidden: not a member of room {room}"));
+        if self.members_only && !is_member(caller, &room) {
             return;
         }
         caller.presence(room);

@@ -60,7 +60,7 @@ pub struct RawRoomPublish {
     pub unreliable: bool,
 }
 
-fn yes() -> bool {
+pub(super) fn yes() -> bool {
     true
 }
 
@@ -162,9 +162,7 @@ impl RoomPublish {
         let Some(payload) = self.payload(message.incoming, &message.body, caller, context) else {
             return;
         };
-        if self.members_only && !caller.is_member(&room) {
-            caller.count_refusal("not_a_member");
-            caller.fail(&format!("Forbidden: not a member of room {room}"));
+        if self.members_only && !is_member(caller, &room) {
             return;
         }
         let delivery = RoomDelivery {
@@ -245,4 +243,15 @@ pub(super) fn allowed(
         ));
     }
     granted
+}
+
+/// Whether the caller is a member of `room`; if not, it gets `Forbidden: ...` and the
+/// refusal is counted.
+pub(super) fn is_member(caller: &dyn Caller, room: &RoomName) -> bool {
+    let member = caller.is_member(room);
+    if !member {
+        caller.count_refusal("not_a_member");
+        caller.fail(&format!("Forbidden: not a member of room {room}"));
+    }
+    member
 }

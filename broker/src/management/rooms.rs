@@ -34,15 +34,7 @@ pub(super) async fn post_to_room(
                 .map_err(|_| ApiError::BadRequest(format!("exclude: `{id}` is not a connectionId")))
         })
         .transpose()?;
-    let unreliable = match params.unreliable.as_deref() {
-        None | Some("0" | "false") => false,
-        Some("1" | "true") => true,
-        Some(other) => {
-            return Err(ApiError::BadRequest(format!(
-                "unreliable: `{other}` is not 1, 0, true or false"
-            )));
-        }
-    };
+    let unreliable = flag("unreliable", params.unreliable.as_deref(), false)?;
     let delivery = crate::rooms::RoomDelivery {
         exclude,
         unreliable,
@@ -73,15 +65,7 @@ pub(super) async fn get_presence(
 ) -> Result<Response, ApiError> {
     state.check_stage(&stage)?;
     let room = room_name(&room)?;
-    let with_members = match params.members.as_deref() {
-        None | Some("1" | "true") => true,
-        Some("0" | "false") => false,
-        Some(other) => {
-            return Err(ApiError::BadRequest(format!(
-                "members: `{other}` is not 1, 0, true or false"
-            )));
-        }
-    };
+    let with_members = flag("members", params.members.as_deref(), true)?;
     if !state.gateway.config.rooms.for_room(&room).presence {
         return Err(ApiError::PresenceOff(room.as_str().to_owned()));
     }
@@ -139,4 +123,16 @@ async fn change_membership(
     };
     changed.map_err(|unreached| ApiError::unreached(id, unreached))?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A yes/no query parameter: `1`, `true`, `0`, `false`, or absent (`default`).
+fn flag(name: &str, value: Option<&str>, default: bool) -> Result<bool, ApiError> {
+    match value {
+        None => Ok(default),
+        Some("1" | "true") => Ok(true),
+        Some("0" | "false") => Ok(false),
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "{name}: `{other}` is not 1, 0, true or false"
+        ))),
+    }
 }
