@@ -16,6 +16,9 @@ use crate::connection_id::ConnectionId;
 use crate::event::ConnectionFacts;
 use crate::fanout::{self, FanoutPlan};
 use crate::message::Message;
+use crate::rooms::config::{RoomPolicy, RoomSettings};
+use crate::rooms::history::{Replay, Want, enveloped};
+use crate::rooms::sequencer::Sequencer;
 use crate::rooms::{PresenceMember, RoomDelivery, RoomName};
 use crate::shard::handle::{Delivery, ShardHandle};
 
@@ -51,6 +54,17 @@ pub struct Directory {
     epoch: u32,
     shards: Arc<[ShardHandle]>,
     cluster: Option<Arc<Cluster>>,
+    rooms: Arc<RoomPolicy>,
+    sequencer: Arc<Sequencer>,
+}
+
+/// What a room broadcast did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// How many members it was queued to.
+    pub delivered: usize,
+    /// Its offset, in a room that numbers its messages.
+    pub offset: Option<u64>,
 }
 
 impl Directory {
@@ -59,13 +73,21 @@ impl Directory {
         epoch: u32,
         shards: Arc<[ShardHandle]>,
         cluster: Option<Arc<Cluster>>,
+        rooms: RoomPolicy,
     ) -> Self {
         Self {
             node_id,
             epoch,
             shards,
             cluster,
+            rooms: Arc::new(rooms),
+            sequencer: Arc::new(Sequencer::new(node_id, epoch)),
         }
+    }
+
+    /// The settings of `room`.
+    pub fn settings(&self, room: &RoomName) -> RoomSettings {
+        self.rooms.for_room(room)
     }
 
     /// Queues `message` to connection `id`.
@@ -163,13 +185,18 @@ impl Directory {
         delivery
     }
 
-    /// Queues `message` to every member of `room` on every node; returns how many got it.
+    /// Queues `message` to every member of `room` on every node. A room that numbers its
+    /// messages gives it the next offset first (and keeps it, if it keeps history).
     pub async fn broadcast(
         &self,
         room: &RoomName,
         message: &Message,
         delivery: RoomDelivery,
-    ) -> usize {
+    ) -> Published {
+        let settings = self.settings(room);
+        if settings.sequenced() {
+            return self.sequence(room, message, delivery, settings).await;
+        }
         let cluster = self.cluster.as_deref();
         let remote = async {
             match cluster {
@@ -177,17 +204,74 @@ impl Directory {
                 None => 0,
             }
         };
-        let here = RoomDelivery {
-            // A connection that moved here is excluded by the id it has here.
-            exclude: match cluster {
+        let here = self.here(delivery);
+        let (local, remote) =
+            futures_util::join!(fanout::broadcast(&self.shards, room, message, here), remote);
+        Published {
+            delivered: local + remote,
+            offset: None,
+        }
+    }
+
+    /// Numbers `message` in `room`'s log and queues it everywhere while the log is locked,
+    /// so every shard gets the room's messages in offset order; the counts are awaited
+    /// after.
+    async fn sequence(
+        &self,
+        room: &RoomName,
+        message: &Message,
+        delivery: RoomDelivery,
+        settings: RoomSettings,
+    ) -> Published {
+        let log = self.sequencer.log(room);
+        let mut log = log.lock().await;
+        let offset = log.append(message.clone(), crate::clock::now_ms(), settings.history);
+        let outgoing = match settings.envelope {
+            true => enveloped(room, offset, message),
+            false => message.clone(),
+        };
+        let delivery = RoomDelivery {
+            offset: Some(offset),
+            ..delivery
+        };
+        let here = fanout::start_broadcast(&self.shards, room, &outgoing, self.here(delivery));
+        let here = here.await;
+        let remote = match self.cluster.as_deref() {
+            Some(cluster) => cluster.broadcast_room(room, &outgoing, delivery).await,
+            None => 0,
+        };
+        drop(log);
+        Published {
+            delivered: here.total().await + remote,
+            offset: Some(offset),
+        }
+    }
+
+    /// `room`'s past as `want` asks for it, read under the room's lock: every message up
+    /// to the replay's top is already in every shard's mailbox, every later one will be
+    /// queued after it.
+    pub async fn replay(&self, room: &RoomName, want: &Want) -> Replay {
+        let settings = self.settings(room);
+        let log = self.sequencer.log(room);
+        let mut log = log.lock().await;
+        log.read(want, crate::clock::now_ms(), settings.history)
+    }
+
+    /// Forgets the logs of rooms that keep nothing and have been quiet for their TTL.
+    pub fn sweep_rooms(&self) {
+        self.sequencer.sweep(&self.rooms, crate::clock::now_ms());
+    }
+
+    /// `delivery` as this node's shards take it: a connection that moved here is
+    /// excluded by the id it has here.
+    fn here(&self, delivery: RoomDelivery) -> RoomDelivery {
+        RoomDelivery {
+            exclude: match self.cluster.as_deref() {
                 Some(cluster) => delivery.exclude.map(|id| cluster.here_as(id)),
                 None => delivery.exclude,
             },
             ..delivery
-        };
-        let (local, remote) =
-            futures_util::join!(fanout::broadcast(&self.shards, room, message, here), remote);
-        local + remote
+        }
     }
 
     /// Relays a message a client of shard `from` published to `room` to the members

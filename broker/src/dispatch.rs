@@ -22,6 +22,7 @@ use crate::integration::{BackendReply, HttpIntegration, IntegrationError};
 use crate::message::Message;
 use crate::queues::store::AppendFailure;
 use crate::rooms::RoomName;
+use crate::rooms::history::Want;
 use crate::rooms::{RoomDelivery, TooManyRooms};
 use crate::selection::SelectionExpression;
 use crate::shard::Shard;
@@ -254,8 +255,11 @@ impl Caller for Handling<'_> {
         refused.with_label_values(&[reason]).inc();
     }
 
-    fn join(&self, room: &RoomName) -> Result<(), TooManyRooms> {
-        self.shard.join(self.connection, room)
+    fn join(&self, room: &RoomName, replay: Option<Want>) -> Result<(), TooManyRooms> {
+        match replay {
+            Some(want) => self.shard.join_with_replay(self.connection, room, want),
+            None => self.shard.join(self.connection, room),
+        }
     }
 
     fn leave(&self, room: &RoomName) {

@@ -239,6 +239,7 @@ pub async fn serve(
         epoch,
         shards.clone(),
         cluster.clone(),
+        config.rooms.clone(),
     );
     let queue_store = match &cluster {
         Some(cluster) => QueueStore::JetStream(cluster.clone()),
@@ -277,6 +278,7 @@ pub async fn serve(
         .collect();
     deliverers.extend(crate::cluster::duties::run(&gateway, &shutdown));
     let orphan_report = tokio::spawn(report_orphans(gateway.clone(), orphans));
+    tokio::spawn(sweep_room_logs(gateway.directory.clone(), shutdown.clone()));
     if let Some(crate::auth::authorizer::Check::Jwks { keys, .. }) =
         gateway.config.authorizer.as_ref().map(|a| &a.check)
     {
@@ -500,5 +502,17 @@ fn webtransport_gate(gateway: &Arc<Gateway>) -> webtransport::Gate {
         admission: gateway.admission.clone(),
         outcomes: gateway.metrics.connections_total.clone(),
         hand_off,
+    }
+}
+
+/// Once a minute, forgets the logs of rooms that keep nothing and have been quiet for
+/// their TTL ([`crate::rooms::sequencer`]).
+async fn sweep_room_logs(directory: Directory, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => directory.sweep_rooms(),
+        }
     }
 }

@@ -26,6 +26,8 @@ const OP: &str = "Sb-Op";
 const EXCLUDE: &str = "Sb-Exclude";
 /// Present on a broadcast that may be sent as datagrams (see `RoomDelivery::unreliable`).
 const UNRELIABLE: &str = "Sb-Unreliable";
+/// A numbered room's offset for the message ([`RoomDelivery::offset`]).
+const OFFSET: &str = "Sb-Offset";
 const BROADCAST: &str = "broadcast";
 const LIST: &str = "list";
 const PRESENCE: &str = "presence";
@@ -201,6 +203,9 @@ fn room_headers(op: &str, delivery: RoomDelivery) -> HeaderMap {
     if delivery.unreliable {
         headers.insert(UNRELIABLE, "1");
     }
+    if let Some(offset) = delivery.offset {
+        headers.insert(OFFSET, offset.to_string().as_str());
+    }
     headers
 }
 
@@ -225,6 +230,9 @@ async fn serve_room(cluster: Arc<Cluster>, room: RoomName) {
                 .and_then(|v| v.as_str().parse::<ConnectionId>().ok())
                 .map(|id| cluster.here_as(id)),
             unreliable: headers.is_some_and(|h| h.get(UNRELIABLE).is_some()),
+            offset: headers
+                .and_then(|h| h.get(OFFSET))
+                .and_then(|v| v.as_str().parse().ok()),
         };
         let broadcast = Message::from_portable(message.payload.clone());
         let answer = match (op, message.reply.is_some(), &broadcast) {

@@ -12,9 +12,17 @@ fn error_of(text: &str) -> String {
 const EVERY_KEY: &str = r#"
 [rooms]
 presence = true
+history_size = 5
+history_ttl_secs = 60
+envelope = true
 [[rooms.class]]
 pattern = "ticker:*"
 presence = false
+history_size = 1
+history_ttl_secs = 5
+envelope = false
+[routes.join]
+integration = { type = "room_join", room = "$request.body.room", history = "$request.body.history", since = "$request.body.since", epoch = "$request.body.epoch" }
 [server]
 allowed_origins = ["https://app.example"]
 trusted_proxies = ["10.0.0.0/8"]

@@ -11,6 +11,7 @@ use crate::connection_id::ConnectionId;
 use crate::frame::Incoming;
 use crate::message::Message;
 use crate::rooms::RoomName;
+use crate::rooms::history::Want;
 use crate::rooms::{RoomDelivery, TooManyRooms};
 use crate::selection::SelectionExpression;
 
@@ -37,7 +38,9 @@ pub trait Caller {
     fn fail(&self, reason: &str);
     /// Counts a refusal in `switchboard_refused_total{reason}`.
     fn count_refusal(&self, reason: &'static str);
-    fn join(&self, room: &RoomName) -> Result<(), TooManyRooms>;
+    /// Makes it a member of `room`; with `replay`, it first gets the `joined` frame and
+    /// the room's past as asked, then the live messages (none missed, none twice).
+    fn join(&self, room: &RoomName, replay: Option<Want>) -> Result<(), TooManyRooms>;
     fn leave(&self, room: &RoomName);
     fn is_member(&self, room: &RoomName) -> bool;
     /// Answers it with `room`'s presence on every node, in the background.

@@ -14,6 +14,7 @@ use crate::frame::Incoming;
 use crate::message::Message;
 use crate::rooms::RoomDelivery;
 use crate::rooms::RoomName;
+use crate::rooms::history::Want;
 use crate::selection::SelectionExpression;
 
 pub const JOIN: &str = "room_join";
@@ -29,6 +30,15 @@ pub struct RawRoomJoin {
     /// `prefix*` patterns) the authorizer lets this connection join; absent: any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow: Option<String>,
+    /// How many of the last kept messages to replay (`$request.body.history`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<String>,
+    /// Replay what followed this offset (`$request.body.since`)…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// …in this epoch (`$request.body.epoch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
 }
 
 /// `type = "room_leave"`, as written.
@@ -68,6 +78,9 @@ pub(super) fn yes() -> bool {
 pub struct RoomJoin {
     room: SelectionExpression,
     allow: Option<SelectionExpression>,
+    history: Option<SelectionExpression>,
+    since: Option<SelectionExpression>,
+    epoch: Option<SelectionExpression>,
 }
 
 #[derive(Debug, Clone)]
@@ -87,9 +100,17 @@ pub struct RoomPublish {
 
 impl RawRoomJoin {
     pub fn validate(&self, path: &str) -> Result<RoomJoin, ConfigError> {
+        let optional = |key: &str, source: &Option<String>| {
+            (source.as_deref())
+                .map(|source| expression(path, key, source))
+                .transpose()
+        };
         Ok(RoomJoin {
             room: expression(path, "room", &self.room)?,
             allow: allow_expression(path, self.allow.as_deref())?,
+            history: optional("history", &self.history)?,
+            since: optional("since", &self.since)?,
+            epoch: optional("epoch", &self.epoch)?,
         })
     }
 }
@@ -120,7 +141,14 @@ impl RoomJoin {
     pub const RESPONDS: bool = false;
 
     pub fn run(&self, message: Received, caller: &dyn Caller) {
-        let context = caller.authorizer_context(&[Some(&self.room), self.allow.as_ref()]);
+        let expressions = [
+            Some(&self.room),
+            self.allow.as_ref(),
+            self.history.as_ref(),
+            self.since.as_ref(),
+            self.epoch.as_ref(),
+        ];
+        let context = caller.authorizer_context(&expressions);
         let context = context.as_ref();
         let Some(room) = select_room(caller, &self.room, &message.body, context) else {
             return;
@@ -128,8 +156,41 @@ impl RoomJoin {
         if !allowed(caller, &room, self.allow.as_ref(), &message.body, context) {
             return;
         }
-        if let Err(refused) = caller.join(&room) {
+        let Ok(replay) = self.replay(&message.body, context) else {
+            caller.fail("Bad request: history and since must be non-negative integers");
+            return;
+        };
+        if let Err(refused) = caller.join(&room, replay) {
             caller.fail(&format!("Limit exceeded: {refused}"));
+        }
+    }
+
+    /// The past the join asks for: `since` (in `epoch`), else the last `history`
+    /// messages, else none (a plain join, answered as always: with nothing).
+    fn replay(&self, body: &Value, context: Option<&Value>) -> Result<Option<Want>, ()> {
+        let select = |expression: &Option<SelectionExpression>| {
+            let value = expression.as_ref()?.select_value(body, context)?;
+            Some(value.clone()).filter(|value| !value.is_null())
+        };
+        let number = |value: Value| match value {
+            Value::Number(number) => number.as_u64().ok_or(()),
+            Value::String(text) => text.parse().map_err(drop),
+            _ => Err(()),
+        };
+        if let Some(since) = select(&self.since) {
+            let epoch = select(&self.epoch).map(|epoch| match epoch {
+                Value::String(epoch) => epoch,
+                other => other.to_string(),
+            });
+            return Ok(Some(Want::Since {
+                offset: number(since)?,
+                epoch,
+                limit: usize::MAX,
+            }));
+        }
+        match select(&self.history) {
+            Some(count) => Ok(Some(Want::Last(number(count)? as usize))),
+            None => Ok(None),
         }
     }
 }
@@ -168,6 +229,7 @@ impl RoomPublish {
         let delivery = RoomDelivery {
             exclude: self.exclude_sender.then(|| caller.id()),
             unreliable: self.unreliable,
+            offset: None,
         };
         caller.publish(room, payload, delivery);
     }

@@ -29,7 +29,9 @@ pub use connections::BulkRequest;
 use connections::{delete_connection, get_connection, post_bulk, post_to_connection};
 use guard::{authenticate, guard_unauthenticated};
 use queues::{get_queue_messages, post_queue_commit};
-use rooms::{delete_room_member, get_presence, get_room, post_to_room, put_room_member};
+use rooms::{
+    delete_room_member, get_history, get_presence, get_room, post_to_room, put_room_member,
+};
 pub use state::{ApiError, ApiState, read_body};
 
 /// The management API's routes.
@@ -44,6 +46,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/{stage}/@connections", post(post_bulk))
         .route("/{stage}/@rooms/{room}", get(get_room).post(post_to_room))
         .route("/{stage}/@rooms/{room}/presence", get(get_presence))
+        .route("/{stage}/@rooms/{room}/history", get(get_history))
         .route(
             "/{stage}/@rooms/{room}/connections/{id}",
             put(put_room_member).delete(delete_room_member),

@@ -11,6 +11,7 @@ use serde_json::json;
 use super::state::{ApiError, ApiState, room_name};
 use crate::connection_id::ConnectionId;
 use crate::message::Message;
+use crate::rooms::history::Want;
 
 #[derive(Debug, Deserialize)]
 pub(super) struct RoomPublishParams {
@@ -38,6 +39,7 @@ pub(super) async fn post_to_room(
     let delivery = crate::rooms::RoomDelivery {
         exclude,
         unreliable,
+        offset: None,
     };
     let payload = state
         .read_body(body, state.gateway.config.limits.max_message_bytes)
@@ -45,9 +47,58 @@ pub(super) async fn post_to_room(
     let started = std::time::Instant::now();
     let message = Message::data(payload);
     let directory = &state.gateway.directory;
-    let delivered = directory.broadcast(&room, &message, delivery).await;
+    let published = directory.broadcast(&room, &message, delivery).await;
     state.observe_fanout("room", started);
-    Ok(axum::Json(json!({"delivered": delivered})).into_response())
+    let mut answer = json!({"delivered": published.delivered});
+    if let Some(offset) = published.offset {
+        answer["offset"] = offset.into();
+    }
+    Ok(axum::Json(answer).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct HistoryParams {
+    /// Only the messages after this offset (default: all kept).
+    since: Option<String>,
+    /// At most this many (default: all).
+    limit: Option<String>,
+    /// The epoch `since` counts in; `recovered` says whether it is still this one.
+    epoch: Option<String>,
+}
+
+/// `GET @rooms/{room}/history`: the messages the room keeps, oldest first.
+pub(super) async fn get_history(
+    State(state): State<ApiState>,
+    Path((stage, room)): Path<(String, String)>,
+    Query(params): Query<HistoryParams>,
+) -> Result<Response, ApiError> {
+    state.check_stage(&stage)?;
+    let room = room_name(&room)?;
+    let directory = &state.gateway.directory;
+    if directory.settings(&room).history.is_none() {
+        return Err(ApiError::RoomFeatureOff(
+            room.as_str().to_owned(),
+            "history",
+        ));
+    }
+    let want = Want::Since {
+        offset: number("since", params.since.as_deref())?.unwrap_or(0),
+        epoch: params.epoch,
+        limit: number("limit", params.limit.as_deref())?.map_or(usize::MAX, |n| n as usize),
+    };
+    let replay = directory.replay(&room, &want).await;
+    Ok(axum::Json(replay.to_json(&room)).into_response())
+}
+
+/// A non-negative integer query parameter, if present.
+fn number(name: &str, value: Option<&str>) -> Result<Option<u64>, ApiError> {
+    value
+        .map(|text| {
+            text.parse().map_err(|_| {
+                ApiError::BadRequest(format!("{name}: `{text}` is not a non-negative integer"))
+            })
+        })
+        .transpose()
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,7 +118,10 @@ pub(super) async fn get_presence(
     let room = room_name(&room)?;
     let with_members = flag("members", params.members.as_deref(), true)?;
     if !state.gateway.config.rooms.for_room(&room).presence {
-        return Err(ApiError::PresenceOff(room.as_str().to_owned()));
+        return Err(ApiError::RoomFeatureOff(
+            room.as_str().to_owned(),
+            "presence",
+        ));
     }
     let members = state.gateway.directory.presence(&room).await;
     let body = crate::rooms::presence_json(&room, &members, with_members);

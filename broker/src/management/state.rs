@@ -36,8 +36,8 @@ pub enum ApiError {
     UnknownStage(String),
     #[error("no such queue: {0}")]
     UnknownQueue(String),
-    #[error("presence is off for room {0} ([rooms] presence)")]
-    PresenceOff(String),
+    #[error("{1} is off for room {0} ([rooms])")]
+    RoomFeatureOff(String, &'static str),
     #[error("storage failed: {0}")]
     Storage(#[from] switchboard_storage::StorageError),
     #[error("missing or invalid credentials")]
@@ -72,7 +72,7 @@ impl IntoResponse for ApiError {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequestException"),
             Self::UnknownStage(_)
             | Self::UnknownQueue(_)
-            | Self::PresenceOff(_)
+            | Self::RoomFeatureOff(..)
             | Self::WebTransportDisabled => (StatusCode::NOT_FOUND, "NotFoundException"),
             Self::Storage(switchboard_storage::StorageError::PastTheEnd { .. }) => {
                 (StatusCode::BAD_REQUEST, "BadRequestException")

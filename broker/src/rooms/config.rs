@@ -11,8 +11,18 @@ use crate::config::check::{ConfigError, invalid};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawRooms {
+    /// Messages kept per room (0: none, and no offsets unless `envelope`).
+    pub history_size: usize,
+    /// How long a kept message is kept.
+    pub history_ttl_secs: u64,
+    /// Kept history survives a restart (on disk; JetStream in cluster mode).
+    pub history_durable: bool,
     /// Presence (`GET @rooms/{room}/presence`, `room_presence`) is served.
     pub presence: bool,
+    /// Members are told when another member joins or leaves.
+    pub presence_events: bool,
+    /// Deliveries are wrapped as `{"type":"message","room","offset","data"}`.
+    pub envelope: bool,
     /// `[[rooms.class]]`, in order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub class: Vec<RawRoomClass>,
@@ -21,7 +31,12 @@ pub struct RawRooms {
 impl Default for RawRooms {
     fn default() -> Self {
         Self {
+            history_size: 0,
+            history_ttl_secs: 3600,
+            history_durable: false,
             presence: true,
+            presence_events: false,
+            envelope: false,
             class: Vec::new(),
         }
     }
@@ -33,13 +48,49 @@ impl Default for RawRooms {
 pub struct RawRoomClass {
     pub pattern: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_ttl_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_durable: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub presence: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_events: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envelope: Option<bool>,
 }
+
+/// Most messages a room may keep: a bound on what one room can hold in memory.
+pub const MAX_HISTORY_SIZE: usize = 100_000;
 
 /// The settings of one room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoomSettings {
+    /// What the room keeps, if it keeps anything.
+    pub history: Option<HistoryBound>,
+    /// How long a kept message lives; also how long a log that keeps nothing (an
+    /// envelope-only room) lives after the room's last message.
+    pub history_ttl_ms: u64,
+    pub history_durable: bool,
     pub presence: bool,
+    pub presence_events: bool,
+    pub envelope: bool,
+}
+
+impl RoomSettings {
+    /// Whether the room's messages get offsets: they go through the room's one sequencer,
+    /// in order, instead of straight from the publisher to the shards.
+    pub fn sequenced(&self) -> bool {
+        self.history.is_some() || self.envelope
+    }
+}
+
+/// How much of a room's past is kept: at most `size` messages, none older than `ttl_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryBound {
+    pub size: usize,
+    pub ttl_ms: u64,
 }
 
 /// `[rooms]`, validated: the settings each room gets.
@@ -76,20 +127,79 @@ impl RoomPolicy {
 
 impl RawRooms {
     pub fn validate(&self) -> Result<RoomPolicy, ConfigError> {
-        let default = RoomSettings {
-            presence: self.presence,
-        };
+        let default = settings(
+            "rooms",
+            self.history_size,
+            self.history_ttl_secs,
+            self.history_durable,
+            [self.presence, self.presence_events, self.envelope],
+        )?;
         let classes = (self.class.iter().enumerate())
             .map(|(index, class)| {
-                let pattern = pattern(&format!("rooms.class[{index}].pattern"), &class.pattern)?;
-                let settings = RoomSettings {
-                    presence: class.presence.unwrap_or(default.presence),
-                };
+                let key = format!("rooms.class[{index}]");
+                let pattern = pattern(&format!("{key}.pattern"), &class.pattern)?;
+                let settings = settings(
+                    &key,
+                    class.history_size.unwrap_or(self.history_size),
+                    class.history_ttl_secs.unwrap_or(self.history_ttl_secs),
+                    class.history_durable.unwrap_or(self.history_durable),
+                    [
+                        class.presence.unwrap_or(self.presence),
+                        class.presence_events.unwrap_or(self.presence_events),
+                        class.envelope.unwrap_or(self.envelope),
+                    ],
+                )?;
                 Ok((pattern, settings))
             })
             .collect::<Result<_, ConfigError>>()?;
         Ok(RoomPolicy { classes, default })
     }
+}
+
+/// One room's settings from the values written for it (`[presence, presence_events,
+/// envelope]` last), checked.
+fn settings(
+    key: &str,
+    history_size: usize,
+    history_ttl_secs: u64,
+    history_durable: bool,
+    [presence, presence_events, envelope]: [bool; 3],
+) -> Result<RoomSettings, ConfigError> {
+    if history_size > MAX_HISTORY_SIZE {
+        return Err(invalid(
+            format!("{key}.history_size"),
+            format!("at most {MAX_HISTORY_SIZE} messages per room"),
+        ));
+    }
+    if history_ttl_secs == 0 {
+        return Err(invalid(
+            format!("{key}.history_ttl_secs"),
+            "must be at least 1".to_owned(),
+        ));
+    }
+    let unbuilt = [
+        ("history_durable", history_durable),
+        ("presence_events", presence_events),
+    ];
+    if let Some((name, _)) = unbuilt.iter().find(|(_, on)| *on) {
+        return Err(invalid(
+            format!("{key}.{name}"),
+            "is not available in this version (see docs/REFERENCE.md)",
+        ));
+    }
+    let history_ttl_ms = history_ttl_secs.saturating_mul(1000);
+    let history = (history_size > 0).then_some(HistoryBound {
+        size: history_size,
+        ttl_ms: history_ttl_ms,
+    });
+    Ok(RoomSettings {
+        history,
+        history_ttl_ms,
+        history_durable: history_durable && history.is_some(),
+        presence,
+        presence_events,
+        envelope,
+    })
 }
 
 /// `name`, or `prefix*`: what is left must be a room name (or, for a prefix, its start).
@@ -160,6 +270,45 @@ pattern = "lobby"
         assert!(policy("").unwrap().for_room(&room("any")).presence);
         let off = policy("presence = false\n[[class]]\npattern = \"*\"\n").unwrap();
         assert!(!off.for_room(&room("any")).presence);
+    }
+
+    #[test]
+    fn history_is_set_per_class_and_bounded() {
+        let classes = policy(
+            "history_size = 10\n[[class]]\npattern = \"ticker:*\"\nhistory_size = 1\nhistory_ttl_secs = 5\n[[class]]\npattern = \"pipe\"\nhistory_size = 0\n",
+        )
+        .unwrap();
+        let ticker = classes.for_room(&room("ticker:A"));
+        assert_eq!(
+            ticker.history,
+            Some(HistoryBound {
+                size: 1,
+                ttl_ms: 5_000
+            })
+        );
+        assert_eq!(
+            classes.for_room(&room("x")).history.unwrap().ttl_ms,
+            3_600_000
+        );
+        let pipe = classes.for_room(&room("pipe"));
+        assert!(pipe.history.is_none() && !pipe.sequenced());
+        let refused = [
+            ("history_size = 100001", "rooms.history_size"),
+            ("history_ttl_secs = 0", "rooms.history_ttl_secs"),
+            (
+                "[[class]]\npattern = \"a\"\nhistory_ttl_secs = 0",
+                "rooms.class[0].history_ttl_secs",
+            ),
+            (
+                "history_durable = true\nhistory_size = 1",
+                "rooms.history_durable",
+            ),
+            ("presence_events = true", "rooms.presence_events"),
+        ];
+        for (toml, key) in refused {
+            let error = policy(toml).unwrap_err().to_string();
+            assert!(error.contains(key), "{toml}: {error}");
+        }
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! message per shard and each shard walks only its local members. Pure code.
 
 pub mod config;
+pub mod history;
+pub mod sequencer;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -169,6 +171,9 @@ pub struct RoomDelivery {
     /// Latest-value-wins data (a ticker): WebTransport sessions opened with
     /// `?datagrams=1` get it as a datagram, which QUIC never retransmits.
     pub unreliable: bool,
+    /// Its offset, in a room that numbers its messages ([`sequencer`]): a member whose
+    /// join replay already brought it skips it.
+    pub offset: Option<u64>,
 }
 
 /// A room join refused by `limits.max_rooms_per_connection`.

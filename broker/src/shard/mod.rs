@@ -10,6 +10,7 @@ mod arrivals;
 mod ended;
 pub mod handle;
 mod member;
+mod rooms;
 pub mod run;
 
 use std::cell::RefCell;
@@ -27,12 +28,9 @@ use crate::connection_id::{ConnectionId, IdMinter};
 use crate::disconnect::DisconnectReason;
 use crate::gateway::Gateway;
 use crate::integration::HttpIntegration;
-use crate::message::Message;
 use crate::outbound::{self, SharedFrame};
 use crate::queues::store::{PendingAppend, QueueAppendDone};
 use crate::resume::{self, ResumeToken};
-use crate::rooms::RoomDelivery;
-use crate::rooms::TooManyRooms;
 use crate::rooms::{RoomIndex, RoomName};
 use crate::shard::handle::Delivery;
 use arrivals::{Arrivals, Deferred};
@@ -49,6 +47,8 @@ pub struct Shard {
     connections: RefCell<HashMap<u64, Rc<Connection>>>,
     /// Which local connections are in which room.
     rooms: RefCell<RoomIndex<Member>>,
+    /// Live frames held for members whose join's replay is on its way.
+    waiting: RefCell<member::Waiting>,
     /// Connections with frames queued by fan-out, waiting for the next write pass.
     dirty: RefCell<VecDeque<Rc<Connection>>>,
     /// Wakes the command loop for work that arrives without a command: fan-out queued
@@ -162,112 +162,11 @@ impl Shard {
         }
     }
 
-    /// Adds a local connection to `room` (idempotent), unless that would put it in more
-    /// than `limits.max_rooms_per_connection` rooms.
-    pub fn join(&self, connection: &Rc<Connection>, room: &RoomName) -> Result<(), TooManyRooms> {
-        let limit = self.gateway.config.limits.max_rooms_per_connection;
-        let mut rooms = self.rooms.borrow_mut();
-        let sequence = connection.id.sequence;
-        if rooms.room_count(sequence) >= limit && !rooms.is_member(room, sequence) {
-            self.gateway
-                .metrics
-                .refused
-                .with_label_values(&["rooms_per_connection"])
-                .inc();
-            return Err(TooManyRooms(limit));
-        }
-        let member = Member {
-            connection: connection.clone(),
-            joined_at_ms: crate::clock::now_ms(),
-        };
-        if rooms.join(room, sequence, member) {
-            self.gateway.directory.member_joined(room);
-            self.record(|changes| changes.join(room.as_str(), &connection.facts.connection_id));
-        }
-        Ok(())
-    }
-
-    /// Whether a local connection is in `room`.
-    pub fn is_member(&self, connection: &Connection, room: &RoomName) -> bool {
-        self.rooms.borrow().is_member(room, connection.id.sequence)
-    }
-
-    /// Removes a local connection from `room` (idempotent).
-    pub fn leave(&self, connection: &Connection, room: &RoomName) {
-        let left = self.rooms.borrow_mut().leave(room, connection.id.sequence);
-        if left {
-            self.gateway.directory.member_left(room);
-            self.record(|changes| changes.leave(room.as_str(), &connection.facts.connection_id));
-        }
-    }
-
-    /// Queues `frame` to every local member of `room` but the excluded one; returns the
-    /// count. An unreliable message goes to the WebTransport members that asked for
-    /// datagrams as a datagram, at once (to the others, and whenever a datagram cannot be
-    /// sent, through their queue).
-    pub fn broadcast_local(
-        &self,
-        room: &RoomName,
-        frame: &SharedFrame,
-        delivery: RoomDelivery,
-    ) -> usize {
-        let skip = delivery
-            .exclude
-            .filter(|id| self.owns(id))
-            .map(|id| id.sequence);
-        let rooms = self.rooms.borrow();
-        let mut delivered = 0;
-        for (sequence, Member { connection, .. }) in rooms.members(room) {
-            if Some(sequence) == skip {
-                continue;
-            }
-            let sent = delivery.unreliable && connection.send_datagram(frame);
-            if sent || self.enqueue(connection, frame) {
-                delivered += 1;
-            }
-        }
-        for (sequence, held) in self.arriving.borrow_mut().iter_mut() {
-            if held.brings(room) && Some(*sequence) != skip && held.hold_frame(frame) {
-                delivered += 1;
-            }
-        }
-        drop(rooms);
-        self.shed_if_asked();
-        self.gateway.metrics.messages_sent.inc_by(delivered as u64);
-        delivered
-    }
-
     /// Whether `id` names a connection of this shard (node, run and shard match).
     fn owns(&self, id: &ConnectionId) -> bool {
         id.shard == self.index
             && id.node == self.gateway.config.server.node_id
             && id.epoch == self.gateway.epoch
-    }
-
-    /// A client's publish to `room`: queued to this shard's members at once (the command
-    /// loop writes them in its next pass), and sent to every other shard as a command,
-    /// and in cluster mode to the other nodes. Those sends count as the publisher's work
-    /// in flight, so a client that publishes faster than the shards (and NATS) take its
-    /// messages stops being read (backpressure), instead of piling up tasks.
-    pub fn publish(
-        self: &Rc<Self>,
-        publisher: &Rc<Connection>,
-        room: RoomName,
-        message: Message,
-        delivery: RoomDelivery,
-    ) {
-        let directory = &self.gateway.directory;
-        if directory.reaches_beyond_one_shard() {
-            let in_flight = publisher.start_call();
-            let (directory, from) = (directory.clone(), self.index);
-            let (room, message) = (room.clone(), message.clone());
-            self.tasks.spawn_local(async move {
-                let _in_flight = in_flight;
-                directory.relay(from, &room, message, delivery).await;
-            });
-        }
-        self.broadcast_local(&room, &outbound::shared(message), delivery);
-        self.work_needed.notify_one();
     }
 
     /// Appends to a durable queue; `done` runs on this shard once the entry is durable.

@@ -98,6 +98,7 @@ pub fn spawn(
                     gateway,
                     connections: RefCell::new(HashMap::new()),
                     rooms: RefCell::new(RoomIndex::default()),
+                    waiting: RefCell::default(),
                     dirty: RefCell::new(VecDeque::new()),
                     work_needed: Notify::new(),
                     account,

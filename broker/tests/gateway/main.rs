@@ -9,6 +9,7 @@ mod cluster;
 mod deploy;
 mod disconnects;
 mod handshake;
+mod history;
 mod management;
 mod nats;
 mod process;

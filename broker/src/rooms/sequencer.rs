@@ -1,0 +1,128 @@
+//! The one place a room's messages get their offsets: a node's [`RoomLog`]s, one per room
+//! it sequences (every room on a single node; in cluster mode the rooms it owns).
+//!
+//! A room's log sits behind an async lock that is held from the moment a message gets its
+//! offset until it is in every shard's mailbox (and, in cluster mode, handed to NATS). A
+//! join's replay is read under the same lock. So every shard sees a room's messages in
+//! offset order, and a member that joins sees each offset exactly once: those up to the
+//! replay's top in the replay, the later ones live, after it (see `shard::recovery`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::RoomName;
+use super::config::RoomPolicy;
+use super::history::RoomLog;
+
+/// A room's log, locked while a message is sequenced and fanned out or a replay is read.
+pub type SharedLog = Arc<tokio::sync::Mutex<RoomLog>>;
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct Sequencer {
+    logs: Mutex<HashMap<RoomName, SharedLog>>,
+    /// Starts every epoch this node makes, so two nodes or two runs never share one.
+    epoch_prefix: String,
+}
+
+impl Sequencer {
+    pub fn new(node_id: u16, node_epoch: u32) -> Self {
+        Self {
+            logs: Mutex::new(HashMap::new()),
+            epoch_prefix: format!("{node_id:x}.{node_epoch:x}"),
+        }
+    }
+
+    /// `room`'s log; a room first seen now starts a new epoch at offset 0.
+    pub fn log(&self, room: &RoomName) -> SharedLog {
+        let mut logs = self
+            .logs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        logs.entry(room.clone())
+            .or_insert_with(|| {
+                let log = RoomLog::new(self.new_epoch(), crate::clock::now_ms());
+                Arc::new(tokio::sync::Mutex::new(log))
+            })
+            .clone()
+    }
+
+    /// A fresh epoch: this node and run, and 64 random bits.
+    fn new_epoch(&self) -> String {
+        let mut random = [0u8; 8];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut random);
+        format!("{}.{:016x}", self.epoch_prefix, u64::from_be_bytes(random))
+    }
+
+    /// Drops the logs of rooms that keep nothing and have been quiet for their TTL (their
+    /// next message starts a new epoch), so the logs of rooms used once do not pile up.
+    pub fn sweep(&self, policy: &RoomPolicy, now_ms: u64) {
+        let mut logs = self
+            .logs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        logs.retain(|room, log| {
+            let settings = policy.for_room(room);
+            let Ok(mut log) = log.try_lock() else {
+                return true;
+            };
+            if let Some(bound) = settings.history {
+                log.prune(now_ms, bound);
+            }
+            !log.is_empty() || now_ms.saturating_sub(log.last_ms()) < settings.history_ttl_ms
+        });
+    }
+
+    /// How many rooms have a log here.
+    pub fn rooms(&self) -> usize {
+        self.logs.lock().map_or(0, |logs| logs.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Message;
+
+    fn policy(toml: &str) -> RoomPolicy {
+        toml::from_str::<super::super::config::RawRooms>(toml)
+            .unwrap()
+            .validate()
+            .unwrap()
+    }
+
+    #[test]
+    fn epochs_differ_between_rooms_and_runs() {
+        let (one, two) = (Sequencer::new(1, 7), Sequencer::new(1, 8));
+        let room = RoomName::parse("r").unwrap();
+        let epoch = |s: &Sequencer| s.log(&room).try_lock().unwrap().epoch().to_owned();
+        assert_ne!(epoch(&one), epoch(&two));
+        assert!(epoch(&one).starts_with("1.7."));
+        assert_eq!(epoch(&one), epoch(&one), "one log per room");
+    }
+
+    #[test]
+    fn quiet_empty_logs_are_swept_and_kept_ones_stay() {
+        let sequencer = Sequencer::new(0, 1);
+        let policy = policy(
+            "envelope = true\nhistory_ttl_secs = 10\n[[class]]\npattern = \"kept\"\nhistory_size = 5\n",
+        );
+        let (quiet, kept) = (
+            RoomName::parse("quiet").unwrap(),
+            RoomName::parse("kept").unwrap(),
+        );
+        for (room, at) in [(&quiet, 1_000), (&kept, 5_000)] {
+            let log = sequencer.log(room);
+            let bound = policy.for_room(room).history;
+            log.try_lock()
+                .unwrap()
+                .append(Message::text("m"), at, bound);
+        }
+        sequencer.sweep(&policy, 10_999);
+        assert_eq!(sequencer.rooms(), 2, "quiet for less than the TTL");
+        sequencer.sweep(&policy, 11_000);
+        assert_eq!(sequencer.rooms(), 1, "the envelope-only room went");
+        sequencer.sweep(&policy, 15_000);
+        assert_eq!(sequencer.rooms(), 0, "the kept message expired");
+    }
+}
