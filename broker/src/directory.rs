@@ -16,10 +16,10 @@ use crate::connection_id::ConnectionId;
 use crate::event::ConnectionFacts;
 use crate::fanout::{self, FanoutPlan};
 use crate::message::Message;
-use crate::rooms::config::{RoomPolicy, RoomSettings};
-use crate::rooms::history::{Replay, Want, enveloped};
+use crate::rooms::config::RoomSettings;
+use crate::rooms::history::{Replay, Want};
 use crate::rooms::sequencer::Sequencer;
-use crate::rooms::{PresenceMember, RoomDelivery, RoomName};
+use crate::rooms::{PresenceMember, Published, RoomDelivery, RoomName};
 use crate::shard::handle::{Delivery, ShardHandle};
 
 /// Why a connection could not be reached.
@@ -54,17 +54,8 @@ pub struct Directory {
     epoch: u32,
     shards: Arc<[ShardHandle]>,
     cluster: Option<Arc<Cluster>>,
-    rooms: Arc<RoomPolicy>,
+    /// The logs of the rooms this node numbers, and every room's settings.
     sequencer: Arc<Sequencer>,
-}
-
-/// What a room broadcast did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Published {
-    /// How many members it was queued to.
-    pub delivered: usize,
-    /// Its offset, in a room that numbers its messages.
-    pub offset: Option<u64>,
 }
 
 impl Directory {
@@ -73,21 +64,20 @@ impl Directory {
         epoch: u32,
         shards: Arc<[ShardHandle]>,
         cluster: Option<Arc<Cluster>>,
-        rooms: RoomPolicy,
+        sequencer: Arc<Sequencer>,
     ) -> Self {
         Self {
             node_id,
             epoch,
             shards,
             cluster,
-            rooms: Arc::new(rooms),
-            sequencer: Arc::new(Sequencer::new(node_id, epoch)),
+            sequencer,
         }
     }
 
     /// The settings of `room`.
     pub fn settings(&self, room: &RoomName) -> RoomSettings {
-        self.rooms.for_room(room)
+        self.sequencer.settings(room)
     }
 
     /// Queues `message` to connection `id`.
@@ -186,16 +176,16 @@ impl Directory {
     }
 
     /// Queues `message` to every member of `room` on every node. A room that numbers its
-    /// messages gives it the next offset first (and keeps it, if it keeps history).
+    /// messages gives it the next offset first (and keeps it, if it keeps history); that
+    /// fails only in cluster mode, when the room's owner cannot be reached.
     pub async fn broadcast(
         &self,
         room: &RoomName,
         message: &Message,
         delivery: RoomDelivery,
-    ) -> Published {
-        let settings = self.settings(room);
-        if settings.sequenced() {
-            return self.sequence(room, message, delivery, settings).await;
+    ) -> Result<Published, Unreached> {
+        if self.settings(room).sequenced() {
+            return self.number(room, message, delivery).await;
         }
         let cluster = self.cluster.as_deref();
         let remote = async {
@@ -207,59 +197,58 @@ impl Directory {
         let here = self.here(delivery);
         let (local, remote) =
             futures_util::join!(fanout::broadcast(&self.shards, room, message, here), remote);
-        Published {
+        Ok(Published {
             delivered: local + remote,
             offset: None,
-        }
+        })
     }
 
-    /// Numbers `message` in `room`'s log and queues it everywhere while the log is locked,
-    /// so every shard gets the room's messages in offset order; the counts are awaited
-    /// after.
-    async fn sequence(
+    /// A message to a room that numbers its messages: numbered by the room's one
+    /// sequencer (this node, or in cluster mode the room's owner), which queues it
+    /// everywhere in offset order.
+    async fn number(
         &self,
         room: &RoomName,
         message: &Message,
         delivery: RoomDelivery,
-        settings: RoomSettings,
-    ) -> Published {
-        let log = self.sequencer.log(room);
-        let mut log = log.lock().await;
-        let offset = log.append(message.clone(), crate::clock::now_ms(), settings.history);
-        let outgoing = match settings.envelope {
-            true => enveloped(room, offset, message),
-            false => message.clone(),
-        };
-        let delivery = RoomDelivery {
-            offset: Some(offset),
-            ..delivery
-        };
-        let here = fanout::start_broadcast(&self.shards, room, &outgoing, self.here(delivery));
-        let here = here.await;
-        let remote = match self.cluster.as_deref() {
-            Some(cluster) => cluster.broadcast_room(room, &outgoing, delivery).await,
-            None => 0,
-        };
-        drop(log);
-        Published {
-            delivered: here.total().await + remote,
-            offset: Some(offset),
+    ) -> Result<Published, Unreached> {
+        if let Some(cluster) = self.cluster.as_deref() {
+            let published = cluster.publish_numbered(room, message, delivery).await;
+            return published.map_err(|error| Unreached::ClusterUnavailable(error.to_string()));
         }
+        let numbered = fanout::number(
+            &self.sequencer,
+            &self.shards,
+            room,
+            message,
+            delivery,
+            delivery.exclude,
+        );
+        let (offset, count) = numbered.await.release();
+        Ok(Published {
+            delivered: count.total().await,
+            offset: Some(offset),
+        })
     }
 
     /// `room`'s past as `want` asks for it, read under the room's lock: every message up
-    /// to the replay's top is already in every shard's mailbox, every later one will be
-    /// queued after it.
-    pub async fn replay(&self, room: &RoomName, want: &Want) -> Replay {
+    /// to the replay's top is already on its way to every member, every later one will be
+    /// queued after it. In cluster mode the room's owner answers, once this node receives
+    /// the room's messages.
+    pub async fn replay(&self, room: &RoomName, want: &Want) -> Result<Replay, Unreached> {
+        if let Some(cluster) = self.cluster.as_deref() {
+            let replay = cluster.replay(room, want).await;
+            return replay.map_err(|error| Unreached::ClusterUnavailable(error.to_string()));
+        }
         let settings = self.settings(room);
         let log = self.sequencer.log(room);
         let mut log = log.lock().await;
-        log.read(want, crate::clock::now_ms(), settings.history)
+        Ok(log.read(want, crate::clock::now_ms(), settings.history))
     }
 
     /// Forgets the logs of rooms that keep nothing and have been quiet for their TTL.
     pub fn sweep_rooms(&self) {
-        self.sequencer.sweep(&self.rooms, crate::clock::now_ms());
+        self.sequencer.sweep(crate::clock::now_ms());
     }
 
     /// `delivery` as this node's shards take it: a connection that moved here is

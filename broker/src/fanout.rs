@@ -8,6 +8,8 @@ use tokio::sync::oneshot;
 
 use crate::connection_id::ConnectionId;
 use crate::message::Message;
+use crate::rooms::history::{RoomLog, enveloped};
+use crate::rooms::sequencer::Sequencer;
 use crate::rooms::{PresenceMember, RoomDelivery, RoomName};
 use crate::shard::handle::{Delivery, ShardHandle};
 
@@ -124,6 +126,62 @@ impl BroadcastCount {
             delivered += answer.await.unwrap_or(0);
         }
         delivered
+    }
+}
+
+/// A message numbered in its room's log and queued to every local shard. The room's log
+/// stays locked until this is dropped, so the room's next message waits: hand it to the
+/// other nodes first (in cluster mode), then drop it and count.
+pub struct Numbered {
+    pub offset: u64,
+    /// As members get it (in the envelope, if the room uses it).
+    pub message: Message,
+    /// With the offset.
+    pub delivery: RoomDelivery,
+    pub count: BroadcastCount,
+    _log: tokio::sync::OwnedMutexGuard<RoomLog>,
+}
+
+impl Numbered {
+    /// Unlocks the room's log (its next message may go), keeping the offset and count.
+    pub fn release(self) -> (u64, BroadcastCount) {
+        (self.offset, self.count)
+    }
+}
+
+/// Gives `message` the next offset of `room` (keeping it if the room keeps history) and
+/// queues it to every local shard, which skip `exclude_here` (the excluded member as this
+/// node knows it).
+pub async fn number(
+    sequencer: &Sequencer,
+    shards: &[ShardHandle],
+    room: &RoomName,
+    message: &Message,
+    delivery: RoomDelivery,
+    exclude_here: Option<ConnectionId>,
+) -> Numbered {
+    let settings = sequencer.settings(room);
+    let mut log = sequencer.log(room).lock_owned().await;
+    let offset = log.append(message.clone(), crate::clock::now_ms(), settings.history);
+    let message = match settings.envelope {
+        true => enveloped(room, offset, message),
+        false => message.clone(),
+    };
+    let delivery = RoomDelivery {
+        offset: Some(offset),
+        ..delivery
+    };
+    let here = RoomDelivery {
+        exclude: exclude_here,
+        ..delivery
+    };
+    let count = start_broadcast(shards, room, &message, here).await;
+    Numbered {
+        offset,
+        message,
+        delivery,
+        count,
+        _log: log,
     }
 }
 

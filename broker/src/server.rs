@@ -20,6 +20,7 @@ use crate::management::{self, ApiState};
 use crate::metrics::Metrics;
 use crate::queues::store::QueueStore;
 use crate::queues::{self, QueueHub};
+use crate::rooms::sequencer::Sequencer;
 use crate::shard;
 use crate::transport::webtransport;
 
@@ -209,6 +210,11 @@ pub async fn serve(
         &metrics,
     )?);
     let shards: Arc<[shard::handle::ShardHandle]> = handles.into();
+    let sequencer = Arc::new(Sequencer::new(
+        config.rooms.clone(),
+        config.server.node_id,
+        epoch,
+    ));
     let cluster = match &config.cluster {
         Some(cluster_config) => {
             let node = crate::cluster::registry::NodeIdentity {
@@ -222,6 +228,7 @@ pub async fn serve(
                 &config.api.stage,
                 &config.queues,
                 shards.clone(),
+                sequencer.clone(),
                 metrics.clone(),
             )
             .await?;
@@ -239,7 +246,7 @@ pub async fn serve(
         epoch,
         shards.clone(),
         cluster.clone(),
-        config.rooms.clone(),
+        sequencer,
     );
     let queue_store = match &cluster {
         Some(cluster) => QueueStore::JetStream(cluster.clone()),

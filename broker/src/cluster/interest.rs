@@ -22,13 +22,13 @@ use crate::fanout;
 use crate::message::Message;
 use crate::rooms::{PresenceMember, RoomDelivery, RoomName};
 
-const OP: &str = "Sb-Op";
+pub(super) const OP: &str = "Sb-Op";
 const EXCLUDE: &str = "Sb-Exclude";
 /// Present on a broadcast that may be sent as datagrams (see `RoomDelivery::unreliable`).
 const UNRELIABLE: &str = "Sb-Unreliable";
 /// A numbered room's offset for the message ([`RoomDelivery::offset`]).
 const OFFSET: &str = "Sb-Offset";
-const BROADCAST: &str = "broadcast";
+pub(super) const BROADCAST: &str = "broadcast";
 const LIST: &str = "list";
 const PRESENCE: &str = "presence";
 
@@ -64,11 +64,15 @@ impl Cluster {
             subscription.members += 1;
             return;
         }
-        let task = self
-            .interest
-            .runtime
-            .spawn(serve_room(self.clone(), room.clone()));
-        rooms.insert(room.clone(), RoomSubscription { members: 1, task });
+        let (subscribed, ready) = tokio::sync::watch::channel(false);
+        let task =
+            (self.interest.runtime).spawn(serve_room(self.clone(), room.clone(), subscribed));
+        let subscription = RoomSubscription {
+            members: 1,
+            task,
+            ready,
+        };
+        rooms.insert(room.clone(), subscription);
         self.metrics().cluster_room_interest.set(rooms.len() as i64);
     }
 
@@ -87,6 +91,20 @@ impl Cluster {
                 subscription.task.abort();
             }
             self.metrics().cluster_room_interest.set(rooms.len() as i64);
+        }
+    }
+
+    /// Waits (at most `cluster.request_timeout_ms`) until this node receives `room`'s
+    /// messages: its subscription, made when its first local member joined, is in place.
+    pub async fn room_ready(&self, room: &RoomName) {
+        let ready = (self.interest.rooms.lock().ok()).and_then(|rooms| {
+            rooms
+                .get(room)
+                .map(|subscription| subscription.ready.clone())
+        });
+        if let Some(mut ready) = ready {
+            let subscribed = ready.wait_for(|subscribed| *subscribed);
+            let _ = tokio::time::timeout(self.config.request_timeout, subscribed).await;
         }
     }
 
@@ -121,11 +139,7 @@ impl Cluster {
             .with_label_values(&["broadcast"])
             .inc();
         let headers = room_headers(BROADCAST, delivery);
-        self.gather(room, "broadcast", headers, message.to_portable())
-            .await
-            .iter()
-            .filter_map(|answer| std::str::from_utf8(answer).ok()?.parse::<usize>().ok())
-            .sum()
+        delivered(&(self.gather(room, "broadcast", headers, message.to_portable())).await)
     }
 
     /// The members of `room` on the other nodes.
@@ -159,8 +173,22 @@ impl Cluster {
         headers: HeaderMap,
         payload: Bytes,
     ) -> Vec<Bytes> {
+        match self.send_gather(room, headers, payload).await {
+            Some(sent) => self.collect(sent, label).await,
+            None => Vec::new(),
+        }
+    }
+
+    /// The first half of a gather: the request is on its way (in order with this node's
+    /// other messages on the room's subject).
+    pub(super) async fn send_gather(
+        &self,
+        room: &RoomName,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Option<SentGather> {
         let started = Instant::now();
-        let (inbox, mut answers) = self.interest.gathers.open();
+        let (inbox, answers) = self.interest.gathers.open();
         let subject = self.subjects.room(room.as_str());
         if let Err(error) = self
             .client
@@ -168,8 +196,22 @@ impl Cluster {
             .await
         {
             tracing::warn!(%error, "room request not sent to other nodes");
-            return Vec::new();
+            return None;
         }
+        Some(SentGather {
+            started,
+            inbox,
+            answers,
+        })
+    }
+
+    /// The second half: the answers that arrive in time.
+    pub(super) async fn collect(&self, sent: SentGather, label: &'static str) -> Vec<Bytes> {
+        let SentGather {
+            started,
+            inbox,
+            mut answers,
+        } = sent;
         let peers = self.registry.live_peers();
         let mut collected = Vec::new();
         let deadline = tokio::time::sleep(self.config.gather_wait);
@@ -194,7 +236,22 @@ impl Cluster {
     }
 }
 
-fn room_headers(op: &str, delivery: RoomDelivery) -> HeaderMap {
+/// A gather whose request is sent; its answers are still to be collected.
+pub(super) struct SentGather {
+    started: Instant,
+    inbox: crate::cluster::state::interest::GatherInbox,
+    answers: tokio::sync::mpsc::UnboundedReceiver<async_nats::Message>,
+}
+
+/// The counts in a broadcast gather's answers, added up.
+pub(super) fn delivered(answers: &[Bytes]) -> usize {
+    answers
+        .iter()
+        .filter_map(|answer| std::str::from_utf8(answer).ok()?.parse::<usize>().ok())
+        .sum()
+}
+
+pub(super) fn room_headers(op: &str, delivery: RoomDelivery) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert(OP, op);
     if let Some(exclude) = delivery.exclude {
@@ -212,7 +269,11 @@ fn room_headers(op: &str, delivery: RoomDelivery) -> HeaderMap {
 /// Serves one room's subject while the node has members in it: broadcasts are handed to
 /// every local shard in arrival order; requests with a reply inbox get this node's count
 /// or member list.
-async fn serve_room(cluster: Arc<Cluster>, room: RoomName) {
+async fn serve_room(
+    cluster: Arc<Cluster>,
+    room: RoomName,
+    subscribed: tokio::sync::watch::Sender<bool>,
+) {
     let subject = cluster.subjects.room(room.as_str());
     let mut messages = match cluster.client.subscribe(subject).await {
         Ok(subscriber) => subscriber,
@@ -221,19 +282,11 @@ async fn serve_room(cluster: Arc<Cluster>, room: RoomName) {
             return;
         }
     };
+    let _ = subscribed.send(true);
     while let Some(message) = messages.next().await {
         let headers = message.headers.as_ref();
         let op = headers.and_then(|h| h.get(OP)).map(|v| v.as_str());
-        let delivery = RoomDelivery {
-            exclude: headers
-                .and_then(|h| h.get(EXCLUDE))
-                .and_then(|v| v.as_str().parse::<ConnectionId>().ok())
-                .map(|id| cluster.here_as(id)),
-            unreliable: headers.is_some_and(|h| h.get(UNRELIABLE).is_some()),
-            offset: headers
-                .and_then(|h| h.get(OFFSET))
-                .and_then(|v| v.as_str().parse().ok()),
-        };
+        let delivery = delivery_of(&cluster, headers);
         let broadcast = Message::from_portable(message.payload.clone());
         let answer = match (op, message.reply.is_some(), &broadcast) {
             (Some(BROADCAST), _, None) => {
@@ -281,5 +334,20 @@ async fn serve_room(cluster: Arc<Cluster>, room: RoomName) {
         if let Some(reply) = message.reply {
             let _ = cluster.client.publish(reply, answer).await;
         }
+    }
+}
+
+/// How a room message from another node reaches this node's members: its headers, with
+/// an excluded connection that moved here named as it is here.
+pub(super) fn delivery_of(cluster: &Cluster, headers: Option<&HeaderMap>) -> RoomDelivery {
+    RoomDelivery {
+        exclude: headers
+            .and_then(|h| h.get(EXCLUDE))
+            .and_then(|v| v.as_str().parse::<ConnectionId>().ok())
+            .map(|id| cluster.here_as(id)),
+        unreliable: headers.is_some_and(|h| h.get(UNRELIABLE).is_some()),
+        offset: headers
+            .and_then(|h| h.get(OFFSET))
+            .and_then(|v| v.as_str().parse().ok()),
     }
 }

@@ -17,6 +17,7 @@
 pub mod config;
 pub mod duties;
 pub mod error;
+pub mod history;
 pub mod interest;
 pub mod mirror;
 pub mod queues;
@@ -36,6 +37,7 @@ pub use error::ClusterError;
 
 use crate::connection_id::ConnectionId;
 use crate::metrics::Metrics;
+use crate::rooms::sequencer::Sequencer;
 use crate::shard::handle::ShardHandle;
 use subjects::Subjects;
 
@@ -51,6 +53,10 @@ pub struct Cluster {
     pub jetstream: jetstream::Context,
     /// Every local shard, for calls that arrive from other nodes.
     shards: Arc<[ShardHandle]>,
+    /// The logs of the numbered rooms this node owns ([`history`]).
+    rooms: Arc<Sequencer>,
+    /// The registry's view when this node last dropped the logs of rooms it lost.
+    rooms_view: std::sync::atomic::AtomicU64,
     metrics: Metrics,
     /// Why cluster delivery is broken right now, if it is (reported by `/health`).
     degraded: Arc<Mutex<Option<String>>>,
@@ -219,6 +225,7 @@ impl Cluster {
         stage: &str,
         queues: &[crate::config::QueueConfig],
         shards: Arc<[ShardHandle]>,
+        rooms: Arc<Sequencer>,
         metrics: Metrics,
     ) -> Result<Arc<Self>, ClusterError> {
         let node_id = node.node_id;
@@ -263,6 +270,8 @@ impl Cluster {
             client,
             jetstream,
             shards,
+            rooms,
+            rooms_view: std::sync::atomic::AtomicU64::new(0),
             metrics,
             degraded,
             mirror,

@@ -81,6 +81,8 @@ pub struct Registry {
     /// registration was still there at start (it crashed).
     pub(super) previous: Option<Registration>,
     peers: Mutex<HashMap<u16, Peer>>,
+    /// Bumped whenever a node joins or leaves the set of live peers.
+    view: AtomicU64,
     /// Peers whose takeover this node is running.
     taking_over: Mutex<HashSet<u16>>,
 }
@@ -167,6 +169,7 @@ impl Registry {
             revision: AtomicU64::new(revision),
             previous,
             peers: Mutex::new(HashMap::new()),
+            view: AtomicU64::new(0),
             taking_over: Mutex::new(HashSet::new()),
         })
     }
@@ -178,6 +181,18 @@ impl Registry {
     /// Other nodes with a live heartbeat.
     pub fn live_peers(&self) -> usize {
         self.peers.lock().map_or(0, |peers| peers.len())
+    }
+
+    /// The ids of the other nodes with a live heartbeat.
+    pub fn live_peer_ids(&self) -> Vec<u16> {
+        self.peers
+            .lock()
+            .map_or_else(|_| Vec::new(), |peers| peers.keys().copied().collect())
+    }
+
+    /// Changes whenever the set of live peers changes.
+    pub fn view(&self) -> u64 {
+        self.view.load(Ordering::Acquire)
     }
 
     /// Renews the registration.
@@ -230,6 +245,9 @@ impl Registry {
 
     fn saw(&self, node: u16, registration: Registration, revision: u64) {
         if let Ok(mut peers) = self.peers.lock() {
+            if !peers.contains_key(&node) {
+                self.view.fetch_add(1, Ordering::AcqRel);
+            }
             peers.insert(
                 node,
                 Peer {
@@ -242,8 +260,10 @@ impl Registry {
     }
 
     pub(super) fn forget(&self, node: u16) {
-        if let Ok(mut peers) = self.peers.lock() {
-            peers.remove(&node);
+        if let Ok(mut peers) = self.peers.lock()
+            && peers.remove(&node).is_some()
+        {
+            self.view.fetch_add(1, Ordering::AcqRel);
         }
     }
 

@@ -26,7 +26,7 @@ const MAX_CONCURRENT_REQUESTS: usize = 4096;
 
 const OP: &str = "Sb-Op";
 const ID: &str = "Sb-Id";
-const ROOM: &str = "Sb-Room";
+pub(super) const ROOM: &str = "Sb-Room";
 const STATUS: &str = "Sb-Status";
 
 /// What a remote call asks for.
@@ -43,6 +43,10 @@ pub enum Op {
     /// Did the connection handed over as this alias arrive? Asked by the node that handed
     /// it over, of the node that asked for it.
     MoveStatus,
+    /// Number and send a message to a room this node owns ([`super::history`]).
+    Publish,
+    /// What a room this node owns keeps ([`super::history`]).
+    History,
 }
 
 impl Op {
@@ -56,6 +60,8 @@ impl Op {
             Self::Bulk => "bulk",
             Self::Move => "move",
             Self::MoveStatus => "move_status",
+            Self::Publish => "publish",
+            Self::History => "history",
         }
     }
 
@@ -69,6 +75,8 @@ impl Op {
             Self::Bulk,
             Self::Move,
             Self::MoveStatus,
+            Self::Publish,
+            Self::History,
         ]
         .into_iter()
         .find(|op| op.label() == text)
@@ -113,7 +121,7 @@ impl Cluster {
     }
 
     /// A request to node `node`, timed and counted under `label`.
-    async fn request(
+    pub(super) async fn request(
         &self,
         node: u16,
         label: &'static str,
@@ -275,6 +283,9 @@ async fn answer(cluster: &Cluster, message: &async_nats::Message) -> (u16, Bytes
     };
     if op == Op::Bulk {
         return bulk(cluster, &message.payload).await;
+    }
+    if matches!(op, Op::Publish | Op::History) {
+        return cluster.answer_owned_room(op, message).await;
     }
     if op == Op::MoveStatus {
         let outcome = header(message, ID)

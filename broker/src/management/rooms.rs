@@ -47,7 +47,8 @@ pub(super) async fn post_to_room(
     let started = std::time::Instant::now();
     let message = Message::data(payload);
     let directory = &state.gateway.directory;
-    let published = directory.broadcast(&room, &message, delivery).await;
+    let published = (directory.broadcast(&room, &message, delivery).await)
+        .map_err(|unreached| ApiError::unreached(room.to_string(), unreached))?;
     state.observe_fanout("room", started);
     let mut answer = json!({"delivered": published.delivered});
     if let Some(offset) = published.offset {
@@ -86,7 +87,8 @@ pub(super) async fn get_history(
         epoch: params.epoch,
         limit: number("limit", params.limit.as_deref())?.map_or(usize::MAX, |n| n as usize),
     };
-    let replay = directory.replay(&room, &want).await;
+    let replay = (directory.replay(&room, &want).await)
+        .map_err(|unreached| ApiError::unreached(room.to_string(), unreached))?;
     Ok(axum::Json(replay.to_json(&room)).into_response())
 }
 

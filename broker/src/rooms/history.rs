@@ -28,7 +28,8 @@ pub struct Kept {
 }
 
 /// What a reader asks of a room's past.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Want {
     /// The last `n` kept messages (`history: n` on a join; 1 is "the latest value").
     Last(usize),
@@ -197,6 +198,18 @@ impl Kept {
 }
 
 impl Replay {
+    /// What a join gets when the room's past cannot be read (cluster mode, its owner
+    /// unreachable): no epoch, nothing recovered.
+    pub fn unavailable() -> Self {
+        Self {
+            epoch: String::new(),
+            top: 0,
+            first: 1,
+            recovered: false,
+            messages: Vec::new(),
+        }
+    }
+
     /// `GET @rooms/{room}/history`'s answer (also how one node answers another).
     pub fn to_json(&self, room: &RoomName) -> Value {
         json!({

@@ -176,6 +176,16 @@ pub struct RoomDelivery {
     pub offset: Option<u64>,
 }
 
+/// What a room broadcast did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Published {
+    /// How many members it was queued to.
+    pub delivered: usize,
+    /// Its offset, in a room that numbers its messages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+}
+
 /// A room join refused by `limits.max_rooms_per_connection`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("connection is already in {0} rooms (limits.max_rooms_per_connection)")]

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::RoomName;
-use super::config::RoomPolicy;
+use super::config::{RoomPolicy, RoomSettings};
 use super::history::RoomLog;
 
 /// A room's log, locked while a message is sequenced and fanned out or a replay is read.
@@ -20,17 +20,34 @@ pub type SharedLog = Arc<tokio::sync::Mutex<RoomLog>>;
 /// See the module documentation.
 #[derive(Debug)]
 pub struct Sequencer {
+    policy: RoomPolicy,
     logs: Mutex<HashMap<RoomName, SharedLog>>,
     /// Starts every epoch this node makes, so two nodes or two runs never share one.
     epoch_prefix: String,
 }
 
 impl Sequencer {
-    pub fn new(node_id: u16, node_epoch: u32) -> Self {
+    pub fn new(policy: RoomPolicy, node_id: u16, node_epoch: u32) -> Self {
         Self {
+            policy,
             logs: Mutex::new(HashMap::new()),
             epoch_prefix: format!("{node_id:x}.{node_epoch:x}"),
         }
+    }
+
+    /// The settings of `room` (`[rooms]`, `[[rooms.class]]`).
+    pub fn settings(&self, room: &RoomName) -> RoomSettings {
+        self.policy.for_room(room)
+    }
+
+    /// Forgets the logs of the rooms `keep` does not keep (cluster mode: rooms another
+    /// node sequences now; their next message here would start a new epoch).
+    pub fn retain(&self, keep: impl Fn(&RoomName) -> bool) {
+        let mut logs = self
+            .logs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        logs.retain(|room, _| keep(room));
     }
 
     /// `room`'s log; a room first seen now starts a new epoch at offset 0.
@@ -56,13 +73,13 @@ impl Sequencer {
 
     /// Drops the logs of rooms that keep nothing and have been quiet for their TTL (their
     /// next message starts a new epoch), so the logs of rooms used once do not pile up.
-    pub fn sweep(&self, policy: &RoomPolicy, now_ms: u64) {
+    pub fn sweep(&self, now_ms: u64) {
         let mut logs = self
             .logs
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         logs.retain(|room, log| {
-            let settings = policy.for_room(room);
+            let settings = self.policy.for_room(room);
             let Ok(mut log) = log.try_lock() else {
                 return true;
             };
@@ -93,7 +110,11 @@ mod tests {
 
     #[test]
     fn epochs_differ_between_rooms_and_runs() {
-        let (one, two) = (Sequencer::new(1, 7), Sequencer::new(1, 8));
+        let policy = || policy("");
+        let (one, two) = (
+            Sequencer::new(policy(), 1, 7),
+            Sequencer::new(policy(), 1, 8),
+        );
         let room = RoomName::parse("r").unwrap();
         let epoch = |s: &Sequencer| s.log(&room).try_lock().unwrap().epoch().to_owned();
         assert_ne!(epoch(&one), epoch(&two));
@@ -103,7 +124,6 @@ mod tests {
 
     #[test]
     fn quiet_empty_logs_are_swept_and_kept_ones_stay() {
-        let sequencer = Sequencer::new(0, 1);
         let policy = policy(
             "envelope = true\nhistory_ttl_secs = 10\n[[class]]\npattern = \"kept\"\nhistory_size = 5\n",
         );
@@ -111,6 +131,7 @@ mod tests {
             RoomName::parse("quiet").unwrap(),
             RoomName::parse("kept").unwrap(),
         );
+        let sequencer = Sequencer::new(policy.clone(), 0, 1);
         for (room, at) in [(&quiet, 1_000), (&kept, 5_000)] {
             let log = sequencer.log(room);
             let bound = policy.for_room(room).history;
@@ -118,11 +139,11 @@ mod tests {
                 .unwrap()
                 .append(Message::text("m"), at, bound);
         }
-        sequencer.sweep(&policy, 10_999);
+        sequencer.sweep(10_999);
         assert_eq!(sequencer.rooms(), 2, "quiet for less than the TTL");
-        sequencer.sweep(&policy, 11_000);
+        sequencer.sweep(11_000);
         assert_eq!(sequencer.rooms(), 1, "the envelope-only room went");
-        sequencer.sweep(&policy, 15_000);
+        sequencer.sweep(15_000);
         assert_eq!(sequencer.rooms(), 0, "the kept message expired");
     }
 }

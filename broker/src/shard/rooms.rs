@@ -123,7 +123,9 @@ impl Shard {
             let directory = directory.clone();
             self.tasks.spawn_local(async move {
                 let _in_flight = in_flight;
-                directory.broadcast(&room, &message, delivery).await;
+                if let Err(unreached) = directory.broadcast(&room, &message, delivery).await {
+                    tracing::warn!(%room, %unreached, "a client's publish was not delivered");
+                }
             });
             return;
         }
@@ -167,6 +169,10 @@ impl Shard {
         self.tasks.spawn_local(async move {
             let _in_flight = in_flight;
             let replay = shard.gateway.directory.replay(&room, &want).await;
+            let replay = replay.unwrap_or_else(|unreached| {
+                tracing::warn!(%room, %unreached, "a join's replay is unavailable");
+                Replay::unavailable()
+            });
             shard.deliver_replay(&connection, &room, replay.for_join(most));
         });
         Ok(())

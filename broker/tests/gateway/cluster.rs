@@ -1261,3 +1261,82 @@ async fn a_node_stops_promptly_when_nats_is_gone() {
     assert!(took < Duration::from_secs(20), "stopped in {took:?}");
     disconnect_event(&backend, &id).await;
 }
+
+/// The offsets in the next `count` envelope frames.
+async fn envelope_offsets(ws: &mut Ws, count: usize) -> Vec<u64> {
+    let mut offsets = Vec::with_capacity(count);
+    while offsets.len() < count {
+        let frame: Value = serde_json::from_str(&next_text(ws).await).unwrap();
+        assert_eq!(frame["type"], "message", "{frame}");
+        offsets.push(frame["offset"].as_u64().unwrap());
+    }
+    offsets
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_numbered_room_has_one_history_and_replays_through_every_node() {
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let extra = r#"[rooms]
+history_size = 100
+envelope = true
+[routes.rejoin]
+integration = { type = "room_join", room = "$request.body.room", history = "$request.body.history", since = "$request.body.since", epoch = "$request.body.epoch" }
+"#;
+    let (nodes, _files) = start_nodes(&[server.url()], &backend, extra).await;
+    // Published through every node, numbered by one owner: dense offsets.
+    for n in 1..=9u64 {
+        let url = format!("{}/@rooms/chat", nodes[n as usize % 3].api_url);
+        let answer = post_for_json(url, format!("m{n}")).await;
+        assert_eq!(answer, json!({"delivered": 0, "offset": n}));
+    }
+    let mut epoch = None;
+    for node in &nodes {
+        let url = format!("{}/@rooms/chat/history?since=6", node.api_url);
+        let kept: Value = http().get(url).send().await.unwrap().json().await.unwrap();
+        let offsets: Vec<u64> = (kept["messages"].as_array().unwrap().iter())
+            .map(|m| m["offset"].as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets, vec![7, 8, 9], "through {}", node.api_url);
+        assert_eq!(kept["messages"][0]["data"], "m7");
+        let first = epoch.get_or_insert_with(|| kept["epoch"].clone());
+        assert_eq!(&kept["epoch"], first, "one epoch through every node");
+    }
+    let epoch = epoch.unwrap();
+    // A member on every node (none had one before) recovers from offset 3.
+    let mut members = Vec::new();
+    for node in &nodes {
+        let (mut ws, _) = connect(node, &backend).await;
+        let rejoin = json!({"action": "rejoin", "room": "chat", "since": 3, "epoch": epoch});
+        send_text(&mut ws, &rejoin.to_string()).await;
+        let joined: Value = serde_json::from_str(&next_text(&mut ws).await).unwrap();
+        assert_eq!(
+            (&joined["offset"], &joined["recovered"], &joined["epoch"]),
+            (&json!(9), &json!(true), &epoch)
+        );
+        assert_eq!(envelope_offsets(&mut ws, 6).await, vec![4, 5, 6, 7, 8, 9]);
+        members.push(ws);
+    }
+    // Concurrent publishes through all three nodes reach every member once, in order.
+    let posts = (10..=39u64).map(|n| {
+        let url = format!("{}/@rooms/chat", nodes[n as usize % 3].api_url);
+        post_for_json(url, format!("m{n}"))
+    });
+    let answers = futures_util::future::join_all(posts).await;
+    let mut offsets: Vec<u64> = answers
+        .iter()
+        .map(|a| a["offset"].as_u64().unwrap())
+        .collect();
+    offsets.sort_unstable();
+    assert_eq!(offsets, (10..=39).collect::<Vec<_>>(), "each offset once");
+    for ws in &mut members {
+        assert_eq!(
+            envelope_offsets(ws, 30).await,
+            (10..=39).collect::<Vec<_>>()
+        );
+    }
+    for ws in &mut members {
+        assert_silent(ws, Duration::from_millis(200)).await;
+    }
+}

@@ -107,8 +107,9 @@ fn the_readme_quickstart_works_as_written() {
     let printed = bash(&with_id(&blocks[1]));
     for expected in [
         "\"connectedAt\"",
-        "{\"delivered\":1}",
+        "{\"delivered\":1,\"offset\":1}",
         "\"count\":1",
+        "\"data\":\"to everyone in lobby\",\"offset\":1",
         "{\"delivered\":1,\"gone\":[\"AAAAAAAAAAAAAAAAAAAAAA\"]}",
         "\"routeKey\":\"enqueue\"",
         "\"next\":1",

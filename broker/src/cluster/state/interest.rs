@@ -86,6 +86,8 @@ pub(in crate::cluster) struct RoomSubscription {
     /// Local members, all shards together.
     pub(in crate::cluster) members: usize,
     pub(in crate::cluster) task: tokio::task::JoinHandle<()>,
+    /// True once the subscription is in place.
+    pub(in crate::cluster) ready: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Interest {
