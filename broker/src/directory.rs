@@ -17,6 +17,7 @@ use crate::event::ConnectionFacts;
 use crate::fanout::{self, FanoutPlan};
 use crate::message::Message;
 use crate::rooms::config::RoomSettings;
+use crate::rooms::events::{Change, Coalescer, Flush, PresenceEvent, many_frame};
 use crate::rooms::history::{Replay, Want};
 use crate::rooms::sequencer::Sequencer;
 use crate::rooms::{PresenceMember, Published, RoomDelivery, RoomName};
@@ -56,7 +57,14 @@ pub struct Directory {
     cluster: Option<Arc<Cluster>>,
     /// The logs of the rooms this node numbers, and every room's settings.
     sequencer: Arc<Sequencer>,
+    /// Where joins and leaves of rooms with presence events go ([`Directory::tell_presence`]).
+    presence_events: PresenceSender,
 }
+
+/// Joins and leaves on their way to the node's presence-event task.
+pub type PresenceSender = tokio::sync::mpsc::UnboundedSender<(RoomName, PresenceEvent)>;
+/// Its receiving end.
+pub type PresenceReceiver = tokio::sync::mpsc::UnboundedReceiver<(RoomName, PresenceEvent)>;
 
 impl Directory {
     pub fn new(
@@ -65,6 +73,7 @@ impl Directory {
         shards: Arc<[ShardHandle]>,
         cluster: Option<Arc<Cluster>>,
         sequencer: Arc<Sequencer>,
+        presence_events: PresenceSender,
     ) -> Self {
         Self {
             node_id,
@@ -72,6 +81,7 @@ impl Directory {
             shards,
             cluster,
             sequencer,
+            presence_events,
         }
     }
 
@@ -334,6 +344,87 @@ impl Directory {
     pub fn member_left(&self, room: &RoomName) {
         if let Some(cluster) = &self.cluster {
             cluster.member_left(room);
+        }
+    }
+
+    /// Connection `connection` joined or left `room` (by a route, the API or its end; not
+    /// by moving between nodes): with presence events on for the room, its other members
+    /// are told, coalesced ([`crate::rooms::events`]).
+    pub fn presence_changed(
+        &self,
+        room: &RoomName,
+        change: Change,
+        connection: ConnectionId,
+        authorizer: Option<&serde_json::value::RawValue>,
+    ) {
+        if self.settings(room).presence_events {
+            let user = crate::auth::authorizer::user_of(authorizer);
+            let event = PresenceEvent {
+                change,
+                connection,
+                user,
+            };
+            let _ = self.presence_events.send((room.clone(), event));
+        }
+    }
+
+    /// Tells rooms' members of joins and leaves until shutdown: collects each room's
+    /// changes for a window, then sends them (see [`crate::rooms::events`]).
+    pub async fn tell_presence(
+        self,
+        mut changes: PresenceReceiver,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let started = std::time::Instant::now();
+        let now_ms = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let mut coalescer = Coalescer::default();
+        loop {
+            let due = coalescer.next_due_ms();
+            let window_closes = async {
+                match due {
+                    Some(at) => {
+                        let wait = at.saturating_sub(now_ms());
+                        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                change = changes.recv() => match change {
+                    Some((room, event)) => coalescer.note(room, event, now_ms()),
+                    None => return,
+                },
+                _ = window_closes => {
+                    for (room, flush) in coalescer.due(now_ms()) {
+                        self.send_presence(&room, flush).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues a window's presence frames to `room`'s members everywhere, without counts.
+    async fn send_presence(&self, room: &RoomName, flush: Flush) {
+        let frames = match flush {
+            Flush::Each(events) => (events.iter())
+                .map(|event| {
+                    let delivery = RoomDelivery {
+                        exclude: Some(event.connection),
+                        ..RoomDelivery::default()
+                    };
+                    (event.frame(room), delivery)
+                })
+                .collect(),
+            Flush::Many { joined, left } => {
+                vec![(many_frame(room, joined, left), RoomDelivery::default())]
+            }
+        };
+        for (message, delivery) in frames {
+            fanout::relay(self.shards.iter(), room, &message, self.here(delivery)).await;
+            if let Some(cluster) = &self.cluster {
+                cluster.publish_room(room, &message, delivery).await;
+            }
         }
     }
 

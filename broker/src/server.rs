@@ -210,6 +210,7 @@ pub async fn serve(
         &metrics,
     )?);
     let shards: Arc<[shard::handle::ShardHandle]> = handles.into();
+    let (presence_events, presence_changes) = tokio::sync::mpsc::unbounded_channel();
     let sequencer = Arc::new(Sequencer::new(
         config.rooms.clone(),
         config.server.node_id,
@@ -247,6 +248,7 @@ pub async fn serve(
         shards.clone(),
         cluster.clone(),
         sequencer,
+        presence_events,
     );
     let queue_store = match &cluster {
         Some(cluster) => QueueStore::JetStream(cluster.clone()),
@@ -286,6 +288,8 @@ pub async fn serve(
     deliverers.extend(crate::cluster::duties::run(&gateway, &shutdown));
     let orphan_report = tokio::spawn(report_orphans(gateway.clone(), orphans));
     tokio::spawn(sweep_room_logs(gateway.directory.clone(), shutdown.clone()));
+    let directory = gateway.directory.clone();
+    tokio::spawn(directory.tell_presence(presence_changes, shutdown.clone()));
     if let Some(crate::auth::authorizer::Check::Jwks { keys, .. }) =
         gateway.config.authorizer.as_ref().map(|a| &a.check)
     {

@@ -15,12 +15,14 @@ presence = true
 history_size = 5
 history_ttl_secs = 60
 envelope = true
+presence_events = false
 [[rooms.class]]
 pattern = "ticker:*"
 presence = false
 history_size = 1
 history_ttl_secs = 5
 envelope = false
+presence_events = true
 [routes.join]
 integration = { type = "room_join", room = "$request.body.room", history = "$request.body.history", since = "$request.body.since", epoch = "$request.body.epoch" }
 [server]

@@ -177,10 +177,7 @@ fn settings(
             "must be at least 1".to_owned(),
         ));
     }
-    let unbuilt = [
-        ("history_durable", history_durable),
-        ("presence_events", presence_events),
-    ];
+    let unbuilt = [("history_durable", history_durable)];
     if let Some((name, _)) = unbuilt.iter().find(|(_, on)| *on) {
         return Err(invalid(
             format!("{key}.{name}"),
@@ -303,7 +300,6 @@ pattern = "lobby"
                 "history_durable = true\nhistory_size = 1",
                 "rooms.history_durable",
             ),
-            ("presence_events = true", "rooms.presence_events"),
         ];
         for (toml, key) in refused {
             let error = policy(toml).unwrap_err().to_string();

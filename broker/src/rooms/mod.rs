@@ -4,6 +4,7 @@
 //! message per shard and each shard walks only its local members. Pure code.
 
 pub mod config;
+pub mod events;
 pub mod history;
 pub mod sequencer;
 

@@ -111,7 +111,7 @@ fn register(
     // A moved connection's rooms first: calls that waited for it (a leave among them)
     // apply on top of them as it is registered.
     for room in &rooms {
-        let _ = shard.join(&connection, room);
+        shard.join_moved(&connection, room);
     }
     shard.register(connection.clone());
     if shard.shutdown.is_cancelled() {
@@ -124,7 +124,7 @@ fn register(
 /// Serves a registered connection to its end, then unregisters and reports it.
 async fn serve_and_report(shard: Rc<Shard>, connection: Rc<Connection>, leftover: Vec<u8>) {
     let reason = serve_to_the_end(&shard, &connection, leftover).await;
-    shard.unregister(&connection);
+    shard.unregister(&connection, matches!(reason, DisconnectReason::Moved));
     connection.admitted_as(None);
     let wire = connection.stream().wire().label();
     let metrics = &shard.gateway.metrics;

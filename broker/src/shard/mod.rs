@@ -31,6 +31,7 @@ use crate::integration::HttpIntegration;
 use crate::outbound::{self, SharedFrame};
 use crate::queues::store::{PendingAppend, QueueAppendDone};
 use crate::resume::{self, ResumeToken};
+use crate::rooms::events::Change;
 use crate::rooms::{RoomIndex, RoomName};
 use crate::shard::handle::Delivery;
 use arrivals::{Arrivals, Deferred};
@@ -125,14 +126,20 @@ impl Shard {
         self.arrived(sequence);
     }
 
-    /// Forgets a closed connection and its room memberships.
-    pub fn unregister(&self, connection: &Connection) {
+    /// Forgets a closed connection and its room memberships; unless it `moved` to another
+    /// node (where it is still a member), its rooms are told it left.
+    pub fn unregister(&self, connection: &Connection, moved: bool) {
         self.connections
             .borrow_mut()
             .remove(&connection.id.sequence);
         let left = self.rooms.borrow_mut().leave_all(connection.id.sequence);
+        let directory = &self.gateway.directory;
+        let authorizer = connection.facts.authorizer.as_deref();
         for room in &left {
-            self.gateway.directory.member_left(room);
+            directory.member_left(room);
+            if !moved {
+                directory.presence_changed(room, Change::Leave, connection.id, authorizer);
+            }
         }
         let id = &connection.facts.connection_id;
         self.record(|changes| {

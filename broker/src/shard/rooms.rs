@@ -16,6 +16,7 @@ use crate::connection::Connection;
 use crate::disconnect::DisconnectReason;
 use crate::message::Message;
 use crate::outbound::{self, SharedFrame};
+use crate::rooms::events::Change;
 use crate::rooms::history::{Replay, Want};
 use crate::rooms::{RoomDelivery, RoomName, TooManyRooms};
 
@@ -23,6 +24,31 @@ impl Shard {
     /// Adds a local connection to `room` (idempotent), unless that would put it in more
     /// than `limits.max_rooms_per_connection` rooms.
     pub fn join(&self, connection: &Rc<Connection>, room: &RoomName) -> Result<(), TooManyRooms> {
+        if self.add_member(connection, room)? {
+            let facts = &connection.facts;
+            let authorizer = facts.authorizer.as_deref();
+            (self.gateway.directory).presence_changed(
+                room,
+                Change::Join,
+                connection.id,
+                authorizer,
+            );
+        }
+        Ok(())
+    }
+
+    /// A connection that moved here from another node rejoins its rooms (its members
+    /// were not told it left, and are not told it is back).
+    pub fn join_moved(&self, connection: &Rc<Connection>, room: &RoomName) {
+        let _ = self.add_member(connection, room);
+    }
+
+    /// Adds a local connection to `room`; whether it was not a member before.
+    fn add_member(
+        &self,
+        connection: &Rc<Connection>,
+        room: &RoomName,
+    ) -> Result<bool, TooManyRooms> {
         let limit = self.gateway.config.limits.max_rooms_per_connection;
         let mut rooms = self.rooms.borrow_mut();
         let sequence = connection.id.sequence;
@@ -35,11 +61,12 @@ impl Shard {
             return Err(TooManyRooms(limit));
         }
         let member = Member::new(connection.clone(), crate::clock::now_ms());
-        if rooms.join(room, sequence, member) {
+        let joined = rooms.join(room, sequence, member);
+        if joined {
             self.gateway.directory.member_joined(room);
             self.record(|changes| changes.join(room.as_str(), &connection.facts.connection_id));
         }
-        Ok(())
+        Ok(joined)
     }
 
     /// Whether a local connection is in `room`.
@@ -51,7 +78,10 @@ impl Shard {
     pub fn leave(&self, connection: &Connection, room: &RoomName) {
         let left = self.rooms.borrow_mut().leave(room, connection.id.sequence);
         if left {
-            self.gateway.directory.member_left(room);
+            let directory = &self.gateway.directory;
+            directory.member_left(room);
+            let authorizer = connection.facts.authorizer.as_deref();
+            directory.presence_changed(room, Change::Leave, connection.id, authorizer);
             self.record(|changes| changes.leave(room.as_str(), &connection.facts.connection_id));
         }
     }

@@ -12,6 +12,7 @@ mod handshake;
 mod history;
 mod management;
 mod nats;
+mod presence_events;
 mod process;
 mod queues;
 mod quickstart;
