@@ -51,6 +51,7 @@ pub mod session;
 pub mod shard;
 pub mod stored_event;
 pub mod transport;
+pub mod webhooks;
 
 pub use config::{Config, ConfigError, RawConfig};
 pub use server::{Listeners, ServeError, serve};

@@ -169,6 +169,8 @@ fn reuseport_listener(address: SocketAddr) -> std::io::Result<std::net::TcpListe
 
 /// How long a stopping node tries to deregister from the cluster.
 const LEAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long shutdown waits for the webhook events of the last moments to be stored.
+const FEED_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs the gateway until `shutdown` is cancelled, then closes every connection with 1001,
 /// fires `$disconnect` for each, flushes storage and returns.
@@ -211,6 +213,8 @@ pub async fn serve(
     )?);
     let shards: Arc<[shard::handle::ShardHandle]> = handles.into();
     let (presence_events, presence_changes) = tokio::sync::mpsc::unbounded_channel();
+    let (webhook_events, webhook_feed) = tokio::sync::mpsc::unbounded_channel();
+    let webhooks = (config.webhooks.clone()).map(|webhooks| (webhooks, webhook_events));
     let sequencer = Arc::new(Sequencer::new(
         config.rooms.clone(),
         config.server.node_id,
@@ -249,6 +253,7 @@ pub async fn serve(
         cluster.clone(),
         sequencer,
         presence_events,
+        webhooks,
     );
     let queue_store = match &cluster {
         Some(cluster) => QueueStore::JetStream(cluster.clone()),
@@ -279,7 +284,7 @@ pub async fn serve(
                 gateway.queues.clone(),
                 queue.name.clone(),
                 url,
-                queue.push,
+                (queue.push, queue.format.clone()),
                 gateway.metrics.clone(),
                 shutdown.clone(),
             )))
@@ -290,6 +295,16 @@ pub async fn serve(
     tokio::spawn(sweep_room_logs(gateway.directory.clone(), shutdown.clone()));
     let directory = gateway.directory.clone();
     tokio::spawn(directory.tell_presence(presence_changes, shutdown.clone()));
+    // Stopped once the shards are: the leaves of the connections shutdown closes are sent.
+    let feed_stop = CancellationToken::new();
+    let webhook_feed = (gateway.config.webhooks.is_some()).then(|| {
+        let store = gateway.queue_store.clone();
+        tokio::spawn(crate::webhooks::feed::feed(
+            store,
+            webhook_feed,
+            feed_stop.clone(),
+        ))
+    });
     if let Some(crate::auth::authorizer::Check::Jwks { keys, .. }) =
         gateway.config.authorizer.as_ref().map(|a| &a.check)
     {
@@ -360,6 +375,10 @@ pub async fn serve(
         }
     });
     let _ = joined.await;
+    feed_stop.cancel();
+    if let Some(feed) = webhook_feed {
+        let _ = tokio::time::timeout(FEED_STOP_WAIT, feed).await;
+    }
     if let Some(endpoint) = webtransport {
         endpoint.close(wtransport::VarInt::from_u32(0), b"server shutdown");
         let _ = tokio::time::timeout(ENDPOINT_CLOSE_WAIT, endpoint.wait_idle()).await;

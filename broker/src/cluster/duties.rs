@@ -265,7 +265,7 @@ pub fn start_deliverers(
                 cluster.clone(),
                 queue.name.clone(),
                 url,
-                queue.push,
+                (queue.push, queue.format.clone()),
                 gateway.metrics.clone(),
                 shutdown.clone(),
             )))

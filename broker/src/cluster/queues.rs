@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::Cluster;
 use super::state::queues::{QueueError, StreamEntry, jetstream_error, offset_key};
 use super::subjects::{hex, unhex};
-use crate::config::PushConfig;
+use crate::config::{PushConfig, PushFormat};
 
 /// The push consumer's name on every queue stream.
 const PUSH_CONSUMER: &str = "switchboard-push";
@@ -241,7 +241,7 @@ pub(super) async fn deliver(
     cluster: Arc<Cluster>,
     queue: String,
     url: reqwest::Url,
-    push: PushConfig,
+    (push, format): (PushConfig, PushFormat),
     metrics: crate::metrics::Metrics,
     shutdown: CancellationToken,
 ) {
@@ -302,6 +302,7 @@ pub(super) async fn deliver(
                 http: http.clone(),
                 queue: queue.clone(),
                 url: url.clone(),
+                format: format.clone(),
                 metrics: metrics.clone(),
                 shutdown: shutdown.clone(),
             };
@@ -334,6 +335,7 @@ struct PushBatch {
     http: crate::integration::HttpIntegration,
     queue: String,
     url: reqwest::Url,
+    format: PushFormat,
     metrics: crate::metrics::Metrics,
     shutdown: CancellationToken,
 }
@@ -345,8 +347,8 @@ impl PushBatch {
         self.metrics
             .queue_push_batch_size
             .observe(messages.len() as f64);
-        let body =
-            crate::queues::push_body(messages.iter().map(|m| m.payload.to_vec()), batch_size);
+        let events = messages.iter().map(|m| m.payload.to_vec()).collect();
+        let request = self.format.request(events, batch_size);
         let progress = async {
             loop {
                 tokio::time::sleep(PROGRESS_EVERY).await;
@@ -357,7 +359,7 @@ impl PushBatch {
         };
         // `progress` never ends: the select ends with the delivery.
         let delivered = tokio::select! {
-            delivered = crate::queues::deliver_one(&self.http, &self.queue, &self.url, body, &self.metrics, &self.shutdown) => delivered,
+            delivered = crate::queues::deliver_one(&self.http, &self.queue, &self.url, request, &self.metrics, &self.shutdown) => delivered,
             _ = progress => false,
         };
         if !delivered {

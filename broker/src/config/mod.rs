@@ -20,7 +20,9 @@ pub use crate::integration::registry::{Integration, RawIntegration};
 pub use crate::limits::config::{InboundRate, Limits, RawLimits};
 pub use crate::management::config::{ManagementConfig, RawAwsKey, RawManagement};
 use crate::queues::config::check_queue_name;
-pub use crate::queues::config::{PushConfig, QueueConfig, RawQueue, RawStorage, StorageConfig};
+pub use crate::queues::config::{
+    PushConfig, PushFormat, QueueConfig, RawQueue, RawStorage, StorageConfig,
+};
 pub use crate::resume::config::ResumeConfig;
 pub use crate::rooms::config::{RawRooms, RoomPolicy};
 pub use crate::transport::tls::RawTls;
@@ -56,6 +58,9 @@ pub struct RawConfig {
     /// Scale-out over NATS; absent: one node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::cluster::config::RawCluster>,
+    /// Room events POSTed to a URL; absent: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhooks: Option<crate::webhooks::config::RawWebhooks>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -153,6 +158,7 @@ pub struct Config {
     pub queues: Vec<QueueConfig>,
     pub authorizer: Option<crate::auth::authorizer::Authorizer>,
     pub cluster: Option<crate::cluster::config::ClusterConfig>,
+    pub webhooks: Option<crate::webhooks::config::WebhookConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -229,6 +235,9 @@ impl RawConfig {
 
     /// Validates everything and compiles the ready-to-use form.
     pub fn validate(&self) -> Result<Config, ConfigError> {
+        let webhooks = (self.webhooks.as_ref())
+            .map(crate::webhooks::config::RawWebhooks::validate)
+            .transpose()?;
         Ok(Config {
             server: self.server.validate()?,
             management: self.management.validate()?,
@@ -237,7 +246,7 @@ impl RawConfig {
             routes: validate_routes(&self.routes)?,
             rooms: self.rooms.validate()?,
             storage: self.storage.validate()?,
-            queues: self.validate_queues()?,
+            queues: self.validate_queues(webhooks.as_ref())?,
             authorizer: self
                 .authorizer
                 .as_ref()
@@ -248,15 +257,20 @@ impl RawConfig {
                 .as_ref()
                 .map(crate::cluster::config::RawCluster::validate)
                 .transpose()?,
+            webhooks,
         })
     }
 
-    fn validate_queues(&self) -> Result<Vec<QueueConfig>, ConfigError> {
+    fn validate_queues(
+        &self,
+        webhooks: Option<&crate::webhooks::config::WebhookConfig>,
+    ) -> Result<Vec<QueueConfig>, ConfigError> {
         let mut queues: std::collections::BTreeMap<String, QueueConfig> = self
             .queues
             .iter()
             .map(|(name, raw)| {
                 check_queue_name(&format!("queues.{name}"), name)?;
+                check_not_reserved(&format!("queues.{name}"), name)?;
                 let retention = raw.retention(&format!("queues.{name}"))?;
                 let push = raw.push(&format!("queues.{name}"))?;
                 Ok((
@@ -266,6 +280,7 @@ impl RawConfig {
                         retention,
                         deliver_to: None,
                         push,
+                        format: PushFormat::Events,
                     },
                 ))
             })
@@ -280,11 +295,13 @@ impl RawConfig {
                 continue;
             };
             let path = format!("routes.\"{key}\".integration");
+            check_not_reserved(&format!("{path}.queue"), queue)?;
             let entry = queues.entry(queue.clone()).or_insert_with(|| QueueConfig {
                 name: queue.clone(),
                 retention: RawQueue::default().retention("queues").unwrap_or_default(),
                 deliver_to: None,
                 push: PushConfig::default(),
+                format: PushFormat::Events,
             });
             if let Some(url) = deliver_to {
                 let url = parse_http_url(&format!("{path}.deliver_to"), url)?;
@@ -297,7 +314,30 @@ impl RawConfig {
                 entry.deliver_to = Some(url);
             }
         }
-        Ok(queues.into_values().collect())
+        let mut queues: Vec<QueueConfig> = queues.into_values().collect();
+        if let Some(webhooks) = webhooks {
+            queues.push(QueueConfig {
+                name: crate::webhooks::QUEUE.to_owned(),
+                retention: RawQueue::default().retention("queues").unwrap_or_default(),
+                deliver_to: Some(webhooks.url.clone()),
+                push: PushConfig {
+                    batch_size: crate::webhooks::BATCH,
+                    max_in_flight: 1,
+                },
+                format: PushFormat::Webhook {
+                    secret: webhooks.secret.as_str().into(),
+                },
+            });
+        }
+        Ok(queues)
+    }
+}
+
+/// The webhook queue's name is the gateway's own.
+fn check_not_reserved(key: &str, name: &str) -> Result<(), ConfigError> {
+    match name == crate::webhooks::QUEUE {
+        true => Err(invalid(key, format!("`{name}` is the gateway's own queue"))),
+        false => Ok(()),
     }
 }
 

@@ -23,6 +23,10 @@ history_size = 1
 history_ttl_secs = 5
 envelope = false
 presence_events = true
+[webhooks]
+url = "http://127.0.0.1:1/hooks"
+events = ["room_occupied"]
+secret = "0123456789abcdef"
 [routes.join]
 integration = { type = "room_join", room = "$request.body.room", history = "$request.body.history", since = "$request.body.since", epoch = "$request.body.epoch" }
 [server]
@@ -308,4 +312,14 @@ fn check_config_output_round_trips() {
     let raw = RawConfig::parse(DEMO_CONFIG).unwrap();
     let again = RawConfig::parse(&raw.to_toml()).unwrap();
     assert_eq!(again.to_toml(), raw.to_toml());
+}
+
+#[test]
+fn the_webhook_queue_name_is_reserved() {
+    let err = error_of("[queues.\"switchboard.webhooks\"]\nmax_messages = 5\n");
+    assert!(err.contains("queues.switchboard.webhooks"), "{err}");
+    let err = error_of(
+        "[routes.q]\nintegration = { type = \"queue\", queue = \"switchboard.webhooks\" }\n",
+    );
+    assert!(err.contains("gateway's own queue"), "{err}");
 }

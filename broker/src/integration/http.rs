@@ -177,13 +177,25 @@ impl HttpIntegration {
         timeout: Duration,
         event: Vec<u8>,
     ) -> Result<BackendReply, IntegrationError> {
-        let request = self
+        self.call_with(url, timeout, event, None).await
+    }
+
+    /// [`HttpIntegration::call`], with one more header (a webhook's signature).
+    pub async fn call_with(
+        &self,
+        url: &reqwest::Url,
+        timeout: Duration,
+        event: Vec<u8>,
+        header: Option<(&'static str, &str)>,
+    ) -> Result<BackendReply, IntegrationError> {
+        let mut request = self
             .client
             .post(url.clone())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(event)
-            .timeout(timeout)
-            .send();
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        if let Some((name, value)) = header {
+            request = request.header(name, value);
+        }
+        let request = request.body(event).timeout(timeout).send();
         let map_err = |e: reqwest::Error| {
             if e.is_timeout() {
                 IntegrationError::Timeout(timeout)

@@ -110,6 +110,16 @@ pub struct QueueConfig {
     /// Push delivery target, from the route(s) that append to it.
     pub deliver_to: Option<reqwest::Url>,
     pub push: PushConfig,
+    pub format: PushFormat,
+}
+
+/// What a push POSTs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushFormat {
+    /// The event itself, or `{"Records": [...]}` (AWS-like).
+    Events,
+    /// `{"time_ms", "events": [...]}`, signed with this secret ([`crate::webhooks`]).
+    Webhook { secret: std::sync::Arc<str> },
 }
 
 /// How a queue's `deliver_to` push sends its entries.

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use config::{PushConfig, QueueConfig};
+use config::{PushConfig, PushFormat, QueueConfig};
 
 /// The consumer group a push deliverer commits as.
 pub const PUSH_GROUP: &str = "switchboard.push";
@@ -149,7 +149,7 @@ pub async fn deliver(
     hub: Arc<QueueHub>,
     queue: String,
     url: reqwest::Url,
-    push: PushConfig,
+    (push, format): (PushConfig, PushFormat),
     metrics: Metrics,
     shutdown: CancellationToken,
 ) {
@@ -195,11 +195,11 @@ pub async fn deliver(
             metrics.queue_push_batch_size.observe(entries.len() as f64);
             let events: Vec<Vec<u8>> = events(&queue, entries).map(|(_, e)| e).collect();
             // Nothing readable in it (see `events`): passed over in order, not delivered.
-            let body = (!events.is_empty()).then(|| push_body(events.into_iter(), push.batch_size));
+            let request = (!events.is_empty()).then(|| format.request(events, push.batch_size));
             let (http, queue, url, metrics, shutdown) = (&http, &queue, &url, &metrics, &shutdown);
             in_flight.push_back(async move {
-                match body {
-                    Some(body) => deliver_one(http, queue, url, body, metrics, shutdown)
+                match request {
+                    Some(request) => deliver_one(http, queue, url, request, metrics, shutdown)
                         .await
                         .then_some(end),
                     None => Some(end),
@@ -267,20 +267,49 @@ pub(crate) fn push_body(events: impl Iterator<Item = Vec<u8>>, batch_size: usize
     body
 }
 
-/// Retries one entry until a 2xx; false if shutdown came first.
+/// One push: its body, and its signature if it is a webhook's.
+pub(crate) struct PushRequest {
+    body: Vec<u8>,
+    signature: Option<String>,
+}
+
+impl PushFormat {
+    /// The request that pushes `events` (entries read from the queue, oldest first).
+    pub(crate) fn request(&self, events: Vec<Vec<u8>>, batch_size: usize) -> PushRequest {
+        match self {
+            Self::Events => PushRequest {
+                body: push_body(events.into_iter(), batch_size),
+                signature: None,
+            },
+            Self::Webhook { secret } => {
+                let body = crate::webhooks::body(events.into_iter(), crate::clock::now_ms());
+                let signature = crate::webhooks::signature(secret, &body);
+                PushRequest {
+                    body,
+                    signature: Some(signature),
+                }
+            }
+        }
+    }
+}
+
+/// Retries one push until a 2xx; false if shutdown came first.
 pub(crate) async fn deliver_one(
     http: &crate::integration::HttpIntegration,
     queue: &str,
     url: &reqwest::Url,
-    payload: Vec<u8>,
+    request: PushRequest,
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> bool {
     let mut backoff = BACKOFF_START;
     let mut failures = 0u64;
     let mut last_logged: Option<std::time::Instant> = None;
+    let signature = (request.signature.as_deref())
+        .map(|signature| (crate::webhooks::SIGNATURE_HEADER, signature));
     loop {
-        let outcome = http.call(url, DELIVERY_TIMEOUT, payload.clone()).await;
+        let body = request.body.clone();
+        let outcome = http.call_with(url, DELIVERY_TIMEOUT, body, signature).await;
         let delivered = matches!(&outcome, Ok(reply) if reply.is_success());
         if !delivered {
             failures += 1;

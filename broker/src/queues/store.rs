@@ -165,6 +165,45 @@ impl QueueStore {
         }
     }
 
+    /// Appends `entries`, each stored as it is (no context: the entry is the event), in
+    /// order; done once all are durable (or stored by JetStream).
+    pub async fn append_raw(&self, queue: &str, entries: Vec<Vec<u8>>) -> Result<(), String> {
+        let queue: Arc<str> = queue.into();
+        match self {
+            Self::Local(hub) => {
+                let (stored, all_stored) = tokio::sync::mpsc::unbounded_channel();
+                let count = entries.len();
+                let appends = (entries.into_iter())
+                    .map(|payload| {
+                        let stored = stored.clone();
+                        switchboard_storage::Append {
+                            queue: queue.clone(),
+                            context: None,
+                            payload,
+                            done: Box::new(move |result| {
+                                let _ = stored.send(result.map(drop).map_err(|e| e.to_string()));
+                            }),
+                        }
+                    })
+                    .collect();
+                drop(stored);
+                hub.log.append_many(appends);
+                let results = receive_all(all_stored, count).await;
+                if results.len() < count {
+                    return Err("the queue log stopped".to_owned());
+                }
+                results.into_iter().collect::<Result<(), _>>()
+            }
+            Self::JetStream(cluster) => {
+                let appends = entries.into_iter().map(|entry| (queue.clone(), entry));
+                let results = cluster.append_all(appends).await;
+                results
+                    .into_iter()
+                    .try_for_each(|result| result.map(drop).map_err(|e| e.to_string()))
+            }
+        }
+    }
+
     /// Up to `max` entries of `queue` from `group`'s committed offset on; waits up to
     /// `wait` for one when there are none.
     pub async fn pull(
@@ -249,4 +288,19 @@ impl QueueStore {
             Self::JetStream(cluster) => cluster.update_queue_gauges().await,
         }
     }
+}
+
+/// The first `count` results sent on `results` (fewer if the senders are dropped first).
+async fn receive_all<T>(
+    mut results: tokio::sync::mpsc::UnboundedReceiver<T>,
+    count: usize,
+) -> Vec<T> {
+    let mut collected = Vec::with_capacity(count);
+    while collected.len() < count {
+        match results.recv().await {
+            Some(result) => collected.push(result),
+            None => break,
+        }
+    }
+    collected
 }

@@ -136,10 +136,10 @@ impl Shard {
         let directory = &self.gateway.directory;
         let authorizer = connection.facts.authorizer.as_deref();
         for room in &left {
-            directory.member_left(room);
             if !moved {
-                directory.presence_changed(room, Change::Leave, connection.id, authorizer);
+                directory.membership_changed(room, Change::Leave, connection.id, authorizer);
             }
+            directory.member_left(room);
         }
         let id = &connection.facts.connection_id;
         self.record(|changes| {

@@ -27,7 +27,7 @@ impl Shard {
         if self.add_member(connection, room)? {
             let facts = &connection.facts;
             let authorizer = facts.authorizer.as_deref();
-            (self.gateway.directory).presence_changed(
+            (self.gateway.directory).membership_changed(
                 room,
                 Change::Join,
                 connection.id,
@@ -79,9 +79,9 @@ impl Shard {
         let left = self.rooms.borrow_mut().leave(room, connection.id.sequence);
         if left {
             let directory = &self.gateway.directory;
-            directory.member_left(room);
             let authorizer = connection.facts.authorizer.as_deref();
-            directory.presence_changed(room, Change::Leave, connection.id, authorizer);
+            directory.membership_changed(room, Change::Leave, connection.id, authorizer);
+            directory.member_left(room);
             self.record(|changes| changes.leave(room.as_str(), &connection.facts.connection_id));
         }
     }

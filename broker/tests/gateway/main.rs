@@ -22,4 +22,5 @@ mod routing;
 mod security;
 mod support;
 mod tls;
+mod webhooks;
 mod webtransport;

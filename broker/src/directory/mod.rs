@@ -3,7 +3,9 @@
 //! room has members on every shard and every node. The management API and the shards ask
 //! the directory (push, describe, disconnect, join, leave, bulk, broadcast, members) and
 //! never ask whether there is a cluster: on a single node the directory simply finds
-//! everything here.
+//! everything here. [`events`] tells rooms and webhooks who joined and left.
+
+mod events;
 
 use std::sync::Arc;
 
@@ -17,11 +19,13 @@ use crate::event::ConnectionFacts;
 use crate::fanout::{self, FanoutPlan};
 use crate::message::Message;
 use crate::rooms::config::RoomSettings;
-use crate::rooms::events::{Change, Coalescer, Flush, PresenceEvent, many_frame};
+use crate::rooms::events::PresenceEvent;
 use crate::rooms::history::{Replay, Want};
 use crate::rooms::sequencer::Sequencer;
 use crate::rooms::{PresenceMember, Published, RoomDelivery, RoomName};
 use crate::shard::handle::{Delivery, ShardHandle};
+use crate::webhooks::config::WebhookConfig;
+use crate::webhooks::feed::WebhookSender;
 
 /// Why a connection could not be reached.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,6 +63,18 @@ pub struct Directory {
     sequencer: Arc<Sequencer>,
     /// Where joins and leaves of rooms with presence events go ([`Directory::tell_presence`]).
     presence_events: PresenceSender,
+    /// `[webhooks]`: what to send, where the events go, and (one node) how many members
+    /// each room has here.
+    webhooks: Option<Arc<Webhooks>>,
+}
+
+/// The directory's part of the webhooks.
+struct Webhooks {
+    config: WebhookConfig,
+    events: WebhookSender,
+    /// Local members per room (all shards): a room's first and last make it occupied and
+    /// vacated.
+    occupancy: std::sync::Mutex<std::collections::HashMap<RoomName, usize>>,
 }
 
 /// Joins and leaves on their way to the node's presence-event task.
@@ -74,7 +90,15 @@ impl Directory {
         cluster: Option<Arc<Cluster>>,
         sequencer: Arc<Sequencer>,
         presence_events: PresenceSender,
+        webhooks: Option<(WebhookConfig, WebhookSender)>,
     ) -> Self {
+        let webhooks = webhooks.map(|(config, events)| {
+            Arc::new(Webhooks {
+                config,
+                events,
+                occupancy: Default::default(),
+            })
+        });
         Self {
             node_id,
             epoch,
@@ -82,6 +106,7 @@ impl Directory {
             cluster,
             sequencer,
             presence_events,
+            webhooks,
         }
     }
 
@@ -332,12 +357,13 @@ impl Directory {
         gathered
     }
 
-    /// A local connection joined `room`: other nodes send the room's messages here while
-    /// it has members here.
+    /// A local connection joined `room` (or is arriving in it): other nodes send the
+    /// room's messages here while it has members here.
     pub fn member_joined(&self, room: &RoomName) {
         if let Some(cluster) = &self.cluster {
             cluster.member_joined(room);
         }
+        self.count_occupancy(room, true);
     }
 
     /// A local connection left `room`.
@@ -345,87 +371,7 @@ impl Directory {
         if let Some(cluster) = &self.cluster {
             cluster.member_left(room);
         }
-    }
-
-    /// Connection `connection` joined or left `room` (by a route, the API or its end; not
-    /// by moving between nodes): with presence events on for the room, its other members
-    /// are told, coalesced ([`crate::rooms::events`]).
-    pub fn presence_changed(
-        &self,
-        room: &RoomName,
-        change: Change,
-        connection: ConnectionId,
-        authorizer: Option<&serde_json::value::RawValue>,
-    ) {
-        if self.settings(room).presence_events {
-            let user = crate::auth::authorizer::user_of(authorizer);
-            let event = PresenceEvent {
-                change,
-                connection,
-                user,
-            };
-            let _ = self.presence_events.send((room.clone(), event));
-        }
-    }
-
-    /// Tells rooms' members of joins and leaves until shutdown: collects each room's
-    /// changes for a window, then sends them (see [`crate::rooms::events`]).
-    pub async fn tell_presence(
-        self,
-        mut changes: PresenceReceiver,
-        shutdown: tokio_util::sync::CancellationToken,
-    ) {
-        let started = std::time::Instant::now();
-        let now_ms = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let mut coalescer = Coalescer::default();
-        loop {
-            let due = coalescer.next_due_ms();
-            let window_closes = async {
-                match due {
-                    Some(at) => {
-                        let wait = at.saturating_sub(now_ms());
-                        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
-                    }
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                change = changes.recv() => match change {
-                    Some((room, event)) => coalescer.note(room, event, now_ms()),
-                    None => return,
-                },
-                _ = window_closes => {
-                    for (room, flush) in coalescer.due(now_ms()) {
-                        self.send_presence(&room, flush).await;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Queues a window's presence frames to `room`'s members everywhere, without counts.
-    async fn send_presence(&self, room: &RoomName, flush: Flush) {
-        let frames = match flush {
-            Flush::Each(events) => (events.iter())
-                .map(|event| {
-                    let delivery = RoomDelivery {
-                        exclude: Some(event.connection),
-                        ..RoomDelivery::default()
-                    };
-                    (event.frame(room), delivery)
-                })
-                .collect(),
-            Flush::Many { joined, left } => {
-                vec![(many_frame(room, joined, left), RoomDelivery::default())]
-            }
-        };
-        for (message, delivery) in frames {
-            fanout::relay(self.shards.iter(), room, &message, self.here(delivery)).await;
-            if let Some(cluster) = &self.cluster {
-                cluster.publish_room(room, &message, delivery).await;
-            }
-        }
+        self.count_occupancy(room, false);
     }
 
     /// A connection opened here: in cluster mode its record is mirrored, for the node that
