@@ -214,7 +214,6 @@ pub async fn serve(
     let shards: Arc<[shard::handle::ShardHandle]> = handles.into();
     let (presence_events, presence_changes) = tokio::sync::mpsc::unbounded_channel();
     let (webhook_events, webhook_feed) = tokio::sync::mpsc::unbounded_channel();
-    let webhooks = (config.webhooks.clone()).map(|webhooks| (webhooks, webhook_events));
     let sequencer = Arc::new(Sequencer::new(
         config.rooms.clone(),
         config.server.node_id,
@@ -232,8 +231,11 @@ pub async fn serve(
                 node,
                 &config.api.stage,
                 &config.queues,
-                shards.clone(),
-                sequencer.clone(),
+                crate::cluster::LocalParts {
+                    shards: shards.clone(),
+                    rooms: sequencer.clone(),
+                    webhook_events: (config.webhooks.is_some()).then(|| webhook_events.clone()),
+                },
                 metrics.clone(),
             )
             .await?;
@@ -246,6 +248,7 @@ pub async fn serve(
         }
         None => None,
     };
+    let webhooks = (config.webhooks.clone()).map(|webhooks| (webhooks, webhook_events));
     let directory = Directory::new(
         config.server.node_id,
         epoch,
@@ -304,6 +307,11 @@ pub async fn serve(
             webhook_feed,
             feed_stop.clone(),
         ))
+    });
+    let occupancy = (gateway.cluster.as_ref()).and_then(|cluster| {
+        let changes = cluster.occupancy_changes.lock().ok()?.take()?;
+        let track = crate::cluster::occupancy::track(cluster.clone(), changes, feed_stop.clone());
+        Some(tokio::spawn(track))
     });
     if let Some(crate::auth::authorizer::Check::Jwks { keys, .. }) =
         gateway.config.authorizer.as_ref().map(|a| &a.check)
@@ -376,6 +384,9 @@ pub async fn serve(
     });
     let _ = joined.await;
     feed_stop.cancel();
+    if let Some(occupancy) = occupancy {
+        let _ = tokio::time::timeout(FEED_STOP_WAIT, occupancy).await;
+    }
     if let Some(feed) = webhook_feed {
         let _ = tokio::time::timeout(FEED_STOP_WAIT, feed).await;
     }

@@ -16,9 +16,12 @@ use super::Cluster;
 use super::queues::deliver;
 use super::registry::{Registration, Renewal, observe};
 use super::state::mirror::MirrorRecord;
+use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
 use crate::dispatch;
 use crate::gateway::Gateway;
+use crate::rooms::RoomName;
+use crate::rooms::events::Change;
 
 /// Renews this node's registration every `cluster.heartbeat_ms`. If a takeover declared
 /// this node lost while it was cut off from NATS, its connections have been reported
@@ -150,6 +153,7 @@ async fn take_over(gateway: Arc<Gateway>, node: u16, registration: Registration,
         "node lost; reporting its connections to $disconnect"
     );
     report_lost(&gateway, records).await;
+    cluster.vacate_node(node).await;
     cluster.registry.finish(node, epoch, Some(revision)).await;
     cluster.metrics().cluster_takeovers.inc();
     cluster.registry.forget(node);
@@ -163,8 +167,16 @@ async fn report_lost(gateway: &Gateway, records: Vec<(String, MirrorRecord)>) {
         return;
     };
     let mut reporter = dispatch::OrphanReporter::new(gateway, DisconnectReason::NodeLost);
-    for (subject, record) in records {
+    for (subject, mut record) in records {
         let authorizer = record.authorizer_context();
+        // Its rooms are told it left (presence events, `member_left`), like any leave.
+        let id = record.connection_id.parse::<ConnectionId>();
+        for room in std::mem::take(&mut record.rooms) {
+            if let (Ok(room), Ok(id)) = (RoomName::parse(&room), &id) {
+                let directory = &gateway.directory;
+                directory.membership_changed(&room, Change::Leave, *id, authorizer.as_deref());
+            }
+        }
         reporter.report(record.into(), authorizer).await;
         cluster.forget_mirrored(subject).await;
     }

@@ -73,6 +73,7 @@ impl Cluster {
             ready,
         };
         rooms.insert(room.clone(), subscription);
+        self.note_occupancy(room, true);
         self.metrics().cluster_room_interest.set(rooms.len() as i64);
     }
 
@@ -89,6 +90,7 @@ impl Cluster {
         if subscription.members == 0 {
             if let Some(subscription) = rooms.remove(room) {
                 subscription.task.abort();
+                self.note_occupancy(room, false);
             }
             self.metrics().cluster_room_interest.set(rooms.len() as i64);
         }

@@ -20,6 +20,7 @@ pub mod error;
 pub mod history;
 pub mod interest;
 pub mod mirror;
+pub mod occupancy;
 pub mod queues;
 pub mod registry;
 pub mod remote;
@@ -44,6 +45,14 @@ use subjects::Subjects;
 /// How long joining retries while JetStream settles (leader elections at a cold start).
 const SETUP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// What of this node the cluster works with: its shards (for calls from other nodes), its
+/// room logs (the rooms it owns) and, with webhooks, where room events go.
+pub struct LocalParts {
+    pub shards: Arc<[ShardHandle]>,
+    pub rooms: Arc<Sequencer>,
+    pub webhook_events: Option<tokio::sync::mpsc::UnboundedSender<crate::webhooks::WebhookEvent>>,
+}
+
 /// This node's membership of the cluster.
 pub struct Cluster {
     pub node_id: u16,
@@ -57,6 +66,10 @@ pub struct Cluster {
     rooms: Arc<Sequencer>,
     /// The registry's view when this node last dropped the logs of rooms it lost.
     rooms_view: std::sync::atomic::AtomicU64,
+    /// With webhooks: which nodes have members in which rooms ([`occupancy`]).
+    occupancy: Option<state::occupancy::Occupancy>,
+    /// This node's occupancy changes, until [`occupancy::track`] takes them.
+    pub occupancy_changes: Mutex<Option<state::occupancy::OccupancyChanges>>,
     metrics: Metrics,
     /// Why cluster delivery is broken right now, if it is (reported by `/health`).
     degraded: Arc<Mutex<Option<String>>>,
@@ -224,10 +237,14 @@ impl Cluster {
         node: registry::NodeIdentity,
         stage: &str,
         queues: &[crate::config::QueueConfig],
-        shards: Arc<[ShardHandle]>,
-        rooms: Arc<Sequencer>,
+        local: LocalParts,
         metrics: Metrics,
     ) -> Result<Arc<Self>, ClusterError> {
+        let LocalParts {
+            shards,
+            rooms,
+            webhook_events,
+        } = local;
         let node_id = node.node_id;
         let degraded = Arc::new(Mutex::new(None));
         let client = connect(config, node_id, degraded.clone(), metrics.clone()).await?;
@@ -258,6 +275,15 @@ impl Cluster {
                 }
             }
         };
+        let (occupancy, occupancy_changes) = match webhook_events {
+            Some(events) => {
+                let bucket = subjects.rooms_bucket();
+                let opened =
+                    state::occupancy::Occupancy::open(&jetstream, bucket, replicas, events).await?;
+                (Some(opened.0), Some(opened.1))
+            }
+            None => (None, None),
+        };
         metrics.cluster_nats_connected.set(1);
         Ok(Arc::new(Self {
             node_id,
@@ -272,6 +298,8 @@ impl Cluster {
             shards,
             rooms,
             rooms_view: std::sync::atomic::AtomicU64::new(0),
+            occupancy,
+            occupancy_changes: Mutex::new(occupancy_changes),
             metrics,
             degraded,
             mirror,

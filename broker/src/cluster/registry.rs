@@ -423,8 +423,9 @@ impl From<ConnectionRecord> for MirrorRecord {
             connected_at_ms: record.connected_at_ms,
             source_ip: record.source_ip,
             user_agent: record.user_agent,
-            // The local records do not keep it.
+            // The local records do not keep them.
             authorizer: None,
+            rooms: Vec::new(),
         }
     }
 }

@@ -52,6 +52,11 @@ impl Subjects {
         format!("sb.{}.conn.>", self.stage)
     }
 
+    /// The key-value bucket of which nodes have members in which rooms (webhooks).
+    pub fn rooms_bucket(&self) -> String {
+        format!("sb_{}_rooms", self.stage)
+    }
+
     /// The key-value bucket of node registrations and takeover claims.
     pub fn registry_bucket(&self) -> String {
         format!("sb_{}_nodes", self.stage)

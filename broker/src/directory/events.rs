@@ -107,12 +107,15 @@ impl Directory {
         }
     }
 
-    /// Counts a local membership of `room` in or out; with webhooks on, the room's first
-    /// member makes it occupied and its last vacated.
+    /// Counts a local membership of `room` in or out; with webhooks on (one node), the
+    /// room's first member makes it occupied and its last vacated.
     pub(super) fn count_occupancy(&self, room: &RoomName, joined: bool) {
         let Some(webhooks) = &self.webhooks else {
             return;
         };
+        if self.cluster.is_some() {
+            return; // counted cluster-wide: cluster/occupancy.rs
+        }
         let Ok(mut occupancy) = webhooks.occupancy.lock() else {
             return;
         };

@@ -382,6 +382,19 @@ impl Directory {
         }
     }
 
+    /// A local connection's rooms changed: in cluster mode its mirrored record lists them
+    /// (`rooms` is asked only then), for the node that reports it if this one is lost.
+    pub fn rooms_changed(&self, facts: &ConnectionFacts, rooms: impl FnOnce() -> Vec<RoomName>) {
+        if let Some(cluster) = &self.cluster {
+            let mut record = MirrorRecord::of(facts);
+            record.rooms = rooms()
+                .iter()
+                .map(|room| room.as_str().to_owned())
+                .collect();
+            cluster.mirror_opened(record);
+        }
+    }
+
     /// A connection of this node was reported (or needs no report): its mirror goes.
     pub fn closed(&self, connection_id: &str) {
         if let Some(cluster) = &self.cluster {

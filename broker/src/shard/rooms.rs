@@ -62,11 +62,21 @@ impl Shard {
         }
         let member = Member::new(connection.clone(), crate::clock::now_ms());
         let joined = rooms.join(room, sequence, member);
+        drop(rooms);
         if joined {
             self.gateway.directory.member_joined(room);
             self.record(|changes| changes.join(room.as_str(), &connection.facts.connection_id));
+            self.mirror_rooms(connection);
         }
         Ok(joined)
+    }
+
+    /// In cluster mode, the connection's mirrored record gets its rooms.
+    fn mirror_rooms(&self, connection: &Connection) {
+        let rooms = || self.rooms_of(connection);
+        self.gateway
+            .directory
+            .rooms_changed(&connection.facts, rooms);
     }
 
     /// Whether a local connection is in `room`.
@@ -83,6 +93,7 @@ impl Shard {
             directory.membership_changed(room, Change::Leave, connection.id, authorizer);
             directory.member_left(room);
             self.record(|changes| changes.leave(room.as_str(), &connection.facts.connection_id));
+            self.mirror_rooms(connection);
         }
     }
 

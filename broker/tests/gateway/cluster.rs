@@ -1340,3 +1340,101 @@ integration = { type = "room_join", room = "$request.body.room", history = "$req
         assert_silent(ws, Duration::from_millis(200)).await;
     }
 }
+
+/// How many webhook events named `name` about `room` the receiver got.
+fn webhook_count(events: &[Value], name: &str, room: &str) -> usize {
+    (events.iter())
+        .filter(|e| e["name"] == name && e["room"] == room)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_events_are_told_once_across_nodes_and_when_a_node_dies() {
+    use crate::webhooks::{Receiver, SECRET};
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let (receiver, url) = Receiver::start().await;
+    let extra = format!(
+        r#"[rooms]
+presence_events = true
+[webhooks]
+url = "{url}"
+secret = "{SECRET}"
+[routes.leave]
+integration = {{ type = "room_leave", room = "$request.body.room" }}
+"#
+    );
+    let (mut nodes, _files) = start_nodes(&[server.url()], &backend, &extra).await;
+    let (mut alice, _) = connect(&nodes[0], &backend).await;
+    let (mut bob, _) = connect(&nodes[1], &backend).await;
+    let (mut carol, carol_id) = connect(&nodes[2], &backend).await;
+    join(&mut alice, "lobby").await;
+    wait_for_members(&nodes[0], "lobby", 1).await;
+    join(&mut bob, "lobby").await;
+    wait_for_members(&nodes[0], "lobby", 2).await;
+    join(&mut carol, "lobby").await;
+    join(&mut carol, "solo").await;
+    wait_for_members(&nodes[0], "lobby", 3).await;
+    wait_for_members(&nodes[0], "solo", 1).await;
+    // Alice (node 1) hears of Bob and Carol (nodes 2 and 3) joining.
+    let mut heard = Vec::new();
+    while heard.len() < 2 {
+        let frame: Value = serde_json::from_str(&next_text(&mut alice).await).unwrap();
+        assert_eq!(
+            (&frame["type"], &frame["event"]),
+            (&json!("presence"), &json!("join"))
+        );
+        heard.push(frame["connectionId"].as_str().unwrap().to_owned());
+    }
+    assert!(heard.contains(&carol_id), "{heard:?}");
+    // Let the mirror record Carol's rooms, then kill her node.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nodes[2].child.kill().unwrap();
+    nodes[2].child.wait().unwrap();
+    // Alice is told Carol left, within the node-loss time.
+    let left = tokio::time::timeout(Duration::from_secs(15), next_text(&mut alice)).await;
+    let left: Value = serde_json::from_str(&left.expect("a leave within 15 s")).unwrap();
+    assert_eq!(
+        (&left["event"], &left["connectionId"]),
+        (&json!("leave"), &json!(carol_id))
+    );
+    // Everyone leaves the lobby: it is vacated once.
+    send_text(&mut alice, r#"{"action":"leave","room":"lobby"}"#).await;
+    send_text(&mut bob, r#"{"action":"leave","room":"lobby"}"#).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let events = receiver.events();
+        let done = webhook_count(&events, "room_vacated", "lobby") >= 1
+            && webhook_count(&events, "room_vacated", "solo") >= 1
+            && webhook_count(&events, "member_left", "lobby") >= 3;
+        if done {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{events:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let events = receiver.events();
+    for (name, room, count) in [
+        ("room_occupied", "lobby", 1),
+        ("room_occupied", "solo", 1),
+        ("member_joined", "lobby", 3),
+        ("member_joined", "solo", 1),
+        ("member_left", "lobby", 3),
+        ("member_left", "solo", 1),
+        ("room_vacated", "solo", 1),
+        ("room_vacated", "lobby", 1),
+    ] {
+        assert_eq!(
+            webhook_count(&events, name, room),
+            count,
+            "{name} {room}: {events:?}"
+        );
+    }
+    let carol_left = events
+        .iter()
+        .filter(|e| e["name"] == "member_left" && e["connectionId"] == carol_id.as_str())
+        .count();
+    assert_eq!(carol_left, 2, "Carol left both rooms once");
+}

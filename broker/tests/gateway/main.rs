@@ -22,5 +22,5 @@ mod routing;
 mod security;
 mod support;
 mod tls;
-mod webhooks;
+pub(crate) mod webhooks;
 mod webtransport;

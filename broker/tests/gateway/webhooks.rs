@@ -12,21 +12,21 @@ use serde_json::{Value, json};
 
 use crate::support::*;
 
-const SECRET: &str = "webhook-test-secret-0123456789";
+pub(crate) const SECRET: &str = "webhook-test-secret-0123456789";
 
 /// Each POST's body and signature header.
-type Posts = Arc<Mutex<Vec<(Vec<u8>, String)>>>;
+pub(crate) type Posts = Arc<Mutex<Vec<(Vec<u8>, String)>>>;
 
 /// A webhook receiver: records each POST's body and signature; answers 503 while down.
 #[derive(Clone, Default)]
-struct Receiver {
+pub(crate) struct Receiver {
     posts: Posts,
     attempts: Arc<AtomicUsize>,
     down: Arc<AtomicBool>,
 }
 
 impl Receiver {
-    async fn start() -> (Self, String) {
+    pub(crate) async fn start() -> (Self, String) {
         let receiver = Self::default();
         let app = axum::Router::new()
             .route("/hooks", axum::routing::post(receive))
@@ -38,7 +38,7 @@ impl Receiver {
     }
 
     /// Every event received so far, in order, after checking each POST's signature.
-    fn events(&self) -> Vec<Value> {
+    pub(crate) fn events(&self) -> Vec<Value> {
         let posts = self.posts.lock().unwrap();
         let mut events = Vec::new();
         for (body, signature) in posts.iter() {
@@ -55,7 +55,7 @@ impl Receiver {
         events
     }
 
-    async fn wait_for_events(&self, count: usize) -> Vec<Value> {
+    pub(crate) async fn wait_for_events(&self, count: usize) -> Vec<Value> {
         for _ in 0..500 {
             let events = self.events();
             if events.len() >= count {

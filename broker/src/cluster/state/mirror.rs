@@ -21,6 +21,9 @@ pub struct MirrorRecord {
     /// `$disconnect` event carries `requestContext.authorizer` like the node's own would.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authorizer: Option<String>,
+    /// The rooms it is in, so that the node that reports it lost tells those rooms it left.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rooms: Vec<String>,
 }
 
 impl MirrorRecord {
@@ -32,6 +35,7 @@ impl MirrorRecord {
             source_ip: facts.source_ip.clone(),
             user_agent: facts.user_agent.clone(),
             authorizer: facts.authorizer.as_ref().map(|raw| raw.get().to_owned()),
+            rooms: Vec::new(),
         }
     }
 

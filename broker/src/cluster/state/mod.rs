@@ -5,4 +5,5 @@
 
 pub mod interest;
 pub mod mirror;
+pub mod occupancy;
 pub mod queues;
