@@ -4,6 +4,7 @@
 
 mod client;
 mod publisher;
+mod rooms;
 mod scenario;
 
 use std::time::Duration;
@@ -76,6 +77,29 @@ enum Scenario {
     Bulk(FanoutOptions),
     /// The same through one `POST /@connections/{id}` per member and message.
     Push(FanoutOptions),
+    /// Publish K messages to a room, then C connections join it at once with `history: K`
+    /// (a reconnect storm): time until every member has its replay, and the server's CPU.
+    Rejoin {
+        #[arg(long, short = 'c', default_value_t = 5000)]
+        connections: usize,
+        /// Messages replayed to each member (the room must keep at least this many).
+        #[arg(long, default_value_t = 50)]
+        history: usize,
+        #[arg(long, default_value = "loadgen-rejoin")]
+        room: String,
+        /// The gateway's PID, for its CPU time.
+        #[arg(long)]
+        server_pid: Option<u32>,
+    },
+    /// C connections join a room; time `GET @rooms/{room}/presence`, full and counts only.
+    Presence {
+        #[arg(long, short = 'c', default_value_t = 50_000)]
+        connections: usize,
+        #[arg(long, default_value_t = 20)]
+        queries: usize,
+        #[arg(long, default_value = "loadgen-presence")]
+        room: String,
+    },
     /// C connections send M frames to a `queue` route with `ack = true`; time each ack.
     Queue {
         #[arg(long, short = 'c', default_value_t = 10)]
@@ -147,7 +171,10 @@ fn main() -> anyhow::Result<()> {
         bail!("switchboard-loadgen only targets loopback addresses (127.0.0.0/8, ::1)");
     }
     let needed = match &cli.scenario {
-        Scenario::Connect { connections, .. } | Scenario::Queue { connections, .. } => *connections,
+        Scenario::Connect { connections, .. }
+        | Scenario::Queue { connections, .. }
+        | Scenario::Rejoin { connections, .. }
+        | Scenario::Presence { connections, .. } => *connections,
         Scenario::Fanout(o) | Scenario::Bulk(o) | Scenario::Push(o) => o.connections,
     };
     raise_open_files(needed)?;
@@ -184,6 +211,24 @@ fn main() -> anyhow::Result<()> {
                     timeout: Duration::from_secs(timeout_secs),
                 };
                 output(&scenario::queue(&endpoints, &args).await?, cli.json)
+            }
+            Scenario::Rejoin {
+                connections,
+                history,
+                room,
+                server_pid,
+            } => {
+                let report =
+                    rooms::rejoin(&endpoints, connections, &room, history, server_pid).await?;
+                output(&report, cli.json)
+            }
+            Scenario::Presence {
+                connections,
+                queries,
+                room,
+            } => {
+                let report = rooms::presence(&endpoints, connections, &room, queries).await?;
+                output(&report, cli.json)
             }
             Scenario::Bulk(options) => {
                 let report =

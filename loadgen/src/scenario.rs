@@ -51,7 +51,7 @@ impl Endpoints {
 }
 
 /// Opens `count` connections, `RAMP_CONCURRENCY` at a time; returns them and the failures.
-async fn ramp(endpoints: &Endpoints, count: usize) -> (Vec<Client>, usize) {
+pub(crate) async fn ramp(endpoints: &Endpoints, count: usize) -> (Vec<Client>, usize) {
     let permits = Arc::new(Semaphore::new(RAMP_CONCURRENCY));
     let mut tasks = Vec::with_capacity(count);
     for index in 0..count {
@@ -81,7 +81,7 @@ async fn ramp(endpoints: &Endpoints, count: usize) -> (Vec<Client>, usize) {
 }
 
 /// Resident set size of `pid` in KiB.
-fn rss_kib(pid: u32) -> Option<u64> {
+pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
@@ -197,7 +197,7 @@ pub(crate) struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(histogram: &Histogram<u64>) -> Self {
+    pub(crate) fn of(histogram: &Histogram<u64>) -> Self {
         let ms = |us: u64| us as f64 / 1000.0;
         Self {
             p50: ms(histogram.value_at_quantile(0.5)),
@@ -218,7 +218,7 @@ struct Tally {
     last_delivery_ns: AtomicU64,
 }
 
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     // Microseconds, up to 10 minutes, 3 significant figures.
     Histogram::new_with_bounds(1, 600_000_000, 3)
         .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
@@ -314,7 +314,7 @@ pub(crate) async fn fanout(
 }
 
 /// Polls `GET /@rooms/{room}` until it lists `count` members; returns their ids.
-async fn wait_for_members(
+pub(crate) async fn wait_for_members(
     http: &reqwest::Client,
     endpoints: &Endpoints,
     room: &str,
