@@ -152,7 +152,12 @@ pub(crate) async fn presence(
             let mut bytes = 0;
             for _ in 0..queries {
                 let started = Instant::now();
-                let body = http.get(format!("{url}{query}")).send().await?.bytes().await?;
+                let body = http
+                    .get(format!("{url}{query}"))
+                    .send()
+                    .await?
+                    .bytes()
+                    .await?;
                 let _ = latencies.record((started.elapsed().as_micros() as u64).max(1));
                 bytes = body.len();
             }
