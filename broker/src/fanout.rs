@@ -8,7 +8,7 @@ use tokio::sync::oneshot;
 
 use crate::connection_id::ConnectionId;
 use crate::message::Message;
-use crate::rooms::history::{RoomLog, enveloped};
+use crate::rooms::history::{Kept, RoomLog, enveloped};
 use crate::rooms::sequencer::Sequencer;
 use crate::rooms::{PresenceMember, RoomDelivery, RoomName};
 use crate::shard::handle::{Delivery, ShardHandle};
@@ -149,9 +149,9 @@ impl Numbered {
     }
 }
 
-/// Gives `message` the next offset of `room` (keeping it if the room keeps history) and
-/// queues it to every local shard, which skip `exclude_here` (the excluded member as this
-/// node knows it).
+/// Gives `message` the next offset of `room` (keeping it if the room keeps history; a
+/// durable room's is stored first, and nothing is sent if that fails) and queues it to
+/// every local shard, which skip `exclude_here` (the excluded member as this node knows it).
 pub async fn number(
     sequencer: &Sequencer,
     shards: &[ShardHandle],
@@ -159,10 +159,25 @@ pub async fn number(
     message: &Message,
     delivery: RoomDelivery,
     exclude_here: Option<ConnectionId>,
-) -> Numbered {
+) -> Result<Numbered, String> {
     let settings = sequencer.settings(room);
     let mut log = sequencer.log(room).lock_owned().await;
-    let offset = log.append(message.clone(), crate::clock::now_ms(), settings.history);
+    let now_ms = crate::clock::now_ms();
+    let offset = log.append(message.clone(), now_ms, settings.history);
+    if let (true, Some(keeper)) = (settings.history_durable, sequencer.keeper()) {
+        // Stored before anyone gets it: after a crash, no offset is given out twice.
+        let kept = Kept {
+            offset,
+            time_ms: now_ms,
+            message: message.clone(),
+        };
+        if let Err(error) = keeper.keep(kept.to_entry(room, log.epoch())).await {
+            log.take_back(offset);
+            return Err(format!(
+                "room {room}'s history could not be stored: {error}"
+            ));
+        }
+    }
     let message = match settings.envelope {
         true => enveloped(room, offset, message),
         false => message.clone(),
@@ -176,13 +191,13 @@ pub async fn number(
         ..delivery
     };
     let count = start_broadcast(shards, room, &message, here).await;
-    Numbered {
+    Ok(Numbered {
         offset,
         message,
         delivery,
         count,
         _log: log,
-    }
+    })
 }
 
 /// Sends `message` to every target of `plan`.

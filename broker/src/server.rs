@@ -254,7 +254,7 @@ pub async fn serve(
         epoch,
         shards.clone(),
         cluster.clone(),
-        sequencer,
+        sequencer.clone(),
         presence_events,
         webhooks,
     );
@@ -262,6 +262,11 @@ pub async fn serve(
         Some(cluster) => QueueStore::JetStream(cluster.clone()),
         None => QueueStore::Local(queues.clone()),
     };
+    if config.rooms.durable_ttl_ms().is_some() {
+        let rooms = sequencer.restore(stored_history(&queues)?, crate::clock::now_ms());
+        tracing::info!(rooms, "durable room history read back");
+        sequencer.keep_with(Arc::new(queue_store.clone()));
+    }
     let gateway = Arc::new(Gateway {
         directory,
         queue_store,
@@ -543,6 +548,21 @@ fn webtransport_gate(gateway: &Arc<Gateway>) -> webtransport::Gate {
         admission: gateway.admission.clone(),
         outcomes: gateway.metrics.connections_total.clone(),
         hand_off,
+    }
+}
+
+/// Every entry of the durable history queue, oldest first.
+fn stored_history(queues: &QueueHub) -> Result<Vec<Vec<u8>>, StorageError> {
+    let queue = crate::rooms::history::QUEUE;
+    let (mut next, _) = queues.log.bounds(queue)?;
+    let mut entries = Vec::new();
+    loop {
+        let read = queues.log.read(queue, next, 4096)?;
+        if read.entries.is_empty() {
+            return Ok(entries);
+        }
+        next = read.next;
+        entries.extend(read.entries.into_iter().map(|entry| entry.payload));
     }
 }
 

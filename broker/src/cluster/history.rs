@@ -131,7 +131,10 @@ impl Cluster {
             delivery,
             exclude_here,
         );
-        let numbered = numbered.await;
+        // Durable history is refused in cluster mode at start: storing cannot fail here.
+        let Ok(numbered) = numbered.await else {
+            return Published::default();
+        };
         let headers = room_headers(BROADCAST, numbered.delivery);
         let sent = self.send_gather(room, headers, numbered.message.to_portable());
         let sent = sent.await;

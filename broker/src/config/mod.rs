@@ -238,15 +238,22 @@ impl RawConfig {
         let webhooks = (self.webhooks.as_ref())
             .map(crate::webhooks::config::RawWebhooks::validate)
             .transpose()?;
+        let rooms = self.rooms.validate()?;
+        if rooms.durable_ttl_ms().is_some() && self.cluster.is_some() {
+            return Err(invalid(
+                "rooms.history_durable",
+                "is not available in cluster mode in this version (history lives in the room owner's memory)",
+            ));
+        }
         Ok(Config {
             server: self.server.validate()?,
             management: self.management.validate()?,
             api: self.api.validate()?,
             limits: self.limits.validate()?,
             routes: validate_routes(&self.routes)?,
-            rooms: self.rooms.validate()?,
+            queues: self.validate_queues(webhooks.as_ref(), rooms.durable_ttl_ms())?,
+            rooms,
             storage: self.storage.validate()?,
-            queues: self.validate_queues(webhooks.as_ref())?,
             authorizer: self
                 .authorizer
                 .as_ref()
@@ -264,6 +271,7 @@ impl RawConfig {
     fn validate_queues(
         &self,
         webhooks: Option<&crate::webhooks::config::WebhookConfig>,
+        durable_history_ms: Option<u64>,
     ) -> Result<Vec<QueueConfig>, ConfigError> {
         let mut queues: std::collections::BTreeMap<String, QueueConfig> = self
             .queues
@@ -329,13 +337,25 @@ impl RawConfig {
                 },
             });
         }
+        if let Some(ttl_ms) = durable_history_ms {
+            queues.push(QueueConfig {
+                name: crate::rooms::history::QUEUE.to_owned(),
+                retention: switchboard_storage::Retention {
+                    max_age: Some(std::time::Duration::from_millis(ttl_ms)),
+                    ..RawQueue::default().retention("queues").unwrap_or_default()
+                },
+                deliver_to: None,
+                push: PushConfig::default(),
+                format: PushFormat::Events,
+            });
+        }
         Ok(queues)
     }
 }
 
-/// The webhook queue's name is the gateway's own.
+/// The webhook and durable history queues' names are the gateway's own.
 fn check_not_reserved(key: &str, name: &str) -> Result<(), ConfigError> {
-    match name == crate::webhooks::QUEUE {
+    match [crate::webhooks::QUEUE, crate::rooms::history::QUEUE].contains(&name) {
         true => Err(invalid(key, format!("`{name}` is the gateway's own queue"))),
         false => Ok(()),
     }

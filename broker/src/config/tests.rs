@@ -14,6 +14,7 @@ const EVERY_KEY: &str = r#"
 presence = true
 history_size = 5
 history_ttl_secs = 60
+history_durable = false
 envelope = true
 presence_events = false
 [[rooms.class]]
@@ -21,6 +22,7 @@ pattern = "ticker:*"
 presence = false
 history_size = 1
 history_ttl_secs = 5
+history_durable = true
 envelope = false
 presence_events = true
 [webhooks]
@@ -322,4 +324,21 @@ fn the_webhook_queue_name_is_reserved() {
         "[routes.q]\nintegration = { type = \"queue\", queue = \"switchboard.webhooks\" }\n",
     );
     assert!(err.contains("gateway's own queue"), "{err}");
+}
+
+#[test]
+fn durable_history_is_one_node_only_for_now() {
+    let err = error_of(
+        "[rooms]\nhistory_size = 5\nhistory_durable = true\n[cluster]\nnats_url = \"nats://127.0.0.1:4222\"\n",
+    );
+    assert!(err.contains("rooms.history_durable"), "{err}");
+    let config = RawConfig::parse("[rooms]\nhistory_size = 5\nhistory_durable = true\n")
+        .and_then(|raw| raw.validate())
+        .unwrap();
+    assert!(
+        config
+            .queues
+            .iter()
+            .any(|q| q.name == "switchboard.history")
+    );
 }

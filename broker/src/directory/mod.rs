@@ -42,6 +42,9 @@ pub enum Unreached {
     /// The node that holds it refused the call as malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// Storage failed (a durable room's history could not be stored).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Where a connection lives.
@@ -259,7 +262,8 @@ impl Directory {
             delivery,
             delivery.exclude,
         );
-        let (offset, count) = numbered.await.release();
+        let numbered = numbered.await.map_err(Unreached::Unavailable)?;
+        let (offset, count) = numbered.release();
         Ok(Published {
             delivered: count.total().await,
             offset: Some(offset),

@@ -51,6 +51,9 @@ pub enum ApiError {
     /// Cluster mode: this node cannot reach the cluster right now.
     #[error("cluster unavailable: {0}")]
     ClusterUnavailable(String),
+    /// Storage could not take what the call needed stored.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("WebTransport is not enabled ([server.webtransport])")]
     WebTransportDisabled,
     /// Every management connection is taken: a reserve connection answers this.
@@ -85,7 +88,7 @@ impl IntoResponse for ApiError {
             Self::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "RequestTimeoutException"),
             Self::LimitExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "LimitExceededException"),
             Self::Signature(error) => (StatusCode::FORBIDDEN, error.error_type()),
-            Self::ClusterUnavailable(_) | Self::Busy => (
+            Self::ClusterUnavailable(_) | Self::Unavailable(_) | Self::Busy => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "ServiceUnavailableException",
             ),
@@ -196,6 +199,7 @@ impl ApiError {
         match unreached {
             Unreached::Gone => Self::Gone(id),
             Unreached::ClusterUnavailable(reason) => Self::ClusterUnavailable(reason),
+            Unreached::Unavailable(reason) => Self::Unavailable(reason),
             Unreached::LimitExceeded(reason) => Self::LimitExceeded(reason),
             Unreached::BadRequest(reason) => Self::BadRequest(reason),
         }

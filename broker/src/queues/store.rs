@@ -304,3 +304,9 @@ async fn receive_all<T>(
     }
     collected
 }
+
+impl crate::rooms::sequencer::Keeper for QueueStore {
+    fn keep(&self, entry: Vec<u8>) -> futures_util::future::BoxFuture<'_, Result<(), String>> {
+        Box::pin(self.append_raw(crate::rooms::history::QUEUE, vec![entry]))
+    }
+}

@@ -117,6 +117,16 @@ impl Pattern {
 }
 
 impl RoomPolicy {
+    /// How long durable history must be kept, at most (the longest TTL of the settings
+    /// that keep history durably); `None` when no room keeps it durably.
+    pub fn durable_ttl_ms(&self) -> Option<u64> {
+        (self.classes.iter().map(|(_, settings)| settings))
+            .chain([&self.default])
+            .filter(|settings| settings.history_durable)
+            .map(|settings| settings.history_ttl_ms)
+            .max()
+    }
+
     /// The settings of `room`: the first class that matches it, else `[rooms]`.
     pub fn for_room(&self, room: &RoomName) -> RoomSettings {
         (self.classes.iter())
@@ -175,13 +185,6 @@ fn settings(
         return Err(invalid(
             format!("{key}.history_ttl_secs"),
             "must be at least 1".to_owned(),
-        ));
-    }
-    let unbuilt = [("history_durable", history_durable)];
-    if let Some((name, _)) = unbuilt.iter().find(|(_, on)| *on) {
-        return Err(invalid(
-            format!("{key}.{name}"),
-            "is not available in this version (see docs/REFERENCE.md)",
         ));
     }
     let history_ttl_ms = history_ttl_secs.saturating_mul(1000);
@@ -296,15 +299,22 @@ pattern = "lobby"
                 "[[class]]\npattern = \"a\"\nhistory_ttl_secs = 0",
                 "rooms.class[0].history_ttl_secs",
             ),
-            (
-                "history_durable = true\nhistory_size = 1",
-                "rooms.history_durable",
-            ),
         ];
         for (toml, key) in refused {
             let error = policy(toml).unwrap_err().to_string();
             assert!(error.contains(key), "{toml}: {error}");
         }
+        let durable = policy("[[class]]\npattern = \"a\"\nhistory_size = 1\nhistory_durable = true\nhistory_ttl_secs = 60\n[[class]]\npattern = \"b\"\nhistory_durable = true\n").unwrap();
+        assert_eq!(
+            durable.durable_ttl_ms(),
+            Some(60_000),
+            "only classes that keep history"
+        );
+        assert!(
+            !durable.for_room(&room("b")).history_durable,
+            "nothing kept: not durable"
+        );
+        assert_eq!(policy("").unwrap().durable_ttl_ms(), None);
     }
 
     #[test]

@@ -17,6 +17,9 @@ use super::RoomName;
 use super::config::HistoryBound;
 use crate::message::{Kind, Message};
 
+/// The gateway's own queue that durable rooms' messages are stored in (one node).
+pub const QUEUE: &str = "switchboard.history";
+
 /// One kept message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kept {
@@ -105,6 +108,16 @@ impl RoomLog {
         self.top
     }
 
+    /// Takes back the message just appended as `offset` (it could not be stored).
+    pub fn take_back(&mut self, offset: u64) {
+        if self.top == offset {
+            self.top -= 1;
+            if self.kept.back().is_some_and(|kept| kept.offset == offset) {
+                self.kept.pop_back();
+            }
+        }
+    }
+
     /// Forgets what `bound` no longer keeps.
     pub fn prune(&mut self, now_ms: u64, bound: HistoryBound) {
         while self.kept.len() > bound.size {
@@ -169,6 +182,23 @@ impl Kept {
             _ => entry["data_base64"] = base64_of(&self.message.payload),
         }
         entry
+    }
+
+    /// A durable room's stored entry: the message as the history API lists it, with its
+    /// room and epoch.
+    pub fn to_entry(&self, room: &RoomName, epoch: &str) -> Vec<u8> {
+        let mut entry = self.to_json();
+        entry["room"] = room.as_str().into();
+        entry["epoch"] = epoch.into();
+        entry.to_string().into_bytes()
+    }
+
+    /// Reads [`Kept::to_entry`] back.
+    pub fn from_entry(bytes: &[u8]) -> Option<(RoomName, String, Self)> {
+        let entry: Value = serde_json::from_slice(bytes).ok()?;
+        let room = RoomName::parse(entry.get("room")?.as_str()?).ok()?;
+        let epoch = entry.get("epoch")?.as_str()?.to_owned();
+        Some((room, epoch, Self::from_json(&entry)?))
     }
 
     fn from_json(entry: &Value) -> Option<Self> {
@@ -404,6 +434,19 @@ mod tests {
         assert_eq!(json["messages"][0]["data"], "{\"a\":1}");
         assert_eq!(json["messages"][1]["data_base64"], "/wA=");
         assert_eq!(Replay::from_json(&json), Some(replay));
+    }
+
+    #[test]
+    fn a_stored_entry_reads_back_and_a_message_can_be_taken_back() {
+        let mut log = log_with(2);
+        let kept = log.read(&Want::Last(1), 2, Some(BOUND)).messages.remove(0);
+        let room = RoomName::parse("r").unwrap();
+        let entry = kept.to_entry(&room, "e1");
+        assert_eq!(Kept::from_entry(&entry), Some((room, "e1".into(), kept)));
+        assert_eq!(Kept::from_entry(b"{}"), None);
+        log.take_back(2);
+        assert_eq!(offsets(&log.read(&since(0, None), 2, Some(BOUND))), vec![1]);
+        assert_eq!(log.append(Message::text("again"), 3, Some(BOUND)), 2);
     }
 
     #[test]

@@ -12,10 +12,17 @@ use std::sync::{Arc, Mutex};
 
 use super::RoomName;
 use super::config::{RoomPolicy, RoomSettings};
-use super::history::RoomLog;
+use super::history::{Kept, RoomLog};
 
 /// A room's log, locked while a message is sequenced and fanned out or a replay is read.
 pub type SharedLog = Arc<tokio::sync::Mutex<RoomLog>>;
+
+/// Where durable rooms' messages are stored before they are sent (one node: the queue log,
+/// [`super::history::QUEUE`]).
+pub trait Keeper: Send + Sync {
+    /// Stores `entry` ([`super::history::Kept::to_entry`]); done once it is durable.
+    fn keep(&self, entry: Vec<u8>) -> futures_util::future::BoxFuture<'_, Result<(), String>>;
+}
 
 /// See the module documentation.
 #[derive(Debug)]
@@ -24,6 +31,14 @@ pub struct Sequencer {
     logs: Mutex<HashMap<RoomName, SharedLog>>,
     /// Starts every epoch this node makes, so two nodes or two runs never share one.
     epoch_prefix: String,
+    /// Stores durable rooms' messages; set once storage is open.
+    keeper: std::sync::OnceLock<Arc<dyn Keeper>>,
+}
+
+impl std::fmt::Debug for dyn Keeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keeper")
+    }
 }
 
 impl Sequencer {
@@ -32,7 +47,51 @@ impl Sequencer {
             policy,
             logs: Mutex::new(HashMap::new()),
             epoch_prefix: format!("{node_id:x}.{node_epoch:x}"),
+            keeper: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Where durable rooms' messages are stored from now on.
+    pub fn keep_with(&self, keeper: Arc<dyn Keeper>) {
+        let _ = self.keeper.set(keeper);
+    }
+
+    /// Where durable rooms' messages are stored, once storage is open.
+    pub fn keeper(&self) -> Option<&Arc<dyn Keeper>> {
+        self.keeper.get()
+    }
+
+    /// Rebuilds the logs of durable rooms from their stored entries, oldest first: each
+    /// room goes on in the epoch and after the offset of its last entry, keeping what its
+    /// bound keeps at `now_ms` (an entry of a newer epoch starts the room's log anew).
+    pub fn restore(&self, entries: impl IntoIterator<Item = Vec<u8>>, now_ms: u64) -> usize {
+        let mut restored: HashMap<RoomName, (String, u64, Vec<Kept>)> = HashMap::new();
+        for entry in entries {
+            let Some((room, epoch, kept)) = Kept::from_entry(&entry) else {
+                continue;
+            };
+            let log = restored
+                .entry(room)
+                .or_insert_with(|| (epoch.clone(), 0, Vec::new()));
+            if log.0 != epoch {
+                *log = (epoch, 0, Vec::new());
+            }
+            log.1 = log.1.max(kept.offset);
+            log.2.push(kept);
+        }
+        let mut logs = self
+            .logs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let rooms = restored.len();
+        for (room, (epoch, top, kept)) in restored {
+            let mut log = RoomLog::resumed(epoch, top, kept);
+            if let Some(bound) = self.policy.for_room(&room).history {
+                log.prune(now_ms, bound);
+            }
+            logs.insert(room, Arc::new(tokio::sync::Mutex::new(log)));
+        }
+        rooms
     }
 
     /// The settings of `room` (`[rooms]`, `[[rooms.class]]`).
@@ -120,6 +179,34 @@ mod tests {
         assert_ne!(epoch(&one), epoch(&two));
         assert!(epoch(&one).starts_with("1.7."));
         assert_eq!(epoch(&one), epoch(&one), "one log per room");
+    }
+
+    #[test]
+    fn durable_rooms_go_on_from_their_stored_entries() {
+        let policy = policy("history_size = 2");
+        let room = RoomName::parse("r").unwrap();
+        let kept = |offset: u64, epoch: &str| {
+            let kept = Kept {
+                offset,
+                time_ms: 1_000,
+                message: Message::text(format!("m{offset}")),
+            };
+            kept.to_entry(&room, epoch)
+        };
+        let entries = vec![kept(1, "old"), kept(1, "e"), kept(2, "e"), kept(3, "e")];
+        let sequencer = Sequencer::new(policy, 0, 1);
+        assert_eq!(sequencer.restore(entries, 2_000), 1);
+        let log = sequencer.log(&room);
+        let mut log = log.try_lock().unwrap();
+        assert_eq!(log.epoch(), "e", "the last epoch");
+        let bound = Some(super::super::config::HistoryBound {
+            size: 2,
+            ttl_ms: 3_600_000,
+        });
+        let replay = log.read(&super::super::history::Want::Last(9), 2_000, bound);
+        let offsets: Vec<u64> = replay.messages.iter().map(|k| k.offset).collect();
+        assert_eq!((replay.top, offsets), (3, vec![2, 3]));
+        assert_eq!(log.append(Message::text("m4"), 2_000, bound), 4);
     }
 
     #[test]

@@ -305,3 +305,46 @@ async fn joins_during_a_full_speed_publish_miss_nothing_and_get_nothing_twice() 
     }
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn durable_history_survives_a_restart_in_the_same_epoch() {
+    let backend = Backend::start().await;
+    let rooms =
+        "[rooms]\nhistory_size = 10\n[[rooms.class]]\npattern = \"kept:*\"\nhistory_durable = true";
+    let config = config_with(&backend, &format!("{rooms}\n{ROUTES}"));
+    let gateway = TestGateway::start(&config).await;
+    for n in 1..=3 {
+        assert_eq!(
+            publish(&gateway, "kept:r", &format!("m{n}")).await["offset"],
+            n
+        );
+        publish(&gateway, "memory", "m").await;
+    }
+    let (_, before) = history(&gateway, "kept:r", "").await;
+    let (_, memory_before) = history(&gateway, "memory", "").await;
+    let data_dir = gateway.data_dir.clone();
+    gateway.stop().await;
+    let gateway = TestGateway::start_in(&config, data_dir).await;
+    let (_, after) = history(&gateway, "kept:r", "").await;
+    assert_eq!(after, before, "the same epoch, offsets and messages");
+    let (_, memory_after) = history(&gateway, "memory", "").await;
+    assert_ne!(
+        memory_after["epoch"], memory_before["epoch"],
+        "memory history starts anew"
+    );
+    let mut client = gateway.connect().await;
+    join(
+        &mut client,
+        json!({"room": "kept:r", "since": 2, "epoch": before["epoch"]}),
+    )
+    .await;
+    let joined = next_json(&mut client).await;
+    assert_eq!(
+        (&joined["offset"], &joined["recovered"]),
+        (&json!(3), &json!(true))
+    );
+    assert_eq!(next_text(&mut client).await, "m3");
+    assert_eq!(publish(&gateway, "kept:r", "m4").await["offset"], 4);
+    assert_eq!(next_text(&mut client).await, "m4");
+    gateway.stop().await;
+}
