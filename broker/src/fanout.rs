@@ -8,9 +8,9 @@ use tokio::sync::oneshot;
 
 use crate::connection_id::ConnectionId;
 use crate::message::Message;
-use crate::rooms::history::{Kept, RoomLog, enveloped};
-use crate::rooms::sequencer::Sequencer;
-use crate::rooms::{PresenceMember, RoomDelivery, RoomName};
+use crate::rooms::history::{Kept, enveloped};
+use crate::rooms::sequencer::{LockedLog, NotKept, Sequencer};
+use crate::rooms::{Position, PresenceMember, RoomDelivery, RoomName};
 use crate::shard::handle::{Delivery, ShardHandle};
 
 /// A bulk push split by shard. Indices refer to the request's `connectionIds`.
@@ -136,10 +136,10 @@ pub struct Numbered {
     pub offset: u64,
     /// As members get it (in the envelope, if the room uses it).
     pub message: Message,
-    /// With the offset.
+    /// With the position.
     pub delivery: RoomDelivery,
     pub count: BroadcastCount,
-    _log: tokio::sync::OwnedMutexGuard<RoomLog>,
+    _log: LockedLog,
 }
 
 impl Numbered {
@@ -159,9 +159,32 @@ pub async fn number(
     message: &Message,
     delivery: RoomDelivery,
     exclude_here: Option<ConnectionId>,
-) -> Result<Numbered, String> {
+) -> Result<Numbered, NotKept> {
+    let log = sequencer.lock(room).await;
+    number_locked(
+        log,
+        sequencer,
+        shards,
+        room,
+        message,
+        delivery,
+        exclude_here,
+    )
+    .await
+}
+
+/// [`number`], with `room`'s log already locked (by a caller that must keep the order in
+/// which messages arrived).
+pub async fn number_locked(
+    mut log: LockedLog,
+    sequencer: &Sequencer,
+    shards: &[ShardHandle],
+    room: &RoomName,
+    message: &Message,
+    delivery: RoomDelivery,
+    exclude_here: Option<ConnectionId>,
+) -> Result<Numbered, NotKept> {
     let settings = sequencer.settings(room);
-    let mut log = sequencer.log(room).lock_owned().await;
     let now_ms = crate::clock::now_ms();
     let offset = log.append(message.clone(), now_ms, settings.history);
     if let (true, Some(keeper)) = (settings.history_durable, sequencer.keeper()) {
@@ -173,9 +196,7 @@ pub async fn number(
         };
         if let Err(error) = keeper.keep(kept.to_entry(room, log.epoch())).await {
             log.take_back(offset);
-            return Err(format!(
-                "room {room}'s history could not be stored: {error}"
-            ));
+            return Err(error);
         }
     }
     let message = match settings.envelope {
@@ -183,7 +204,10 @@ pub async fn number(
         false => message.clone(),
     };
     let delivery = RoomDelivery {
-        offset: Some(offset),
+        position: Some(Position {
+            epoch: log.epoch_id(),
+            offset,
+        }),
         ..delivery
     };
     let here = RoomDelivery {

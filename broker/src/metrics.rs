@@ -102,6 +102,9 @@ pub struct Metrics {
     pub cluster_room_interest: IntGauge,
     /// Cluster mode: lost nodes whose connections this node reported to `$disconnect`.
     pub cluster_takeovers: IntCounter,
+    /// Room webhook events by outcome: stored (to be POSTed), dropped (too many waited
+    /// for storage).
+    pub webhook_events: IntCounterVec,
     /// Resumable connections whose socket is gone, waiting for their client.
     pub connections_parked: IntGauge,
     /// Resume attempts by outcome: resumed, expired, unknown, overflow, refused (the
@@ -320,6 +323,11 @@ impl Metrics {
                 "switchboard_cluster_node_takeovers_total",
                 "Lost nodes whose connections this node reported to $disconnect",
             ),
+            webhook_events: counter_vec(
+                "switchboard_webhook_events_total",
+                "Room webhook events by outcome: stored (to be POSTed), dropped (too many waited for storage)",
+                &["outcome"],
+            ),
             connections_parked: gauge(
                 "switchboard_connections_parked",
                 "Resumable connections whose socket is gone, waiting for their client",
@@ -401,7 +409,7 @@ impl Metrics {
             .collect()
     }
 
-    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 41] {
+    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 42] {
         [
             Box::new(self.connections_active.clone()),
             Box::new(self.connections_total.clone()),
@@ -441,6 +449,7 @@ impl Metrics {
             Box::new(self.cluster_forwarded.clone()),
             Box::new(self.cluster_room_interest.clone()),
             Box::new(self.cluster_takeovers.clone()),
+            Box::new(self.webhook_events.clone()),
             Box::new(self.connections_parked.clone()),
             Box::new(self.resumes.clone()),
             Box::new(self.resume_replayed.clone()),

@@ -213,7 +213,8 @@ pub async fn serve(
     )?);
     let shards: Arc<[shard::handle::ShardHandle]> = handles.into();
     let (presence_events, presence_changes) = tokio::sync::mpsc::unbounded_channel();
-    let (webhook_events, webhook_feed) = tokio::sync::mpsc::unbounded_channel();
+    let dropped = metrics.webhook_events.with_label_values(&["dropped"]);
+    let (webhook_events, webhook_feed) = crate::webhooks::WebhookSender::new(dropped);
     let sequencer = Arc::new(Sequencer::new(
         config.rooms.clone(),
         config.server.node_id,
@@ -304,19 +305,23 @@ pub async fn serve(
     let directory = gateway.directory.clone();
     tokio::spawn(directory.tell_presence(presence_changes, shutdown.clone()));
     // Stopped once the shards are: the leaves of the connections shutdown closes are sent.
+    let occupancy_stop = CancellationToken::new();
     let feed_stop = CancellationToken::new();
-    let webhook_feed = (gateway.config.webhooks.is_some()).then(|| {
+    let webhook_feed = (gateway.config.webhooks.clone()).map(|config| {
         let store = gateway.queue_store.clone();
-        tokio::spawn(crate::webhooks::feed::feed(
-            store,
-            webhook_feed,
-            feed_stop.clone(),
-        ))
+        let origin = format!("{:x}.{:x}", gateway.config.server.node_id, gateway.epoch);
+        let stored = gateway
+            .metrics
+            .webhook_events
+            .with_label_values(&["stored"]);
+        let feed = crate::webhooks::feed::Feed::new(store, webhook_feed, config, origin, stored);
+        tokio::spawn(feed.run(feed_stop.clone()))
     });
-    let occupancy = (gateway.cluster.as_ref()).and_then(|cluster| {
-        let changes = cluster.occupancy_changes.lock().ok()?.take()?;
-        let track = crate::cluster::occupancy::track(cluster.clone(), changes, feed_stop.clone());
-        Some(tokio::spawn(track))
+    let occupancy = (gateway.cluster.clone()).map(|cluster| {
+        tokio::spawn(crate::cluster::occupancy::track(
+            cluster,
+            occupancy_stop.clone(),
+        ))
     });
     if let Some(crate::auth::authorizer::Check::Jwks { keys, .. }) =
         gateway.config.authorizer.as_ref().map(|a| &a.check)
@@ -388,10 +393,12 @@ pub async fn serve(
         }
     });
     let _ = joined.await;
-    feed_stop.cancel();
+    // The rooms the shutdown emptied are reported, then every event noted is stored.
+    occupancy_stop.cancel();
     if let Some(occupancy) = occupancy {
         let _ = tokio::time::timeout(FEED_STOP_WAIT, occupancy).await;
     }
+    feed_stop.cancel();
     if let Some(feed) = webhook_feed {
         let _ = tokio::time::timeout(FEED_STOP_WAIT, feed).await;
     }
@@ -551,19 +558,24 @@ fn webtransport_gate(gateway: &Arc<Gateway>) -> webtransport::Gate {
     }
 }
 
-/// Every entry of the durable history queue, oldest first.
-fn stored_history(queues: &QueueHub) -> Result<Vec<Vec<u8>>, StorageError> {
+/// Every entry of the durable history queue, oldest first, read in batches as they are
+/// folded in (a read error is logged and ends them).
+fn stored_history(queues: &QueueHub) -> Result<impl Iterator<Item = Vec<u8>> + '_, StorageError> {
     let queue = crate::rooms::history::QUEUE;
     let (mut next, _) = queues.log.bounds(queue)?;
-    let mut entries = Vec::new();
-    loop {
-        let read = queues.log.read(queue, next, 4096)?;
-        if read.entries.is_empty() {
-            return Ok(entries);
+    let mut batch = std::collections::VecDeque::new();
+    Ok(std::iter::from_fn(move || {
+        if batch.is_empty() {
+            match queues.log.read(queue, next, 4096) {
+                Ok(read) => {
+                    next = read.next;
+                    batch.extend(read.entries.into_iter().map(|entry| entry.payload));
+                }
+                Err(error) => tracing::error!(%error, "durable room history not read back"),
+            }
         }
-        next = read.next;
-        entries.extend(read.entries.into_iter().map(|entry| entry.payload));
-    }
+        batch.pop_front()
+    }))
 }
 
 /// Once a minute, forgets the logs of rooms that keep nothing and have been quiet for

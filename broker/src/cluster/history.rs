@@ -17,10 +17,12 @@ use bytes::Bytes;
 
 use super::Cluster;
 use super::interest::{BROADCAST, OP, delivered, delivery_of, room_headers};
+use super::registry::owner_among;
 use super::remote::{Op, ROOM};
 use crate::fanout;
 use crate::message::Message;
 use crate::rooms::history::{Replay, Want};
+use crate::rooms::sequencer::LockedLog;
 use crate::rooms::{Published, RoomDelivery, RoomName};
 
 /// Why a numbered room could not be reached.
@@ -33,21 +35,10 @@ pub struct OwnerUnreachable {
 }
 
 impl Cluster {
-    /// The node that numbers `room`'s messages. When the live nodes changed since the last
-    /// call, this node first forgets the logs of the rooms it no longer owns.
+    /// The node that numbers `room`'s messages (the registry drops the logs of the rooms
+    /// this node stops owning whenever the live nodes change, see `Cluster::join`).
     pub fn room_owner(&self, room: &RoomName) -> u16 {
-        let peers = self.registry.live_peer_ids();
-        let owner = owner_among(room, self.node_id, &peers);
-        let view = self.registry.view();
-        let seen = self
-            .rooms_view
-            .swap(view, std::sync::atomic::Ordering::AcqRel);
-        if seen != view {
-            let me = self.node_id;
-            self.rooms
-                .retain(|room| owner_among(room, me, &peers) == me);
-        }
-        owner
+        owner_among(room, self.node_id, &self.registry.live_peer_ids())
     }
 
     /// Publishes to a numbered room, through its owner.
@@ -59,7 +50,7 @@ impl Cluster {
     ) -> Result<Published, OwnerUnreachable> {
         let owner = self.room_owner(room);
         if owner == self.node_id {
-            return Ok(self.number_here(room, message, delivery).await);
+            return Ok(self.number_here(room, message, delivery, None).await);
         }
         let headers = room_headers(Op::Publish.label(), delivery);
         let reply = self.ask_owner(owner, room, Op::Publish, headers, message.to_portable());
@@ -75,6 +66,45 @@ impl Cluster {
             return Ok(self.replay_here(room, want).await);
         }
         self.room_ready(room).await;
+        let mut replay = self.ask_replay(owner, room, want).await?;
+        let wanted = match want {
+            Want::Last(count) => *count,
+            Want::Since { limit, .. } => *limit,
+        };
+        // An answer holds what fits one NATS message; the rest up to the first answer's
+        // top comes in pages (later messages reach this node live).
+        while replay.more {
+            let Some(last) = replay.messages.last().map(|kept| kept.offset) else {
+                break;
+            };
+            let next = Want::Since {
+                offset: last,
+                epoch: Some(replay.epoch.clone()),
+                limit: wanted.saturating_sub(replay.messages.len()),
+            };
+            let page = self.ask_replay(owner, room, &next).await?;
+            if page.epoch != replay.epoch || !page.recovered {
+                // Pruned or renumbered between the pages: not one replay any more.
+                replay.recovered = false;
+                replay.more = false;
+                break;
+            }
+            let top = replay.top;
+            replay.more = page.more && page.messages.last().is_some_and(|k| k.offset < top);
+            replay
+                .messages
+                .extend(page.messages.into_iter().filter(|k| k.offset <= top));
+        }
+        Ok(replay)
+    }
+
+    /// One answer of the owner to `want`.
+    async fn ask_replay(
+        &self,
+        owner: u16,
+        room: &RoomName,
+        want: &Want,
+    ) -> Result<Replay, OwnerUnreachable> {
         let request = Bytes::from(serde_json::to_vec(want).unwrap_or_default());
         let body = self.ask_owner(owner, room, Op::History, HeaderMap::new(), request);
         let body = body.await?;
@@ -84,8 +114,29 @@ impl Cluster {
             .ok_or_else(|| unreachable(room, owner, "an answer that is not a replay"))
     }
 
-    /// Answers another node's `Op::Publish` or `Op::History` for a room this node owns.
-    pub async fn answer_owned_room(&self, op: Op, request: &async_nats::Message) -> (u16, Bytes) {
+    /// For another node's `Op::Publish` to a room this node owns: the room's log, locked
+    /// (in the order the requests arrive, before each one's task runs, so one publisher's
+    /// messages are numbered in the order it sent them).
+    pub async fn lock_for_publish(&self, request: &async_nats::Message) -> Option<LockedLog> {
+        let headers = request.headers.as_ref()?;
+        if headers.get(OP).map(|v| v.as_str()) != Some(Op::Publish.label()) {
+            return None;
+        }
+        let room = RoomName::parse(headers.get(ROOM)?.as_str()).ok()?;
+        if self.room_owner(&room) != self.node_id {
+            return None;
+        }
+        Some(self.rooms.lock(&room).await)
+    }
+
+    /// Answers another node's `Op::Publish` (with its room's log locked, if
+    /// [`Cluster::lock_for_publish`] took it) or `Op::History` for a room this node owns.
+    pub async fn answer_owned_room(
+        &self,
+        op: Op,
+        request: &async_nats::Message,
+        locked: Option<LockedLog>,
+    ) -> (u16, Bytes) {
         let headers = request.headers.as_ref();
         let room = headers.and_then(|h| h.get(ROOM)).map(|v| v.as_str());
         let Some(room) = room.and_then(|room| RoomName::parse(room).ok()) else {
@@ -100,18 +151,20 @@ impl Cluster {
                     return (400, Bytes::from_static(b"not a message"));
                 };
                 let delivery = delivery_of(self, headers);
-                let published = self.number_here(&room, &message, delivery).await;
-                serde_json::to_vec(&published)
+                let published = self.number_here(&room, &message, delivery, locked).await;
+                serde_json::to_vec(&published).unwrap_or_default()
             }
             _ => {
                 let Ok(want) = serde_json::from_slice::<Want>(&request.payload) else {
                     return (400, Bytes::from_static(b"not a replay request"));
                 };
                 let replay = self.replay_here(&room, &want).await;
-                serde_json::to_vec(&replay.to_json(&room))
+                // What fits one NATS message (with room for the headers).
+                let budget = (self.client.server_info().max_payload).saturating_sub(4096);
+                replay.fit(&room, budget.max(4096))
             }
         };
-        (200, Bytes::from(answer.unwrap_or_default()))
+        (200, Bytes::from(answer))
     }
 
     /// Numbers `message` here (this node owns the room), queues it to the local members
@@ -121,23 +174,26 @@ impl Cluster {
         room: &RoomName,
         message: &Message,
         delivery: RoomDelivery,
+        locked: Option<LockedLog>,
     ) -> Published {
         let exclude_here = delivery.exclude.map(|id| self.here_as(id));
-        let numbered = fanout::number(
-            &self.rooms,
-            &self.shards,
-            room,
-            message,
-            delivery,
-            exclude_here,
-        );
+        let log = match locked {
+            Some(log) => log,
+            None => self.rooms.lock(room).await,
+        };
+        let (shards, rooms) = (&self.shards, &self.rooms);
+        let numbered =
+            fanout::number_locked(log, rooms, shards, room, message, delivery, exclude_here);
         // Durable history is refused in cluster mode at start: storing cannot fail here.
         let Ok(numbered) = numbered.await else {
             return Published::default();
         };
         let headers = room_headers(BROADCAST, numbered.delivery);
+        // Handed to NATS while the log is locked (bounded: a stuck connection must not
+        // hold the room's next messages for longer than a request may take).
         let sent = self.send_gather(room, headers, numbered.message.to_portable());
-        let sent = sent.await;
+        let sent = tokio::time::timeout(self.config.request_timeout, sent);
+        let sent = sent.await.ok().flatten();
         let (offset, count) = numbered.release();
         let remote = match sent {
             Some(sent) => delivered(&self.collect(sent, "broadcast").await),
@@ -151,7 +207,7 @@ impl Cluster {
 
     async fn replay_here(&self, room: &RoomName, want: &Want) -> Replay {
         let history = self.rooms.settings(room).history;
-        let mut log = self.rooms.log(room).lock_owned().await;
+        let mut log = self.rooms.lock(room).await;
         log.read(want, crate::clock::now_ms(), history)
     }
 
@@ -183,23 +239,6 @@ fn unreachable(room: &RoomName, owner: u16, reason: impl std::fmt::Display) -> O
         owner,
         reason: reason.to_string(),
     }
-}
-
-/// Of `me` and `peers`, the node with the highest score for `room` (FNV-1a of the name and
-/// the node id: the same on every node and every build).
-fn owner_among(room: &RoomName, me: u16, peers: &[u16]) -> u16 {
-    let score = |node: u16| {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in room.as_str().bytes().chain(node.to_be_bytes()) {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-        (hash, node)
-    };
-    std::iter::once(me)
-        .chain(peers.iter().copied())
-        .max_by_key(|node| score(*node))
-        .unwrap_or(me)
 }
 
 #[cfg(test)]

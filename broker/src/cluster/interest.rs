@@ -20,14 +20,15 @@ use super::state::interest::RoomSubscription;
 use crate::connection_id::ConnectionId;
 use crate::fanout;
 use crate::message::Message;
-use crate::rooms::{PresenceMember, RoomDelivery, RoomName};
+use crate::rooms::{Position, PresenceMember, RoomDelivery, RoomName};
 
 pub(super) const OP: &str = "Sb-Op";
 const EXCLUDE: &str = "Sb-Exclude";
 /// Present on a broadcast that may be sent as datagrams (see `RoomDelivery::unreliable`).
 const UNRELIABLE: &str = "Sb-Unreliable";
-/// A numbered room's offset for the message ([`RoomDelivery::offset`]).
+/// A numbered room's offset for the message and its epoch ([`RoomDelivery::position`]).
 const OFFSET: &str = "Sb-Offset";
+const EPOCH: &str = "Sb-Epoch";
 pub(super) const BROADCAST: &str = "broadcast";
 const LIST: &str = "list";
 const PRESENCE: &str = "presence";
@@ -262,8 +263,9 @@ pub(super) fn room_headers(op: &str, delivery: RoomDelivery) -> HeaderMap {
     if delivery.unreliable {
         headers.insert(UNRELIABLE, "1");
     }
-    if let Some(offset) = delivery.offset {
-        headers.insert(OFFSET, offset.to_string().as_str());
+    if let Some(position) = delivery.position {
+        headers.insert(OFFSET, position.offset.to_string().as_str());
+        headers.insert(EPOCH, position.epoch.to_string().as_str());
     }
     headers
 }
@@ -348,8 +350,11 @@ pub(super) fn delivery_of(cluster: &Cluster, headers: Option<&HeaderMap>) -> Roo
             .and_then(|v| v.as_str().parse::<ConnectionId>().ok())
             .map(|id| cluster.here_as(id)),
         unreliable: headers.is_some_and(|h| h.get(UNRELIABLE).is_some()),
-        offset: headers
-            .and_then(|h| h.get(OFFSET))
-            .and_then(|v| v.as_str().parse().ok()),
+        position: headers.and_then(|h| {
+            Some(Position {
+                offset: h.get(OFFSET)?.as_str().parse().ok()?,
+                epoch: h.get(EPOCH)?.as_str().parse().ok()?,
+            })
+        }),
     }
 }

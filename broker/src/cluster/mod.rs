@@ -50,7 +50,7 @@ const SETUP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(20);
 pub struct LocalParts {
     pub shards: Arc<[ShardHandle]>,
     pub rooms: Arc<Sequencer>,
-    pub webhook_events: Option<tokio::sync::mpsc::UnboundedSender<crate::webhooks::WebhookEvent>>,
+    pub webhook_events: Option<crate::webhooks::WebhookSender>,
 }
 
 /// This node's membership of the cluster.
@@ -64,12 +64,8 @@ pub struct Cluster {
     shards: Arc<[ShardHandle]>,
     /// The logs of the numbered rooms this node owns ([`history`]).
     rooms: Arc<Sequencer>,
-    /// The registry's view when this node last dropped the logs of rooms it lost.
-    rooms_view: std::sync::atomic::AtomicU64,
     /// With webhooks: which nodes have members in which rooms ([`occupancy`]).
     occupancy: Option<state::occupancy::Occupancy>,
-    /// This node's occupancy changes, until [`occupancy::track`] takes them.
-    pub occupancy_changes: Mutex<Option<state::occupancy::OccupancyChanges>>,
     metrics: Metrics,
     /// Why cluster delivery is broken right now, if it is (reported by `/health`).
     degraded: Arc<Mutex<Option<String>>>,
@@ -275,14 +271,20 @@ impl Cluster {
                 }
             }
         };
-        let (occupancy, occupancy_changes) = match webhook_events {
+        // Whenever the live nodes change, the logs of the rooms another node numbers now
+        // go (at once, so a room that comes back later starts a new epoch here).
+        let logs = rooms.clone();
+        registry.on_change(Box::new(move |peers| {
+            logs.retain(|room| registry::owner_among(room, node_id, peers) == node_id);
+        }));
+        let occupancy = match webhook_events {
             Some(events) => {
                 let bucket = subjects.rooms_bucket();
                 let opened =
-                    state::occupancy::Occupancy::open(&jetstream, bucket, replicas, events).await?;
-                (Some(opened.0), Some(opened.1))
+                    state::occupancy::Occupancy::open(&jetstream, bucket, replicas, events);
+                Some(opened.await?)
             }
-            None => (None, None),
+            None => None,
         };
         metrics.cluster_nats_connected.set(1);
         Ok(Arc::new(Self {
@@ -297,9 +299,7 @@ impl Cluster {
             jetstream,
             shards,
             rooms,
-            rooms_view: std::sync::atomic::AtomicU64::new(0),
             occupancy,
-            occupancy_changes: Mutex::new(occupancy_changes),
             metrics,
             degraded,
             mirror,

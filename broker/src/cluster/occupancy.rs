@@ -17,7 +17,7 @@ use futures_util::TryStreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::Cluster;
-use super::state::occupancy::{Occupancy, OccupancyChanges};
+use super::state::occupancy::Occupancy;
 use crate::rooms::RoomName;
 use crate::webhooks::{EventName, WebhookEvent};
 
@@ -25,7 +25,7 @@ impl Cluster {
     /// This node has (`true`) or no longer has members in `room`.
     pub(super) fn note_occupancy(&self, room: &RoomName, occupied: bool) {
         if let Some(occupancy) = &self.occupancy {
-            let _ = occupancy.changes.send((room.clone(), occupied));
+            occupancy.note(room, occupied);
         }
     }
 
@@ -56,9 +56,9 @@ impl Cluster {
         loop {
             match swap(&occupancy.store, &key, node, occupied).await {
                 Ok(Some(name)) => {
-                    let _ = occupancy
+                    occupancy
                         .events
-                        .send(WebhookEvent::room(name, room.as_str()));
+                        .note(WebhookEvent::room(name, room.as_str()));
                     return;
                 }
                 Ok(None) => return,
@@ -72,26 +72,27 @@ impl Cluster {
     }
 }
 
-/// Applies this node's changes in order until `stop` (cancelled once the shards have
-/// stopped, so the rooms shutdown empties are reported), then those already noted.
-pub async fn track(cluster: Arc<Cluster>, mut changes: OccupancyChanges, stop: CancellationToken) {
+/// Applies this node's changes (each room's latest state) until `stop` (cancelled once
+/// the shards have stopped, so the rooms shutdown empties are reported), then those noted
+/// by then. A room occupied and vacated again before its change is applied is reported
+/// neither way.
+pub async fn track(cluster: Arc<Cluster>, stop: CancellationToken) {
     let Some(occupancy) = &cluster.occupancy else {
         return;
     };
     cluster.vacate_node(cluster.node_id).await;
     loop {
-        let change = tokio::select! {
+        for (room, occupied) in occupancy.take() {
+            cluster
+                .flip(occupancy, &room, cluster.node_id, occupied)
+                .await;
+        }
+        tokio::select! {
             _ = stop.cancelled() => break,
-            change = changes.recv() => change,
-        };
-        let Some((room, occupied)) = change else {
-            return;
-        };
-        cluster
-            .flip(occupancy, &room, cluster.node_id, occupied)
-            .await;
+            _ = occupancy.changed.notified() => {}
+        }
     }
-    while let Ok((room, occupied)) = changes.try_recv() {
+    for (room, occupied) in occupancy.take() {
         cluster
             .flip(occupancy, &room, cluster.node_id, occupied)
             .await;

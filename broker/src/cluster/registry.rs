@@ -81,11 +81,14 @@ pub struct Registry {
     /// registration was still there at start (it crashed).
     pub(super) previous: Option<Registration>,
     peers: Mutex<HashMap<u16, Peer>>,
-    /// Bumped whenever a node joins or leaves the set of live peers.
-    view: AtomicU64,
+    /// Told the live peers whenever a node joins or leaves their set.
+    on_change: std::sync::OnceLock<OnChange>,
     /// Peers whose takeover this node is running.
     taking_over: Mutex<HashSet<u16>>,
 }
+
+/// What the registry tells when the live peers change: their ids.
+pub type OnChange = Box<dyn Fn(&[u16]) + Send + Sync>;
 
 fn node_key(node: u16) -> String {
     format!("node.{node}")
@@ -169,7 +172,7 @@ impl Registry {
             revision: AtomicU64::new(revision),
             previous,
             peers: Mutex::new(HashMap::new()),
-            view: AtomicU64::new(0),
+            on_change: std::sync::OnceLock::new(),
             taking_over: Mutex::new(HashSet::new()),
         })
     }
@@ -190,9 +193,15 @@ impl Registry {
             .map_or_else(|_| Vec::new(), |peers| peers.keys().copied().collect())
     }
 
-    /// Changes whenever the set of live peers changes.
-    pub fn view(&self) -> u64 {
-        self.view.load(Ordering::Acquire)
+    /// `change` is told the live peers each time a node joins or leaves their set.
+    pub fn on_change(&self, change: OnChange) {
+        let _ = self.on_change.set(change);
+    }
+
+    fn changed(&self) {
+        if let Some(change) = self.on_change.get() {
+            change(&self.live_peer_ids());
+        }
     }
 
     /// Renews the registration.
@@ -244,10 +253,9 @@ impl Registry {
     }
 
     fn saw(&self, node: u16, registration: Registration, revision: u64) {
+        let mut new = false;
         if let Ok(mut peers) = self.peers.lock() {
-            if !peers.contains_key(&node) {
-                self.view.fetch_add(1, Ordering::AcqRel);
-            }
+            new = !peers.contains_key(&node);
             peers.insert(
                 node,
                 Peer {
@@ -257,13 +265,15 @@ impl Registry {
                 },
             );
         }
+        if new {
+            self.changed();
+        }
     }
 
     pub(super) fn forget(&self, node: u16) {
-        if let Ok(mut peers) = self.peers.lock()
-            && peers.remove(&node).is_some()
-        {
-            self.view.fetch_add(1, Ordering::AcqRel);
+        let gone = (self.peers.lock()).is_ok_and(|mut peers| peers.remove(&node).is_some());
+        if gone {
+            self.changed();
         }
     }
 
@@ -428,4 +438,22 @@ impl From<ConnectionRecord> for MirrorRecord {
             rooms: Vec::new(),
         }
     }
+}
+
+/// The node that numbers `room`'s messages, of `me` and `peers`: the one with the highest
+/// score for the room (FNV-1a of the name and the node id: the same on every node and
+/// build; a node joining or leaving moves only its share of rooms).
+pub fn owner_among(room: &crate::rooms::RoomName, me: u16, peers: &[u16]) -> u16 {
+    let score = |node: u16| {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in room.as_str().bytes().chain(node.to_be_bytes()) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        (hash, node)
+    };
+    std::iter::once(me)
+        .chain(peers.iter().copied())
+        .max_by_key(|node| score(*node))
+        .unwrap_or(me)
 }

@@ -249,19 +249,20 @@ pub async fn serve(cluster: Arc<Cluster>, shutdown: CancellationToken) {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
+        let locked = cluster.lock_for_publish(&message).await;
         let cluster = cluster.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let Some(reply_to) = message.reply.clone() else {
                 return;
             };
-            let (status, body) = answer(&cluster, &message).await;
+            let (status, body) = answer(&cluster, &message, locked).await;
             let mut headers = HeaderMap::new();
             headers.insert(STATUS, status.to_string().as_str());
-            let _ = cluster
-                .client
-                .publish_with_headers(reply_to, headers, body)
-                .await;
+            let published = cluster.client.publish_with_headers(reply_to, headers, body);
+            if let Err(error) = published.await {
+                tracing::warn!(%error, "an answer to another node was not sent");
+            }
         });
     }
     let _ = requests.unsubscribe().await;
@@ -276,7 +277,11 @@ fn header<'a>(message: &'a async_nats::Message, name: &str) -> Option<&'a str> {
 }
 
 /// Runs one request on the shard that owns its connection.
-async fn answer(cluster: &Cluster, message: &async_nats::Message) -> (u16, Bytes) {
+async fn answer(
+    cluster: &Cluster,
+    message: &async_nats::Message,
+    locked: Option<crate::rooms::sequencer::LockedLog>,
+) -> (u16, Bytes) {
     const GONE: (u16, Bytes) = (410, Bytes::new());
     let Some(op) = header(message, OP).and_then(Op::parse) else {
         return (400, Bytes::from_static(b"unknown op"));
@@ -285,7 +290,7 @@ async fn answer(cluster: &Cluster, message: &async_nats::Message) -> (u16, Bytes
         return bulk(cluster, &message.payload).await;
     }
     if matches!(op, Op::Publish | Op::History) {
-        return cluster.answer_owned_room(op, message).await;
+        return cluster.answer_owned_room(op, message, locked).await;
     }
     if op == Op::MoveStatus {
         let outcome = header(message, ID)

@@ -30,12 +30,8 @@ impl Directory {
         }
         let user = crate::auth::authorizer::user_of(authorizer);
         if to_webhooks {
-            self.note_webhook(WebhookEvent {
-                name,
-                room: room.as_str().to_owned(),
-                connection_id: Some(connection.to_string()),
-                user: user.clone(),
-            });
+            let id = Some(connection.to_string());
+            self.note_webhook(WebhookEvent::new(name, room.as_str(), id, user.clone()));
         }
         if to_members {
             let event = PresenceEvent {
@@ -143,7 +139,7 @@ impl Directory {
         if let Some(webhooks) = &self.webhooks
             && webhooks.config.wants(event.name)
         {
-            let _ = webhooks.events.send(event);
+            webhooks.events.note(event);
         }
     }
 }

@@ -24,8 +24,8 @@ use crate::rooms::history::{Replay, Want};
 use crate::rooms::sequencer::Sequencer;
 use crate::rooms::{PresenceMember, Published, RoomDelivery, RoomName};
 use crate::shard::handle::{Delivery, ShardHandle};
+use crate::webhooks::WebhookSender;
 use crate::webhooks::config::WebhookConfig;
-use crate::webhooks::feed::WebhookSender;
 
 /// Why a connection could not be reached.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -262,7 +262,9 @@ impl Directory {
             delivery,
             delivery.exclude,
         );
-        let numbered = numbered.await.map_err(Unreached::Unavailable)?;
+        let numbered = numbered
+            .await
+            .map_err(|error| Unreached::Unavailable(error.to_string()))?;
         let (offset, count) = numbered.release();
         Ok(Published {
             delivered: count.total().await,
@@ -280,8 +282,7 @@ impl Directory {
             return replay.map_err(|error| Unreached::ClusterUnavailable(error.to_string()));
         }
         let settings = self.settings(room);
-        let log = self.sequencer.log(room);
-        let mut log = log.lock().await;
+        let mut log = self.sequencer.lock(room).await;
         Ok(log.read(want, crate::clock::now_ms(), settings.history))
     }
 

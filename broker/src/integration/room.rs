@@ -229,7 +229,7 @@ impl RoomPublish {
         let delivery = RoomDelivery {
             exclude: self.exclude_sender.then(|| caller.id()),
             unreliable: self.unreliable,
-            offset: None,
+            position: None,
         };
         caller.publish(room, payload, delivery);
     }

@@ -39,7 +39,7 @@ pub(super) async fn post_to_room(
     let delivery = crate::rooms::RoomDelivery {
         exclude,
         unreliable,
-        offset: None,
+        position: None,
     };
     let payload = state
         .read_body(body, state.gateway.config.limits.max_message_bytes)

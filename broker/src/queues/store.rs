@@ -17,11 +17,13 @@ use crate::metrics::Metrics;
 pub type QueueAppendDone = Box<dyn FnOnce(Result<u64, AppendFailure>)>;
 
 /// Why a queue append was not stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AppendFailure {
     /// The data dir's disk is full: the client is told so; the gateway carries on.
+    #[error("the disk is full")]
     DiskFull,
     /// Anything else the storage reported.
+    #[error("{0}")]
     Storage(String),
 }
 
@@ -167,7 +169,11 @@ impl QueueStore {
 
     /// Appends `entries`, each stored as it is (no context: the entry is the event), in
     /// order; done once all are durable (or stored by JetStream).
-    pub async fn append_raw(&self, queue: &str, entries: Vec<Vec<u8>>) -> Result<(), String> {
+    pub async fn append_raw(
+        &self,
+        queue: &str,
+        entries: Vec<Vec<u8>>,
+    ) -> Result<(), AppendFailure> {
         let queue: Arc<str> = queue.into();
         match self {
             Self::Local(hub) => {
@@ -181,7 +187,7 @@ impl QueueStore {
                             context: None,
                             payload,
                             done: Box::new(move |result| {
-                                let _ = stored.send(result.map(drop).map_err(|e| e.to_string()));
+                                let _ = stored.send(result.map(drop).map_err(AppendFailure::from));
                             }),
                         }
                     })
@@ -190,16 +196,16 @@ impl QueueStore {
                 hub.log.append_many(appends);
                 let results = receive_all(all_stored, count).await;
                 if results.len() < count {
-                    return Err("the queue log stopped".to_owned());
+                    return Err(AppendFailure::Storage("the queue log stopped".to_owned()));
                 }
                 results.into_iter().collect::<Result<(), _>>()
             }
             Self::JetStream(cluster) => {
                 let appends = entries.into_iter().map(|entry| (queue.clone(), entry));
                 let results = cluster.append_all(appends).await;
-                results
-                    .into_iter()
-                    .try_for_each(|result| result.map(drop).map_err(|e| e.to_string()))
+                results.into_iter().try_for_each(|result| {
+                    (result.map(drop)).map_err(|e| AppendFailure::Storage(e.to_string()))
+                })
             }
         }
     }
@@ -306,7 +312,15 @@ async fn receive_all<T>(
 }
 
 impl crate::rooms::sequencer::Keeper for QueueStore {
-    fn keep(&self, entry: Vec<u8>) -> futures_util::future::BoxFuture<'_, Result<(), String>> {
-        Box::pin(self.append_raw(crate::rooms::history::QUEUE, vec![entry]))
+    fn keep(
+        &self,
+        entry: Vec<u8>,
+    ) -> futures_util::future::BoxFuture<'_, Result<(), crate::rooms::sequencer::NotKept>> {
+        Box::pin(async move {
+            let stored = self.append_raw(crate::rooms::history::QUEUE, vec![entry]);
+            let failed =
+                |failure: AppendFailure| crate::rooms::sequencer::NotKept(failure.to_string());
+            stored.await.map_err(failed)
+        })
     }
 }

@@ -15,7 +15,7 @@ pub struct RawRooms {
     pub history_size: usize,
     /// How long a kept message is kept.
     pub history_ttl_secs: u64,
-    /// Kept history survives a restart (on disk; JetStream in cluster mode).
+    /// Kept history survives a restart (in the segment log; one node only for now).
     pub history_durable: bool,
     /// Presence (`GET @rooms/{room}/presence`, `room_presence`) is served.
     pub presence: bool,

@@ -58,6 +58,9 @@ pub struct Replay {
     /// them anyway; a join replays none of them ([`Replay::for_join`]).
     pub recovered: bool,
     pub messages: Vec<Kept>,
+    /// More messages follow that did not fit one answer between nodes
+    /// ([`Replay::fit`]): ask again after the last one.
+    pub more: bool,
 }
 
 /// See the module documentation.
@@ -93,6 +96,11 @@ impl RoomLog {
         &self.epoch
     }
 
+    /// A short stand-in for the epoch on each numbered delivery ([`epoch_id`]).
+    pub fn epoch_id(&self) -> u32 {
+        epoch_id(&self.epoch)
+    }
+
     /// Gives `message` the next offset and keeps it if `bound` says so; returns the offset.
     pub fn append(&mut self, message: Message, now_ms: u64, bound: Option<HistoryBound>) -> u64 {
         self.top += 1;
@@ -106,6 +114,17 @@ impl RoomLog {
             self.prune(now_ms, bound);
         }
         self.top
+    }
+
+    /// Folds in a message read back from storage (oldest first), keeping what `bound`
+    /// keeps at `now_ms`.
+    pub fn restore(&mut self, kept: Kept, now_ms: u64, bound: Option<HistoryBound>) {
+        self.top = self.top.max(kept.offset);
+        self.last_ms = self.last_ms.max(kept.time_ms);
+        if let Some(bound) = bound {
+            self.kept.push_back(kept);
+            self.prune(now_ms, bound);
+        }
     }
 
     /// Takes back the message just appended as `offset` (it could not be stored).
@@ -153,10 +172,16 @@ impl RoomLog {
                 epoch,
                 limit,
             } => {
-                let same_epoch = epoch.as_deref().is_none_or(|e| e == self.epoch);
-                let servable = same_epoch && *offset + 1 >= first && *offset <= self.top;
-                // An offset of another epoch says nothing about this one: all that is kept.
-                let after = if same_epoch { *offset + 1 } else { first };
+                // An offset without its epoch is taken to be in this one, but it is trusted
+                // (recovered) only from the start (0); one of another epoch says nothing
+                // about this one: all that is kept.
+                let other_epoch = epoch.as_deref().is_some_and(|epoch| epoch != self.epoch);
+                let trusted = epoch.is_some() || *offset == 0;
+                let after = match other_epoch {
+                    true => first,
+                    false => offset.saturating_add(1),
+                };
+                let servable = !other_epoch && trusted && after >= first && *offset <= self.top;
                 (servable, after.saturating_sub(first) as usize, *limit)
             }
         };
@@ -167,6 +192,7 @@ impl RoomLog {
             first,
             recovered,
             messages,
+            more: false,
         }
     }
 }
@@ -228,6 +254,12 @@ impl Kept {
 }
 
 impl Replay {
+    /// What a join with `history` or `since` gets in a room that does not number its
+    /// messages: no epoch, nothing recovered.
+    pub fn unnumbered() -> Self {
+        Self::unavailable()
+    }
+
     /// What a join gets when the room's past cannot be read (cluster mode, its owner
     /// unreachable): no epoch, nothing recovered.
     pub fn unavailable() -> Self {
@@ -237,19 +269,38 @@ impl Replay {
             first: 1,
             recovered: false,
             messages: Vec::new(),
+            more: false,
         }
     }
 
     /// `GET @rooms/{room}/history`'s answer (also how one node answers another).
     pub fn to_json(&self, room: &RoomName) -> Value {
-        json!({
+        let mut body = json!({
             "room": room.as_str(),
             "epoch": self.epoch,
             "offset": self.top,
             "first": self.first,
             "recovered": self.recovered,
             "messages": self.messages.iter().map(Kept::to_json).collect::<Vec<_>>(),
-        })
+        });
+        if self.more {
+            body["more"] = true.into();
+        }
+        body
+    }
+
+    /// The JSON of as many of the first messages as fit `budget` bytes (none if even one
+    /// does not), with `more` set if any were left out.
+    pub fn fit(mut self, room: &RoomName, budget: usize) -> Vec<u8> {
+        loop {
+            let body = self.to_json(room).to_string().into_bytes();
+            if body.len() <= budget || self.messages.is_empty() {
+                return body;
+            }
+            let keep = self.messages.len() / 2;
+            self.messages.truncate(keep);
+            self.more = true;
+        }
     }
 
     /// Reads [`Replay::to_json`] back.
@@ -264,6 +315,7 @@ impl Replay {
                 .iter()
                 .map(Kept::from_json)
                 .collect::<Option<_>>()?,
+            more: body.get("more").and_then(Value::as_bool).unwrap_or(false),
         })
     }
 
@@ -292,6 +344,14 @@ impl Replay {
         });
         Message::text(frame.to_string())
     }
+}
+
+/// A 32-bit FNV-1a hash of an epoch: what a numbered delivery carries to say which epoch
+/// its offset counts in (the same on every node and build).
+pub fn epoch_id(epoch: &str) -> u32 {
+    epoch.bytes().fold(0x811c_9dc5, |hash: u32, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    })
 }
 
 /// `{"type":"message","room":R,"offset":O,"data":…}`: `data` is the published JSON value
@@ -349,6 +409,8 @@ mod tests {
         assert_eq!((replay.top, replay.first), (5, 3));
         assert_eq!(offsets(&replay), vec![3, 4, 5]);
         assert!(!replay.recovered, "1 and 2 are gone: not from 0");
+        let without_epoch = log.read(&since(2, None), 5, Some(BOUND));
+        assert!(!without_epoch.recovered, "an offset without its epoch");
         let replay = log.read(&since(2, Some("e1")), 5, Some(BOUND));
         assert!(replay.recovered);
         assert_eq!(offsets(&replay), vec![3, 4, 5]);
@@ -363,7 +425,8 @@ mod tests {
         assert!(at_top.recovered && at_top.messages.is_empty());
         let refused = [
             (since(1, Some("e1")), vec![3, 4, 5]),
-            (since(6, None), vec![]),
+            (since(6, Some("e1")), vec![]),
+            (since(u64::MAX, Some("e1")), vec![]),
             (since(4, Some("e0")), vec![3, 4, 5]),
         ];
         for (want, kept) in refused {
@@ -377,7 +440,7 @@ mod tests {
         }
         let limited = Want::Since {
             offset: 2,
-            epoch: None,
+            epoch: Some("e1".into()),
             limit: 2,
         };
         assert_eq!(offsets(&read(&mut log, limited)), vec![3, 4]);
@@ -447,6 +510,28 @@ mod tests {
         log.take_back(2);
         assert_eq!(offsets(&log.read(&since(0, None), 2, Some(BOUND))), vec![1]);
         assert_eq!(log.append(Message::text("again"), 3, Some(BOUND)), 2);
+    }
+
+    #[test]
+    fn a_replay_too_big_for_one_answer_says_more_follow() {
+        let bound = Some(HistoryBound {
+            size: 8,
+            ttl_ms: 1_000,
+        });
+        let mut log = RoomLog::new("e1".into(), 0);
+        for n in 0..8 {
+            log.append(Message::text("x".repeat(100)), n, bound);
+        }
+        let room = RoomName::parse("r").unwrap();
+        let replay = log.read(&since(0, Some("e1")), 8, bound);
+        let whole = replay.clone().fit(&room, usize::MAX);
+        let read = |bytes: &[u8]| Replay::from_json(&serde_json::from_slice(bytes).unwrap());
+        assert_eq!(read(&whole), Some(replay.clone()));
+        let part = replay.fit(&room, 700);
+        assert!(part.len() <= 700);
+        let part = read(&part).unwrap();
+        assert!(part.more && !part.messages.is_empty() && part.messages.len() < 8);
+        assert_eq!(part.messages[0].offset, 1, "the first ones");
     }
 
     #[test]

@@ -172,9 +172,17 @@ pub struct RoomDelivery {
     /// Latest-value-wins data (a ticker): WebTransport sessions opened with
     /// `?datagrams=1` get it as a datagram, which QUIC never retransmits.
     pub unreliable: bool,
-    /// Its offset, in a room that numbers its messages ([`sequencer`]): a member whose
+    /// Where it is in a room that numbers its messages ([`sequencer`]): a member whose
     /// join replay already brought it skips it.
-    pub offset: Option<u64>,
+    pub position: Option<Position>,
+}
+
+/// A numbered message's place: its offset, in the epoch its room's log counts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// [`history::epoch_id`] of the epoch.
+    pub epoch: u32,
+    pub offset: u64,
 }
 
 /// What a room broadcast did.

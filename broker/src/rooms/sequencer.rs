@@ -5,39 +5,58 @@
 //! offset until it is in every shard's mailbox (and, in cluster mode, handed to NATS). A
 //! join's replay is read under the same lock. So every shard sees a room's messages in
 //! offset order, and a member that joins sees each offset exactly once: those up to the
-//! replay's top in the replay, the later ones live, after it (see `shard::recovery`).
+//! replay's top in the replay, the later ones live, after it (see `shard/rooms.rs`).
+//!
+//! A log that is forgotten (swept, or its room moved to another node) is marked retired
+//! under its lock, so a caller that fetched it just before locks the new one instead.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+
+use tokio::sync::OwnedMutexGuard;
 
 use super::RoomName;
 use super::config::{RoomPolicy, RoomSettings};
 use super::history::{Kept, RoomLog};
 
-/// A room's log, locked while a message is sequenced and fanned out or a replay is read.
-pub type SharedLog = Arc<tokio::sync::Mutex<RoomLog>>;
+/// A durable room's message could not be stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("room history could not be stored: {0}")]
+pub struct NotKept(pub String);
 
 /// Where durable rooms' messages are stored before they are sent (one node: the queue log,
 /// [`super::history::QUEUE`]).
 pub trait Keeper: Send + Sync {
     /// Stores `entry` ([`super::history::Kept::to_entry`]); done once it is durable.
-    fn keep(&self, entry: Vec<u8>) -> futures_util::future::BoxFuture<'_, Result<(), String>>;
+    fn keep(&self, entry: Vec<u8>) -> futures_util::future::BoxFuture<'_, Result<(), NotKept>>;
+}
+
+/// A room's log, locked.
+pub type LockedLog = OwnedMutexGuard<RoomLog>;
+
+/// A room's log and whether it was forgotten.
+#[derive(Debug)]
+struct Slot {
+    log: Arc<tokio::sync::Mutex<RoomLog>>,
+    retired: AtomicBool,
 }
 
 /// See the module documentation.
-#[derive(Debug)]
 pub struct Sequencer {
     policy: RoomPolicy,
-    logs: Mutex<HashMap<RoomName, SharedLog>>,
+    logs: Mutex<HashMap<RoomName, Arc<Slot>>>,
     /// Starts every epoch this node makes, so two nodes or two runs never share one.
     epoch_prefix: String,
     /// Stores durable rooms' messages; set once storage is open.
     keeper: std::sync::OnceLock<Arc<dyn Keeper>>,
 }
 
-impl std::fmt::Debug for dyn Keeper {
+impl std::fmt::Debug for Sequencer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Keeper")
+        f.debug_struct("Sequencer")
+            .field("epoch_prefix", &self.epoch_prefix)
+            .finish_non_exhaustive()
     }
 }
 
@@ -61,66 +80,51 @@ impl Sequencer {
         self.keeper.get()
     }
 
-    /// Rebuilds the logs of durable rooms from their stored entries, oldest first: each
-    /// room goes on in the epoch and after the offset of its last entry, keeping what its
-    /// bound keeps at `now_ms` (an entry of a newer epoch starts the room's log anew).
-    pub fn restore(&self, entries: impl IntoIterator<Item = Vec<u8>>, now_ms: u64) -> usize {
-        let mut restored: HashMap<RoomName, (String, u64, Vec<Kept>)> = HashMap::new();
-        for entry in entries {
-            let Some((room, epoch, kept)) = Kept::from_entry(&entry) else {
-                continue;
-            };
-            let log = restored
-                .entry(room)
-                .or_insert_with(|| (epoch.clone(), 0, Vec::new()));
-            if log.0 != epoch {
-                *log = (epoch, 0, Vec::new());
-            }
-            log.1 = log.1.max(kept.offset);
-            log.2.push(kept);
-        }
-        let mut logs = self
-            .logs
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let rooms = restored.len();
-        for (room, (epoch, top, kept)) in restored {
-            let mut log = RoomLog::resumed(epoch, top, kept);
-            if let Some(bound) = self.policy.for_room(&room).history {
-                log.prune(now_ms, bound);
-            }
-            logs.insert(room, Arc::new(tokio::sync::Mutex::new(log)));
-        }
-        rooms
-    }
-
     /// The settings of `room` (`[rooms]`, `[[rooms.class]]`).
     pub fn settings(&self, room: &RoomName) -> RoomSettings {
         self.policy.for_room(room)
     }
 
-    /// Forgets the logs of the rooms `keep` does not keep (cluster mode: rooms another
-    /// node sequences now; their next message here would start a new epoch).
-    pub fn retain(&self, keep: impl Fn(&RoomName) -> bool) {
-        let mut logs = self
-            .logs
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        logs.retain(|room, _| keep(room));
+    /// `room`'s log, locked; a room first seen now starts a new epoch at offset 0.
+    pub async fn lock(&self, room: &RoomName) -> LockedLog {
+        loop {
+            let slot = self.slot(room);
+            let log = slot.log.clone().lock_owned().await;
+            if !slot.retired.load(Ordering::Acquire) {
+                return log;
+            }
+        }
     }
 
-    /// `room`'s log; a room first seen now starts a new epoch at offset 0.
-    pub fn log(&self, room: &RoomName) -> SharedLog {
-        let mut logs = self
-            .logs
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    fn slot(&self, room: &RoomName) -> Arc<Slot> {
+        let mut logs = self.logs();
         logs.entry(room.clone())
             .or_insert_with(|| {
                 let log = RoomLog::new(self.new_epoch(), crate::clock::now_ms());
-                Arc::new(tokio::sync::Mutex::new(log))
+                Arc::new(Slot {
+                    log: Arc::new(tokio::sync::Mutex::new(log)),
+                    retired: AtomicBool::new(false),
+                })
             })
             .clone()
+    }
+
+    fn logs(&self) -> std::sync::MutexGuard<'_, HashMap<RoomName, Arc<Slot>>> {
+        self.logs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Forgets the logs of the rooms `keep` does not keep (cluster mode: rooms another
+    /// node sequences now; their next message here would start a new epoch).
+    pub fn retain(&self, keep: impl Fn(&RoomName) -> bool) {
+        self.logs().retain(|room, slot| {
+            let kept = keep(room);
+            if !kept {
+                slot.retired.store(true, Ordering::Release);
+            }
+            kept
+        });
     }
 
     /// A fresh epoch: this node and run, and 64 random bits.
@@ -130,28 +134,54 @@ impl Sequencer {
         format!("{}.{:016x}", self.epoch_prefix, u64::from_be_bytes(random))
     }
 
+    /// Rebuilds the logs of durable rooms from their stored entries, oldest first: each
+    /// room goes on in the epoch and after the offset of its last entry, keeping what its
+    /// bound keeps at `now_ms` (an entry of a newer epoch starts the room's log anew).
+    /// Entries are folded in one at a time, so only what the bounds keep is held.
+    pub fn restore(&self, entries: impl IntoIterator<Item = Vec<u8>>, now_ms: u64) -> usize {
+        let mut restored: HashMap<RoomName, RoomLog> = HashMap::new();
+        for entry in entries {
+            let Some((room, epoch, kept)) = Kept::from_entry(&entry) else {
+                continue;
+            };
+            let bound = self.policy.for_room(&room).history;
+            let log = (restored.entry(room))
+                .or_insert_with(|| RoomLog::resumed(epoch.clone(), 0, Vec::new()));
+            if log.epoch() != epoch {
+                *log = RoomLog::resumed(epoch, 0, Vec::new());
+            }
+            log.restore(kept, now_ms, bound);
+        }
+        let rooms = restored.len();
+        let mut logs = self.logs();
+        for (room, log) in restored {
+            let slot = Slot {
+                log: Arc::new(tokio::sync::Mutex::new(log)),
+                retired: AtomicBool::new(false),
+            };
+            logs.insert(room, Arc::new(slot));
+        }
+        rooms
+    }
+
     /// Drops the logs of rooms that keep nothing and have been quiet for their TTL (their
     /// next message starts a new epoch), so the logs of rooms used once do not pile up.
     pub fn sweep(&self, now_ms: u64) {
-        let mut logs = self
-            .logs
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        logs.retain(|room, log| {
+        self.logs().retain(|room, slot| {
             let settings = self.policy.for_room(room);
-            let Ok(mut log) = log.try_lock() else {
+            let Ok(mut log) = slot.log.try_lock() else {
                 return true;
             };
             if let Some(bound) = settings.history {
                 log.prune(now_ms, bound);
             }
-            !log.is_empty() || now_ms.saturating_sub(log.last_ms()) < settings.history_ttl_ms
+            let quiet = now_ms.saturating_sub(log.last_ms()) >= settings.history_ttl_ms;
+            let forget = log.is_empty() && quiet;
+            if forget {
+                slot.retired.store(true, Ordering::Release);
+            }
+            !forget
         });
-    }
-
-    /// How many rooms have a log here.
-    pub fn rooms(&self) -> usize {
-        self.logs.lock().map_or(0, |logs| logs.len())
     }
 }
 
@@ -167,22 +197,42 @@ mod tests {
             .unwrap()
     }
 
-    #[test]
-    fn epochs_differ_between_rooms_and_runs() {
+    fn rooms(sequencer: &Sequencer) -> usize {
+        sequencer.logs().len()
+    }
+
+    #[tokio::test]
+    async fn epochs_differ_between_rooms_and_runs() {
         let policy = || policy("");
         let (one, two) = (
             Sequencer::new(policy(), 1, 7),
             Sequencer::new(policy(), 1, 8),
         );
         let room = RoomName::parse("r").unwrap();
-        let epoch = |s: &Sequencer| s.log(&room).try_lock().unwrap().epoch().to_owned();
-        assert_ne!(epoch(&one), epoch(&two));
-        assert!(epoch(&one).starts_with("1.7."));
-        assert_eq!(epoch(&one), epoch(&one), "one log per room");
+        let first = one.lock(&room).await.epoch().to_owned();
+        assert_ne!(first, two.lock(&room).await.epoch());
+        assert!(first.starts_with("1.7."));
+        assert_eq!(first, one.lock(&room).await.epoch(), "one log per room");
     }
 
-    #[test]
-    fn durable_rooms_go_on_from_their_stored_entries() {
+    #[tokio::test]
+    async fn a_forgotten_log_is_not_used_by_a_caller_that_fetched_it() {
+        let sequencer = Arc::new(Sequencer::new(policy(""), 0, 1));
+        let room = RoomName::parse("r").unwrap();
+        let held = sequencer.lock(&room).await;
+        let first = held.epoch().to_owned();
+        let waiter = {
+            let (sequencer, room) = (sequencer.clone(), room.clone());
+            tokio::spawn(async move { sequencer.lock(&room).await.epoch().to_owned() })
+        };
+        tokio::task::yield_now().await;
+        sequencer.retain(|_| false);
+        drop(held);
+        assert_ne!(waiter.await.unwrap(), first, "the waiter got the new log");
+    }
+
+    #[tokio::test]
+    async fn durable_rooms_go_on_from_their_stored_entries() {
         let policy = policy("history_size = 2");
         let room = RoomName::parse("r").unwrap();
         let kept = |offset: u64, epoch: &str| {
@@ -196,8 +246,7 @@ mod tests {
         let entries = vec![kept(1, "old"), kept(1, "e"), kept(2, "e"), kept(3, "e")];
         let sequencer = Sequencer::new(policy, 0, 1);
         assert_eq!(sequencer.restore(entries, 2_000), 1);
-        let log = sequencer.log(&room);
-        let mut log = log.try_lock().unwrap();
+        let mut log = sequencer.lock(&room).await;
         assert_eq!(log.epoch(), "e", "the last epoch");
         let bound = Some(super::super::config::HistoryBound {
             size: 2,
@@ -209,8 +258,8 @@ mod tests {
         assert_eq!(log.append(Message::text("m4"), 2_000, bound), 4);
     }
 
-    #[test]
-    fn quiet_empty_logs_are_swept_and_kept_ones_stay() {
+    #[tokio::test]
+    async fn quiet_empty_logs_are_swept_and_kept_ones_stay() {
         let policy = policy(
             "envelope = true\nhistory_ttl_secs = 10\n[[class]]\npattern = \"kept\"\nhistory_size = 5\n",
         );
@@ -220,17 +269,17 @@ mod tests {
         );
         let sequencer = Sequencer::new(policy.clone(), 0, 1);
         for (room, at) in [(&quiet, 1_000), (&kept, 5_000)] {
-            let log = sequencer.log(room);
             let bound = policy.for_room(room).history;
-            log.try_lock()
-                .unwrap()
+            sequencer
+                .lock(room)
+                .await
                 .append(Message::text("m"), at, bound);
         }
         sequencer.sweep(10_999);
-        assert_eq!(sequencer.rooms(), 2, "quiet for less than the TTL");
+        assert_eq!(rooms(&sequencer), 2, "quiet for less than the TTL");
         sequencer.sweep(11_000);
-        assert_eq!(sequencer.rooms(), 1, "the envelope-only room went");
+        assert_eq!(rooms(&sequencer), 1, "the envelope-only room went");
         sequencer.sweep(15_000);
-        assert_eq!(sequencer.rooms(), 0, "the kept message expired");
+        assert_eq!(rooms(&sequencer), 0, "the kept message expired");
     }
 }

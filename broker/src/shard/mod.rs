@@ -133,6 +133,7 @@ impl Shard {
             .borrow_mut()
             .remove(&connection.id.sequence);
         let left = self.rooms.borrow_mut().leave_all(connection.id.sequence);
+        (self.waiting.borrow_mut()).forget(connection.id.sequence, None);
         let directory = &self.gateway.directory;
         let authorizer = connection.facts.authorizer.as_deref();
         for room in &left {

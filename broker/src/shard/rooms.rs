@@ -17,8 +17,8 @@ use crate::disconnect::DisconnectReason;
 use crate::message::Message;
 use crate::outbound::{self, SharedFrame};
 use crate::rooms::events::Change;
-use crate::rooms::history::{Replay, Want};
-use crate::rooms::{RoomDelivery, RoomName, TooManyRooms};
+use crate::rooms::history::{Replay, Want, epoch_id};
+use crate::rooms::{Position, RoomDelivery, RoomName, TooManyRooms};
 
 impl Shard {
     /// Adds a local connection to `room` (idempotent), unless that would put it in more
@@ -88,6 +88,7 @@ impl Shard {
     pub fn leave(&self, connection: &Connection, room: &RoomName) {
         let left = self.rooms.borrow_mut().leave(room, connection.id.sequence);
         if left {
+            (self.waiting.borrow_mut()).forget(connection.id.sequence, Some(room));
             let directory = &self.gateway.directory;
             let authorizer = connection.facts.authorizer.as_deref();
             directory.membership_changed(room, Change::Leave, connection.id, authorizer);
@@ -118,15 +119,13 @@ impl Shard {
             if Some(sequence) == skip {
                 continue;
             }
-            if let Some(offset) = delivery.offset {
-                match self.replay_state(member, sequence, room, offset, frame, &mut waiting) {
-                    Take::Now => {}
-                    Take::Held => {
-                        delivered += 1;
-                        continue;
-                    }
-                    Take::Skip => continue,
+            match self.replay_state(member, sequence, room, delivery, frame, &mut waiting) {
+                Take::Now => {}
+                Take::Held => {
+                    delivered += 1;
+                    continue;
                 }
+                Take::Skip => continue,
             }
             let connection = &member.connection;
             let sent = delivery.unreliable && connection.send_datagram(frame);
@@ -183,19 +182,27 @@ impl Shard {
         self.work_needed.notify_one();
     }
 
-    /// A join that asked for `room`'s past: a member now, its live frames held until the
-    /// replay `want` asks for arrives; then `joined`, the replay, the held frames. A
-    /// replay is at most half the outbound queue (`limits.outbound_queue_frames`); a
-    /// `since` further behind is answered `recovered: false`.
+    /// A join that asked for `room`'s past: a member now, its live frames of the room held
+    /// until the replay `want` asks for arrives; then `joined`, the replay, the held frames.
+    /// A replay is at most half the outbound queue (`limits.outbound_queue_frames`); a
+    /// `since` further behind is answered `recovered: false`. A connection that already is
+    /// a member gets `joined` with `recovered: false` and no replay (it has had the room's
+    /// messages all along); in a room that does not number its messages, `joined` says
+    /// `recovered: false` at once.
     pub fn join_with_replay(
         self: &Rc<Self>,
         connection: &Rc<Connection>,
         room: &RoomName,
         want: Want,
     ) -> Result<(), TooManyRooms> {
+        let already = self.is_member(connection, room);
         self.join(connection, room)?;
-        let sequence = connection.id.sequence;
-        self.waiting.borrow_mut().begin(sequence, room);
+        if !self.gateway.directory.settings(room).sequenced() {
+            let joined = Replay::unnumbered().joined(room);
+            let _ = connection.push(joined, &self.gateway.metrics);
+            return Ok(());
+        }
+        let token = (self.waiting.borrow_mut()).begin(connection.id.sequence, room);
         let most = self.gateway.config.limits.outbound_queue_frames / 2;
         let want = match want {
             Want::Last(count) => Want::Last(count.min(most)),
@@ -210,20 +217,31 @@ impl Shard {
         self.tasks.spawn_local(async move {
             let _in_flight = in_flight;
             let replay = shard.gateway.directory.replay(&room, &want).await;
-            let replay = replay.unwrap_or_else(|unreached| {
+            let mut replay = replay.unwrap_or_else(|unreached| {
                 tracing::warn!(%room, %unreached, "a join's replay is unavailable");
                 Replay::unavailable()
             });
-            shard.deliver_replay(&connection, &room, replay.for_join(most));
+            if already {
+                replay.recovered = false;
+            }
+            shard.deliver_replay(&connection, &room, token, replay.for_join(most));
         });
         Ok(())
     }
 
-    /// Queues `joined`, the replay and the frames held meanwhile (those past the replay),
-    /// to a member that is still in the room.
-    fn deliver_replay(&self, connection: &Rc<Connection>, room: &RoomName, replay: Replay) {
+    /// Queues `joined`, the replay and the frames held meanwhile (numbered ones only if the
+    /// replay did not bring them) to a member that is still in the room and waited for it.
+    fn deliver_replay(
+        &self,
+        connection: &Rc<Connection>,
+        room: &RoomName,
+        token: u64,
+        replay: Replay,
+    ) {
         let sequence = connection.id.sequence;
-        let held = self.waiting.borrow_mut().finish(sequence, room);
+        let Some(held) = self.waiting.borrow_mut().finish(sequence, room, token) else {
+            return;
+        };
         let rooms = self.rooms.borrow();
         let Some((_, member)) = rooms.members(room).find(|(s, _)| *s == sequence) else {
             return;
@@ -241,32 +259,51 @@ impl Shard {
                 return;
             }
         }
-        let mut last = replay.top;
-        for (offset, frame) in held.into_iter().filter(|(offset, _)| *offset > replay.top) {
-            self.enqueue(connection, &frame);
-            last = offset;
+        // What the replay brought: up to its top, in its epoch (nothing, if not recovered).
+        let mut covered = replay.recovered.then(|| Position {
+            epoch: epoch_id(&replay.epoch),
+            offset: replay.top,
+        });
+        for (position, frame) in held {
+            let brought = match (position, covered) {
+                (Some(position), Some(covered)) => {
+                    position.epoch == covered.epoch && position.offset <= covered.offset
+                }
+                _ => false,
+            };
+            if !brought {
+                self.enqueue(connection, &frame);
+                if position.is_some() && covered.is_some() {
+                    covered = position;
+                }
+            }
         }
-        member.replayed_up_to(last);
+        if let Some(covered) = covered {
+            member.replayed_up_to(covered);
+        }
     }
 
-    /// What `member` does with the broadcast numbered `offset`.
+    /// What `member` does with a broadcast to its room.
     fn replay_state(
         &self,
         member: &Member,
         sequence: u64,
         room: &RoomName,
-        offset: u64,
+        delivery: RoomDelivery,
         frame: &SharedFrame,
         waiting: &mut Waiting,
     ) -> Take {
-        if !member.takes(offset) {
+        if delivery
+            .position
+            .is_some_and(|position| !member.takes(position))
+        {
             return Take::Skip;
         }
         if waiting.is_empty() {
             return Take::Now;
         }
         let limit = self.gateway.config.limits.outbound_queue_frames;
-        match waiting.hold(sequence, room, offset, frame, limit) {
+        match waiting.hold(sequence, room, delivery.position, frame, limit) {
             Held::No => Take::Now,
             Held::Yes => Take::Held,
             Held::Overflow => {

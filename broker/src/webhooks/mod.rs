@@ -56,6 +56,11 @@ impl EventName {
 /// One event, as it is queued and sent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WebhookEvent {
+    /// Unique per event (this node and run, and a count), given when it is stored: a
+    /// receiver drops an id it has seen (delivery is at least once).
+    pub id: String,
+    /// When it happened, epoch milliseconds.
+    pub time_ms: u64,
     pub name: EventName,
     pub room: String,
     /// The member, for `member_*`.
@@ -67,19 +72,60 @@ pub struct WebhookEvent {
 }
 
 impl WebhookEvent {
-    /// A room event (`room_occupied`, `room_vacated`).
-    pub fn room(name: EventName, room: &str) -> Self {
+    /// Event `name` in `room`, now (its id is given when it is stored).
+    pub fn new(
+        name: EventName,
+        room: &str,
+        connection_id: Option<String>,
+        user: Option<String>,
+    ) -> Self {
         Self {
+            id: String::new(),
+            time_ms: crate::clock::now_ms(),
             name,
             room: room.to_owned(),
-            connection_id: None,
-            user: None,
+            connection_id,
+            user,
         }
+    }
+
+    /// A room event (`room_occupied`, `room_vacated`).
+    pub fn room(name: EventName, room: &str) -> Self {
+        Self::new(name, room, None, None)
     }
 
     /// The queue entry: the event's JSON.
     pub fn to_entry(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// Most events waiting to be stored; past it they are dropped and counted (storage that
+/// stays unavailable must not take the gateway's memory with it).
+pub const WAITING: usize = 65_536;
+
+/// Where a node's room events go on their way to [`feed`].
+#[derive(Clone)]
+pub struct WebhookSender {
+    events: tokio::sync::mpsc::Sender<WebhookEvent>,
+    /// `switchboard_webhook_events_total{outcome="dropped"}`.
+    dropped: prometheus::IntCounter,
+}
+
+impl WebhookSender {
+    /// A sender and the receiving end [`feed::feed`] takes.
+    pub fn new(
+        dropped: prometheus::IntCounter,
+    ) -> (Self, tokio::sync::mpsc::Receiver<WebhookEvent>) {
+        let (events, receiver) = tokio::sync::mpsc::channel(WAITING);
+        (Self { events, dropped }, receiver)
+    }
+
+    /// Notes `event` for storing; drops (and counts) it if [`WAITING`] already wait.
+    pub fn note(&self, event: WebhookEvent) {
+        if self.events.try_send(event).is_err() {
+            self.dropped.inc();
+        }
     }
 }
 
@@ -110,23 +156,19 @@ mod tests {
 
     #[test]
     fn the_body_lists_the_events_and_the_signature_is_hmac_sha256() {
-        let joined = WebhookEvent {
-            name: EventName::MemberJoined,
-            room: "lobby".into(),
-            connection_id: Some("abc".into()),
-            user: None,
-        };
-        let entries = vec![
-            WebhookEvent::room(EventName::RoomOccupied, "lobby").to_entry(),
-            joined.to_entry(),
-        ];
+        let mut joined =
+            WebhookEvent::new(EventName::MemberJoined, "lobby", Some("abc".into()), None);
+        (joined.id, joined.time_ms) = ("1.2.3".into(), 1_600);
+        let mut occupied = WebhookEvent::room(EventName::RoomOccupied, "lobby");
+        (occupied.id, occupied.time_ms) = ("1.2.2".into(), 1_500);
+        let entries = vec![occupied.to_entry(), joined.to_entry()];
         let body = body(entries.into_iter(), 1_700);
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(
             json,
             serde_json::json!({"time_ms": 1700, "events": [
-                {"name": "room_occupied", "room": "lobby"},
-                {"name": "member_joined", "room": "lobby", "connectionId": "abc"},
+                {"id": "1.2.2", "time_ms": 1500, "name": "room_occupied", "room": "lobby"},
+                {"id": "1.2.3", "time_ms": 1600, "name": "member_joined", "room": "lobby", "connectionId": "abc"},
             ]})
         );
         // RFC 4231 test case 2.

@@ -169,6 +169,27 @@ async fn a_new_connection_recovers_what_it_missed_from_its_offset_and_epoch() {
         );
         assert_eq!(offsets(&mut again, 1).await.len(), 1);
     }
+    // A member that joins again gets no replay: it has had the room all along.
+    join(
+        &mut again,
+        json!({"room": "chat", "since": 1, "epoch": epoch}),
+    )
+    .await;
+    let joined = next_json(&mut again).await;
+    assert_eq!(
+        (&joined["type"], &joined["recovered"]),
+        (&json!("joined"), &json!(false))
+    );
+    publish(&gateway, "chat", "after").await;
+    assert_eq!(
+        next_json(&mut again).await["data"],
+        "after",
+        "live, no replay first"
+    );
+    // An offset without its epoch is not trusted.
+    let mut careless = gateway.connect().await;
+    join(&mut careless, json!({"room": "chat", "since": 6})).await;
+    assert_eq!(next_json(&mut careless).await["recovered"], false);
     // Bad options are an error frame; the connection stays.
     join(&mut again, json!({"room": "chat", "history": "lots"})).await;
     let refused = next_json(&mut again).await;
@@ -220,6 +241,12 @@ async fn the_history_api_pages_and_bounds_what_is_kept() {
     assert_eq!(
         publish(&gateway, "pipe:a", "x").await,
         json!({"delivered": 0})
+    );
+    let mut asking = gateway.connect().await;
+    join(&mut asking, json!({"room": "pipe:a", "history": 5})).await;
+    assert_eq!(
+        next_json(&mut asking).await,
+        json!({"type": "joined", "room": "pipe:a", "epoch": "", "offset": 0, "recovered": false})
     );
     // After the TTL nothing is kept, and offsets go on.
     tokio::time::sleep(Duration::from_millis(1_100)).await;

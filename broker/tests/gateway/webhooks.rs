@@ -170,7 +170,18 @@ async fn room_events_are_posted_once_in_order_in_signed_batches() {
     let events = receiver.wait_for_events(6 + 31).await;
     let posts = receiver.posts.lock().unwrap().len() - posts_before;
     assert!(posts < 31, "{posts} POSTs for 31 events");
-    assert_eq!(events[6], json!({"name": "room_occupied", "room": "crowd"}));
+    assert_eq!(
+        (&events[6]["name"], &events[6]["room"]),
+        (&json!("room_occupied"), &json!("crowd"))
+    );
+    let ids: std::collections::HashSet<&str> =
+        events.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), events.len(), "every event has its own id");
+    assert!(
+        events
+            .iter()
+            .all(|e| e["time_ms"].as_u64().unwrap() > 1_600_000_000_000)
+    );
     gateway.stop().await;
 }
 

@@ -1,22 +1,25 @@
-//! Which nodes have members in which rooms: the bucket and this node's channels (see
-//! [`crate::cluster::occupancy`]).
+//! Which nodes have members in which rooms: the bucket, this node's changes not yet
+//! applied, and where the resulting events go (see [`crate::cluster::occupancy`]).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use async_nats::jetstream::kv;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::Notify;
 
 use crate::cluster::error::ClusterError;
 use crate::rooms::RoomName;
-use crate::webhooks::WebhookEvent;
+use crate::webhooks::WebhookSender;
 
-/// The occupancy bucket, and where this node's changes and the resulting events go.
+/// The occupancy bucket, and this node's changes on their way to it.
 pub struct Occupancy {
     pub(in crate::cluster) store: kv::Store,
-    pub(in crate::cluster) changes: UnboundedSender<(RoomName, bool)>,
-    pub(in crate::cluster) events: UnboundedSender<WebhookEvent>,
+    /// Per room, whether this node has members now: only the latest state waits, so
+    /// what waits is bounded by the number of rooms, whatever the churn.
+    pending: Mutex<HashMap<RoomName, bool>>,
+    pub(in crate::cluster) changed: Notify,
+    pub(in crate::cluster) events: WebhookSender,
 }
-
-/// This node's changes, on their way to [`track`].
-pub type OccupancyChanges = UnboundedReceiver<(RoomName, bool)>;
 
 impl Occupancy {
     /// Opens (or makes) the bucket; `events` receives the room events this node reports.
@@ -24,8 +27,8 @@ impl Occupancy {
         jetstream: &async_nats::jetstream::Context,
         bucket: String,
         replicas: usize,
-        events: UnboundedSender<WebhookEvent>,
-    ) -> Result<(Self, OccupancyChanges), ClusterError> {
+        events: WebhookSender,
+    ) -> Result<Self, ClusterError> {
         let store = match jetstream.get_key_value(&bucket).await {
             Ok(store) => store,
             Err(_) => jetstream
@@ -38,12 +41,27 @@ impl Occupancy {
                 .await
                 .map_err(|e| ClusterError::JetStream(e.to_string()))?,
         };
-        let (changes, receiver) = tokio::sync::mpsc::unbounded_channel();
-        let occupancy = Self {
+        Ok(Self {
             store,
-            changes,
+            pending: Mutex::new(HashMap::new()),
+            changed: Notify::new(),
             events,
-        };
-        Ok((occupancy, receiver))
+        })
+    }
+
+    /// This node has (`true`) or no longer has members in `room`.
+    pub(in crate::cluster) fn note(&self, room: &RoomName, occupied: bool) {
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.insert(room.clone(), occupied);
+        }
+        self.changed.notify_one();
+    }
+
+    /// The changes noted since the last call.
+    pub(in crate::cluster) fn take(&self) -> HashMap<RoomName, bool> {
+        self.pending
+            .lock()
+            .map(|mut pending| std::mem::take(&mut *pending))
+            .unwrap_or_default()
     }
 }
