@@ -187,16 +187,24 @@ pub async fn number_locked(
     let settings = sequencer.settings(room);
     let now_ms = crate::clock::now_ms();
     let offset = log.append(message.clone(), now_ms, settings.history);
-    if let (true, Some(keeper)) = (settings.history_durable, sequencer.keeper()) {
+    if let Some(keeper) = sequencer.keeper_for(room) {
         // Stored before anyone gets it: after a crash, no offset is given out twice.
         let kept = Kept {
             offset,
             time_ms: now_ms,
             message: message.clone(),
         };
-        if let Err(error) = keeper.keep(kept.to_entry(room, log.epoch())).await {
-            log.take_back(offset);
-            return Err(error);
+        let entry = kept.to_entry(room, log.epoch());
+        match keeper.keep(room, entry, log.stored()).await {
+            Ok(at) => log.stored_at(at),
+            Err(error) => {
+                log.take_back(offset);
+                if error == NotKept::Conflict {
+                    // Another node numbered the room meanwhile: read it in again first.
+                    log.reload();
+                }
+                return Err(error);
+            }
         }
     }
     let message = match settings.envelope {

@@ -264,8 +264,12 @@ pub async fn serve(
         None => QueueStore::Local(queues.clone()),
     };
     if config.rooms.durable_ttl_ms().is_some() {
-        let rooms = sequencer.restore(stored_history(&queues)?, crate::clock::now_ms());
-        tracing::info!(rooms, "durable room history read back");
+        // One node reads its durable history back now; in cluster mode a room's owner
+        // reads it from JetStream when it first uses the room.
+        if cluster.is_none() {
+            let rooms = sequencer.restore(stored_history(&queues)?, crate::clock::now_ms());
+            tracing::info!(rooms, "durable room history read back");
+        }
         sequencer.keep_with(Arc::new(queue_store.clone()));
     }
     let gateway = Arc::new(Gateway {

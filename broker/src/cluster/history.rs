@@ -13,7 +13,9 @@
 //! `recovered: false`.
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::consumer;
 use bytes::Bytes;
+use futures_util::StreamExt;
 
 use super::Cluster;
 use super::interest::{BROADCAST, OP, delivered, delivery_of, room_headers};
@@ -22,16 +24,21 @@ use super::remote::{Op, ROOM};
 use crate::fanout;
 use crate::message::Message;
 use crate::rooms::history::{Replay, Want};
-use crate::rooms::sequencer::LockedLog;
+use crate::rooms::sequencer::{LockedLog, NotKept, Stored};
 use crate::rooms::{Published, RoomDelivery, RoomName};
 
-/// Why a numbered room could not be reached.
+/// Why a numbered room could not be published to or read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("the node that numbers room {room} (node {owner}) did not answer: {reason}")]
-pub struct OwnerUnreachable {
-    pub room: String,
-    pub owner: u16,
-    pub reason: String,
+pub enum OwnerUnreachable {
+    #[error("the node that numbers room {room} (node {owner}) did not answer: {reason}")]
+    Owner {
+        room: String,
+        owner: u16,
+        reason: String,
+    },
+    /// A durable room's message could not be stored.
+    #[error(transparent)]
+    NotKept(#[from] NotKept),
 }
 
 impl Cluster {
@@ -50,7 +57,7 @@ impl Cluster {
     ) -> Result<Published, OwnerUnreachable> {
         let owner = self.room_owner(room);
         if owner == self.node_id {
-            return Ok(self.number_here(room, message, delivery, None).await);
+            return Ok(self.number_here(room, message, delivery, None).await?);
         }
         let headers = room_headers(Op::Publish.label(), delivery);
         let reply = self.ask_owner(owner, room, Op::Publish, headers, message.to_portable());
@@ -151,8 +158,10 @@ impl Cluster {
                     return (400, Bytes::from_static(b"not a message"));
                 };
                 let delivery = delivery_of(self, headers);
-                let published = self.number_here(&room, &message, delivery, locked).await;
-                serde_json::to_vec(&published).unwrap_or_default()
+                match self.number_here(&room, &message, delivery, locked).await {
+                    Ok(published) => serde_json::to_vec(&published).unwrap_or_default(),
+                    Err(error) => return (503, Bytes::from(error.to_string())),
+                }
             }
             _ => {
                 let Ok(want) = serde_json::from_slice::<Want>(&request.payload) else {
@@ -175,7 +184,7 @@ impl Cluster {
         message: &Message,
         delivery: RoomDelivery,
         locked: Option<LockedLog>,
-    ) -> Published {
+    ) -> Result<Published, NotKept> {
         let exclude_here = delivery.exclude.map(|id| self.here_as(id));
         let log = match locked {
             Some(log) => log,
@@ -184,10 +193,7 @@ impl Cluster {
         let (shards, rooms) = (&self.shards, &self.rooms);
         let numbered =
             fanout::number_locked(log, rooms, shards, room, message, delivery, exclude_here);
-        // Durable history is refused in cluster mode at start: storing cannot fail here.
-        let Ok(numbered) = numbered.await else {
-            return Published::default();
-        };
+        let numbered = numbered.await?;
         let headers = room_headers(BROADCAST, numbered.delivery);
         // Handed to NATS while the log is locked (bounded: a stuck connection must not
         // hold the room's next messages for longer than a request may take).
@@ -199,16 +205,77 @@ impl Cluster {
             Some(sent) => delivered(&self.collect(sent, "broadcast").await),
             None => 0,
         };
-        Published {
+        Ok(Published {
             delivered: count.total().await + remote,
             offset: Some(offset),
-        }
+        })
     }
 
     async fn replay_here(&self, room: &RoomName, want: &Want) -> Replay {
         let history = self.rooms.settings(room).history;
         let mut log = self.rooms.lock(room).await;
         log.read(want, crate::clock::now_ms(), history)
+    }
+
+    /// Stores a durable room's entry in its subject of the history stream, after the
+    /// message stored at `after` (JetStream's expected last subject sequence: if another
+    /// node stored one meanwhile, this one is refused); returns its stream sequence.
+    pub async fn keep_history(
+        &self,
+        room: &RoomName,
+        entry: Vec<u8>,
+        after: Option<u64>,
+    ) -> Result<Option<u64>, NotKept> {
+        let failed = |e: &dyn std::fmt::Display| NotKept::Failed(e.to_string());
+        if self.history.is_none() {
+            return Err(failed(&"no history stream"));
+        }
+        let publish = async_nats::jetstream::message::PublishMessage::build()
+            .payload(Bytes::from(entry))
+            .expected_last_subject_sequence(after.unwrap_or(0));
+        let subject = self.subjects.history(room.as_str());
+        let sent = self.jetstream.send_publish(subject, publish).await;
+        let ack = sent.map_err(|e| failed(&e))?.await;
+        match ack {
+            Ok(ack) => Ok(Some(ack.sequence)),
+            Err(error)
+                if error.kind()
+                    == async_nats::jetstream::context::PublishErrorKind::WrongLastSequence =>
+            {
+                Err(NotKept::Conflict)
+            }
+            Err(error) => Err(failed(&error)),
+        }
+    }
+
+    /// A durable room's stored entries, oldest first, and the last one's stream sequence.
+    pub async fn load_history(&self, room: &RoomName) -> Result<Stored, NotKept> {
+        let failed = |e: &dyn std::fmt::Display| NotKept::Failed(e.to_string());
+        let Some(history) = &self.history else {
+            return Err(failed(&"no history stream"));
+        };
+        let consumer = history
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.subjects.history(room.as_str()),
+                deliver_policy: consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| failed(&e))?;
+        let mut remaining = consumer.cached_info().num_pending;
+        let mut messages = consumer.messages().await.map_err(|e| failed(&e))?;
+        let (mut entries, mut last) = (Vec::new(), None);
+        while remaining > 0 {
+            let next = tokio::time::timeout(self.config.request_timeout, messages.next());
+            let message = (next.await.map_err(|e| failed(&e))?)
+                .ok_or_else(|| failed(&"the history ended early"))?
+                .map_err(|e| failed(&e))?;
+            let info = message.info().map_err(|e| failed(&e))?;
+            (remaining, last) = (info.pending, Some(info.stream_sequence));
+            entries.push(message.payload.to_vec());
+        }
+        Ok((entries, last))
     }
 
     /// Request `op` to `room`'s owner; its body if it answered 200.
@@ -234,7 +301,7 @@ impl Cluster {
 }
 
 fn unreachable(room: &RoomName, owner: u16, reason: impl std::fmt::Display) -> OwnerUnreachable {
-    OwnerUnreachable {
+    OwnerUnreachable::Owner {
         room: room.to_string(),
         owner,
         reason: reason.to_string(),

@@ -66,6 +66,8 @@ pub struct Cluster {
     rooms: Arc<Sequencer>,
     /// With webhooks: which nodes have members in which rooms ([`occupancy`]).
     occupancy: Option<state::occupancy::Occupancy>,
+    /// With durable rooms: their history ([`history`]).
+    history: Option<state::history::HistoryStream>,
     metrics: Metrics,
     /// Why cluster delivery is broken right now, if it is (reported by `/health`).
     degraded: Arc<Mutex<Option<String>>>,
@@ -277,6 +279,14 @@ impl Cluster {
         registry.on_change(Box::new(move |peers| {
             logs.retain(|room| registry::owner_among(room, node_id, peers) == node_id);
         }));
+        let history = match rooms.durable_bounds() {
+            Some(bounds) => {
+                let stream =
+                    state::history::HistoryStream::open(&jetstream, &subjects, replicas, bounds);
+                Some(stream.await?)
+            }
+            None => None,
+        };
         let occupancy = match webhook_events {
             Some(events) => {
                 let bucket = subjects.rooms_bucket();
@@ -300,6 +310,7 @@ impl Cluster {
             shards,
             rooms,
             occupancy,
+            history,
             metrics,
             degraded,
             mirror,

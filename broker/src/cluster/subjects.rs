@@ -52,6 +52,21 @@ impl Subjects {
         format!("sb.{}.conn.>", self.stage)
     }
 
+    /// The stream of durable rooms' history.
+    pub fn history_stream(&self) -> String {
+        format!("SB_{}_HISTORY", self.stage)
+    }
+
+    /// One durable room's history in that stream.
+    pub fn history(&self, room: &str) -> String {
+        format!("sb.{}.history.{}", self.stage, hex(room))
+    }
+
+    /// Every durable room's history (the stream's subjects).
+    pub fn history_all(&self) -> String {
+        format!("sb.{}.history.*", self.stage)
+    }
+
     /// The key-value bucket of which nodes have members in which rooms (webhooks).
     pub fn rooms_bucket(&self) -> String {
         format!("sb_{}_rooms", self.stage)

@@ -239,19 +239,17 @@ impl RawConfig {
             .map(crate::webhooks::config::RawWebhooks::validate)
             .transpose()?;
         let rooms = self.rooms.validate()?;
-        if rooms.durable_ttl_ms().is_some() && self.cluster.is_some() {
-            return Err(invalid(
-                "rooms.history_durable",
-                "is not available in cluster mode in this version (history lives in the room owner's memory)",
-            ));
-        }
         Ok(Config {
             server: self.server.validate()?,
             management: self.management.validate()?,
             api: self.api.validate()?,
             limits: self.limits.validate()?,
             routes: validate_routes(&self.routes)?,
-            queues: self.validate_queues(webhooks.as_ref(), rooms.durable_ttl_ms())?,
+            // One node keeps durable history in a queue of its log; a cluster in a stream.
+            queues: self.validate_queues(
+                webhooks.as_ref(),
+                (rooms.durable_ttl_ms()).filter(|_| self.cluster.is_none()),
+            )?,
             rooms,
             storage: self.storage.validate()?,
             authorizer: self

@@ -327,18 +327,21 @@ fn the_webhook_queue_name_is_reserved() {
 }
 
 #[test]
-fn durable_history_is_one_node_only_for_now() {
-    let err = error_of(
-        "[rooms]\nhistory_size = 5\nhistory_durable = true\n[cluster]\nnats_url = \"nats://127.0.0.1:4222\"\n",
-    );
-    assert!(err.contains("rooms.history_durable"), "{err}");
-    let config = RawConfig::parse("[rooms]\nhistory_size = 5\nhistory_durable = true\n")
-        .and_then(|raw| raw.validate())
-        .unwrap();
-    assert!(
+fn durable_history_is_a_queue_on_one_node_and_not_in_a_cluster() {
+    let durable = "[rooms]\nhistory_size = 5\nhistory_durable = true\n";
+    let has_queue = |text: &str| {
+        let config = RawConfig::parse(text)
+            .and_then(|raw| raw.validate())
+            .unwrap();
         config
             .queues
             .iter()
             .any(|q| q.name == "switchboard.history")
+    };
+    assert!(has_queue(durable));
+    let clustered = format!("{durable}[cluster]\nnats_url = \"nats://127.0.0.1:4222\"\n");
+    assert!(
+        !has_queue(&clustered),
+        "a cluster keeps it in a JetStream stream"
     );
 }

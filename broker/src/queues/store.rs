@@ -12,6 +12,9 @@ use super::QueueHub;
 use crate::cluster::Cluster;
 use crate::cluster::state::queues::QueueError;
 use crate::metrics::Metrics;
+use crate::rooms::RoomName;
+use crate::rooms::sequencer::{Keeper, NotKept, Stored};
+use futures_util::future::BoxFuture;
 
 /// Called on the shard with an append's offset, or why it failed.
 pub type QueueAppendDone = Box<dyn FnOnce(Result<u64, AppendFailure>)>;
@@ -311,16 +314,32 @@ async fn receive_all<T>(
     collected
 }
 
-impl crate::rooms::sequencer::Keeper for QueueStore {
-    fn keep(
-        &self,
+impl Keeper for QueueStore {
+    fn keep<'a>(
+        &'a self,
+        room: &'a RoomName,
         entry: Vec<u8>,
-    ) -> futures_util::future::BoxFuture<'_, Result<(), crate::rooms::sequencer::NotKept>> {
+        after: Option<u64>,
+    ) -> BoxFuture<'a, Result<Option<u64>, NotKept>> {
         Box::pin(async move {
-            let stored = self.append_raw(crate::rooms::history::QUEUE, vec![entry]);
-            let failed =
-                |failure: AppendFailure| crate::rooms::sequencer::NotKept(failure.to_string());
-            stored.await.map_err(failed)
+            match self {
+                Self::Local(_) => {
+                    let stored = self.append_raw(crate::rooms::history::QUEUE, vec![entry]);
+                    let stored = stored.await.map_err(|e| NotKept::Failed(e.to_string()));
+                    stored.map(|()| None)
+                }
+                Self::JetStream(cluster) => cluster.keep_history(room, entry, after).await,
+            }
+        })
+    }
+
+    fn load<'a>(&'a self, room: &'a RoomName) -> BoxFuture<'a, Result<Option<Stored>, NotKept>> {
+        Box::pin(async move {
+            match self {
+                // Read back at start.
+                Self::Local(_) => Ok(None),
+                Self::JetStream(cluster) => cluster.load_history(room).await.map(Some),
+            }
         })
     }
 }

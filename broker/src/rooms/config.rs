@@ -120,11 +120,25 @@ impl RoomPolicy {
     /// How long durable history must be kept, at most (the longest TTL of the settings
     /// that keep history durably); `None` when no room keeps it durably.
     pub fn durable_ttl_ms(&self) -> Option<u64> {
+        self.durable().map(|settings| settings.history_ttl_ms).max()
+    }
+
+    /// The most messages and the longest time any durable room keeps, if one does.
+    pub fn durable_bounds(&self) -> Option<(usize, std::time::Duration)> {
+        let most = self
+            .durable()
+            .filter_map(|s| s.history)
+            .map(|b| b.size)
+            .max()?;
+        let ttl = self.durable_ttl_ms()?;
+        Some((most, std::time::Duration::from_millis(ttl)))
+    }
+
+    /// The settings that keep history durably.
+    fn durable(&self) -> impl Iterator<Item = &RoomSettings> {
         (self.classes.iter().map(|(_, settings)| settings))
             .chain([&self.default])
             .filter(|settings| settings.history_durable)
-            .map(|settings| settings.history_ttl_ms)
-            .max()
     }
 
     /// The settings of `room`: the first class that matches it, else `[rooms]`.

@@ -20,17 +20,40 @@ use super::RoomName;
 use super::config::{RoomPolicy, RoomSettings};
 use super::history::{Kept, RoomLog};
 
-/// A durable room's message could not be stored.
+/// Why a durable room's message was not stored (or its history not read).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("room history could not be stored: {0}")]
-pub struct NotKept(pub String);
-
-/// Where durable rooms' messages are stored before they are sent (one node: the queue log,
-/// [`super::history::QUEUE`]).
-pub trait Keeper: Send + Sync {
-    /// Stores `entry` ([`super::history::Kept::to_entry`]); done once it is durable.
-    fn keep(&self, entry: Vec<u8>) -> futures_util::future::BoxFuture<'_, Result<(), NotKept>>;
+pub enum NotKept {
+    #[error("room history could not be stored: {0}")]
+    Failed(String),
+    /// Another node stored the room's messages meanwhile (cluster mode, while the nodes
+    /// disagree for a moment on who owns the room): read it in again.
+    #[error("room history was stored by another node meanwhile")]
+    Conflict,
 }
+
+/// Where durable rooms' messages are stored before they are sent: one node, the queue log
+/// ([`super::history::QUEUE`], read back at start); cluster mode, a JetStream stream with
+/// one subject per room, read by the room's owner when it first uses the room.
+pub trait Keeper: Send + Sync {
+    /// Stores `entry` ([`super::history::Kept::to_entry`]) of `room` after the one stored at
+    /// `after` (a compare-and-set where the store has one: another node that numbered the
+    /// room meanwhile makes it fail); returns where it is stored, once it is durable.
+    fn keep<'a>(
+        &'a self,
+        room: &'a RoomName,
+        entry: Vec<u8>,
+        after: Option<u64>,
+    ) -> BoxFuture<'a, Result<Option<u64>, NotKept>>;
+
+    /// `room`'s stored entries, oldest first, and where the last one is; `None` where the
+    /// store was read back at start.
+    fn load<'a>(&'a self, room: &'a RoomName) -> BoxFuture<'a, Result<Option<Stored>, NotKept>>;
+}
+
+/// A room's stored entries, oldest first, and where the last one is stored.
+pub type Stored = (Vec<Vec<u8>>, Option<u64>);
+
+type BoxFuture<'a, T> = futures_util::future::BoxFuture<'a, T>;
 
 /// A room's log, locked.
 pub type LockedLog = OwnedMutexGuard<RoomLog>;
@@ -85,15 +108,57 @@ impl Sequencer {
         self.policy.for_room(room)
     }
 
-    /// `room`'s log, locked; a room first seen now starts a new epoch at offset 0.
+    /// `room`'s log, locked; a room first seen now starts a new epoch at offset 0, unless it
+    /// is durable and its store has entries: then it goes on from them.
     pub async fn lock(&self, room: &RoomName) -> LockedLog {
         loop {
             let slot = self.slot(room);
-            let log = slot.log.clone().lock_owned().await;
-            if !slot.retired.load(Ordering::Acquire) {
-                return log;
+            let mut log = slot.log.clone().lock_owned().await;
+            if slot.retired.load(Ordering::Acquire) {
+                continue;
             }
+            if log.needs_loading() {
+                self.load(room, &mut log).await;
+            }
+            return log;
         }
+    }
+
+    /// Reads a durable room's stored entries into its fresh log; a room that is not
+    /// durable, or has nothing stored, keeps its new epoch. If the store cannot be read,
+    /// the log stays unloaded (asked again next time), and storing into it will fail.
+    async fn load(&self, room: &RoomName, log: &mut RoomLog) {
+        let settings = self.policy.for_room(room);
+        let keeper = self.keeper().filter(|_| settings.history_durable);
+        let Some(keeper) = keeper else {
+            log.mark_loaded();
+            return;
+        };
+        match keeper.load(room).await {
+            Ok(Some((entries, stored))) => {
+                let now_ms = crate::clock::now_ms();
+                match RoomLog::from_entries(entries, stored, now_ms, settings.history) {
+                    Some(loaded) => *log = loaded,
+                    None => {
+                        log.stored_at(stored);
+                        log.mark_loaded();
+                    }
+                }
+            }
+            Ok(None) => log.mark_loaded(),
+            Err(error) => tracing::warn!(%room, %error, "durable room history not read"),
+        }
+    }
+
+    /// The most messages and the longest time any durable room keeps, if one does.
+    pub fn durable_bounds(&self) -> Option<(usize, std::time::Duration)> {
+        self.policy.durable_bounds()
+    }
+
+    /// The keeper, if `room` keeps its history durably.
+    pub fn keeper_for(&self, room: &RoomName) -> Option<&Arc<dyn Keeper>> {
+        self.keeper()
+            .filter(|_| self.policy.for_room(room).history_durable)
     }
 
     fn slot(&self, room: &RoomName) -> Arc<Slot> {
@@ -154,7 +219,8 @@ impl Sequencer {
         }
         let rooms = restored.len();
         let mut logs = self.logs();
-        for (room, log) in restored {
+        for (room, mut log) in restored {
+            log.mark_loaded();
             let slot = Slot {
                 log: Arc::new(tokio::sync::Mutex::new(log)),
                 retired: AtomicBool::new(false),

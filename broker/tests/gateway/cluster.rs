@@ -1438,3 +1438,52 @@ integration = {{ type = "room_leave", room = "$request.body.room" }}
         .count();
     assert_eq!(carol_left, 2, "Carol left both rooms once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_room_history_outlives_every_node() {
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let extra = "[rooms]\nhistory_size = 10\nhistory_durable = true\n";
+    let (mut nodes, files) = start_nodes(&[server.url()], &backend, extra).await;
+    for n in 1..=5u64 {
+        let url = format!("{}/@rooms/kept", nodes[n as usize % 3].api_url);
+        let answer = post_for_json(url, format!("m{n}")).await;
+        assert_eq!(answer["offset"], n, "{answer}");
+    }
+    let history = |node: &GatewayProcess| {
+        let url = format!("{}/@rooms/kept/history", node.api_url);
+        async move {
+            http()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let before = history(&nodes[0]).await;
+    assert_eq!(before["messages"].as_array().unwrap().len(), 5);
+    // Every node dies at once: the history is in JetStream, not in any node.
+    for node in &mut nodes {
+        node.child.kill().unwrap();
+        node.child.wait().unwrap();
+    }
+    let mut restarted = Vec::new();
+    for file in &files {
+        restarted.push(start_node(file).await);
+    }
+    for node in &restarted {
+        let after = history(node).await;
+        assert_eq!(
+            after["epoch"], before["epoch"],
+            "the same epoch through {}",
+            node.api_url
+        );
+        assert_eq!(after["messages"], before["messages"]);
+    }
+    let url = format!("{}/@rooms/kept", restarted[1].api_url);
+    assert_eq!(post_for_json(url, "m6").await["offset"], 6, "offsets go on");
+}

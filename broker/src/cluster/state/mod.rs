@@ -3,6 +3,7 @@
 //! [`crate::cluster::mirror`], [`crate::cluster::queues`]) sits above, so nothing here
 //! imports the cluster itself.
 
+pub mod history;
 pub mod interest;
 pub mod mirror;
 pub mod occupancy;
