@@ -117,18 +117,7 @@ impl Registry {
         replicas: usize,
     ) -> Result<Self, ClusterError> {
         let bucket = subjects.registry_bucket();
-        let store = match jetstream.get_key_value(&bucket).await {
-            Ok(store) => store,
-            Err(_) => jetstream
-                .create_key_value(kv::Config {
-                    bucket: bucket.clone(),
-                    history: 1,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| ClusterError::JetStream(e.to_string()))?,
-        };
+        let store = super::state::bucket(jetstream, bucket.clone(), replicas).await?;
         let registration = Registration {
             instance: node.instance.clone(),
             epoch: node.epoch,

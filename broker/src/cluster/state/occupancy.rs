@@ -29,18 +29,7 @@ impl Occupancy {
         replicas: usize,
         events: WebhookSender,
     ) -> Result<Self, ClusterError> {
-        let store = match jetstream.get_key_value(&bucket).await {
-            Ok(store) => store,
-            Err(_) => jetstream
-                .create_key_value(kv::Config {
-                    bucket,
-                    history: 1,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| ClusterError::JetStream(e.to_string()))?,
-        };
+        let store = super::bucket(jetstream, bucket, replicas).await?;
         Ok(Self {
             store,
             pending: Mutex::new(HashMap::new()),

@@ -70,18 +70,7 @@ impl ClusterQueues {
             streams.insert(queue.name.clone(), stream);
         }
         let bucket = subjects.offsets_bucket();
-        let offsets = match jetstream.get_key_value(&bucket).await {
-            Ok(store) => store,
-            Err(_) => jetstream
-                .create_key_value(kv::Config {
-                    bucket,
-                    history: 1,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| ClusterError::JetStream(e.to_string()))?,
-        };
+        let offsets = super::bucket(jetstream, bucket, replicas).await?;
         Ok(Self {
             streams,
             offsets,
