@@ -19,7 +19,9 @@ use crate::limits::AdmissionTicket;
 use crate::limits::overload::CUT_AT_CROSSING;
 use crate::message::Message;
 use crate::metrics::Metrics;
-use crate::outbound::{self, MAX_IOVECS, OutboundQueue, PushError, RewindError, SharedFrame};
+use crate::outbound::{
+    self, MAX_IOVECS, OutboundQueue, PushError, Pushed, RewindError, SharedFrame,
+};
 use crate::resume::config::ResumeConfig;
 use crate::resume::{self, ResumeToken, Secret, SecretHash};
 use crate::session::lifecycle::{self, ClaimError, Lifecycle, ParkStep, Stop};
@@ -166,6 +168,35 @@ impl Connection {
             return Err(Gone);
         }
         let pushed = self.outbound.borrow_mut().push(frame.clone());
+        self.settle(pushed, frame, metrics)
+    }
+
+    /// [`Connection::enqueue`] with a conflation key: a queued, unsent frame with the same
+    /// key is replaced in place (and counted in `switchboard_conflated_messages_total`).
+    pub fn enqueue_keyed(
+        &self,
+        frame: SharedFrame,
+        key: u64,
+        metrics: &Metrics,
+    ) -> Result<(), Gone> {
+        if !self.takes_frames() {
+            return Err(Gone);
+        }
+        let pushed = self.outbound.borrow_mut().push_keyed(frame.clone(), key);
+        if pushed == Ok(Pushed::Replaced) {
+            metrics.conflated_messages.inc();
+        }
+        self.settle(pushed.map(drop), frame, metrics)
+    }
+
+    /// What a refused push does: the connection is closed as a slow consumer, or (the
+    /// gateway out of outbound memory) cut or let through.
+    fn settle(
+        &self,
+        pushed: Result<(), PushError>,
+        frame: SharedFrame,
+        metrics: &Metrics,
+    ) -> Result<(), Gone> {
         match pushed {
             Ok(()) => Ok(()),
             Err(PushError::Full) => {

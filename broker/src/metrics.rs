@@ -102,6 +102,8 @@ pub struct Metrics {
     pub cluster_room_interest: IntGauge,
     /// Cluster mode: lost nodes whose connections this node reported to `$disconnect`.
     pub cluster_takeovers: IntCounter,
+    /// Conflating rooms' messages that took the place of a queued one with the same key.
+    pub conflated_messages: IntCounter,
     /// Room webhook events by outcome: stored (to be POSTed), dropped (too many waited
     /// for storage).
     pub webhook_events: IntCounterVec,
@@ -323,6 +325,10 @@ impl Metrics {
                 "switchboard_cluster_node_takeovers_total",
                 "Lost nodes whose connections this node reported to $disconnect",
             ),
+            conflated_messages: counter(
+                "switchboard_conflated_messages_total",
+                "Conflating rooms' messages that took the place of a queued, unsent one with the same key",
+            ),
             webhook_events: counter_vec(
                 "switchboard_webhook_events_total",
                 "Room webhook events by outcome: stored (to be POSTed), dropped (too many waited for storage)",
@@ -409,7 +415,7 @@ impl Metrics {
             .collect()
     }
 
-    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 42] {
+    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 43] {
         [
             Box::new(self.connections_active.clone()),
             Box::new(self.connections_total.clone()),
@@ -450,6 +456,7 @@ impl Metrics {
             Box::new(self.cluster_room_interest.clone()),
             Box::new(self.cluster_takeovers.clone()),
             Box::new(self.webhook_events.clone()),
+            Box::new(self.conflated_messages.clone()),
             Box::new(self.connections_parked.clone()),
             Box::new(self.resumes.clone()),
             Box::new(self.resume_replayed.clone()),

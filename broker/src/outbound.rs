@@ -101,6 +101,18 @@ struct Queued {
     written: usize,
     /// Its number among the data frames, on a resumable connection.
     number: Option<u64>,
+    /// Its conflation key (a conflating room's message with a key): a later message with
+    /// the same key takes its place while it is not begun.
+    key: Option<u64>,
+}
+
+/// What became of a frame offered to [`OutboundQueue::push_keyed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued at the back.
+    Queued,
+    /// It took the place of a queued frame with the same key (latest wins, in place).
+    Replaced,
 }
 
 impl Queued {
@@ -256,6 +268,7 @@ impl OutboundQueue {
                 frame,
                 written: 0,
                 number: Some(number),
+                key: None,
             })
             .collect();
         self.queued_bytes = self
@@ -334,6 +347,7 @@ impl OutboundQueue {
             frame,
             written: 0,
             number: None,
+            key: None,
         });
     }
 
@@ -348,6 +362,27 @@ impl OutboundQueue {
         self.queued_bytes += len;
         self.append(frame);
         Ok(())
+    }
+
+    /// Queues `frame` with conflation key `key`: if a frame with the same key is queued and
+    /// not begun, `frame` takes its place (keeping its place in line, and its number on a
+    /// resumable connection), whatever the bounds; otherwise as [`OutboundQueue::push`].
+    pub fn push_keyed(&mut self, frame: SharedFrame, key: u64) -> Result<Pushed, PushError> {
+        let begun = usize::from(self.frames.front().is_some_and(|q| q.written > 0));
+        let same = (self.frames.iter().skip(begun)).position(|q| q.key == Some(key));
+        let Some(index) = same.map(|index| index + begun) else {
+            self.push(frame)?;
+            if let Some(back) = self.frames.back_mut() {
+                back.key = Some(key);
+            }
+            return Ok(Pushed::Queued);
+        };
+        let _ = self.enter(&frame, false);
+        let new_len = frame.bytes(self.wire).len();
+        let old = std::mem::replace(&mut self.frames[index].frame, frame);
+        self.queued_bytes = self.queued_bytes - old.bytes(self.wire).len() + new_len;
+        self.leave(&old);
+        Ok(Pushed::Replaced)
     }
 
     /// Queues a frame regardless of the bounds (a close frame must always get out).
@@ -370,6 +405,7 @@ impl OutboundQueue {
             frame,
             written: 0,
             number,
+            key: None,
         });
     }
 

@@ -29,6 +29,8 @@ const UNRELIABLE: &str = "Sb-Unreliable";
 /// A numbered room's offset for the message and its epoch ([`RoomDelivery::position`]).
 const OFFSET: &str = "Sb-Offset";
 const EPOCH: &str = "Sb-Epoch";
+/// A conflating room's message key ([`RoomDelivery::conflation`]).
+const KEY: &str = "Sb-Key";
 pub(super) const BROADCAST: &str = "broadcast";
 const LIST: &str = "list";
 const PRESENCE: &str = "presence";
@@ -267,6 +269,9 @@ pub(super) fn room_headers(op: &str, delivery: RoomDelivery) -> HeaderMap {
         headers.insert(OFFSET, position.offset.to_string().as_str());
         headers.insert(EPOCH, position.epoch.to_string().as_str());
     }
+    if let Some(key) = delivery.conflation {
+        headers.insert(KEY, key.to_string().as_str());
+    }
     headers
 }
 
@@ -356,5 +361,8 @@ pub(super) fn delivery_of(cluster: &Cluster, headers: Option<&HeaderMap>) -> Roo
                 epoch: h.get(EPOCH)?.as_str().parse().ok()?,
             })
         }),
+        conflation: headers
+            .and_then(|h| h.get(KEY))
+            .and_then(|v| v.as_str().parse().ok()),
     }
 }

@@ -17,6 +17,7 @@ history_ttl_secs = 60
 history_durable = false
 envelope = true
 presence_events = false
+conflate = false
 [[rooms.class]]
 pattern = "ticker:*"
 presence = false
@@ -25,6 +26,7 @@ history_ttl_secs = 5
 history_durable = true
 envelope = false
 presence_events = true
+conflate = true
 [webhooks]
 url = "http://127.0.0.1:1/hooks"
 events = ["room_occupied"]
@@ -58,7 +60,7 @@ response = true
 [routes.b]
 integration = { type = "mock", body = "hi" }
 [routes.c]
-integration = { type = "room_publish", room = "r", data = "$request.body.d", allow = "$context.authorizer.rooms" }
+integration = { type = "room_publish", room = "r", data = "$request.body.d", allow = "$context.authorizer.rooms", key = "$request.body.symbol" }
 [routes.d]
 integration = { type = "queue", queue = "q", deliver_to = "http://x/" }
 [authorizer]

@@ -222,7 +222,12 @@ impl Directory {
         message: &Message,
         delivery: RoomDelivery,
     ) -> Result<Published, Unreached> {
-        if self.settings(room).sequenced() {
+        let settings = self.settings(room);
+        let delivery = RoomDelivery {
+            conflation: delivery.conflation.filter(|_| settings.conflate),
+            ..delivery
+        };
+        if settings.sequenced() {
             return self.number(room, message, delivery).await;
         }
         let cluster = self.cluster.as_deref();

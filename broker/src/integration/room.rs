@@ -68,6 +68,9 @@ pub struct RawRoomPublish {
     /// one (QUIC does not retransmit it).
     #[serde(default)]
     pub unreliable: bool,
+    /// In a conflating room: the message's key (`$request.body.symbol`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 pub(super) fn yes() -> bool {
@@ -96,6 +99,7 @@ pub struct RoomPublish {
     exclude_sender: bool,
     members_only: bool,
     unreliable: bool,
+    key: Option<SelectionExpression>,
 }
 
 impl RawRoomJoin {
@@ -133,6 +137,9 @@ impl RawRoomPublish {
             exclude_sender: self.exclude_sender,
             members_only: self.members_only,
             unreliable: self.unreliable,
+            key: (self.key.as_deref())
+                .map(|key| expression(path, "key", key))
+                .transpose()?,
         })
     }
 }
@@ -210,7 +217,12 @@ impl RoomPublish {
     pub const RESPONDS: bool = false;
 
     pub fn run(&self, message: Received, caller: &dyn Caller) {
-        let expressions = [Some(&self.room), self.allow.as_ref(), self.data.as_ref()];
+        let expressions = [
+            Some(&self.room),
+            self.allow.as_ref(),
+            self.data.as_ref(),
+            self.key.as_ref(),
+        ];
         let context = caller.authorizer_context(&expressions);
         let context = context.as_ref();
         let body = &message.body;
@@ -226,10 +238,12 @@ impl RoomPublish {
         if self.members_only && !is_member(caller, &room) {
             return;
         }
+        let key = (self.key.as_ref()).and_then(|key| key.evaluate_in(body, context));
         let delivery = RoomDelivery {
             exclude: self.exclude_sender.then(|| caller.id()),
             unreliable: self.unreliable,
             position: None,
+            conflation: key.map(|key| crate::rooms::conflation_key(&room, &key)),
         };
         caller.publish(room, payload, delivery);
     }

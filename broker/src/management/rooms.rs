@@ -18,6 +18,8 @@ pub(super) struct RoomPublishParams {
     exclude: Option<String>,
     /// `1` or `true`: WebTransport members that asked for datagrams get it as one.
     unreliable: Option<String>,
+    /// In a conflating room: the message's key (latest wins in members' queues).
+    key: Option<String>,
 }
 
 pub(super) async fn post_to_room(
@@ -40,6 +42,7 @@ pub(super) async fn post_to_room(
         exclude,
         unreliable,
         position: None,
+        conflation: (params.key.as_deref()).map(|key| crate::rooms::conflation_key(&room, key)),
     };
     let payload = state
         .read_body(body, state.gateway.config.limits.max_message_bytes)

@@ -179,3 +179,34 @@ fn kept_frames_are_bounded_by_bytes_and_shared_not_copied() {
     assert_eq!(queue.kept_frames(), 1, "6 bytes each, 10 kept at most");
     assert_eq!(Rc::strong_count(&frame), 2);
 }
+
+#[test]
+fn a_keyed_frame_takes_the_place_of_the_queued_one_with_its_key() {
+    let mut queue = OutboundQueue::new(Wire::WebSocket, 3, 1 << 20);
+    let frame = |text: &str| shared(Message::text(text.to_owned()));
+    let texts = |queue: &OutboundQueue| -> Vec<String> {
+        let mut slices = [IoSlice::new(&[]); 8];
+        let filled = queue.io_slices(&mut slices);
+        (slices[..filled].iter())
+            .map(|s| String::from_utf8_lossy(&s[2..]).into_owned())
+            .collect()
+    };
+    assert_eq!(queue.push_keyed(frame("a1"), 1), Ok(Pushed::Queued));
+    assert_eq!(queue.push_keyed(frame("b1"), 2), Ok(Pushed::Queued));
+    queue.push(frame("plain")).unwrap();
+    // Full, but a key already queued still goes: in place, latest wins.
+    assert_eq!(queue.push_keyed(frame("a2"), 1), Ok(Pushed::Replaced));
+    assert_eq!(texts(&queue), vec!["a2", "b1", "plain"]);
+    assert_eq!(queue.push_keyed(frame("c1"), 3), Err(PushError::Full));
+    // A frame the socket has begun is not replaced: the new one would queue behind it.
+    queue.consume(1);
+    assert_eq!(queue.push_keyed(frame("a3"), 1), Err(PushError::Full));
+    let before = queue.queued_bytes();
+    assert_eq!(queue.push_keyed(frame("b22"), 2), Ok(Pushed::Replaced));
+    assert_eq!(
+        queue.queued_bytes(),
+        before + 1,
+        "bytes follow the new frame"
+    );
+    assert_eq!(texts(&queue)[1..], ["b22", "plain"]);
+}

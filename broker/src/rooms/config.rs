@@ -23,6 +23,8 @@ pub struct RawRooms {
     pub presence_events: bool,
     /// Deliveries are wrapped as `{"type":"message","room","offset","data"}`.
     pub envelope: bool,
+    /// A message with a key takes the place of a queued, unsent one with the same key.
+    pub conflate: bool,
     /// `[[rooms.class]]`, in order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub class: Vec<RawRoomClass>,
@@ -37,6 +39,7 @@ impl Default for RawRooms {
             presence: true,
             presence_events: false,
             envelope: false,
+            conflate: false,
             class: Vec::new(),
         }
     }
@@ -59,6 +62,8 @@ pub struct RawRoomClass {
     pub presence_events: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub envelope: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflate: Option<bool>,
 }
 
 /// Most messages a room may keep: a bound on what one room can hold in memory.
@@ -76,6 +81,8 @@ pub struct RoomSettings {
     pub presence: bool,
     pub presence_events: bool,
     pub envelope: bool,
+    /// Keyed messages conflate in members' queues (latest wins).
+    pub conflate: bool,
 }
 
 impl RoomSettings {
@@ -156,7 +163,12 @@ impl RawRooms {
             self.history_size,
             self.history_ttl_secs,
             self.history_durable,
-            [self.presence, self.presence_events, self.envelope],
+            [
+                self.presence,
+                self.presence_events,
+                self.envelope,
+                self.conflate,
+            ],
         )?;
         let classes = (self.class.iter().enumerate())
             .map(|(index, class)| {
@@ -171,6 +183,7 @@ impl RawRooms {
                         class.presence.unwrap_or(self.presence),
                         class.presence_events.unwrap_or(self.presence_events),
                         class.envelope.unwrap_or(self.envelope),
+                        class.conflate.unwrap_or(self.conflate),
                     ],
                 )?;
                 Ok((pattern, settings))
@@ -181,13 +194,13 @@ impl RawRooms {
 }
 
 /// One room's settings from the values written for it (`[presence, presence_events,
-/// envelope]` last), checked.
+/// envelope, conflate]` last), checked.
 fn settings(
     key: &str,
     history_size: usize,
     history_ttl_secs: u64,
     history_durable: bool,
-    [presence, presence_events, envelope]: [bool; 3],
+    [presence, presence_events, envelope, conflate]: [bool; 4],
 ) -> Result<RoomSettings, ConfigError> {
     if history_size > MAX_HISTORY_SIZE {
         return Err(invalid(
@@ -213,6 +226,7 @@ fn settings(
         presence,
         presence_events,
         envelope,
+        conflate,
     })
 }
 

@@ -175,6 +175,17 @@ pub struct RoomDelivery {
     /// Where it is in a room that numbers its messages ([`sequencer`]): a member whose
     /// join replay already brought it skips it.
     pub position: Option<Position>,
+    /// In a conflating room, a keyed message's key ([`conflation_key`]): it takes the
+    /// place of a queued, unsent message with the same one.
+    pub conflation: Option<u64>,
+}
+
+/// The conflation key of `key` in `room` (FNV-1a; one queue holds many rooms' messages).
+pub fn conflation_key(room: &RoomName, key: &str) -> u64 {
+    let bytes = room.as_str().bytes().chain([0]).chain(key.bytes());
+    bytes.fold(0xcbf2_9ce4_8422_2325, |hash: u64, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// A numbered message's place: its offset, in the epoch its room's log counts in.

@@ -208,9 +208,22 @@ impl Shard {
 
     /// Queues `frame` for a fan-out recipient and puts it on the write-pass list.
     fn enqueue(&self, connection: &Rc<Connection>, frame: &SharedFrame) -> bool {
-        let queued = connection
-            .enqueue(frame.clone(), &self.gateway.metrics)
-            .is_ok();
+        self.enqueue_keyed(connection, frame, None)
+    }
+
+    /// [`Shard::enqueue`], with a conflation key (latest wins in the queue).
+    fn enqueue_keyed(
+        &self,
+        connection: &Rc<Connection>,
+        frame: &SharedFrame,
+        key: Option<u64>,
+    ) -> bool {
+        let metrics = &self.gateway.metrics;
+        let queued = match key {
+            Some(key) => connection.enqueue_keyed(frame.clone(), key, metrics),
+            None => connection.enqueue(frame.clone(), metrics),
+        }
+        .is_ok();
         if !queued {
             return false;
         }

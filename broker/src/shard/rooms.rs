@@ -129,7 +129,7 @@ impl Shard {
             }
             let connection = &member.connection;
             let sent = delivery.unreliable && connection.send_datagram(frame);
-            if sent || self.enqueue(connection, frame) {
+            if sent || self.enqueue_keyed(connection, frame, delivery.conflation) {
                 delivered += 1;
             }
         }
@@ -157,7 +157,12 @@ impl Shard {
         delivery: RoomDelivery,
     ) {
         let directory = &self.gateway.directory;
-        if directory.settings(&room).sequenced() {
+        let settings = directory.settings(&room);
+        let delivery = RoomDelivery {
+            conflation: delivery.conflation.filter(|_| settings.conflate),
+            ..delivery
+        };
+        if settings.sequenced() {
             // Numbered by the room's sequencer, which queues it to every shard in order.
             let in_flight = publisher.start_call();
             let directory = directory.clone();

@@ -6,6 +6,7 @@ mod authorizers;
 mod binary;
 mod browser;
 mod cluster;
+mod conflation;
 mod deploy;
 mod disconnects;
 mod handshake;
