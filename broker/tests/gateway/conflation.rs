@@ -11,8 +11,11 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::*;
 
-const SYMBOLS: u64 = 5;
-const MESSAGES: u64 = 3_000;
+/// A realistic ticker: 20,000 ticks over 50 symbols, 1 KiB each (20 MB: far past what a
+/// socket's buffers take while its reader stops).
+const SYMBOLS: u64 = 50;
+const MESSAGES: u64 = 20_000;
+const TICK_BYTES: usize = 1024;
 
 async fn start() -> (TestGateway, Backend) {
     let backend = Backend::start().await;
@@ -20,7 +23,7 @@ async fn start() -> (TestGateway, Backend) {
         &backend,
         r#"
 [limits]
-outbound_queue_frames = 64
+outbound_queue_frames = 128
 [[rooms.class]]
 pattern = "ticker:*"
 conflate = true
@@ -53,32 +56,44 @@ async fn join(gateway: &TestGateway, ws: &mut Ws, room: &str, count: usize) {
     panic!("{room} never had {count} members");
 }
 
-/// Publishes every tick through the API, keyed by symbol; 8 KiB each, so a member that
-/// does not read falls far behind its socket's buffers.
+/// Publishes every tick through the API (one connection, in order), keyed by symbol; a
+/// message without a key, `{"news": …}`, goes out in the middle.
 async fn publish_ticks(gateway: &TestGateway, room: &str) {
-    let pad = "x".repeat(8 * 1024);
+    let client = http();
+    let pad = "x".repeat(TICK_BYTES);
     for seq in 0..MESSAGES {
+        if seq == MESSAGES / 2 {
+            let url = gateway.api_url(&format!("/@rooms/{room}"));
+            let sent = client.post(url).body(r#"{"news":"halfway"}"#).send().await;
+            assert_eq!(sent.unwrap().status(), 200);
+        }
         let symbol = format!("S{}", seq % SYMBOLS);
         let url = gateway.api_url(&format!("/@rooms/{room}?key={symbol}"));
         let tick = json!({"symbol": symbol, "seq": seq, "pad": pad}).to_string();
-        let response = post_body(url, tick).await;
-        assert_eq!(response.status(), 200);
+        let sent = client.post(url).body(tick).send().await;
+        assert_eq!(sent.unwrap().status(), 200);
     }
 }
 
 /// Reads ticks until the socket is quiet; the last `seq` per symbol, checking each
-/// symbol's ticks only go up. `None` if the server closed the connection.
-async fn read_ticks(ws: &mut Ws) -> Option<HashMap<String, u64>> {
+/// symbol's ticks only go up, and whether the message without a key came. `None` if the
+/// server closed the connection.
+async fn read_ticks(ws: &mut Ws) -> Option<(HashMap<String, u64>, bool)> {
     let mut last: HashMap<String, u64> = HashMap::new();
+    let mut news = false;
     loop {
         let next = tokio::time::timeout(Duration::from_millis(500), ws.next()).await;
         let text = match next {
-            Err(_) => return Some(last),
+            Err(_) => return Some((last, news)),
             Ok(Some(Ok(Message::Text(text)))) => text,
             Ok(Some(Ok(Message::Close(_))) | Some(Err(_)) | None) => return None,
             Ok(Some(Ok(_))) => continue,
         };
         let tick: Value = serde_json::from_str(&text).unwrap();
+        if tick["news"] == "halfway" {
+            news = true;
+            continue;
+        }
         let (symbol, seq) = (
             tick["symbol"].as_str().unwrap(),
             tick["seq"].as_u64().unwrap(),
@@ -95,11 +110,12 @@ async fn a_member_behind_in_a_conflating_room_gets_the_latest_of_every_key_and_s
     let mut slow = gateway.connect().await;
     join(&gateway, &mut slow, "ticker:x", 1).await;
     publish_ticks(&gateway, "ticker:x").await;
-    let last = read_ticks(&mut slow).await.expect("not cut");
+    let (last, news) = read_ticks(&mut slow).await.expect("not cut");
     let expected: HashMap<String, u64> = (MESSAGES - SYMBOLS..MESSAGES)
         .map(|seq| (format!("S{}", seq % SYMBOLS), seq))
         .collect();
     assert_eq!(last, expected, "the latest value of every symbol");
+    assert!(news, "the message without a key is delivered as it is");
     let conflated = metric_value(
         &gateway.metrics().await,
         "switchboard_conflated_messages_total",
