@@ -7,6 +7,10 @@
 #   bash bench/scripts/rooms.sh presence [C]            presence queries on a C-member room
 #   bash bench/scripts/rooms.sh memory [M] [P]          RSS per kept message: M messages of P
 #                                                       bytes kept in one room
+#   bash bench/scripts/rooms.sh conflate [C] [RATE] [SECONDS] [on|off]
+#                                                       a ticker room of C members, a tenth of
+#                                                       them reading at a tenth of RATE keyed
+#                                                       ticks/s (50 keys), conflating or not
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . bench/scripts/gateway.sh
@@ -55,5 +59,17 @@ CFG
     after=$(rss_kib $pid)
     echo "kept $M messages of $P bytes: RSS $before -> $after KiB, $(( (after - before) * 1024 / M )) bytes per message"
     ;;
-  *) echo "usage: $0 rejoin [C] [HISTORY] | presence [C] | memory [M] [P]" >&2; exit 2;;
+  conflate)
+    C=${2:-5000}; RATE=${3:-200}; SECONDS=${4:-20}; ON=${5:-on}
+    conflate=$([ "$ON" = on ] && echo true || echo false)
+    start_gateway <<CFG
+$limits
+[[rooms.class]]
+pattern = "ticker:*"
+conflate = $conflate
+$routes
+CFG
+    $L --source-addrs 4 conflate -c "$C" --rate "$RATE" --seconds "$SECONDS" --server-pid "$pid"
+    ;;
+  *) echo "usage: $0 rejoin [C] [HISTORY] | presence [C] | memory [M] [P] | conflate [C] [RATE] [SECONDS] [on|off]" >&2; exit 2;;
 esac

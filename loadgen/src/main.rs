@@ -100,6 +100,30 @@ enum Scenario {
         #[arg(long, default_value = "loadgen-presence")]
         room: String,
     },
+    /// C members join a conflating room; a tenth read at a tenth of the publish rate; the
+    /// API publishes keyed ticks at a steady rate: nobody cut, no key back in time.
+    Conflate {
+        #[arg(long, short = 'c', default_value_t = 5000)]
+        connections: usize,
+        #[arg(long, default_value_t = 50)]
+        keys: usize,
+        /// Ticks per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u32,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Tick bytes.
+        #[arg(long, short = 'p', default_value_t = 200)]
+        payload: usize,
+        /// Percent of members that read slowly.
+        #[arg(long, default_value_t = 10)]
+        slow_percent: usize,
+        #[arg(long, default_value = "ticker:loadgen")]
+        room: String,
+        /// The gateway's PID, for its CPU time and memory.
+        #[arg(long)]
+        server_pid: Option<u32>,
+    },
     /// C connections send M frames to a `queue` route with `ack = true`; time each ack.
     Queue {
         #[arg(long, short = 'c', default_value_t = 10)]
@@ -174,7 +198,8 @@ fn main() -> anyhow::Result<()> {
         Scenario::Connect { connections, .. }
         | Scenario::Queue { connections, .. }
         | Scenario::Rejoin { connections, .. }
-        | Scenario::Presence { connections, .. } => *connections,
+        | Scenario::Presence { connections, .. }
+        | Scenario::Conflate { connections, .. } => *connections,
         Scenario::Fanout(o) | Scenario::Bulk(o) | Scenario::Push(o) => o.connections,
     };
     raise_open_files(needed)?;
@@ -229,6 +254,28 @@ fn main() -> anyhow::Result<()> {
             } => {
                 let report = rooms::presence(&endpoints, connections, &room, queries).await?;
                 output(&report, cli.json)
+            }
+            Scenario::Conflate {
+                connections,
+                keys,
+                rate,
+                seconds,
+                payload,
+                slow_percent,
+                room,
+                server_pid,
+            } => {
+                let args = rooms::ConflateArgs {
+                    connections,
+                    keys,
+                    rate,
+                    seconds,
+                    payload,
+                    slow_percent,
+                    room,
+                    server_pid,
+                };
+                output(&rooms::conflate(&endpoints, args).await?, cli.json)
             }
             Scenario::Bulk(options) => {
                 let report =
