@@ -86,7 +86,7 @@ async fn members_are_told_who_joins_and_leaves_however_it_happens() {
     join(&gateway, &mut alice, "lobby", 1).await;
     // Past the window of Alice's own join (a member may hear of changes up to a window
     // before it joined).
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
     // Bob joins: Alice is told, with his user; Bob is not told about himself.
     let (mut bob, bob_id) = open(&gateway, "bob").await;
     join(&gateway, &mut bob, "lobby", 2).await;
@@ -140,7 +140,7 @@ async fn a_storm_of_joins_is_one_summary_not_members_times_changes() {
     let gateway = TestGateway::start(&config(&backend)).await;
     let (mut watcher, _) = open(&gateway, "watcher").await;
     join(&gateway, &mut watcher, "big", 1).await;
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
     let mut crowd = Vec::new();
     for n in 0..STORM {
         crowd.push(open(&gateway, &format!("user{n}")).await.0);
