@@ -70,7 +70,7 @@ impl Cluster {
     pub async fn replay(&self, room: &RoomName, want: &Want) -> Result<Replay, OwnerUnreachable> {
         let owner = self.room_owner(room);
         if owner == self.node_id {
-            return Ok(self.replay_here(room, want).await);
+            return Ok(self.rooms.read(room, want).await);
         }
         self.room_ready(room).await;
         let mut replay = self.ask_replay(owner, room, want).await?;
@@ -167,7 +167,7 @@ impl Cluster {
                 let Ok(want) = serde_json::from_slice::<Want>(&request.payload) else {
                     return (400, Bytes::from_static(b"not a replay request"));
                 };
-                let replay = self.replay_here(&room, &want).await;
+                let replay = self.rooms.read(&room, &want).await;
                 // What fits one NATS message (with room for the headers).
                 let budget = (self.client.server_info().max_payload).saturating_sub(4096);
                 replay.fit(&room, budget.max(4096))
@@ -209,12 +209,6 @@ impl Cluster {
             delivered: count.total().await + remote,
             offset: Some(offset),
         })
-    }
-
-    async fn replay_here(&self, room: &RoomName, want: &Want) -> Replay {
-        let history = self.rooms.settings(room).history;
-        let mut log = self.rooms.lock(room).await;
-        log.read(want, crate::clock::now_ms(), history)
     }
 
     /// Stores a durable room's entry in its subject of the history stream, after the

@@ -434,11 +434,7 @@ impl From<ConnectionRecord> for MirrorRecord {
 /// build; a node joining or leaving moves only its share of rooms).
 pub fn owner_among(room: &crate::rooms::RoomName, me: u16, peers: &[u16]) -> u16 {
     let score = |node: u16| {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in room.as_str().bytes().chain(node.to_be_bytes()) {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
+        let hash = crate::rooms::fnv1a(room.as_str().bytes().chain(node.to_be_bytes()));
         (hash, node)
     };
     std::iter::once(me)

@@ -286,9 +286,7 @@ impl Directory {
             let replay = cluster.replay(room, want).await;
             return replay.map_err(|error| Unreached::ClusterUnavailable(error.to_string()));
         }
-        let settings = self.settings(room);
-        let mut log = self.sequencer.lock(room).await;
-        Ok(log.read(want, crate::clock::now_ms(), settings.history))
+        Ok(self.sequencer.read(room, want).await)
     }
 
     /// Forgets the logs of rooms that keep nothing and have been quiet for their TTL.

@@ -309,14 +309,8 @@ impl Kept {
 }
 
 impl Replay {
-    /// What a join with `history` or `since` gets in a room that does not number its
-    /// messages: no epoch, nothing recovered.
-    pub fn unnumbered() -> Self {
-        Self::unavailable()
-    }
-
-    /// What a join gets when the room's past cannot be read (cluster mode, its owner
-    /// unreachable): no epoch, nothing recovered.
+    /// What a join gets when there is no past to read: the room does not number its
+    /// messages, or (cluster mode) its owner is unreachable. No epoch, nothing recovered.
     pub fn unavailable() -> Self {
         Self {
             epoch: String::new(),
@@ -401,12 +395,10 @@ impl Replay {
     }
 }
 
-/// A 32-bit FNV-1a hash of an epoch: what a numbered delivery carries to say which epoch
-/// its offset counts in (the same on every node and build).
+/// A short hash of an epoch ([`super::fnv1a`], cut to 32 bits): what a numbered delivery
+/// carries to say which epoch its offset counts in.
 pub fn epoch_id(epoch: &str) -> u32 {
-    epoch.bytes().fold(0x811c_9dc5, |hash: u32, byte| {
-        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
-    })
+    super::fnv1a(epoch.bytes()) as u32
 }
 
 /// `{"type":"message","room":R,"offset":O,"data":…}`: `data` is the published JSON value

@@ -180,12 +180,19 @@ pub struct RoomDelivery {
     pub conflation: Option<u64>,
 }
 
-/// The conflation key of `key` in `room` (FNV-1a; one queue holds many rooms' messages).
+/// The conflation key of `key` in `room` (one queue holds many rooms' messages).
 pub fn conflation_key(room: &RoomName, key: &str) -> u64 {
-    let bytes = room.as_str().bytes().chain([0]).chain(key.bytes());
-    bytes.fold(0xcbf2_9ce4_8422_2325, |hash: u64, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-    })
+    fnv1a(room.as_str().bytes().chain([0]).chain(key.bytes()))
+}
+
+/// 64-bit FNV-1a: a hash that is the same on every node and every build (room owners,
+/// epoch ids and conflation keys cross nodes).
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes
+        .into_iter()
+        .fold(0xcbf2_9ce4_8422_2325, |hash: u64, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        })
 }
 
 /// A numbered message's place: its offset, in the epoch its room's log counts in.

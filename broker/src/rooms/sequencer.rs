@@ -150,6 +150,18 @@ impl Sequencer {
         }
     }
 
+    /// What `want` asks of `room`'s past, read under the room's lock.
+    pub async fn read(
+        &self,
+        room: &RoomName,
+        want: &super::history::Want,
+    ) -> super::history::Replay {
+        let history = self.settings(room).history;
+        self.lock(room)
+            .await
+            .read(want, crate::clock::now_ms(), history)
+    }
+
     /// The most messages and the longest time any durable room keeps, if one does.
     pub fn durable_bounds(&self) -> Option<(usize, std::time::Duration)> {
         self.policy.durable_bounds()

@@ -203,7 +203,7 @@ impl Shard {
         let already = self.is_member(connection, room);
         self.join(connection, room)?;
         if !self.gateway.directory.settings(room).sequenced() {
-            let joined = Replay::unnumbered().joined(room);
+            let joined = Replay::unavailable().joined(room);
             let _ = connection.push(joined, &self.gateway.metrics);
             return Ok(());
         }
