@@ -48,6 +48,14 @@ pub fn encode(opcode: Opcode, payload: &[u8]) -> Bytes {
     frame.freeze()
 }
 
+/// Encodes one data message's deflate data as a frame with RSV1 set (permessage-deflate).
+pub fn encode_compressed(opcode: Opcode, compressed: &[u8]) -> Bytes {
+    let mut frame = BytesMut::with_capacity(header_len(compressed.len()) + compressed.len());
+    put_header(&mut frame, 0x80 | 0x40 | opcode as u8, 0, compressed.len());
+    frame.put_slice(compressed);
+    frame.freeze()
+}
+
 /// Encodes one frame the way a client must send it: masked with `mask`, FIN as given,
 /// any opcode. The gateway never sends these; tests and Rust clients do.
 pub fn encode_masked(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
@@ -156,6 +164,9 @@ impl ProtocolError {
 pub struct MessageDecoder {
     max_frame_bytes: usize,
     max_message_bytes: usize,
+    /// permessage-deflate was negotiated: a message whose first frame has RSV1 is
+    /// deflate data, inflated (up to `max_message_bytes`) once it is whole.
+    inflating: bool,
     /// Bytes of a frame that has not fully arrived. Empty (no allocation) when idle.
     pending: Vec<u8>,
     /// A fragmented data message in progress.
@@ -166,6 +177,8 @@ pub struct MessageDecoder {
 #[derive(Debug)]
 struct Fragmented {
     opcode: u8,
+    /// Deflate data, inflated and checked when the message is whole.
+    compressed: bool,
     payload: Vec<u8>,
     /// How much of a text payload is known to be valid UTF-8: each fragment is checked as
     /// it arrives, so a bad byte closes the connection at once, not at the last fragment.
@@ -173,9 +186,10 @@ struct Fragmented {
 }
 
 impl Fragmented {
-    fn new(opcode: u8, payload: Vec<u8>) -> Result<Self, ProtocolError> {
+    fn new(opcode: u8, compressed: bool, payload: Vec<u8>) -> Result<Self, ProtocolError> {
         let mut fragmented = Self {
             opcode,
+            compressed,
             payload,
             checked: 0,
         };
@@ -190,7 +204,7 @@ impl Fragmented {
 
     /// Fails on an invalid sequence; a character cut at the end may still complete.
     fn check_utf8(&mut self) -> Result<(), ProtocolError> {
-        if self.opcode != 0x1 {
+        if self.opcode != 0x1 || self.compressed {
             return Ok(());
         }
         match std::str::from_utf8(&self.payload[self.checked..]) {
@@ -204,6 +218,8 @@ impl Fragmented {
 
 struct FrameHeader {
     fin: bool,
+    /// RSV1: with permessage-deflate, the first frame of a compressed message.
+    compressed: bool,
     opcode: u8,
     mask: [u8; 4],
     header_len: usize,
@@ -215,9 +231,16 @@ impl MessageDecoder {
         Self {
             max_frame_bytes,
             max_message_bytes,
+            inflating: false,
             pending: Vec::new(),
             fragments: None,
         }
+    }
+
+    /// Takes compressed messages (permessage-deflate was negotiated).
+    pub fn inflating(mut self) -> Self {
+        self.inflating = true;
+        self
     }
 
     /// Feeds bytes read from the socket; complete messages are appended to `out`.
@@ -262,7 +285,8 @@ impl MessageDecoder {
         let [first, second, ..] = *input else {
             return Ok(None);
         };
-        if first & 0x70 != 0 {
+        let compressed = first & 0x40 != 0;
+        if first & 0x30 != 0 || (compressed && !self.inflating) {
             return Err(ProtocolError::Violation("reserved bits set"));
         }
         if second & 0x80 == 0 {
@@ -285,8 +309,11 @@ impl MessageDecoder {
         };
         let opcode = first & 0x0F;
         let fin = first & 0x80 != 0;
-        if opcode >= 0x8 && (len > 125 || !fin) {
+        if opcode >= 0x8 && (len > 125 || !fin || compressed) {
             return Err(ProtocolError::Violation("invalid control frame"));
+        }
+        if opcode == 0x0 && compressed {
+            return Err(ProtocolError::Violation("RSV1 on a continuation frame"));
         }
         if len > self.max_frame_bytes as u64 {
             return Err(ProtocolError::FrameTooLarge {
@@ -301,6 +328,7 @@ impl MessageDecoder {
         header_len += 4;
         Ok(Some(FrameHeader {
             fin,
+            compressed,
             opcode,
             mask,
             header_len,
@@ -326,7 +354,7 @@ impl MessageDecoder {
                     return Ok(None);
                 }
                 match self.fragments.take() {
-                    Some(done) => data_message(done.opcode, done.payload).map(Some),
+                    Some(done) => self.whole(done.opcode, done.compressed, done.payload),
                     None => Ok(None),
                 }
             }
@@ -338,9 +366,10 @@ impl MessageDecoder {
                 }
                 self.check_message_size(payload.len())?;
                 if header.fin {
-                    data_message(header.opcode, payload).map(Some)
+                    self.whole(header.opcode, header.compressed, payload)
                 } else {
-                    self.fragments = Some(Fragmented::new(header.opcode, payload)?);
+                    let fragmented = Fragmented::new(header.opcode, header.compressed, payload);
+                    self.fragments = Some(fragmented?);
                     Ok(None)
                 }
             }
@@ -349,6 +378,34 @@ impl MessageDecoder {
             0xA => Ok(Some(Incoming::Pong)),
             _ => Err(ProtocolError::Violation("unknown opcode")),
         }
+    }
+
+    /// A whole data message: inflated first if it is compressed (at most
+    /// `max_message_bytes`), then text checked as UTF-8.
+    fn whole(
+        &self,
+        opcode: u8,
+        compressed: bool,
+        payload: Vec<u8>,
+    ) -> Result<Option<Incoming>, ProtocolError> {
+        let payload =
+            match compressed {
+                false => payload,
+                true => crate::compression::inflate(&payload, self.max_message_bytes).map_err(
+                    |error| match error {
+                        crate::compression::InflateError::TooLarge(limit) => {
+                            ProtocolError::MessageTooLarge {
+                                size: limit + 1,
+                                limit,
+                            }
+                        }
+                        crate::compression::InflateError::Corrupt => {
+                            ProtocolError::Violation("compressed message is not deflate data")
+                        }
+                    },
+                )?,
+            };
+        data_message(opcode, payload).map(Some)
     }
 
     fn check_message_size(&self, size: usize) -> Result<(), ProtocolError> {

@@ -210,12 +210,27 @@ pub fn accept_key(key: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(sha1.digest().bytes())
 }
 
-/// The 101 response, with the sub-protocol the backend chose, if any.
-pub fn switching_protocols(key: &str, protocol: Option<&str>) -> Vec<u8> {
+/// Every `Sec-WebSocket-Extensions` offer of a request, as one list.
+pub fn extension_offers(headers: &[(String, String)]) -> String {
+    let offers = headers
+        .iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case("sec-websocket-extensions"))
+        .map(|(_, value)| value.as_str());
+    offers.collect::<Vec<_>>().join(", ")
+}
+
+/// The 101 response, with the sub-protocol the backend chose, if any, and permessage-deflate
+/// if `deflate` ([`crate::compression::ANSWER`]).
+pub fn switching_protocols(key: &str, protocol: Option<&str>, deflate: bool) -> Vec<u8> {
     let mut response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n",
         accept_key(key)
     );
+    if deflate {
+        response.push_str("Sec-WebSocket-Extensions: ");
+        response.push_str(crate::compression::ANSWER);
+        response.push_str("\r\n");
+    }
     if let Some(protocol) = protocol.filter(|p| is_header_safe(p)) {
         response.push_str("Sec-WebSocket-Protocol: ");
         response.push_str(protocol);
@@ -364,7 +379,8 @@ mod tests {
 
     #[test]
     fn unsafe_protocol_is_not_echoed() {
-        let response = String::from_utf8(switching_protocols("k", Some("a\r\nX: y"))).unwrap();
+        let response =
+            String::from_utf8(switching_protocols("k", Some("a\r\nX: y"), false)).unwrap();
         assert!(!response.contains("X: y"));
     }
 

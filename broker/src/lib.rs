@@ -23,6 +23,7 @@
 pub mod auth;
 pub mod clock;
 pub mod cluster;
+pub mod compression;
 pub mod config;
 pub mod connection;
 pub mod connection_id;

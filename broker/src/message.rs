@@ -104,6 +104,20 @@ impl Message {
         frame::encode(self.kind.opcode(), &self.payload)
     }
 
+    /// As a server WebSocket frame on a connection that negotiated permessage-deflate:
+    /// compressed (RSV1) if it is data of at least `deflate.min_bytes` and compressing
+    /// makes it smaller, else as [`Message::websocket`].
+    pub fn websocket_deflated(&self, deflate: crate::compression::Deflate) -> Bytes {
+        if !self.is_data() || self.payload.len() < deflate.min_bytes {
+            return self.websocket();
+        }
+        let compressed = crate::compression::compress(&self.payload, deflate.level);
+        if compressed.len() >= self.payload.len() {
+            return self.websocket();
+        }
+        frame::encode_compressed(self.kind.opcode(), &compressed)
+    }
+
     /// As a message on a WebTransport session's stream ([`framing`]). Only data messages
     /// reach a session; anything that is not text goes as binary.
     pub fn webtransport(&self) -> Bytes {

@@ -32,6 +32,7 @@ pub fn shared(message: Message) -> SharedFrame {
         websocket: OnceCell::new(),
         webtransport: OnceCell::new(),
         datagram: OnceCell::new(),
+        deflated: OnceCell::new(),
         in_queues: std::cell::Cell::new(0),
     })
 }
@@ -63,6 +64,9 @@ pub struct OutboundFrame {
     webtransport: OnceCell<Bytes>,
     /// The same as a QUIC datagram, at the first recipient of one.
     datagram: OnceCell<Bytes>,
+    /// Compressed (permessage-deflate), at its first WebSocket recipient that negotiated
+    /// it: once for all of them.
+    deflated: OnceCell<Bytes>,
     /// How many counted queues hold it: its memory is charged against the outbound budget
     /// while one does (once, however many: a broadcast frame is shared by every recipient on
     /// the shard), and given back when the last one lets go. Resend buffers, which keep
@@ -79,6 +83,16 @@ impl OutboundFrame {
         }
     }
 
+    /// The frame's bytes as `encoding` gives them.
+    pub fn encoded(&self, encoding: Encoding) -> &[u8] {
+        match (encoding.wire, encoding.deflate) {
+            (Wire::WebSocket, Some(deflate)) => {
+                (self.deflated).get_or_init(|| self.message.websocket_deflated(deflate))
+            }
+            (wire, _) => self.bytes(wire),
+        }
+    }
+
     /// The frame as a WebTransport datagram (`[kind][payload]`).
     pub fn datagram(&self) -> &Bytes {
         self.datagram.get_or_init(|| self.message.datagram())
@@ -92,6 +106,14 @@ impl OutboundFrame {
     fn is_data(&self) -> bool {
         self.message.is_data()
     }
+}
+
+/// How a queue's frames are encoded: its transport and, on WebSocket, permessage-deflate
+/// if the client negotiated it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Encoding {
+    pub wire: Wire,
+    pub deflate: Option<crate::compression::Deflate>,
 }
 
 /// A queued frame and how much of it the socket has taken.
@@ -116,8 +138,8 @@ pub enum Pushed {
 }
 
 impl Queued {
-    fn remaining(&self, wire: Wire) -> &[u8] {
-        &self.frame.bytes(wire)[self.written..]
+    fn remaining(&self, encoding: Encoding) -> &[u8] {
+        &self.frame.encoded(encoding)[self.written..]
     }
 }
 
@@ -136,6 +158,8 @@ pub enum PushError {
 #[derive(Debug)]
 pub struct OutboundQueue {
     wire: Wire,
+    /// permessage-deflate, when the client negotiated it.
+    deflate: Option<crate::compression::Deflate>,
     frames: VecDeque<Queued>,
     queued_bytes: usize,
     max_frames: usize,
@@ -174,12 +198,27 @@ impl OutboundQueue {
     pub fn new(wire: Wire, max_frames: usize, max_bytes: usize) -> Self {
         Self {
             wire,
+            deflate: None,
             frames: VecDeque::new(),
             queued_bytes: 0,
             max_frames,
             max_bytes,
             resend: None,
             account: None,
+        }
+    }
+
+    /// Compresses what it sends (permessage-deflate was negotiated), if `deflate`.
+    pub fn deflating(mut self, deflate: Option<crate::compression::Deflate>) -> Self {
+        self.deflate = deflate.filter(|_| self.wire == Wire::WebSocket);
+        self
+    }
+
+    /// How its frames are encoded.
+    pub fn encoding(&self) -> Encoding {
+        Encoding {
+            wire: self.wire,
+            deflate: self.deflate,
         }
     }
 
@@ -208,7 +247,9 @@ impl OutboundQueue {
         };
         let holders = frame.in_queues.get();
         if holders == 0 {
-            let own = footprint(frame.bytes(self.wire).len());
+            // One size for every queue, whatever its encoding: what is charged here is
+            // what the last queue to let go refunds.
+            let own = footprint(frame.message.payload.len());
             if !within_budget {
                 account.charge_anyway(own);
             } else if account.charge(own) == Charge::OverBudget {
@@ -227,7 +268,7 @@ impl OutboundQueue {
         let holders = frame.in_queues.get().saturating_sub(1);
         frame.in_queues.set(holders);
         if holders == 0 {
-            account.refund(footprint(frame.bytes(self.wire).len()));
+            account.refund(footprint(frame.message.payload.len()));
         }
     }
 
@@ -274,7 +315,7 @@ impl OutboundQueue {
         self.queued_bytes = self
             .frames
             .iter()
-            .map(|q| q.frame.bytes(self.wire).len())
+            .map(|q| q.frame.encoded(self.encoding()).len())
             .sum();
         for queued in &self.frames {
             let _ = self.enter(&queued.frame, false);
@@ -309,7 +350,7 @@ impl OutboundQueue {
             .chain(queued)
             .filter(|(number, _)| *number > received)
             .fold((0, 0), |(count, bytes), (_, frame)| {
-                (count + 1, bytes + frame.bytes(self.wire).len())
+                (count + 1, bytes + frame.encoded(self.encoding()).len())
             });
         if count > self.max_frames || bytes > self.max_bytes {
             return Err(RewindError::NotKept);
@@ -342,7 +383,7 @@ impl OutboundQueue {
     /// Puts an uncounted frame before everything queued (the answer to a resume).
     pub fn push_front(&mut self, frame: SharedFrame) {
         let _ = self.enter(&frame, false);
-        self.queued_bytes += frame.bytes(self.wire).len();
+        self.queued_bytes += frame.encoded(self.encoding()).len();
         self.frames.push_front(Queued {
             frame,
             written: 0,
@@ -354,7 +395,7 @@ impl OutboundQueue {
     /// Queues `frame`, or refuses it if its bound, or the gateway's budget, would be
     /// exceeded.
     pub fn push(&mut self, frame: SharedFrame) -> Result<(), PushError> {
-        let len = frame.bytes(self.wire).len();
+        let len = frame.encoded(self.encoding()).len();
         if self.frames.len() >= self.max_frames || self.queued_bytes + len > self.max_bytes {
             return Err(PushError::Full);
         }
@@ -378,9 +419,9 @@ impl OutboundQueue {
             return Ok(Pushed::Queued);
         };
         let _ = self.enter(&frame, false);
-        let new_len = frame.bytes(self.wire).len();
+        let new_len = frame.encoded(self.encoding()).len();
         let old = std::mem::replace(&mut self.frames[index].frame, frame);
-        self.queued_bytes = self.queued_bytes - old.bytes(self.wire).len() + new_len;
+        self.queued_bytes = self.queued_bytes - old.encoded(self.encoding()).len() + new_len;
         self.leave(&old);
         Ok(Pushed::Replaced)
     }
@@ -388,7 +429,7 @@ impl OutboundQueue {
     /// Queues a frame regardless of the bounds (a close frame must always get out).
     pub fn push_unbounded(&mut self, frame: SharedFrame) {
         let _ = self.enter(&frame, false);
-        self.queued_bytes += frame.bytes(self.wire).len();
+        self.queued_bytes += frame.encoded(self.encoding()).len();
         self.append(frame);
     }
 
@@ -414,7 +455,10 @@ impl OutboundQueue {
     pub fn shed_unstarted(&mut self) {
         let keep = usize::from(self.frames.front().is_some_and(|q| q.written > 0));
         let dropped: Vec<Queued> = self.frames.drain(keep..).collect();
-        let bytes: usize = dropped.iter().map(|q| q.frame.bytes(self.wire).len()).sum();
+        let bytes: usize = dropped
+            .iter()
+            .map(|q| q.frame.encoded(self.encoding()).len())
+            .sum();
         self.queued_bytes -= bytes.min(self.queued_bytes);
         for queued in &dropped {
             self.leave(&queued.frame);
@@ -452,7 +496,7 @@ impl OutboundQueue {
     pub fn io_slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
         let mut filled = 0;
         for (slot, queued) in slices.iter_mut().zip(&self.frames) {
-            *slot = IoSlice::new(queued.remaining(self.wire));
+            *slot = IoSlice::new(queued.remaining(self.encoding()));
             filled += 1;
         }
         filled
@@ -460,12 +504,13 @@ impl OutboundQueue {
 
     /// Drops `written` bytes from the front (a partial frame keeps its tail).
     pub fn consume(&mut self, mut written: usize) {
+        let encoding = self.encoding();
         self.queued_bytes -= written.min(self.queued_bytes);
         while written > 0 {
             let Some(front) = self.frames.front_mut() else {
                 break;
             };
-            let remaining = front.remaining(self.wire).len();
+            let remaining = front.remaining(encoding).len();
             if written >= remaining {
                 written -= remaining;
                 let Some(done) = self.frames.pop_front() else {
@@ -473,7 +518,7 @@ impl OutboundQueue {
                 };
                 self.leave(&done.frame);
                 if let (Some(resend), Some(number)) = (self.resend.as_mut(), done.number) {
-                    resend.remember(done.frame, number, self.wire);
+                    resend.remember(done.frame, number, encoding);
                 }
             } else {
                 front.written += written;
@@ -497,17 +542,17 @@ impl OutboundQueue {
 
 impl Resend {
     /// Keeps written data frame `number`, dropping the oldest past the bounds.
-    fn remember(&mut self, frame: SharedFrame, number: u64, wire: Wire) {
+    fn remember(&mut self, frame: SharedFrame, number: u64, encoding: Encoding) {
         if self.written.is_empty() {
             self.first_written = number;
         }
-        self.written_bytes += frame.bytes(wire).len();
+        self.written_bytes += frame.encoded(encoding).len();
         self.written.push_back(frame);
         while self.written.len() > self.max_frames || self.written_bytes > self.max_bytes {
             let Some(dropped) = self.written.pop_front() else {
                 break;
             };
-            self.written_bytes -= dropped.bytes(wire).len();
+            self.written_bytes -= dropped.encoded(encoding).len();
             self.first_written += 1;
         }
     }

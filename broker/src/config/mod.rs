@@ -92,6 +92,42 @@ pub struct RawServer {
     /// WebTransport (HTTP/3 over QUIC) beside WebSocket; off without this table.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webtransport: Option<RawWebTransport>,
+    /// permessage-deflate for WebSocket clients that offer it.
+    pub compression: RawCompression,
+}
+
+/// `[server.compression]`, as written.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawCompression {
+    /// Clients that offer permessage-deflate get it.
+    pub enabled: bool,
+    /// Messages shorter than this go uncompressed.
+    pub min_bytes: usize,
+    /// 1 (fastest) to 9 (smallest).
+    pub level: u32,
+}
+
+impl Default for RawCompression {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            min_bytes: 256,
+            level: 6,
+        }
+    }
+}
+
+impl RawCompression {
+    fn validate(&self) -> Result<Option<crate::compression::Deflate>, ConfigError> {
+        if !(1..=9).contains(&self.level) {
+            return Err(invalid("server.compression.level", "must be 1 to 9"));
+        }
+        Ok(self.enabled.then_some(crate::compression::Deflate {
+            level: self.level,
+            min_bytes: self.min_bytes,
+        }))
+    }
 }
 
 impl Default for RawServer {
@@ -107,6 +143,7 @@ impl Default for RawServer {
             allowed_origins: Vec::new(),
             trusted_proxies: Vec::new(),
             webtransport: None,
+            compression: RawCompression::default(),
         }
     }
 }
@@ -174,6 +211,8 @@ pub struct ServerConfig {
     pub allowed_origins: Vec<String>,
     pub trusted_proxies: Vec<crate::transport::proxy_protocol::Cidr>,
     pub webtransport: Option<WebTransportConfig>,
+    /// permessage-deflate, when `[server.compression] enabled`.
+    pub compression: Option<crate::compression::Deflate>,
 }
 
 #[derive(Debug, Clone)]
@@ -399,6 +438,7 @@ impl RawServer {
                 .as_ref()
                 .map(RawWebTransport::validate)
                 .transpose()?,
+            compression: self.compression.validate()?,
         })
     }
 }

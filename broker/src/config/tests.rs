@@ -43,6 +43,10 @@ key = "k.pem"
 cert = "c.pem"
 key = "k.pem"
 max_handshakes_per_ip = 64
+[server.compression]
+enabled = true
+min_bytes = 128
+level = 3
 [management]
 public_metrics = true
 tokens_file = "tokens.txt"
@@ -346,4 +350,17 @@ fn durable_history_is_a_queue_on_one_node_and_not_in_a_cluster() {
         !has_queue(&clustered),
         "a cluster keeps it in a JetStream stream"
     );
+}
+
+#[test]
+fn compression_is_off_unless_enabled_and_its_level_is_checked() {
+    let config = RawConfig::parse("").and_then(|raw| raw.validate()).unwrap();
+    assert_eq!(config.server.compression, None);
+    let on = RawConfig::parse("[server.compression]\nenabled = true\n")
+        .and_then(|raw| raw.validate())
+        .unwrap();
+    let deflate = on.server.compression.unwrap();
+    assert_eq!((deflate.level, deflate.min_bytes), (6, 256));
+    let err = error_of("[server.compression]\nenabled = true\nlevel = 0\n");
+    assert!(err.contains("server.compression.level"), "{err}");
 }

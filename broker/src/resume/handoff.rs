@@ -33,10 +33,12 @@ impl Resuming {
         peer: SocketAddr,
     ) -> Box<Self> {
         Box::new(Self {
+            // A resumed connection goes on without compression (its queue is kept).
             answer: Answer::WebSocket {
                 socket,
                 key: upgrade.key,
                 leftover: upgrade.leftover,
+                deflate: None,
             },
             peer,
             request: upgrade.request,
@@ -80,6 +82,7 @@ impl SendableAnswer {
                 socket,
                 key,
                 leftover,
+                ..
             } => Self::WebSocket {
                 socket: socket.into_sendable()?,
                 key,
@@ -101,6 +104,7 @@ impl SendableAnswer {
                 socket: socket.into_socket()?,
                 key,
                 leftover,
+                deflate: None,
             },
             Self::WebTransport { request, datagrams } => {
                 Answer::WebTransport { request, datagrams }

@@ -260,6 +260,7 @@ pub(crate) async fn move_in(
                 frame: None,
             },
         })),
+        deflate: None,
     };
     // Registering the connection ends the arrival: what waited for it applies then.
     let _arrival = arrival;

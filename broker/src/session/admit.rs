@@ -27,6 +27,8 @@ pub(crate) struct Accepted {
     pub(crate) resume_refused: Option<Refusal>,
     /// Cluster mode: a connection whose client resumed here from another node.
     pub(crate) moved_in: Option<Box<resume::moved::MovedIn>>,
+    /// permessage-deflate, as the answer agreed.
+    pub(crate) deflate: Option<crate::compression::Deflate>,
 }
 
 /// Counts a handshake's outcome in `switchboard_connections_total`.
@@ -222,7 +224,7 @@ pub(crate) async fn accept_new(
     host: String,
     request: &crate::event::HandshakeRequest,
 ) -> Option<(Socket, Accepted)> {
-    let wire = answer.wire();
+    let (wire, deflate) = (answer.wire(), answer.deflate());
     let timeout = shard.gateway.config.limits.handshake_timeout;
     let (id, facts, protocol) = match connect(shard, peer, user_agent, host, request).await {
         Ok(connected) => connected,
@@ -243,6 +245,7 @@ pub(crate) async fn accept_new(
         leftover,
         resume_refused: None,
         moved_in: None,
+        deflate,
     };
     Some((socket, accepted))
 }

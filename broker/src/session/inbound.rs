@@ -171,13 +171,18 @@ fn cost(message: &Incoming) -> usize {
     }
 }
 
-/// A fresh decoder for `wire` with the configured limits.
-pub(crate) fn decoder_for(limits: &Limits, wire: Wire) -> Decoder {
+/// A fresh decoder for `wire` with the configured limits; `inflating` if the client
+/// negotiated permessage-deflate.
+pub(crate) fn decoder_for(limits: &Limits, wire: Wire, inflating: bool) -> Decoder {
     match wire {
-        Wire::WebSocket => Decoder::WebSocket(MessageDecoder::new(
-            limits.max_frame_bytes,
-            limits.max_message_bytes,
-        )),
+        Wire::WebSocket => {
+            let decoder = MessageDecoder::new(limits.max_frame_bytes, limits.max_message_bytes);
+            Decoder::WebSocket(if inflating {
+                decoder.inflating()
+            } else {
+                decoder
+            })
+        }
         Wire::WebTransport => Decoder::WebTransport(FrameDecoder::new(limits.max_message_bytes)),
     }
 }

@@ -57,6 +57,7 @@ fn register(
         leftover,
         resume_refused,
         moved_in,
+        deflate,
     } = accepted;
     let gateway = shard.gateway.clone();
     let limits = &gateway.config.limits;
@@ -66,6 +67,7 @@ fn register(
         limits.outbound_queue_frames,
         limits.outbound_queue_bytes,
     )
+    .deflating(deflate)
     .counted_in(shard.account.clone());
     let lifetime = moved_in
         .as_ref()

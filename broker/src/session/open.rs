@@ -109,10 +109,13 @@ async fn open(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) -> Opt
         user_agent,
         leftover,
     } = upgrade;
+    let compression = shard.gateway.config.server.compression;
+    let offers = handshake::extension_offers(&request.headers);
     let answer = Answer::WebSocket {
         socket,
         key,
         leftover,
+        deflate: compression.filter(|_| crate::compression::accepts(&offers)),
     };
     let (socket, accepted) = accept_new(shard, answer, peer, user_agent, host, &request).await?;
     Some(Opened::Connected(Box::new((socket, accepted))))

@@ -51,7 +51,8 @@ pub(super) async fn serve(
 ) -> DisconnectReason {
     let stream = connection.stream();
     let limits = &shard.gateway.config.limits;
-    let decoder = super::inbound::decoder_for(limits, stream.wire());
+    let inflating = connection.outbound().borrow().encoding().deflate.is_some();
+    let decoder = super::inbound::decoder_for(limits, stream.wire(), inflating);
     let mut inbound = Inbound::new(decoder);
     inbound.received(&leftover);
     drop(leftover);

@@ -15,6 +15,8 @@ pub(crate) enum Answer {
         socket: Socket,
         key: String,
         leftover: Vec<u8>,
+        /// permessage-deflate, if the client offered it and the gateway compresses.
+        deflate: Option<crate::compression::Deflate>,
     },
     /// A WebTransport session request; `datagrams` if it asked for them.
     WebTransport {
@@ -24,6 +26,14 @@ pub(crate) enum Answer {
 }
 
 impl Answer {
+    /// The compression the answer agrees to.
+    pub(crate) fn deflate(&self) -> Option<crate::compression::Deflate> {
+        match self {
+            Self::WebSocket { deflate, .. } => *deflate,
+            Self::WebTransport { .. } => None,
+        }
+    }
+
     pub(crate) fn wire(&self) -> Wire {
         match self {
             Self::WebSocket { .. } => Wire::WebSocket,
@@ -59,8 +69,9 @@ impl Answer {
                 socket,
                 key,
                 leftover,
+                deflate,
             } => {
-                let response = handshake::switching_protocols(&key, protocol);
+                let response = handshake::switching_protocols(&key, protocol, deflate.is_some());
                 let written = tokio::time::timeout(timeout, socket.write_all(&response)).await;
                 written.ok()?.ok()?;
                 Some((socket, leftover))

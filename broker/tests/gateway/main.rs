@@ -6,6 +6,7 @@ mod authorizers;
 mod binary;
 mod browser;
 mod cluster;
+mod compression;
 mod conflation;
 mod deploy;
 mod disconnects;
