@@ -6,72 +6,117 @@
 //! Inflating a client's message stops past a cap: a decompression bomb costs its cap, no
 //! more. Pure code.
 
-use std::io::Write;
-
-use flate2::{Compression, Decompress, FlushDecompress, Status};
-
-/// What the server answers to an offer it takes.
-pub const ANSWER: &str =
-    "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
 /// The block end every message's deflate stream ends with, left off on the wire.
 const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
-/// How messages are compressed: at `level` (1–9), when at least `min_bytes`.
+/// The window every client can inflate, and the one the server uses unless asked for less.
+pub const FULL_WINDOW: u8 = 15;
+
+/// The smallest window zlib compresses raw deflate with: a client asking for 2^8 is passed over.
+pub const SMALLEST_WINDOW: u8 = 9;
+
+/// How messages are compressed: at `level` (1–9), when at least `min_bytes`, with an LZ77
+/// window of 2^`window_bits` bytes (what the client's offer allowed, 9–15).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deflate {
     pub level: u32,
     pub min_bytes: usize,
+    pub window_bits: u8,
 }
 
-/// Whether one of the client's `Sec-WebSocket-Extensions` offers is a permessage-deflate
-/// this server can take: one whose parameters are known, each given once, and that lets
-/// the server use its full window (this deflate always uses 2^15; an offer that limits
-/// `server_max_window_bits` below that is passed over).
-pub fn accepts(offers: &str) -> bool {
-    offers.split(',').any(|offer| {
-        let mut parts = offer.split(';').map(str::trim);
-        parts.next() == Some("permessage-deflate") && takes_parameters(parts)
-    })
+impl Deflate {
+    /// The gateway's settings, for a client that left the window to the server.
+    pub fn new(level: u32, min_bytes: usize) -> Self {
+        Self {
+            level,
+            min_bytes,
+            window_bits: FULL_WINDOW,
+        }
+    }
+
+    /// The first of the client's `Sec-WebSocket-Extensions` offers this server can take,
+    /// as these settings with its window; `None` if there is none.
+    pub fn negotiate(self, offers: &str) -> Option<Self> {
+        offers.split(',').find_map(|offer| {
+            let mut parts = offer.split(';').map(str::trim);
+            if parts.next() != Some("permessage-deflate") {
+                return None;
+            }
+            let window_bits = window_for(parts)?;
+            Some(Self {
+                window_bits,
+                ..self
+            })
+        })
+    }
+
+    /// The `Sec-WebSocket-Extensions` answer to the offer taken: no context takeover either
+    /// way (the server may ask that of the client in its answer), and the window if the
+    /// client limited it.
+    pub fn answer(&self) -> String {
+        let mut answer = String::from(
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+        );
+        if self.window_bits < FULL_WINDOW {
+            answer.push_str(&format!("; server_max_window_bits={}", self.window_bits));
+        }
+        answer
+    }
 }
 
-fn takes_parameters<'a>(parameters: impl Iterator<Item = &'a str>) -> bool {
+/// The server window an offer's parameters leave, if each is known and given once.
+fn window_for<'a>(parameters: impl Iterator<Item = &'a str>) -> Option<u8> {
     let mut seen: Vec<&str> = Vec::new();
+    let mut window_bits = FULL_WINDOW;
     for parameter in parameters {
         let (name, value) = match parameter.split_once('=') {
             Some((name, value)) => (name.trim(), Some(value.trim().trim_matches('"'))),
             None => (parameter, None),
         };
         if seen.contains(&name) {
-            return false;
+            return None;
         }
         seen.push(name);
-        let bits = |value: Option<&str>| value.and_then(|v| v.parse::<u8>().ok());
-        let fine = match name {
-            "server_no_context_takeover" | "client_no_context_takeover" => value.is_none(),
-            "server_max_window_bits" => bits(value) == Some(15),
-            "client_max_window_bits" => {
-                value.is_none() || bits(value).is_some_and(|b| (8..=15).contains(&b))
+        let bits = value.and_then(|v| v.parse::<u8>().ok());
+        match name {
+            "server_no_context_takeover" | "client_no_context_takeover" if value.is_none() => {}
+            "server_max_window_bits"
+                if bits.is_some_and(|b| (SMALLEST_WINDOW..=FULL_WINDOW).contains(&b)) =>
+            {
+                window_bits = bits?;
             }
-            _ => false,
-        };
-        if !fine {
-            return false;
+            "client_max_window_bits"
+                if value.is_none() || bits.is_some_and(|b| (8..=15).contains(&b)) => {}
+            _ => return None,
         }
     }
-    true
+    Some(window_bits)
 }
 
-/// `payload` as one message's deflate data (the tail left off).
-pub fn compress(payload: &[u8], level: u32) -> Vec<u8> {
+/// `payload` as one message's deflate data (the tail left off), with a window of
+/// 2^`window_bits` bytes.
+pub fn compress(payload: &[u8], level: u32, window_bits: u8) -> Vec<u8> {
     let level = Compression::new(level.clamp(1, 9));
-    let mut encoder = flate2::write::DeflateEncoder::new(Vec::with_capacity(payload.len() / 2 + 64), level);
-    // A sync flush (what `flush` does) ends the data on a byte boundary with the tail;
-    // no final block: each message is a stream of its own on the other side too.
-    let written = encoder.write_all(payload).and_then(|()| encoder.flush());
-    let mut out = std::mem::take(encoder.get_mut());
-    if written.is_err() {
-        out.clear();
+    let mut deflate = Compress::new_with_window_bits(
+        level,
+        false,
+        window_bits.clamp(SMALLEST_WINDOW, FULL_WINDOW),
+    );
+    // Room for stored blocks (5 bytes per 16 KiB) and the tail, so one call usually does.
+    let mut out = Vec::with_capacity(payload.len() + payload.len() / 16_384 * 5 + 64);
+    loop {
+        let read = deflate.total_in() as usize;
+        // A sync flush ends the data on a byte boundary with the tail and no final block:
+        // each message is a stream of its own on the other side too.
+        let flushed = deflate.compress_vec(&payload[read..], &mut out, FlushCompress::Sync);
+        let all_in = deflate.total_in() as usize == payload.len();
+        // The flush is complete only when the call left output room unused.
+        if flushed.is_err() || (all_in && out.len() < out.capacity()) {
+            break;
+        }
+        out.reserve(out.capacity().max(1024));
     }
     if out.ends_with(&TAIL) {
         out.truncate(out.len() - TAIL.len());
@@ -122,29 +167,85 @@ pub fn inflate(data: &[u8], cap: usize) -> Result<Vec<u8>, InflateError> {
 mod tests {
     use super::*;
 
+    fn window(offers: &str) -> Option<u8> {
+        Some(Deflate::new(6, 256).negotiate(offers)?.window_bits)
+    }
+
     #[test]
     fn offers_are_taken_or_passed_over() {
-        assert!(accepts("permessage-deflate"));
-        assert!(accepts("permessage-deflate; client_max_window_bits"));
-        assert!(accepts(
-            "x-webkit-deflate-frame, permessage-deflate; server_no_context_takeover"
-        ));
-        assert!(accepts(
-            "permessage-deflate; server_max_window_bits=10, permessage-deflate"
-        ));
-        assert!(!accepts("permessage-deflate; server_max_window_bits=10"));
-        assert!(!accepts("permessage-deflate; client_max_window_bits=7"));
-        assert!(!accepts("permessage-deflate; unknown"));
-        assert!(!accepts(
-            "permessage-deflate; server_no_context_takeover; server_no_context_takeover"
-        ));
-        assert!(!accepts("x-other"));
+        assert_eq!(window("permessage-deflate"), Some(15));
+        assert_eq!(
+            window("permessage-deflate; client_max_window_bits"),
+            Some(15)
+        );
+        assert_eq!(
+            window("permessage-deflate; client_max_window_bits=9"),
+            Some(15)
+        );
+        assert_eq!(
+            window("x-webkit-deflate-frame, permessage-deflate; server_no_context_takeover"),
+            Some(15)
+        );
+        assert_eq!(
+            window("permessage-deflate; server_max_window_bits=10"),
+            Some(10)
+        );
+        assert_eq!(
+            window("permessage-deflate; server_max_window_bits=8, permessage-deflate"),
+            Some(15)
+        );
+        assert_eq!(window("permessage-deflate; server_max_window_bits=8"), None);
+        assert_eq!(window("permessage-deflate; server_max_window_bits"), None);
+        assert_eq!(window("permessage-deflate; client_max_window_bits=7"), None);
+        assert_eq!(window("permessage-deflate; unknown"), None);
+        assert_eq!(
+            window("permessage-deflate; server_no_context_takeover; server_no_context_takeover"),
+            None
+        );
+        assert_eq!(window("x-other"), None);
+    }
+
+    #[test]
+    fn the_answer_names_a_limited_window() {
+        let full = Deflate::new(6, 256);
+        assert_eq!(
+            full.answer(),
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+        );
+        let narrow = full.negotiate("permessage-deflate; server_max_window_bits=10");
+        assert!(
+            narrow
+                .unwrap()
+                .answer()
+                .ends_with("; server_max_window_bits=10")
+        );
+    }
+
+    #[test]
+    fn a_narrow_window_reaches_no_further_back() {
+        // 2 KiB apart: a 2^10 window cannot see the repeat, a 2^15 one can.
+        let mut state = 7_u32;
+        let block: Vec<u8> = (0..2048)
+            .map(|_| {
+                state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                (state >> 16) as u8
+            })
+            .collect();
+        let payload = [block.clone(), block].concat();
+        let (narrow, full) = (compress(&payload, 6, 10), compress(&payload, 6, 15));
+        assert!(
+            narrow.len() > 4000 && full.len() < 2200,
+            "{} {}",
+            narrow.len(),
+            full.len()
+        );
+        assert_eq!(inflate(&narrow, 1 << 20).unwrap(), payload);
     }
 
     #[test]
     fn a_message_round_trips_and_shrinks() {
         let text = r#"{"symbol":"BTC-USD","bid":64123.5,"ask":64124.0}"#.repeat(20);
-        let packed = compress(text.as_bytes(), 6);
+        let packed = compress(text.as_bytes(), 6, 15);
         assert!(
             packed.len() < text.len() / 4,
             "{} of {}",
@@ -152,7 +253,7 @@ mod tests {
             text.len()
         );
         assert_eq!(inflate(&packed, 1 << 20).unwrap(), text.as_bytes());
-        assert_eq!(inflate(&compress(b"", 6), 10).unwrap(), b"");
+        assert_eq!(inflate(&compress(b"", 6, 15), 10).unwrap(), b"");
     }
 
     #[test]
@@ -170,28 +271,39 @@ mod tests {
     }
 
     #[test]
+    fn large_messages_keep_every_byte() {
+        // Text-like bytes, partly repetitive, the shape that once lost its last block.
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let payload: Vec<u8> = (0..(64 << 10) + 77)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let alphabet = b"abcdefgh{}\":, 0123";
+                alphabet[(state % alphabet.len() as u64) as usize]
+            })
+            .collect();
+        for length in [1, 255, 256, 16_384, 32_768, 65_536, payload.len()] {
+            for (level, window) in [(1, 15), (6, 15), (9, 15), (6, 9)] {
+                let packed = compress(&payload[..length], level, window);
+                let back = inflate(&packed, 1 << 20).unwrap();
+                assert!(
+                    back == payload[..length],
+                    "{length} bytes, {level}, {window}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn a_bomb_stops_at_its_cap() {
         let zeros = vec![0u8; 16 << 20];
-        let bomb = compress(&zeros, 9);
+        let bomb = compress(&zeros, 9, 15);
         assert!(bomb.len() < 64 << 10, "{}", bomb.len());
         assert_eq!(
             inflate(&bomb, 128 << 10),
             Err(InflateError::TooLarge(128 << 10))
         );
         assert_eq!(inflate(b"\xff\xff\xff", 100), Err(InflateError::Corrupt));
-    }
-}
-#[cfg(test)]
-mod tmp_tests {
-    #[test]
-    fn m77() {
-        let packed = std::fs::read("/tmp/m77.bin").unwrap();
-        let raw = std::fs::read("/tmp/m77.raw").unwrap();
-        let got = super::inflate(&packed, 1 << 24).unwrap();
-        assert_eq!(got.len(), raw.len(), "inflate");
-        let ours = super::compress(&raw, 6);
-        std::fs::write("/tmp/ours.bin", &ours).unwrap();
-        let back = super::inflate(&ours, 1 << 24).unwrap();
-        assert_eq!(back.len(), raw.len(), "compress");
     }
 }

@@ -219,16 +219,16 @@ pub fn extension_offers(headers: &[(String, String)]) -> String {
     offers.collect::<Vec<_>>().join(", ")
 }
 
-/// The 101 response, with the sub-protocol the backend chose, if any, and permessage-deflate
-/// if `deflate` ([`crate::compression::ANSWER`]).
-pub fn switching_protocols(key: &str, protocol: Option<&str>, deflate: bool) -> Vec<u8> {
+/// The 101 response, with the sub-protocol the backend chose, if any, and the extensions
+/// agreed (permessage-deflate's answer), if any.
+pub fn switching_protocols(key: &str, protocol: Option<&str>, extensions: Option<&str>) -> Vec<u8> {
     let mut response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n",
         accept_key(key)
     );
-    if deflate {
+    if let Some(extensions) = extensions {
         response.push_str("Sec-WebSocket-Extensions: ");
-        response.push_str(crate::compression::ANSWER);
+        response.push_str(extensions);
         response.push_str("\r\n");
     }
     if let Some(protocol) = protocol.filter(|p| is_header_safe(p)) {
@@ -380,7 +380,7 @@ mod tests {
     #[test]
     fn unsafe_protocol_is_not_echoed() {
         let response =
-            String::from_utf8(switching_protocols("k", Some("a\r\nX: y"), false)).unwrap();
+            String::from_utf8(switching_protocols("k", Some("a\r\nX: y"), None)).unwrap();
         assert!(!response.contains("X: y"));
     }
 

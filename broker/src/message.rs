@@ -111,7 +111,8 @@ impl Message {
         if !self.is_data() || self.payload.len() < deflate.min_bytes {
             return self.websocket();
         }
-        let compressed = crate::compression::compress(&self.payload, deflate.level);
+        let compressed =
+            crate::compression::compress(&self.payload, deflate.level, deflate.window_bits);
         if compressed.len() >= self.payload.len() {
             return self.websocket();
         }

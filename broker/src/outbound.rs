@@ -19,6 +19,7 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 
+use crate::compression::{FULL_WINDOW, SMALLEST_WINDOW};
 use crate::limits::overload::{Charge, ShardAccount, footprint};
 use crate::message::Message;
 
@@ -33,9 +34,13 @@ pub fn shared(message: Message) -> SharedFrame {
         webtransport: OnceCell::new(),
         datagram: OnceCell::new(),
         deflated: OnceCell::new(),
+        deflated_narrow: OnceCell::new(),
         in_queues: std::cell::Cell::new(0),
     })
 }
+
+/// Windows below the full one a client may ask the server to compress with: 2^9..2^14.
+const NARROW_WINDOWS: usize = (FULL_WINDOW - SMALLEST_WINDOW) as usize;
 
 /// The wire format a connection's client speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +72,9 @@ pub struct OutboundFrame {
     /// Compressed (permessage-deflate), at its first WebSocket recipient that negotiated
     /// it: once for all of them.
     deflated: OnceCell<Bytes>,
+    /// The same for recipients that asked for a smaller window (2^9..2^14 bytes), one slot
+    /// per window, made at the first of them: a pointer until then.
+    deflated_narrow: OnceCell<Box<[OnceCell<Bytes>; NARROW_WINDOWS]>>,
     /// How many counted queues hold it: its memory is charged against the outbound budget
     /// while one does (once, however many: a broadcast frame is shared by every recipient on
     /// the shard), and given back when the last one lets go. Resend buffers, which keep
@@ -87,7 +95,17 @@ impl OutboundFrame {
     pub fn encoded(&self, encoding: Encoding) -> &[u8] {
         match (encoding.wire, encoding.deflate) {
             (Wire::WebSocket, Some(deflate)) => {
-                (self.deflated).get_or_init(|| self.message.websocket_deflated(deflate))
+                let slot = match deflate
+                    .window_bits
+                    .checked_sub(SMALLEST_WINDOW)
+                    .map(usize::from)
+                {
+                    Some(narrow) if narrow < NARROW_WINDOWS => {
+                        &self.deflated_narrow.get_or_init(Default::default)[narrow]
+                    }
+                    _ => &self.deflated,
+                };
+                slot.get_or_init(|| self.message.websocket_deflated(deflate))
             }
             (wire, _) => self.bytes(wire),
         }

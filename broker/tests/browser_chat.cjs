@@ -1,6 +1,7 @@
 // Drives the demo chat page (GET /demo) in headless Chromium through playwright-core:
 // one page joins a room over WebSocket, another over WebTransport; each sees the other's
-// messages, and a push through the management API reaches the WebTransport page.
+// messages, and pushes through the management API reach both pages (the WebSocket one's
+// compressed with permessage-deflate, which the page reports having negotiated).
 //
 // Usage: node browser_chat.cjs MANAGEMENT_URL STAGE SCREENSHOT_PATH
 // (NODE_PATH must hold playwright-core; SWITCHBOARD_CHROMIUM names the browser binary.)
@@ -61,6 +62,15 @@ async function main() {
     });
     if (pushed.status !== 200) throw new Error(`push answered ${pushed.status}`);
     await heard(webtransport, "pushed by the backend");
+    // A push large enough to go compressed reaches the WebSocket page whole.
+    const long = "a long push, compressed on the way: " + "tick tock ".repeat(100);
+    const deflated = await fetch(`${api}/${stage}/@connections/${ids.websocket}`, {
+      method: "POST",
+      body: long,
+    });
+    if (deflated.status !== 200) throw new Error(`push answered ${deflated.status}`);
+    await heard(websocket, long);
+    const extensions = await websocket.evaluate(() => window.chat.extensions);
     const status = await webtransport.textContent("#status");
     await webtransport.screenshot({ path: screenshot });
 
@@ -73,7 +83,7 @@ async function main() {
       status: await refused.textContent("#status"),
       errors: await refused.evaluate(() => window.chat.errors),
     };
-    console.log(JSON.stringify({ ...ids, status, refusal }));
+    console.log(JSON.stringify({ ...ids, status, refusal, extensions }));
   } finally {
     await browser.close();
   }

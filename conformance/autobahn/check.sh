@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the Autobahn|Testsuite (RFC 6455 conformance, cases 1-10) against a switchboard binary.
+# Runs the Autobahn|Testsuite (RFC 6455 conformance, cases 1-10; with AUTOBAHN_CASES=all also
+# RFC 7692's permessage-deflate cases 12-13) against a switchboard binary.
 # usage: check.sh PATH_TO_SWITCHBOARD_BINARY [OUTDIR]
 #   starts the gateway with echo.toml (beside this script) and a temporary data_dir, waits for
 #   its port, runs run.sh against ws://LISTEN/STAGE, stops the gateway, and exits with run.sh's

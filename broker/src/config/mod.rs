@@ -123,10 +123,8 @@ impl RawCompression {
         if !(1..=9).contains(&self.level) {
             return Err(invalid("server.compression.level", "must be 1 to 9"));
         }
-        Ok(self.enabled.then_some(crate::compression::Deflate {
-            level: self.level,
-            min_bytes: self.min_bytes,
-        }))
+        let deflate = crate::compression::Deflate::new(self.level, self.min_bytes);
+        Ok(self.enabled.then_some(deflate))
     }
 }
 

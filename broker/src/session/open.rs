@@ -115,7 +115,7 @@ async fn open(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) -> Opt
         socket,
         key,
         leftover,
-        deflate: compression.filter(|_| crate::compression::accepts(&offers)),
+        deflate: compression.and_then(|deflate| deflate.negotiate(&offers)),
     };
     let (socket, accepted) = accept_new(shard, answer, peer, user_agent, host, &request).await?;
     Some(Opened::Connected(Box::new((socket, accepted))))

@@ -71,7 +71,9 @@ impl Answer {
                 leftover,
                 deflate,
             } => {
-                let response = handshake::switching_protocols(&key, protocol, deflate.is_some());
+                let extensions = deflate.map(|deflate| deflate.answer());
+                let response =
+                    handshake::switching_protocols(&key, protocol, extensions.as_deref());
                 let written = tokio::time::timeout(timeout, socket.write_all(&response)).await;
                 written.ok()?.ok()?;
                 Some((socket, leftover))

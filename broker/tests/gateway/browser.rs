@@ -1,7 +1,7 @@
 //! The demo chat page in a real browser: headless Chromium (Debian's) driven by
 //! playwright-core, against the gateway running the embedded demo config. One page talks
-//! over WebSocket, one over WebTransport; they hear each other, and a push through the
-//! management API reaches the WebTransport page.
+//! over WebSocket, one over WebTransport; they hear each other, and pushes through the
+//! management API reach both (the WebSocket page's compressed: permessage-deflate).
 //!
 //! `.ci/run` installs Chromium and playwright-core and sets SWITCHBOARD_PLAYWRIGHT (the
 //! directory holding `node_modules/playwright-core`) and SWITCHBOARD_REQUIRE_BROWSER=1, so
@@ -50,6 +50,14 @@ async fn the_demo_chat_works_over_both_transports_in_chromium() {
         result["webtransport"].as_str().unwrap(),
     );
     assert_ne!(websocket, webtransport);
+    // Chromium offered permessage-deflate, the demo takes it, and a large push arrived whole.
+    assert!(
+        result["extensions"]
+            .as_str()
+            .unwrap()
+            .starts_with("permessage-deflate; server_no_context_takeover"),
+        "{result}"
+    );
     assert!(
         result["status"]
             .as_str()
