@@ -4,6 +4,8 @@
 //!
 //! Both transports carry the same messages; only the framing differs: WebSocket frames
 //! (masked from the client), or WebTransport's `[kind][length: 4 bytes BE][payload]`.
+//! With `--deflate` a WebSocket client offers permessage-deflate, as browsers do, and
+//! inflates what arrives compressed; every client counts the bytes it read off the wire.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -22,6 +24,8 @@ pub(crate) struct Target {
     pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
     /// For WebTransport: the certificate hashes to trust (from the discovery document).
     pub(crate) webtransport: Option<Arc<Vec<[u8; 32]>>>,
+    /// Offer permessage-deflate (WebSocket).
+    pub(crate) deflate: bool,
 }
 
 /// A message's framing on the wire.
@@ -72,6 +76,7 @@ impl Target {
             path: format!("/{path}"),
             tls: None,
             webtransport: Some(Arc::new(hashes)),
+            deflate: false,
         })
     }
 
@@ -96,6 +101,7 @@ impl Target {
             path: format!("/{path}"),
             tls,
             webtransport: None,
+            deflate: false,
         })
     }
 }
@@ -124,6 +130,10 @@ pub(crate) struct Client {
     buffer: Vec<u8>,
     /// Bytes of `buffer` that hold data.
     filled: usize,
+    /// Bytes read off the wire since the upgrade.
+    wire_bytes: u64,
+    /// Set when the server took the permessage-deflate offer.
+    inflater: Option<Inflater>,
     /// A WebTransport client's endpoint and session, kept open as long as the client.
     _session: Option<(
         wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client>,
@@ -173,6 +183,8 @@ impl Client {
             writer: Some(FrameWriter(Box::new(send), Wire::WebTransport)),
             buffer: vec![0; 4096],
             filled: 0,
+            wire_bytes: 0,
+            inflater: None,
             _session: Some((endpoint, session)),
         })
     }
@@ -186,8 +198,13 @@ impl Client {
         socket.bind(SocketAddr::new(source, 0))?;
         let stream = socket.connect(target.addr).await?;
         stream.set_nodelay(true)?;
+        let offer = if target.deflate {
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+        } else {
+            ""
+        };
         let request = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: c3dpdGNoYm9hcmQtbG9hZA==\r\nSec-WebSocket-Version: 13\r\nUser-Agent: switchboard-loadgen\r\n\r\n",
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: c3dpdGNoYm9hcmQtbG9hZA==\r\nSec-WebSocket-Version: 13\r\nUser-Agent: switchboard-loadgen\r\n{offer}\r\n",
             target.path, target.addr
         );
         let (reader, mut writer): (Reader, Writer) = match &target.tls {
@@ -213,6 +230,8 @@ impl Client {
             writer: Some(FrameWriter(writer, Wire::WebSocket)),
             buffer: vec![0; 4096],
             filled: 0,
+            wire_bytes: 0,
+            inflater: None,
             _session: None,
         };
         let head_end = loop {
@@ -228,8 +247,18 @@ impl Client {
                 line.lines().next().unwrap_or_default()
             );
         }
+        let head = String::from_utf8_lossy(&client.buffer[..head_end]).to_ascii_lowercase();
+        if head.contains("sec-websocket-extensions: permessage-deflate") {
+            client.inflater = Some(Inflater::new());
+        }
         client.consume(head_end);
+        client.wire_bytes = client.filled as u64;
         Ok(client)
+    }
+
+    /// Bytes read off the wire since the upgrade.
+    pub(crate) fn wire_bytes(&self) -> u64 {
+        self.wire_bytes
     }
 
     /// Sends one text message.
@@ -264,7 +293,11 @@ impl Client {
                 }
                 break;
             }
-            let payload = &self.buffer[start + header..start + total];
+            let mut payload = &self.buffer[start + header..start + total];
+            let compressed = self.wire == Wire::WebSocket && self.buffer[start] & 0x40 != 0;
+            if let (true, Some(inflater)) = (compressed, self.inflater.as_mut()) {
+                payload = inflater.inflate(payload)?;
+            }
             let opcode = match self.wire {
                 Wire::WebSocket => self.buffer[start] & 0x0F,
                 // Kinds 1 and 2 are text and binary, as WebSocket's opcodes.
@@ -290,12 +323,53 @@ impl Client {
         }
         let n = self.reader.read(&mut self.buffer[self.filled..]).await?;
         self.filled += n;
+        self.wire_bytes += n as u64;
         Ok(n)
     }
 
     fn consume(&mut self, used: usize) {
         self.buffer.copy_within(used..self.filled, 0);
         self.filled -= used;
+    }
+}
+
+/// permessage-deflate's receiving side: one zlib stream per message (the gateway keeps no
+/// context between messages), its state reset rather than made again.
+struct Inflater {
+    zlib: flate2::Decompress,
+    out: Vec<u8>,
+}
+
+impl Inflater {
+    fn new() -> Self {
+        Self {
+            zlib: flate2::Decompress::new(false),
+            out: Vec::with_capacity(4096),
+        }
+    }
+
+    /// One message's deflate data (its tail left off on the wire), inflated.
+    fn inflate(&mut self, data: &[u8]) -> anyhow::Result<&[u8]> {
+        const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+        self.zlib.reset(false);
+        self.out.clear();
+        for input in [data, &TAIL] {
+            let mut read = 0;
+            while read < input.len() {
+                if self.out.capacity() - self.out.len() < 1024 {
+                    self.out.reserve(self.out.capacity());
+                }
+                let before = (self.zlib.total_in(), self.out.len());
+                let flush = flate2::FlushDecompress::Sync;
+                self.zlib
+                    .decompress_vec(&input[read..], &mut self.out, flush)?;
+                read += (self.zlib.total_in() - before.0) as usize;
+                if (self.zlib.total_in(), self.out.len()) == before {
+                    bail!("a compressed message does not inflate");
+                }
+            }
+        }
+        Ok(&self.out)
     }
 }
 

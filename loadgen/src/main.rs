@@ -2,6 +2,7 @@
 //!
 //! Loopback only, bounded in count and time. Prints a human table, or JSON with `--json`.
 
+mod body;
 mod client;
 mod publisher;
 mod rooms;
@@ -13,6 +14,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
+use crate::body::Body;
 use crate::client::Target;
 use crate::scenario::{Delivery, Endpoints, FanoutArgs};
 
@@ -44,6 +46,10 @@ struct Cli {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// WebSocket clients offer permessage-deflate (as browsers do) and inflate what comes
+    /// compressed.
+    #[arg(long, global = true)]
+    deflate: bool,
     /// Client transport: `websocket` (to --url), or `webtransport` (to the session URL and
     /// certificate hash that `GET {api}/@webtransport` names).
     #[arg(long, global = true, value_enum, default_value_t = Transport::Websocket)]
@@ -162,6 +168,10 @@ struct FanoutOptions {
     window: usize,
     #[arg(long, default_value = "loadgen")]
     room: String,
+    /// What follows each payload's stamp: `pad` (one repeated letter), `ticker` (quote
+    /// records as market data feeds send them) or `chat` (short JSON chat lines).
+    #[arg(long, value_enum, default_value_t = Body::Pad)]
+    body: Body,
     /// Seconds to wait for stragglers after the last publish.
     #[arg(long, default_value_t = 5)]
     drain_secs: u64,
@@ -183,6 +193,12 @@ fn main() -> anyhow::Result<()> {
             .url
             .iter()
             .map(|url| Target::parse(url, cli.ca.as_deref()))
+            .map(|target| {
+                target.map(|t| Target {
+                    deflate: cli.deflate,
+                    ..t
+                })
+            })
             .collect::<anyhow::Result<_>>()?,
         Transport::Webtransport => vec![runtime.block_on(Target::webtransport(&api))?],
     };
@@ -300,6 +316,7 @@ impl FanoutOptions {
             rate: self.rate,
             window: self.window,
             room: self.room,
+            body: self.body,
             delivery,
             drain: Duration::from_secs(self.drain_secs),
             timeout: Duration::from_secs(self.timeout_secs),

@@ -16,6 +16,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
+use crate::body::Body;
 use crate::client::{Client, ServerFrame, Target};
 use crate::publisher::Pipeline;
 
@@ -159,6 +160,7 @@ pub(crate) struct FanoutArgs {
     pub(crate) rate: Option<u32>,
     pub(crate) window: usize,
     pub(crate) room: String,
+    pub(crate) body: Body,
     pub(crate) delivery: Delivery,
     pub(crate) drain: Duration,
     pub(crate) timeout: Duration,
@@ -170,6 +172,10 @@ pub(crate) struct FanoutReport {
     pub(crate) connections: usize,
     pub(crate) messages: usize,
     pub(crate) payload_bytes: usize,
+    pub(crate) body: Body,
+    /// Bytes the subscribers read off the wire per message delivered: frame headers
+    /// included, after permessage-deflate where it was negotiated (`--deflate`).
+    pub(crate) wire_bytes_per_delivery: f64,
     pub(crate) rate: Option<u32>,
     pub(crate) expected: u64,
     pub(crate) delivered: u64,
@@ -216,6 +222,7 @@ struct Tally {
     out_of_order: AtomicU64,
     closed: AtomicUsize,
     last_delivery_ns: AtomicU64,
+    wire_bytes: AtomicU64,
 }
 
 pub(crate) fn histogram() -> Histogram<u64> {
@@ -297,6 +304,9 @@ pub(crate) async fn fanout(
         connections: args.connections,
         messages: args.messages,
         payload_bytes: args.payload,
+        body: args.body,
+        wire_bytes_per_delivery: tally.wire_bytes.load(Ordering::Relaxed) as f64
+            / delivered.max(1) as f64,
         rate: args.rate,
         expected,
         delivered,
@@ -344,9 +354,9 @@ pub(crate) async fn wait_for_members(
     }
 }
 
-fn payload(seq: usize, size: usize) -> String {
+fn payload(seq: usize, size: usize, body: Body) -> String {
     let mut text = format!("{seq:010}{:020}", now_ns());
-    text.extend(std::iter::repeat_n('x', size.saturating_sub(STAMP_LEN)));
+    crate::body::append(&mut text, body, seq, size.saturating_sub(STAMP_LEN));
     text
 }
 
@@ -377,19 +387,20 @@ async fn publish(
                     .post(
                         &path,
                         "application/octet-stream",
-                        payload(seq, args.payload).as_bytes(),
+                        payload(seq, args.payload, args.body).as_bytes(),
                     )
                     .await?;
             }
             Delivery::Bulk => {
-                let body = json!({"connectionIds": members, "data": payload(seq, args.payload)});
+                let data = payload(seq, args.payload, args.body);
+                let body = json!({"connectionIds": members, "data": data});
                 let path = format!("{stage_path}/@connections");
                 pipeline
                     .post(&path, "application/json", body.to_string().as_bytes())
                     .await?;
             }
             Delivery::Push => {
-                let body = payload(seq, args.payload);
+                let body = payload(seq, args.payload, args.body);
                 for member in members {
                     let path = format!("{stage_path}/@connections/{member}");
                     pipeline
@@ -466,6 +477,7 @@ async fn subscribe(
             break;
         }
     }
+    (tally.wire_bytes).fetch_add(client.wire_bytes(), Ordering::Relaxed);
 }
 
 fn parse_stamp(payload: &[u8]) -> Option<(usize, u64)> {
@@ -479,7 +491,7 @@ mod tests {
 
     #[test]
     fn payload_stamp_round_trips() {
-        let text = payload(42, 128);
+        let text = payload(42, 128, Body::Pad);
         assert_eq!(text.len(), 128);
         let (seq, ns) = parse_stamp(text.as_bytes()).unwrap();
         assert_eq!(seq, 42);
