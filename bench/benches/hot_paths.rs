@@ -1,6 +1,7 @@
 //! Hot paths of the gateway core: route selection on a typical frame, building the event
-//! JSON a backend receives, encoding an outbound frame once, and the per-message inbound
-//! rate-limit check every client frame passes.
+//! JSON a backend receives, encoding an outbound frame once, compressing it once
+//! (permessage-deflate) and inflating a client's, and the per-message inbound rate-limit
+//! check every client frame passes.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
@@ -68,6 +69,25 @@ fn frame_encode(c: &mut Criterion) {
     group.finish();
 }
 
+/// A ~390-byte 24-hour ticker record, as exchanges' public streams send them.
+const TICKER: &str = r#"{"e":"24hrTicker","E":1765000000420,"s":"BTCUSDT","p":"-12.30000000","P":"0.123","w":"64010.12345678","c":"64123.51000000","Q":"0.01200000","b":"64123.50000000","B":"1.23400000","a":"64123.51000000","A":"0.56700000","o":"64246.96000000","h":"64500.00000000","l":"62800.12000000","v":"12345.67800000","q":"789012345.12345678","O":1764913600420,"C":1765000000420,"F":300000294,"L":300100294,"n":101234}"#;
+
+fn compression(c: &mut Criterion) {
+    use switchboard::compression;
+    let mut group = c.benchmark_group("compression");
+    group.throughput(Throughput::Bytes(TICKER.len() as u64));
+    for level in [1, 6] {
+        group.bench_function(format!("deflate_ticker_level{level}"), |b| {
+            b.iter(|| compression::compress(black_box(TICKER.as_bytes()), level, 15))
+        });
+    }
+    let packed = compression::compress(TICKER.as_bytes(), 6, 15).unwrap();
+    group.bench_function("inflate_ticker", |b| {
+        b.iter(|| compression::inflate(black_box(&packed), 1 << 20))
+    });
+    group.finish();
+}
+
 fn inbound_limit(c: &mut Criterion) {
     // Limits high enough never to hold a message back: the cost of the check itself.
     let messages = Rate {
@@ -89,6 +109,7 @@ criterion_group!(
     route_selection,
     event_json,
     frame_encode,
+    compression,
     inbound_limit
 );
 criterion_main!(benches);

@@ -6,6 +6,8 @@
 //! Inflating a client's message stops past a cap: a decompression bomb costs its cap, no
 //! more. Pure code.
 
+use std::cell::RefCell;
+
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
 /// The block end every message's deflate stream ends with, left off on the wire.
@@ -24,6 +26,8 @@ pub struct Deflate {
     pub level: u32,
     pub min_bytes: usize,
     pub window_bits: u8,
+    /// The offer named `server_max_window_bits`: the answer must name it back.
+    window_named: bool,
 }
 
 impl Deflate {
@@ -33,6 +37,7 @@ impl Deflate {
             level,
             min_bytes,
             window_bits: FULL_WINDOW,
+            window_named: false,
         }
     }
 
@@ -44,9 +49,10 @@ impl Deflate {
             if parts.next() != Some("permessage-deflate") {
                 return None;
             }
-            let window_bits = window_for(parts)?;
+            let window = window_for(parts)?;
             Some(Self {
-                window_bits,
+                window_bits: window.unwrap_or(FULL_WINDOW),
+                window_named: window.is_some(),
                 ..self
             })
         })
@@ -54,22 +60,23 @@ impl Deflate {
 
     /// The `Sec-WebSocket-Extensions` answer to the offer taken: no context takeover either
     /// way (the server may ask that of the client in its answer), and the window if the
-    /// client limited it.
+    /// client named one.
     pub fn answer(&self) -> String {
         let mut answer = String::from(
             "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
         );
-        if self.window_bits < FULL_WINDOW {
+        if self.window_named {
             answer.push_str(&format!("; server_max_window_bits={}", self.window_bits));
         }
         answer
     }
 }
 
-/// The server window an offer's parameters leave, if each is known and given once.
-fn window_for<'a>(parameters: impl Iterator<Item = &'a str>) -> Option<u8> {
+/// Whether an offer's parameters are each known and given once (`None` if not), and the
+/// server window they name, if they name one.
+fn window_for<'a>(parameters: impl Iterator<Item = &'a str>) -> Option<Option<u8>> {
     let mut seen: Vec<&str> = Vec::new();
-    let mut window_bits = FULL_WINDOW;
+    let mut window_bits = None;
     for parameter in parameters {
         let (name, value) = match parameter.split_once('=') {
             Some((name, value)) => (name.trim(), Some(value.trim().trim_matches('"'))),
@@ -85,7 +92,7 @@ fn window_for<'a>(parameters: impl Iterator<Item = &'a str>) -> Option<u8> {
             "server_max_window_bits"
                 if bits.is_some_and(|b| (SMALLEST_WINDOW..=FULL_WINDOW).contains(&b)) =>
             {
-                window_bits = bits?;
+                window_bits = bits;
             }
             "client_max_window_bits"
                 if value.is_none() || bits.is_some_and(|b| (8..=15).contains(&b)) => {}
@@ -96,14 +103,38 @@ fn window_for<'a>(parameters: impl Iterator<Item = &'a str>) -> Option<u8> {
 }
 
 /// `payload` as one message's deflate data (the tail left off), with a window of
-/// 2^`window_bits` bytes.
-pub fn compress(payload: &[u8], level: u32, window_bits: u8) -> Vec<u8> {
-    let level = Compression::new(level.clamp(1, 9));
-    let mut deflate = Compress::new_with_window_bits(
-        level,
-        false,
+/// 2^`window_bits` bytes; `None` if zlib fails (the message then goes uncompressed).
+pub fn compress(payload: &[u8], level: u32, window_bits: u8) -> Option<Vec<u8>> {
+    let settings = (
+        level.clamp(1, 9),
         window_bits.clamp(SMALLEST_WINDOW, FULL_WINDOW),
     );
+    COMPRESSORS.with_borrow_mut(|compressors| {
+        let at = match compressors.iter().position(|(made, _)| *made == settings) {
+            Some(at) => at,
+            None => {
+                let (level, window_bits) = settings;
+                let level = Compression::new(level);
+                let made = Compress::new_with_window_bits(level, false, window_bits);
+                compressors.push((settings, made));
+                compressors.len() - 1
+            }
+        };
+        let deflate = &mut compressors[at].1;
+        // Nothing of the last message is kept: no context takeover.
+        deflate.reset();
+        deflate_once(deflate, payload)
+    })
+}
+
+thread_local! {
+    /// One deflate state per level and window on each thread that compresses (the shards),
+    /// reset between messages: making one allocates and clears about 270 KiB, which is
+    /// half the cost of compressing a short message.
+    static COMPRESSORS: RefCell<Vec<((u32, u8), Compress)>> = const { RefCell::new(Vec::new()) };
+}
+
+fn deflate_once(deflate: &mut Compress, payload: &[u8]) -> Option<Vec<u8>> {
     // Room for stored blocks (5 bytes per 16 KiB) and the tail, so one call usually does.
     let mut out = Vec::with_capacity(payload.len() + payload.len() / 16_384 * 5 + 64);
     loop {
@@ -113,7 +144,8 @@ pub fn compress(payload: &[u8], level: u32, window_bits: u8) -> Vec<u8> {
         let flushed = deflate.compress_vec(&payload[read..], &mut out, FlushCompress::Sync);
         let all_in = deflate.total_in() as usize == payload.len();
         // The flush is complete only when the call left output room unused.
-        if flushed.is_err() || (all_in && out.len() < out.capacity()) {
+        flushed.ok()?;
+        if all_in && out.len() < out.capacity() {
             break;
         }
         out.reserve(out.capacity().max(1024));
@@ -121,7 +153,7 @@ pub fn compress(payload: &[u8], level: u32, window_bits: u8) -> Vec<u8> {
     if out.ends_with(&TAIL) {
         out.truncate(out.len() - TAIL.len());
     }
-    out
+    Some(out)
 }
 
 /// Why a message could not be inflated.
@@ -155,6 +187,10 @@ pub fn inflate(data: &[u8], cap: usize) -> Result<Vec<u8>, InflateError> {
         let quiet = decompress.total_in() == read && decompress.total_out() == written;
         // Done at the stream's end, or once every byte is in and a call gives nothing more.
         if status == Status::StreamEnd || (all_in && quiet) {
+            // The buffer grew by doubling: give back what a long-lived message would waste.
+            if out.capacity() - out.len() > out.len() / 4 {
+                out.shrink_to_fit();
+            }
             return Ok(out);
         }
         if quiet && out.len() < out.capacity() {
@@ -232,7 +268,10 @@ mod tests {
             })
             .collect();
         let payload = [block.clone(), block].concat();
-        let (narrow, full) = (compress(&payload, 6, 10), compress(&payload, 6, 15));
+        let (narrow, full) = (
+            compress(&payload, 6, 10).unwrap(),
+            compress(&payload, 6, 15).unwrap(),
+        );
         assert!(
             narrow.len() > 4000 && full.len() < 2200,
             "{} {}",
@@ -245,7 +284,7 @@ mod tests {
     #[test]
     fn a_message_round_trips_and_shrinks() {
         let text = r#"{"symbol":"BTC-USD","bid":64123.5,"ask":64124.0}"#.repeat(20);
-        let packed = compress(text.as_bytes(), 6, 15);
+        let packed = compress(text.as_bytes(), 6, 15).unwrap();
         assert!(
             packed.len() < text.len() / 4,
             "{} of {}",
@@ -253,7 +292,7 @@ mod tests {
             text.len()
         );
         assert_eq!(inflate(&packed, 1 << 20).unwrap(), text.as_bytes());
-        assert_eq!(inflate(&compress(b"", 6, 15), 10).unwrap(), b"");
+        assert_eq!(inflate(&compress(b"", 6, 15).unwrap(), 10).unwrap(), b"");
     }
 
     #[test]
@@ -285,7 +324,7 @@ mod tests {
             .collect();
         for length in [1, 255, 256, 16_384, 32_768, 65_536, payload.len()] {
             for (level, window) in [(1, 15), (6, 15), (9, 15), (6, 9)] {
-                let packed = compress(&payload[..length], level, window);
+                let packed = compress(&payload[..length], level, window).unwrap();
                 let back = inflate(&packed, 1 << 20).unwrap();
                 assert!(
                     back == payload[..length],
@@ -298,7 +337,7 @@ mod tests {
     #[test]
     fn a_bomb_stops_at_its_cap() {
         let zeros = vec![0u8; 16 << 20];
-        let bomb = compress(&zeros, 9, 15);
+        let bomb = compress(&zeros, 9, 15).unwrap();
         assert!(bomb.len() < 64 << 10, "{}", bomb.len());
         assert_eq!(
             inflate(&bomb, 128 << 10),

@@ -417,6 +417,7 @@ impl Connection {
     pub(crate) fn attach(
         &self,
         socket: Socket,
+        deflate: Option<crate::compression::Deflate>,
         received: u64,
         leftover: Vec<u8>,
         proven: Secret,
@@ -425,7 +426,11 @@ impl Connection {
             // Ended meanwhile: nothing to resume onto.
             return Err(RewindError::NotKept);
         }
-        let replayed = self.outbound.borrow_mut().rewind(received)?;
+        let mut outbound = self.outbound.borrow_mut();
+        // What is sent again goes as the new socket agreed (frames keep their messages).
+        outbound.set_deflate(deflate);
+        let replayed = outbound.rewind(received)?;
+        drop(outbound);
         // Every resume gets a new token: one that leaked with an old URL resumes nothing
         // once the new one is on its way to the client.
         let token = ResumeToken::mint(self.id);

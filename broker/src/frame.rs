@@ -84,7 +84,7 @@ fn put_header(frame: &mut BytesMut, first: u8, mask_bit: u8, len: usize) {
     }
 }
 
-fn header_len(payload_len: usize) -> usize {
+pub(crate) fn header_len(payload_len: usize) -> usize {
     match payload_len {
         0..=125 => 2,
         126..=0xFFFF => 4,
@@ -171,6 +171,10 @@ pub struct MessageDecoder {
     pending: Vec<u8>,
     /// A fragmented data message in progress.
     fragments: Option<Fragmented>,
+    /// Bytes inflated by the current [`MessageDecoder::decode`]: once they reach
+    /// `max_message_bytes` it stops and keeps the rest of its input, so one read of small
+    /// compressed frames cannot turn into hundreds of full-size messages at once.
+    inflated: usize,
 }
 
 /// A data message whose first frames have arrived.
@@ -234,6 +238,7 @@ impl MessageDecoder {
             inflating: false,
             pending: Vec::new(),
             fragments: None,
+            inflated: 0,
         }
     }
 
@@ -245,7 +250,10 @@ impl MessageDecoder {
 
     /// Feeds bytes read from the socket; complete messages are appended to `out`.
     /// After an error the connection must be closed with [`ProtocolError::close_code`].
+    /// While [`MessageDecoder::is_holding`] after it, call it again (with nothing new) once
+    /// the messages it gave are handled.
     pub fn decode(&mut self, input: &[u8], out: &mut Vec<Incoming>) -> Result<(), ProtocolError> {
+        self.inflated = 0;
         let mut pending = std::mem::take(&mut self.pending);
         let result =
             decode_after_pending(&mut pending, input, |bytes| self.decode_frames(bytes, out));
@@ -253,14 +261,22 @@ impl MessageDecoder {
         result
     }
 
-    /// Decodes every complete frame at the start of `input`; returns the bytes consumed.
+    /// Whether the last decode stopped at its inflating budget with input left over.
+    pub fn is_holding(&self) -> bool {
+        self.inflated >= self.max_message_bytes && !self.pending.is_empty()
+    }
+
+    /// Decodes the complete frames at the start of `input`, until the inflating budget is
+    /// spent; returns the bytes consumed.
     fn decode_frames(
         &mut self,
         input: &[u8],
         out: &mut Vec<Incoming>,
     ) -> Result<usize, ProtocolError> {
         let mut used = 0;
-        while let Some(header) = self.parse_header(&input[used..])? {
+        while self.inflated < self.max_message_bytes
+            && let Some(header) = self.parse_header(&input[used..])?
+        {
             // Saturating: with limits near usize::MAX a claimed 64-bit length must not wrap.
             let total = header.header_len.saturating_add(header.payload_len);
             if input.len() - used < total {
@@ -315,7 +331,8 @@ impl MessageDecoder {
         if opcode == 0x0 && compressed {
             return Err(ProtocolError::Violation("RSV1 on a continuation frame"));
         }
-        if len > self.max_frame_bytes as u64 {
+        let deflated = compressed || (opcode == 0x0 && self.is_continuing_compressed());
+        if len > with_deflate_overhead(self.max_frame_bytes, deflated) as u64 {
             return Err(ProtocolError::FrameTooLarge {
                 size: len,
                 limit: self.max_frame_bytes,
@@ -346,7 +363,8 @@ impl MessageDecoder {
                 let Some(so_far) = self.fragments.as_ref().map(|f| f.payload.len()) else {
                     return Err(ProtocolError::Violation("continuation without a message"));
                 };
-                self.check_message_size(so_far + payload.len())?;
+                let compressed = self.is_continuing_compressed();
+                self.check_message_size(so_far + payload.len(), compressed)?;
                 if let Some(fragmented) = self.fragments.as_mut() {
                     fragmented.append(&payload)?;
                 }
@@ -364,7 +382,7 @@ impl MessageDecoder {
                         "new message inside a fragmented one",
                     ));
                 }
-                self.check_message_size(payload.len())?;
+                self.check_message_size(payload.len(), header.compressed)?;
                 if header.fin {
                     self.whole(header.opcode, header.compressed, payload)
                 } else {
@@ -383,7 +401,7 @@ impl MessageDecoder {
     /// A whole data message: inflated first if it is compressed (at most
     /// `max_message_bytes`), then text checked as UTF-8.
     fn whole(
-        &self,
+        &mut self,
         opcode: u8,
         compressed: bool,
         payload: Vec<u8>,
@@ -405,17 +423,36 @@ impl MessageDecoder {
                     },
                 )?,
             };
+        if compressed {
+            self.inflated += payload.len();
+        }
         data_message(opcode, payload).map(Some)
     }
 
-    fn check_message_size(&self, size: usize) -> Result<(), ProtocolError> {
-        if size > self.max_message_bytes {
+    /// Whether the fragmented message in progress is compressed.
+    fn is_continuing_compressed(&self) -> bool {
+        self.fragments.as_ref().is_some_and(|f| f.compressed)
+    }
+
+    /// Checks a message's size so far: compressed, it may carry deflate's few bytes of
+    /// overhead past the limit (its inflated size is checked against the limit itself).
+    fn check_message_size(&self, size: usize, compressed: bool) -> Result<(), ProtocolError> {
+        if size > with_deflate_overhead(self.max_message_bytes, compressed) {
             return Err(ProtocolError::MessageTooLarge {
                 size,
                 limit: self.max_message_bytes,
             });
         }
         Ok(())
+    }
+}
+
+/// `limit` for compressed data: deflate may grow what does not compress by a few bytes per
+/// block (5 per 64 KiB stored block, and the flush), never by a 4096th.
+fn with_deflate_overhead(limit: usize, compressed: bool) -> usize {
+    match compressed {
+        true => limit.saturating_add(limit / 4096 + 64),
+        false => limit,
     }
 }
 

@@ -106,17 +106,15 @@ impl Message {
 
     /// As a server WebSocket frame on a connection that negotiated permessage-deflate:
     /// compressed (RSV1) if it is data of at least `deflate.min_bytes` and compressing
-    /// makes it smaller, else as [`Message::websocket`].
-    pub fn websocket_deflated(&self, deflate: crate::compression::Deflate) -> Bytes {
+    /// makes it smaller; `None` if it goes as [`Message::websocket`].
+    pub fn websocket_deflated(&self, deflate: crate::compression::Deflate) -> Option<Bytes> {
         if !self.is_data() || self.payload.len() < deflate.min_bytes {
-            return self.websocket();
+            return None;
         }
-        let compressed =
-            crate::compression::compress(&self.payload, deflate.level, deflate.window_bits);
-        if compressed.len() >= self.payload.len() {
-            return self.websocket();
-        }
-        frame::encode_compressed(self.kind.opcode(), &compressed)
+        let (level, window) = (deflate.level, deflate.window_bits);
+        let compressed = crate::compression::compress(&self.payload, level, window)?;
+        (compressed.len() < self.payload.len())
+            .then(|| frame::encode_compressed(self.kind.opcode(), &compressed))
     }
 
     /// As a message on a WebTransport session's stream ([`framing`]). Only data messages

@@ -12,127 +12,16 @@
 //! wrote (bounded by frames and bytes; a shared frame costs a pointer): a client that comes
 //! back saying how many it received gets the rest again, in order (see [`crate::resume`]).
 
-use std::cell::OnceCell;
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::rc::Rc;
 
-use bytes::Bytes;
-
-use crate::compression::{FULL_WINDOW, SMALLEST_WINDOW};
 use crate::limits::overload::{Charge, ShardAccount, footprint};
 use crate::message::Message;
 
-/// A message as queued: shared within one shard.
-pub type SharedFrame = Rc<OutboundFrame>;
+mod frame;
 
-/// Shares `message` between its recipients on this shard.
-pub fn shared(message: Message) -> SharedFrame {
-    Rc::new(OutboundFrame {
-        message,
-        websocket: OnceCell::new(),
-        webtransport: OnceCell::new(),
-        datagram: OnceCell::new(),
-        deflated: OnceCell::new(),
-        deflated_narrow: OnceCell::new(),
-        in_queues: std::cell::Cell::new(0),
-    })
-}
-
-/// Windows below the full one a client may ask the server to compress with: 2^9..2^14.
-const NARROW_WINDOWS: usize = (FULL_WINDOW - SMALLEST_WINDOW) as usize;
-
-/// The wire format a connection's client speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wire {
-    WebSocket,
-    WebTransport,
-}
-
-impl Wire {
-    /// The `transport` label of the connection metrics.
-    pub fn label(self) -> &'static str {
-        match self {
-            Self::WebSocket => "websocket",
-            Self::WebTransport => "webtransport",
-        }
-    }
-}
-
-/// One message, encoded for each transport that receives it.
-#[derive(Debug)]
-pub struct OutboundFrame {
-    message: Message,
-    /// Encoded at its first WebSocket recipient.
-    websocket: OnceCell<Bytes>,
-    /// Encoded at its first WebTransport recipient.
-    webtransport: OnceCell<Bytes>,
-    /// The same as a QUIC datagram, at the first recipient of one.
-    datagram: OnceCell<Bytes>,
-    /// Compressed (permessage-deflate), at its first WebSocket recipient that negotiated
-    /// it: once for all of them.
-    deflated: OnceCell<Bytes>,
-    /// The same for recipients that asked for a smaller window (2^9..2^14 bytes), one slot
-    /// per window, made at the first of them: a pointer until then.
-    deflated_narrow: OnceCell<Box<[OnceCell<Bytes>; NARROW_WINDOWS]>>,
-    /// How many counted queues hold it: its memory is charged against the outbound budget
-    /// while one does (once, however many: a broadcast frame is shared by every recipient on
-    /// the shard), and given back when the last one lets go. Resend buffers, which keep
-    /// written frames for a resume, are bounded on their own and not counted here.
-    in_queues: std::cell::Cell<usize>,
-}
-
-impl OutboundFrame {
-    /// The frame's bytes on `wire`.
-    pub fn bytes(&self, wire: Wire) -> &[u8] {
-        match wire {
-            Wire::WebSocket => self.websocket.get_or_init(|| self.message.websocket()),
-            Wire::WebTransport => (self.webtransport).get_or_init(|| self.message.webtransport()),
-        }
-    }
-
-    /// The frame's bytes as `encoding` gives them.
-    pub fn encoded(&self, encoding: Encoding) -> &[u8] {
-        match (encoding.wire, encoding.deflate) {
-            (Wire::WebSocket, Some(deflate)) => {
-                let slot = match deflate
-                    .window_bits
-                    .checked_sub(SMALLEST_WINDOW)
-                    .map(usize::from)
-                {
-                    Some(narrow) if narrow < NARROW_WINDOWS => {
-                        &self.deflated_narrow.get_or_init(Default::default)[narrow]
-                    }
-                    _ => &self.deflated,
-                };
-                slot.get_or_init(|| self.message.websocket_deflated(deflate))
-            }
-            (wire, _) => self.bytes(wire),
-        }
-    }
-
-    /// The frame as a WebTransport datagram (`[kind][payload]`).
-    pub fn datagram(&self) -> &Bytes {
-        self.datagram.get_or_init(|| self.message.datagram())
-    }
-
-    pub fn message(&self) -> &Message {
-        &self.message
-    }
-
-    /// A text or binary message (what a client counts), not a control frame.
-    fn is_data(&self) -> bool {
-        self.message.is_data()
-    }
-}
-
-/// How a queue's frames are encoded: its transport and, on WebSocket, permessage-deflate
-/// if the client negotiated it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Encoding {
-    pub wire: Wire,
-    pub deflate: Option<crate::compression::Deflate>,
-}
+pub use frame::{Encoding, OutboundFrame, SharedFrame, Wire, shared};
 
 /// A queued frame and how much of it the socket has taken.
 #[derive(Debug)]
@@ -228,8 +117,14 @@ impl OutboundQueue {
 
     /// Compresses what it sends (permessage-deflate was negotiated), if `deflate`.
     pub fn deflating(mut self, deflate: Option<crate::compression::Deflate>) -> Self {
-        self.deflate = deflate.filter(|_| self.wire == Wire::WebSocket);
+        self.set_deflate(deflate);
         self
+    }
+
+    /// Compresses from now on as a resumed session's new socket agreed. Only before a
+    /// [`OutboundQueue::rewind`], which counts and starts every frame again in it.
+    pub fn set_deflate(&mut self, deflate: Option<crate::compression::Deflate>) {
+        self.deflate = deflate.filter(|_| self.wire == Wire::WebSocket);
     }
 
     /// How its frames are encoded.
@@ -367,8 +262,9 @@ impl OutboundQueue {
         let (count, bytes) = kept
             .chain(queued)
             .filter(|(number, _)| *number > received)
+            // Uncompressed: the frames must fit however the client comes back.
             .fold((0, 0), |(count, bytes), (_, frame)| {
-                (count + 1, bytes + frame.encoded(self.encoding()).len())
+                (count + 1, bytes + frame.plain_len(self.wire))
             });
         if count > self.max_frames || bytes > self.max_bytes {
             return Err(RewindError::NotKept);
@@ -536,7 +432,7 @@ impl OutboundQueue {
                 };
                 self.leave(&done.frame);
                 if let (Some(resend), Some(number)) = (self.resend.as_mut(), done.number) {
-                    resend.remember(done.frame, number, encoding);
+                    resend.remember(done.frame, number, encoding.wire);
                 }
             } else {
                 front.written += written;
@@ -560,17 +456,18 @@ impl OutboundQueue {
 
 impl Resend {
     /// Keeps written data frame `number`, dropping the oldest past the bounds.
-    fn remember(&mut self, frame: SharedFrame, number: u64, encoding: Encoding) {
+    /// Counted uncompressed: what it holds, and what it would send again.
+    fn remember(&mut self, frame: SharedFrame, number: u64, wire: Wire) {
         if self.written.is_empty() {
             self.first_written = number;
         }
-        self.written_bytes += frame.encoded(encoding).len();
+        self.written_bytes += frame.plain_len(wire);
         self.written.push_back(frame);
         while self.written.len() > self.max_frames || self.written_bytes > self.max_bytes {
             let Some(dropped) = self.written.pop_front() else {
                 break;
             };
-            self.written_bytes -= dropped.encoded(encoding).len();
+            self.written_bytes -= dropped.plain_len(wire);
             self.first_written += 1;
         }
     }

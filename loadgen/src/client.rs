@@ -5,7 +5,9 @@
 //! Both transports carry the same messages; only the framing differs: WebSocket frames
 //! (masked from the client), or WebTransport's `[kind][length: 4 bytes BE][payload]`.
 //! With `--deflate` a WebSocket client offers permessage-deflate, as browsers do, and
-//! inflates what arrives compressed; every client counts the bytes it read off the wire.
+//! inflates what arrives compressed (`--deflate count` leaves it compressed, so that a
+//! client on the same cores measures the server rather than its own inflating); every
+//! client counts the bytes it read off the wire.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -24,8 +26,17 @@ pub(crate) struct Target {
     pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
     /// For WebTransport: the certificate hashes to trust (from the discovery document).
     pub(crate) webtransport: Option<Arc<Vec<[u8; 32]>>>,
-    /// Offer permessage-deflate (WebSocket).
-    pub(crate) deflate: bool,
+    /// Offer permessage-deflate (WebSocket), and what to do with compressed messages.
+    pub(crate) deflate: Option<Deflate>,
+}
+
+/// What a client that offers permessage-deflate does with what arrives compressed.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Deflate {
+    /// Inflates it, as a browser does.
+    Inflate,
+    /// Counts it, unread ([`ServerFrame::Compressed`]).
+    Count,
 }
 
 /// A message's framing on the wire.
@@ -76,7 +87,7 @@ impl Target {
             path: format!("/{path}"),
             tls: None,
             webtransport: Some(Arc::new(hashes)),
-            deflate: false,
+            deflate: None,
         })
     }
 
@@ -101,7 +112,7 @@ impl Target {
             path: format!("/{path}"),
             tls,
             webtransport: None,
-            deflate: false,
+            deflate: None,
         })
     }
 }
@@ -132,7 +143,7 @@ pub(crate) struct Client {
     filled: usize,
     /// Bytes read off the wire since the upgrade.
     wire_bytes: u64,
-    /// Set when the server took the permessage-deflate offer.
+    /// Set when the server took the permessage-deflate offer and messages are inflated.
     inflater: Option<Inflater>,
     /// A WebTransport client's endpoint and session, kept open as long as the client.
     _session: Option<(
@@ -144,6 +155,8 @@ pub(crate) struct Client {
 /// One frame from the server.
 pub(crate) enum ServerFrame<'a> {
     Data(&'a [u8]),
+    /// A data message left compressed (`--deflate count`).
+    Compressed,
     Close,
     Other,
 }
@@ -198,7 +211,7 @@ impl Client {
         socket.bind(SocketAddr::new(source, 0))?;
         let stream = socket.connect(target.addr).await?;
         stream.set_nodelay(true)?;
-        let offer = if target.deflate {
+        let offer = if target.deflate.is_some() {
             "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
         } else {
             ""
@@ -248,7 +261,8 @@ impl Client {
             );
         }
         let head = String::from_utf8_lossy(&client.buffer[..head_end]).to_ascii_lowercase();
-        if head.contains("sec-websocket-extensions: permessage-deflate") {
+        let taken = head.contains("sec-websocket-extensions: permessage-deflate");
+        if taken && target.deflate == Some(Deflate::Inflate) {
             client.inflater = Some(Inflater::new());
         }
         client.consume(head_end);
@@ -295,8 +309,14 @@ impl Client {
             }
             let mut payload = &self.buffer[start + header..start + total];
             let compressed = self.wire == Wire::WebSocket && self.buffer[start] & 0x40 != 0;
-            if let (true, Some(inflater)) = (compressed, self.inflater.as_mut()) {
-                payload = inflater.inflate(payload)?;
+            match (compressed, self.inflater.as_mut()) {
+                (true, Some(inflater)) => payload = inflater.inflate(payload)?,
+                (true, None) => {
+                    on_frame(ServerFrame::Compressed);
+                    start += total;
+                    continue;
+                }
+                (false, _) => {}
             }
             let opcode = match self.wire {
                 Wire::WebSocket => self.buffer[start] & 0x0F,

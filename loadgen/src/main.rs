@@ -47,9 +47,11 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
     /// WebSocket clients offer permessage-deflate (as browsers do) and inflate what comes
-    /// compressed.
-    #[arg(long, global = true)]
-    deflate: bool,
+    /// compressed; `--deflate count` counts compressed messages without inflating them (no
+    /// latency or order for those: the client's inflating then costs nothing, so a client
+    /// sharing the server's cores measures the server).
+    #[arg(long, global = true, value_enum, num_args = 0..=1, default_missing_value = "inflate")]
+    deflate: Option<client::Deflate>,
     /// Client transport: `websocket` (to --url), or `webtransport` (to the session URL and
     /// certificate hash that `GET {api}/@webtransport` names).
     #[arg(long, global = true, value_enum, default_value_t = Transport::Websocket)]

@@ -433,11 +433,19 @@ async fn subscribe(
     let mut next_seq = 0usize;
     let mut received = 0usize;
     let mut samples: Vec<u64> = Vec::with_capacity(64);
+    // Messages counted but left compressed (`--deflate count`): no stamp to read.
+    let mut unread = 0u64;
     let deadline = tokio::time::Instant::from_std(deadline);
     while received < messages {
         let read = client.read_frames(|frame| {
-            let ServerFrame::Data(payload) = frame else {
-                return;
+            let payload = match frame {
+                ServerFrame::Data(payload) => payload,
+                ServerFrame::Compressed => {
+                    received += 1;
+                    unread += 1;
+                    return;
+                }
+                ServerFrame::Close | ServerFrame::Other => return,
             };
             let Some((seq, sent_ns)) = parse_stamp(payload) else {
                 return;
@@ -459,10 +467,9 @@ async fn subscribe(
             Ok(Err(_)) => false,
             Err(_) => break,
         };
-        if !samples.is_empty() {
-            tally
-                .delivered
-                .fetch_add(samples.len() as u64, Ordering::Relaxed);
+        if !samples.is_empty() || unread > 0 {
+            let delivered = samples.len() as u64 + std::mem::take(&mut unread);
+            tally.delivered.fetch_add(delivered, Ordering::Relaxed);
             tally
                 .last_delivery_ns
                 .fetch_max(now_ns(), Ordering::Relaxed);

@@ -353,14 +353,14 @@ fn durable_history_is_a_queue_on_one_node_and_not_in_a_cluster() {
 }
 
 #[test]
-fn compression_is_off_unless_enabled_and_its_level_is_checked() {
+fn compression_is_on_unless_disabled_and_its_level_is_checked() {
     let config = RawConfig::parse("").and_then(|raw| raw.validate()).unwrap();
-    assert_eq!(config.server.compression, None);
-    let on = RawConfig::parse("[server.compression]\nenabled = true\n")
+    let deflate = config.server.compression.unwrap();
+    assert_eq!((deflate.level, deflate.min_bytes), (6, 256));
+    let off = RawConfig::parse("[server.compression]\nenabled = false\n")
         .and_then(|raw| raw.validate())
         .unwrap();
-    let deflate = on.server.compression.unwrap();
-    assert_eq!((deflate.level, deflate.min_bytes), (6, 256));
+    assert_eq!(off.server.compression, None);
     let err = error_of("[server.compression]\nenabled = true\nlevel = 0\n");
     assert!(err.contains("server.compression.level"), "{err}");
 }

@@ -145,6 +145,61 @@ fn idle_decoder_holds_no_buffer() {
     assert_eq!(out, vec![Incoming::Text("split across reads".into())]);
 }
 
+#[test]
+fn one_read_of_small_compressed_frames_inflates_a_budget_at_a_time() {
+    // 100 frames of about 30 bytes, each inflating to 16 KiB: 1.6 MiB from one read.
+    let packed = crate::compression::compress(&[b'z'; 16 << 10], 6, 15).unwrap();
+    let frame = client_frame(true, 0x42, &packed);
+    let bytes: Vec<u8> = frame
+        .iter()
+        .copied()
+        .cycle()
+        .take(frame.len() * 100)
+        .collect();
+    let mut decoder = MessageDecoder::new(1 << 16, 1 << 17).inflating();
+    let mut out = Vec::new();
+    decoder.decode(&bytes, &mut out).unwrap();
+    // At most the budget (128 KiB) of inflated messages at once; the rest is held.
+    assert_eq!(out.len(), 8);
+    assert!(decoder.is_holding());
+    let mut batches = 1;
+    while decoder.is_holding() {
+        decoder.decode(&[], &mut out).unwrap();
+        batches += 1;
+    }
+    assert_eq!((out.len(), batches), (100, 13));
+    assert!(
+        out.iter()
+            .all(|m| *m == Incoming::Binary(vec![b'z'; 16 << 10]))
+    );
+}
+
+#[test]
+fn a_compressed_message_at_the_limit_may_carry_deflates_overhead() {
+    let mut state = 1_u32;
+    let noise: Vec<u8> = (0..1 << 16)
+        .map(|_| {
+            state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            (state >> 16) as u8
+        })
+        .collect();
+    let packed = crate::compression::compress(&noise, 6, 15).unwrap();
+    assert!(packed.len() > noise.len(), "noise does not compress");
+    let mut decoder = MessageDecoder::new(1 << 16, 1 << 16).inflating();
+    let mut out = Vec::new();
+    decoder
+        .decode(&client_frame(true, 0x42, &packed), &mut out)
+        .unwrap();
+    assert_eq!(out, [Incoming::Binary(noise.clone())]);
+    // One byte more inflated is over the limit.
+    let over = crate::compression::compress(&[noise, vec![0]].concat(), 6, 15).unwrap();
+    let refused = decoder.decode(&client_frame(true, 0x42, &over), &mut out);
+    assert!(
+        matches!(refused, Err(ProtocolError::MessageTooLarge { .. })),
+        "{refused:?}"
+    );
+}
+
 proptest! {
     #[test]
     fn decode_never_panics(chunks in proptest::collection::vec(

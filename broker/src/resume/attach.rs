@@ -109,12 +109,13 @@ pub(crate) async fn resume_here(
         return open_new(shard, resuming, Refusal::Unknown).await;
     }
     let timeout = shard.gateway.config.limits.handshake_timeout;
+    let deflate = resuming.answer.deflate();
     let Some((socket, leftover)) = resuming.answer.accept(protocol.as_deref(), timeout).await
     else {
         // Lost again before the answer: the connection stays parked for another try.
         return;
     };
-    match connection.attach(socket, received, leftover, token.secret) {
+    match connection.attach(socket, deflate, received, leftover, token.secret) {
         Ok(replayed) => {
             // The connection's place under the limits is now its new socket's (which
             // may come from another address); the old one's is given back.

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 
+use crate::compression::Deflate;
 use crate::event::HandshakeRequest;
 use crate::handshake::UpgradeRequest;
 use crate::limits::AdmissionTicket;
@@ -26,19 +27,20 @@ pub struct Resuming {
 
 impl Resuming {
     /// A WebSocket upgrade request that asks to resume.
+    /// `deflate`: what the new socket's offer agreed (the session's queue takes it on).
     pub(crate) fn websocket(
         socket: Socket,
         upgrade: UpgradeRequest,
         resume: ResumeRequest,
         peer: SocketAddr,
+        deflate: Option<Deflate>,
     ) -> Box<Self> {
         Box::new(Self {
-            // A resumed connection goes on without compression (its queue is kept).
             answer: Answer::WebSocket {
                 socket,
                 key: upgrade.key,
                 leftover: upgrade.leftover,
-                deflate: None,
+                deflate,
             },
             peer,
             request: upgrade.request,
@@ -68,6 +70,7 @@ enum SendableAnswer {
         socket: SendableSocket,
         key: String,
         leftover: Vec<u8>,
+        deflate: Option<Deflate>,
     },
     WebTransport {
         request: Box<wtransport::endpoint::SessionRequest>,
@@ -82,11 +85,12 @@ impl SendableAnswer {
                 socket,
                 key,
                 leftover,
-                ..
+                deflate,
             } => Self::WebSocket {
                 socket: socket.into_sendable()?,
                 key,
                 leftover,
+                deflate,
             },
             Answer::WebTransport { request, datagrams } => {
                 Self::WebTransport { request, datagrams }
@@ -100,11 +104,12 @@ impl SendableAnswer {
                 socket,
                 key,
                 leftover,
+                deflate,
             } => Answer::WebSocket {
                 socket: socket.into_socket()?,
                 key,
                 leftover,
-                deflate: None,
+                deflate,
             },
             Self::WebTransport { request, datagrams } => {
                 Answer::WebTransport { request, datagrams }

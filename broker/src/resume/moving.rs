@@ -221,6 +221,7 @@ pub(crate) async fn move_in(
     // (Its events keep the authorizer context it was opened with, as on one node.)
     let metrics = &shard.gateway.metrics;
     let wire = resuming.answer.wire();
+    let deflate = resuming.answer.deflate();
     let timeout = shard.gateway.config.limits.handshake_timeout;
     let protocol = match admit::run_connect(&shard, &facts, &resuming.request).await {
         Ok(protocol) => protocol,
@@ -260,7 +261,7 @@ pub(crate) async fn move_in(
                 frame: None,
             },
         })),
-        deflate: None,
+        deflate,
     };
     // Registering the connection ends the arrival: what waited for it applies then.
     let _arrival = arrival;

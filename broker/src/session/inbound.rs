@@ -87,6 +87,9 @@ impl Inbound {
         if self.until.is_some() || !may_work {
             return Next::Idle;
         }
+        if self.waiting.is_empty() && self.decoder.is_holding() {
+            self.received(&[]);
+        }
         let Some(message) = self.waiting.front() else {
             if self
                 .limiter
@@ -116,15 +119,16 @@ impl Inbound {
         }
     }
 
-    /// Whether messages wait to be handled (the glue reads nothing more meanwhile).
+    /// Whether messages wait to be handled, decoded or still held by the decoder (the glue
+    /// reads nothing more meanwhile).
     pub(crate) fn has_waiting(&self) -> bool {
-        !self.waiting.is_empty()
+        !self.waiting.is_empty() || self.decoder.is_holding()
     }
 
     /// The protocol error that ends the connection, once every message before it has been
     /// handled.
     pub(crate) fn take_broken(&mut self) -> Option<DisconnectReason> {
-        if self.waiting.is_empty() {
+        if !self.has_waiting() {
             return self.broken.take();
         }
         None

@@ -95,11 +95,14 @@ async fn open(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) -> Opt
             (Socket::Tls(Box::new(TlsSocket::new(tcp, tls))), upgrade)
         }
     };
+    let offers = handshake::extension_offers(&upgrade.request.headers);
+    let compression = shard.gateway.config.server.compression;
+    let deflate = compression.and_then(|deflate| deflate.negotiate(&offers));
     if shard.gateway.config.api.resume.is_some()
         && let Some(resume) = ResumeRequest::from_request(&upgrade.request)
     {
         return Some(Opened::Resume(Resuming::websocket(
-            socket, upgrade, resume, peer,
+            socket, upgrade, resume, peer, deflate,
         )));
     }
     let handshake::UpgradeRequest {
@@ -109,13 +112,11 @@ async fn open(shard: &Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) -> Opt
         user_agent,
         leftover,
     } = upgrade;
-    let compression = shard.gateway.config.server.compression;
-    let offers = handshake::extension_offers(&request.headers);
     let answer = Answer::WebSocket {
         socket,
         key,
         leftover,
-        deflate: compression.and_then(|deflate| deflate.negotiate(&offers)),
+        deflate,
     };
     let (socket, accepted) = accept_new(shard, answer, peer, user_agent, host, &request).await?;
     Some(Opened::Connected(Box::new((socket, accepted))))

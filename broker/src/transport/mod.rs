@@ -65,6 +65,15 @@ impl Decoder {
             Self::WebTransport(decoder) => decoder.decode(input, out),
         }
     }
+
+    /// Whether the last decode kept complete input back (its inflating budget was spent):
+    /// decode again, with nothing new, once its messages are handled.
+    pub fn is_holding(&self) -> bool {
+        match self {
+            Self::WebSocket(decoder) => decoder.is_holding(),
+            Self::WebTransport(_) => false,
+        }
+    }
 }
 
 impl Socket {

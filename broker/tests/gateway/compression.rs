@@ -95,7 +95,10 @@ async fn offers_are_answered_with_no_context_takeover_or_passed_over() {
         ("permessage-deflate; client_max_window_bits", answer),
         ("permessage-deflate; client_max_window_bits=10", answer),
         ("permessage-deflate; client_no_context_takeover", answer),
-        ("permessage-deflate; server_max_window_bits=15", answer),
+        (
+            "permessage-deflate; server_max_window_bits=15",
+            &format!("{answer}; server_max_window_bits=15"),
+        ),
         ("permessage-deflate; server_max_window_bits=10", &narrow),
         (
             "permessage-deflate; server_max_window_bits=8, permessage-deflate; client_no_context_takeover",
@@ -135,7 +138,7 @@ async fn a_compressed_message_in_and_out_and_small_ones_plain() {
     let (mut client, answer) = open(&gateway, Some("permessage-deflate")).await;
     assert!(answer.is_some());
     let text = json!({"ticker": "BTC-USD", "bid": 64_123.5, "pad": "abc".repeat(200)}).to_string();
-    let packed = switchboard::compression::compress(text.as_bytes(), 6, 15);
+    let packed = switchboard::compression::compress(text.as_bytes(), 6, 15).unwrap();
     client.write_all(&masked(true, 0x1, &packed)).await.unwrap();
     let (rsv1, opcode, payload) = read_frame(&mut client).await;
     assert!(rsv1 && opcode == 0x1, "the echo comes back compressed");
@@ -247,7 +250,7 @@ async fn fragmented_compressed_messages_and_plain_ones_mix() {
     let gateway = TestGateway::start(&config_with(&backend, CONFIG)).await;
     let (mut client, _) = open(&gateway, Some("permessage-deflate")).await;
     let text = json!({"chat": "hello there, ".repeat(50)}).to_string();
-    let packed = switchboard::compression::compress(text.as_bytes(), 6, 15);
+    let packed = switchboard::compression::compress(text.as_bytes(), 6, 15).unwrap();
     let third = packed.len() / 3;
     // RSV1 on the first frame only; a ping between the fragments.
     let mut frames = switchboard::frame::encode_masked(false, 0x41, &packed[..third], [1; 4]);
@@ -298,7 +301,7 @@ async fn a_decompression_bomb_is_closed_1009_and_rsv1_without_deflate_1002() {
     let backend = Backend::start().await;
     let gateway = TestGateway::start(&config_with(&backend, CONFIG)).await;
     let (mut client, _) = open(&gateway, Some("permessage-deflate")).await;
-    let bomb = switchboard::compression::compress(&vec![0u8; 16 << 20], 9, 15);
+    let bomb = switchboard::compression::compress(&vec![0u8; 16 << 20], 9, 15).unwrap();
     assert!(bomb.len() < 32 << 10, "{}", bomb.len());
     client.write_all(&masked(true, 0x2, &bomb)).await.unwrap();
     let (_, opcode, payload) = read_frame(&mut client).await;
@@ -315,6 +318,30 @@ async fn a_decompression_bomb_is_closed_1009_and_rsv1_without_deflate_1002() {
     gateway.stop().await;
 }
 
+#[tokio::test]
+async fn a_burst_of_small_compressed_frames_that_inflate_large_is_served_in_full() {
+    let backend = Backend::start().await;
+    let gateway = TestGateway::start(&config_with(&backend, CONFIG)).await;
+    let (mut client, _) = open(&gateway, Some("permessage-deflate")).await;
+    // 200 frames of about 40 bytes in one write, each 32 KiB inflated: 6.4 MiB in all.
+    let frames: Vec<u8> = (0..200u8)
+        .flat_map(|n| {
+            let message = vec![b'a' + n % 26; 32 << 10];
+            let packed = switchboard::compression::compress(&message, 6, 15).unwrap();
+            masked(true, 0x2, &packed)
+        })
+        .collect();
+    assert!(frames.len() < 16 << 10, "{}", frames.len());
+    client.write_all(&frames).await.unwrap();
+    for n in 0..200u8 {
+        let (rsv1, opcode, payload) = read_frame(&mut client).await;
+        assert!(rsv1 && opcode == 0x2);
+        let echoed = switchboard::compression::inflate(&payload, 1 << 20).unwrap();
+        assert_eq!(echoed, vec![b'a' + n % 26; 32 << 10], "message {n}");
+    }
+    gateway.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bombs_from_many_clients_at_once_leave_the_gateways_memory_flat() {
     let dir = tempfile::tempdir().unwrap();
@@ -323,7 +350,7 @@ async fn bombs_from_many_clients_at_once_leave_the_gateways_memory_flat() {
         "min_bytes = 64\n[limits]\nmax_message_bytes = 1048576\n",
     );
     let gateway = GatewayProcess::start(&write_config(dir.path(), &routes), &[]);
-    let bomb = switchboard::compression::compress(&vec![0u8; 16 << 20], 9, 15);
+    let bomb = switchboard::compression::compress(&vec![0u8; 16 << 20], 9, 15).unwrap();
     let frame = masked(true, 0x2, &bomb);
     let mut clients = Vec::new();
     for _ in 0..16 {
@@ -353,6 +380,69 @@ async fn bombs_from_many_clients_at_once_leave_the_gateways_memory_flat() {
         read_frame(&mut client).await,
         (false, 0x1, b"still here".to_vec())
     );
+}
+
+/// The next data message's payload, inflated if it came compressed.
+async fn read_message(stream: &mut TcpStream) -> (bool, Vec<u8>) {
+    let (rsv1, opcode, payload) = read_frame(stream).await;
+    assert!(opcode == 0x1 || opcode == 0x2, "opcode {opcode}");
+    match rsv1 {
+        true => (
+            true,
+            switchboard::compression::inflate(&payload, 1 << 20).unwrap(),
+        ),
+        false => (false, payload),
+    }
+}
+
+#[tokio::test]
+async fn a_resumed_session_is_sent_again_as_its_new_socket_agreed() {
+    let backend = Backend::start().await;
+    let config = format!("{CONFIG}[api]\nresume = true\nresume_window_secs = 30\n");
+    let gateway = TestGateway::start(&config_with(&backend, &config)).await;
+    let (mut client, _) = open(&gateway, Some("permessage-deflate")).await;
+    let welcome: serde_json::Value =
+        serde_json::from_slice(&read_message(&mut client).await.1).unwrap();
+    let id = welcome["connectionId"].as_str().unwrap().to_owned();
+    let token = |frame: &serde_json::Value| frame["resumeToken"].as_str().unwrap().to_owned();
+    let big = |n: usize| format!("{n:03} {}", "send me again ".repeat(30));
+    let push = async |n: usize| {
+        let url = gateway.api_url(&format!("/@connections/{id}"));
+        assert_eq!(post_body(url, big(n)).await.status(), 200);
+    };
+    for n in 1..=4 {
+        push(n).await;
+    }
+    assert_eq!(read_message(&mut client).await, (true, big(1).into_bytes()));
+    drop(client);
+    gateway.wait_for_parked(1.0).await;
+    // Back without an offer: the rest comes plain.
+    let path = format!("{}?resume={}&received=1", gateway.stage, token(&welcome));
+    let (mut plain, answer) = open_at(gateway.ws_addr, &path, None).await;
+    assert_eq!(answer, None);
+    let (rsv1, resumed) = read_message(&mut plain).await;
+    let resumed: serde_json::Value = serde_json::from_slice(&resumed).unwrap();
+    assert!(!rsv1 && resumed["type"] == "resumed", "{resumed}");
+    for n in 2..=4 {
+        assert_eq!(read_message(&mut plain).await, (false, big(n).into_bytes()));
+    }
+    drop(plain);
+    gateway.wait_for_parked(1.0).await;
+    push(5).await;
+    // And with one again: compressed again, from the same kept messages.
+    let path = format!("{}?resume={}&received=3", gateway.stage, token(&resumed));
+    let (mut deflating, answer) = open_at(gateway.ws_addr, &path, Some("permessage-deflate")).await;
+    assert!(answer.is_some());
+    let resumed: serde_json::Value =
+        serde_json::from_slice(&read_message(&mut deflating).await.1).unwrap();
+    assert_eq!(resumed["replayed"], 2, "{resumed}");
+    for n in 4..=5 {
+        assert_eq!(
+            read_message(&mut deflating).await,
+            (true, big(n).into_bytes())
+        );
+    }
+    gateway.stop().await;
 }
 
 #[tokio::test]
