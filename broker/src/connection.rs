@@ -426,11 +426,8 @@ impl Connection {
             // Ended meanwhile: nothing to resume onto.
             return Err(RewindError::NotKept);
         }
-        let mut outbound = self.outbound.borrow_mut();
         // What is sent again goes as the new socket agreed (frames keep their messages).
-        outbound.set_deflate(deflate);
-        let replayed = outbound.rewind(received)?;
-        drop(outbound);
+        let replayed = self.outbound.borrow_mut().rewind_onto(deflate, received)?;
         // Every resume gets a new token: one that leaked with an old URL resumes nothing
         // once the new one is on its way to the client.
         let token = ResumeToken::mint(self.id);

@@ -121,10 +121,19 @@ impl OutboundQueue {
         self
     }
 
-    /// Compresses from now on as a resumed session's new socket agreed. Only before a
-    /// [`OutboundQueue::rewind`], which counts and starts every frame again in it.
-    pub fn set_deflate(&mut self, deflate: Option<crate::compression::Deflate>) {
+    fn set_deflate(&mut self, deflate: Option<crate::compression::Deflate>) {
         self.deflate = deflate.filter(|_| self.wire == Wire::WebSocket);
+    }
+
+    /// [`OutboundQueue::rewind`] for a resumed session's new socket, compressing from now
+    /// on as it agreed (every frame is counted and started again in that encoding).
+    pub fn rewind_onto(
+        &mut self,
+        deflate: Option<crate::compression::Deflate>,
+        received: u64,
+    ) -> Result<usize, RewindError> {
+        self.set_deflate(deflate);
+        self.rewind(received)
     }
 
     /// How its frames are encoded.
