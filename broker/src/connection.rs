@@ -27,6 +27,11 @@ use crate::resume::{self, ResumeToken, Secret, SecretHash};
 use crate::session::lifecycle::{self, ClaimError, Lifecycle, ParkStep, Stop};
 use crate::transport::Socket;
 
+mod resumable;
+
+pub(crate) use resumable::Earlier;
+use resumable::Resumable;
+
 /// The connection is closed or closing: the push was not delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Gone;
@@ -87,33 +92,6 @@ pub struct Connection {
     queue_context: OnceCell<Arc<[u8]>>,
     /// Its place under the connection limits: that of the socket it is served on now.
     admission: RefCell<Option<AdmissionTicket>>,
-}
-
-/// What a resumable connection keeps to be resumed.
-struct Resumable {
-    /// The secret of its resume token. A new one at every resume.
-    secret: Secret,
-    /// After a resume: the secret it replaced, and the `resumed` frame that carries the new
-    /// one. The old secret still resumes while that frame is unwritten (its client may
-    /// lose the new socket before it learns the new token), and never after.
-    handover: Option<(Secret, SharedFrame)>,
-    /// Resumes it takes (each replays and runs the authorizer and `$connect` again): a
-    /// token in the wrong hands cannot make it do that without bound.
-    resumes: Option<crate::limits::TokenBucket>,
-    /// What it was known by on the nodes it moved here from: a client that lost the
-    /// `resumed` frame of a move still holds a token from one of them.
-    earlier: Option<Earlier>,
-}
-
-/// What a connection that moved here was known by on the nodes it left.
-#[derive(Debug, Default)]
-pub(crate) struct Earlier {
-    pub(crate) ids: Vec<ConnectionId>,
-    /// The hashes of the secrets that resumed it there: good until the `resumed` frame
-    /// with its token here is written.
-    pub(crate) secret_hashes: Vec<SecretHash>,
-    /// That frame.
-    pub(crate) frame: Option<SharedFrame>,
 }
 
 impl Connection {
@@ -303,16 +281,33 @@ impl Connection {
         token: &ResumeToken,
         config: &ResumeConfig,
         resumes: Option<crate::limits::Rate>,
+        handled: u64,
     ) {
         *self.resume.borrow_mut() = Some(Box::new(Resumable {
             secret: token.secret,
             handover: None,
+            handled,
             resumes: resumes.map(|rate| crate::limits::TokenBucket::new(rate, Instant::now())),
             earlier: None,
         }));
         self.outbound
             .borrow_mut()
             .keep_for_resend(config.buffer_frames, config.buffer_bytes);
+    }
+
+    /// Counts a data message of its client's as handled (resumable connections only).
+    pub(crate) fn note_handled(&self) {
+        if let Some(resume) = self.resume.borrow_mut().as_mut() {
+            resume.handled += 1;
+        }
+    }
+
+    /// How many of its client's data messages it has handled (0 unless resumable).
+    pub(crate) fn handled(&self) -> u64 {
+        self.resume
+            .borrow()
+            .as_ref()
+            .map_or(0, |resume| resume.handled)
     }
 
     /// Accepts the tokens it had before it moved here, besides its own, until `frame` (the
@@ -434,6 +429,7 @@ impl Connection {
         let resumed = outbound::shared(crate::protocol::resumed(
             &self.facts.connection_id,
             replayed,
+            self.handled(),
             &token,
         ));
         if let Some(resume) = self.resume.borrow_mut().as_mut() {

@@ -31,11 +31,12 @@ pub fn welcome(connection_id: &str, token: &ResumeToken, refused: Option<Refusal
 /// `{"type":"resumed","connectionId","replayed","resumeToken"}`: the first frame after a
 /// resume; `replayed` messages follow it, and the token resumes it next time (every resume
 /// brings a new one).
-pub fn resumed(connection_id: &str, replayed: usize, token: &ResumeToken) -> Message {
+pub fn resumed(connection_id: &str, replayed: usize, handled: u64, token: &ResumeToken) -> Message {
     text(&json!({
         "type": "resumed",
         "connectionId": connection_id,
         "replayed": replayed,
+        "handled": handled,
         "resumeToken": token.encode(),
     }))
 }

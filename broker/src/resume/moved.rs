@@ -47,11 +47,16 @@ pub struct MovedOut {
     /// The ids those tokens name: its id there and on the nodes before, oldest first.
     #[serde(default)]
     pub ids: Vec<String>,
+    /// Its client's data messages handled there and before (0 from nodes that predate it).
+    #[serde(default)]
+    pub handled: u64,
 }
 
 /// What a connection brings from the node it left.
 pub struct MovedIn {
     pub received: u64,
+    /// Its client's data messages handled on the nodes it left.
+    pub handled: u64,
     pub frames: Vec<Message>,
     pub rooms: Vec<RoomName>,
     pub lifetime_left: Option<std::time::Duration>,

@@ -142,6 +142,7 @@ pub(crate) async fn move_out(
             .chain([&connection.id])
             .map(ConnectionId::to_string)
             .collect(),
+        handled: connection.handled(),
     })
 }
 
@@ -250,6 +251,7 @@ pub(crate) async fn move_in(
         resume_refused: None,
         moved_in: Some(Box::new(MovedIn {
             received,
+            handled: moved.handled,
             frames,
             rooms,
             lifetime_left: moved.lifetime_left_ms.map(std::time::Duration::from_millis),

@@ -83,14 +83,17 @@ fn register(
         let token = ResumeToken::mint(id);
         let connection_id = &connection.facts.connection_id;
         let first = outbound::shared(match &moved_in {
-            Some(moved) => protocol::resumed(connection_id, moved.frames.len(), &token),
+            Some(moved) => {
+                protocol::resumed(connection_id, moved.frames.len(), moved.handled, &token)
+            }
             None => protocol::welcome(connection_id, &token, resume_refused),
         });
         connection
             .outbound()
             .borrow_mut()
             .push_unbounded(first.clone());
-        connection.make_resumable(&token, config, limits.resumes_per_connection);
+        let handled = moved_in.as_ref().map_or(0, |moved| moved.handled);
+        connection.make_resumable(&token, config, limits.resumes_per_connection, handled);
         if let Some(moved) = moved_in {
             connection.accept_earlier(moved.earlier, first);
             let mut queue = connection.outbound().borrow_mut();

@@ -182,6 +182,7 @@ fn handle_incoming(
 ) -> Result<(), DisconnectReason> {
     match message {
         Incoming::Text(_) | Incoming::Binary(_) => {
+            connection.note_handled();
             dispatch::route_message(shard, connection, message);
         }
         Incoming::Ping(payload) => {

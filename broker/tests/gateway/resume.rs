@@ -127,6 +127,35 @@ async fn a_dropped_client_resumes_with_every_broadcast_and_push_in_order_once() 
 }
 
 #[tokio::test]
+async fn the_resumed_frame_says_how_many_of_the_clients_messages_were_handled() {
+    let backend = Backend::start().await;
+    let echo = "[routes.\"$default\"]\nintegration = { type = \"echo\" }\n";
+    let gateway = TestGateway::start(&resume_config(&backend, echo)).await;
+    let (mut ws, id, token) = connect_resumable(&gateway).await;
+    for n in 1..=3 {
+        send_text(&mut ws, &format!("m{n}")).await;
+        assert_eq!(next_text(&mut ws).await, format!("m{n}"));
+    }
+    drop(ws);
+    gateway.wait_for_parked(1.0).await;
+    let (mut ws, first) = reconnect(&gateway, &token, "3").await;
+    assert_eq!(
+        (first["type"].as_str(), first["handled"].as_u64()),
+        (Some("resumed"), Some(3))
+    );
+    // The count goes on over the sockets: a client sends again only what went unhandled.
+    send_text(&mut ws, "m4").await;
+    assert_eq!(next_text(&mut ws).await, "m4");
+    let token = first["resumeToken"].as_str().unwrap().to_owned();
+    drop(ws);
+    gateway.wait_for_parked(1.0).await;
+    let (_ws, first) = reconnect(&gateway, &token, "4").await;
+    assert_eq!(first["handled"], 4, "{first}");
+    assert_eq!(first["connectionId"], id.as_str());
+    gateway.stop().await;
+}
+
+#[tokio::test]
 async fn resuming_again_and_again_keeps_the_count_and_crosses_shards() {
     let backend = Backend::start().await;
     let gateway = TestGateway::start(&resume_config(&backend, "")).await;
