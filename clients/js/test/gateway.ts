@@ -1,0 +1,159 @@
+/**
+ * The real gateway for the SDK's tests: the `switchboard` binary (SWITCHBOARD_BIN, or the
+ * workspace's debug build) on loopback, with a config the SDK's behaviour needs (resume,
+ * the room envelope, presence, an acked queue), on a temporary data dir.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const here = fileURLToPath(new URL(".", import.meta.url));
+export const BIN = process.env.SWITCHBOARD_BIN ?? join(here, "../../../../target/debug/switchboard");
+
+export const ROUTES = `
+[routes.join]
+integration = { type = "room_join", room = "$request.body.room", history = "$request.body.history", since = "$request.body.since", epoch = "$request.body.epoch" }
+[routes.leave]
+integration = { type = "room_leave", room = "$request.body.room" }
+[routes.publish]
+integration = { type = "room_publish", room = "$request.body.room", data = "$request.body.data" }
+[routes.presence]
+integration = { type = "room_presence", room = "$request.body.room" }
+[routes.enqueue]
+integration = { type = "queue", queue = "sdk", ack = true }
+[routes."$default"]
+integration = { type = "echo" }
+`;
+
+export interface GatewayOptions {
+  resume?: boolean;
+  /** Lines added under [rooms]. */
+  rooms?: string;
+  /** More TOML at the end. */
+  extra?: string;
+}
+
+export class Gateway {
+  private constructor(
+    private child: ChildProcess,
+    readonly dir: string,
+    readonly wsPort: number,
+    readonly apiPort: number,
+    private readonly config: string,
+  ) {}
+
+  get ws(): string {
+    return `ws://127.0.0.1:${this.wsPort}/dev`;
+  }
+
+  get api(): string {
+    return `http://127.0.0.1:${this.apiPort}/dev`;
+  }
+
+  static async start(options: GatewayOptions = {}): Promise<Gateway> {
+    const dir = mkdtempSync(join(tmpdir(), "sb-sdk-"));
+    const [wsPort, apiPort] = [await freePort(), await freePort()];
+    const config = `
+[server]
+listen = "127.0.0.1:${wsPort}"
+shards = 2
+data_dir = "${join(dir, "data")}"
+[management]
+listen = "127.0.0.1:${apiPort}"
+[api]
+stage = "dev"
+resume = ${options.resume ?? true}
+resume_window_secs = 30
+[rooms]
+history_size = 50
+envelope = true
+presence_events = true
+${options.rooms ?? ""}
+[limits]
+connects_per_sec_per_ip = 0
+max_connections_per_ip = 0
+resumes_per_sec_per_ip = 0
+resumes_per_sec_per_connection = 0
+${ROUTES}
+${options.extra ?? ""}
+`;
+    const gateway = new Gateway(spawnGateway(dir, config), dir, wsPort, apiPort, config);
+    await gateway.ready();
+    return gateway;
+  }
+
+  /** Stops it (SIGKILL: no goodbye to clients) and starts it again on the same ports and data. */
+  async restart(): Promise<void> {
+    await this.kill();
+    this.child = spawnGateway(this.dir, this.config);
+    await this.ready();
+  }
+
+  async stop(): Promise<void> {
+    await this.kill("SIGTERM");
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+
+  private kill(signal: NodeJS.Signals = "SIGKILL"): Promise<void> {
+    if (this.child.exitCode !== null) return Promise.resolve();
+    return new Promise((resolve) => {
+      this.child.once("exit", () => resolve());
+      this.child.kill(signal);
+    });
+  }
+
+  private async ready(): Promise<void> {
+    for (let i = 0; i < 200; i += 1) {
+      try {
+        if ((await fetch(`http://127.0.0.1:${this.apiPort}/health`)).ok) return;
+      } catch {
+        // not yet
+      }
+      await sleep(50);
+    }
+    throw new Error("the gateway did not come up");
+  }
+
+  async post(path: string, body: string): Promise<Response> {
+    return fetch(`${this.api}${path}`, { method: "POST", body });
+  }
+
+  async get(path: string): Promise<unknown> {
+    const response = await fetch(`${this.api}${path}`);
+    if (!response.ok) throw new Error(`GET ${path}: ${response.status}`);
+    return response.json();
+  }
+}
+
+function spawnGateway(dir: string, config: string): ChildProcess {
+  const path = join(dir, "switchboard.toml");
+  writeFileSync(path, config);
+  return spawn(BIN, ["serve", "--config", path], { stdio: ["ignore", "ignore", "ignore"], env: { ...process.env, RUST_LOG: "warn" } });
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const address = server.address();
+      server.close(() => resolve(typeof address === "object" && address ? address.port : 0));
+    });
+  });
+}
+
+export function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** Waits (bounded) until `condition` holds. */
+export async function eventually(what: string, condition: () => boolean | Promise<boolean>, ms = 10_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!(await condition())) {
+    if (Date.now() > deadline) throw new Error(`${what} within ${ms} ms`);
+    await sleep(20);
+  }
+}
