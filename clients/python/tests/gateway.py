@@ -1,0 +1,133 @@
+"""The real gateway for the SDK's tests: the ``switchboard`` binary (SWITCHBOARD_BIN, or
+the workspace's debug build) on loopback, with a config the SDK's behaviour needs (resume,
+the room envelope, presence, an acked queue), on a temporary data dir."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+BIN = os.environ.get("SWITCHBOARD_BIN", str(Path(__file__).resolve().parents[3] / "target" / "debug" / "switchboard"))
+
+ROUTES = """
+[routes.join]
+integration = { type = "room_join", room = "$request.body.room", history = "$request.body.history", since = "$request.body.since", epoch = "$request.body.epoch" }
+[routes.leave]
+integration = { type = "room_leave", room = "$request.body.room" }
+[routes.publish]
+integration = { type = "room_publish", room = "$request.body.room", data = "$request.body.data" }
+[routes.presence]
+integration = { type = "room_presence", room = "$request.body.room" }
+[routes.enqueue]
+integration = { type = "queue", queue = "sdk", ack = true }
+[routes."$default"]
+integration = { type = "echo" }
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Gateway:
+    def __init__(self, rooms: str = "", extra: str = ""):
+        self.dir = tempfile.mkdtemp(prefix="sb-sdk-py-")
+        self.ws_port, self.api_port = _free_port(), _free_port()
+        self.config = Path(self.dir) / "switchboard.toml"
+        self.config.write_text(f"""
+[server]
+listen = "127.0.0.1:{self.ws_port}"
+shards = 2
+data_dir = "{self.dir}/data"
+[management]
+listen = "127.0.0.1:{self.api_port}"
+[api]
+stage = "dev"
+resume = true
+resume_window_secs = 30
+[rooms]
+history_size = 50
+envelope = true
+presence_events = true
+{rooms}
+[limits]
+connects_per_sec_per_ip = 0
+max_connections_per_ip = 0
+resumes_per_sec_per_ip = 0
+resumes_per_sec_per_connection = 0
+{ROUTES}
+{extra}
+""")
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.ws_port}/dev"
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}/dev"
+
+    def start(self) -> None:
+        env = {**os.environ, "RUST_LOG": "warn"}
+        self.process = subprocess.Popen([BIN, "serve", "--config", str(self.config)], env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.api_port}/health", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("the gateway did not come up")
+
+    def restart(self) -> None:
+        """Kills it (no goodbye to clients) and starts it again on the same ports and data."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        self.start()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=20)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def request(self, method: str, path: str, body: bytes | str | None = None) -> tuple[int, bytes]:
+        data = body.encode() if isinstance(body, str) else body
+        request = urllib.request.Request(f"{self.api}{path}", data=data, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def get_json(self, path: str):
+        status, body = self.request("GET", path)
+        assert status == 200, (path, status, body)
+        return json.loads(body)
+
+
+async def eventually(what: str, condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+async def in_thread(function, *args):
+    """A blocking management call, off the event loop (the SDK keeps reading meanwhile)."""
+    return await asyncio.get_running_loop().run_in_executor(None, function, *args)
