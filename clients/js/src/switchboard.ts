@@ -187,6 +187,12 @@ export class Switchboard extends Emitter<Events> {
     return this.sendJoin(room, false);
   }
 
+  /** What carries the connection now: `websocket`, `webtransport`, or `null` between
+   * connections. */
+  get transportKind(): "websocket" | "webtransport" | null {
+    return this.transport?.kind ?? null;
+  }
+
   /** The rooms joined. */
   get joined(): Room[] {
     return [...this.rooms.values()];

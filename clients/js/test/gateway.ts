@@ -30,6 +30,8 @@ integration = { type = "echo" }
 
 export interface GatewayOptions {
   resume?: boolean;
+  /** Serve WebTransport too (a self-signed certificate, its hash in the discovery document). */
+  webtransport?: boolean;
   /** Lines added under [rooms]. */
   rooms?: string;
   /** More TOML at the end. */
@@ -78,6 +80,7 @@ max_connections_per_ip = 0
 resumes_per_sec_per_ip = 0
 resumes_per_sec_per_connection = 0
 ${ROUTES}
+${options.webtransport ? `[server.webtransport]\nlisten = "127.0.0.1:${await freePort()}"\n` : ""}
 ${options.extra ?? ""}
 `;
     const gateway = new Gateway(spawnGateway(dir, config), dir, wsPort, apiPort, config);
