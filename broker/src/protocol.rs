@@ -82,9 +82,10 @@ mod tests {
         let refused = decode(super::welcome("abc", &token, Some(Refusal::Expired)));
         assert_eq!(refused["resumed"], false);
         assert_eq!(refused["reason"], "expired");
-        let resumed = decode(resumed("abc", 5, &token));
+        let resumed = decode(resumed("abc", 5, 7, &token));
         assert_eq!(resumed["type"], "resumed");
         assert_eq!(resumed["replayed"], 5);
+        assert_eq!(resumed["handled"], 7);
         assert_eq!(resumed["resumeToken"], token.encode());
         assert_eq!(decode(ack("m1")), json!({"type": "ack", "messageId": "m1"}));
         assert_eq!(
