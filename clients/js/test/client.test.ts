@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
 import { AckError, Switchboard, type State } from "../src/index.js";
-import { eventually, Gateway, sleep } from "./gateway.js";
+import { eventually, Gateway, Proxy, sleep } from "./gateway.js";
 
 const fast = { initialDelayMs: 20, maxDelayMs: 200 };
 
@@ -167,6 +167,60 @@ describe("switchboard-client", { timeout: 60_000 }, () => {
     await eventually("connected again", () => sb.state === "connected", 15_000);
     assert.match(await sb.sendAcked({ action: "enqueue", after: "restart" }), /^[A-Za-z0-9_-]+$/);
     await sb.close();
+  });
+
+  test("cut by the network while pushes keep coming: resumed, every message once, in order", async () => {
+    const proxy = await Proxy.start(gateway.wsPort);
+    const sb = new Switchboard(proxy.url(), { reconnect: fast });
+    await sb.connect();
+    const id = sb.connectionId;
+    const heard: unknown[] = [];
+    sb.on("message", (data) => heard.push(data));
+    const pushing = (async () => {
+      for (let n = 1; n <= 200; n += 1) {
+        assert.equal((await gateway.post(`/@connections/${id}`, `m${n}`)).status, 200);
+        if (n % 50 === 0) proxy.cut();
+      }
+    })();
+    await pushing;
+    await eventually("all two hundred", () => heard.length >= 200);
+    await sleep(100);
+    assert.deepEqual(heard, Array.from({ length: 200 }, (_, i) => `m${i + 1}`));
+    assert.equal(sb.connectionId, id);
+    await sb.close();
+    await proxy.stop();
+  });
+
+  test("away past the resume window: a new session, rooms recovered by since", async () => {
+    // The gateway says `expired` for one more window after it ended the session.
+    const short = await Gateway.start({ resumeWindowSecs: 3 });
+    const proxy = await Proxy.start(short.wsPort);
+    try {
+      const sb = new Switchboard(proxy.url(), { reconnect: { initialDelayMs: 50, maxDelayMs: 200 } });
+      await sb.connect();
+      const room = await sb.join("ticker");
+      const heard: unknown[] = [];
+      room.on("message", (data) => heard.push(data));
+      await short.post("/@rooms/ticker", "1");
+      await eventually("the first tick", () => heard.length === 1);
+      const resets: { reason: string }[] = [];
+      sb.on("reset", (info) => resets.push(info));
+      const recovered: string[] = [];
+      room.on("recovered", (info) => recovered.push(info.room));
+      proxy.blocked = true;
+      proxy.cut();
+      await short.post("/@rooms/ticker", "2");
+      await sleep(4000);
+      proxy.blocked = false;
+      await eventually("recovered", () => recovered.length === 1, 15_000);
+      await eventually("the tick sent while away", () => heard.length === 2);
+      assert.deepEqual(heard, [1, 2]);
+      assert.deepEqual(resets.map((r) => r.reason), ["expired"]);
+      await sb.close();
+    } finally {
+      await proxy.stop();
+      await short.stop();
+    }
   });
 
   test("a connection the backend deletes is not reconnected", async () => {

@@ -30,6 +30,7 @@ integration = { type = "echo" }
 
 export interface GatewayOptions {
   resume?: boolean;
+  resumeWindowSecs?: number;
   /** Serve WebTransport too (a self-signed certificate, its hash in the discovery document). */
   webtransport?: boolean;
   /** Lines added under [rooms]. */
@@ -68,7 +69,7 @@ listen = "127.0.0.1:${apiPort}"
 [api]
 stage = "dev"
 resume = ${options.resume ?? true}
-resume_window_secs = 30
+resume_window_secs = ${options.resumeWindowSecs ?? 30}
 [rooms]
 history_size = 50
 envelope = true
@@ -158,5 +159,65 @@ export async function eventually(what: string, condition: () => boolean | Promis
   while (!(await condition())) {
     if (Date.now() > deadline) throw new Error(`${what} within ${ms} ms`);
     await sleep(20);
+  }
+}
+
+/**
+ * A TCP proxy in front of the gateway: `cut()` destroys every connection through it (the
+ * client sees its socket die, no close frame), and while `blocked` it refuses new ones, so a
+ * test decides how long a client stays away.
+ */
+export class Proxy {
+  blocked = false;
+  private sockets = new Set<import("node:net").Socket>();
+
+  private constructor(
+    private readonly server: import("node:net").Server,
+    readonly port: number,
+  ) {}
+
+  static async start(targetPort: number): Promise<Proxy> {
+    const net = await import("node:net");
+    let proxy: Proxy | undefined;
+    const server = net.createServer((client) => {
+      if (!proxy || proxy.blocked) {
+        client.destroy();
+        return;
+      }
+      const upstream = net.connect(targetPort, "127.0.0.1");
+      for (const socket of [client, upstream]) {
+        proxy.sockets.add(socket);
+        socket.on("close", () => proxy?.sockets.delete(socket));
+        socket.on("error", () => {
+          client.destroy();
+          upstream.destroy();
+        });
+      }
+      client.pipe(upstream);
+      upstream.pipe(client);
+    });
+    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+    const address = server.address();
+    proxy = new Proxy(server, typeof address === "object" && address ? address.port : 0);
+    return proxy;
+  }
+
+  /** `ws://` through the proxy to `gateway`'s stage. */
+  url(stage = "dev"): string {
+    return `ws://127.0.0.1:${this.port}/${stage}`;
+  }
+
+  cut(): void {
+    for (const socket of this.sockets) socket.resetAndDestroy();
+    this.sockets.clear();
+  }
+
+  get open(): number {
+    return this.sockets.size / 2;
+  }
+
+  async stop(): Promise<void> {
+    this.cut();
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
   }
 }
