@@ -101,8 +101,13 @@ export class Room extends Emitter<RoomEvents> {
 
   /** @internal: a `joined` frame; `rejoined` after a lost session. */
   joined(epoch: string, offset: number, recovered: boolean, rejoined: boolean): void {
-    // Past the replay that follows: what a later recovery asks to follow.
-    this.offset = recovered && epoch === this.epoch ? Math.max(this.offset, offset) : offset;
+    // The offset moves with the messages delivered, so a session lost in the middle of the
+    // replay that follows asks for the rest of it: it starts where that replay starts.
+    if (!recovered) {
+      this.offset = offset; // nothing replayed: the room's top
+    } else if (epoch !== this.epoch) {
+      this.offset = this.options.since ?? Math.max(0, offset - (this.options.history ?? 0));
+    }
     this.epoch = epoch;
     if (rejoined) {
       const info = { room: this.name, epoch, offset };

@@ -170,10 +170,11 @@ export class Switchboard extends Emitter<Events> {
   /** Sends to a `queue` route with `ack = true`; resolves with the stored message's
    * `messageId`, rejects with an {@link AckError}. */
   async sendAcked(data: unknown): Promise<string> {
+    const encoded = encode(data); // first: a value JSON cannot take leaves no waiter behind
     await this.whenConnected();
     return new Promise<string>((resolve, reject) => {
       this.acks.push({ resolve, reject, index: this.sentCount + 1 });
-      this.sendData(encode(data));
+      this.sendData(encoded);
     });
   }
 
@@ -272,14 +273,31 @@ export class Switchboard extends Emitter<Events> {
   private async open(reconnecting: boolean): Promise<void> {
     const { query, headers } = await this.handshakeParameters(reconnecting);
     const transport = await this.openTransport(query, headers);
+    if (this.closing) {
+      transport.close(1000, "bye");
+      throw new ConnectError("closed while connecting");
+    }
     this.transport = transport;
     this.awaitingFirstFrame = this.options.resume;
     const first = this.options.resume ? this.waitForFirstFrame(transport) : Promise.resolve();
     transport.listen(
-      (raw) => this.onRaw(raw),
+      (raw) => {
+        if (this.transport === transport) this.onRaw(raw);
+      },
       (code, reason) => this.onClose(transport, code, reason),
     );
-    await first;
+    try {
+      await first;
+    } catch (error) {
+      if (this.transport === transport) this.transport = null;
+      transport.drop();
+      throw error;
+    }
+    if (this.closing) {
+      this.transport = null;
+      transport.close(1000, "bye");
+      throw new ConnectError("closed while connecting");
+    }
     if (!this.options.resume && reconnecting) {
       this.startOver("not resumable");
     }
@@ -291,7 +309,6 @@ export class Switchboard extends Emitter<Events> {
     return new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.firstFrame = null;
-        transport.drop();
         reject(new ConnectError("no welcome frame: is resume on in the gateway ([api] resume)?"));
       }, this.options.timeoutMs);
       this.firstFrame = {
@@ -415,7 +432,6 @@ export class Switchboard extends Emitter<Events> {
       }
     } else {
       waiter?.reject(new ConnectError("the first frame was not a welcome: is resume on in the gateway?"));
-      this.transport?.drop();
       return;
     }
     waiter?.resolve();
@@ -430,8 +446,10 @@ export class Switchboard extends Emitter<Events> {
     const unhandled = this.sent.filter((message) => message.index > handled);
     const lost = this.sentCount - handled - unhandled.length;
     if (lost > 0) {
-      // Past the resend buffer: those acks will not come.
-      this.failAcks(`${lost} messages were lost with the connection`, handled + lost);
+      // Past the resend buffer: their acks will not come (those up to `handled` still will).
+      const never = (ack: { index: number }) => ack.index > handled && ack.index <= handled + lost;
+      for (const ack of this.acks.filter(never)) ack.reject(new AckError(`${lost} messages were lost with the connection`, "lost"));
+      this.acks = this.acks.filter((ack) => !never(ack));
     }
     for (const message of unhandled) this.transport?.send(message.data);
   }
@@ -486,8 +504,13 @@ export class Switchboard extends Emitter<Events> {
   private onClose(transport: Transport, code: number, reason: string): void {
     if (this.transport !== transport) return;
     this.transport = null;
-    this.firstFrame?.reject(new ConnectError(`closed (${code})`));
-    this.firstFrame = null;
+    if (this.firstFrame) {
+      // Still opening: the attempt fails, and whoever made it (connect or the retry loop)
+      // decides what comes next.
+      this.firstFrame.reject(new ConnectError(`closed before the welcome (${code})`));
+      this.firstFrame = null;
+      return;
+    }
     if (this.closing) return this.finish(new Error("closed"));
     if (!this.options.resume) this.failAcks("the connection was lost before the ack");
     if (this.options.reconnect === false || FINAL_CLOSE_CODES.has(code)) {
@@ -522,7 +545,14 @@ export class Switchboard extends Emitter<Events> {
 
   private finish(error: Error): void {
     this.transport = null;
+    this.firstFrame = null;
+    // A later connect() starts a new session.
+    this.resumeToken = null;
+    this.rooms.clear();
     this.failAcks("the connection was closed before the ack");
+    for (const [name, waiting] of this.presences) {
+      for (const waiter of waiting.splice(0)) waiter.reject(new Error(`presence of ${name}: ${error.message}`));
+    }
     for (const waiter of this.connectedWaiters.splice(0)) waiter.reject(error);
     for (const [name, waiter] of this.joins) waiter.reject(new Error(`join ${name}: ${error.message}`));
     this.joins.clear();

@@ -81,11 +81,14 @@ export function isBrowser(): boolean {
 export async function webSocketClass(given?: WebSocketLike): Promise<WebSocketLike> {
   if (given) return given;
   const global = (globalThis as { WebSocket?: WebSocketLike }).WebSocket;
-  if (global) return global;
+  if (global && isBrowser()) return global;
+  // Outside browsers `ws` first: it sends headers (tokens, resume) and drops without a
+  // close frame; Node's global WebSocket (22 and later) does neither.
   try {
     const module = (await import("ws")) as unknown as { default: WebSocketLike };
     return module.default;
   } catch {
+    if (global) return global;
     throw new ConnectError("no WebSocket here: install the `ws` package (Node < 22)");
   }
 }
@@ -155,7 +158,10 @@ export interface Discovery {
 }
 
 export async function discover(api: string): Promise<Discovery> {
-  const response = await fetch(`${api.replace(/\/$/, "")}/@webtransport`, { cache: "no-store" });
+  const response = await fetch(`${api.replace(/\/$/, "")}/@webtransport`, {
+    cache: "no-store",
+    signal: AbortSignal.timeout(5000),
+  });
   if (!response.ok) throw new ConnectError(`WebTransport discovery answered ${response.status}`);
   return (await response.json()) as Discovery;
 }

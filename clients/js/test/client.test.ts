@@ -59,6 +59,8 @@ describe("switchboard-client", { timeout: 60_000 }, () => {
   test("acked sends resolve with their messageId, once each, across a lost connection", async () => {
     const sb = new Switchboard(gateway.ws, { reconnect: fast });
     await sb.connect();
+    // A value JSON cannot take is refused at once and leaves no waiter behind.
+    await assert.rejects(sb.sendAcked({ action: "enqueue", big: 1n }), TypeError);
     const first = await sb.sendAcked({ action: "enqueue", order: 0 });
     assert.match(first, /^[A-Za-z0-9_-]+$/);
     // Sent, then the connection drops before (some of) their acks: each still resolves once,

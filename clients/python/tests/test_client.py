@@ -70,6 +70,9 @@ def test_acked_sends_resolve_once_each_across_a_lost_connection(gateway):
     async def main():
         sb = Switchboard(gateway.ws, reconnect=FAST)
         await sb.connect()
+        # A value JSON cannot take is refused at once and leaves no waiter behind.
+        with pytest.raises(TypeError):
+            await sb.send_acked({"action": "enqueue", "at": object()})
         first = await sb.send_acked({"action": "enqueue", "order": 0})
         sends = [asyncio.ensure_future(sb.send_acked({"action": "enqueue", "order": n})) for n in range(1, 21)]
         await asyncio.sleep(0)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Union
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from .events import Emitter
 from .frames import Frame, classify
@@ -102,6 +102,7 @@ class Switchboard(Emitter):
         self._connected = asyncio.Event()
         self._closing = False
         self._reconnecting: Optional[asyncio.Task] = None
+        self._tasks: set[asyncio.Task] = set()
 
     # The application's side.
 
@@ -137,10 +138,11 @@ class Switchboard(Emitter):
     async def send_acked(self, data: Any) -> str:
         """Sends to a ``queue`` route with ``ack = true``; returns the stored message's
         ``messageId``, raises :class:`AckError`."""
+        encoded = _encode(data)  # first: a value JSON cannot take leaves no waiter behind
         await self._when_connected()
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._acks.append((self._sent_count + 1, future))
-        await self._send_data(_encode(data))
+        await self._send_data(encoded)
         return await future
 
     async def join(self, name: str, *, history: Optional[int] = None, since: Optional[int] = None, epoch: Optional[str] = None) -> Room:
@@ -240,8 +242,11 @@ class Switchboard(Emitter):
         except InvalidStatus as error:
             status = error.response.status_code
             raise ConnectError(f"the gateway answered {status}", status) from error
-        except (OSError, asyncio.TimeoutError) as error:
+        except (OSError, asyncio.TimeoutError, InvalidHandshake) as error:
             raise ConnectError(f"the connection failed: {error}") from error
+        if self._closing:
+            await socket.close()
+            raise ConnectError("closed while connecting")
         self._socket = socket
         if self.resume:
             try:
@@ -256,10 +261,9 @@ class Switchboard(Emitter):
                 raise ConnectError("the first frame was not a welcome: is resume on in the gateway?")
         elif reconnecting:
             self._start_over("not resumable")
+            self._rejoin_rooms()
         self._reader = asyncio.create_task(self._read(socket))
         self._set_state("connected")
-        if not self.resume and reconnecting:
-            self._rejoin_rooms()
 
     async def _handshake(self, reconnecting: bool) -> tuple[str, dict[str, str]]:
         headers: dict[str, str] = {}
@@ -298,7 +302,8 @@ class Switchboard(Emitter):
         self._received = 0
         if had_session:
             self._start_over(frame.fields.get("reason", "unknown"), previous)
-            asyncio.get_running_loop().call_soon(self._rejoin_rooms)
+            # Before anything waiting to send goes: a publish must find its room joined.
+            self._rejoin_rooms()
         return True
 
     def _send_again_unhandled(self, handled: Optional[int]) -> None:
@@ -309,11 +314,17 @@ class Switchboard(Emitter):
         unhandled = [(index, data) for index, data in self._sent if index > handled]
         lost = self._sent_count - handled - len(unhandled)
         if lost > 0:
-            self._fail_acks(f"{lost} messages were lost with the connection", up_to=handled + lost)
-        socket = self._socket
-        for _, data in unhandled:
-            if socket is not None:
-                asyncio.ensure_future(_quietly(socket.send(data)))
+            # Past the resend buffer: their acks will not come (those up to `handled` still will).
+            kept = deque()
+            for index, future in self._acks:
+                if handled < index <= handled + lost:
+                    if not future.done():
+                        future.set_exception(AckError(f"{lost} messages were lost with the connection", "lost"))
+                else:
+                    kept.append((index, future))
+            self._acks = kept
+        if unhandled and self._socket is not None:
+            self._spawn(_send_all(self._socket, [data for _, data in unhandled]))
 
     def _start_over(self, reason: str, previous: Optional[str] = None) -> None:
         """A new session replaced the lost one: nothing pending will be answered."""
@@ -329,8 +340,19 @@ class Switchboard(Emitter):
 
     def _rejoin_rooms(self) -> None:
         for room in list(self._rooms.values()):
-            task = asyncio.ensure_future(self._send_join(room, rejoin=True))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception() and self._emit("error", t.exception()))
+            self._spawn(self._send_join(room, rejoin=True))
+
+    def _spawn(self, work) -> None:
+        """Runs ``work`` in the background, kept until done; a failure becomes an ``error`` event."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+
+        def done(task: asyncio.Task) -> None:
+            self._tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                self._emit("error", task.exception())
+
+        task.add_done_callback(done)
 
     def _fail_acks(self, message: str, up_to: float = float("inf")) -> None:
         while self._acks and self._acks[0][0] <= up_to:
@@ -343,11 +365,15 @@ class Switchboard(Emitter):
     async def _read(self, socket: ClientConnection) -> None:
         try:
             async for raw in socket:
-                self._on_raw(raw)
+                try:
+                    self._on_raw(raw)
+                except Exception as error:  # a malformed frame must not stop the reading
+                    self._emit("error", error)
         except ConnectionClosed:
             pass
-        code = socket.close_code if socket.close_code is not None else 1006
-        self._on_close(socket, code, socket.close_reason or "")
+        finally:
+            code = socket.close_code if socket.close_code is not None else 1006
+            self._on_close(socket, code, socket.close_reason or "")
 
     def _on_raw(self, raw: Union[str, bytes]) -> None:
         if self.resume:
@@ -442,16 +468,24 @@ class Switchboard(Emitter):
             try:
                 await self._open(reconnecting=True)
                 return
-            except ConnectError as error:
+            except Exception as error:  # a token provider's too: the next attempt may do better
                 failure = error
                 # Refused credentials: only a token provider can do better next time.
-                if error.status in (401, 403) and not callable(self.token):
+                if isinstance(error, ConnectError) and error.status in (401, 403) and not callable(self.token):
                     break
         self._finish(failure)
 
     def _finish(self, error: BaseException) -> None:
         self._socket = None
+        # A later connect() starts a new session.
+        self._resume_token = None
+        self._rooms.clear()
         self._fail_acks("the connection was closed before the ack")
+        for name, waiting in self._presences.items():
+            while waiting:
+                future = waiting.popleft()
+                if not future.done():
+                    future.set_exception(ConnectionError(f"presence of {name}: {error}"))
         for name, (future, _) in list(self._joins.items()):
             if not future.done():
                 future.set_exception(ConnectionError(f"join {name}: {error}"))
@@ -467,8 +501,10 @@ def _encode(data: Any) -> Union[str, bytes]:
     return json.dumps(data, separators=(",", ":"))
 
 
-async def _quietly(sending: Awaitable[None]) -> None:
+async def _send_all(socket: ClientConnection, messages: list[Union[str, bytes]]) -> None:
+    """Sends in order; a socket lost meanwhile leaves the rest to the next resume."""
     try:
-        await sending
+        for data in messages:
+            await socket.send(data)
     except ConnectionClosed:
         pass

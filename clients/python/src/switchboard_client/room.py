@@ -69,8 +69,12 @@ class Room(Emitter):
             self._early.append((data, meta))
 
     def _joined(self, epoch: str, offset: int, recovered: bool) -> None:
-        # Past the replay that follows: what a later recovery asks to follow.
-        self.offset = max(self.offset, offset) if recovered and epoch == self.epoch else offset
+        # The offset moves with the messages delivered, so a session lost in the middle of the
+        # replay that follows asks for the rest of it: it starts where that replay starts.
+        if not recovered:
+            self.offset = offset  # nothing replayed: the room's top
+        elif epoch != self.epoch:
+            self.offset = self.since if self.since is not None else max(0, offset - (self.history or 0))
         self.epoch = epoch
         if self._rejoining:
             self._rejoining = False
