@@ -40,7 +40,7 @@ def _free_port() -> int:
 
 
 class Gateway:
-    def __init__(self, rooms: str = "", extra: str = ""):
+    def __init__(self, rooms: str = "", extra: str = "", resume_window_secs: int = 30):
         self.dir = tempfile.mkdtemp(prefix="sb-sdk-py-")
         self.ws_port, self.api_port = _free_port(), _free_port()
         self.config = Path(self.dir) / "switchboard.toml"
@@ -54,7 +54,7 @@ listen = "127.0.0.1:{self.api_port}"
 [api]
 stage = "dev"
 resume = true
-resume_window_secs = 30
+resume_window_secs = {resume_window_secs}
 [rooms]
 history_size = 50
 envelope = true
@@ -131,3 +131,69 @@ async def eventually(what: str, condition, timeout: float = 10.0) -> None:
 async def in_thread(function, *args):
     """A blocking management call, off the event loop (the SDK keeps reading meanwhile)."""
     return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+
+class Proxy:
+    """A TCP proxy in front of the gateway, on its own thread's event loop: ``cut()``
+    destroys every connection through it (the client sees its socket die, no close frame),
+    and while ``blocked`` it refuses new ones, so a test decides how long a client stays away."""
+
+    def __init__(self, target_port: int):
+        import threading
+
+        self.blocked = False
+        self._target = target_port
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(started,), daemon=True)
+        self._thread.start()
+        started.wait(5)
+
+    def _run(self, started) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = self._server.sockets[0].getsockname()[1]
+        started.set()
+        self._loop.run_forever()
+
+    def url(self, stage: str = "dev") -> str:
+        return f"ws://127.0.0.1:{self.port}/{stage}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.blocked:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except OSError:
+                pass
+            finally:
+                sink.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers.difference_update((writer, up_writer))
+
+    def cut(self) -> None:
+        def abort_all() -> None:
+            for writer in list(self._writers):
+                writer.transport.abort()
+            self._writers.clear()
+
+        self._loop.call_soon_threadsafe(abort_all)
+
+    def stop(self) -> None:
+        self.cut()
+        self._loop.call_soon_threadsafe(self._server.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from gateway import Gateway, eventually, in_thread
+from gateway import Gateway, Proxy, eventually, in_thread
 from switchboard_client import AckError, ConnectError, Reconnect, Switchboard
 
 FAST = Reconnect(initial_delay=0.02, max_delay=0.2)
@@ -173,6 +173,67 @@ def test_acked_sends_pending_when_a_session_is_lost_fail_as_lost(gateway):
         await sb.close()
 
     run(main())
+
+
+def test_cut_by_the_network_while_pushes_keep_coming_every_message_once_in_order(gateway):
+    proxy = Proxy(gateway.ws_port)
+
+    async def main():
+        sb = Switchboard(proxy.url(), reconnect=FAST)
+        await sb.connect()
+        identity = sb.connection_id
+        heard: list = []
+        sb.on("message", heard.append)
+        for n in range(1, 201):
+            status, _ = await in_thread(gateway.request, "POST", f"/@connections/{identity}", f"m{n}")
+            assert status == 200
+            if n % 50 == 0:
+                proxy.cut()
+        await eventually("all two hundred", lambda: len(heard) >= 200)
+        await asyncio.sleep(0.1)
+        assert heard == [f"m{n}" for n in range(1, 201)]
+        assert sb.connection_id == identity
+        await sb.close()
+
+    try:
+        run(main())
+    finally:
+        proxy.stop()
+
+
+def test_away_past_the_resume_window_a_new_session_recovers_rooms_by_since():
+    # The gateway says `expired` for one more window after it ended the session.
+    short = Gateway(resume_window_secs=3)
+    proxy = Proxy(short.ws_port)
+
+    async def main():
+        sb = Switchboard(proxy.url(), reconnect=Reconnect(initial_delay=0.05, max_delay=0.2))
+        await sb.connect()
+        room = await sb.join("pyticker")
+        heard: list = []
+        room.on("message", lambda data, meta: heard.append(data))
+        await in_thread(short.request, "POST", "/@rooms/pyticker", "1")
+        await eventually("the first tick", lambda: len(heard) == 1)
+        resets: list = []
+        sb.on("reset", resets.append)
+        recovered: list = []
+        room.on("recovered", lambda info: recovered.append(info["room"]))
+        proxy.blocked = True
+        proxy.cut()
+        await in_thread(short.request, "POST", "/@rooms/pyticker", "2")
+        await asyncio.sleep(4)
+        proxy.blocked = False
+        await eventually("recovered", lambda: recovered == ["pyticker"], 15)
+        await eventually("the tick sent while away", lambda: len(heard) == 2)
+        assert heard == [1, 2]
+        assert [r["reason"] for r in resets] == ["expired"]
+        await sb.close()
+
+    try:
+        run(main())
+    finally:
+        proxy.stop()
+        short.stop()
 
 
 def test_a_connection_the_backend_deletes_is_not_reconnected(gateway):
