@@ -459,15 +459,20 @@ export class Switchboard extends Emitter<Events> {
     this.sentCount = 0;
     this.sent = [];
     this.failAcks("the session was lost before the ack");
-    for (const [name, waiter] of this.presences) {
-      for (const w of waiter.splice(0)) w.reject(new Error(`presence of ${name}: the session was lost`));
-    }
+    this.failPresences("the session was lost");
     this.emit("reset", { reason, previousConnectionId });
   }
 
   private rejoinRooms(): void {
     for (const room of this.rooms.values()) {
       this.sendJoin(room, true).catch((error) => this.emit("error", error));
+    }
+  }
+
+  /** Presence requests that will not be answered. */
+  private failPresences(why: string): void {
+    for (const [name, waiting] of this.presences) {
+      for (const waiter of waiting.splice(0)) waiter.reject(new Error(`presence of ${name}: ${why}`));
     }
   }
 
@@ -550,9 +555,7 @@ export class Switchboard extends Emitter<Events> {
     this.resumeToken = null;
     this.rooms.clear();
     this.failAcks("the connection was closed before the ack");
-    for (const [name, waiting] of this.presences) {
-      for (const waiter of waiting.splice(0)) waiter.reject(new Error(`presence of ${name}: ${error.message}`));
-    }
+    this.failPresences(error.message);
     for (const waiter of this.connectedWaiters.splice(0)) waiter.reject(error);
     for (const [name, waiter] of this.joins) waiter.reject(new Error(`join ${name}: ${error.message}`));
     this.joins.clear();

@@ -4,7 +4,7 @@
  * the room envelope, presence, an acked queue), on a temporary data dir.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -13,20 +13,8 @@ import { fileURLToPath } from "node:url";
 const here = fileURLToPath(new URL(".", import.meta.url));
 export const BIN = process.env.SWITCHBOARD_BIN ?? join(here, "../../../../target/debug/switchboard");
 
-export const ROUTES = `
-[routes.join]
-integration = { type = "room_join", room = "$request.body.room", history = "$request.body.history", since = "$request.body.since", epoch = "$request.body.epoch" }
-[routes.leave]
-integration = { type = "room_leave", room = "$request.body.room" }
-[routes.publish]
-integration = { type = "room_publish", room = "$request.body.room", data = "$request.body.data" }
-[routes.presence]
-integration = { type = "room_presence", room = "$request.body.room" }
-[routes.enqueue]
-integration = { type = "queue", queue = "sdk", ack = true }
-[routes."$default"]
-integration = { type = "echo" }
-`;
+/** The routes both SDKs' tests share. */
+export const ROUTES = readFileSync(join(here, "../../../test-routes.toml"), "utf8");
 
 export interface GatewayOptions {
   resume?: boolean;

@@ -17,20 +17,8 @@ from pathlib import Path
 
 BIN = os.environ.get("SWITCHBOARD_BIN", str(Path(__file__).resolve().parents[3] / "target" / "debug" / "switchboard"))
 
-ROUTES = """
-[routes.join]
-integration = { type = "room_join", room = "$request.body.room", history = "$request.body.history", since = "$request.body.since", epoch = "$request.body.epoch" }
-[routes.leave]
-integration = { type = "room_leave", room = "$request.body.room" }
-[routes.publish]
-integration = { type = "room_publish", room = "$request.body.room", data = "$request.body.data" }
-[routes.presence]
-integration = { type = "room_presence", room = "$request.body.room" }
-[routes.enqueue]
-integration = { type = "queue", queue = "sdk", ack = true }
-[routes."$default"]
-integration = { type = "echo" }
-"""
+#: The routes both SDKs' tests share.
+ROUTES = (Path(__file__).resolve().parents[2] / "test-routes.toml").read_text()
 
 
 def _free_port() -> int:

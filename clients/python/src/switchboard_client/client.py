@@ -331,11 +331,7 @@ class Switchboard(Emitter):
         self._sent_count = 0
         self._sent.clear()
         self._fail_acks("the session was lost before the ack")
-        for name, waiting in self._presences.items():
-            while waiting:
-                future = waiting.popleft()
-                if not future.done():
-                    future.set_exception(ConnectionError(f"presence of {name}: the session was lost"))
+        self._fail_presences("the session was lost")
         self._emit("reset", {"reason": reason, "previous_connection_id": previous or self.connection_id})
 
     def _rejoin_rooms(self) -> None:
@@ -353,6 +349,14 @@ class Switchboard(Emitter):
                 self._emit("error", task.exception())
 
         task.add_done_callback(done)
+
+    def _fail_presences(self, why: str) -> None:
+        """Presence requests that will not be answered."""
+        for name, waiting in self._presences.items():
+            while waiting:
+                future = waiting.popleft()
+                if not future.done():
+                    future.set_exception(ConnectionError(f"presence of {name}: {why}"))
 
     def _fail_acks(self, message: str, up_to: float = float("inf")) -> None:
         while self._acks and self._acks[0][0] <= up_to:
@@ -481,11 +485,7 @@ class Switchboard(Emitter):
         self._resume_token = None
         self._rooms.clear()
         self._fail_acks("the connection was closed before the ack")
-        for name, waiting in self._presences.items():
-            while waiting:
-                future = waiting.popleft()
-                if not future.done():
-                    future.set_exception(ConnectionError(f"presence of {name}: {error}"))
+        self._fail_presences(str(error))
         for name, (future, _) in list(self._joins.items()):
             if not future.done():
                 future.set_exception(ConnectionError(f"join {name}: {error}"))
