@@ -1,7 +1,10 @@
 //! Every frame the gateway itself writes to a client, as opposed to the application's
 //! messages: what a client library has to understand (the resume contract's `welcome` and
-//! `resumed`, a queue append's `ack`, and the error frame AWS's own gateway sends). One place,
-//! so the wire contract is read in one file and the SDKs and the load generator can follow it.
+//! `resumed`, a queue append's `ack`, and the error frame AWS's own gateway sends). The
+//! rooms' frames (`joined`, the envelope, presence) are built beside the state they report,
+//! in `rooms`. All of them are pinned in `protocol/frames.json` at the repository's root: the
+//! gateway's tests check every frame it writes against that file, the SDKs' tests read it,
+//! and the load generator matches acks with [`is_ack`] here.
 
 use serde_json::json;
 
@@ -46,6 +49,12 @@ pub fn ack(message_id: &str) -> Message {
     text(&json!({"type": "ack", "messageId": message_id}))
 }
 
+/// Whether a text frame's payload is an [`ack`], told without parsing it (for lean clients
+/// such as the load generator): serde_json writes the keys in sorted order.
+pub fn is_ack(payload: &[u8]) -> bool {
+    payload.starts_with(br#"{"messageId":""#) && payload.ends_with(br#"","type":"ack"}"#)
+}
+
 /// `{"message","connectionId","requestId"}`: a message the gateway could not route or
 /// serve (AWS's error frame shape).
 pub fn error(message: &str, connection_id: &str, request_id: &str) -> Message {
@@ -88,6 +97,9 @@ mod tests {
         assert_eq!(resumed["handled"], 7);
         assert_eq!(resumed["resumeToken"], token.encode());
         assert_eq!(decode(ack("m1")), json!({"type": "ack", "messageId": "m1"}));
+        assert!(is_ack(&ack("m1").payload));
+        assert!(!is_ack(&error("ack", "abc", "r1").payload));
+        assert!(!is_ack(br#"{"messageId":"m1","type":"acked"}"#));
         assert_eq!(
             decode(error("Forbidden", "abc", "r1")),
             json!({"message": "Forbidden", "connectionId": "abc", "requestId": "r1"})

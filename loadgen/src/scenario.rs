@@ -604,8 +604,7 @@ pub(crate) async fn queue(endpoints: &Endpoints, args: &QueueArgs) -> anyhow::Re
                 let read = client.read_frames(|frame| {
                     if let ServerFrame::Data(payload) = frame {
                         received += 1;
-                        let is_ack = payload.starts_with(br#"{"messageId""#)
-                            || payload.starts_with(br#"{"type":"ack""#);
+                        let is_ack = switchboard::protocol::is_ack(payload);
                         match sent_rx.try_recv() {
                             Ok(sent) if is_ack => samples.push(sent.elapsed().as_micros() as u64),
                             _ => {

@@ -10,6 +10,7 @@ mod compression;
 mod conflation;
 mod deploy;
 mod disconnects;
+mod frames;
 mod handshake;
 mod history;
 mod management;
