@@ -1,6 +1,9 @@
-//! `GET /demo`: a small chat page (plain HTML and JavaScript, no build step) that speaks the
-//! embedded demo's routes over WebSocket or WebTransport, so a newcomer can see both
-//! transports meet in one room from a browser.
+//! `GET /demo`: a small chat page on the TypeScript SDK (`clients/js`, served beside it as
+//! one module, [`SDK_PATH`]) that speaks the embedded demo's routes over WebSocket or
+//! WebTransport, so a newcomer can see both transports meet in one room from a browser, and
+//! a page survive a lost network (the SDK resumes). The SDK's bundle is committed, built by
+//! `npm run bundle` in clients/js (whose tests fail when it is stale), so building the gateway
+//! needs no Node.
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
@@ -11,15 +14,15 @@ use super::state::ApiState;
 use crate::transport::webtransport::public_host;
 
 const PAGE: &str = include_str!("demo.html");
+/// The SDK as one minified ES module.
+const SDK: &str = include_str!("switchboard-client.js");
+/// Where the page imports the SDK from.
+pub const SDK_PATH: &str = "/demo/switchboard-client.js";
 /// Where the page expects its settings.
 const SETTINGS_SLOT: &str = "/*SETTINGS*/null";
 
 /// The routes the page sends to, and the integration each must have.
-const NEEDED_ROUTES: [(&str, &str); 3] = [
-    ("join", "room_join"),
-    ("publish", "room_publish"),
-    ("whoami", "mock"),
-];
+const NEEDED_ROUTES: [(&str, &str); 2] = [("join", "room_join"), ("publish", "room_publish")];
 
 /// The routes of [`NEEDED_ROUTES`] that `config` lacks.
 fn missing_routes(config: &crate::config::Config) -> Vec<&'static str> {
@@ -47,9 +50,8 @@ pub async fn page(State(state): State<ApiState>, headers: HeaderMap) -> Response
     let missing = missing_routes(config);
     if !missing.is_empty() {
         let reason = format!(
-            "The demo page needs the routes join (room_join), publish (room_publish) and whoami \
-             (mock), which this config lacks ({}). `switchboard demo-config` prints a config that \
-             has them.\n",
+            "The demo page needs the routes join (room_join) and publish (room_publish), which \
+             this config lacks ({}). `switchboard demo-config` prints a config that has them.\n",
             missing.join(", ")
         );
         return (axum::http::StatusCode::NOT_FOUND, reason).into_response();
@@ -65,12 +67,14 @@ pub async fn page(State(state): State<ApiState>, headers: HeaderMap) -> Response
     };
     let settings = json!({
         "stage": stage,
+        "resume": config.api.resume.is_some(),
         "websocket": format!("{scheme}://{websocket_host}:{}/{stage}", listen.port()),
+        // The SDK's `api` option: where `@webtransport` (the discovery document) is.
         "webtransport": config
             .server
             .webtransport
             .as_ref()
-            .map(|_| format!("/{stage}/@webtransport")),
+            .map(|_| format!("/{stage}")),
     });
     // `</` cannot occur in the JSON of these settings unescaped into a script end tag:
     // serde_json does not escape `/`, so escape `<` itself.
@@ -79,6 +83,16 @@ pub async fn page(State(state): State<ApiState>, headers: HeaderMap) -> Response
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    response
+}
+
+/// `GET /demo/switchboard-client.js`: the SDK the page imports.
+pub async fn sdk() -> Response {
+    let mut response = SDK.into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/javascript; charset=utf-8"),
     );
     response
 }

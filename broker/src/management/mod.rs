@@ -71,6 +71,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/health", get(health))
         .route("/{stage}/@webtransport", get(webtransport_discovery))
         .route("/demo", get(demo::page))
+        .route(demo::SDK_PATH, get(demo::sdk))
         .with_state(state)
 }
 

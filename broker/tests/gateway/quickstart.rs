@@ -66,12 +66,19 @@ fn start_client(block: &str) -> (std::process::Child, std::sync::mpsc::Receiver<
     (child, receiver)
 }
 
+/// The connectionId from the welcome frame the client prints first (resume is on in the
+/// demo), which whoami's answer, printed next, repeats.
 fn connection_id_from(lines: &std::sync::mpsc::Receiver<String>) -> String {
-    let line = lines
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the client prints whoami's answer");
-    let answer: serde_json::Value = serde_json::from_str(&line).unwrap();
-    answer["connectionId"].as_str().unwrap().to_owned()
+    let next_json = |what: &str| -> serde_json::Value {
+        let line = lines.recv_timeout(Duration::from_secs(10)).expect(what);
+        serde_json::from_str(&line).unwrap()
+    };
+    let welcome = next_json("the client prints the welcome frame");
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    assert!(welcome["resumeToken"].is_string(), "{welcome}");
+    let whoami = next_json("the client prints whoami's answer");
+    assert_eq!(whoami["connectionId"], welcome["connectionId"], "{whoami}");
+    whoami["connectionId"].as_str().unwrap().to_owned()
 }
 
 #[test]
@@ -97,7 +104,8 @@ fn the_readme_quickstart_works_as_written() {
     });
     assert!(up, "the demo listens on 127.0.0.1:9090");
 
-    // The client prints its connectionId and the queue's ack, then what reaches it.
+    // The client prints its welcome, its connectionId and the queue's ack, then what
+    // reaches it.
     let (mut client, lines) = start_client(&blocks[0]);
     let id = connection_id_from(&lines);
     let next = || lines.recv_timeout(Duration::from_secs(10)).unwrap();

@@ -194,6 +194,13 @@ export class Switchboard extends Emitter<Events> {
     return this.transport?.kind ?? null;
   }
 
+  /** The WebSocket extensions the gateway agreed for this connection (compression shows
+   * here as `permessage-deflate; …`); `""` for none, for WebTransport and between
+   * connections. */
+  get extensions(): string {
+    return this.transport?.extensions ?? "";
+  }
+
   /** The rooms joined. */
   get joined(): Room[] {
     return [...this.rooms.values()];

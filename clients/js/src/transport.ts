@@ -9,6 +9,9 @@ export type Incoming = string | Uint8Array;
 
 export interface Transport {
   readonly kind: "websocket" | "webtransport";
+  /** The WebSocket extensions the gateway agreed (e.g. `permessage-deflate; …`); `""` for
+   * none and for WebTransport. */
+  readonly extensions: string;
   send(data: string | Uint8Array): void;
   /** Closes with a close frame (a clean end: the gateway does not keep the session). */
   close(code?: number, reason?: string): void;
@@ -52,6 +55,7 @@ export type WebSocketLike = new (
 ) => {
   binaryType: string;
   readyState: number;
+  extensions?: string;
   onopen: ((event: unknown) => void) | null;
   onerror: ((event: unknown) => void) | null;
   onclose: ((event: { code: number; reason: string }) => void) | null;
@@ -131,6 +135,7 @@ export function openWebSocket(
       clearTimeout(timer);
       const transport: Transport = {
         kind: "websocket",
+        extensions: socket.extensions ?? "",
         send: (data) => socket.send(data),
         close: (code = 1000, reason = "") => socket.close(code, reason),
         drop: () => (socket.terminate ? socket.terminate() : socket.close(4000, "dropped")),
@@ -218,6 +223,7 @@ function streamTransport(
   let ended = false;
   const transport: Transport = {
     kind: "webtransport",
+    extensions: "",
     send: (data) => {
       const payload = typeof data === "string" ? encoder.encode(data) : data;
       const frame = new Uint8Array(5 + payload.length);

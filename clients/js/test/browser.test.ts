@@ -2,10 +2,12 @@
  * The SDK in a real browser (Debian's headless Chromium, driven by playwright-core from
  * SWITCHBOARD_PLAYWRIGHT, as the gateway's own browser test): WebTransport first where the
  * gateway offers it, with the same frames (welcome, echo, rooms); WebSocket when the
- * discovery document says it does not. `.ci/run` sets SWITCHBOARD_REQUIRE_BROWSER=1, so CI
+ * discovery document says it does not, and when it offers WebTransport but the network
+ * drops every UDP packet on the way (the SDK gives up on it within its timeout). `.ci/run` sets SWITCHBOARD_REQUIRE_BROWSER=1, so CI
  * never skips this.
  */
 import assert from "node:assert/strict";
+import { createSocket } from "node:dgram";
 import { createRequire } from "node:module";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -55,8 +57,9 @@ describe("in Chromium", { skip: !playwrightDir && !required ? "SWITCHBOARD_PLAYW
     await withoutWebTransport?.stop();
   });
 
-  async function runInPage(gateway: Gateway): Promise<PageResult> {
+  async function runInPage(gateway: Gateway, prepare?: (page: Page) => Promise<void>): Promise<PageResult> {
     const page = await browser.newPage();
+    await prepare?.(page);
     // A page of the gateway's own (a secure context: loopback), with the SDK added.
     await page.goto(`http://127.0.0.1:${gateway.apiPort}/demo`);
     await page.addScriptTag({ content: bundle });
@@ -97,9 +100,42 @@ describe("in Chromium", { skip: !playwrightDir && !required ? "SWITCHBOARD_PLAYW
     assert.deepEqual(result.heard, [{ hello: "from the browser" }]);
     assert.deepEqual(result.got, [{ n: 1 }]);
   });
+
+  test("WebSocket when WebTransport is offered but blocked on the way", async () => {
+    // A firewall that drops QUIC: a UDP port that takes every packet and answers none,
+    // put in the discovery document's URL in place of the gateway's.
+    const blackhole = createSocket("udp4");
+    let dropped = 0;
+    blackhole.on("message", () => (dropped += 1));
+    await new Promise<void>((resolve) => blackhole.bind(0, "127.0.0.1", resolve));
+    try {
+      const result = await runInPage(withWebTransport, async (page) => {
+        await page.route("**/@webtransport", async (route) => {
+          const response = await route.fetch();
+          const discovery = (await response.json()) as { url: string };
+          const url = new URL(discovery.url);
+          url.port = String(blackhole.address().port);
+          await route.fulfill({ response, json: { ...discovery, url: url.href } });
+        });
+      });
+      assert.ok(dropped > 0, "the browser tried WebTransport first");
+      assert.equal(result.kind, "websocket");
+      assert.match(result.id ?? "", /^[A-Za-z0-9_-]{22}$/);
+      assert.deepEqual(result.heard, [{ hello: "from the browser" }]);
+      assert.deepEqual(result.got, [{ n: 1 }]);
+    } finally {
+      blackhole.close();
+    }
+  });
 });
 
+interface Route {
+  fetch(): Promise<{ json(): Promise<unknown> }>;
+  fulfill(options: { response: unknown; json: unknown }): Promise<void>;
+}
+
 interface Page {
+  route(pattern: string, handler: (route: Route) => Promise<void>): Promise<void>;
   goto(url: string): Promise<unknown>;
   addScriptTag(options: { content: string }): Promise<unknown>;
   evaluate<R, A>(f: (arg: A) => Promise<R>, arg: A): Promise<R>;

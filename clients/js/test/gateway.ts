@@ -3,7 +3,7 @@
  * workspace's debug build) on loopback, with a config the SDK's behaviour needs (resume,
  * the room envelope, presence, an acked queue), on a temporary data dir.
  */
-import { spawn, type ChildProcess } from "node:child_process";
+import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -72,6 +72,21 @@ ${ROUTES}
 ${options.webtransport ? `[server.webtransport]\nlisten = "127.0.0.1:${await freePort()}"\n` : ""}
 ${options.extra ?? ""}
 `;
+    const gateway = new Gateway(spawnGateway(dir, config), dir, wsPort, apiPort, config);
+    await gateway.ready();
+    return gateway;
+  }
+
+  /** The embedded demo (`switchboard demo-config`, what `switchboard serve` runs with no
+   * config), on free ports and a temporary data dir instead of its fixed ones. */
+  static async demo(): Promise<Gateway> {
+    const dir = mkdtempSync(join(tmpdir(), "sb-sdk-"));
+    const [wsPort, apiPort, wtPort] = [await freePort(), await freePort(), await freePort()];
+    const config = execFileSync(BIN, ["demo-config"], { encoding: "utf8" })
+      .replace('"127.0.0.1:8080"', `"127.0.0.1:${wsPort}"`)
+      .replace('"127.0.0.1:9090"', `"127.0.0.1:${apiPort}"`)
+      .replace('"127.0.0.1:4433"', `"127.0.0.1:${wtPort}"`)
+      .replace('data_dir = "./data"', `data_dir = "${join(dir, "data")}"`);
     const gateway = new Gateway(spawnGateway(dir, config), dir, wsPort, apiPort, config);
     await gateway.ready();
     return gateway;
