@@ -59,7 +59,8 @@ export interface SwitchboardOptions {
   actions?: Partial<Actions>;
   /** A WebSocket class to use instead of the global one or `ws`. */
   WebSocket?: WebSocketLike;
-  /** How long an attempt to connect (or its welcome) may take. Default 10 s. */
+  /** How long an attempt to connect (or its welcome), a join's `joined` frame or a presence
+   * answer may take. Default 10 s. */
   timeoutMs?: number;
   /** How many sent messages are kept to be sent again after a resume. Default 256. */
   resendBuffer?: number;
@@ -99,6 +100,12 @@ interface Waiter<T> {
   reject: (error: Error) => void;
 }
 
+/** A join waiting for its `joined` frame; a second `join()` of the room meanwhile shares it. */
+interface PendingJoin extends Waiter<Room> {
+  room: Room;
+  promise: Promise<Room>;
+}
+
 export class Switchboard extends Emitter<Events> {
   connectionId: string | null = null;
   state: State = "closed";
@@ -116,7 +123,7 @@ export class Switchboard extends Emitter<Events> {
   private sentCount = 0;
   private sent: { index: number; data: string | Uint8Array }[] = [];
   private acks: (Waiter<string> & { index: number })[] = [];
-  private joins = new Map<string, Waiter<Room> & { room: Room }>();
+  private joins = new Map<string, PendingJoin>();
   private presences = new Map<string, Waiter<Presence>[]>();
   private rooms = new Map<string, Room>();
   private connectedWaiters: Waiter<void>[] = [];
@@ -178,8 +185,11 @@ export class Switchboard extends Emitter<Events> {
     });
   }
 
-  /** Joins `name`; resolves after the gateway's `joined` frame. */
+  /** Joins `name`; resolves after the gateway's `joined` frame (a join of a room already
+   * joined, or being joined, resolves as that one does). */
   async join(name: string, options: JoinOptions = {}): Promise<Room> {
+    const pending = this.joins.get(name);
+    if (pending) return pending.promise;
     const existing = this.rooms.get(name);
     if (existing) return existing;
     await this.whenConnected();
@@ -235,21 +245,46 @@ export class Switchboard extends Emitter<Events> {
       // A join with `history` (0 included) is answered with `joined`; a plain one is not.
       fields.history = room.options.history ?? 0;
     }
-    return new Promise<Room>((resolve, reject) => {
-      this.joins.get(room.name)?.reject(new Error(`joined ${room.name} again`));
-      this.joins.set(room.name, { resolve, reject, room });
-      room.rejoining = rejoin;
-      this.sendData(encode(fields));
-    });
+    const previous = this.joins.get(room.name);
+    const pending = { room } as PendingJoin;
+    pending.promise = this.within(
+      new Promise<Room>((resolve, reject) => Object.assign(pending, { resolve, reject })),
+      () => {
+        if (this.joins.get(room.name) !== pending) return;
+        this.joins.delete(room.name);
+        if (!rejoin) this.rooms.delete(room.name);
+        pending.reject(new Error(`join ${room.name}: no joined frame (is "${this.actions.join}" a room_join route?)`));
+      },
+    );
+    // A join still waiting (a rejoin after a new session overtook it) ends as this one does.
+    if (previous) pending.promise.then(previous.resolve, previous.reject);
+    this.joins.set(room.name, pending);
+    room.rejoining = rejoin;
+    this.sendData(encode(fields));
+    return pending.promise;
+  }
+
+  /** `promise`, with `expire` called if it has not settled within `timeoutMs`. */
+  private within<T>(promise: Promise<T>, expire: () => void): Promise<T> {
+    const timer = setTimeout(expire, this.options.timeoutMs);
+    const settled = () => clearTimeout(timer);
+    promise.then(settled, settled);
+    return promise;
   }
 
   private async requestPresence(room: string): Promise<Presence> {
     await this.whenConnected();
-    return new Promise<Presence>((resolve, reject) => {
-      const waiting = this.presences.get(room) ?? [];
-      waiting.push({ resolve, reject });
-      this.presences.set(room, waiting);
-      this.sendData(encode({ action: this.actions.presence, room }));
+    const waiting = this.presences.get(room) ?? [];
+    this.presences.set(room, waiting);
+    const waiter = {} as Waiter<Presence>;
+    const answer = new Promise<Presence>((resolve, reject) => Object.assign(waiter, { resolve, reject }));
+    waiting.push(waiter);
+    this.sendData(encode({ action: this.actions.presence, room }));
+    return this.within(answer, () => {
+      const at = waiting.indexOf(waiter);
+      if (at < 0) return;
+      waiting.splice(at, 1);
+      waiter.reject(new Error(`presence of ${room}: no answer (is "${this.actions.presence}" a room_presence route?)`));
     });
   }
 

@@ -123,6 +123,28 @@ describe("switchboard-client", { timeout: 60_000 }, () => {
     await Promise.all([alice.close(), bob.close()]);
   });
 
+  test("two joins of one room at once share it; a join or presence nobody answers times out", async () => {
+    const sb = new Switchboard(gateway.ws, { reconnect: fast });
+    await sb.connect();
+    const [first, second] = await Promise.all([sb.join("shared", { history: 0 }), sb.join("shared")]);
+    assert.equal(first, second);
+    assert.ok(first.epoch.length > 0, "both resolved after the joined frame");
+    await sb.close();
+    // Routes that are not room integrations (the echo answers them): a clear error, in time.
+    const misrouted = new Switchboard(gateway.ws, { reconnect: fast, timeoutMs: 500, actions: { join: "not-a-join" } });
+    await misrouted.connect();
+    const error = /join lost: no joined frame \(is "not-a-join" a room_join route\?\)/;
+    await assert.rejects(misrouted.join("lost"), error);
+    assert.deepEqual(misrouted.joined, [], "a join that failed leaves no room behind");
+    await assert.rejects(misrouted.join("lost"), error, "and a second try asks again");
+    await misrouted.close();
+    const unanswered = new Switchboard(gateway.ws, { reconnect: fast, timeoutMs: 500, actions: { presence: "not-a-presence" } });
+    await unanswered.connect();
+    const room = await unanswered.join("asked");
+    await assert.rejects(room.presence(), /presence of asked: no answer \(is "not-a-presence" a room_presence route\?\)/);
+    await unanswered.close();
+  });
+
   test("a session the gateway forgot starts over: reset, rooms rejoined and recovered", async () => {
     const sb = new Switchboard(gateway.ws, { reconnect: fast });
     await sb.connect();

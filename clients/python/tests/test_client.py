@@ -125,6 +125,34 @@ def test_rooms_join_with_history_offsets_publish_presence_leave(gateway):
     run(main())
 
 
+def test_two_joins_of_one_room_share_it_and_unanswered_requests_time_out(gateway):
+    async def main():
+        sb = Switchboard(gateway.ws, reconnect=FAST)
+        await sb.connect()
+        first, second = await asyncio.gather(sb.join("pyshared", history=0), sb.join("pyshared"))
+        assert first is second
+        assert first.epoch, "both returned after the joined frame"
+        await sb.close()
+        # Routes that are not room integrations (the echo answers them): a clear error, in time.
+        misrouted = Switchboard(gateway.ws, reconnect=FAST, timeout=0.5, actions={"join": "not-a-join"})
+        await misrouted.connect()
+        error = re.escape('join lost: no joined frame (is "not-a-join" a room_join route?)')
+        with pytest.raises(TimeoutError, match=error):
+            await misrouted.join("lost")
+        assert misrouted.rooms == [], "a join that failed leaves no room behind"
+        with pytest.raises(TimeoutError, match=error):
+            await misrouted.join("lost")
+        await misrouted.close()
+        unanswered = Switchboard(gateway.ws, reconnect=FAST, timeout=0.5, actions={"presence": "not-a-presence"})
+        await unanswered.connect()
+        room = await unanswered.join("asked")
+        with pytest.raises(TimeoutError, match=re.escape('presence of asked: no answer (is "not-a-presence" a room_presence route?)')):
+            await room.presence()
+        await unanswered.close()
+
+    run(main())
+
+
 def test_a_session_the_gateway_forgot_starts_over_and_recovers_its_rooms(gateway):
     async def main():
         sb = Switchboard(gateway.ws, reconnect=FAST)

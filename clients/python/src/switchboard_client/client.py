@@ -146,7 +146,11 @@ class Switchboard(Emitter):
         return await future
 
     async def join(self, name: str, *, history: Optional[int] = None, since: Optional[int] = None, epoch: Optional[str] = None) -> Room:
-        """Joins ``name``; returns after the gateway's ``joined`` frame."""
+        """Joins ``name``; returns after the gateway's ``joined`` frame (a join of a room
+        already joined, or being joined, returns as that one does)."""
+        pending = self._joins.get(name)
+        if pending is not None and not pending[0].done():
+            return await asyncio.shield(pending[0])
         if name in self._rooms:
             return self._rooms[name]
         await self._when_connected()
@@ -183,18 +187,44 @@ class Switchboard(Emitter):
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         previous = self._joins.pop(room.name, None)
         if previous and not previous[0].done():
-            previous[0].set_exception(ConnectionError(f"joined {room.name} again"))
+            # A join still waiting (a rejoin after a new session overtook it) ends as this one does.
+            future.add_done_callback(lambda done: _settle_like(previous[0], done))
         self._joins[room.name] = (future, room)
         room._rejoining = rejoin
+
+        def expire() -> Exception:
+            if self._joins.get(room.name, (None, None))[0] is future:
+                del self._joins[room.name]
+                if not rejoin:
+                    self._rooms.pop(room.name, None)
+            return TimeoutError(f'join {room.name}: no joined frame (is "{self.actions["join"]}" a room_join route?)')
+
         await self._send_data(_encode(fields))
-        return await future
+        return await self._answer_within_timeout(future, expire)
 
     async def _request_presence(self, room: str) -> dict:
         await self._when_connected()
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._presences.setdefault(room, deque()).append(future)
+        waiting = self._presences.setdefault(room, deque())
+        waiting.append(future)
+
+        def expire() -> Exception:
+            if future in waiting:
+                waiting.remove(future)
+            return TimeoutError(f'presence of {room}: no answer (is "{self.actions["presence"]}" a room_presence route?)')
+
         await self._send_data(_encode({"action": self.actions["presence"], "room": room}))
-        return await future
+        return await self._answer_within_timeout(future, expire)
+
+    async def _answer_within_timeout(self, future: asyncio.Future, expire: Callable[[], Exception]) -> Any:
+        """``future``'s result; past ``timeout`` seconds, ``expire()`` says why it fails
+        (for everyone waiting on it)."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
+        except asyncio.TimeoutError:
+            if not future.done():
+                future.set_exception(expire())
+            return await future
 
     # Sending.
 
@@ -508,3 +538,15 @@ async def _send_all(socket: ClientConnection, messages: list[Union[str, bytes]])
             await socket.send(data)
     except ConnectionClosed:
         pass
+
+
+def _settle_like(target: asyncio.Future, source: asyncio.Future) -> None:
+    """Ends ``target`` as ``source`` ended."""
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())
+    else:
+        target.set_result(source.result())
