@@ -480,9 +480,14 @@ pub fn fire_disconnect(shard: &Rc<Shard>, facts: ConnectionFacts, reason: Discon
         shard.gateway.directory.closed(&connection_id);
         shard.record(|changes| changes.remove(connection_id));
     };
-    if matches!(reason, DisconnectReason::NodeLost | DisconnectReason::Moved) {
-        forget(shard, facts.connection_id);
-        return;
+    match reason {
+        DisconnectReason::Moved => return forget(shard, facts.connection_id),
+        // Its mirrored record is the taking-over node's to report and remove: removed from
+        // here, it could vanish before that node read it.
+        DisconnectReason::NodeLost => {
+            return shard.record(|changes| changes.remove(facts.connection_id));
+        }
+        _ => {}
     }
     shard
         .gateway

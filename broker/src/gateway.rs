@@ -34,6 +34,9 @@ pub struct Gateway {
     pub queue_store: QueueStore,
     /// This node's membership of a cluster; `None`: a single node.
     pub cluster: Option<Arc<Cluster>>,
+    /// Whether this node may act for its connections now: the cluster's lease, or always
+    /// on a single node ([`crate::fence`]).
+    pub fence: Arc<crate::fence::Fence>,
     /// Where connections and rooms live: every push, bulk send and broadcast goes through
     /// it, whether there is a cluster or not.
     pub directory: Directory,

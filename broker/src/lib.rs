@@ -32,6 +32,7 @@ pub mod disconnect;
 pub mod dispatch;
 pub mod event;
 pub mod fanout;
+pub mod fence;
 pub mod frame;
 pub mod gateway;
 pub mod handshake;

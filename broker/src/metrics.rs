@@ -21,8 +21,8 @@ pub struct Metrics {
     /// (websocket, webtransport).
     pub connections_active: IntGaugeVec,
     /// Handshakes by result and transport: accepted, rejected (by `$connect`), not_found,
-    /// bad_request, backend_error, and the admission refusals over_capacity, overloaded,
-    /// ip_limit, ip_rate.
+    /// bad_request, backend_error, the admission refusals over_capacity, overloaded,
+    /// ip_limit, ip_rate, and fenced (a cluster node that lost touch with its cluster).
     pub connections_total: IntCounterVec,
     /// Inbound messages by the route they were dispatched to.
     pub messages_received: IntCounterVec,

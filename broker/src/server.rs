@@ -283,6 +283,10 @@ pub async fn serve(
         epoch,
         shards,
         queues,
+        fence: (cluster.as_ref()).map_or_else(
+            || Arc::new(crate::fence::Fence::open()),
+            |cluster| cluster.fence.clone(),
+        ),
         cluster,
     });
     let local_queues = gateway.cluster.is_none();

@@ -23,9 +23,10 @@ use crate::gateway::Gateway;
 use crate::rooms::RoomName;
 use crate::rooms::events::Change;
 
-/// Renews this node's registration every `cluster.heartbeat_ms`. If a takeover declared
-/// this node lost while it was cut off from NATS, its connections have been reported
-/// gone: it closes them (without a second `$disconnect`) and registers again.
+/// Renews this node's registration every `cluster.heartbeat_ms`, which keeps its lease
+/// ([`crate::fence`]). If a takeover declared this node lost while it was paused or cut off
+/// from NATS, its connections have been reported gone: it closes them (without a second
+/// `$disconnect`) and registers again.
 pub async fn heartbeat_loop(gateway: Arc<Gateway>, shutdown: CancellationToken) {
     let Some(cluster) = gateway.cluster.clone() else {
         return;
@@ -37,16 +38,23 @@ pub async fn heartbeat_loop(gateway: Arc<Gateway>, shutdown: CancellationToken) 
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        let sent_at = Instant::now();
         match cluster.registry.renew().await {
-            Renewal::Renewed | Renewal::Failed => {}
+            Renewal::Renewed => cluster.fence.renewed(sent_at),
+            Renewal::Failed => {}
             Renewal::DeclaredLost => {
                 tracing::error!(
-                    "this node was declared lost while cut off from NATS and its connections \
-                     were reported to $disconnect; closing them so clients reconnect"
+                    "this node was declared lost while paused or cut off from NATS, and its \
+                     connections were reported to $disconnect; closing them so clients \
+                     reconnect"
                 );
+                // Fenced for good, those sessions; the closes are queued to every shard
+                // before anything waiting on the fence goes on.
+                cluster.fence.declared_lost();
                 for shard in gateway.shards.iter() {
                     shard.close_all(DisconnectReason::NodeLost).await;
                 }
+                cluster.fence.renewed(sent_at);
             }
             Renewal::Taken => {
                 let reason = format!(
@@ -92,8 +100,11 @@ pub async fn watch_loop(gateway: Arc<Gateway>, shutdown: CancellationToken) {
                 _ => watch = None,
             },
             _ = tick.tick() => {
+                // A node whose own lease ran out (it was paused, or cut off) has not been
+                // watching either: it judges nobody until it has watched a full timeout.
                 let connected = cluster.client.connection_state()
-                    == async_nats::connection::State::Connected;
+                    == async_nats::connection::State::Connected
+                    && cluster.fence.holds();
                 match (connected, connected_since) {
                     (false, _) => connected_since = None,
                     (true, None) => {
@@ -135,6 +146,16 @@ async fn take_over(gateway: Arc<Gateway>, node: u16, registration: Registration,
         cluster.registry.takeover_finished(node);
         return;
     }
+    let Some(condemned) = cluster.registry.condemn(node, revision).await else {
+        tracing::info!(
+            node,
+            "a node that looked lost renewed its registration: it is alive"
+        );
+        cluster.registry.release(node, epoch).await;
+        cluster.registry.postpone(node);
+        cluster.registry.takeover_finished(node);
+        return;
+    };
     let records = match cluster
         .mirrored_records(cluster.subjects.mirror_node(node))
         .await
@@ -154,7 +175,7 @@ async fn take_over(gateway: Arc<Gateway>, node: u16, registration: Registration,
     );
     report_lost(&gateway, records).await;
     cluster.vacate_node(node).await;
-    cluster.registry.finish(node, epoch, Some(revision)).await;
+    cluster.registry.finish(node, epoch, Some(condemned)).await;
     cluster.metrics().cluster_takeovers.inc();
     cluster.registry.forget(node);
     cluster.registry.takeover_finished(node);

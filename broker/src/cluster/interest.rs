@@ -293,6 +293,9 @@ async fn serve_room(
     };
     let _ = subscribed.send(true);
     while let Some(message) = messages.next().await {
+        // Published while this node may have been declared lost: delivered only once it
+        // knows (its lost connections are closed by then, and get none of it).
+        cluster.fence.held().await;
         let headers = message.headers.as_ref();
         let op = headers.and_then(|h| h.get(OP)).map(|v| v.as_str());
         let delivery = delivery_of(&cluster, headers);

@@ -74,6 +74,8 @@ pub struct Cluster {
     pub interest: state::interest::Interest,
     pub mirror: state::mirror::Mirror,
     pub registry: registry::Registry,
+    /// This node's lease on its connections, kept by its heartbeat ([`crate::fence`]).
+    pub fence: Arc<crate::fence::Fence>,
     pub queues: state::queues::ClusterQueues,
     /// Connections of this node whose clients resumed on another node: connectionId →
     /// the id the other node carries them under, until when. Calls for them are forwarded
@@ -315,6 +317,9 @@ impl Cluster {
             degraded,
             mirror,
             registry,
+            fence: Arc::new(crate::fence::Fence::leased(
+                config.node_timeout.saturating_sub(config.heartbeat),
+            )),
             queues,
             moved: Mutex::new(Moved::default()),
             arrived: Mutex::new(HashMap::new()),

@@ -259,6 +259,16 @@ impl Registry {
         }
     }
 
+    /// `node`'s registration is the mark of a takeover (at `revision`): its clock is not
+    /// started afresh.
+    fn condemned(&self, node: u16, revision: u64) {
+        if let Ok(mut peers) = self.peers.lock()
+            && let Some(peer) = peers.get_mut(&node)
+        {
+            peer.revision = revision;
+        }
+    }
+
     pub(super) fn forget(&self, node: u16) {
         let gone = (self.peers.lock()).is_ok_and(|mut peers| peers.remove(&node).is_some());
         if gone {
@@ -341,6 +351,21 @@ impl Registry {
         matches!(self.store.get(lost_key(node, epoch)).await, Ok(Some(_)))
     }
 
+    /// Marks `node`'s registration (at `revision`, as this node last saw it) lost, before
+    /// anything of it is reported: a compare-and-set, which fails if the node renewed
+    /// since (it is alive after all: a pause shorter than it looked from here). Once it is
+    /// done, the node's next renewal fails and tells it it was declared lost, so it fences
+    /// itself ([`Renewal::DeclaredLost`]). Returns the mark's revision.
+    pub(super) async fn condemn(&self, node: u16, revision: u64) -> Option<u64> {
+        let mark = Bytes::from_static(br#"{"lost":true}"#);
+        self.store.update(node_key(node), mark, revision).await.ok()
+    }
+
+    /// Gives up the claim of a takeover that will not run.
+    pub(super) async fn release(&self, node: u16, epoch: u32) {
+        let _ = self.store.delete(claim_key(node, epoch)).await;
+    }
+
     /// Marks `node`'s incarnation `epoch` reported, and drops its claim and (if still the
     /// one judged lost) its registration.
     pub(super) async fn finish(&self, node: u16, epoch: u32, registration_revision: Option<u64>) {
@@ -397,7 +422,9 @@ pub(super) fn observe(registry: &Registry, entry: kv::Entry) {
     match entry.operation {
         kv::Operation::Put => match serde_json::from_slice(&entry.value) {
             Ok(registration) => registry.saw(node, registration, entry.revision),
-            Err(_) => registry.forget(node),
+            // Condemned: still lapsed, until its takeover finishes (and deletes it) or the
+            // node registers again; a takeover cut short is taken over from here.
+            Err(_) => registry.condemned(node, entry.revision),
         },
         kv::Operation::Delete | kv::Operation::Purge => registry.forget(node),
     }

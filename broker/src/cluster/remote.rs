@@ -246,6 +246,12 @@ pub async fn serve(cluster: Arc<Cluster>, shutdown: CancellationToken) {
                 None => break,
             },
         };
+        // A call for this node's connections waits while its lease is out (see
+        // `crate::fence`): one that was reported gone meanwhile is gone by then.
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = cluster.fence.held() => {}
+        }
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };

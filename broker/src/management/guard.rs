@@ -132,3 +132,25 @@ fn is_loopback_host(host: &str) -> bool {
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
 }
+
+/// How long a call waits for this node's lease ([`crate::fence`]) before it is refused.
+const FENCE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Calls for connections wait while this node's cluster lease is out (it was paused, or
+/// cut off from NATS, long enough to be declared lost): by the time it holds again, the
+/// connections the cluster reported gone are closed here too, and a call for one of them
+/// answers 410 as it would anywhere else. Past [`FENCE_PATIENCE`]: 503.
+pub(super) async fn wait_for_lease(
+    State(state): State<ApiState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if !state.gateway.fence.held_within(FENCE_PATIENCE).await {
+        return Err(ApiError::ClusterUnavailable(
+            "this node has not confirmed its place in the cluster (paused or cut off from \
+             NATS); try another node"
+                .into(),
+        ));
+    }
+    Ok(next.run(request).await)
+}

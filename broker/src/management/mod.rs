@@ -27,7 +27,7 @@ use serde_json::json;
 
 pub use connections::BulkRequest;
 use connections::{delete_connection, get_connection, post_bulk, post_to_connection};
-use guard::{authenticate, guard_unauthenticated};
+use guard::{authenticate, guard_unauthenticated, wait_for_lease};
 use queues::{get_queue_messages, post_queue_commit};
 use rooms::{
     delete_room_member, get_history, get_presence, get_room, post_to_room, put_room_member,
@@ -52,7 +52,11 @@ pub fn router(state: ApiState) -> Router {
             put(put_room_member).delete(delete_room_member),
         )
         .route("/{stage}/@queues/{queue}/messages", get(get_queue_messages))
-        .route("/{stage}/@queues/{queue}/commit", post(post_queue_commit));
+        .route("/{stage}/@queues/{queue}/commit", post(post_queue_commit))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            wait_for_lease,
+        ));
     // `/metrics` tells an attacker how the gateway is doing: protected unless configured
     // public (the default only on a loopback listener).
     let (authenticated, public) = if state.gateway.config.management.public_metrics {

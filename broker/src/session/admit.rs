@@ -80,7 +80,25 @@ pub(crate) async fn admit(
     request: &crate::event::HandshakeRequest,
 ) -> Result<Option<String>, Refused> {
     facts.authorizer = check_request(shard, facts, request).await?;
+    wait_for_lease(shard).await?;
     run_connect(shard, facts, request).await
+}
+
+/// How long a handshake waits for this node's lease ([`crate::fence`]) before a 503.
+const FENCE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A node whose cluster lease is out (paused, or cut off from NATS) may have been declared
+/// lost: it opens no connection until it knows, so that no `$connect` runs for a node
+/// the cluster counts out. Briefly, it waits; past that, the client is told to go elsewhere.
+async fn wait_for_lease(shard: &Shard) -> Result<(), Refused> {
+    if shard.gateway.fence.held_within(FENCE_PATIENCE).await {
+        return Ok(());
+    }
+    Err(Refused {
+        status: 503,
+        body: "this node is not in touch with its cluster; try another node".into(),
+        result: "fenced",
+    })
 }
 
 /// The origin allow-list and the authorizer: who the client is, or why it may not open a

@@ -129,7 +129,10 @@ fn register(
 /// Serves a registered connection to its end, then unregisters and reports it.
 async fn serve_and_report(shard: Rc<Shard>, connection: Rc<Connection>, leftover: Vec<u8>) {
     let reason = serve_to_the_end(&shard, &connection, leftover).await;
-    shard.unregister(&connection, matches!(reason, DisconnectReason::Moved));
+    // A moved connection's leaves are its new node's to tell; a lost node's, the node that
+    // took it over told already.
+    let told_elsewhere = matches!(reason, DisconnectReason::Moved | DisconnectReason::NodeLost);
+    shard.unregister(&connection, told_elsewhere);
     connection.admitted_as(None);
     let wire = connection.stream().wire().label();
     let metrics = &shard.gateway.metrics;

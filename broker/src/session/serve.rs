@@ -17,6 +17,7 @@ use super::lifecycle::Stop;
 use crate::connection::Connection;
 use crate::disconnect::DisconnectReason;
 use crate::dispatch;
+use crate::fence::Fence;
 use crate::frame::Incoming;
 use crate::message::Message;
 use crate::shard::Shard;
@@ -58,8 +59,14 @@ pub(super) async fn serve(
     drop(leftover);
     // The throttle's timer, only while the rate limit holds a message back.
     let mut throttle: Option<Pin<Box<Sleep>>> = None;
+    let lease = Lease::now(&shard.gateway.fence);
     loop {
-        if let Err(reason) = handle_ready(shard, connection, &mut inbound) {
+        if lease.is_lost() {
+            // The cluster reported this connection gone while the node was paused or cut
+            // off: not one more frame either way (the close follows, without $disconnect).
+            return DisconnectReason::NodeLost;
+        }
+        if let Err(reason) = handle_ready(shard, connection, &mut inbound, &lease) {
             return reason;
         }
         match connection.stop() {
@@ -71,7 +78,7 @@ pub(super) async fn serve(
             Ok(pending) => pending,
             Err(_) => return DisconnectReason::ConnectionLost,
         };
-        if inbound.is_ready() && can_take_work(connection) {
+        if inbound.is_ready() && lease.holds() && can_take_work(connection) {
             // The flush made room: carry on with the waiting messages.
             continue;
         }
@@ -99,11 +106,13 @@ pub(super) async fn serve(
             (Some(until), None) => throttle = Some(Box::pin(sleep_until(Instant::from_std(until)))),
             (None, _) => throttle = None,
         }
+        let fenced = inbound.is_ready() && !lease.holds();
         // Readiness is polled, not awaited as futures: an idle connection's task keeps
         // nothing for its socket or its timer.
         tokio::select! {
             biased;
             _ = connection.woken() => {}
+            _ = shard.gateway.fence.held(), if fenced => {}
             ready = poll_fn(|cx| stream.poll_write_ready(cx)), if pending => {
                 if ready.is_err() {
                     return DisconnectReason::ConnectionLost;
@@ -132,12 +141,14 @@ fn handle_ready(
     shard: &Rc<Shard>,
     connection: &Rc<Connection>,
     inbound: &mut Inbound,
+    lease: &Lease,
 ) -> Result<(), DisconnectReason> {
     let metrics = &shard.gateway.metrics;
     loop {
         let now = std::time::Instant::now();
         let limits = &shard.gateway.config.limits;
-        match inbound.next(now, can_take_work(connection), limits) {
+        let may_work = lease.holds() && can_take_work(connection);
+        match inbound.next(now, may_work, limits) {
             Next::Message(message) => handle_incoming(shard, connection, message)?,
             Next::HeldBack { .. } => {
                 metrics.inbound_throttled.inc();
@@ -150,6 +161,29 @@ fn handle_ready(
             }
             Next::Idle => return Ok(()),
         }
+    }
+}
+
+/// The node's lease as one session sees it: held, and in the generation the session
+/// started in ([`crate::fence`]). While it does not hold, the session's frames wait.
+struct Lease<'a> {
+    fence: &'a Fence,
+    generation: u64,
+}
+
+impl<'a> Lease<'a> {
+    fn now(fence: &'a Fence) -> Self {
+        let generation = fence.generation();
+        Self { fence, generation }
+    }
+
+    fn holds(&self) -> bool {
+        self.fence.holds() && !self.is_lost()
+    }
+
+    /// The node was declared lost since this session started.
+    fn is_lost(&self) -> bool {
+        self.fence.generation() != self.generation
     }
 }
 

@@ -126,9 +126,10 @@ impl Shard {
         self.arrived(sequence);
     }
 
-    /// Forgets a closed connection and its room memberships; unless it `moved` to another
-    /// node (where it is still a member), its rooms are told it left.
-    pub fn unregister(&self, connection: &Connection, moved: bool) {
+    /// Forgets a closed connection and its room memberships; its rooms are told it left,
+    /// unless that was `told_elsewhere` (it moved to another node, where it is still a
+    /// member; or its node was declared lost, and the node that took over told them).
+    pub fn unregister(&self, connection: &Connection, told_elsewhere: bool) {
         self.connections
             .borrow_mut()
             .remove(&connection.id.sequence);
@@ -137,7 +138,7 @@ impl Shard {
         let directory = &self.gateway.directory;
         let authorizer = connection.facts.authorizer.as_deref();
         for room in &left {
-            if !moved {
+            if !told_elsewhere {
                 directory.membership_changed(room, Change::Leave, connection.id, authorizer);
             }
             directory.member_left(room);

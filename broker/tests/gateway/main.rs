@@ -5,6 +5,7 @@ mod attacks;
 mod authorizers;
 mod binary;
 mod browser;
+mod chaos;
 mod cluster;
 mod compression;
 mod conflation;

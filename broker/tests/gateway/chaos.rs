@@ -1,0 +1,127 @@
+//! Faults in a three-node cluster (docs/RELIABILITY.md has the fault model and every
+//! invariant): a node paused past the node-loss timeout comes back a zombie, holding
+//! clients the rest of the cluster already reported gone. It must fence itself first: not
+//! one frame from such a client reaches a backend after its `$disconnect`, not one message
+//! published meanwhile reaches it, its clients are told to go elsewhere, and the node then
+//! serves new connections without a restart.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::cluster::{start_nodes, wait_for_members};
+use crate::nats::{self, NatsServer};
+use crate::support::*;
+
+/// `$default` goes to the backend too, so a frame a client sends is seen there.
+fn default_to(backend: &Backend) -> String {
+    format!(
+        "[routes.\"$default\"]\nintegration = {{ type = \"http\", url = \"{}/message\" }}\n",
+        backend.url
+    )
+}
+
+async fn connect(url: &str, backend: &Backend) -> (Ws, String) {
+    let before = backend.events("/connect-log").len();
+    let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let ids = backend.connected_ids(before + 1).await;
+    (ws, ids[before].clone())
+}
+
+/// Everything `ws` gets until it is closed (or `limit` passes): its data frames and the
+/// close code, if a close frame came.
+async fn until_closed(ws: &mut Ws, limit: Duration) -> (Vec<String>, Option<u16>) {
+    let mut data = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => data.push(text.to_string()),
+            Ok(Some(Ok(Message::Binary(bytes)))) => data.push(format!("{bytes:?}")),
+            Ok(Some(Ok(Message::Close(frame)))) => return (data, frame.map(|f| f.code.into())),
+            Ok(Some(Ok(_))) => {}
+            Ok(None | Some(Err(_))) => return (data, None),
+            Err(_) => panic!("still open after {limit:?}; got {data:?}"),
+        }
+    }
+}
+
+fn events_of(backend: &Backend, path: &str, id: &str) -> usize {
+    backend
+        .events(path)
+        .iter()
+        .filter(|event| connection_id(event) == id)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_paused_past_the_timeout_fences_itself_before_it_serves_anything() {
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let (nodes, _files) = start_nodes(&[server.url()], &backend, &default_to(&backend)).await;
+    let (mut zombie, zombie_id) = connect(&nodes[0].ws_url, &backend).await;
+    let (mut watcher, _) = connect(&nodes[1].ws_url, &backend).await;
+    for ws in [&mut zombie, &mut watcher] {
+        send_text(ws, &json!({"action": "join", "room": "r"}).to_string()).await;
+    }
+    wait_for_members(&nodes[1], "r", 2).await;
+    // Let the connection mirror catch up (batched every 20 ms here).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Paused like a frozen VM: the others see its heartbeat stop and report its clients.
+    nodes[0].signal("-STOP");
+    let started = std::time::Instant::now();
+    send_text(&mut zombie, r#"{"action":"sent while paused"}"#).await;
+    let report = backend
+        .wait_for("/disconnect", |e| connection_id(e) == zombie_id)
+        .await;
+    assert_eq!(report["requestContext"]["disconnectReason"], "node lost");
+    let room = format!("{}/@rooms/r", nodes[1].api_url);
+    post_body(room.clone(), "published while it was paused").await;
+    assert_eq!(
+        next_text(&mut watcher).await,
+        "published while it was paused"
+    );
+    let push = format!("{}/@connections/{zombie_id}", nodes[1].api_url);
+    assert_eq!(post_body(push, "x").await.status(), 410, "reported gone");
+    eprintln!("paused for {:?}", started.elapsed());
+    nodes[0].signal("-CONT");
+
+    // The zombie's client is told to go elsewhere, having heard nothing more, and its
+    // frame never reaches the backend after the $disconnect.
+    let (heard, code) = until_closed(&mut zombie, Duration::from_secs(10)).await;
+    assert_eq!(
+        heard,
+        Vec::<String>::new(),
+        "nothing after the node was declared lost"
+    );
+    assert_eq!(code, Some(1013), "try again later: reconnect");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        events_of(&backend, "/message", &zombie_id),
+        0,
+        "no frame after $disconnect"
+    );
+    assert_eq!(
+        events_of(&backend, "/disconnect", &zombie_id),
+        1,
+        "reported once"
+    );
+
+    // And the node serves again, without a restart.
+    let (mut again, again_id) = connect(&nodes[0].ws_url, &backend).await;
+    let push = format!("{}/@connections/{again_id}", nodes[1].api_url);
+    assert_eq!(post_body(push, "welcome back").await.status(), 200);
+    assert_eq!(next_text(&mut again).await, "welcome back");
+    send_text(
+        &mut again,
+        &json!({"action": "join", "room": "r"}).to_string(),
+    )
+    .await;
+    wait_for_members(&nodes[2], "r", 2).await;
+    post_body(room, "to both").await;
+    assert_eq!(next_text(&mut again).await, "to both");
+    assert_eq!(next_text(&mut watcher).await, "to both");
+}
