@@ -54,7 +54,19 @@ pub async fn heartbeat_loop(gateway: Arc<Gateway>, shutdown: CancellationToken) 
                 for shard in gateway.shards.iter() {
                     shard.close_all(DisconnectReason::NodeLost).await;
                 }
-                cluster.fence.renewed(sent_at);
+                // Serves again once the takeover has reported what this node held.
+                loop {
+                    let sent_at = Instant::now();
+                    if cluster.registry.rejoin().await {
+                        cluster.fence.renewed(sent_at);
+                        tracing::info!("registered again after the takeover; serving");
+                        break;
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                }
             }
             Renewal::Taken => {
                 let reason = format!(

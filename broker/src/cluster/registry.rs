@@ -37,7 +37,8 @@ pub(super) enum Renewal {
     Renewed,
     /// NATS did not take it (the connection is down): tried again next beat.
     Failed,
-    /// A takeover declared this node lost while it was cut off.
+    /// A takeover declared this node lost while it was paused or cut off: its registration
+    /// is condemned or gone (see [`Registry::rejoin`]).
     DeclaredLost,
     /// Another process holds this node id now.
     Taken,
@@ -204,28 +205,70 @@ impl Registry {
                 Renewal::Renewed
             }
             Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                let holder = self.store.entry(&key).await.ok().flatten();
-                let taken = holder.as_ref().is_some_and(|entry| {
-                    entry.operation == kv::Operation::Put
-                        && serde_json::from_slice::<Registration>(&entry.value)
-                            .is_ok_and(|r| r.instance != self.node.instance)
-                });
-                if taken {
-                    return Renewal::Taken;
-                }
-                // Declared lost while cut off (the takeover deleted the key): register
-                // again.
-                let created = match holder {
-                    Some(entry) => self.store.update(&key, value, entry.revision).await.ok(),
-                    None => self.store.create(&key, value).await.ok(),
+                let Ok(holder) = self.store.entry(&key).await else {
+                    return Renewal::Failed;
                 };
-                if let Some(revision) = created {
-                    self.revision.store(revision, Ordering::Release);
+                let held_by = holder.as_ref().and_then(|entry| {
+                    let put = entry.operation == kv::Operation::Put;
+                    let registration = serde_json::from_slice::<Registration>(&entry.value);
+                    put.then_some(registration.ok()?)
+                });
+                match (held_by, holder) {
+                    (Some(r), _) if r.instance != self.node.instance => Renewal::Taken,
+                    (Some(_), Some(entry)) => {
+                        // This node's own write, whose answer was lost: carry on from it.
+                        match self.store.update(&key, value, entry.revision).await {
+                            Ok(revision) => {
+                                self.revision.store(revision, Ordering::Release);
+                                Renewal::Renewed
+                            }
+                            Err(_) => Renewal::Failed,
+                        }
+                    }
+                    // Condemned by a takeover, or deleted once it finished.
+                    _ => Renewal::DeclaredLost,
                 }
-                Renewal::DeclaredLost
             }
             Err(_) => Renewal::Failed,
         }
+    }
+
+    /// After this node was declared lost: once the takeover has reported this incarnation
+    /// (its `lost` mark is there), clears that mark, since the connections this node serves
+    /// from now on carry the same epoch and must be reported if it is lost again, and
+    /// registers again. False while the takeover runs (or NATS cannot be reached). A
+    /// registration that vanished with no takeover about it (the bucket was lost) is
+    /// written again at once.
+    pub(super) async fn rejoin(&self) -> bool {
+        let (node, epoch) = (self.node.node_id, self.node.epoch);
+        let key = node_key(node);
+        let Ok(holder) = self.store.entry(&key).await else {
+            return false;
+        };
+        if self.is_reported(node, epoch).await {
+            if self.store.delete(lost_key(node, epoch)).await.is_err() {
+                return false;
+            }
+        } else {
+            let vanished = holder
+                .as_ref()
+                .is_none_or(|e| e.operation != kv::Operation::Put);
+            let claimed = !matches!(self.store.get(claim_key(node, epoch)).await, Ok(None));
+            if !vanished || claimed {
+                return false;
+            }
+        }
+        let value = Bytes::from(serde_json::to_vec(&self.registration).unwrap_or_default());
+        let written = match self.store.entry(&key).await {
+            Ok(Some(entry)) => self.store.update(&key, value, entry.revision).await.ok(),
+            Ok(None) => self.store.create(&key, value).await.ok(),
+            Err(_) => None,
+        };
+        let Some(revision) = written else {
+            return false;
+        };
+        self.revision.store(revision, Ordering::Release);
+        true
     }
 
     /// Removes this node's registration (clean stop).

@@ -124,4 +124,19 @@ async fn a_node_paused_past_the_timeout_fences_itself_before_it_serves_anything(
     post_body(room, "to both").await;
     assert_eq!(next_text(&mut again).await, "to both");
     assert_eq!(next_text(&mut watcher).await, "to both");
+
+    // If it then dies for good, what it served since is reported too, once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nodes[0].signal("-KILL");
+    let report = backend
+        .wait_for("/disconnect", |e| connection_id(e) == again_id)
+        .await;
+    assert_eq!(report["requestContext"]["disconnectReason"], "node lost");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(events_of(&backend, "/disconnect", &again_id), 1);
+    assert_eq!(
+        events_of(&backend, "/disconnect", &zombie_id),
+        1,
+        "still once"
+    );
 }
