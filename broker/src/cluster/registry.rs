@@ -183,6 +183,13 @@ impl Registry {
             .map_or_else(|_| Vec::new(), |peers| peers.keys().copied().collect())
     }
 
+    /// Whether `node` is another node with a live heartbeat (not judged lost).
+    pub fn is_live(&self, node: u16) -> bool {
+        self.peers
+            .lock()
+            .is_ok_and(|peers| peers.contains_key(&node))
+    }
+
     /// `change` is told the live peers each time a node joins or leaves their set.
     pub fn on_change(&self, change: OnChange) {
         let _ = self.on_change.set(change);

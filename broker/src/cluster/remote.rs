@@ -93,9 +93,10 @@ pub struct Reply {
 /// Why a remote call got no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
-    /// No node listens for that id (it is gone), or it did not answer in time.
+    /// No node listens for that id (`no_responders`: it is gone), or it did not answer in
+    /// time.
     #[error("node {node} did not answer within cluster.request_timeout_ms")]
-    Unreachable { node: u16 },
+    Unreachable { node: u16, no_responders: bool },
     /// NATS itself is down on this side.
     #[error("cluster unavailable: {0}")]
     Nats(String),
@@ -162,9 +163,25 @@ impl Cluster {
             Err(error) => {
                 use async_nats::RequestErrorKind;
                 let (kind, result) = match error.kind() {
-                    RequestErrorKind::TimedOut => ("timeout", RemoteError::Unreachable { node }),
+                    RequestErrorKind::TimedOut => {
+                        let no_responders = false;
+                        (
+                            "timeout",
+                            RemoteError::Unreachable {
+                                node,
+                                no_responders,
+                            },
+                        )
+                    }
                     RequestErrorKind::NoResponders => {
-                        ("no_responders", RemoteError::Unreachable { node })
+                        let no_responders = true;
+                        (
+                            "no_responders",
+                            RemoteError::Unreachable {
+                                node,
+                                no_responders,
+                            },
+                        )
                     }
                     _ => ("nats", RemoteError::Nats(error.to_string())),
                 };

@@ -124,7 +124,11 @@ impl Directory {
             Place::Here(id, shard) => shard.send(id, message).await.map_err(|_| Unreached::Gone),
             Place::There(node, cluster, id) => {
                 let portable = message.to_portable();
-                answered(cluster.call(node, Op::Send, &id, None, portable).await).map(drop)
+                answered(
+                    cluster,
+                    cluster.call(node, Op::Send, &id, None, portable).await,
+                )
+                .map(drop)
             }
         }
     }
@@ -138,7 +142,7 @@ impl Directory {
             }
             Place::There(node, cluster, id) => {
                 let reply = cluster.call(node, Op::Describe, &id, None, Bytes::new());
-                answered(reply.await).map(|reply| reply.body)
+                answered(cluster, reply.await).map(|reply| reply.body)
             }
         }
     }
@@ -149,7 +153,7 @@ impl Directory {
             Place::Here(id, shard) => shard.disconnect(id).await.map_err(|_| Unreached::Gone),
             Place::There(node, cluster, id) => {
                 let reply = cluster.call(node, Op::Disconnect, &id, None, Bytes::new());
-                answered(reply.await).map(drop)
+                answered(cluster, reply.await).map(drop)
             }
         }
     }
@@ -164,7 +168,7 @@ impl Directory {
                 .map_err(|refused| Unreached::LimitExceeded(refused.to_string())),
             Place::There(node, cluster, id) => {
                 let reply = cluster.call(node, Op::Join, &id, Some(room.as_str()), Bytes::new());
-                answered(reply.await).map(drop)
+                answered(cluster, reply.await).map(drop)
             }
         }
     }
@@ -175,7 +179,7 @@ impl Directory {
             Place::Here(id, shard) => shard.leave(id, room).await.map_err(|_| Unreached::Gone),
             Place::There(node, cluster, id) => {
                 let reply = cluster.call(node, Op::Leave, &id, Some(room.as_str()), Bytes::new());
-                answered(reply.await).map(drop)
+                answered(cluster, reply.await).map(drop)
             }
         }
     }
@@ -441,12 +445,25 @@ impl Directory {
     }
 }
 
-/// A remote node's answer: gone when the node did not answer in time (see
-/// docs/CLUSTER.md for why), its own error otherwise.
-fn answered(outcome: Result<Reply, RemoteError>) -> Result<Reply, Unreached> {
+/// A remote node's answer, or why there is none: gone when no node serves it, or its node
+/// did not answer in time and is not a live member of the cluster (any more); when a live
+/// node did not answer in time, the outcome is unknown and the caller may retry (a 503:
+/// see docs/CLUSTER.md for why). Its own error otherwise.
+fn answered(cluster: &Cluster, outcome: Result<Reply, RemoteError>) -> Result<Reply, Unreached> {
     let reply = match outcome {
         Ok(reply) => reply,
-        Err(RemoteError::Unreachable { .. }) => return Err(Unreached::Gone),
+        Err(RemoteError::Unreachable {
+            node,
+            no_responders,
+        }) => {
+            if no_responders || !cluster.registry.is_live(node) {
+                return Err(Unreached::Gone);
+            }
+            return Err(Unreached::ClusterUnavailable(format!(
+                "node {node} did not answer in time; its connections are not known to be \
+                 gone (retry)"
+            )));
+        }
         Err(RemoteError::Nats(reason)) => return Err(Unreached::ClusterUnavailable(reason)),
     };
     let text = || String::from_utf8_lossy(&reply.body).into_owned();

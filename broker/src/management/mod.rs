@@ -80,9 +80,17 @@ pub fn router(state: ApiState) -> Router {
 }
 
 /// `{"status": "ok"}`, or 503 `{"status": "degraded", "reason": …}` while this node's
-/// cluster delivery is broken (it still serves its own clients).
+/// cluster delivery is broken (it still serves its own clients), or while its cluster lease
+/// has lapsed (it serves nothing: [`crate::fence`]).
 async fn health(State(state): State<ApiState>) -> Response {
-    match state.gateway.directory.degraded() {
+    let lapsed = || {
+        (!state.gateway.fence.holds()).then(|| {
+            "this node has not confirmed its place in the cluster within the node timeout \
+             (paused, or cut off from NATS); it serves nothing until it has"
+                .to_owned()
+        })
+    };
+    match state.gateway.directory.degraded().or_else(lapsed) {
         None => axum::Json(json!({"status": "ok"})).into_response(),
         Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,

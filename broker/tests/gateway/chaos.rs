@@ -1,9 +1,10 @@
 //! Faults in a three-node cluster (docs/RELIABILITY.md has the fault model and every
-//! invariant): a node paused past the node-loss timeout comes back a zombie, holding
-//! clients the rest of the cluster already reported gone. It must fence itself first: not
-//! one frame from such a client reaches a backend after its `$disconnect`, not one message
-//! published meanwhile reaches it, its clients are told to go elsewhere, and the node then
-//! serves new connections without a restart.
+//! invariant). A node paused, or cut off from NATS, past the node-loss timeout comes back a
+//! zombie, holding clients the rest of the cluster already reported gone. It must fence
+//! itself first: not one frame from such a client reaches a backend after its
+//! `$disconnect`, not one message published meanwhile reaches it, its clients are told to
+//! go elsewhere, `/health` says so meanwhile, and the node then serves new connections
+//! without a restart. A cut shorter than the timeout declares nothing and loses nothing.
 
 use std::time::Duration;
 
@@ -11,7 +12,9 @@ use futures_util::StreamExt;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::cluster::{start_nodes, wait_for_members};
+use crate::binary::GatewayProcess;
+use crate::cluster::{node_files, start_node, start_nodes, wait_for_members};
+use crate::faults::TcpRelay;
 use crate::nats::{self, NatsServer};
 use crate::support::*;
 
@@ -139,4 +142,147 @@ async fn a_node_paused_past_the_timeout_fences_itself_before_it_serves_anything(
         1,
         "still once"
     );
+}
+
+/// Three nodes on one nats-server, the first through a relay that can cut it off.
+async fn nodes_with_a_cuttable_first(
+    server: &NatsServer,
+    backend: &Backend,
+) -> (
+    TcpRelay,
+    Vec<GatewayProcess>,
+    Vec<crate::cluster::NodeFiles>,
+) {
+    let relay = TcpRelay::start(([127, 0, 0, 1], server.port).into()).await;
+    let extra = default_to(backend);
+    let files = vec![
+        node_files(1, &[relay.nats_url()], backend, &extra),
+        node_files(2, &[server.url()], backend, &extra),
+        node_files(3, &[server.url()], backend, &extra),
+    ];
+    let mut nodes = Vec::new();
+    for file in &files {
+        nodes.push(start_node(file).await);
+    }
+    (relay, nodes, files)
+}
+
+async fn health(node: &GatewayProcess) -> u16 {
+    let url = format!("http://{}/health", node.api_addr());
+    http().get(url).send().await.unwrap().status().as_u16()
+}
+
+async fn wait_for_health(node: &GatewayProcess, status: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while health(node).await != status {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/health never answered {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_nats_past_the_timeout_says_so_and_fences_itself() {
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let (relay, nodes, _files) = nodes_with_a_cuttable_first(&server, &backend).await;
+    let (mut cut_off, cut_id) = connect(&nodes[0].ws_url, &backend).await;
+    let (mut watcher, _) = connect(&nodes[1].ws_url, &backend).await;
+    for ws in [&mut cut_off, &mut watcher] {
+        send_text(ws, &json!({"action": "join", "room": "r"}).to_string()).await;
+    }
+    wait_for_members(&nodes[1], "r", 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Its clients still reach it; NATS does not. Once its lease lapses it says so.
+    relay.cut();
+    wait_for_health(&nodes[0], 503).await;
+    send_text(&mut cut_off, r#"{"action":"sent while cut off"}"#).await;
+    let report = backend
+        .wait_for("/disconnect", |e| connection_id(e) == cut_id)
+        .await;
+    assert_eq!(report["requestContext"]["disconnectReason"], "node lost");
+    let room = format!("{}/@rooms/r", nodes[1].api_url);
+    post_body(room.clone(), "published during the cut").await;
+    assert_eq!(next_text(&mut watcher).await, "published during the cut");
+    // A call for its connections on the node itself is refused clearly, not served.
+    let local = format!("{}/@connections/{cut_id}", nodes[0].api_url);
+    assert_eq!(post_body(local.clone(), "x").await.status(), 503);
+    relay.heal();
+
+    let (heard, code) = until_closed(&mut cut_off, Duration::from_secs(15)).await;
+    assert_eq!(
+        heard,
+        Vec::<String>::new(),
+        "nothing after it was declared lost"
+    );
+    assert_eq!(code, Some(1013));
+    wait_for_health(&nodes[0], 200).await;
+    assert_eq!(post_body(local, "x").await.status(), 410, "gone, here too");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        events_of(&backend, "/message", &cut_id),
+        0,
+        "no frame after $disconnect"
+    );
+    assert_eq!(events_of(&backend, "/disconnect", &cut_id), 1);
+    let (mut again, again_id) = connect(&nodes[0].ws_url, &backend).await;
+    let push = format!("{}/@connections/{again_id}", nodes[2].api_url);
+    assert_eq!(post_body(push, "back").await.status(), 200);
+    assert_eq!(next_text(&mut again).await, "back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_shorter_than_the_timeout_declares_nothing_and_loses_nothing() {
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let (relay, nodes, _files) = nodes_with_a_cuttable_first(&server, &backend).await;
+    let (mut client, id) = connect(&nodes[0].ws_url, &backend).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    relay.cut();
+    send_text(&mut client, r#"{"action":"sent during a short cut"}"#).await;
+    // A push from another node meanwhile: delivered once, or refused clearly (a 5xx).
+    let push = format!("{}/@connections/{id}", nodes[1].api_url);
+    let status = post_body(push, "pushed during the cut")
+        .await
+        .status()
+        .as_u16();
+    assert!(status == 200 || status >= 500, "{status}");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    relay.heal();
+
+    backend
+        .wait_for("/message", |e| connection_id(e) == id)
+        .await;
+    let mut heard = Vec::new();
+    while let Ok(Some(Ok(Message::Text(text)))) =
+        tokio::time::timeout(Duration::from_secs(2), client.next()).await
+    {
+        heard.push(text.to_string());
+    }
+    let pushes = heard
+        .iter()
+        .filter(|m| *m == "pushed during the cut")
+        .count();
+    if status == 200 {
+        assert_eq!(pushes, 1, "{heard:?}");
+    } else {
+        assert!(pushes <= 1, "{heard:?}");
+    }
+    assert_eq!(events_of(&backend, "/message", &id), 1, "the frame, once");
+    assert_eq!(
+        events_of(&backend, "/disconnect", &id),
+        0,
+        "nobody declared lost"
+    );
+    assert_eq!(health(&nodes[0]).await, 200);
+    // Still one live connection, served everywhere.
+    let push = format!("{}/@connections/{id}", nodes[2].api_url);
+    assert_eq!(post_body(push, "after").await.status(), 200);
+    assert_eq!(next_text(&mut client).await, "after");
 }

@@ -21,7 +21,12 @@ pub(crate) struct NodeFiles {
     config: PathBuf,
 }
 
-fn node_files(node_id: u16, nats_urls: &[String], backend: &Backend, extra: &str) -> NodeFiles {
+pub(crate) fn node_files(
+    node_id: u16,
+    nats_urls: &[String],
+    backend: &Backend,
+    extra: &str,
+) -> NodeFiles {
     node_files_with_routes(node_id, nats_urls, &config_with(backend, extra))
 }
 
@@ -58,7 +63,7 @@ integration = {{ type = "room_publish", room = "$request.body.room", data = "$re
 
 /// Starts a node and waits until it has joined the cluster (its management API, which
 /// starts after the join, answers `/health`).
-async fn start_node(files: &NodeFiles) -> GatewayProcess {
+pub(crate) async fn start_node(files: &NodeFiles) -> GatewayProcess {
     let node = GatewayProcess::start(&files.config, &[]);
     let url = format!("http://{}/health", node.api_addr());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

@@ -11,6 +11,7 @@ mod compression;
 mod conflation;
 mod deploy;
 mod disconnects;
+mod faults;
 mod frames;
 mod handshake;
 mod history;

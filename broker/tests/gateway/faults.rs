@@ -1,0 +1,86 @@
+//! Faults the chaos tests inject, beyond signals to processes: a TCP relay between a node
+//! and NATS that can be cut like a pulled cable (the sockets stay open, nothing passes
+//! either way, and what was sent waits) and healed again.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// A relay to one TCP address, with a switch that stops all traffic through it.
+pub(crate) struct TcpRelay {
+    pub(crate) address: SocketAddr,
+    open: Arc<watch::Sender<bool>>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl TcpRelay {
+    pub(crate) async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let open = Arc::new(watch::channel(true).0);
+        let switch = open.clone();
+        let accepting = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(pipe(client_read, server_write, switch.subscribe()));
+                tokio::spawn(pipe(server_read, client_write, switch.subscribe()));
+            }
+        });
+        Self {
+            address,
+            open,
+            accepting,
+        }
+    }
+
+    /// `nats://` URL of the relay.
+    pub(crate) fn nats_url(&self) -> String {
+        format!("nats://{}", self.address)
+    }
+
+    /// Nothing passes from now on, either way; the connections stay open.
+    pub(crate) fn cut(&self) {
+        self.open.send_replace(false);
+    }
+
+    /// Traffic flows again, what waited first.
+    pub(crate) fn heal(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+impl Drop for TcpRelay {
+    fn drop(&mut self) {
+        self.accepting.abort();
+    }
+}
+
+/// Copies `from` to `to` while the switch is open.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut open: watch::Receiver<bool>,
+) {
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        if open.wait_for(|open| *open).await.is_err() {
+            return;
+        }
+        let read = tokio::select! {
+            read = from.read(&mut buffer) => read,
+            _ = open.wait_for(|open| !*open) => continue,
+        };
+        let Ok(n @ 1..) = read else { return };
+        // Read just as the cut came: held until it heals.
+        if open.wait_for(|open| *open).await.is_err() || to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
+}
