@@ -10,9 +10,28 @@ const REQUEST_TIME: &[BorrowedFormatItem<'static>] = time::macros::format_descri
     "[day]/[month repr:short]/[year]:[hour]:[minute]:[second] +0000"
 );
 
+/// Moves this process's wall clock by so many milliseconds (either way): a fault the chaos
+/// tests inject into one node (docs/RELIABILITY.md). Unset in production.
+const SKEW_VARIABLE: &str = "SWITCHBOARD_FAKE_CLOCK_SKEW_MS";
+
+/// The wall clock as this process reads it: the system's, moved by [`SKEW_VARIABLE`].
+pub fn now() -> SystemTime {
+    static SKEW_MS: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let skew = *SKEW_MS.get_or_init(|| {
+        let value = std::env::var(SKEW_VARIABLE).ok();
+        value.and_then(|v| v.parse().ok()).unwrap_or(0)
+    });
+    let by = std::time::Duration::from_millis(skew.unsigned_abs());
+    if skew >= 0 {
+        SystemTime::now() + by
+    } else {
+        SystemTime::now() - by
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
+    now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }

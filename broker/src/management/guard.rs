@@ -46,7 +46,7 @@ pub(super) async fn authenticate(
         return Err(ApiError::Unauthorized);
     };
     let signature = signature.map_err(ApiError::Signature)?;
-    let now = std::time::SystemTime::now();
+    let now = crate::clock::now();
     let (parts, body) = request.into_parts();
     let headers: Vec<(&str, &str)> = parts
         .headers

@@ -56,6 +56,16 @@ impl GatewayProcess {
         Self::launch(command)
     }
 
+    /// Starts the gateway with `env` added to its environment.
+    pub(crate) fn start_with_env(config_path: &Path, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(BIN);
+        command
+            .envs(env.iter().copied())
+            .args(["serve", "--config"])
+            .arg(config_path);
+        Self::launch(command)
+    }
+
     /// Starts the gateway with its open-files limit (soft and hard) set to `open_files`.
     pub(crate) fn start_with_open_files(config_path: &Path, open_files: u64) -> Self {
         let mut command = Command::new("sh");

@@ -18,7 +18,7 @@ const CLUSTER_TIMINGS: &str = "heartbeat_ms = 250\nnode_timeout_ms = 3000\nreque
 /// One node's data dir and config file.
 pub(crate) struct NodeFiles {
     _dir: tempfile::TempDir,
-    config: PathBuf,
+    pub(crate) config: PathBuf,
 }
 
 pub(crate) fn node_files(

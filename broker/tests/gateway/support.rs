@@ -150,7 +150,8 @@ pub(crate) fn connection_id(event: &Value) -> String {
 #[derive(Clone)]
 pub(crate) struct Backend {
     pub(crate) url: String,
-    events: Arc<Mutex<Vec<(String, Value)>>>,
+    /// Every request: its path, its JSON body, and when it arrived.
+    events: Arc<Mutex<Vec<(String, Value, std::time::Instant)>>>,
     arrived: Arc<Notify>,
 }
 
@@ -200,8 +201,8 @@ impl Backend {
             .lock()
             .unwrap()
             .iter()
-            .find(|(p, e)| p == path && predicate(e))
-            .map(|(_, e)| e.clone())
+            .find(|(p, e, _)| p == path && predicate(e))
+            .map(|(_, e, _)| e.clone())
     }
 
     /// The connectionIds of the first `count` `$connect` events on `/connect-log`, waiting
@@ -228,12 +229,20 @@ impl Backend {
 
     /// Every event received on `path` so far.
     pub(crate) fn events(&self, path: &str) -> Vec<Value> {
+        self.timed_events(path)
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect()
+    }
+
+    /// Every event received on `path` so far, with when it arrived.
+    pub(crate) fn timed_events(&self, path: &str) -> Vec<(Value, std::time::Instant)> {
         self.events
             .lock()
             .unwrap()
             .iter()
-            .filter(|(p, _)| p == path)
-            .map(|(_, e)| e.clone())
+            .filter(|(p, _, _)| p == path)
+            .map(|(_, e, at)| (e.clone(), *at))
             .collect()
     }
 }
@@ -249,7 +258,7 @@ async fn record(
         .events
         .lock()
         .unwrap()
-        .push((path.clone(), event.clone()));
+        .push((path.clone(), event.clone(), std::time::Instant::now()));
     backend.arrived.notify_waiters();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match segments.as_slice() {

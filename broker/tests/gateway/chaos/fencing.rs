@@ -1,10 +1,10 @@
-//! Faults in a three-node cluster (docs/RELIABILITY.md has the fault model and every
-//! invariant). A node paused, or cut off from NATS, past the node-loss timeout comes back a
-//! zombie, holding clients the rest of the cluster already reported gone. It must fence
-//! itself first: not one frame from such a client reaches a backend after its
-//! `$disconnect`, not one message published meanwhile reaches it, its clients are told to
-//! go elsewhere, `/health` says so meanwhile, and the node then serves new connections
-//! without a restart. A cut shorter than the timeout declares nothing and loses nothing.
+//! Fencing, step by step (docs/RELIABILITY.md has the fault model). A node paused, or cut
+//! off from NATS, past the node-loss timeout comes back a zombie, holding clients the rest
+//! of the cluster already reported gone. It must fence itself first: not one frame from
+//! such a client reaches a backend after its `$disconnect`, not one message published
+//! meanwhile reaches it, its clients are told to go elsewhere, `/health` says so meanwhile,
+//! and the node then serves new connections without a restart. A cut shorter than the
+//! timeout declares nothing and loses nothing.
 
 use std::time::Duration;
 

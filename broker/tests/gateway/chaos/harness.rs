@@ -1,0 +1,274 @@
+//! The cluster the scenarios break: three gateway nodes on a three-server JetStream
+//! cluster (queues and history replicated three times), each node's links to the NATS
+//! servers through relays that can be cut, a real backend, and the faults. Every fault is a
+//! step of the schedule, printed with its time since the start and the run's seed.
+
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::binary::GatewayProcess;
+use crate::cluster::{NodeFiles, node_files};
+use crate::faults::TcpRelay;
+use crate::nats::{self, NatsServer};
+use crate::support::*;
+
+/// A little deterministic randomness: the scenario's choices, replayed by its seed.
+#[derive(Clone)]
+pub(crate) struct Rng(Arc<Mutex<u64>>);
+
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(Arc::new(Mutex::new(seed.max(1))))
+    }
+
+    /// xorshift64*.
+    pub(crate) fn below(&self, bound: usize) -> usize {
+        let mut state = self.0.lock().unwrap();
+        *state ^= *state >> 12;
+        *state ^= *state << 25;
+        *state ^= *state >> 27;
+        (state.wrapping_mul(0x2545_F491_4F6C_DD1D) % bound as u64) as usize
+    }
+}
+
+/// The seed: `CHAOS_SEED`, or one made now (printed either way).
+fn seed() -> u64 {
+    std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+            now.map_or(1, |d| d.as_nanos() as u64)
+        })
+}
+
+/// Where a node can be reached right now (it moves when the node restarts).
+#[derive(Clone, Debug)]
+pub(crate) struct Endpoint {
+    pub(crate) ws_url: String,
+    pub(crate) api_url: String,
+    pub(crate) up: bool,
+}
+
+/// The route every scenario's nodes have, besides the cluster tests' `join` and `publish`.
+fn routes(backend: &Backend) -> String {
+    format!(
+        r#"[api]
+resume = true
+resume_window_secs = 10
+[limits]
+connects_per_sec_per_ip = 0
+max_connections_per_ip = 0
+resumes_per_sec_per_ip = 0
+resumes_per_sec_per_connection = 0
+[routes."$default"]
+integration = {{ type = "http", url = "{url}/message" }}
+[routes.order]
+integration = {{ type = "queue", queue = "orders", ack = true }}
+"#,
+        url = backend.url
+    )
+}
+
+pub(crate) struct Chaos {
+    pub(crate) name: &'static str,
+    pub(crate) rng: Rng,
+    seed: u64,
+    started: Instant,
+    pub(crate) backend: Backend,
+    pub(crate) nats: Vec<NatsServer>,
+    /// `links[node][server]`: node → NATS server, cuttable.
+    links: Vec<Vec<TcpRelay>>,
+    files: Vec<NodeFiles>,
+    /// Extra environment per node (a skewed clock).
+    env: Vec<Vec<(String, String)>>,
+    pub(crate) nodes: Vec<Option<GatewayProcess>>,
+    pub(crate) endpoints: Arc<RwLock<Vec<Endpoint>>>,
+}
+
+impl Chaos {
+    /// The cluster, or `None` where there is no nats-server (CI always has one).
+    pub(crate) async fn start(name: &'static str) -> Option<Self> {
+        Self::start_with_env(name, vec![Vec::new(); 3]).await
+    }
+
+    /// The cluster with `env[i]` in node `i`'s environment.
+    pub(crate) async fn start_with_env(
+        name: &'static str,
+        env: Vec<Vec<(String, String)>>,
+    ) -> Option<Self> {
+        let binary = nats::binary()?;
+        let seed = seed();
+        eprintln!("chaos {name}: seed {seed} (replay with CHAOS_SEED={seed})");
+        let nats = nats::start_cluster(&binary).await;
+        let backend = Backend::start().await;
+        let mut links = Vec::new();
+        let mut files = Vec::new();
+        for node in 0..3u16 {
+            let mut relays = Vec::new();
+            for server in &nats {
+                relays.push(TcpRelay::start(([127, 0, 0, 1], server.port).into()).await);
+            }
+            // Each node prefers its own server, and fails over to the others.
+            relays.rotate_left(usize::from(node));
+            let urls: Vec<String> = relays.iter().map(TcpRelay::nats_url).collect();
+            files.push(node_files(node + 1, &urls, &backend, &routes(&backend)));
+            links.push(relays);
+        }
+        let mut chaos = Self {
+            name,
+            rng: Rng::new(seed),
+            seed,
+            started: Instant::now(),
+            backend,
+            nats,
+            links,
+            files,
+            env,
+            nodes: vec![None, None, None],
+            endpoints: Arc::new(RwLock::new(Vec::new())),
+        };
+        for node in 0..3 {
+            chaos.launch(node).await;
+        }
+        Some(chaos)
+    }
+
+    /// Prints a step of the schedule.
+    pub(crate) fn step(&self, what: &str) {
+        let at = self.started.elapsed().as_secs_f64();
+        eprintln!("chaos {} [seed {}] +{at:.2}s: {what}", self.name, self.seed);
+    }
+
+    async fn launch(&mut self, node: usize) {
+        let env: Vec<(&str, &str)> = (self.env[node].iter())
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let process = GatewayProcess::start_with_env(&self.files[node].config, &env);
+        wait_until_healthy(&process).await;
+        let endpoint = Endpoint {
+            ws_url: process.ws_url.clone(),
+            api_url: process.api_url.clone(),
+            up: true,
+        };
+        let mut endpoints = self.endpoints.write().unwrap();
+        if endpoints.len() <= node {
+            endpoints.push(endpoint);
+        } else {
+            endpoints[node] = endpoint;
+        }
+        drop(endpoints);
+        self.nodes[node] = Some(process);
+    }
+
+    pub(crate) fn node(&self, node: usize) -> &GatewayProcess {
+        self.nodes[node].as_ref().expect("the node is running")
+    }
+
+    /// `SIGSTOP`: frozen, sockets open.
+    pub(crate) fn pause(&self, node: usize) {
+        self.step(&format!("pause node {}", node + 1));
+        self.node(node).signal("-STOP");
+    }
+
+    pub(crate) fn resume(&self, node: usize) {
+        self.step(&format!("resume node {}", node + 1));
+        self.node(node).signal("-CONT");
+    }
+
+    /// `SIGKILL`.
+    pub(crate) fn kill(&mut self, node: usize) {
+        self.step(&format!("kill -9 node {}", node + 1));
+        self.endpoints.write().unwrap()[node].up = false;
+        if let Some(mut process) = self.nodes[node].take() {
+            let _ = process.child.kill();
+            let _ = process.child.wait();
+        }
+    }
+
+    /// Starts a killed node again on its data dir.
+    pub(crate) async fn restart(&mut self, node: usize) {
+        self.step(&format!("restart node {}", node + 1));
+        self.launch(node).await;
+    }
+
+    /// The node's clients still reach it; NATS does not (nothing passes either way).
+    pub(crate) fn cut(&self, node: usize) {
+        self.step(&format!("cut node {} off from NATS", node + 1));
+        self.links[node].iter().for_each(TcpRelay::cut);
+    }
+
+    pub(crate) fn heal(&self, node: usize) {
+        self.step(&format!("heal node {}'s link to NATS", node + 1));
+        self.links[node].iter().for_each(TcpRelay::heal);
+    }
+
+    /// Kills NATS server `server` and starts it again on its store.
+    pub(crate) fn restart_nats(&mut self, server: usize) {
+        self.step(&format!("restart nats-server {}", server + 1));
+        self.nats[server].restart();
+    }
+
+    pub(crate) fn stop_nats(&mut self, server: usize) {
+        self.step(&format!("stop nats-server {}", server + 1));
+        self.nats[server].kill();
+    }
+
+    pub(crate) fn start_nats(&mut self, server: usize) {
+        self.step(&format!("start nats-server {}", server + 1));
+        self.nats[server].restart();
+    }
+
+    pub(crate) async fn health(&self, node: usize) -> u16 {
+        let url = format!("http://{}/health", self.node(node).api_addr());
+        match http().get(url).send().await {
+            Ok(response) => response.status().as_u16(),
+            Err(_) => 0,
+        }
+    }
+
+    /// Waits (bounded) until node `node`'s `/health` answers `status`.
+    pub(crate) async fn wait_for_health(&self, node: usize, status: u16, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let now = self.health(node).await;
+            if now == status {
+                self.step(&format!("node {} /health {status}", node + 1));
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {} /health answered {now}, not {status}, for {within:?}",
+                node + 1
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every running node healthy again.
+    pub(crate) async fn settle(&self) {
+        for node in 0..3 {
+            if self.nodes[node].is_some() {
+                self.wait_for_health(node, 200, Duration::from_secs(30))
+                    .await;
+            }
+        }
+    }
+}
+
+async fn wait_until_healthy(node: &GatewayProcess) {
+    let url = format!("http://{}/health", node.api_addr());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !http()
+        .get(&url)
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node up within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

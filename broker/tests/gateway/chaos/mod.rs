@@ -1,0 +1,19 @@
+//! Faults in a three-node cluster, and what must hold through them (docs/RELIABILITY.md).
+//!
+//! * [`fencing`]: one node paused, or cut off from NATS, past the node-loss timeout, and a
+//!   cut shorter than it: the zombie's clients and frames, step by step.
+//! * [`harness`]: three gateway nodes on a three-server JetStream cluster (R3), every node's
+//!   NATS links through relays that can be cut, and the faults (pause, kill, restart, cut,
+//!   NATS restarts, a skewed clock), each step printed with its time and the run's seed.
+//! * [`workload`]: what runs through the faults: resumable clients in a room getting
+//!   numbered broadcasts and pushes through every node, producers appending to an acked
+//!   queue, and every `$connect`/`$disconnect`/frame the backend hears.
+//! * [`checker`]: the invariants, checked after each scenario once the faults are healed.
+//! * [`scenarios`]: the matrix. CI runs it all (bounded); `CHAOS_SEED=N` replays a run's
+//!   choices.
+
+mod checker;
+mod fencing;
+mod harness;
+mod scenarios;
+mod workload;
