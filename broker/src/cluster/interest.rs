@@ -20,7 +20,7 @@ use super::state::interest::RoomSubscription;
 use crate::connection_id::ConnectionId;
 use crate::fanout;
 use crate::message::Message;
-use crate::rooms::{Position, PresenceMember, RoomDelivery, RoomName};
+use crate::rooms::{Position, PresenceMember, RoomDelivery, RoomName, Stamp};
 
 pub(super) const OP: &str = "Sb-Op";
 const EXCLUDE: &str = "Sb-Exclude";
@@ -31,6 +31,8 @@ const OFFSET: &str = "Sb-Offset";
 const EPOCH: &str = "Sb-Epoch";
 /// A conflating room's message key ([`RoomDelivery::conflation`]).
 const KEY: &str = "Sb-Key";
+/// A broadcast's [`Stamp`] (`node.seq`).
+const STAMP: &str = "Sb-Stamp";
 pub(super) const BROADCAST: &str = "broadcast";
 const LIST: &str = "list";
 const PRESENCE: &str = "presence";
@@ -272,6 +274,9 @@ pub(super) fn room_headers(op: &str, delivery: RoomDelivery) -> HeaderMap {
     if let Some(key) = delivery.conflation {
         headers.insert(KEY, key.to_string().as_str());
     }
+    if let Some(stamp) = delivery.stamp {
+        headers.insert(STAMP, stamp.encode().as_str());
+    }
     headers
 }
 
@@ -367,5 +372,8 @@ pub(super) fn delivery_of(cluster: &Cluster, headers: Option<&HeaderMap>) -> Roo
         conflation: headers
             .and_then(|h| h.get(KEY))
             .and_then(|v| v.as_str().parse().ok()),
+        stamp: headers
+            .and_then(|h| h.get(STAMP))
+            .and_then(|v| Stamp::decode(v.as_str())),
     }
 }

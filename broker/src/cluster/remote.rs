@@ -38,6 +38,9 @@ pub enum Op {
     Join,
     Leave,
     Bulk,
+    /// A client resumed on the calling node, which is about to ask for its connection:
+    /// which rooms it is in (so the calling node listens to them first).
+    MoveRooms,
     /// A client resumed on the calling node: hand its connection over.
     Move,
     /// Did the connection handed over as this alias arrive? Asked by the node that handed
@@ -58,6 +61,7 @@ impl Op {
             Self::Join => "join",
             Self::Leave => "leave",
             Self::Bulk => "bulk",
+            Self::MoveRooms => "move_rooms",
             Self::Move => "move",
             Self::MoveStatus => "move_status",
             Self::Publish => "publish",
@@ -73,6 +77,7 @@ impl Op {
             Self::Join,
             Self::Leave,
             Self::Bulk,
+            Self::MoveRooms,
             Self::Move,
             Self::MoveStatus,
             Self::Publish,
@@ -369,6 +374,19 @@ async fn answer_locally(
     const GONE: (u16, Bytes) = (410, Bytes::new());
     match (op, room) {
         (Op::MoveStatus, _) => (400, Bytes::from_static(b"not a call for a connection")),
+        (Op::MoveRooms, _) => {
+            let Ok(request) = serde_json::from_slice(payload) else {
+                return (400, Bytes::from_static(b"malformed move request"));
+            };
+            match shard.move_rooms(id, request).await {
+                Ok(Ok(rooms)) => (
+                    200,
+                    Bytes::from(serde_json::to_vec(&rooms).unwrap_or_default()),
+                ),
+                Ok(Err(refusal)) => (410, Bytes::from_static(refusal.as_str().as_bytes())),
+                Err(_) => GONE,
+            }
+        }
         (Op::Move, _) => {
             let Ok(request) = serde_json::from_slice(payload) else {
                 return (400, Bytes::from_static(b"malformed move request"));

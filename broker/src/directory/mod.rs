@@ -22,7 +22,7 @@ use crate::rooms::config::RoomSettings;
 use crate::rooms::events::PresenceEvent;
 use crate::rooms::history::{Replay, Want};
 use crate::rooms::sequencer::Sequencer;
-use crate::rooms::{PresenceMember, Published, RoomDelivery, RoomName};
+use crate::rooms::{PresenceMember, Published, RoomDelivery, RoomName, Stamp};
 use crate::shard::handle::{Delivery, ShardHandle};
 use crate::webhooks::WebhookSender;
 use crate::webhooks::config::WebhookConfig;
@@ -69,6 +69,8 @@ pub struct Directory {
     /// `[webhooks]`: what to send, where the events go, and (one node) how many members
     /// each room has here.
     webhooks: Option<Arc<Webhooks>>,
+    /// How many broadcasts this node has stamped ([`Directory::stamp`]).
+    stamped: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The directory's part of the webhooks.
@@ -110,7 +112,22 @@ impl Directory {
             sequencer,
             presence_events,
             webhooks,
+            stamped: Arc::default(),
         }
+    }
+
+    /// A new broadcast's [`Stamp`], in cluster mode (where connections move between
+    /// nodes); `None` on a single node.
+    pub fn stamp(&self) -> Option<Stamp> {
+        self.cluster.as_ref()?;
+        let seq = self
+            .stamped
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        Some(Stamp {
+            node: self.node_id,
+            seq,
+        })
     }
 
     /// The settings of `room`.
@@ -234,6 +251,10 @@ impl Directory {
         if settings.sequenced() {
             return self.number(room, message, delivery).await;
         }
+        let delivery = RoomDelivery {
+            stamp: self.stamp(),
+            ..delivery
+        };
         let cluster = self.cluster.as_deref();
         let remote = async {
             match cluster {

@@ -244,6 +244,8 @@ impl RoomPublish {
             unreliable: self.unreliable,
             position: None,
             conflation: key.map(|key| crate::rooms::conflation_key(&room, &key)),
+            // Stamped by the shard that publishes it.
+            stamp: None,
         };
         caller.publish(room, payload, delivery);
     }

@@ -43,6 +43,8 @@ pub(super) async fn post_to_room(
         unreliable,
         position: None,
         conflation: (params.key.as_deref()).map(|key| crate::rooms::conflation_key(&room, key)),
+        // Stamped by the directory.
+        stamp: None,
     };
     let payload = state
         .read_body(body, state.gateway.config.limits.max_message_bytes)

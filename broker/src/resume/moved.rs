@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::connection::Earlier;
 use crate::message::Message;
-use crate::rooms::RoomName;
+use crate::rooms::{Brought, RoomName};
 
 /// What the new node asks the old one for.
 #[derive(Debug, Serialize, Deserialize)]
@@ -50,6 +50,10 @@ pub struct MovedOut {
     /// Its client's data messages handled there and before (0 from nodes that predate it).
     #[serde(default)]
     pub handled: u64,
+    /// Per room, the newest broadcast of each node queued to it there, when its frames
+    /// were taken: the new node drops the copies it holds of those.
+    #[serde(default)]
+    pub brought: Brought,
 }
 
 /// What a connection brings from the node it left.

@@ -8,10 +8,14 @@
 //! connection without reporting it, and keeps a forwarding entry: pushes, GETs and DELETEs
 //! addressed to the connectionId (which names the old node) reach the new home. The new
 //! node runs `$connect` (`resumed`) and carries the connection on under a local alias, with
-//! the same connectionId in every event; its `resumed` frame brings a new token. From the
-//! moment the old node hands over until the new node has registered the connection, calls
-//! the old node forwards to it, and broadcasts to its rooms, wait on the new node's shard
-//! (`shard/arrivals.rs`) and apply in order once it is there. The old node hands over only
+//! the same connectionId in every event; its `resumed` frame brings a new token. Before it
+//! asks for the connection, the new node asks for its rooms (`Op::MoveRooms`) and listens to
+//! them; from then until it has registered the connection, broadcasts to those rooms, and
+//! calls the old node forwards once it has let go, wait on the new node's shard
+//! (`shard/arrivals.rs`) and apply in order once it is there. A broadcast published while
+//! the connection moves reaches the old node's queue or the new node's hold or both; the
+//! old node says, by their stamps, which it had queued (`rooms::Brought`), and the new node
+//! drops those copies: each arrives once. The old node hands over only
 //! well within the asking node's request timeout (or not at all), and never while a DELETE
 //! or an overflow is pending; then it asks the new node whether the connection arrived
 //! (the answer may have been lost on the way) and reports the end of one that did not. A
@@ -28,7 +32,7 @@ use bytes::Bytes;
 use crate::auth::authorizer::principal_of;
 use crate::cluster::remote::Op;
 use crate::cluster::{Cluster, MoveOutcome};
-use crate::connection::Earlier;
+use crate::connection::{Connection, Earlier};
 use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
 use crate::message::Message;
@@ -37,7 +41,7 @@ use crate::resume::forget_token;
 use crate::resume::handoff::Resuming;
 use crate::resume::moved::{MoveRequest, MovedIn, MovedOut};
 use crate::resume::{Refusal, ResumeToken, SecretHash};
-use crate::rooms::RoomName;
+use crate::rooms::{Brought, RoomName};
 use crate::session::admit::{self, Accepted};
 use crate::session::live;
 use crate::shard::Shard;
@@ -50,9 +54,6 @@ pub(crate) async fn move_out(
     id: ConnectionId,
     request: MoveRequest,
 ) -> Result<MovedOut, Refusal> {
-    let Some(proof) = decode_hash(&request.proof) else {
-        return Err(Refusal::Unknown);
-    };
     let alias: ConnectionId = request.alias.parse().map_err(|_| Refusal::Unknown)?;
     let (Some(cluster), Some(config)) = (
         shard.gateway.cluster.clone(),
@@ -60,15 +61,7 @@ pub(crate) async fn move_out(
     ) else {
         return Err(Refusal::Unknown);
     };
-    // One that ended says how (asked by a client whose token is from before it moved
-    // here, through the node it left: perhaps from this very node).
-    let connection = shard.resumable_by(id, |hash| {
-        crate::resume::same_hash(&crate::resume::move_proof(hash, &request.alias), &proof)
-    })?;
-    if principal_of(connection.facts.authorizer.as_deref()) != request.principal {
-        // A token, but someone else's identity: not theirs to take.
-        return Err(Refusal::Unknown);
-    }
+    let connection = proven(&shard, id, &request)?;
     if !connection.take_resume() {
         // Resumed too often lately: it stays here.
         return Err(Refusal::Unknown);
@@ -114,6 +107,9 @@ pub(crate) async fn move_out(
     };
     let facts = crate::stored_event::context(api, &connection.facts);
     let rooms = shard.rooms_of(&connection);
+    // Taken with the frames (nothing in between yields): what the new node holds beyond
+    // this is what its client has not had.
+    let brought = shard.brought(&rooms);
     let lifetime_left = connection.lifetime_left();
     let until = std::time::Instant::now() + lifetime_left + config.window;
     cluster.note_moved(&connection.id.to_string(), alias, until);
@@ -143,11 +139,50 @@ pub(crate) async fn move_out(
             .map(ConnectionId::to_string)
             .collect(),
         handled: connection.handled(),
+        brought,
     })
+}
+
+/// Connection `id`, if `request` proves a token of it and comes from the identity it was
+/// opened with. One that ended says how (asked by a client whose token is from before it
+/// moved here, through the node it left: perhaps from this very node).
+fn proven(
+    shard: &Shard,
+    id: ConnectionId,
+    request: &MoveRequest,
+) -> Result<Rc<Connection>, Refusal> {
+    let Some(proof) = decode_hash(&request.proof) else {
+        return Err(Refusal::Unknown);
+    };
+    let connection = shard.resumable_by(id, |hash| {
+        crate::resume::same_hash(&crate::resume::move_proof(hash, &request.alias), &proof)
+    })?;
+    if principal_of(connection.facts.authorizer.as_deref()) != request.principal {
+        // A token, but someone else's identity: not theirs to take.
+        return Err(Refusal::Unknown);
+    }
+    Ok(connection)
+}
+
+/// On the old node: the rooms of connection `id`, for the node its client resumed on,
+/// which listens to them before it asks for the connection. Changes nothing.
+pub(crate) fn rooms_for_move(
+    shard: &Shard,
+    id: ConnectionId,
+    request: &MoveRequest,
+) -> Result<Vec<String>, Refusal> {
+    let connection = proven(shard, id, request)?;
+    let rooms = shard.rooms_of(&connection);
+    Ok(rooms.iter().map(|room| room.as_str().to_owned()).collect())
 }
 
 /// On the new node: asks the old node for the connection `token` names and carries it on
 /// here, or opens a new connection that says why not.
+///
+/// It listens to the connection's rooms first, and holds their broadcasts for it, before
+/// the old node takes the frames it has not sent: a broadcast published while the
+/// connection moves then reaches one node or both, never neither. The old node says which
+/// it had queued ([`MovedOut::brought`]), and those copies are dropped here.
 pub(crate) async fn move_in(
     shard: Rc<Shard>,
     mut resuming: Resuming,
@@ -171,6 +206,11 @@ pub(crate) async fn move_in(
     // Calls the old node forwards once it has let go wait here until the connection is
     // registered, instead of finding it gone.
     let arrival = shard.expect(alias.sequence);
+    let rooms = ask_rooms(&cluster, &token, alias, principal.clone()).await;
+    shard.expect_rooms(alias.sequence, &rooms, Brought::default());
+    for room in &rooms {
+        cluster.room_ready(room).await;
+    }
     cluster.note_move(alias, MoveOutcome::Pending);
     let asked = ask_for(&cluster, &token, received, alias, principal).await;
     // What the old node will ask: whether the connection arrived (an unreadable one did:
@@ -217,7 +257,7 @@ pub(crate) async fn move_in(
         .iter()
         .filter_map(|room| RoomName::parse(room).ok())
         .collect();
-    shard.expect_rooms(alias.sequence, &rooms);
+    shard.expect_rooms(alias.sequence, &rooms, moved.brought.clone());
     // From here on this node owns the connection: whatever happens, it reports its end.
     // (Its events keep the authorizer context it was opened with, as on one node.)
     let metrics = &shard.gateway.metrics;
@@ -373,13 +413,13 @@ enum MoveFailure {
 }
 
 /// Asks the old node for the connection `token` names, to live on here as `alias`.
-async fn ask_for(
-    cluster: &Cluster,
+/// What the new node sends the old one, for the connection `token` names, as `alias`.
+fn move_request(
     token: &ResumeToken,
     received: u64,
     alias: ConnectionId,
     principal: Option<String>,
-) -> Result<MovedOut, MoveFailure> {
+) -> Bytes {
     let alias = alias.to_string();
     let proof = crate::resume::move_proof(&crate::resume::hash_secret(&token.secret), &alias);
     let request = MoveRequest {
@@ -389,7 +429,41 @@ async fn ask_for(
         alias,
         sent_at_ms: Some(crate::clock::now_ms()),
     };
-    let body = Bytes::from(serde_json::to_vec(&request).unwrap_or_default());
+    Bytes::from(serde_json::to_vec(&request).unwrap_or_default())
+}
+
+/// The rooms of the connection `token` names (none if the old node will not say: the
+/// move itself then fails too, or the rooms come with it).
+async fn ask_rooms(
+    cluster: &Cluster,
+    token: &ResumeToken,
+    alias: ConnectionId,
+    principal: Option<String>,
+) -> Vec<RoomName> {
+    let body = move_request(token, 0, alias, principal);
+    let id = token.id.to_string();
+    let reply = cluster.call(token.id.node, Op::MoveRooms, &id, None, body);
+    let Ok(reply) = reply.await else {
+        return Vec::new();
+    };
+    let names: Vec<String> = match reply.status {
+        200 => serde_json::from_slice(&reply.body).unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    names
+        .iter()
+        .filter_map(|name| RoomName::parse(name).ok())
+        .collect()
+}
+
+async fn ask_for(
+    cluster: &Cluster,
+    token: &ResumeToken,
+    received: u64,
+    alias: ConnectionId,
+    principal: Option<String>,
+) -> Result<MovedOut, MoveFailure> {
+    let body = move_request(token, received, alias, principal);
     let reply = cluster
         .call(token.id.node, Op::Move, &token.id.to_string(), None, body)
         .await

@@ -178,6 +178,82 @@ pub struct RoomDelivery {
     /// In a conflating room, a keyed message's key ([`conflation_key`]): it takes the
     /// place of a queued, unsent message with the same one.
     pub conflation: Option<u64>,
+    /// In cluster mode, in a room that does not number its messages: which broadcast this
+    /// is ([`Stamp`]).
+    pub stamp: Option<Stamp>,
+}
+
+/// Which broadcast a message is, in a room that does not number its messages: the node
+/// that took it, and that node's count. Each node's broadcasts reach every node in the
+/// order it stamped them, so a connection moving between nodes can tell a broadcast its
+/// old node had queued for it from one that only the new node has (see
+/// `resume::moving`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stamp {
+    pub node: u16,
+    pub seq: u64,
+}
+
+impl Stamp {
+    /// The `node` of a numbered room's message's stamp, whose `seq` is its offset (no node
+    /// may have this id).
+    pub const NUMBERED: u16 = u16::MAX;
+
+    /// What tells a broadcast apart: its stamp, or a numbered room's offset.
+    pub fn of(delivery: &RoomDelivery) -> Option<Self> {
+        delivery.stamp.or_else(|| {
+            let offset = delivery.position?.offset;
+            Some(Self {
+                node: Self::NUMBERED,
+                seq: offset,
+            })
+        })
+    }
+
+    /// As a header value: `node.seq`.
+    pub fn encode(self) -> String {
+        format!("{}.{}", self.node, self.seq)
+    }
+
+    pub fn decode(text: &str) -> Option<Self> {
+        let (node, seq) = text.split_once('.')?;
+        Some(Self {
+            node: node.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+/// What a connection moving between nodes takes along of its rooms' broadcasts: per room
+/// (by name), the newest of each node its old node had queued for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Brought(pub Vec<(String, StampsSeen)>);
+
+impl Brought {
+    /// Whether the broadcast `stamp` to `room` came along already.
+    pub fn covers(&self, room: &RoomName, stamp: Stamp) -> bool {
+        (self.0.iter()).any(|(name, seen)| name == room.as_str() && seen.covers(stamp))
+    }
+}
+
+/// The newest broadcast a shard queued to a room's members, by the node that stamped it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StampsSeen(pub Vec<Stamp>);
+
+impl StampsSeen {
+    pub fn note(&mut self, stamp: Stamp) {
+        match self.0.iter_mut().find(|seen| seen.node == stamp.node) {
+            Some(seen) => seen.seq = seen.seq.max(stamp.seq),
+            None => self.0.push(stamp),
+        }
+    }
+
+    /// Whether `stamp`'s broadcast was queued already (its node's count reached it).
+    pub fn covers(&self, stamp: Stamp) -> bool {
+        self.0
+            .iter()
+            .any(|seen| seen.node == stamp.node && seen.seq >= stamp.seq)
+    }
 }
 
 /// The conflation key of `key` in `room` (one queue holds many rooms' messages).
@@ -252,6 +328,27 @@ pub fn presence_json(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stamps_tell_what_a_moving_connection_had_queued() {
+        let stamp = |node, seq| Stamp { node, seq };
+        assert_eq!(Stamp::decode(&stamp(3, 42).encode()), Some(stamp(3, 42)));
+        for bad in ["", "3", "3.", "x.1", "70000.1", "1.-2"] {
+            assert_eq!(Stamp::decode(bad), None, "{bad}");
+        }
+        let mut seen = StampsSeen::default();
+        seen.note(stamp(1, 5));
+        seen.note(stamp(2, 9));
+        seen.note(stamp(1, 3)); // an older one changes nothing
+        assert!(seen.covers(stamp(1, 5)) && seen.covers(stamp(1, 1)));
+        assert!(!seen.covers(stamp(1, 6)) && !seen.covers(stamp(3, 1)));
+        let lobby = RoomName::parse("lobby").unwrap();
+        let other = RoomName::parse("other").unwrap();
+        let brought = Brought(vec![("lobby".into(), seen)]);
+        assert!(brought.covers(&lobby, stamp(2, 9)));
+        assert!(!brought.covers(&lobby, stamp(2, 10)));
+        assert!(!brought.covers(&other, stamp(1, 1)));
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -12,13 +12,20 @@ use tokio::sync::oneshot;
 use super::handle::StateCommand;
 use crate::metrics::Metrics;
 use crate::outbound::{self, SharedFrame};
-use crate::rooms::RoomName;
+use crate::rooms::{Brought, RoomName, Stamp};
 
 /// A call for a connection that is still arriving, applied once it is registered (or
 /// found gone if it never is).
 pub(super) enum Deferred {
     /// A push already answered (and counted) as delivered.
     Frame(SharedFrame),
+    /// A stamped broadcast to one of the rooms it brings: dropped if the old node had
+    /// queued it already ([`Held::brought`]).
+    RoomFrame {
+        frame: SharedFrame,
+        room: RoomName,
+        stamp: Stamp,
+    },
     /// A call whose caller waits for the answer.
     Command(StateCommand),
 }
@@ -45,6 +52,8 @@ pub(super) struct Held {
     /// The rooms it brings: their broadcasts are held for it too (this node listens to
     /// them meanwhile).
     pub(super) rooms: Vec<RoomName>,
+    /// The broadcasts the old node had queued for it (they come with its frames).
+    pub(super) brought: Brought,
 }
 
 impl Held {
@@ -54,6 +63,7 @@ impl Held {
             bytes: 0,
             max_bytes,
             rooms: Vec::new(),
+            brought: Brought::default(),
         }
     }
 
@@ -74,10 +84,29 @@ impl Held {
     /// Holds a frame sent to it (a bulk send's, a broadcast's) if there is room; whether
     /// it did.
     pub(super) fn hold_frame(&mut self, frame: &SharedFrame) -> bool {
+        self.hold_if_room(Deferred::Frame(frame.clone()), frame)
+    }
+
+    /// Holds a broadcast to `room` that carries a stamp; whether it did.
+    pub(super) fn hold_room_frame(
+        &mut self,
+        frame: &SharedFrame,
+        room: &RoomName,
+        stamp: Stamp,
+    ) -> bool {
+        let call = Deferred::RoomFrame {
+            frame: frame.clone(),
+            room: room.clone(),
+            stamp,
+        };
+        self.hold_if_room(call, frame)
+    }
+
+    fn hold_if_room(&mut self, call: Deferred, frame: &SharedFrame) -> bool {
         let bytes = frame.message().payload.len() + MAX_HEADER;
         let room = self.has_room(bytes);
         if room {
-            self.hold(Deferred::Frame(frame.clone()), bytes);
+            self.hold(call, bytes);
         }
         room
     }
@@ -93,14 +122,30 @@ impl Arrivals {
         self.0.insert(sequence, Held::new(max_bytes));
     }
 
-    /// Holds the broadcasts to `rooms` for connection `sequence` too; false if it is not
-    /// arriving (any more).
-    pub(super) fn expect_rooms(&mut self, sequence: u64, rooms: &[RoomName]) -> bool {
-        let Some(held) = self.0.get_mut(&sequence) else {
-            return false;
-        };
+    /// Holds the broadcasts to `rooms` for connection `sequence` too, and notes what the
+    /// old node `brought`; the rooms added and dropped since the last call, or `None` if it
+    /// is not arriving (any more).
+    pub(super) fn expect_rooms(
+        &mut self,
+        sequence: u64,
+        rooms: &[RoomName],
+        brought: Brought,
+    ) -> Option<(Vec<RoomName>, Vec<RoomName>)> {
+        let held = self.0.get_mut(&sequence)?;
+        let added = rooms
+            .iter()
+            .filter(|r| !held.rooms.contains(r))
+            .cloned()
+            .collect();
+        let dropped = held
+            .rooms
+            .iter()
+            .filter(|r| !rooms.contains(r))
+            .cloned()
+            .collect();
         held.rooms = rooms.to_vec();
-        true
+        held.brought = brought;
+        Some((added, dropped))
     }
 
     /// What was held for connection `sequence`, which has arrived (or never will).

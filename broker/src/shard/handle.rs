@@ -84,6 +84,13 @@ pub(crate) enum StartCommand {
     },
     /// Continue a resume handshake another shard read: the connection it names is here.
     AdoptResume(Box<resume::handoff::Handoff>),
+    /// Cluster mode: the rooms of connection `sequence`, for the node its client resumed
+    /// on, which asks before it asks for the connection.
+    MoveRooms {
+        sequence: u64,
+        request: resume::moved::MoveRequest,
+        reply: oneshot::Sender<Result<Vec<String>, resume::Refusal>>,
+    },
     /// Cluster mode: hand connection `sequence` over to the node its client resumed on.
     MoveOut {
         sequence: u64,
@@ -268,6 +275,23 @@ impl ShardHandle {
     ) -> Result<Result<resume::moved::MovedOut, resume::Refusal>, Gone> {
         let (reply, answer) = oneshot::channel();
         let command = StartCommand::MoveOut {
+            sequence: id.sequence,
+            request,
+            reply,
+        };
+        self.commands.send(command.into()).await.map_err(|_| Gone)?;
+        answer.await.map_err(|_| Gone)
+    }
+
+    /// The rooms of connection `id`, for a node about to ask for it (see
+    /// [`resume::moving`]).
+    pub async fn move_rooms(
+        &self,
+        id: ConnectionId,
+        request: resume::moved::MoveRequest,
+    ) -> Result<Result<Vec<String>, resume::Refusal>, Gone> {
+        let (reply, answer) = oneshot::channel();
+        let command = StartCommand::MoveRooms {
             sequence: id.sequence,
             request,
             reply,

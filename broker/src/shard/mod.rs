@@ -32,7 +32,7 @@ use crate::outbound::{self, SharedFrame};
 use crate::queues::store::{PendingAppend, QueueAppendDone};
 use crate::resume::{self, ResumeToken};
 use crate::rooms::events::Change;
-use crate::rooms::{RoomIndex, RoomName};
+use crate::rooms::{Brought, RoomIndex, RoomName};
 use crate::shard::handle::Delivery;
 use arrivals::{Arrivals, Deferred};
 use ended::Ended;
@@ -69,6 +69,9 @@ pub struct Shard {
     /// Connections moving here from another node, by the sequence they will have: what
     /// the old node forwards to them before they are registered waits here, in order.
     arriving: RefCell<Arrivals>,
+    /// In cluster mode, per room with members here: the newest broadcast of each node
+    /// queued to them (what a connection moving away takes along, see `resume::moving`).
+    stamps_seen: RefCell<HashMap<RoomName, crate::rooms::StampsSeen>>,
     pub http: HttpIntegration,
     /// Every session and every `$disconnect` call, so shutdown can wait for them.
     pub tasks: TaskTracker,
@@ -142,6 +145,7 @@ impl Shard {
                 directory.membership_changed(room, Change::Leave, connection.id, authorizer);
             }
             directory.member_left(room);
+            self.forget_stamps_if_empty(room);
         }
         let id = &connection.facts.connection_id;
         self.record(|changes| {
@@ -479,12 +483,23 @@ impl Shard {
     }
 
     /// Holds the broadcasts to `rooms` for connection `sequence`, which is moving here
-    /// with them, until it is registered (and a member) or its arrival ends.
-    pub(crate) fn expect_rooms(&self, sequence: u64, rooms: &[RoomName]) {
-        if self.arriving.borrow_mut().expect_rooms(sequence, rooms) {
-            for room in rooms {
-                self.gateway.directory.member_joined(room);
-            }
+    /// with them, until it is registered (and a member) or its arrival ends: this node
+    /// listens to them from now on. Asked again with the rooms the old node handed over
+    /// (`brought`: the newest broadcast of each node it had queued, per room), it listens
+    /// to those and stops listening to the ones no longer among them.
+    pub(crate) fn expect_rooms(&self, sequence: u64, rooms: &[RoomName], brought: Brought) {
+        let changed = self
+            .arriving
+            .borrow_mut()
+            .expect_rooms(sequence, rooms, brought);
+        let Some((added, dropped)) = changed else {
+            return;
+        };
+        for room in &added {
+            self.gateway.directory.member_joined(room);
+        }
+        for room in &dropped {
+            self.gateway.directory.member_left(room);
         }
     }
 
@@ -500,6 +515,13 @@ impl Shard {
         for call in held.calls {
             match call {
                 Deferred::Frame(frame) => {
+                    if let Ok(connection) = self.connection(sequence) {
+                        self.enqueue(&connection, &frame);
+                    }
+                }
+                // The old node had queued this one already: it came with the frames.
+                Deferred::RoomFrame { room, stamp, .. } if held.brought.covers(&room, stamp) => {}
+                Deferred::RoomFrame { frame, .. } => {
                     if let Ok(connection) = self.connection(sequence) {
                         self.enqueue(&connection, &frame);
                     }

@@ -18,7 +18,7 @@ use crate::message::Message;
 use crate::outbound::{self, SharedFrame};
 use crate::rooms::events::Change;
 use crate::rooms::history::{Replay, Want, epoch_id};
-use crate::rooms::{Position, RoomDelivery, RoomName, TooManyRooms};
+use crate::rooms::{Brought, Position, RoomDelivery, RoomName, Stamp, TooManyRooms};
 
 impl Shard {
     /// Adds a local connection to `room` (idempotent), unless that would put it in more
@@ -71,6 +71,24 @@ impl Shard {
         Ok(joined)
     }
 
+    /// What a connection leaving for another node takes along of `rooms`: the newest
+    /// broadcast of each node queued to their members here.
+    pub(crate) fn brought(&self, rooms: &[RoomName]) -> Brought {
+        let seen = self.stamps_seen.borrow();
+        Brought(
+            (rooms.iter())
+                .filter_map(|room| Some((room.as_str().to_owned(), seen.get(room)?.clone())))
+                .collect(),
+        )
+    }
+
+    /// Forgets what was noted of `room`'s broadcasts once it has no member here left.
+    pub(super) fn forget_stamps_if_empty(&self, room: &RoomName) {
+        if self.rooms.borrow().members(room).next().is_none() {
+            self.stamps_seen.borrow_mut().remove(room);
+        }
+    }
+
     /// In cluster mode, the connection's mirrored record gets its rooms.
     fn mirror_rooms(&self, connection: &Connection) {
         let rooms = || self.rooms_of(connection);
@@ -95,6 +113,7 @@ impl Shard {
             directory.member_left(room);
             self.record(|changes| changes.leave(room.as_str(), &connection.facts.connection_id));
             self.mirror_rooms(connection);
+            self.forget_stamps_if_empty(room);
         }
     }
 
@@ -133,12 +152,26 @@ impl Shard {
                 delivered += 1;
             }
         }
-        for (sequence, held) in self.arriving.borrow_mut().iter_mut() {
-            if held.brings(room) && Some(*sequence) != skip && held.hold_frame(frame) {
+        let mut arriving = self.arriving.borrow_mut();
+        for (sequence, held) in arriving.iter_mut() {
+            if !held.brings(room) || Some(*sequence) == skip {
+                continue;
+            }
+            let holds = match Stamp::of(&delivery) {
+                Some(stamp) => held.hold_room_frame(frame, room, stamp),
+                None => held.hold_frame(frame),
+            };
+            if holds {
                 delivered += 1;
             }
         }
-        drop((rooms, waiting));
+        if let Some(stamp) = Stamp::of(&delivery)
+            && rooms.members(room).next().is_some()
+        {
+            let mut seen = self.stamps_seen.borrow_mut();
+            seen.entry(room.clone()).or_default().note(stamp);
+        }
+        drop((rooms, waiting, arriving));
         self.shed_if_asked();
         self.gateway.metrics.messages_sent.inc_by(delivered as u64);
         delivered
@@ -174,6 +207,10 @@ impl Shard {
             });
             return;
         }
+        let delivery = RoomDelivery {
+            stamp: directory.stamp(),
+            ..delivery
+        };
         if directory.reaches_beyond_one_shard() {
             let in_flight = publisher.start_call();
             let (directory, from) = (directory.clone(), self.index);

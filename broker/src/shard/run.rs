@@ -43,17 +43,20 @@ fn apply(shard: &Rc<Shard>, command: ShardCommand) {
             let session = session::run_webtransport(shard.clone(), *incoming, handshake);
             shard.tasks.spawn_local(session);
         }
+        StartCommand::MoveRooms {
+            sequence,
+            request,
+            reply,
+        } => {
+            let id = own_id(shard, sequence);
+            let _ = reply.send(resume::moving::rooms_for_move(shard, id, &request));
+        }
         StartCommand::MoveOut {
             sequence,
             request,
             reply,
         } => {
-            let id = ConnectionId {
-                node: shard.gateway.config.server.node_id,
-                shard: shard.index,
-                epoch: shard.gateway.epoch,
-                sequence,
-            };
+            let id = own_id(shard, sequence);
             let owner = shard.clone();
             shard.tasks.spawn_local(async move {
                 let moved = resume::moving::move_out(owner, id, request).await;
@@ -65,6 +68,16 @@ fn apply(shard: &Rc<Shard>, command: ShardCommand) {
                 .tasks
                 .spawn_local(resume::route::adopt(shard.clone(), *handoff));
         }
+    }
+}
+
+/// The id of this shard's connection `sequence`.
+fn own_id(shard: &Shard, sequence: u64) -> ConnectionId {
+    ConnectionId {
+        node: shard.gateway.config.server.node_id,
+        shard: shard.index,
+        epoch: shard.gateway.epoch,
+        sequence,
     }
 }
 
@@ -107,6 +120,7 @@ pub fn spawn(
                     pending_appends: RefCell::new(Vec::new()),
                     unresumable: RefCell::default(),
                     arriving: RefCell::default(),
+                    stamps_seen: RefCell::default(),
                     http: HttpIntegration::new(),
                     tasks: TaskTracker::new(),
                     shutdown,

@@ -8,7 +8,7 @@
 //!    many times it resumed and moved) saw every push answered 200 and every broadcast
 //!    from its first to its last, with no gap.
 //! 5. Every node agrees on who is connected and in the room: `GET @connections/{id}`,
-//!    `GET @rooms/chaos` and its presence, through each node.
+//!    `GET @rooms/{room}` and its presence, through each node.
 //! 6. `/health` is 200 on every node.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -45,7 +45,8 @@ pub(crate) async fn check(chaos: &Chaos, mut workload: Workload, faults: Faults)
         .flatten()
         .cloned()
         .collect();
-    agreement(chaos, &live, &mut violations).await;
+    let room = workload.seen.lock().unwrap().room;
+    agreement(chaos, room, &live, &mut violations).await;
     chaos.step("close the clients");
     workload.close_clients().await;
     let seen = std::mem::take(&mut *workload.seen.lock().unwrap());
@@ -75,7 +76,7 @@ pub(crate) async fn check(chaos: &Chaos, mut workload: Workload, faults: Faults)
 }
 
 /// 5: every running node sees every live session, and the room holds exactly them.
-async fn agreement(chaos: &Chaos, live: &[String], violations: &mut Vec<String>) {
+async fn agreement(chaos: &Chaos, room: &str, live: &[String], violations: &mut Vec<String>) {
     let expected: BTreeSet<&str> = live.iter().map(String::as_str).collect();
     let endpoints = chaos.endpoints.read().unwrap().clone();
     for (node, endpoint) in endpoints.iter().enumerate() {
@@ -92,7 +93,7 @@ async fn agreement(chaos: &Chaos, live: &[String], violations: &mut Vec<String>)
                 ));
             }
         }
-        let listing = get_json(&format!("{}/@rooms/chaos", endpoint.api_url)).await;
+        let listing = get_json(&format!("{}/@rooms/{room}", endpoint.api_url)).await;
         let listed: BTreeSet<&str> = listing["connectionIds"]
             .as_array()
             .map(|ids| ids.iter().filter_map(Value::as_str).collect())
@@ -103,7 +104,7 @@ async fn agreement(chaos: &Chaos, live: &[String], violations: &mut Vec<String>)
                 node + 1
             ));
         }
-        let presence = get_json(&format!("{}/@rooms/chaos/presence", endpoint.api_url)).await;
+        let presence = get_json(&format!("{}/@rooms/{room}/presence", endpoint.api_url)).await;
         if presence["count"].as_u64() != Some(live.len() as u64) {
             violations.push(format!(
                 "node {}: presence counts {}, live are {}",

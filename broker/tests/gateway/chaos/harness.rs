@@ -65,6 +65,9 @@ resumes_per_sec_per_connection = 0
 integration = {{ type = "http", url = "{url}/message" }}
 [routes.order]
 integration = {{ type = "queue", queue = "orders", ack = true }}
+[[rooms.class]]
+pattern = "numbered:*"
+history_size = 100
 "#,
         url = backend.url
     )

@@ -1,6 +1,6 @@
 //! What runs through the faults, and what it saw:
 //!
-//! * clients with resume on, all in room `chaos`, that drop their own sockets now and then
+//! * clients with resume on, all in one room, that drop their own sockets now and then
 //!   (as phones do) and resume on a node picked at random, so sessions move between nodes
 //!   all the time; a resume refused starts a new session;
 //! * a broadcaster (`b:N` to the room) and a pusher (`p:ID:N` to each client's session),
@@ -40,6 +40,8 @@ pub(crate) struct Seen {
     pub(crate) current: Vec<Option<String>>,
     pub(crate) resumes: usize,
     pub(crate) new_sessions: usize,
+    /// The room every client is in.
+    pub(crate) room: &'static str,
     /// connectionId → what happened to its session, for a violation's report.
     pub(crate) trace: HashMap<String, Vec<String>>,
 }
@@ -103,9 +105,11 @@ impl Workload {
         endpoints: Arc<RwLock<Vec<Endpoint>>>,
         rng: Rng,
         comeback: Comeback,
+        room: &'static str,
     ) -> Self {
         let seen = Arc::new(Mutex::new(Seen {
             current: vec![None; CLIENTS],
+            room,
             ..Seen::default()
         }));
         let (drivers, clients) = (CancellationToken::new(), CancellationToken::new());
@@ -294,7 +298,8 @@ impl Client {
                     seen.current[self.index] = Some(id.clone());
                     seen.received.entry(id).or_default();
                 }
-                let join = json!({"action": "join", "room": "chaos"}).to_string();
+                let room = self.seen.lock().unwrap().room;
+                let join = json!({"action": "join", "room": room}).to_string();
                 ws.send(Message::text(join)).await.is_ok()
             }
             _ => false,
@@ -323,7 +328,11 @@ async fn broadcaster(
         number += 1;
         let (via, node) = pick_node(&endpoints, &rng);
         let call = http()
-            .post(format!("{}/@rooms/chaos", node.api_url))
+            .post(format!(
+                "{}/@rooms/{}",
+                node.api_url,
+                seen.lock().unwrap().room
+            ))
             .body(format!("b:{number}"))
             .timeout(Duration::from_secs(5))
             .send();
