@@ -165,7 +165,8 @@ impl Shard {
                 delivered += 1;
             }
         }
-        if let Some(stamp) = Stamp::of(&delivery)
+        // Only a cluster's connections move between nodes.
+        if let Some(stamp) = Stamp::of(&delivery).filter(|_| self.gateway.cluster.is_some())
             && rooms.members(room).next().is_some()
         {
             let mut seen = self.stamps_seen.borrow_mut();

@@ -65,6 +65,12 @@ integration = {{ type = "room_publish", room = "$request.body.room", data = "$re
 /// starts after the join, answers `/health`).
 pub(crate) async fn start_node(files: &NodeFiles) -> GatewayProcess {
     let node = GatewayProcess::start(&files.config, &[]);
+    wait_until_joined(&node).await;
+    node
+}
+
+/// Waits (30 s at most) until `node`'s `/health` answers 200: it has joined the cluster.
+pub(crate) async fn wait_until_joined(node: &GatewayProcess) {
     let url = format!("http://{}/health", node.api_addr());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !http()
@@ -79,7 +85,6 @@ pub(crate) async fn start_node(files: &NodeFiles) -> GatewayProcess {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    node
 }
 
 /// Three nodes (ids 1, 2, 3) on `nats_urls`, with their files.

@@ -36,15 +36,7 @@ pub(crate) async fn check(chaos: &Chaos, mut workload: Workload, faults: Faults)
     chaos.step("stop the drivers");
     workload.stop_drivers().await;
     let mut violations = Vec::new();
-    let live: Vec<String> = workload
-        .seen
-        .lock()
-        .unwrap()
-        .current
-        .iter()
-        .flatten()
-        .cloned()
-        .collect();
+    let live = workload.seen.lock().unwrap().live();
     let room = workload.seen.lock().unwrap().room;
     agreement(chaos, room, &live, &mut violations).await;
     chaos.step("close the clients");

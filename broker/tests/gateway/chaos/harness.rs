@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::binary::GatewayProcess;
-use crate::cluster::{NodeFiles, node_files};
+use crate::cluster::{NodeFiles, node_files, wait_until_joined};
 use crate::faults::TcpRelay;
 use crate::nats::{self, NatsServer};
 use crate::support::*;
@@ -148,7 +148,7 @@ impl Chaos {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         let process = GatewayProcess::start_with_env(&self.files[node].config, &env);
-        wait_until_healthy(&process).await;
+        wait_until_joined(&process).await;
         let endpoint = Endpoint {
             ws_url: process.ws_url.clone(),
             api_url: process.api_url.clone(),
@@ -256,22 +256,5 @@ impl Chaos {
                     .await;
             }
         }
-    }
-}
-
-async fn wait_until_healthy(node: &GatewayProcess) {
-    let url = format!("http://{}/health", node.api_addr());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !http()
-        .get(&url)
-        .send()
-        .await
-        .is_ok_and(|r| r.status() == 200)
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "node up within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

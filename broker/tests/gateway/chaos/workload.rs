@@ -66,6 +66,11 @@ impl Broadcast {
 }
 
 impl Seen {
+    /// Every client's session now.
+    pub(crate) fn live(&self) -> Vec<String> {
+        self.current.iter().flatten().cloned().collect()
+    }
+
     fn note(&mut self, id: &str, what: String) {
         self.trace.entry(id.to_owned()).or_default().push(what);
     }
@@ -363,14 +368,7 @@ async fn pusher(
 ) {
     let mut counters: HashMap<String, u64> = HashMap::new();
     while !stop.is_cancelled() {
-        let ids: Vec<String> = seen
-            .lock()
-            .unwrap()
-            .current
-            .iter()
-            .flatten()
-            .cloned()
-            .collect();
+        let ids = seen.lock().unwrap().live();
         for id in ids {
             let n = counters.entry(id.clone()).or_default();
             *n += 1;
