@@ -43,6 +43,10 @@ struct Cli {
     /// Spread client connections over 127.0.0.1 … 127.0.0.N (each adds ~28,000 ports).
     #[arg(long, global = true, default_value_t = 1)]
     source_addrs: u8,
+    /// The first source address is 127.0.0.B (several load generators side by side each
+    /// take their own addresses, and so their own ports).
+    #[arg(long, global = true, default_value_t = 1)]
+    source_base: u8,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -180,6 +184,13 @@ struct FanoutOptions {
     /// Hard limit on the whole run.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
+    /// Members the room must have before publishing starts: several processes' clients
+    /// together (one process holds at most its open-files limit); default `-c`.
+    #[arg(long)]
+    room_members: Option<usize>,
+    /// Join and receive the `-m` messages another process publishes; publish nothing.
+    #[arg(long)]
+    listen_only: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -208,6 +219,7 @@ fn main() -> anyhow::Result<()> {
         targets,
         api,
         source_addrs: cli.source_addrs,
+        source_base: cli.source_base,
     };
     if endpoints.targets.iter().any(|t| !t.addr.ip().is_loopback()) {
         bail!("switchboard-loadgen only targets loopback addresses (127.0.0.0/8, ::1)");
@@ -322,6 +334,8 @@ impl FanoutOptions {
             delivery,
             drain: Duration::from_secs(self.drain_secs),
             timeout: Duration::from_secs(self.timeout_secs),
+            room_members: self.room_members.unwrap_or(self.connections),
+            listen_only: self.listen_only,
         }
     }
 }

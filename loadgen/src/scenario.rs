@@ -27,10 +27,11 @@ const SEND_GROUP: usize = 16;
 /// Bytes at the start of every payload: sequence (10) and send time in ns (20).
 const STAMP_LEN: usize = 30;
 
-static EPOCH: OnceLock<Instant> = OnceLock::new();
-
+/// Nanoseconds on a clock every process on the machine reads alike (the wall clock), so a
+/// listener in another process (`fanout --listen-only`) can read the publisher's stamps.
 fn now_ns() -> u64 {
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// Where the gateway is and how to reach it.
@@ -40,13 +41,15 @@ pub(crate) struct Endpoints {
     pub(crate) targets: Vec<Target>,
     /// `http://HOST:PORT/{stage}`.
     pub(crate) api: String,
-    /// Client connections come from 127.0.0.1 … 127.0.0.N.
+    /// Client connections come from 127.0.0.B … 127.0.0.(B+N-1): B `source_base`, N this.
     pub(crate) source_addrs: u8,
+    pub(crate) source_base: u8,
 }
 
 impl Endpoints {
     fn source(&self, index: usize) -> IpAddr {
-        let last = 1 + (index % usize::from(self.source_addrs.max(1))) as u8;
+        let offset = (index % usize::from(self.source_addrs.max(1))) as u8;
+        let last = self.source_base.max(1).saturating_add(offset);
         IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
     }
 }
@@ -164,6 +167,10 @@ pub(crate) struct FanoutArgs {
     pub(crate) delivery: Delivery,
     pub(crate) drain: Duration,
     pub(crate) timeout: Duration,
+    /// The room's members across every process, waited for before publishing.
+    pub(crate) room_members: usize,
+    /// Receive only: another process publishes.
+    pub(crate) listen_only: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -222,6 +229,8 @@ struct Tally {
     out_of_order: AtomicU64,
     closed: AtomicUsize,
     last_delivery_ns: AtomicU64,
+    /// The earliest stamp read (when the first message was sent), `u64::MAX` before one.
+    first_sent_ns: AtomicU64,
     wire_bytes: AtomicU64,
 }
 
@@ -244,10 +253,19 @@ pub(crate) async fn fanout(
     for client in &mut clients {
         client.send_text(&join).await?;
     }
-    let members =
-        wait_for_members(&http, endpoints, &args.room, args.connections, args.timeout).await?;
+    let members = wait_for_members(
+        &http,
+        endpoints,
+        &args.room,
+        args.room_members,
+        args.timeout,
+    )
+    .await?;
 
-    let tally = Arc::new(Tally::default());
+    let tally = Arc::new(Tally {
+        first_sent_ns: AtomicU64::new(u64::MAX),
+        ..Tally::default()
+    });
     let latencies = Arc::new(Mutex::new(histogram()));
     let deadline = Instant::now() + args.timeout;
     let subscribers: Vec<_> = clients
@@ -261,10 +279,17 @@ pub(crate) async fn fanout(
 
     let published_at = Instant::now();
     let first_publish_ns = now_ns();
-    let (publish_errors, first_publish_error, requests) =
-        publish(endpoints, args, &members).await?;
+    let (publish_errors, first_publish_error, requests) = if args.listen_only {
+        (0, None, histogram())
+    } else {
+        publish(endpoints, args, &members).await?
+    };
     let publish_secs = published_at.elapsed().as_secs_f64();
-    let drain_deadline = (Instant::now() + args.drain).min(deadline);
+    // Listening only, the publisher's pace is unknown: wait for everything, or the limit.
+    let drain_deadline = match args.listen_only {
+        true => deadline,
+        false => (Instant::now() + args.drain).min(deadline),
+    };
     for subscriber in subscribers {
         let remaining = drain_deadline.saturating_duration_since(Instant::now());
         if tokio::time::timeout(remaining, subscriber).await.is_err() {
@@ -274,10 +299,15 @@ pub(crate) async fn fanout(
 
     let expected = (args.connections * args.messages) as u64;
     let delivered = tally.delivered.load(Ordering::Relaxed);
+    // From the first publish; listening only, from the first message's own stamp.
+    let started_ns = match args.listen_only {
+        true => tally.first_sent_ns.load(Ordering::Relaxed),
+        false => first_publish_ns,
+    };
     let span_ns = tally
         .last_delivery_ns
         .load(Ordering::Relaxed)
-        .saturating_sub(first_publish_ns)
+        .saturating_sub(started_ns)
         .max(1);
     let closed = tally.closed.load(Ordering::Relaxed);
     let duplicates = tally.duplicates.load(Ordering::Relaxed);
@@ -451,6 +481,7 @@ async fn subscribe(
                 return;
             };
             let now = now_ns();
+            tally.first_sent_ns.fetch_min(sent_ns, Ordering::Relaxed);
             samples.push(now.saturating_sub(sent_ns) / 1000);
             received += 1;
             if seq == next_seq {

@@ -84,9 +84,21 @@ impl Cluster {
         if changes.is_empty() {
             return true;
         }
-        let mut acks = Vec::with_capacity(changes.len());
+        // Each unawaited ack holds one of the JetStream context's permits (5,000 by default,
+        // shared with heartbeats, queue appends and history): a connect storm publishing
+        // them all before awaiting any would take every permit and wait for one forever,
+        // and the node's heartbeats with it. So at most MIRROR_ACKS_IN_FLIGHT at a time.
+        let mut acks: std::collections::VecDeque<async_nats::jetstream::context::PublishAckFuture> =
+            std::collections::VecDeque::with_capacity(MIRROR_ACKS_IN_FLIGHT);
         let mut failed = false;
         for (id, record) in &changes {
+            if acks.len() == MIRROR_ACKS_IN_FLIGHT
+                && let Some(oldest) = acks.pop_front()
+                && oldest.await.is_err()
+            {
+                failed = true;
+                break;
+            }
             let subject = self
                 .subjects
                 .mirror_record(self.node_id, self.registry.epoch(), id);
@@ -104,7 +116,7 @@ impl Cluster {
                 }
             };
             match published {
-                Ok(ack) => acks.push(ack),
+                Ok(ack) => acks.push_back(ack),
                 Err(_) => {
                     failed = true;
                     break;
@@ -126,6 +138,9 @@ impl Cluster {
         !failed
     }
 }
+
+/// Mirror records published and not yet acknowledged, at most.
+const MIRROR_ACKS_IN_FLIGHT: usize = 256;
 
 /// Publishes the mirror's changes every `cluster.mirror_interval_ms` until `shutdown`,
 /// then once more.

@@ -1497,3 +1497,67 @@ async fn durable_room_history_outlives_every_node() {
     let url = format!("{}/@rooms/kept", restarted[1].api_url);
     assert_eq!(post_for_json(url, "m6").await["offset"], 6, "offsets go on");
 }
+
+/// A connect storm larger than the JetStream context's window of unacknowledged publishes
+/// (5,000): the connection-record mirror publishes them a window at a time, so neither it
+/// nor the node's heartbeat (which shares that window) stalls. (It used to take every
+/// permit and wait for one forever: the node's lease ran out and it served nothing.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_storm_larger_than_the_ack_window_stalls_nothing() {
+    const STORM: usize = 6000;
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let limits = "[limits]\nconnects_per_sec_per_ip = 0\nmax_connections_per_ip = 0\n";
+    // One mirror flush every 4 s: the whole storm lands in one.
+    let files: Vec<NodeFiles> = (1..=2)
+        .map(|id| {
+            let files = node_files_with_routes(id, &[server.url()], limits);
+            let text = std::fs::read_to_string(&files.config).unwrap();
+            let slow = text.replace("mirror_interval_ms = 20", "mirror_interval_ms = 4000");
+            std::fs::write(&files.config, slow).unwrap();
+            files
+        })
+        .collect();
+    let mut nodes = Vec::new();
+    for file in &files {
+        nodes.push(start_node(file).await);
+    }
+    let tasks: Vec<_> = (0..STORM)
+        .map(|_| {
+            let url = nodes[0].ws_url.clone();
+            tokio::spawn(async move { tokio_tungstenite::connect_async(url).await.map(|c| c.0) })
+        })
+        .collect();
+    let mut storm = Vec::with_capacity(STORM);
+    for task in tasks {
+        storm.push(task.await.unwrap().expect("every client connects"));
+    }
+    // Mirrored, and past a node timeout since: the node still renews its lease and serves.
+    let mirrored = "switchboard_cluster_forwarded_total{kind=\"mirror\"}";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while nodes[0].metric(mirrored).await < STORM as f64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the storm is mirrored"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let health = format!("http://{}/health", nodes[0].api_addr());
+    let health = http().get(health).send().await.unwrap();
+    assert_eq!(health.status(), 200, "{}", health.text().await.unwrap());
+    let (mut late, _) = tokio_tungstenite::connect_async(&nodes[0].ws_url)
+        .await
+        .unwrap();
+    join(&mut late, "storm").await;
+    wait_for_members(&nodes[1], "storm", 1).await;
+    post_body(format!("{}/@rooms/storm", nodes[1].api_url), "still here").await;
+    assert_eq!(next_text(&mut late).await, "still here");
+    let takeovers = "switchboard_cluster_node_takeovers_total";
+    assert_eq!(
+        nodes[1].metric(takeovers).await,
+        0.0,
+        "nobody was judged lost"
+    );
+    drop(storm);
+}

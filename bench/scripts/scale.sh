@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Past one process's descriptors: three cluster nodes on one nats-server hold CONNECTIONS
+# clients together (default 50,000), all in one room, from three load generators (one
+# process may hold at most its open-files limit, 20,000 here). One of them publishes
+# MESSAGES broadcasts at RATE through node PUBLISH_NODE's management API; the other two only
+# listen. Reports each load generator's deliveries/s and latency, each node's resident
+# memory (and per connection), and NATS messages per broadcast.
+#
+#   cargo build --release -p switchboard -p switchboard-loadgen
+#   NATS_SERVER=~/.cache/switchboard-nats-venv/bin/nats-server bash bench/scripts/scale.sh
+#
+# Env: CONNECTIONS (50000), MESSAGES (100), RATE (5), PAYLOAD (128), PUBLISH_NODE (1).
+# Results go to stdout (JSON lines); loopback only.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+NATS_SERVER=${NATS_SERVER:-$HOME/.cache/switchboard-nats-venv/bin/nats-server}
+CONNECTIONS=${CONNECTIONS:-50000}
+MESSAGES=${MESSAGES:-100}
+RATE=${RATE:-5}
+PAYLOAD=${PAYLOAD:-128}
+PUBLISH_NODE=${PUBLISH_NODE:-1}
+SB=target/release/switchboard
+L=target/release/switchboard-loadgen
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "# $(date -u +%FT%TZ) $(nproc) cores, $(git rev-parse --short HEAD)" >&2
+
+"$NATS_SERVER" -a 127.0.0.1 -p 14222 -m 18222 -js -sd "$work/nats" 2>"$work/nats.log" &
+pids+=($!)
+sleep 0.5
+
+node_pids=()
+for id in 1 2 3; do
+  mkdir -p "$work/n$id"
+  cat > "$work/n$id/sb.toml" <<EOF
+[server]
+listen = "127.0.0.1:$((18079 + id))"
+shards = 1
+node_id = $id
+data_dir = "$work/n$id/data"
+[management]
+listen = "127.0.0.1:$((19089 + id))"
+[limits]
+max_connections_per_ip = 0
+connects_per_sec_per_ip = 0
+[cluster]
+nats_url = "nats://127.0.0.1:14222"
+[routes.join]
+integration = { type = "room_join", room = "\$request.body.room" }
+EOF
+  RUST_LOG=warn "$SB" serve --config "$work/n$id/sb.toml" 2>"$work/n$id/log" &
+  pids+=($!)
+  node_pids+=($!)
+done
+for id in 1 2 3; do
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$((19089 + id))/health" >/dev/null && break; sleep 0.1; done
+done
+
+rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+idle=(); for pid in "${node_pids[@]}"; do idle+=("$(rss_kib "$pid")"); done
+
+nodes=ws://127.0.0.1:18080/dev,ws://127.0.0.1:18081/dev,ws://127.0.0.1:18082/dev
+api=http://127.0.0.1:$((19089 + PUBLISH_NODE))/dev
+share=$((CONNECTIONS / 3))
+# Each load generator connects from its own two loopback addresses (~28,000 ports each).
+common=(--json --url "$nodes" --api "$api" --source-addrs 2 fanout --room scale -m "$MESSAGES"
+  -p "$PAYLOAD" --room-members "$CONNECTIONS" --timeout-secs 600)
+for n in 1 2; do
+  "$L" --source-base $((1 + 2 * n)) "${common[@]}" -c "$share" --listen-only \
+    >"$work/listener$n.json" 2>"$work/listener$n.log" &
+  pids+=($!)
+  listeners+=($!)
+done
+
+# Sampled once every member has joined (the listeners and the publisher wait for that).
+sample() {
+  for _ in $(seq 1200); do
+    count=$(curl -s "http://127.0.0.1:19090/dev/@rooms/scale/presence?members=false" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("count", 0))' 2>/dev/null || echo 0)
+    [ "$count" -ge "$CONNECTIONS" ] && break
+    sleep 0.5
+  done
+  loaded=(); for pid in "${node_pids[@]}"; do loaded+=("$(rss_kib "$pid")"); done
+  nats_before=$(curl -s http://127.0.0.1:18222/varz)
+  echo "${loaded[*]}" >"$work/rss"
+  echo "$nats_before" >"$work/varz-before"
+}
+sample &
+sampler=$!
+
+"$L" --source-base 1 "${common[@]}" -c "$((CONNECTIONS - 2 * share))" --rate "$RATE" \
+  >"$work/publisher.json"
+wait "$sampler"
+curl -s http://127.0.0.1:18222/varz >"$work/varz-after"
+for pid in "${listeners[@]}"; do wait "$pid"; done
+
+python3 - "$work" "$CONNECTIONS" "$MESSAGES" "${idle[*]}" <<'PY'
+import json, sys
+work, connections, messages, idle = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+for name in ("publisher", "listener1", "listener2"):
+    report = json.load(open(f"{work}/{name}.json"))
+    print(json.dumps({"case": name, "result": report}))
+idle = [int(k) for k in idle.split()]
+loaded = [int(k) for k in open(f"{work}/rss").read().split()]
+per_node = [{"node": i + 1, "rss_idle_mib": round(a / 1024, 1), "rss_loaded_mib": round(b / 1024, 1),
+             "kib_per_connection": round((b - a) / (connections / 3), 2)} for i, (a, b) in enumerate(zip(idle, loaded))]
+before = json.load(open(f"{work}/varz-before")); after = json.load(open(f"{work}/varz-after"))
+print(json.dumps({"case": "nodes", "connections": connections, "per_node": per_node,
+                  "nats_in_per_broadcast": round((after["in_msgs"] - before["in_msgs"]) / messages, 1),
+                  "nats_out_per_broadcast": round((after["out_msgs"] - before["out_msgs"]) / messages, 1)}))
+PY
