@@ -80,30 +80,39 @@ for n in 1 2; do
   listeners+=($!)
 done
 
-# Sampled once every member has joined (the listeners and the publisher wait for that).
+# Once publishing has begun (node 1 has forwarded a broadcast; the publisher waits for every
+# member first): resident memory, NATS's counters and the broadcasts so far, so that NATS
+# messages per broadcast count only what the broadcasts added. Ends with the publisher.
+broadcasts() {
+  curl -s --max-time 5 http://127.0.0.1:19090/metrics \
+    | awk '/^switchboard_cluster_forwarded_total\{kind="broadcast"\}/ {print $2}'
+}
 sample() {
-  for _ in $(seq 1200); do
-    count=$(curl -s "http://127.0.0.1:19090/dev/@rooms/scale/presence?members=false" | python3 -c 'import json,sys; print(json.load(sys.stdin).get("count", 0))' 2>/dev/null || echo 0)
-    [ "$count" -ge "$CONNECTIONS" ] && break
-    sleep 0.5
+  while [ ! -e "$work/publisher.done" ]; do
+    if [ "$(broadcasts)" != "0" ] && [ -n "$(broadcasts)" ]; then
+      loaded=(); for pid in "${node_pids[@]}"; do loaded+=("$(rss_kib "$pid")"); done
+      echo "${loaded[*]}" >"$work/rss"
+      curl -s http://127.0.0.1:18222/varz >"$work/varz-before"
+      broadcasts >"$work/broadcasts-before"
+      return
+    fi
+    sleep 0.2
   done
-  loaded=(); for pid in "${node_pids[@]}"; do loaded+=("$(rss_kib "$pid")"); done
-  nats_before=$(curl -s http://127.0.0.1:18222/varz)
-  echo "${loaded[*]}" >"$work/rss"
-  echo "$nats_before" >"$work/varz-before"
 }
 sample &
 sampler=$!
 
 "$L" --source-base 1 "${common[@]}" -c "$((CONNECTIONS - 2 * share))" --rate "$RATE" \
   >"$work/publisher.json"
-wait "$sampler"
 curl -s http://127.0.0.1:18222/varz >"$work/varz-after"
+broadcasts >"$work/broadcasts-after"
+touch "$work/publisher.done"
+wait "$sampler"
 for pid in "${listeners[@]}"; do wait "$pid"; done
 
-python3 - "$work" "$CONNECTIONS" "$MESSAGES" "${idle[*]}" <<'PY'
+python3 - "$work" "$CONNECTIONS" "${idle[*]}" <<'PY'
 import json, sys
-work, connections, messages, idle = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+work, connections, idle = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 for name in ("publisher", "listener1", "listener2"):
     report = json.load(open(f"{work}/{name}.json"))
     print(json.dumps({"case": name, "result": report}))
@@ -112,7 +121,9 @@ loaded = [int(k) for k in open(f"{work}/rss").read().split()]
 per_node = [{"node": i + 1, "rss_idle_mib": round(a / 1024, 1), "rss_loaded_mib": round(b / 1024, 1),
              "kib_per_connection": round((b - a) / (connections / 3), 2)} for i, (a, b) in enumerate(zip(idle, loaded))]
 before = json.load(open(f"{work}/varz-before")); after = json.load(open(f"{work}/varz-after"))
+sent = float(open(f"{work}/broadcasts-after").read()) - float(open(f"{work}/broadcasts-before").read())
 print(json.dumps({"case": "nodes", "connections": connections, "per_node": per_node,
-                  "nats_in_per_broadcast": round((after["in_msgs"] - before["in_msgs"]) / messages, 1),
-                  "nats_out_per_broadcast": round((after["out_msgs"] - before["out_msgs"]) / messages, 1)}))
+                  "broadcasts_sampled": sent,
+                  "nats_in_per_broadcast": round((after["in_msgs"] - before["in_msgs"]) / sent, 1),
+                  "nats_out_per_broadcast": round((after["out_msgs"] - before["out_msgs"]) / sent, 1)}))
 PY
