@@ -10,6 +10,10 @@
 #   NATS_SERVER=~/.cache/switchboard-nats-venv/bin/nats-server bash bench/scripts/scale.sh
 #
 # Env: CONNECTIONS (50000), MESSAGES (100), RATE (5), PAYLOAD (128), PUBLISH_NODE (1).
+# KILL_NODE=N: every node reports `$disconnect` to a small HTTP backend here, and node N is
+# killed (SIGKILL) 5 s into the publishing; the report adds how long the survivors took to
+# report its connections ("node lost") and at what rate (the listeners then report the
+# connections they lost as DROPPED).
 # Results go to stdout (JSON lines); loopback only.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,6 +24,7 @@ MESSAGES=${MESSAGES:-100}
 RATE=${RATE:-5}
 PAYLOAD=${PAYLOAD:-128}
 PUBLISH_NODE=${PUBLISH_NODE:-1}
+KILL_NODE=${KILL_NODE:-}
 SB=target/release/switchboard
 L=target/release/switchboard-loadgen
 work=$(mktemp -d)
@@ -32,6 +37,28 @@ cleanup() {
 trap cleanup EXIT
 
 echo "# $(date -u +%FT%TZ) $(nproc) cores, $(git rev-parse --short HEAD)" >&2
+
+disconnect_route=""
+if [ -n "$KILL_NODE" ]; then
+  # The backend: notes when each "node lost" $disconnect arrived.
+  python3 - "$work/disconnects" <<'PY' &
+import http.server, json, sys, time
+log = open(sys.argv[1], "a", buffering=1)
+class Backend(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        reason = json.loads(body or b"{}").get("requestContext", {}).get("disconnectReason", "")
+        log.write(f"{time.time():.6f} {reason.replace(' ', '_')}\n")
+        self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
+    def log_message(self, *args): pass
+class Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 4096  # a burst of reports is not refused at the door
+Server(("127.0.0.1", 18999), Backend).serve_forever()
+PY
+  pids+=($!)
+  disconnect_route='[routes."$disconnect"]
+integration = { type = "http", url = "http://127.0.0.1:18999/disconnect" }'
+fi
 
 "$NATS_SERVER" -a 127.0.0.1 -p 14222 -m 18222 -js -sd "$work/nats" 2>"$work/nats.log" &
 pids+=($!)
@@ -55,6 +82,7 @@ connects_per_sec_per_ip = 0
 nats_url = "nats://127.0.0.1:14222"
 [routes.join]
 integration = { type = "room_join", room = "\$request.body.room" }
+$disconnect_route
 EOF
   RUST_LOG=warn "$SB" serve --config "$work/n$id/sb.toml" 2>"$work/n$id/log" &
   pids+=($!)
@@ -102,6 +130,15 @@ sample() {
 sample &
 sampler=$!
 
+if [ -n "$KILL_NODE" ]; then
+  (
+    while [ ! -e "$work/rss" ]; do sleep 0.2; done
+    sleep 5
+    python3 -c 'import time; print(f"{time.time():.6f}")' >"$work/killed-at"
+    kill -9 "${node_pids[$((KILL_NODE - 1))]}"
+  ) &
+fi
+
 "$L" --source-base 1 "${common[@]}" -c "$((CONNECTIONS - 2 * share))" --rate "$RATE" \
   >"$work/publisher.json"
 curl -s http://127.0.0.1:18222/varz >"$work/varz-after"
@@ -109,6 +146,17 @@ broadcasts >"$work/broadcasts-after"
 touch "$work/publisher.done"
 wait "$sampler"
 for pid in "${listeners[@]}"; do wait "$pid"; done
+if [ -n "$KILL_NODE" ]; then
+  # Until the survivors' reports stop coming (10 s without one), or 300 s.
+  last=-1
+  for _ in $(seq 30); do
+    now=$(grep -c node_lost "$work/disconnects" 2>/dev/null || true)
+    [ "$now" = "$last" ] && [ "$now" != "0" ] && break
+    last=$now
+    sleep 10
+  done
+  [ -n "${KEEP_LOGS:-}" ] && cp -r "$work" "$KEEP_LOGS"
+fi
 
 python3 - "$work" "$CONNECTIONS" "${idle[*]}" <<'PY'
 import json, sys
@@ -126,4 +174,15 @@ print(json.dumps({"case": "nodes", "connections": connections, "per_node": per_n
                   "broadcasts_sampled": sent,
                   "nats_in_per_broadcast": round((after["in_msgs"] - before["in_msgs"]) / sent, 1),
                   "nats_out_per_broadcast": round((after["out_msgs"] - before["out_msgs"]) / sent, 1)}))
+import os
+if os.path.exists(f"{work}/killed-at"):
+    killed = float(open(f"{work}/killed-at").read())
+    lost = sorted(float(line.split()[0]) for line in open(f"{work}/disconnects") if line.split()[1:] == ["node_lost"])
+    if lost:
+        print(json.dumps({"case": "node-killed", "reported": len(lost),
+                          "first_report_after_s": round(lost[0] - killed, 2),
+                          "all_reported_after_s": round(lost[-1] - killed, 2),
+                          "reports_per_sec": round(len(lost) / max(lost[-1] - lost[0], 0.001))}))
+    else:
+        print(json.dumps({"case": "node-killed", "reported": 0}))
 PY
