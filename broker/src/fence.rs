@@ -36,6 +36,10 @@ pub struct Fence {
 }
 
 impl Fence {
+    /// How long a management call or a handshake waits for the lease before it is refused
+    /// (503): the next heartbeat usually settles it well within this.
+    pub const PATIENCE: Duration = Duration::from_secs(2);
+
     /// A fence that always holds (a single node).
     pub fn open() -> Self {
         Self::with(u64::MAX, Duration::ZERO)
@@ -61,7 +65,11 @@ impl Fence {
 
     /// Whether the node may act for its connections now.
     pub fn holds(&self) -> bool {
-        self.millis(Instant::now()) < self.until_ms.load(Ordering::Acquire)
+        // Asked on every wake of every session: a single node's fence reads no clock.
+        match self.until_ms.load(Ordering::Acquire) {
+            u64::MAX => true,
+            until => self.millis(Instant::now()) < until,
+        }
     }
 
     /// Which run of this node's connections is current: a session that started in an

@@ -201,12 +201,27 @@ impl Registry {
         }
     }
 
+    /// Writes this node's registration over `holder` (its entry as last read; `None`:
+    /// absent), and keeps the revision for the next renewal; whether it was written.
+    async fn register_over(&self, holder: Option<&kv::Entry>) -> bool {
+        let key = node_key(self.node.node_id);
+        let value = Bytes::from(serde_json::to_vec(&self.registration).unwrap_or_default());
+        let written = match holder {
+            Some(entry) => self.store.update(&key, value, entry.revision).await.ok(),
+            None => self.store.create(&key, value).await.ok(),
+        };
+        if let Some(revision) = written {
+            self.revision.store(revision, Ordering::Release);
+        }
+        written.is_some()
+    }
+
     /// Renews the registration.
     pub(super) async fn renew(&self) -> Renewal {
         let value = Bytes::from(serde_json::to_vec(&self.registration).unwrap_or_default());
         let key = node_key(self.node.node_id);
         let expected = self.revision.load(Ordering::Acquire);
-        match self.store.update(&key, value.clone(), expected).await {
+        match self.store.update(&key, value, expected).await {
             Ok(revision) => {
                 self.revision.store(revision, Ordering::Release);
                 Renewal::Renewed
@@ -222,16 +237,11 @@ impl Registry {
                 });
                 match (held_by, holder) {
                     (Some(r), _) if r.instance != self.node.instance => Renewal::Taken,
-                    (Some(_), Some(entry)) => {
-                        // This node's own write, whose answer was lost: carry on from it.
-                        match self.store.update(&key, value, entry.revision).await {
-                            Ok(revision) => {
-                                self.revision.store(revision, Ordering::Release);
-                                Renewal::Renewed
-                            }
-                            Err(_) => Renewal::Failed,
-                        }
-                    }
+                    // This node's own write, whose answer was lost: carry on from it.
+                    (Some(_), Some(entry)) => match self.register_over(Some(&entry)).await {
+                        true => Renewal::Renewed,
+                        false => Renewal::Failed,
+                    },
                     // Condemned by a takeover, or deleted once it finished.
                     _ => Renewal::DeclaredLost,
                 }
@@ -249,33 +259,26 @@ impl Registry {
     pub(super) async fn rejoin(&self) -> bool {
         let (node, epoch) = (self.node.node_id, self.node.epoch);
         let key = node_key(node);
-        let Ok(holder) = self.store.entry(&key).await else {
-            return false;
-        };
         if self.is_reported(node, epoch).await {
             if self.store.delete(lost_key(node, epoch)).await.is_err() {
                 return false;
             }
         } else {
+            // Not reported: only a registration gone with no takeover about it.
+            let Ok(holder) = self.store.entry(&key).await else {
+                return false;
+            };
             let vanished = holder
                 .as_ref()
                 .is_none_or(|e| e.operation != kv::Operation::Put);
             let claimed = !matches!(self.store.get(claim_key(node, epoch)).await, Ok(None));
-            if !vanished || claimed {
-                return false;
-            }
+            return vanished && !claimed && self.register_over(holder.as_ref()).await;
         }
-        let value = Bytes::from(serde_json::to_vec(&self.registration).unwrap_or_default());
-        let written = match self.store.entry(&key).await {
-            Ok(Some(entry)) => self.store.update(&key, value, entry.revision).await.ok(),
-            Ok(None) => self.store.create(&key, value).await.ok(),
-            Err(_) => None,
-        };
-        let Some(revision) = written else {
+        // The takeover may have deleted the registration since it marked the incarnation.
+        let Ok(holder) = self.store.entry(&key).await else {
             return false;
         };
-        self.revision.store(revision, Ordering::Release);
-        true
+        self.register_over(holder.as_ref()).await
     }
 
     /// Removes this node's registration (clean stop).

@@ -168,20 +168,15 @@ impl Cluster {
             Err(error) => {
                 use async_nats::RequestErrorKind;
                 let (kind, result) = match error.kind() {
-                    RequestErrorKind::TimedOut => {
-                        let no_responders = false;
+                    unanswered @ (RequestErrorKind::TimedOut | RequestErrorKind::NoResponders) => {
+                        let no_responders = unanswered == RequestErrorKind::NoResponders;
+                        let kind = if no_responders {
+                            "no_responders"
+                        } else {
+                            "timeout"
+                        };
                         (
-                            "timeout",
-                            RemoteError::Unreachable {
-                                node,
-                                no_responders,
-                            },
-                        )
-                    }
-                    RequestErrorKind::NoResponders => {
-                        let no_responders = true;
-                        (
-                            "no_responders",
+                            kind,
                             RemoteError::Unreachable {
                                 node,
                                 no_responders,
@@ -363,6 +358,11 @@ async fn answer(
     }
 }
 
+/// An answer's JSON body.
+fn to_json(value: &impl serde::Serialize) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+}
+
 /// Runs a call for a connection of this node on its shard.
 async fn answer_locally(
     op: Op,
@@ -374,28 +374,22 @@ async fn answer_locally(
     const GONE: (u16, Bytes) = (410, Bytes::new());
     match (op, room) {
         (Op::MoveStatus, _) => (400, Bytes::from_static(b"not a call for a connection")),
-        (Op::MoveRooms, _) => {
+        (Op::MoveRooms | Op::Move, _) => {
             let Ok(request) = serde_json::from_slice(payload) else {
                 return (400, Bytes::from_static(b"malformed move request"));
             };
-            match shard.move_rooms(id, request).await {
-                Ok(Ok(rooms)) => (
-                    200,
-                    Bytes::from(serde_json::to_vec(&rooms).unwrap_or_default()),
-                ),
-                Ok(Err(refusal)) => (410, Bytes::from_static(refusal.as_str().as_bytes())),
-                Err(_) => GONE,
-            }
-        }
-        (Op::Move, _) => {
-            let Ok(request) = serde_json::from_slice(payload) else {
-                return (400, Bytes::from_static(b"malformed move request"));
+            let answer = match op {
+                Op::MoveRooms => shard
+                    .move_rooms(id, request)
+                    .await
+                    .map(|r| r.map(|m| to_json(&m))),
+                _ => shard
+                    .move_out(id, request)
+                    .await
+                    .map(|r| r.map(|m| to_json(&m))),
             };
-            match shard.move_out(id, request).await {
-                Ok(Ok(moved)) => (
-                    200,
-                    Bytes::from(serde_json::to_vec(&moved).unwrap_or_default()),
-                ),
+            match answer {
+                Ok(Ok(body)) => (200, body),
                 Ok(Err(refusal)) => (410, Bytes::from_static(refusal.as_str().as_bytes())),
                 Err(_) => GONE,
             }

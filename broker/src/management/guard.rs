@@ -10,6 +10,7 @@ use axum::response::Response;
 
 use super::state::{ApiError, ApiState};
 use crate::auth::{self, sigv4};
+use crate::fence::Fence;
 
 /// With `management.tokens` or `management.aws_keys` set, a request needs
 /// `Authorization: Bearer TOKEN` or an AWS Signature V4 that verifies against one of the
@@ -133,19 +134,16 @@ fn is_loopback_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// How long a call waits for this node's lease ([`crate::fence`]) before it is refused.
-const FENCE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// Calls for connections wait while this node's cluster lease is out (it was paused, or
 /// cut off from NATS, long enough to be declared lost): by the time it holds again, the
 /// connections the cluster reported gone are closed here too, and a call for one of them
-/// answers 410 as it would anywhere else. Past [`FENCE_PATIENCE`]: 503.
+/// answers 410 as it would anywhere else. Past [`Fence::PATIENCE`]: 503.
 pub(super) async fn wait_for_lease(
     State(state): State<ApiState>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    if !state.gateway.fence.held_within(FENCE_PATIENCE).await {
+    if !state.gateway.fence.held_within(Fence::PATIENCE).await {
         return Err(ApiError::ClusterUnavailable(
             "this node has not confirmed its place in the cluster (paused or cut off from \
              NATS); try another node"

@@ -2,6 +2,7 @@
 //! the origin allow-list, the `[authorizer]` and the `$connect` route; and what a refused
 //! client is told.
 
+use crate::fence::Fence;
 use std::net::SocketAddr;
 use std::rc::Rc;
 
@@ -84,14 +85,12 @@ pub(crate) async fn admit(
     run_connect(shard, facts, request).await
 }
 
-/// How long a handshake waits for this node's lease ([`crate::fence`]) before a 503.
-const FENCE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// A node whose cluster lease is out (paused, or cut off from NATS) may have been declared
 /// lost: it opens no connection until it knows, so that no `$connect` runs for a node
-/// the cluster counts out. Briefly, it waits; past that, the client is told to go elsewhere.
+/// the cluster counts out. It waits [`Fence::PATIENCE`]; past that, the client is told to
+/// go elsewhere.
 async fn wait_for_lease(shard: &Shard) -> Result<(), Refused> {
-    if shard.gateway.fence.held_within(FENCE_PATIENCE).await {
+    if shard.gateway.fence.held_within(Fence::PATIENCE).await {
         return Ok(());
     }
     Err(Refused {

@@ -152,12 +152,13 @@ impl Shard {
                 delivered += 1;
             }
         }
+        let stamp = Stamp::of(&delivery);
         let mut arriving = self.arriving.borrow_mut();
         for (sequence, held) in arriving.iter_mut() {
             if !held.brings(room) || Some(*sequence) == skip {
                 continue;
             }
-            let holds = match Stamp::of(&delivery) {
+            let holds = match stamp {
                 Some(stamp) => held.hold_room_frame(frame, room, stamp),
                 None => held.hold_frame(frame),
             };
@@ -166,7 +167,7 @@ impl Shard {
             }
         }
         // Only a cluster's connections move between nodes.
-        if let Some(stamp) = Stamp::of(&delivery).filter(|_| self.gateway.cluster.is_some())
+        if let Some(stamp) = stamp.filter(|_| self.gateway.cluster.is_some())
             && rooms.members(room).next().is_some()
         {
             let mut seen = self.stamps_seen.borrow_mut();

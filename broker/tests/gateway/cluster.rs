@@ -104,7 +104,7 @@ pub(crate) async fn start_nodes(
 }
 
 /// Connects a client to `node` and returns it with its connectionId (from `$connect`).
-async fn connect(node: &GatewayProcess, backend: &Backend) -> (Ws, String) {
+pub(crate) async fn connect(node: &GatewayProcess, backend: &Backend) -> (Ws, String) {
     let before = backend.events("/connect-log").len();
     let (ws, _) = tokio_tungstenite::connect_async(&node.ws_url)
         .await

@@ -12,8 +12,9 @@ use futures_util::StreamExt;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
+use super::harness::{health, wait_for_health};
 use crate::binary::GatewayProcess;
-use crate::cluster::{node_files, start_node, start_nodes, wait_for_members};
+use crate::cluster::{connect, node_files, start_node, start_nodes, wait_for_members};
 use crate::faults::TcpRelay;
 use crate::nats::{self, NatsServer};
 use crate::support::*;
@@ -24,13 +25,6 @@ fn default_to(backend: &Backend) -> String {
         "[routes.\"$default\"]\nintegration = {{ type = \"http\", url = \"{}/message\" }}\n",
         backend.url
     )
-}
-
-async fn connect(url: &str, backend: &Backend) -> (Ws, String) {
-    let before = backend.events("/connect-log").len();
-    let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    let ids = backend.connected_ids(before + 1).await;
-    (ws, ids[before].clone())
 }
 
 /// Everything `ws` gets until it is closed (or `limit` passes): its data frames and the
@@ -64,8 +58,8 @@ async fn a_node_paused_past_the_timeout_fences_itself_before_it_serves_anything(
     let server = NatsServer::start(&binary);
     let backend = Backend::start().await;
     let (nodes, _files) = start_nodes(&[server.url()], &backend, &default_to(&backend)).await;
-    let (mut zombie, zombie_id) = connect(&nodes[0].ws_url, &backend).await;
-    let (mut watcher, _) = connect(&nodes[1].ws_url, &backend).await;
+    let (mut zombie, zombie_id) = connect(&nodes[0], &backend).await;
+    let (mut watcher, _) = connect(&nodes[1], &backend).await;
     for ws in [&mut zombie, &mut watcher] {
         send_text(ws, &json!({"action": "join", "room": "r"}).to_string()).await;
     }
@@ -114,7 +108,7 @@ async fn a_node_paused_past_the_timeout_fences_itself_before_it_serves_anything(
     );
 
     // And the node serves again, without a restart.
-    let (mut again, again_id) = connect(&nodes[0].ws_url, &backend).await;
+    let (mut again, again_id) = connect(&nodes[0], &backend).await;
     let push = format!("{}/@connections/{again_id}", nodes[1].api_url);
     assert_eq!(post_body(push, "welcome back").await.status(), 200);
     assert_eq!(next_text(&mut again).await, "welcome back");
@@ -167,30 +161,14 @@ async fn nodes_with_a_cuttable_first(
     (relay, nodes, files)
 }
 
-async fn health(node: &GatewayProcess) -> u16 {
-    let url = format!("http://{}/health", node.api_addr());
-    http().get(url).send().await.unwrap().status().as_u16()
-}
-
-async fn wait_for_health(node: &GatewayProcess, status: u16) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while health(node).await != status {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "/health never answered {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_nats_past_the_timeout_says_so_and_fences_itself() {
     let Some(binary) = nats::binary() else { return };
     let server = NatsServer::start(&binary);
     let backend = Backend::start().await;
     let (relay, nodes, _files) = nodes_with_a_cuttable_first(&server, &backend).await;
-    let (mut cut_off, cut_id) = connect(&nodes[0].ws_url, &backend).await;
-    let (mut watcher, _) = connect(&nodes[1].ws_url, &backend).await;
+    let (mut cut_off, cut_id) = connect(&nodes[0], &backend).await;
+    let (mut watcher, _) = connect(&nodes[1], &backend).await;
     for ws in [&mut cut_off, &mut watcher] {
         send_text(ws, &json!({"action": "join", "room": "r"}).to_string()).await;
     }
@@ -199,7 +177,7 @@ async fn a_node_cut_off_from_nats_past_the_timeout_says_so_and_fences_itself() {
 
     // Its clients still reach it; NATS does not. Once its lease lapses it says so.
     relay.cut();
-    wait_for_health(&nodes[0], 503).await;
+    wait_for_health(&nodes[0], 503, Duration::from_secs(15)).await;
     send_text(&mut cut_off, r#"{"action":"sent while cut off"}"#).await;
     let report = backend
         .wait_for("/disconnect", |e| connection_id(e) == cut_id)
@@ -220,7 +198,7 @@ async fn a_node_cut_off_from_nats_past_the_timeout_says_so_and_fences_itself() {
         "nothing after it was declared lost"
     );
     assert_eq!(code, Some(1013));
-    wait_for_health(&nodes[0], 200).await;
+    wait_for_health(&nodes[0], 200, Duration::from_secs(15)).await;
     assert_eq!(post_body(local, "x").await.status(), 410, "gone, here too");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
@@ -229,7 +207,7 @@ async fn a_node_cut_off_from_nats_past_the_timeout_says_so_and_fences_itself() {
         "no frame after $disconnect"
     );
     assert_eq!(events_of(&backend, "/disconnect", &cut_id), 1);
-    let (mut again, again_id) = connect(&nodes[0].ws_url, &backend).await;
+    let (mut again, again_id) = connect(&nodes[0], &backend).await;
     let push = format!("{}/@connections/{again_id}", nodes[2].api_url);
     assert_eq!(post_body(push, "back").await.status(), 200);
     assert_eq!(next_text(&mut again).await, "back");
@@ -241,7 +219,7 @@ async fn a_cut_shorter_than_the_timeout_declares_nothing_and_loses_nothing() {
     let server = NatsServer::start(&binary);
     let backend = Backend::start().await;
     let (relay, nodes, _files) = nodes_with_a_cuttable_first(&server, &backend).await;
-    let (mut client, id) = connect(&nodes[0].ws_url, &backend).await;
+    let (mut client, id) = connect(&nodes[0], &backend).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     relay.cut();

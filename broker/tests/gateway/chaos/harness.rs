@@ -223,29 +223,13 @@ impl Chaos {
     }
 
     pub(crate) async fn health(&self, node: usize) -> u16 {
-        let url = format!("http://{}/health", self.node(node).api_addr());
-        match http().get(url).send().await {
-            Ok(response) => response.status().as_u16(),
-            Err(_) => 0,
-        }
+        health(self.node(node)).await
     }
 
     /// Waits (bounded) until node `node`'s `/health` answers `status`.
     pub(crate) async fn wait_for_health(&self, node: usize, status: u16, within: Duration) {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let now = self.health(node).await;
-            if now == status {
-                self.step(&format!("node {} /health {status}", node + 1));
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "node {} /health answered {now}, not {status}, for {within:?}",
-                node + 1
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for_health(self.node(node), status, within).await;
+        self.step(&format!("node {} /health {status}", node + 1));
     }
 
     /// Every running node healthy again.
@@ -256,5 +240,30 @@ impl Chaos {
                     .await;
             }
         }
+    }
+}
+
+/// `node`'s `/health` status (0 if it does not answer).
+pub(crate) async fn health(node: &GatewayProcess) -> u16 {
+    let url = format!("http://{}/health", node.api_addr());
+    match http().get(url).send().await {
+        Ok(response) => response.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+/// Waits (bounded) until `node`'s `/health` answers `status`.
+pub(crate) async fn wait_for_health(node: &GatewayProcess, status: u16, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let now = health(node).await;
+        if now == status {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/health answered {now}, not {status}, for {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
