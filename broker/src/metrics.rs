@@ -114,6 +114,10 @@ pub struct Metrics {
     pub resumes: IntCounterVec,
     /// Messages sent again to resumed clients.
     pub resume_replayed: IntCounter,
+    /// Gaps a member of a numbered room found in its frames, by outcome: mended (read
+    /// from the room's history and queued in order), unmended (the history did not have
+    /// them any more, or its owner did not answer).
+    pub room_gaps: IntCounterVec,
 }
 
 impl Metrics {
@@ -347,6 +351,11 @@ impl Metrics {
                 "switchboard_resume_replayed_messages_total",
                 "Messages sent again to clients that resumed",
             ),
+            room_gaps: counter_vec(
+                "switchboard_room_gaps_total",
+                "Gaps a member of a numbered room found in its frames, by outcome (mended from the room's history, or not)",
+                &["outcome"],
+            ),
             registry,
         };
         metrics.register_all();
@@ -388,6 +397,9 @@ impl Metrics {
         for outcome in ["resumed", "expired", "unknown", "overflow", "refused"] {
             let _ = self.resumes.with_label_values(&[outcome]);
         }
+        for outcome in ["mended", "unmended"] {
+            let _ = self.room_gaps.with_label_values(&[outcome]);
+        }
         for transport in [Wire::WebSocket, Wire::WebTransport] {
             let _ = self
                 .connections_active
@@ -415,7 +427,7 @@ impl Metrics {
             .collect()
     }
 
-    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 43] {
+    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 44] {
         [
             Box::new(self.connections_active.clone()),
             Box::new(self.connections_total.clone()),
@@ -460,6 +472,7 @@ impl Metrics {
             Box::new(self.connections_parked.clone()),
             Box::new(self.resumes.clone()),
             Box::new(self.resume_replayed.clone()),
+            Box::new(self.room_gaps.clone()),
         ]
     }
 

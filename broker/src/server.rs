@@ -1,6 +1,7 @@
 //! Wiring: bind the sockets, open storage, start the shards and the management API, and
 //! stop them all in order on shutdown.
 
+use futures_util::StreamExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -538,15 +539,17 @@ async fn report_orphans(gateway: Arc<Gateway>, orphans: Vec<ConnectionRecord>) {
         count = orphans.len(),
         "reporting connections cut by an unclean stop"
     );
-    let mut reporter = dispatch::OrphanReporter::new(&gateway, DisconnectReason::GatewayRestarted);
-    for record in orphans {
+    let reporter = dispatch::OrphanReporter::new(&gateway, DisconnectReason::GatewayRestarted);
+    let reports = futures_util::stream::iter(orphans).map(|record| async {
         let connection_id = record.connection_id.clone();
         reporter.report(record, None).await;
         let mut changes = switchboard_storage::RecordChanges::default();
         changes.remove(connection_id);
         let records = gateway.records.clone();
         let _ = tokio::task::spawn_blocking(move || records.apply(changes)).await;
-    }
+    });
+    let mut reports = reports.buffer_unordered(dispatch::OrphanReporter::CONCURRENCY);
+    while reports.next().await.is_some() {}
 }
 
 /// The WebTransport endpoint's side of the gateway: its admission gate, and the shards it

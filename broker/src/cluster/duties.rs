@@ -194,13 +194,15 @@ async fn take_over(gateway: Arc<Gateway>, node: u16, registration: Registration,
 }
 
 /// Calls `$disconnect` for each record, removing each from the mirror once reported (a
-/// takeover cut short resumes with the rest).
+/// takeover cut short resumes with the rest); up to [`dispatch::OrphanReporter::CONCURRENCY`]
+/// at once.
 async fn report_lost(gateway: &Gateway, records: Vec<(String, MirrorRecord)>) {
     let Some(cluster) = gateway.cluster.as_ref() else {
         return;
     };
-    let mut reporter = dispatch::OrphanReporter::new(gateway, DisconnectReason::NodeLost);
-    for (subject, mut record) in records {
+    let reporter = dispatch::OrphanReporter::new(gateway, DisconnectReason::NodeLost);
+    let reporter = &reporter;
+    let reports = futures_util::stream::iter(records).map(|(subject, mut record)| async move {
         let authorizer = record.authorizer_context();
         // Its rooms are told it left (presence events, `member_left`), like any leave.
         let id = record.connection_id.parse::<ConnectionId>();
@@ -212,7 +214,9 @@ async fn report_lost(gateway: &Gateway, records: Vec<(String, MirrorRecord)>) {
         }
         reporter.report(record.into(), authorizer).await;
         cluster.forget_mirrored(subject).await;
-    }
+    });
+    let mut reports = reports.buffer_unordered(dispatch::OrphanReporter::CONCURRENCY);
+    while reports.next().await.is_some() {}
 }
 
 /// Cluster mode's crash recovery, run at start before any orphan is reported the

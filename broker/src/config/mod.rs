@@ -403,9 +403,6 @@ impl RawServer {
         if self.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));
         }
-        if self.node_id == crate::rooms::Stamp::NUMBERED {
-            return Err(invalid("server.node_id", "at most 65534"));
-        }
         let shards = match self.shards {
             0 => default_shards(std::thread::available_parallelism().map_or(1, usize::from)),
             n if n > 1024 => return Err(invalid("server.shards", "at most 1024")),

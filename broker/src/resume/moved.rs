@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::connection::Earlier;
 use crate::message::Message;
-use crate::rooms::{Brought, RoomName};
+use crate::rooms::{Brought, Position, RoomName};
 
 /// What the new node asks the old one for.
 #[derive(Debug, Serialize, Deserialize)]
@@ -54,6 +54,9 @@ pub struct MovedOut {
     /// were taken: the new node drops the copies it holds of those.
     #[serde(default)]
     pub brought: Brought,
+    /// Per room that numbers its messages (by name), the newest offset it had there.
+    #[serde(default)]
+    pub standing: Vec<(String, Position)>,
 }
 
 /// What a connection brings from the node it left.

@@ -15,7 +15,11 @@
 //! (`shard/arrivals.rs`) and apply in order once it is there. A broadcast published while
 //! the connection moves reaches the old node's queue or the new node's hold or both; the
 //! old node says, by their stamps, which it had queued (`rooms::Brought`), and the new node
-//! drops those copies: each arrives once. The old node hands over only
+//! drops those copies: each arrives once. In a room that numbers its messages the old node
+//! says instead the newest offset the connection had there (`MovedOut::standing`): the new
+//! node drops what is at or below it, and mends a gap above it from the room's history
+//! (`shard/numbered.rs`), such as a broadcast that reached neither node because the new
+//! node's interest had not yet reached the NATS server it was published through. The old node hands over only
 //! well within the asking node's request timeout (or not at all), and never while a DELETE
 //! or an overflow is pending; then it asks the new node whether the connection arrived
 //! (the answer may have been lost on the way) and reports the end of one that did not. A
@@ -41,7 +45,7 @@ use crate::resume::forget_token;
 use crate::resume::handoff::Resuming;
 use crate::resume::moved::{MoveRequest, MovedIn, MovedOut};
 use crate::resume::{Refusal, ResumeToken, SecretHash};
-use crate::rooms::{Brought, RoomName};
+use crate::rooms::RoomName;
 use crate::session::admit::{self, Accepted};
 use crate::session::live;
 use crate::shard::Shard;
@@ -110,6 +114,7 @@ pub(crate) async fn move_out(
     // Taken with the frames (nothing in between yields): what the new node holds beyond
     // this is what its client has not had.
     let brought = shard.brought(&rooms);
+    let standing = shard.standing(connection.id.sequence, &rooms);
     let lifetime_left = connection.lifetime_left();
     let until = std::time::Instant::now() + lifetime_left + config.window;
     cluster.note_moved(&connection.id.to_string(), alias, until);
@@ -140,6 +145,7 @@ pub(crate) async fn move_out(
             .collect(),
         handled: connection.handled(),
         brought,
+        standing,
     })
 }
 
@@ -207,7 +213,7 @@ pub(crate) async fn move_in(
     // registered, instead of finding it gone.
     let arrival = shard.expect(alias.sequence);
     let rooms = ask_rooms(&cluster, &token, alias, principal.clone()).await;
-    shard.expect_rooms(alias.sequence, &rooms, Brought::default());
+    shard.expect_rooms(alias.sequence, &rooms, Default::default());
     for room in &rooms {
         cluster.room_ready(room).await;
     }
@@ -257,7 +263,10 @@ pub(crate) async fn move_in(
         .iter()
         .filter_map(|room| RoomName::parse(room).ok())
         .collect();
-    shard.expect_rooms(alias.sequence, &rooms, moved.brought.clone());
+    let standing = (moved.standing.iter())
+        .filter_map(|(room, position)| Some((RoomName::parse(room).ok()?, *position)))
+        .collect();
+    shard.expect_rooms(alias.sequence, &rooms, (moved.brought.clone(), standing));
     // From here on this node owns the connection: whatever happens, it reports its end.
     // (Its events keep the authorizer context it was opened with, as on one node.)
     let metrics = &shard.gateway.metrics;

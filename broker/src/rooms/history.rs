@@ -368,6 +368,14 @@ impl Replay {
         })
     }
 
+    /// Whether it brings everything after `after`, a position that names its epoch only by
+    /// [`epoch_id`] (a member mending a gap: a `since` without an epoch is not trusted).
+    pub fn continues(&self, after: super::Position) -> bool {
+        epoch_id(&self.epoch) == after.epoch
+            && self.first <= after.offset.saturating_add(1)
+            && after.offset <= self.top
+    }
+
     /// What a join replays: nothing unless it is recovered (the client then reloads from
     /// its backend instead of trusting a replay with a hole in it), and nothing when more
     /// than `most` messages followed its offset (a replay must fit the member's outbound

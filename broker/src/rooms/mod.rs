@@ -195,21 +195,6 @@ pub struct Stamp {
 }
 
 impl Stamp {
-    /// The `node` of a numbered room's message's stamp, whose `seq` is its offset (no node
-    /// may have this id).
-    pub const NUMBERED: u16 = u16::MAX;
-
-    /// What tells a broadcast apart: its stamp, or a numbered room's offset.
-    pub fn of(delivery: &RoomDelivery) -> Option<Self> {
-        delivery.stamp.or_else(|| {
-            let offset = delivery.position?.offset;
-            Some(Self {
-                node: Self::NUMBERED,
-                seq: offset,
-            })
-        })
-    }
-
     /// As a header value: `node.seq`.
     pub fn encode(self) -> String {
         format!("{}.{}", self.node, self.seq)
@@ -272,7 +257,7 @@ pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
 }
 
 /// A numbered message's place: its offset, in the epoch its room's log counts in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Position {
     /// [`history::epoch_id`] of the epoch.
     pub epoch: u32,

@@ -12,20 +12,24 @@ use tokio::sync::oneshot;
 use super::handle::StateCommand;
 use crate::metrics::Metrics;
 use crate::outbound::{self, SharedFrame};
-use crate::rooms::{Brought, RoomName, Stamp};
+use crate::rooms::{Brought, Position, RoomDelivery, RoomName, Stamp};
 
 /// A call for a connection that is still arriving, applied once it is registered (or
 /// found gone if it never is).
 pub(super) enum Deferred {
     /// A push already answered (and counted) as delivered.
     Frame(SharedFrame),
-    /// A stamped broadcast to one of the rooms it brings: dropped if the old node had
-    /// queued it already ([`Held::brought`]).
+    /// A broadcast to one of the rooms it brings: dropped if the old node had queued it
+    /// already (by its stamp, [`Held::brought`]; by its offset in a numbered room,
+    /// [`Held::standing`]).
     RoomFrame {
         frame: SharedFrame,
         room: RoomName,
-        stamp: Stamp,
+        stamp: Option<Stamp>,
+        position: Option<Position>,
     },
+    /// A numbered broadcast to one of the rooms it brings that excluded it.
+    Passed { room: RoomName, position: Position },
     /// A call whose caller waits for the answer.
     Command(StateCommand),
 }
@@ -54,6 +58,8 @@ pub(super) struct Held {
     pub(super) rooms: Vec<RoomName>,
     /// The broadcasts the old node had queued for it (they come with its frames).
     pub(super) brought: Brought,
+    /// In the rooms that number their messages, the newest it had there.
+    pub(super) standing: Vec<(RoomName, Position)>,
 }
 
 impl Held {
@@ -64,6 +70,7 @@ impl Held {
             max_bytes,
             rooms: Vec::new(),
             brought: Brought::default(),
+            standing: Vec::new(),
         }
     }
 
@@ -87,19 +94,29 @@ impl Held {
         self.hold_if_room(Deferred::Frame(frame.clone()), frame)
     }
 
-    /// Holds a broadcast to `room` that carries a stamp; whether it did.
+    /// Holds a broadcast to `room`; whether it did.
     pub(super) fn hold_room_frame(
         &mut self,
         frame: &SharedFrame,
         room: &RoomName,
-        stamp: Stamp,
+        delivery: RoomDelivery,
     ) -> bool {
         let call = Deferred::RoomFrame {
             frame: frame.clone(),
             room: room.clone(),
-            stamp,
+            stamp: delivery.stamp,
+            position: delivery.position,
         };
         self.hold_if_room(call, frame)
+    }
+
+    /// Notes a broadcast to `room` that excluded it, if it is numbered (its replay must
+    /// not bring it, nor its absence look like a gap).
+    pub(super) fn pass(&mut self, room: &RoomName, position: Option<Position>) {
+        if let Some(position) = position {
+            let room = room.clone();
+            self.hold(Deferred::Passed { room, position }, 0);
+        }
     }
 
     fn hold_if_room(&mut self, call: Deferred, frame: &SharedFrame) -> bool {
@@ -123,13 +140,13 @@ impl Arrivals {
     }
 
     /// Holds the broadcasts to `rooms` for connection `sequence` too, and notes what the
-    /// old node `brought`; the rooms added and dropped since the last call, or `None` if it
-    /// is not arriving (any more).
+    /// old node `brought` and where it stood there; the rooms added and dropped since the
+    /// last call, or `None` if it is not arriving (any more).
     pub(super) fn expect_rooms(
         &mut self,
         sequence: u64,
         rooms: &[RoomName],
-        brought: Brought,
+        (brought, standing): (Brought, Vec<(RoomName, Position)>),
     ) -> Option<(Vec<RoomName>, Vec<RoomName>)> {
         let held = self.0.get_mut(&sequence)?;
         let added = rooms
@@ -144,7 +161,7 @@ impl Arrivals {
             .cloned()
             .collect();
         held.rooms = rooms.to_vec();
-        held.brought = brought;
+        (held.brought, held.standing) = (brought, standing);
         Some((added, dropped))
     }
 

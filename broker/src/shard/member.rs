@@ -1,6 +1,12 @@
 //! A shard's record of one local connection in one room: the connection, since when it is
-//! a member (what presence reports), and, in a room that numbers its messages, where its
-//! join's replay left it; and the live frames held for members whose replay is on its way.
+//! a member (what presence reports), and, in a room that numbers its messages, the newest
+//! offset it has had; and the live frames held for members whose replay is on its way.
+//!
+//! A numbered room's frames reach a shard in offset order, so a member that is offered an
+//! offset it has had already is offered a duplicate (its replay brought it), and one that is
+//! offered an offset beyond the next has missed some (a core NATS message lost between
+//! nodes, the seam of a move between nodes): the shard holds its frames and mends the gap
+//! from the room's history (`shard/rooms.rs`).
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -14,12 +20,26 @@ use crate::rooms::{Position, PresenceMember, RoomName};
 pub(super) struct Member {
     pub(super) connection: Rc<Connection>,
     pub(super) joined_at_ms: u64,
-    /// The last offset its join's replay brought (0: none pending), and the epoch it
-    /// counts in: a live frame of that epoch at or below it is a duplicate. Cleared by the
-    /// first live frame past it or of another epoch: a room's frames reach a shard in
-    /// offset order, so no older one can follow.
-    floor: Cell<u64>,
-    floor_epoch: Cell<u32>,
+    /// Where it stands in the room, if the room numbers its messages.
+    pub(super) numbered: Standing,
+}
+
+/// The newest numbered frame a member was given or passed over (a broadcast that excluded
+/// it), or its replay brought.
+#[derive(Default)]
+pub(super) struct Standing {
+    last: Cell<Option<Position>>,
+}
+
+/// What a member makes of a numbered frame offered to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Offer {
+    /// The next one (or the first, or one of a new epoch).
+    Next,
+    /// It had this one.
+    Duplicate,
+    /// It comes after a gap: the member's newest was `after`.
+    Gap { after: Position },
 }
 
 impl Member {
@@ -27,8 +47,7 @@ impl Member {
         Self {
             connection,
             joined_at_ms,
-            floor: Cell::new(0),
-            floor_epoch: Cell::new(0),
+            numbered: Standing::default(),
         }
     }
 
@@ -41,24 +60,34 @@ impl Member {
             joined_at_ms: self.joined_at_ms,
         }
     }
+}
 
-    /// Whether the frame at `position` is new to this member (not in its replay).
-    pub(super) fn takes(&self, position: Position) -> bool {
-        let floor = self.floor.get();
-        if floor == 0 {
-            return true;
+impl Standing {
+    /// Offers it the frame at `position`: its newest, unless it had it.
+    pub(super) fn offer(&self, position: Position) -> Offer {
+        let Some(last) = self.last.get().filter(|last| last.epoch == position.epoch) else {
+            self.last.set(Some(position));
+            return Offer::Next;
+        };
+        if position.offset <= last.offset {
+            return Offer::Duplicate;
         }
-        if position.epoch == self.floor_epoch.get() && position.offset <= floor {
-            return false;
+        self.last.set(Some(position));
+        match position.offset == last.offset + 1 {
+            true => Offer::Next,
+            false => Offer::Gap { after: last },
         }
-        self.floor.set(0);
-        true
     }
 
-    /// Its replay brought everything up to `position`.
-    pub(super) fn replayed_up_to(&self, position: Position) {
-        self.floor.set(position.offset);
-        self.floor_epoch.set(position.epoch);
+    /// It has had everything up to `position` (a replay brought it, or the node it moved
+    /// from queued it).
+    pub(super) fn had_up_to(&self, position: Position) {
+        self.last.set(Some(position));
+    }
+
+    /// The newest numbered frame it has had.
+    pub(super) fn last(&self) -> Option<Position> {
+        self.last.get()
     }
 }
 
@@ -77,6 +106,16 @@ struct Wait {
     room: RoomName,
     token: u64,
     frames: HeldFrames,
+    /// Offsets of broadcasts that excluded it, meanwhile: its replay skips them.
+    passed: Vec<u64>,
+    /// The newest it had before the wait began (a mend's; none for a join).
+    from: Option<Position>,
+}
+
+/// What waited for a replay that arrived.
+pub(super) struct Waited {
+    pub(super) frames: HeldFrames,
+    pub(super) passed: Vec<u64>,
 }
 
 /// Frames held for one member in one room.
@@ -93,9 +132,10 @@ pub(super) enum Held {
 }
 
 impl Waiting {
-    /// `sequence` waits for its replay of `room` from now on (a wait already there is
-    /// replaced: its replay will find nothing); the token names this wait.
-    pub(super) fn begin(&mut self, sequence: u64, room: &RoomName) -> u64 {
+    /// `sequence` waits for its replay of `room` from now on, having had everything up to
+    /// `from` (a wait already there is replaced: its replay will find nothing); the token
+    /// names this wait.
+    pub(super) fn begin(&mut self, sequence: u64, room: &RoomName, from: Option<Position>) -> u64 {
         self.next_token += 1;
         let token = self.next_token;
         let waits = self.held.entry(sequence).or_default();
@@ -104,8 +144,48 @@ impl Waiting {
             room: room.clone(),
             token,
             frames: Vec::new(),
+            passed: Vec::new(),
+            from,
         });
         token
+    }
+
+    /// `sequence` waits for another replay of `room`, with `frames` held already and the
+    /// offsets it `passed` over; the token names this wait.
+    pub(super) fn refill(
+        &mut self,
+        sequence: u64,
+        room: &RoomName,
+        (from, frames, passed): (Position, HeldFrames, Vec<u64>),
+    ) -> u64 {
+        let token = self.begin(sequence, room, Some(from));
+        let wait = (self.held.get_mut(&sequence))
+            .and_then(|waits| waits.iter_mut().find(|wait| wait.token == token));
+        if let Some(wait) = wait {
+            (wait.frames, wait.passed) = (frames, passed);
+        }
+        token
+    }
+
+    /// If `sequence` waits for a replay of `room`: the newest it had before.
+    pub(super) fn waits_from(&self, sequence: u64, room: &RoomName) -> Option<Option<Position>> {
+        let waits = self.held.get(&sequence)?;
+        waits.iter().find(|w| w.room == *room).map(|w| w.from)
+    }
+
+    /// Whether `sequence` waits for a replay of `room`.
+    pub(super) fn waits(&self, sequence: u64, room: &RoomName) -> bool {
+        (self.held.get(&sequence)).is_some_and(|waits| waits.iter().any(|w| w.room == *room))
+    }
+
+    /// Notes that a broadcast at `offset` excluded `sequence`, if it waits for a replay of
+    /// `room` (which must not bring it).
+    pub(super) fn pass(&mut self, sequence: u64, room: &RoomName, offset: u64) {
+        let wait = (self.held.get_mut(&sequence))
+            .and_then(|waits| waits.iter_mut().find(|wait| wait.room == *room));
+        if let Some(wait) = wait {
+            wait.passed.push(offset);
+        }
     }
 
     /// Holds `frame` for `sequence` if it waits for its replay of `room`.
@@ -129,14 +209,9 @@ impl Waiting {
         Held::Yes
     }
 
-    /// The replay of wait `token` arrived: the frames held for it, oldest first; `None`
-    /// if the wait is gone (the member left, or joined again since).
-    pub(super) fn finish(
-        &mut self,
-        sequence: u64,
-        room: &RoomName,
-        token: u64,
-    ) -> Option<HeldFrames> {
+    /// The replay of wait `token` arrived: the frames held for it, oldest first, and what
+    /// it passed over; `None` if the wait is gone (the member left, or joined again since).
+    pub(super) fn finish(&mut self, sequence: u64, room: &RoomName, token: u64) -> Option<Waited> {
         let waits = self.held.get_mut(&sequence)?;
         let index = waits
             .iter()
@@ -145,7 +220,10 @@ impl Waiting {
         if waits.is_empty() {
             self.held.remove(&sequence);
         }
-        Some(wait.frames)
+        Some(Waited {
+            frames: wait.frames,
+            passed: wait.passed,
+        })
     }
 
     /// The member left `room` (or, with `None`, every room): its waits end.
@@ -160,5 +238,38 @@ impl Waiting {
 
     pub(super) fn is_empty(&self) -> bool {
         self.held.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(epoch: u32, offset: u64) -> Position {
+        Position { epoch, offset }
+    }
+
+    #[test]
+    fn a_member_tells_the_next_frame_from_a_duplicate_and_from_one_past_a_gap() {
+        let lobby = Standing::default();
+        assert_eq!(lobby.offer(at(1, 7)), Offer::Next, "the first one");
+        assert_eq!(lobby.offer(at(1, 8)), Offer::Next);
+        assert_eq!(lobby.offer(at(1, 8)), Offer::Duplicate);
+        assert_eq!(lobby.offer(at(1, 3)), Offer::Duplicate);
+        assert_eq!(lobby.offer(at(1, 11)), Offer::Gap { after: at(1, 8) });
+        assert_eq!(lobby.last(), Some(at(1, 11)), "a gap is reported once");
+        assert_eq!(lobby.offer(at(1, 12)), Offer::Next);
+        assert_eq!(
+            lobby.offer(at(2, 1)),
+            Offer::Next,
+            "a new epoch starts over"
+        );
+        lobby.had_up_to(at(2, 40));
+        assert_eq!(
+            lobby.offer(at(2, 40)),
+            Offer::Duplicate,
+            "its replay brought it"
+        );
+        assert_eq!(lobby.offer(at(2, 41)), Offer::Next);
     }
 }

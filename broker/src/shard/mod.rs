@@ -10,6 +10,7 @@ mod arrivals;
 mod ended;
 pub mod handle;
 mod member;
+mod numbered;
 mod rooms;
 pub mod run;
 
@@ -32,7 +33,7 @@ use crate::outbound::{self, SharedFrame};
 use crate::queues::store::{PendingAppend, QueueAppendDone};
 use crate::resume::{self, ResumeToken};
 use crate::rooms::events::Change;
-use crate::rooms::{Brought, RoomIndex, RoomName};
+use crate::rooms::{Brought, Position, RoomIndex, RoomName};
 use crate::shard::handle::Delivery;
 use arrivals::{Arrivals, Deferred};
 use ended::Ended;
@@ -487,11 +488,16 @@ impl Shard {
     /// listens to them from now on. Asked again with the rooms the old node handed over
     /// (`brought`: the newest broadcast of each node it had queued, per room), it listens
     /// to those and stops listening to the ones no longer among them.
-    pub(crate) fn expect_rooms(&self, sequence: u64, rooms: &[RoomName], brought: Brought) {
+    pub(crate) fn expect_rooms(
+        &self,
+        sequence: u64,
+        rooms: &[RoomName],
+        carried: (Brought, Vec<(RoomName, Position)>),
+    ) {
         let changed = self
             .arriving
             .borrow_mut()
-            .expect_rooms(sequence, rooms, brought);
+            .expect_rooms(sequence, rooms, carried);
         let Some((added, dropped)) = changed else {
             return;
         };
@@ -512,6 +518,7 @@ impl Shard {
         for room in &held.rooms {
             self.gateway.directory.member_left(room);
         }
+        self.stand(sequence, &held.standing);
         for call in held.calls {
             match call {
                 Deferred::Frame(frame) => {
@@ -520,11 +527,24 @@ impl Shard {
                     }
                 }
                 // The old node had queued this one already: it came with the frames.
-                Deferred::RoomFrame { room, stamp, .. } if held.brought.covers(&room, stamp) => {}
+                Deferred::RoomFrame {
+                    room,
+                    stamp: Some(stamp),
+                    ..
+                } if held.brought.covers(&room, stamp) => {}
+                Deferred::RoomFrame {
+                    frame,
+                    room,
+                    position: Some(position),
+                    ..
+                } => self.offer_arrived(sequence, &room, position, Some(&frame)),
                 Deferred::RoomFrame { frame, .. } => {
                     if let Ok(connection) = self.connection(sequence) {
                         self.enqueue(&connection, &frame);
                     }
+                }
+                Deferred::Passed { room, position } => {
+                    self.offer_arrived(sequence, &room, position, None);
                 }
                 Deferred::Command(command) => self.apply(command),
             }

@@ -3,22 +3,22 @@
 //!
 //! A join that asks for the past (`history`, or `since` and `epoch`) becomes a member at
 //! once, so nothing published from then on can miss it, but its live frames of that room
-//! are held ([`Waiting`]) until the replay, read from the room's sequencer, arrives. Then
-//! it gets the `joined` frame, the replay, and the held frames past the replay's top; a
-//! frame at or below that top that is still on its way is dropped when it comes
-//! ([`Member::takes`]). No gap and no duplicate, however fast the room is published to.
+//! are held until the replay, read from the room's sequencer, arrives. Then it gets the
+//! `joined` frame, the replay, and the held frames past the replay's top; a frame at or
+//! below that top that is still on its way is dropped when it comes. No gap and no
+//! duplicate, however fast the room is published to (`shard/numbered.rs`).
 
 use std::rc::Rc;
 
 use super::Shard;
-use super::member::{Held, Member, Waiting};
+use super::member::Member;
+use super::numbered::Take;
 use crate::connection::Connection;
-use crate::disconnect::DisconnectReason;
 use crate::message::Message;
 use crate::outbound::{self, SharedFrame};
 use crate::rooms::events::Change;
-use crate::rooms::history::{Replay, Want, epoch_id};
-use crate::rooms::{Brought, Position, RoomDelivery, RoomName, Stamp, TooManyRooms};
+use crate::rooms::history::{Replay, Want};
+use crate::rooms::{Brought, RoomDelivery, RoomName, TooManyRooms};
 
 impl Shard {
     /// Adds a local connection to `room` (idempotent), unless that would put it in more
@@ -122,7 +122,7 @@ impl Shard {
     /// datagrams as a datagram, at once (to the others, and whenever a datagram cannot be
     /// sent, through their queue).
     pub fn broadcast_local(
-        &self,
+        self: &Rc<Self>,
         room: &RoomName,
         frame: &SharedFrame,
         delivery: RoomDelivery,
@@ -132,13 +132,14 @@ impl Shard {
             .filter(|id| self.owns(id))
             .map(|id| id.sequence);
         let rooms = self.rooms.borrow();
-        let mut waiting = self.waiting.borrow_mut();
+        let mut offering = self.offering(room, delivery.position);
         let mut delivered = 0;
         for (sequence, member) in rooms.members(room) {
             if Some(sequence) == skip {
+                offering.pass(sequence, member);
                 continue;
             }
-            match self.replay_state(member, sequence, room, delivery, frame, &mut waiting) {
+            match offering.take(sequence, member, frame) {
                 Take::Now => {}
                 Take::Held => {
                     delivered += 1;
@@ -152,28 +153,27 @@ impl Shard {
                 delivered += 1;
             }
         }
-        let stamp = Stamp::of(&delivery);
         let mut arriving = self.arriving.borrow_mut();
         for (sequence, held) in arriving.iter_mut() {
-            if !held.brings(room) || Some(*sequence) == skip {
+            if !held.brings(room) {
                 continue;
             }
-            let holds = match stamp {
-                Some(stamp) => held.hold_room_frame(frame, room, stamp),
-                None => held.hold_frame(frame),
-            };
-            if holds {
+            if Some(*sequence) == skip {
+                held.pass(room, delivery.position);
+            } else if held.hold_room_frame(frame, room, delivery) {
                 delivered += 1;
             }
         }
         // Only a cluster's connections move between nodes.
-        if let Some(stamp) = stamp.filter(|_| self.gateway.cluster.is_some())
+        if let Some(stamp) = delivery.stamp.filter(|_| self.gateway.cluster.is_some())
             && rooms.members(room).next().is_some()
         {
             let mut seen = self.stamps_seen.borrow_mut();
             seen.entry(room.clone()).or_default().note(stamp);
         }
-        drop((rooms, waiting, arriving));
+        let mends = std::mem::take(&mut offering.mends);
+        drop((rooms, offering, arriving));
+        self.mend(room, mends);
         self.shed_if_asked();
         self.gateway.metrics.messages_sent.inc_by(delivered as u64);
         delivered
@@ -246,8 +246,8 @@ impl Shard {
             let _ = connection.push(joined, &self.gateway.metrics);
             return Ok(());
         }
-        let token = (self.waiting.borrow_mut()).begin(connection.id.sequence, room);
-        let most = self.gateway.config.limits.outbound_queue_frames / 2;
+        let token = (self.waiting.borrow_mut()).begin(connection.id.sequence, room, None);
+        let most = self.replay_limit();
         let want = match want {
             Want::Last(count) => Want::Last(count.min(most)),
             Want::Since { offset, epoch, .. } => Want::Since {
@@ -268,103 +268,8 @@ impl Shard {
             if already {
                 replay.recovered = false;
             }
-            shard.deliver_replay(&connection, &room, token, replay.for_join(most));
+            shard.deliver_replay(&connection, &room, token, replay.for_join(most), true);
         });
         Ok(())
     }
-
-    /// Queues `joined`, the replay and the frames held meanwhile (numbered ones only if the
-    /// replay did not bring them) to a member that is still in the room and waited for it.
-    fn deliver_replay(
-        &self,
-        connection: &Rc<Connection>,
-        room: &RoomName,
-        token: u64,
-        replay: Replay,
-    ) {
-        let sequence = connection.id.sequence;
-        let Some(held) = self.waiting.borrow_mut().finish(sequence, room, token) else {
-            return;
-        };
-        let rooms = self.rooms.borrow();
-        let Some((_, member)) = rooms.members(room).find(|(s, _)| *s == sequence) else {
-            return;
-        };
-        let metrics = &self.gateway.metrics;
-        let envelope = self.gateway.directory.settings(room).envelope;
-        let replayed = std::iter::once(replay.joined(room)).chain(
-            replay
-                .messages
-                .iter()
-                .map(|kept| kept.delivered(room, envelope)),
-        );
-        for message in replayed {
-            if connection.push(message, metrics).is_err() {
-                return;
-            }
-        }
-        // What the replay brought: up to its top, in its epoch (nothing, if not recovered).
-        let mut covered = replay.recovered.then(|| Position {
-            epoch: epoch_id(&replay.epoch),
-            offset: replay.top,
-        });
-        for (position, frame) in held {
-            let brought = match (position, covered) {
-                (Some(position), Some(covered)) => {
-                    position.epoch == covered.epoch && position.offset <= covered.offset
-                }
-                _ => false,
-            };
-            if !brought {
-                self.enqueue(connection, &frame);
-                if position.is_some() && covered.is_some() {
-                    covered = position;
-                }
-            }
-        }
-        if let Some(covered) = covered {
-            member.replayed_up_to(covered);
-        }
-    }
-
-    /// What `member` does with a broadcast to its room.
-    fn replay_state(
-        &self,
-        member: &Member,
-        sequence: u64,
-        room: &RoomName,
-        delivery: RoomDelivery,
-        frame: &SharedFrame,
-        waiting: &mut Waiting,
-    ) -> Take {
-        if delivery
-            .position
-            .is_some_and(|position| !member.takes(position))
-        {
-            return Take::Skip;
-        }
-        if waiting.is_empty() {
-            return Take::Now;
-        }
-        let limit = self.gateway.config.limits.outbound_queue_frames;
-        match waiting.hold(sequence, room, delivery.position, frame, limit) {
-            Held::No => Take::Now,
-            Held::Yes => Take::Held,
-            Held::Overflow => {
-                let connection = &member.connection;
-                connection.request_close(DisconnectReason::SlowConsumer);
-                Take::Skip
-            }
-        }
-    }
-}
-
-/// What a member does with a numbered broadcast.
-enum Take {
-    /// Queue it now.
-    Now,
-    /// Its join's replay is on the way: held until then.
-    Held,
-    /// Not at all: its replay brought it, or it holds too much already (closed).
-    Skip,
 }

@@ -1,9 +1,10 @@
 //! Faults the chaos tests inject, beyond signals to processes: a TCP relay between a node
 //! and NATS that can be cut like a pulled cable (the sockets stay open, nothing passes
-//! either way, and what was sent waits) and healed again.
+//! either way, and what was sent waits) and healed again, or reset (its connections
+//! closed, and what waited in them lost).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -14,6 +15,7 @@ pub(crate) struct TcpRelay {
     pub(crate) address: SocketAddr,
     open: Arc<watch::Sender<bool>>,
     accepting: tokio::task::JoinHandle<()>,
+    pipes: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 impl TcpRelay {
@@ -21,7 +23,8 @@ impl TcpRelay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let open = Arc::new(watch::channel(true).0);
-        let switch = open.clone();
+        let pipes = Arc::new(Mutex::new(Vec::new()));
+        let (switch, piping) = (open.clone(), pipes.clone());
         let accepting = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(target).await else {
@@ -29,14 +32,24 @@ impl TcpRelay {
                 };
                 let (client_read, client_write) = client.into_split();
                 let (server_read, server_write) = server.into_split();
-                tokio::spawn(pipe(client_read, server_write, switch.subscribe()));
-                tokio::spawn(pipe(server_read, client_write, switch.subscribe()));
+                let mut piping = piping.lock().unwrap();
+                piping.push(tokio::spawn(pipe(
+                    client_read,
+                    server_write,
+                    switch.subscribe(),
+                )));
+                piping.push(tokio::spawn(pipe(
+                    server_read,
+                    client_write,
+                    switch.subscribe(),
+                )));
             }
         });
         Self {
             address,
             open,
             accepting,
+            pipes,
         }
     }
 
@@ -53,6 +66,14 @@ impl TcpRelay {
     /// Traffic flows again, what waited first.
     pub(crate) fn heal(&self) {
         self.open.send_replace(true);
+    }
+
+    /// Closes every connection through it: what waited in them is lost, as when a
+    /// connection breaks. New ones are relayed (once healed, if cut).
+    pub(crate) fn reset(&self) {
+        for pipe in self.pipes.lock().unwrap().drain(..) {
+            pipe.abort();
+        }
     }
 }
 

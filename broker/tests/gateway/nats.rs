@@ -77,16 +77,18 @@ impl NatsServer {
             .iter()
             .map(|(name, value)| (name.to_string(), value.to_string()))
             .collect();
-        Self::launch_with(
-            binary,
-            vec!["-c".into(), path.display().to_string()],
-            env,
-            store,
-        )
+        let extra = vec!["-c".into(), path.display().to_string()];
+        Self::launch_with(binary, extra, env, store, 5).expect(FIVE_TRIES)
     }
 
     fn launch(binary: &Path, extra: Vec<String>) -> Self {
-        Self::launch_with(binary, extra, Vec::new(), tempfile::tempdir().unwrap())
+        Self::try_launch(binary, extra, 5).expect(FIVE_TRIES)
+    }
+
+    /// A server with `extra` arguments, on free ports, if it starts within `attempts`.
+    fn try_launch(binary: &Path, extra: Vec<String>, attempts: usize) -> Option<Self> {
+        let store = tempfile::tempdir().unwrap();
+        Self::launch_with(binary, extra, Vec::new(), store, attempts)
     }
 
     fn launch_with(
@@ -94,7 +96,8 @@ impl NatsServer {
         extra: Vec<String>,
         env: Vec<(String, String)>,
         store: tempfile::TempDir,
-    ) -> Self {
+        attempts: usize,
+    ) -> Option<Self> {
         // A free port can be taken by another test's server between our look and its
         // bind: a server that exits at once is started again on other ports.
         let mut server = Self {
@@ -106,7 +109,7 @@ impl NatsServer {
             child: None,
             _store: store,
         };
-        for _ in 0..5 {
+        for _ in 0..attempts {
             server.port = free_port();
             server.monitor_port = free_port();
             server.args = vec![
@@ -122,10 +125,10 @@ impl NatsServer {
             ];
             server.args.extend(extra.iter().cloned());
             if server.try_spawn() {
-                return server;
+                return Some(server);
             }
         }
-        panic!("nats-server would not start on any of five pairs of free ports");
+        None
     }
 
     /// Starts the server and waits until it listens; false if it exited first.
@@ -192,33 +195,39 @@ impl Drop for NatsServer {
     }
 }
 
-/// Three servers in one JetStream cluster, once it has elected a meta leader.
-pub(crate) async fn start_cluster(binary: &Path) -> Vec<NatsServer> {
+const FIVE_TRIES: &str = "nats-server would not start on any of five pairs of free ports";
+
+/// Three servers routed to each other, if each starts on its first ports.
+fn cluster_on_free_ports(binary: &Path) -> Option<Vec<NatsServer>> {
     let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let route_urls = routes
         .iter()
         .map(|p| format!("nats://127.0.0.1:{p}"))
         .collect::<Vec<_>>()
         .join(",");
-    let servers: Vec<NatsServer> = routes
-        .iter()
-        .enumerate()
-        .map(|(index, port)| {
-            NatsServer::launch(
-                binary,
-                vec![
-                    "--name".into(),
-                    format!("sb-test-{index}"),
-                    "--cluster_name".into(),
-                    "sb-test".into(),
-                    "--cluster".into(),
-                    format!("nats://127.0.0.1:{port}"),
-                    "--routes".into(),
-                    route_urls.clone(),
-                ],
-            )
-        })
-        .collect();
+    let server = |(index, port): (usize, &u16)| {
+        let extra = vec![
+            "--name".into(),
+            format!("sb-test-{index}"),
+            "--cluster_name".into(),
+            "sb-test".into(),
+            "--cluster".into(),
+            format!("nats://127.0.0.1:{port}"),
+            "--routes".into(),
+            route_urls.clone(),
+        ];
+        NatsServer::try_launch(binary, extra, 1)
+    };
+    routes.iter().enumerate().map(server).collect()
+}
+
+/// Three servers in one JetStream cluster, once it has elected a meta leader.
+pub(crate) async fn start_cluster(binary: &Path) -> Vec<NatsServer> {
+    // A route port can be taken by another test between our look and the server's bind:
+    // then the whole cluster starts again on other ports.
+    let servers = (0..5)
+        .find_map(|_| cluster_on_free_ports(binary))
+        .expect("a nats-server cluster starts on one of five sets of free ports");
     // JetStream needs a meta leader before streams can be created.
     let deadline = Instant::now() + Duration::from_secs(30);
     let url = format!("http://127.0.0.1:{}/jsz", servers[0].monitor_port);

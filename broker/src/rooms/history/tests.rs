@@ -171,3 +171,23 @@ fn the_envelope_keeps_json_as_json() {
     assert_eq!(as_json(&Message::text("hi"))["data"], "hi");
     assert_eq!(as_json(&Message::binary(vec![1]))["data_base64"], "AQ==");
 }
+
+#[test]
+fn a_replay_continues_a_position_named_by_its_epochs_id() {
+    let mut log = log_with(5);
+    let at = |offset| crate::rooms::Position {
+        epoch: epoch_id("e1"),
+        offset,
+    };
+    let replay = log.read(&since(2, None), 5, Some(BOUND));
+    assert!(replay.continues(at(2)) && replay.continues(at(5)));
+    assert_eq!(offsets(&replay), vec![3, 4, 5]);
+    assert!(!replay.continues(at(1)), "2 is gone");
+    assert!(!replay.continues(at(6)), "past the top");
+    let other = crate::rooms::Position {
+        epoch: epoch_id("e0"),
+        offset: 2,
+    };
+    assert!(!replay.continues(other));
+    assert!(!Replay::unavailable().continues(at(0)));
+}

@@ -35,6 +35,8 @@ pub(crate) async fn check(chaos: &Chaos, mut workload: Workload, faults: Faults)
     chaos.settle().await;
     chaos.step("stop the drivers");
     workload.stop_drivers().await;
+    chaos.step("hold the clients still");
+    workload.hold_still().await;
     let mut violations = Vec::new();
     let live = workload.seen.lock().unwrap().live();
     let room = workload.seen.lock().unwrap().room;

@@ -138,17 +138,19 @@ async fn a_node_paused_past_the_timeout_fences_itself_before_it_serves_anything(
     );
 }
 
-/// Three nodes on one nats-server, the first through a relay that can cut it off.
-async fn nodes_with_a_cuttable_first(
+/// Three nodes on one nats-server, the first through a relay that can cut it off, with
+/// `extra` in their configs.
+pub(super) async fn nodes_with_a_cuttable_first(
     server: &NatsServer,
     backend: &Backend,
+    extra: &str,
 ) -> (
     TcpRelay,
     Vec<GatewayProcess>,
     Vec<crate::cluster::NodeFiles>,
 ) {
     let relay = TcpRelay::start(([127, 0, 0, 1], server.port).into()).await;
-    let extra = default_to(backend);
+    let extra = format!("{}{extra}", default_to(backend));
     let files = vec![
         node_files(1, &[relay.nats_url()], backend, &extra),
         node_files(2, &[server.url()], backend, &extra),
@@ -166,7 +168,7 @@ async fn a_node_cut_off_from_nats_past_the_timeout_says_so_and_fences_itself() {
     let Some(binary) = nats::binary() else { return };
     let server = NatsServer::start(&binary);
     let backend = Backend::start().await;
-    let (relay, nodes, _files) = nodes_with_a_cuttable_first(&server, &backend).await;
+    let (relay, nodes, _files) = nodes_with_a_cuttable_first(&server, &backend, "").await;
     let (mut cut_off, cut_id) = connect(&nodes[0], &backend).await;
     let (mut watcher, _) = connect(&nodes[1], &backend).await;
     for ws in [&mut cut_off, &mut watcher] {
@@ -218,7 +220,7 @@ async fn a_cut_shorter_than_the_timeout_declares_nothing_and_loses_nothing() {
     let Some(binary) = nats::binary() else { return };
     let server = NatsServer::start(&binary);
     let backend = Backend::start().await;
-    let (relay, nodes, _files) = nodes_with_a_cuttable_first(&server, &backend).await;
+    let (relay, nodes, _files) = nodes_with_a_cuttable_first(&server, &backend, "").await;
     let (mut client, id) = connect(&nodes[0], &backend).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 

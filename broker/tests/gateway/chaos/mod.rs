@@ -2,6 +2,8 @@
 //!
 //! * [`fencing`]: one node paused, or cut off from NATS, past the node-loss timeout, and a
 //!   cut shorter than it: the zombie's clients and frames, step by step.
+//! * [`gaps`]: a numbered room's broadcasts lost with a broken NATS connection, mended
+//!   from the room's history.
 //! * [`harness`]: three gateway nodes on a three-server JetStream cluster (R3), every node's
 //!   NATS links through relays that can be cut, and the faults (pause, kill, restart, cut,
 //!   NATS restarts, a skewed clock), each step printed with its time and the run's seed.
@@ -14,6 +16,7 @@
 
 mod checker;
 mod fencing;
+mod gaps;
 mod harness;
 mod scenarios;
 mod workload;

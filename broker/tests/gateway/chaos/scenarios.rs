@@ -149,11 +149,9 @@ async fn moves_across_nodes_under_load() {
     moves("moves", "chaos").await;
 }
 
-/// The same, in a room that numbers its messages (its offsets tell the copies apart). Open
-/// violation (docs/RELIABILITY.md): about one run in six, one broadcast published during a
-/// move never reaches the moving session. Run with `--ignored` until that is fixed.
+/// The same, in a room that numbers its messages: its offsets tell the copies apart, and a
+/// broadcast that reached neither node is mended from the room's history.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open violation: a numbered room's broadcast lost during a move, now and then"]
 async fn moves_across_nodes_in_a_numbered_room() {
     moves("moves-numbered", "numbered:chaos").await;
 }

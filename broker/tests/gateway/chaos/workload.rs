@@ -38,6 +38,8 @@ pub(crate) struct Seen {
     pub(crate) acked: Vec<(u64, String)>,
     /// Each client's session now.
     pub(crate) current: Vec<Option<String>>,
+    /// Whether each client is connected now (its session served, not moving).
+    connected: Vec<bool>,
     pub(crate) resumes: usize,
     pub(crate) new_sessions: usize,
     /// The room every client is in.
@@ -79,6 +81,8 @@ impl Seen {
 pub(crate) struct Workload {
     pub(crate) seen: Arc<Mutex<Seen>>,
     drivers: CancellationToken,
+    /// Cancelled, the clients stop dropping their sockets.
+    moving: CancellationToken,
     clients: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     client_tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -114,10 +118,12 @@ impl Workload {
     ) -> Self {
         let seen = Arc::new(Mutex::new(Seen {
             current: vec![None; CLIENTS],
+            connected: vec![false; CLIENTS],
             room,
             ..Seen::default()
         }));
         let (drivers, clients) = (CancellationToken::new(), CancellationToken::new());
+        let moving = CancellationToken::new();
         let client_tasks = (0..CLIENTS)
             .map(|index| {
                 let client = Client {
@@ -126,6 +132,7 @@ impl Workload {
                     endpoints: endpoints.clone(),
                     rng: rng.clone(),
                     seen: seen.clone(),
+                    moving: moving.clone(),
                 };
                 tokio::spawn(client.run(clients.clone()))
             })
@@ -148,6 +155,7 @@ impl Workload {
         Self {
             seen,
             drivers,
+            moving,
             clients,
             tasks,
             client_tasks,
@@ -161,6 +169,18 @@ impl Workload {
             let _ = task.await;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+
+    /// The clients stop dropping their sockets; returns once every one is connected (a
+    /// session that was moving between nodes has arrived), or after 15 s.
+    pub(crate) async fn hold_still(&mut self) {
+        self.moving.cancel();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline && !self.seen.lock().unwrap().connected.iter().all(|c| *c) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // A new session's join is on its way.
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
     /// Closes every client with a close frame (their sessions end: one `$disconnect` each).
@@ -179,6 +199,8 @@ struct Client {
     endpoints: Arc<RwLock<Vec<Endpoint>>>,
     rng: Rng,
     seen: Arc<Mutex<Seen>>,
+    /// Cancelled, it drops its socket no more.
+    moving: CancellationToken,
 }
 
 /// A client's session: its id, token and count of data frames received.
@@ -233,8 +255,14 @@ impl Client {
             }
             // Served until the socket dies, the client drops it, or the run ends.
             let life = Duration::from_millis(800 + self.rng.below(1500) as u64);
-            let dropped = tokio::time::sleep(life);
+            let dropped = async {
+                tokio::select! {
+                    _ = tokio::time::sleep(life) => {}
+                    _ = self.moving.cancelled() => std::future::pending().await,
+                }
+            };
             tokio::pin!(dropped);
+            self.seen.lock().unwrap().connected[self.index] = true;
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => {
@@ -263,6 +291,7 @@ impl Client {
                     },
                 }
             }
+            self.seen.lock().unwrap().connected[self.index] = false;
         }
     }
 
