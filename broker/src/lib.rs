@@ -27,6 +27,7 @@ pub mod compression;
 pub mod config;
 pub mod connection;
 pub mod connection_id;
+pub mod crash;
 pub mod directory;
 pub mod disconnect;
 pub mod dispatch;

@@ -194,6 +194,7 @@ impl Cluster {
         let numbered =
             fanout::number_locked(log, rooms, shards, room, message, delivery, exclude_here);
         let numbered = numbered.await?;
+        crate::crash::reached(crate::crash::Point::BroadcastNumbered);
         let headers = room_headers(BROADCAST, numbered.delivery);
         // Handed to NATS while the log is locked (bounded: a stuck connection must not
         // hold the room's next messages for longer than a request may take).

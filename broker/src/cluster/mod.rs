@@ -201,11 +201,39 @@ impl Cluster {
 
     /// The id this node knows connection `id` by: its alias if it moved here.
     pub fn here_as(&self, id: ConnectionId) -> ConnectionId {
-        let arrived = self.arrived.lock();
-        arrived
-            .ok()
-            .and_then(|arrived| arrived.get(&id).copied())
-            .unwrap_or(id)
+        self.arrived_as(id).unwrap_or(id)
+    }
+
+    /// The alias of connection `id` if it moved here from another node.
+    pub fn arrived_as(&self, id: ConnectionId) -> Option<ConnectionId> {
+        self.arrived.lock().ok()?.get(&id).copied()
+    }
+
+    /// Whether the incarnation of its node that opened connection `id` still runs: if not
+    /// (that node restarted, or was lost), the forwarding it kept for connections that
+    /// moved away went with it ([`Cluster::find_moved`]).
+    pub fn opener_runs(&self, id: ConnectionId) -> bool {
+        match id.node == self.node_id {
+            true => id.epoch == self.registry.epoch(),
+            false => self.registry.live_epoch(id.node) == Some(id.epoch),
+        }
+    }
+
+    /// Where connection `id` lives now, if it moved to this or another live node before
+    /// the incarnation that opened it went: the node it lives on knows it by its earlier
+    /// ids. Asks every live node.
+    pub async fn find_moved(&self, id: ConnectionId) -> Option<ConnectionId> {
+        if let Some(alias) = self.arrived_as(id) {
+            return Some(alias);
+        }
+        let text = id.to_string();
+        let peers = self.registry.live_peer_ids();
+        let asks = (peers.into_iter())
+            .map(|node| self.call(node, remote::Op::Find, &text, None, bytes::Bytes::new()));
+        let answers = futures_util::future::join_all(asks).await;
+        (answers.into_iter().flatten())
+            .filter(|reply| reply.status == 200)
+            .find_map(|reply| std::str::from_utf8(&reply.body).ok()?.parse().ok())
     }
 
     /// Where a local connection that moved to another node lives now.

@@ -81,6 +81,7 @@ impl Cluster {
             };
             offsets.push(stored);
         }
+        crate::crash::reached(crate::crash::Point::QueueAppended);
         offsets
     }
 
@@ -97,17 +98,12 @@ impl Cluster {
         Ok((first, next))
     }
 
-    /// `group`'s committed offset (0 if it never committed).
+    /// `group`'s committed offset (0 if it never committed), as last committed through any
+    /// node: read from the bucket's leader, so a read that follows a commit starts after it.
     pub async fn committed(&self, queue: &str, group: &str) -> Result<u64, QueueError> {
-        let value = self
-            .queues
-            .offsets
-            .get(offset_key(queue, group))
-            .await
-            .map_err(jetstream_error)?;
-        Ok(value
-            .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
-            .unwrap_or(0))
+        let key = offset_key(queue, group);
+        let value = super::state::latest_value(&self.queues.offsets, &key).await;
+        Ok(value.map_err(jetstream_error)?.map_or(0, parse_offset))
     }
 
     /// Commits `offset` for `group`; never moves backwards. Returns the stored offset.
@@ -115,18 +111,12 @@ impl Cluster {
         let key = offset_key(queue, group);
         let store = &self.queues.offsets;
         loop {
-            let current = store.entry(key.clone()).await.map_err(jetstream_error)?;
-            let (stored, revision) = match &current {
-                Some(entry) if entry.operation == kv::Operation::Put => (
-                    std::str::from_utf8(&entry.value)
-                        .ok()
-                        .and_then(|v| v.parse::<u64>().ok())
-                        .unwrap_or(0),
-                    Some(entry.revision),
-                ),
-                Some(entry) => (0, Some(entry.revision)),
-                None => (0, None),
-            };
+            let current = super::state::latest_entry(store, &key).await;
+            let current = current.map_err(jetstream_error)?;
+            let stored = (current.as_ref())
+                .filter(|entry| entry.operation == kv::Operation::Put)
+                .map_or(0, |entry| parse_offset(entry.value.clone()));
+            let revision = current.map(|entry| entry.revision);
             if stored >= offset {
                 return Ok(stored);
             }
@@ -394,4 +384,11 @@ async fn push_consumer(
         })
         .await
         .map_err(jetstream_error)
+}
+
+/// A committed offset as the bucket stores it (decimal text; 0 if it is not that).
+fn parse_offset(value: Bytes) -> u64 {
+    (std::str::from_utf8(&value).ok())
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(0)
 }

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use super::config::ClusterConfig;
 use super::error::ClusterError;
 use super::state::mirror::MirrorRecord;
+use super::state::{latest_entry, latest_value};
 use super::subjects::Subjects;
 use crate::clock;
 use switchboard_storage::ConnectionRecord;
@@ -125,7 +126,7 @@ impl Registry {
             started_ms: clock::now_ms(),
         };
         let key = node_key(node.node_id);
-        let existing = store.entry(&key).await.map_err(setup)?;
+        let existing = latest_entry(&store, &key).await.map_err(setup)?;
         let mut previous = None;
         let expected = match existing {
             Some(entry) if entry.operation == kv::Operation::Put => {
@@ -183,6 +184,12 @@ impl Registry {
             .map_or_else(|_| Vec::new(), |peers| peers.keys().copied().collect())
     }
 
+    /// The epoch of `node`'s live incarnation, if it is another node with a live heartbeat.
+    pub fn live_epoch(&self, node: u16) -> Option<u32> {
+        let peers = self.peers.lock().ok()?;
+        peers.get(&node).map(|peer| peer.registration.epoch)
+    }
+
     /// Whether `node` is another node with a live heartbeat (not judged lost).
     pub fn is_live(&self, node: u16) -> bool {
         self.peers
@@ -227,7 +234,7 @@ impl Registry {
                 Renewal::Renewed
             }
             Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                let Ok(holder) = self.store.entry(&key).await else {
+                let Ok(holder) = latest_entry(&self.store, &key).await else {
                     return Renewal::Failed;
                 };
                 let held_by = holder.as_ref().and_then(|entry| {
@@ -265,17 +272,20 @@ impl Registry {
             }
         } else {
             // Not reported: only a registration gone with no takeover about it.
-            let Ok(holder) = self.store.entry(&key).await else {
+            let Ok(holder) = latest_entry(&self.store, &key).await else {
                 return false;
             };
             let vanished = holder
                 .as_ref()
                 .is_none_or(|e| e.operation != kv::Operation::Put);
-            let claimed = !matches!(self.store.get(claim_key(node, epoch)).await, Ok(None));
+            let claimed = !matches!(
+                latest_value(&self.store, &claim_key(node, epoch)).await,
+                Ok(None)
+            );
             return vanished && !claimed && self.register_over(holder.as_ref()).await;
         }
         // The takeover may have deleted the registration since it marked the incarnation.
-        let Ok(holder) = self.store.entry(&key).await else {
+        let Ok(holder) = latest_entry(&self.store, &key).await else {
             return false;
         };
         self.register_over(holder.as_ref()).await
@@ -387,7 +397,7 @@ impl Registry {
         }
         // Claimed before: take it over if the claimer is gone too, or is this node (a
         // claim of an earlier run of this node, cut short: this run finishes it).
-        let Ok(Some(entry)) = self.store.entry(&key).await else {
+        let Ok(Some(entry)) = latest_entry(&self.store, &key).await else {
             return false;
         };
         let claimer = std::str::from_utf8(&entry.value)
@@ -401,7 +411,10 @@ impl Registry {
 
     /// Whether `node`'s incarnation `epoch` has been reported by a takeover.
     async fn is_reported(&self, node: u16, epoch: u32) -> bool {
-        matches!(self.store.get(lost_key(node, epoch)).await, Ok(Some(_)))
+        matches!(
+            latest_value(&self.store, &lost_key(node, epoch)).await,
+            Ok(Some(_))
+        )
     }
 
     /// Marks `node`'s registration (at `revision`, as this node last saw it) lost, before
@@ -450,7 +463,7 @@ async fn wait_until_stale(
     let deadline = Instant::now() + config.node_timeout;
     while Instant::now() < deadline {
         tokio::time::sleep(config.heartbeat / 2).await;
-        let current = store.entry(key).await.map_err(setup)?;
+        let current = latest_entry(store, key).await.map_err(setup)?;
         if current.is_some_and(|c| c.revision != entry.revision) {
             return Err(ClusterError::DuplicateNodeId {
                 node_id,

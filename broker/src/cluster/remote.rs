@@ -50,6 +50,9 @@ pub enum Op {
     Publish,
     /// What a room this node owns keeps ([`super::history`]).
     History,
+    /// Is the connection with this id here, moved in from another node? Asked of every
+    /// node when the incarnation that opened it is gone, and its forwarding with it.
+    Find,
 }
 
 impl Op {
@@ -66,6 +69,7 @@ impl Op {
             Self::MoveStatus => "move_status",
             Self::Publish => "publish",
             Self::History => "history",
+            Self::Find => "find",
         }
     }
 
@@ -82,6 +86,7 @@ impl Op {
             Self::MoveStatus,
             Self::Publish,
             Self::History,
+            Self::Find,
         ]
         .into_iter()
         .find(|op| op.label() == text)
@@ -314,6 +319,13 @@ async fn answer(
     }
     if matches!(op, Op::Publish | Op::History) {
         return cluster.answer_owned_room(op, message, locked).await;
+    }
+    if op == Op::Find {
+        let id = header(message, ID).and_then(|id| id.parse().ok());
+        return match id.and_then(|id| cluster.arrived_as(id)) {
+            Some(alias) => (200, Bytes::from(alias.to_string())),
+            None => GONE,
+        };
     }
     if op == Op::MoveStatus {
         let outcome = header(message, ID)

@@ -126,6 +126,7 @@ impl Directory {
             + 1;
         Some(Stamp {
             node: self.node_id,
+            epoch: self.epoch,
             seq,
         })
     }
@@ -137,7 +138,7 @@ impl Directory {
 
     /// Queues `message` to connection `id`.
     pub async fn push(&self, id: &str, message: Message) -> Result<(), Unreached> {
-        match self.locate(id)? {
+        match self.locate(id).await? {
             Place::Here(id, shard) => shard.send(id, message).await.map_err(|_| Unreached::Gone),
             Place::There(node, cluster, id) => {
                 let portable = message.to_portable();
@@ -152,7 +153,7 @@ impl Directory {
 
     /// What `GET @connections/{id}` answers, as JSON.
     pub async fn describe(&self, id: &str) -> Result<Bytes, Unreached> {
-        match self.locate(id)? {
+        match self.locate(id).await? {
             Place::Here(id, shard) => {
                 let info = shard.describe(id).await.map_err(|_| Unreached::Gone)?;
                 Ok(Bytes::from(info.to_json().to_string()))
@@ -166,7 +167,7 @@ impl Directory {
 
     /// Asks connection `id` to close (`DELETE @connections/{id}`).
     pub async fn disconnect(&self, id: &str) -> Result<(), Unreached> {
-        match self.locate(id)? {
+        match self.locate(id).await? {
             Place::Here(id, shard) => shard.disconnect(id).await.map_err(|_| Unreached::Gone),
             Place::There(node, cluster, id) => {
                 let reply = cluster.call(node, Op::Disconnect, &id, None, Bytes::new());
@@ -177,7 +178,7 @@ impl Directory {
 
     /// Makes connection `id` a member of `room`.
     pub async fn join(&self, id: &str, room: RoomName) -> Result<(), Unreached> {
-        match self.locate(id)? {
+        match self.locate(id).await? {
             Place::Here(id, shard) => shard
                 .join(id, room)
                 .await
@@ -192,7 +193,7 @@ impl Directory {
 
     /// Takes connection `id` out of `room`.
     pub async fn leave(&self, id: &str, room: RoomName) -> Result<(), Unreached> {
-        match self.locate(id)? {
+        match self.locate(id).await? {
             Place::Here(id, shard) => shard.leave(id, room).await.map_err(|_| Unreached::Gone),
             Place::There(node, cluster, id) => {
                 let reply = cluster.call(node, Op::Leave, &id, Some(room.as_str()), Bytes::new());
@@ -442,23 +443,40 @@ impl Directory {
 
     /// Where connection `text` lives. Ids no node of this gateway could have issued are
     /// gone, like closed ones.
-    fn locate(&self, text: &str) -> Result<Place<'_>, Unreached> {
+    async fn locate(&self, text: &str) -> Result<Place<'_>, Unreached> {
         let id: ConnectionId = text.parse().map_err(|_| Unreached::Gone)?;
-        let cluster = self.cluster.as_deref();
-        // A connection of this node whose client resumed on another node lives there now.
-        let moved = cluster.and_then(|cluster| cluster.moved_to(text));
-        if id.node != self.node_id || moved.is_some() {
-            let cluster = cluster.ok_or(Unreached::Gone)?;
-            if let Some(reason) = cluster.degraded() {
-                return Err(Unreached::ClusterUnavailable(reason));
-            }
-            let (node, name) = match moved {
-                Some(alias) => (alias.node, alias.to_string()),
-                None => (id.node, text.to_owned()),
-            };
-            return Ok(Place::There(node, cluster, name));
+        let Some(cluster) = self.cluster.as_deref() else {
+            return self.local(id);
+        };
+        // Its client resumed here, or (from this node) on another node.
+        if let Some(alias) = cluster.arrived_as(id) {
+            return self.local(alias);
         }
-        if id.epoch != self.epoch {
+        let moved = cluster.moved_to(text);
+        if id.node == self.node_id && id.epoch == self.epoch && moved.is_none() {
+            return self.local(id);
+        }
+        if let Some(reason) = cluster.degraded() {
+            return Err(Unreached::ClusterUnavailable(reason));
+        }
+        let alias = match moved {
+            Some(alias) => alias,
+            // The node that opened it runs (or has not been judged lost yet): it answers
+            // for it, forwarding it if it moved.
+            None if cluster.opener_runs(id) => id,
+            // It went, and its forwarding with it: the node the connection moved to, if
+            // it moved before, knows it.
+            None => cluster.find_moved(id).await.ok_or(Unreached::Gone)?,
+        };
+        match alias.node == self.node_id {
+            true => self.local(alias),
+            false => Ok(Place::There(alias.node, cluster, alias.to_string())),
+        }
+    }
+
+    /// Connection `id` if this node (this run of it) could have it.
+    fn local(&self, id: ConnectionId) -> Result<Place<'_>, Unreached> {
+        if id.node != self.node_id || id.epoch != self.epoch {
             return Err(Unreached::Gone);
         }
         let shard = self.shards.get(usize::from(id.shard));

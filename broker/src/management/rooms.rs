@@ -142,12 +142,18 @@ pub(super) async fn get_room(
     state.check_stage(&stage)?;
     let room = room_name(&room)?;
     let members = state.gateway.directory.members(&room).await;
-    Ok(axum::Json(json!({
+    let mut body = json!({
         "room": room.as_str(),
         "count": members.len(),
         "connectionIds": members,
-    }))
-    .into_response())
+    });
+    // In cluster mode, the node that numbers a numbered room's messages.
+    if let Some(cluster) = &state.gateway.cluster
+        && state.gateway.directory.settings(&room).sequenced()
+    {
+        body["owner"] = cluster.room_owner(&room).into();
+    }
+    Ok(axum::Json(body).into_response())
 }
 
 pub(super) async fn put_room_member(

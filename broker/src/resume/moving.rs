@@ -128,6 +128,7 @@ pub(crate) async fn move_out(
         alias,
     );
     shard.tasks.spawn_local(settle);
+    crate::crash::reached(crate::crash::Point::MoveHandedOver);
     Ok(MovedOut {
         facts: String::from_utf8_lossy(&facts).into_owned(),
         rooms: rooms.iter().map(|room| room.as_str().to_owned()).collect(),
@@ -231,7 +232,10 @@ pub(crate) async fn move_in(
         },
     );
     let moved = match asked {
-        Ok(moved) => moved,
+        Ok(moved) => {
+            crate::crash::reached(crate::crash::Point::MoveTaken);
+            moved
+        }
         Err(failure) => {
             drop(arrival);
             return match failure {

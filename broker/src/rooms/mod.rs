@@ -184,28 +184,44 @@ pub struct RoomDelivery {
 }
 
 /// Which broadcast a message is, in a room that does not number its messages: the node
-/// that took it, and that node's count. Each node's broadcasts reach every node in the
-/// order it stamped them, so a connection moving between nodes can tell a broadcast its
-/// old node had queued for it from one that only the new node has (see
-/// `resume::moving`).
+/// that took it, which run of that node (its epoch: a restarted node counts from 1 again),
+/// and that run's count. Each node's broadcasts reach every node in the order it stamped
+/// them, so a connection moving between nodes can tell a broadcast its old node had queued
+/// for it from one that only the new node has (see `resume::moving`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stamp {
     pub node: u16,
+    /// 0 from nodes that predate it.
+    #[serde(default)]
+    pub epoch: u32,
     pub seq: u64,
 }
 
 impl Stamp {
-    /// As a header value: `node.seq`.
+    /// As a header value: `node.epoch.seq`.
     pub fn encode(self) -> String {
-        format!("{}.{}", self.node, self.seq)
+        format!("{}.{}.{}", self.node, self.epoch, self.seq)
     }
 
+    /// A header value, or the `node.seq` of nodes that predate epochs in stamps.
     pub fn decode(text: &str) -> Option<Self> {
-        let (node, seq) = text.split_once('.')?;
+        let mut parts = text.split('.');
+        let node = parts.next()?.parse().ok()?;
+        let (epoch, seq) = match (parts.next()?, parts.next(), parts.next()) {
+            (seq, None, _) => (0, seq),
+            (epoch, Some(seq), None) => (epoch.parse().ok()?, seq),
+            _ => return None,
+        };
         Some(Self {
-            node: node.parse().ok()?,
+            node,
+            epoch,
             seq: seq.parse().ok()?,
         })
+    }
+
+    /// Whether it comes from the same run of the same node as `other`.
+    fn same_run(&self, other: &Self) -> bool {
+        (self.node, self.epoch) == (other.node, other.epoch)
     }
 }
 
@@ -221,13 +237,14 @@ impl Brought {
     }
 }
 
-/// The newest broadcast a shard queued to a room's members, by the node that stamped it.
+/// The newest broadcast a shard queued to a room's members, by the node (run) that stamped
+/// it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StampsSeen(pub Vec<Stamp>);
 
 impl StampsSeen {
     pub fn note(&mut self, stamp: Stamp) {
-        match self.0.iter_mut().find(|seen| seen.node == stamp.node) {
+        match self.0.iter_mut().find(|seen| seen.same_run(&stamp)) {
             Some(seen) => seen.seq = seen.seq.max(stamp.seq),
             None => self.0.push(stamp),
         }
@@ -237,7 +254,7 @@ impl StampsSeen {
     pub fn covers(&self, stamp: Stamp) -> bool {
         self.0
             .iter()
-            .any(|seen| seen.node == stamp.node && seen.seq >= stamp.seq)
+            .any(|seen| seen.same_run(&stamp) && seen.seq >= stamp.seq)
     }
 }
 
@@ -315,9 +332,19 @@ pub fn presence_json(
 mod tests {
     #[test]
     fn stamps_tell_what_a_moving_connection_had_queued() {
-        let stamp = |node, seq| Stamp { node, seq };
+        let stamp = |node, seq| Stamp {
+            node,
+            epoch: 4,
+            seq,
+        };
         assert_eq!(Stamp::decode(&stamp(3, 42).encode()), Some(stamp(3, 42)));
-        for bad in ["", "3", "3.", "x.1", "70000.1", "1.-2"] {
+        let before_epochs = Stamp {
+            node: 3,
+            epoch: 0,
+            seq: 42,
+        };
+        assert_eq!(Stamp::decode("3.42"), Some(before_epochs));
+        for bad in ["", "3", "3.", "x.1", "70000.1", "1.-2", "1.2.3.4", "1.x.3"] {
             assert_eq!(Stamp::decode(bad), None, "{bad}");
         }
         let mut seen = StampsSeen::default();
@@ -326,6 +353,12 @@ mod tests {
         seen.note(stamp(1, 3)); // an older one changes nothing
         assert!(seen.covers(stamp(1, 5)) && seen.covers(stamp(1, 1)));
         assert!(!seen.covers(stamp(1, 6)) && !seen.covers(stamp(3, 1)));
+        let restarted = Stamp {
+            node: 1,
+            epoch: 5,
+            seq: 1,
+        };
+        assert!(!seen.covers(restarted), "a restarted node counts anew");
         let lobby = RoomName::parse("lobby").unwrap();
         let other = RoomName::parse("other").unwrap();
         let brought = Brought(vec![("lobby".into(), seen)]);

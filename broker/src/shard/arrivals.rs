@@ -54,8 +54,10 @@ pub(super) struct Held {
     /// The most bytes of frames held (its outbound queue's bound).
     max_bytes: usize,
     /// The rooms it brings: their broadcasts are held for it too (this node listens to
-    /// them meanwhile).
+    /// them meanwhile). Until the old node has said which they are, every stamped
+    /// broadcast is held ([`Held::holds_all`]).
     pub(super) rooms: Vec<RoomName>,
+    rooms_known: bool,
     /// The broadcasts the old node had queued for it (they come with its frames).
     pub(super) brought: Brought,
     /// In the rooms that number their messages, the newest it had there.
@@ -69,6 +71,7 @@ impl Held {
             bytes: 0,
             max_bytes,
             rooms: Vec::new(),
+            rooms_known: false,
             brought: Brought::default(),
             standing: Vec::new(),
         }
@@ -77,6 +80,29 @@ impl Held {
     /// Whether it is moving here with `room` among its rooms.
     pub(super) fn brings(&self, room: &RoomName) -> bool {
         self.rooms.contains(room)
+    }
+
+    /// Whether it holds every stamped broadcast, whatever its room: its rooms are not
+    /// known yet. One this node takes between the client's arrival and the old node's
+    /// answer may have reached the old node only after it let go (NATS keeps one
+    /// publisher's order per receiver, not across receivers); held, it is queued unless
+    /// the old node says it had it.
+    pub(super) fn holds_all(&self) -> bool {
+        !self.rooms_known
+    }
+
+    /// Its rooms are `rooms`: what is held of other rooms goes.
+    fn keep_rooms(&mut self, rooms: &[RoomName]) {
+        let mut bytes = self.bytes;
+        self.calls.retain(|call| match call {
+            Deferred::RoomFrame { room, frame, .. } if !rooms.contains(room) => {
+                bytes -= frame.message().payload.len() + MAX_HEADER;
+                false
+            }
+            _ => true,
+        });
+        (self.bytes, self.rooms_known) = (bytes, true);
+        self.rooms = rooms.to_vec();
     }
 
     fn has_room(&self, bytes: usize) -> bool {
@@ -160,7 +186,7 @@ impl Arrivals {
             .filter(|r| !rooms.contains(r))
             .cloned()
             .collect();
-        held.rooms = rooms.to_vec();
+        held.keep_rooms(rooms);
         (held.brought, held.standing) = (brought, standing);
         Some((added, dropped))
     }

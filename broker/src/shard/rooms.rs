@@ -155,13 +155,15 @@ impl Shard {
         }
         let mut arriving = self.arriving.borrow_mut();
         for (sequence, held) in arriving.iter_mut() {
-            if !held.brings(room) {
-                continue;
-            }
-            if Some(*sequence) == skip {
-                held.pass(room, delivery.position);
-            } else if held.hold_room_frame(frame, room, delivery) {
-                delivered += 1;
+            if held.brings(room) {
+                if Some(*sequence) == skip {
+                    held.pass(room, delivery.position);
+                } else if held.hold_room_frame(frame, room, delivery) {
+                    delivered += 1;
+                }
+            } else if held.holds_all() && delivery.stamp.is_some() {
+                // Perhaps one of its rooms: held, and not counted.
+                held.hold_room_frame(frame, room, delivery);
             }
         }
         // Only a cluster's connections move between nodes.

@@ -1314,6 +1314,25 @@ integration = { type = "room_join", room = "$request.body.room", history = "$req
         assert_eq!(&kept["epoch"], first, "one epoch through every node");
     }
     let epoch = epoch.unwrap();
+    // Every node names the same owner, the node that numbers the room.
+    let owners: Vec<Value> = futures_util::future::join_all(nodes.iter().map(|node| async {
+        let room: Value = http()
+            .get(format!("{}/@rooms/chat", node.api_url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        room["owner"].clone()
+    }))
+    .await;
+    assert!(
+        owners[0]
+            .as_u64()
+            .is_some_and(|owner| (1..=3).contains(&owner))
+    );
+    assert!(owners.iter().all(|owner| *owner == owners[0]), "{owners:?}");
     // A member on every node (none had one before) recovers from offset 3.
     let mut members = Vec::new();
     for node in &nodes {

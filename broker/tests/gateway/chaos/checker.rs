@@ -331,9 +331,25 @@ fn once_in_order(seen: &Seen, live: &[String], faults: Faults, violations: &mut 
                 .collect();
             if !gaps.is_empty() {
                 let trace = seen.trace.get(id).cloned().unwrap_or_default();
+                let gaps: Vec<String> = (gaps.iter())
+                    .map(|b| {
+                        format!(
+                            "b:{} through node {}, sent at {:?}, answered {} at {:?} counting {}",
+                            b.number,
+                            b.via + 1,
+                            b.sent,
+                            b.status,
+                            b.answered,
+                            b.delivered
+                        )
+                    })
+                    .collect();
                 report(format!(
                     "broadcasts owed to it, between {first} and {last}, never arrived: \
-                     {gaps:?}\n  trace:\n    {}",
+                     {gaps:?}\n  received (number/via): {}\n  trace:\n    {}",
+                    (got.iter().map(|b| format!("{}/{}", b.number, b.via + 1)))
+                        .collect::<Vec<_>>()
+                        .join(" "),
                     trace.join("\n    ")
                 ));
             }

@@ -73,6 +73,9 @@ history_size = 100
     )
 }
 
+/// The variable that arms a crash point in a node (`broker/src/crash.rs`).
+pub(crate) const CRASH_AT: &str = "SWITCHBOARD_CRASH_AT";
+
 pub(crate) struct Chaos {
     pub(crate) name: &'static str,
     pub(crate) rng: Rng,
@@ -204,6 +207,34 @@ impl Chaos {
     pub(crate) fn heal(&self, node: usize) {
         self.step(&format!("heal node {}'s link to NATS", node + 1));
         self.links[node].iter().for_each(TcpRelay::heal);
+    }
+
+    /// Runs for `how_long`, restarting on its data dir (disarmed) every node that crashed
+    /// meanwhile, at once; how many did.
+    pub(crate) async fn restart_crashed_for(&mut self, how_long: Duration) -> usize {
+        self.step(&format!("restart what crashes, for {how_long:?}"));
+        let until = Instant::now() + how_long;
+        let mut crashed = 0;
+        while Instant::now() < until {
+            for node in 0..3 {
+                let process = self.nodes[node].as_mut();
+                if !process.is_some_and(|p| p.child.try_wait().ok().flatten().is_some()) {
+                    continue;
+                }
+                crashed += 1;
+                let noticed = Instant::now();
+                self.step(&format!(
+                    "node {} crashed (noticed at {noticed:?})",
+                    node + 1
+                ));
+                self.endpoints.write().unwrap()[node].up = false;
+                self.nodes[node] = None;
+                self.env[node].retain(|(name, _)| name != CRASH_AT);
+                self.restart(node).await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        crashed
     }
 
     /// Kills NATS server `server` and starts it again on its store.

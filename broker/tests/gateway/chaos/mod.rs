@@ -1,5 +1,7 @@
 //! Faults in a three-node cluster, and what must hold through them (docs/RELIABILITY.md).
 //!
+//! * [`crashes`]: a node killed at one step of an operation (a crash point): handing a
+//!   session over, taking one, between a queue append and its ack, mid-broadcast.
 //! * [`fencing`]: one node paused, or cut off from NATS, past the node-loss timeout, and a
 //!   cut shorter than it: the zombie's clients and frames, step by step.
 //! * [`gaps`]: a numbered room's broadcasts lost with a broken NATS connection, mended
@@ -11,12 +13,16 @@
 //!   numbered broadcasts and pushes through every node, producers appending to an acked
 //!   queue, and every `$connect`/`$disconnect`/frame the backend hears.
 //! * [`checker`]: the invariants, checked after each scenario once the faults are healed.
+//! * [`reads`]: a consumer group's commit, then a read through another node: it starts
+//!   after the commit.
 //! * [`scenarios`]: the matrix. CI runs it all (bounded); `CHAOS_SEED=N` replays a run's
 //!   choices.
 
 mod checker;
+mod crashes;
 mod fencing;
 mod gaps;
 mod harness;
+mod reads;
 mod scenarios;
 mod workload;

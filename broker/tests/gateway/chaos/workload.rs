@@ -57,6 +57,9 @@ pub(crate) struct Broadcast {
     pub(crate) status: u16,
     /// The answer's `delivered`.
     pub(crate) delivered: u64,
+    /// When it was sent, and when its answer came.
+    pub(crate) sent: Instant,
+    pub(crate) answered: Instant,
 }
 
 impl Broadcast {
@@ -361,6 +364,7 @@ async fn broadcaster(
     while !stop.is_cancelled() {
         number += 1;
         let (via, node) = pick_node(&endpoints, &rng);
+        let sent = Instant::now();
         let call = http()
             .post(format!(
                 "{}/@rooms/{}",
@@ -383,6 +387,8 @@ async fn broadcaster(
             via,
             status,
             delivered,
+            sent,
+            answered: Instant::now(),
         };
         seen.lock().unwrap().broadcast.push(broadcast);
         tokio::time::sleep(TICK).await;

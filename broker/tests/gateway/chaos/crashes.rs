@@ -1,0 +1,80 @@
+//! Kills aimed at one step of an operation. A node armed with a crash point
+//! (`SWITCHBOARD_CRASH_AT`, `broker/src/crash.rs`) aborts the first time it gets there: as
+//! `kill -9`, but at exactly that step, where a kill at a random moment would land only now
+//! and then. It is restarted on its data dir at once, disarmed, and every invariant is
+//! checked as after any kill.
+
+use std::time::Duration;
+
+use super::checker::{Faults, check};
+use super::gaps::room_numbered_by;
+use super::harness::{CRASH_AT, Chaos};
+use super::workload::{Comeback, Workload};
+
+/// The node armed: node 2 (its id), by index.
+const ARMED: usize = 1;
+
+/// Runs the workload in `room` with node 2 armed at `point`; checks that it crashed there
+/// and that everything holds.
+async fn crashed_at(name: &'static str, point: &str, room: Room) {
+    let mut env = vec![Vec::new(); 3];
+    env[ARMED] = vec![(CRASH_AT.to_owned(), point.to_owned())];
+    let Some(mut chaos) = Chaos::start_with_env(name, env).await else {
+        return;
+    };
+    let room: &'static str = match room {
+        Room::Plain => "chaos",
+        // A room its numbering node dies in: the armed one.
+        Room::NumberedByTheArmedNode => {
+            let room = room_numbered_by(chaos.node(0), ARMED as u64 + 1).await;
+            Box::leak(room.into_boxed_str())
+        }
+    };
+    chaos.step(&format!("node {} armed at {point}; room {room}", ARMED + 1));
+    let load = Workload::start(
+        chaos.endpoints.clone(),
+        chaos.rng.clone(),
+        Comeback::AnyNode,
+        room,
+    );
+    let crashed = chaos.restart_crashed_for(Duration::from_secs(12)).await;
+    assert_eq!(crashed, 1, "node {} reached {point} once", ARMED + 1);
+    check(&chaos, load, Faults::Injected).await;
+}
+
+/// Where the workload's room is.
+enum Room {
+    /// A room that does not number its messages.
+    Plain,
+    /// A numbered room, numbered by the armed node.
+    NumberedByTheArmedNode,
+}
+
+/// The old node dies having let go of a moving session, before its answer leaves: the new
+/// node opens a new session, and the old one is reported once (by the takeover).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_dies_handing_a_session_over() {
+    crashed_at("crash-move-handed-over", "move.handed_over", Room::Plain).await;
+}
+
+/// The new node dies having taken a session, before registering it: the old node asks
+/// whether it arrived, hears nothing, and reports it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_dies_taking_a_session_over() {
+    crashed_at("crash-move-taken", "move.taken", Room::Plain).await;
+}
+
+/// A node dies with queue events stored by JetStream and their acks not sent: the producer
+/// sends them again (a duplicate at most), and nothing acked is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_dies_between_a_queue_append_and_its_ack() {
+    crashed_at("crash-queue-appended", "queue.appended", Room::Plain).await;
+}
+
+/// The node that numbers a room dies with a message numbered and queued to its own members
+/// only: the publish is not answered 200, and the room goes on in a new epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rooms_numbering_node_dies_mid_broadcast() {
+    let room = Room::NumberedByTheArmedNode;
+    crashed_at("crash-broadcast-numbered", "broadcast.numbered", room).await;
+}
