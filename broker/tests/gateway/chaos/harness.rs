@@ -218,7 +218,7 @@ impl Chaos {
         while Instant::now() < until {
             for node in 0..3 {
                 let process = self.nodes[node].as_mut();
-                if !process.is_some_and(|p| p.child.try_wait().ok().flatten().is_some()) {
+                if process.is_none_or(|p| p.child.try_wait().ok().flatten().is_none()) {
                     continue;
                 }
                 crashed += 1;
