@@ -193,8 +193,8 @@ async fn take_over(gateway: Arc<Gateway>, node: u16, registration: Registration,
     cluster.registry.takeover_finished(node);
 }
 
-/// Calls `$disconnect` for each record, removing each from the mirror once reported (a
-/// takeover cut short resumes with the rest); up to [`dispatch::OrphanReporter::CONCURRENCY`]
+/// Calls `$disconnect` for each record, replacing each by a tombstone in the mirror once
+/// reported (a takeover cut short resumes with the rest); up to [`dispatch::OrphanReporter::CONCURRENCY`]
 /// at once.
 async fn report_lost(gateway: &Gateway, records: Vec<(String, MirrorRecord)>) {
     let Some(cluster) = gateway.cluster.as_ref() else {
@@ -213,7 +213,7 @@ async fn report_lost(gateway: &Gateway, records: Vec<(String, MirrorRecord)>) {
             }
         }
         reporter.report(record.into(), authorizer).await;
-        cluster.forget_mirrored(subject).await;
+        cluster.mark_reported(subject).await;
     });
     let mut reports = reports.buffer_unordered(dispatch::OrphanReporter::CONCURRENCY);
     while reports.next().await.is_some() {}
@@ -250,17 +250,18 @@ pub async fn recover_previous_runs(gateway: &Gateway, orphans: Vec<ConnectionRec
                 .iter()
                 .map(|(_, r)| r.connection_id.clone())
                 .collect();
-            records.extend(
-                local
-                    .into_iter()
-                    .filter(|r| !mirrored.contains(&r.connection_id))
-                    .map(|r| {
-                        let subject = cluster
-                            .subjects
-                            .mirror_record(node, epoch, &r.connection_id);
-                        (subject, MirrorRecord::from(r))
-                    }),
-            );
+            for record in local {
+                if mirrored.contains(&record.connection_id) {
+                    continue;
+                }
+                let subject = (cluster.subjects).mirror_record(node, epoch, &record.connection_id);
+                // A tombstone: it closed and was reported (its local record's removal was
+                // lost with the crash), or another node reported it.
+                if cluster.was_mirrored(&subject).await == Ok(true) {
+                    continue;
+                }
+                records.push((subject, MirrorRecord::from(record)));
+            }
             tracing::info!(
                 epoch,
                 connections = records.len(),

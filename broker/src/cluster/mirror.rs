@@ -55,7 +55,10 @@ impl Cluster {
             .map_err(|e| e.to_string())?;
         let mut remaining = consumer.cached_info().num_pending;
         let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-        let mut records = Vec::new();
+        // By subject, the last message seen: an ordered consumer that the client library had
+        // to create again before it delivered anything replays every message, not the last
+        // of each subject, and a record must not outlive its tombstone.
+        let mut records = std::collections::BTreeMap::new();
         while remaining > 0 {
             let message = tokio::time::timeout(LIST_TIMEOUT, messages.next())
                 .await
@@ -63,15 +66,52 @@ impl Cluster {
                 .ok_or("the mirror listing ended early")?
                 .map_err(|e| e.to_string())?;
             remaining = message.info().map_or(0, |info| info.pending);
-            if let Ok(record) = serde_json::from_slice::<MirrorRecord>(&message.payload) {
-                records.push((message.subject.to_string(), record));
-            }
+            let subject = message.subject.to_string();
+            match serde_json::from_slice::<MirrorRecord>(&message.payload) {
+                Ok(record) => records.insert(subject, record),
+                Err(_) => records.remove(&subject),
+            };
         }
-        Ok(records)
+        Ok(records.into_iter().collect())
     }
 
-    /// Removes the records under `filter`: one reported by a takeover, or all of this
-    /// incarnation's at a clean stop (each was reported by this node).
+    /// Replaces the record filed under `subject` by a tombstone: a takeover reported it.
+    /// (The tombstone tells a node that handed the connection over that its new node's
+    /// takeover reported it, see [`Cluster::was_mirrored`].)
+    pub async fn mark_reported(&self, subject: String) {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-TTL", TOMBSTONE_TTL);
+        let published = self
+            .jetstream
+            .publish_with_headers(subject, headers, Bytes::new());
+        let acked = match published.await {
+            Ok(ack) => ack.await.map(drop).map_err(|e| e.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        if let Err(error) = acked {
+            tracing::warn!(%error, "cannot mark a reported connection in the mirror");
+        }
+    }
+
+    /// Whether anything is filed under `subject` (a record, or the tombstone of one that
+    /// closed or was reported): whether the node whose subject it is knew the connection,
+    /// and it is reported or will be.
+    pub async fn was_mirrored(&self, subject: &str) -> Result<bool, String> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        match self
+            .mirror
+            .stream
+            .get_last_raw_message_by_subject(subject)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(false),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    /// Removes the records under `filter`: all of this incarnation's at a clean stop (each
+    /// was reported by this node).
     pub async fn forget_mirrored(&self, filter: String) {
         if let Err(error) = self.mirror.stream.purge().filter(filter).await {
             tracing::warn!(%error, "cannot purge mirrored connection records");

@@ -209,10 +209,11 @@ impl Cluster {
         self.arrived.lock().ok()?.get(&id).copied()
     }
 
-    /// Whether the incarnation of its node that opened connection `id` still runs: if not
-    /// (that node restarted, or was lost), the forwarding it kept for connections that
-    /// moved away went with it ([`Cluster::find_moved`]).
-    pub fn opener_runs(&self, id: ConnectionId) -> bool {
+    /// Whether the run of the node that gave out `id` (opening the connection, or taking it
+    /// over as an alias) still runs: if not (that node restarted, or was lost), the
+    /// forwarding it kept for connections that moved away went with it
+    /// ([`Cluster::find_moved`]).
+    pub fn issuer_runs(&self, id: ConnectionId) -> bool {
         match id.node == self.node_id {
             true => id.epoch == self.registry.epoch(),
             false => self.registry.live_epoch(id.node) == Some(id.epoch),
@@ -241,18 +242,19 @@ impl Cluster {
         self.moved.lock().ok()?.alias(connection_id)
     }
 
-    /// `ids` with those of moved connections replaced by where they live now.
+    /// `ids` with those of moved connections replaced by where they live now: those this
+    /// node forwards, and those that moved here.
     pub fn where_they_live(&self, ids: &[String]) -> Vec<String> {
-        let Ok(moved) = self.moved.lock() else {
+        let (Ok(moved), Ok(arrived)) = (self.moved.lock(), self.arrived.lock()) else {
             return ids.to_vec();
         };
-        if moved.entries.is_empty() {
+        if moved.entries.is_empty() && arrived.is_empty() {
             return ids.to_vec();
         }
+        let here = |id: &String| arrived.get(&id.parse().ok()?).copied();
         ids.iter()
             .map(|id| {
-                moved
-                    .alias(id)
+                (moved.alias(id).or_else(|| here(id)))
                     .map_or_else(|| id.clone(), |alias| alias.to_string())
             })
             .collect()

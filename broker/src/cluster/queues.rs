@@ -98,8 +98,8 @@ impl Cluster {
         Ok((first, next))
     }
 
-    /// `group`'s committed offset (0 if it never committed), as last committed through any
-    /// node: read from the bucket's leader, so a read that follows a commit starts after it.
+    /// `group`'s committed offset (0 if it never committed), as its bucket's leader has it:
+    /// the bucket's own reads may be answered by any replica, a lagging one too.
     pub async fn committed(&self, queue: &str, group: &str) -> Result<u64, QueueError> {
         let key = offset_key(queue, group);
         let value = super::state::latest_value(&self.queues.offsets, &key).await;
@@ -169,6 +169,11 @@ impl Cluster {
                 break;
             };
             let (sequence, pending) = (info.stream_sequence, info.pending);
+            // An ordered consumer that the client library had to create again before it
+            // delivered anything starts from the stream's first message, not from `from`.
+            if sequence <= from {
+                continue;
+            }
             entries.push(StreamEntry {
                 offset: sequence.saturating_sub(1),
                 payload: message.payload.clone(),

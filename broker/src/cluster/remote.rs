@@ -347,6 +347,11 @@ async fn answer(
         // client that missed the `resumed` frame of the last one comes back with this
         // node's token, which the connection still accepts).
         Some(alias) if status == 410 => {
+            // It moved on from there, and that node went since: where it lives now.
+            let alias = match cluster.issuer_runs(alias) {
+                true => alias,
+                false => cluster.find_moved(id).await.unwrap_or(alias),
+            };
             let room = room.as_ref().map(RoomName::as_str);
             let alias_text = alias.to_string();
             let forwarded = cluster

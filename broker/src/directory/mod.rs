@@ -460,10 +460,12 @@ impl Directory {
             return Err(Unreached::ClusterUnavailable(reason));
         }
         let alias = match moved {
-            Some(alias) => alias,
+            Some(alias) if cluster.issuer_runs(alias) => alias,
+            // It moved on from there, and that node went since.
+            Some(_) => cluster.find_moved(id).await.ok_or(Unreached::Gone)?,
             // The node that opened it runs (or has not been judged lost yet): it answers
             // for it, forwarding it if it moved.
-            None if cluster.opener_runs(id) => id,
+            None if cluster.issuer_runs(id) => id,
             // It went, and its forwarding with it: the node the connection moved to, if
             // it moved before, knows it.
             None => cluster.find_moved(id).await.ok_or(Unreached::Gone)?,

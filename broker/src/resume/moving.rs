@@ -364,6 +364,11 @@ async fn settle_handover(
         };
         if !arrived {
             tracing::warn!(connection_id = %facts.connection_id, to = alias.node, "a connection handed to another node never arrived; reporting it here");
+            // A tombstone where that node would have filed it: if it did keep it locally
+            // and restarts, it does not report it again.
+            let subject =
+                (cluster.subjects).mirror_record(alias.node, alias.epoch, &facts.connection_id);
+            cluster.mark_reported(subject).await;
             crate::dispatch::fire_disconnect(&shard, facts, DisconnectReason::MoveLost);
         }
         return;
@@ -371,16 +376,12 @@ async fn settle_handover(
 }
 
 /// Whether the incarnation of node `alias.node` that asked for connection `connection_id`
-/// (as `alias`) had mirrored it (so its takeover reports it).
+/// (as `alias`) had it on file in the mirror: then its takeover reports it, or has (and
+/// left a tombstone), or it closed there and was reported then. (Cannot tell: yes, rather
+/// than report it twice.)
 async fn mirrored_there(cluster: &Cluster, alias: ConnectionId, connection_id: &str) -> bool {
-    let filter = cluster.subjects.mirror_incarnation(alias.node, alias.epoch);
-    match cluster.mirrored_records(filter).await {
-        Ok(records) => records
-            .iter()
-            .any(|(_, record)| record.connection_id == connection_id),
-        // Cannot tell: leave it to the takeover rather than report it twice.
-        Err(_) => true,
-    }
+    let subject = (cluster.subjects).mirror_record(alias.node, alias.epoch, connection_id);
+    cluster.was_mirrored(&subject).await.unwrap_or(true)
 }
 
 /// While it lives, this node knows a connection that moved here by the ids it had before.

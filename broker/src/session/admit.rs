@@ -123,7 +123,10 @@ pub(crate) async fn run_connect(
     request: &crate::event::HandshakeRequest,
 ) -> Result<Option<String>, Refused> {
     match dispatch::run_connect(shard, facts, request).await {
-        ConnectOutcome::Accept { protocol } => Ok(protocol),
+        ConnectOutcome::Accept { protocol } => {
+            crate::crash::reached(crate::crash::Point::ConnectAccepted);
+            Ok(protocol)
+        }
         ConnectOutcome::Reject {
             status,
             body,

@@ -72,9 +72,20 @@ async fn a_node_dies_between_a_queue_append_and_its_ack() {
 }
 
 /// The node that numbers a room dies with a message numbered and queued to its own members
-/// only: the publish is not answered 200, and the room goes on in a new epoch.
+/// only (its 20th: once the clients are settled): the publish is not answered 200, and the
+/// room goes on in a new epoch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rooms_numbering_node_dies_mid_broadcast() {
     let room = Room::NumberedByTheArmedNode;
-    crashed_at("crash-broadcast-numbered", "broadcast.numbered", room).await;
+    crashed_at("crash-broadcast-numbered", "broadcast.numbered@20", room).await;
+}
+
+/// A node dies just after a connection's `$connect` said yes, before the connection is
+/// recorded: the backend heard `$connect` and must hear `$disconnect` once. Open violation
+/// (docs/RELIABILITY.md): records are stored after `$connect`, by the record writer, so
+/// nobody knows to report it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "open violation: a connection accepted just before a crash is never reported"]
+async fn a_node_dies_just_after_a_connect() {
+    crashed_at("crash-connect-accepted", "connect.accepted@3", Room::Plain).await;
 }

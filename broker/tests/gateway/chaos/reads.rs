@@ -33,14 +33,17 @@ async fn a_group_reads_after_its_own_commit_through_every_node() {
         let url = format!("{}/@queues/orders/commit", api(offset as usize % 3));
         let committed = http().post(url).json(&commit).send().await.unwrap();
         assert_eq!(committed.status(), 200);
+        let committed: Value = committed.json().await.unwrap();
+        assert_eq!(committed["offset"], offset, "{committed}");
         let read = format!(
             "{}/@queues/orders/messages?group=g&max=1",
             api((offset as usize + 1) % 3)
         );
         let page: Value = http().get(read).send().await.unwrap().json().await.unwrap();
+        let first = &page["messages"][0]["offset"];
         assert_eq!(
-            page["messages"][0]["offset"], offset,
-            "read after committing {offset}: {page}"
+            *first, offset,
+            "read after committing {offset}: first {first}"
         );
     }
 }

@@ -22,6 +22,9 @@ use crate::support::*;
 
 /// How many resumable clients.
 pub(crate) const CLIENTS: usize = 6;
+/// Orders the producer sends on one connection before it opens another (to a node picked
+/// at random).
+const ORDERS_PER_CONNECTION: u64 = 40;
 /// How often each driver acts.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -457,6 +460,11 @@ async fn producer(
                 Some(id) if ack["type"] == "ack" => {
                     seen.lock().unwrap().acked.push((seq, id.to_owned()));
                     seq += 1;
+                    if seq % ORDERS_PER_CONNECTION == 0 {
+                        // On to another node now and then: appends go through every one.
+                        let _ = ws.close(None).await;
+                        continue 'connections;
+                    }
                 }
                 // An error frame (the queue was unavailable): the same order again.
                 _ => tokio::time::sleep(Duration::from_millis(100)).await,
