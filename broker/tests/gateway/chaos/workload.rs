@@ -460,7 +460,7 @@ async fn producer(
                 Some(id) if ack["type"] == "ack" => {
                     seen.lock().unwrap().acked.push((seq, id.to_owned()));
                     seq += 1;
-                    if seq % ORDERS_PER_CONNECTION == 0 {
+                    if seq.is_multiple_of(ORDERS_PER_CONNECTION) {
                         // On to another node now and then: appends go through every one.
                         let _ = ws.close(None).await;
                         continue 'connections;
