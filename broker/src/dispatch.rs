@@ -499,7 +499,7 @@ pub fn fire_disconnect(shard: &Rc<Shard>, facts: ConnectionFacts, reason: Discon
     let shard_for_task = shard.clone();
     shard.tasks.spawn_local(async move {
         let shard = shard_for_task;
-        report_disconnect(&shard.gateway, &shard.http, &facts, &request_id, &reason).await;
+        let _ = report_disconnect(&shard.gateway, &shard.http, &facts, &request_id, &reason).await;
         forget(&shard, facts.connection_id);
     });
 }
@@ -519,6 +519,9 @@ impl<'a> OrphanReporter<'a> {
     /// Reports in flight at once, at most: 100,000 connections of a lost node are reported
     /// in about a minute at a backend's 2 ms, and a small backend is not flooded.
     pub const CONCURRENCY: usize = 32;
+    /// Calls of one report, at most, while the backend refuses it (0.2 s, 0.4 s, 0.8 s, 1.6 s
+    /// apart).
+    pub const ATTEMPTS: u32 = 5;
 
     pub fn new(gateway: &'a Gateway, reason: DisconnectReason) -> Self {
         let server = &gateway.config.server;
@@ -556,10 +559,20 @@ impl<'a> OrphanReporter<'a> {
             .disconnects
             .with_label_values(&[reason.label()])
             .inc();
-        let request_id = (self.ids.lock())
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .request_id();
-        report_disconnect(self.gateway, &self.http, &facts, &request_id, reason).await;
+        // A backend that a takeover's burst of reports overwhelms gets each again, a few
+        // times, as it recovers: these connections have no session left to report them.
+        let mut backoff = std::time::Duration::from_millis(200);
+        for attempt in 1..=Self::ATTEMPTS {
+            let request_id = (self.ids.lock())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .request_id();
+            let reported = report_disconnect(self.gateway, &self.http, &facts, &request_id, reason);
+            if reported.await == Reported::Done || attempt == Self::ATTEMPTS {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+        }
     }
 }
 
@@ -570,12 +583,12 @@ pub async fn report_disconnect(
     facts: &ConnectionFacts,
     request_id: &str,
     reason: &DisconnectReason,
-) {
+) -> Reported {
     let Some(route) = gateway.config.routes.get(DISCONNECT_ROUTE) else {
-        return;
+        return Reported::Done;
     };
     if !matches!(route.integration, Integration::Http(_)) {
-        return;
+        return Reported::Done;
     }
     let description = reason.description();
     let kind = EventKind::Disconnect {
@@ -587,7 +600,26 @@ pub async fn report_disconnect(
         now_ms: clock::now_ms(),
     };
     let event = event::build(api_facts(gateway), facts, stamp, kind);
-    if let Err(error) = call_backend(gateway, http, route, event).await {
-        tracing::warn!(connection_id = %facts.connection_id, %error, "$disconnect integration failed");
+    match call_backend(gateway, http, route, event).await {
+        Ok(reply) if reply.status == 429 || reply.status >= 500 => Reported::Refused,
+        Ok(_) => Reported::Done,
+        Err(error) => {
+            tracing::warn!(connection_id = %facts.connection_id, %error, "$disconnect integration failed");
+            match error {
+                IntegrationError::Unreachable(_) => Reported::Refused,
+                IntegrationError::Timeout(_) => Reported::Done,
+            }
+        }
     }
+}
+
+/// What became of a `$disconnect` call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reported {
+    /// Answered (or timed out: it may have been handled, so it is not sent again), or
+    /// there is no backend to call.
+    Done,
+    /// The backend could not be reached, or said it is overloaded (429, 5xx): it did not
+    /// take it.
+    Refused,
 }

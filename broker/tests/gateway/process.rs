@@ -659,3 +659,45 @@ async fn a_corrupt_queue_segment_is_refused_by_name_until_repair_is_asked_for() 
     send_text(&mut ws, &serde_json::json!({"action": "order"}).to_string()).await;
     assert_eq!(next_json(&mut ws).await["type"], "ack", "appends resume");
 }
+
+/// Connections cut by a crash have no session left to report them: a backend that refuses
+/// the restarted gateway's reports at first (503) gets each again until it takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_of_cut_connections_are_sent_again_while_the_backend_refuses_them() {
+    let backend = Backend::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let routes = format!(
+        "[routes.\"$connect\"]\nintegration = {{ type = \"http\", url = \"{url}/connect-log\" }}\n\
+         [routes.\"$disconnect\"]\nintegration = {{ type = \"http\", url = \"{url}/fail-first/2\" }}\n",
+        url = backend.url
+    );
+    let path = write_config(dir.path(), &routes);
+    let mut gateway = GatewayProcess::start(&path, &[]);
+    let (_client, _) = tokio_tungstenite::connect_async(&gateway.ws_url)
+        .await
+        .unwrap();
+    let id = backend.connected_ids(1).await.remove(0);
+    // Records are written in batches off the hot path; give the batch a moment to land.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gateway.child.kill().unwrap();
+    gateway.child.wait().unwrap();
+
+    let _restarted = GatewayProcess::start(&path, &[]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while backend.events("/fail-first/2").len() < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "reported again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let calls = backend.events("/fail-first/2");
+    assert!(calls.iter().all(|event| connection_id(event) == id));
+    assert_eq!(
+        calls[2]["requestContext"]["disconnectReason"],
+        "gateway restarted"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        backend.events("/fail-first/2").len(),
+        3,
+        "taken once: no more calls"
+    );
+}
