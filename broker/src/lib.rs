@@ -42,6 +42,7 @@ pub mod limits;
 pub mod management;
 pub mod message;
 pub mod metrics;
+pub mod orphans;
 pub mod outbound;
 pub mod protocol;
 pub mod queues;

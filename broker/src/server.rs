@@ -1,7 +1,6 @@
 //! Wiring: bind the sockets, open storage, start the shards and the management API, and
 //! stop them all in order on shutdown.
 
-use futures_util::StreamExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -12,8 +11,6 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::directory::Directory;
-use crate::disconnect::DisconnectReason;
-use crate::dispatch;
 use crate::gateway::Gateway;
 use crate::integration::HttpIntegration;
 use crate::limits::{Admission, OutboundBudget};
@@ -532,24 +529,9 @@ async fn report_orphans(gateway: Arc<Gateway>, orphans: Vec<ConnectionRecord>) {
         crate::cluster::duties::recover_previous_runs(&gateway, orphans).await;
         return;
     }
-    if orphans.is_empty() {
-        return;
+    if !orphans.is_empty() {
+        crate::orphans::report_cut(&gateway, orphans).await;
     }
-    tracing::info!(
-        count = orphans.len(),
-        "reporting connections cut by an unclean stop"
-    );
-    let reporter = dispatch::OrphanReporter::new(&gateway, DisconnectReason::GatewayRestarted);
-    let reports = futures_util::stream::iter(orphans).map(|record| async {
-        let connection_id = record.connection_id.clone();
-        reporter.report(record, None).await;
-        let mut changes = switchboard_storage::RecordChanges::default();
-        changes.remove(connection_id);
-        let records = gateway.records.clone();
-        let _ = tokio::task::spawn_blocking(move || records.apply(changes)).await;
-    });
-    let mut reports = reports.buffer_unordered(dispatch::OrphanReporter::CONCURRENCY);
-    while reports.next().await.is_some() {}
 }
 
 /// The WebTransport endpoint's side of the gateway: its admission gate, and the shards it

@@ -220,23 +220,6 @@ impl Cluster {
         }
     }
 
-    /// Where connection `id` lives now, if it moved to this or another live node before
-    /// the incarnation that opened it went: the node it lives on knows it by its earlier
-    /// ids. Asks every live node.
-    pub async fn find_moved(&self, id: ConnectionId) -> Option<ConnectionId> {
-        if let Some(alias) = self.arrived_as(id) {
-            return Some(alias);
-        }
-        let text = id.to_string();
-        let peers = self.registry.live_peer_ids();
-        let asks = (peers.into_iter())
-            .map(|node| self.call(node, remote::Op::Find, &text, None, bytes::Bytes::new()));
-        let answers = futures_util::future::join_all(asks).await;
-        (answers.into_iter().flatten())
-            .filter(|reply| reply.status == 200)
-            .find_map(|reply| std::str::from_utf8(&reply.body).ok()?.parse().ok())
-    }
-
     /// Where a local connection that moved to another node lives now.
     pub fn moved_to(&self, connection_id: &str) -> Option<ConnectionId> {
         self.moved.lock().ok()?.alias(connection_id)

@@ -1316,15 +1316,7 @@ integration = { type = "room_join", room = "$request.body.room", history = "$req
     let epoch = epoch.unwrap();
     // Every node names the same owner, the node that numbers the room.
     let owners: Vec<Value> = futures_util::future::join_all(nodes.iter().map(|node| async {
-        let room: Value = http()
-            .get(format!("{}/@rooms/chat", node.api_url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        room["owner"].clone()
+        get_json(&format!("{}/@rooms/chat", node.api_url)).await["owner"].clone()
     }))
     .await;
     assert!(

@@ -423,6 +423,14 @@ pub(crate) async fn post_body(url: String, body: impl Into<reqwest::Body>) -> re
 }
 
 /// `POST url` with `body`, answered with JSON.
+/// A GET's JSON body (`null` if there is none, or no answer).
+pub(crate) async fn get_json(url: &str) -> Value {
+    match http().get(url).send().await {
+        Ok(response) => response.json().await.unwrap_or_default(),
+        Err(_) => Value::Null,
+    }
+}
+
 pub(crate) async fn post_for_json(url: String, body: impl Into<reqwest::Body>) -> Value {
     post_body(url, body).await.json().await.unwrap()
 }

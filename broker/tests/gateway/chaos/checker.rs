@@ -110,13 +110,6 @@ async fn agreement(chaos: &Chaos, room: &str, live: &[String], violations: &mut 
     }
 }
 
-async fn get_json(url: &str) -> Value {
-    match http().get(url).send().await {
-        Ok(response) => response.json().await.unwrap_or_default(),
-        Err(_) => Value::Null,
-    }
-}
-
 /// 1: every acked order is in the queue, read through a running node.
 async fn queue(chaos: &Chaos, seen: &Seen, violations: &mut Vec<String>) {
     let endpoint = chaos

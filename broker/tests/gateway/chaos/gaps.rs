@@ -22,9 +22,7 @@ pub(super) async fn room_numbered_by(through: &GatewayProcess, node_id: u64) -> 
     for n in 0..64 {
         let room = format!("numbered:gap-{n}");
         let url = format!("{}/@rooms/{room}", through.api_url);
-        let listing: serde_json::Value =
-            http().get(url).send().await.unwrap().json().await.unwrap();
-        if listing["owner"] == node_id {
+        if get_json(&url).await["owner"] == node_id {
             return room;
         }
     }
