@@ -77,7 +77,7 @@ impl Cluster {
 
     /// Replaces the record filed under `subject` by a tombstone: a takeover reported it.
     /// (The tombstone tells a node that handed the connection over that its new node's
-    /// takeover reported it, see [`Cluster::was_mirrored`].)
+    /// takeover reported it, see [`Cluster::mirror_sequence`].)
     pub async fn mark_reported(&self, subject: String) {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-TTL", TOMBSTONE_TTL);
@@ -94,18 +94,20 @@ impl Cluster {
     }
 
     /// Whether anything is filed under `subject` (a record, or the tombstone of one that
-    /// closed or was reported): whether the node whose subject it is knew the connection,
-    /// and it is reported or will be.
+    /// closed or was reported).
     pub async fn was_mirrored(&self, subject: &str) -> Result<bool, String> {
+        Ok(self.mirror_sequence(subject).await?.is_some())
+    }
+
+    /// The stream sequence of the last message filed under `subject`, if any: a later one
+    /// means the node whose subject it is filed the connection since (a record), or its
+    /// takeover reported it (a tombstone).
+    pub async fn mirror_sequence(&self, subject: &str) -> Result<Option<u64>, String> {
         use async_nats::jetstream::stream::LastRawMessageErrorKind;
-        match self
-            .mirror
-            .stream
-            .get_last_raw_message_by_subject(subject)
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(false),
+        let last = self.mirror.stream.get_last_raw_message_by_subject(subject);
+        match last.await {
+            Ok(message) => Ok(Some(message.sequence)),
+            Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(error) => Err(error.to_string()),
         }
     }

@@ -337,6 +337,10 @@ async fn answer(
     let Some(text) = header(message, ID) else {
         return GONE;
     };
+    // A connection that moved here (back, perhaps) is known by its alias.
+    let arrived = (text.parse().ok()).and_then(|id| cluster.arrived_as(id));
+    let arrived = arrived.map(|alias| alias.to_string());
+    let text = arrived.as_deref().unwrap_or(text);
     let Some((id, shard)) = cluster.locate(text) else {
         return GONE;
     };

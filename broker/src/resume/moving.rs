@@ -66,6 +66,11 @@ pub(crate) async fn move_out(
         return Err(Refusal::Unknown);
     };
     let connection = proven(&shard, id, &request)?;
+    // Where the asking node will file it, as it is now: anything filed there later is
+    // from this stay (the connection may have been on that node's run before).
+    let facts = &connection.facts;
+    let subject = (cluster.subjects).mirror_record(alias.node, alias.epoch, &facts.connection_id);
+    let filed_before = cluster.mirror_sequence(&subject).await;
     if !connection.take_resume() {
         // Resumed too often lately: it stays here.
         return Err(Refusal::Unknown);
@@ -125,7 +130,7 @@ pub(crate) async fn move_out(
         shard.clone(),
         cluster.clone(),
         connection.facts.clone(),
-        alias,
+        (alias, filed_before),
     );
     shard.tasks.spawn_local(settle);
     crate::crash::reached(crate::crash::Point::MoveHandedOver);
@@ -334,7 +339,7 @@ async fn settle_handover(
     shard: Rc<Shard>,
     cluster: Arc<Cluster>,
     facts: crate::event::ConnectionFacts,
-    alias: ConnectionId,
+    (alias, filed_before): (ConnectionId, Result<Option<u64>, String>),
 ) {
     let patience = cluster.config.node_timeout * 2;
     let started = std::time::Instant::now();
@@ -360,7 +365,7 @@ async fn settle_handover(
             // No answer, or a node that does not remember asking (it restarted): if it
             // stays that way, its mirror tells.
             _ if !stopping && started.elapsed() < patience => continue,
-            _ => mirrored_there(&cluster, alias, &facts.connection_id).await,
+            _ => mirrored_there(&cluster, alias, &facts.connection_id, filed_before).await,
         };
         if !arrived {
             tracing::warn!(connection_id = %facts.connection_id, to = alias.node, "a connection handed to another node never arrived; reporting it here");
@@ -376,12 +381,20 @@ async fn settle_handover(
 }
 
 /// Whether the incarnation of node `alias.node` that asked for connection `connection_id`
-/// (as `alias`) had it on file in the mirror: then its takeover reports it, or has (and
-/// left a tombstone), or it closed there and was reported then. (Cannot tell: yes, rather
-/// than report it twice.)
-async fn mirrored_there(cluster: &Cluster, alias: ConnectionId, connection_id: &str) -> bool {
+/// (as `alias`) filed it in the mirror after `filed_before` (what was filed there when it
+/// was handed over): then its takeover reports it, or has (and left a tombstone), or it
+/// closed there and was reported then. (Cannot tell: yes, rather than report it twice.)
+async fn mirrored_there(
+    cluster: &Cluster,
+    alias: ConnectionId,
+    connection_id: &str,
+    filed_before: Result<Option<u64>, String>,
+) -> bool {
     let subject = (cluster.subjects).mirror_record(alias.node, alias.epoch, connection_id);
-    cluster.was_mirrored(&subject).await.unwrap_or(true)
+    match (filed_before, cluster.mirror_sequence(&subject).await) {
+        (Ok(before), Ok(now)) => now > before,
+        _ => true,
+    }
 }
 
 /// While it lives, this node knows a connection that moved here by the ids it had before.

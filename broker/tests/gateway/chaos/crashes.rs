@@ -31,11 +31,13 @@ async fn crashed_at(name: &'static str, point: &str, room: Room) {
         }
     };
     chaos.step(&format!("node {} armed at {point}; room {room}", ARMED + 1));
-    let load = Workload::start(
+    // The producer appends through the armed node (a queue append there is a point).
+    let load = Workload::start_with_producer_on(
         chaos.endpoints.clone(),
         chaos.rng.clone(),
         Comeback::AnyNode,
         room,
+        Some(ARMED),
     );
     let crashed = chaos.restart_crashed_for(Duration::from_secs(12)).await;
     assert_eq!(crashed, 1, "node {} reached {point} once", ARMED + 1);

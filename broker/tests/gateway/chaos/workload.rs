@@ -22,9 +22,6 @@ use crate::support::*;
 
 /// How many resumable clients.
 pub(crate) const CLIENTS: usize = 6;
-/// Orders the producer sends on one connection before it opens another (to a node picked
-/// at random).
-const ORDERS_PER_CONNECTION: u64 = 40;
 /// How often each driver acts.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -122,6 +119,18 @@ impl Workload {
         comeback: Comeback,
         room: &'static str,
     ) -> Self {
+        Self::start_with_producer_on(endpoints, rng, comeback, room, None)
+    }
+
+    /// The workload with its producer's first connection to node `producer` (by index; a
+    /// node picked at random if `None`, as for every later one).
+    pub(crate) fn start_with_producer_on(
+        endpoints: Arc<RwLock<Vec<Endpoint>>>,
+        rng: Rng,
+        comeback: Comeback,
+        room: &'static str,
+        producer_on: Option<usize>,
+    ) -> Self {
         let seen = Arc::new(Mutex::new(Seen {
             current: vec![None; CLIENTS],
             connected: vec![false; CLIENTS],
@@ -156,7 +165,12 @@ impl Workload {
                 seen.clone(),
                 drivers.clone(),
             )),
-            tokio::spawn(producer(endpoints, rng, seen.clone(), drivers.clone())),
+            tokio::spawn(producer(
+                endpoints,
+                (rng, producer_on),
+                seen.clone(),
+                drivers.clone(),
+            )),
         ];
         Self {
             seen,
@@ -429,13 +443,16 @@ async fn pusher(
 /// sent again on a new connection.
 async fn producer(
     endpoints: Arc<RwLock<Vec<Endpoint>>>,
-    rng: Rng,
+    (rng, mut first): (Rng, Option<usize>),
     seen: Arc<Mutex<Seen>>,
     stop: CancellationToken,
 ) {
     let mut seq = 0u64;
     'connections: while !stop.is_cancelled() {
-        let node = pick(&endpoints, &rng);
+        let node = match first.take() {
+            Some(index) => endpoints.read().unwrap()[index].clone(),
+            None => pick(&endpoints, &rng),
+        };
         let opened = tokio::time::timeout(
             Duration::from_secs(5),
             tokio_tungstenite::connect_async(&node.ws_url),
@@ -460,11 +477,6 @@ async fn producer(
                 Some(id) if ack["type"] == "ack" => {
                     seen.lock().unwrap().acked.push((seq, id.to_owned()));
                     seq += 1;
-                    if seq.is_multiple_of(ORDERS_PER_CONNECTION) {
-                        // On to another node now and then: appends go through every one.
-                        let _ = ws.close(None).await;
-                        continue 'connections;
-                    }
                 }
                 // An error frame (the queue was unavailable): the same order again.
                 _ => tokio::time::sleep(Duration::from_millis(100)).await,
