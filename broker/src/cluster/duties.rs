@@ -19,6 +19,7 @@ use super::state::mirror::MirrorRecord;
 use crate::connection_id::ConnectionId;
 use crate::disconnect::DisconnectReason;
 use crate::gateway::Gateway;
+use crate::orphans::OrphanReporter;
 use crate::rooms::RoomName;
 use crate::rooms::events::Change;
 
@@ -193,13 +194,13 @@ async fn take_over(gateway: Arc<Gateway>, node: u16, registration: Registration,
 }
 
 /// Calls `$disconnect` for each record, replacing each by a tombstone in the mirror once
-/// reported (a takeover cut short resumes with the rest); up to [`crate::orphans::OrphanReporter::CONCURRENCY`]
-/// at once.
+/// reported (a takeover cut short resumes with the rest); up to
+/// [`OrphanReporter::CONCURRENCY`] at once.
 async fn report_lost(gateway: &Gateway, records: Vec<(String, MirrorRecord)>) {
     let Some(cluster) = gateway.cluster.as_ref() else {
         return;
     };
-    let reporter = crate::orphans::OrphanReporter::new(gateway, DisconnectReason::NodeLost);
+    let reporter = OrphanReporter::new(gateway, DisconnectReason::NodeLost);
     let reporter = &reporter;
     let reports = futures_util::stream::iter(records).map(|(subject, mut record)| async move {
         let authorizer = record.authorizer_context();
@@ -214,7 +215,7 @@ async fn report_lost(gateway: &Gateway, records: Vec<(String, MirrorRecord)>) {
         reporter.report(record.into(), authorizer).await;
         cluster.mark_reported(subject).await;
     });
-    let mut reports = reports.buffer_unordered(crate::orphans::OrphanReporter::CONCURRENCY);
+    let mut reports = reports.buffer_unordered(OrphanReporter::CONCURRENCY);
     while reports.next().await.is_some() {}
 }
 

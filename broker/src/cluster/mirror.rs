@@ -79,11 +79,7 @@ impl Cluster {
     /// (The tombstone tells a node that handed the connection over that its new node's
     /// takeover reported it, see [`Cluster::mirror_sequence`].)
     pub async fn mark_reported(&self, subject: String) {
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-TTL", TOMBSTONE_TTL);
-        let published = self
-            .jetstream
-            .publish_with_headers(subject, headers, Bytes::new());
+        let published = (self.jetstream).publish_with_headers(subject, tombstone(), Bytes::new());
         let acked = match published.await {
             Ok(ack) => ack.await.map(drop).map_err(|e| e.to_string()),
             Err(error) => Err(error.to_string()),
@@ -150,10 +146,8 @@ impl Cluster {
                     self.jetstream.publish(subject, payload).await
                 }
                 None => {
-                    let mut headers = HeaderMap::new();
-                    headers.insert("Nats-TTL", TOMBSTONE_TTL);
-                    self.jetstream
-                        .publish_with_headers(subject, headers, Bytes::new())
+                    (self.jetstream)
+                        .publish_with_headers(subject, tombstone(), Bytes::new())
                         .await
                 }
             };
@@ -179,6 +173,13 @@ impl Cluster {
         }
         !failed
     }
+}
+
+/// The headers of a tombstone: it expires by itself after [`TOMBSTONE_TTL`].
+fn tombstone() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-TTL", TOMBSTONE_TTL);
+    headers
 }
 
 /// Mirror records published and not yet acknowledged, at most.

@@ -492,7 +492,6 @@ async fn bulk(cluster: &Cluster, body: &Bytes) -> (u16, Bytes) {
 }
 
 impl Cluster {
-    /// The local shard of a connectionId this node issued in this run.
     /// Where connection `id` lives now, if it moved to this or another live node before
     /// the incarnation that opened it went: the node it lives on knows it by its earlier
     /// ids. Asks every live node.
@@ -502,14 +501,15 @@ impl Cluster {
         }
         let text = id.to_string();
         let peers = self.registry.live_peer_ids();
-        let asks = (peers.into_iter())
-            .map(|node| self.call(node, Op::Find, &text, None, bytes::Bytes::new()));
+        let asks =
+            (peers.into_iter()).map(|node| self.call(node, Op::Find, &text, None, Bytes::new()));
         let answers = futures_util::future::join_all(asks).await;
         (answers.into_iter().flatten())
             .filter(|reply| reply.status == 200)
             .find_map(|reply| std::str::from_utf8(&reply.body).ok()?.parse().ok())
     }
 
+    /// The local shard of a connectionId this node issued in this run.
     fn locate(&self, text: &str) -> Option<(ConnectionId, &crate::shard::handle::ShardHandle)> {
         let id: ConnectionId = text.parse().ok()?;
         if id.node != self.node_id || id.epoch != self.registry.epoch() {

@@ -19,9 +19,9 @@
 //! says instead the newest offset the connection had there (`MovedOut::standing`): the new
 //! node drops what is at or below it, and mends a gap above it from the room's history
 //! (`shard/numbered.rs`), such as a broadcast that reached neither node because the new
-//! node's interest had not yet reached the NATS server it was published through. The old node hands over only
-//! well within the asking node's request timeout (or not at all), and never while a DELETE
-//! or an overflow is pending; then it asks the new node whether the connection arrived
+//! node's interest had not yet reached the NATS server it was published through. The old
+//! node hands over only well within the asking node's request timeout (or not at all), and
+//! never while a DELETE or an overflow is pending; then it asks the new node whether the connection arrived
 //! (the answer may have been lost on the way) and reports the end of one that did not. A
 //! forwarding entry lasts as long as the connection could.
 
@@ -66,11 +66,6 @@ pub(crate) async fn move_out(
         return Err(Refusal::Unknown);
     };
     let connection = proven(&shard, id, &request)?;
-    // Where the asking node will file it, as it is now: anything filed there later is
-    // from this stay (the connection may have been on that node's run before).
-    let facts = &connection.facts;
-    let subject = (cluster.subjects).mirror_record(alias.node, alias.epoch, &facts.connection_id);
-    let filed_before = cluster.mirror_sequence(&subject).await;
     if !connection.take_resume() {
         // Resumed too often lately: it stays here.
         return Err(Refusal::Unknown);
@@ -79,6 +74,11 @@ pub(crate) async fn move_out(
         // A connection moves to another node, never onto this one's ids.
         return Err(Refusal::Unknown);
     }
+    // Where the asking node will file it, as it is now: anything filed there later is
+    // from this stay (the connection may have been on that node's run before).
+    let connection_id = &connection.facts.connection_id;
+    let subject = (cluster.subjects).mirror_record(alias.node, alias.epoch, connection_id);
+    let filed_before = cluster.mirror_sequence(&subject).await;
     // The asking node gives up after `cluster.request_timeout_ms`: hand over only well
     // within it (counting from when it asked), or the connection would be forgotten here
     // with no one carrying it on.

@@ -159,31 +159,37 @@ impl Waiting {
         (from, frames, passed): (Position, HeldFrames, Vec<u64>),
     ) -> u64 {
         let token = self.begin(sequence, room, Some(from));
-        let wait = (self.held.get_mut(&sequence))
-            .and_then(|waits| waits.iter_mut().find(|wait| wait.token == token));
-        if let Some(wait) = wait {
+        if let Some(wait) = self.wait_mut(sequence, room) {
             (wait.frames, wait.passed) = (frames, passed);
         }
         token
     }
 
+    /// The wait of `sequence` for a replay of `room`, if it waits for one.
+    fn wait(&self, sequence: u64, room: &RoomName) -> Option<&Wait> {
+        let waits = self.held.get(&sequence)?;
+        waits.iter().find(|wait| wait.room == *room)
+    }
+
+    fn wait_mut(&mut self, sequence: u64, room: &RoomName) -> Option<&mut Wait> {
+        let waits = self.held.get_mut(&sequence)?;
+        waits.iter_mut().find(|wait| wait.room == *room)
+    }
+
     /// If `sequence` waits for a replay of `room`: the newest it had before.
     pub(super) fn waits_from(&self, sequence: u64, room: &RoomName) -> Option<Option<Position>> {
-        let waits = self.held.get(&sequence)?;
-        waits.iter().find(|w| w.room == *room).map(|w| w.from)
+        self.wait(sequence, room).map(|wait| wait.from)
     }
 
     /// Whether `sequence` waits for a replay of `room`.
     pub(super) fn waits(&self, sequence: u64, room: &RoomName) -> bool {
-        (self.held.get(&sequence)).is_some_and(|waits| waits.iter().any(|w| w.room == *room))
+        self.wait(sequence, room).is_some()
     }
 
     /// Notes that a broadcast at `offset` excluded `sequence`, if it waits for a replay of
     /// `room` (which must not bring it).
     pub(super) fn pass(&mut self, sequence: u64, room: &RoomName, offset: u64) {
-        let wait = (self.held.get_mut(&sequence))
-            .and_then(|waits| waits.iter_mut().find(|wait| wait.room == *room));
-        if let Some(wait) = wait {
+        if let Some(wait) = self.wait_mut(sequence, room) {
             wait.passed.push(offset);
         }
     }
@@ -197,9 +203,7 @@ impl Waiting {
         frame: &SharedFrame,
         limit: usize,
     ) -> Held {
-        let wait = (self.held.get_mut(&sequence))
-            .and_then(|waits| waits.iter_mut().find(|wait| wait.room == *room));
-        let Some(wait) = wait else {
+        let Some(wait) = self.wait_mut(sequence, room) else {
             return Held::No;
         };
         if wait.frames.len() >= limit {
