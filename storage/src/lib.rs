@@ -24,7 +24,7 @@ pub use queue::{
     QueueRecovery, Read, Retention,
 };
 pub use record_log::ConnectionRecord;
-pub use records::{RecordChanges, RecordWriter};
+pub use records::{RecordChanges, RecordWriter, Written};
 
 use std::path::{Path, PathBuf};
 
@@ -300,6 +300,33 @@ mod tests {
         assert_eq!(storage.room_members("room").unwrap(), vec!["b".to_owned()]);
         drop(storage.start_records().unwrap());
         assert!(storage.room_members("roomy").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_record_waited_for_is_in_the_log_when_its_writer_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        let (_, writer) = storage.start_records().unwrap();
+        let (told, written) = crossbeam_channel::bounded(1);
+        let mut changes = RecordChanges::default();
+        changes.upsert(ConnectionRecord {
+            connection_id: "opening".into(),
+            connected_at_ms: 1,
+            last_active_at_ms: 1,
+            source_ip: "127.0.0.1".into(),
+            user_agent: "test".into(),
+        });
+        changes.when_written(Box::new(move |result| {
+            let _ = told.send(result);
+        }));
+        writer.apply(changes);
+        written.recv().unwrap().unwrap();
+        // Told before any sync or close: what a crash at this moment would leave.
+        let ids: Vec<String> = (storage.connection_records().unwrap().into_iter())
+            .map(|record| record.connection_id)
+            .collect();
+        assert_eq!(ids, vec!["opening".to_owned()]);
+        writer.close();
     }
 
     fn open_log(storage: &Storage, policy: FsyncPolicy, retention: Retention) -> QueueLog {

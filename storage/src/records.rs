@@ -22,16 +22,34 @@ const SYNC_WITHIN: Duration = Duration::from_millis(200);
 /// Past this size, the log is compacted once most of its entries say nothing any more.
 const COMPACT_ABOVE: u64 = 64 << 20;
 
+/// Told once changes are in the record log, or why they could not be written. Written is
+/// not yet synced: the entries outlive the process (a crash, `kill -9`) at once, and a
+/// machine's crash once synced, within [`SYNC_WITHIN`].
+pub type Written = Box<dyn FnOnce(Result<(), String>) + Send>;
+
 /// Record changes not yet handed to the writer, coalesced by key: the last change to a
 /// connection or a membership wins. Its size is bounded by the state it describes (open
 /// connections, their rooms, connections closed since the last hand-off), never by how
 /// often a client toggles a room, so a writer that falls behind costs no unbounded memory.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct RecordChanges {
     /// connectionId → the record to store, or `None` to remove it.
     connections: HashMap<String, Option<ConnectionRecord>>,
     /// membership key → joined (true) or left (false).
     memberships: HashMap<Vec<u8>, bool>,
+    /// Who waits for these changes to be written (a connection's record before its
+    /// `$connect` runs).
+    waiting: Vec<Written>,
+}
+
+impl std::fmt::Debug for RecordChanges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordChanges")
+            .field("connections", &self.connections)
+            .field("memberships", &self.memberships)
+            .field("waiting", &self.waiting.len())
+            .finish()
+    }
 }
 
 impl RecordChanges {
@@ -58,17 +76,26 @@ impl RecordChanges {
             .insert(membership_key(room, connection_id), false);
     }
 
+    /// Tells `written` once these changes (and the ones coalesced with them) are written.
+    pub fn when_written(&mut self, written: Written) {
+        self.waiting.push(written);
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.connections.is_empty() && self.memberships.is_empty()
+        self.connections.is_empty() && self.memberships.is_empty() && self.waiting.is_empty()
     }
 
     /// Folds `newer` in; its changes win.
     pub fn absorb(&mut self, newer: RecordChanges) {
         self.connections.extend(newer.connections);
         self.memberships.extend(newer.memberships);
+        self.waiting.extend(newer.waiting);
     }
-    /// The changes as record log entries, appended to `entries`.
-    fn into_entries(self, entries: &mut Vec<Entry>) {
+
+    /// The changes as record log entries, appended to `entries`; who waits for them, to
+    /// `waiting`.
+    fn into_entries(self, entries: &mut Vec<Entry>, waiting: &mut Vec<Written>) {
+        waiting.extend(self.waiting);
         entries.extend(
             self.connections
                 .into_iter()
@@ -101,18 +128,35 @@ const QUEUED_HANDOFFS: usize = 64;
 #[derive(Clone)]
 pub struct RecordWriter {
     requests: Sender<Request>,
+    /// Why the last write failed, until one succeeds (written again every
+    /// [`SYNC_WITHIN`] meanwhile).
+    failing: Failing,
 }
+
+/// Why the record log's last write failed, if it did.
+type Failing = std::sync::Arc<std::sync::Mutex<Option<String>>>;
 
 impl RecordWriter {
     pub(crate) fn spawn(log: RecordLog, dir: PathBuf) -> Self {
         let (requests, receiver) = crossbeam_channel::bounded(QUEUED_HANDOFFS);
+        let failing = Failing::default();
+        let writer = Writer {
+            log,
+            dir,
+            failing: failing.clone(),
+        };
         let spawned = std::thread::Builder::new()
             .name("switchboard-records".into())
-            .spawn(move || write_batches(log, &receiver, &dir));
+            .spawn(move || writer.run(&receiver));
         if let Err(error) = spawned {
             tracing::error!(%error, "cannot start the connection record writer");
         }
-        Self { requests }
+        Self { requests, failing }
+    }
+
+    /// Why the record log cannot be written now (a full disk), if it cannot.
+    pub fn failing(&self) -> Option<String> {
+        self.failing.lock().ok().and_then(|failing| failing.clone())
     }
 
     /// Hands `changes` to the writer without waiting; if it is behind, they come back to
@@ -148,59 +192,95 @@ pub(crate) fn membership_key(room: &str, connection_id: &str) -> Vec<u8> {
     key
 }
 
-fn write_batches(mut log: RecordLog, requests: &Receiver<Request>, dir: &std::path::Path) {
-    let mut closed_by = None;
-    // When the oldest change not yet synced was appended.
-    let mut unsynced_since: Option<Instant> = None;
-    while closed_by.is_none() {
-        let first = match unsynced_since {
-            None => requests.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            Some(since) => requests.recv_timeout(SYNC_WITHIN.saturating_sub(since.elapsed())),
-        };
-        let first = match first {
-            Ok(request) => request,
-            Err(RecvTimeoutError::Timeout) => {
-                sync(&mut log, dir);
-                unsynced_since = None;
-                continue;
-            }
-            Err(RecvTimeoutError::Disconnected) => break,
-        };
-        let mut entries = Vec::new();
-        for request in std::iter::once(first).chain(requests.try_iter().take(MAX_BATCH - 1)) {
-            match request {
-                Request::Apply(changes) => changes.into_entries(&mut entries),
-                Request::Close(done) => {
-                    closed_by = Some(done);
-                    break;
-                }
-            }
-        }
-        if let Err(error) = log.append(&entries) {
-            tracing::error!(dir = %dir.display(), %error, count = entries.len(), "record write failed");
-        }
-        unsynced_since.get_or_insert_with(Instant::now);
-        if unsynced_since.is_some_and(|since| since.elapsed() >= SYNC_WITHIN) {
-            sync(&mut log, dir);
-            unsynced_since = None;
-        }
-        if log.is_due(COMPACT_ABOVE)
-            && let Err(error) = log.compact()
-        {
-            tracing::error!(dir = %dir.display(), %error, "record log compaction failed");
-        }
-    }
-    sync(&mut log, dir);
-    // Release the log before answering, so the caller may reopen it.
-    drop(log);
-    if let Some(done) = closed_by {
-        let _ = done.send(());
-    }
+/// The writer thread's state.
+struct Writer {
+    log: RecordLog,
+    dir: PathBuf,
+    failing: Failing,
 }
 
-fn sync(log: &mut RecordLog, dir: &std::path::Path) {
-    if let Err(error) = log.sync() {
-        tracing::error!(dir = %dir.display(), %error, "record log sync failed");
+impl Writer {
+    fn run(mut self, requests: &Receiver<Request>) {
+        let mut closed_by = None;
+        // When the oldest change not yet synced was appended (or a failed write is to be
+        // tried again).
+        let mut unsynced_since: Option<Instant> = None;
+        while closed_by.is_none() {
+            let first = match unsynced_since {
+                None => requests.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(since) => requests.recv_timeout(SYNC_WITHIN.saturating_sub(since.elapsed())),
+            };
+            let first = match first {
+                Ok(request) => request,
+                Err(RecvTimeoutError::Timeout) => {
+                    let written = self.failing().is_none() || self.append(&[]).is_ok();
+                    self.sync();
+                    unsynced_since = (!written).then(Instant::now);
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let (mut entries, mut waiting) = (Vec::new(), Vec::new());
+            for request in std::iter::once(first).chain(requests.try_iter().take(MAX_BATCH - 1)) {
+                match request {
+                    Request::Apply(changes) => changes.into_entries(&mut entries, &mut waiting),
+                    Request::Close(done) => {
+                        closed_by = Some(done);
+                        break;
+                    }
+                }
+            }
+            let appended = self.append(&entries);
+            for written in waiting {
+                written(appended.clone());
+            }
+            unsynced_since.get_or_insert_with(Instant::now);
+            if unsynced_since.is_some_and(|since| since.elapsed() >= SYNC_WITHIN) {
+                self.sync();
+                unsynced_since = None;
+            }
+            if self.log.is_due(COMPACT_ABOVE)
+                && let Err(error) = self.log.compact()
+            {
+                tracing::error!(dir = %self.dir.display(), %error, "record log compaction failed");
+            }
+        }
+        self.sync();
+        // Release the log before answering, so the caller may reopen it.
+        drop(self.log);
+        if let Some(done) = closed_by {
+            let _ = done.send(());
+        }
+    }
+
+    /// Appends `entries` (after what failed to be written before); notes the outcome for
+    /// [`RecordWriter::failing`].
+    fn append(&mut self, entries: &[Entry]) -> Result<(), String> {
+        let appended = self.log.append(entries).map_err(|error| error.to_string());
+        let now_failing = appended.as_ref().err().cloned();
+        match &now_failing {
+            Some(error) => {
+                tracing::error!(dir = %self.dir.display(), %error, count = entries.len(), "record write failed")
+            }
+            None if self.failing().is_some() => {
+                tracing::info!(dir = %self.dir.display(), "record log written again")
+            }
+            None => {}
+        }
+        if let Ok(mut failing) = self.failing.lock() {
+            *failing = now_failing;
+        }
+        appended
+    }
+
+    fn failing(&self) -> Option<String> {
+        self.failing.lock().ok().and_then(|failing| failing.clone())
+    }
+
+    fn sync(&mut self) {
+        if let Err(error) = self.log.sync() {
+            tracing::error!(dir = %self.dir.display(), %error, "record log sync failed");
+        }
     }
 }
 

@@ -1,10 +1,11 @@
 //! Connection records mirrored to NATS, so that when a node dies another can tell the
 //! backends which connections it held.
 //!
-//! Shards note opens and closes here (a map coalesced by connectionId, never a NATS round
-//! trip on the connect path); every `cluster.mirror_interval_ms` the changes are
-//! published to the `SB_{stage}_CONNECTIONS` stream together and their acks awaited
-//! together. One subject per connection, one message kept per subject: a record is
+//! Shards note changes here (a map coalesced by connectionId); every
+//! `cluster.mirror_interval_ms` the changes are published to the `SB_{stage}_CONNECTIONS`
+//! stream together and their acks awaited together. A new connection's record is the one
+//! change waited for: it must be in the stream before `$connect` runs, and it goes out at
+//! once, with whatever else is pending (a connect storm's records share their flushes). One subject per connection, one message kept per subject: a record is
 //! replaced by a tombstone when the connection closes, and the tombstone expires by
 //! itself (a per-message TTL), so the stream holds what is open, not what ever was.
 
@@ -30,6 +31,15 @@ impl Cluster {
     pub fn mirror_opened(&self, record: MirrorRecord) {
         self.mirror
             .note(&record.connection_id.clone(), Some(record));
+    }
+
+    /// Mirrors a new connection's record now; true once the stream acked it, false if it
+    /// did not within `patience` (NATS out of reach: the record still goes out later, unless
+    /// a [`Cluster::mirror_closed`] replaces it).
+    pub async fn mirror_opening(&self, record: MirrorRecord, patience: Duration) -> bool {
+        let (mirrored, acked) = tokio::sync::oneshot::channel();
+        self.mirror.note_awaited(record, mirrored);
+        matches!(tokio::time::timeout(patience, acked).await, Ok(Ok(())))
     }
 
     /// Notes a closed (and reported) connection for the mirror.
@@ -118,7 +128,8 @@ impl Cluster {
 
     /// Publishes the pending changes; false if NATS refused (they stay pending).
     async fn flush_mirror(&self) -> bool {
-        let changes = self.mirror.take();
+        let pending = self.mirror.take();
+        let changes = &pending.changes;
         if changes.is_empty() {
             return true;
         }
@@ -129,7 +140,7 @@ impl Cluster {
         let mut acks: std::collections::VecDeque<async_nats::jetstream::context::PublishAckFuture> =
             std::collections::VecDeque::with_capacity(MIRROR_ACKS_IN_FLIGHT);
         let mut failed = false;
-        for (id, record) in &changes {
+        for (id, record) in changes {
             if acks.len() == MIRROR_ACKS_IN_FLIGHT
                 && let Some(oldest) = acks.pop_front()
                 && oldest.await.is_err()
@@ -169,7 +180,11 @@ impl Cluster {
             .with_label_values(&["mirror"])
             .inc_by(changes.len() as u64);
         if failed {
-            self.mirror.restore(changes);
+            self.mirror.restore(pending);
+        } else {
+            for mirrored in pending.waiting {
+                let _ = mirrored.send(());
+            }
         }
         !failed
     }
@@ -195,6 +210,7 @@ pub async fn flush_loop(cluster: Arc<Cluster>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
+            _ = cluster.mirror.wanted.notified() => {}
         }
         let flushed = cluster.flush_mirror().await;
         if flushed == failing {

@@ -408,8 +408,18 @@ impl Directory {
         self.count_occupancy(room, false);
     }
 
-    /// A connection opened here: in cluster mode its record is mirrored, for the node that
-    /// reports it if this one is lost.
+    /// A new connection is about to run `$connect` here: in cluster mode its record is
+    /// mirrored first, for the node that reports it if this one is lost. False if the
+    /// mirror did not ack it within `patience`.
+    pub async fn opening(&self, facts: &ConnectionFacts, patience: std::time::Duration) -> bool {
+        match &self.cluster {
+            Some(cluster) => (cluster.mirror_opening(MirrorRecord::of(facts), patience)).await,
+            None => true,
+        }
+    }
+
+    /// A connection moved here from another node: in cluster mode its record is mirrored
+    /// under this node, for the node that reports it if this one is lost.
     pub fn opened(&self, facts: &ConnectionFacts) {
         if let Some(cluster) = &self.cluster {
             cluster.mirror_opened(MirrorRecord::of(facts));

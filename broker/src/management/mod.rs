@@ -80,8 +80,9 @@ pub fn router(state: ApiState) -> Router {
 }
 
 /// `{"status": "ok"}`, or 503 `{"status": "degraded", "reason": …}` while this node's
-/// cluster delivery is broken (it still serves its own clients), or while its cluster lease
-/// has lapsed (it serves nothing: [`crate::fence`]).
+/// cluster delivery is broken (it still serves its own clients), while its cluster lease
+/// has lapsed (it serves nothing: [`crate::fence`]), or while its connection record log
+/// cannot be written (a full disk: it opens no new connection).
 async fn health(State(state): State<ApiState>) -> Response {
     let lapsed = || {
         (!state.gateway.fence.holds()).then(|| {
@@ -90,7 +91,15 @@ async fn health(State(state): State<ApiState>) -> Response {
                 .to_owned()
         })
     };
-    match state.gateway.directory.degraded().or_else(lapsed) {
+    let unrecorded = || {
+        (state.gateway.records.failing()).map(|error| {
+            format!("this node cannot write its connection records ({error}); it refuses new connections")
+        })
+    };
+    let degraded = (state.gateway.directory.degraded())
+        .or_else(lapsed)
+        .or_else(unrecorded);
+    match degraded {
         None => axum::Json(json!({"status": "ok"})).into_response(),
         Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -52,6 +52,7 @@ pub(crate) struct Refused {
 
 /// Mints the connection's id and runs what decides whether it may open: the origin
 /// allow-list, the authorizer and the `$connect` route. The same for every transport.
+/// The connection is recorded before `$connect` runs, and forgotten again if it refuses.
 async fn connect(
     shard: &Rc<Shard>,
     peer: SocketAddr,
@@ -68,21 +69,72 @@ async fn connect(
         domain_name,
         authorizer: None,
     };
-    let protocol = admit(shard, &mut facts, request).await?;
-    Ok((id, facts, protocol))
+    facts.authorizer = check_request(shard, &facts, request).await?;
+    wait_for_lease(shard).await?;
+    if let Err(refused) = record_before_connect(shard, &facts).await {
+        forget_unopened(shard, &facts);
+        return Err(refused);
+    }
+    match run_connect(shard, &facts, request).await {
+        Ok(protocol) => Ok((id, facts, protocol)),
+        Err(refused) => {
+            forget_unopened(shard, &facts);
+            Err(refused)
+        }
+    }
 }
 
-/// The origin allow-list, the authorizer (its context goes into `facts`) and the
-/// `$connect` route, for a new connection or a resumed one. Returns the subprotocol
-/// `$connect` chose.
-pub(crate) async fn admit(
-    shard: &Rc<Shard>,
-    facts: &mut ConnectionFacts,
-    request: &crate::event::HandshakeRequest,
-) -> Result<Option<String>, Refused> {
-    facts.authorizer = check_request(shard, facts, request).await?;
-    wait_for_lease(shard).await?;
-    run_connect(shard, facts, request).await
+/// What the record log keeps of an open connection.
+pub(crate) fn stored_record(facts: &ConnectionFacts) -> switchboard_storage::ConnectionRecord {
+    switchboard_storage::ConnectionRecord {
+        connection_id: facts.connection_id.clone(),
+        connected_at_ms: facts.connected_at_ms,
+        last_active_at_ms: facts.connected_at_ms,
+        source_ip: facts.source_ip.clone(),
+        user_agent: facts.user_agent.clone(),
+    }
+}
+
+/// A backend that heard `$connect` must hear `$disconnect` once, even if this node dies the
+/// next moment. So before `$connect` runs, the connection's record is in the record log
+/// (written, not yet synced: a restart on the same data dir reports it) and, in cluster
+/// mode, acked by the mirror (the node that takes this one over reports it). Connects
+/// share the writes: the record log's one per shard turn, the mirror's one flush.
+async fn record_before_connect(shard: &Shard, facts: &ConnectionFacts) -> Result<(), Refused> {
+    let (told, written) = tokio::sync::oneshot::channel();
+    shard.record(|changes| {
+        changes.upsert(stored_record(facts));
+        changes.when_written(Box::new(move |result| {
+            let _ = told.send(result);
+        }));
+    });
+    let gateway = &shard.gateway;
+    let written = tokio::time::timeout(Fence::PATIENCE, written);
+    let mirrored = gateway.directory.opening(facts, Fence::PATIENCE);
+    let (written, mirrored) = tokio::join!(written, mirrored);
+    let why = match written {
+        Ok(Ok(Ok(()))) if !mirrored => "the cluster's record mirror did not answer",
+        // It answered after the lease ran out: a takeover may have listed this node's
+        // records without this one.
+        Ok(Ok(Ok(()))) if !gateway.fence.holds() => "this node's cluster lease ran out",
+        Ok(Ok(Ok(()))) => return Ok(()),
+        Ok(Ok(Err(error))) => &format!("the record log cannot be written: {error}"),
+        Ok(Err(_)) => "the record writer stopped",
+        Err(_) => "the record log is not keeping up",
+    };
+    tracing::warn!(connection_id = %facts.connection_id, why, "connection refused: not recorded");
+    Err(Refused {
+        status: 503,
+        body: format!("this node cannot record the connection ({why}); try again").into(),
+        result: "unrecorded",
+    })
+}
+
+/// A connection recorded for `$connect` that did not open: its records go, unreported.
+fn forget_unopened(shard: &Shard, facts: &ConnectionFacts) {
+    shard.gateway.directory.closed(&facts.connection_id);
+    let id = facts.connection_id.clone();
+    shard.record(|changes| changes.remove(id));
 }
 
 /// A node whose cluster lease is out (paused, or cut off from NATS) may have been declared

@@ -78,6 +78,7 @@ fn register(
     let expires_at = std::time::Instant::now() + lifetime;
     let connection = Rc::new(Connection::new(id, facts, socket, queue, expires_at));
     connection.admitted_as(ticket);
+    let moved = moved_in.is_some();
     let mut rooms = Vec::new();
     if let Some(config) = &gateway.config.api.resume {
         let token = ResumeToken::mint(id);
@@ -104,15 +105,11 @@ fn register(
             rooms = moved.rooms;
         }
     }
-    let record = switchboard_storage::ConnectionRecord {
-        connection_id: connection.facts.connection_id.clone(),
-        connected_at_ms: connection.facts.connected_at_ms,
-        last_active_at_ms: connection.facts.connected_at_ms,
-        source_ip: connection.facts.source_ip.clone(),
-        user_agent: connection.facts.user_agent.clone(),
-    };
-    gateway.directory.opened(&connection.facts);
-    shard.record(|changes| changes.upsert(record));
+    // A new connection was recorded before its `$connect`; one that moved here is now.
+    if moved {
+        gateway.directory.opened(&connection.facts);
+        shard.record(|changes| changes.upsert(super::admit::stored_record(&connection.facts)));
+    }
     // A moved connection's rooms first: calls that waited for it (a leave among them)
     // apply on top of them as it is registered.
     for room in &rooms {

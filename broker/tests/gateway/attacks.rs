@@ -104,14 +104,23 @@ async fn ws_client(gateway: &GatewayProcess) -> Ws {
 }
 
 async fn health(gateway: &GatewayProcess) -> u16 {
-    http()
+    health_reason(gateway).await.0
+}
+
+/// /health's status and the reason it gives (empty when healthy).
+async fn health_reason(gateway: &GatewayProcess) -> (u16, String) {
+    let response = http()
         .get(format!("http://{}/health", gateway.api_addr()))
         .timeout(Duration::from_secs(20))
         .send()
         .await
-        .unwrap()
-        .status()
-        .as_u16()
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    (
+        status,
+        body["reason"].as_str().unwrap_or_default().to_owned(),
+    )
 }
 
 /// Waits (bounded) until `condition` holds for the process; panics with `what` if not.
@@ -505,7 +514,7 @@ async fn clients_that_never_read_are_cut_by_the_memory_budget_and_memory_comes_b
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_is_an_error_frame_not_a_crash() {
+async fn a_full_disk_is_an_error_frame_and_a_clear_refusal_not_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("small-disk");
     std::fs::create_dir_all(&data).unwrap();
@@ -547,19 +556,55 @@ async fn a_full_disk_is_an_error_frame_not_a_crash() {
     let refused = refused.expect("the 4 MiB disk filled up");
     let message = refused["message"].as_str().unwrap();
     assert!(message.contains("out of disk space"), "{message}");
-    // The gateway carries on: the same client and others are served, the API answers.
+    // The gateway carries on: the same client is served, the API answers.
     echo(&mut writer, "still connected").await;
-    let mut other = ws_client(&gateway).await;
-    echo(&mut other, "hello").await;
-    assert_eq!(health(&gateway).await, 200);
     assert!(
         gateway
             .metric("switchboard_queue_append_errors_total{kind=\"disk_full\",queue=\"q\"}")
             .await
             >= 1.0
     );
-    // Space comes back: appends are stored and acknowledged again.
+    // A new connection is refused once its record cannot be written (the record log's last
+    // page may hold a few more first): a backend would hear its `$connect` and, after a
+    // crash, never its `$disconnect`. The client is told why, and so is /health.
+    let mut newcomers = Vec::new();
+    let (status, body) = loop {
+        assert!(
+            newcomers.len() < 200,
+            "every connection opened on a full disk"
+        );
+        match tokio_tungstenite::connect_async(gateway.ws_url.as_str()).await {
+            Ok((ws, _)) => newcomers.push(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                let body = response.body().clone().unwrap_or_default();
+                break (
+                    response.status(),
+                    String::from_utf8_lossy(&body).into_owned(),
+                );
+            }
+            Err(other) => panic!("handshake failed without an HTTP status: {other}"),
+        }
+    };
+    assert_eq!(status, 503);
+    assert!(body.contains("cannot record the connection"), "{body}");
+    let (health_status, reason) = health_reason(&gateway).await;
+    assert_eq!(health_status, 503);
+    assert!(reason.contains("connection records"), "{reason}");
+    assert!(
+        gateway
+            .metric("switchboard_connections_total{result=\"unrecorded\",transport=\"websocket\"}")
+            .await
+            >= 1.0
+    );
+    // Space comes back: records are written again (unasked), connections open, appends
+    // are stored and acknowledged.
     std::fs::remove_file(&ballast).unwrap();
+    eventually(Duration::from_secs(10), "/health ok again", async || {
+        health(&gateway).await == 200
+    })
+    .await;
+    let mut other = ws_client(&gateway).await;
+    echo(&mut other, "hello").await;
     let frame = json!({"action": "q", "data": "after cleanup"}).to_string();
     send_text(&mut writer, &frame).await;
     assert_eq!(next_json(&mut writer).await["type"], "ack");

@@ -48,11 +48,24 @@ impl MirrorRecord {
     }
 }
 
+/// Told once the changes it waited for are acked by the stream.
+pub(in crate::cluster) type Mirrored = tokio::sync::oneshot::Sender<()>;
+
 /// The mirror stream and the changes not yet published.
 pub struct Mirror {
     pub(in crate::cluster) stream: stream::Stream,
-    /// connectionId → its record (opened) or `None` (closed), coalesced.
-    pub(in crate::cluster) pending: Mutex<HashMap<String, Option<MirrorRecord>>>,
+    /// connectionId → its record (opened) or `None` (closed), coalesced; and who waits for
+    /// them to be acked.
+    pending: Mutex<Pending>,
+    /// Woken when someone waits: the changes go out now, not at the next interval.
+    pub(in crate::cluster) wanted: tokio::sync::Notify,
+}
+
+/// Changes not yet published, and who waits for them.
+#[derive(Default)]
+pub(in crate::cluster) struct Pending {
+    pub(in crate::cluster) changes: HashMap<String, Option<MirrorRecord>>,
+    pub(in crate::cluster) waiting: Vec<Mirrored>,
 }
 
 impl Mirror {
@@ -75,29 +88,42 @@ impl Mirror {
             .map_err(|e| ClusterError::JetStream(e.to_string()))?;
         Ok(Self {
             stream,
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Pending::default()),
+            wanted: tokio::sync::Notify::new(),
         })
     }
 
     pub(in crate::cluster) fn note(&self, connection_id: &str, record: Option<MirrorRecord>) {
         if let Ok(mut pending) = self.pending.lock() {
-            pending.insert(connection_id.to_owned(), record);
+            pending.changes.insert(connection_id.to_owned(), record);
         }
     }
 
-    pub(in crate::cluster) fn take(&self) -> HashMap<String, Option<MirrorRecord>> {
+    /// [`Mirror::note`], telling `mirrored` once the change is acked; it goes out now.
+    pub(in crate::cluster) fn note_awaited(&self, record: MirrorRecord, mirrored: Mirrored) {
+        if let Ok(mut pending) = self.pending.lock() {
+            let id = record.connection_id.clone();
+            pending.changes.insert(id, Some(record));
+            pending.waiting.push(mirrored);
+        }
+        self.wanted.notify_one();
+    }
+
+    pub(in crate::cluster) fn take(&self) -> Pending {
         self.pending
             .lock()
             .map(|mut pending| std::mem::take(&mut *pending))
             .unwrap_or_default()
     }
 
-    /// Puts back changes that could not be published; newer ones win.
-    pub(in crate::cluster) fn restore(&self, unsent: HashMap<String, Option<MirrorRecord>>) {
+    /// Puts back changes that could not be published (newer ones win), and who waits for
+    /// them.
+    pub(in crate::cluster) fn restore(&self, unsent: Pending) {
         if let Ok(mut pending) = self.pending.lock() {
-            for (id, record) in unsent {
-                pending.entry(id).or_insert(record);
+            for (id, record) in unsent.changes {
+                pending.changes.entry(id).or_insert(record);
             }
+            pending.waiting.extend(unsent.waiting);
         }
     }
 }

@@ -179,6 +179,9 @@ async fn a_node_cut_off_from_nats_past_the_timeout_says_so_and_fences_itself() {
 
     // Its clients still reach it; NATS does not. Once its lease lapses it says so.
     relay.cut();
+    // A client that comes meanwhile is refused (before the lease lapses: its record cannot
+    // reach the mirror), not opened unknown to the node that will report this one's.
+    assert_eq!(request_status(nodes[0].ws_url.as_str()).await, 503);
     wait_for_health(&nodes[0], 503, Duration::from_secs(15)).await;
     send_text(&mut cut_off, r#"{"action":"sent while cut off"}"#).await;
     let report = backend

@@ -6,7 +6,8 @@
 //! * a broadcaster (`b:N` to the room) and a pusher (`p:ID:N` to each client's session),
 //!   each call through a node picked at random;
 //! * a producer appending `{"action":"order","seq":N}` to the acked queue `orders`, one at a
-//!   time, sending again what was not acked (so duplicates may appear, losses may not).
+//!   time, sending again what was not acked (so duplicates may appear, losses may not), on
+//!   a new connection to a node picked at random every 40 orders.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -22,6 +23,9 @@ use crate::support::*;
 
 /// How many resumable clients.
 pub(crate) const CLIENTS: usize = 6;
+/// Orders the producer sends on one connection before it opens another (to a node picked
+/// at random): appends go through every node, and connects happen throughout the faults.
+const ORDERS_PER_CONNECTION: u64 = 40;
 /// How often each driver acts.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -477,6 +481,10 @@ async fn producer(
                 Some(id) if ack["type"] == "ack" => {
                     seen.lock().unwrap().acked.push((seq, id.to_owned()));
                     seq += 1;
+                    if seq.is_multiple_of(ORDERS_PER_CONNECTION) {
+                        let _ = ws.close(None).await;
+                        continue 'connections;
+                    }
                 }
                 // An error frame (the queue was unavailable): the same order again.
                 _ => tokio::time::sleep(Duration::from_millis(100)).await,
