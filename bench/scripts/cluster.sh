@@ -6,8 +6,9 @@
 #   NATS_SERVER=~/.cache/switchboard-nats-venv/bin/nats-server bash bench/scripts/cluster.sh
 #
 # Env: ROOM (members, 5000), MESSAGES (fan-out messages, 400), RATE (fixed fan-out rate, 50),
-# PUSHES (5000), QUEUE_MESSAGES (50000), CLUSTER_EXTRA (more [cluster] keys), ONLY (run only
-# the cases whose name contains it). Results go to stdout (JSON lines).
+# PUSHES (5000), QUEUE_MESSAGES (50000), CONNECTS (3000), CLUSTER_EXTRA (more [cluster]
+# keys), ONLY (run only the cases whose name contains it), SWITCHBOARD (another build to
+# run). Results go to stdout (JSON lines).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -17,7 +18,8 @@ MESSAGES=${MESSAGES:-400}
 RATE=${RATE:-50}
 PUSHES=${PUSHES:-5000}
 QUEUE_MESSAGES=${QUEUE_MESSAGES:-50000}
-SB=target/release/switchboard
+CONNECTS=${CONNECTS:-3000}
+SB=${SWITCHBOARD:-target/release/switchboard}
 L=target/release/switchboard-loadgen
 work=$(mktemp -d)
 pids=()
@@ -81,6 +83,7 @@ run push-local push -c 1 -m "$PUSHES" --rate 1000 --url ws://127.0.0.1:18080/dev
 run room-one-node-max fanout -c "$ROOM" -m "$MESSAGES" --url ws://127.0.0.1:18080/dev --api http://127.0.0.1:19090/dev
 run room-one-node-fixed fanout -c "$ROOM" -m "$((RATE * 10))" --rate "$RATE" --url ws://127.0.0.1:18080/dev --api http://127.0.0.1:19090/dev
 run queue-local queue -c 10 -m "$QUEUE_MESSAGES" --url ws://127.0.0.1:18080/dev --api http://127.0.0.1:19090/dev
+run connects-one-node connect -c "$CONNECTS" --source-addrs 4 --hold-secs 1 --url ws://127.0.0.1:18080/dev --api http://127.0.0.1:19090/dev
 stop_all
 
 # --- three nodes on one nats-server -----------------------------------------------------
@@ -95,6 +98,8 @@ for id in 1 2 3; do wait_http "http://127.0.0.1:$((19089 + id))"; done
 nodes=ws://127.0.0.1:18080/dev,ws://127.0.0.1:18081/dev,ws://127.0.0.1:18082/dev
 varz() { curl -s http://127.0.0.1:18222/varz | python3 -c "import json,sys; d=json.load(sys.stdin); print(d['in_msgs'], d['out_msgs'])"; }
 
+# Each connect waits for its record to be acked by the mirror stream.
+run connects-three-nodes connect -c "$CONNECTS" --source-addrs 4 --hold-secs 1 --url "$nodes" --api http://127.0.0.1:19090/dev
 run push-local-in-cluster push -c 1 -m "$PUSHES" --rate 1000 --url ws://127.0.0.1:18080/dev --api http://127.0.0.1:19090/dev
 run push-cross-node push -c 1 -m "$PUSHES" --rate 1000 --url ws://127.0.0.1:18081/dev --api http://127.0.0.1:19090/dev
 run room-three-nodes-max fanout -c "$ROOM" -m "$MESSAGES" --url "$nodes" --api http://127.0.0.1:19090/dev

@@ -169,6 +169,8 @@ fn reuseport_listener(address: SocketAddr) -> std::io::Result<std::net::TcpListe
 const LEAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long shutdown waits for the webhook events of the last moments to be stored.
 const FEED_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long queue deliverers and cluster duties get to stop, together.
+const DUTIES_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs the gateway until `shutdown` is cancelled, then closes every connection with 1001,
 /// fires `$disconnect` for each, flushes storage and returns.
@@ -415,8 +417,14 @@ pub async fn serve(
     // Unreported orphans keep their records and are reported at the next start.
     orphan_report.abort();
     let _ = orphan_report.await;
+    // Each stops at the shutdown, but one may be waiting on NATS (gone): it is cut off
+    // past the deadline. A queue delivery cut short is delivered again at the next start.
+    let deadline = tokio::time::Instant::now() + DUTIES_STOP_WAIT;
     for deliverer in deliverers {
-        let _ = deliverer.await;
+        let abort = deliverer.abort_handle();
+        if tokio::time::timeout_at(deadline, deliverer).await.is_err() {
+            abort.abort();
+        }
     }
     if let Some(cluster) = &gateway.cluster {
         // With NATS gone, leaving would wait for it forever (a flush waits for a reconnect).

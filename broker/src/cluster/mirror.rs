@@ -200,8 +200,8 @@ fn tombstone() -> HeaderMap {
 /// Mirror records published and not yet acknowledged, at most.
 const MIRROR_ACKS_IN_FLIGHT: usize = 256;
 
-/// Publishes the mirror's changes every `cluster.mirror_interval_ms` until `shutdown`,
-/// then once more.
+/// Publishes the mirror's changes every `cluster.mirror_interval_ms`, and at once when a
+/// connect waits for its record, until `shutdown`.
 pub async fn flush_loop(cluster: Arc<Cluster>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(cluster.config.mirror_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -212,7 +212,12 @@ pub async fn flush_loop(cluster: Arc<Cluster>, shutdown: CancellationToken) {
             _ = tick.tick() => {}
             _ = cluster.mirror.wanted.notified() => {}
         }
-        let flushed = cluster.flush_mirror().await;
+        // A flush waits for NATS; a shutdown does not wait for it (the node leaves the
+        // cluster next, and its records go then).
+        let flushed = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            flushed = cluster.flush_mirror() => flushed,
+        };
         if flushed == failing {
             if flushed {
                 tracing::info!("connection records mirrored to NATS again");

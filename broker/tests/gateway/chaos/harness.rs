@@ -103,6 +103,17 @@ impl Chaos {
         name: &'static str,
         env: Vec<Vec<(String, String)>>,
     ) -> Option<Self> {
+        let mut chaos = Self::prepare(name, env).await?;
+        chaos.launch_all().await;
+        Some(chaos)
+    }
+
+    /// The cluster with no node started yet: the scenario may set up their data dirs
+    /// ([`Chaos::data_dir`]) before [`Chaos::launch_all`].
+    pub(crate) async fn prepare(
+        name: &'static str,
+        env: Vec<Vec<(String, String)>>,
+    ) -> Option<Self> {
         let binary = nats::binary()?;
         let seed = seed();
         eprintln!("chaos {name}: seed {seed} (replay with CHAOS_SEED={seed})");
@@ -121,7 +132,7 @@ impl Chaos {
             files.push(node_files(node + 1, &urls, &backend, &routes(&backend)));
             links.push(relays);
         }
-        let mut chaos = Self {
+        Some(Self {
             name,
             rng: Rng::new(seed),
             seed,
@@ -133,11 +144,23 @@ impl Chaos {
             env,
             nodes: vec![None, None, None],
             endpoints: Arc::new(RwLock::new(Vec::new())),
-        };
+        })
+    }
+
+    /// Starts every node.
+    pub(crate) async fn launch_all(&mut self) {
         for node in 0..3 {
-            chaos.launch(node).await;
+            self.launch(node).await;
         }
-        Some(chaos)
+    }
+
+    /// Where node `node` keeps its data.
+    pub(crate) fn data_dir(&self, node: usize) -> std::path::PathBuf {
+        let config = &self.files[node].config;
+        config
+            .parent()
+            .expect("a config in a directory")
+            .join("data")
     }
 
     /// Prints a step of the schedule.

@@ -2,6 +2,8 @@
 //!
 //! * [`crashes`]: a node killed at one step of an operation (a crash point): handing a
 //!   session over, taking one, between a queue append and its ack, mid-broadcast.
+//! * [`disks`]: one node's disk full under load: newcomers refused there, clearly, until
+//!   space comes back; nothing lost.
 //! * [`fencing`]: one node paused, or cut off from NATS, past the node-loss timeout, and a
 //!   cut shorter than it: the zombie's clients and frames, step by step.
 //! * [`gaps`]: a numbered room's broadcasts lost with a broken NATS connection, mended
@@ -20,6 +22,7 @@
 
 mod checker;
 mod crashes;
+mod disks;
 mod fencing;
 mod gaps;
 mod harness;
