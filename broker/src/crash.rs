@@ -13,8 +13,8 @@ const VARIABLE: &str = "SWITCHBOARD_CRASH_AT";
 /// A step of an operation a node may die at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Point {
-    /// A connection's `$connect` said yes; the client has not been answered, and its
-    /// record may not be stored yet.
+    /// A connection's `$connect` said yes (its record is stored); the client has not been
+    /// answered.
     ConnectAccepted,
     /// A connection moving to another node: this node let go of it, and has not answered.
     MoveHandedOver,
@@ -25,15 +25,19 @@ pub enum Point {
     /// A numbered room's message: numbered and queued to this node's members, not
     /// published to the other nodes.
     BroadcastNumbered,
+    /// A batch of a queue's push delivery (room webhooks among them) answered 2xx by the
+    /// receiver, its offset not committed (acked) yet.
+    PushDelivered,
 }
 
 impl Point {
-    const ALL: [Self; 5] = [
+    const ALL: [Self; 6] = [
         Self::ConnectAccepted,
         Self::MoveHandedOver,
         Self::MoveTaken,
         Self::QueueAppended,
         Self::BroadcastNumbered,
+        Self::PushDelivered,
     ];
 
     /// Its name in [`VARIABLE`].
@@ -44,6 +48,7 @@ impl Point {
             Self::MoveTaken => "move.taken",
             Self::QueueAppended => "queue.appended",
             Self::BroadcastNumbered => "broadcast.numbered",
+            Self::PushDelivered => "push.delivered",
         }
     }
 }

@@ -17,6 +17,7 @@
 pub mod config;
 pub mod duties;
 pub mod error;
+pub mod find;
 pub mod history;
 pub mod interest;
 pub mod mirror;

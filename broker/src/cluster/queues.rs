@@ -360,6 +360,7 @@ impl PushBatch {
         if !delivered {
             return;
         }
+        crate::crash::reached(crate::crash::Point::PushDelivered);
         for message in &messages {
             if let Err(error) = message.double_ack().await {
                 tracing::warn!(queue = %self.queue, %error, "push delivery ack failed; it may be delivered again");

@@ -50,8 +50,9 @@ pub enum Op {
     Publish,
     /// What a room this node owns keeps ([`super::history`]).
     History,
-    /// Is the connection with this id here, moved in from another node? Asked of every
-    /// node when the incarnation that opened it is gone, and its forwarding with it.
+    /// Which of these connections (a JSON list of ids) are here, moved in from another
+    /// node? Asked of every node when the run that gave out their ids is gone, and its
+    /// forwarding with it ([`super::find`]).
     Find,
 }
 
@@ -321,11 +322,7 @@ async fn answer(
         return cluster.answer_owned_room(op, message, locked).await;
     }
     if op == Op::Find {
-        let id = header(message, ID).and_then(|id| id.parse().ok());
-        return match id.and_then(|id| cluster.arrived_as(id)) {
-            Some(alias) => (200, Bytes::from(alias.to_string())),
-            None => GONE,
-        };
+        return cluster.answer_find(&message.payload);
     }
     if op == Op::MoveStatus {
         let outcome = header(message, ID)
@@ -492,23 +489,6 @@ async fn bulk(cluster: &Cluster, body: &Bytes) -> (u16, Bytes) {
 }
 
 impl Cluster {
-    /// Where connection `id` lives now, if it moved to this or another live node before
-    /// the incarnation that opened it went: the node it lives on knows it by its earlier
-    /// ids. Asks every live node.
-    pub async fn find_moved(&self, id: ConnectionId) -> Option<ConnectionId> {
-        if let Some(alias) = self.arrived_as(id) {
-            return Some(alias);
-        }
-        let text = id.to_string();
-        let peers = self.registry.live_peer_ids();
-        let asks =
-            (peers.into_iter()).map(|node| self.call(node, Op::Find, &text, None, Bytes::new()));
-        let answers = futures_util::future::join_all(asks).await;
-        (answers.into_iter().flatten())
-            .filter(|reply| reply.status == 200)
-            .find_map(|reply| std::str::from_utf8(&reply.body).ok()?.parse().ok())
-    }
-
     /// The local shard of a connectionId this node issued in this run.
     fn locate(&self, text: &str) -> Option<(ConnectionId, &crate::shard::handle::ShardHandle)> {
         let id: ConnectionId = text.parse().ok()?;

@@ -206,9 +206,10 @@ impl Directory {
     /// those that are gone come back sorted.
     pub async fn send_bulk(&self, ids: &[String], message: &Message) -> Delivery {
         let cluster = self.cluster.as_deref();
-        // Connections of this node that moved to another one are sent where they live.
+        // Connections that moved are sent where they live (found by asking, if the node
+        // that forwarded them went).
         let ids = match cluster {
-            Some(cluster) => cluster.where_they_live(ids),
+            Some(cluster) => cluster.where_they_live_now(ids).await,
             None => ids.to_vec(),
         };
         let mut plan = FanoutPlan::for_ids(

@@ -215,6 +215,7 @@ pub async fn deliver(
             }
             delivered = in_flight.next(), if !in_flight.is_empty() => match delivered {
                 Some(Some(end)) => {
+                    crate::crash::reached(crate::crash::Point::PushDelivered);
                     if let Err(error) = hub.log.commit(&queue, PUSH_GROUP, end) {
                         tracing::error!(%queue, %error, "push deliverer cannot commit");
                     }

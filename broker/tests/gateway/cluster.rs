@@ -123,7 +123,7 @@ async fn assert_silent(ws: &mut Ws, quiet: Duration) {
     }
 }
 
-async fn join(ws: &mut Ws, room: &str) {
+pub(crate) async fn join(ws: &mut Ws, room: &str) {
     send_text(ws, &json!({"action": "join", "room": room}).to_string()).await;
 }
 
@@ -932,6 +932,47 @@ async fn a_session_moves_to_the_node_its_client_resumes_on_and_keeps_its_id() {
     assert_eq!(close_code(&mut ws).await, 1000);
     let (_, reason) = status_and_reason(&disconnect_event(&backend, &id).await);
     assert_eq!(reason, "connection deleted via @connections");
+}
+
+/// A session that moved off node 1, which then died: its forwarding died with it, but calls
+/// and bulk sends naming the session's first id still reach it, through every node (each
+/// asks the live nodes where it went); a connection that died with node 1 is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_moved_off_a_node_that_died_is_still_reached_by_calls_and_bulk_sends() {
+    let Some(binary) = nats::binary() else { return };
+    let server = NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let (mut nodes, _files) =
+        start_nodes(&[server.url()], &backend, "[api]\nresume = true\n").await;
+    let (_dies, dead_id, _) = open_resumable(&nodes[0].ws_url).await;
+    let (moved_id, token) = parked_session(&nodes[0]).await;
+    let url = format!("{}?resume={token}&received=0", nodes[1].ws_url);
+    let (mut moved, first) = open_and_read_first(&url).await;
+    assert_eq!(first["type"], "resumed", "{first}");
+    let (mut local, local_id, _) = open_resumable(&nodes[2].ws_url).await;
+    nodes[0].child.kill().unwrap();
+    nodes[0].child.wait().unwrap();
+    backend
+        .wait_for("/disconnect", |e| connection_id(e) == dead_id)
+        .await;
+    for node in &nodes[1..] {
+        let url = format!("{}/@connections/{moved_id}", node.api_url);
+        assert_eq!(post_body(url, "pushed").await.status(), 200);
+        assert_eq!(next_text(&mut moved).await, "pushed");
+        let answer: Value = http()
+            .post(format!("{}/@connections", node.api_url))
+            .json(&json!({"connectionIds": [moved_id, local_id, dead_id], "data": "bulk"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(answer["delivered"], 2, "{answer}");
+        assert_eq!(answer["gone"], json!([dead_id]), "{answer}");
+        assert_eq!(next_text(&mut moved).await, "bulk");
+        assert_eq!(next_text(&mut local).await, "bulk");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

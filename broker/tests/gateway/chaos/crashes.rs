@@ -89,3 +89,97 @@ async fn a_rooms_numbering_node_dies_mid_broadcast() {
 async fn a_node_dies_just_after_a_connect() {
     crashed_at("crash-connect-accepted", "connect.accepted@3", Room::Plain).await;
 }
+
+/// Every node armed at its second webhook batch answered 2xx and not acked (whichever
+/// node delivers dies there): the batch is delivered again by the next node, and every
+/// room event arrives, none more than twice. (The crash cuts the dying node's members:
+/// their leaves are told too.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_dies_between_a_webhook_batch_and_its_ack() {
+    use crate::binary::GatewayProcess;
+    use crate::cluster::{connect, join, node_files, wait_until_joined};
+    use crate::webhooks::{Receiver, SECRET};
+    use crate::{nats, support::Backend};
+    let Some(binary) = nats::binary() else { return };
+    let server = nats::NatsServer::start(&binary);
+    let backend = Backend::start().await;
+    let (receiver, url) = Receiver::start().await;
+    let extra = format!("[webhooks]\nurl = \"{url}\"\nsecret = \"{SECRET}\"\n");
+    let files: Vec<_> = (1..=3)
+        .map(|id| node_files(id, &[server.url()], &backend, &extra))
+        .collect();
+    let armed = [(CRASH_AT, "push.delivered@2")];
+    let mut nodes = Vec::new();
+    for file in &files {
+        let node = GatewayProcess::start_with_env(&file.config, &armed);
+        wait_until_joined(&node).await;
+        nodes.push(node);
+    }
+    // Twelve members join one at a time, through every node: an event or two per batch.
+    // A node that crashed is started again (disarmed) before the next one joins.
+    const MEMBERS: usize = 12;
+    let mut crashed = 0;
+    let mut clients = Vec::new();
+    for member in 0..MEMBERS {
+        crashed += restart_crashed(&mut nodes, &files).await;
+        let (mut ws, _) = connect(&nodes[member % 3], &backend).await;
+        join(&mut ws, "hooked").await;
+        clients.push(ws);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    // room_occupied once, member_joined for each: every id, at least once.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    let events = loop {
+        crashed += restart_crashed(&mut nodes, &files).await;
+        let events = receiver.events();
+        let joined = (events.iter())
+            .filter(|e| e["name"] == "member_joined")
+            .map(|e| e["connectionId"].as_str().unwrap_or_default())
+            .collect::<std::collections::HashSet<_>>()
+            .len();
+        if joined == MEMBERS && crashed >= 1 {
+            break events;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{joined} of {MEMBERS} joins told after {crashed} crashes: {events:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut times: std::collections::HashMap<String, usize> = Default::default();
+    for event in &events {
+        *times.entry(event["id"].to_string()).or_default() += 1;
+    }
+    // Each event has one id however often it is delivered: one room_occupied, a join per
+    // member (and a leave for the members a crash cut).
+    let ids_of = |name: &str| {
+        (events.iter())
+            .filter(|e| e["name"] == name)
+            .map(|e| e["id"].to_string())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
+    assert_eq!(ids_of("room_occupied"), 1, "{events:?}");
+    assert_eq!(ids_of("member_joined"), MEMBERS, "{events:?}");
+    assert!(times.values().all(|&n| n <= 2), "at most twice: {events:?}");
+    assert!(
+        times.values().any(|&n| n == 2),
+        "the batch answered before the crash came again: {events:?}"
+    );
+}
+
+/// Starts every node of `nodes` that exited again, on its data dir and disarmed; how many.
+async fn restart_crashed(
+    nodes: &mut [crate::binary::GatewayProcess],
+    files: &[crate::cluster::NodeFiles],
+) -> usize {
+    let mut crashed = 0;
+    for (node, file) in nodes.iter_mut().zip(files) {
+        if node.child.try_wait().ok().flatten().is_some() {
+            crashed += 1;
+            *node = crate::binary::GatewayProcess::start(&file.config, &[]);
+            crate::cluster::wait_until_joined(node).await;
+        }
+    }
+    crashed
+}
