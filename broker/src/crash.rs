@@ -28,16 +28,20 @@ pub enum Point {
     /// A batch of a queue's push delivery (room webhooks among them) answered 2xx by the
     /// receiver, its offset not committed (acked) yet.
     PushDelivered,
+    /// A bulk send queued to this node's recipients and sent to the other nodes', not
+    /// answered.
+    BulkSent,
 }
 
 impl Point {
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 7] = [
         Self::ConnectAccepted,
         Self::MoveHandedOver,
         Self::MoveTaken,
         Self::QueueAppended,
         Self::BroadcastNumbered,
         Self::PushDelivered,
+        Self::BulkSent,
     ];
 
     /// Its name in [`VARIABLE`].
@@ -49,6 +53,7 @@ impl Point {
             Self::QueueAppended => "queue.appended",
             Self::BroadcastNumbered => "broadcast.numbered",
             Self::PushDelivered => "push.delivered",
+            Self::BulkSent => "bulk.sent",
         }
     }
 }

@@ -230,6 +230,7 @@ impl Directory {
         };
         let (mut delivery, remote) =
             futures_util::join!(fanout::send_bulk(&self.shards, plan, message), remote);
+        crate::crash::reached(crate::crash::Point::BulkSent);
         delivery.delivered += remote.delivered;
         delivery.gone.extend(remote.gone);
         delivery.gone.sort_unstable();

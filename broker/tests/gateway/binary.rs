@@ -66,6 +66,21 @@ impl GatewayProcess {
         Self::launch(command)
     }
 
+    /// Starts the gateway in network namespace `namespace` (`ip netns exec`: the child is
+    /// the gateway itself).
+    pub(crate) fn start_in_namespace(
+        namespace: &str,
+        config_path: &Path,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let mut command = Command::new("ip");
+        command
+            .envs(env.iter().copied())
+            .args(["netns", "exec", namespace, BIN, "serve", "--config"])
+            .arg(config_path);
+        Self::launch(command)
+    }
+
     /// Starts the gateway with its open-files limit (soft and hard) set to `open_files`.
     pub(crate) fn start_with_open_files(config_path: &Path, open_files: u64) -> Self {
         let mut command = Command::new("sh");

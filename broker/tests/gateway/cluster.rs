@@ -32,6 +32,17 @@ pub(crate) fn node_files(
 
 /// A node's files with `routes` (and anything else) added to the cluster settings.
 fn node_files_with_routes(node_id: u16, nats_urls: &[String], routes: &str) -> NodeFiles {
+    node_files_listening_on("127.0.0.1", node_id, nats_urls, routes)
+}
+
+/// [`node_files_with_routes`], its client listener on `ip` (the management API stays on
+/// the loopback: elsewhere it would need tokens).
+pub(crate) fn node_files_listening_on(
+    ip: &str,
+    node_id: u16,
+    nats_urls: &[String],
+    routes: &str,
+) -> NodeFiles {
     let dir = tempfile::tempdir().unwrap();
     let urls = nats_urls
         .iter()
@@ -40,7 +51,7 @@ fn node_files_with_routes(node_id: u16, nats_urls: &[String], routes: &str) -> N
         .join(", ");
     let text = format!(
         r#"[server]
-listen = "127.0.0.1:0"
+listen = "{ip}:0"
 shards = 2
 node_id = {node_id}
 data_dir = "{data}"

@@ -20,7 +20,12 @@ pub(crate) struct TcpRelay {
 
 impl TcpRelay {
     pub(crate) async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on([127, 0, 0, 1].into(), target).await
+    }
+
+    /// A relay listening on `ip` (an address of a link the test made).
+    pub(crate) async fn start_on(ip: std::net::IpAddr, target: SocketAddr) -> Self {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
         let address = listener.local_addr().unwrap();
         let open = Arc::new(watch::channel(true).0);
         let pipes = Arc::new(Mutex::new(Vec::new()));

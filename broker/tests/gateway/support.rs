@@ -156,6 +156,14 @@ pub(crate) struct Backend {
 }
 
 impl Backend {
+    /// The same backend, reached at `url` (through a relay).
+    pub(crate) fn reached_at(&self, url: String) -> Self {
+        Self {
+            url,
+            ..self.clone()
+        }
+    }
+
     /// Paths:
     /// * `/ok`, `/connect-log`, `/disconnect`: 200, empty body;
     /// * `/reply`: a Lambda-proxy answer whose body is `reply:` + the event's body;

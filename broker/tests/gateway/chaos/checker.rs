@@ -5,8 +5,8 @@
 //! 3. Nothing from or to a connection after its `$disconnect`: no frame of its reaches the
 //!    backend, no message reaches its client.
 //! 4. Every session saw its messages once and in order; one that lived to the end (however
-//!    many times it resumed and moved) saw every push answered 200 and every broadcast
-//!    from its first to its last, with no gap.
+//!    many times it resumed and moved) saw every push and bulk send answered 200 (and not
+//!    saying it was gone) and every broadcast from its first to its last, with no gap.
 //! 5. Every node agrees on who is connected and in the room: `GET @connections/{id}`,
 //!    `GET @rooms/{room}` and its presence, through each node.
 //! 6. `/health` is 200 on every node.
@@ -54,11 +54,12 @@ pub(crate) async fn check(chaos: &Chaos, mut workload: Workload, faults: Faults)
         }
     }
     chaos.step(&format!(
-        "checked: {} sessions, {} resumes, {} broadcasts, {} pushes, {} orders acked",
+        "checked: {} sessions, {} resumes, {} broadcasts, {} pushes, {} bulk sends, {} orders acked",
         seen.received.len(),
         seen.resumes,
         seen.broadcast.len(),
         seen.pushed.len(),
+        seen.bulk.len(),
         seen.acked.len()
     ));
     assert!(
@@ -307,6 +308,7 @@ fn once_in_order(seen: &Seen, live: &[String], faults: Faults, violations: &mut 
                 pair[0], pair[1]
             ));
         }
+        bulks_once_in_order(seen, id, frames, live.contains(id), &mut report);
         if !live.contains(id) {
             continue;
         }
@@ -353,4 +355,39 @@ fn once_in_order(seen: &Seen, live: &[String], faults: Faults, violations: &mut 
 fn first_repeat(numbers: &[u64]) -> Option<u64> {
     let mut seen = BTreeSet::new();
     numbers.iter().copied().find(|n| !seen.insert(*n))
+}
+
+/// Bulk sends, for session `id` which received `frames`: none twice; those it is owed
+/// (answered 200, naming it, not saying it was gone) in the order they were answered; and,
+/// if it lived to the end, every one it is owed.
+fn bulks_once_in_order(
+    seen: &Seen,
+    id: &String,
+    frames: &[(String, Instant)],
+    lived: bool,
+    report: &mut impl FnMut(String),
+) {
+    let got: Vec<u64> = (frames.iter())
+        .filter_map(|(text, _)| text.strip_prefix("k:")?.parse().ok())
+        .collect();
+    if let Some(twice) = first_repeat(&got) {
+        report(format!("bulk send {twice} arrived twice"));
+    }
+    let owed: BTreeSet<u64> = (seen.bulk.iter())
+        .filter(|bulk| bulk.owed_to(id))
+        .map(|bulk| bulk.number)
+        .collect();
+    let got_owed: Vec<u64> = got.iter().copied().filter(|n| owed.contains(n)).collect();
+    if let Some(pair) = got_owed.windows(2).find(|w| w[1] < w[0]) {
+        report(format!(
+            "bulk sends answered 200 out of order: {} then {}",
+            pair[0], pair[1]
+        ));
+    }
+    let missing: Vec<&u64> = owed.iter().filter(|n| !got.contains(n)).collect();
+    if lived && !missing.is_empty() {
+        report(format!(
+            "bulk sends answered 200 never arrived: {missing:?}"
+        ));
+    }
 }

@@ -44,6 +44,14 @@ async fn crashed_at(name: &'static str, point: &str, room: Room) {
     check(&chaos, load, Faults::Injected).await;
 }
 
+/// A node dies with a bulk send queued to its own recipients and sent to the other nodes',
+/// before its answer leaves: the caller hears nothing, so nobody is owed it, and nobody
+/// gets it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_dies_mid_bulk_send() {
+    crashed_at("crash-bulk-sent", "bulk.sent@10", Room::Plain).await;
+}
+
 /// Where the workload's room is.
 enum Room {
     /// A room that does not number its messages.

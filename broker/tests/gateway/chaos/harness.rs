@@ -6,8 +6,9 @@
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use super::netns::Namespaces;
 use crate::binary::GatewayProcess;
-use crate::cluster::{NodeFiles, node_files, wait_until_joined};
+use crate::cluster::{NodeFiles, node_files, node_files_listening_on, wait_until_joined};
 use crate::faults::TcpRelay;
 use crate::nats::{self, NatsServer};
 use crate::support::*;
@@ -90,6 +91,13 @@ pub(crate) struct Chaos {
     env: Vec<Vec<(String, String)>>,
     pub(crate) nodes: Vec<Option<GatewayProcess>>,
     pub(crate) endpoints: Arc<RwLock<Vec<Endpoint>>>,
+    /// In namespaces: each node's way to the backend, across its client link.
+    _backend_links: Vec<TcpRelay>,
+    /// In namespaces: each node's management API, relayed to its client link.
+    management_relays: Vec<Option<super::netns::ManagementRelay>>,
+    /// Where the nodes run, if each has a network namespace of its own (dropped last: the
+    /// nodes stop first).
+    namespaces: Option<Namespaces>,
 }
 
 impl Chaos {
@@ -114,22 +122,56 @@ impl Chaos {
         name: &'static str,
         env: Vec<Vec<(String, String)>>,
     ) -> Option<Self> {
+        Self::prepare_on(name, env, None).await
+    }
+
+    /// The cluster with each node in a network namespace of its own ([`Namespaces`]): a
+    /// partition from NATS is then a link set down.
+    pub(crate) async fn start_in_namespaces(
+        name: &'static str,
+        namespaces: Namespaces,
+    ) -> Option<Self> {
+        let mut chaos = Self::prepare_on(name, vec![Vec::new(); 3], Some(namespaces)).await?;
+        chaos.launch_all().await;
+        Some(chaos)
+    }
+
+    async fn prepare_on(
+        name: &'static str,
+        env: Vec<Vec<(String, String)>>,
+        namespaces: Option<Namespaces>,
+    ) -> Option<Self> {
         let binary = nats::binary()?;
         let seed = seed();
         eprintln!("chaos {name}: seed {seed} (replay with CHAOS_SEED={seed})");
         let nats = nats::start_cluster(&binary).await;
         let backend = Backend::start().await;
-        let mut links = Vec::new();
-        let mut files = Vec::new();
+        let (mut links, mut files, mut backend_links) = (Vec::new(), Vec::new(), Vec::new());
         for node in 0..3u16 {
+            let index = usize::from(node);
+            let nats_side =
+                (namespaces.as_ref()).map_or([127, 0, 0, 1].into(), |n| n.nats_side(index));
             let mut relays = Vec::new();
             for server in &nats {
-                relays.push(TcpRelay::start(([127, 0, 0, 1], server.port).into()).await);
+                let server = ([127, 0, 0, 1], server.port).into();
+                relays.push(TcpRelay::start_on(nats_side, server).await);
             }
             // Each node prefers its own server, and fails over to the others.
-            relays.rotate_left(usize::from(node));
+            relays.rotate_left(index);
             let urls: Vec<String> = relays.iter().map(TcpRelay::nats_url).collect();
-            files.push(node_files(node + 1, &urls, &backend, &routes(&backend)));
+            files.push(match &namespaces {
+                None => node_files(node + 1, &urls, &backend, &routes(&backend)),
+                Some(namespaces) => {
+                    // The backend, reached from the namespace across its client link.
+                    let address = backend.url.trim_start_matches("http://").parse().unwrap();
+                    let relay = TcpRelay::start_on(namespaces.client_side(index), address).await;
+                    let reached = backend.reached_at(format!("http://{}", relay.address));
+                    backend_links.push(relay);
+                    let routes = config_with(&reached, &routes(&reached));
+                    let ip = namespaces.gateway_ip(index).to_string();
+                    node_files_listening_on(&ip, node + 1, &urls, &routes)
+                }
+            });
             links.push(relays);
         }
         Some(Self {
@@ -144,6 +186,9 @@ impl Chaos {
             env,
             nodes: vec![None, None, None],
             endpoints: Arc::new(RwLock::new(Vec::new())),
+            _backend_links: backend_links,
+            management_relays: vec![None, None, None],
+            namespaces,
         })
     }
 
@@ -173,7 +218,17 @@ impl Chaos {
         let env: Vec<(&str, &str)> = (self.env[node].iter())
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let process = GatewayProcess::start_with_env(&self.files[node].config, &env);
+        let config = &self.files[node].config;
+        let process = match &self.namespaces {
+            Some(namespaces) => {
+                let name = namespaces.name(node);
+                let mut process = GatewayProcess::start_in_namespace(&name, config, &env);
+                let relay = namespaces.expose_management(node, &mut process).await;
+                self.management_relays[node] = Some(relay);
+                process
+            }
+            None => GatewayProcess::start_with_env(config, &env),
+        };
         wait_until_joined(&process).await;
         let endpoint = Endpoint {
             ws_url: process.ws_url.clone(),
@@ -224,12 +279,18 @@ impl Chaos {
     /// The node's clients still reach it; NATS does not (nothing passes either way).
     pub(crate) fn cut(&self, node: usize) {
         self.step(&format!("cut node {} off from NATS", node + 1));
-        self.links[node].iter().for_each(TcpRelay::cut);
+        match &self.namespaces {
+            Some(namespaces) => namespaces.set_nats_link(node, false),
+            None => self.links[node].iter().for_each(TcpRelay::cut),
+        }
     }
 
     pub(crate) fn heal(&self, node: usize) {
         self.step(&format!("heal node {}'s link to NATS", node + 1));
-        self.links[node].iter().for_each(TcpRelay::heal);
+        match &self.namespaces {
+            Some(namespaces) => namespaces.set_nats_link(node, true),
+            None => self.links[node].iter().for_each(TcpRelay::heal),
+        }
     }
 
     /// Runs for `how_long`, restarting on its data dir (disarmed) every node that crashed

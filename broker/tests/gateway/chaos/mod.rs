@@ -15,6 +15,8 @@
 //!   numbered broadcasts and pushes through every node, producers appending to an acked
 //!   queue, and every `$connect`/`$disconnect`/frame the backend hears.
 //! * [`checker`]: the invariants, checked after each scenario once the faults are healed.
+//! * [`netns`]: the partitions again, each node in a network namespace of its own and a cut
+//!   its NATS link set down (root only; skipped elsewhere, saying why).
 //! * [`reads`]: a consumer group's commit, then a read through another node: it starts
 //!   after the commit.
 //! * [`scenarios`]: the matrix. CI runs it all (bounded); `CHAOS_SEED=N` replays a run's
@@ -26,6 +28,7 @@ mod disks;
 mod fencing;
 mod gaps;
 mod harness;
+mod netns;
 mod reads;
 mod scenarios;
 mod workload;

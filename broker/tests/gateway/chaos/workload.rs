@@ -3,8 +3,9 @@
 //! * clients with resume on, all in one room, that drop their own sockets now and then
 //!   (as phones do) and resume on a node picked at random, so sessions move between nodes
 //!   all the time; a resume refused starts a new session;
-//! * a broadcaster (`b:N` to the room) and a pusher (`p:ID:N` to each client's session),
-//!   each call through a node picked at random;
+//! * a broadcaster (`b:N` to the room), a pusher (`p:ID:N` to each client's session) and a
+//!   bulk sender (`k:N` to every client's session in one call), each call through a node
+//!   picked at random;
 //! * a producer appending `{"action":"order","seq":N}` to the acked queue `orders`, one at a
 //!   time, sending again what was not acked (so duplicates may appear, losses may not), on
 //!   a new connection to a node picked at random every 40 orders.
@@ -38,6 +39,8 @@ pub(crate) struct Seen {
     pub(crate) pushed: Vec<(String, u64, u16)>,
     /// Every broadcast tried, in order.
     pub(crate) broadcast: Vec<Broadcast>,
+    /// Every bulk send tried, in order.
+    pub(crate) bulk: Vec<Bulk>,
     /// Queue sequence numbers acked, with their messageIds.
     pub(crate) acked: Vec<(u64, String)>,
     /// Each client's session now.
@@ -71,6 +74,24 @@ impl Broadcast {
     /// broadcast was published, so every member must get it, before the next.
     pub(crate) fn reached_everyone(&self) -> bool {
         self.status == 200 && self.delivered >= CLIENTS as u64
+    }
+}
+
+/// One bulk `POST @connections` of `k:{number}` to every client's session.
+#[derive(Debug, Clone)]
+pub(crate) struct Bulk {
+    pub(crate) number: u64,
+    pub(crate) status: u16,
+    /// The sessions it named.
+    pub(crate) to: Vec<String>,
+    /// The ones its answer said were gone.
+    pub(crate) gone: Vec<String>,
+}
+
+impl Bulk {
+    /// Whether session `id` must get it: answered 200, naming `id`, not saying it was gone.
+    pub(crate) fn owed_to(&self, id: &String) -> bool {
+        self.status == 200 && self.to.contains(id) && !self.gone.contains(id)
     }
 }
 
@@ -164,6 +185,12 @@ impl Workload {
                 drivers.clone(),
             )),
             tokio::spawn(pusher(
+                endpoints.clone(),
+                rng.clone(),
+                seen.clone(),
+                drivers.clone(),
+            )),
+            tokio::spawn(bulk_sender(
                 endpoints.clone(),
                 rng.clone(),
                 seen.clone(),
@@ -439,6 +466,44 @@ async fn pusher(
             let status = call.await.map_or(0, |r| r.status().as_u16());
             seen.lock().unwrap().pushed.push((id, *n, status));
         }
+        tokio::time::sleep(TICK).await;
+    }
+}
+
+/// Sends `k:N` to every client's current session in one bulk call, then the next.
+async fn bulk_sender(
+    endpoints: Arc<RwLock<Vec<Endpoint>>>,
+    rng: Rng,
+    seen: Arc<Mutex<Seen>>,
+    stop: CancellationToken,
+) {
+    let mut number = 0u64;
+    while !stop.is_cancelled() {
+        let to = seen.lock().unwrap().live();
+        number += 1;
+        let node = pick(&endpoints, &rng);
+        let call = http()
+            .post(format!("{}/@connections", node.api_url))
+            .json(&json!({"connectionIds": to, "data": format!("k:{number}")}))
+            .timeout(Duration::from_secs(5))
+            .send();
+        let (status, answer) = match call.await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                (status, response.json::<Value>().await.unwrap_or_default())
+            }
+            Err(_) => (0, Value::Null),
+        };
+        let gone = (answer["gone"].as_array().into_iter().flatten())
+            .filter_map(|id| Some(id.as_str()?.to_owned()))
+            .collect();
+        let bulk = Bulk {
+            number,
+            status,
+            to,
+            gone,
+        };
+        seen.lock().unwrap().bulk.push(bulk);
         tokio::time::sleep(TICK).await;
     }
 }
