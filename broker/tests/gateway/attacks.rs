@@ -567,24 +567,7 @@ async fn a_full_disk_is_an_error_frame_and_a_clear_refusal_not_a_crash() {
     // A new connection is refused once its record cannot be written (the record log's last
     // page may hold a few more first): a backend would hear its `$connect` and, after a
     // crash, never its `$disconnect`. The client is told why, and so is /health.
-    let mut newcomers = Vec::new();
-    let (status, body) = loop {
-        assert!(
-            newcomers.len() < 200,
-            "every connection opened on a full disk"
-        );
-        match tokio_tungstenite::connect_async(gateway.ws_url.as_str()).await {
-            Ok((ws, _)) => newcomers.push(ws),
-            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-                let body = response.body().clone().unwrap_or_default();
-                break (
-                    response.status(),
-                    String::from_utf8_lossy(&body).into_owned(),
-                );
-            }
-            Err(other) => panic!("handshake failed without an HTTP status: {other}"),
-        }
-    };
+    let (_newcomers, status, body) = connect_until_refused(gateway.ws_url.as_str(), 200).await;
     assert_eq!(status, 503);
     assert!(body.contains("cannot record the connection"), "{body}");
     let (health_status, reason) = health_reason(&gateway).await;

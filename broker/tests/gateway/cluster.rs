@@ -372,15 +372,7 @@ async fn bulk_push_spans_nodes_with_one_request_per_node() {
     let before = nodes[0]
         .metric("switchboard_cluster_forwarded_total{kind=\"bulk\"}")
         .await;
-    let answer: Value = http()
-        .post(format!("{}/@connections", nodes[0].api_url))
-        .json(&json!({"connectionIds": ids, "data": "to all"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = bulk_send(&nodes[0].api_url, &ids, "to all").await;
     assert_eq!(answer["delivered"], 8);
     assert_eq!(answer["gone"], json!([gone_id, "not-an-id"]));
     let after = nodes[0]
@@ -880,15 +872,7 @@ async fn a_session_moves_to_the_node_its_client_resumes_on_and_keeps_its_id() {
         }
         // So do bulk sends naming it, through every node.
         for (through, node) in nodes.iter().enumerate() {
-            let answer: Value = http()
-                .post(format!("{}/@connections", node.api_url))
-                .json(&json!({"connectionIds": [id], "data": "bulk"}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let answer = bulk_send(&node.api_url, std::slice::from_ref(&id), "bulk").await;
             assert_eq!(
                 answer["delivered"],
                 1,
@@ -970,15 +954,8 @@ async fn a_session_that_moved_off_a_node_that_died_is_still_reached_by_calls_and
         let url = format!("{}/@connections/{moved_id}", node.api_url);
         assert_eq!(post_body(url, "pushed").await.status(), 200);
         assert_eq!(next_text(&mut moved).await, "pushed");
-        let answer: Value = http()
-            .post(format!("{}/@connections", node.api_url))
-            .json(&json!({"connectionIds": [moved_id, local_id, dead_id], "data": "bulk"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let ids = [moved_id.clone(), local_id.clone(), dead_id.clone()];
+        let answer = bulk_send(&node.api_url, &ids, "bulk").await;
         assert_eq!(answer["delivered"], 2, "{answer}");
         assert_eq!(answer["gone"], json!([dead_id]), "{answer}");
         assert_eq!(next_text(&mut moved).await, "bulk");

@@ -443,6 +443,40 @@ pub(crate) async fn post_for_json(url: String, body: impl Into<reqwest::Body>) -
     post_body(url, body).await.json().await.unwrap()
 }
 
+/// A bulk send through the management API at `api`: `data` to `ids`; its JSON answer.
+pub(crate) async fn bulk_send(api: &str, ids: &[String], data: &str) -> Value {
+    http()
+        .post(format!("{api}/@connections"))
+        .json(&json!({"connectionIds": ids, "data": data}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Opens WebSocket connections to `url` until one is refused (at most `at_most`); returns
+/// those opened, and the refusal's status and body.
+pub(crate) async fn connect_until_refused(url: &str, at_most: usize) -> (Vec<Ws>, u16, String) {
+    let mut opened = Vec::new();
+    loop {
+        assert!(
+            opened.len() < at_most,
+            "{at_most} connections opened, none refused"
+        );
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((ws, _)) => opened.push(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                let body = response.body().clone().unwrap_or_default();
+                let body = String::from_utf8_lossy(&body).into_owned();
+                return (opened, response.status().as_u16(), body);
+            }
+            Err(other) => panic!("handshake failed without an HTTP status: {other}"),
+        }
+    }
+}
+
 /// A WebSocket client on a bare socket, for frames a library would refuse to send.
 pub(crate) struct RawClient {
     pub(crate) stream: TcpStream,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use super::checker::{Faults, check};
 use super::harness::Chaos;
 use super::workload::{Comeback, Workload};
+use crate::support::connect_until_refused;
 
 /// The node whose disk fills up: node 2, by index.
 const SMALL: usize = 1;
@@ -76,21 +77,7 @@ async fn a_nodes_disk_fills_up_under_load() {
     // The record log's last page may take a few more records; then a newcomer is refused,
     // told why, and so is /health.
     let node = chaos.node(SMALL);
-    let mut opened = Vec::new();
-    let (status, body) = loop {
-        assert!(opened.len() < 200, "every connection opened on a full disk");
-        match tokio_tungstenite::connect_async(node.ws_url.as_str()).await {
-            Ok((ws, _)) => opened.push(ws),
-            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-                let body = response.body().clone().unwrap_or_default();
-                break (
-                    response.status(),
-                    String::from_utf8_lossy(&body).into_owned(),
-                );
-            }
-            Err(other) => panic!("handshake failed without an HTTP status: {other}"),
-        }
-    };
+    let (opened, status, body) = connect_until_refused(&node.ws_url, 200).await;
     chaos.step(&format!(
         "a newcomer refused after {} opened: {status} {body}",
         opened.len()

@@ -422,13 +422,7 @@ async fn broadcaster(
             .body(format!("b:{number}"))
             .timeout(Duration::from_secs(5))
             .send();
-        let (status, answer) = match call.await {
-            Ok(response) => {
-                let status = response.status().as_u16();
-                (status, response.json::<Value>().await.unwrap_or_default())
-            }
-            Err(_) => (0, Value::Null),
-        };
+        let (status, answer) = answered(call).await;
         let delivered = answer["delivered"].as_u64().unwrap_or(0);
         let broadcast = Broadcast {
             number,
@@ -470,6 +464,17 @@ async fn pusher(
     }
 }
 
+/// A call's status and JSON answer; 0 and `null` if it got no answer.
+async fn answered(call: impl Future<Output = reqwest::Result<reqwest::Response>>) -> (u16, Value) {
+    match call.await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap_or_default())
+        }
+        Err(_) => (0, Value::Null),
+    }
+}
+
 /// Sends `k:N` to every client's current session in one bulk call, then the next.
 async fn bulk_sender(
     endpoints: Arc<RwLock<Vec<Endpoint>>>,
@@ -487,13 +492,7 @@ async fn bulk_sender(
             .json(&json!({"connectionIds": to, "data": format!("k:{number}")}))
             .timeout(Duration::from_secs(5))
             .send();
-        let (status, answer) = match call.await {
-            Ok(response) => {
-                let status = response.status().as_u16();
-                (status, response.json::<Value>().await.unwrap_or_default())
-            }
-            Err(_) => (0, Value::Null),
-        };
+        let (status, answer) = answered(call).await;
         let gone = (answer["gone"].as_array().into_iter().flatten())
             .filter_map(|id| Some(id.as_str()?.to_owned()))
             .collect();
