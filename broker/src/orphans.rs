@@ -26,9 +26,12 @@ impl<'a> OrphanReporter<'a> {
     /// Reports in flight at once, at most: 100,000 connections of a lost node are reported
     /// in about a minute at a backend's 2 ms, and a small backend is not flooded.
     pub const CONCURRENCY: usize = 32;
-    /// Calls of one report, at most, while the backend refuses it (0.2 s, 0.4 s, 0.8 s, 1.6 s
-    /// apart).
-    pub const ATTEMPTS: u32 = 5;
+    /// How long a report is sent again while the backend refuses it (unreachable, 429,
+    /// 5xx): 0.2 s, 0.4 s, 0.8 s, 1.6 s apart, then every [`OrphanReporter::RETRY_MAX`].
+    /// Past that it is dropped, and logged: a backend down that long has lost more.
+    pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(600);
+    /// The longest pause between two calls of one report.
+    pub const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
     pub fn new(gateway: &'a Gateway, reason: DisconnectReason) -> Self {
         let server = &gateway.config.server;
@@ -66,10 +69,11 @@ impl<'a> OrphanReporter<'a> {
             .disconnects
             .with_label_values(&[reason.label()])
             .inc();
-        // A backend that a takeover's burst of reports overwhelms gets each again, a few
-        // times, as it recovers: these connections have no session left to report them.
+        // A backend that a takeover's burst of reports overwhelms, or that is down, gets each
+        // again until it takes it: these connections have no session left to report them.
+        let started = std::time::Instant::now();
         let mut backoff = std::time::Duration::from_millis(200);
-        for attempt in 1..=Self::ATTEMPTS {
+        loop {
             let request_id = (self.ids.lock())
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .request_id();
@@ -80,11 +84,19 @@ impl<'a> OrphanReporter<'a> {
                 &request_id,
                 reason,
             );
-            if reported.await == crate::dispatch::Reported::Done || attempt == Self::ATTEMPTS {
+            if reported.await == crate::dispatch::Reported::Done {
+                return;
+            }
+            if started.elapsed() >= Self::PATIENCE {
+                tracing::error!(
+                    connection_id = %facts.connection_id,
+                    "the backend refused this $disconnect for {:?}; it is dropped",
+                    Self::PATIENCE
+                );
                 return;
             }
             tokio::time::sleep(backoff).await;
-            backoff *= 2;
+            backoff = (backoff * 2).min(Self::RETRY_MAX);
         }
     }
 }

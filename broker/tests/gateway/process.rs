@@ -667,7 +667,7 @@ async fn reports_of_cut_connections_are_sent_again_while_the_backend_refuses_the
     let dir = tempfile::tempdir().unwrap();
     let routes = format!(
         "[routes.\"$connect\"]\nintegration = {{ type = \"http\", url = \"{url}/connect-log\" }}\n\
-         [routes.\"$disconnect\"]\nintegration = {{ type = \"http\", url = \"{url}/fail-first/2\" }}\n",
+         [routes.\"$disconnect\"]\nintegration = {{ type = \"http\", url = \"{url}/fail-first/6\" }}\n",
         url = backend.url
     );
     let path = write_config(dir.path(), &routes);
@@ -676,27 +676,27 @@ async fn reports_of_cut_connections_are_sent_again_while_the_backend_refuses_the
         .await
         .unwrap();
     let id = backend.connected_ids(1).await.remove(0);
-    // Records are written in batches off the hot path; give the batch a moment to land.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Refused six times (once more than an earlier version tried, over some 7 s), the
+    // report is sent again until the backend takes it.
     gateway.child.kill().unwrap();
     gateway.child.wait().unwrap();
 
     let _restarted = GatewayProcess::start(&path, &[]);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while backend.events("/fail-first/2").len() < 3 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while backend.events("/fail-first/6").len() < 7 {
         assert!(tokio::time::Instant::now() < deadline, "reported again");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let calls = backend.events("/fail-first/2");
+    let calls = backend.events("/fail-first/6");
     assert!(calls.iter().all(|event| connection_id(event) == id));
     assert_eq!(
-        calls[2]["requestContext"]["disconnectReason"],
+        calls[6]["requestContext"]["disconnectReason"],
         "gateway restarted"
     );
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(
-        backend.events("/fail-first/2").len(),
-        3,
+        backend.events("/fail-first/6").len(),
+        7,
         "taken once: no more calls"
     );
 }
