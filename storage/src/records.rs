@@ -133,8 +133,22 @@ pub struct RecordWriter {
     failing: Failing,
 }
 
-/// Why the record log's last write failed, if it did.
-type Failing = std::sync::Arc<std::sync::Mutex<Option<String>>>;
+/// Why the record log's last write failed, if it did: set by the writer thread, read by
+/// anyone.
+#[derive(Clone, Default)]
+struct Failing(std::sync::Arc<std::sync::Mutex<Option<String>>>);
+
+impl Failing {
+    fn get(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|failing| failing.clone())
+    }
+
+    fn set(&self, why: Option<String>) {
+        if let Ok(mut failing) = self.0.lock() {
+            *failing = why;
+        }
+    }
+}
 
 impl RecordWriter {
     pub(crate) fn spawn(log: RecordLog, dir: PathBuf) -> Self {
@@ -156,7 +170,7 @@ impl RecordWriter {
 
     /// Why the record log cannot be written now (a full disk), if it cannot.
     pub fn failing(&self) -> Option<String> {
-        self.failing.lock().ok().and_then(|failing| failing.clone())
+        self.failing.get()
     }
 
     /// Hands `changes` to the writer without waiting; if it is behind, they come back to
@@ -213,7 +227,7 @@ impl Writer {
             let first = match first {
                 Ok(request) => request,
                 Err(RecvTimeoutError::Timeout) => {
-                    let written = self.failing().is_none() || self.append(&[]).is_ok();
+                    let written = self.failing.get().is_none() || self.append(&[]).is_ok();
                     self.sync();
                     unsynced_since = (!written).then(Instant::now);
                     continue;
@@ -262,19 +276,13 @@ impl Writer {
             Some(error) => {
                 tracing::error!(dir = %self.dir.display(), %error, count = entries.len(), "record write failed")
             }
-            None if self.failing().is_some() => {
+            None if self.failing.get().is_some() => {
                 tracing::info!(dir = %self.dir.display(), "record log written again")
             }
             None => {}
         }
-        if let Ok(mut failing) = self.failing.lock() {
-            *failing = now_failing;
-        }
+        self.failing.set(now_failing);
         appended
-    }
-
-    fn failing(&self) -> Option<String> {
-        self.failing.lock().ok().and_then(|failing| failing.clone())
     }
 
     fn sync(&mut self) {

@@ -65,8 +65,8 @@ impl Cluster {
         if orphaned.is_empty() {
             return living;
         }
-        let found = self.find_all_moved(orphaned.iter().map(|&(_, id)| id).collect());
-        let found = found.await;
+        let asked = orphaned.iter().map(|&(_, id)| id).collect();
+        let found = self.find_all_moved(asked).await;
         for (at, id) in orphaned {
             if let Some(alias) = found.get(&id) {
                 living[at] = alias.to_string();

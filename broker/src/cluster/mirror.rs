@@ -5,9 +5,11 @@
 //! `cluster.mirror_interval_ms` the changes are published to the `SB_{stage}_CONNECTIONS`
 //! stream together and their acks awaited together. A new connection's record is the one
 //! change waited for: it must be in the stream before `$connect` runs, and it goes out at
-//! once, with whatever else is pending (a connect storm's records share their flushes). One subject per connection, one message kept per subject: a record is
-//! replaced by a tombstone when the connection closes, and the tombstone expires by
-//! itself (a per-message TTL), so the stream holds what is open, not what ever was.
+//! once, with whatever else is pending (a connect storm's records share their flushes).
+//!
+//! One subject per connection, one message kept per subject: a record is replaced by a
+//! tombstone when the connection closes, and the tombstone expires by itself (a
+//! per-message TTL), so the stream holds what is open, not what ever was.
 
 use std::sync::Arc;
 use std::time::Duration;

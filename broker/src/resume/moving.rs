@@ -21,9 +21,9 @@
 //! (`shard/numbered.rs`), such as a broadcast that reached neither node because the new
 //! node's interest had not yet reached the NATS server it was published through. The old
 //! node hands over only well within the asking node's request timeout (or not at all), and
-//! never while a DELETE or an overflow is pending; then it asks the new node whether the connection arrived
-//! (the answer may have been lost on the way) and reports the end of one that did not. A
-//! forwarding entry lasts as long as the connection could.
+//! never while a DELETE or an overflow is pending; then it asks the new node whether the
+//! connection arrived (the answer may have been lost on the way) and reports the end of one
+//! that did not. A forwarding entry lasts as long as the connection could.
 
 use std::rc::Rc;
 use std::sync::Arc;

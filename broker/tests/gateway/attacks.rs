@@ -517,17 +517,7 @@ async fn clients_that_never_read_are_cut_by_the_memory_budget_and_memory_comes_b
 async fn a_full_disk_is_an_error_frame_and_a_clear_refusal_not_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("small-disk");
-    std::fs::create_dir_all(&data).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-        .arg(&data)
-        .status()
-        .unwrap();
-    assert!(
-        mounted.success(),
-        "this test mounts a 4 MiB tmpfs (needs root)"
-    );
-    let _unmount = Unmount(data.clone());
+    let _disk = crate::faults::SmallDisk::mount(&data, 4);
     // Space to give back later, as an operator would by cleaning up.
     let ballast = data.join("ballast");
     std::fs::write(&ballast, vec![0u8; 1024 * 1024]).unwrap();
@@ -591,18 +581,6 @@ async fn a_full_disk_is_an_error_frame_and_a_clear_refusal_not_a_crash() {
     let frame = json!({"action": "q", "data": "after cleanup"}).to_string();
     send_text(&mut writer, &frame).await;
     assert_eq!(next_json(&mut writer).await["type"], "ack");
-}
-
-/// Unmounts a test's tmpfs when dropped.
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! Faults the chaos tests inject, beyond signals to processes: a TCP relay between a node
 //! and NATS that can be cut like a pulled cable (the sockets stay open, nothing passes
 //! either way, and what was sent waits) and healed again, or reset (its connections
-//! closed, and what waited in them lost).
+//! closed, and what waited in them lost); and a small disk of its own that fills up.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -108,5 +108,50 @@ async fn pipe(
         if open.wait_for(|open| *open).await.is_err() || to.write_all(&buffer[..n]).await.is_err() {
             return;
         }
+    }
+}
+
+/// A tmpfs of its own (under a gateway's data dir), unmounted when dropped.
+pub(crate) struct SmallDisk {
+    path: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    /// Mounts `mib` MiB at `path` (the tests run as root).
+    pub(crate) fn mount(path: &std::path::Path, mib: u32) -> Self {
+        std::fs::create_dir_all(path).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(
+            mounted.success(),
+            "this test mounts a {mib} MiB tmpfs (needs root)"
+        );
+        Self {
+            path: path.to_owned(),
+        }
+    }
+
+    /// Writes a file until not one more byte fits; returns it (removing it gives the space
+    /// back).
+    pub(crate) fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let ballast = self.path.join("ballast");
+        let mut file = std::fs::File::create(&ballast).unwrap();
+        for chunk in [64 * 1024, 4096, 512, 1] {
+            while file.write_all(&vec![0u8; chunk]).is_ok() {}
+        }
+        ballast
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
     }
 }

@@ -4,65 +4,23 @@
 //! `/health` says why), serves the ones it has, and takes sessions that move to it. Once
 //! space comes back it writes by itself and serves again; nothing is lost or doubled.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::checker::{Faults, check};
 use super::harness::Chaos;
 use super::workload::{Comeback, Workload};
+use crate::faults::SmallDisk;
 use crate::support::connect_until_refused;
 
 /// The node whose disk fills up: node 2, by index.
 const SMALL: usize = 1;
-
-/// A tmpfs of its own under a node's data dir, unmounted when dropped.
-struct SmallDisk {
-    path: PathBuf,
-}
-
-impl SmallDisk {
-    /// Mounts 8 MiB at `path` (the tests run as root).
-    fn mount(path: &Path) -> Self {
-        std::fs::create_dir_all(path).unwrap();
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-            .arg(path)
-            .status()
-            .unwrap();
-        assert!(mounted.success(), "this test mounts a tmpfs (needs root)");
-        Self {
-            path: path.to_owned(),
-        }
-    }
-
-    /// Writes a file until not one more byte fits; returns it (removing it gives the space
-    /// back).
-    fn fill(&self) -> PathBuf {
-        let ballast = self.path.join("ballast");
-        let mut file = std::fs::File::create(&ballast).unwrap();
-        for chunk in [64 * 1024, 4096, 512, 1] {
-            while file.write_all(&vec![0u8; chunk]).is_ok() {}
-        }
-        ballast
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.path)
-            .status();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nodes_disk_fills_up_under_load() {
     let Some(mut chaos) = Chaos::prepare("full-disk", vec![Vec::new(); 3]).await else {
         return;
     };
-    let disk = SmallDisk::mount(&chaos.data_dir(SMALL));
+    let disk = SmallDisk::mount(&chaos.data_dir(SMALL), 8);
     chaos.launch_all().await;
     let room = "chaos";
     let load = Workload::start(
