@@ -193,17 +193,22 @@ async fn one_disconnect_each(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let mut when: HashMap<String, Instant> = HashMap::new();
-    let mut counts: HashMap<String, usize> = HashMap::new();
+    // Each connection's reports: their reasons, as the backend got them.
+    let mut reasons: HashMap<String, Vec<String>> = HashMap::new();
     for (event, at) in backend.timed_events("/disconnect") {
         let id = connection_id(&event);
-        *counts.entry(id.clone()).or_default() += 1;
+        let reason = &event["requestContext"]["disconnectReason"];
+        reasons
+            .entry(id.clone())
+            .or_default()
+            .push(reason.to_string());
         when.entry(id).or_insert(at);
     }
     for id in &connected {
-        match counts.get(id) {
-            Some(1) => {}
+        match reasons.get(id).map(Vec::as_slice) {
+            Some([_]) => {}
             None => violations.push(format!("{id}: no $disconnect")),
-            Some(n) => violations.push(format!("{id}: {n} $disconnects")),
+            Some(all) => violations.push(format!("{id}: {} $disconnects: {all:?}", all.len())),
         }
     }
     when
